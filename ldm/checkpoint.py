@@ -1,0 +1,129 @@
+"""Reading original SD v1 checkpoints (`.ckpt` or `.safetensors`) into per-part state dicts, strictly.
+
+The single place that knows the checkpoint's key prefixes and which keys we deliberately ignore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ldm.config import ModelConfig
+from ldm.ddim import alphas_cumprod
+from ldm.model import PARTS, expected_shapes
+from ldm.safe_pickle import torch_load
+
+# Checkpoint key prefix of each part; stripping it gives the part module's own key.
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.text_model.",
+}
+# A buffer old transformers versions saved (0..76); today's CLIPTextModel rebuilds it.
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+# The DDPM schedule the training code stored; we recompute it from the config and only check that they agree.
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+# The EMA copy of the UNet in some released files; inference uses the main weights.
+EMA_PREFIX = "model_ema."
+_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the config, or is not a checkpoint we can read safely."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (a 4 GB checkpoint never sits in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of a `.safetensors` or `.ckpt` file, with or without a top-level `state_dict` wrapper."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    loaded = torch_load(str(path))
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
+    not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {not_tensors[:_SHOWN]}")
+    return loaded
+
+
+def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """The stored schedule must be the one the config describes, else the images would silently differ."""
+    if "alphas_cumprod" not in buffers:
+        return
+    stored = buffers["alphas_cumprod"].double()
+    expected = alphas_cumprod(config)
+    if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=0, atol=1e-5):
+        raise CheckpointError(
+            f"the checkpoint's alphas_cumprod does not match {config.source} (linear_start {config.linear_start}, "
+            f"linear_end {config.linear_end}, timesteps {config.timesteps}): wrong config for this checkpoint?"
+        )
+
+
+def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Group checkpoint keys by part (prefix stripped), check them strictly against the architecture.
+
+    Raises one CheckpointError listing the first missing, unexpected and mis-shaped keys.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PARTS}
+    schedule: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state_dict.items():
+        if key == POSITION_IDS or key.startswith(EMA_PREFIX):
+            continue
+        if key in SCHEDULE_BUFFERS:
+            schedule[key] = value
+            continue
+        part = next((name for name, prefix in PREFIXES.items() if key.startswith(prefix)), None)
+        if part is None:
+            unexpected.append(key)
+        else:
+            parts[part][key[len(PREFIXES[part]) :]] = value
+    _check_schedule(schedule, config)
+
+    missing: list[str] = []
+    misshaped: list[str] = []
+    for name, shapes in expected_shapes(config).items():
+        got = parts[name]
+        prefix = PREFIXES[name]
+        missing += [prefix + k for k in shapes if k not in got]
+        unexpected += [prefix + k for k in got if k not in shapes]
+        misshaped += [
+            f"{prefix}{k}: checkpoint {list(got[k].shape)}, config {list(s)}"
+            for k, s in shapes.items()
+            if k in got and got[k].shape != s
+        ]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint does not match config {config.source}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if keys:
+                more = f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+                lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_SHOWN])}{more}")
+        raise CheckpointError("\n".join(lines))
+    return parts

@@ -1,0 +1,206 @@
+"""Typed view of an original Stable Diffusion v1 config YAML (the layout of CompVis' `v1-inference.yaml`).
+
+The original code builds its classes from the YAML's `target:` strings; we read only the numbers we need into frozen
+dataclasses, so the class graph stays visible in code and a wrong config fails here, with the key's name, rather
+than as a shape mismatch deep inside a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# CLIP ViT-L/14's text tower, the text encoder of every SD v1.x checkpoint.
+CLIP_VIT_L14_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+
+class ConfigError(ValueError):
+    """The config YAML is missing a key, has a wrong value, or describes a model we do not support."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """`model.params.unet_config.params` of the original config (openaimodel.UNetModel)."""
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    attention_resolutions: tuple[int, ...]
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    num_heads: int
+    num_head_channels: int
+    transformer_depth: int
+    context_dim: int
+    legacy: bool
+
+    def attention_heads(self, channels: int) -> tuple[int, int]:
+        """(heads, channels per head) of a transformer block at `channels`, as openaimodel.UNetModel derives them."""
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+            head_dim = channels // heads
+        else:
+            heads = channels // self.num_head_channels
+            head_dim = self.num_head_channels
+        if self.legacy:
+            head_dim = channels // self.num_heads
+        return heads, head_dim
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """`model.params.first_stage_config.params` (AutoencoderKL) with its `ddconfig` flattened in."""
+
+    embed_dim: int
+    z_channels: int
+    in_channels: int
+    out_ch: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    resolution: int
+    double_z: bool
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD v1)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything of a config YAML that inference needs."""
+
+    linear_start: float
+    linear_end: float
+    timesteps: int
+    scale_factor: float
+    latent_channels: int
+    latent_size: int
+    unet: UNetConfig
+    vae: VAEConfig
+    text: dict[str, Any] = field(default_factory=lambda: dict(CLIP_VIT_L14_TEXT))
+    source: str = "<memory>"
+
+    @property
+    def default_image_size(self) -> int:
+        """The side in pixels the model was trained at (512 for SD v1)."""
+        return self.latent_size * self.vae.downsampling_factor
+
+
+def _require(node: DictConfig, key: str, where: str) -> Any:
+    if key not in node or node[key] is None:
+        raise ConfigError(f"config is missing '{where}.{key}'")
+    return node[key]
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+def _unet(node: DictConfig) -> UNetConfig:
+    where = "model.params.unet_config.params"
+    if not node.get("use_spatial_transformer", False):
+        raise ConfigError(f"{where}.use_spatial_transformer must be true: SD v1 conditions on text by cross-attention")
+    if node.get("use_linear_in_transformer", False):
+        raise ConfigError(f"{where}.use_linear_in_transformer is an SD 2.x setting; only SD v1.x is supported")
+    num_heads = int(node.get("num_heads", -1))
+    num_head_channels = int(node.get("num_head_channels", -1))
+    if num_heads == -1 and num_head_channels == -1:
+        raise ConfigError(f"{where}: either num_heads or num_head_channels must be set")
+    return UNetConfig(
+        in_channels=int(_require(node, "in_channels", where)),
+        out_channels=int(_require(node, "out_channels", where)),
+        model_channels=int(_require(node, "model_channels", where)),
+        attention_resolutions=_ints(_require(node, "attention_resolutions", where)),
+        num_res_blocks=int(_require(node, "num_res_blocks", where)),
+        channel_mult=_ints(_require(node, "channel_mult", where)),
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        transformer_depth=int(node.get("transformer_depth", 1)),
+        context_dim=int(_require(node, "context_dim", where)),
+        legacy=bool(node.get("legacy", True)),
+    )
+
+
+def _vae(node: DictConfig) -> VAEConfig:
+    where = "model.params.first_stage_config.params"
+    dd = _require(node, "ddconfig", where)
+    dd_where = f"{where}.ddconfig"
+    return VAEConfig(
+        embed_dim=int(_require(node, "embed_dim", where)),
+        z_channels=int(_require(dd, "z_channels", dd_where)),
+        in_channels=int(_require(dd, "in_channels", dd_where)),
+        out_ch=int(_require(dd, "out_ch", dd_where)),
+        ch=int(_require(dd, "ch", dd_where)),
+        ch_mult=_ints(_require(dd, "ch_mult", dd_where)),
+        num_res_blocks=int(_require(dd, "num_res_blocks", dd_where)),
+        attn_resolutions=_ints(dd.get("attn_resolutions", [])),
+        resolution=int(dd.get("resolution", 256)),
+        double_z=bool(dd.get("double_z", True)),
+    )
+
+
+def _text(node: DictConfig | None) -> dict[str, Any]:
+    text = dict(CLIP_VIT_L14_TEXT)
+    if node is not None:
+        params = node.get("params") or {}
+        overrides = params.get("text_config")
+        if overrides is not None:
+            text.update(OmegaConf.to_container(overrides, resolve=True))
+    return text
+
+
+def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
+    """Read an omegaconf tree in the original layout; raise ConfigError naming the first problem."""
+    model = _require(raw, "model", "<root>")
+    params = _require(model, "params", "model")
+    where = "model.params"
+    parameterization = params.get("parameterization", "eps")
+    if parameterization != "eps":
+        raise ConfigError(
+            f"{where}.parameterization is '{parameterization}': only 'eps' (Stable Diffusion v1.x) is supported; "
+            "v-prediction models (SD 2.x 768-v) are not"
+        )
+    unet_node = _require(_require(params, "unet_config", where), "params", f"{where}.unet_config")
+    vae_node = _require(_require(params, "first_stage_config", where), "params", f"{where}.first_stage_config")
+    config = ModelConfig(
+        linear_start=float(_require(params, "linear_start", where)),
+        linear_end=float(_require(params, "linear_end", where)),
+        timesteps=int(_require(params, "timesteps", where)),
+        scale_factor=float(_require(params, "scale_factor", where)),
+        latent_channels=int(params.get("channels", 4)),
+        latent_size=int(params.get("image_size", 64)),
+        unet=_unet(unet_node),
+        vae=_vae(vae_node),
+        text=_text(params.get("cond_stage_config")),
+        source=source,
+    )
+    if config.unet.context_dim != config.text["hidden_size"]:
+        raise ConfigError(
+            f"{where}.unet_config.params.context_dim ({config.unet.context_dim}) must equal the text encoder's "
+            f"hidden_size ({config.text['hidden_size']})"
+        )
+    return config
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read an original-format config YAML file."""
+    return parse_config(OmegaConf.load(str(path)), source=str(path))

@@ -1,0 +1,131 @@
+"""Split checkpoints: one safetensors file per part, plus config, tokenizer and a manifest, and loading them back.
+
+Why split: a `.ckpt` is a pickle (unsafe, and read whole); per-part safetensors load lazily, straight to the target
+device and dtype, and a server (or the low-memory mode) can place each part where it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ldm.checkpoint import file_sha256, read_state_dict, split_state_dict
+from ldm.config import ModelConfig, load_config
+from ldm.model import PARTS, StableDiffusion, build_parts, weight_root
+from ldm.tokenizer import VOCAB_DIR, CLIPTokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a split folder holds and where it came from."""
+
+    source: str
+    source_sha256: str
+    dtype: str
+    parameters: dict[str, int]
+
+    @property
+    def model_hash(self) -> str:
+        """The short hash other SD tools print as 'Model hash': the first 10 hex digits of the source's sha256."""
+        return self.source_sha256[:10]
+
+
+def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    target = dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=target)
+
+
+def assemble(
+    config: ModelConfig,
+    weights: dict[str, dict[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    model_hash: str = "",
+    low_memory: bool = False,
+    tokenizer: CLIPTokenizer | None = None,
+) -> StableDiffusion:
+    """Build the networks on meta and hand them the weights (strict; no random init, no second copy)."""
+    home = torch.device("cpu") if low_memory else device
+    modules = build_parts(config)
+    for name, module in modules.items():
+        state = {k: _cast(v, home, dtype) for k, v in weights[name].items()}
+        weight_root(name, module).load_state_dict(state, strict=True, assign=True)
+    modules["text_encoder"].restore_position_ids()
+    if tokenizer is not None:
+        modules["text_encoder"].tokenizer = tokenizer
+    return StableDiffusion(config, **modules, device=device, dtype=dtype, model_hash=model_hash, low_memory=low_memory)
+
+
+def load_checkpoint(
+    ckpt: str | Path,
+    config: str | Path | ModelConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    low_memory: bool = False,
+) -> StableDiffusion:
+    """Load an original single-file checkpoint (`.ckpt` or `.safetensors`) with its config YAML."""
+    config = config if isinstance(config, ModelConfig) else load_config(config)
+    parts = split_state_dict(read_state_dict(ckpt), config)
+    return assemble(config, parts, torch.device(device), dtype, file_sha256(ckpt)[:10], low_memory)
+
+
+def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtype: str = "fp16") -> Manifest:
+    """Split `ckpt` into `out/{unet,vae,text_encoder}.safetensors` + config, tokenizer files and manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_config(config_path)
+    parts = split_state_dict(read_state_dict(ckpt), config)
+    target = DTYPES[dtype]
+    parameters = {}
+    for name in PARTS:
+        tensors = {k: _cast(v, torch.device("cpu"), target).contiguous() for k, v in parts[name].items()}
+        save_file(tensors, str(out / f"{name}.safetensors"))
+        parameters[name] = sum(t.numel() for t in tensors.values())
+        del tensors
+    shutil.copyfile(config_path, out / CONFIG_FILE)
+    shutil.copytree(VOCAB_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    manifest = Manifest(source=Path(ckpt).name, source_sha256=file_sha256(ckpt), dtype=dtype, parameters=parameters)
+    (out / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of a split folder."""
+    return Manifest(**json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8")))
+
+
+def _read_part(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of one part, read one at a time straight to `device`, converted to `dtype` as they arrive."""
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            tensors[key] = _cast(f.get_tensor(key), device, dtype)
+    return tensors
+
+
+def load_split(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    low_memory: bool = False,
+) -> StableDiffusion:
+    """Load a folder written by `write_split` onto `device` in `dtype` (on the CPU in low-memory mode)."""
+    folder = Path(folder)
+    device = torch.device(device)
+    config = load_config(folder / CONFIG_FILE)
+    home = torch.device("cpu") if low_memory else device
+    weights = {name: _read_part(folder / f"{name}.safetensors", home, dtype) for name in PARTS}
+    tokenizer = CLIPTokenizer(folder / TOKENIZER_DIR)
+    hash_ = read_manifest(folder).model_hash
+    return assemble(config, weights, device, dtype, hash_, low_memory, tokenizer)

@@ -1,0 +1,220 @@
+"""txt2img and img2img: a request in, uint8 images and their seeds out, per GENERATION.md.
+
+Each generation is a column of numbered steps: (1) encode the prompts, (2) draw each image's starting noise from its
+own CPU generator, (3) denoise with DDIM and classifier-free guidance, (4) decode, (5) round to uint8.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.ddim import DDIMSampler, DDIMStep, StepCallback
+from ldm.model import StableDiffusion
+
+SAMPLERS = ("ddim",)
+MAX_SEED = 2**32 - 1
+
+
+class GenerationError(ValueError):
+    """A request the pipeline cannot run; `field` names the request field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. `init_image` set → img2img. `seed` None → one is drawn and reported back.
+
+    `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
+    of 8 (img2img).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    seed: int | None = None
+    n_samples: int = 1
+    n_iter: int = 1
+    sampler: str = "ddim"
+    init_image: Image.Image | None = None
+    strength: float = 0.75
+
+    @property
+    def n_images(self) -> int:
+        return self.n_samples * self.n_iter
+
+    @property
+    def seeds(self) -> list[int]:
+        """seed_i = seed + i for image i = iter·n_samples + j."""
+        assert self.seed is not None, "seeds are known once the request has a seed"
+        return [self.seed + i for i in range(self.n_images)]
+
+    def img2img_steps(self) -> int:
+        """m = ⌊strength·S⌋ (computed as the original does, int() of the float product)."""
+        return int(self.strength * self.steps)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255]."""
+
+    request: GenerationRequest
+    images: np.ndarray
+    pixels: np.ndarray
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+
+def resolve(request: GenerationRequest, default_size: int = 512, factor: int = 8) -> GenerationRequest:
+    """Fill what a request leaves open (seed, size) and check what the pipeline itself requires."""
+    if request.sampler not in SAMPLERS:
+        raise GenerationError("sampler", f"sampler '{request.sampler}' is not available; choose one of {SAMPLERS}")
+    if request.seed is None:
+        request = replace(request, seed=random.randint(0, MAX_SEED))
+    if request.init_image is None:
+        size = (default_size, default_size)
+    else:
+        w, h = request.init_image.size
+        size = (h - h % factor, w - w % factor)
+    height = size[0] if request.height is None else request.height
+    width = size[1] if request.width is None else request.width
+    request = replace(request, height=height, width=width)
+    if request.init_image is not None:
+        if not 0.0 < request.strength <= 1.0:
+            raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
+        if request.img2img_steps() < 1:
+            raise GenerationError(
+                "strength",
+                f"strength {request.strength} × ddim_steps {request.steps} leaves no denoising step; "
+                f"raise strength to at least {1 / request.steps:g}",
+            )
+    for name, value in (("H", request.height), ("W", request.width)):
+        if value <= 0 or value % factor:
+            raise GenerationError(name, f"{name} must be a positive multiple of {factor}, got {value}")
+    return request
+
+
+def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB, LANCZOS-resized to (W, H), scaled to [−1, 1]: (1, 3, H, W) float32."""
+    resized = image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+class Pipeline:
+    """Runs requests on a loaded model; stateless between calls."""
+
+    def __init__(self, model: StableDiffusion) -> None:
+        self.model = model
+        self.factor = model.config.vae.downsampling_factor
+
+    @torch.inference_mode()
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(1) Text embeddings (B, 77, d) in the UNet's dtype."""
+        with self.model.resident(self.model.text_encoder) as encoder:
+            return encoder(list(prompts)).to(self.model.dtype)
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
+        return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
+
+    @torch.inference_mode()
+    def init_latent(self, request: GenerationRequest) -> torch.Tensor:
+        """z₀ of img2img: scale_factor × the VAE posterior mean of the resized init image (float32)."""
+        assert request.init_image is not None
+        pixels = encode_image(request.init_image, request.width, request.height)
+        with self.model.resident(self.model.vae) as vae:
+            mean = vae.encode_mean(pixels.to(self.model.device, self.model.dtype))
+        return self.model.config.scale_factor * mean.float()
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scales: torch.Tensor,
+        steps: Sequence[DDIMStep],
+        sampler: DDIMSampler,
+        etas: Sequence[float],
+        generators: Sequence[torch.Generator],
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """(3) DDIM with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call.
+
+        Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
+        exactly, and when all are 1 the unconditional half is not computed at all.
+        """
+        guided = bool((scales != 1).any())
+        context = torch.cat([uncond, cond]) if guided else cond
+        s = scales.view(-1, 1, 1, 1).to(x.device)
+
+        with self.model.resident(self.model.unet) as unet:
+
+            def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
+                batch = torch.cat([latents, latents]) if guided else latents
+                timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.long)
+                out = unet(batch.to(self.model.dtype), timesteps, context).float()
+                if not guided:
+                    return out
+                e_u, e_c = out.chunk(2)
+                return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
+
+            return sampler.sample(eps, x, steps, etas, generators, callback)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(4) Pixels (B, H, W, 3) float32 in [0, 255] before rounding, one image at a time to bound memory."""
+        out = []
+        with self.model.resident(self.model.vae) as vae:
+            for latent in latents.split(1):
+                image = vae.decode((latent / self.model.config.scale_factor).to(self.model.dtype)).float()
+                out.append(((image + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).permute(0, 2, 3, 1).cpu())
+        return torch.cat(out)
+
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> Generation:
+        """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
+        request = resolve(request, self.model.config.default_image_size, self.factor)
+        sampler = DDIMSampler(self.model.alphas_cumprod, request.steps)
+        img2img = request.init_image is not None
+        steps = sampler.tail(request.img2img_steps()) if img2img else sampler.steps
+        z0 = self.init_latent(request) if img2img else None
+        cond_one, uncond_one = self.embed([request.prompt, request.negative_prompt]).chunk(2)
+        pixels = []
+        for iteration in range(request.n_iter):
+            seeds = request.seeds[iteration * request.n_samples : (iteration + 1) * request.n_samples]
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
+            noise = torch.cat([torch.randn(self.latent_shape(request), generator=g) for g in generators])
+            noise = noise.to(self.model.device)
+            x = noise if z0 is None else DDIMSampler.add_noise(z0, noise, steps[0].alpha)
+            n = len(seeds)
+            scales = torch.full((n,), float(request.scale))
+            latents = self.denoise(
+                x,
+                cond_one.expand(n, -1, -1),
+                uncond_one.expand(n, -1, -1),
+                scales,
+                steps,
+                sampler,
+                [request.eta] * n,
+                generators,
+                callback,
+            )
+            pixels.append(self.decode(latents))
+        floats = torch.cat(pixels).numpy()
+        # (5) Round, not truncate.
+        return Generation(request, np.rint(floats).astype(np.uint8), floats)

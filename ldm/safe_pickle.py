@@ -1,0 +1,99 @@
+"""A pickle module for `torch.load` that never imports or calls anything but tensor and plain-data constructors.
+
+Why not `torch.load(weights_only=True)`: released SD v1 `.ckpt` files (PyTorch Lightning 1.x) carry training
+metadata beside `state_dict`, keyed by the class object `ModelCheckpoint`, and torch's weights-only loader refuses
+the whole file for that one reference. Here a *reference* to any other global becomes an inert `GlobalReference`
+(the module is never imported), so such metadata loads as data; a *call* of one — the way a malicious pickle runs
+code — raises `UnsafeCheckpointError` before anything runs.
+"""
+
+from __future__ import annotations
+
+import _codecs
+import collections
+import pickle
+import sys
+from typing import Any, BinaryIO
+
+import numpy
+import torch
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The checkpoint would import or call code that is not a tensor or plain-data constructor."""
+
+
+def _numpy_scalar_constructors() -> dict[tuple[str, str], Any]:
+    # numpy moved `multiarray` from `numpy.core` to `numpy._core` in 2.0; pickles name whichever wrote them.
+    constructors: dict[tuple[str, str], Any] = {("numpy", "dtype"): numpy.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        constructors[(module, "scalar")] = numpy._core.multiarray.scalar  # type: ignore[attr-defined]
+    return constructors
+
+
+# Everything a checkpoint may really call: tensor rebuilders, ordered dicts, dtypes, sizes, and the constructors of
+# numpy scalars and bytes that Lightning metadata contains. Each takes plain data and returns plain data.
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,
+    ("_codecs", "encode"): _codecs.encode,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    **_numpy_scalar_constructors(),
+}
+
+
+class GlobalReference:
+    """Stands for a global the pickle names but we refuse to import; usable as data, never callable."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __repr__(self) -> str:
+        return f"<not imported: {self.module}.{self.name}>"
+
+    def __hash__(self) -> int:
+        return hash((self.module, self.name))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GlobalReference) and (other.module, other.name) == (self.module, self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeCheckpointError(
+            f"refusing to load: the checkpoint would call {self.module}.{self.name}, which is not a tensor or "
+            "plain-data constructor (a pickle that runs code when loaded)"
+        )
+
+
+class Unpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals and torch dtypes; anything else becomes a GlobalReference."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return GlobalReference(module, name)
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except UnsafeCheckpointError:
+            raise
+        except pickle.UnpicklingError as error:
+            # e.g. NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import.
+            raise UnsafeCheckpointError(f"refusing to load: {error}") from error
+
+
+def load(file: BinaryIO, **kwargs: Any) -> Any:
+    """Module-level `load`, as `torch.load` expects of a pickle module."""
+    return Unpickler(file, **kwargs).load()
+
+
+def torch_load(path: str) -> Any:
+    """Load a torch zip checkpoint memory-mapped (no second copy of the weights) with this restricted unpickler."""
+    return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=True)

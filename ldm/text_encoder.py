@@ -1,0 +1,48 @@
+"""CLIP text conditioning: prompt → (77, context_dim) embedding, the last hidden state after the final layer norm.
+
+The transformer is transformers' `CLIPTextModel`, built from config alone (never from the hub). Its state-dict
+layout moved between transformers versions (a `text_model.` level before 5.6, none after), so weights are always
+loaded into `core`, the module whose keys are the checkpoint's `cond_stage_model.transformer.text_model.*`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.tokenizer import CLIPTokenizer
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer and CLIP text transformer as one unit: strings in, embeddings out."""
+
+    def __init__(self, text_config: dict[str, Any], tokenizer: CLIPTokenizer | None = None) -> None:
+        super().__init__()
+        config = CLIPTextConfig(**text_config)
+        config._attn_implementation = "sdpa"
+        self.transformer = CLIPTextModel(config)
+        self.tokenizer = tokenizer or CLIPTokenizer()
+
+    @property
+    def core(self) -> nn.Module:
+        """The module holding `embeddings`, `encoder` and `final_layer_norm` (the checkpoint's key root)."""
+        return getattr(self.transformer, "text_model", self.transformer)
+
+    def restore_position_ids(self) -> None:
+        """Recreate the non-persistent `position_ids` buffer (0..76), which weights loaded by assignment lack."""
+        embeddings = self.core.embeddings
+        n = embeddings.position_embedding.weight.shape[0]
+        device = embeddings.position_embedding.weight.device
+        embeddings.register_buffer("position_ids", torch.arange(n, device=device)[None], persistent=False)
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77) int64 ids on this module's device."""
+        device = self.core.embeddings.position_embedding.weight.device
+        return torch.tensor([self.tokenizer(p) for p in prompts], dtype=torch.long, device=device)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, hidden) embeddings, no attention mask (as SD v1 was trained)."""
+        return self.transformer(input_ids=self.token_ids(prompts)).last_hidden_state
