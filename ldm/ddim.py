@@ -20,10 +20,14 @@ EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+def betas(config: ModelConfig) -> torch.Tensor:
+    """β_t for t = 0..T−1 in float64, "scaled linear": squares of a linspace from √linear_start to √linear_end."""
+    return torch.linspace(config.linear_start**0.5, config.linear_end**0.5, config.timesteps, dtype=torch.float64) ** 2
+
+
 def alphas_cumprod(config: ModelConfig) -> torch.Tensor:
-    """ᾱ_t for t = 0..T−1 in float64: β scaled-linear from `linear_start` to `linear_end`."""
-    betas = torch.linspace(config.linear_start**0.5, config.linear_end**0.5, config.timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+    """ᾱ_t = ∏_{s≤t} (1 − β_s) in float64."""
+    return torch.cumprod(1.0 - betas(config), dim=0)
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:

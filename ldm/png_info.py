@@ -1,0 +1,59 @@
+"""PNG files that carry their generation parameters, in the `parameters` text chunk other SD tools read.
+
+Format (AUTOMATIC1111's): the prompt, then `Negative prompt: ...`, then one line of `Key: value` pairs. Newlines
+and backslashes inside prompts are escaped (`\\n`, `\\\\`) so a prompt can never forge a parameters line.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.pipeline import GenerationRequest
+
+PARAMETERS_KEY = "parameters"
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+
+
+def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "") -> str:
+    """The parameters text of one image of a resolved request."""
+    lines = [_escape(request.prompt)]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
+    fields = [
+        f"Steps: {request.steps}",
+        f"Sampler: {request.sampler.upper()}",
+        f"CFG scale: {float(request.scale)}",
+        f"Seed: {seed}",
+        f"Size: {request.width}x{request.height}",
+    ]
+    if model_hash:
+        fields.append(f"Model hash: {model_hash}")
+    if request.eta:
+        fields.append(f"Eta: {float(request.eta)}")
+    if request.init_image is not None:
+        fields.append(f"Denoising strength: {float(request.strength)}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def encode_png(image: np.ndarray, parameters: str) -> bytes:
+    """uint8 (H, W, 3) → PNG bytes with the parameters chunk (iTXt when the text is not Latin-1)."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_parameters(png: bytes) -> str | None:
+    """The parameters text of PNG bytes, or None when there is none."""
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        return image.text.get(PARAMETERS_KEY)  # type: ignore[attr-defined]
