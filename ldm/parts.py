@@ -109,7 +109,7 @@ def _read_part(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str
     """Tensors of one part, read one at a time straight to `device`, converted to `dtype` as they arrive."""
     tensors = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             tensors[key] = _cast(f.get_tensor(key), device, dtype)
     return tensors
 

@@ -56,7 +56,7 @@ class CLIPTokenizer:
         """Greedily merge the lowest-ranked adjacent pair until none of the word's pairs is in the merge table."""
         if piece in SPECIAL_TOKENS:
             return (piece,)
-        word = list(piece[:-1]) + [piece[-1] + "</w>"]
+        word = [*piece[:-1], piece[-1] + "</w>"]
         while len(word) > 1:
             pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
             best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))

@@ -123,7 +123,9 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch)
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):

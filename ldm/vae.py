@@ -131,7 +131,8 @@ class Encoder(nn.Module):
             resolution = resolution if last else resolution // 2
         self.mid = Mid(block_in)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels if config.double_z else config.z_channels, 3, padding=1)
+        moments = 2 * config.z_channels if config.double_z else config.z_channels
+        self.conv_out = nn.Conv2d(block_in, moments, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

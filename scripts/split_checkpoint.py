@@ -1,0 +1,36 @@
+"""Split an original SD v1 checkpoint into per-part safetensors files that load straight to a device.
+
+    python scripts/split_checkpoint.py --ckpt models/ldm/stable-diffusion-v1/model.ckpt \
+        --config configs/v1-inference.yaml --out build/sd-v1 --dtype fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldm.checkpoint import CheckpointError
+from ldm.config import ConfigError
+from ldm.parts import DTYPES, write_split
+from ldm.safe_pickle import UnsafeCheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="original checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--config", default="configs/v1-inference.yaml", help="original-format config YAML")
+    parser.add_argument("--out", required=True, help="folder to write the parts into")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    try:
+        manifest = write_split(args.ckpt, args.config, args.out, args.dtype)
+    except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
+        print(f"split_checkpoint: {error}", file=sys.stderr)
+        return 2
+    total = sum(manifest.parameters.values())
+    print(f"wrote {args.out}: {total:,} parameters ({args.dtype}), model hash {manifest.model_hash}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The networks: exact checkpoint layout at full size, and their math checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ldm.attention import CrossAttention
+from ldm.checkpoint import POSITION_IDS, PREFIXES, SCHEDULE_BUFFERS
+from ldm.config import load_config
+from ldm.model import StableDiffusion, expected_shapes
+from ldm.unet import timestep_embedding
+from ldm.vae import AttnBlock
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FULL_CONFIG = Path(__file__).parents[1] / "configs" / "v1-inference.yaml"
+
+
+def test_full_size_keys_and_shapes_equal_a_real_sd_v1_checkpoint() -> None:
+    real = json.loads((FIXTURES / "sd_v1_keys.json").read_text())["keys"]
+    ignored = {*SCHEDULE_BUFFERS, POSITION_IDS}
+    expected = {k["key"]: list(k["shape"]) for k in real if k["key"] not in ignored}
+    ours = {
+        PREFIXES[part] + key: list(shape)
+        for part, shapes in expected_shapes(load_config(FULL_CONFIG)).items()
+        for key, shape in shapes.items()
+    }
+    assert len(expected) == 1130
+    assert ours == expected
+
+
+def test_timestep_embedding_is_cos_then_sin() -> None:
+    emb = timestep_embedding(torch.tensor([0, 500]), 8)
+    freqs = [math.exp(-math.log(10000) * i / 4) for i in range(4)]
+    expected = [[math.cos(t * f) for f in freqs] + [math.sin(t * f) for f in freqs] for t in (0, 500)]
+    assert torch.allclose(emb, torch.tensor(expected), atol=1e-4)
+
+
+def test_cross_attention_equals_float64_softmax_attention() -> None:
+    torch.manual_seed(0)
+    attn = CrossAttention(query_dim=16, context_dim=12, heads=2, head_dim=8).double()
+    x, context = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 7, 12, dtype=torch.float64)
+    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+    heads = []
+    for h in range(2):
+        sl = slice(8 * h, 8 * (h + 1))
+        weights = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(8), dim=-1)
+        heads.append(weights @ v[..., sl])
+    expected = attn.to_out(torch.cat(heads, dim=-1))
+    assert torch.allclose(attn(x, context), expected, atol=1e-12)
+
+
+def test_vae_attention_equals_the_originals_bmm_form() -> None:
+    torch.manual_seed(0)
+    block = AttnBlock(32).double()
+    x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+    h = block.norm(x)
+    q, k, v = block.q(h).flatten(2), block.k(h).flatten(2), block.v(h).flatten(2)
+    weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * 32**-0.5, dim=2)
+    expected = x + block.proj_out(torch.bmm(v, weights.transpose(1, 2)).view(2, 32, 3, 5))
+    assert torch.allclose(block(x), expected, atol=1e-12)
+
+
+def test_unet_accepts_latent_sides_that_are_not_multiples_of_its_depth(tiny_model: StableDiffusion) -> None:
+    # The tiny UNet halves once: a 5x7 latent goes 5x7 → 3x4 and must come back to exactly 5x7.
+    x = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = tiny_model.unet(x, torch.tensor([500]), context)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()

@@ -1,0 +1,144 @@
+"""Loading original checkpoints: strict key checks with clear errors, and pickles that cannot run code."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
+from ldm.config import load_config, parse_config
+from ldm.parts import load_checkpoint
+from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.safe_pickle import UnsafeCheckpointError
+from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
+
+UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.fixture
+def state() -> dict[str, torch.Tensor]:
+    return read_state_dict(TINY_SAFETENSORS)
+
+
+def error_of(state: dict[str, torch.Tensor]) -> str:
+    with pytest.raises(CheckpointError) as info:
+        split_state_dict(state, load_config(TINY_CONFIG))
+    return str(info.value)
+
+
+def test_missing_key_is_named(state: dict) -> None:
+    del state[UNET_KEY]
+    message = error_of(state)
+    assert "1 missing" in message and UNET_KEY in message and str(TINY_CONFIG) in message
+
+
+def test_unexpected_keys_are_named(state: dict) -> None:
+    state["model.diffusion_model.extra.weight"] = torch.ones(1)
+    state["some_other_model.weight"] = torch.ones(1)
+    message = error_of(state)
+    assert "2 unexpected" in message
+    assert "model.diffusion_model.extra.weight" in message and "some_other_model.weight" in message
+
+
+def test_misshaped_key_names_both_shapes(state: dict) -> None:
+    state[UNET_KEY] = torch.ones(5, 4, 3, 3)
+    assert f"{UNET_KEY}: checkpoint [5, 4, 3, 3], config [32, 4, 3, 3]" in error_of(state)
+
+
+def test_wrong_schedule_is_refused(state: dict) -> None:
+    raw = OmegaConf.load(TINY_CONFIG)
+    raw.model.params.linear_end = 0.02
+    with pytest.raises(CheckpointError, match="alphas_cumprod"):
+        split_state_dict(state, parse_config(raw, "other.yaml"))
+
+
+def test_ignored_keys_are_ignored_by_name_only(state: dict) -> None:
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.diffusion_modelinput_blocks00weight"] = torch.ones(3)
+    parts = split_state_dict(state, load_config(TINY_CONFIG))
+    assert "embeddings.position_ids" not in parts["text_encoder"]
+    assert parts["unet"]["input_blocks.0.0.weight"] is state[UNET_KEY]
+
+
+def test_checkpoint_without_state_dict_wrapper_loads(state: dict, tmp_path: Path) -> None:
+    path = tmp_path / "flat.ckpt"
+    torch.save(state, path)
+    assert torch.equal(read_state_dict(path)[UNET_KEY], state[UNET_KEY])
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _PlainObject:
+    """Any object of a custom class: unpickling it would import and instantiate that class."""
+
+
+@pytest.mark.parametrize("where", ["top level", "inside state_dict"])
+def test_pickle_that_runs_code_is_refused_and_code_does_not_run(state: dict, tmp_path: Path, where: str) -> None:
+    marker = tmp_path / "pwned"
+    payload = _RunsCode(marker)
+    checkpoint = {"state_dict": {**state, "evil": payload}} if where == "inside state_dict" else {
+        "state_dict": state, "evil": payload}
+    path = tmp_path / "evil.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"would call (posix|os)\.system"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_pickle_that_builds_an_object_is_refused(state: dict, tmp_path: Path) -> None:
+    path = tmp_path / "object.ckpt"
+    torch.save({"state_dict": state, "thing": _PlainObject()}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        read_state_dict(path)
+
+
+def test_lightning_metadata_loads_without_importing_lightning(state: dict, tmp_path: Path) -> None:
+    """SD v1 .ckpt files key their callback state by the ModelCheckpoint class; that reference must not import it."""
+    module_name = "pytorch_lightning_stand_in_model_checkpoint"
+    fake = types.ModuleType(module_name)
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module_name, "ModelCheckpoint"
+    fake.ModelCheckpoint = ModelCheckpoint
+    sys.modules[module_name] = fake
+    try:
+        path = tmp_path / "lightning.ckpt"
+        torch.save({
+            "epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
+            "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": np.float64(0.12),
+                                            "current_score": torch.tensor(0.5)}},
+            "state_dict": state,
+        }, path)
+    finally:
+        del sys.modules[module_name]
+    loaded = read_state_dict(path)
+    assert module_name not in sys.modules
+    assert torch.equal(loaded[UNET_KEY], state[UNET_KEY])
+
+
+def test_fp16_checkpoint_loads_as_fp32_and_matches(state: dict, tmp_path: Path) -> None:
+    path = tmp_path / "half.ckpt"
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state.items()}}, path)
+    request = GenerationRequest("a red bicycle", height=64, width=64, steps=4, seed=3)
+    half = Pipeline(load_checkpoint(path, TINY_CONFIG)).generate(request)
+    full = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)).generate(request)
+    assert half.pixels.dtype == np.float32
+    # Weights rounded to fp16 move pixels a little, but nowhere near a different image.
+    assert np.abs(half.pixels - full.pixels).mean() < 2.0

@@ -1,0 +1,117 @@
+"""Request-level behaviour: batch invariance, seeds, sizes, img2img rules, PNG parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.png_info import encode_png, parameters_text, read_parameters
+from tests.reference import REFERENCE, assert_matches_png, case, load_image, reference_png, request_for
+
+SMALL = GenerationRequest("a lighthouse in a storm", height=64, width=64, steps=3, seed=41)
+
+
+def test_image_is_the_same_alone_or_anywhere_in_a_batch(pipeline: Pipeline) -> None:
+    batch = pipeline.generate(dataclasses.replace(SMALL, n_samples=2, n_iter=2, eta=0.5))
+    assert batch.seeds == [41, 42, 43, 44]
+    for index, seed in enumerate(batch.seeds):
+        alone = pipeline.generate(dataclasses.replace(SMALL, seed=seed, eta=0.5))
+        assert np.abs(alone.pixels[0] - batch.pixels[index]).max() < 1e-3
+
+
+def test_reference_batch_positions_equal_their_single_images(pipeline: Pipeline) -> None:
+    data = case("batch3")
+    request = request_for(data)
+    for index, image in enumerate(data["images"]):
+        alone = pipeline.generate(dataclasses.replace(request, n_samples=1, seed=image["seed"]))
+        assert_matches_png(alone.images[0], reference_png(image))
+        assert index == image["index"]
+
+
+def test_missing_seed_is_drawn_and_reported(pipeline: Pipeline) -> None:
+    first = pipeline.generate(dataclasses.replace(SMALL, seed=None, n_samples=2))
+    seed = first.request.seed
+    assert seed is not None and 0 <= seed <= MAX_SEED
+    assert first.seeds == [seed, seed + 1]
+    again = pipeline.generate(dataclasses.replace(SMALL, seed=seed, n_samples=2))
+    assert np.array_equal(first.images, again.images)
+
+
+def test_different_seeds_give_different_images(pipeline: Pipeline) -> None:
+    a = pipeline.generate(SMALL)
+    b = pipeline.generate(dataclasses.replace(SMALL, seed=42))
+    assert np.abs(a.pixels - b.pixels).mean() > 5
+
+
+def test_sizes_that_are_not_multiples_of_64(pipeline: Pipeline) -> None:
+    generation = pipeline.generate(dataclasses.replace(SMALL, height=72, width=40))
+    assert generation.images.shape == (1, 72, 40, 3)
+
+
+def test_default_size_is_the_models_native_size(pipeline: Pipeline) -> None:
+    assert resolve(GenerationRequest("x", seed=1), default_size=64).height == 64
+
+
+def test_img2img_size_defaults_to_init_image_rounded_down_to_8() -> None:
+    init = Image.new("RGB", (83, 70))
+    request = resolve(GenerationRequest("x", seed=1, init_image=init, steps=10, strength=0.5))
+    assert (request.width, request.height) == (80, 64)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"strength": 0.05}, "strength"),  # ⌊0.05·10⌋ = 0 steps
+        ({"strength": 1.5}, "strength"),
+        ({"strength": 0.0}, "strength"),
+        ({"height": 60}, "H"),
+        ({"width": 0}, "W"),
+        ({"sampler": "plms"}, "sampler"),
+    ],
+)
+def test_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
+    init = load_image(REFERENCE / "init_dev_80x64.png")
+    request = dataclasses.replace(GenerationRequest("x", seed=1, steps=10, init_image=init), **change)
+    with pytest.raises(GenerationError) as info:
+        resolve(request)
+    assert info.value.field == field
+
+
+def test_strength_one_runs_every_step(pipeline: Pipeline) -> None:
+    init = load_image(REFERENCE / "init_dev_80x64.png")
+    request = GenerationRequest("x", seed=1, steps=4, init_image=init, strength=1.0)
+    steps: list[int] = []
+    pipeline.generate(request, callback=lambda step, total, x: steps.append(total))
+    assert steps == [4, 4, 4, 4]
+
+
+def test_png_parameters_round_trip(pipeline: Pipeline) -> None:
+    request = dataclasses.replace(SMALL, negative_prompt="blurry", eta=0.25)
+    generation = pipeline.generate(request)
+    text = parameters_text(generation.request, generation.seeds[0], "0123456789")
+    png = encode_png(generation.images[0], text)
+    assert read_parameters(png) == (
+        "a lighthouse in a storm\nNegative prompt: blurry\n"
+        "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 41, Size: 64x64, Model hash: 0123456789, Eta: 0.25"
+    )
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), generation.images[0])
+
+
+def test_png_parameters_escape_newlines_and_keep_unicode() -> None:
+    request = resolve(GenerationRequest("a cat\nSteps: 1, Seed: 666\\n", negative_prompt="ünïcödé ☃", seed=5))
+    text = parameters_text(request, 5)
+    lines = text.split("\n")
+    assert lines[0] == "a cat\\nSteps: 1, Seed: 666\\\\n"
+    assert lines[1] == "Negative prompt: ünïcödé ☃"
+    assert len(lines) == 3 and lines[2].startswith("Steps: 50,")
+    assert read_parameters(encode_png(np.zeros((8, 8, 3), np.uint8), text)) == text
+
+
+def test_img2img_png_parameters_name_denoising_strength() -> None:
+    request = resolve(GenerationRequest("x", seed=1, steps=10, strength=0.5, init_image=Image.new("RGB", (64, 64))))
+    assert parameters_text(request, 1).endswith("Size: 64x64, Denoising strength: 0.5")

@@ -1,0 +1,51 @@
+"""The tokenizer gives exactly the ids the SD v1 text encoder saw (shared/reference/tokenizer_cases.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldm.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+from tests.reference import REFERENCE
+
+TOKENIZER_CASES = json.loads((REFERENCE / "tokenizer_cases.json").read_text())["cases"]
+BOS, EOS = 49406, 49407
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer()
+
+
+@pytest.mark.parametrize("entry", TOKENIZER_CASES, ids=lambda e: str(e["index"]))
+def test_reference_ids(tokenizer: CLIPTokenizer, entry: dict) -> None:
+    assert tokenizer(entry["prompt"]) == entry["ids"]
+
+
+def test_cases_cover_what_the_fast_tokenizer_gets_wrong() -> None:
+    # The reference set must keep exercising ftfy: otherwise a fast tokenizer could pass this suite.
+    assert sum("transformers5_fast_ids" in e for e in TOKENIZER_CASES) >= 5
+    assert sum(e["truncated"] for e in TOKENIZER_CASES) >= 2
+
+
+def test_empty_prompt_is_bos_then_eos_padding(tokenizer: CLIPTokenizer) -> None:
+    assert tokenizer("") == [BOS] + [EOS] * (CONTEXT_LENGTH - 1)
+
+
+def test_long_prompt_keeps_first_75_tokens_and_ends_with_eos(tokenizer: CLIPTokenizer) -> None:
+    words = tokenizer.tokenize("cat " * 100)
+    ids = tokenizer("cat " * 100)
+    assert len(ids) == CONTEXT_LENGTH
+    assert ids == [BOS, *words[:75], EOS]
+
+
+def test_special_token_text_becomes_the_special_token(tokenizer: CLIPTokenizer) -> None:
+    cat = tokenizer.tokenize("cat")
+    assert tokenizer.tokenize("cat<|endoftext|>cat") == [*cat, EOS, *cat]
+    assert tokenizer.tokenize("<|startoftext|>") == [BOS]
+
+
+def test_html_entities_unescaped_unless_text_has_angle_brackets(tokenizer: CLIPTokenizer) -> None:
+    assert tokenizer.tokenize("salt &amp; pepper") == tokenizer.tokenize("salt & pepper")
+    assert tokenizer.tokenize("a <b> &amp;") != tokenizer.tokenize("a <b> &")
