@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,17 @@ import torch
 
 from ldm.checkpoint import read_state_dict
 from ldm.model import StableDiffusion
-from ldm.parts import load_checkpoint
+from ldm.parts import load_checkpoint, write_split
 from ldm.pipeline import Pipeline
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
+
+# TorchServe's ts/version.py reads version.txt without closing it; let that file go now, quietly, rather than as a
+# ResourceWarning that `filterwarnings = error` would pin on whichever test happens to collect it.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ResourceWarning)
+    import ts.version  # noqa: F401
+
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +40,11 @@ def tiny_model() -> StableDiffusion:
 @pytest.fixture(scope="session")
 def pipeline(tiny_model: StableDiffusion) -> Pipeline:
     return Pipeline(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference checkpoint split into fp32 parts, as a model directory of the handler."""
+    out = tmp_path_factory.mktemp("tiny-split")
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, out, "fp32")
+    return out

@@ -1,0 +1,233 @@
+"""Request JSON → a validated `GenerationRequest`, or a `RequestError` naming the field and the rule it breaks.
+
+Strict on purpose: an unknown field is an error (a typo such as `ddim_step` must not silently fall back to a
+default), a boolean is not a number, NaN and infinities are not numbers, a float is not an integer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from handler.settings import HandlerSettings
+from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationRequest
+
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "H",
+    "W",
+    "ddim_steps",
+    "scale",
+    "eta",
+    "seed",
+    "n_samples",
+    "n_iter",
+    "sampler",
+    "init_image",
+    "strength",
+)
+INIT_IMAGE_FORMATS = ("PNG", "JPEG")
+_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+# C0 control characters other than tab, newline and carriage return, and DEL: never part of a prompt.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class RequestError(ValueError):
+    """A request that breaks a rule: answered with `status` and `{"error": message, "field": field}`."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "field": self.field}
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """A validated request and how its answer is wanted."""
+
+    generation: GenerationRequest
+    want_png: bool
+
+
+def _reject_constant(name: str) -> Any:
+    raise RequestError("body", f"{name} is not a number JSON allows")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise RequestError(duplicates[0], f"field '{duplicates[0]}' is given more than once")
+    return dict(pairs)
+
+
+def request_body(row: Any) -> Any:
+    """The body of one TorchServe request row: `body` (or `data`) holds it unless the client sent a form."""
+    if isinstance(row, dict) and ("body" in row or "data" in row):
+        return row.get("body", row.get("data"))
+    raise RequestError("body", "send the request as a JSON object with Content-Type: application/json", 415)
+
+
+def parse_body(data: Any) -> dict[str, Any]:
+    """The JSON object of a request body, whether TorchServe already decoded it or passed text or raw bytes."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError("body", f"the body is not valid UTF-8 (byte {error.start})") from None
+        if not text.strip():
+            raise RequestError("body", 'the body is empty; send a JSON object such as {"prompt": "a cat"}')
+        try:
+            data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as error:
+            raise RequestError("body", f"the body is not valid JSON: {error.msg} at position {error.pos}") from None
+    if not isinstance(data, dict):
+        raise RequestError("body", f"the body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _integer(data: dict[str, Any], name: str, default: int, low: int, high: int, unit: str = "") -> int:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"{name} must be an integer, got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise RequestError(name, f"{name} must be between {low} and {high}{unit}, got {value}")
+    return value
+
+
+def _number(data: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(name, f"{name} must be a finite number, got {json.dumps(value)}")
+    if value > high or value < low or (low_open and value == low):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise RequestError(name, f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) -> str:
+    if name not in data and default is None:
+        raise RequestError(name, f"{name} is required")
+    value = data.get(name, default)
+    if not isinstance(value, str):
+        raise RequestError(name, f"{name} must be a string, got {json.dumps(value)}")
+    if len(value) > max_chars:
+        raise RequestError(name, f"{name} must be at most {max_chars} characters, got {len(value)}")
+    if _CONTROL.search(value):
+        raise RequestError(name, f"{name} must not contain control characters")
+    return value
+
+
+def decode_init_image(value: Any, settings: HandlerSettings) -> Image.Image:
+    """Base64 PNG/JPEG (a `data:` URL prefix allowed) → RGB image, refusing anything over the limits before
+    decoding its pixels (a few-KB PNG can claim 30000×30000)."""
+    limits = settings.limits
+    if not isinstance(value, str):
+        raise RequestError("init_image", "init_image must be a base64 string (PNG or JPEG)")
+    encoded = _DATA_URL.sub("", value.strip(), count=1)
+    if len(encoded) * 3 // 4 > limits.max_init_image_bytes:
+        raise RequestError("init_image", f"init_image must be at most {limits.max_init_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("init_image", "init_image is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+        raise RequestError("init_image", "init_image is not a PNG or JPEG image we can read") from None
+    with image:
+        if image.format not in INIT_IMAGE_FORMATS:
+            raise RequestError("init_image", f"init_image must be PNG or JPEG, got {image.format}")
+        width, height = image.size
+        if width * height > limits.max_init_image_pixels:
+            raise RequestError(
+                "init_image",
+                f"init_image must have at most {limits.max_init_image_pixels} pixels, got {width}x{height}",
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            raise RequestError("init_image", "init_image must be a single still image, not an animation")
+        try:
+            return image.convert("RGB")
+        except OSError:
+            raise RequestError("init_image", "init_image is truncated or corrupt") from None
+
+
+def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
+    """Validate one request body against the settings' defaults and limits."""
+    body = parse_body(data)
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field '{unknown[0]}'; known fields: {', '.join(FIELDS)}")
+    d, limits = settings.defaults, settings.limits
+    init_image = decode_init_image(body["init_image"], settings) if body.get("init_image") is not None else None
+    sizes = {}
+    for name, default in (("H", d.H), ("W", d.W)):
+        if init_image is not None and name not in body:
+            side = init_image.size[1 if name == "H" else 0]
+            default = max(limits.min_side, min(limits.max_side, side - side % 8))
+        sizes[name] = _integer(body, name, default, limits.min_side, limits.max_side, " pixels")
+        if sizes[name] % 8:
+            raise RequestError(name, f"{name} must be a multiple of 8, got {sizes[name]}")
+    if sizes["H"] * sizes["W"] > limits.max_pixels:
+        field = "H" if "H" in body else "W"
+        raise RequestError(field, f"H×W must be at most {limits.max_pixels} pixels, got {sizes['H'] * sizes['W']}")
+    steps = _integer(body, "ddim_steps", d.ddim_steps, 1, limits.max_steps)
+    n_samples = _integer(body, "n_samples", d.n_samples, 1, limits.max_images)
+    n_iter = _integer(body, "n_iter", d.n_iter, 1, limits.max_images)
+    if n_samples * n_iter > limits.max_images:
+        field = "n_iter" if "n_iter" in body else "n_samples"
+        total = n_samples * n_iter
+        raise RequestError(field, f"n_samples×n_iter must be at most {limits.max_images} images, got {total}")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _integer(body, "seed", 0, 0, MAX_SEED - n_samples * n_iter + 1)
+    sampler = _text(body, "sampler", d.sampler, 32)
+    if sampler not in SAMPLERS:
+        raise RequestError("sampler", f"sampler '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")
+    strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
+    if init_image is not None and int(strength * steps) < 1:
+        raise RequestError(
+            "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"
+        )
+    generation = GenerationRequest(
+        prompt=_text(body, "prompt", None, limits.max_prompt_chars),
+        negative_prompt=_text(body, "negative_prompt", "", limits.max_prompt_chars),
+        height=sizes["H"],
+        width=sizes["W"],
+        steps=steps,
+        scale=_number(body, "scale", d.scale, 0.0, limits.max_scale),
+        eta=_number(body, "eta", d.eta, 0.0, limits.max_eta),
+        seed=seed,
+        n_samples=n_samples,
+        n_iter=n_iter,
+        sampler=sampler,
+        init_image=init_image,
+        strength=strength,
+    )
+    want_png = bool(accept) and "image/png" in accept.lower() and "application/json" not in accept.lower()
+    if want_png and generation.n_images > 1:
+        field = "n_iter" if n_iter > 1 else "n_samples"
+        raise RequestError(
+            field,
+            f"Accept: image/png returns one image, but this request makes {generation.n_images}; "
+            "ask for JSON (Accept: application/json) to get them all",
+        )
+    return ApiRequest(generation, want_png)

@@ -1,0 +1,151 @@
+"""TorchServe handler: validates each request, runs a batch through `ldm`, answers each with its own images.
+
+preprocess → one `ApiRequest` or `RequestError` per request (a bad request never fails its neighbours);
+inference → `Pipeline.generate_many` over the valid ones (same-shape images share UNet calls);
+postprocess → PNG bytes or JSON per request, with status codes and headers set on the context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.request import ApiRequest, RequestError, parse_request, request_body
+from handler.response import Answer, json_body, png_files
+from handler.settings import HandlerSettings, parse_settings
+from ldm.parts import load_split
+from ldm.pipeline import Generation, GenerationError, Pipeline
+
+logger = logging.getLogger(__name__)
+# HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
+REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 507: "Insufficient Storage"}
+
+
+Outcome = RequestError | Answer
+
+
+def _header(context: Any, idx: int, name: str) -> str | None:
+    """A request header, whatever case the client and TorchServe gave its name."""
+    headers = context.get_all_request_header(idx) or {}
+    return next((v for k, v in headers.items() if isinstance(v, str) and k.lower() == name), None)
+
+
+class StableDiffusionHandler(BaseHandler):
+    """Stable Diffusion v1 txt2img and img2img over TorchServe's inference API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = HandlerSettings()
+        self.pipeline: Pipeline | None = None
+        self.model_name = ""
+
+    def initialize(self, context: Any) -> None:
+        """Read the handler settings once, load the split parts onto this worker's device."""
+        started = time.perf_counter()
+        self.context = context
+        self.model_name = context.model_name
+        self.settings = parse_settings(getattr(context, "model_yaml_config", None))
+        gpu_id = context.system_properties.get("gpu_id")
+        device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dtype = self.settings.dtype(device)
+        model_dir = Path(context.system_properties["model_dir"])
+        model = load_split(model_dir, device, dtype, self.settings.low_memory)
+        self.pipeline = Pipeline(model)
+        self.initialized = True
+        logger.info(
+            "loaded %s (model hash %s) on %s as %s%s in %.1f s",
+            model_dir,
+            model.model_hash,
+            device,
+            dtype,
+            ", low-memory mode" if self.settings.low_memory else "",
+            time.perf_counter() - started,
+        )
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[ApiRequest | RequestError]:
+        """Each request's body validated on its own."""
+        parsed: list[ApiRequest | RequestError] = []
+        for idx, row in enumerate(data):
+            try:
+                parsed.append(parse_request(request_body(row), self.settings, _header(self.context, idx, "accept")))
+            except RequestError as error:
+                parsed.append(error)
+        return parsed
+
+    def inference(self, data: list[ApiRequest | RequestError], *args: Any, **kwargs: Any) -> list[Outcome]:
+        """Generate every valid request of the batch together; errors pass through in place."""
+        assert self.pipeline is not None, "initialize() loads the model first"
+        valid = [item for item in data if isinstance(item, ApiRequest)]
+        if not valid:
+            return list(data)
+        started = time.perf_counter()
+        try:
+            generations = iter(
+                self.pipeline.generate_many([item.generation for item in valid], self.settings.max_batch_images)
+            )
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            logger.exception("out of GPU memory on a batch of %d requests", len(valid))
+            error = RequestError("", "out of GPU memory; retry, or ask for fewer or smaller images", 507)
+            return [error if isinstance(item, ApiRequest) else item for item in data]
+        except GenerationError as error:
+            return [RequestError(error.field, str(error)) if isinstance(item, ApiRequest) else item for item in data]
+        results: list[Outcome] = [
+            Answer(item, next(generations)) if isinstance(item, ApiRequest) else item for item in data
+        ]
+        self._record_speed([r.generation for r in results if isinstance(r, Answer)], time.perf_counter() - started)
+        return results
+
+    def postprocess(self, data: list[Outcome]) -> list[bytes | str]:
+        """PNG bytes (with X-Seed) or JSON per request; errors as JSON with their status."""
+        assert self.pipeline is not None
+        model_hash = self.pipeline.model.model_hash
+        responses: list[bytes | str] = []
+        for idx, outcome in enumerate(data):
+            if isinstance(outcome, RequestError):
+                self.context.set_response_status(outcome.status, REASONS[outcome.status], idx)
+                self.context.set_response_content_type(idx, "application/json")
+                responses.append(json.dumps(outcome.body()))
+                self._count("FailedRequests", 1, reason=REASONS[outcome.status])
+                continue
+            generation = outcome.generation
+            self.context.set_response_header(idx, "X-Seed", str(generation.seeds[0]))
+            self.context.set_response_header(idx, "X-Seeds", ",".join(str(s) for s in generation.seeds))
+            if outcome.request.want_png:
+                self.context.set_response_content_type(idx, "image/png")
+                responses.append(png_files(generation, model_hash)[0])
+            else:
+                self.context.set_response_content_type(idx, "application/json")
+                responses.append(json_body(generation, model_hash))
+        return responses
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | str]:
+        self.context = context
+        return self.postprocess(self.inference(self.preprocess(data)))
+
+    def _count(self, name: str, value: float, unit: str = "count", reason: str | None = None) -> None:
+        dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        if reason is not None:
+            dimensions.append(Dimension("Reason", reason))
+        self.context.metrics.add_metric(name, value, unit, None, dimensions, MetricTypes.COUNTER)
+
+    def _gauge(self, name: str, value: float, unit: str) -> None:
+        dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        self.context.metrics.add_metric(name, value, unit, None, dimensions, MetricTypes.GAUGE)
+
+    def _record_speed(self, generations: list[Generation], seconds: float) -> None:
+        images = sum(len(g.seeds) for g in generations)
+        steps = sum(len(g.seeds) * g.request.denoising_steps for g in generations)
+        self._count("ImagesGenerated", images)
+        self._gauge("SecondsPerImage", seconds / images, "s")
+        self._gauge("UNetStepsPerSecond", steps / seconds, "steps/s")

@@ -1,0 +1,96 @@
+"""The `handler:` section of model-config.yaml: request defaults, limits, precision, memory mode.
+
+Read once in `initialize`; every key is optional and falls back to the values below, which are the documented
+defaults of the API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SettingsError(ValueError):
+    """model-config.yaml's handler section has an unknown key or a wrong value."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request gets for a field it leaves out."""
+
+    H: int = 512
+    W: int = 512
+    ddim_steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    n_samples: int = 1
+    n_iter: int = 1
+    strength: float = 0.75
+    sampler: str = "ddim"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request the server accepts; each breach is a 400 naming the field and the limit."""
+
+    max_pixels: int = 1024 * 1024
+    min_side: int = 64
+    max_side: int = 2048
+    max_steps: int = 150
+    max_images: int = 8
+    max_prompt_chars: int = 2000
+    max_scale: float = 50.0
+    max_eta: float = 1.0
+    max_init_image_bytes: int = 10 * 1024 * 1024
+    max_init_image_pixels: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """Everything the handler reads from model-config.yaml."""
+
+    defaults: Defaults = field(default_factory=Defaults)
+    limits: Limits = field(default_factory=Limits)
+    # auto: fp16 on CUDA, fp32 on the CPU (fp16 convolutions there are slow and inexact).
+    precision: str = "auto"
+    low_memory: bool = False
+    # Images denoised in one UNet batch, across requests; bounds activation memory.
+    max_batch_images: int = 8
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        chosen = PRECISIONS[self.precision]
+        if chosen is None:
+            return torch.float16 if device.type == "cuda" else torch.float32
+        return chosen
+
+
+def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    values = dict(values or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingsError(f"model-config.yaml {where}: unknown keys {unknown}; known: {sorted(known)}")
+    for name, value in values.items():
+        expected = type(getattr(cls(), name))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, expected) or isinstance(value, bool) is not (expected is bool):
+            raise SettingsError(f"model-config.yaml {where}.{name}: expected {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
+    """HandlerSettings from TorchServe's parsed model-config.yaml (its `handler:` section)."""
+    section = dict((model_yaml_config or {}).get("handler") or {})
+    defaults = _section(Defaults, section.pop("defaults", None), "handler.defaults")
+    limits = _section(Limits, section.pop("limits", None), "handler.limits")
+    settings = _section(HandlerSettings, section, "handler")
+    if settings.precision not in PRECISIONS:
+        raise SettingsError(
+            f"model-config.yaml handler.precision: one of {sorted(PRECISIONS)}, got {settings.precision!r}"
+        )
+    return replace(settings, defaults=defaults, limits=limits)

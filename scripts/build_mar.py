@@ -1,0 +1,87 @@
+"""Package an SD v1 checkpoint for TorchServe: split it into parts and run torch-model-archiver.
+
+    python scripts/build_mar.py --ckpt models/ldm/stable-diffusion-v1/model.ckpt --config configs/v1-inference.yaml \
+        --model-name sd --export-path model-store --archive-format no-archive
+
+The archive holds the handler (`sd_handler.py` and the `handler` package), the `ldm` package, model-config.yaml and
+the split parts (`unet`/`vae`/`text_encoder.safetensors`, config, tokenizer, manifest).
+
+Which format for a 2–4 GB model: `no-archive`. TorchServe unpacks a `.mar` into a temporary folder at every start
+(and keeps that copy on disk); `default` also deflates gigabytes of incompressible weights, which takes minutes to
+build and to unpack. `no-archive` writes the folder TorchServe would unpack to, so start-up reads the weights once,
+straight from the model store. `zip-store` (a `.mar` without compression) suits copying one file around; `default`
+suits small models such as the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ldm.checkpoint import CheckpointError
+from ldm.config import ConfigError
+from ldm.parts import DTYPES, write_split
+from ldm.safe_pickle import UnsafeCheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
+
+
+def stage(ckpt: Path, config: Path, dtype: str, folder: Path) -> None:
+    """Lay out what the archive's root holds besides the handler file: packages and split parts."""
+    write_split(ckpt, config, folder, dtype)
+    for package in ("ldm", "handler"):
+        shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def archive(args: argparse.Namespace, staged: Path) -> None:
+    """Run torch-model-archiver (the one next to this Python) over the staged folder."""
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    command = [
+        str(archiver if archiver.exists() else "torch-model-archiver"),
+        "--model-name", args.model_name,
+        "--version", args.version,
+        "--handler", str(ROOT / "handler" / "sd_handler.py"),
+        "--extra-files", str(staged),
+        "--config-file", str(args.model_config),
+        "--export-path", str(args.export_path),
+        "--archive-format", args.archive_format,
+        "--force",
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="original checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "v1-inference.yaml", help="config YAML")
+    parser.add_argument("--model-name", default="sd", help="name the model is served under (default: %(default)s)")
+    parser.add_argument("--export-path", type=Path, default=ROOT / "model-store", help="the model store")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights' dtype (default: fp16)")
+    parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="no-archive", help="see above")
+    parser.add_argument("--model-config", type=Path, default=ROOT / "model-config.yaml", help="model-config.yaml")
+    parser.add_argument("--version", default="1.0", help="model version recorded in the archive")
+    args = parser.parse_args(argv)
+    args.export_path.mkdir(parents=True, exist_ok=True)
+    if args.archive_format == "no-archive":
+        # The archiver refuses to write into an existing folder even with --force.
+        shutil.rmtree(args.export_path / args.model_name, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
+        staged = Path(tmp) / "model"
+        try:
+            stage(args.ckpt, args.config, args.dtype, staged)
+        except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
+            print(f"build_mar: {error}", file=sys.stderr)
+            return 2
+        archive(args, staged)
+    suffix = "" if args.archive_format == "no-archive" else ".mar"
+    print(f"wrote {args.export_path / (args.model_name + suffix)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

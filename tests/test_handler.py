@@ -1,0 +1,172 @@
+"""The TorchServe handler in-process, with a stand-in for TorchServe's context (the server itself is tested in
+test_server.py): validation, responses, batching."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from handler.sd_handler import StableDiffusionHandler
+from handler.settings import SettingsError, parse_settings
+from ldm.parts import load_split
+from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.png_info import read_parameters
+from tests.bad_requests import BAD, PNG_ONLY, VALID, png_base64
+from tests.reference import load_image
+
+SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, float, dict[str, str]]] = []
+
+    def add_metric(self, name, value, unit, idx, dimensions, metric_type) -> None:  # noqa: ANN001
+        self.recorded.append((name, value, {d.name: d.value for d in dimensions}))
+
+
+class FakeContext:
+    """What the handler uses of TorchServe's Context, recording what it sets."""
+
+    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
+        self.model_name = "tiny"
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.model_yaml_config = SETTINGS
+        self.metrics = FakeMetrics()
+        self.headers = headers or []
+        self.status: dict[int, int] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers[idx] if idx < len(self.headers) else {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.status[idx] = code
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key.lower()] = value
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.set_response_header(idx, "content-type", value)
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_split: Path) -> StableDiffusionHandler:
+    h = StableDiffusionHandler()
+    h.initialize(FakeContext(tiny_split))
+    return h
+
+
+def call(handler: StableDiffusionHandler, bodies: list[Any], headers: list[dict[str, str]] | None = None):
+    context = FakeContext(Path(handler.context.system_properties["model_dir"]), headers)
+    rows = [{"body": b if isinstance(b, bytes) else json.dumps(b).encode()} for b in bodies]
+    return handler.handle(rows, context), context
+
+
+def expected_pixels(tiny_split: Path, request: GenerationRequest) -> np.ndarray:
+    return Pipeline(load_split(tiny_split)).generate(request).images
+
+
+@pytest.mark.parametrize(("name", "body", "field"), BAD, ids=[b[0] for b in BAD])
+def test_bad_request_is_a_400_naming_its_field(handler: StableDiffusionHandler, name: str, body: Any, field: str):
+    headers = [{"Accept": "image/png"}] if name in PNG_ONLY else None
+    (response,), context = call(handler, [body], headers)
+    assert context.status[0] == 400
+    assert context.response_headers[0]["content-type"] == "application/json"
+    error = json.loads(response)
+    assert error["field"] == field
+    assert len(error["error"]) > 10
+
+
+def test_limit_is_named_in_the_message(handler: StableDiffusionHandler) -> None:
+    (response,), _ = call(handler, [{**VALID, "ddim_steps": 151}])
+    assert json.loads(response)["error"] == "ddim_steps must be between 1 and 150, got 151"
+
+
+def test_form_body_is_415(handler: StableDiffusionHandler) -> None:
+    context = FakeContext(Path(handler.context.system_properties["model_dir"]))
+    (response,) = handler.handle([{'{"prompt": "x"}': ""}], context)
+    assert context.status[0] == 415 and json.loads(response)["field"] == "body"
+
+
+def test_json_response_has_images_seeds_and_every_effective_parameter(handler, tiny_split: Path) -> None:
+    (response,), context = call(handler, [{"prompt": "a red bicycle", "seed": 11, "n_samples": 2}])
+    body = json.loads(response)
+    assert body["seeds"] == [11, 12]
+    assert body["parameters"] == {
+        "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
+        "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim",
+    }  # fmt: skip
+    expected = expected_pixels(tiny_split, GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=11,
+                                                             n_samples=2))
+    for png, pixels, seed in zip(body["images"], expected, (11, 12), strict=True):
+        data = base64.b64decode(png)
+        assert np.array_equal(np.asarray(load_image(io.BytesIO(data))), pixels)
+        assert f"Seed: {seed}, Size: 64x64" in read_parameters(data)
+    assert context.response_headers[0]["x-seeds"] == "11,12"
+    assert context.status == {}
+
+
+def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    (response,), context = call(handler, [VALID], [{"accept": "image/png"}])
+    assert context.response_headers[0]["content-type"] == "image/png"
+    assert context.response_headers[0]["x-seed"] == "5"
+    request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5)
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(response))), expected_pixels(tiny_split, request)[0])
+
+
+def test_missing_seed_is_drawn_and_reported(handler: StableDiffusionHandler) -> None:
+    body = {k: v for k, v in VALID.items() if k != "seed"}
+    (response,), _ = call(handler, [body])
+    result = json.loads(response)
+    assert result["parameters"]["seed"] == result["seeds"][0]
+
+
+def test_img2img_size_defaults_to_the_init_image(handler: StableDiffusionHandler) -> None:
+    init = png_base64(80, 64)
+    (response,), context = call(handler, [{"prompt": "tiles", "init_image": "data:image/png;base64," + init,
+                                           "strength": 0.5, "ddim_steps": 4, "seed": 1}])
+    body = json.loads(response)
+    assert (body["parameters"]["W"], body["parameters"]["H"], body["parameters"]["strength"]) == (80, 64, 0.5)
+
+
+def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler, tiny_split: Path) -> None:
+    bodies = [
+        {"prompt": "one", "seed": 1, "H": 64, "W": 64},
+        {"prompt": "bad", "ddim_steps": 0},
+        {"prompt": "two", "seed": 2, "H": 72, "W": 64, "scale": 1.0},
+        {"prompt": "three", "seed": 3, "H": 64, "W": 64, "negative_prompt": "fog"},
+    ]
+    responses, context = call(handler, bodies)
+    assert context.status == {1: 400}
+    pipeline = Pipeline(load_split(tiny_split))
+    for index in (0, 2, 3):
+        body = bodies[index]
+        request = GenerationRequest(body["prompt"], body.get("negative_prompt", ""), body["H"], body["W"], 3,
+                                    body.get("scale", 7.5), seed=body["seed"])
+        alone = pipeline.generate(request).images[0]
+        got = np.asarray(load_image(io.BytesIO(base64.b64decode(json.loads(responses[index])["images"][0]))))
+        assert np.abs(got.astype(int) - alone).max() <= 1
+
+
+def test_metrics_are_recorded(handler: StableDiffusionHandler) -> None:
+    _, context = call(handler, [VALID, {"prompt": 1}])
+    names = {name: (value, dims) for name, value, dims in context.metrics.recorded}
+    assert names["ImagesGenerated"][0] == 1
+    assert names["UNetStepsPerSecond"][0] > 0
+    assert names["FailedRequests"] == (1, {"ModelName": "tiny", "Level": "Model", "Reason": "Bad Request"})
+
+
+def test_settings_reject_unknown_keys_and_wrong_types() -> None:
+    with pytest.raises(SettingsError, match="unknown keys"):
+        parse_settings({"handler": {"limits": {"max_stepz": 3}}})
+    with pytest.raises(SettingsError, match="max_steps: expected int"):
+        parse_settings({"handler": {"limits": {"max_steps": "3"}}})
+    assert parse_settings({"handler": {"defaults": {"scale": 7}}}).defaults.scale == 7.0
+    assert parse_settings(None).limits.max_images == 8
