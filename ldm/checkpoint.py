@@ -6,15 +6,17 @@ The single place that knows the checkpoint's key prefixes and which keys we deli
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ldm.config import ModelConfig
 from ldm.ddim import alphas_cumprod
 from ldm.model import PARTS, expected_shapes
-from ldm.safe_pickle import torch_load
+from ldm.safe_pickle import UnsafeCheckpointError, torch_load
 
 # Checkpoint key prefix of each part; stripping it gives the part module's own key.
 PREFIXES = {
@@ -61,8 +63,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict of a `.safetensors` or `.ckpt` file, with or without a top-level `state_dict` wrapper."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    loaded = torch_load(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        loaded = torch_load(str(path))
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):

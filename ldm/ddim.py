@@ -52,8 +52,8 @@ class DDIMStep:
         return eta * ratio**0.5
 
 
-class DDIMSampler:
-    """The S-step DDIM schedule of a model; `sample` runs all or (img2img) only the last m of its steps."""
+class DDIMSchedule:
+    """The S DDIM steps of a model, largest t first; img2img runs only the last m of them."""
 
     def __init__(self, alphas: torch.Tensor, steps: int) -> None:
         timesteps = ddim_timesteps(steps, len(alphas))
@@ -68,43 +68,47 @@ class DDIMSampler:
             raise ValueError(f"m must be in [1, {len(self.steps)}], got {m}")
         return self.steps[len(self.steps) - m :]
 
-    @staticmethod
-    def add_noise(z0: torch.Tensor, noise: torch.Tensor, alpha: float) -> torch.Tensor:
-        """x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·noise: a clean latent noised to level ᾱ_t."""
-        return alpha**0.5 * z0 + (1.0 - alpha) ** 0.5 * noise
 
-    @staticmethod
-    def step(x: torch.Tensor, eps: torch.Tensor, step: DDIMStep, sigma: torch.Tensor, z: torch.Tensor | None):
-        """x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev−σ²)·ε + σ·z, with x̂₀ = (x − √(1−ᾱ_t)·ε)/√ᾱ_t.
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·noise: a clean latent noised to level ᾱ_t."""
+    return alpha**0.5 * z0 + (1.0 - alpha) ** 0.5 * noise
 
-        `sigma` is per sample, shape (B, 1, 1, 1), so a batch may mix η values; `z` is None when every σ is 0.
-        """
-        x0 = (x - (1.0 - step.alpha) ** 0.5 * eps) / step.alpha**0.5
-        direction = (1.0 - step.alpha_prev - sigma**2).sqrt() * eps
-        x_prev = step.alpha_prev**0.5 * x0 + direction
-        return x_prev if z is None else x_prev + sigma * z
 
-    def sample(
-        self,
-        eps_fn: EpsFn,
-        x: torch.Tensor,
-        steps: Sequence[DDIMStep],
-        etas: Sequence[float],
-        generators: Sequence[torch.Generator],
-        callback: StepCallback | None = None,
-    ) -> torch.Tensor:
-        """Denoise `x` through `steps`; image i draws its per-step noise z (η > 0 only) from `generators[i]`."""
-        for index, step in enumerate(steps):
-            eps = eps_fn(x, step.t)
-            sigmas = torch.tensor([step.sigma(eta) for eta in etas], dtype=x.dtype, device=x.device)
-            z = None
-            if any(eta > 0 for eta in etas):
-                # Every image with η > 0 draws one z per step from its own generator; others get none.
-                z = torch.stack([
+def ddim_step(
+    x: torch.Tensor, eps: torch.Tensor, step: DDIMStep, sigma: torch.Tensor, z: torch.Tensor | None
+) -> torch.Tensor:
+    """x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev−σ²)·ε + σ·z, with x̂₀ = (x − √(1−ᾱ_t)·ε)/√ᾱ_t.
+
+    `sigma` is per sample, shape (B, 1, 1, 1), so a batch may mix η values; `z` is None when every σ is 0.
+    """
+    x0 = (x - (1.0 - step.alpha) ** 0.5 * eps) / step.alpha**0.5
+    direction = (1.0 - step.alpha_prev - sigma**2).sqrt() * eps
+    x_prev = step.alpha_prev**0.5 * x0 + direction
+    return x_prev if z is None else x_prev + sigma * z
+
+
+def sample(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    steps: Sequence[DDIMStep],
+    etas: Sequence[float],
+    generators: Sequence[torch.Generator],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Denoise `x` through `steps`; image i draws its per-step noise z (η > 0 only) from `generators[i]`."""
+    for index, step in enumerate(steps):
+        eps = eps_fn(x, step.t)
+        sigmas = torch.tensor([step.sigma(eta) for eta in etas], dtype=x.dtype, device=x.device)
+        z = None
+        if any(eta > 0 for eta in etas):
+            # Every image with η > 0 draws one z per step from its own generator; others get none.
+            z = torch.stack(
+                [
                     torch.randn(x.shape[1:], generator=g, dtype=torch.float32) if eta > 0 else torch.zeros(x.shape[1:])
                     for g, eta in zip(generators, etas, strict=True)
-                ]).to(device=x.device, dtype=x.dtype)
-            x = self.step(x, eps, step, sigmas.view(-1, 1, 1, 1), z)
-            if callback is not None:
-                callback(index + 1, len(steps), x)
-        return x
+                ]
+            ).to(device=x.device, dtype=x.dtype)
+        x = ddim_step(x, eps, step, sigmas.view(-1, 1, 1, 1), z)
+        if callback is not None:
+            callback(index + 1, len(steps), x)
+    return x

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.ddim import DDIMSampler, DDIMStep, StepCallback
+from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, sample
 from ldm.model import StableDiffusion
 
 SAMPLERS = ("ddim",)
@@ -65,6 +65,11 @@ class GenerationRequest:
         """m = ⌊strength·S⌋ (computed as the original does, int() of the float product)."""
         return int(self.strength * self.steps)
 
+    @property
+    def denoising_steps(self) -> int:
+        """UNet steps each image runs: S for txt2img, m for img2img."""
+        return self.steps if self.init_image is None else self.img2img_steps()
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -79,12 +84,29 @@ class Generation:
         return self.request.seeds
 
 
-def resolve(request: GenerationRequest, default_size: int = 512, factor: int = 8) -> GenerationRequest:
-    """Fill what a request leaves open (seed, size) and check what the pipeline itself requires."""
+def resolve(
+    request: GenerationRequest, default_size: int = 512, factor: int = 8, num_timesteps: int = 1000
+) -> GenerationRequest:
+    """Fill what a request leaves open (seed, size) and check what the pipeline itself requires.
+
+    Limits a server adds on top (pixels, steps, images per request) are the server's; these are the ones without
+    which the math itself breaks.
+    """
     if request.sampler not in SAMPLERS:
         raise GenerationError("sampler", f"sampler '{request.sampler}' is not available; choose one of {SAMPLERS}")
+    if not 1 <= request.steps <= num_timesteps:
+        raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {num_timesteps}], got {request.steps}")
+    for name, value in (("n_samples", request.n_samples), ("n_iter", request.n_iter)):
+        if value < 1:
+            raise GenerationError(name, f"{name} must be at least 1, got {value}")
+    if not request.eta >= 0:
+        raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n_images + 1:
+        raise GenerationError(
+            "seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}"
+        )
     if request.seed is None:
-        request = replace(request, seed=random.randint(0, MAX_SEED))
+        request = replace(request, seed=random.randint(0, MAX_SEED - request.n_images + 1))
     if request.init_image is None:
         size = (default_size, default_size)
     else:
@@ -148,7 +170,6 @@ class Pipeline:
         uncond: torch.Tensor,
         scales: torch.Tensor,
         steps: Sequence[DDIMStep],
-        sampler: DDIMSampler,
         etas: Sequence[float],
         generators: Sequence[torch.Generator],
         callback: StepCallback | None = None,
@@ -173,7 +194,7 @@ class Pipeline:
                 e_u, e_c = out.chunk(2)
                 return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 
-            return sampler.sample(eps, x, steps, etas, generators, callback)
+            return sample(eps, x, steps, etas, generators, callback)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -187,34 +208,67 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> Generation:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
-        request = resolve(request, self.model.config.default_image_size, self.factor)
-        sampler = DDIMSampler(self.model.alphas_cumprod, request.steps)
-        img2img = request.init_image is not None
-        steps = sampler.tail(request.img2img_steps()) if img2img else sampler.steps
-        z0 = self.init_latent(request) if img2img else None
-        cond_one, uncond_one = self.embed([request.prompt, request.negative_prompt]).chunk(2)
-        pixels = []
-        for iteration in range(request.n_iter):
-            seeds = request.seeds[iteration * request.n_samples : (iteration + 1) * request.n_samples]
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
-            noise = torch.cat([torch.randn(self.latent_shape(request), generator=g) for g in generators])
-            noise = noise.to(self.model.device)
-            x = noise if z0 is None else DDIMSampler.add_noise(z0, noise, steps[0].alpha)
-            n = len(seeds)
-            scales = torch.full((n,), float(request.scale))
-            latents = self.denoise(
-                x,
-                cond_one.expand(n, -1, -1),
-                uncond_one.expand(n, -1, -1),
-                scales,
-                steps,
-                sampler,
-                [request.eta] * n,
-                generators,
-                callback,
-            )
-            pixels.append(self.decode(latents))
-        floats = torch.cat(pixels).numpy()
-        # (5) Round, not truncate.
-        return Generation(request, np.rint(floats).astype(np.uint8), floats)
+        return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
+
+    def generate_many(
+        self,
+        requests: Sequence[GenerationRequest],
+        max_batch_images: int = 8,
+        callback: StepCallback | None = None,
+    ) -> list[Generation]:
+        """Run several requests, sharing UNet calls between images of the same size and schedule.
+
+        Every image keeps its own generator, so each result equals what its request would get alone.
+        """
+        config = self.model.config
+        requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
+        texts = sorted({text for r in requests for text in (r.prompt, r.negative_prompt)})
+        # (1) Every distinct prompt once, in one text-encoder call.
+        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True))
+        schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
+
+        groups: dict[tuple[int, int, int, int], list[_Image]] = {}
+        for index, request in enumerate(requests):
+            m = request.denoising_steps
+            first_alpha = schedules[request.steps].tail(m)[0].alpha
+            z0 = None if request.init_image is None else self.init_latent(request)
+            for seed in request.seeds:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
+                noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
+                start = noise if z0 is None else add_noise(z0, noise, first_alpha)
+                key = (request.height, request.width, request.steps, m)
+                groups.setdefault(key, []).append(_Image(index, request, generator, start))
+
+        for (_, _, steps, m), images in groups.items():
+            for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
+                latents = self.denoise(
+                    torch.cat([image.start for image in chunk]),
+                    torch.cat([embeddings[image.request.prompt] for image in chunk]),
+                    torch.cat([embeddings[image.request.negative_prompt] for image in chunk]),
+                    torch.tensor([float(image.request.scale) for image in chunk]),
+                    schedules[steps].tail(m),
+                    [image.request.eta for image in chunk],
+                    [image.generator for image in chunk],
+                    callback,
+                )
+                for image, pixels in zip(chunk, self.decode(latents), strict=True):
+                    image.pixels = pixels
+
+        results = []
+        for index, request in enumerate(requests):
+            floats = torch.stack([i.pixels for g in groups.values() for i in g if i.request_index == index]).numpy()
+            # (5) Round, not truncate.
+            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats))
+        return results
+
+
+@dataclass
+class _Image:
+    """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels."""
+
+    request_index: int
+    request: GenerationRequest
+    generator: torch.Generator
+    start: torch.Tensor
+    pixels: torch.Tensor | None = None

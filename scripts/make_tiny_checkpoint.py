@@ -1,6 +1,6 @@
 """Write a random-weight checkpoint in the original SD v1 format for any config (tests, the demo mode).
 
-    python scripts/make_tiny_checkpoint.py --config tests/fixtures/reference/tiny-dev.yaml --out models/tiny.ckpt
+python scripts/make_tiny_checkpoint.py --config tests/fixtures/reference/tiny-dev.yaml --out models/tiny.ckpt
 """
 
 from __future__ import annotations

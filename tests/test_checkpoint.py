@@ -91,8 +91,11 @@ class _PlainObject:
 def test_pickle_that_runs_code_is_refused_and_code_does_not_run(state: dict, tmp_path: Path, where: str) -> None:
     marker = tmp_path / "pwned"
     payload = _RunsCode(marker)
-    checkpoint = {"state_dict": {**state, "evil": payload}} if where == "inside state_dict" else {
-        "state_dict": state, "evil": payload}
+    checkpoint = (
+        {"state_dict": {**state, "evil": payload}}
+        if where == "inside state_dict"
+        else {"state_dict": state, "evil": payload}
+    )
     path = tmp_path / "evil.ckpt"
     torch.save(checkpoint, path)
     with pytest.raises(UnsafeCheckpointError, match=r"would call (posix|os)\.system"):
@@ -120,12 +123,22 @@ def test_lightning_metadata_loads_without_importing_lightning(state: dict, tmp_p
     sys.modules[module_name] = fake
     try:
         path = tmp_path / "lightning.ckpt"
-        torch.save({
-            "epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
-            "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": np.float64(0.12),
-                                            "current_score": torch.tensor(0.5)}},
-            "state_dict": state,
-        }, path)
+        torch.save(
+            {
+                "epoch": 6,
+                "global_step": 470000,
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {
+                    ModelCheckpoint: {
+                        "monitor": None,
+                        "best_model_score": np.float64(0.12),
+                        "current_score": torch.tensor(0.5),
+                    }
+                },
+                "state_dict": state,
+            },
+            path,
+        )
     finally:
         del sys.modules[module_name]
     loaded = read_state_dict(path)

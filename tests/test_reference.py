@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.ddim import DDIMSampler
+from ldm.ddim import DDIMSchedule, add_noise
 from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
 from tests.reference import CASES, FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, assert_matches_png, case, reference_png
@@ -72,10 +72,10 @@ def test_img2img_intermediates(pipeline: Pipeline) -> None:
     z0 = pipeline.init_latent(request)
     assert torch.allclose(z0, intermediate("img2img_init_latent"), atol=1e-4, rtol=0)
 
-    sampler = DDIMSampler(pipeline.model.alphas_cumprod, request.steps)
-    steps = sampler.tail(request.img2img_steps())
+    schedule = DDIMSchedule(pipeline.model.alphas_cumprod, request.steps)
+    steps = schedule.tail(request.img2img_steps())
     assert [s.t for s in steps] == data["schedule"]["timesteps_run"]
     assert steps[0].alpha == pytest.approx(data["img2img"]["noise_alphas_cumprod"], abs=1e-6)
     noise = torch.randn(pipeline.latent_shape(request), generator=torch.Generator("cpu").manual_seed(request.seed))
-    noised = DDIMSampler.add_noise(z0, noise, steps[0].alpha)
+    noised = add_noise(z0, noise, steps[0].alpha)
     assert torch.allclose(noised, intermediate("img2img_noised_latent_iter0"), atol=1e-4, rtol=0)
