@@ -1,0 +1,392 @@
+"""txt2img / img2img command lines that take the flags of optimizedSD's `optimized_txt2img.py` / `optimized_img2img.py`.
+
+Why: users of that fork (basujindal/stable-diffusion) have scripts full of its flags; they should run unchanged on
+our pipeline. One parser and one run loop serve both commands (`scripts/txt2img.py`, `scripts/img2img.py`).
+
+Where we differ from optimizedSD, on purpose (each is also in `--help`):
+- Images go straight into `--outdir` as `seed_{seed}_{n:05}.{format}` (optimizedSD: a per-prompt subfolder), with n
+  continuing after the highest n already there; every PNG carries the `parameters` chunk (JPEG: EXIF UserComment).
+- `--sampler` defaults to `ddim`, the one sampler we have; optimizedSD's default `plms` fails with a clear message.
+- `--C`/`--f` default to the model's own values and must equal them; `--H`/`--W` default to the model's native size
+  (512 for SD v1, optimizedSD's default), and img2img rounds the init image down to multiples of 8, not 64.
+- `--turbo`, `--unet_bs` and `--skip_grid` are accepted and change nothing in the images (see their help).
+- `--from-file` prompts run in file order (optimizedSD sorted them), blank lines skipped.
+- An input we cannot use ends the run before the model loads, with one `error:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from ldm.checkpoint import CheckpointError
+from ldm.config import ConfigError, ModelConfig, load_config
+from ldm.model import StableDiffusion
+from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
+from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.png_info import encode_png, parameters_text
+from ldm.safe_pickle import UnsafeCheckpointError
+
+Mode = Literal["txt2img", "img2img"]
+
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_CONFIG = "configs/v1-inference.yaml"
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+# optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
+RANDOM_SEED_MAX = 1_000_000
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+# Our own written names, and optimizedSD's: seed_{seed}_{n:05}.{format}.
+IMAGE_NAME = re.compile(r"seed_\d+_(\d+)\.[A-Za-z0-9]+")
+DEMO_HINT = (
+    "for a random-weight demo model run `python scripts/make_tiny_checkpoint.py --config "
+    "tests/fixtures/reference/tiny-dev.yaml --out models/tiny.ckpt` and pass --ckpt models/tiny.ckpt --config "
+    "tests/fixtures/reference/tiny-dev.yaml"
+)
+
+
+# Request fields whose optimizedSD flag has another name.
+FLAGS = {"eta": "ddim_eta"}
+
+
+class CliError(Exception):
+    """An input the command cannot run with; `main` prints it as one `error:` line and exits with code 2."""
+
+
+def build_parser(mode: Mode) -> argparse.ArgumentParser:
+    """optimizedSD's flags (same names, types and defaults unless the help says otherwise) plus ours."""
+    img2img = mode == "img2img"
+    parser = argparse.ArgumentParser(
+        prog=f"{mode}.py",
+        description=f"{mode} with the flags of optimizedSD's optimized_{mode}.py, on our Stable Diffusion v1 pipeline.",
+    )
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", type=str, default=DEFAULT_PROMPT, help="the prompt to render")
+    prompts.add_argument(
+        "--from-file",
+        type=str,
+        help="read prompts from this file, one per line (blank lines skipped); each runs with the same settings, "
+        "in file order, and seeds continue from one image to the next",
+    )
+    parser.add_argument("--negative_prompt", type=str, default="", help="what the images should not show")
+    parser.add_argument(
+        "--outdir",
+        type=str,
+        default=f"outputs/{mode}-samples",
+        help="folder the images are written to, as seed_{seed}_{n:05}.{format} with n counting on after the "
+        "highest n already there (default: %(default)s)",
+    )
+    if img2img:
+        parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
+        parser.add_argument(
+            "--strength",
+            type=float,
+            default=0.75,
+            help="how much of the init image is replaced by noise, in (0, 1]; ⌊strength·ddim_steps⌋ steps run "
+            "(default: %(default)s)",
+        )
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps (default: %(default)s)")
+    parser.add_argument(
+        "--ddim_eta", type=float, default=0.0, help="DDIM η, ≥ 0; 0 is deterministic (default: %(default)s)"
+    )
+    parser.add_argument("--n_iter", type=int, default=1, help="batches per prompt (default: %(default)s)")
+    size_default = "the init image's, rounded down to a multiple of 8" if img2img else "the model's, 512 for SD v1"
+    parser.add_argument("--H", type=int, help=f"image height in pixels, a multiple of 8 (default: {size_default})")
+    parser.add_argument("--W", type=int, help=f"image width in pixels, a multiple of 8 (default: {size_default})")
+    parser.add_argument("--C", type=int, help="latent channels; must be the model's (default: the model's, 4)")
+    parser.add_argument("--f", type=int, help="VAE downsampling factor; must be the model's (default: the model's, 8)")
+    parser.add_argument(
+        "--n_samples", type=int, default=5, help="images per batch, each with its own seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed of the first image; image i gets seed + i (default: random in [0, {RANDOM_SEED_MAX:,}])",
+    )
+    parser.add_argument("--device", type=str, default="cuda", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        choices=("full", "autocast"),
+        default="autocast",
+        help="autocast: float16 weights on CUDA, float32 on the CPU (where float16 is slow and inexact); "
+        "full: float32 everywhere (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("png", "jpg"),
+        default="png",
+        help="png carries the generation parameters in its `parameters` text chunk, jpg in EXIF UserComment "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sampler",
+        type=str,
+        default="ddim",
+        help=f"available: {', '.join(SAMPLERS)}; optimizedSD's default plms is not built yet (default: %(default)s)",
+    )
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--turbo",
+        action="store_true",
+        help="optimizedSD: keep the UNet on the GPU for speed. Ours always does unless --low_memory, so this is the "
+        "default; it never changes the images",
+    )
+    speed.add_argument(
+        "--low_memory",
+        action="store_true",
+        help="keep the networks on the CPU and move each to the GPU only while it runs: less VRAM, slower, "
+        "same images (optimizedSD's default mode)",
+    )
+    parser.add_argument(
+        "--unet_bs",
+        type=int,
+        default=1,
+        help="optimizedSD: UNet batch size. Accepted (≥ 1) and ignored: we run each batch's conditional and "
+        "unconditional passes in one UNet call, and the images are the same either way",
+    )
+    parser.add_argument("--skip_grid", action="store_true", help="accepted and ignored: we never write grids")
+    parser.add_argument(
+        "--ckpt",
+        type=str,
+        default=DEFAULT_CKPT,
+        help="a .ckpt or .safetensors SD v1 checkpoint, or a split folder (with manifest.json, from "
+        "scripts/split_checkpoint.py) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config",
+        type=str,
+        help=f"config YAML of a single-file checkpoint (default: {DEFAULT_CONFIG}); a split folder has its own",
+    )
+    return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values wrong whatever the model: fail before anything is loaded."""
+    if args.sampler not in SAMPLERS:
+        raise CliError(f"--sampler {args.sampler} is not available; choose one of: {', '.join(SAMPLERS)}")
+    # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
+    for flag in ("n_iter", "unet_bs"):
+        if getattr(args, flag) < 1:
+            raise CliError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def select_device(name: str) -> torch.device:
+    """cpu, cuda or cuda:N, checked against this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {name}: only cpu, cuda and cuda:N are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def select_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """optimizedSD's autocast halved the networks on the GPU only; on the CPU float16 is slow, so stay float32."""
+    return torch.float16 if precision == "autocast" and device.type == "cuda" else torch.float32
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of the run: `--prompt`, or the non-blank lines of `--from-file`."""
+    if args.from_file is None:
+        return [args.prompt]
+    path = Path(args.from_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise CliError(f"--from-file {path}: {error.strerror or error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise CliError(f"--from-file {path} holds no prompt")
+    return prompts
+
+
+def read_init_image(path: str) -> Image.Image:
+    """The init image as RGB, read whole so no file handle stays open."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise CliError(f"--init-img {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise CliError(f"--init-img {path}: not an image we can read ({error})") from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights and their config are; `split` → a folder of `load_split`."""
+
+    ckpt: Path
+    config_path: Path
+    split: bool
+
+
+def locate_model(ckpt: str, config: str | None) -> ModelSource:
+    """Resolve `--ckpt`/`--config` to existing files, or say in one line what is missing and how to get it."""
+    path = Path(ckpt)
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            raise CliError(f"--ckpt {path} is a folder without {MANIFEST}: not a split checkpoint")
+        if config is not None:
+            raise CliError(f"--config cannot be used with the split folder {path}: it has its own {CONFIG_FILE}")
+        return ModelSource(path, path / CONFIG_FILE, split=True)
+    if not path.is_file():
+        raise CliError(
+            f"checkpoint not found: {path.absolute()} (--ckpt {ckpt}). Download sd-v1-4.ckpt and put it there or pass "
+            f"--ckpt PATH (.ckpt, .safetensors or a split folder); {DEMO_HINT}"
+        )
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise CliError(f"--ckpt {path}: expected a .ckpt or .safetensors file or a split folder")
+    config_path = Path(config if config is not None else DEFAULT_CONFIG)
+    if not config_path.is_file():
+        raise CliError(f"config not found: {config_path.absolute()} (--config); pass --config PATH")
+    return ModelSource(path, config_path, split=False)
+
+
+def check_against_model(args: argparse.Namespace, config: ModelConfig) -> None:
+    """`--C`/`--f` are properties of the model: a different value cannot be honoured."""
+    channels, factor = config.latent_channels, config.vae.downsampling_factor
+    if args.C not in (None, channels):
+        raise CliError(f"--C {args.C}: this model has {channels} latent channels")
+    if args.f not in (None, factor):
+        raise CliError(f"--f {args.f}: this model's VAE downsamples by {factor}")
+
+
+def load_model(
+    source: ModelSource, config: ModelConfig, device: torch.device, args: argparse.Namespace
+) -> StableDiffusion:
+    """The model on `device` in the `--precision` dtype, low-memory mode if asked."""
+    dtype = select_dtype(args.precision, device)
+    if source.split:
+        return load_split(source.ckpt, device, dtype, args.low_memory)
+    return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory)
+
+
+def next_index(outdir: Path) -> int:
+    """n of the next image: one past the highest n among files named seed_{seed}_{n}.{ext} (0 when there are none).
+
+    optimizedSD used the number of files in the folder. On a folder only it wrote that is the same number, but a
+    count reuses a number already taken once a file was deleted (overwriting it when the seed repeats) and skips
+    numbers for every unrelated file (a grid, notes, .DS_Store); the highest index + 1 does neither.
+    """
+    if not outdir.is_dir():
+        return 0
+    indices = [int(m.group(1)) for p in outdir.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))]
+    return max(indices, default=-1) + 1
+
+
+def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
+    """uint8 (H, W, 3) → JPEG bytes (PIL's default quality, as optimizedSD wrote) with the parameters in EXIF
+    UserComment, the place other SD tools read them from in a JPEG (8-byte charset prefix, then UTF-16BE)."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
+    """Check every input, load the model, generate and write the images; returns the written paths.
+
+    Order (optimizedSD's): for each of n_iter iterations, for each prompt, one batch of n_samples images; seeds
+    count up by one per image across the whole run, so every image has a distinct seed.
+    """
+    check_flags(args)
+    device = select_device(args.device)
+    prompts = read_prompts(args)
+    init_image = read_init_image(args.init_img) if mode == "img2img" else None
+    source = locate_model(args.ckpt, args.config)
+    try:
+        config = load_config(source.config_path)
+    except (ConfigError, OSError) as error:
+        raise CliError(f"config {source.config_path}: {error}") from None
+    check_against_model(args, config)
+
+    seed = args.seed if args.seed is not None else random.randint(0, RANDOM_SEED_MAX)
+    n_images = args.n_samples * args.n_iter * len(prompts)
+    if seed + n_images - 1 > MAX_SEED:
+        raise CliError(f"--seed {seed}: the run's last seed {seed + n_images - 1} would exceed {MAX_SEED}")
+    template = GenerationRequest(
+        prompt=prompts[0],
+        negative_prompt=args.negative_prompt,
+        height=args.H,
+        width=args.W,
+        steps=args.ddim_steps,
+        scale=args.scale,
+        eta=args.ddim_eta,
+        seed=seed,
+        n_samples=args.n_samples,
+        sampler=args.sampler,
+    )
+    if init_image is not None:
+        template = replace(template, init_image=init_image, strength=args.strength)
+    try:
+        template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
+    except GenerationError as error:
+        raise CliError(f"--{FLAGS.get(error.field, error.field)}: {error}") from None
+
+    try:
+        model = load_model(source, config, device, args)
+    except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
+        raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
+    pipeline = Pipeline(model)
+
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    index = next_index(outdir)
+    steps_per_batch = template.denoising_steps
+    written: list[Path] = []
+    seeds: list[int] = []
+    started = time.monotonic()
+    with tqdm(total=steps_per_batch * args.n_iter * len(prompts), desc="Sampling", unit="step") as bar:
+        for _ in range(args.n_iter):
+            for prompt in prompts:
+                request = replace(template, prompt=prompt, seed=seed)
+                generation = pipeline.generate(request, lambda step, total, latents: bar.update(1))
+                for image, image_seed in zip(generation.images, generation.seeds, strict=True):
+                    parameters = parameters_text(generation.request, image_seed, model.model_hash)
+                    data = encode_png(image, parameters) if args.format == "png" else encode_jpeg(image, parameters)
+                    path = outdir / f"seed_{image_seed}_{index:05}.{args.format}"
+                    path.write_bytes(data)
+                    written.append(path)
+                    seeds.append(image_seed)
+                    bar.write(str(path), file=sys.stdout)
+                    index += 1
+                seed += args.n_samples
+    minutes = (time.monotonic() - started) / 60
+    # optimizedSD's closing line listed the seeds used; ours are consecutive, so first and last say it all.
+    span = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    print(f"{len(written)} image(s) in {minutes:.2f} minutes, {span}, in {outdir}", file=sys.stderr)
+    return written
+
+
+def main(argv: Sequence[str] | None = None, mode: Mode = "txt2img") -> int:
+    """Entry point of `scripts/{mode}.py`: 0 on success, 2 (one `error:` line, no traceback) on a bad input."""
+    parser = build_parser(mode)
+    args = parser.parse_args(argv)
+    try:
+        run(args, mode)
+    except CliError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

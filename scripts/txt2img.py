@@ -1,0 +1,13 @@
+"""txt2img with the flags of optimizedSD's optimized_txt2img.py; the flags and their meaning: ldm/cli.py, --help.
+
+python scripts/txt2img.py --prompt "a cottage garden full of tulips" --device cpu --n_samples 1
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ldm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(mode="txt2img"))

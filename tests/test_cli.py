@@ -1,0 +1,361 @@
+"""The optimizedSD-compatible command lines (ldm/cli.py): reference images through them, file names and numbering,
+the parameters each file carries, and every optimizedSD flag — accepted, or refused with a clear message."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image
+
+from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index
+from ldm.parts import write_split
+from ldm.png_info import read_parameters
+from tests.reference import REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, assert_matches_png, case, reference_png
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ["--device", "cpu", "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG)]
+# First 10 hex digits of the fixture's sha256 (reference README): what "Model hash" must say.
+TINY_HASH = "8e79c1729f"
+
+
+def case_argv(case_id: str, size: bool = True) -> list[str]:
+    """The flags that run a reference case (n_samples given: optimizedSD's default is 5); `size` False: no --H/--W."""
+    r = case(case_id)["request"]
+    argv = ["--prompt", r["prompt"], "--seed", str(r["seed"])]
+    if size:
+        argv += ["--H", str(r["H"]), "--W", str(r["W"])]
+    argv += ["--ddim_steps", str(r["ddim_steps"]), "--scale", str(r["scale"]), "--ddim_eta", str(r["eta"])]
+    argv += ["--n_samples", str(r["n_samples"]), "--n_iter", str(r["n_iter"])]
+    if r["negative_prompt"]:
+        argv += ["--negative_prompt", r["negative_prompt"]]
+    if r["init_image"]:
+        argv += ["--init-img", str(REFERENCE / r["init_image"]), "--strength", str(r["strength"])]
+    return argv
+
+
+def run_cli(argv: list[str], mode: Mode = "txt2img") -> int:
+    """main's exit code, whether it returns it or argparse exits."""
+    try:
+        return main(argv, mode)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def read_png(path: Path) -> tuple[np.ndarray, str | None]:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return pixels, read_parameters(data)
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_txt2img_basic_matches_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*case_argv("basic"), *MODEL, "--outdir", str(tmp_path)]) == 0
+    assert names(tmp_path) == ["seed_1000_00000.png"]
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    assert_matches_png(pixels, reference_png(case("basic")["images"][0]))
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [str(tmp_path / "seed_1000_00000.png")]
+    assert "10/10" in err  # the progress bar counted every denoising step
+    # (e) the parameters chunk: prompt, steps, seed, size, and which weights made it.
+    assert parameters is not None
+    prompt_line, settings = parameters.split("\n")
+    assert prompt_line == "a cottage garden full of tulips"
+    for item in (
+        "Steps: 10",
+        "Sampler: DDIM",
+        "CFG scale: 7.5",
+        "Seed: 1000",
+        "Size: 64x64",
+        f"Model hash: {TINY_HASH}",
+    ):
+        assert item in settings.split(", ")
+
+
+def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
+    command = [sys.executable, "-W", "error", "scripts/txt2img.py", *case_argv("basic"), *MODEL]
+    done = subprocess.run([*command, "--outdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(tmp_path / "seed_1000_00000.png")]
+    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+
+
+def test_img2img_matches_reference(tmp_path: Path) -> None:
+    assert main([*case_argv("img2img"), *MODEL, "--outdir", str(tmp_path)], mode="img2img") == 0
+    assert names(tmp_path) == ["seed_4242_00000.png"]
+    pixels, parameters = read_png(tmp_path / "seed_4242_00000.png")
+    assert_matches_png(pixels, reference_png(case("img2img")["images"][0]))
+    assert parameters is not None
+    assert "Size: 80x64" in parameters
+    assert "Denoising strength: 0.5" in parameters
+
+
+def test_img2img_size_defaults_to_init_image(tmp_path: Path) -> None:
+    assert main([*case_argv("img2img", size=False), *MODEL, "--outdir", str(tmp_path)], mode="img2img") == 0
+    assert_matches_png(read_png(tmp_path / "seed_4242_00000.png")[0], reference_png(case("img2img")["images"][0]))
+
+
+@pytest.mark.parametrize("case_id", ["negative", "eta", "scale1"])
+def test_txt2img_flags_reach_the_pipeline(case_id: str, tmp_path: Path) -> None:
+    """--negative_prompt, --ddim_eta, --scale 1 and a non-square --H/--W, each against its reference image."""
+    assert main([*case_argv(case_id), *MODEL, "--outdir", str(tmp_path)]) == 0
+    image = case(case_id)["images"][0]
+    assert_matches_png(read_png(tmp_path / f"seed_{image['seed']}_00000.png")[0], reference_png(image))
+
+
+def test_batch_gives_each_image_its_seed_and_number(tmp_path: Path) -> None:
+    assert main([*case_argv("batch3"), *MODEL, "--outdir", str(tmp_path)]) == 0
+    assert names(tmp_path) == ["seed_31337_00000.png", "seed_31338_00001.png", "seed_31339_00002.png"]
+    for index, image in enumerate(case("batch3")["images"]):
+        pixels, parameters = read_png(tmp_path / f"seed_{image['seed']}_{index:05}.png")
+        assert_matches_png(pixels, reference_png(image))
+        assert f"Seed: {image['seed']}" in (parameters or "")
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "split folder"])
+def test_other_checkpoint_forms(kind: str, tiny_ckpt: Path, tmp_path: Path) -> None:
+    if kind == "ckpt":
+        source = ["--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG)]
+    else:
+        write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path / "split", dtype="fp32")
+        source = ["--ckpt", str(tmp_path / "split")]
+    out = tmp_path / "out"
+    assert main([*case_argv("basic"), "--device", "cpu", *source, "--outdir", str(out)]) == 0
+    assert_matches_png(read_png(out / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+
+
+def test_numbering_continues_after_the_highest_existing_number(tmp_path: Path) -> None:
+    for name in ("seed_1_00000.png", "seed_9_00004.jpg", "grid-0011.png", "notes.txt", "seed_x_00099.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert next_index(tmp_path) == 5
+    assert main([*case_argv("basic"), *MODEL, "--outdir", str(tmp_path), "--n_iter", "2"]) == 0
+    assert {"seed_1000_00005.png", "seed_1001_00006.png"} <= set(names(tmp_path))
+    assert_matches_png(read_png(tmp_path / "seed_1000_00005.png")[0], reference_png(case("basic")["images"][0]))
+    assert next_index(tmp_path) == 7
+
+
+def test_next_index_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
+    assert next_index(tmp_path) == 0
+    assert next_index(tmp_path / "missing") == 0
+
+
+def test_from_file_runs_each_prompt_with_continuing_seeds(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cottage garden full of tulips\n\na mosaic of colorful tiles\n", encoding="utf-8")
+    out = tmp_path / "out"
+    settings = ["--seed", "1000", "--H", "64", "--W", "64", "--ddim_steps", "10", "--n_samples", "1"]
+    assert main(["--from-file", str(prompts), *settings, "--n_iter", "2", *MODEL, "--outdir", str(out)]) == 0
+    # optimizedSD's order: iterations outside, prompts inside; the seed goes up by one per image.
+    expected = {
+        "seed_1000_00000.png": "a cottage garden full of tulips",
+        "seed_1001_00001.png": "a mosaic of colorful tiles",
+        "seed_1002_00002.png": "a cottage garden full of tulips",
+        "seed_1003_00003.png": "a mosaic of colorful tiles",
+    }
+    assert names(out) == sorted(expected)
+    for name, prompt in expected.items():
+        parameters = read_png(out / name)[1] or ""
+        assert parameters.split("\n")[0] == prompt
+    assert_matches_png(read_png(out / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    first, second = read_png(out / "seed_1000_00000.png")[0], read_png(out / "seed_1001_00001.png")[0]
+    assert np.abs(first.astype(int) - second.astype(int)).mean() > 10
+
+
+def test_compatibility_flags_leave_the_images_unchanged(tmp_path: Path) -> None:
+    """--turbo, --unet_bs, --skip_grid, autocast on the CPU (float32), the model's own --C/--f: same pixels."""
+    flags = ["--turbo", "--unet_bs", "2", "--skip_grid", "--precision", "autocast", "--C", "4", "--f", "8"]
+    flags += ["--sampler", "ddim", "--format", "png"]
+    assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
+    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+
+
+def test_low_memory_mode_gives_the_same_image(tmp_path: Path) -> None:
+    assert main([*case_argv("basic"), *MODEL, "--low_memory", "--outdir", str(tmp_path)]) == 0
+    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+
+
+def test_jpg_format_with_parameters_in_exif(tmp_path: Path) -> None:
+    assert main([*case_argv("basic"), *MODEL, "--format", "jpg", "--outdir", str(tmp_path)]) == 0
+    assert names(tmp_path) == ["seed_1000_00000.jpg"]
+    with Image.open(tmp_path / "seed_1000_00000.jpg") as image:
+        assert image.format == "JPEG"
+        pixels = np.asarray(image.convert("RGB"))
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+    # JPEG is lossy (and this noise-like image loses a lot): compare with the reference through the same encoder.
+    buffer = io.BytesIO()
+    Image.fromarray(reference_png(case("basic")["images"][0])).save(buffer, format="JPEG")
+    with Image.open(buffer) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    assert np.abs(pixels.astype(int) - expected.astype(int)).mean() < 0.5
+    assert comment.startswith(b"UNICODE\0")
+    text = comment[8:].decode("utf-16-be")
+    assert text.startswith("a cottage garden full of tulips\n")
+    assert "Seed: 1000" in text
+
+
+# (flag tokens, attribute, parsed value) for every flag of optimized_txt2img.py we take, plus ours.
+COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
+    (["--prompt", "a red fox"], "prompt", "a red fox"),
+    (["--from-file", "prompts.txt"], "from_file", "prompts.txt"),
+    (["--outdir", "out/x"], "outdir", "out/x"),
+    (["--ddim_steps", "30"], "ddim_steps", 30),
+    (["--ddim_eta", "0.5"], "ddim_eta", 0.5),
+    (["--n_iter", "3"], "n_iter", 3),
+    (["--H", "640"], "H", 640),
+    (["--W", "384"], "W", 384),
+    (["--C", "4"], "C", 4),
+    (["--f", "8"], "f", 8),
+    (["--n_samples", "2"], "n_samples", 2),
+    (["--scale", "9.5"], "scale", 9.5),
+    (["--seed", "42"], "seed", 42),
+    (["--device", "cuda:1"], "device", "cuda:1"),
+    (["--precision", "full"], "precision", "full"),
+    (["--format", "jpg"], "format", "jpg"),
+    (["--sampler", "ddim"], "sampler", "ddim"),
+    (["--turbo"], "turbo", True),
+    (["--unet_bs", "2"], "unet_bs", 2),
+    (["--skip_grid"], "skip_grid", True),
+    (["--ckpt", "sd-v1-4.safetensors"], "ckpt", "sd-v1-4.safetensors"),
+    (["--config", "my.yaml"], "config", "my.yaml"),
+    (["--negative_prompt", "blurry"], "negative_prompt", "blurry"),
+    (["--low_memory"], "low_memory", True),
+]
+IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
+    (["--strength", "0.4"], "strength", 0.4),
+]
+FLAG_CASES = [("txt2img", *flag) for flag in COMMON_FLAGS] + [("img2img", *f) for f in COMMON_FLAGS + IMG2IMG_FLAGS]
+
+
+@pytest.mark.parametrize(("mode", "tokens", "attribute", "value"), FLAG_CASES, ids=lambda v: str(v))
+def test_every_flag_parses(mode: Mode, tokens: list[str], attribute: str, value: Any) -> None:
+    required = ["--init-img", "in.png"] if mode == "img2img" else []
+    args = build_parser(mode).parse_args([*required, *tokens])
+    assert getattr(args, attribute) == value
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
+    required = ["--init-img", "in.png"] if mode == "img2img" else []
+    args = build_parser(mode).parse_args(required)
+    expected = {
+        "prompt": DEFAULT_PROMPT,
+        "outdir": f"outputs/{mode}-samples",
+        "ddim_steps": 50,
+        "ddim_eta": 0.0,
+        "n_iter": 1,
+        "n_samples": 5,
+        "scale": 7.5,
+        "seed": None,
+        "device": "cuda",
+        "precision": "autocast",
+        "format": "png",
+        "unet_bs": 1,
+        "turbo": False,
+        "skip_grid": False,
+        # Ours, where optimizedSD's default would fail or cannot apply: see ldm/cli.py.
+        "sampler": "ddim",
+        "ckpt": DEFAULT_CKPT,
+        "config": None,
+        "H": None,
+        "W": None,
+        "C": None,
+        "f": None,
+        "low_memory": False,
+    }
+    if mode == "img2img":
+        expected |= {"init_img": "in.png", "strength": 0.75}
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+# (mode, flags, what the error line must say); MODEL and the basic case's flags come first, these override them.
+REFUSED: list[tuple[Mode, list[str], str]] = [
+    ("txt2img", ["--sampler", "plms"], "--sampler plms is not available; choose one of: ddim"),
+    ("txt2img", ["--sampler", "k_euler"], "--sampler k_euler is not available; choose one of: ddim"),
+    ("txt2img", ["--C", "3"], "--C 3: this model has 4 latent channels"),
+    ("txt2img", ["--f", "4"], "--f 4: this model's VAE downsamples by 8"),
+    ("txt2img", ["--H", "60"], "--H: H must be a positive multiple of 8, got 60"),
+    ("txt2img", ["--ddim_steps", "0"], "--ddim_steps: ddim_steps must be in [1, 1000], got 0"),
+    ("txt2img", ["--ddim_steps", "1001"], "--ddim_steps: ddim_steps must be in [1, 1000], got 1001"),
+    ("txt2img", ["--n_samples", "0"], "--n_samples: n_samples must be at least 1"),
+    ("txt2img", ["--unet_bs", "0"], "--unet_bs must be at least 1"),
+    ("txt2img", ["--ddim_eta", "-0.1"], "--ddim_eta: eta must be ≥ 0"),
+    ("txt2img", ["--seed", "-1"], "--seed: seed must be in [0, 4294967295] for every image (seed + i), got -1"),
+    ("txt2img", ["--seed", "4294967295", "--n_samples", "2"], "the run's last seed 4294967296 would exceed"),
+    ("txt2img", ["--device", "tpu"], "--device 'tpu' is not a device; use cpu, cuda or cuda:N"),
+    ("txt2img", ["--device", "meta"], "--device meta: only cpu, cuda and cuda:N are supported"),
+    ("txt2img", ["--precision", "half"], "argument --precision: invalid choice: 'half'"),
+    ("txt2img", ["--format", "webp"], "argument --format: invalid choice: 'webp'"),
+    ("txt2img", ["--low_memory", "--turbo"], "argument --turbo: not allowed with argument --low_memory"),
+    ("txt2img", ["--from-file", "prompts.txt"], "argument --from-file: not allowed with argument --prompt"),
+    ("txt2img", ["--ckpt", "model.bin"], "checkpoint not found"),
+    ("img2img", ["--strength", "0"], "--strength: strength must be in (0, 1], got 0.0"),
+    ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
+    ("img2img", ["--init-img", "missing.png"], "--init-img missing.png: no such file"),
+]
+
+
+@pytest.mark.parametrize(("mode", "flags", "message"), REFUSED, ids=lambda v: str(v))
+def test_values_we_cannot_honour_fail_clearly(
+    mode: Mode, flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert (
+        run_cli([*case_argv("basic" if mode == "txt2img" else "img2img"), *MODEL, "--outdir", str(out), *flags], mode)
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not out.exists()  # refused before anything was loaded or written
+
+
+def test_missing_default_checkpoint_says_where_it_looked_and_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--device", "cpu"]) == 2  # all other flags at their defaults: only the weights are missing
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("txt2img.py: error: checkpoint not found: ")
+    for part in (str(tmp_path / DEFAULT_CKPT), "sd-v1-4.ckpt", "python scripts/make_tiny_checkpoint.py"):
+        assert part in lines[0]
+
+
+def test_ckpt_must_be_a_checkpoint_file_or_a_split_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    basic = [*case_argv("basic"), "--device", "cpu"]
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert main([*basic, "--ckpt", str(tmp_path / "weights.bin")]) == 2
+    assert "expected a .ckpt or .safetensors file or a split folder" in capsys.readouterr().err
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path / "split", dtype="fp32")
+    assert main([*basic, "--ckpt", str(tmp_path / "split"), "--config", str(TINY_CONFIG)]) == 2
+    assert "--config cannot be used with the split folder" in capsys.readouterr().err
+    (tmp_path / "split" / "manifest.json").unlink()
+    assert main([*basic, "--ckpt", str(tmp_path / "split")]) == 2
+    assert "is a folder without manifest.json" in capsys.readouterr().err
+    assert main([*basic, *MODEL[2:4], "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config not found: " in capsys.readouterr().err
+
+
+def test_from_file_must_hold_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    for name, message in (("blank.txt", "holds no prompt"), ("missing.txt", "No such file or directory")):
+        assert main(["--from-file", str(tmp_path / name), *MODEL]) == 2
+        assert f"--from-file {tmp_path / name}" in (err := capsys.readouterr().err)
+        assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_says_to_use_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*case_argv("basic"), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--device", "cuda"]
+    assert main([*argv, "--outdir", str(tmp_path / "out")]) == 2
+    assert "CUDA is not available on this machine; pass --device cpu" in capsys.readouterr().err
