@@ -63,10 +63,6 @@ class ApiRequest:
     want_png: bool
 
 
-def _reject_constant(name: str) -> Any:
-    raise RequestError("body", f"{name} is not a number JSON allows")
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
@@ -94,7 +90,8 @@ def parse_body(data: Any) -> dict[str, Any]:
         if not text.strip():
             raise RequestError("body", 'the body is empty; send a JSON object such as {"prompt": "a cat"}')
         try:
-            data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+            # NaN and ±Infinity parse (as Python does) so that the field's own check can name the field.
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise RequestError("body", f"the body is not valid JSON: {error.msg} at position {error.pos}") from None
     if not isinstance(data, dict):

@@ -103,7 +103,12 @@ class StableDiffusionHandler(BaseHandler):
         results: list[Outcome] = [
             Answer(item, next(generations)) if isinstance(item, ApiRequest) else item for item in data
         ]
-        self._record_speed([r.generation for r in results if isinstance(r, Answer)], time.perf_counter() - started)
+        generated = [r.generation for r in results if isinstance(r, Answer)]
+        seconds = time.perf_counter() - started
+        logger.info(
+            "batch of %d requests: %d images in %.2f s", len(data), sum(len(g.seeds) for g in generated), seconds
+        )
+        self._record_speed(generated, seconds)
         return results
 
     def postprocess(self, data: list[Outcome]) -> list[bytes | str]:
@@ -148,4 +153,5 @@ class StableDiffusionHandler(BaseHandler):
         steps = sum(len(g.seeds) * g.request.denoising_steps for g in generations)
         self._count("ImagesGenerated", images)
         self._gauge("SecondsPerImage", seconds / images, "s")
-        self._gauge("UNetStepsPerSecond", steps / seconds, "steps/s")
+        # TorchServe parses "name.unit:value": a unit must be a plain word.
+        self._gauge("UNetStepsPerSecond", steps / seconds, "count")

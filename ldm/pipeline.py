@@ -102,9 +102,7 @@ def resolve(
     if not request.eta >= 0:
         raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n_images + 1:
-        raise GenerationError(
-            "seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}"
-        )
+        raise GenerationError("seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}")
     if request.seed is None:
         request = replace(request, seed=random.randint(0, MAX_SEED - request.n_images + 1))
     if request.init_image is None:

@@ -49,7 +49,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         normed = self.norm(x)
-        q, k, v = (proj(normed).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
+        # Contiguous (B, 1, HW, C) lets SDPA pick its fused kernels rather than materialising the HW×HW scores.
+        q, k, v = (proj(normed).flatten(2).transpose(1, 2).contiguous()[:, None] for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 

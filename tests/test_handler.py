@@ -27,7 +27,7 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.recorded: list[tuple[str, float, dict[str, str]]] = []
 
-    def add_metric(self, name, value, unit, idx, dimensions, metric_type) -> None:  # noqa: ANN001
+    def add_metric(self, name, value, unit, idx, dimensions, metric_type) -> None:
         self.recorded.append((name, value, {d.name: d.value for d in dimensions}))
 
 
@@ -103,8 +103,9 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
         "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
         "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim",
     }  # fmt: skip
-    expected = expected_pixels(tiny_split, GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=11,
-                                                             n_samples=2))
+    expected = expected_pixels(
+        tiny_split, GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=11, n_samples=2)
+    )
     for png, pixels, seed in zip(body["images"], expected, (11, 12), strict=True):
         data = base64.b64decode(png)
         assert np.array_equal(np.asarray(load_image(io.BytesIO(data))), pixels)
@@ -130,8 +131,18 @@ def test_missing_seed_is_drawn_and_reported(handler: StableDiffusionHandler) -> 
 
 def test_img2img_size_defaults_to_the_init_image(handler: StableDiffusionHandler) -> None:
     init = png_base64(80, 64)
-    (response,), context = call(handler, [{"prompt": "tiles", "init_image": "data:image/png;base64," + init,
-                                           "strength": 0.5, "ddim_steps": 4, "seed": 1}])
+    (response,), _context = call(
+        handler,
+        [
+            {
+                "prompt": "tiles",
+                "init_image": "data:image/png;base64," + init,
+                "strength": 0.5,
+                "ddim_steps": 4,
+                "seed": 1,
+            }
+        ],
+    )
     body = json.loads(response)
     assert (body["parameters"]["W"], body["parameters"]["H"], body["parameters"]["strength"]) == (80, 64, 0.5)
 
@@ -148,8 +159,15 @@ def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler
     pipeline = Pipeline(load_split(tiny_split))
     for index in (0, 2, 3):
         body = bodies[index]
-        request = GenerationRequest(body["prompt"], body.get("negative_prompt", ""), body["H"], body["W"], 3,
-                                    body.get("scale", 7.5), seed=body["seed"])
+        request = GenerationRequest(
+            body["prompt"],
+            body.get("negative_prompt", ""),
+            body["H"],
+            body["W"],
+            3,
+            body.get("scale", 7.5),
+            seed=body["seed"],
+        )
         alone = pipeline.generate(request).images[0]
         got = np.asarray(load_image(io.BytesIO(base64.b64decode(json.loads(responses[index])["images"][0]))))
         assert np.abs(got.astype(int) - alone).max() <= 1

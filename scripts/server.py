@@ -1,0 +1,250 @@
+"""Start and stop TorchServe with our model: the user's checkpoint if present, else a tiny demo model.
+
+    python -m scripts.server start     # build the model store if needed, start, wait until a worker is ready
+    python -m scripts.server stop      # (scripts/serve.sh and scripts/stop.sh run these)
+
+Tests use `TorchServe` directly: each server gets its own folder (TMPDIR, logs, Java's temp dir and hence its
+worker sockets) and free ports, runs in the foreground in its own process group, and is killed with all its
+children when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
+DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
+DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
+MODEL_STORE = ROOT / "model-store"
+MODEL_NAME = "sd"
+# The user's server's folder: TorchServe's pid file (TMPDIR) and its logs (logs/ below it).
+RUN_DIR = ROOT / ".torchserve"
+JAVA_HELP = (
+    "TorchServe needs Java 17 or newer. Install it, e.g.:\n"
+    "  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless\n"
+    "  Fedora/RHEL:    sudo dnf install -y java-17-openjdk-headless\n"
+    "  macOS:          brew install openjdk@17\n"
+    "  conda:          conda install -c conda-forge openjdk=17\n"
+    "then check with `java -version`."
+)
+
+
+def java_problem() -> str | None:
+    """Why TorchServe cannot start for want of Java, or None when a Java 17+ runtime is on PATH."""
+    java = shutil.which("java")
+    if java is None:
+        return "java was not found on PATH. " + JAVA_HELP
+    banner = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', banner)
+    if match is None:
+        return f"could not read the Java version from `java -version`: {banner.strip()!r}. " + JAVA_HELP
+    major = int(match.group(2)) if match.group(1) == "1" else int(match.group(1))
+    return None if major >= 17 else f"found Java {major}. " + JAVA_HELP
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """key=value lines of a Java properties file (no continuation lines: ours has none)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def write_properties(base: Path, out: Path, overrides: dict[str, str]) -> Path:
+    """A copy of `base` with some keys replaced or added, comments kept."""
+    lines = []
+    for line in base.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        replaced = "=" in line and not line.startswith("#") and key in overrides
+        lines.append(f"{key}={overrides[key]}" if replaced else line)
+    present = set(read_properties(base))
+    lines += [f"{key}={value}" for key, value in overrides.items() if key not in present]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class TorchServe:
+    """One TorchServe instance: its config, its folder, its process."""
+
+    def __init__(self, config: Path, home: Path, model_store: Path, models: str) -> None:
+        self.config, self.home, self.model_store, self.models = config, home, model_store, models
+        properties = read_properties(config)
+        self.inference_url = properties["inference_address"]
+        self.management_url = properties["management_address"]
+        self.metrics_url = properties["metrics_address"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # TorchServe's pid file lives in the temp folder; a folder of our own lets servers run side by side.
+        env["TMPDIR"] = str(self.home)
+        return env
+
+    def command(self, *extra: str) -> list[str]:
+        launcher = Path(sys.executable).with_name("torchserve")
+        return [
+            str(launcher if launcher.exists() else "torchserve"),
+            "--start", "--ncs",
+            "--ts-config", str(self.config),
+            "--model-store", str(self.model_store),
+            "--models", self.models,
+            *extra,
+        ]  # fmt: skip
+
+    def start(self, foreground: bool = False) -> None:
+        """Start TorchServe; in the foreground as a child in its own process group (tests), else detached.
+
+        Its console output goes to `home/torchserve.log` either way: a detached Java process must not hold the
+        caller's terminal or pipe open.
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "torchserve.log", "ab") as out:
+            command = self.command("--foreground") if foreground else self.command()
+            process = subprocess.Popen(
+                command, cwd=self.home, env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        if foreground:
+            self.process = process
+        elif process.wait() != 0:
+            raise RuntimeError(f"torchserve --start failed:\n{self.log_tail()}")
+
+    def ready_workers(self, model: str) -> list[dict]:
+        """Workers of `model` that are READY, from the management API ([] while loading or unreachable)."""
+        try:
+            status, body = _get(f"{self.management_url}/models/{model}")
+        except OSError:
+            return []
+        if status != 200:
+            return []
+        return [w for w in json.loads(body)[0]["workers"] if w["status"] == "READY"]
+
+    def wait_ready(self, model: str, timeout: float) -> None:
+        """Until a worker of `model` is READY; raises with the log's tail if it is not in time or the server died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready_workers(model):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"no READY worker of {model} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        logs = sorted(self.home.glob("**/*.log"))
+        return "\n".join("\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
+
+    def stop(self) -> None:
+        """Stop TorchServe and every process it started (Java frontend, Python workers)."""
+        subprocess.run([*self.command()[:1], "--stop"], cwd=self.home, env=self.environment(), capture_output=True)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            else:
+                # The launcher may be gone while a worker lingers in its group.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _dtype_for_this_machine() -> str:
+    import torch
+
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+def prepare_model() -> tuple[Path, bool]:
+    """Build model-store/sd from the user's checkpoint (or a demo one); returns (source, is_demo).
+
+    Rebuilt only when the source checkpoint changed (its size and mtime are recorded beside the parts).
+    """
+    demo = not USER_CKPT.exists()
+    source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, ROOT / "configs" / "v1-inference.yaml")
+    if demo and not DEMO_CKPT.exists():
+        from ldm.config import load_config
+        from ldm.random_weights import random_state_dict, save_checkpoint
+
+        save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), DEMO_CKPT)
+    stamp = MODEL_STORE / MODEL_NAME / "source.json"
+    wanted = {"path": str(source), "size": source.stat().st_size, "mtime": source.stat().st_mtime}
+    if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+        from scripts.build_mar import main as build_mar
+
+        code = build_mar([
+            "--ckpt", str(source), "--config", str(config), "--model-name", MODEL_NAME,
+            "--export-path", str(MODEL_STORE), "--dtype", _dtype_for_this_machine(), "--archive-format", "no-archive",
+        ])  # fmt: skip
+        if code:
+            raise SystemExit(code)
+        stamp.write_text(json.dumps(wanted))
+    return source, demo
+
+
+def user_server() -> TorchServe:
+    return TorchServe(ROOT / "config.properties", RUN_DIR, MODEL_STORE, f"{MODEL_NAME}={MODEL_NAME}")
+
+
+def start() -> int:
+    problem = java_problem()
+    if problem:
+        print(f"server: {problem}", file=sys.stderr)
+        return 1
+    source, demo = prepare_model()
+    if demo:
+        print(
+            f"WARNING: no checkpoint at {USER_CKPT.relative_to(ROOT)}; serving a tiny RANDOM-WEIGHT demo model whose "
+            "images are noise. Put sd-v1-4.ckpt (or any SD v1.x checkpoint) there and run this again.",
+            file=sys.stderr,
+        )
+    server = user_server()
+    server.start()
+    server.wait_ready(MODEL_NAME, timeout=900)
+    print(f"TorchServe is serving {source.name} as '{MODEL_NAME}'.")
+    print(f"  inference:  {server.inference_url}/predictions/{MODEL_NAME}")
+    print(f"  management: {server.management_url}/models/{MODEL_NAME}   (this machine only)")
+    print(f"  metrics:    {server.metrics_url}/metrics")
+    size = 64 if demo else 512
+    body = json.dumps({"prompt": "a cottage garden full of tulips", "H": size, "W": size, "seed": 42})
+    print("Try:")
+    print(f"  curl -s {server.inference_url}/predictions/{MODEL_NAME} -H 'Content-Type: application/json' \\")
+    print(f"       -H 'Accept: image/png' -d '{body}' -o tulips.png")
+    print(f"Logs: {RUN_DIR.relative_to(ROOT)}/logs/   Stop with: scripts/stop.sh")
+    return 0
+
+
+def stop() -> int:
+    user_server().stop()
+    print("TorchServe stopped.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop"))
+    args = parser.parse_args(argv)
+    return start() if args.action == "start" else stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

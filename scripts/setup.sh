@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or update the virtual environment at .venv/ with the project and its test tools.
+# Re-running is cheap: pip runs only when pyproject.toml changed since the last successful install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup: Python 3.10 or newer is needed (found: $("$python" --version 2>&1)); set PYTHON=/path/to/python3" >&2
+    exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+stamp=.venv/.sd-torchserve-installed
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    # torch first and pinned: on a machine without a GPU this picks the CPU wheel when one is at hand;
+    # on a GPU machine PyPI's default build is the CUDA one.
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q -e ".[test]"
+    echo "$wanted" > "$stamp"
+fi

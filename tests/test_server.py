@@ -1,0 +1,238 @@
+"""A real TorchServe over HTTP: the .mar built by the real archiver from the tiny reference checkpoint, started on
+free ports in its own folder, asked what users ask, and stopped with all its processes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from ldm.parts import load_split
+from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.png_info import read_parameters
+from scripts.build_mar import main as build_mar
+from scripts.server import ROOT, TorchServe, write_properties
+from tests.bad_requests import BAD, PNG_ONLY, VALID, png_base64
+from tests.reference import (
+    REFERENCE,
+    TINY_CONFIG,
+    TINY_SAFETENSORS,
+    assert_matches_png,
+    case,
+    load_image,
+    reference_png,
+    request_for,
+)
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny"
+TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    home = tmp_path_factory.mktemp("torchserve")
+    store = home / "model-store"
+    # The shipped model-config.yaml, with a batch delay long enough that concurrent clients share batches.
+    model_config = home / "model-config.yaml"
+    model_config.write_text((ROOT / "model-config.yaml").read_text().replace("maxBatchDelay: 50", "maxBatchDelay: 400"))
+    args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
+            "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
+            "--model-config", str(model_config)]  # fmt: skip
+    assert build_mar(args) == 0
+    assert (store / f"{MODEL}.mar").is_file()
+    config = write_properties(ROOT / "config.properties", home / "config.properties", {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "model_store": str(store),
+        # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
+        "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
+    })  # fmt: skip
+    ts = TorchServe(config, home, store, f"{MODEL}={MODEL}.mar")
+    ts.start(foreground=True)
+    try:
+        ts.wait_ready(MODEL, timeout=TIMEOUT)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The same parts the archive holds, loaded in this process: what the server must answer."""
+    from ldm.parts import write_split
+
+    folder = tmp_path_factory.mktemp("parts")
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, folder, "fp32")
+    return Pipeline(load_split(folder))
+
+
+def predict(server: TorchServe, body: Any, accept: str = "application/json", **kwargs: Any) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Accept": accept}
+    return requests.post(
+        f"{server.inference_url}/predictions/{MODEL}", data=data, headers=headers, timeout=TIMEOUT, **kwargs
+    )
+
+
+def decode(png_b64: str) -> np.ndarray:
+    return np.asarray(load_image(io.BytesIO(base64.b64decode(png_b64))))
+
+
+def worker_pids(server: TorchServe) -> list[int]:
+    return sorted(w["pid"] for w in server.ready_workers(MODEL))
+
+
+def test_ping(server: TorchServe) -> None:
+    response = requests.get(f"{server.inference_url}/ping", timeout=10)
+    assert response.status_code == 200 and response.json()["status"] == "Healthy"
+
+
+def test_png_equals_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
+    response = predict(server, VALID, accept="image/png")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Seed"] == "5"
+    expected = in_process.generate(GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5))
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(response.content))), expected.images[0])
+    assert "Seed: 5, Size: 64x64, Model hash: 8e79c1729f" in read_parameters(response.content)
+
+
+def test_json_equals_in_process_images(server: TorchServe, in_process: Pipeline) -> None:
+    response = predict(server, {**VALID, "n_samples": 2, "n_iter": 2, "negative_prompt": "fog", "eta": 0.3})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["seeds"] == [5, 6, 7, 8]
+    assert body["parameters"]["n_iter"] == 2 and body["parameters"]["eta"] == 0.3
+    expected = in_process.generate(GenerationRequest("a red bicycle", "fog", 64, 64, 3, eta=0.3, seed=5, n_samples=2,
+                                                     n_iter=2))  # fmt: skip
+    # The server batches all four images at once, in-process runs two batches of two: float rounding may differ.
+    for png, pixels in zip(body["images"], expected.images, strict=True):
+        assert_matches_png(decode(png), pixels)
+
+
+@pytest.mark.parametrize("case_id", ["basic", "negative", "steps12_wide", "img2img"])
+def test_reference_cases_through_the_server(server: TorchServe, case_id: str) -> None:
+    data = case(case_id)
+    request = data["request"]
+    body = {k: v for k, v in request.items() if v is not None and k not in ("init_image",)}
+    if request["init_image"]:
+        body["init_image"] = base64.b64encode((REFERENCE / request["init_image"]).read_bytes()).decode()
+    response = predict(server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["seeds"] == [image["seed"] for image in data["images"]]
+    for png, image in zip(response.json()["images"], data["images"], strict=True):
+        assert_matches_png(decode(png), reference_png(image))
+    assert request_for(data).seed == request["seed"]
+
+
+def test_every_rule_is_a_400_and_the_same_worker_serves_on(server: TorchServe, in_process: Pipeline) -> None:
+    pids = worker_pids(server)
+    for name, body, field in BAD:
+        response = predict(server, body, accept="image/png" if name in PNG_ONLY else "application/json")
+        assert response.status_code == 400, (name, response.text)
+        assert response.headers["Content-Type"].startswith("application/json"), name
+        assert response.json()["field"] == field, (name, response.json())
+    assert worker_pids(server) == pids
+    response = predict(server, VALID, accept="image/png")
+    expected = in_process.generate(GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5))
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(response.content))), expected.images[0])
+
+
+def test_oversized_body_is_413(server: TorchServe) -> None:
+    response = predict(server, b"{" + b" " * (17 * 1024 * 1024) + b"}")
+    assert response.status_code == 413
+
+
+def test_concurrent_clients_each_get_their_own_images(server: TorchServe, in_process: Pipeline) -> None:
+    bodies = [
+        {"prompt": f"client {i}", "seed": 100 + i, "H": 64 if i % 3 else 72, "W": 64, "ddim_steps": 3,
+         "scale": 1.0 if i == 5 else 7.5, "n_samples": 1 + i % 2}
+        for i in range(8)
+    ]  # fmt: skip
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body: dict) -> requests.Response:
+        barrier.wait()
+        return predict(server, body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        request = GenerationRequest(body["prompt"], height=body["H"], width=64, steps=3, scale=body["scale"],
+                                    seed=body["seed"], n_samples=body["n_samples"])  # fmt: skip
+        expected = in_process.generate(request).images
+        got = np.stack([decode(png) for png in response.json()["images"]])
+        assert np.abs(got.astype(int) - expected).max() <= 1, body
+    log = (server.home / "logs" / "model_log.log").read_text()
+    sizes = [int(size) for size in re.findall(r"batch of (\d+) requests", log)]
+    assert max(sizes) > 1, "concurrent requests should have shared a batch"
+
+
+def test_scaling_workers_while_requests_flow_loses_none(server: TorchServe) -> None:
+    management = f"{server.management_url}/models/{MODEL}"
+    described = requests.get(management, timeout=10).json()[0]
+    assert described["batchSize"] == 4 and described["maxBatchDelay"] == 400
+    results: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            results.append(predict(server, {**VALID, "seed": len(results)}).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        scaled = requests.put(f"{management}?min_worker=2&max_worker=2&synchronous=true", timeout=TIMEOUT)
+        assert scaled.status_code == 200, scaled.text
+        assert len(server.ready_workers(MODEL)) == 2
+        scaled = requests.put(f"{management}?min_worker=1&max_worker=1&synchronous=true", timeout=TIMEOUT)
+        assert scaled.status_code == 200, scaled.text
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(server.ready_workers(MODEL)) == 1
+    assert results and set(results) == {200}
+
+
+def test_custom_metrics_on_the_prometheus_endpoint(server: TorchServe) -> None:
+    assert predict(server, VALID).status_code == 200
+    assert predict(server, {"prompt": 3}).status_code == 400
+    metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    for name in ("ImagesGenerated", "UNetStepsPerSecond", "SecondsPerImage", "FailedRequests"):
+        assert f'{name}{{ModelName="{MODEL}"' in metrics, name
+
+
+def test_registration_and_deletion_are_refused(server: TorchServe) -> None:
+    register = requests.post(f"{server.management_url}/models", params={"url": "https://example.com/x.mar"}, timeout=10)
+    delete = requests.delete(f"{server.management_url}/models/{MODEL}", timeout=10)
+    assert register.status_code == 405 and delete.status_code == 405
+    assert server.ready_workers(MODEL)
+
+
+def test_init_image_as_data_url(server: TorchServe) -> None:
+    body = {"prompt": "tiles", "init_image": "data:image/png;base64," + png_base64(80, 64), "strength": 0.5,
+            "ddim_steps": 4, "seed": 9}  # fmt: skip
+    response = predict(server, body)
+    assert response.status_code == 200
+    assert decode(response.json()["images"][0]).shape == (64, 80, 3)
