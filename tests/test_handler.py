@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, parse_settings
@@ -188,3 +189,20 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         parse_settings({"handler": {"limits": {"max_steps": "3"}}})
     assert parse_settings({"handler": {"defaults": {"scale": 7}}}).defaults.scale == 7.0
     assert parse_settings(None).limits.max_images == 8
+
+
+def test_out_of_gpu_memory_is_a_507_and_the_handler_serves_on(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the pipeline is made to raise what CUDA raises when memory runs out."""
+
+    def exhausted(*args: Any, **kwargs: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handler.pipeline, "generate_many", exhausted)
+        responses, context = call(handler, [VALID, {"prompt": 1}])
+    assert context.status == {0: 507, 1: 400}
+    assert "out of GPU memory" in json.loads(responses[0])["error"]
+    (response,), context = call(handler, [VALID])
+    assert context.status == {} and json.loads(response)["seeds"] == [5]

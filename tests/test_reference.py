@@ -31,12 +31,16 @@ def test_case_from_safetensors(pipeline: Pipeline, case_data: dict) -> None:
         assert_matches_png(rounded, reference_png(image))
 
 
-def test_cases_from_original_ckpt(tiny_ckpt) -> None:
-    pipeline = Pipeline(load_checkpoint(tiny_ckpt, TINY_CONFIG))
-    for case_id in ("negative", "img2img"):
-        data = case(case_id)
-        generation = pipeline.generate(request_of(data))
-        assert np.abs(generation.pixels[0] - np.load(REFERENCE / data["images"][0]["npy"])).max() < FLOAT_TOLERANCE
+@pytest.fixture(scope="module")
+def ckpt_pipeline(tiny_ckpt) -> Pipeline:
+    return Pipeline(load_checkpoint(tiny_ckpt, TINY_CONFIG))
+
+
+@pytest.mark.parametrize("case_data", CASES, ids=lambda c: c["id"])
+def test_case_from_original_ckpt(ckpt_pipeline: Pipeline, case_data: dict) -> None:
+    generation = ckpt_pipeline.generate(request_of(case_data))
+    for image, pixels in zip(case_data["images"], generation.pixels, strict=True):
+        assert np.abs(pixels - np.load(REFERENCE / image["npy"])).max() < FLOAT_TOLERANCE
 
 
 def test_basic_intermediates(pipeline: Pipeline) -> None:
