@@ -32,6 +32,8 @@ MODEL_STORE = ROOT / "model-store"
 MODEL_NAME = "sd"
 # The user's server's folder: TorchServe's pid file (TMPDIR) and its logs (logs/ below it).
 RUN_DIR = ROOT / ".torchserve"
+# What `torchserve --start` writes into its TMPDIR.
+PID_FILE = ".model_server.pid"
 JAVA_HELP = (
     "TorchServe needs Java 17 or newer. Install it, e.g.:\n"
     "  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless\n"
@@ -142,12 +144,22 @@ class TorchServe:
         """Until a worker of `model` is READY; raises with the log's tail if it is not in time or the server died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            if not self.alive():
+                raise RuntimeError(f"TorchServe is not running:\n{self.log_tail()}")
             if self.ready_workers(model):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"no READY worker of {model} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        """Our foreground child still runs, or (detached) the pid TorchServe wrote to its pid file does."""
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            os.kill(int((self.home / PID_FILE).read_text().split()[0]), 0)
+        except (OSError, ValueError, IndexError):
+            return False
+        return True
 
     def log_tail(self, lines: int = 40) -> str:
         logs = sorted(self.home.glob("**/*.log"))
