@@ -61,6 +61,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
         "inference_address": f"http://127.0.0.1:{free_port()}",
         "management_address": f"http://127.0.0.1:{free_port()}",
         "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
         "model_store": str(store),
         # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
         "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
