@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.model import StableDiffusion
+from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
 from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, resolve
 from ldm.png_info import encode_png, parameters_text
@@ -48,8 +48,6 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
 RANDOM_SEED_MAX = 1_000_000
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
-# Our own written names, and optimizedSD's: seed_{seed}_{n:05}.{format}.
-IMAGE_NAME = re.compile(r"seed_\d+_(\d+)\.[A-Za-z0-9]+")
 DEMO_HINT = (
     "for a random-weight demo model run `python scripts/make_tiny_checkpoint.py --config "
     "tests/fixtures/reference/tiny-dev.yaml --out models/tiny.ckpt` and pass --ckpt models/tiny.ckpt --config "
@@ -282,19 +280,6 @@ def load_model(
     return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory)
 
 
-def next_index(outdir: Path) -> int:
-    """n of the next image: one past the highest n among files named seed_{seed}_{n}.{ext} (0 when there are none).
-
-    optimizedSD used the number of files in the folder. On a folder only it wrote that is the same number, but a
-    count reuses a number already taken once a file was deleted (overwriting it when the seed repeats) and skips
-    numbers for every unrelated file (a grid, notes, .DS_Store); the highest index + 1 does neither.
-    """
-    if not outdir.is_dir():
-        return 0
-    indices = [int(m.group(1)) for p in outdir.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))]
-    return max(indices, default=-1) + 1
-
-
 def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
     """uint8 (H, W, 3) → JPEG bytes (PIL's default quality, as optimizedSD wrote) with the parameters in EXIF
     UserComment, the place other SD tools read them from in a JPEG (8-byte charset prefix, then UTF-16BE)."""
@@ -366,7 +351,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
                 for image, image_seed in zip(generation.images, generation.seeds, strict=True):
                     parameters = parameters_text(generation.request, image_seed, model.model_hash)
                     data = encode_png(image, parameters) if args.format == "png" else encode_jpeg(image, parameters)
-                    path = outdir / f"seed_{image_seed}_{index:05}.{args.format}"
+                    path = outdir / image_name(image_seed, index, args.format)
                     path.write_bytes(data)
                     written.append(path)
                     seeds.append(image_seed)

@@ -1,0 +1,176 @@
+"""Command-line client of our TorchServe inference API: a prompt and options in, PNG files and their seeds out.
+
+    python scripts/client.py "a cottage garden full of tulips" --seed 42 --n-samples 2
+    python scripts/client.py "the same garden in winter" --init-image garden.png --strength 0.6
+
+Why a client of its own: the API wants a JSON body with a base64 init image and answers with base64 PNGs; this does
+that encoding both ways, so nobody has to write curl and jq lines. Only the options given are sent, so the server's
+defaults and limits (model-config.yaml) stay the single source of truth, and every check stays on the server, which
+names the field at fault. The PNGs are written byte for byte as the server sent them: they already carry the
+`parameters` chunk, which re-encoding could drop.
+
+Exit codes: 0 images written; 1 the server refused the request, could not be reached or gave no usable answer;
+2 a bad command line or an init image that cannot be read. Errors are one `client: ...` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from ldm.output_names import image_name, next_index
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MODEL = "sd"
+DEFAULT_OUTDIR = "outputs/client"
+# TorchServe's default_response_timeout (config.properties): waiting longer than the server does gains nothing.
+DEFAULT_TIMEOUT = 900.0
+# Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
+OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
+                   "sampler", "strength")  # fmt: skip
+
+
+class ClientError(Exception):
+    """Why no images came back, as one line a user can act on."""
+
+
+class HttpError(ClientError):
+    """The server refused the request: its status, its message and the request field it names ("" for none)."""
+
+    def __init__(self, status: int, error: str, field: str = "") -> None:
+        super().__init__(f"HTTP {status}: {error}" + (f" (field: {field})" if field else ""))
+        self.status = status
+        self.error = error
+        self.field = field
+
+
+def _http_error(response: requests.Response) -> HttpError:
+    """The error of a 4xx/5xx answer: our handler's `{"error", "field"}`, else TorchServe's own `{"message"}`
+    (unknown model, no worker, queue full), else the start of whatever text came back."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        field = body.get("field")
+        return HttpError(response.status_code, body["error"], field if isinstance(field, str) else "")
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return HttpError(response.status_code, body["message"])
+    return HttpError(response.status_code, " ".join(response.text.split())[:200] or response.reason)
+
+
+def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tuple[list[bytes], list[int]]:
+    """POST `fields` (request fields, init_image already base64) to `{url}/predictions/{model}`; the PNG bytes as the
+    server made them and the seed of each.
+
+    JSON is asked for even for one image: a PNG answer holds a single image and its seeds only in headers.
+    Raises `HttpError` when the server refuses, `ClientError` when it cannot be reached or answers with something
+    that is not the API's JSON.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        raise ClientError(f"the URL must start with http:// or https://, got {url!r}")
+    endpoint = f"{url.rstrip('/')}/predictions/{model}"
+    try:
+        response = requests.post(endpoint, json=fields, headers={"Accept": "application/json"}, timeout=timeout)
+    except requests.Timeout:
+        raise ClientError(
+            f"no answer from {url} within {timeout:g} s; many or large images take longer: raise --timeout"
+        ) from None
+    except requests.ConnectionError:
+        raise ClientError(f"cannot reach {url}: the server may not be running (scripts/serve.sh starts it)") from None
+    except requests.RequestException as error:
+        raise ClientError(f"cannot send the request to {endpoint}: {error}") from None
+    if not response.ok:
+        raise _http_error(response)
+    try:
+        body = response.json()
+        images = [base64.b64decode(image, validate=True) for image in body["images"]]
+        seeds = [int(seed) for seed in body["seeds"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ClientError(
+            f"{endpoint} answered {response.status_code} but not with the inference API's JSON ({error!r}); "
+            "is --url our TorchServe?"
+        ) from None
+    if len(images) != len(seeds):
+        raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
+    return images, seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options named after the request fields (ddim_steps: --steps); none of them has a default of its own."""
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="txt2img or img2img through our TorchServe inference API; writes the PNGs the server sends.",
+        epilog="Options left out are not sent: the server's defaults apply (model-config.yaml).",
+    )
+    parser.add_argument("prompt", help="what the images should show")
+    parser.add_argument("--negative-prompt", help="what the images should not show")
+    parser.add_argument("--H", type=int, help="image height in pixels, a multiple of 8")
+    parser.add_argument("--W", type=int, help="image width in pixels, a multiple of 8")
+    parser.add_argument(
+        "--steps", dest="ddim_steps", metavar="STEPS", type=int, help="DDIM steps (request field ddim_steps)"
+    )
+    parser.add_argument("--scale", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=float, help="DDIM η; 0 is deterministic")
+    parser.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (default: random)")
+    parser.add_argument("--n-samples", type=int, help="images per batch")
+    parser.add_argument("--n-iter", type=int, help="batches")
+    parser.add_argument("--sampler", help="sampler name")
+    parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
+    parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")
+    parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
+    parser.add_argument(
+        "--outdir",
+        type=Path,
+        default=Path(DEFAULT_OUTDIR),
+        help="folder the images are written to, as seed_{seed}_{n:05}.png with n counting on after the highest n "
+        "already there, as txt2img.py does (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the images (default: %(default)g)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 when the images are written, 1 when the server gave none, 2 on a bad input (see the top)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.strength is not None and args.init_image is None:
+        parser.error("--strength needs --init-image (txt2img has nothing to keep)")
+    fields: dict[str, Any] = {"prompt": args.prompt}
+    fields.update({name: getattr(args, name) for name in OPTIONAL_FIELDS if getattr(args, name) is not None})
+    if args.init_image is not None:
+        try:
+            fields["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode("ascii")
+        except OSError as error:
+            print(f"client: cannot read --init-image {args.init_image}: {error.strerror or error}", file=sys.stderr)
+            return 2
+    try:
+        # Before the request: a folder we cannot write to should fail now, not after minutes of GPU time.
+        args.outdir.mkdir(parents=True, exist_ok=True)
+        images, seeds = generate(args.url, args.model, fields, args.timeout)
+        # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.
+        index = next_index(args.outdir)
+        for offset, (png, seed) in enumerate(zip(images, seeds, strict=True)):
+            path = args.outdir / image_name(seed, index + offset, "png")
+            path.write_bytes(png)
+            print(f"{path}  {seed}")
+    except ClientError as error:
+        print(f"client: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"client: cannot write to {args.outdir}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""scripts/client.py against a small HTTP server that answers as our TorchServe does: what the client sends, the files
+it writes (the server's bytes, named and numbered as txt2img.py names them) and each way a request can fail."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ldm.png_info import encode_png, read_parameters
+from scripts.client import ClientError, HttpError, generate, main
+
+MODEL = "sd"
+# What the server answers to a request with this prompt, instead of images: (status, JSON body).
+REFUSALS: dict[str, tuple[int, dict[str, Any]]] = {
+    "refused": (400, {"error": "H must be a multiple of 8, got 100", "field": "H"}),
+    "out of memory": (507, {"error": "out of GPU memory; retry, or ask for fewer or smaller images", "field": ""}),
+}
+# TorchServe's own answer for a model it does not serve: no `error`, a `message`.
+UNKNOWN_MODEL = (404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: nope"})
+
+
+def parameters(seed: int) -> str:
+    return f"a prompt\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: {seed}, Size: 8x8"
+
+
+def png(seed: int) -> bytes:
+    """A distinct 8×8 PNG carrying a parameters chunk, as the handler makes them."""
+    pixels = np.full((8, 8, 3), seed % 256, dtype=np.uint8)
+    return encode_png(pixels, parameters(seed))
+
+
+@dataclass
+class FakeTorchServe:
+    """Records every request; answers `/predictions/sd` with two PNGs (seeds from the request's, else 1000)."""
+
+    url: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[bytes] = field(default_factory=list)
+
+    def answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if path != f"/predictions/{MODEL}":
+            return UNKNOWN_MODEL
+        if body["prompt"] in REFUSALS:
+            return REFUSALS[body["prompt"]]
+        seeds = [body.get("seed", 1000), body.get("seed", 1000) + 1]
+        self.sent = [png(seed) for seed in seeds]
+        images = [base64.b64encode(data).decode("ascii") for data in self.sent]
+        return 200, {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}}
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on a free loopback port from a thread, stopped and closed on exit; yields the base URL."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        # A short poll interval: shutdown() waits for the next poll, 0.5 s by default, at every test's teardown.
+        thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+            thread.join()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the tests read the client's stderr."""
+
+
+@pytest.fixture
+def server() -> Iterator[FakeTorchServe]:
+    fake = FakeTorchServe(url="")
+
+    class Handler(QuietHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.loads(raw)
+            fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+            status, answer = fake.answer(self.path, body)
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    with serving(Handler) as url:
+        fake.url = url
+        yield fake
+
+
+def run(server_url: str, outdir: Path, *argv: str) -> int:
+    return main([*argv, "--url", server_url, "--outdir", str(outdir)])
+
+
+def test_txt2img_sends_only_the_given_fields_and_writes_the_servers_bytes(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["a lighthouse", "--negative-prompt", "fog", "--H", "64", "--W", "128", "--steps", "3", "--scale", "5",
+            "--eta", "0.5", "--seed", "7", "--n-samples", "2", "--n-iter", "1", "--sampler", "ddim"]  # fmt: skip
+    assert run(server.url, tmp_path / "out", *argv) == 0
+
+    (request,) = server.requests
+    assert request["path"] == f"/predictions/{MODEL}"
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert request["headers"]["Accept"] == "application/json"
+    assert request["body"] == {
+        "prompt": "a lighthouse", "negative_prompt": "fog", "H": 64, "W": 128, "ddim_steps": 3, "scale": 5.0,
+        "eta": 0.5, "seed": 7, "n_samples": 2, "n_iter": 1, "sampler": "ddim",
+    }  # fmt: skip
+    paths = [tmp_path / "out" / "seed_7_00000.png", tmp_path / "out" / "seed_8_00001.png"]
+    assert sorted((tmp_path / "out").iterdir()) == paths
+    assert [p.read_bytes() for p in paths] == server.sent
+    assert read_parameters(paths[1].read_bytes()) == parameters(8)
+    assert capsys.readouterr() == (f"{paths[0]}  7\n{paths[1]}  8\n", "")
+
+
+def test_prompt_alone_leaves_every_default_to_the_server(server: FakeTorchServe, tmp_path: Path) -> None:
+    assert run(server.url, tmp_path, "a lighthouse") == 0
+    assert server.requests[0]["body"] == {"prompt": "a lighthouse"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_1000_00000.png", "seed_1001_00001.png"]
+
+
+def test_img2img_sends_the_init_image_file_as_base64(server: FakeTorchServe, tmp_path: Path) -> None:
+    init = tmp_path / "init.jpg"
+    init.write_bytes(png(3))  # sent as it is: the server, not the client, checks the format
+    assert run(server.url, tmp_path / "out", "a lighthouse", "--init-image", str(init), "--strength", "0.6") == 0
+    body = server.requests[0]["body"]
+    assert set(body) == {"prompt", "init_image", "strength"}
+    assert base64.b64decode(body["init_image"], validate=True) == init.read_bytes()
+    assert body["strength"] == 0.6
+
+
+def test_numbering_continues_after_the_highest_existing_index(server: FakeTorchServe, tmp_path: Path) -> None:
+    existing = {"seed_3_00004.png": b"a", "seed_1_00009.jpg": b"b", "grid.png": b"c", "seed_x_00100.png": b"d"}
+    for name, data in existing.items():
+        (tmp_path / name).write_bytes(data)
+    assert run(server.url, tmp_path, "a lighthouse", "--seed", "3") == 0
+    assert (tmp_path / "seed_3_00010.png").read_bytes() == server.sent[0]
+    assert (tmp_path / "seed_4_00011.png").read_bytes() == server.sent[1]
+    assert all((tmp_path / name).read_bytes() == data for name, data in existing.items())
+    assert len(list(tmp_path.iterdir())) == len(existing) + 2
+
+
+@pytest.mark.parametrize(
+    ("prompt", "model", "line"),
+    [
+        ("refused", MODEL, "client: HTTP 400: H must be a multiple of 8, got 100 (field: H)"),
+        ("out of memory", MODEL, "client: HTTP 507: out of GPU memory; retry, or ask for fewer or smaller images"),
+        ("a lighthouse", "nope", "client: HTTP 404: Model not found: nope"),
+    ],
+)
+def test_a_refusal_prints_the_servers_error_and_exits_1(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str], prompt: str, model: str, line: str
+) -> None:
+    assert run(server.url, tmp_path, prompt, "--model", model) == 1
+    assert capsys.readouterr() == ("", line + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_returns_the_png_bytes_and_seeds_or_raises_the_servers_error(server: FakeTorchServe) -> None:
+    images, seeds = generate(server.url + "/", MODEL, {"prompt": "a lighthouse", "seed": 11}, timeout=5)
+    assert (images, seeds) == (server.sent, [11, 12])
+    with pytest.raises(HttpError) as refused:
+        generate(server.url, MODEL, {"prompt": "refused"}, timeout=5)
+    assert (refused.value.status, refused.value.field) == (400, "H")
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port bound but not listening: connections to it are refused, and no other process can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_one_clear_line_and_exit_1(
+    closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    assert run(url, tmp_path, "a lighthouse") == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"client: cannot reach {url}: the server may not be running (scripts/serve.sh starts it)\n"
+
+
+def test_a_server_that_never_answers_times_out_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()  # the kernel accepts the connection; nobody ever reads or answers
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        assert run(url, tmp_path, "a lighthouse", "--timeout", "0.2") == 1
+    assert capsys.readouterr().err.startswith(f"client: no answer from {url} within 0.2 s")
+
+
+def test_a_missing_init_image_exits_2_before_any_request(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.png"
+    assert run(server.url, tmp_path, "a lighthouse", "--init-image", str(missing)) == 2
+    assert capsys.readouterr().err == f"client: cannot read --init-image {missing}: No such file or directory\n"
+    assert server.requests == []
+
+
+def test_a_bad_url_is_a_clear_error_not_a_traceback() -> None:
+    with pytest.raises(ClientError) as error:
+        generate("127.0.0.1:8080", MODEL, {"prompt": "a lighthouse"}, timeout=1)
+    assert str(error.value) == "the URL must start with http:// or https://, got '127.0.0.1:8080'"
+
+
+def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
+    class NotTorchServe(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+    with serving(NotTorchServe) as url, pytest.raises(ClientError, match="is --url our TorchServe"):
+        generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+
+
+def test_strength_without_init_image_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["a lighthouse", "--strength", "0.5"])
+    assert exit_.value.code == 2
+    assert "--strength needs --init-image" in capsys.readouterr().err
