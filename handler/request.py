@@ -35,7 +35,9 @@ FIELDS = (
     "sampler",
     "init_image",
     "strength",
+    "stream",
 )
+NDJSON = "application/x-ndjson"
 INIT_IMAGE_FORMATS = ("PNG", "JPEG")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 # C0 control characters other than tab, newline and carriage return, and DEL: never part of a prompt.
@@ -57,10 +59,11 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class ApiRequest:
-    """A validated request and how its answer is wanted."""
+    """A validated request and how its answer is wanted: one PNG, JSON, or streamed progress then JSON (ndjson)."""
 
     generation: GenerationRequest
     want_png: bool
+    stream: bool
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -219,7 +222,16 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
     )
-    want_png = bool(accept) and "image/png" in accept.lower() and "application/json" not in accept.lower()
+    accepted = (accept or "").lower()
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream", f"stream must be true or false, got {json.dumps(stream)}")
+    stream = stream or NDJSON in accepted
+    want_png = "image/png" in accepted and "application/json" not in accepted and NDJSON not in accepted
+    if stream and want_png:
+        raise RequestError(
+            "stream", f"a stream is JSON lines ({NDJSON}), but Accept asks for image/png; drop one of the two"
+        )
     if want_png and generation.n_images > 1:
         field = "n_iter" if n_iter > 1 else "n_samples"
         raise RequestError(
@@ -227,4 +239,4 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             f"Accept: image/png returns one image, but this request makes {generation.n_images}; "
             "ask for JSON (Accept: application/json) to get them all",
         )
-    return ApiRequest(generation, want_png)
+    return ApiRequest(generation, want_png, stream)

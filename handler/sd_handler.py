@@ -1,8 +1,9 @@
 """TorchServe handler: validates each request, runs a batch through `ldm`, answers each with its own images.
 
 preprocess → one `ApiRequest` or `RequestError` per request (a bad request never fails its neighbours);
-inference → `Pipeline.generate_many` over the valid ones (same-shape images share UNet calls);
-postprocess → PNG bytes or JSON per request, with status codes and headers set on the context.
+inference → `Pipeline.generate_many` over the valid ones (same-shape images share UNet calls), streaming step lines
+to the requests that asked for a stream;
+postprocess → PNG bytes, JSON, or a stream's last line per request, with status codes and headers set on the context.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.request import ApiRequest, RequestError, parse_request, request_body
+from handler.request import NDJSON, ApiRequest, RequestError, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, parse_settings
+from handler.streaming import ProgressStream, ndjson_line
 from ldm.parts import load_split
 from ldm.pipeline import Generation, GenerationError, Pipeline
 
 logger = logging.getLogger(__name__)
 # HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
-REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 507: "Insufficient Storage"}
+REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
 
 
 Outcome = RequestError | Answer
@@ -46,6 +48,8 @@ class StableDiffusionHandler(BaseHandler):
         self.settings = HandlerSettings()
         self.pipeline: Pipeline | None = None
         self.model_name = ""
+        # The streams of the batch in hand: set by inference, read by postprocess.
+        self.progress = ProgressStream(None, {}, 0)
 
     def initialize(self, context: Any) -> None:
         """Read the handler settings once, load the split parts onto this worker's device."""
@@ -83,23 +87,35 @@ class StableDiffusionHandler(BaseHandler):
         return parsed
 
     def inference(self, data: list[ApiRequest | RequestError], *args: Any, **kwargs: Any) -> list[Outcome]:
-        """Generate every valid request of the batch together; errors pass through in place."""
+        """Generate every valid request of the batch together; errors pass through in place.
+
+        Once a stream has started its status is sent, so any failure after that must become a line, not a raise.
+        """
         assert self.pipeline is not None, "initialize() loads the model first"
-        valid = [item for item in data if isinstance(item, ApiRequest)]
+        valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
+        streams = {i: idx for i, (idx, item) in enumerate(valid) if item.stream}
+        self.progress = ProgressStream(self.context, streams, self.settings.preview_every)
         if not valid:
             return list(data)
         started = time.perf_counter()
         try:
             generations = iter(
-                self.pipeline.generate_many([item.generation for item in valid], self.settings.max_batch_images)
+                self.pipeline.generate_many(
+                    [item.generation for _, item in valid], self.settings.max_batch_images, self.progress
+                )
             )
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             logger.exception("out of GPU memory on a batch of %d requests", len(valid))
             error = RequestError("", "out of GPU memory; retry, or ask for fewer or smaller images", 507)
-            return [error if isinstance(item, ApiRequest) else item for item in data]
+            return _fail_valid(data, error)
         except GenerationError as error:
-            return [RequestError(error.field, str(error)) if isinstance(item, ApiRequest) else item for item in data]
+            return _fail_valid(data, RequestError(error.field, str(error)))
+        except Exception:
+            if not self.progress.started:
+                raise
+            logger.exception("generation failed after %d requests started streaming", len(self.progress.started))
+            return _fail_valid(data, RequestError("", "generation failed; the server log has the details", 500))
         results: list[Outcome] = [
             Answer(item, next(generations)) if isinstance(item, ApiRequest) else item for item in data
         ]
@@ -112,16 +128,20 @@ class StableDiffusionHandler(BaseHandler):
         return results
 
     def postprocess(self, data: list[Outcome]) -> list[bytes | str]:
-        """PNG bytes (with X-Seed) or JSON per request; errors as JSON with their status."""
+        """PNG bytes (with X-Seed), JSON, or a stream's last line (the same JSON) per request; errors as JSON with
+        their status, or as a stream's last line once the stream has started."""
         assert self.pipeline is not None
         model_hash = self.pipeline.model.model_hash
         responses: list[bytes | str] = []
         for idx, outcome in enumerate(data):
             if isinstance(outcome, RequestError):
+                self._count("FailedRequests", 1, reason=REASONS[outcome.status])
+                if idx in self.progress.started:
+                    responses.append(ndjson_line(outcome.body()))
+                    continue
                 self.context.set_response_status(outcome.status, REASONS[outcome.status], idx)
                 self.context.set_response_content_type(idx, "application/json")
                 responses.append(json.dumps(outcome.body()))
-                self._count("FailedRequests", 1, reason=REASONS[outcome.status])
                 continue
             generation = outcome.generation
             self.context.set_response_header(idx, "X-Seed", str(generation.seeds[0]))
@@ -129,6 +149,9 @@ class StableDiffusionHandler(BaseHandler):
             if outcome.request.want_png:
                 self.context.set_response_content_type(idx, "image/png")
                 responses.append(png_files(generation, model_hash)[0])
+            elif outcome.request.stream:
+                self.context.set_response_content_type(idx, NDJSON)
+                responses.append(json_body(generation, model_hash) + "\n")
             else:
                 self.context.set_response_content_type(idx, "application/json")
                 responses.append(json_body(generation, model_hash))
@@ -155,3 +178,8 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("SecondsPerImage", seconds / images, "s")
         # TorchServe parses "name.unit:value": a unit must be a plain word.
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
+
+
+def _fail_valid(data: list[ApiRequest | RequestError], error: RequestError) -> list[Outcome]:
+    """The batch with every valid request replaced by `error` (a failure of the shared generation hits them all)."""
+    return [error if isinstance(item, ApiRequest) else item for item in data]

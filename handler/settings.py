@@ -60,6 +60,8 @@ class HandlerSettings:
     low_memory: bool = False
     # Images denoised in one UNet batch, across requests; bounds activation memory.
     max_batch_images: int = 8
+    # A streamed request gets a preview every this many steps, and at its last step; 0: never.
+    preview_every: int = 5
 
     def dtype(self, device: torch.device) -> torch.dtype:
         chosen = PRECISIONS[self.precision]
@@ -93,4 +95,6 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         raise SettingsError(
             f"model-config.yaml handler.precision: one of {sorted(PRECISIONS)}, got {settings.precision!r}"
         )
+    if settings.preview_every < 0:
+        raise SettingsError(f"model-config.yaml handler.preview_every: 0 (never) or more, got {settings.preview_every}")
     return replace(settings, defaults=defaults, limits=limits)

@@ -347,7 +347,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         for _ in range(args.n_iter):
             for prompt in prompts:
                 request = replace(template, prompt=prompt, seed=seed)
-                generation = pipeline.generate(request, lambda step, total, latents: bar.update(1))
+                generation = pipeline.generate(request, lambda progress: bar.update(1))
                 for image, image_seed in zip(generation.images, generation.seeds, strict=True):
                     parameters = parameters_text(generation.request, image_seed, model.model_hash)
                     data = encode_png(image, parameters) if args.format == "png" else encode_jpeg(image, parameters)

@@ -7,7 +7,7 @@ own CPU generator, (3) denoise with DDIM and classifier-free guidance, (4) decod
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,6 +69,31 @@ class GenerationRequest:
     def denoising_steps(self) -> int:
         """UNet steps each image runs: S for txt2img, m for img2img."""
         return self.steps if self.init_image is None else self.img2img_steps()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One DDIM step of one UNet batch, reported so a caller can tell whose images just moved.
+
+    A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
+    `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
+    restarts for each UNet batch.
+    """
+
+    step: int
+    total: int
+    latents: torch.Tensor
+    images: tuple[tuple[int, int], ...]
+
+    def first_rows(self) -> dict[int, int]:
+        """Request index → the row of its first (lowest-index) image in this batch, in order of appearance."""
+        rows: dict[int, int] = {}
+        for row, (request_index, _) in enumerate(self.images):
+            rows.setdefault(request_index, row)
+        return rows
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
@@ -204,7 +229,7 @@ class Pipeline:
                 out.append(((image + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(out)
 
-    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> Generation:
+    def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
 
@@ -212,7 +237,7 @@ class Pipeline:
         self,
         requests: Sequence[GenerationRequest],
         max_batch_images: int = 8,
-        callback: StepCallback | None = None,
+        callback: ProgressCallback | None = None,
     ) -> list[Generation]:
         """Run several requests, sharing UNet calls between images of the same size and schedule.
 
@@ -230,16 +255,17 @@ class Pipeline:
             m = request.denoising_steps
             first_alpha = schedules[request.steps].tail(m)[0].alpha
             z0 = None if request.init_image is None else self.init_latent(request)
-            for seed in request.seeds:
+            for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = noise if z0 is None else add_noise(z0, noise, first_alpha)
                 key = (request.height, request.width, request.steps, m)
-                groups.setdefault(key, []).append(_Image(index, request, generator, start))
+                groups.setdefault(key, []).append(_Image(index, image_index, request, generator, start))
 
         for (_, _, steps, m), images in groups.items():
             for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
+                names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
                     torch.cat([image.start for image in chunk]),
                     torch.cat([embeddings[image.request.prompt] for image in chunk]),
@@ -248,7 +274,7 @@ class Pipeline:
                     schedules[steps].tail(m),
                     [image.request.eta for image in chunk],
                     [image.generator for image in chunk],
-                    callback,
+                    _batch_progress(callback, names),
                 )
                 for image, pixels in zip(chunk, self.decode(latents), strict=True):
                     image.pixels = pixels
@@ -261,11 +287,19 @@ class Pipeline:
         return results
 
 
+def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, int], ...]) -> StepCallback | None:
+    """The sampler's per-step callback for one UNet batch: the sampler knows rows, the caller wants images."""
+    if callback is None:
+        return None
+    return lambda step, total, latents: callback(Progress(step, total, latents, images))
+
+
 @dataclass
 class _Image:
     """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels."""
 
     request_index: int
+    image_index: int
     request: GenerationRequest
     generator: torch.Generator
     start: torch.Tensor

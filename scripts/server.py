@@ -34,6 +34,9 @@ MODEL_NAME = "sd"
 RUN_DIR = ROOT / ".torchserve"
 # What `torchserve --start` writes into its TMPDIR.
 PID_FILE = ".model_server.pid"
+# The web front: the original app's port, so its users' clients and bookmarks keep working.
+FRONT_PORT = 5000
+FRONT_PID_FILE = "front.pid"
 JAVA_HELP = (
     "TorchServe needs Java 17 or newer. Install it, e.g.:\n"
     "  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless\n"
@@ -84,6 +87,20 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def ready_workers(management_url: str, model: str, timeout: float = 5.0) -> list[dict]:
+    """Workers of `model` that are READY, from the management API ([] while loading or unreachable).
+
+    TorchServe's /ping says Healthy while workers are still loading the model; only this tells that one can serve.
+    """
+    try:
+        status, body = _get(f"{management_url}/models/{model}", timeout)
+    except OSError:
+        return []
+    if status != 200:
+        return []
+    return [w for w in json.loads(body)[0]["workers"] if w["status"] == "READY"]
+
+
 class TorchServe:
     """One TorchServe instance: its config, its folder, its process."""
 
@@ -131,14 +148,8 @@ class TorchServe:
             raise RuntimeError(f"torchserve --start failed:\n{self.log_tail()}")
 
     def ready_workers(self, model: str) -> list[dict]:
-        """Workers of `model` that are READY, from the management API ([] while loading or unreachable)."""
-        try:
-            status, body = _get(f"{self.management_url}/models/{model}")
-        except OSError:
-            return []
-        if status != 200:
-            return []
-        return [w for w in json.loads(body)[0]["workers"] if w["status"] == "READY"]
+        """Workers of `model` that are READY ([] while loading or unreachable)."""
+        return ready_workers(self.management_url, model)
 
     def wait_ready(self, model: str, timeout: float) -> None:
         """Until a worker of `model` is READY; raises with the log's tail if it is not in time or the server died."""
@@ -213,6 +224,40 @@ def prepare_model() -> tuple[Path, bool]:
     return source, demo
 
 
+def start_front(server: TorchServe, timeout: float = 60) -> str:
+    """Start the web front (`sd-front`) detached, in front of `server`; returns its URL once /healthz answers."""
+    log = open(RUN_DIR / "front.log", "ab")  # noqa: SIM115 (handed to the detached child)
+    with log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "front.cli", "--port", str(FRONT_PORT), "--inference-url", server.inference_url,
+             "--model", MODEL_NAME],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    (RUN_DIR / FRONT_PID_FILE).write_text(str(process.pid))
+    url = f"http://localhost:{FRONT_PORT}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sd-front exited with {process.returncode}; see {RUN_DIR / 'front.log'}")
+        try:
+            if _get(f"{url}healthz", timeout=2)[0] == 200:
+                return url
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"sd-front did not answer {url}healthz in {timeout:.0f} s; see {RUN_DIR / 'front.log'}")
+
+
+def stop_front() -> None:
+    """Stop the front `start_front` started, if it runs."""
+    pid_file = RUN_DIR / FRONT_PID_FILE
+    if not pid_file.exists():
+        return
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    pid_file.unlink()
+
+
 def user_server() -> TorchServe:
     return TorchServe(ROOT / "config.properties", RUN_DIR, MODEL_STORE, f"{MODEL_NAME}={MODEL_NAME}")
 
@@ -232,22 +277,25 @@ def start() -> int:
     server = user_server()
     server.start()
     server.wait_ready(MODEL_NAME, timeout=900)
+    front = start_front(server)
+    print(f"Open {front} (the web UI; POST {front}imagine is the original app's API).")
     print(f"TorchServe is serving {source.name} as '{MODEL_NAME}'.")
     print(f"  inference:  {server.inference_url}/predictions/{MODEL_NAME}")
     print(f"  management: {server.management_url}/models/{MODEL_NAME}   (this machine only)")
     print(f"  metrics:    {server.metrics_url}/metrics")
     size = 64 if demo else 512
     body = json.dumps({"prompt": "a cottage garden full of tulips", "H": size, "W": size, "seed": 42})
-    print("Try:")
-    print(f"  curl -s {server.inference_url}/predictions/{MODEL_NAME} -H 'Content-Type: application/json' \\")
-    print(f"       -H 'Accept: image/png' -d '{body}' -o tulips.png")
+    print("Try (through the front, or straight to TorchServe at the inference URL above):")
+    print(f"  curl -s {front}imagine -H 'Content-Type: application/json' -H 'Accept: image/png' \\")
+    print(f"       -d '{body}' -o tulips.png")
     print(f"Logs: {RUN_DIR.relative_to(ROOT)}/logs/   Stop with: scripts/stop.sh")
     return 0
 
 
 def stop() -> int:
+    stop_front()
     user_server().stop()
-    print("TorchServe stopped.")
+    print("The web front and TorchServe stopped.")
     return 0
 
 

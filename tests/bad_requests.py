@@ -73,6 +73,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("init image not an image", with_(init_image=base64.b64encode(b"hello world").decode()), "init_image"),
     ("init image truncated", with_(init_image=png_base64()[:60]), "init_image"),
     ("init image not a string", with_(init_image=123), "init_image"),
+    ("stream not a boolean", with_(stream=1), "stream"),
+    ("stream a string", with_(stream="true"), "stream"),
     ("png for several images", with_(n_samples=2), "n_samples"),  # sent with Accept: image/png
+    ("stream as png", with_(stream=True), "stream"),  # sent with Accept: image/png
 ]
-PNG_ONLY = {"png for several images"}
+PNG_ONLY = {"png for several images", "stream as png"}

@@ -44,6 +44,9 @@ class FakeContext:
         self.status: dict[int, int] = {}
         self.response_headers: dict[int, dict[str, str]] = {}
 
+    def get_request_id(self, idx: int) -> str:
+        return f"request-{idx}"
+
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return self.headers[idx] if idx < len(self.headers) else {}
 
@@ -187,8 +190,11 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         parse_settings({"handler": {"limits": {"max_stepz": 3}}})
     with pytest.raises(SettingsError, match="max_steps: expected int"):
         parse_settings({"handler": {"limits": {"max_steps": "3"}}})
+    with pytest.raises(SettingsError, match="preview_every: 0 \\(never\\) or more, got -1"):
+        parse_settings({"handler": {"preview_every": -1}})
     assert parse_settings({"handler": {"defaults": {"scale": 7}}}).defaults.scale == 7.0
     assert parse_settings(None).limits.max_images == 8
+    assert parse_settings(None).preview_every == 5
 
 
 def test_out_of_gpu_memory_is_a_507_and_the_handler_serves_on(

@@ -7,9 +7,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, Progress, resolve
 from ldm.png_info import encode_png, parameters_text, read_parameters
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, assert_matches_png, case, load_image, reference_png, request_for
 
@@ -86,7 +87,7 @@ def test_strength_one_runs_every_step(pipeline: Pipeline) -> None:
     init = load_image(REFERENCE / "init_dev_80x64.png")
     request = GenerationRequest("x", seed=1, steps=4, init_image=init, strength=1.0)
     steps: list[int] = []
-    pipeline.generate(request, callback=lambda step, total, x: steps.append(total))
+    pipeline.generate(request, callback=lambda progress: steps.append(progress.total))
     assert steps == [4, 4, 4, 4]
 
 
@@ -131,3 +132,23 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         alone = pipeline.generate(request)
         assert result.seeds == alone.seeds
         assert np.abs(result.pixels - alone.pixels).max() < FLOAT_TOLERANCE
+
+
+def test_progress_names_the_request_and_image_of_every_row(pipeline: Pipeline) -> None:
+    """Two requests of one shape, 3 images per UNet batch: rows [A0 A1 A2] then [A3 B0], 3 steps each."""
+    requests = [dataclasses.replace(SMALL, n_samples=2, n_iter=2), dataclasses.replace(SMALL, prompt="b", seed=7)]
+    seen: list[Progress] = []
+    pipeline.generate_many(requests, max_batch_images=3, callback=seen.append)
+    assert [(p.step, p.total, p.images) for p in seen] == [
+        *[(k, 3, ((0, 0), (0, 1), (0, 2))) for k in (1, 2, 3)],
+        *[(k, 3, ((0, 3), (1, 0))) for k in (1, 2, 3)],
+    ]
+    assert seen[-1].first_rows() == {0: 0, 1: 1}
+    # Each named row holds that image's latents: the last step of each, against the image run alone.
+    for progress in (seen[2], seen[5]):
+        for row, (request_index, image_index) in enumerate(progress.images):
+            request = requests[request_index]
+            alone: list[Progress] = []
+            single = dataclasses.replace(request, seed=request.seed + image_index, n_samples=1, n_iter=1)
+            pipeline.generate(single, alone.append)
+            assert torch.allclose(progress.latents[row], alone[-1].latents[0], atol=1e-4, rtol=0)

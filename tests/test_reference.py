@@ -63,7 +63,7 @@ def test_basic_intermediates(pipeline: Pipeline) -> None:
     assert torch.allclose(guided, intermediate("basic_eps_guided_step0"), atol=1e-4, rtol=0)
 
     final: list[torch.Tensor] = []
-    pipeline.generate(request, callback=lambda step, total, x: final.append(x) if step == total else None)
+    pipeline.generate(request, callback=lambda p: final.append(p.latents) if p.step == p.total else None)
     assert torch.allclose(final[0], intermediate("basic_final_latent"), atol=1e-4, rtol=0)
     with torch.inference_mode():
         decoded = model.vae.decode(intermediate("basic_final_latent") / model.config.scale_factor)

@@ -7,21 +7,19 @@ import base64
 import io
 import json
 import re
-import socket
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from ldm.parts import load_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
-from scripts.build_mar import main as build_mar
-from scripts.server import ROOT, TorchServe, write_properties
+from scripts.server import TorchServe
 from tests.bad_requests import BAD, PNG_ONLY, VALID, png_base64
 from tests.reference import (
     REFERENCE,
@@ -33,47 +31,9 @@ from tests.reference import (
     reference_png,
     request_for,
 )
+from tests.servers import MODEL, TIMEOUT
 
 pytestmark = pytest.mark.integration
-MODEL = "tiny"
-TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    home = tmp_path_factory.mktemp("torchserve")
-    store = home / "model-store"
-    # The shipped model-config.yaml, with a batch delay long enough that concurrent clients share batches.
-    model_config = home / "model-config.yaml"
-    model_config.write_text((ROOT / "model-config.yaml").read_text().replace("maxBatchDelay: 50", "maxBatchDelay: 400"))
-    args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
-            "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
-            "--model-config", str(model_config)]  # fmt: skip
-    assert build_mar(args) == 0
-    assert (store / f"{MODEL}.mar").is_file()
-    config = write_properties(ROOT / "config.properties", home / "config.properties", {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        "model_store": str(store),
-        # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
-        "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
-    })  # fmt: skip
-    ts = TorchServe(config, home, store, f"{MODEL}={MODEL}.mar")
-    ts.start(foreground=True)
-    try:
-        ts.wait_ready(MODEL, timeout=TIMEOUT)
-        yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +198,56 @@ def test_init_image_as_data_url(server: TorchServe) -> None:
     response = predict(server, body)
     assert response.status_code == 200
     assert decode(response.json()["images"][0]).shape == (64, 80, 3)
+
+
+def read_stream(response: requests.Response) -> list[dict[str, Any]]:
+    """The HTTP chunks of a streamed answer as they arrive, each checked to be exactly one JSON object and '\\n'."""
+    lines = []
+    for chunk in response.raw.read_chunked(decode_content=True):
+        text = chunk.decode("utf-8")
+        assert text.endswith("\n") and text.count("\n") == 1, text[:200]
+        lines.append(json.loads(text))
+    return lines
+
+
+def test_stream_sends_step_lines_then_the_json_response(server: TorchServe) -> None:
+    body = {**VALID, "ddim_steps": 4, "n_samples": 2}
+    with predict(server, {**body, "stream": True}, stream=True) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/x-ndjson"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        *steps, final = read_stream(response)
+    assert [(s["step"], s["total"], s["image_index"]) for s in steps] == [(k, 4, 0) for k in (1, 2, 3, 4)]
+    # preview_every is 5 in the shipped model-config.yaml: of 4 steps, only the last has a preview.
+    assert [s["step"] for s in steps if "preview" in s] == [4]
+    with Image.open(io.BytesIO(base64.b64decode(steps[-1]["preview"]))) as preview:
+        assert (preview.format, preview.size) == ("JPEG", (8, 8))
+    plain = predict(server, body)
+    assert final == plain.json()
+
+
+def test_accept_ndjson_streams_and_plain_neighbours_in_the_batch_are_unaffected(server: TorchServe) -> None:
+    log = server.home / "logs" / "model_log.log"
+    logged = len(log.read_text())
+    bodies = [{**VALID, "seed": 20 + i, "ddim_steps": 2} for i in range(3)]
+    barrier = threading.Barrier(len(bodies))
+
+    def send(index: int) -> tuple[str, list[dict[str, Any]] | dict[str, Any]]:
+        barrier.wait()
+        if index == 1:
+            response = predict(server, bodies[index])
+            return response.headers["Content-Type"], response.json()
+        with predict(server, bodies[index], accept="application/x-ndjson", stream=True) as response:
+            return response.headers["Content-Type"], read_stream(response)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        (type0, lines0), (type1, plain), (type2, lines2) = pool.map(send, range(len(bodies)))
+    assert (type0, type1, type2) == ("application/x-ndjson", "application/json", "application/x-ndjson")
+    for lines in (lines0, lines2):
+        assert [(line["step"], line["total"]) for line in lines[:-1]] == [(1, 2), (2, 2)]
+    for index, answer in ((0, lines0[-1]), (1, plain), (2, lines2[-1])):
+        assert answer["seeds"] == [20 + index]
+        alone = predict(server, bodies[index]).json()
+        assert np.abs(decode(answer["images"][0]).astype(int) - decode(alone["images"][0])).max() <= 1
+    sizes = [int(size) for size in re.findall(r"batch of (\d+) requests", log.read_text()[logged:])]
+    assert max(sizes) > 1, "the three requests should have shared a batch"

@@ -1,0 +1,183 @@
+"""The front's HTTP API: `POST /imagine` as the original app answered it, the progress stream, the page, health.
+
+Why FastAPI on uvicorn: async end to end (httpx upstream), so a few processes hold many slow generations; request
+and answer forms are declared once and published as OpenAPI. Its `/docs` normally pulls Swagger UI from a CDN and
+would be blank offline; `fastapi-offline` ships Swagger UI 5 and ReDoc in its wheel and serves them from here.
+(`swagger-ui-bundle` on PyPI was the other candidate: its Swagger UI 4.15 cannot read the OpenAPI 3.1 FastAPI writes.)
+
+Answers:
+- `Accept: image/png`: the request goes to TorchServe whole and its PNG is streamed back with its `X-Seed`; a request
+  for several images gets TorchServe's 400, which says to ask for JSON: a PNG holds one image, and silently
+  dropping all but the first would lose images the user waits for.
+- `Accept: application/json` (and anything else but ndjson): the JSON array of base64 PNGs, one TorchServe request
+  per iteration (front/imagine.py), with `X-Seed` and `X-Seeds`.
+- `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
+  line as it arrives, iterations one after another, then one final line with every image.
+- Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+
+from front import schema
+from front.errors import FrontError
+from front.imagine import Plan, Results, plan_request, seed_headers
+from front.settings import FrontSettings
+from front.upstream import JSON, NDJSON, PNG, InferenceApi
+
+STATIC = Path(__file__).parent / "static"
+# The page loads nothing but its own files and the images it is given as data: URLs, so a prompt that slips into
+# markup could still run nothing.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def _line(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncIterator[bytes]:
+    """The progress stream of every iteration: step lines as they come (numbered across iterations), then one
+    final line gathering the images; an error line, or a failure of TorchServe, ends it."""
+    results = Results()
+    response = first
+    try:
+        for iteration in range(plan.iterations):
+            if iteration:
+                response = await api.open(plan.iteration(results.next_seed), NDJSON)
+                if response.status_code != 200:
+                    raise await api.refusal(response)
+            finished = False
+            async for message in api.lines(response):
+                if "step" in message:
+                    image_index = message.get("image_index", 0) + len(results.images)
+                    numbered = {"image_index": image_index, "iteration": iteration, "n_iter": plan.iterations}
+                    yield _line({**message, **numbered})
+                elif "images" in message:
+                    results.add(message)
+                    finished = True
+                else:
+                    yield _line(message)
+                    return
+            await response.aclose()
+            if not finished:
+                raise FrontError(502, "TorchServe ended the progress stream without the images")
+        yield _line(results.answer(plan))
+    except FrontError as error:
+        yield _line(error.body())
+    finally:
+        await response.aclose()
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with TorchServe's 413 as soon as it passes `limit` bytes rather than read whole."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise FrontError(413, f"the body must be at most {limit} bytes", "body")
+    return bytes(body)
+
+
+def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The front for one TorchServe model; `transport` replaces the network (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Made in the server's event loop: its pooled connections belong to that loop.
+        app.state.api = InferenceApi(settings, transport)
+        try:
+            yield
+        finally:
+            await app.state.api.aclose()
+
+    app = FastAPIOffline(
+        title="Stable Diffusion front",
+        summary="The original app's /imagine API and a browser UI, in front of TorchServe.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(FrontError)
+    async def front_error(request: Request, error: FrontError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    async def png(api: InferenceApi, plan: Plan) -> Response:
+        response = await api.open(plan.whole(), PNG)
+        if response.status_code != 200:
+            raise await api.refusal(response)
+        headers = {name: response.headers[name] for name in ("X-Seed", "X-Seeds") if name in response.headers}
+        return StreamingResponse(api.chunks(response), media_type=PNG, headers=headers)
+
+    async def json_array(api: InferenceApi, plan: Plan) -> Response:
+        results = Results()
+        for iteration in range(plan.iterations):
+            response = await api.open(plan.iteration(results.next_seed if iteration else None), JSON)
+            try:
+                if response.status_code != 200:
+                    raise await api.refusal(response)
+                results.add(await api.read_json(response))
+            finally:
+                await response.aclose()
+        return JSONResponse(results.images, headers=seed_headers(results.seeds))
+
+    async def stream(api: InferenceApi, plan: Plan) -> Response:
+        # The first iteration is opened here, so that a request TorchServe refuses gets its plain 4xx JSON answer.
+        first = await api.open(plan.iteration(), NDJSON)
+        if first.status_code != 200:
+            raise await api.refusal(first)
+        headers = {"X-Seed": str(plan.seed)} if plan.seed is not None else {}
+        return StreamingResponse(_relay(api, plan, first), media_type=NDJSON, headers=headers)
+
+    @app.post(
+        "/imagine",
+        summary="Generate images (the original app's API)",
+        response_class=Response,
+        responses={**schema.IMAGINE_ANSWERS, **schema.errors()},
+        openapi_extra=schema.request_body(),
+    )
+    async def imagine(request: Request) -> Response:
+        plan = plan_request(await _body(request, settings.max_body_bytes), settings.max_images)
+        accept = request.headers.get("accept", "").lower()
+        api = request.app.state.api
+        if plan.stream or NDJSON in accept:
+            return await stream(api, plan)
+        if PNG in accept and JSON not in accept:
+            return await png(api, plan)
+        return await json_array(api, plan)
+
+    @app.post(
+        "/imagine/stream",
+        summary="Generate images with live progress",
+        response_class=StreamingResponse,
+        responses={**schema.STREAM_ANSWERS, **schema.errors()},
+        openapi_extra=schema.request_body(),
+    )
+    async def imagine_stream(request: Request) -> Response:
+        plan = plan_request(await _body(request, settings.max_body_bytes), settings.max_images, stream=True)
+        return await stream(request.app.state.api, plan)
+
+    @app.get("/healthz", summary="Whether TorchServe answers its health check")
+    async def healthz(request: Request) -> JSONResponse:
+        healthy, status = await request.app.state.api.ping()
+        body = {"status": "ok" if healthy else "unavailable", "torchserve": status, "model": settings.model}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    return app

@@ -1,0 +1,129 @@
+"""The original app's `/imagine` request over TorchServe's per-request limit: how one request becomes several.
+
+Decisions, and why:
+- **One TorchServe request per iteration.** The original app looped `n_iter` times over batches of `n_samples`, so
+  its users ask for 2 × 5 = 10 images, while TorchServe takes at most 8 per request (`max_images` in
+  model-config.yaml, which bounds GPU memory). Iteration k is sent as `n_samples` images from seed
+  `seed + k·n_samples`, the first seed after the previous iteration's last: since every image has its own generator
+  (seed + i), the images are exactly those one big request would make, in the same order. The iterations go one
+  after another, not all at once: the first invalid field stops the request before any further GPU work, progress
+  arrives in order, and one user's 10 images do not crowd every other user out of TorchServe's batches.
+- **The front draws the seed** when none is given, below 2³² − `max_images`, so every image's seed is known and
+  valid before the first request is sent: the progress stream carries `X-Seed` from its first byte, and the seeds
+  of later iterations follow from it.
+- **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a count or seed that is
+  not an integer) is forwarded as it is, so that TorchServe's handler names the field at fault; the front only
+  refuses what is its own: the `stream` flag and more than `max_images` images in one request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from front.errors import FrontError
+
+# Seeds are 32-bit (the API's documented range); image i of a request uses seed + i.
+MAX_SEED = 2**32 - 1
+
+
+class _DuplicateKey(ValueError):
+    """A body with a key twice: forwarded untouched, since parsing it here would silently keep one of them."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey
+    return dict(pairs)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one `/imagine` request is sent to TorchServe."""
+
+    # The request's fields with the seed filled in, or None when the body is forwarded as it came.
+    fields: dict[str, Any] | None
+    raw: bytes
+    stream: bool
+    # TorchServe requests to send, one per iteration; 1 leaves `n_iter` to TorchServe.
+    iterations: int
+
+    @property
+    def seed(self) -> int | None:
+        return self.fields.get("seed") if self.fields is not None else None
+
+    def whole(self) -> bytes:
+        """The request as one TorchServe request (a PNG answer holds one image: TorchServe says so if not)."""
+        return self.raw if self.fields is None else json.dumps(self.fields).encode()
+
+    def iteration(self, seed: int | None = None) -> bytes:
+        """One iteration's request: `n_samples` images from `seed` (None: the request's own seed)."""
+        if self.iterations == 1:
+            return self.whole()
+        assert self.fields is not None, "only a parsed request is split"
+        return json.dumps({**self.fields, "n_iter": 1, "seed": self.seed if seed is None else seed}).encode()
+
+
+def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
+    """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`) and draw the seed if absent.
+
+    Raises FrontError for a `stream` flag that is not a boolean and for more than `max_images` images.
+    """
+    try:
+        fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
+    except ValueError:
+        return Plan(None, raw, stream, 1)
+    if not isinstance(fields, dict):
+        return Plan(None, raw, stream, 1)
+    flag = fields.pop("stream", False)
+    if not isinstance(flag, bool):
+        raise FrontError(400, f"stream must be true or false, got {json.dumps(flag)}", "stream")
+    stream = stream or flag
+    n_samples, n_iter, seed = fields.get("n_samples", 1), fields.get("n_iter", 1), fields.get("seed")
+    if not (_is_integer(n_samples) and _is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):
+        return Plan(fields, raw, stream, 1)
+    if n_samples * n_iter > max_images:
+        name = "n_iter" if "n_iter" in fields else "n_samples"
+        raise FrontError(400, f"n_samples×n_iter must be at most {max_images} images, got {n_samples * n_iter}", name)
+    if seed is None:
+        fields["seed"] = secrets.randbelow(MAX_SEED - max_images + 2)
+    elif not _is_integer(seed):
+        return Plan(fields, raw, stream, 1)
+    return Plan(fields, raw, stream, n_iter if "n_iter" in fields else 1)
+
+
+@dataclass
+class Results:
+    """The answers of a request's iterations, gathered into the one answer a single request would have given."""
+
+    images: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, answer: dict[str, Any]) -> None:
+        self.images += answer["images"]
+        self.seeds += answer["seeds"]
+        self.parameters = self.parameters or answer["parameters"]
+
+    @property
+    def next_seed(self) -> int:
+        """The seed of the next iteration's first image."""
+        return self.seeds[-1] + 1
+
+    def answer(self, plan: Plan) -> dict[str, Any]:
+        """TorchServe's JSON answer for the whole request: all images and seeds, the first iteration's parameters
+        with the request's `n_iter`."""
+        parameters = {**self.parameters, "n_iter": plan.iterations} if plan.iterations > 1 else self.parameters
+        return {"images": self.images, "seeds": self.seeds, "parameters": parameters}
+
+
+def seed_headers(seeds: list[int]) -> dict[str, str]:
+    """The headers TorchServe reports seeds in, for the original app's clients."""
+    return {"X-Seed": str(seeds[0]), "X-Seeds": ",".join(map(str, seeds))}

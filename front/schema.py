@@ -1,0 +1,79 @@
+"""The `/imagine` request and answers as the OpenAPI document shows them.
+
+For the docs only: the front forwards bodies without checking them against this model, since TorchServe's handler
+is the one validator of the fields (its limits are configured in model-config.yaml, and its errors name the field).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ImagineRequest(BaseModel):
+    """The original app's fields, and those of our inference API."""
+
+    prompt: str = Field(description="what the images should show", max_length=2000)
+    negative_prompt: str = Field("", description="what the images should not show")
+    H: int = Field(512, description="height in pixels, a multiple of 8 (img2img: the init image's)")
+    W: int = Field(512, description="width in pixels, a multiple of 8 (img2img: the init image's)")
+    ddim_steps: int = Field(50, description="DDIM steps")
+    scale: float = Field(7.5, description="classifier-free guidance scale")
+    eta: float = Field(0.0, description="DDIM η; 0 is deterministic")
+    seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
+    n_samples: int = Field(1, description="images per iteration (at most 8)")
+    n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
+    sampler: str = Field("ddim", description="sampler")
+    init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
+    strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")
+    stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")
+
+
+EXAMPLES = {
+    "png": {"summary": "One PNG (Accept: image/png)", "value": {"prompt": "a lighthouse at dawn", "seed": 42}},
+    "json": {
+        "summary": "Ten images as a JSON array (Accept: application/json)",
+        "value": {"prompt": "a lighthouse at dawn", "n_samples": 2, "n_iter": 5},
+    },
+}
+ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "field": {"type": "string"}}}
+NDJSON_DESCRIPTION = (
+    'One JSON object per line: `{"step", "total", "image_index", "iteration", "n_iter"}` per denoising step (some '
+    'with a base64 JPEG `preview`), then `{"images", "seeds", "parameters"}`, or `{"error", "field"}` on failure.'
+)
+
+
+def request_body() -> dict[str, Any]:
+    """The `requestBody` of both /imagine operations."""
+    content = {"application/json": {"schema": ImagineRequest.model_json_schema(), "examples": EXAMPLES}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def errors() -> dict[int | str, dict[str, Any]]:
+    """The error answers both operations share."""
+    content = {"application/json": {"schema": ERROR}}
+    return {
+        400: {"description": "a field breaks a rule; `field` names it", "content": content},
+        503: {"description": "TorchServe is not reachable, or does not serve the model", "content": content},
+        504: {"description": "TorchServe sent nothing within the timeout", "content": content},
+    }
+
+
+IMAGINE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "`Accept: image/png`: the PNG (one image only). Otherwise a JSON array of base64 PNGs, "
+        "n_samples × n_iter of them. `X-Seed` holds the first seed, `X-Seeds` all of them.",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+            "application/x-ndjson": {"schema": {"type": "string", "description": NDJSON_DESCRIPTION}},
+        },
+    },
+}
+STREAM_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The progress stream; `X-Seed` holds the first seed.",
+        "content": {"application/x-ndjson": {"schema": {"type": "string", "description": NDJSON_DESCRIPTION}}},
+    },
+}

@@ -1,0 +1,64 @@
+"""Progress of streamed requests, sent as TorchServe intermediate responses: one JSON line per denoising step.
+
+TorchServe 0.12 turns each intermediate response of a request into one HTTP chunk; the first one also sends the
+status line and headers (so the content type must be set before it), and the handler's ordinary return value
+becomes the stream's last chunk. An intermediate response names the batch positions it is for, so requests of the
+same batch that did not ask for a stream still get one plain response at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+from handler.request import NDJSON
+from ldm.pipeline import Progress
+from ldm.preview import preview_jpeg
+
+
+def ndjson_line(value: dict[str, Any]) -> str:
+    """One line of the stream: a JSON object, then a newline (the JSON itself never holds a raw newline)."""
+    return json.dumps(value) + "\n"
+
+
+class ProgressStream:
+    """Sends a step line to each streamed request whose images are in the UNet batch that just stepped.
+
+    `targets` maps a request's index in the pipeline call to its position in TorchServe's batch. `started` collects
+    the positions that have been sent something: their status and headers are out, so from then on even an error
+    can only be one more line.
+    """
+
+    def __init__(self, context: Any, targets: dict[int, int], preview_every: int) -> None:
+        self.context = context
+        self.targets = targets
+        self.preview_every = preview_every
+        self.started: set[int] = set()
+        for idx in targets.values():
+            context.set_response_content_type(idx, NDJSON)
+
+    def wants_preview(self, step: int, total: int) -> bool:
+        return self.preview_every > 0 and (step % self.preview_every == 0 or step == total)
+
+    def __call__(self, progress: Progress) -> None:
+        lines: dict[int, str] = {}
+        for request_index, row in progress.first_rows().items():
+            idx = self.targets.get(request_index)
+            if idx is None:
+                continue
+            line: dict[str, Any] = {
+                "step": progress.step,
+                "total": progress.total,
+                "image_index": progress.images[row][1],
+            }
+            if self.wants_preview(progress.step, progress.total):
+                line["preview"] = base64.b64encode(preview_jpeg(progress.latents[row])).decode("ascii")
+            lines[idx] = ndjson_line(line)
+        if not lines:
+            return
+        request_ids = {idx: self.context.get_request_id(idx) for idx in lines}
+        send_intermediate_predict_response(lines, request_ids, "Intermediate Prediction success", 200, self.context)
+        self.started.update(lines)

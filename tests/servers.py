@@ -1,0 +1,78 @@
+"""Real servers for integration tests, on free ports in their own folders, always stopped: a TorchServe serving
+the tiny reference model, and the web front in front of it (uvicorn in a thread of the test process)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+from front.app import create_app
+from front.settings import FrontSettings
+from scripts.build_mar import main as build_mar
+from scripts.server import ROOT, TorchServe, write_properties
+from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
+
+MODEL = "tiny"
+TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def tiny_torchserve(home: Path) -> Iterator[TorchServe]:
+    """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends."""
+    store = home / "model-store"
+    # The shipped model-config.yaml, with a batch delay long enough that concurrent clients share batches.
+    model_config = home / "model-config.yaml"
+    model_config.write_text((ROOT / "model-config.yaml").read_text().replace("maxBatchDelay: 50", "maxBatchDelay: 400"))
+    args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
+            "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
+            "--model-config", str(model_config)]  # fmt: skip
+    assert build_mar(args) == 0
+    assert (store / f"{MODEL}.mar").is_file()
+    config = write_properties(ROOT / "config.properties", home / "config.properties", {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(store),
+        # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
+        "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
+    })  # fmt: skip
+    ts = TorchServe(config, home, store, f"{MODEL}={MODEL}.mar")
+    ts.start(foreground=True)
+    try:
+        ts.wait_ready(MODEL, timeout=TIMEOUT)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@contextmanager
+def running_front(inference_url: str, model: str = MODEL) -> Iterator[str]:
+    """The front on a free port, served by uvicorn in a thread; yields its base URL."""
+    settings = FrontSettings(inference_url=inference_url, model=model, port=free_port(), timeout=TIMEOUT)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="sd-front")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the front did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

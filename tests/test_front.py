@@ -1,0 +1,105 @@
+"""The web front in front of a real TorchServe (tests/conftest.py starts both): the original app's two documented
+requests, shrunk to the tiny model's size, answered in the original form with TorchServe's own images; the progress
+stream; errors and health. The same front against a stand-in TorchServe: tests/test_front_offline.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from scripts.server import TorchServe
+from tests.servers import MODEL, TIMEOUT
+
+pytestmark = pytest.mark.integration
+TINY = {"H": 64, "W": 64, "ddim_steps": 3}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=TIMEOUT) as client:
+        yield client
+
+
+def direct(http: httpx.Client, server: TorchServe, body: dict[str, Any], accept: str) -> httpx.Response:
+    """The same request straight to TorchServe."""
+    return http.post(f"{server.inference_url}/predictions/{MODEL}", json=body, headers={"Accept": accept})
+
+
+def test_png_request(http: httpx.Client, front: str, server: TorchServe) -> None:
+    body = {"prompt": "a photograph of an astronaut riding a horse", "seed": 42, **TINY}
+    response = http.post(f"{front}/imagine", json=body, headers={"Accept": "image/png"})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/png" and response.headers["X-Seed"] == "42"
+    assert response.content.startswith(PNG_SIGNATURE)
+    assert response.content == direct(http, server, body, "image/png").content
+
+
+def test_json_array_request_of_ten_images(http: httpx.Client, front: str, server: TorchServe) -> None:
+    """n_samples 2 × n_iter 5: more than TorchServe's 8 per request, as the original app allowed."""
+    body = {"prompt": "a photograph of an astronaut riding a horse", "n_samples": 2, "n_iter": 5, "seed": 7, **TINY}
+    response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    images = response.json()
+    assert isinstance(images, list) and len(images) == 10
+    assert all(base64.b64decode(image, validate=True).startswith(PNG_SIGNATURE) for image in images)
+    assert response.headers["X-Seed"] == "7" and response.headers["X-Seeds"] == ",".join(map(str, range(7, 17)))
+    # Iteration k is image 2k and 2k+1: exactly TorchServe's images of that batch.
+    for k in range(5):
+        batch = direct(http, server, {**body, "n_iter": 1, "seed": 7 + 2 * k}, "application/json").json()
+        assert images[2 * k : 2 * k + 2] == batch["images"], k
+
+
+def test_without_a_seed_the_drawn_one_is_reported(http: httpx.Client, front: str, server: TorchServe) -> None:
+    body = {"prompt": "a lighthouse", "n_iter": 2, **TINY}
+    response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})
+    seeds = [int(seed) for seed in response.headers["X-Seeds"].split(",")]
+    assert seeds == [seeds[0], seeds[0] + 1] and response.headers["X-Seed"] == str(seeds[0])
+    again = direct(http, server, {**body, "n_iter": 1, "seed": seeds[1]}, "application/json").json()
+    assert response.json()[1] == again["images"][0]
+
+
+def test_stream_steps_in_order_then_the_same_images(http: httpx.Client, front: str) -> None:
+    body = {"prompt": "a lighthouse", "n_samples": 2, "n_iter": 2, "seed": 11, **TINY, "ddim_steps": 4}
+    lines: list[tuple[float, dict[str, Any]]] = []
+    with http.stream("POST", f"{front}/imagine/stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/x-ndjson" and response.headers["X-Seed"] == "11"
+        lines = [(time.monotonic(), json.loads(line)) for line in response.iter_lines() if line]
+    *steps, (finished, final) = lines
+    assert steps, "no step lines: does the handler stream its progress?"
+    assert all("step" in line for _, line in steps)
+    progress = [(line["iteration"], line["step"]) for _, line in steps]
+    assert progress == sorted(progress) and {iteration for iteration, _ in progress} == {0, 1}
+    assert all(line["total"] == 4 for _, line in steps)
+    assert steps[-1][0] <= finished
+    plain = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"}).json()
+    assert final["images"] == plain and final["seeds"] == [11, 12, 13, 14]
+    assert final["parameters"]["n_iter"] == 2 and final["parameters"]["seed"] == 11
+
+
+@pytest.mark.parametrize("path", ["/imagine", "/imagine/stream"])
+def test_validation_errors_pass_through(http: httpx.Client, front: str, path: str) -> None:
+    for body, field in [({"prompt": "a", "H": 100}, "H"), ({"prompt": "a", "ddim_step": 3}, "ddim_step")]:
+        response = http.post(f"{front}{path}", json=body)
+        assert response.status_code == 400 and response.headers["Content-Type"] == "application/json"
+        assert response.json()["field"] == field, response.json()
+
+
+def test_png_of_several_images_is_refused_with_advice(http: httpx.Client, front: str) -> None:
+    body = {"prompt": "a", "n_samples": 2, **TINY}
+    response = http.post(f"{front}/imagine", json=body, headers={"Accept": "image/png"})
+    assert response.status_code == 400 and response.json()["field"] == "n_samples"
+    assert "Accept: application/json" in response.json()["error"]
+
+
+def test_health(http: httpx.Client, front: str) -> None:
+    response = http.get(f"{front}/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok", "torchserve": "Healthy", "model": MODEL}

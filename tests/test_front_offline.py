@@ -1,0 +1,231 @@
+"""The web front against a stand-in for TorchServe (httpx's MockTransport answering as the inference API does):
+how requests are split and seeded, what is forwarded untouched, how the progress stream is relayed, and each way
+TorchServe can fail. The same front against a real TorchServe: tests/test_front.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from front.app import create_app
+from front.cli import parse_settings
+from front.imagine import MAX_SEED
+from front.settings import FrontSettings
+from tests.servers import free_port
+
+REFUSAL = {"error": "H must be a multiple of 8, got 100", "field": "H"}
+
+
+@dataclass
+class FakeInference:
+    """Answers predictions as our handler does (image i of a request is the text "png<seed + i>"), and records the
+    bodies it was sent. A prompt of "refuse" gets the 400 above, "fail" an error line after the first step."""
+
+    bodies: list[bytes] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/ping":
+            return httpx.Response(200, json={"status": "Healthy"})
+        if request.url.path != "/predictions/sd":
+            return httpx.Response(
+                404, json={"code": 404, "type": "ModelNotFoundException", "message": "Model not found"}
+            )
+        self.bodies.append(request.content)
+        try:
+            body = json.loads(request.content)
+            seeds = [body["seed"] + i for i in range(body.get("n_samples", 1) * body.get("n_iter", 1))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return httpx.Response(400, json={"error": "the body is not valid", "field": "body"})
+        if body["prompt"] == "refuse":
+            return httpx.Response(400, json=REFUSAL)
+        answer = {"images": [f"png{seed}" for seed in seeds], "seeds": seeds, "parameters": {**body}}
+        if request.headers["Accept"] != "application/x-ndjson":
+            return httpx.Response(200, json=answer, headers={"X-Seed": str(seeds[0])})
+        steps = [{"step": k, "total": 2, "image_index": 0} for k in (1, 2)]
+        last = {"error": "out of GPU memory", "field": ""} if body["prompt"] == "fail" else answer
+        lines = [json.dumps(line) for line in [*steps[: 1 if body["prompt"] == "fail" else 2], last]]
+        return httpx.Response(200, content="\n".join(lines) + "\n", headers={"Content-Type": "application/x-ndjson"})
+
+    def sent(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for body in self.bodies]
+
+
+@pytest.fixture
+def fake() -> FakeInference:
+    return FakeInference()
+
+
+@pytest.fixture
+def client(fake: FakeInference) -> Iterator[TestClient]:
+    with TestClient(create_app(FrontSettings(max_images=16), httpx.MockTransport(fake))) as test_client:
+        yield test_client
+
+
+def stream_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_each_iteration_is_one_request_starting_after_the_last_seed(client: TestClient, fake: FakeInference) -> None:
+    body = {"prompt": "a fox", "n_samples": 2, "n_iter": 5, "seed": 7}
+    response = client.post("/imagine", json=body, headers={"Accept": "application/json"})
+    assert response.status_code == 200
+    assert response.json() == [f"png{seed}" for seed in range(7, 17)]
+    assert response.headers["X-Seed"] == "7" and response.headers["X-Seeds"] == ",".join(map(str, range(7, 17)))
+    assert fake.sent() == [
+        {"prompt": "a fox", "n_samples": 2, "n_iter": 1, "seed": seed} for seed in (7, 9, 11, 13, 15)
+    ]
+
+
+def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference) -> None:
+    response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": None})
+    first = fake.sent()[0]["seed"]
+    assert 0 <= first <= MAX_SEED - 16 + 1
+    assert [body["seed"] for body in fake.sent()] == [first, first + 1, first + 2]
+    assert response.headers["X-Seeds"] == f"{first},{first + 1},{first + 2}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{prompt: a fox",
+        b'["a fox"]',
+        b'{"prompt": "a", "prompt": "b", "seed": 1}',
+        b'{"prompt": "a fox", "n_iter": "2", "seed": 1}',
+        b'{"prompt": "a fox", "n_iter": 2, "seed": 1.5}',
+    ],
+)
+def test_what_the_front_cannot_split_is_forwarded_as_it_came(
+    client: TestClient, fake: FakeInference, raw: bytes
+) -> None:
+    """TorchServe's handler is the one validator: it gets the body unchanged and names the field."""
+    client.post("/imagine", content=raw, headers={"Content-Type": "application/json"})
+    assert len(fake.bodies) == 1
+    assert fake.bodies[0] == raw or json.loads(fake.bodies[0]) == json.loads(raw)
+
+
+def test_handler_errors_pass_through(client: TestClient) -> None:
+    for path in ("/imagine", "/imagine/stream"):
+        response = client.post(path, json={"prompt": "refuse", "n_iter": 2})
+        assert (response.status_code, response.json()) == (400, REFUSAL), path
+        assert response.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"prompt": "a", "n_samples": 4, "n_iter": 5}, "n_iter"), ({"prompt": "a", "n_samples": 17}, "n_samples"),
+     ({"prompt": "a", "stream": "yes"}, "stream")],
+)  # fmt: skip
+def test_the_fronts_own_rules(client: TestClient, fake: FakeInference, body: dict[str, Any], field: str) -> None:
+    response = client.post("/imagine", json=body)
+    assert response.status_code == 400 and response.json()["field"] == field
+    assert fake.bodies == []
+
+
+def test_png_is_forwarded_whole(client: TestClient, fake: FakeInference) -> None:
+    response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Seed"] == "3"
+    assert fake.sent() == [{"prompt": "a fox", "seed": 3}]
+
+
+def test_stream_numbers_steps_across_iterations_and_gathers_the_images(client: TestClient) -> None:
+    for path, body in [("/imagine/stream", {}), ("/imagine", {"stream": True})]:
+        response = client.post(path, json={"prompt": "a fox", "n_samples": 2, "n_iter": 2, "seed": 5, **body})
+        assert response.headers["Content-Type"] == "application/x-ndjson" and response.headers["X-Seed"] == "5"
+        *steps, final = stream_lines(response)
+        assert [(s["iteration"], s["step"], s["image_index"], s["n_iter"]) for s in steps] == [
+            (0, 1, 0, 2), (0, 2, 0, 2), (1, 1, 2, 2), (1, 2, 2, 2)]  # fmt: skip
+        assert final["images"] == ["png5", "png6", "png7", "png8"] and final["seeds"] == [5, 6, 7, 8]
+        assert final["parameters"]["n_iter"] == 2 and final["parameters"]["seed"] == 5
+
+
+def test_an_error_line_ends_the_stream(client: TestClient, fake: FakeInference) -> None:
+    response = client.post("/imagine/stream", json={"prompt": "fail", "n_iter": 3, "seed": 1})
+    assert stream_lines(response) == [{"step": 1, "total": 2, "image_index": 0, "iteration": 0, "n_iter": 3},
+                                      {"error": "out of GPU memory", "field": ""}]  # fmt: skip
+    assert len(fake.bodies) == 1
+
+
+def test_torchserve_down_is_a_503_that_says_so() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with TestClient(create_app(FrontSettings(inference_url=url))) as test_client:
+        for path in ("/imagine", "/imagine/stream"):
+            response = test_client.post(path, json={"prompt": "a fox"})
+            assert response.status_code == 503
+            assert response.json() == {"error": f"TorchServe is not reachable at {url}: start it (scripts/serve.sh) "
+                                       "or set SD_INFERENCE_URL", "field": ""}  # fmt: skip
+        health = test_client.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+
+
+def test_a_model_torchserve_does_not_serve_is_a_503(fake: FakeInference) -> None:
+    app = create_app(FrontSettings(model="nope"), httpx.MockTransport(fake))
+    with TestClient(app) as test_client:
+        response = test_client.post("/imagine", json={"prompt": "a fox"})
+        assert response.status_code == 503 and "does not serve the model 'nope'" in response.json()["error"]
+        assert test_client.get("/healthz").json() == {"status": "ok", "torchserve": "Healthy", "model": "nope"}
+
+
+def test_docs_are_served_from_here(client: TestClient) -> None:
+    page = client.get("/docs").text
+    assert "cdn" not in page.lower()
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    operation = client.get("/openapi.json").json()["paths"]["/imagine"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "n_samples", "n_iter", "init_image", "stream"} <= set(schema["properties"])
+    assert set(operation["responses"]["200"]["content"]) == {"image/png", "application/json", "application/x-ndjson"}
+
+
+class PageParts(HTMLParser):
+    """The ids of a page's form controls, the ids its labels name, and the addresses it loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controls: list[str] = []
+        self.labelled: set[str] = set()
+        self.loads: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag in ("input", "select", "textarea", "progress"):
+            self.controls.append(str(attributes.get("id")))
+        if tag == "label":
+            self.labelled.add(str(attributes.get("for")))
+        if tag in ("script", "link", "img") and (attributes.get("src") or attributes.get("href")):
+            self.loads.append(str(attributes.get("src") or attributes.get("href")))
+
+
+def test_the_page_labels_every_control_and_loads_nothing_from_elsewhere(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    page = PageParts()
+    page.feed(response.text)
+    assert len(page.controls) >= 12
+    assert set(page.controls) <= page.labelled
+    assert page.loads == ["data:,", "/static/style.css", "/static/app.js"]
+    for asset in page.loads[1:]:
+        assert client.get(asset).status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_unread(client: TestClient, fake: FakeInference) -> None:
+    body = b'{"prompt": "' + b"x" * (16 * 1024 * 1024) + b'"}'
+    response = client.post("/imagine", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["field"] == "body"
+    assert fake.bodies == []
+
+
+def test_settings_from_the_command_line_over_the_environment() -> None:
+    environ = {"SD_FRONT_PORT": "6000", "SD_INFERENCE_URL": "http://ts:8080", "SD_MODEL_NAME": "env-model"}
+    settings = parse_settings(["--model", "cli-model"], environ)
+    assert (settings.port, settings.inference_url, settings.model) == (6000, "http://ts:8080", "cli-model")
+    assert parse_settings([], {}) == FrontSettings()
+    with pytest.raises(SystemExit, match="SD_FRONT_PORT must be int"):
+        parse_settings([], {"SD_FRONT_PORT": "five thousand"})

@@ -1,0 +1,133 @@
+"""The page in a real headless Chromium (Debian's `chromium`, driven by Playwright) against the front and a real
+TorchServe: a user generates, watches the progress, reuses a seed, sends a result back as the init image, sees an
+invalid size explained next to the size, and a prompt full of markup shown as text. A screenshot of the page is left
+in the test's tmp folder and in test-artifacts/ui.png."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
+
+from scripts.server import ROOT
+
+pytestmark = pytest.mark.integration
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps dialing out, and a closed network refuses it many times.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+GENERATION = 60_000  # ms a tiny generation may take on a slow machine
+# Records every value the progress bar takes and every preview shown, as the page sets them.
+RECORD_PROGRESS = """() => {
+  window.progressValues = [];
+  window.previews = 0;
+  const progress = document.getElementById("progress");
+  new MutationObserver(() => window.progressValues.push(progress.value))
+    .observe(progress, { attributes: true, attributeFilter: ["value"] });
+  new MutationObserver(() => window.previews++)
+    .observe(document.getElementById("preview"), { attributes: true, attributeFilter: ["src"] });
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), "install Debian's chromium (apt-get install chromium), as .ci/run does"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, front: str) -> Iterator[Page]:
+    """The front's page, with tiny-model settings; fails the test on any script error, console error or dialog."""
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+
+    def console(message: ConsoleMessage) -> None:
+        # The browser logs each 4xx answer; the invalid size's 400 is one the test asks for.
+        if message.type == "error" and "status of 400" not in message.text:
+            problems.append(f"console: {message.text}")
+
+    def dialog(opened: Dialog) -> None:
+        problems.append(f"dialog: {opened.message}")
+        opened.dismiss()
+
+    page.on("console", console)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("dialog", dialog)
+    page.goto(front)
+    page.select_option("#preset", "64x64")
+    page.fill("#ddim_steps", "10")
+    try:
+        yield page
+    finally:
+        context.close()
+    assert problems == []
+
+
+def results(page: Page) -> list[dict[str, str]]:
+    """The gallery, newest first: each result's seed, prompt, parameters and image."""
+    return page.eval_on_selector_all(
+        "#gallery .result",
+        """items => items.map(item => ({
+             seed: item.querySelector(".seed").textContent, prompt: item.querySelector(".prompt").textContent,
+             parameters: item.querySelector(".parameters").textContent, src: item.querySelector("img").src}))""",
+    )
+
+
+def test_generate_watch_progress_reuse_the_seed_and_send_back_as_init_image(page: Page) -> None:
+    page.fill("#prompt", "a red bicycle in the snow")
+    page.evaluate(RECORD_PROGRESS)
+    page.press("#prompt", "Control+Enter")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    values = [float(value) for value in page.evaluate("window.progressValues")]
+    assert any(0 < value < 1 for value in values), values
+    assert values == sorted(values) and values[-1] == 1, values
+    assert page.evaluate("window.previews") > 0
+    expect(page.locator("#status")).to_contain_text("Done: 1 image")
+    [first] = results(page)
+    assert first["prompt"] == "a red bicycle in the snow" and first["parameters"].startswith("64×64 · 10 steps")
+
+    page.click("#gallery .result >> text=Reuse seed")
+    seed = first["seed"].removeprefix("Seed ")
+    assert page.input_value("#seed") == seed and page.is_checked("#seed_fixed")
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
+    again = results(page)[0]
+    assert again["seed"] == first["seed"] and again["src"] == first["src"]
+
+    page.click("#gallery .result >> nth=0 >> text=Use as init image")
+    expect(page.locator("#init_preview")).to_be_visible()
+    page.fill("#strength", "0.5")
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(3, timeout=GENERATION)
+    assert results(page)[0]["parameters"].endswith("strength 0.5")
+
+
+def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:
+    markup = "<img src=x onerror=alert(1)>"
+    page.fill("#prompt", markup)
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    assert results(page)[0]["prompt"] == markup
+    assert page.locator("img[src='x']").count() == 0
+
+    page.fill("#W", "100")
+    assert page.input_value("#preset") == "custom"
+    page.click("#generate")
+    expect(page.locator("#error-size")).to_contain_text("W must be a multiple of 8, got 100", timeout=GENERATION)
+    assert page.get_attribute("#W", "aria-invalid") == "true"
+    expect(page.locator("#gallery .result")).to_have_count(1)
+
+    shot = tmp_path / "ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copyfile(shot, artifacts / "ui.png")
