@@ -6,8 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import uvicorn
@@ -28,6 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_listeners(store: Path) -> dict[str, str]:
+    """config.properties overrides: every listener (gRPC too) on a free loopback port, models from `store`."""
+    return {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(store),
+    }
+
+
+@contextmanager
+def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on a free loopback port from a thread, stopped and closed on exit; yields the base URL."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        # A short poll interval: shutdown() waits for the next poll, 0.5 s by default.
+        thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+            thread.join()
+
+
 @contextmanager
 def tiny_torchserve(home: Path) -> Iterator[TorchServe]:
     """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends."""
@@ -41,12 +68,7 @@ def tiny_torchserve(home: Path) -> Iterator[TorchServe]:
     assert build_mar(args) == 0
     assert (store / f"{MODEL}.mar").is_file()
     config = write_properties(ROOT / "config.properties", home / "config.properties", {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        "model_store": str(store),
+        **loopback_listeners(store),
         # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
         "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
     })  # fmt: skip

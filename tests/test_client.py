@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 
 from ldm.png_info import encode_png, read_parameters
 from scripts.client import ClientError, HttpError, generate, main
+from tests.servers import http_server
 
 MODEL = "sd"
 # What the server answers to a request with this prompt, instead of images: (status, JSON body).
@@ -59,20 +58,6 @@ class FakeTorchServe:
         return 200, {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}}
 
 
-@contextmanager
-def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """`handler` served on a free loopback port from a thread, stopped and closed on exit; yields the base URL."""
-    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
-        # A short poll interval: shutdown() waits for the next poll, 0.5 s by default, at every test's teardown.
-        thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        finally:
-            httpd.shutdown()
-            thread.join()
-
-
 class QuietHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the tests read the client's stderr."""
@@ -95,7 +80,7 @@ def server() -> Iterator[FakeTorchServe]:
             self.end_headers()
             self.wfile.write(data)
 
-    with serving(Handler) as url:
+    with http_server(Handler) as url:
         fake.url = url
         yield fake
 
@@ -228,7 +213,7 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
             self.end_headers()
             self.wfile.write(b"hello")
 
-    with serving(NotTorchServe) as url, pytest.raises(ClientError, match="is --url our TorchServe"):
+    with http_server(NotTorchServe) as url, pytest.raises(ClientError, match="is --url our TorchServe"):
         generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
 
 

@@ -18,10 +18,8 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from scripts import fetch_model, ready
 from scripts.build_mar import main as build_mar
 from scripts.server import ROOT, TorchServe, read_properties, write_properties
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
-from tests.servers import TIMEOUT, free_port
+from tests.servers import TIMEOUT, free_port, http_server, loopback_listeners
 
 TOOLS = ROOT / ".tools"
 HELM = TOOLS / "helm" / "helm"
@@ -500,18 +498,9 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         """Not on the test's stderr."""
 
 
-@contextlib.contextmanager
-def serving(folder: Path) -> Iterator[str]:
-    """An HTTP server for `folder` on a free loopback port, until the block ends; yields its base URL."""
-    handler = functools.partial(QuietHandler, directory=str(folder))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
-        thread = threading.Thread(target=httpd.serve_forever)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        finally:
-            httpd.shutdown()
-            thread.join()
+def serving(folder: Path) -> contextlib.AbstractContextManager[str]:
+    """The files of `folder` over HTTP on a free loopback port, until the block ends; yields its base URL."""
+    return http_server(functools.partial(QuietHandler, directory=str(folder)))
 
 
 def small_mar(path: Path) -> str:
@@ -644,14 +633,7 @@ def test_the_entrypoint_serves_the_chart_config_and_a_downloaded_archive(tmp_pat
     config = write_properties(
         home / "chart.properties",
         home / "config.properties",
-        {
-            "inference_address": f"http://127.0.0.1:{free_port()}",
-            "management_address": f"http://127.0.0.1:{free_port()}",
-            "metrics_address": f"http://127.0.0.1:{free_port()}",
-            "grpc_inference_port": str(free_port()),
-            "grpc_management_port": str(free_port()),
-            "model_store": str(store),
-        },
+        loopback_listeners(store),
     )
     server = Container(config, home, store, "sd=sd")
     server.start(foreground=True)
