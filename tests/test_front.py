@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from scripts.server import TorchServe
+from tests.bad_requests import BAD, PNG_ONLY
 from tests.servers import MODEL, TIMEOUT
 
 pytestmark = pytest.mark.integration
@@ -103,3 +104,31 @@ def test_png_of_several_images_is_refused_with_advice(http: httpx.Client, front:
 def test_health(http: httpx.Client, front: str) -> None:
     response = http.get(f"{front}/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok", "torchserve": "Healthy", "model": MODEL}
+
+
+# Where /imagine differs from TorchServe's own rules on purpose: it splits n_iter into one request per iteration
+# (up to the front's 64 images), and its `stream` flag streams whatever the Accept header says.
+FRONT_ALLOWS = {"too many images", "stream as png"}
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "field"),
+    [b for b in BAD if b[0] not in FRONT_ALLOWS],
+    ids=[b[0] for b in BAD if b[0] not in FRONT_ALLOWS],
+)
+def test_bad_request_through_imagine_is_a_400_naming_its_field(
+    http: httpx.Client, front: str, name: str, body: Any, field: str
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    accept = "image/png" if name in PNG_ONLY else "application/json"
+    response = http.post(
+        f"{front}/imagine", content=content, headers={"Content-Type": "application/json", "Accept": accept}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field
+
+
+def test_more_images_than_the_front_allows_is_a_400(http: httpx.Client, front: str) -> None:
+    response = http.post(f"{front}/imagine", json={"prompt": "x", "n_samples": 8, "n_iter": 9, **TINY})
+    assert response.status_code == 400
+    assert response.json()["field"] in ("n_samples", "n_iter")
