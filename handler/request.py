@@ -203,10 +203,6 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if sampler not in SAMPLERS:
         raise RequestError("sampler", f"sampler '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
-    if init_image is not None and int(strength * steps) < 1:
-        raise RequestError(
-            "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"
-        )
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),
         negative_prompt=_text(body, "negative_prompt", "", limits.max_prompt_chars),
@@ -222,6 +218,10 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
     )
+    if generation.denoising_steps < 1:
+        raise RequestError(
+            "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"
+        )
     accepted = (accept or "").lower()
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -251,6 +251,7 @@ class Pipeline:
         schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
 
         groups: dict[tuple[int, int, int, int], list[_Image]] = {}
+        per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
             first_alpha = schedules[request.steps].tail(m)[0].alpha
@@ -261,7 +262,9 @@ class Pipeline:
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = noise if z0 is None else add_noise(z0, noise, first_alpha)
                 key = (request.height, request.width, request.steps, m)
-                groups.setdefault(key, []).append(_Image(index, image_index, request, generator, start))
+                image = _Image(index, image_index, request, generator, start)
+                groups.setdefault(key, []).append(image)
+                per_request[index].append(image)
 
         for (_, _, steps, m), images in groups.items():
             for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
@@ -280,8 +283,8 @@ class Pipeline:
                     image.pixels = pixels
 
         results = []
-        for index, request in enumerate(requests):
-            floats = torch.stack([i.pixels for g in groups.values() for i in g if i.request_index == index]).numpy()
+        for request, images in zip(requests, per_request, strict=True):
+            floats = torch.stack([image.pixels for image in images]).numpy()
             # (5) Round, not truncate.
             results.append(Generation(request, np.rint(floats).astype(np.uint8), floats))
         return results
