@@ -95,10 +95,15 @@ def sample(
     generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Denoise `x` through `steps`; image i draws its per-step noise z (η > 0 only) from `generators[i]`."""
+    """Denoise `x` through `steps`; image i draws its per-step noise z (η > 0 only) from `generators[i]`.
+
+    Every step's σ goes to the device in one copy up front: a copy per step would make the host wait for the GPU at
+    each step, so it could not queue the next step's work while the GPU runs this one.
+    """
+    sigma_table = torch.tensor([[step.sigma(eta) for eta in etas] for step in steps], dtype=x.dtype, device=x.device)
     for index, step in enumerate(steps):
         eps = eps_fn(x, step.t)
-        sigmas = torch.tensor([step.sigma(eta) for eta in etas], dtype=x.dtype, device=x.device)
+        sigmas = sigma_table[index]
         z = None
         if any(eta > 0 for eta in etas):
             # Every image with η > 0 draws one z per step from its own generator; others get none.
