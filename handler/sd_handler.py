@@ -64,7 +64,7 @@ class StableDiffusionHandler(BaseHandler):
         dtype = self.settings.dtype(device)
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
-        self.pipeline = Pipeline(model)
+        self.pipeline = Pipeline(model, self.settings.fast_path)
         self.initialized = True
         logger.info(
             "loaded %s (model hash %s) on %s as %s%s in %.1f s",

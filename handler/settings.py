@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ldm.fast_path import FastPath
+
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -62,6 +64,8 @@ class HandlerSettings:
     max_batch_images: int = 8
     # A streamed request gets a preview every this many steps, and at its last step; 0: never.
     preview_every: int = 5
+    # GPU speed switches (compile, CUDA graphs, channels-last) and the shapes warmed up at load.
+    fast_path: FastPath = field(default_factory=FastPath)
 
     def dtype(self, device: torch.device) -> torch.dtype:
         chosen = PRECISIONS[self.precision]
@@ -80,9 +84,14 @@ def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         expected = type(getattr(cls(), name))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
+        elif expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = tuple(value)
         elif not isinstance(value, expected) or isinstance(value, bool) is not (expected is bool):
             raise SettingsError(f"model-config.yaml {where}.{name}: expected {expected.__name__}, got {value!r}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise SettingsError(f"model-config.yaml {where}: {error}") from error
 
 
 def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
@@ -90,6 +99,7 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
     section = dict((model_yaml_config or {}).get("handler") or {})
     defaults = _section(Defaults, section.pop("defaults", None), "handler.defaults")
     limits = _section(Limits, section.pop("limits", None), "handler.limits")
+    fast_path = _section(FastPath, section.pop("fast_path", None), "handler.fast_path")
     settings = _section(HandlerSettings, section, "handler")
     if settings.precision not in PRECISIONS:
         raise SettingsError(
@@ -97,4 +107,4 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         )
     if settings.preview_every < 0:
         raise SettingsError(f"model-config.yaml handler.preview_every: 0 (never) or more, got {settings.preview_every}")
-    return replace(settings, defaults=defaults, limits=limits)
+    return replace(settings, defaults=defaults, limits=limits, fast_path=fast_path)

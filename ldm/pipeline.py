@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, sample
+from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.model import StableDiffusion
 
 SAMPLERS = ("ddim",)
@@ -161,11 +162,21 @@ def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 class Pipeline:
-    """Runs requests on a loaded model; stateless between calls."""
+    """Runs requests on a loaded model; stateless between calls.
 
-    def __init__(self, model: StableDiffusion) -> None:
+    With a `fast_path` on a GPU, the configured shapes are compiled and captured here, before the first request.
+    """
+
+    def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None) -> None:
         self.model = model
         self.factor = model.config.vae.downsampling_factor
+        if model.device.type == "cuda" and model.dtype == torch.float32:
+            # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.fast = None if fast_path is None else accelerate(model, fast_path)
+        if self.fast is not None and fast_path is not None:
+            warm_up(model, self.fast, fast_path)
 
     @torch.inference_mode()
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -207,11 +218,12 @@ class Pipeline:
         s = scales.view(-1, 1, 1, 1).to(x.device)
 
         with self.model.resident(self.model.unet) as unet:
+            call = unet if self.fast is None else self.fast.unet
 
             def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
                 batch = torch.cat([latents, latents]) if guided else latents
                 timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.long)
-                out = unet(batch.to(self.model.dtype), timesteps, context).float()
+                out = call(batch.to(self.model.dtype), timesteps, context).float()
                 if not guided:
                     return out
                 e_u, e_c = out.chunk(2)
@@ -224,8 +236,9 @@ class Pipeline:
         """(4) Pixels (B, H, W, 3) float32 in [0, 255] before rounding, one image at a time to bound memory."""
         out = []
         with self.model.resident(self.model.vae) as vae:
+            decode = vae.decode if self.fast is None else self.fast.decode
             for latent in latents.split(1):
-                image = vae.decode((latent / self.model.config.scale_factor).to(self.model.dtype)).float()
+                image = decode((latent / self.model.config.scale_factor).to(self.model.dtype)).float()
                 out.append(((image + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(out)
 

@@ -1,0 +1,90 @@
+"""The fast path's CPU-checkable parts: its settings, its shape routing and fallbacks, and that it leaves CPU
+pipelines untouched. What only a GPU can show (compile + CUDA graphs within fp16 rounding) is tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from handler.settings import SettingsError, parse_settings
+from ldm.fast_path import FastPath, ShapeDispatch, accelerate
+from ldm.model import StableDiffusion
+from ldm.pipeline import Pipeline
+from tests.reference import case
+from tests.reference import request_for as request_of
+
+
+def test_shapes_parse_and_bad_ones_are_refused() -> None:
+    assert FastPath(shapes=("512x768x2", "64x64x1")).sizes() == [(512, 768, 2), (64, 64, 1)]
+    for bad in ("512x512", "512 x 512 x 1", "0x512x1", "512x512x0", "ax512x1"):
+        with pytest.raises(ValueError, match="HxWxN"):
+            FastPath(shapes=(bad,))
+
+
+def test_model_config_section() -> None:
+    settings = parse_settings(
+        {"handler": {"fast_path": {"compile": False, "shapes": ["512x512x1", "768x512x4"]}}}
+    ).fast_path
+    assert settings == FastPath(channels_last=True, compile=False, cuda_graphs=True, shapes=("512x512x1", "768x512x4"))
+    assert parse_settings({}).fast_path == FastPath()
+    with pytest.raises(SettingsError, match=r"handler\.fast_path: fast path shape '512x512'"):
+        parse_settings({"handler": {"fast_path": {"shapes": ["512x512"]}}})
+    with pytest.raises(SettingsError, match=r"handler\.fast_path: unknown keys \['graphs'\]"):
+        parse_settings({"handler": {"fast_path": {"graphs": True}}})
+    with pytest.raises(SettingsError, match=r"handler\.fast_path\.shapes: expected tuple"):
+        parse_settings({"handler": {"fast_path": {"shapes": [512]}}})
+
+
+def test_cpu_pipelines_are_untouched(tiny_model: StableDiffusion, pipeline: Pipeline) -> None:
+    """On the CPU the fast path does nothing at all: same route, same layout, same pixels."""
+    assert accelerate(tiny_model, FastPath()) is None
+    fast = Pipeline(tiny_model, FastPath())
+    assert fast.fast is None
+    assert next(tiny_model.unet.parameters()).is_contiguous()
+    request = request_of(case("basic"))
+    assert np.array_equal(fast.generate(request).pixels, pipeline.generate(request).pixels)
+
+
+class Counting:
+    """A stand-in network: doubles its input and counts calls, optionally failing them."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls = 0
+        self.fail = fail
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("cannot compile this")
+        return x * 2
+
+
+def test_prepared_shapes_take_the_fast_route_others_the_eager_one() -> None:
+    eager, fast = Counting(), Counting()
+    dispatch = ShapeDispatch(eager, fast, graphs=False)
+    assert dispatch.prepare(torch.zeros(2, 4, 8, 8))
+    warm_up_calls = fast.calls
+    assert warm_up_calls > 0
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dispatch(x), x * 2)
+    assert (fast.calls - warm_up_calls, eager.calls, dispatch.fast_calls) == (1, 0, 1)
+    y = torch.randn(1, 4, 8, 8)
+    assert torch.equal(dispatch(y), y * 2)
+    assert (eager.calls, dispatch.fast_calls) == (1, 1)
+    # Same shape, other dtype: not the prepared route.
+    dispatch(x.double())
+    assert eager.calls == 2
+
+
+def test_a_shape_that_fails_to_prepare_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    eager = Counting()
+    dispatch = ShapeDispatch(eager, Counting(fail=True), graphs=False)
+    with caplog.at_level(logging.WARNING, logger="ldm.fast_path"):
+        assert not dispatch.prepare(torch.zeros(2, 4, 8, 8))
+    assert "run eagerly" in caplog.text
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(dispatch(x), x * 2)
+    assert (eager.calls, dispatch.fast_calls) == (1, 0)
