@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -39,9 +40,17 @@ FIELDS = (
 )
 NDJSON = "application/x-ndjson"
 INIT_IMAGE_FORMATS = ("PNG", "JPEG")
+# Modes whose conversion to RGB is exact. CMYK is refused (PIL's conversion ignores the colour profile, so colours
+# come out wrong) and so is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn white).
+INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
-# C0 control characters other than tab, newline and carriage return, and DEL: never part of a prompt.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# What a text field must not hold, and how to say so. C0 control characters other than tab, newline and carriage
+# return, and DEL, are never part of a prompt. A lone UTF-16 surrogate (a JSON escape such as \ud800 with no
+# partner) is not Unicode at all: it cannot be encoded into the image's PNG metadata.
+_FORBIDDEN_TEXT = (
+    (re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"), "control characters other than tab and line breaks"),
+    (re.compile(r"[\ud800-\udfff]"), "unpaired UTF-16 surrogates (not valid Unicode)"),
+)
 
 
 class RequestError(ValueError):
@@ -97,6 +106,14 @@ def parse_body(data: Any) -> dict[str, Any]:
             data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise RequestError("body", f"the body is not valid JSON: {error.msg} at position {error.pos}") from None
+        except RequestError:
+            raise
+        except RecursionError:
+            raise RequestError("body", "the body nests arrays or objects too deeply to read") from None
+        except ValueError:
+            # Python reads integers of at most sys.get_int_max_str_digits() digits: more is a denial of service.
+            limit = sys.get_int_max_str_digits()
+            raise RequestError("body", f"the body holds an integer of more than {limit} digits") from None
     if not isinstance(data, dict):
         raise RequestError("body", f"the body must be a JSON object, not {type(data).__name__}")
     return data
@@ -129,14 +146,18 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
         raise RequestError(name, f"{name} must be a string, got {json.dumps(value)}")
     if len(value) > max_chars:
         raise RequestError(name, f"{name} must be at most {max_chars} characters, got {len(value)}")
-    if _CONTROL.search(value):
-        raise RequestError(name, f"{name} must not contain control characters")
+    for pattern, what in _FORBIDDEN_TEXT:
+        found = pattern.search(value)
+        if found:
+            code = f"U+{ord(found.group()):04X}"
+            raise RequestError(name, f"{name} must not contain {what}; found {code} at position {found.start()}")
     return value
 
 
 def decode_init_image(value: Any, settings: HandlerSettings) -> Image.Image:
     """Base64 PNG/JPEG (a `data:` URL prefix allowed) → RGB image, refusing anything over the limits before
-    decoding its pixels (a few-KB PNG can claim 30000×30000)."""
+    decoding its pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to RGB would not
+    be exact (an animation, CMYK, more than 8 bits per channel)."""
     limits = settings.limits
     if not isinstance(value, str):
         raise RequestError("init_image", "init_image must be a base64 string (PNG or JPEG)")
@@ -147,23 +168,34 @@ def decode_init_image(value: Any, settings: HandlerSettings) -> Image.Image:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("init_image", "init_image is not valid base64") from None
+    too_many_pixels = f"init_image must have at most {limits.max_init_image_pixels} pixels"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own guard, which reads only the header, answered before ours could.
+        raise RequestError(
+            "init_image", f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}"
+        ) from None
+    except (UnidentifiedImageError, OSError):
         raise RequestError("init_image", "init_image is not a PNG or JPEG image we can read") from None
     with image:
         if image.format not in INIT_IMAGE_FORMATS:
             raise RequestError("init_image", f"init_image must be PNG or JPEG, got {image.format}")
         width, height = image.size
         if width * height > limits.max_init_image_pixels:
-            raise RequestError(
-                "init_image",
-                f"init_image must have at most {limits.max_init_image_pixels} pixels, got {width}x{height}",
-            )
+            raise RequestError("init_image", f"{too_many_pixels}, got {width}x{height}")
         if getattr(image, "n_frames", 1) > 1:
             raise RequestError("init_image", "init_image must be a single still image, not an animation")
+        # PIL reads a 16-bit RGB PNG as 8-bit RGB without a word; its header says (IHDR comes first, depth at byte 24).
+        bits = raw[24] if image.format == "PNG" else 8
+        if bits > 8:
+            raise RequestError("init_image", f"init_image must have 8 bits per channel, got {bits}: save it as an "
+                               "8-bit PNG or a JPEG")  # fmt: skip
+        if image.mode not in INIT_IMAGE_MODES:
+            raise RequestError("init_image", f"init_image must be RGB, RGBA, grayscale or palette, got {image.mode}: "
+                               "convert it to RGB first")  # fmt: skip
         try:
             return image.convert("RGB")
         except OSError:
@@ -236,7 +268,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         field = "n_iter" if n_iter > 1 else "n_samples"
         raise RequestError(
             field,
-            f"Accept: image/png returns one image, but this request makes {generation.n_images}; "
+            f"Accept: image/png returns one image, but this request makes {generation.n_images} (n_samples×n_iter); "
             "ask for JSON (Accept: application/json) to get them all",
         )
     return ApiRequest(generation, want_png, stream)

@@ -1,23 +1,55 @@
 """Requests that break a rule, each with the status and the field its error must name.
 
-Shared by the in-process handler tests and the tests against a real TorchServe.
+Shared by the in-process handler tests, the tests against a real TorchServe and those through the web front.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+import struct
+import zlib
+from typing import Any, NamedTuple
 
+import numpy as np
 from PIL import Image
 
 VALID: dict[str, Any] = {"prompt": "a red bicycle", "H": 64, "W": 64, "ddim_steps": 3, "seed": 5}
+INIT_IMAGE_BYTES = 10 * 1024 * 1024  # handler.limits.max_init_image_bytes
+
+
+def image_base64(image: Image.Image, format: str = "PNG", **save: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def png_base64(width: int = 80, height: int = 64, **save: Any) -> str:
+    return image_base64(Image.new("RGB", (width, height), (200, 30, 30)), "PNG", **save)
+
+
+def black_png(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
+    """A valid PNG of zeros written chunk by chunk, in any depth and colour type PIL cannot write (16-bit RGB), and
+    at any size at all: deflate shrinks zeros about 1000-fold, so 5000×5000 at 1 bit is 3 KB and 30000×30000 (900
+    megapixels, 112 MB of rows) is 107 KB — the least any valid PNG of that size can be."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    row = bytes(1 + (width * channels * bit_depth + 7) // 8)  # a filter byte, then the samples
+    deflate = zlib.compressobj(9)
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def truncated_png() -> str:
+    """A PNG of noise (which deflate cannot shrink) cut halfway through its pixel data: the header still reads."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG", **save)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()[: buffer.tell() // 2]).decode("ascii")
 
 
 def with_(**fields: Any) -> dict[str, Any]:
@@ -28,54 +60,127 @@ def without(name: str) -> dict[str, Any]:
     return {k: v for k, v in VALID.items() if k != name}
 
 
-# (id, body: a dict sent as JSON or raw bytes sent as they are, field named by the error)
-BAD: list[tuple[str, Any, str]] = [
-    ("not json", b"{prompt: cat", "body"),
-    ("truncated json", b'{"prompt": "a cat", "H": 6', "body"),
-    ("empty body", b"", "body"),
-    ("array", b'[{"prompt": "a cat"}]', "body"),
-    ("string", b'"a cat"', "body"),
-    ("invalid utf-8", b'{"prompt": "\xff\xfe"}', "body"),
-    ("NaN literal", b'{"prompt": "a cat", "scale": NaN}', "scale"),
-    ("Infinity literal", b'{"prompt": "a cat", "eta": -Infinity}', "eta"),
-    ("duplicate key", b'{"prompt": "a cat", "prompt": "a dog"}', "prompt"),
-    ("missing prompt", without("prompt"), "prompt"),
-    ("prompt not a string", with_(prompt=42), "prompt"),
-    ("prompt too long", with_(prompt="x" * 2001), "prompt"),
-    ("control character", with_(prompt="a\x00cat"), "prompt"),
-    ("negative prompt not a string", with_(negative_prompt=["blurry"]), "negative_prompt"),
-    ("unknown field", with_(ddim_step=10), "ddim_step"),
-    ("H boolean", with_(H=True), "H"),
-    ("H float", with_(H=64.0), "H"),
-    ("H string", with_(H="64"), "H"),
-    ("H zero", with_(H=0), "H"),
-    ("H negative", with_(H=-64), "H"),
-    ("H not multiple of 8", with_(H=100), "H"),
-    ("W too large", with_(W=4096), "W"),
-    ("too many pixels", with_(H=2048, W=2048), "H"),
-    ("steps zero", with_(ddim_steps=0), "ddim_steps"),
-    ("steps huge", with_(ddim_steps=10**6), "ddim_steps"),
-    ("scale NaN-like string", with_(scale="nan"), "scale"),
-    ("scale negative", with_(scale=-1), "scale"),
-    ("eta above 1", with_(eta=1.5), "eta"),
-    ("n_samples zero", with_(n_samples=0), "n_samples"),
-    ("n_samples huge", with_(n_samples=10**4), "n_samples"),
-    ("too many images", with_(n_samples=4, n_iter=3), "n_iter"),
-    ("seed negative", with_(seed=-1), "seed"),
-    ("seed 2^64", with_(seed=2**64), "seed"),
-    ("seed string", with_(seed="42"), "seed"),
-    ("seed float", with_(seed=4.2), "seed"),
-    ("unknown sampler", with_(sampler="plms"), "sampler"),
-    ("strength zero", with_(strength=0), "strength"),
-    ("strength 1.5", with_(strength=1.5), "strength"),
-    ("strength too small for steps", with_(init_image=png_base64(), strength=0.2), "strength"),
-    ("init image not base64", with_(init_image="***not base64***"), "init_image"),
-    ("init image not an image", with_(init_image=base64.b64encode(b"hello world").decode()), "init_image"),
-    ("init image truncated", with_(init_image=png_base64()[:60]), "init_image"),
-    ("init image not a string", with_(init_image=123), "init_image"),
-    ("stream not a boolean", with_(stream=1), "stream"),
-    ("stream a string", with_(stream="true"), "stream"),
-    ("png for several images", with_(n_samples=2), "n_samples"),  # sent with Accept: image/png
-    ("stream as png", with_(stream=True), "stream"),  # sent with Accept: image/png
+class Case(NamedTuple):
+    """A request that breaks one rule: `body` is a dict sent as JSON or raw bytes sent as they are; its 400 names
+    `field`, and its message says `says` (the field and the rule or limit broken)."""
+
+    name: str
+    body: Any
+    field: str
+    says: str
+
+
+# A table: one case a line where it fits.
+# fmt: off
+CASES: list[Case] = [
+    # The body as a whole.
+    Case("not json", b"{prompt: cat", "body", "the body is not valid JSON: Expecting property name"),
+    Case("truncated json", b'{"prompt": "a cat", "H": 6', "body", "the body is not valid JSON: Expecting ','"),
+    Case("empty body", b"", "body", "the body is empty"),
+    Case("array", b'[{"prompt": "a cat"}]', "body", "the body must be a JSON object, not list"),
+    Case("string", b'"a cat"', "body", "the body must be a JSON object, not str"),
+    Case("invalid utf-8", b'{"prompt": "\xff\xfe"}', "body", "the body is not valid UTF-8 (byte 12)"),
+    Case("nested too deep", b'{"prompt": "a cat", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body",
+         "the body nests arrays or objects too deeply"),
+    Case("integer of 5000 digits", b'{"prompt": "a cat", "seed": 1' + b"0" * 5000 + b"}", "body",
+         "the body holds an integer of more than 4300 digits"),
+    Case("duplicate key", b'{"prompt": "a cat", "prompt": "a dog"}', "prompt", "'prompt' is given more than once"),
+    Case("unknown field", with_(ddim_step=10), "ddim_step", "unknown field 'ddim_step'; known fields: prompt,"),
+    Case("field of the wrong case", with_(h=64), "h", "unknown field 'h'"),
+    # Text.
+    Case("missing prompt", without("prompt"), "prompt", "prompt is required"),
+    Case("prompt null", with_(prompt=None), "prompt", "prompt must be a string, got null"),
+    Case("prompt not a string", with_(prompt=42), "prompt", "prompt must be a string, got 42"),
+    Case("prompt too long", with_(prompt="x" * 2001), "prompt", "prompt must be at most 2000 characters, got 2001"),
+    Case("prompt of 1 MB", with_(prompt="x" * 2**20), "prompt", "prompt must be at most 2000 characters, got 1048576"),
+    Case("control character", with_(prompt="a\x00cat"), "prompt",
+         "prompt must not contain control characters other than tab and line breaks; found U+0000 at position 1"),
+    Case("escaped control character", b'{"prompt": "a \\u001b[31m cat"}', "prompt", "found U+001B at position 2"),
+    Case("DEL in negative prompt", with_(negative_prompt="blurry\x7f"), "negative_prompt",
+         "negative_prompt must not contain control characters other than tab and line breaks; found U+007F"),
+    Case("unpaired surrogate", b'{"prompt": "a \\ud800 cat"}', "prompt",
+         "prompt must not contain unpaired UTF-16 surrogates (not valid Unicode); found U+D800 at position 2"),
+    Case("negative prompt not a string", with_(negative_prompt=["blurry"]), "negative_prompt",
+         'negative_prompt must be a string, got ["blurry"]'),
+    # Sizes.
+    Case("H boolean", with_(H=True), "H", "H must be an integer, got true"),
+    Case("H float", with_(H=64.0), "H", "H must be an integer, got 64.0"),
+    Case("H string", with_(H="64"), "H", 'H must be an integer, got "64"'),
+    Case("H zero", with_(H=0), "H", "H must be between 64 and 2048 pixels, got 0"),
+    Case("H negative", with_(H=-64), "H", "H must be between 64 and 2048 pixels, got -64"),
+    Case("H not multiple of 8", with_(H=100), "H", "H must be a multiple of 8, got 100"),
+    Case("W too large", with_(W=4096), "W", "W must be between 64 and 2048 pixels, got 4096"),
+    Case("too many pixels", with_(H=2048, W=2048), "H", "H×W must be at most 1048576 pixels, got 4194304"),
+    # Steps, guidance, eta.
+    Case("steps zero", with_(ddim_steps=0), "ddim_steps", "ddim_steps must be between 1 and 150, got 0"),
+    Case("steps huge", with_(ddim_steps=10**6), "ddim_steps", "ddim_steps must be between 1 and 150, got 1000000"),
+    Case("steps float", with_(ddim_steps=50.0), "ddim_steps", "ddim_steps must be an integer, got 50.0"),
+    Case("NaN literal", b'{"prompt": "a cat", "scale": NaN}', "scale", "scale must be a finite number, got NaN"),
+    Case("Infinity literal", b'{"prompt": "a cat", "scale": Infinity}', "scale",
+         "scale must be a finite number, got Infinity"),
+    Case("-Infinity literal", b'{"prompt": "a cat", "eta": -Infinity}', "eta",
+         "eta must be a finite number, got -Infinity"),
+    Case("number beyond float", b'{"prompt": "a cat", "scale": 1e400}', "scale",
+         "scale must be a finite number, got Infinity"),
+    Case("scale NaN-like string", with_(scale="nan"), "scale", 'scale must be a finite number, got "nan"'),
+    Case("scale boolean", with_(scale=True), "scale", "scale must be a finite number, got true"),
+    Case("scale negative", with_(scale=-1), "scale", "scale must be in [0.0, 50.0], got -1"),
+    Case("eta above 1", with_(eta=1.5), "eta", "eta must be in [0.0, 1.0], got 1.5"),
+    # How many images, and their seeds.
+    Case("n_samples zero", with_(n_samples=0), "n_samples", "n_samples must be between 1 and 8, got 0"),
+    Case("n_samples huge", with_(n_samples=10**4), "n_samples", "n_samples must be between 1 and 8, got 10000"),
+    Case("n_iter zero", with_(n_iter=0), "n_iter", "n_iter must be between 1 and 8, got 0"),
+    Case("too many images", with_(n_samples=4, n_iter=3), "n_iter", "n_samples×n_iter must be at most 8 images"),
+    Case("seed negative", with_(seed=-1), "seed", "seed must be between 0 and 4294967295, got -1"),
+    Case("seed 2^64", with_(seed=2**64), "seed", "seed must be between 0 and 4294967295, got 18446744073709551616"),
+    Case("seed string", with_(seed="42"), "seed", 'seed must be an integer, got "42"'),
+    Case("seed float", with_(seed=4.2), "seed", "seed must be an integer, got 4.2"),
+    Case("seed boolean", with_(seed=False), "seed", "seed must be an integer, got false"),
+    Case("unknown sampler", with_(sampler="plms"), "sampler", "sampler 'plms' is not available; choose one of: ddim"),
+    Case("sampler null", with_(sampler=None), "sampler", "sampler must be a string, got null"),
+    # img2img.
+    Case("strength zero", with_(strength=0), "strength", "strength must be in (0.0, 1.0], got 0"),
+    Case("strength 1.5", with_(strength=1.5), "strength", "strength must be in (0.0, 1.0], got 1.5"),
+    Case("strength NaN", b'{"prompt": "a cat", "strength": NaN}', "strength", "strength must be a finite number"),
+    Case("strength too small for steps", with_(init_image=png_base64(), strength=0.2), "strength",
+         "strength 0.2 × ddim_steps 3 leaves no denoising step"),
+    Case("init image not a string", with_(init_image=123), "init_image", "init_image must be a base64 string"),
+    Case("init image not base64", with_(init_image="***not base64***"), "init_image", "init_image is not valid base64"),
+    Case("init image not an image", with_(init_image=base64.b64encode(b"hello world").decode()), "init_image",
+         "init_image is not a PNG or JPEG image we can read"),
+    Case("init image cut in its header", with_(init_image=png_base64()[:24]), "init_image",
+         "init_image is not a PNG or JPEG image we can read"),
+    Case("init image cut in its pixels", with_(init_image=truncated_png()), "init_image",
+         "init_image is truncated or corrupt"),
+    Case("init image over 10 MB", with_(init_image="A" * (INIT_IMAGE_BYTES * 4 // 3 + 8)), "init_image",
+         f"init_image must be at most {INIT_IMAGE_BYTES} bytes"),
+    Case("init image GIF", with_(init_image=image_base64(Image.new("RGB", (64, 64)), "GIF")), "init_image",
+         "init_image must be PNG or JPEG, got GIF"),
+    Case("init image 25 megapixels", with_(init_image=base64.b64encode(black_png(5000, 5000)).decode()),
+         "init_image", "init_image must have at most 16777216 pixels, got 5000x5000"),
+    Case("init image decompression bomb", with_(init_image=base64.b64encode(black_png(30000, 30000)).decode()),
+         "init_image", "init_image must have at most 16777216 pixels; its header claims over"),
+    Case("init image animated",
+         with_(init_image=image_base64(Image.new("RGB", (64, 64)), "PNG", save_all=True,
+                                       append_images=[Image.new("RGB", (64, 64), "red")])),
+         "init_image", "init_image must be a single still image, not an animation"),
+    Case("init image CMYK", with_(init_image=image_base64(Image.new("CMYK", (64, 64), (0, 255, 0, 0)), "JPEG")),
+         "init_image", "init_image must be RGB, RGBA, grayscale or palette, got CMYK: convert it to RGB first"),
+    Case("init image 16-bit grayscale",
+         with_(init_image=image_base64(Image.fromarray(np.full((64, 64), 40000, np.uint16)), "PNG")),
+         "init_image", "init_image must have 8 bits per channel, got 16"),
+    Case("init image 16-bit RGB", with_(init_image=base64.b64encode(black_png(64, 64, 16, 2)).decode()),
+         "init_image", "init_image must have 8 bits per channel, got 16: save it as an 8-bit PNG or a JPEG"),
+    # The answer's form.
+    Case("stream not a boolean", with_(stream=1), "stream", "stream must be true or false, got 1"),
+    Case("stream a string", with_(stream="true"), "stream", 'stream must be true or false, got "true"'),
+    # These two are sent with Accept: image/png (PNG_ONLY).
+    Case("png for several images", with_(n_samples=2), "n_samples",
+         "Accept: image/png returns one image, but this request makes 2 (n_samples×n_iter)"),
+    Case("stream as png", with_(stream=True), "stream",
+         "a stream is JSON lines (application/x-ndjson), but Accept asks for image/png"),
 ]
+# fmt: on
+# (name, body, field): what the tests that only check the status and the field unpack.
+BAD: list[tuple[str, Any, str]] = [case[:3] for case in CASES]
 PNG_ONLY = {"png for several images", "stream as png"}

@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import ImageFile
 
+from handler.request import RequestError, decode_init_image
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, parse_settings
 from ldm.parts import load_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
-from tests.bad_requests import BAD, PNG_ONLY, VALID, png_base64
+from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, png_base64
 from tests.reference import load_image
 
 SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
@@ -77,15 +79,28 @@ def expected_pixels(tiny_split: Path, request: GenerationRequest) -> np.ndarray:
     return Pipeline(load_split(tiny_split)).generate(request).images
 
 
-@pytest.mark.parametrize(("name", "body", "field"), BAD, ids=[b[0] for b in BAD])
-def test_bad_request_is_a_400_naming_its_field(handler: StableDiffusionHandler, name: str, body: Any, field: str):
-    headers = [{"Accept": "image/png"}] if name in PNG_ONLY else None
-    (response,), context = call(handler, [body], headers)
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_request_is_a_400_naming_its_field_and_rule(handler: StableDiffusionHandler, case: Case) -> None:
+    headers = [{"Accept": "image/png"}] if case.name in PNG_ONLY else None
+    (response,), context = call(handler, [case.body], headers)
     assert context.status[0] == 400
     assert context.response_headers[0]["content-type"] == "application/json"
     error = json.loads(response)
-    assert error["field"] == field
-    assert len(error["error"]) > 10
+    assert error["field"] == case.field
+    assert case.field in error["error"] and case.says in error["error"], error["error"]
+
+
+@pytest.mark.parametrize("name", ["init image 25 megapixels", "init image decompression bomb"])
+def test_too_many_pixels_are_refused_from_the_header_without_decoding(name: str, monkeypatch) -> None:
+    """The 30000×30000 PNG would take 900 MB decoded: no pixel of it (nor of the 5000×5000 one) may be read."""
+
+    def decode_pixels(image: ImageFile.ImageFile) -> None:
+        raise AssertionError(f"{name}: pixels decoded")
+
+    [case] = [case for case in CASES if case.name == name]
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode_pixels)
+    with pytest.raises(RequestError, match="must have at most 16777216 pixels"):
+        decode_init_image(case.body["init_image"], parse_settings(SETTINGS))
 
 
 def test_limit_is_named_in_the_message(handler: StableDiffusionHandler) -> None:
