@@ -36,6 +36,8 @@ from front.settings import FrontSettings
 from front.upstream import JSON, NDJSON, PNG, InferenceApi
 
 STATIC = Path(__file__).parent / "static"
+# Content types TorchServe decodes as form fields, and so refuses (415): the front refuses them the same way.
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 # The page loads nothing but its own files and the images it is given as data: URLs, so a prompt that slips into
 # markup could still run nothing.
 PAGE_POLICY = (
@@ -82,7 +84,10 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused with TorchServe's 413 as soon as it passes `limit` bytes rather than read whole."""
+    """The request body, refused with TorchServe's 413 as soon as it passes `limit` bytes rather than read whole,
+    and with its 415 when it is a form (what `curl -d` and HTML forms send)."""
+    if request.headers.get("content-type", "").lower().startswith(FORMS):
+        raise FrontError(415, "send the request as a JSON object with Content-Type: application/json", "body")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

@@ -78,7 +78,8 @@ def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     """
     try:
         fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Not JSON we can read (nested too deep, say): TorchServe's parser names the problem.
         return Plan(None, raw, stream, 1)
     if not isinstance(fields, dict):
         return Plan(None, raw, stream, 1)

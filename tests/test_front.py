@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from scripts.server import TorchServe
-from tests.bad_requests import BAD, PNG_ONLY
+from tests.bad_requests import CASES, PNG_ONLY, Case
 from tests.servers import MODEL, TIMEOUT
 
 pytestmark = pytest.mark.integration
@@ -109,23 +109,34 @@ def test_health(http: httpx.Client, front: str) -> None:
 # Where /imagine differs from TorchServe's own rules on purpose: it splits n_iter into one request per iteration
 # (up to the front's 64 images), and its `stream` flag streams whatever the Accept header says.
 FRONT_ALLOWS = {"too many images", "stream as png"}
+IMAGINE_CASES = [case for case in CASES if case.name not in FRONT_ALLOWS]
+# And what it refuses itself before TorchServe sees it, in its own words.
+FRONT_SAYS = {"n_samples huge": "n_samples×n_iter must be at most 64 images, got 10000"}
 
 
-@pytest.mark.parametrize(
-    ("name", "body", "field"),
-    [b for b in BAD if b[0] not in FRONT_ALLOWS],
-    ids=[b[0] for b in BAD if b[0] not in FRONT_ALLOWS],
-)
-def test_bad_request_through_imagine_is_a_400_naming_its_field(
-    http: httpx.Client, front: str, name: str, body: Any, field: str
+@pytest.mark.parametrize("case", IMAGINE_CASES, ids=[case.name for case in IMAGINE_CASES])
+def test_bad_request_through_imagine_is_a_400_naming_its_field_and_rule(
+    http: httpx.Client, front: str, case: Case
 ) -> None:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    accept = "image/png" if name in PNG_ONLY else "application/json"
+    content = case.body if isinstance(case.body, bytes) else json.dumps(case.body).encode()
+    accept = "image/png" if case.name in PNG_ONLY else "application/json"
     response = http.post(
         f"{front}/imagine", content=content, headers={"Content-Type": "application/json", "Accept": accept}
     )
     assert response.status_code == 400, response.text
-    assert response.json()["field"] == field
+    error = response.json()
+    assert error["field"] == case.field and FRONT_SAYS.get(case.name, case.says) in error["error"], error
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_a_form_is_a_415_as_torchserve_answers_it(
+    http: httpx.Client, front: str, server: TorchServe, content_type: str
+) -> None:
+    body, headers = json.dumps({"prompt": "a", **TINY}).encode(), {"Content-Type": content_type}
+    response = http.post(f"{front}/imagine", content=body, headers=headers)
+    direct = http.post(f"{server.inference_url}/predictions/{MODEL}", content=body, headers=headers)
+    assert response.status_code == direct.status_code == 415
+    assert response.json() == direct.json() and response.json()["field"] == "body"
 
 
 def test_more_images_than_the_front_allows_is_a_400(http: httpx.Client, front: str) -> None:
