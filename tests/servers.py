@@ -3,10 +3,11 @@ the tiny reference model, and the web front in front of it (uvicorn in a thread 
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,8 @@ from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 MODEL = "tiny"
 TIMEOUT = 120
+# TorchServe's settings of the session server: a batch delay long enough that concurrent clients share batches.
+BATCHING: Mapping[str, int] = {"maxBatchDelay": 400}
 
 
 def free_port() -> int:
@@ -55,13 +58,24 @@ def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]
             thread.join()
 
 
+def model_config_with(settings: Mapping[str, int]) -> str:
+    """The shipped model-config.yaml with some of TorchServe's top-level keys set: replaced where the file has
+    them, else added at the top (where a key is top-level whatever the file's last section is)."""
+    text = (ROOT / "model-config.yaml").read_text()
+    for key, value in settings.items():
+        text, found = re.subn(rf"^{key}:.*$", f"{key}: {value}", text, flags=re.MULTILINE)
+        if not found:
+            text = f"{key}: {value}\n{text}"
+    return text
+
+
 @contextmanager
-def tiny_torchserve(home: Path) -> Iterator[TorchServe]:
-    """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends."""
+def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING) -> Iterator[TorchServe]:
+    """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends; `settings`
+    override the shipped model-config.yaml's (workers, batching, timeouts, queue size)."""
     store = home / "model-store"
-    # The shipped model-config.yaml, with a batch delay long enough that concurrent clients share batches.
     model_config = home / "model-config.yaml"
-    model_config.write_text((ROOT / "model-config.yaml").read_text().replace("maxBatchDelay: 50", "maxBatchDelay: 400"))
+    model_config.write_text(model_config_with(settings))
     args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
             "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
             "--model-config", str(model_config)]  # fmt: skip
