@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,26 @@ def write_properties(base: Path, out: Path, overrides: dict[str, str]) -> Path:
     lines += [f"{key}={value}" for key, value in overrides.items() if key not in present]
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_listeners(store: Path) -> dict[str, str]:
+    """config.properties overrides: every listener (gRPC too) on a free loopback port, models from `store`, so a
+    second server (a test's, a benchmark's) runs beside any other."""
+    return {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(store),
+    }
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -1,18 +1,15 @@
-"""Benchmark the full-size SD v1 model on the CPU: loading (split parts vs `.ckpt`) and ours vs diffusers' networks.
+"""CPU rows of the benchmark: full-size SD v1 (random weights), ours next to diffusers on the same weights.
 
 Prints comparable numbers, not pass/fail tests: a load table (time, peak resident memory) where every load runs in
-a fresh subprocess so one load's high-water mark never hides another's, and a speed table of one UNet call and one
-VAE decode next to diffusers' `UNet2DConditionModel`/`AutoencoderKL` holding the same weights, converted by
-diffusers' own single-file helpers. Weights are random (no real checkpoint offline); speed and memory do not depend
-on their values, and the numerical check before timing makes sure both sides compute the same function.
-Linux only (reads /proc/self/status). Needs the `bench` extra (diffusers, psutil).
-
-    .venv/bin/python scripts/bench_model.py [--repeats N] [--quick] [--profile] [--workdir DIR] [--keep] [--seed S]
+a fresh subprocess so one load's high-water mark never hides another's, and a speed table — one UNet call, one VAE
+decode, one text encoding, a whole 256×256 image at 10 steps — next to diffusers' `StableDiffusionPipeline` holding
+the same weights (scripts/peers.py). Weights are random (no real checkpoint offline); speed and memory do not depend
+on their values, and every pair is checked to compute the same thing before it is timed. Linux only (reads
+/proc/self/status). Run through `python -m scripts.benchmark cpu`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -27,13 +24,14 @@ from typing import Any
 
 import psutil
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import load_config
 from ldm.parts import load_checkpoint, load_split, write_split
+from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
+from scripts.peers import diffusers_networks, diffusers_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "v1-inference.yaml"
@@ -44,6 +42,11 @@ SPLIT_RSS_BUDGET = 1.3
 TOLERANCE = 1e-4
 UNET_BATCH, UNET_LATENT = 2, 32
 VAE_LATENT = 32  # 256×256 pixels
+IMAGE_STEPS = 10
+IMAGE_REPEATS = 3
+# Whole images, [0, 1] scale: ten steps of two float32 implementations with different operation orders.
+IMAGE_TOLERANCE = 1e-3
+PROMPT = "a photograph of an astronaut riding a horse"
 PROFILE_ROWS = 12
 
 
@@ -109,15 +112,23 @@ def touch(modules: list[nn.Module]) -> None:
                 tensor.sum()
 
 
+def load(kind: str, path: Path) -> list[nn.Module]:
+    """The networks one load kind makes: ours from split parts or the `.ckpt`, or diffusers' conversion of it."""
+    if kind == "diffusers":
+        return list(diffusers_networks(read_state_dict(path), CONFIG))
+    model = load_split(path) if kind == "split" else load_checkpoint(path, CONFIG)
+    return [model.unet, model.vae, model.text_encoder]
+
+
 def child_load(kind: str, path: Path) -> None:
     """Body of the load subprocess: load once, print the measurements as one JSON line on stdout."""
     reset_peak_rss()
     baseline, file_baseline = proc_status("VmRSS"), proc_status("RssFile")
     start = time.perf_counter()
-    model = load_split(path) if kind == "split" else load_checkpoint(path, CONFIG)
+    modules = load(kind, path)
     seconds = time.perf_counter() - start
     at_load = proc_status("VmHWM")
-    touch([model.unet, model.vae, model.text_encoder])
+    touch(modules)
     report = {
         "seconds": seconds,
         "baseline": baseline,
@@ -130,8 +141,8 @@ def child_load(kind: str, path: Path) -> None:
 
 def measure_load(label: str, kind: str, path: Path) -> LoadResult:
     """Run one load in a fresh interpreter, so its peak RSS is its own and not a leftover of earlier work here."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child-load", kind, str(path)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    command = [sys.executable, "-m", "scripts.bench_cpu", kind, str(path)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     return LoadResult(
@@ -185,52 +196,17 @@ def print_loads(results: list[LoadResult]) -> None:
         print("(fp16 parts loaded as fp32 need ≥ 2 × their size by construction: the budget applies to fp32 parts)")
 
 
-def diffusers_models(ckpt: Path) -> tuple[nn.Module, nn.Module]:
-    """diffusers' UNet and VAE on the `.ckpt`'s weights, via diffusers' own single-file conversion, loaded strictly.
-
-    Imported here, not at the top: diffusers is a bench-only dependency, and the load children must not pay for it.
-    The weights stay on the checkpoint's file mapping, as ours stay on the parts' (both loaders map lazily).
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm,
-    )
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    original_config = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)
-    checkpoint = read_state_dict(ckpt)
-    unet_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
-    vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-    for module, weights in (
-        (unet, convert_ldm_unet_checkpoint(checkpoint, unet_config)),
-        (vae, convert_ldm_vae_checkpoint(checkpoint, vae_config)),
-    ):
-        module.load_state_dict(weights, strict=True, assign=True)
-        left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-        assert not left_on_meta, f"{type(module).__name__}: not loaded: {left_on_meta[:5]}"
-        processors = {type(p).__name__ for p in module.attn_processors.values()}
-        assert processors == {AttnProcessor2_0.__name__}, f"{type(module).__name__} attention: {processors}"
-        module.eval().requires_grad_(False)
-    return unet, vae
-
-
-def check_agreement(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+def check_agreement(ours: torch.Tensor, theirs: torch.Tensor, what: str, tolerance: float = TOLERANCE) -> None:
     """Print how far apart the two outputs are; stop the benchmark if they differ, since timing them would be moot."""
     diff = (ours - theirs).abs().max().item()
     scale = theirs.abs().max().item()
-    ok = diff <= TOLERANCE * max(1.0, scale)
+    ok = diff <= tolerance * max(1.0, scale)
     print(
-        f"{what:<26} max |ours - diffusers| = {diff:.2e}  (max |diffusers| = {scale:.2f})  "
+        f"{what:<32} max |ours - diffusers| = {diff:.2e}  (max |diffusers| = {scale:.2f})  "
         f"{'agree' if ok else 'DISAGREE'}"
     )
     if not ok:
-        raise SystemExit(f"{what}: outputs disagree beyond {TOLERANCE} relative; the timings would compare nothing")
+        raise SystemExit(f"{what}: outputs disagree beyond {tolerance} relative; the timings would compare nothing")
 
 
 def machine_busy_seconds() -> float:
@@ -256,20 +232,21 @@ def time_pair(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) 
     return samples
 
 
-def print_timings(rows: dict[str, dict[str, list[Sample]]], repeats: int) -> None:
+def print_timings(rows: dict[str, dict[str, list[Sample]]]) -> None:
     """The speed table: medians of wall and process CPU time, the ratio, and max/min of each side as a noise gauge."""
     print(
-        f"\nmedian of {repeats} runs after a warm-up, alternating; {torch.get_num_threads()} torch threads; "
+        f"\nmedian of n runs after a warm-up, alternating; {torch.get_num_threads()} torch threads; "
         "cpu = process CPU time over all threads;\nspread = max/min of the runs (ours, diffusers): well above 1 "
         "means other load on the machine"
     )
-    print(f"{'row':<36}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}")
+    print(f"{'row':<44}{'n':>3}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}")
     for label, samples in rows.items():
+        n = len(samples["ours"])
         for kind in ("wall", "cpu"):
             times = {side: [getattr(s, kind) for s in runs] for side, runs in samples.items()}
             mine, theirs = (statistics.median(times[side]) for side in ("ours", "diffusers"))
             spread = "/".join(f"{max(t) / min(t):.2f}" for t in times.values())
-            print(f"{f'{label} ({kind})':<36}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}")
+            print(f"{f'{label} ({kind})':<44}{n:>3}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}")
 
 
 def profile_pair(label: str, ours: Callable[[], Any], theirs: Callable[[], Any]) -> None:
@@ -283,40 +260,97 @@ def profile_pair(label: str, ours: Callable[[], Any], theirs: Callable[[], Any])
         )
 
 
-def compare_networks(split_fp32: Path, ckpt: Path, repeats: int, profile: bool) -> None:
-    """Check ours and diffusers' agree on the same input (which also warms both up), then time them alternately."""
+@dataclass(frozen=True)
+class Pair:
+    """One row: our call, diffusers' call, how to compare their outputs, how many timed runs."""
+
+    ours: Callable[[], Any]
+    theirs: Callable[[], Any]
+    outputs: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]]
+    tolerance: float
+    repeats: int
+
+
+def same(ours: Any, theirs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return ours, theirs
+
+
+def pairs(split_fp32: Path, ckpt: Path, repeats: int) -> dict[str, Pair]:
+    """Every speed row: ours and diffusers on the same weights and inputs."""
     ours = load_split(split_fp32)
-    unet, vae = diffusers_models(ckpt)
+    pipe = diffusers_pipeline(ours, read_state_dict(ckpt), CONFIG, torch.device("cpu"))
+    pipeline = Pipeline(ours)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(UNET_BATCH, 4, UNET_LATENT, UNET_LATENT, generator=generator)
     t = torch.randint(0, ours.config.timesteps, (UNET_BATCH,), generator=generator)
     context = torch.randn(UNET_BATCH, 77, ours.config.unet.context_dim, generator=generator)
     latent = torch.randn(1, 4, VAE_LATENT, VAE_LATENT, generator=generator)
-    pairs = {
-        f"UNet call b{UNET_BATCH} {UNET_LATENT}×{UNET_LATENT} latent": (
+    side = VAE_LATENT * 8
+    request = GenerationRequest(PROMPT, height=side, width=side, steps=IMAGE_STEPS, scale=7.5, seed=0)
+
+    def their_image() -> Any:
+        return pipe(
+            PROMPT,
+            height=side,
+            width=side,
+            num_inference_steps=IMAGE_STEPS,
+            guidance_scale=7.5,
+            eta=0.0,
+            generator=torch.Generator().manual_seed(request.seed),
+            output_type="np",
+        ).images
+
+    return {
+        f"UNet call b{UNET_BATCH} {UNET_LATENT}×{UNET_LATENT} latent": Pair(
             lambda: ours.unet(x, t, context),
-            lambda: unet(x, t, encoder_hidden_states=context, return_dict=False)[0],
+            lambda: pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0],
+            same,
+            TOLERANCE,
+            repeats,
         ),
-        f"VAE decode b1 {VAE_LATENT * 8}×{VAE_LATENT * 8}": (
+        f"VAE decode b1 {side}×{side}": Pair(
             lambda: ours.vae.decode(latent),
-            lambda: vae.decode(latent, return_dict=False)[0],
+            lambda: pipe.vae.decode(latent, return_dict=False)[0],
+            same,
+            TOLERANCE,
+            repeats,
+        ),
+        "text encoding, prompt + empty": Pair(
+            lambda: pipeline.embed([PROMPT, ""]),
+            lambda: torch.cat(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True, "")),
+            same,
+            TOLERANCE,
+            repeats,
+        ),
+        # Both draw the starting noise from a CPU generator seeded alike, and run the same DDIM: same image.
+        f"whole image {side}×{side}, {IMAGE_STEPS} steps": Pair(
+            lambda: pipeline.generate(request).pixels,
+            their_image,
+            lambda mine, theirs: (torch.from_numpy(mine / 255.0), torch.from_numpy(theirs)),
+            IMAGE_TOLERANCE,
+            min(repeats, IMAGE_REPEATS),
         ),
     }
+
+
+def compare_networks(split_fp32: Path, ckpt: Path, repeats: int, profile: bool) -> None:
+    """Check ours and diffusers' agree on the same input (which also warms both up), then time them alternately."""
+    rows = pairs(split_fp32, ckpt, repeats)
     print()
     with torch.inference_mode():
-        for label, (mine, theirs) in pairs.items():
-            check_agreement(mine(), theirs(), label)
+        for label, pair in rows.items():
+            check_agreement(*pair.outputs(pair.ours(), pair.theirs()), label, pair.tolerance)
     busy, own, wall = machine_busy_seconds(), time.process_time(), time.perf_counter()
-    rows = {label: time_pair(mine, theirs, repeats) for label, (mine, theirs) in pairs.items()}
+    timings = {label: time_pair(pair.ours, pair.theirs, pair.repeats) for label, pair in rows.items()}
     others = (machine_busy_seconds() - busy) - (time.process_time() - own)
     share = others / ((time.perf_counter() - wall) * psutil.cpu_count())
-    print_timings(rows, repeats)
+    print_timings(timings)
     print(
         f"other processes kept {share:.0%} of the CPUs busy while this timed (above a few %, rerun on a quiet machine)"
     )
     if profile:
-        for label, (mine, theirs) in pairs.items():
-            profile_pair(label, mine, theirs)
+        for label, pair in rows.items():
+            profile_pair(label, pair.ours, pair.theirs)
 
 
 def run(workdir: Path, repeats: int, quick: bool, profile: bool, seed: int) -> None:
@@ -338,44 +372,23 @@ def run(workdir: Path, repeats: int, quick: bool, profile: bool, seed: int) -> N
     )
     loads = [measure_load(f"load_split {dtype} parts → fp32", "split", folder) for dtype, folder in splits.items()]
     loads.append(measure_load("load_checkpoint .ckpt → fp32", "ckpt", ckpt))
+    loads.append(measure_load("diffusers .ckpt → UNet+VAE fp32", "diffusers", ckpt))
     print_loads(loads)
     compare_networks(splits["fp32"], ckpt, repeats, profile)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line; `--child-load` is internal (the script runs itself to measure each load in isolation)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, help="timed runs per side and row (default 5, with --quick 2)")
-    parser.add_argument("--quick", action="store_true", help="2 repeats and no fp16 split (~1 min instead of ~2)")
-    parser.add_argument("--profile", action="store_true", help="also print the top operators of one call per side")
-    parser.add_argument("--workdir", type=Path, help="where to create the scratch folder (default: the system temp)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder and its ~10 GB of files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--child-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    return args
-
-
-def main() -> None:
-    args = parse_args()
-    if args.child_load:
-        kind, path = args.child_load
-        child_load(kind, Path(path))
-        return
-    parent = (args.workdir or Path(tempfile.gettempdir())).resolve()
+def run_cpu(workdir_parent: Path | None, repeats: int, quick: bool, profile: bool, keep: bool, seed: int) -> None:
+    """The CPU section in a scratch folder (~10 GB of files), removed afterwards unless `keep`."""
+    parent = (workdir_parent or Path(tempfile.gettempdir())).resolve()
     if parent.is_relative_to(REPO):
         raise SystemExit(f"--workdir {parent} is inside the repository; the benchmark writes ~10 GB there")
     parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_model_", dir=parent))
+    workdir = Path(tempfile.mkdtemp(prefix="bench_cpu_", dir=parent))
     started = time.perf_counter()
     try:
-        run(workdir, args.repeats, args.quick, args.profile, args.seed)
+        run(workdir, repeats, quick, profile, seed)
     finally:
-        if args.keep:
+        if keep:
             print(f"\nkept {workdir}")
         else:
             shutil.rmtree(workdir)
@@ -383,4 +396,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # A load child (measure_load): `python -m scripts.bench_cpu KIND PATH`.
+    child_load(sys.argv[1], Path(sys.argv[2]))

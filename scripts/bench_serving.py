@@ -1,0 +1,113 @@
+"""Serving rows: what TorchServe adds to a generation, and images per second with batching off and on.
+
+The tiny demo architecture (configs/tiny-demo.yaml, random weights) on the CPU, so that the model's own time is
+small and the server's share shows. In-process means `Pipeline.generate` plus the same JSON encoding the handler
+does; through TorchServe means the same request over HTTP to a real server on loopback (one client, one at a time),
+so the difference is the server's plumbing: HTTP, Java frontend, the socket to the Python worker, batching.
+Throughput: 8 concurrent clients (scripts/load_test.py) against the model served with `batchSize` 1 and with 4.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from handler.response import json_body
+from ldm.config import load_config
+from ldm.parts import load_split, write_split
+from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.random_weights import random_state_dict, save_checkpoint
+from scripts.build_mar import main as build_mar
+from scripts.load_test import run as load_run
+from scripts.server import DEMO_CONFIG, ROOT, TorchServe, loopback_listeners, write_properties
+
+PROMPT = "a lighthouse at dawn"
+STARTUP_TIMEOUT = 180.0
+
+
+def model_config(home: Path, batch_size: int) -> Path:
+    """The shipped model-config.yaml with another batchSize (everything else, maxBatchDelay too, as shipped)."""
+    text = (ROOT / "model-config.yaml").read_text()
+    assert "batchSize: 4\n" in text, "model-config.yaml no longer says batchSize: 4"
+    path = home / f"model-config-b{batch_size}.yaml"
+    path.write_text(text.replace("batchSize: 4\n", f"batchSize: {batch_size}\n"))
+    return path
+
+
+def serve(home: Path, ckpt: Path, batch_sizes: list[int]) -> TorchServe:
+    """One TorchServe serving the model once per batch size, as `b1`, `b4`, ..."""
+    store = home / "model-store"
+    for size in batch_sizes:
+        args = ["--ckpt", str(ckpt), "--config", str(DEMO_CONFIG), "--model-name", f"b{size}",
+                "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
+                "--model-config", str(model_config(home, size))]  # fmt: skip
+        if build_mar(args):
+            raise SystemExit(f"build_mar failed for batchSize {size}")
+    overrides = {**loopback_listeners(store), "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}"}
+    config = write_properties(ROOT / "config.properties", home / "config.properties", overrides)
+    server = TorchServe(config, home, store, ",".join(f"b{size}=b{size}.mar" for size in batch_sizes))
+    server.start(foreground=True)
+    for size in batch_sizes:
+        server.wait_ready(f"b{size}", STARTUP_TIMEOUT)
+    return server
+
+
+def median_seconds(call: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run_serving(requests_per_client: int, clients: int, size: int, steps: int, runs: int) -> None:
+    """Print the overhead row and the throughput rows."""
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as scratch:
+        home = Path(scratch)
+        ckpt = home / "tiny-demo.safetensors"
+        save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), ckpt)
+        write_split(ckpt, DEMO_CONFIG, home / "split", "fp32")
+        model = load_split(home / "split")
+        pipeline = Pipeline(model)
+        body = {"prompt": PROMPT, "H": size, "W": size, "ddim_steps": steps, "seed": 7}
+        request = GenerationRequest(PROMPT, height=size, width=size, steps=steps, seed=7)
+        server = serve(home, ckpt, [1, 4])
+        try:
+            url = f"{server.inference_url}/predictions/b1"
+            session = requests.Session()
+
+            def over_http() -> None:
+                response = session.post(url, json=body, headers={"Accept": "application/json"}, timeout=120)
+                response.raise_for_status()
+
+            # Warm both up; then alternate, so machine noise hits both alike.
+            over_http()
+            pipeline.generate(request)
+            local, served = [], []
+            for _ in range(runs):
+                local.append(median_seconds(lambda: json_body(pipeline.generate(request), model.model_hash), 1))
+                served.append(median_seconds(over_http, 1))
+            inproc, http = statistics.median(local), statistics.median(served)
+            print(f"\none {size}×{size} image, {steps} steps, tiny demo model, CPU; median of {runs} alternating runs")
+            print(f"{'in-process (generate + JSON)':<36}{inproc * 1000:>9.1f} ms")
+            print(f"{'through TorchServe (HTTP, JSON)':<36}{http * 1000:>9.1f} ms")
+            print(f"{'TorchServe overhead':<36}{(http - inproc) * 1000:>9.1f} ms  ({http / inproc - 1:+.1%})")
+
+            print(f"\n{clients} concurrent clients × {requests_per_client} requests, one image each")
+            print(f"{'batchSize':<12}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}  statuses")
+            for batch_size in (1, 4):
+                bodies = [{**body, "seed": seed} for seed in range(clients * requests_per_client)]
+                report = load_run(server.inference_url, f"b{batch_size}", bodies, clients)
+                statuses = dict(sorted(report.statuses.items()))
+                print(
+                    f"{batch_size:<12}{report.images_per_second:>10.1f}{report.latency(50):>8.2f}"
+                    f"{report.latency(95):>8.2f}{report.latency(99):>8.2f}  {statuses}"
+                )
+        finally:
+            server.stop()

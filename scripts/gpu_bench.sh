@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/PERFORMANCE.md in one go, in under 8 minutes on one H200: the CUDA tests (fp32 reproduces the
+# reference, the fast path stays within fp16 rounding), then `python -m scripts.benchmark gpu`. Writes everything to
+# OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md (the table) and gpu.json.
+#
+# Installs nothing from the network. Python packages the machine lacks (diffusers, omegaconf, ftfy, ...) may be put
+# as wheels in ./.whl beforehand (docs/PERFORMANCE.md has the `pip download` line); they go to a scratch folder.
+#
+#   scripts/gpu_bench.sh OUT_DIR        (PYTHON=... to pick the interpreter, BUDGET=... seconds for the rows)
+set -uo pipefail
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH=$site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{
+    nvidia-smi
+    "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+    java -version 2>&1 | head -1 || echo "no java here: TorchServe cannot run on this machine"
+} >"$out/machine.txt" 2>&1
+started=$SECONDS
+timeout 170 "$python" -m pytest -q -p no:cacheprovider -p no:warnings --noconftest -m gpu tests/test_gpu.py 2>&1 |
+    tee "$out/gpu-tests.txt"
+echo "tests: $((SECONDS - started)) s"
+timeout 420 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-300}" 2>&1 | tee "$out/benchmark.log"
+echo "total: $((SECONDS - started)) s"
