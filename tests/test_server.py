@@ -227,11 +227,19 @@ def test_custom_metrics_on_the_prometheus_endpoint(server: TorchServe) -> None:
         assert f'{name}{{ModelName="{MODEL}"' in metrics, name
 
 
-def test_registration_and_deletion_are_refused(server: TorchServe) -> None:
-    register = requests.post(f"{server.management_url}/models", params={"url": "https://example.com/x.mar"}, timeout=10)
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/x.mar", "http://127.0.0.1:1/x.mar", "file:///nonexistent", "tiny.mar",
+     "https://example.com/mar_files/../../x.mar"],
+)  # fmt: skip
+def test_registration_and_deletion_are_refused(server: TorchServe, url: str) -> None:
+    """The model API is off (config.properties): no URL, not even the store's own archive, is registered, and the
+    served model cannot be deleted."""
+    register = requests.post(f"{server.management_url}/models", params={"url": url}, timeout=10)
     delete = requests.delete(f"{server.management_url}/models/{MODEL}", timeout=10)
     assert register.status_code == 405 and delete.status_code == 405
-    assert server.ready_workers(MODEL)
+    models = requests.get(f"{server.management_url}/models", timeout=10).json()["models"]
+    assert [m["modelName"] for m in models] == [MODEL] and server.ready_workers(MODEL)
 
 
 def test_init_image_as_data_url(server: TorchServe) -> None:

@@ -5,6 +5,7 @@ in the test's tmp folder and in test-artifacts/ui.png."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 GENERATION = 60_000  # ms a tiny generation may take on a slow machine
+# Markup that, parsed as HTML anywhere, makes an image whose error handler sets window.__xss.
+MARKUP = '<img src=x onerror="window.__xss=1">'
 # Records every value the progress bar takes and every preview shown, as the page sets them.
 RECORD_PROGRESS = """() => {
   window.progressValues = [];
@@ -72,6 +75,12 @@ def page(browser: Browser, front: str) -> Iterator[Page]:
     assert problems == []
 
 
+def assert_no_markup_ran(page: Page) -> None:
+    """MARKUP made no element and ran no handler."""
+    assert page.locator("img[src='x']").count() == 0
+    assert page.evaluate("window.__xss") is None
+
+
 def results(page: Page) -> list[dict[str, str]]:
     """The gallery, newest first: each result's seed, prompt, parameters and image."""
     return page.eval_on_selector_all(
@@ -112,12 +121,13 @@ def test_generate_watch_progress_reuse_the_seed_and_send_back_as_init_image(page
 
 
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:
-    markup = "<img src=x onerror=alert(1)>"
-    page.fill("#prompt", markup)
+    page.fill("#prompt", MARKUP)
+    page.fill("#negative_prompt", MARKUP)
     page.click("#generate")
     expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
-    assert results(page)[0]["prompt"] == markup
-    assert page.locator("img[src='x']").count() == 0
+    assert results(page)[0]["prompt"] == MARKUP
+    assert page.text_content("#gallery .result .negative") == f"Negative: {MARKUP}"
+    assert_no_markup_ran(page)
 
     page.fill("#W", "100")
     assert page.input_value("#preset") == "custom"
@@ -131,3 +141,14 @@ def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, 
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     shutil.copyfile(shot, artifacts / "ui.png")
+
+
+def test_an_error_message_is_shown_as_text(page: Page) -> None:
+    """The server's error text goes on the page as text too: a stand-in answer carries markup in its message."""
+    answer = json.dumps({"error": f"prompt must not be {MARKUP}", "field": "prompt"})
+    page.route("**/imagine/stream", lambda route: route.fulfill(status=400, content_type="application/json",
+                                                               body=answer))  # fmt: skip
+    page.fill("#prompt", "a lighthouse")
+    page.click("#generate")
+    expect(page.locator("#error-prompt")).to_have_text(f"prompt must not be {MARKUP}")
+    assert_no_markup_ran(page)
