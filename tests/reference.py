@@ -50,6 +50,13 @@ def request_for(case_data: dict[str, Any]) -> GenerationRequest:
     )
 
 
+def request_from_body(body: dict[str, Any]) -> GenerationRequest:
+    """The GenerationRequest of a txt2img request body of the inference API (prompt, seed, H, W, ddim_steps and
+    n_samples; the rest at their defaults), to make in-process the images a server must answer with."""
+    return GenerationRequest(body["prompt"], height=body["H"], width=body["W"], steps=body["ddim_steps"],
+                             seed=body["seed"], n_samples=body.get("n_samples", 1))  # fmt: skip
+
+
 def reference_png(image_entry: dict[str, Any]) -> np.ndarray:
     return np.asarray(load_image(REFERENCE / image_entry["png"]).convert("RGB"))
 
