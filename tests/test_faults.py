@@ -30,13 +30,14 @@ from tests.servers import MODEL, TIMEOUT, running_front, tiny_torchserve
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
-# Seconds a batch may take (model-config.yaml responseTimeout): far above a small request, far below BIG's minutes.
-RESPONSE_TIMEOUT = 10
+# Seconds a batch may take (model-config.yaml responseTimeout): far below BIG's minutes, and 25 times what a batch of
+# IN_FLIGHT takes on an idle machine, so that a busy CI machine does not time out the requests that must succeed.
+RESPONSE_TIMEOUT = 20
 SMALL = {"prompt": "a red bicycle", "H": 64, "W": 64, "ddim_steps": 2, "seed": 5}
 # Minutes of work on the tiny model on a CPU: the generation a fault interrupts.
 BIG = {"prompt": "a long generation", "H": 512, "W": 512, "ddim_steps": 150, "seed": 3}
-# A batch of four of these takes seconds, so that it is still running when the scale-down comes.
-IN_FLIGHT = {**SMALL, "ddim_steps": 30}
+# A batch of four of these takes most of a second, so that it is still running when the scale-down comes.
+IN_FLIGHT = {**SMALL, "ddim_steps": 20}
 # TorchServe's answer when the worker of a request goes away (killed, timed out, scaled down).
 WORKER_DIED = "Worker died."
 
