@@ -4,7 +4,6 @@ the tiny reference model, and the web front in front of it (uvicorn in a thread 
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,31 +16,13 @@ import uvicorn
 from front.app import create_app
 from front.settings import FrontSettings
 from scripts.build_mar import main as build_mar
-from scripts.server import ROOT, TorchServe, write_properties
+from scripts.server import ROOT, TorchServe, free_port, loopback_listeners, write_properties
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 MODEL = "tiny"
 TIMEOUT = 120
 # TorchServe's settings of the session server: a batch delay long enough that concurrent clients share batches.
 BATCHING: Mapping[str, int] = {"maxBatchDelay": 400}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loopback_listeners(store: Path) -> dict[str, str]:
-    """config.properties overrides: every listener (gRPC too) on a free loopback port, models from `store`."""
-    return {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        "model_store": str(store),
-    }
 
 
 @contextmanager
