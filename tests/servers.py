@@ -3,6 +3,7 @@ the tiny reference model, and the web front in front of it (uvicorn in a thread 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -23,6 +24,16 @@ MODEL = "tiny"
 TIMEOUT = 120
 # TorchServe's settings of the session server: a batch delay long enough that concurrent clients share batches.
 BATCHING: Mapping[str, int] = {"maxBatchDelay": 400}
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, answer: object) -> None:
+    """Answer the request `handler` is serving with `answer` as JSON, as TorchServe answers."""
+    data = json.dumps(answer).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 @contextmanager

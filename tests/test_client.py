@@ -17,7 +17,7 @@ import pytest
 
 from ldm.png_info import encode_png, read_parameters
 from scripts.client import ClientError, HttpError, generate, main
-from tests.servers import http_server
+from tests.servers import http_server, send_json
 
 MODEL = "sd"
 # What the server answers to a request with this prompt, instead of images: (status, JSON body).
@@ -73,12 +73,7 @@ def server() -> Iterator[FakeTorchServe]:
             body = json.loads(raw)
             fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
             status, answer = fake.answer(self.path, body)
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, answer)
 
     with http_server(Handler) as url:
         fake.url = url

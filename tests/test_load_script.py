@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from scripts.load_test import Mix, Report, Result, main, run
-from tests.servers import free_port, http_server
+from tests.servers import free_port, http_server, send_json
 
 # The stand-in's answers: images named after the request, a 503 for this seed, a 500 for any other model than "sd".
 FULL_QUEUE_SEED = 44
@@ -59,12 +59,7 @@ def stand_in() -> Iterator[tuple[str, StandIn]]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             status, answer = fake.answer(self.path, body)
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, answer)
 
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet."""
