@@ -164,8 +164,11 @@ def accelerate(model: StableDiffusion, fast_path: FastPath) -> FastCalls | None:
 
 
 @torch.inference_mode()
-def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath, guided: bool = True) -> None:
-    """Compile and capture every configured shape now, at load, instead of on some user's request."""
+def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> None:
+    """Compile and capture every configured shape now, at load, instead of on some user's request.
+
+    Guided shapes only (a UNet batch of 2N latents for N images): requests with scale 1 are rare and run eagerly.
+    """
     factor = model.config.vae.downsampling_factor
     channels = model.config.latent_channels
     memory_format = torch.channels_last if fast_path.channels_last else torch.contiguous_format
@@ -173,7 +176,7 @@ def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath, guide
         if height % factor or width % factor:
             raise ValueError(f"fast path shape {height}x{width}: sides must be multiples of {factor}")
         latent = (channels, height // factor, width // factor)
-        batch = 2 * images if guided else images
+        batch = 2 * images
         like = {"device": model.device, "dtype": model.dtype}
         x = torch.randn(batch, *latent, **like).contiguous(memory_format=memory_format)
         t = torch.full((batch,), 999, device=model.device, dtype=torch.long)
