@@ -110,20 +110,13 @@ class Bench:
 
     def __init__(self, options: GpuOptions) -> None:
         self.options = options
-        self.size, self.steps, self.scale, self.repeats, self.seed = (
-            options.size,
-            options.steps,
-            options.scale,
-            options.repeats,
-            options.seed,
-        )
         self.device = torch.device(options.device)
         self.deadline = time.monotonic() + options.budget
         self.machine = describe(self.device)
         print(self.machine, flush=True)
         self.config = load_config(options.config)
         started = time.perf_counter()
-        self.state = random_state_dict(self.config, self.seed)
+        self.state = random_state_dict(self.config, self.options.seed)
         self.parts = split_state_dict(self.state, self.config)
         print(f"random weights in {time.perf_counter() - started:.1f} s", flush=True)
         self.reference: np.ndarray | None = None
@@ -134,11 +127,11 @@ class Bench:
     def request(self, batch: int, steps: int | None = None) -> GenerationRequest:
         return GenerationRequest(
             prompt=PROMPT,
-            height=self.size,
-            width=self.size,
-            steps=steps or self.steps,
-            scale=self.scale,
-            seed=self.seed,
+            height=self.options.size,
+            width=self.options.size,
+            steps=steps or self.options.steps,
+            scale=self.options.scale,
+            seed=self.options.seed,
             n_samples=batch,
         )
 
@@ -155,7 +148,7 @@ class Bench:
 
     def time_diffusers(self, pipe: Any, batch: int, steps: int | None = None) -> Timing:
         clock = StepClock(self.device)
-        steps = steps or self.steps
+        steps = steps or self.options.steps
 
         def on_step(_pipe: Any, index: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             clock.mark(index + 1, steps)
@@ -165,12 +158,12 @@ class Bench:
         start = time.perf_counter()
         pipe(
             prompt=[PROMPT] * batch,
-            height=self.size,
-            width=self.size,
+            height=self.options.size,
+            width=self.options.size,
             num_inference_steps=steps,
-            guidance_scale=self.scale,
+            guidance_scale=self.options.scale,
             eta=0.0,
-            generator=torch.Generator(self.device).manual_seed(self.seed),
+            generator=torch.Generator(self.device).manual_seed(self.options.seed),
             output_type="np",
             callback_on_step_end=on_step,
         )
@@ -201,7 +194,7 @@ class Bench:
                 setup()
             run(3)
             row.warmup_seconds = time.perf_counter() - started
-            timings = [run(None) for _ in range(self.repeats)]
+            timings = [run(None) for _ in range(self.options.repeats)]
         except Exception as error:  # one broken configuration must not cost the rows after it
             traceback.print_exc()
             row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -240,7 +233,8 @@ class FastRows:
 
     def setup(self, batch: int) -> Callable[[], None]:
         def warm() -> None:
-            fast_path = replace(self.fast_path, shapes=(f"{self.bench.size}x{self.bench.size}x{batch}",))
+            side = self.bench.options.size
+            fast_path = replace(self.fast_path, shapes=(f"{side}x{side}x{batch}",))
             if self.pipeline is None:
                 self.pipeline = Pipeline(self.model, fast_path)
             elif self.pipeline.fast is not None:  # None off CUDA: a smoke test runs these rows eagerly
@@ -327,8 +321,8 @@ def table(rows: list[Row], bench: Bench) -> str:
     lines = [
         bench.machine,
         "",
-        f"{bench.size}×{bench.size}, {bench.steps} DDIM steps, scale "
-        f"{bench.scale}; median of {bench.repeats} runs after a warm-up",
+        f"{bench.options.size}×{bench.options.size}, {bench.options.steps} DDIM steps, scale "
+        f"{bench.options.scale}; median of {bench.options.repeats} runs after a warm-up",
         "",
         "| row | batch | s/image | steps/s | × diffusers eager steps/s | peak VRAM over baseline (GiB) "
         "| warm-up s | PSNR vs fp32 (dB) | note |",
