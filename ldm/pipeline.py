@@ -16,6 +16,7 @@ from PIL import Image
 
 from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, sample
 from ldm.fast_path import FastPath, accelerate, warm_up
+from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
 SAMPLERS = ("ddim",)
@@ -164,7 +165,9 @@ def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
 class Pipeline:
     """Runs requests on a loaded model; stateless between calls.
 
-    With a `fast_path` on a GPU, the configured shapes are compiled and captured here, before the first request.
+    With a `fast_path` on a GPU, the configured shapes are compiled and captured here, before the first request. On
+    the CPU, creating one tells the process's allocator to keep freed memory (`ldm.host_memory`): create it after
+    loading, as the handler and the command lines do.
     """
 
     def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None) -> None:
@@ -174,6 +177,8 @@ class Pipeline:
             # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
+        if model.device.type == "cpu":
+            keep_freed_memory()  # every step remakes the same activations: stop faulting them back in each time
         self.fast = None if fast_path is None else accelerate(model, fast_path)
         if self.fast is not None and fast_path is not None:
             warm_up(model, self.fast, fast_path)
