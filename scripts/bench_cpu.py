@@ -31,6 +31,7 @@ from ldm.config import load_config
 from ldm.parts import load_checkpoint, load_split, write_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
+from scripts.bench_allocator import ALLOCATOR_CHILDREN, compare_allocators
 from scripts.peers import diffusers_networks, diffusers_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,11 +44,32 @@ TOLERANCE = 1e-4
 UNET_BATCH, UNET_LATENT = 2, 32
 VAE_LATENT = 32  # 256×256 pixels
 IMAGE_STEPS = 10
-IMAGE_REPEATS = 3
+# Timed runs per side: a network row, a whole-image row (ten times longer), either with --quick.
+REPEATS, IMAGE_REPEATS, QUICK_REPEATS = 5, 3, 2
 # Whole images, [0, 1] scale: ten steps of two float32 implementations with different operation orders.
 IMAGE_TOLERANCE = 1e-3
 PROMPT = "a photograph of an astronaut riding a horse"
 PROFILE_ROWS = 12
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """The `cpu` section's command line."""
+
+    workdir: Path | None  # where the scratch folder goes (default: the system temp)
+    repeats: int | None  # timed runs of every row; None: REPEATS, IMAGE_REPEATS for whole images (QUICK_REPEATS)
+    quick: bool  # fewer repeats, no fp16 split
+    profile: bool  # also print each row's top operators
+    keep: bool  # keep the scratch folder
+    seed: int  # of the random weights
+    only: str | None  # time only the speed rows whose label contains this (any case); no load or allocator rows
+
+    def row_repeats(self, whole_image: bool) -> int:
+        if self.repeats is not None:
+            return self.repeats
+        if self.quick:
+            return QUICK_REPEATS
+        return IMAGE_REPEATS if whole_image else REPEATS
 
 
 @dataclass(frozen=True)
@@ -237,16 +259,23 @@ def print_timings(rows: dict[str, dict[str, list[Sample]]]) -> None:
     print(
         f"\nmedian of n runs after a warm-up, alternating; {torch.get_num_threads()} torch threads; "
         "cpu = process CPU time over all threads;\nspread = max/min of the runs (ours, diffusers): well above 1 "
-        "means other load on the machine"
+        "means other load on the machine;\npaired = ours/diffusers of each run and its neighbour, median (min-max): "
+        "a range that spans 1 is a tie"
     )
-    print(f"{'row':<44}{'n':>3}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}")
+    print(f"{'row':<44}{'n':>3}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}{'paired':>19}")
     for label, samples in rows.items():
         n = len(samples["ours"])
         for kind in ("wall", "cpu"):
             times = {side: [getattr(s, kind) for s in runs] for side, runs in samples.items()}
             mine, theirs = (statistics.median(times[side]) for side in ("ours", "diffusers"))
             spread = "/".join(f"{max(t) / min(t):.2f}" for t in times.values())
-            print(f"{f'{label} ({kind})':<44}{n:>3}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}")
+            # time_pair runs each repeat's two calls back to back, so run i of each side were neighbours in time.
+            ratios = [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
+            paired = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            print(
+                f"{f'{label} ({kind})':<44}{n:>3}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}"
+                f"{paired:>19}"
+            )
 
 
 def profile_pair(label: str, ours: Callable[[], Any], theirs: Callable[[], Any]) -> None:
@@ -275,7 +304,7 @@ def same(ours: Any, theirs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ours, theirs
 
 
-def pairs(split_fp32: Path, ckpt: Path, repeats: int) -> dict[str, Pair]:
+def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
     """Every speed row: ours and diffusers on the same weights and inputs."""
     ours = load_split(split_fp32)
     pipe = diffusers_pipeline(ours, read_state_dict(ckpt), CONFIG, torch.device("cpu"))
@@ -306,21 +335,21 @@ def pairs(split_fp32: Path, ckpt: Path, repeats: int) -> dict[str, Pair]:
             lambda: pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0],
             same,
             TOLERANCE,
-            repeats,
+            options.row_repeats(whole_image=False),
         ),
         f"VAE decode b1 {side}×{side}": Pair(
             lambda: ours.vae.decode(latent),
             lambda: pipe.vae.decode(latent, return_dict=False)[0],
             same,
             TOLERANCE,
-            repeats,
+            options.row_repeats(whole_image=False),
         ),
         "text encoding, prompt + empty": Pair(
             lambda: pipeline.embed([PROMPT, ""]),
             lambda: torch.cat(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True, "")),
             same,
             TOLERANCE,
-            repeats,
+            options.row_repeats(whole_image=False),
         ),
         # Both draw the starting noise from a CPU generator seeded alike, and run the same DDIM: same image.
         f"whole image {side}×{side}, {IMAGE_STEPS} steps": Pair(
@@ -328,14 +357,17 @@ def pairs(split_fp32: Path, ckpt: Path, repeats: int) -> dict[str, Pair]:
             their_image,
             lambda mine, theirs: (torch.from_numpy(mine / 255.0), torch.from_numpy(theirs)),
             IMAGE_TOLERANCE,
-            min(repeats, IMAGE_REPEATS),
+            options.row_repeats(whole_image=True),
         ),
     }
 
 
-def compare_networks(split_fp32: Path, ckpt: Path, repeats: int, profile: bool) -> None:
+def compare_networks(split_fp32: Path, ckpt: Path, options: CpuOptions) -> None:
     """Check ours and diffusers' agree on the same input (which also warms both up), then time them alternately."""
-    rows = pairs(split_fp32, ckpt, repeats)
+    every = pairs(split_fp32, ckpt, options)
+    rows = {label: pair for label, pair in every.items() if (options.only or "").lower() in label.lower()}
+    if not rows:
+        raise SystemExit(f"--only {options.only!r} matches no row of: {', '.join(every)}")
     print()
     with torch.inference_mode():
         for label, pair in rows.items():
@@ -348,13 +380,14 @@ def compare_networks(split_fp32: Path, ckpt: Path, repeats: int, profile: bool) 
     print(
         f"other processes kept {share:.0%} of the CPUs busy while this timed (above a few %, rerun on a quiet machine)"
     )
-    if profile:
+    if options.profile:
         for label, pair in rows.items():
             profile_pair(label, pair.ours, pair.theirs)
 
 
-def run(workdir: Path, repeats: int, quick: bool, profile: bool, seed: int) -> None:
-    """The whole benchmark inside `workdir`: build files, measure loads in children, then compare the networks."""
+def run(workdir: Path, options: CpuOptions) -> None:
+    """The whole benchmark inside `workdir`: build files, measure loads and the allocator in children, then compare
+    the networks."""
     import diffusers
 
     print(
@@ -362,33 +395,37 @@ def run(workdir: Path, repeats: int, quick: bool, profile: bool, seed: int) -> N
         f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB RAM; workdir {workdir}"
     )
     start = time.perf_counter()
-    ckpt = make_checkpoint(workdir, seed)
-    splits = {dtype: workdir / f"split-{dtype}" for dtype in (["fp32"] if quick else ["fp32", "fp16"])}
+    ckpt = make_checkpoint(workdir, options.seed)
+    dtypes = ["fp32"] if options.quick or options.only else ["fp32", "fp16"]
+    splits = {dtype: workdir / f"split-{dtype}" for dtype in dtypes}
     for dtype, folder in splits.items():
         write_split(ckpt, CONFIG, folder, dtype=dtype)
     print(
         f"wrote {ckpt.name} and split parts {', '.join(splits)} in {time.perf_counter() - start:.1f} s "
         "(all in the page cache now: the loads below are warm-cache loads)"
     )
-    loads = [measure_load(f"load_split {dtype} parts → fp32", "split", folder) for dtype, folder in splits.items()]
-    loads.append(measure_load("load_checkpoint .ckpt → fp32", "ckpt", ckpt))
-    loads.append(measure_load("diffusers .ckpt → UNet+VAE fp32", "diffusers", ckpt))
-    print_loads(loads)
-    compare_networks(splits["fp32"], ckpt, repeats, profile)
+    if not options.only:
+        loads = [measure_load(f"load_split {dtype} parts → fp32", "split", path) for dtype, path in splits.items()]
+        loads.append(measure_load("load_checkpoint .ckpt → fp32", "ckpt", ckpt))
+        loads.append(measure_load("diffusers .ckpt → UNet+VAE fp32", "diffusers", ckpt))
+        print_loads(loads)
+        children = QUICK_REPEATS if options.quick else ALLOCATOR_CHILDREN
+        compare_allocators(splits["fp32"], UNET_BATCH, UNET_LATENT, children)
+    compare_networks(splits["fp32"], ckpt, options)
 
 
-def run_cpu(workdir_parent: Path | None, repeats: int, quick: bool, profile: bool, keep: bool, seed: int) -> None:
+def run_cpu(options: CpuOptions) -> None:
     """The CPU section in a scratch folder (~10 GB of files), removed afterwards unless `keep`."""
-    parent = (workdir_parent or Path(tempfile.gettempdir())).resolve()
+    parent = (options.workdir or Path(tempfile.gettempdir())).resolve()
     if parent.is_relative_to(REPO):
         raise SystemExit(f"--workdir {parent} is inside the repository; the benchmark writes ~10 GB there")
     parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_cpu_", dir=parent))
     started = time.perf_counter()
     try:
-        run(workdir, repeats, quick, profile, seed)
+        run(workdir, options)
     finally:
-        if keep:
+        if options.keep:
             print(f"\nkept {workdir}")
         else:
             shutil.rmtree(workdir)

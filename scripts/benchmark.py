@@ -1,6 +1,6 @@
 """Benchmarks: ours next to diffusers on the same weights, in one run, with ratios (docs/PERFORMANCE.md).
 
-    python -m scripts.benchmark cpu [--quick] [--repeats N] [--profile] [--workdir DIR] [--keep]
+    python -m scripts.benchmark cpu [--quick] [--repeats N] [--only ROW] [--profile] [--workdir DIR] [--keep]
     python -m scripts.benchmark serving [--requests N] [--clients N]
     python -m scripts.benchmark gpu --out DIR [--batches 1 4 8] [--budget S]
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scripts.bench_cpu import run_cpu
+from scripts.bench_cpu import CpuOptions, run_cpu
 from scripts.bench_gpu import CONFIG, GpuOptions, run_gpu
 from scripts.bench_serving import run_serving
 
@@ -24,12 +24,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sections = parser.add_subparsers(dest="section", required=True)
     cpu = sections.add_parser("cpu", help="full-size model on the CPU: loads, UNet, VAE, text, whole image")
-    cpu.add_argument("--repeats", type=int, help="timed runs per side and row (default 5, with --quick 2)")
+    cpu.add_argument(
+        "--repeats", type=int, help="timed runs per side of every row (default 5, whole image 3; with --quick 2)"
+    )
     cpu.add_argument("--quick", action="store_true", help="2 repeats and no fp16 split")
     cpu.add_argument("--profile", action="store_true", help="also print the top operators of one call per side")
     cpu.add_argument("--workdir", type=Path, help="where to create the scratch folder (default: the system temp)")
     cpu.add_argument("--keep", action="store_true", help="keep the scratch folder and its ~10 GB of files")
     cpu.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    cpu.add_argument("--only", help="time only the speed rows whose name contains this, e.g. 'whole image'")
     serving = sections.add_parser("serving", help="tiny model: TorchServe's overhead, images/s at batchSize 1 and 4")
     serving.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput rows")
     serving.add_argument("--requests", type=int, default=12, help="requests per client in the throughput rows")
@@ -47,17 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--config", type=Path, default=CONFIG, help="model config (a tiny one smoke-tests the script)")
     gpu.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
-    if args.section == "cpu":
-        args.repeats = args.repeats or (2 if args.quick else 5)
-        if args.repeats < 1:
-            parser.error("--repeats must be at least 1")
+    if args.section == "cpu" and args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.section == "cpu":
-        run_cpu(args.workdir, args.repeats, args.quick, args.profile, args.keep, args.seed)
+        run_cpu(CpuOptions(args.workdir, args.repeats, args.quick, args.profile, args.keep, args.seed, args.only))
     elif args.section == "serving":
         run_serving(args.requests, args.clients, args.size, args.steps, args.runs)
     elif args.section == "gpu":
