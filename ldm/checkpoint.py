@@ -5,7 +5,6 @@ The single place that knows the checkpoint's key prefixes and which keys we deli
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -48,15 +47,6 @@ _SHOWN = 5
 
 class CheckpointError(ValueError):
     """The checkpoint does not match the config, or is not a checkpoint we can read safely."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (a 4 GB checkpoint never sits in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

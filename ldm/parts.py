@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm.checkpoint import file_sha256, read_state_dict, split_state_dict
+from ldm.checkpoint import read_state_dict, split_state_dict
 from ldm.config import ModelConfig, load_config
 from ldm.model import PARTS, StableDiffusion, build_parts, weight_root
+from ldm.model_hash import checkpoint_sha256
 from ldm.tokenizer import VOCAB_DIR, CLIPTokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,7 +78,7 @@ def load_checkpoint(
     """Load an original single-file checkpoint (`.ckpt` or `.safetensors`) with its config YAML."""
     config = config if isinstance(config, ModelConfig) else load_config(config)
     parts = split_state_dict(read_state_dict(ckpt), config)
-    return assemble(config, parts, torch.device(device), dtype, file_sha256(ckpt)[:10], low_memory)
+    return assemble(config, parts, torch.device(device), dtype, checkpoint_sha256(ckpt)[:10], low_memory)
 
 
 def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtype: str = "fp16") -> Manifest:
@@ -95,7 +96,9 @@ def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtyp
         del tensors
     shutil.copyfile(config_path, out / CONFIG_FILE)
     shutil.copytree(VOCAB_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
-    manifest = Manifest(source=Path(ckpt).name, source_sha256=file_sha256(ckpt), dtype=dtype, parameters=parameters)
+    manifest = Manifest(
+        source=Path(ckpt).name, source_sha256=checkpoint_sha256(ckpt), dtype=dtype, parameters=parameters
+    )
     (out / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2) + "\n", encoding="utf-8")
     return manifest
 

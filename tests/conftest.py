@@ -28,6 +28,15 @@ with warnings.catch_warnings():
     gc.collect()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Model hashes remembered by the code under test (and by its subprocesses) go to a temp folder, never into the
+    user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference checkpoint in the original `.ckpt` format, written from its safetensors twin."""

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm.checkpoint import file_sha256
+from ldm.model_hash import file_sha256
 from ldm.parts import load_split, read_manifest
 from ldm.pipeline import Pipeline
 from scripts.split_checkpoint import main as split_main
