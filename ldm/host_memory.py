@@ -1,10 +1,11 @@
 """Keep freed host memory in the process, so CPU inference stops paying the kernel for the same pages every step.
 
-glibc serves blocks above its mmap threshold (at most 32 MiB, adjusted as it goes) with fresh `mmap`s and hands them
-back on free; it also trims the heap's top whenever more than 128 KiB is free there. A UNet call on the CPU makes and
-drops the same gigabytes of activations every step, so by default each call faults them all back in, zero-filled:
-at batch 2 and a 32×32 latent that is 464,000 page faults (1.8 GB) per call, about a third of the call's time on two
-cores. Raising both thresholds keeps those pages in the heap for the next step: 0 faults, same arithmetic.
+glibc serves blocks above its mmap threshold (128 KiB at first, raised as it goes up to 32 MiB) with fresh `mmap`s
+and hands them back on free; it also trims the heap's top once enough of it is free. A UNet call on the CPU makes
+and drops the same gigabytes of activations every step, so by default each call faults them all back in,
+zero-filled: at batch 2 and a 32×32 latent that is 464,000 page faults (1.8 GB) per call, 15–29 % of the call's
+time on two cores (`scripts/bench_allocator.py`). Raising both thresholds keeps those pages in the heap for the next
+step: 0 faults, same arithmetic.
 
 The cost is that the process keeps its high-water mark of activations resident instead of returning it between
 requests, which a server that makes the same images again needs anyway. It is applied once the weights are loaded
