@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -17,6 +16,7 @@ from ldm.config import load_config, parse_config
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.safe_pickle import UnsafeCheckpointError
+from tests.hostile_pickles import RunsCode
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -73,16 +73,6 @@ def test_checkpoint_without_state_dict_wrapper_loads(state: dict, tmp_path: Path
     assert torch.equal(read_state_dict(path)[UNET_KEY], state[UNET_KEY])
 
 
-class _RunsCode:
-    """Pickles as a call of os.system: what a malicious checkpoint does."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 class _PlainObject:
     """Any object of a custom class: unpickling it would import and instantiate that class."""
 
@@ -90,7 +80,7 @@ class _PlainObject:
 @pytest.mark.parametrize("where", ["top level", "inside state_dict"])
 def test_pickle_that_runs_code_is_refused_and_code_does_not_run(state: dict, tmp_path: Path, where: str) -> None:
     marker = tmp_path / "pwned"
-    payload = _RunsCode(marker)
+    payload = RunsCode(marker)
     checkpoint = (
         {"state_dict": {**state, "evil": payload}}
         if where == "inside state_dict"

@@ -28,9 +28,9 @@ from ldm.parts import load_checkpoint, load_split
 from ldm.png_info import read_parameters
 from scripts.build_mar import main as build_mar
 from scripts.server import ROOT, TorchServe, read_properties
+from tests.hostile_pickles import RunsCode
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 from tests.servers import MODEL, TIMEOUT
-from tests.test_checkpoint import _RunsCode
 
 CONFIG = read_properties(ROOT / "config.properties")
 LISTENERS = ("inference_address", "management_address", "metrics_address")
@@ -148,7 +148,7 @@ def test_building_and_loading_an_archive_never_touches_the_network(tmp_path: Pat
 def test_a_malicious_checkpoint_is_refused_by_build_mar_before_it_runs(tmp_path: Path, capsys) -> None:
     """A .ckpt whose unpickling would run `touch MARKER`: refused with a message, nothing written, MARKER absent."""
     marker, ckpt = tmp_path / "pwned", tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": _RunsCode(marker)}, ckpt)
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": RunsCode(marker)}, ckpt)
     store = tmp_path / "store"
     args = ["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "--export-path", str(store), "--model-name", "evil"]
     assert build_mar(args) == 2
