@@ -11,10 +11,11 @@ import pytest
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 # A fresh interpreter (the allocator setting is process-wide): optionally build a CPU Pipeline, then count the page
-# faults of making and dropping a 256 MiB buffer, as a UNet step makes and drops its activations.
+# faults of making and dropping a buffer three times, as UNet steps make and drop their activations.
 PROBE = """
 import json, resource, sys
 import torch
+BUFFER_BYTES = int(sys.argv[4])
 if sys.argv[1] == "pipeline":
     from ldm.parts import load_checkpoint
     from ldm.pipeline import Pipeline
@@ -22,16 +23,19 @@ if sys.argv[1] == "pipeline":
 faults = []
 for _ in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(1 << 26).fill_(1.0)
+    torch.empty(BUFFER_BYTES // 4).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(faults))
 """
-PAGES = (1 << 28) // 4096  # 65,536 pages of 4 KiB in the buffer
+# 48 MiB: above the 32 MiB up to which glibc's own threshold adapts (so without a pipeline every round maps it
+# afresh), below the 64 MiB from which a pipeline still maps blocks.
+BUFFER_BYTES = 48 << 20
+PAGES = BUFFER_BYTES // 4096
 
 
 def faults(mode: str) -> list[int]:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode, str(TINY_SAFETENSORS), str(TINY_CONFIG)],
+        [sys.executable, "-c", PROBE, mode, str(TINY_SAFETENSORS), str(TINY_CONFIG), str(BUFFER_BYTES)],
         check=True, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return json.loads(out.stdout.splitlines()[-1])
@@ -39,7 +43,7 @@ def faults(mode: str) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc page-fault counts")
 def test_cpu_pipeline_stops_refaulting_freed_buffers() -> None:
-    # Without a pipeline, glibc maps every 256 MiB buffer afresh: each round faults in all of its pages.
+    # Without a pipeline, glibc maps every such buffer afresh: each round faults in all of its pages.
     assert all(n >= PAGES for n in faults("plain"))
     # With one, the first round still faults the buffer in; the next rounds reuse it.
     first, *again = faults("pipeline")
