@@ -1,10 +1,12 @@
-"""What keeping freed host memory (`ldm.host_memory`) is worth: our UNet call on the CPU with and without it.
+"""What keeping freed host memory (`ldm.host_memory`) is worth: our UNet calls on the CPU with and without it, and
+what it costs in peak memory.
 
 Ours against ours, not against diffusers: the setting is process-wide and one-way, so the speed rows of the CPU
-section (which a `Pipeline` in their process has already switched) give both sides the same allocator, and this row
-shows what that allocator is worth. Each run is a fresh child that loads the split parts, sets the allocator or
-leaves glibc's defaults, makes one untimed warm-up call and then times a few calls, counting their page faults;
-the children alternate ABBA so a machine that slows down during the row hits both settings alike.
+section (which a `Pipeline` in their process has already switched) give both sides the same allocator, and these
+rows show what that allocator is worth. Each run is a fresh child that loads the split parts, sets the allocator or
+leaves glibc's defaults, makes one untimed warm-up UNet call, times a few calls counting their page faults, then
+decodes one latent of the same size and reports its peak resident memory. The children alternate ABBA so a machine
+that slows down during a row hits both settings alike.
 """
 
 from __future__ import annotations
@@ -16,20 +18,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ldm.host_memory import keep_freed_memory
 from ldm.parts import load_split
+from scripts.process_memory import proc_status
 
 REPO = Path(__file__).resolve().parent.parent
-# Fresh processes per setting, and timed calls in each: ~100 s in all on 2 cores.
-ALLOCATOR_CHILDREN, CALLS_PER_CHILD = 4, 2
-MODES = ("defaults", "kept")
+MIB = 1 << 20
+# Fresh processes per setting and latent size, and timed calls in each: ~5 min in all on 2 cores for 256² and 512².
+ALLOCATOR_CHILDREN, CALLS_PER_CHILD = 3, 2
+MODES = {"defaults": "glibc defaults", "kept": "freed memory kept"}
 
 
 def child(mode: str, split: Path, batch: int, latent: int) -> None:
-    """Body of one child: a JSON line with the seconds and page faults of each timed call."""
+    """Body of one child: a JSON line with each timed call's seconds and page faults, and the peak RSS."""
     model = load_split(split)
     applied = keep_freed_memory() if mode == "kept" else False
     generator = torch.Generator().manual_seed(0)
@@ -45,31 +50,44 @@ def child(mode: str, split: Path, batch: int, latent: int) -> None:
             model.unet(x, t, context)
             seconds.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"seconds": seconds, "faults": faults, "applied": applied}))
+        model.vae.decode(x[:1])
+    report = {"seconds": seconds, "faults": faults, "peak": proc_status("VmHWM"), "applied": applied}
+    print(json.dumps(report))
 
 
-def compare_allocators(split: Path, batch: int, latent: int, children: int) -> None:
-    """Run `children` children per setting, alternating, and print the row."""
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+def run_children(split: Path, batch: int, latent: int, children: int) -> dict[str, list[dict[str, Any]]]:
+    """`children` children per setting, alternating ABBA."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for i in range(children):
-        for mode in MODES if i % 2 == 0 else reversed(MODES):
+        for mode in list(MODES) if i % 2 == 0 else reversed(MODES):
             command = [sys.executable, "-m", "scripts.bench_allocator", mode, str(split), str(batch), str(latent)]
             done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
             runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def compare_allocators(split: Path, batch: int, latents: tuple[int, ...], children: int) -> None:
+    """One table row pair per latent size."""
     print(
-        f"\nhost allocator, our UNet call b{batch} {latent}×{latent} latent: {children} fresh processes per setting "
-        f"(alternating), {CALLS_PER_CHILD} timed calls each after a warm-up; medians"
+        f"\nhost allocator, our UNet call b{batch}: {children} fresh processes per setting and size (alternating), "
+        f"{CALLS_PER_CHILD} timed calls each after a warm-up, then one VAE decode; medians; peak = VmHWM, weights "
+        "included"
     )
-    print(f"{'':<34}{'s':>8}{'page faults':>14}{'spread':>8}")
-    medians = {}
-    for mode, label in zip(MODES, ("glibc defaults", "freed memory kept"), strict=True):
-        seconds = [s for run in runs[mode] for s in run["seconds"]]
-        faults = [f for run in runs[mode] for f in run["faults"]]
-        medians[mode] = statistics.median(seconds)
-        if mode == "kept" and not all(run["applied"] for run in runs[mode]):
-            label += " (NOT APPLIED: not glibc)"
-        print(f"{label:<34}{medians[mode]:>8.3f}{statistics.median(faults):>14,.0f}{max(seconds) / min(seconds):>8.2f}")
-    print(f"kept / defaults: {medians['kept'] / medians['defaults']:.2f}")
+    print(f"{'':<40}{'s':>8}{'page faults':>14}{'spread':>8}{'peak MiB':>10}")
+    for latent in latents:
+        runs = run_children(split, batch, latent, children)
+        medians = {}
+        for mode, label in MODES.items():
+            seconds = [s for run in runs[mode] for s in run["seconds"]]
+            faults = statistics.median(f for run in runs[mode] for f in run["faults"])
+            peak = statistics.median(run["peak"] for run in runs[mode]) / MIB
+            medians[mode] = statistics.median(seconds)
+            if mode == "kept" and not all(run["applied"] for run in runs[mode]):
+                label += " (NOT APPLIED)"
+            row = f"{latent * 8}², {label}"
+            spread = max(seconds) / min(seconds)
+            print(f"{row:<40}{medians[mode]:>8.3f}{faults:>14,.0f}{spread:>8.2f}{peak:>10,.0f}")
+        print(f"{latent * 8}², kept / defaults: {medians['kept'] / medians['defaults']:.2f}")
 
 
 if __name__ == "__main__":
