@@ -1,6 +1,6 @@
 """The SHA-256 of a checkpoint file ("model hash" in every image's PNG metadata), remembered between runs.
 
-Hashing a 4 GB `.ckpt` takes seconds (about 5 of a 5.8 s load on the benchmark machine), and the command lines load
+Hashing a 4 GB `.ckpt` takes seconds (most of a 5–6 s load on the benchmark machine), and the command lines load
 the original file on every run. The digest is kept in a small JSON file in the user's cache folder, keyed by the
 file's resolved path and valid while its inode, size and modification time (ns) are unchanged, as make trusts
 timestamps. A cache that cannot be read or written (read-only home, another user's file) only costs the hash again.
