@@ -1,11 +1,12 @@
 """CPU rows of the benchmark: full-size SD v1 (random weights), ours next to diffusers on the same weights.
 
-Prints comparable numbers, not pass/fail tests: a load table (time, peak resident memory) where every load runs in
-a fresh subprocess so one load's high-water mark never hides another's, and a speed table — one UNet call, one VAE
+Prints comparable numbers, not pass/fail tests: a load table (time, peak resident memory) where every load runs in a
+fresh subprocess so one load's high-water mark never hides another's, and a speed table — one UNet call, one VAE
 decode, one text encoding, a whole 256×256 image at 10 steps — next to diffusers' `StableDiffusionPipeline` holding
-the same weights (scripts/peers.py). Weights are random (no real checkpoint offline); speed and memory do not depend
-on their values, and every pair is checked to compute the same thing before it is timed. Linux only (reads
-/proc/self/status). Run through `python -m scripts.benchmark cpu`.
+the same weights (scripts/peers.py). Between them, what the CPU allocator setting every CPU `Pipeline` makes is
+worth to our UNet call (scripts/bench_allocator.py). Weights are random (no real checkpoint offline); speed and
+memory do not depend on their values, and every pair is checked to compute the same thing before it is timed. Linux
+only (reads /proc/self/status). Run through `python -m scripts.benchmark cpu`.
 """
 
 from __future__ import annotations

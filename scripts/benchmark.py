@@ -5,9 +5,9 @@
     python -m scripts.benchmark gpu --out DIR [--batches 1 4 8] [--budget S]
 
 `cpu`: full-size SD v1 with random weights on the CPU: loading, one UNet call, a VAE decode, a text encoding, and a
-whole 256×256 image at 10 steps. `serving`: the tiny model in-process and through a real TorchServe. `gpu`: the
-512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh` runs them in one go). Needs the `bench` extra (diffusers,
-psutil).
+whole 256×256 image at 10 steps; also our UNet call with and without the host allocator setting. `serving`: the tiny
+model in-process and through a real TorchServe. `gpu`: the 512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh`
+runs them in one go). Needs the `bench` extra (diffusers, psutil).
 """
 
 from __future__ import annotations
