@@ -53,6 +53,8 @@ REPEATS, IMAGE_REPEATS, QUICK_REPEATS = 5, 3, 2
 IMAGE_TOLERANCE = 1e-3
 PROMPT = "a photograph of an astronaut riding a horse"
 PROFILE_ROWS = 12
+# Sample fields the speed table prints, with what a row's label calls each; the last two only where UNets are clocked.
+KINDS = {"wall": "wall", "cpu": "cpu", "unet": "in UNet calls", "outside_unet": "outside them"}
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,45 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class Sample:
-    """One timed call: wall seconds, and process CPU seconds summed over all threads."""
+    """One timed call: wall seconds, process CPU seconds summed over all threads, and wall seconds inside the UNet's
+    calls (None where the row does not clock them)."""
 
     wall: float
     cpu: float
+    unet: float | None = None
+
+    @property
+    def outside_unet(self) -> float | None:
+        return None if self.unet is None else self.wall - self.unet
+
+
+class CallClock:
+    """Wall seconds spent inside a module's forward calls: splits a whole image into its UNet calls and the rest, so
+    a whole-image difference can be placed in the network or around it."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.seconds = 0.0
+        self.started = 0.0
+        self.hooks = (
+            []
+            if module is None
+            else [module.register_forward_pre_hook(self.start), module.register_forward_hook(self.stop)]
+        )
+
+    def start(self, *_: Any) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self.started
+
+    def take(self) -> float | None:
+        """The seconds clocked since the last take (None without a module)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds if self.hooks else None
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 def touch(modules: list[nn.Module]) -> None:
@@ -226,32 +263,39 @@ def machine_busy_seconds() -> float:
     return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
-def time_pair(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> dict[str, list[Sample]]:
-    """`repeats` timed calls of each side, alternating ABBA so machine noise and any run-order effect hit both
-    alike. Callers warm both up first."""
+def time_pair(pair: Pair) -> dict[str, list[Sample]]:
+    """`pair.repeats` timed calls of each side, alternating ABBA so machine noise and any run-order effect hit both
+    alike, clocking each side's UNet calls where the pair names the UNets. Callers warm both up first."""
     samples: dict[str, list[Sample]] = {"ours": [], "diffusers": []}
-    sides = [("ours", ours), ("diffusers", theirs)]
-    with torch.inference_mode():
-        for i in range(repeats):
-            for name, fn in sides if i % 2 == 0 else reversed(sides):
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn()
-                samples[name].append(Sample(time.perf_counter() - wall, time.process_time() - cpu))
+    unets = pair.unets or (None, None)
+    sides = [("ours", pair.ours, CallClock(unets[0])), ("diffusers", pair.theirs, CallClock(unets[1]))]
+    try:
+        with torch.inference_mode():
+            for i in range(pair.repeats):
+                for name, fn, clock in sides if i % 2 == 0 else reversed(sides):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    fn()
+                    samples[name].append(Sample(time.perf_counter() - wall, time.process_time() - cpu, clock.take()))
+    finally:
+        for _, _, clock in sides:
+            clock.close()
     return samples
 
 
 def print_timings(rows: dict[str, dict[str, list[Sample]]]) -> None:
-    """The speed table: medians of wall and process CPU time, the ratio, and max/min of each side as a noise gauge."""
+    """The speed table: medians of wall and process CPU time (and of the wall time inside and outside the UNet's calls
+    where clocked), the ratio, and max/min of each side as a noise gauge."""
     print(
         f"\nmedian of n runs after a warm-up, alternating; {torch.get_num_threads()} torch threads; "
         "cpu = process CPU time over all threads;\nspread = max/min of the runs (ours, diffusers): well above 1 "
         "means other load on the machine;\npaired = ours/diffusers of each run and its neighbour, median (min-max): "
         "a range that spans 1 is a tie"
     )
-    print(f"{'row':<44}{'n':>3}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}{'paired':>19}")
+    print(f"{'row':<50}{'n':>3}{'ours (s)':>10}{'diffusers (s)':>15}{'ours/diffusers':>16}{'spread':>13}{'paired':>19}")
     for label, samples in rows.items():
         n = len(samples["ours"])
-        for kind in ("wall", "cpu"):
+        clocked = samples["ours"][0].unet is not None
+        for kind in list(KINDS)[: 4 if clocked else 2]:
             times = {side: [getattr(s, kind) for s in runs] for side, runs in samples.items()}
             mine, theirs = (statistics.median(times[side]) for side in ("ours", "diffusers"))
             spread = "/".join(f"{max(t) / min(t):.2f}" for t in times.values())
@@ -259,7 +303,7 @@ def print_timings(rows: dict[str, dict[str, list[Sample]]]) -> None:
             ratios = [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
             paired = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
             print(
-                f"{f'{label} ({kind})':<44}{n:>3}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}"
+                f"{f'{label} ({KINDS[kind]})':<50}{n:>3}{mine:>10.3f}{theirs:>15.3f}{mine / theirs:>16.2f}{spread:>13}"
                 f"{paired:>19}"
             )
 
@@ -284,6 +328,7 @@ class Pair:
     outputs: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]]
     tolerance: float
     repeats: int
+    unets: tuple[nn.Module, nn.Module] | None = None  # (ours, diffusers') to clock inside each run
 
 
 def same(ours: Any, theirs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,6 +389,7 @@ def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
             lambda mine, theirs: (torch.from_numpy(mine / 255.0), torch.from_numpy(theirs)),
             IMAGE_TOLERANCE,
             options.row_repeats(whole_image=True),
+            (ours.unet, pipe.unet),
         ),
     }
 
@@ -359,7 +405,7 @@ def compare_networks(split_fp32: Path, ckpt: Path, options: CpuOptions) -> None:
         for label, pair in rows.items():
             check_agreement(*pair.outputs(pair.ours(), pair.theirs()), label, pair.tolerance)
     busy, own, wall = machine_busy_seconds(), time.process_time(), time.perf_counter()
-    timings = {label: time_pair(pair.ours, pair.theirs, pair.repeats) for label, pair in rows.items()}
+    timings = {label: time_pair(pair) for label, pair in rows.items()}
     others = (machine_busy_seconds() - busy) - (time.process_time() - own)
     share = others / ((time.perf_counter() - wall) * psutil.cpu_count())
     print_timings(timings)
