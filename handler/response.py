@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from handler.request import ApiRequest
 from ldm.pipeline import Generation
-from ldm.png_info import encode_png, parameters_text
+from ldm.png_info import encode_with_parameters, parameters_text
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,19 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     return parameters
 
 
-def png_files(generation: Generation, model_hash: str) -> list[bytes]:
-    """Each image as PNG bytes carrying its own `parameters` chunk (its own seed)."""
-    return [
-        encode_png(image, parameters_text(generation.request, seed, model_hash))
-        for image, seed in zip(generation.images, generation.seeds, strict=True)
-    ]
+def png_files(generations: Sequence[Generation], model_hash: str) -> list[list[bytes]]:
+    """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed), the whole
+    batch's compressed at once."""
+    texts = [parameters_text(g.request, seed, model_hash) for g in generations for seed in g.seeds]
+    files = iter(encode_with_parameters([image for g in generations for image in g.images], texts))
+    return [[next(files) for _ in g.seeds] for g in generations]
 
 
-def json_body(generation: Generation, model_hash: str) -> str:
+def json_body(generation: Generation, pngs: Sequence[bytes]) -> str:
     """`{"images": [base64 PNG, ...], "seeds": [...], "parameters": {...}}`."""
     return json.dumps(
         {
-            "images": [base64.b64encode(png).decode("ascii") for png in png_files(generation, model_hash)],
+            "images": [base64.b64encode(png).decode("ascii") for png in pngs],
             "seeds": generation.seeds,
             "parameters": effective_parameters(generation),
         }

@@ -131,7 +131,8 @@ class StableDiffusionHandler(BaseHandler):
         """PNG bytes (with X-Seed), JSON, or a stream's last line (the same JSON) per request; errors as JSON with
         their status, or as a stream's last line once the stream has started."""
         assert self.pipeline is not None
-        model_hash = self.pipeline.model.model_hash
+        generations = [outcome.generation for outcome in data if isinstance(outcome, Answer)]
+        files = iter(png_files(generations, self.pipeline.model.model_hash))
         responses: list[bytes | str] = []
         for idx, outcome in enumerate(data):
             if isinstance(outcome, RequestError):
@@ -143,18 +144,18 @@ class StableDiffusionHandler(BaseHandler):
                 self.context.set_response_content_type(idx, "application/json")
                 responses.append(json.dumps(outcome.body()))
                 continue
-            generation = outcome.generation
+            generation, pngs = outcome.generation, next(files)
             self.context.set_response_header(idx, "X-Seed", str(generation.seeds[0]))
             self.context.set_response_header(idx, "X-Seeds", ",".join(str(s) for s in generation.seeds))
             if outcome.request.want_png:
                 self.context.set_response_content_type(idx, "image/png")
-                responses.append(png_files(generation, model_hash)[0])
+                responses.append(pngs[0])
             elif outcome.request.stream:
                 self.context.set_response_content_type(idx, NDJSON)
-                responses.append(json_body(generation, model_hash) + "\n")
+                responses.append(json_body(generation, pngs) + "\n")
             else:
                 self.context.set_response_content_type(idx, "application/json")
-                responses.append(json_body(generation, model_hash))
+                responses.append(json_body(generation, pngs))
         return responses
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | str]:

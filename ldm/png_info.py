@@ -7,12 +7,13 @@ and backslashes inside prompts are escaped (`\\n`, `\\\\`) so a prompt can never
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from ldm.pipeline import GenerationRequest
+from ldm.png_encoder import encode_pngs
 
 PARAMETERS_KEY = "parameters"
 
@@ -43,13 +44,15 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
     return "\n".join(lines)
 
 
+def encode_with_parameters(images: Sequence[np.ndarray], parameters: Sequence[str]) -> list[bytes]:
+    """uint8 (H, W, 3) images → PNG bytes, each with its parameters chunk (iTXt when the text is not Latin-1),
+    compressed together on every CPU."""
+    return encode_pngs(images, [{PARAMETERS_KEY: text} for text in parameters])
+
+
 def encode_png(image: np.ndarray, parameters: str) -> bytes:
-    """uint8 (H, W, 3) → PNG bytes with the parameters chunk (iTXt when the text is not Latin-1)."""
-    info = PngInfo()
-    info.add_text(PARAMETERS_KEY, parameters)
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
+    """One image's PNG bytes with its parameters chunk."""
+    return encode_with_parameters([image], [parameters])[0]
 
 
 def read_parameters(png: bytes) -> str | None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import requests
 
-from handler.response import json_body
+from handler.response import json_body, png_files
 from ldm.config import load_config
 from ldm.parts import load_split, write_split
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Generation, GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.build_mar import main as build_mar
 from scripts.load_test import run as load_run
@@ -57,6 +57,11 @@ def serve(home: Path, ckpt: Path, batch_sizes: list[int]) -> TorchServe:
     return server
 
 
+def answer(generation: Generation, model_hash: str) -> str:
+    """What the handler makes of a generation for a JSON request."""
+    return json_body(generation, png_files([generation], model_hash)[0])
+
+
 def median_seconds(call: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -91,7 +96,7 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             pipeline.generate(request)
             local, served = [], []
             for _ in range(runs):
-                local.append(median_seconds(lambda: json_body(pipeline.generate(request), model.model_hash), 1))
+                local.append(median_seconds(lambda: answer(pipeline.generate(request), model.model_hash), 1))
                 served.append(median_seconds(over_http, 1))
             inproc, http = statistics.median(local), statistics.median(served)
             print(f"\none {size}×{size} image, {steps} steps, tiny demo model, CPU; median of {runs} alternating runs")
