@@ -2,12 +2,14 @@
 
     python -m scripts.benchmark cpu [--quick] [--repeats N] [--only ROW] [--profile] [--workdir DIR] [--keep]
     python -m scripts.benchmark serving [--requests N] [--clients N]
+    python -m scripts.benchmark png [--size N] [--batches 1 4 8] [--repeats N]
     python -m scripts.benchmark gpu --out DIR [--batches 1 4 8] [--budget S]
 
 `cpu`: full-size SD v1 with random weights on the CPU: loading, one UNet call, a VAE decode, a text encoding, and a
 whole 256×256 image at 10 steps; also our UNet call with and without the host allocator setting. `serving`: the tiny
-model in-process and through a real TorchServe. `gpu`: the 512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh`
-runs them in one go). Needs the `bench` extra (diffusers, psutil).
+model in-process and through a real TorchServe. `png`: an answer's PNG encoding, ours against PIL's. `gpu`: the
+512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh` runs them in one go). Needs the `bench` extra (diffusers,
+psutil).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from scripts.bench_cpu import CpuOptions, run_cpu
 from scripts.bench_gpu import CONFIG, GpuOptions, run_gpu
+from scripts.bench_png import run_png
 from scripts.bench_serving import run_serving
 
 
@@ -39,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serving.add_argument("--size", type=int, default=64, help="image side in pixels")
     serving.add_argument("--steps", type=int, default=10)
     serving.add_argument("--runs", type=int, default=15, help="alternating runs of the overhead row")
+    png = sections.add_parser("png", help="PNG encoding of an answer's images: ours against PIL, one at a time")
+    png.add_argument("--size", type=int, default=512, help="image side in pixels")
+    png.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="images per answer")
+    png.add_argument("--repeats", type=int, default=9, help="alternating timed runs per side")
     gpu = sections.add_parser("gpu", help="512×512 rows on CUDA: diffusers eager vs ours eager / fast path")
     gpu.add_argument("--out", type=Path, required=True, help="folder for gpu.md and gpu.json")
     gpu.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         run_cpu(CpuOptions(args.workdir, args.repeats, args.quick, args.profile, args.keep, args.seed, args.only))
     elif args.section == "serving":
         run_serving(args.requests, args.clients, args.size, args.steps, args.runs)
+    elif args.section == "png":
+        run_png(args.size, args.batches, args.repeats)
     elif args.section == "gpu":
         options = GpuOptions(
             out=args.out,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/PERFORMANCE.md in one go, in under 8 minutes on one H200: the CUDA tests (fp32 reproduces the
 # reference, the fast path stays within fp16 rounding), then `python -m scripts.benchmark gpu`. Writes everything to
-# OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md (the table) and gpu.json.
+# OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md (the table), gpu.json and png.txt (PNG encoding).
 #
 # Installs nothing from the network. Python packages the machine lacks (diffusers, omegaconf, ftfy, ...) may be put
 # as wheels in ./.whl beforehand (docs/PERFORMANCE.md has the `pip download` line); they go to a scratch folder.
@@ -29,4 +29,6 @@ timeout 170 "$python" -m pytest -q -p no:cacheprovider -p no:warnings --noconfte
     tee "$out/gpu-tests.txt"
 echo "tests: $((SECONDS - started)) s"
 timeout 420 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-300}" 2>&1 | tee "$out/benchmark.log"
+# The GPU host's cores encode the answers' PNGs: a few seconds.
+timeout 30 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
 echo "total: $((SECONDS - started)) s"
