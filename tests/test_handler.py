@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,17 @@ def call(handler: StableDiffusionHandler, bodies: list[Any], headers: list[dict[
 
 def expected_pixels(tiny_split: Path, request: GenerationRequest) -> np.ndarray:
     return Pipeline(load_split(tiny_split)).generate(request).images
+
+
+def test_every_answer_carries_the_batch_handler_time(handler: StableDiffusionHandler) -> None:
+    started = time.perf_counter()
+    responses, context = call(handler, [VALID, {**VALID, "seed": 9}])
+    wall_ms = (time.perf_counter() - started) * 1000
+    timings = [context.response_headers[idx]["server-timing"] for idx in range(len(responses))]
+    assert timings[0] == timings[1]
+    match = re.fullmatch(r'handler;dur=([0-9.]+);desc="batch of 2"', timings[0])
+    assert match, timings[0]
+    assert 0.5 * wall_ms <= float(match.group(1)) <= wall_ms  # milliseconds, nearly all of the call
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

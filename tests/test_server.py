@@ -78,6 +78,9 @@ def test_png_equals_in_process_image(server: TorchServe, in_process: Pipeline) -
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "image/png"
     assert response.headers["X-Seed"] == "5"
+    # The worker's own time for the request, which the client's wall time contains.
+    handler_ms = float(re.fullmatch(r'handler;dur=([0-9.]+);desc="batch of 1"', response.headers["Server-Timing"])[1])
+    assert 0 < handler_ms <= response.elapsed.total_seconds() * 1000
     expected = in_process.generate(GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5))
     assert np.array_equal(np.asarray(load_image(io.BytesIO(response.content))), expected.images[0])
     assert "Seed: 5, Size: 64x64, Model hash: 8e79c1729f" in read_parameters(response.content)
