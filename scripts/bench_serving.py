@@ -3,12 +3,15 @@
 The tiny demo architecture (configs/tiny-demo.yaml, random weights) on the CPU, so that the model's own time is
 small and the server's share shows. In-process means `Pipeline.generate` plus the same JSON encoding the handler
 does; through TorchServe means the same request over HTTP to a real server on loopback (one client, one at a time),
-so the difference is the server's plumbing: HTTP, Java frontend, the socket to the Python worker, batching.
+so the difference is the server's plumbing: HTTP, Java frontend, the socket to the Python worker, batching. On a
+machine whose speed drifts, the difference of two medians is noisy; each answer's `Server-Timing` header gives the
+worker's own time for that very request, and the client's time minus it is the plumbing, free of the drift.
 Throughput: 8 concurrent clients (scripts/load_test.py) against the model served with `batchSize` 1 and with 4.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import tempfile
 import time
@@ -62,6 +65,14 @@ def answer(generation: Generation, model_hash: str) -> str:
     return json_body(generation, png_files([generation], model_hash)[0])
 
 
+def handler_seconds(response: requests.Response) -> float:
+    """The worker's time for the request, from the handler's `Server-Timing: handler;dur=MS` header."""
+    match = re.match(r"handler;dur=([0-9.]+)", response.headers.get("Server-Timing", ""))
+    if match is None:
+        raise SystemExit(f"no handler Server-Timing header in {dict(response.headers)}")
+    return float(match[1]) / 1000
+
+
 def median_seconds(call: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -87,13 +98,18 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             url = f"{server.inference_url}/predictions/b1"
             session = requests.Session()
 
+            plumbing: list[float] = []
+
             def over_http() -> None:
+                started = time.perf_counter()
                 response = session.post(url, json=body, headers={"Accept": "application/json"}, timeout=120)
                 response.raise_for_status()
+                plumbing.append(time.perf_counter() - started - handler_seconds(response))
 
             # Warm both up; then alternate, so machine noise hits both alike.
             over_http()
             pipeline.generate(request)
+            plumbing.clear()
             local, served = [], []
             for _ in range(runs):
                 local.append(median_seconds(lambda: answer(pipeline.generate(request), model.model_hash), 1))
@@ -102,7 +118,12 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             print(f"\none {size}×{size} image, {steps} steps, tiny demo model, CPU; median of {runs} alternating runs")
             print(f"{'in-process (generate + JSON)':<36}{inproc * 1000:>9.1f} ms")
             print(f"{'through TorchServe (HTTP, JSON)':<36}{http * 1000:>9.1f} ms")
-            print(f"{'TorchServe overhead':<36}{(http - inproc) * 1000:>9.1f} ms  ({http / inproc - 1:+.1%})")
+            print(f"{'difference':<36}{(http - inproc) * 1000:>9.1f} ms  ({http / inproc - 1:+.1%})")
+            print(
+                f"{'TorchServe overhead, per request':<36}{statistics.median(plumbing) * 1000:>9.1f} ms  "
+                f"(min {min(plumbing) * 1000:.1f}, max {max(plumbing) * 1000:.1f}; the client's time minus the "
+                "worker's handler time for the same request, from its Server-Timing header)"
+            )
 
             print(f"\n{clients} concurrent clients × {requests_per_client} requests, one image each")
             print(f"{'batchSize':<12}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}  statuses")
