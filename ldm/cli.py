@@ -37,7 +37,7 @@ from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
 from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, resolve
-from ldm.png_info import encode_png, parameters_text
+from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
 
 Mode = Literal["txt2img", "img2img"]
@@ -348,9 +348,13 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
             for prompt in prompts:
                 request = replace(template, prompt=prompt, seed=seed)
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
-                for image, image_seed in zip(generation.images, generation.seeds, strict=True):
-                    parameters = parameters_text(generation.request, image_seed, model.model_hash)
-                    data = encode_png(image, parameters) if args.format == "png" else encode_jpeg(image, parameters)
+                texts = [parameters_text(generation.request, s, model.model_hash) for s in generation.seeds]
+                files = (
+                    encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
+                    if args.format == "png"
+                    else [encode_jpeg(image, text) for image, text in zip(generation.images, texts, strict=True)]
+                )
+                for data, image_seed in zip(files, generation.seeds, strict=True):
                     path = outdir / image_name(image_seed, index, args.format)
                     path.write_bytes(data)
                     written.append(path)

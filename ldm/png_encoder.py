@@ -86,7 +86,7 @@ def _deflate_piece(data: memoryview, start: int, end: int) -> bytes:
 def encode_pngs(images: Sequence[np.ndarray], texts: Sequence[Mapping[str, str]]) -> list[bytes]:
     """uint8 (H, W, 3) images → PNG files, each with its text chunks, the pieces of all of them compressed at once."""
     assert all(image.ndim == 3 and image.shape[2] == 3 for image in images), "RGB images (H, W, 3)"
-    if not images:
+    if len(images) == 0:  # also a (0, H, W, 3) array
         return []
     scanlines = [memoryview(_filtered(np.ascontiguousarray(image, np.uint8))) for image in images]
     bounds = [_pieces(len(data)) for data in scanlines]

@@ -50,11 +50,6 @@ def encode_with_parameters(images: Sequence[np.ndarray], parameters: Sequence[st
     return encode_pngs(images, [{PARAMETERS_KEY: text} for text in parameters])
 
 
-def encode_png(image: np.ndarray, parameters: str) -> bytes:
-    """One image's PNG bytes with its parameters chunk."""
-    return encode_with_parameters([image], [parameters])[0]
-
-
 def read_parameters(png: bytes) -> str | None:
     """The parameters text of PNG bytes, or None when there is none."""
     with Image.open(io.BytesIO(png)) as image:

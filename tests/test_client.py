@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ldm.png_info import encode_png, read_parameters
+from ldm.png_info import encode_with_parameters, read_parameters
 from scripts.client import ClientError, HttpError, generate, main
 from tests.servers import http_server, send_json
 
@@ -36,7 +36,7 @@ def parameters(seed: int) -> str:
 def png(seed: int) -> bytes:
     """A distinct 8×8 PNG carrying a parameters chunk, as the handler makes them."""
     pixels = np.full((8, 8, 3), seed % 256, dtype=np.uint8)
-    return encode_png(pixels, parameters(seed))
+    return encode_with_parameters([pixels], [parameters(seed)])[0]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, Progress, resolve
-from ldm.png_info import encode_png, parameters_text, read_parameters
+from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, assert_matches_png, case, load_image, reference_png, request_for
 
 SMALL = GenerationRequest("a lighthouse in a storm", height=64, width=64, steps=3, seed=41)
@@ -95,7 +95,7 @@ def test_png_parameters_round_trip(pipeline: Pipeline) -> None:
     request = dataclasses.replace(SMALL, negative_prompt="blurry", eta=0.25)
     generation = pipeline.generate(request)
     text = parameters_text(generation.request, generation.seeds[0], "0123456789")
-    png = encode_png(generation.images[0], text)
+    (png,) = encode_with_parameters(generation.images[:1], [text])
     assert read_parameters(png) == (
         "a lighthouse in a storm\nNegative prompt: blurry\n"
         "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 41, Size: 64x64, Model hash: 0123456789, Eta: 0.25"
@@ -110,7 +110,7 @@ def test_png_parameters_escape_newlines_and_keep_unicode() -> None:
     assert lines[0] == "a cat\\nSteps: 1, Seed: 666\\\\n"
     assert lines[1] == "Negative prompt: ünïcödé ☃"
     assert len(lines) == 3 and lines[2].startswith("Steps: 50,")
-    assert read_parameters(encode_png(np.zeros((8, 8, 3), np.uint8), text)) == text
+    assert read_parameters(encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text])[0]) == text
 
 
 def test_img2img_png_parameters_name_denoising_strength() -> None:
