@@ -5,7 +5,9 @@ small and the server's share shows. In-process means `Pipeline.generate` plus th
 does; through TorchServe means the same request over HTTP to a real server on loopback (one client, one at a time),
 so the difference is the server's plumbing: HTTP, Java frontend, the socket to the Python worker, batching. On a
 machine whose speed drifts, the difference of two medians is noisy; each answer's `Server-Timing` header gives the
-worker's own time for that very request, and the client's time minus it is the plumbing, free of the drift.
+worker's own time for that very request, and the client's time minus it is the plumbing, free of the drift. Three
+rows split it: the same requests back to back, a request the handler refuses at once (the round trip to the worker),
+and `GET /ping` (HTTP and the frontend alone).
 Throughput: 8 concurrent clients (scripts/load_test.py) against the model served with `batchSize` 1 and with 4.
 """
 
@@ -31,6 +33,8 @@ from scripts.server import DEMO_CONFIG, ROOT, TorchServe, loopback_listeners, wr
 
 PROMPT = "a lighthouse at dawn"
 STARTUP_TIMEOUT = 180.0
+# Requests of the rows that split the overhead (each a few ms).
+PLUMBING_RUNS = 30
 
 
 def model_config(home: Path, batch_size: int) -> Path:
@@ -73,6 +77,15 @@ def handler_seconds(response: requests.Response) -> float:
     return float(match[1]) / 1000
 
 
+def plumbing_seconds(session: requests.Session, url: str, body: dict, status: int) -> float:
+    """One request's wall time at the client minus the handler's own time for it."""
+    started = time.perf_counter()
+    response = session.post(url, json=body, headers={"Accept": "application/json"}, timeout=120)
+    if response.status_code != status:
+        raise SystemExit(f"expected {status}, got {response.status_code}: {response.text[:200]}")
+    return time.perf_counter() - started - handler_seconds(response)
+
+
 def median_seconds(call: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -101,10 +114,7 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             plumbing: list[float] = []
 
             def over_http() -> None:
-                started = time.perf_counter()
-                response = session.post(url, json=body, headers={"Accept": "application/json"}, timeout=120)
-                response.raise_for_status()
-                plumbing.append(time.perf_counter() - started - handler_seconds(response))
+                plumbing.append(plumbing_seconds(session, url, body, 200))
 
             # Warm both up; then alternate, so machine noise hits both alike.
             over_http()
@@ -124,6 +134,17 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
                 f"(min {min(plumbing) * 1000:.1f}, max {max(plumbing) * 1000:.1f}; the client's time minus the "
                 "worker's handler time for the same request, from its Server-Timing header)"
             )
+            # Where it goes: the same requests with nothing between them, a round trip to the worker that does no
+            # work, and the frontend alone.
+            back_to_back = [plumbing_seconds(session, url, body, 200) for _ in range(runs)]
+            refused = [plumbing_seconds(session, url, {**body, "H": 3}, 400) for _ in range(PLUMBING_RUNS)]
+            ping = median_seconds(lambda: session.get(f"{server.inference_url}/ping", timeout=10), PLUMBING_RUNS)
+            for label, seconds in (
+                ("  the same, back to back", statistics.median(back_to_back)),
+                ("  a request refused (400), no work", statistics.median(refused)),
+                ("  GET /ping: HTTP, frontend, no worker", ping),
+            ):
+                print(f"{label:<36}{seconds * 1000:>9.1f} ms")
 
             print(f"\n{clients} concurrent clients × {requests_per_client} requests, one image each")
             print(f"{'batchSize':<12}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}  statuses")
