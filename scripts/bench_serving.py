@@ -8,7 +8,9 @@ machine whose speed drifts, the difference of two medians is noisy; each answer'
 worker's own time for that very request, and the client's time minus it is the plumbing, free of the drift. Three
 rows split it: the same requests back to back, a request the handler refuses at once (the round trip to the worker),
 and `GET /ping` (HTTP and the frontend alone).
-Throughput: 8 concurrent clients (scripts/load_test.py) against the model served with `batchSize` 1 and with 4.
+Batching: the model is served with `batchSize` 1, with the shipped batching, and with the same batch size and a 50 ms
+`maxBatchDelay` (TorchServe's examples' kind of wait); for each, a lone request's overhead (TorchServe holds the first
+request of a batch up to maxBatchDelay for company) and throughput under 8 concurrent clients (scripts/load_test.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -37,30 +40,62 @@ STARTUP_TIMEOUT = 180.0
 PLUMBING_RUNS = 30
 
 
-def model_config(home: Path, batch_size: int) -> Path:
-    """The shipped model-config.yaml with another batchSize (everything else, maxBatchDelay too, as shipped)."""
-    text = (ROOT / "model-config.yaml").read_text()
-    assert "batchSize: 4\n" in text, "model-config.yaml no longer says batchSize: 4"
-    path = home / f"model-config-b{batch_size}.yaml"
-    path.write_text(text.replace("batchSize: 4\n", f"batchSize: {batch_size}\n"))
+@dataclass(frozen=True)
+class Batching:
+    """One way to serve the model: TorchServe's batchSize and maxBatchDelay (ms; None: as model-config.yaml ships)."""
+
+    batch_size: int
+    max_delay_ms: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch_size}" + ("" if self.max_delay_ms is None else f"-d{self.max_delay_ms}")
+
+    def label(self) -> str:
+        delay = f"{shipped_delay_ms()} ms, as shipped" if self.max_delay_ms is None else f"{self.max_delay_ms} ms"
+        return f"batchSize {self.batch_size}, maxBatchDelay {delay}"
+
+
+def shipped_text() -> str:
+    return (ROOT / "model-config.yaml").read_text()
+
+
+def shipped_delay_ms() -> int:
+    match = re.search(r"^maxBatchDelay: (\d+)$", shipped_text(), re.M)
+    assert match, "model-config.yaml no longer says maxBatchDelay"
+    return int(match[1])
+
+
+# batchSize 1; the shipped batching; the same batch size with a long wait, as TorchServe's examples use.
+BATCHINGS = (Batching(1), Batching(4), Batching(4, 50))
+
+
+def model_config(home: Path, batching: Batching) -> Path:
+    """The shipped model-config.yaml with another batchSize and maxBatchDelay (everything else as shipped)."""
+    shipped = shipped_text()
+    assert "batchSize: 4\n" in shipped, "model-config.yaml no longer says batchSize: 4"
+    delay = shipped_delay_ms() if batching.max_delay_ms is None else batching.max_delay_ms
+    text = shipped.replace("batchSize: 4\n", f"batchSize: {batching.batch_size}\n")
+    path = home / f"model-config-{batching.name}.yaml"
+    path.write_text(re.sub(r"^maxBatchDelay: \d+$", f"maxBatchDelay: {delay}", text, flags=re.M))
     return path
 
 
-def serve(home: Path, ckpt: Path, batch_sizes: list[int]) -> TorchServe:
-    """One TorchServe serving the model once per batch size, as `b1`, `b4`, ..."""
+def serve(home: Path, ckpt: Path, batchings: tuple[Batching, ...]) -> TorchServe:
+    """One TorchServe serving the model once per batching, each under its `name`."""
     store = home / "model-store"
-    for size in batch_sizes:
-        args = ["--ckpt", str(ckpt), "--config", str(DEMO_CONFIG), "--model-name", f"b{size}",
+    for batching in batchings:
+        args = ["--ckpt", str(ckpt), "--config", str(DEMO_CONFIG), "--model-name", batching.name,
                 "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
-                "--model-config", str(model_config(home, size))]  # fmt: skip
+                "--model-config", str(model_config(home, batching))]  # fmt: skip
         if build_mar(args):
-            raise SystemExit(f"build_mar failed for batchSize {size}")
+            raise SystemExit(f"build_mar failed for {batching.label()}")
     overrides = {**loopback_listeners(store), "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}"}
     config = write_properties(ROOT / "config.properties", home / "config.properties", overrides)
-    server = TorchServe(config, home, store, ",".join(f"b{size}=b{size}.mar" for size in batch_sizes))
+    server = TorchServe(config, home, store, ",".join(f"{b.name}={b.name}.mar" for b in batchings))
     server.start(foreground=True)
-    for size in batch_sizes:
-        server.wait_ready(f"b{size}", STARTUP_TIMEOUT)
+    for batching in batchings:
+        server.wait_ready(batching.name, STARTUP_TIMEOUT)
     return server
 
 
@@ -106,9 +141,9 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
         pipeline = Pipeline(model)
         body = {"prompt": PROMPT, "H": size, "W": size, "ddim_steps": steps, "seed": 7}
         request = GenerationRequest(PROMPT, height=size, width=size, steps=steps, seed=7)
-        server = serve(home, ckpt, [1, 4])
+        server = serve(home, ckpt, BATCHINGS)
         try:
-            url = f"{server.inference_url}/predictions/b1"
+            url = f"{server.inference_url}/predictions/{BATCHINGS[0].name}"
             session = requests.Session()
 
             plumbing: list[float] = []
@@ -146,15 +181,21 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             ):
                 print(f"{label:<36}{seconds * 1000:>9.1f} ms")
 
-            print(f"\n{clients} concurrent clients × {requests_per_client} requests, one image each")
-            print(f"{'batchSize':<12}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}  statuses")
-            for batch_size in (1, 4):
+            print(
+                f"\nper batching: a lone request's overhead (client time minus handler time, median of {runs} back "
+                f"to back: TorchServe waits maxBatchDelay for company first);\n{clients} concurrent clients × "
+                f"{requests_per_client} requests, one image each"
+            )
+            print(f"{'':<44}{'lone ms':>9}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}  statuses")
+            for batching in BATCHINGS:
+                lone_url = f"{server.inference_url}/predictions/{batching.name}"
+                lone = statistics.median(plumbing_seconds(session, lone_url, body, 200) for _ in range(runs))
                 bodies = [{**body, "seed": seed} for seed in range(clients * requests_per_client)]
-                report = load_run(server.inference_url, f"b{batch_size}", bodies, clients)
+                report = load_run(server.inference_url, batching.name, bodies, clients)
                 statuses = dict(sorted(report.statuses.items()))
                 print(
-                    f"{batch_size:<12}{report.images_per_second:>10.1f}{report.latency(50):>8.2f}"
-                    f"{report.latency(95):>8.2f}{report.latency(99):>8.2f}  {statuses}"
+                    f"{batching.label():<44}{lone * 1000:>9.1f}{report.images_per_second:>10.1f}"
+                    f"{report.latency(50):>8.2f}{report.latency(95):>8.2f}{report.latency(99):>8.2f}  {statuses}"
                 )
         finally:
             server.stop()
