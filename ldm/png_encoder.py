@@ -5,8 +5,8 @@ tens of milliseconds per image, a share of a fast generation that grows with the
 zlib stream, and deflate can be cut into pieces compressed independently, as pigz does: each piece starts from the
 previous piece's last 32 KiB as its dictionary (so the file is as small as one pass would make it) and ends byte
 aligned (a sync flush), and the pieces joined are one valid stream. zlib releases the GIL, so threads suffice; the
-pieces of every image of a batch share one pool. Pieces have a fixed size, so the bytes written do not depend on the
-machine's CPU count.
+pieces of every image of a batch share one pool. Where the pieces are cut depends only on the image's size, so the
+bytes written do not depend on the machine's CPU count.
 
 Every row uses the Up filter (the difference from the row above), as fpng does: one vectorised subtraction instead of
 trying five filters per row in C as libpng and PIL do, for files a few per cent larger than theirs.
@@ -85,10 +85,10 @@ def _deflate_piece(data: memoryview, start: int, end: int) -> bytes:
 
 def encode_pngs(images: Sequence[np.ndarray], texts: Sequence[Mapping[str, str]]) -> list[bytes]:
     """uint8 (H, W, 3) images → PNG files, each with its text chunks, the pieces of all of them compressed at once."""
-    assert all(image.ndim == 3 and image.shape[2] == 3 for image in images), "RGB images (H, W, 3)"
+    assert all(image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 for image in images), "uint8 RGB"
     if len(images) == 0:  # also a (0, H, W, 3) array
         return []
-    scanlines = [memoryview(_filtered(np.ascontiguousarray(image, np.uint8))) for image in images]
+    scanlines = [memoryview(_filtered(np.ascontiguousarray(image))) for image in images]
     bounds = [_pieces(len(data)) for data in scanlines]
     jobs = [(data, start, end) for data, spans in zip(scanlines, bounds, strict=True) for start, end in spans]
     pieces = iter(_pool().map(lambda job: _deflate_piece(*job), jobs) if len(jobs) > 1 else [_deflate_piece(*jobs[0])])
