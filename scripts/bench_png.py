@@ -24,15 +24,16 @@ from ldm.png_info import PARAMETERS_KEY, encode_with_parameters
 PARAMETERS = "a lighthouse at dawn\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512"
 
 
-def photograph_like(size: int, seed: int) -> np.ndarray:
+def photograph_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus a little noise: compresses like a photograph, unlike pure noise."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size]
+    y, x = np.mgrid[0:height, 0:width]
     channels = [128 + 100 * np.sin(x / 37 + k + seed) * np.cos(y / 23 - k) for k in range(3)]
-    return np.clip(np.stack(channels, -1) + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+    return np.clip(np.stack(channels, -1) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def noise(size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def pil_pngs(images: list[np.ndarray], parameters: list[str]) -> list[bytes]:
@@ -78,7 +79,7 @@ def run_png(size: int, batches: list[int], repeats: int) -> None:
     )
     for kind, make in (("photograph-like", photograph_like), ("noise", noise)):
         for batch in batches:
-            images = [make(size, seed) for seed in range(batch)]
+            images = [make(size, size, seed) for seed in range(batch)]
             texts = [PARAMETERS] * batch
             ours_files, pil_files = encode_with_parameters(images, texts), pil_pngs(images, texts)
             check_same_pixels(images, ours_files, pil_files)

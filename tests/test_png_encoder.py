@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ldm.png_encoder import PIECE_BYTES, encode_pngs
+from scripts.bench_png import noise, photograph_like, pil_pngs
 
 
 def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
@@ -31,24 +32,9 @@ def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
     return found
 
 
-def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Gradients plus a little noise: compresses like a photograph, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    channels = [128 + 100 * np.sin(x / 37 + k) * np.cos(y / 23 - k) for k in range(3)]
-    return np.clip(np.stack(channels, -1) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
-
-
-def pil_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 64), (300, 401), (512, 512)])
 def test_decoders_read_back_the_same_pixels(shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(1)
-    images = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8), smooth_image(*shape)]
+    images = [noise(*shape, seed=1), photograph_like(*shape)]
     for image, png in zip(images, encode_pngs(images, [{}, {}]), strict=True):
         kinds = [kind for kind, _ in chunks(png)]
         assert kinds == [b"IHDR", b"IDAT", b"IEND"]
@@ -58,7 +44,7 @@ def test_decoders_read_back_the_same_pixels(shape: tuple[int, int]) -> None:
 
 
 def test_a_multi_piece_stream_is_one_valid_zlib_stream() -> None:
-    image = smooth_image(512, 512)
+    image = photograph_like(512, 512)
     assert image.nbytes > 4 * PIECE_BYTES, "the image must span several pieces"
     (idat,) = [data for kind, data in chunks(encode_pngs([image], [{}])[0]) if kind == b"IDAT"]
     scanlines = zlib.decompress(idat)  # raises on a broken stream or a wrong Adler-32
@@ -81,8 +67,8 @@ def test_pieces_keep_the_previous_window_as_their_dictionary() -> None:
 
 def test_files_are_near_pil_size_on_photograph_like_images() -> None:
     """The Up filter against PIL's per-row choice of five: a few per cent, not a regression in kind."""
-    image = smooth_image(512, 512)
-    ours, pil = encode_pngs([image], [{}])[0], pil_png(image)
+    image = photograph_like(512, 512)
+    ours, pil = encode_pngs([image], [{}])[0], pil_pngs([image], [""])[0]
     assert len(ours) < 1.08 * len(pil), (len(ours), len(pil))
     assert len(ours) < 0.8 * image.nbytes, "it compresses"
 
