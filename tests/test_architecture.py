@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ldm.attention import CrossAttention
+from ldm.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.checkpoint import POSITION_IDS, PREFIXES, SCHEDULE_BUFFERS
 from ldm.config import load_config
 from ldm.model import StableDiffusion, expected_shapes
-from ldm.unet import timestep_embedding
-from ldm.vae import AttnBlock
+from ldm.unet import ResBlock, timestep_embedding
+from ldm.vae import AttnBlock, ResnetBlock
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FULL_CONFIG = Path(__file__).parents[1] / "configs" / "v1-inference.yaml"
@@ -72,3 +73,32 @@ def test_unet_accepts_latent_sides_that_are_not_multiples_of_its_depth(tiny_mode
         out = tiny_model.unet(x, torch.tensor([500]), context)
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
+
+
+def test_blocks_computing_in_place_leave_their_inputs_alone() -> None:
+    # The blocks reuse their own intermediate tensors (in-place SiLU and residual adds); the inputs, and the UNet's
+    # timestep embedding that every ResBlock of a call shares, must come back untouched. Checked against the
+    # blocks' formulas written out of place.
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 64, 3, 5), torch.randn(2, 16)
+    saved_x, saved_emb = x.clone(), emb.clone()
+    res = ResBlock(64, 16, 64)
+    n1, c1, n2, c2 = res.in_layers[0], res.in_layers[2], res.out_layers[0], res.out_layers[3]
+    h = c1(F.silu(n1(x))) + res.emb_layers[1](F.silu(emb))[:, :, None, None]
+    assert torch.allclose(res(x, emb), x + c2(F.silu(n2(h))), atol=1e-6)
+    vae_res = ResnetBlock(64, 64)
+    h = vae_res.conv2(F.silu(vae_res.norm2(vae_res.conv1(F.silu(vae_res.norm1(x))))))
+    assert torch.allclose(vae_res(x), x + h, atol=1e-6)
+    AttnBlock(64)(x)
+    SpatialTransformer(64, 2, 32, 1, 12)(x, torch.randn(2, 7, 12))
+    assert torch.equal(x, saved_x) and torch.equal(emb, saved_emb)
+
+
+def test_transformer_block_keeps_the_feature_maps_memory_layout() -> None:
+    # SpatialTransformer hands its blocks a (b, c, h·w) map seen as (b, h·w, c); an answer in that layout makes the
+    # reshape back to a map a view, where a contiguous one would cost a transposing copy per block.
+    block = BasicTransformerBlock(64, 2, 32, 12).eval()
+    x = torch.randn(2, 64, 15).transpose(1, 2)
+    with torch.inference_mode():
+        out = block(x, torch.randn(2, 7, 12))
+    assert out.stride() == x.stride()
