@@ -95,8 +95,9 @@ def test_blocks_computing_in_place_leave_their_inputs_alone() -> None:
 
 
 def test_transformer_block_keeps_the_feature_maps_memory_layout() -> None:
-    # SpatialTransformer hands its blocks a (b, c, h·w) map seen as (b, h·w, c); an answer in that layout makes the
-    # reshape back to a map a view, where a contiguous one would cost a transposing copy per block.
+    # SpatialTransformer hands its blocks a (b, c, h·w) map seen as (b, h·w, c); an answer in that layout reshapes
+    # back to an ordinary map, where a contiguous one would turn into a channels-last map that slows the rest of the
+    # UNet on the CPU.
     block = BasicTransformerBlock(64, 2, 32, 12).eval()
     x = torch.randn(2, 64, 15).transpose(1, 2)
     with torch.inference_mode():
