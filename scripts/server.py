@@ -172,16 +172,17 @@ class TorchServe:
         """Workers of `model` that are READY ([] while loading or unreachable)."""
         return ready_workers(self.management_url, model)
 
-    def wait_ready(self, model: str, timeout: float) -> None:
-        """Until a worker of `model` is READY; raises with the log's tail if it is not in time or the server died."""
+    def wait_ready(self, model: str, timeout: float, workers: int = 1) -> None:
+        """Until `workers` workers of `model` are READY; raises with the log's tail if they are not in time or the
+        server died. (A synchronous scale-up can answer before its new worker reports READY.)"""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"TorchServe is not running:\n{self.log_tail()}")
-            if self.ready_workers(model):
+            if len(self.ready_workers(model)) >= workers:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"no READY worker of {model} after {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"fewer than {workers} READY workers of {model} after {timeout:.0f} s:\n{self.log_tail()}")
 
     def alive(self) -> bool:
         """Our foreground child still runs, or (detached) the pid TorchServe wrote to its pid file does."""

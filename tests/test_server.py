@@ -212,7 +212,7 @@ def test_scaling_workers_while_requests_flow_loses_none(server: TorchServe) -> N
     try:
         scaled = requests.put(f"{management}?min_worker=2&max_worker=2&synchronous=true", timeout=TIMEOUT)
         assert scaled.status_code == 200, scaled.text
-        assert len(server.ready_workers(MODEL)) == 2
+        server.wait_ready(MODEL, TIMEOUT, workers=2)
         scaled = requests.put(f"{management}?min_worker=1&max_worker=1&synchronous=true", timeout=TIMEOUT)
         assert scaled.status_code == 200, scaled.text
     finally:
