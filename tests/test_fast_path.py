@@ -1,5 +1,6 @@
-"""The fast path's CPU-checkable parts: its settings, its shape routing and fallbacks, and that it leaves CPU
-pipelines untouched. What only a GPU can show (compile + CUDA graphs within fp16 rounding) is tests/test_gpu.py."""
+"""The fast path's CPU-checkable parts: its settings, its shape routing and fallbacks, that it leaves CPU pipelines
+untouched, and that both networks trace into one graph each for `torch.compile`. What only a GPU can show (the
+generated kernels and CUDA graphs within fp16 rounding) is tests/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from handler.settings import SettingsError, parse_settings
 from ldm.fast_path import FastPath, ShapeDispatch, accelerate
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
+from ldm.tokenizer import CONTEXT_LENGTH
 from tests.reference import case
 from tests.reference import request_for as request_of
 
@@ -88,3 +90,25 @@ def test_a_shape_that_fails_to_prepare_runs_eagerly(caplog: pytest.LogCaptureFix
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(dispatch(x), x * 2)
     assert (eager.calls, dispatch.fast_calls) == (1, 0)
+
+
+@torch.inference_mode()
+def test_unet_and_decoder_each_compile_to_one_graph(tiny_model: StableDiffusion) -> None:
+    """`accelerate` compiles both networks with `fullgraph=True` for the GPU: a graph break (a `.item()`, a print,
+    data-dependent control flow) would fail there, and the worker would fall back to eager at full cost. Tracing needs
+    no GPU, so the CPU checks it here (with the `aot_eager` backend: the same graph capture without code generation,
+    seconds instead of a minute) and that the traced route computes the eager values (to float rounding: the traced
+    decoder may pick another memory layout for its attention's output, and so another summation order)."""
+    config = tiny_model.config
+    x = torch.randn(2, config.latent_channels, 8, 8)
+    t = torch.tensor([999, 999])
+    context = torch.randn(2, CONTEXT_LENGTH, config.unet.context_dim)
+    networks = [(tiny_model.unet, (x, t, context)), (tiny_model.vae.decode, (x[:1],))]
+    try:
+        for network, example in networks:
+            dispatch = ShapeDispatch(network, torch.compile(network, fullgraph=True, backend="aot_eager"), False)
+            assert dispatch.prepare(*example)
+            torch.testing.assert_close(dispatch(*example), network(*example))
+            assert dispatch.fast_calls == 1
+    finally:
+        torch._dynamo.reset()
