@@ -45,7 +45,7 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 # The project and its dependencies from pyproject.toml (torch, torchserve, ...): the big layer, rebuilt only when
 # they or the packages it installs (ldm/, front/) change, not for every edit of the handler or scripts; pip's cache
 # mount keeps the downloaded wheels between builds and out of the image.
-COPY pyproject.toml README.md /app/
+COPY pyproject.toml README.md LICENSE /app/
 COPY ldm /app/ldm
 COPY front /app/front
 RUN --mount=type=cache,target=/root/.cache/pip python -m venv /opt/venv && pip install /app
