@@ -43,6 +43,8 @@ INIT_IMAGE_FORMATS = ("PNG", "JPEG")
 # Modes whose conversion to RGB is exact. CMYK is refused (PIL's conversion ignores the colour profile, so colours
 # come out wrong) and so is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn white).
 INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
+# How much of a wrong value an error message quotes.
+SHOWN_CHARS = 40
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 # What a text field must not hold, and how to say so. C0 control characters other than tab, newline and carriage
 # return, and DEL, are never part of a prompt. A lone UTF-16 surrogate (a JSON escape such as \ud800 with no
@@ -119,22 +121,34 @@ def parse_body(data: Any) -> dict[str, Any]:
     return data
 
 
+def shown(value: Any) -> str:
+    """A request's value as an error message quotes it: JSON, cut after SHOWN_CHARS characters, and an array or
+    object by its kind alone. Why: the answer must not echo megabytes (a 10 MB string where a number belongs), and a
+    value nested almost as deep as the parser allows cannot be written back out (json.dumps runs out of stack)."""
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    text = json.dumps(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
+
+
 def _integer(data: dict[str, Any], name: str, default: int, low: int, high: int, unit: str = "") -> int:
     value = data.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"{name} must be an integer, got {json.dumps(value)}")
+        raise RequestError(name, f"{name} must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise RequestError(name, f"{name} must be between {low} and {high}{unit}, got {value}")
+        raise RequestError(name, f"{name} must be between {low} and {high}{unit}, got {shown(value)}")
     return value
 
 
 def _number(data: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = data.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(name, f"{name} must be a finite number, got {json.dumps(value)}")
+    # An integer is finite however long it is (math.isfinite would overflow converting one of 400 digits).
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not finite:
+        raise RequestError(name, f"{name} must be a finite number, got {shown(value)}")
     if value > high or value < low or (low_open and value == low):
         interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise RequestError(name, f"{name} must be in {interval}, got {value}")
+        raise RequestError(name, f"{name} must be in {interval}, got {shown(value)}")
     return float(value)
 
 
@@ -143,7 +157,7 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
         raise RequestError(name, f"{name} is required")
     value = data.get(name, default)
     if not isinstance(value, str):
-        raise RequestError(name, f"{name} must be a string, got {json.dumps(value)}")
+        raise RequestError(name, f"{name} must be a string, got {shown(value)}")
     if len(value) > max_chars:
         raise RequestError(name, f"{name} must be at most {max_chars} characters, got {len(value)}")
     for pattern, what in _FORBIDDEN_TEXT:
@@ -257,7 +271,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     accepted = (accept or "").lower()
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError("stream", f"stream must be true or false, got {json.dumps(stream)}")
+        raise RequestError("stream", f"stream must be true or false, got {shown(stream)}")
     stream = stream or NDJSON in accepted
     want_png = "image/png" in accepted and "application/json" not in accepted and NDJSON not in accepted
     if stream and want_png:

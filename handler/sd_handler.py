@@ -84,6 +84,10 @@ class StableDiffusionHandler(BaseHandler):
                 parsed.append(parse_request(request_body(row), self.settings, _header(self.context, idx, "accept")))
             except RequestError as error:
                 parsed.append(error)
+            except Exception:
+                # A request our validation failed on is a bug to fix, but it must not fail the batch beside it.
+                logger.exception("request %d of the batch could not be validated", idx)
+                parsed.append(RequestError("body", "the server failed to read this request; its log says why", 500))
         return parsed
 
     def inference(self, data: list[ApiRequest | RequestError], *args: Any, **kwargs: Any) -> list[Outcome]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import ImageFile
 
+from handler import sd_handler
 from handler.request import RequestError, decode_init_image
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, parse_settings
@@ -203,6 +204,27 @@ def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler
         alone = pipeline.generate(request).images[0]
         got = np.asarray(load_image(io.BytesIO(base64.b64decode(json.loads(responses[index])["images"][0]))))
         assert np.abs(got.astype(int) - alone).max() <= 1
+
+
+def test_a_request_validation_fails_on_is_a_500_for_it_alone(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in validating one request (here: an exception no rule expects) answers that request, not its batch."""
+    validate = sd_handler.parse_request
+
+    def broken_on_x(data: Any, *args: Any) -> Any:
+        if b'"x"' in data:
+            raise OverflowError("a bug")
+        return validate(data, *args)
+
+    monkeypatch.setattr(sd_handler, "parse_request", broken_on_x)
+    responses, context = call(handler, [{"prompt": "x"}, VALID])
+    assert context.status == {0: 500}
+    assert json.loads(responses[0]) == {
+        "error": "the server failed to read this request; its log says why",
+        "field": "body",
+    }
+    assert json.loads(responses[1])["seeds"] == [5]
 
 
 def test_metrics_are_recorded(handler: StableDiffusionHandler) -> None:
