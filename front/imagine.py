@@ -11,9 +11,11 @@ Decisions, and why:
 - **The front draws the seed** when none is given, below 2³² − `max_images`, so every image's seed is known and
   valid before the first request is sent: the progress stream carries `X-Seed` from its first byte, and the seeds
   of later iterations follow from it.
-- **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a count or seed that is
-  not an integer) is forwarded as it is, so that TorchServe's handler names the field at fault; the front only
-  refuses what is its own: the `stream` flag and more than `max_images` images in one request.
+- **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a field holding an array
+  or object, a `stream` flag that is not a boolean, a count or seed that is not an integer) is forwarded as it is,
+  so that TorchServe's handler names the field at fault. The front only refuses what is its own: more than
+  `max_images` images in one request, and a seed its split would carry past 2³² − 1 (TorchServe, which sees one
+  iteration at a time, would refuse only a later iteration, after the first had been computed).
 """
 
 from __future__ import annotations
@@ -74,29 +76,34 @@ class Plan:
 def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`) and draw the seed if absent.
 
-    Raises FrontError for a `stream` flag that is not a boolean and for more than `max_images` images.
+    Raises FrontError for more than `max_images` images, and for a seed whose last image would pass 2³² − 1.
     """
     try:
         fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
     except (ValueError, RecursionError):
         # Not JSON we can read (nested too deep, say): TorchServe's parser names the problem.
         return Plan(None, raw, stream, 1)
-    if not isinstance(fields, dict):
+    # No field takes an array or object, and one nested nearly as deep as the parser allows could not even be
+    # written back out: such a body goes as it came, and TorchServe's handler names the field.
+    if not isinstance(fields, dict) or any(isinstance(value, (list, dict)) for value in fields.values()):
         return Plan(None, raw, stream, 1)
-    flag = fields.pop("stream", False)
-    if not isinstance(flag, bool):
-        raise FrontError(400, f"stream must be true or false, got {json.dumps(flag)}", "stream")
-    stream = stream or flag
+    if not isinstance(fields.get("stream", False), bool):
+        return Plan(None, raw, stream, 1)
+    stream = fields.pop("stream", False) or stream
     n_samples, n_iter, seed = fields.get("n_samples", 1), fields.get("n_iter", 1), fields.get("seed")
     if not (_is_integer(n_samples) and _is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):
         return Plan(fields, raw, stream, 1)
-    if n_samples * n_iter > max_images:
+    images = n_samples * n_iter
+    if images > max_images:
         name = "n_iter" if "n_iter" in fields else "n_samples"
-        raise FrontError(400, f"n_samples×n_iter must be at most {max_images} images, got {n_samples * n_iter}", name)
+        raise FrontError(400, f"n_samples×n_iter must be at most {max_images} images, got {images}", name)
     if seed is None:
         fields["seed"] = secrets.randbelow(MAX_SEED - max_images + 2)
     elif not _is_integer(seed):
         return Plan(fields, raw, stream, 1)
+    elif not 0 <= seed <= MAX_SEED - images + 1:
+        # The handler's own message for the whole request: image i has seed + i, and every seed is 32-bit.
+        raise FrontError(400, f"seed must be between 0 and {MAX_SEED - images + 1}, got {seed}", "seed")
     return Plan(fields, raw, stream, n_iter if "n_iter" in fields else 1)
 
 

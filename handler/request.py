@@ -236,15 +236,20 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         field = "H" if "H" in body else "W"
         raise RequestError(field, f"H×W must be at most {limits.max_pixels} pixels, got {sizes['H'] * sizes['W']}")
     steps = _integer(body, "ddim_steps", d.ddim_steps, 1, limits.max_steps)
-    n_samples = _integer(body, "n_samples", d.n_samples, 1, limits.max_images)
-    n_iter = _integer(body, "n_iter", d.n_iter, 1, limits.max_images)
-    if n_samples * n_iter > limits.max_images:
-        field = "n_iter" if "n_iter" in body else "n_samples"
-        total = n_samples * n_iter
-        raise RequestError(field, f"n_samples×n_iter must be at most {limits.max_images} images, got {total}")
+    # The seed before the counts: the web front forwards whole a request whose seed it cannot split on (one that is
+    # not an integer), and then the error must name the seed, not an n_iter the front allows and this does not.
     seed = body.get("seed")
     if seed is not None:
-        seed = _integer(body, "seed", 0, 0, MAX_SEED - n_samples * n_iter + 1)
+        seed = _integer(body, "seed", 0, 0, MAX_SEED)
+    n_samples = _integer(body, "n_samples", d.n_samples, 1, limits.max_images)
+    n_iter = _integer(body, "n_iter", d.n_iter, 1, limits.max_images)
+    total = n_samples * n_iter
+    if total > limits.max_images:
+        field = "n_iter" if "n_iter" in body else "n_samples"
+        raise RequestError(field, f"n_samples×n_iter must be at most {limits.max_images} images, got {total}")
+    if seed is not None and seed > MAX_SEED - total + 1:
+        # Image i has seed + i: the last one must be 32-bit too.
+        raise RequestError("seed", f"seed must be between 0 and {MAX_SEED - total + 1}, got {seed}")
     sampler = _text(body, "sampler", d.sampler, 32)
     if sampler not in SAMPLERS:
         raise RequestError("sampler", f"sampler '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")

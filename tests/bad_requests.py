@@ -143,6 +143,11 @@ CASES: list[Case] = [
     Case("seed string", with_(seed="42"), "seed", 'seed must be an integer, got "42"'),
     Case("seed float", with_(seed=4.2), "seed", "seed must be an integer, got 4.2"),
     Case("seed boolean", with_(seed=False), "seed", "seed must be an integer, got false"),
+    Case("last image's seed past 2^32", with_(n_iter=2, seed=2**32 - 1), "seed",
+         "seed must be between 0 and 4294967294, got 4294967295"),
+    # The web front allows more images than one TorchServe request: the error must name the seed, not the count.
+    Case("seed string with more images than a request takes", with_(n_iter=10, seed="42"), "seed",
+         'seed must be an integer, got "42"'),
     Case("unknown sampler", with_(sampler="plms"), "sampler", "sampler 'plms' is not available; choose one of: ddim"),
     Case("sampler null", with_(sampler=None), "sampler", "sampler must be a string, got null"),
     # img2img.

@@ -41,7 +41,7 @@ class FakeInference:
         try:
             body = json.loads(request.content)
             seeds = [body["seed"] + i for i in range(body.get("n_samples", 1) * body.get("n_iter", 1))]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return httpx.Response(400, json={"error": "the body is not valid", "field": "body"})
         if body["prompt"] == "refuse":
             return httpx.Response(400, json=REFUSAL)
@@ -99,6 +99,8 @@ def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInfere
         b'{"prompt": "a", "prompt": "b", "seed": 1}',
         b'{"prompt": "a fox", "n_iter": "2", "seed": 1}',
         b'{"prompt": "a fox", "n_iter": 2, "seed": 1.5}',
+        b'{"prompt": "a fox", "stream": "yes"}',
+        b'{"prompt": ["a fox"], "n_iter": 2, "seed": 1}',
     ],
 )
 def test_what_the_front_cannot_split_is_forwarded_as_it_came(
@@ -120,12 +122,26 @@ def test_handler_errors_pass_through(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [({"prompt": "a", "n_samples": 4, "n_iter": 5}, "n_iter"), ({"prompt": "a", "n_samples": 17}, "n_samples"),
-     ({"prompt": "a", "stream": "yes"}, "stream")],
+     ({"prompt": "a", "n_iter": 2, "seed": MAX_SEED}, "seed"), ({"prompt": "a", "seed": -1}, "seed")],
 )  # fmt: skip
 def test_the_fronts_own_rules(client: TestClient, fake: FakeInference, body: dict[str, Any], field: str) -> None:
-    response = client.post("/imagine", json=body)
-    assert response.status_code == 400 and response.json()["field"] == field
+    """Refused before anything is sent: for the seed, TorchServe would refuse only a later iteration's request."""
+    for path in ("/imagine", "/imagine/stream"):
+        response = client.post(path, json=body)
+        assert response.status_code == 400 and response.json()["field"] == field, path
     assert fake.bodies == []
+
+
+def test_a_body_nested_nearly_as_deep_as_the_parser_allows_is_forwarded_not_a_500(
+    client: TestClient, fake: FakeInference
+) -> None:
+    """Parsing succeeds a little deeper than writing back out does: every depth around the parser's limit must be
+    forwarded as it came (or refused by the parser) for TorchServe to name, never crash the front."""
+    for depth in range(850, 1050):
+        raw = b'{"prompt": "a", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        response = client.post("/imagine", content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, depth
+        assert fake.bodies[-1] == raw, depth
 
 
 def test_png_is_forwarded_whole(client: TestClient, fake: FakeInference) -> None:
