@@ -39,7 +39,9 @@ FIELDS = (
     "stream",
 )
 NDJSON = "application/x-ndjson"
-INIT_IMAGE_FORMATS = ("PNG", "JPEG")
+# MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
+# first picture is the JPEG every viewer shows, and the one used.
+INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 # Modes whose conversion to RGB is exact. CMYK is refused (PIL's conversion ignores the colour profile, so colours
 # come out wrong) and so is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn white).
 INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
@@ -200,7 +202,7 @@ def decode_init_image(value: Any, settings: HandlerSettings) -> Image.Image:
         width, height = image.size
         if width * height > limits.max_init_image_pixels:
             raise RequestError("init_image", f"{too_many_pixels}, got {width}x{height}")
-        if getattr(image, "n_frames", 1) > 1:
+        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
             raise RequestError("init_image", "init_image must be a single still image, not an animation")
         # PIL reads a 16-bit RGB PNG as 8-bit RGB without a word; its header says (IHDR comes first, depth at byte 24).
         bits = raw[24] if image.format == "PNG" else 8

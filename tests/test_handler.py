@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
 from handler import sd_handler
 from handler.request import RequestError, decode_init_image
@@ -23,7 +23,7 @@ from handler.settings import SettingsError, parse_settings
 from ldm.parts import load_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
-from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, png_base64
+from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
 from tests.reference import load_image
 
 SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
@@ -115,6 +115,16 @@ def test_too_many_pixels_are_refused_from_the_header_without_decoding(name: str,
     monkeypatch.setattr(ImageFile.ImageFile, "load", decode_pixels)
     with pytest.raises(RequestError, match="must have at most 16777216 pixels"):
         decode_init_image(case.body["init_image"], parse_settings(SETTINGS))
+
+
+def test_a_multi_picture_jpeg_is_read_as_its_first_picture() -> None:
+    """What some phones save as .jpg: the first picture is the photo, the others (here blue) are not used."""
+    red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 30, 200))
+    encoded = image_base64(red, "MPO", save_all=True, append_images=[blue])
+    assert Image.open(io.BytesIO(base64.b64decode(encoded))).format == "MPO"
+    image = decode_init_image(encoded, parse_settings(SETTINGS))
+    assert image.size == (64, 48)
+    assert np.abs(np.asarray(image, dtype=int) - (200, 30, 30)).max() <= 8
 
 
 def test_limit_is_named_in_the_message(handler: StableDiffusionHandler) -> None:
