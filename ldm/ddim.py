@@ -30,10 +30,17 @@ def alphas_cumprod(config: ModelConfig) -> torch.Tensor:
     return torch.cumprod(1.0 - betas(config), dim=0)
 
 
+def max_ddim_steps(num_train_timesteps: int) -> int:
+    """The most DDIM steps a T-step model takes: at S = T the largest t_k = k·⌊T/S⌋ + 1 would be T itself, one past
+    ᾱ's last index T − 1 (the original implementation fails there too)."""
+    return num_train_timesteps - 1
+
+
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """t_k = k·⌊T/S⌋ + 1 for k = 0..S−1, largest first: exactly S model evaluations."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"ddim_steps must be in [1, {num_train_timesteps}], got {steps}")
+    most = max_ddim_steps(num_train_timesteps)
+    if not 1 <= steps <= most:
+        raise ValueError(f"ddim_steps must be in [1, {most}], got {steps}")
     stride = num_train_timesteps // steps
     return [k * stride + 1 for k in reversed(range(steps))]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, sample
+from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, max_ddim_steps, sample
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
@@ -121,8 +121,9 @@ def resolve(
     """
     if request.sampler not in SAMPLERS:
         raise GenerationError("sampler", f"sampler '{request.sampler}' is not available; choose one of {SAMPLERS}")
-    if not 1 <= request.steps <= num_timesteps:
-        raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {num_timesteps}], got {request.steps}")
+    max_steps = max_ddim_steps(num_timesteps)
+    if not 1 <= request.steps <= max_steps:
+        raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {max_steps}], got {request.steps}")
     for name, value in (("n_samples", request.n_samples), ("n_iter", request.n_iter)):
         if value < 1:
             raise GenerationError(name, f"{name} must be at least 1, got {value}")

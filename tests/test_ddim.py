@@ -31,9 +31,11 @@ def test_schedule_equals_reference(alphas: torch.Tensor, case_data: dict) -> Non
 def test_exactly_s_steps_even_when_s_does_not_divide_1000() -> None:
     assert ddim_timesteps(15) == [k * 66 + 1 for k in reversed(range(15))]
     assert ddim_timesteps(1) == [1]
-    assert len(ddim_timesteps(999)) == 999
-    with pytest.raises(ValueError, match="ddim_steps"):
-        ddim_timesteps(0)
+    assert ddim_timesteps(999)[0] == 999
+    # At S = T the largest t_k would be 1000, past ᾱ's last index.
+    for steps in (0, 1000):
+        with pytest.raises(ValueError, match=r"ddim_steps must be in \[1, 999\]"):
+            ddim_timesteps(steps)
 
 
 def test_alphas_cumprod_is_the_scaled_linear_product() -> None:

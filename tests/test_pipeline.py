@@ -10,9 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.config import load_config
+from ldm.ddim import DDIMSchedule, alphas_cumprod
 from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, Progress, resolve
 from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
-from tests.reference import FLOAT_TOLERANCE, REFERENCE, assert_matches_png, case, load_image, reference_png, request_for
+from tests.reference import (
+    FLOAT_TOLERANCE,
+    REFERENCE,
+    TINY_CONFIG,
+    assert_matches_png,
+    case,
+    load_image,
+    reference_png,
+    request_for,
+)
 
 SMALL = GenerationRequest("a lighthouse in a storm", height=64, width=64, steps=3, seed=41)
 
@@ -81,6 +92,18 @@ def test_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: 
     with pytest.raises(GenerationError) as info:
         resolve(request)
     assert info.value.field == field
+
+
+def test_steps_stop_where_ddim_timesteps_leave_the_schedule() -> None:
+    """t_k = k·⌊T/S⌋ + 1 stays within ᾱ's indices 0..T−1 up to S = T − 1 (999 for SD v1's T = 1000): S = T would
+    ask for ᾱ_T, so resolve must refuse it rather than let the sampler index past the schedule."""
+    config = load_config(TINY_CONFIG)
+    assert config.timesteps == 1000
+    longest = resolve(dataclasses.replace(SMALL, steps=999), num_timesteps=config.timesteps)
+    assert DDIMSchedule(alphas_cumprod(config), longest.steps).steps[0].t == 999
+    with pytest.raises(GenerationError, match=r"^ddim_steps must be in \[1, 999\], got 1000$") as info:
+        resolve(dataclasses.replace(SMALL, steps=1000), num_timesteps=config.timesteps)
+    assert info.value.field == "ddim_steps"
 
 
 def test_strength_one_runs_every_step(pipeline: Pipeline) -> None:
