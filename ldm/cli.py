@@ -7,10 +7,14 @@ Where we differ from optimizedSD, on purpose (each is also in `--help`):
 - Images go straight into `--outdir` as `seed_{seed}_{n:05}.{format}` (optimizedSD: a per-prompt subfolder), with n
   continuing after the highest n already there; every PNG carries the `parameters` chunk (JPEG: EXIF UserComment).
 - `--sampler` defaults to `ddim`, the one sampler we have; optimizedSD's default `plms` fails with a clear message.
+- `--fixed_code` (one starting noise reused by every batch) fails with a clear message: image i starts from its own
+  noise, seeded seed + i, so that any image can be remade from its seed alone.
 - `--C`/`--f` default to the model's own values and must equal them; `--H`/`--W` default to the model's native size
   (512 for SD v1, optimizedSD's default), and img2img rounds the init image down to multiples of 8, not 64.
-- `--turbo`, `--unet_bs` and `--skip_grid` are accepted and change nothing in the images (see their help).
-- `--from-file` prompts run in file order (optimizedSD sorted them), blank lines skipped.
+- `--turbo`, `--unet_bs`, `--skip_grid` and `--n_rows` are accepted and change nothing in the images (see their help);
+  `--skip_save` writes no image file (the closing line still gives the seeds).
+- `--from-file` prompts run in file order (optimizedSD sorted them), blank lines skipped; given with `--prompt`, the
+  file wins, as in optimizedSD, and a warning says `--prompt` is ignored.
 - An input we cannot use ends the run before the model loads, with one `error:` line and exit code 2.
 """
 
@@ -20,6 +24,7 @@ import argparse
 import io
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +41,7 @@ from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
-from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import MAX_SEED, SAMPLERS, Generation, GenerationError, GenerationRequest, Pipeline, resolve
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
 
@@ -70,13 +75,15 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         prog=f"{mode}.py",
         description=f"{mode} with the flags of optimizedSD's optimized_{mode}.py, on our Stable Diffusion v1 pipeline.",
     )
-    prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", type=str, default=DEFAULT_PROMPT, help="the prompt to render")
-    prompts.add_argument(
+    # No default here, so that a --prompt given beside --from-file can be told apart and reported as ignored.
+    parser.add_argument(
+        "--prompt", type=str, help=f"the prompt to render; ignored with --from-file (default: {DEFAULT_PROMPT!r})"
+    )
+    parser.add_argument(
         "--from-file",
         type=str,
-        help="read prompts from this file, one per line (blank lines skipped); each runs with the same settings, "
-        "in file order, and seeds continue from one image to the next",
+        help="read prompts from this UTF-8 file, one per line (blank lines skipped); each runs with the same "
+        "settings, in file order, and seeds continue from one image to the next",
     )
     parser.add_argument("--negative_prompt", type=str, default="", help="what the images should not show")
     parser.add_argument(
@@ -159,6 +166,20 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip_grid", action="store_true", help="accepted and ignored: we never write grids")
     parser.add_argument(
+        "--n_rows", type=int, default=0, help="rows of the grid: accepted and ignored, we never write grids"
+    )
+    parser.add_argument(
+        "--skip_save",
+        action="store_true",
+        help="generate but write no image file, e.g. to time a run; the closing line still gives the seeds",
+    )
+    parser.add_argument(
+        "--fixed_code",
+        action="store_true",
+        help="optimizedSD: reuse one starting noise for every batch. Refused: image i starts from its own noise, "
+        "seeded seed + i",
+    )
+    parser.add_argument(
         "--ckpt",
         type=str,
         default=DEFAULT_CKPT,
@@ -177,6 +198,11 @@ def check_flags(args: argparse.Namespace) -> None:
     """Flag values wrong whatever the model: fail before anything is loaded."""
     if args.sampler not in SAMPLERS:
         raise CliError(f"--sampler {args.sampler} is not available; choose one of: {', '.join(SAMPLERS)}")
+    if args.fixed_code:
+        raise CliError(
+            "--fixed_code is not supported: image i starts from its own noise, seeded seed + i, so that any image "
+            "can be remade from its seed alone; to start prompts from the same noise, run each with the same --seed"
+        )
     # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
     for flag in ("n_iter", "unet_bs"):
         if getattr(args, flag) < 1:
@@ -205,14 +231,18 @@ def select_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts of the run: `--prompt`, or the non-blank lines of `--from-file`."""
+    """The prompts of the run: the non-blank lines of `--from-file`, else `--prompt` (optimizedSD's default prompt
+    if neither is given)."""
     if args.from_file is None:
-        return [args.prompt]
+        return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
     path = Path(args.from_file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise CliError(f"--from-file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise CliError(f"--from-file {path} must be UTF-8 text; byte {error.start} ({byte:#04x}) is not") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise CliError(f"--from-file {path} holds no prompt")
@@ -226,6 +256,10 @@ def read_init_image(path: str) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise CliError(f"--init-img {path}: no such file") from None
+    except Image.DecompressionBombError:
+        # Raised from the header alone, for more than twice PIL's MAX_IMAGE_PIXELS (so that limit is set).
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise CliError(f"--init-img {path}: more than the {limit:,} pixels PIL will decode") from None
     except (UnidentifiedImageError, OSError) as error:
         raise CliError(f"--init-img {path}: not an image we can read ({error})") from None
 
@@ -270,6 +304,34 @@ def check_against_model(args: argparse.Namespace, config: ModelConfig) -> None:
         raise CliError(f"--f {args.f}: this model's VAE downsamples by {factor}")
 
 
+def check_init_size(args: argparse.Namespace, image: Image.Image, factor: int) -> None:
+    """A side left to the init image is rounded down to a multiple of `factor`: a shorter side would become 0, and
+    the pipeline would blame --H/--W, flags the user never passed."""
+    width, height = image.size
+    if (args.W is None and width < factor) or (args.H is None and height < factor):
+        raise CliError(
+            f"--init-img {args.init_img} is {width}×{height} px: too small, its sides must be at least {factor} px "
+            "(or pass --H and --W to resize it)"
+        )
+
+
+def make_outdir(name: str) -> Path:
+    """Create `--outdir` and make sure a file can be written there, so that a bad path fails before the model
+    loads, not after minutes of loading."""
+    path = Path(name)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--outdir {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"--outdir {path}: cannot create it: {error.strerror or error}") from None
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise CliError(f"--outdir {path}: cannot write there: {error.strerror or error}") from None
+    return path
+
+
 def load_model(
     source: ModelSource, config: ModelConfig, device: torch.device, args: argparse.Namespace
 ) -> StableDiffusion:
@@ -290,6 +352,20 @@ def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+def write_images(generation: Generation, outdir: Path, index: int, image_format: str, model_hash: str) -> list[Path]:
+    """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters; returns the paths."""
+    texts = [parameters_text(generation.request, seed, model_hash) for seed in generation.seeds]
+    files = (
+        encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
+        if image_format == "png"
+        else [encode_jpeg(image, text) for image, text in zip(generation.images, texts, strict=True)]
+    )
+    paths = [outdir / image_name(seed, index + i, image_format) for i, seed in enumerate(generation.seeds)]
+    for path, data in zip(paths, files, strict=True):
+        path.write_bytes(data)
+    return paths
+
+
 def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     """Check every input, load the model, generate and write the images; returns the written paths.
 
@@ -306,11 +382,14 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     except (ConfigError, OSError) as error:
         raise CliError(f"config {source.config_path}: {error}") from None
     check_against_model(args, config)
+    if init_image is not None:
+        check_init_size(args, init_image, config.vae.downsampling_factor)
 
     seed = args.seed if args.seed is not None else random.randint(0, RANDOM_SEED_MAX)
     n_images = args.n_samples * args.n_iter * len(prompts)
     if seed + n_images - 1 > MAX_SEED:
         raise CliError(f"--seed {seed}: the run's last seed {seed + n_images - 1} would exceed {MAX_SEED}")
+    seeds = range(seed, seed + n_images)
     template = GenerationRequest(
         prompt=prompts[0],
         negative_prompt=args.negative_prompt,
@@ -329,6 +408,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
     except GenerationError as error:
         raise CliError(f"--{FLAGS.get(error.field, error.field)}: {error}") from None
+    outdir = None if args.skip_save else make_outdir(args.outdir)
 
     try:
         model = load_model(source, config, device, args)
@@ -336,36 +416,27 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
     pipeline = Pipeline(model)
 
-    outdir = Path(args.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    index = next_index(outdir)
+    index = 0 if outdir is None else next_index(outdir)
     steps_per_batch = template.denoising_steps
     written: list[Path] = []
-    seeds: list[int] = []
     started = time.monotonic()
     with tqdm(total=steps_per_batch * args.n_iter * len(prompts), desc="Sampling", unit="step") as bar:
         for _ in range(args.n_iter):
             for prompt in prompts:
                 request = replace(template, prompt=prompt, seed=seed)
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
-                texts = [parameters_text(generation.request, s, model.model_hash) for s in generation.seeds]
-                files = (
-                    encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
-                    if args.format == "png"
-                    else [encode_jpeg(image, text) for image, text in zip(generation.images, texts, strict=True)]
-                )
-                for data, image_seed in zip(files, generation.seeds, strict=True):
-                    path = outdir / image_name(image_seed, index, args.format)
-                    path.write_bytes(data)
-                    written.append(path)
-                    seeds.append(image_seed)
-                    bar.write(str(path), file=sys.stdout)
-                    index += 1
+                if outdir is not None:
+                    paths = write_images(generation, outdir, index, args.format, model.model_hash)
+                    for path in paths:
+                        bar.write(str(path), file=sys.stdout)
+                    written += paths
+                    index += len(paths)
                 seed += args.n_samples
     minutes = (time.monotonic() - started) / 60
     # optimizedSD's closing line listed the seeds used; ours are consecutive, so first and last say it all.
-    span = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
-    print(f"{len(written)} image(s) in {minutes:.2f} minutes, {span}, in {outdir}", file=sys.stderr)
+    span = f"seed {seeds[0]}" if n_images == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    where = "not saved (--skip_save)" if outdir is None else f"in {outdir}"
+    print(f"{n_images} image(s) in {minutes:.2f} minutes, {span}, {where}", file=sys.stderr)
     return written
 
 
@@ -373,6 +444,8 @@ def main(argv: Sequence[str] | None = None, mode: Mode = "txt2img") -> int:
     """Entry point of `scripts/{mode}.py`: 0 on success, 2 (one `error:` line, no traceback) on a bad input."""
     parser = build_parser(mode)
     args = parser.parse_args(argv)
+    if args.prompt is not None and args.from_file is not None:
+        print(f"{parser.prog}: warning: --prompt is ignored because --from-file is given", file=sys.stderr)
     try:
         run(args, mode)
     except CliError as error:

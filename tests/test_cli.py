@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index
+from ldm import cli
+from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
 from ldm.parts import write_split
 from ldm.png_info import read_parameters
+from tests.bad_requests import black_png
 from tests.reference import REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, assert_matches_png, case, reference_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,16 @@ def run_cli(argv: list[str], mode: Mode = "txt2img") -> int:
         return main(argv, mode)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if the command gets as far as loading the model: its input should have been refused first."""
+
+    def fail(*args: object) -> None:
+        pytest.fail("the model loaded before the input was refused")
+
+    monkeypatch.setattr(cli, "load_model", fail)
 
 
 def read_png(path: Path) -> tuple[np.ndarray, str | None]:
@@ -172,9 +184,10 @@ def test_from_file_runs_each_prompt_with_continuing_seeds(tmp_path: Path) -> Non
 
 
 def test_compatibility_flags_leave_the_images_unchanged(tmp_path: Path) -> None:
-    """--turbo, --unet_bs, --skip_grid, autocast on the CPU (float32), the model's own --C/--f: same pixels."""
-    flags = ["--turbo", "--unet_bs", "2", "--skip_grid", "--precision", "autocast", "--C", "4", "--f", "8"]
-    flags += ["--sampler", "ddim", "--format", "png"]
+    """--turbo, --unet_bs, --skip_grid, --n_rows, autocast on the CPU (float32), the model's own --C/--f: same
+    pixels."""
+    flags = ["--turbo", "--unet_bs", "2", "--skip_grid", "--n_rows", "2", "--precision", "autocast", "--C", "4"]
+    flags += ["--f", "8", "--sampler", "ddim", "--format", "png"]
     assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
     assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
@@ -225,6 +238,9 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--turbo"], "turbo", True),
     (["--unet_bs", "2"], "unet_bs", 2),
     (["--skip_grid"], "skip_grid", True),
+    (["--skip_save"], "skip_save", True),
+    (["--n_rows", "2"], "n_rows", 2),
+    (["--fixed_code"], "fixed_code", True),
     (["--ckpt", "sd-v1-4.safetensors"], "ckpt", "sd-v1-4.safetensors"),
     (["--config", "my.yaml"], "config", "my.yaml"),
     (["--negative_prompt", "blurry"], "negative_prompt", "blurry"),
@@ -248,7 +264,6 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
     required = ["--init-img", "in.png"] if mode == "img2img" else []
     args = build_parser(mode).parse_args(required)
     expected = {
-        "prompt": DEFAULT_PROMPT,
         "outdir": f"outputs/{mode}-samples",
         "ddim_steps": 50,
         "ddim_eta": 0.0,
@@ -262,6 +277,9 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
         "unet_bs": 1,
         "turbo": False,
         "skip_grid": False,
+        "skip_save": False,
+        "n_rows": 0,
+        "fixed_code": False,
         # Ours, where optimizedSD's default would fail or cannot apply: see ldm/cli.py.
         "sampler": "ddim",
         "ckpt": DEFAULT_CKPT,
@@ -271,10 +289,12 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
         "C": None,
         "f": None,
         "low_memory": False,
+        "prompt": None,  # not given: optimizedSD's default prompt, unless --from-file gives the prompts
     }
     if mode == "img2img":
         expected |= {"init_img": "in.png", "strength": 0.75}
     assert {k: getattr(args, k) for k in expected} == expected
+    assert read_prompts(args) == [DEFAULT_PROMPT]
 
 
 # (mode, flags, what the error line must say); MODEL and the basic case's flags come first, these override them.
@@ -284,8 +304,8 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--C", "3"], "--C 3: this model has 4 latent channels"),
     ("txt2img", ["--f", "4"], "--f 4: this model's VAE downsamples by 8"),
     ("txt2img", ["--H", "60"], "--H: H must be a positive multiple of 8, got 60"),
-    ("txt2img", ["--ddim_steps", "0"], "--ddim_steps: ddim_steps must be in [1, 1000], got 0"),
-    ("txt2img", ["--ddim_steps", "1001"], "--ddim_steps: ddim_steps must be in [1, 1000], got 1001"),
+    ("txt2img", ["--ddim_steps", "0"], "--ddim_steps: ddim_steps must be in [1, 999], got 0"),
+    ("txt2img", ["--ddim_steps", "1000"], "--ddim_steps: ddim_steps must be in [1, 999], got 1000"),
     ("txt2img", ["--n_samples", "0"], "--n_samples: n_samples must be at least 1"),
     ("txt2img", ["--unet_bs", "0"], "--unet_bs must be at least 1"),
     ("txt2img", ["--ddim_eta", "-0.1"], "--ddim_eta: eta must be ≥ 0"),
@@ -296,7 +316,8 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--precision", "half"], "argument --precision: invalid choice: 'half'"),
     ("txt2img", ["--format", "webp"], "argument --format: invalid choice: 'webp'"),
     ("txt2img", ["--low_memory", "--turbo"], "argument --turbo: not allowed with argument --low_memory"),
-    ("txt2img", ["--from-file", "prompts.txt"], "argument --from-file: not allowed with argument --prompt"),
+    ("txt2img", ["--fixed_code"], "--fixed_code is not supported: image i starts from its own noise, seeded seed + i"),
+    ("img2img", ["--fixed_code"], "--fixed_code is not supported: image i starts from its own noise, seeded seed + i"),
     ("txt2img", ["--ckpt", "model.bin"], "checkpoint not found"),
     ("img2img", ["--strength", "0"], "--strength: strength must be in (0, 1], got 0.0"),
     ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
@@ -359,3 +380,88 @@ def test_cuda_without_cuda_says_to_use_cpu(tmp_path: Path, capsys: pytest.Captur
     argv = [*case_argv("basic"), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--device", "cuda"]
     assert main([*argv, "--outdir", str(tmp_path / "out")]) == 2
     assert "CUDA is not available on this machine; pass --device cpu" in capsys.readouterr().err
+
+
+def test_skip_save_writes_no_file_and_still_reports_the_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main([*case_argv("batch3"), *MODEL, "--skip_save", "--outdir", str(out)]) == 0
+    assert not out.exists()
+    stdout, err = capsys.readouterr()
+    assert stdout == ""  # stdout lists the files written: none
+    assert "3 image(s) in " in err
+    assert ", seeds 31337..31339, not saved (--skip_save)" in err
+
+
+def test_from_file_prompts_win_over_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """optimizedSD took both and used the file: so do we, and say that --prompt went unused."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cottage garden full of tulips\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = [*case_argv("basic"), "--prompt", "a red fox", "--from-file", str(prompts), *MODEL, "--outdir", str(out)]
+    assert main(argv) == 0
+    pixels, parameters = read_png(out / "seed_1000_00000.png")
+    assert (parameters or "").split("\n")[0] == "a cottage garden full of tulips"
+    assert_matches_png(pixels, reference_png(case("basic")["images"][0]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--prompt" in line]
+    assert notes == ["txt2img.py: warning: --prompt is ignored because --from-file is given"]
+
+
+def test_from_file_must_be_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a café\n".encode("latin-1"))
+    assert run_cli(["--from-file", str(prompts), *MODEL, "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"txt2img.py: error: --from-file {prompts} must be UTF-8 text; byte 5 (0xe9) is not"]
+
+
+def test_outdir_that_cannot_be_a_folder_fails_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    file = tmp_path / "taken"
+    file.write_bytes(b"")
+    for outdir, message in (
+        (file, f"--outdir {file} is a file, not a folder"),
+        (file / "sub", f"--outdir {file / 'sub'}: cannot create it: Not a directory"),
+    ):
+        assert run_cli([*case_argv("basic"), *MODEL, "--outdir", str(outdir)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"txt2img.py: error: {message}"]
+
+
+def test_outdir_that_is_not_writable_fails_before_the_model_loads(
+    capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    """A folder that exists but takes no file, even from root (who may write into a read-only folder): procfs."""
+    locked = Path("/proc/self")
+    assert run_cli([*case_argv("basic"), *MODEL, "--outdir", str(locked)]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith(f"txt2img.py: error: --outdir {locked}: cannot write there: ")
+
+
+def test_init_image_too_large_to_decode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(black_png(20000, 20000))  # a few KB whose header claims 400 megapixels
+    out = tmp_path / "out"
+    assert run_cli([*case_argv("img2img"), *MODEL, "--init-img", str(huge), "--outdir", str(out)], "img2img") == 2
+    lines = capsys.readouterr().err.splitlines()
+    limit = 2 * Image.MAX_IMAGE_PIXELS  # PIL refuses to decode beyond twice its decompression-bomb warning limit
+    assert lines == [f"img2img.py: error: --init-img {huge}: more than the {limit:,} pixels PIL will decode"]
+    assert not out.exists()
+
+
+def test_init_image_smaller_than_8_px_without_size_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (5, 64)).save(tiny)
+    out = tmp_path / "out"
+    argv = [*case_argv("img2img", size=False), *MODEL, "--init-img", str(tiny), "--outdir", str(out)]
+    assert run_cli(argv, mode="img2img") == 2
+    assert not out.exists()
+    assert capsys.readouterr().err.splitlines() == [
+        f"img2img.py: error: --init-img {tiny} is 5×64 px: too small, its sides must be at least 8 px "
+        "(or pass --H and --W to resize it)"
+    ]
