@@ -1,8 +1,8 @@
 """TorchServe handler: validates each request, runs a batch through `ldm`, answers each with its own images.
 
 preprocess → one `ApiRequest` or `RequestError` per request (a bad request never fails its neighbours);
-inference → `Pipeline.generate_many` over the valid ones (same-shape images share UNet calls), streaming step lines
-to the requests that asked for a stream;
+inference → `Pipeline.generate_many` over the valid ones (same-shape images share UNet calls; each request again
+alone if the batch runs out of GPU memory), streaming step lines to the requests that asked for a stream;
 postprocess → PNG bytes, JSON, or a stream's last line per request, with status codes and headers set on the context.
 """
 
@@ -49,7 +49,7 @@ class StableDiffusionHandler(BaseHandler):
         self.pipeline: Pipeline | None = None
         self.model_name = ""
         # The streams of the batch in hand: set by inference, read by postprocess.
-        self.progress = ProgressStream(None, {}, 0)
+        self.progress = ProgressStream(None, set(), 0)
 
     def initialize(self, context: Any) -> None:
         """Read the handler settings once, load the split parts onto this worker's device."""
@@ -97,39 +97,59 @@ class StableDiffusionHandler(BaseHandler):
         """
         assert self.pipeline is not None, "initialize() loads the model first"
         valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
-        streams = {i: idx for i, (idx, item) in enumerate(valid) if item.stream}
-        self.progress = ProgressStream(self.context, streams, self.settings.preview_every)
+        streamed = {idx for idx, item in valid if item.stream}
+        self.progress = ProgressStream(self.context, streamed, self.settings.preview_every)
         if not valid:
             return list(data)
         started = time.perf_counter()
         try:
-            generations = iter(
-                self.pipeline.generate_many(
-                    [item.generation for _, item in valid], self.settings.max_batch_images, self.progress
-                )
-            )
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            logger.exception("out of GPU memory on a batch of %d requests", len(valid))
-            error = RequestError("", "out of GPU memory; retry, or ask for fewer or smaller images", 507)
-            return _fail_valid(data, error)
-        except GenerationError as error:
-            return _fail_valid(data, RequestError(error.field, str(error)))
+            outcomes = self._generate(valid)
         except Exception:
             if not self.progress.started:
                 raise
             logger.exception("generation failed after %d requests started streaming", len(self.progress.started))
             return _fail_valid(data, RequestError("", "generation failed; the server log has the details", 500))
-        results: list[Outcome] = [
-            Answer(item, next(generations)) if isinstance(item, ApiRequest) else item for item in data
-        ]
+        results = [item if isinstance(item, RequestError) else outcomes[idx] for idx, item in enumerate(data)]
         generated = [r.generation for r in results if isinstance(r, Answer)]
         seconds = time.perf_counter() - started
         logger.info(
             "batch of %d requests: %d images in %.2f s", len(data), sum(len(g.seeds) for g in generated), seconds
         )
-        self._record_speed(generated, seconds)
+        if generated:
+            self._record_speed(generated, seconds)
         return results
+
+    def _generate(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
+        """Each valid request's outcome, by batch position: all from one shared generation, or, when that runs out of
+        GPU memory or one request breaks a rule only the pipeline checks, each request again alone.
+
+        Why alone: a batch packs several requests' images into each UNet call, so it can run out of memory where
+        none of its requests would, and one request's error must not become its neighbours'. A stream retried alone
+        starts its step lines over; its final line is the same.
+        """
+        try:
+            return self._generate_together(valid)
+        except (torch.cuda.OutOfMemoryError, GenerationError) as error:
+            failure = _failure(error)
+            if len(valid) == 1:
+                return {valid[0][0]: failure}
+            logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
+        outcomes: dict[int, Outcome] = {}
+        for one in valid:
+            try:
+                outcomes.update(self._generate_together([one]))
+            except (torch.cuda.OutOfMemoryError, GenerationError) as error:
+                outcomes[one[0]] = _failure(error)
+        return outcomes
+
+    def _generate_together(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
+        assert self.pipeline is not None
+        generations = self.pipeline.generate_many(
+            [item.generation for _, item in valid],
+            self.settings.max_batch_images,
+            self.progress.following([idx for idx, _ in valid]),
+        )
+        return {idx: Answer(item, generation) for (idx, item), generation in zip(valid, generations, strict=True)}
 
     def postprocess(self, data: list[Outcome]) -> list[bytes | str]:
         """PNG bytes (with X-Seed), JSON, or a stream's last line (the same JSON) per request; errors as JSON with
@@ -190,6 +210,15 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("SecondsPerImage", seconds / images, "s")
         # TorchServe parses "name.unit:value": a unit must be a plain word.
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
+
+
+def _failure(error: torch.cuda.OutOfMemoryError | GenerationError) -> RequestError:
+    """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory."""
+    if isinstance(error, GenerationError):
+        return RequestError(error.field, str(error))
+    torch.cuda.empty_cache()
+    logger.error("out of GPU memory: %s", error)
+    return RequestError("", "out of GPU memory; retry, or ask for fewer or smaller images", 507)
 
 
 def _fail_valid(data: list[ApiRequest | RequestError], error: RequestError) -> list[Outcome]:

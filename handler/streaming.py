@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ts.handler_utils.utils import send_intermediate_predict_response
@@ -27,27 +28,30 @@ def ndjson_line(value: dict[str, Any]) -> str:
 class ProgressStream:
     """Sends a step line to each streamed request whose images are in the UNet batch that just stepped.
 
-    `targets` maps a request's index in the pipeline call to its position in TorchServe's batch. `started` collects
-    the positions that have been sent something: their status and headers are out, so from then on even an error
-    can only be one more line.
+    `streamed` are the positions in TorchServe's batch that asked for a stream. `started` collects those that have
+    been sent something: their status and headers are out, so from then on even an error can only be one more line.
     """
 
-    def __init__(self, context: Any, targets: dict[int, int], preview_every: int) -> None:
+    def __init__(self, context: Any, streamed: set[int], preview_every: int) -> None:
         self.context = context
-        self.targets = targets
+        self.streamed = streamed
         self.preview_every = preview_every
         self.started: set[int] = set()
-        for idx in targets.values():
+        for idx in streamed:
             context.set_response_content_type(idx, NDJSON)
 
     def wants_preview(self, step: int, total: int) -> bool:
         return self.preview_every > 0 and (step % self.preview_every == 0 or step == total)
 
-    def __call__(self, progress: Progress) -> None:
+    def following(self, positions: Sequence[int]) -> Callable[[Progress], None]:
+        """The progress callback of one pipeline call, whose request i is at batch position `positions[i]`."""
+        return lambda progress: self._send(progress, positions)
+
+    def _send(self, progress: Progress, positions: Sequence[int]) -> None:
         lines: dict[int, str] = {}
         for request_index, row in progress.first_rows().items():
-            idx = self.targets.get(request_index)
-            if idx is None:
+            idx = positions[request_index]
+            if idx not in self.streamed:
                 continue
             line: dict[str, Any] = {
                 "step": progress.step,

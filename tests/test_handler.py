@@ -245,6 +245,34 @@ def test_metrics_are_recorded(handler: StableDiffusionHandler) -> None:
     assert names["FailedRequests"] == (1, {"ModelName": "tiny", "Level": "Model", "Reason": "Bad Request"})
 
 
+def test_a_batch_out_of_gpu_memory_is_retried_request_by_request(
+    handler: StableDiffusionHandler, tiny_split: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the request that cannot fit alone gets the 507: here the 128×128 one (its UNet batches are made to run
+    out of memory), while the 64×64 request beside it, which ran out only in its company, gets its own image."""
+    denoise = handler.pipeline.denoise
+    calls: list[int] = []
+
+    def tight(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(x.shape[-1])
+        if x.shape[-1] == 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return denoise(x, *args, **kwargs)
+
+    monkeypatch.setattr(handler.pipeline, "denoise", tight)
+    small, big = {**VALID, "seed": 11}, {**VALID, "H": 128, "W": 128, "n_samples": 2}
+    responses, context = call(handler, [big, small, {"prompt": 1}])
+    assert context.status == {0: 507, 2: 400}
+    assert "out of GPU memory" in json.loads(responses[0])["error"]
+    answer = json.loads(responses[1])
+    assert answer["seeds"] == [11]
+    got = np.asarray(load_image(io.BytesIO(base64.b64decode(answer["images"][0]))))
+    alone = expected_pixels(tiny_split, GenerationRequest("a red bicycle", "", 64, 64, 3, seed=11))[0]
+    assert np.abs(got.astype(int) - alone).max() <= 1
+    # The batch failed on its first group (the 128-wide latents), then each request ran alone.
+    assert calls == [16, 16, 8]
+
+
 def test_settings_reject_unknown_keys_and_wrong_types() -> None:
     with pytest.raises(SettingsError, match="unknown keys"):
         parse_settings({"handler": {"limits": {"max_stepz": 3}}})

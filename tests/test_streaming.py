@@ -162,15 +162,17 @@ def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_spl
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "message"),
+    ("error", "status", "message", "steps"),
     [
-        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 507, "out of GPU memory"),
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), 500, "generation failed"),
+        # Out of memory, the batch's requests are tried again one by one: the stream's steps start over, once.
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 507, "out of GPU memory",
+         [1, 2, 3, 1, 2, 3]),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), 500, "generation failed", [1, 2, 3]),
     ],
     ids=["out of memory", "any other failure"],
-)
+)  # fmt: skip
 def test_failure_after_the_stream_started_ends_it_with_an_error_line(
-    handler, sent, monkeypatch, error: Exception, status: int, message: str
+    handler, sent, monkeypatch, error: Exception, status: int, message: str, steps: list[int]
 ) -> None:
     """The VAE runs after the last step: the streamed request has had its 200 and every step line by then."""
 
@@ -179,7 +181,7 @@ def test_failure_after_the_stream_started_ends_it_with_an_error_line(
 
     monkeypatch.setattr(handler.pipeline, "decode", fail)
     responses, context = call(handler, [{**VALID, "stream": True}, VALID])
-    assert [line["step"] for line in steps_of(sent, 0)] == [1, 2, 3]
+    assert [line["step"] for line in steps_of(sent, 0)] == steps
     assert responses[0].endswith("\n")
     line = json.loads(responses[0])
     assert line["field"] == "" and line["error"].startswith(message)
