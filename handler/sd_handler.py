@@ -21,7 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.request import NDJSON, ApiRequest, RequestError, parse_request, request_body
 from handler.response import Answer, json_body, png_files
-from handler.settings import HandlerSettings, parse_settings
+from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line
 from ldm.parts import load_split
 from ldm.pipeline import Generation, GenerationError, Pipeline
@@ -64,6 +64,7 @@ class StableDiffusionHandler(BaseHandler):
         dtype = self.settings.dtype(device)
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
+        check_against_model(self.settings, model.config.timesteps)
         self.pipeline = Pipeline(model, self.settings.fast_path)
         self.initialized = True
         logger.info(

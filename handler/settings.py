@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +50,16 @@ class Limits:
     max_eta: float = 1.0
     max_init_image_bytes: int = 10 * 1024 * 1024
     max_init_image_pixels: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        """Integer limits count something (at least 1); number limits bound a value (at least 0)."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            least = 1 if isinstance(value, int) else 0
+            if value < least:
+                raise ValueError(f"{item.name} must be at least {least}, got {value}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,13 @@ def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         raise SettingsError(f"model-config.yaml {where}: {error}") from error
 
 
+def check_against_model(settings: HandlerSettings, timesteps: int) -> None:
+    """Limits the loaded model cannot honour: DDIM takes at most T − 1 steps of a T-step model."""
+    most, asked = max_ddim_steps(timesteps), settings.limits.max_steps
+    if asked > most:
+        raise SettingsError(f"model-config.yaml handler.limits.max_steps: at most {most} for this model, got {asked}")
+
+
 def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
     """HandlerSettings from TorchServe's parsed model-config.yaml (its `handler:` section)."""
     section = dict((model_yaml_config or {}).get("handler") or {})
@@ -107,4 +125,6 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         )
     if settings.preview_every < 0:
         raise SettingsError(f"model-config.yaml handler.preview_every: 0 (never) or more, got {settings.preview_every}")
+    if settings.max_batch_images < 1:
+        raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")
     return replace(settings, defaults=defaults, limits=limits, fast_path=fast_path)

@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from handler import sd_handler
 from handler.request import RequestError, decode_init_image
 from handler.sd_handler import StableDiffusionHandler
-from handler.settings import SettingsError, parse_settings
+from handler.settings import SettingsError, check_against_model, parse_settings
 from ldm.parts import load_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
@@ -283,6 +283,20 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
     assert parse_settings({"handler": {"defaults": {"scale": 7}}}).defaults.scale == 7.0
     assert parse_settings(None).limits.max_images == 8
     assert parse_settings(None).preview_every == 5
+    # A setting that would fail every batch later fails the worker's start now, saying which and why.
+    for section, message in (
+        ({"max_batch_images": 0}, "handler.max_batch_images: 1 or more, got 0"),
+        ({"limits": {"max_images": 0}}, "handler.limits: max_images must be at least 1, got 0"),
+        ({"limits": {"max_scale": -1.0}}, "handler.limits: max_scale must be at least 0, got -1.0"),
+        ({"limits": {"min_side": 512, "max_side": 256}}, "handler.limits: min_side 512 is above max_side 256"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            parse_settings({"handler": section})
+    steps = parse_settings({"handler": {"limits": {"max_steps": 1000}}})
+    message = "handler.limits.max_steps: at most 999 for this model, got 1000"
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        check_against_model(steps, 1000)
+    check_against_model(parse_settings({"handler": {"limits": {"max_steps": 999}}}), 1000)
 
 
 def test_out_of_gpu_memory_is_a_507_and_the_handler_serves_on(
