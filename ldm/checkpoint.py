@@ -49,10 +49,22 @@ class CheckpointError(ValueError):
     """The checkpoint does not match the config, or is not a checkpoint we can read safely."""
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether the file is in the safetensors format, read from its first bytes, not its name: a download saved as
+    `model.ckpt` (the path the original app used) is still safetensors. Such a file starts with the length of its JSON
+    header (8 bytes, little-endian) and then the header's `{`; a torch checkpoint with a zip or a pickle opcode."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(9)
+    except (IsADirectoryError, PermissionError) as error:
+        raise CheckpointError(f"{path}: cannot read it: {error.strerror}") from None
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The flat tensor dict of a `.safetensors` or `.ckpt` file, with or without a top-level `state_dict` wrapper."""
+    """The flat tensor dict of a safetensors or torch (`.ckpt`) file, with or without a top-level `state_dict`."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         try:
             return load_file(str(path))
         except SafetensorError as error:

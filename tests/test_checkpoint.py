@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -71,6 +72,18 @@ def test_checkpoint_without_state_dict_wrapper_loads(state: dict, tmp_path: Path
     path = tmp_path / "flat.ckpt"
     torch.save(state, path)
     assert torch.equal(read_state_dict(path)[UNET_KEY], state[UNET_KEY])
+
+
+def test_the_format_is_read_from_the_file_not_its_name(state: dict, tmp_path: Path) -> None:
+    """A safetensors download saved as model.ckpt (the path serve.sh looks at) loads; a folder in a checkpoint's
+    place is one clear error."""
+    renamed = tmp_path / "model.ckpt"
+    shutil.copy(TINY_SAFETENSORS, renamed)
+    loaded = read_state_dict(renamed)
+    assert loaded.keys() == state.keys() and torch.equal(loaded[UNET_KEY], state[UNET_KEY])
+    (tmp_path / "folder.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder\.ckpt: cannot read it: Is a directory"):
+        read_state_dict(tmp_path / "folder.ckpt")
 
 
 class _PlainObject:
