@@ -32,7 +32,8 @@ from ldm.pipeline import Generation, GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.build_mar import main as build_mar
 from scripts.load_test import run as load_run
-from scripts.server import DEMO_CONFIG, ROOT, TorchServe, loopback_listeners, write_properties
+from scripts.model_store import DEMO_CONFIG, ROOT
+from scripts.server import TorchServe, loopback_listeners, write_properties
 
 PROMPT = "a lighthouse at dawn"
 STARTUP_TIMEOUT = 180.0

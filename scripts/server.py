@@ -25,12 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
-DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
-DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
-MODEL_STORE = ROOT / "model-store"
-MODEL_NAME = "sd"
+from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, USER_CKPT, prepare
+
 # The user's server's folder: TorchServe's pid file (TMPDIR) and its logs (logs/ below it).
 RUN_DIR = ROOT / ".torchserve"
 # What `torchserve --start` writes into its TMPDIR.
@@ -213,39 +209,6 @@ class TorchServe:
                     os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def _dtype_for_this_machine() -> str:
-    import torch
-
-    return "fp16" if torch.cuda.is_available() else "fp32"
-
-
-def prepare_model() -> tuple[Path, bool]:
-    """Build model-store/sd from the user's checkpoint (or a demo one); returns (source, is_demo).
-
-    Rebuilt only when the source checkpoint changed (its size and mtime are recorded beside the parts).
-    """
-    demo = not USER_CKPT.exists()
-    source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, ROOT / "configs" / "v1-inference.yaml")
-    if demo and not DEMO_CKPT.exists():
-        from ldm.config import load_config
-        from ldm.random_weights import random_state_dict, save_checkpoint
-
-        save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), DEMO_CKPT)
-    stamp = MODEL_STORE / MODEL_NAME / "source.json"
-    wanted = {"path": str(source), "size": source.stat().st_size, "mtime": source.stat().st_mtime}
-    if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
-        from scripts.build_mar import main as build_mar
-
-        code = build_mar([
-            "--ckpt", str(source), "--config", str(config), "--model-name", MODEL_NAME,
-            "--export-path", str(MODEL_STORE), "--dtype", _dtype_for_this_machine(), "--archive-format", "no-archive",
-        ])  # fmt: skip
-        if code:
-            raise SystemExit(code)
-        stamp.write_text(json.dumps(wanted))
-    return source, demo
-
-
 def start_front(server: TorchServe, timeout: float = 60) -> str:
     """Start the web front (`sd-front`) detached, in front of `server`; returns its URL once /healthz answers."""
     log = open(RUN_DIR / "front.log", "ab")  # noqa: SIM115 (handed to the detached child)
@@ -289,11 +252,17 @@ def start() -> int:
     if problem:
         print(f"server: {problem}", file=sys.stderr)
         return 1
-    source, demo = prepare_model()
-    if demo:
+    store = prepare()
+    if store.demo:
         print(
             f"WARNING: no checkpoint at {USER_CKPT.relative_to(ROOT)}; serving a tiny RANDOM-WEIGHT demo model whose "
             "images are noise. Put sd-v1-4.ckpt (or any SD v1.x checkpoint) there and run this again.",
+            file=sys.stderr,
+        )
+    if store.source is None:
+        print(
+            f"Serving {store.path.relative_to(ROOT)} as it is: scripts/serve.sh did not build it, so it never "
+            "rebuilds it. Delete that folder to have it built from your checkpoint.",
             file=sys.stderr,
         )
     server = user_server()
@@ -301,11 +270,11 @@ def start() -> int:
     server.wait_ready(MODEL_NAME, timeout=900)
     front = start_front(server)
     print(f"Open {front} (the web UI; POST {front}imagine is the original app's API).")
-    print(f"TorchServe is serving {source.name} as '{MODEL_NAME}'.")
+    print(f"TorchServe is serving {store.source.name if store.source else store.path} as '{MODEL_NAME}'.")
     print(f"  inference:  {server.inference_url}/predictions/{MODEL_NAME}")
     print(f"  management: {server.management_url}/models/{MODEL_NAME}   (this machine only)")
     print(f"  metrics:    {server.metrics_url}/metrics")
-    size = 64 if demo else 512
+    size = 64 if store.demo else 512
     body = json.dumps({"prompt": "a cottage garden full of tulips", "H": size, "W": size, "seed": 42})
     print("Try (through the front, or straight to TorchServe at the inference URL above):")
     print(f"  curl -s {front}imagine -H 'Content-Type: application/json' -H 'Accept: image/png' \\")

@@ -1,0 +1,104 @@
+"""The model store `scripts/serve.sh` serves: built from the user's checkpoint, or a demo one, only when needed.
+
+Why a stamp, and what it covers: splitting a 4 GB checkpoint takes a minute, so a start reuses `model-store/sd`. But
+the store holds copies of everything TorchServe runs besides the weights (the handler, `ldm`, model-config.yaml, the
+model config), so it is stale as soon as any of those changes (a `git pull`, an edit of model-config.yaml), not only
+when the checkpoint does. The stamp records all of it, in `.torchserve/` (outside the store, which a build replaces);
+it says "building" until a build completes, so a build cut short is redone, never served.
+
+A store that serve.sh did not build (`scripts/build_mar.py` run by hand, as README shows) is served as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
+USER_CONFIG = ROOT / "configs" / "v1-inference.yaml"
+DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
+DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
+MODEL_STORE = ROOT / "model-store"
+MODEL_NAME = "sd"
+STAMP = ROOT / ".torchserve" / "model-store.json"
+# What scripts/build_mar.py copies into the store besides the split parts and the model config.
+PACKAGED = (ROOT / "ldm", ROOT / "handler", ROOT / "model-config.yaml")
+# Where serve.sh kept its stamp before it covered the code: a store with one is serve.sh's, to rebuild.
+OLD_STAMP = "source.json"
+
+
+@dataclass(frozen=True)
+class Store:
+    """What the store serves: `source` is its checkpoint, None for a store built by hand."""
+
+    path: Path
+    source: Path | None
+    demo: bool
+
+
+def _files(config: Path) -> list[Path]:
+    found = [config]
+    for item in PACKAGED:
+        inside = item.rglob("*") if item.is_dir() else [item]
+        found += [f for f in inside if f.is_file() and "__pycache__" not in f.parts]
+    return sorted(found)
+
+
+def fingerprint(source: Path, config: Path, dtype: str) -> dict[str, Any]:
+    """The checkpoint (path, size, mtime: hashing 4 GB at every start would cost seconds), the dtype of its parts,
+    and a digest of every other file the store copies."""
+    digest = hashlib.sha256()
+    for file in _files(config):
+        digest.update(f"{file.relative_to(ROOT) if file.is_relative_to(ROOT) else file}\0".encode())
+        digest.update(file.read_bytes())
+    stat = source.stat()
+    return {"checkpoint": str(source), "size": stat.st_size, "mtime": stat.st_mtime, "dtype": dtype,
+            "files": digest.hexdigest()}  # fmt: skip
+
+
+def _dtype_for_this_machine() -> str:
+    import torch
+
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+def _stamped() -> dict[str, Any] | None:
+    try:
+        return json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare(dtype: str | None = None) -> Store:
+    """The store to serve, (re)built first when serve.sh built it from something that has changed since, or never."""
+    demo = not USER_CKPT.exists()
+    source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, USER_CONFIG)
+    store = MODEL_STORE / MODEL_NAME
+    stamped = _stamped()
+    if store.exists() and stamped is None and not (store / OLD_STAMP).exists():
+        return Store(store, None, False)
+    if demo and not DEMO_CKPT.exists():
+        from ldm.config import load_config
+        from ldm.random_weights import random_state_dict, save_checkpoint
+
+        DEMO_CKPT.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), DEMO_CKPT)
+    wanted = fingerprint(source, config, dtype or _dtype_for_this_machine())
+    if store.exists() and stamped == wanted:
+        return Store(store, source, demo)
+    from scripts.build_mar import main as build_mar
+
+    STAMP.parent.mkdir(parents=True, exist_ok=True)
+    STAMP.write_text(json.dumps({"building": wanted}))
+    code = build_mar([
+        "--ckpt", str(source), "--config", str(config), "--model-name", MODEL_NAME,
+        "--export-path", str(MODEL_STORE), "--dtype", wanted["dtype"], "--archive-format", "no-archive",
+    ])  # fmt: skip
+    if code:
+        raise SystemExit(code)
+    STAMP.write_text(json.dumps(wanted))
+    return Store(store, source, demo)

@@ -1,0 +1,92 @@
+"""scripts/serve.sh's model store: rebuilt exactly when what it copies changed, never over a store built by hand,
+never served half-built. The build itself (scripts/build_mar.py) is tests/test_server.py's; here a stand-in records
+the calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scripts import build_mar, model_store
+from tests.reference import TINY_SAFETENSORS
+
+
+class Builds:
+    """Stands in for build_mar.main: makes the store folder, counts the builds, can be made to fail once."""
+
+    def __init__(self) -> None:
+        self.argv: list[list[str]] = []
+        self.interrupt = False
+
+    def __call__(self, argv: list[str]) -> int:
+        self.argv.append(argv)
+        store = Path(argv[argv.index("--export-path") + 1]) / argv[argv.index("--model-name") + 1]
+        store.mkdir(parents=True, exist_ok=True)
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return 0
+
+
+@pytest.fixture
+def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
+    """The module's paths moved into `tmp_path`: a demo checkpoint, a handler file, a store and a stamp."""
+    demo = tmp_path / "demo.safetensors"
+    shutil.copy(TINY_SAFETENSORS, demo)
+    handler = tmp_path / "handler.py"
+    handler.write_text("version = 1\n")
+    monkeypatch.setattr(model_store, "USER_CKPT", tmp_path / "absent" / "model.ckpt")
+    monkeypatch.setattr(model_store, "DEMO_CKPT", demo)
+    monkeypatch.setattr(model_store, "PACKAGED", (handler,))
+    monkeypatch.setattr(model_store, "MODEL_STORE", tmp_path / "model-store")
+    monkeypatch.setattr(model_store, "STAMP", tmp_path / "run" / "model-store.json")
+    recorder = Builds()
+    monkeypatch.setattr(build_mar, "main", recorder)
+    return recorder
+
+
+def test_built_once_then_rebuilt_only_when_something_it_copies_changes(builds: Builds, tmp_path: Path) -> None:
+    store = model_store.prepare("fp32")
+    assert (store.source, store.demo, len(builds.argv)) == (model_store.DEMO_CKPT, True, 1)
+    assert builds.argv[0][builds.argv[0].index("--dtype") + 1] == "fp32"
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 1
+    # The handler code (a git pull), the parts' dtype (another machine), the checkpoint: each makes the store stale.
+    (tmp_path / "handler.py").write_text("version = 2\n")
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 2
+    model_store.prepare("fp16")
+    assert len(builds.argv) == 3
+    stat = model_store.DEMO_CKPT.stat()
+    os.utime(model_store.DEMO_CKPT, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    model_store.prepare("fp16")
+    assert len(builds.argv) == 4
+    model_store.prepare("fp16")
+    assert len(builds.argv) == 4
+
+
+def test_a_store_built_by_hand_is_served_as_it_is(builds: Builds) -> None:
+    (model_store.MODEL_STORE / model_store.MODEL_NAME).mkdir(parents=True)
+    store = model_store.prepare("fp32")
+    assert (store.source, store.demo, builds.argv) == (None, False, [])
+
+
+def test_a_store_an_older_serve_sh_built_is_rebuilt(builds: Builds) -> None:
+    """It stamped only the checkpoint, inside the store: its handler code may be any older one."""
+    old = model_store.MODEL_STORE / model_store.MODEL_NAME
+    old.mkdir(parents=True)
+    (old / model_store.OLD_STAMP).write_text("{}")
+    assert model_store.prepare("fp32").source == model_store.DEMO_CKPT
+    assert len(builds.argv) == 1
+
+
+def test_a_build_cut_short_is_redone_not_served(builds: Builds) -> None:
+    builds.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        model_store.prepare("fp32")
+    assert (model_store.MODEL_STORE / model_store.MODEL_NAME).exists()
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 2
