@@ -38,17 +38,20 @@ JAVA_HELP = (
     "TorchServe needs Java 17 or newer. Install it, e.g.:\n"
     "  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless\n"
     "  Fedora/RHEL:    sudo dnf install -y java-17-openjdk-headless\n"
-    "  macOS:          brew install openjdk@17\n"
+    "  macOS:          brew install openjdk@17  (then put it on PATH, or JAVA_HOME, as brew says)\n"
     "  conda:          conda install -c conda-forge openjdk=17\n"
     "then check with `java -version`."
 )
 
 
 def java_problem() -> str | None:
-    """Why TorchServe cannot start for want of Java, or None when a Java 17+ runtime is on PATH."""
-    java = shutil.which("java")
+    """Why TorchServe cannot start for want of Java, or None when the Java it will run is 17 or newer: like
+    TorchServe's launcher, `$JAVA_HOME/bin/java` when JAVA_HOME is set, else the one on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    java = shutil.which(str(Path(home) / "bin" / "java")) if home else shutil.which("java")
     if java is None:
-        return "java was not found on PATH. " + JAVA_HELP
+        where = f"in JAVA_HOME ({home}/bin/java), which TorchServe uses" if home else "on PATH"
+        return f"java was not found {where}. " + JAVA_HELP
     banner = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     match = re.search(r'version "(\d+)(?:\.(\d+))?', banner)
     if match is None:
@@ -209,28 +212,46 @@ class TorchServe:
                     os.killpg(self.process.pid, signal.SIGKILL)
 
 
+class FrontError(RuntimeError):
+    """The web front did not come up; TorchServe, already running, is stopped again."""
+
+
+def front_port() -> int:
+    """The front's port: SD_FRONT_PORT, as for `sd-front` itself, else the original app's 5000."""
+    return int(os.environ.get("SD_FRONT_PORT", FRONT_PORT))
+
+
 def start_front(server: TorchServe, timeout: float = 60) -> str:
-    """Start the web front (`sd-front`) detached, in front of `server`; returns its URL once /healthz answers."""
+    """Start the web front (`sd-front`) detached, in front of `server`; returns its URL once /healthz answers.
+
+    The port must be free first: a front left from an earlier start would answer the health check in this one's
+    place. Its pid is recorded only once it answers: a front that never came up must not leave a pid for stop.sh to
+    signal later, when that number may be another process's.
+    """
+    port = front_port()
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise FrontError(f"port {port} is taken (a front from an earlier start? scripts/stop.sh stops it; or "
+                             "SD_FRONT_PORT=... picks another)")  # fmt: skip
     log = open(RUN_DIR / "front.log", "ab")  # noqa: SIM115 (handed to the detached child)
     with log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "front.cli", "--port", str(FRONT_PORT), "--inference-url", server.inference_url,
+            [sys.executable, "-m", "front.cli", "--port", str(port), "--inference-url", server.inference_url,
              "--model", MODEL_NAME],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    (RUN_DIR / FRONT_PID_FILE).write_text(str(process.pid))
-    url = f"http://localhost:{FRONT_PORT}/"
+    url = f"http://localhost:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"sd-front exited with {process.returncode}; see {RUN_DIR / 'front.log'}")
-        try:
+            raise FrontError(f"sd-front exited with {process.returncode}; see {RUN_DIR / 'front.log'}")
+        with contextlib.suppress(OSError):
             if _get(f"{url}healthz", timeout=2)[0] == 200:
+                (RUN_DIR / FRONT_PID_FILE).write_text(str(process.pid))
                 return url
-        except OSError:
-            pass
         time.sleep(0.3)
-    raise TimeoutError(f"sd-front did not answer {url}healthz in {timeout:.0f} s; see {RUN_DIR / 'front.log'}")
+    os.killpg(process.pid, signal.SIGTERM)
+    raise FrontError(f"sd-front did not answer {url}healthz in {timeout:.0f} s; see {RUN_DIR / 'front.log'}")
 
 
 def stop_front() -> None:
@@ -252,6 +273,11 @@ def start() -> int:
     if problem:
         print(f"server: {problem}", file=sys.stderr)
         return 1
+    server = user_server()
+    if server.alive():
+        # Checked before the model store, which a rebuild would replace under the running server.
+        print("server: TorchServe is already running here; scripts/stop.sh stops it (and the front)", file=sys.stderr)
+        return 1
     store = prepare()
     if store.demo:
         print(
@@ -265,10 +291,14 @@ def start() -> int:
             "rebuilds it. Delete that folder to have it built from your checkpoint.",
             file=sys.stderr,
         )
-    server = user_server()
     server.start()
     server.wait_ready(MODEL_NAME, timeout=900)
-    front = start_front(server)
+    try:
+        front = start_front(server)
+    except FrontError as error:
+        server.stop()
+        print(f"server: {error}; TorchServe stopped again", file=sys.stderr)
+        return 1
     print(f"Open {front} (the web UI; POST {front}imagine is the original app's API).")
     print(f"TorchServe is serving {store.source.name if store.source else store.path} as '{MODEL_NAME}'.")
     print(f"  inference:  {server.inference_url}/predictions/{MODEL_NAME}")
