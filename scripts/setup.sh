@@ -9,7 +9,15 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
     echo "setup: Python 3.10 or newer is needed (found: $("$python" --version 2>&1)); set PYTHON=/path/to/python3" >&2
     exit 1
 fi
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+# A venv without pip is one whose creation failed half-way (Debian/Ubuntu without python3-venv): made again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    rm -rf .venv
+    if ! "$python" -m venv .venv; then
+        rm -rf .venv
+        echo "setup: could not create .venv (Debian/Ubuntu: sudo apt-get install python3-venv)" >&2
+        exit 1
+    fi
+fi
 
 stamp=.venv/.sd-torchserve-installed
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
