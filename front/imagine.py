@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from front.errors import FrontError
+from front.original_fields import translate
 
 # Seeds are 32-bit (the API's documented range); image i of a request uses seed + i.
 MAX_SEED = 2**32 - 1
@@ -76,7 +77,8 @@ class Plan:
 def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`) and draw the seed if absent.
 
-    Raises FrontError for more than `max_images` images, and for a seed whose last image would pass 2³² − 1.
+    The original app's own field names become ours (front/original_fields.py). Raises FrontError for more than
+    `max_images` images, for a seed whose last image would pass 2³² − 1, and for an original field we cannot honour.
     """
     try:
         fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
@@ -87,8 +89,9 @@ def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     # written back out: such a body goes as it came, and TorchServe's handler names the field.
     if not isinstance(fields, dict) or any(isinstance(value, (list, dict)) for value in fields.values()):
         return Plan(None, raw, stream, 1)
+    fields = translate(fields)
     if not isinstance(fields.get("stream", False), bool):
-        return Plan(None, raw, stream, 1)
+        return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
     n_samples, n_iter, seed = fields.get("n_samples", 1), fields.get("n_iter", 1), fields.get("seed")
     if not (_is_integer(n_samples) and _is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):

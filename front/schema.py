@@ -12,7 +12,9 @@ from pydantic import BaseModel, Field
 
 
 class ImagineRequest(BaseModel):
-    """The original app's fields, and those of our inference API."""
+    """The original app's fields, and those of our inference API. The original's other options are accepted too
+    (`unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir`, `fixed_code`, `from_file` empty, `C` 4, `f` 8,
+    `format` "png"), and dropped: they shaped how it ran, not the image."""
 
     prompt: str = Field(description="what the images should show", max_length=2000)
     negative_prompt: str = Field("", description="what the images should not show")
@@ -21,6 +23,7 @@ class ImagineRequest(BaseModel):
     ddim_steps: int = Field(50, description="DDIM steps")
     scale: float = Field(7.5, description="classifier-free guidance scale")
     eta: float = Field(0.0, description="DDIM η; 0 is deterministic")
+    ddim_eta: float | None = Field(None, description="the original app's name for eta (give one of the two)")
     seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
     n_samples: int = Field(1, description="images per iteration (at most 8)")
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")

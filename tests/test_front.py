@@ -58,6 +58,20 @@ def test_json_array_request_of_ten_images(http: httpx.Client, front: str, server
         assert images[2 * k : 2 * k + 2] == batch["images"], k
 
 
+def test_a_request_with_every_field_of_the_original_app_gets_the_image_ours_would(
+    http: httpx.Client, front: str, server: TorchServe
+) -> None:
+    """The original app took its command line's options in the body (front/original_fields.py): `ddim_eta` is our
+    `eta`, the rest changed how it ran, not the image."""
+    original = {"prompt": "a lighthouse", "seed": 5, **TINY, "ddim_eta": 0.5, "unet_bs": 1, "turbo": True,
+                "precision": "autocast", "device": "cuda", "n_rows": 0, "outdir": "outputs/txt2img-samples",
+                "fixed_code": True, "C": 4, "f": 8, "format": "png", "from_file": False, "sampler": "ddim"}  # fmt: skip
+    response = http.post(f"{front}/imagine", json=original, headers={"Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    ours = {"prompt": "a lighthouse", "seed": 5, **TINY, "eta": 0.5}
+    assert response.content == direct(http, server, ours, "image/png").content
+
+
 def test_without_a_seed_the_drawn_one_is_reported(http: httpx.Client, front: str, server: TorchServe) -> None:
     body = {"prompt": "a lighthouse", "n_iter": 2, **TINY}
     response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})

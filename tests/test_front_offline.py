@@ -144,6 +144,37 @@ def test_a_body_nested_nearly_as_deep_as_the_parser_allows_is_forwarded_not_a_50
         assert fake.bodies[-1] == raw, depth
 
 
+# Every field of the original app's request (optimizedSD's Arguments) besides ours, with its defaults there.
+ORIGINAL_EXTRAS = {"ddim_eta": 0.3, "unet_bs": 1, "turbo": True, "precision": "autocast", "device": "cuda",
+                   "n_rows": 0, "outdir": "outputs/txt2img-samples", "fixed_code": True, "C": 4, "f": 8,
+                   "format": "png", "from_file": False}  # fmt: skip
+
+
+def test_the_original_apps_own_fields_are_read_as_it_meant_them(client: TestClient, fake: FakeInference) -> None:
+    """Its `ddim_eta` is our `eta`; the rest shaped how it ran on its own GPU and disk, and are dropped."""
+    body = {"prompt": "a fox", "seed": 3, "sampler": "ddim", "scale": 7.5, **ORIGINAL_EXTRAS}
+    response = client.post("/imagine", json=body, headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    assert fake.sent() == [{"prompt": "a fox", "seed": 3, "sampler": "ddim", "scale": 7.5, "eta": 0.3}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "says"),
+    [({"C": 8}, "C", "C must be 4 (the model's latent channels), got 8"),
+     ({"f": True}, "f", "f must be 8 (the VAE's downsampling factor), got true"),
+     ({"format": "jpg"}, "format", 'format must be "png" (answers are PNGs), got "jpg"'),
+     ({"from_file": "prompts.txt"}, "from_file",
+      "from_file must be empty: this server reads no prompt files; send the prompt itself"),
+     ({"ddim_eta": 0.5, "eta": 0.5}, "ddim_eta", "ddim_eta and eta are the same setting: give one of them")],
+)  # fmt: skip
+def test_an_original_field_we_cannot_honour_is_a_400(
+    client: TestClient, fake: FakeInference, extra: dict[str, Any], field: str, says: str
+) -> None:
+    response = client.post("/imagine", json={"prompt": "a fox", **extra})
+    assert response.status_code == 400 and response.json() == {"error": says, "field": field}
+    assert fake.bodies == []
+
+
 def test_png_is_forwarded_whole(client: TestClient, fake: FakeInference) -> None:
     response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
