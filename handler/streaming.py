@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,9 @@ class ProgressStream:
 
     def _send(self, progress: Progress, positions: Sequence[int]) -> None:
         lines: dict[int, str] = {}
+        # How many of each request's images this UNet batch holds: with `image_index`, what a client needs to weigh
+        # the steps of a request split over several batches (each restarts its steps).
+        counts = Counter(request_index for request_index, _ in progress.images)
         for request_index, row in progress.first_rows().items():
             idx = positions[request_index]
             if idx not in self.streamed:
@@ -57,6 +61,7 @@ class ProgressStream:
                 "step": progress.step,
                 "total": progress.total,
                 "image_index": progress.images[row][1],
+                "image_count": counts[request_index],
             }
             if self.wants_preview(progress.step, progress.total):
                 line["preview"] = base64.b64encode(preview_jpeg(progress.latents[row])).decode("ascii")

@@ -85,7 +85,9 @@ def test_step_lines_with_previews_then_exactly_the_json_response(handler, sent, 
     body = {**VALID, "ddim_steps": 5, "n_samples": 2, "n_iter": 2}
     (streamed,), context = call(handler, [{**body, "stream": True}])
     lines = steps_of(sent, 0)
-    assert [(line["step"], line["total"], line["image_index"]) for line in lines] == [(k, 5, 0) for k in range(1, 6)]
+    assert [(line["step"], line["total"], line["image_index"], line["image_count"]) for line in lines] == [
+        (k, 5, 0, 4) for k in range(1, 6)
+    ]
     assert [k for k, line in enumerate(lines, 1) if "preview" in line] == [2, 4, 5]
     assert {s.request_ids[0] for s in sent} == {"request-0"}
     assert {s.content_types[0] for s in sent} == {NDJSON}, "the first chunk carries the headers"
@@ -108,8 +110,8 @@ def test_step_lines_with_previews_then_exactly_the_json_response(handler, sent, 
 def test_images_split_across_unet_batches_restart_the_steps(handler, sent, monkeypatch) -> None:
     monkeypatch.setattr(handler, "settings", dataclasses.replace(handler.settings, max_batch_images=2))
     call(handler, [{**VALID, "ddim_steps": 3, "n_samples": 2, "n_iter": 2, "stream": True}])
-    lines = [(line["step"], line["total"], line["image_index"]) for line in steps_of(sent, 0)]
-    assert lines == [(1, 3, 0), (2, 3, 0), (3, 3, 0), (1, 3, 2), (2, 3, 2), (3, 3, 2)]
+    lines = [(line["step"], line["total"], line["image_index"], line["image_count"]) for line in steps_of(sent, 0)]
+    assert lines == [(1, 3, 0, 2), (2, 3, 0, 2), (3, 3, 0, 2), (1, 3, 2, 2), (2, 3, 2, 2), (3, 3, 2, 2)]
 
 
 def test_img2img_counts_its_own_steps_and_accept_ndjson_streams(handler, sent) -> None:
@@ -125,7 +127,7 @@ def test_img2img_counts_its_own_steps_and_accept_ndjson_streams(handler, sent) -
 def test_preview_every_zero_sends_none(handler, sent, monkeypatch) -> None:
     monkeypatch.setattr(handler, "settings", dataclasses.replace(handler.settings, preview_every=0))
     call(handler, [{**VALID, "stream": True}])
-    assert [sorted(line) for line in steps_of(sent, 0)] == [["image_index", "step", "total"]] * 3
+    assert [sorted(line) for line in steps_of(sent, 0)] == [["image_count", "image_index", "step", "total"]] * 3
 
 
 def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_split: Path) -> None:
