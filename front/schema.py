@@ -42,7 +42,8 @@ EXAMPLES = {
 }
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "field": {"type": "string"}}}
 NDJSON_DESCRIPTION = (
-    'One JSON object per line: `{"step", "total", "image_index", "iteration", "n_iter"}` per denoising step (some '
+    'One JSON object per line: `{"step", "total", "image_index", "image_count", "iteration", "n_iter"}` per denoising '
+    "step of the UNet batch holding `image_count` images from `image_index` on (some "
     'with a base64 JPEG `preview`), then `{"images", "seeds", "parameters"}`, or `{"error", "field"}` on failure.'
 )
 

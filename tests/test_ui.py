@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
+from PIL import Image
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Route, expect, sync_playwright
 
 from scripts.server import ROOT
 
@@ -152,3 +153,69 @@ def test_an_error_message_is_shown_as_text(page: Page) -> None:
     page.click("#generate")
     expect(page.locator("#error-prompt")).to_have_text(f"prompt must not be {MARKUP}")
     assert_no_markup_ran(page)
+
+
+def stream_of(*lines: dict) -> str:
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def test_progress_counts_images_when_a_request_is_split_over_unet_batches(page: Page) -> None:
+    """Six images in UNet batches of 4 and 2 (a stand-in stream): each batch restarts its steps, the bar never
+    goes back, and the status says which images are stepping."""
+    steps = [{"step": k, "total": 2, "image_index": first, "image_count": count}
+             for first, count in ((0, 4), (4, 2)) for k in (1, 2)]  # fmt: skip
+    final = {"images": [], "seeds": [], "parameters": {}}
+    page.route("**/imagine/stream", lambda route: route.fulfill(status=200, content_type="application/x-ndjson",
+                                                               body=stream_of(*steps, final)))  # fmt: skip
+    page.fill("#n_samples", "6")
+    page.fill("#prompt", "a lighthouse")
+    page.evaluate(RECORD_PROGRESS)
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done")
+    values = [round(float(value), 3) for value in page.evaluate("window.progressValues")]
+    # Waiting, then images done + the batch in flight by its share of steps, over 6: 2/6, 4/6, 4/6 + 1/6, 6/6; done.
+    assert values == [0, 0.333, 0.667, 0.833, 1, 1], values
+
+
+def test_an_emptied_seed_box_means_a_random_seed_and_an_unreadable_one_is_explained(page: Page) -> None:
+    sent: list[dict] = []
+
+    def answer(route: Route) -> None:
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, content_type="application/x-ndjson",
+                      body=stream_of({"images": [], "seeds": [], "parameters": {}}))  # fmt: skip
+
+    page.route("**/imagine/stream", answer)
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#seed", "42")
+    assert page.is_checked("#seed_fixed")
+    page.fill("#seed", "")
+    assert page.is_checked("#seed_random")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done")
+    assert "seed" not in sent[-1]
+
+    page.click("#seed_fixed")
+    page.locator("#seed").press_sequentially("12e")
+    page.click("#generate")
+    expect(page.locator("#error-seed")).to_have_text("seed must be a whole number from 0 to 4294967295")
+    assert len(sent) == 1
+
+
+def test_an_init_image_sets_the_size_to_its_own_within_the_limits(page: Page, tmp_path: Path) -> None:
+    """The server stretches an init image to W×H: the form takes the image's shape, in multiples of 8, scaled into
+    the server's 1024·1024 pixels (or up to its 64-pixel least side). A file refused before it was read leaves no
+    error once a good one is picked."""
+    page.set_input_files("#init_file", files=[{"name": "big.png", "mimeType": "image/png",
+                                               "buffer": bytes(10 * 2**20 + 1)}])  # fmt: skip
+    expect(page.locator("#error-init_image")).to_have_text(
+        "big.png is 10.0 MB: init_image must be at most 10485760 bytes"
+    )
+    for (width, height), expected in (((100, 60), ("104", "64")), ((3000, 2000), ("1248", "832"))):
+        path = tmp_path / f"photo-{width}.png"
+        Image.new("RGB", (width, height), (40, 90, 160)).save(path)
+        page.set_input_files("#init_file", str(path))
+        expect(page.locator("#W")).to_have_value(expected[0])
+        expect(page.locator("#H")).to_have_value(expected[1])
+        assert page.input_value("#preset") == "custom"
+        expect(page.locator("#error-init_image")).to_have_text("")

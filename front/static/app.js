@@ -35,7 +35,7 @@ function requestBody() {
     n_samples: integer($("n_samples").value),
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
-  if ($("seed_fixed").checked) body.seed = integer($("seed").value);
+  if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
   if (initImage) {
     body.init_image = initImage;
     body.strength = number($("strength").value);
@@ -90,13 +90,40 @@ function useSeed(seed) {
   $("seed").focus();
 }
 
+// The server's defaults (model-config.yaml's handler.limits): an init image's size, and the pixels of a request.
+const MAX_INIT_BYTES = 10 * 1024 * 1024;
+const MAX_PIXELS = 1024 * 1024;
+const SIDES = [64, 2048];
+
+// The size to generate an init image at: its own, in multiples of 8, scaled down to the server's limits (or up to its
+// least side) keeping its shape. The server stretches an init image to W×H: the form's size would distort it.
+function sizeFor(width, height) {
+  const scale = Math.min(1, Math.sqrt(MAX_PIXELS / (width * height)), SIDES[1] / Math.max(width, height));
+  const lift = Math.max(1, SIDES[0] / Math.min(width * scale, height * scale));
+  const side = (length) => Math.min(SIDES[1], Math.max(SIDES[0], Math.floor((length * scale * lift) / 8) * 8));
+  return [side(width), side(height)];
+}
+
 function setInitImage(dataUrl) {
   initImage = dataUrl;
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
   // Strength only means something with an init image.
   $("strength").disabled = !dataUrl;
-  if (!dataUrl) $("init_file").value = "";
+  // Emptied either way: a file picked again after a result was sent back must fire "change" again.
+  $("init_file").value = "";
+  $("error-init_image").textContent = "";
+  $("init_file").removeAttribute("aria-invalid");
+  if (!dataUrl) return;
+  const image = new Image();
+  image.addEventListener("load", () => {
+    const [width, height] = sizeFor(image.naturalWidth, image.naturalHeight);
+    $("W").value = width;
+    $("H").value = height;
+    const preset = `${width}x${height}`;
+    $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
+  });
+  image.src = dataUrl;
 }
 
 function resultItem(png, seed, parameters) {
@@ -160,8 +187,31 @@ async function refusal(response) {
   }
 }
 
+// What the form cannot send as the user meant it: a number box holding text the browser could not read as a number
+// reads as empty, which would silently mean "random" for the seed.
+function unreadable() {
+  if ($("seed_fixed").checked && $("seed").validity.badInput) {
+    return ["seed must be a whole number from 0 to 4294967295", "seed"];
+  }
+  return null;
+}
+
+// The request's progress from a step line: the images already done, plus the UNet batch in flight by its share of
+// steps. A request whose images are split over several UNet batches restarts the step count in each, so the
+// fraction counts images, and only ever goes up.
+function fraction(message, images) {
+  const count = message.image_count ?? 1;
+  return (message.image_index + (count * message.step) / message.total) / images;
+}
+
 async function generate() {
   clearErrors();
+  const problem = unreadable();
+  if (problem) {
+    showError(...problem);
+    return;
+  }
+  const body = requestBody();
   const generateButton = $("generate");
   generateButton.disabled = true;
   setProgress(0, "Waiting for the server…");
@@ -171,7 +221,7 @@ async function generate() {
     const response = await fetch("/imagine/stream", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
-      body: JSON.stringify(requestBody()),
+      body: JSON.stringify(body),
     });
     if (!response.ok) {
       const { error, field } = await refusal(response);
@@ -179,12 +229,15 @@ async function generate() {
       showError(error, field);
       return;
     }
+    const perIteration = typeof body.n_samples === "number" ? body.n_samples : 1;
     for await (const message of lines(response)) {
       if (message.step !== undefined) {
-        const iterations = message.n_iter ?? 1;
-        const done = ((message.iteration ?? 0) + message.step / message.total) / iterations;
-        const batch = iterations > 1 ? ` (batch ${message.iteration + 1} of ${iterations})` : "";
-        setProgress(done, `Step ${message.step} of ${message.total}${batch}`);
+        const images = perIteration * (message.n_iter ?? 1);
+        const first = message.image_index + 1;
+        const last = message.image_index + (message.image_count ?? 1);
+        const which = last - first + 1 < images ? ` · images ${first}–${last} of ${images}` : "";
+        const done = Math.max(progress.value, fraction(message, images));
+        setProgress(done, `Step ${message.step} of ${message.total}${which}`);
         if (message.preview) {
           preview.src = `data:image/jpeg;base64,${message.preview}`;
           preview.hidden = false;
@@ -211,6 +264,11 @@ function readFile(file) {
   if (!file) return;
   if (!["image/png", "image/jpeg"].includes(file.type)) {
     showError(`${file.name} is not a PNG or JPEG image`, "init_image");
+    return;
+  }
+  if (file.size > MAX_INIT_BYTES) {
+    const megabytes = (file.size / 2 ** 20).toFixed(1);
+    showError(`${file.name} is ${megabytes} MB: init_image must be at most ${MAX_INIT_BYTES} bytes`, "init_image");
     return;
   }
   const reader = new FileReader();
@@ -240,8 +298,10 @@ for (const id of ["W", "H"]) {
     $("preset").value = "custom";
   });
 }
+// Typing a seed fixes it; emptying the box goes back to a random one, as its placeholder says.
 $("seed").addEventListener("input", () => {
-  $("seed_fixed").checked = true;
+  const empty = $("seed").value === "" && !$("seed").validity.badInput;
+  $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
 $("strength").addEventListener("input", () => {
   $("strength_value").value = $("strength").value;
