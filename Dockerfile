@@ -25,7 +25,7 @@ WORKDIR /app
 USER 10001:10001
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['SD_FRONT_PORT'], timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ['SD_FRONT_PORT'], timeout=4)"]
 # uvicorn handles SIGTERM itself (it finishes the requests in flight), so Python can be PID 1 here.
 ENTRYPOINT ["python", "-m", "front.cli"]
 

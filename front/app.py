@@ -181,6 +181,11 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         body = {"status": "ok" if healthy else "unavailable", "torchserve": status, "model": settings.model}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
+    @app.get("/livez", summary="Whether this front serves HTTP, whatever TorchServe does")
+    async def livez() -> JSONResponse:
+        # For a liveness probe: restarting the front cannot help while TorchServe is down (readiness says that).
+        return JSONResponse({"status": "ok"})
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})

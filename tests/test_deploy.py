@@ -315,6 +315,7 @@ def test_the_front_calls_the_inference_service_and_the_ingress_reaches_the_front
     assert env["SD_INFERENCE_URL"] == "http://sd-torchserve-inference:8080"
     assert (env["SD_MODEL_NAME"], env["SD_FRONT_HOST"], env["SD_FRONT_PORT"]) == ("sd", "0.0.0.0", "5000")
     assert front["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert front["livenessProbe"]["httpGet"]["path"] == "/livez"  # not restarted while TorchServe is down
     assert front["image"] == f"ghcr.io/example/sd-front@{DIGEST}"
     backend = find(docs, "Ingress", "sd-front")["spec"]["rules"][0]["http"]["paths"][0]["backend"]
     assert backend == {"service": {"name": "sd-front", "port": {"name": "http"}}}

@@ -210,6 +210,8 @@ def test_torchserve_down_is_a_503_that_says_so() -> None:
                                        "or set SD_INFERENCE_URL", "field": ""}  # fmt: skip
         health = test_client.get("/healthz")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        # Liveness is the front's own: a restart would not bring TorchServe back.
+        assert test_client.get("/livez").json() == {"status": "ok"}
 
 
 def test_a_model_torchserve_does_not_serve_is_a_503(fake: FakeInference) -> None:
