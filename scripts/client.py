@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -29,7 +31,8 @@ from ldm.output_names import image_name, next_index
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "sd"
 DEFAULT_OUTDIR = "outputs/client"
-# TorchServe's default_response_timeout (config.properties): waiting longer than the server does gains nothing.
+# TorchServe's default_response_timeout (config.properties), which counts from when a worker takes the request: one
+# queued behind others may need more (--timeout; the error says so).
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
@@ -73,8 +76,9 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tu
     Raises `HttpError` when the server refuses, `ClientError` when it cannot be reached or answers with something
     that is not the API's JSON.
     """
-    if not url.lower().startswith(("http://", "https://")):
-        raise ClientError(f"the URL must start with http:// or https://, got {url!r}")
+    problem = check_url(url)
+    if problem:
+        raise ClientError(f"the URL: {problem}")
     endpoint = f"{url.rstrip('/')}/predictions/{model}"
     try:
         response = requests.post(endpoint, json=fields, headers={"Accept": "application/json"}, timeout=timeout)
@@ -100,6 +104,43 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tu
     if len(images) != len(seeds):
         raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
     return images, seeds
+
+
+def seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 (requests refuses the others with a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
+def check_url(url: str) -> str | None:
+    """Why `url` cannot be TorchServe's inference address, or None when it can be."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it: ValueError for a port that is not a number in range)
+    except ValueError as error:
+        return f"{url!r} is not a URL ({error})"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return f"expected http://HOST[:PORT] or https://..., got {url!r}"
+    return None
+
+
+def write_new(outdir: Path, seed: int, index: int, png: bytes) -> tuple[Path, int]:
+    """Write `png` as the first free `seed_{seed}_{n:05}.png` from n = `index` on, never over an existing file (another
+    run may be writing into the same folder); returns its path and the next n."""
+    while True:
+        path = outdir / image_name(seed, index, "png")
+        index += 1
+        try:
+            with path.open("xb") as file:
+                file.write(png)
+        except FileExistsError:
+            continue
+        return path, index
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "already there, as txt2img.py does (default: %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the images (default: %(default)g)"
+        "--timeout", type=seconds, default=DEFAULT_TIMEOUT, help="seconds to wait for the images (default: %(default)g)"
     )
     return parser
 
@@ -145,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.strength is not None and args.init_image is None:
         parser.error("--strength needs --init-image (txt2img has nothing to keep)")
+    problem = check_url(args.url)
+    if problem:
+        parser.error(f"--url: {problem}")
     fields: dict[str, Any] = {"prompt": args.prompt}
     fields.update({name: getattr(args, name) for name in OPTIONAL_FIELDS if getattr(args, name) is not None})
     if args.init_image is not None:
@@ -159,9 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images, seeds = generate(args.url, args.model, fields, args.timeout)
         # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.
         index = next_index(args.outdir)
-        for offset, (png, seed) in enumerate(zip(images, seeds, strict=True)):
-            path = args.outdir / image_name(seed, index + offset, "png")
-            path.write_bytes(png)
+        for png, seed in zip(images, seeds, strict=True):
+            path, index = write_new(args.outdir, seed, index, png)
             print(f"{path}  {seed}")
     except ClientError as error:
         print(f"client: {error}", file=sys.stderr)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ldm.png_info import encode_with_parameters, read_parameters
-from scripts.client import ClientError, HttpError, generate, main
+from scripts.client import ClientError, HttpError, generate, main, write_new
 from tests.servers import http_server, send_json
 
 MODEL = "sd"
@@ -196,7 +196,36 @@ def test_a_missing_init_image_exits_2_before_any_request(
 def test_a_bad_url_is_a_clear_error_not_a_traceback() -> None:
     with pytest.raises(ClientError) as error:
         generate("127.0.0.1:8080", MODEL, {"prompt": "a lighthouse"}, timeout=1)
-    assert str(error.value) == "the URL must start with http:// or https://, got '127.0.0.1:8080'"
+    assert str(error.value) == "the URL: expected http://HOST[:PORT] or https://..., got '127.0.0.1:8080'"
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [(["--url", "localhost:8080"], "--url: expected http://HOST[:PORT]"),
+     (["--url", "http://127.0.0.1:abc"], "--url: 'http://127.0.0.1:abc' is not a URL"),
+     (["--url", "http://[::1"], "--url: 'http://[::1' is not a URL"),
+     (["--timeout", "0"], "--timeout: expected seconds above 0, got '0'"),
+     (["--timeout", "nan"], "--timeout: expected seconds above 0, got 'nan'"),
+     (["--timeout", "inf"], "--timeout: expected seconds above 0, got 'inf'")],
+)  # fmt: skip
+def test_a_bad_url_or_timeout_is_a_usage_error_before_anything_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], says: str
+) -> None:
+    outdir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["a lighthouse", "--outdir", str(outdir), *option])
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not outdir.exists()
+
+
+def test_a_file_another_run_wrote_meanwhile_is_never_replaced(tmp_path: Path) -> None:
+    """Two runs into one folder may both number from the same n: a name already taken moves on to the next."""
+    taken = tmp_path / "seed_4_00001.png"
+    taken.write_bytes(b"another run's image")
+    path, following = write_new(tmp_path, 4, 1, b"ours")
+    assert (path.name, following, path.read_bytes()) == ("seed_4_00002.png", 3, b"ours")
+    assert taken.read_bytes() == b"another run's image"
 
 
 def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
