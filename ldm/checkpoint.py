@@ -58,7 +58,8 @@ def is_safetensors(path: Path) -> bool:
             head = file.read(9)
     except (IsADirectoryError, PermissionError) as error:
         raise CheckpointError(f"{path}: cannot read it: {error.strerror}") from None
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    # The length itself is not checked: a truncated safetensors file should be called that, not a torch one.
+    return len(head) == 9 and head[8:] == b"{"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -73,7 +74,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = torch_load(str(path))
     except UnsafeCheckpointError:
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        # SafetensorError too: torch.load hands a file named *.safetensors to safetensors itself.
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]

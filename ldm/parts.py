@@ -84,9 +84,10 @@ def load_checkpoint(
 def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtype: str = "fp16") -> Manifest:
     """Split `ckpt` into `out/{unet,vae,text_encoder}.safetensors` + config, tokenizer files and manifest."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = load_config(config_path)
     parts = split_state_dict(read_state_dict(ckpt), config)
+    # Only now: inputs that cannot be split leave no empty folder behind.
+    out.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype]
     parameters = {}
     for name in PARTS:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         staged = Path(tmp) / "model"
         try:
             stage(args.ckpt, args.config, args.dtype, staged)
-        except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
+        except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2
         archive(args, staged)

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = write_split(args.ckpt, args.config, args.out, args.dtype)
-    except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
         print(f"split_checkpoint: {error}", file=sys.stderr)
         return 2
     total = sum(manifest.parameters.values())

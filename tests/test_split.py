@@ -15,7 +15,7 @@ from ldm.model_hash import file_sha256
 from ldm.parts import load_split, read_manifest
 from ldm.pipeline import Pipeline
 from scripts.split_checkpoint import main as split_main
-from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, case, request_for
+from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, request_for
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,25 @@ def test_split_refuses_a_wrong_checkpoint_clearly(tmp_path: Path, capsys: pytest
     save_file({"model.diffusion_model.nonsense": torch.ones(2)}, str(bogus))
     assert split_main(["--ckpt", str(bogus), "--config", str(TINY_CONFIG), "--out", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad", ["truncated download", "out is a file", "config is a folder"])
+def test_split_refuses_unusable_inputs_in_one_line_and_makes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """Each is one `split_checkpoint:` line and exit 2, never a traceback; the output folder is made only once the
+    inputs have been read."""
+    ckpt, config, out = TINY_SAFETENSORS, TINY_CONFIG, tmp_path / "out"
+    if bad == "truncated download":
+        ckpt = tmp_path / "model.safetensors"
+        ckpt.write_bytes(TINY_SAFETENSORS.read_bytes()[:1000])
+    elif bad == "out is a file":
+        out.write_text("not a folder")
+    else:
+        config = tmp_path / "config.yaml"
+        config.mkdir()
+    assert split_main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("split_checkpoint: ") and err.count("\n") == 1, err
+    assert out.is_file() if bad == "out is a file" else not out.exists()
