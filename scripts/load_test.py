@@ -11,8 +11,9 @@ small, each distinct request comes back many times and can be checked against th
 
 Each client sends its next request as soon as it has an answer, so the server is never offered more than N requests
 at once. A 503 (TorchServe's queue is full) is an answer like any other, counted apart; the latency percentiles are
-those of the 200s. Exit status: 0 when every request got a 200 or a 503, 1 otherwise (another status, or no answer
-within --timeout).
+those of the 200s. Exit status: 0 when every request got a 200 or a 503 and at least one got its images, 1 otherwise
+(another status, no answer within --timeout, or nothing but 503s: a run that measured nothing), 2 on a bad command
+line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import base64
 import itertools
 import json
+import math
 import random
 import statistics
 import sys
@@ -176,23 +178,43 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(f"sizes are HxW separated by commas, e.g. 64x64,64x96; got {text!r}") from None
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (%(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (%(default)s)")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (%(default)s)")
-    parser.add_argument("--requests", type=int, default=300, help="requests in all (%(default)s)")
+    parser.add_argument("--clients", type=_at_least_one, default=16, help="concurrent clients (%(default)s)")
+    parser.add_argument("--requests", type=_at_least_one, default=300, help="requests in all (%(default)s)")
     parser.add_argument("--sizes", type=_sizes, default=Mix.sizes, help="HxW sizes to draw from (64x64,64x96)")
     parser.add_argument("--steps", type=int, default=Mix.steps, help="DDIM steps of every request (%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw of requests from the mix (%(default)s)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one answer (%(default)g)")
+    parser.add_argument("--timeout", type=_seconds, default=900.0, help="seconds to wait for one answer (%(default)g)")
     args = parser.parse_args(argv)
     bodies = Mix(sizes=args.sizes, steps=args.steps).draw(args.requests, args.seed)
     report = run(args.url, args.model, bodies, args.clients, args.timeout)
     print(report.summary())
     for result in report.unexpected()[:5]:
         print(f"load_test: {result.status or 'no answer'}: {result.error or result.content[:200]!r}", file=sys.stderr)
-    return 1 if report.unexpected() else 0
+    return 1 if report.unexpected() or not report.succeeded else 0
 
 
 if __name__ == "__main__":

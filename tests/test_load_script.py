@@ -36,6 +36,8 @@ class StandIn:
         time.sleep(0.02)
         with self.lock:
             self.in_flight -= 1
+        if path == "/predictions/busy":  # a model whose queue is always full
+            return 503, {"code": 503, "type": "ServiceUnavailableException", "message": "queue full"}
         if path != "/predictions/sd":
             return 500, {"code": 500, "type": "InternalServerException", "message": "Worker died."}
         if body["seed"] == FULL_QUEUE_SEED:
@@ -118,3 +120,13 @@ def test_exit_status_says_whether_every_request_got_images_or_a_503(
     nobody = f"http://127.0.0.1:{free_port()}"
     assert main(["--url", nobody, "--clients", "1", "--requests", "1", "--timeout", "5"]) == 1
     assert "load_test: no answer: " in capsys.readouterr().err
+    # Nothing but full queues: every answer expected, yet nothing measured.
+    assert main(["--url", url, "--model", "busy", "--clients", "2", "--requests", "3"]) == 1
+    assert capsys.readouterr().out.startswith("3 requests from 2 clients")
+
+
+@pytest.mark.parametrize("option", [["--clients", "0"], ["--requests", "-1"], ["--timeout", "0"], ["--timeout", "inf"]])
+def test_a_bad_count_or_timeout_is_a_usage_error(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(option)
+    assert exit_.value.code == 2 and "expected" in capsys.readouterr().err
