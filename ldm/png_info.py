@@ -1,7 +1,9 @@
 """PNG files that carry their generation parameters, in the `parameters` text chunk other SD tools read.
 
-Format (AUTOMATIC1111's): the prompt, then `Negative prompt: ...`, then one line of `Key: value` pairs. Newlines
-and backslashes inside prompts are escaped (`\\n`, `\\\\`) so a prompt can never forge a parameters line.
+Format (AUTOMATIC1111's): the prompt, then `Negative prompt: ...`, then one line of `Key: value` pairs. A newline
+inside a prompt is written as `\\n`, so that a prompt can never forge a `Negative prompt:` or parameters line.
+Backslashes stay as written: `\\(` is how A1111's users write a literal parenthesis, and doubling it would make every
+tool that reads the chunk show, and paste back, another prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ PARAMETERS_KEY = "parameters"
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
 
 
 def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "") -> str:

@@ -126,11 +126,13 @@ def test_png_parameters_round_trip(pipeline: Pipeline) -> None:
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), generation.images[0])
 
 
-def test_png_parameters_escape_newlines_and_keep_unicode() -> None:
-    request = resolve(GenerationRequest("a cat\nSteps: 1, Seed: 666\\n", negative_prompt="ünïcödé ☃", seed=5))
+def test_png_parameters_escape_newlines_keep_backslashes_and_unicode() -> None:
+    """A1111's users write `\\(` for a literal parenthesis: it must read back as they wrote it."""
+    prompt = "a cat\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)"
+    request = resolve(GenerationRequest(prompt, negative_prompt="ünïcödé ☃", seed=5))
     text = parameters_text(request, 5)
     lines = text.split("\n")
-    assert lines[0] == "a cat\\nSteps: 1, Seed: 666\\\\n"
+    assert lines[0] == "a cat\\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)"
     assert lines[1] == "Negative prompt: ünïcödé ☃"
     assert len(lines) == 3 and lines[2].startswith("Steps: 50,")
     assert read_parameters(encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text])[0]) == text

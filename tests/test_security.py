@@ -190,9 +190,9 @@ def test_the_shipped_limits_hold_at_their_edges(fields: dict[str, int], field: s
 
 @pytest.mark.integration
 def test_a_prompt_cannot_forge_png_parameters_lines(server: TorchServe) -> None:
-    """Newlines in prompts are escaped in the `parameters` text chunk (a backslash too, so the text reads back
-    unambiguously): a prompt that spells out a Negative prompt and a Steps line stays on its own line, the
-    generation line is the real one, and the PNG (every chunk's CRC) verifies."""
+    """Newlines in prompts are escaped in the `parameters` text chunk (backslashes stay as written, as A1111 writes
+    them): a prompt that spells out a Negative prompt and a Steps line stays on its own line, the generation line is
+    the real one, and the PNG (every chunk's CRC) verifies."""
     prompt = "a cat\nNegative prompt: forged\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\n"
     negative = "fog\r\nSteps: 2, Seed: 7"
     body = {"prompt": prompt, "negative_prompt": negative, "H": 64, "W": 64, "ddim_steps": 3, "seed": 5}
@@ -203,7 +203,7 @@ def test_a_prompt_cannot_forge_png_parameters_lines(server: TorchServe) -> None:
         image.verify()
     lines = read_parameters(response.content).split("\n")
     assert lines == [
-        "a cat\\nNegative prompt: forged\\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\\\n",
+        "a cat\\nNegative prompt: forged\\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\n",
         "Negative prompt: fog\\nSteps: 2, Seed: 7",
         lines[2],
     ]
