@@ -132,6 +132,13 @@ class ShapeDispatch:
         return route(*args)
 
 
+def compile_network(network: Callable[..., torch.Tensor], backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """`network` compiled as the fast path needs it: one graph per call (`fullgraph`: a graph break would fall back
+    to Python mid-call), specialised to each shape (`dynamic=False`: by default a second shape turns the graph into a
+    dynamic-shape one, with generic kernels and longer compiles, where each configured shape is captured alone)."""
+    return torch.compile(network, fullgraph=True, dynamic=False, backend=backend)
+
+
 @dataclass
 class FastCalls:
     """The UNet's `(x, t, context)` call and the VAE's `decode(latent)`, each routed by shape."""
@@ -155,8 +162,8 @@ def accelerate(model: StableDiffusion, fast_path: FastPath) -> FastCalls | None:
     unet: Callable[..., torch.Tensor] = model.unet
     decode: Callable[..., torch.Tensor] = model.vae.decode
     if fast_path.compile:
-        unet = torch.compile(model.unet, fullgraph=True)
-        decode = torch.compile(model.vae.decode, fullgraph=True)
+        unet = compile_network(model.unet)
+        decode = compile_network(model.vae.decode)
     return FastCalls(
         ShapeDispatch(model.unet, unet, fast_path.cuda_graphs),
         ShapeDispatch(model.vae.decode, decode, fast_path.cuda_graphs),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from handler.settings import SettingsError, parse_settings
-from ldm.fast_path import FastPath, ShapeDispatch, accelerate
+from ldm.fast_path import FastPath, ShapeDispatch, accelerate, compile_network
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.tokenizer import CONTEXT_LENGTH
@@ -94,11 +94,12 @@ def test_a_shape_that_fails_to_prepare_runs_eagerly(caplog: pytest.LogCaptureFix
 
 @torch.inference_mode()
 def test_unet_and_decoder_each_compile_to_one_graph(tiny_model: StableDiffusion) -> None:
-    """`accelerate` compiles both networks with `fullgraph=True` for the GPU: a graph break (a `.item()`, a print,
-    data-dependent control flow) would fail there, and the worker would fall back to eager at full cost. Tracing needs
-    no GPU, so the CPU checks it here (with the `aot_eager` backend: the same graph capture without code generation,
-    seconds instead of a minute) and that the traced route computes the eager values (to float rounding: the traced
-    decoder may pick another memory layout for its attention's output, and so another summation order)."""
+    """`accelerate` compiles both networks with `compile_network` (one graph, static shapes) for the GPU: a graph
+    break (a `.item()`, a print, data-dependent control flow) would fail there, and the worker would fall back to
+    eager at full cost. Tracing needs no GPU, so the CPU checks it here (with the `aot_eager` backend: the same graph
+    capture without code generation, seconds instead of a minute) and that the traced route computes the eager values
+    (to float rounding: the traced decoder may pick another memory layout for its attention's output, and so another
+    summation order)."""
     config = tiny_model.config
     x = torch.randn(2, config.latent_channels, 8, 8)
     t = torch.tensor([999, 999])
@@ -106,7 +107,7 @@ def test_unet_and_decoder_each_compile_to_one_graph(tiny_model: StableDiffusion)
     networks = [(tiny_model.unet, (x, t, context)), (tiny_model.vae.decode, (x[:1],))]
     try:
         for network, example in networks:
-            dispatch = ShapeDispatch(network, torch.compile(network, fullgraph=True, backend="aot_eager"), False)
+            dispatch = ShapeDispatch(network, compile_network(network, backend="aot_eager"), False)
             assert dispatch.prepare(*example)
             torch.testing.assert_close(dispatch(*example), network(*example))
             assert dispatch.fast_calls == 1
