@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from ldm.arguments import seconds
 from ldm.output_names import image_name, next_index
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -104,17 +104,6 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tu
     if len(images) != len(seeds):
         raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
     return images, seeds
-
-
-def seconds(text: str) -> float:
-    """A --timeout: a finite number of seconds above 0 (requests refuses the others with a traceback)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
-    return value
 
 
 def check_url(url: str) -> str | None:

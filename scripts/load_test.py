@@ -22,7 +22,6 @@ import argparse
 import base64
 import itertools
 import json
-import math
 import random
 import statistics
 import sys
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+
+from ldm.arguments import at_least_one, seconds
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "sd"
@@ -178,36 +179,16 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(f"sizes are HxW separated by commas, e.g. 64x64,64x96; got {text!r}") from None
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (%(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (%(default)s)")
-    parser.add_argument("--clients", type=_at_least_one, default=16, help="concurrent clients (%(default)s)")
-    parser.add_argument("--requests", type=_at_least_one, default=300, help="requests in all (%(default)s)")
+    parser.add_argument("--clients", type=at_least_one, default=16, help="concurrent clients (%(default)s)")
+    parser.add_argument("--requests", type=at_least_one, default=300, help="requests in all (%(default)s)")
     parser.add_argument("--sizes", type=_sizes, default=Mix.sizes, help="HxW sizes to draw from (64x64,64x96)")
     parser.add_argument("--steps", type=int, default=Mix.steps, help="DDIM steps of every request (%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw of requests from the mix (%(default)s)")
-    parser.add_argument("--timeout", type=_seconds, default=900.0, help="seconds to wait for one answer (%(default)g)")
+    parser.add_argument("--timeout", type=seconds, default=900.0, help="seconds to wait for one answer (%(default)g)")
     args = parser.parse_args(argv)
     bodies = Mix(sizes=args.sizes, steps=args.steps).draw(args.requests, args.seed)
     report = run(args.url, args.model, bodies, args.clients, args.timeout)
