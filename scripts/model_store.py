@@ -24,7 +24,9 @@ DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
 DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
 MODEL_STORE = ROOT / "model-store"
 MODEL_NAME = "sd"
-STAMP = ROOT / ".torchserve" / "model-store.json"
+# The user's server's folder (scripts/server.py): TorchServe's pid file, its logs, and this module's stamp.
+RUN_DIR = ROOT / ".torchserve"
+STAMP = RUN_DIR / "model-store.json"
 # What scripts/build_mar.py copies into the store besides the split parts and the model config.
 PACKAGED = (ROOT / "ldm", ROOT / "handler", ROOT / "model-config.yaml")
 # Where serve.sh kept its stamp before it covered the code: a store with one is serve.sh's, to rebuild.

@@ -25,10 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, USER_CKPT, prepare
+from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, USER_CKPT, prepare
 
-# The user's server's folder: TorchServe's pid file (TMPDIR) and its logs (logs/ below it).
-RUN_DIR = ROOT / ".torchserve"
 # What `torchserve --start` writes into its TMPDIR.
 PID_FILE = ".model_server.pid"
 # The web front: the original app's port, so its users' clients and bookmarks keep working.
