@@ -1,7 +1,8 @@
 """txt2img and img2img: a request in, uint8 images and their seeds out, per GENERATION.md.
 
 Each generation is a column of numbered steps: (1) encode the prompts, (2) draw each image's starting noise from its
-own CPU generator, (3) denoise with DDIM and classifier-free guidance, (4) decode, (5) round to uint8.
+own CPU generator, (3) denoise with classifier-free guidance and the request's sampler (DDIM, or PLMS), (4) decode,
+(5) round to uint8.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, max_ddim_steps, sample
+from ldm import ddim, plms
+from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
-SAMPLERS = ("ddim",)
+SAMPLERS = ("ddim", "plms")
 MAX_SEED = 2**32 - 1
 
 
@@ -129,6 +131,11 @@ def resolve(
             raise GenerationError(name, f"{name} must be at least 1, got {value}")
     if not request.eta >= 0:
         raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
+    if request.sampler == "plms" and request.eta != 0:
+        raise GenerationError("eta", f"eta must be 0 with sampler plms (it adds no noise), got {request.eta}")
+    if request.sampler == "plms" and request.init_image is not None:
+        # As in the original and other SD tools: PLMS's first step has no history to start from mid-schedule.
+        raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs ddim")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n_images + 1:
         raise GenerationError("seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}")
     if request.seed is None:
@@ -210,11 +217,12 @@ class Pipeline:
         uncond: torch.Tensor,
         scales: torch.Tensor,
         steps: Sequence[DDIMStep],
+        sampler: str,
         etas: Sequence[float],
         generators: Sequence[torch.Generator],
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """(3) DDIM with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call.
+        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call.
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all.
@@ -235,7 +243,9 @@ class Pipeline:
                 e_u, e_c = out.chunk(2)
                 return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 
-            return sample(eps, x, steps, etas, generators, callback)
+            if sampler == "plms":
+                return plms.sample(eps, x, steps, callback)
+            return ddim.sample(eps, x, steps, etas, generators, callback)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -269,7 +279,7 @@ class Pipeline:
         embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True))
         schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
 
-        groups: dict[tuple[int, int, int, int], list[_Image]] = {}
+        groups: dict[tuple[int, int, int, int, str], list[_Image]] = {}
         per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
@@ -280,12 +290,12 @@ class Pipeline:
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = noise if z0 is None else add_noise(z0, noise, first_alpha)
-                key = (request.height, request.width, request.steps, m)
+                key = (request.height, request.width, request.steps, m, request.sampler)
                 image = _Image(index, image_index, request, generator, start)
                 groups.setdefault(key, []).append(image)
                 per_request[index].append(image)
 
-        for (_, _, steps, m), images in groups.items():
+        for (_, _, steps, m, sampler), images in groups.items():
             for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
@@ -294,6 +304,7 @@ class Pipeline:
                     torch.cat([embeddings[image.request.negative_prompt] for image in chunk]),
                     torch.tensor([float(image.request.scale) for image in chunk]),
                     schedules[steps].tail(m),
+                    sampler,
                     [image.request.eta for image in chunk],
                     [image.generator for image in chunk],
                     _batch_progress(callback, names),

@@ -12,12 +12,14 @@ from PIL import Image
 
 from ldm.config import load_config
 from ldm.ddim import DDIMSchedule, alphas_cumprod
+from ldm.model import StableDiffusion
 from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, Progress, resolve
 from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
 from tests.reference import (
     FLOAT_TOLERANCE,
     REFERENCE,
     TINY_CONFIG,
+    TINY_SAFETENSORS,
     assert_matches_png,
     case,
     load_image,
@@ -83,7 +85,9 @@ def test_img2img_size_defaults_to_init_image_rounded_down_to_8() -> None:
         ({"strength": 0.0}, "strength"),
         ({"height": 60}, "H"),
         ({"width": 0}, "W"),
-        ({"sampler": "plms"}, "sampler"),
+        ({"sampler": "k_euler"}, "sampler"),
+        ({"sampler": "plms"}, "sampler"),  # txt2img only
+        ({"sampler": "plms", "init_image": None, "eta": 0.1}, "eta"),
     ],
 )
 def test_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
@@ -151,6 +155,8 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         dataclasses.replace(SMALL, height=72, width=40, eta=0.4),
         dataclasses.replace(SMALL, negative_prompt="fog", seed=99, scale=3.0),
         GenerationRequest("tiles", seed=5, steps=3, init_image=init, strength=1.0),
+        dataclasses.replace(SMALL, sampler="plms", n_samples=2),
+        dataclasses.replace(SMALL, sampler="plms", seed=3, scale=1.0),
     ]
     together = pipeline.generate_many(requests, max_batch_images=3)
     for request, result in zip(requests, together, strict=True):
@@ -177,3 +183,35 @@ def test_progress_names_the_request_and_image_of_every_row(pipeline: Pipeline) -
             single = dataclasses.replace(request, seed=request.seed + image_index, n_samples=1, n_iter=1)
             pipeline.generate(single, alone.append)
             assert torch.allclose(progress.latents[row], alone[-1].latents[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case_id", ["basic", "negative"])
+def test_plms_image_equals_diffusers_pndm_pipeline(
+    tiny_model: StableDiffusion, pipeline: Pipeline, case_id: str
+) -> None:
+    """PLMS end to end against diffusers' `StableDiffusionPipeline` with the PNDM scheduler in its PLMS-only mode
+    (how diffusers reproduces the original's PLMS) on the same weights, its noise drawn from the same seed."""
+    from diffusers import PNDMScheduler
+
+    from ldm.checkpoint import read_state_dict
+    from scripts.peers import diffusers_pipeline
+
+    request = dataclasses.replace(request_for(case(case_id)), sampler="plms")
+    ours = pipeline.generate(request).pixels[0]
+    pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    theirs = pipe(
+        request.prompt,
+        negative_prompt=request.negative_prompt,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.scale,
+        generator=torch.Generator().manual_seed(request.seed),
+        output_type="np",
+    ).images[0]
+    assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
+    # Not DDIM by another name: the same request under DDIM paints another image.
+    ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
+    assert np.abs(ours - ddim_image).mean() > 1
+    assert "Sampler: PLMS," in parameters_text(request, 0)
