@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from handler.settings import HandlerSettings
-from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationRequest
+from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, check_sampler
 
 FIELDS = (
     "prompt",
@@ -253,8 +253,6 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         # Image i has seed + i: the last one must be 32-bit too.
         raise RequestError("seed", f"seed must be between 0 and {MAX_SEED - total + 1}, got {seed}")
     sampler = _text(body, "sampler", d.sampler, 32)
-    if sampler not in SAMPLERS:
-        raise RequestError("sampler", f"sampler '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),
@@ -263,7 +261,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         width=sizes["W"],
         steps=steps,
         scale=_number(body, "scale", d.scale, 0.0, limits.max_scale),
-        eta=_number(body, "eta", d.eta, 0.0, limits.max_eta),
+        # PLMS adds no noise: a configured default η is DDIM's.
+        eta=_number(body, "eta", 0.0 if sampler == "plms" else d.eta, 0.0, limits.max_eta),
         seed=seed,
         n_samples=n_samples,
         n_iter=n_iter,
@@ -271,6 +270,10 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
     )
+    try:
+        check_sampler(generation)
+    except GenerationError as error:
+        raise RequestError(error.field, str(error)) from None
     if generation.denoising_steps < 1:
         raise RequestError(
             "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"

@@ -13,6 +13,7 @@ import torch
 
 from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
+from ldm.pipeline import SAMPLERS
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -125,6 +126,10 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         )
     if settings.preview_every < 0:
         raise SettingsError(f"model-config.yaml handler.preview_every: 0 (never) or more, got {settings.preview_every}")
+    if defaults.sampler not in SAMPLERS:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.sampler: one of {list(SAMPLERS)}, got {defaults.sampler!r}"
+        )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")
     return replace(settings, defaults=defaults, limits=limits, fast_path=fast_path)

@@ -113,6 +113,19 @@ class Generation:
         return self.request.seeds
 
 
+def check_sampler(request: GenerationRequest) -> None:
+    """The sampler exists, and the request is one it can run: PLMS adds no noise (η = 0) and, as in the original
+    and other SD tools, runs txt2img only."""
+    if request.sampler not in SAMPLERS:
+        raise GenerationError(
+            "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
+        )
+    if request.sampler == "plms" and request.eta != 0:
+        raise GenerationError("eta", f"eta must be 0 with sampler plms (it adds no noise), got {request.eta}")
+    if request.sampler == "plms" and request.init_image is not None:
+        raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs ddim")
+
+
 def resolve(
     request: GenerationRequest, default_size: int = 512, factor: int = 8, num_timesteps: int = 1000
 ) -> GenerationRequest:
@@ -121,8 +134,7 @@ def resolve(
     Limits a server adds on top (pixels, steps, images per request) are the server's; these are the ones without
     which the math itself breaks.
     """
-    if request.sampler not in SAMPLERS:
-        raise GenerationError("sampler", f"sampler '{request.sampler}' is not available; choose one of {SAMPLERS}")
+    check_sampler(request)
     max_steps = max_ddim_steps(num_timesteps)
     if not 1 <= request.steps <= max_steps:
         raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {max_steps}], got {request.steps}")
@@ -131,11 +143,6 @@ def resolve(
             raise GenerationError(name, f"{name} must be at least 1, got {value}")
     if not request.eta >= 0:
         raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
-    if request.sampler == "plms" and request.eta != 0:
-        raise GenerationError("eta", f"eta must be 0 with sampler plms (it adds no noise), got {request.eta}")
-    if request.sampler == "plms" and request.init_image is not None:
-        # As in the original and other SD tools: PLMS's first step has no history to start from mid-schedule.
-        raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs ddim")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n_images + 1:
         raise GenerationError("seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}")
     if request.seed is None:

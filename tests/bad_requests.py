@@ -148,7 +148,11 @@ CASES: list[Case] = [
     # The web front allows more images than one TorchServe request: the error must name the seed, not the count.
     Case("seed string with more images than a request takes", with_(n_iter=10, seed="42"), "seed",
          'seed must be an integer, got "42"'),
-    Case("unknown sampler", with_(sampler="plms"), "sampler", "sampler 'plms' is not available; choose one of: ddim"),
+    Case("unknown sampler", with_(sampler="k_euler"), "sampler",
+         "sampler 'k_euler' is not available; choose one of: ddim, plms"),
+    Case("plms with eta", with_(sampler="plms", eta=0.5), "eta", "eta must be 0 with sampler plms"),
+    Case("plms for img2img", with_(sampler="plms", init_image=png_base64()), "sampler",
+         "sampler plms is for txt2img only; img2img runs ddim"),
     Case("sampler null", with_(sampler=None), "sampler", "sampler must be a string, got null"),
     # img2img.
     Case("strength zero", with_(strength=0), "strength", "strength must be in (0.0, 1.0], got 0"),

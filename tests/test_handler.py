@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFile
 
 from handler import sd_handler
-from handler.request import RequestError, decode_init_image
+from handler.request import RequestError, decode_init_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, check_against_model, parse_settings
 from ldm.parts import load_split
@@ -157,6 +157,27 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
     assert context.status == {}
 
 
+def test_plms_and_ddim_requests_of_one_batch_each_get_their_samplers_images(handler, tiny_split: Path) -> None:
+    bodies = [{**VALID, "sampler": "plms"}, VALID]
+    responses, _ = call(handler, bodies)
+    for body, response in zip(bodies, responses, strict=True):
+        answer = json.loads(response)
+        sampler = body.get("sampler", "ddim")
+        assert answer["parameters"]["sampler"] == sampler
+        png = base64.b64decode(answer["images"][0])
+        assert f"Sampler: {sampler.upper()}," in read_parameters(png)
+        request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5, sampler=sampler)
+        assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    assert json.loads(responses[0])["images"] != json.loads(responses[1])["images"]
+
+
+def test_a_configured_default_eta_is_ddims_alone() -> None:
+    """PLMS adds no noise: a request naming it without an eta runs, though the operator's default eta is 0.3."""
+    settings = parse_settings({"handler": {"defaults": {"eta": 0.3}}})
+    assert parse_request({"prompt": "x", "sampler": "plms"}, settings).generation.eta == 0.0
+    assert parse_request({"prompt": "x"}, settings).generation.eta == 0.3
+
+
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
     (response,), context = call(handler, [VALID], [{"accept": "image/png"}])
     assert context.response_headers[0]["content-type"] == "image/png"
@@ -289,6 +310,7 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         ({"limits": {"max_images": 0}}, "handler.limits: max_images must be at least 1, got 0"),
         ({"limits": {"max_scale": -1.0}}, "handler.limits: max_scale must be at least 0, got -1.0"),
         ({"limits": {"min_side": 512, "max_side": 256}}, "handler.limits: min_side 512 is above max_side 256"),
+        ({"defaults": {"sampler": "euler"}}, "handler.defaults.sampler: one of ['ddim', 'plms'], got 'euler'"),
     ):
         with pytest.raises(SettingsError, match=re.escape(message)):
             parse_settings({"handler": section})
