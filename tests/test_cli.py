@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,18 @@ from PIL import ExifTags, Image
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
 from ldm.parts import write_split
+from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import black_png
-from tests.reference import REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, assert_matches_png, case, reference_png
+from tests.reference import (
+    REFERENCE,
+    TINY_CONFIG,
+    TINY_SAFETENSORS,
+    assert_matches_png,
+    case,
+    reference_png,
+    request_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--device", "cpu", "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG)]
@@ -92,6 +102,19 @@ def test_txt2img_basic_matches_reference(tmp_path: Path, capsys: pytest.CaptureF
         f"Model hash: {TINY_HASH}",
     ):
         assert item in settings.split(", ")
+
+
+def test_txt2img_plms_writes_the_pipelines_plms_image(
+    pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optimizedSD's default sampler, by name: the image is PLMS's (tests/test_pipeline.py holds that against
+    diffusers), labelled so, and the progress bar counts its 10 steps, not its 11 UNet calls."""
+    assert main([*case_argv("basic"), *MODEL, "--sampler", "plms", "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    expected = pipeline.generate(replace(request_for(case("basic")), sampler="plms")).images[0]
+    assert np.array_equal(pixels, expected)
+    assert parameters is not None and "Sampler: PLMS" in parameters.split("\n")[1].split(", ")
+    assert "10/10" in capsys.readouterr().err
 
 
 def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
@@ -299,8 +322,9 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
 
 # (mode, flags, what the error line must say); MODEL and the basic case's flags come first, these override them.
 REFUSED: list[tuple[Mode, list[str], str]] = [
-    ("txt2img", ["--sampler", "plms"], "--sampler plms is not available; choose one of: ddim"),
-    ("txt2img", ["--sampler", "k_euler"], "--sampler k_euler is not available; choose one of: ddim"),
+    ("txt2img", ["--sampler", "k_euler"], "--sampler k_euler is not available; choose one of: ddim, plms"),
+    ("txt2img", ["--sampler", "plms", "--ddim_eta", "0.5"], "--ddim_eta: eta must be 0 with sampler plms"),
+    ("img2img", ["--sampler", "plms"], "--sampler: sampler plms is for txt2img only; img2img runs ddim"),
     ("txt2img", ["--C", "3"], "--C 3: this model has 4 latent channels"),
     ("txt2img", ["--f", "4"], "--f 4: this model's VAE downsamples by 8"),
     ("txt2img", ["--H", "60"], "--H: H must be a positive multiple of 8, got 60"),

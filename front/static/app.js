@@ -32,6 +32,7 @@ function requestBody() {
     H: integer($("H").value),
     ddim_steps: integer($("ddim_steps").value),
     scale: number($("scale").value),
+    sampler: $("sampler").value,
     n_samples: integer($("n_samples").value),
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
@@ -80,6 +81,7 @@ function text(tag, className, content) {
 
 function describe(parameters) {
   const parts = [`${parameters.W}×${parameters.H}`, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
+  if (parameters.sampler && parameters.sampler !== "ddim") parts.push(parameters.sampler.toUpperCase());
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
   return parts.join(" · ");
 }
@@ -108,8 +110,10 @@ function setInitImage(dataUrl) {
   initImage = dataUrl;
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
-  // Strength only means something with an init image.
+  // Strength only means something with an init image, and PLMS runs text to image only (the server says so too).
   $("strength").disabled = !dataUrl;
+  $("sampler").querySelector("option[value='plms']").disabled = Boolean(dataUrl);
+  if (dataUrl && $("sampler").value === "plms") $("sampler").value = "ddim";
   // Emptied either way: a file picked again after a result was sent back must fire "change" again.
   $("init_file").value = "";
   $("error-init_image").textContent = "";
