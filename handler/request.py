@@ -261,8 +261,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         width=sizes["W"],
         steps=steps,
         scale=_number(body, "scale", d.scale, 0.0, limits.max_scale),
-        # PLMS adds no noise: a configured default η is DDIM's.
-        eta=_number(body, "eta", 0.0 if sampler == "plms" else d.eta, 0.0, limits.max_eta),
+        # η is DDIM's alone: a configured default η is not the other samplers'.
+        eta=_number(body, "eta", d.eta if sampler == "ddim" else 0.0, 0.0, limits.max_eta),
         seed=seed,
         n_samples=n_samples,
         n_iter=n_iter,

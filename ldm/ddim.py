@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ldm.config import ModelConfig
+from ldm.noise import per_image_noise
 
-# eps(x, t): noise prediction for latents x (B, C, h, w) at the integer timestep t.
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+# eps(x, t): noise prediction for latents x (B, C, h, w) at timestep t (an integer here; the σ-space samplers of
+# ldm/k_samplers.py also ask between integers).
+EpsFn = Callable[[torch.Tensor, float], torch.Tensor]
 # callback(step_index, total_steps, x): called after each step with the new latents.
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -114,12 +116,7 @@ def sample(
         z = None
         if any(eta > 0 for eta in etas):
             # Every image with η > 0 draws one z per step from its own generator; others get none.
-            z = torch.stack(
-                [
-                    torch.randn(x.shape[1:], generator=g, dtype=torch.float32) if eta > 0 else torch.zeros(x.shape[1:])
-                    for g, eta in zip(generators, etas, strict=True)
-                ]
-            ).to(device=x.device, dtype=x.dtype)
+            z = per_image_noise(x, generators, [eta > 0 for eta in etas])
         x = ddim_step(x, eps, step, sigmas.view(-1, 1, 1, 1), z)
         if callback is not None:
             callback(index + 1, len(steps), x)

@@ -186,7 +186,7 @@ def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> No
         batch = 2 * images
         like = {"device": model.device, "dtype": model.dtype}
         x = torch.randn(batch, *latent, **like).contiguous(memory_format=memory_format)
-        t = torch.full((batch,), 999, device=model.device, dtype=torch.long)
+        t = torch.full((batch,), 999, device=model.device, dtype=torch.float32)  # as the pipeline passes it
         context = torch.randn(batch, CONTEXT_LENGTH, model.config.unet.context_dim, **like)
         started = time.perf_counter()
         unet_ready = calls.unet.prepare(x, t, context)

@@ -1,8 +1,8 @@
 """txt2img and img2img: a request in, uint8 images and their seeds out, per GENERATION.md.
 
 Each generation is a column of numbered steps: (1) encode the prompts, (2) draw each image's starting noise from its
-own CPU generator, (3) denoise with classifier-free guidance and the request's sampler (DDIM, or PLMS), (4) decode,
-(5) round to uint8.
+own CPU generator, (3) denoise with classifier-free guidance and the request's sampler (DDIM, PLMS, or one of
+k-diffusion's), (4) decode, (5) round to uint8.
 """
 
 from __future__ import annotations
@@ -15,13 +15,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, plms
-from ldm.ddim import DDIMSchedule, DDIMStep, StepCallback, add_noise, max_ddim_steps
+from ldm import ddim, k_samplers, plms
+from ldm.ddim import DDIMSchedule, StepCallback, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
-SAMPLERS = ("ddim", "plms")
+# optimizedSD's --sampler names, each with the name other SD tools write in a PNG's parameters. DDIM alone takes η
+# and runs img2img, as in optimizedSD; the others are ldm/plms.py's and ldm/k_samplers.py's.
+SAMPLERS = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "lms": "LMS",
+}
 MAX_SEED = 2**32 - 1
 
 
@@ -114,16 +125,16 @@ class Generation:
 
 
 def check_sampler(request: GenerationRequest) -> None:
-    """The sampler exists, and the request is one it can run: PLMS adds no noise (η = 0) and, as in the original
-    and other SD tools, runs txt2img only."""
+    """The sampler exists, and the request is one it can run: η is DDIM's (the ancestral samplers' noise is their
+    own), and img2img runs DDIM only, as in optimizedSD."""
     if request.sampler not in SAMPLERS:
         raise GenerationError(
             "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
         )
-    if request.sampler == "plms" and request.eta != 0:
-        raise GenerationError("eta", f"eta must be 0 with sampler plms (it adds no noise), got {request.eta}")
-    if request.sampler == "plms" and request.init_image is not None:
-        raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs ddim")
+    if request.sampler != "ddim" and request.eta != 0:
+        raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
+    if request.sampler != "ddim" and request.init_image is not None:
+        raise GenerationError("sampler", f"sampler {request.sampler} is for txt2img only; img2img runs ddim")
 
 
 def resolve(
@@ -188,6 +199,7 @@ class Pipeline:
     def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None) -> None:
         self.model = model
         self.factor = model.config.vae.downsampling_factor
+        self.sigmas = k_samplers.SigmaSchedule(model.alphas_cumprod)
         if model.device.type == "cuda" and model.dtype == torch.float32:
             # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
             torch.backends.cudnn.allow_tf32 = False
@@ -223,13 +235,15 @@ class Pipeline:
         cond: torch.Tensor,
         uncond: torch.Tensor,
         scales: torch.Tensor,
-        steps: Sequence[DDIMStep],
         sampler: str,
+        schedule: DDIMSchedule,
+        m: int,
         etas: Sequence[float],
         generators: Sequence[torch.Generator],
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call.
+        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call; DDIM
+        runs the last `m` steps of `schedule` (all but img2img's: all S), the others all S.
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all.
@@ -241,18 +255,21 @@ class Pipeline:
         with self.model.resident(self.model.unet) as unet:
             call = unet if self.fast is None else self.fast.unet
 
-            def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
+            def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
                 batch = torch.cat([latents, latents]) if guided else latents
-                timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.long)
+                # float: the σ-space samplers ask between whole timesteps (the embedding is of a float anyway).
+                timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.float32)
                 out = call(batch.to(self.model.dtype), timesteps, context).float()
                 if not guided:
                     return out
                 e_u, e_c = out.chunk(2)
                 return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 
+            if sampler == "ddim":
+                return ddim.sample(eps, x, schedule.tail(m), etas, generators, callback)
             if sampler == "plms":
-                return plms.sample(eps, x, steps, callback)
-            return ddim.sample(eps, x, steps, etas, generators, callback)
+                return plms.sample(eps, x, schedule.steps, callback)
+            return k_samplers.sample(sampler, eps, x, self.sigmas, len(schedule.steps), generators, callback)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -310,8 +327,9 @@ class Pipeline:
                     torch.cat([embeddings[image.request.prompt] for image in chunk]),
                     torch.cat([embeddings[image.request.negative_prompt] for image in chunk]),
                     torch.tensor([float(image.request.scale) for image in chunk]),
-                    schedules[steps].tail(m),
                     sampler,
+                    schedules[steps],
+                    m,
                     [image.request.eta for image in chunk],
                     [image.generator for image in chunk],
                     _batch_progress(callback, names),

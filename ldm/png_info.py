@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ldm.pipeline import GenerationRequest
+from ldm.pipeline import SAMPLERS, GenerationRequest
 from ldm.png_encoder import encode_pngs
 
 PARAMETERS_KEY = "parameters"
@@ -31,7 +31,7 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
     fields = [
         f"Steps: {request.steps}",
-        f"Sampler: {request.sampler.upper()}",
+        f"Sampler: {SAMPLERS[request.sampler]}",
         f"CFG scale: {float(request.scale)}",
         f"Seed: {seed}",
         f"Size: {request.width}x{request.height}",

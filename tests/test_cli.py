@@ -18,7 +18,7 @@ from PIL import ExifTags, Image
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
 from ldm.parts import write_split
-from ldm.pipeline import Pipeline
+from ldm.pipeline import SAMPLERS, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import black_png
 from tests.reference import (
@@ -104,16 +104,17 @@ def test_txt2img_basic_matches_reference(tmp_path: Path, capsys: pytest.CaptureF
         assert item in settings.split(", ")
 
 
-def test_txt2img_plms_writes_the_pipelines_plms_image(
-    pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("sampler", ["plms", "euler_a"])
+def test_txt2img_sampler_by_name_writes_the_pipelines_image(
+    pipeline: Pipeline, sampler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """optimizedSD's default sampler, by name: the image is PLMS's (tests/test_pipeline.py holds that against
-    diffusers), labelled so, and the progress bar counts its 10 steps, not its 11 UNet calls."""
-    assert main([*case_argv("basic"), *MODEL, "--sampler", "plms", "--outdir", str(tmp_path)]) == 0
+    """optimizedSD's default sampler and an ancestral one: the image is the pipeline's (tests/test_pipeline.py holds
+    those against diffusers), labelled so, and the progress bar counts the 10 steps."""
+    assert main([*case_argv("basic"), *MODEL, "--sampler", sampler, "--outdir", str(tmp_path)]) == 0
     pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
-    expected = pipeline.generate(replace(request_for(case("basic")), sampler="plms")).images[0]
+    expected = pipeline.generate(replace(request_for(case("basic")), sampler=sampler)).images[0]
     assert np.array_equal(pixels, expected)
-    assert parameters is not None and "Sampler: PLMS" in parameters.split("\n")[1].split(", ")
+    assert parameters is not None and f"Sampler: {SAMPLERS[sampler]}" in parameters.split("\n")[1].split(", ")
     assert "10/10" in capsys.readouterr().err
 
 
@@ -322,8 +323,16 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
 
 # (mode, flags, what the error line must say); MODEL and the basic case's flags come first, these override them.
 REFUSED: list[tuple[Mode, list[str], str]] = [
-    ("txt2img", ["--sampler", "k_euler"], "--sampler k_euler is not available; choose one of: ddim, plms"),
-    ("txt2img", ["--sampler", "plms", "--ddim_eta", "0.5"], "--ddim_eta: eta must be 0 with sampler plms"),
+    (
+        "txt2img",
+        ["--sampler", "k_euler"],
+        "--sampler k_euler is not available; choose one of: ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms",
+    ),
+    (
+        "txt2img",
+        ["--sampler", "plms", "--ddim_eta", "0.5"],
+        "--ddim_eta: eta is DDIM's: it must be 0 with sampler plms, got 0.5",
+    ),
     ("img2img", ["--sampler", "plms"], "--sampler: sampler plms is for txt2img only; img2img runs ddim"),
     ("txt2img", ["--C", "3"], "--C 3: this model has 4 latent channels"),
     ("txt2img", ["--f", "4"], "--f 4: this model's VAE downsamples by 8"),

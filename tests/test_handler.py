@@ -21,7 +21,7 @@ from handler.request import RequestError, decode_init_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, check_against_model, parse_settings
 from ldm.parts import load_split
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
 from tests.reference import load_image
@@ -157,24 +157,28 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
     assert context.status == {}
 
 
-def test_plms_and_ddim_requests_of_one_batch_each_get_their_samplers_images(handler, tiny_split: Path) -> None:
-    bodies = [{**VALID, "sampler": "plms"}, VALID]
+def test_requests_of_one_batch_each_get_their_samplers_images(handler, tiny_split: Path) -> None:
+    bodies = [{**VALID, "sampler": "plms"}, VALID, {**VALID, "sampler": "euler_a"}]
     responses, _ = call(handler, bodies)
+    images = set()
     for body, response in zip(bodies, responses, strict=True):
         answer = json.loads(response)
         sampler = body.get("sampler", "ddim")
         assert answer["parameters"]["sampler"] == sampler
         png = base64.b64decode(answer["images"][0])
-        assert f"Sampler: {sampler.upper()}," in read_parameters(png)
+        assert f"Sampler: {SAMPLERS[sampler]}," in read_parameters(png)
         request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5, sampler=sampler)
         assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
-    assert json.loads(responses[0])["images"] != json.loads(responses[1])["images"]
+        images.add(answer["images"][0])
+    assert len(images) == 3
 
 
 def test_a_configured_default_eta_is_ddims_alone() -> None:
-    """PLMS adds no noise: a request naming it without an eta runs, though the operator's default eta is 0.3."""
+    """η is DDIM's: a request naming another sampler without an eta runs, though the operator's default eta is
+    0.3."""
     settings = parse_settings({"handler": {"defaults": {"eta": 0.3}}})
-    assert parse_request({"prompt": "x", "sampler": "plms"}, settings).generation.eta == 0.0
+    for sampler in ("plms", "euler_a"):
+        assert parse_request({"prompt": "x", "sampler": sampler}, settings).generation.eta == 0.0
     assert parse_request({"prompt": "x"}, settings).generation.eta == 0.3
 
 
@@ -310,7 +314,11 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         ({"limits": {"max_images": 0}}, "handler.limits: max_images must be at least 1, got 0"),
         ({"limits": {"max_scale": -1.0}}, "handler.limits: max_scale must be at least 0, got -1.0"),
         ({"limits": {"min_side": 512, "max_side": 256}}, "handler.limits: min_side 512 is above max_side 256"),
-        ({"defaults": {"sampler": "euler"}}, "handler.defaults.sampler: one of ['ddim', 'plms'], got 'euler'"),
+        (
+            {"defaults": {"sampler": "k_euler"}},
+            "handler.defaults.sampler: one of ['ddim', 'plms', 'euler', 'euler_a', 'heun', 'dpm2', 'dpm2_a', "
+            "'lms'], got 'k_euler'",
+        ),
     ):
         with pytest.raises(SettingsError, match=re.escape(message)):
             parse_settings({"handler": section})

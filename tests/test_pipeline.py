@@ -88,6 +88,8 @@ def test_img2img_size_defaults_to_init_image_rounded_down_to_8() -> None:
         ({"sampler": "k_euler"}, "sampler"),
         ({"sampler": "plms"}, "sampler"),  # txt2img only
         ({"sampler": "plms", "init_image": None, "eta": 0.1}, "eta"),
+        ({"sampler": "euler_a"}, "sampler"),
+        ({"sampler": "lms", "init_image": None, "eta": 0.5}, "eta"),
     ],
 )
 def test_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
@@ -157,6 +159,9 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         GenerationRequest("tiles", seed=5, steps=3, init_image=init, strength=1.0),
         dataclasses.replace(SMALL, sampler="plms", n_samples=2),
         dataclasses.replace(SMALL, sampler="plms", seed=3, scale=1.0),
+        dataclasses.replace(SMALL, sampler="euler_a", seed=11, n_samples=2),
+        dataclasses.replace(SMALL, sampler="dpm2_a", seed=12),
+        dataclasses.replace(SMALL, sampler="lms", seed=13),
     ]
     together = pipeline.generate_many(requests, max_batch_images=3)
     for request, result in zip(requests, together, strict=True):
@@ -215,3 +220,42 @@ def test_plms_image_equals_diffusers_pndm_pipeline(
     ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
     assert np.abs(ours - ddim_image).mean() > 1
     assert "Sampler: PLMS," in parameters_text(request, 0)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm2"])
+def test_k_sampler_image_equals_diffusers_pipeline(
+    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str
+) -> None:
+    """End to end against diffusers' port of the same k-diffusion sampler (tests/test_k_samplers.py holds the
+    samplers alone): the UNet at fractional timesteps (DPM2's midpoints), guidance, and each step's noise from the
+    image's generator after its starting noise (Euler a)."""
+    import diffusers
+
+    from ldm.checkpoint import read_state_dict
+    from scripts.peers import diffusers_pipeline
+
+    request = dataclasses.replace(request_for(case("basic")), sampler=sampler)
+    ours = pipeline.generate(request).pixels[0]
+    pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+    kind = {"euler_a": diffusers.EulerAncestralDiscreteScheduler, "dpm2": diffusers.KDPM2DiscreteScheduler}[sampler]
+    pipe.scheduler = kind.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    pipe.scheduler.set_timesteps(request.steps)
+    generator = torch.Generator().manual_seed(request.seed)
+    noise = torch.randn(1, 4, request.height // 8, request.width // 8, generator=generator)
+    # k-diffusion starts from noise·σ_max; the pipeline multiplies what it is given by its own √(σ_max² + 1).
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    theirs = pipe(
+        request.prompt,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.scale,
+        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
+        generator=generator,
+        output_type="np",
+    ).images[0]
+    assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
+    ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
+    assert np.abs(ours - ddim_image).mean() > 1

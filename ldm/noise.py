@@ -1,0 +1,22 @@
+"""Per-step noise of the stochastic samplers, drawn per image from that image's own CPU generator.
+
+Why here: GENERATION.md makes every image's noise a function of its seed alone, drawn in step order after its
+starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0 and the
+ancestral samplers both draw this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def per_image_noise(x: torch.Tensor, generators: Sequence[torch.Generator], draws: Sequence[bool]) -> torch.Tensor:
+    """One standard normal draw shaped like a row of `x` from `generators[i]` where `draws[i]`, zeros elsewhere
+    (that image's generator is not advanced); on `x`'s device and dtype."""
+    rows = [
+        torch.randn(x.shape[1:], generator=generator, dtype=torch.float32) if draw else torch.zeros(x.shape[1:])
+        for generator, draw in zip(generators, draws, strict=True)
+    ]
+    return torch.stack(rows).to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,204 @@
+"""The σ-space samplers against diffusers' k-diffusion ports, and their schedule and LMS weights against closed
+forms, with no UNet at all.
+
+diffusers' Euler, Euler ancestral, Heun, KDPM2 and KDPM2 ancestral schedulers are the independent implementation:
+ports of k-diffusion's samplers into diffusers' step-by-step form (a different structure: the two-call samplers
+keep half a step of state between calls). They agree with k-diffusion's `CompVisDenoiser` schedule where the S
+timesteps linspace(999, 0, S) are whole numbers (S − 1 divides 999: S = 10, 28, 38, …); between whole numbers
+diffusers interpolates σ where k-diffusion interpolates log σ, so other step counts are checked against the
+closed form of the schedule instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import pytest
+import torch
+
+from ldm import k_samplers
+from ldm.config import load_config
+from ldm.ddim import EpsFn, alphas_cumprod
+from ldm.k_samplers import SigmaSchedule, lms_coefficients
+from tests.reference import TINY_CONFIG
+
+pytest.importorskip("diffusers")
+# diffusers' schedulers make numpy arrays of torch tensors, which numpy 2 warns about (their code, not ours).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
+]
+
+
+@pytest.fixture(scope="module")
+def alphas() -> torch.Tensor:
+    return alphas_cumprod(load_config(TINY_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def schedule(alphas: torch.Tensor) -> SigmaSchedule:
+    return SigmaSchedule(alphas)
+
+
+def test_sigma_is_the_models_at_whole_timesteps_and_log_linear_between(alphas: torch.Tensor) -> None:
+    schedule = SigmaSchedule(alphas)
+    closed = [math.sqrt((1 - a) / a) for a in alphas.tolist()]
+    for t in (0, 1, 500, 998, 999):
+        assert schedule.sigma(t) == pytest.approx(closed[t], rel=1e-12)
+        assert schedule.timestep(closed[t]) == pytest.approx(t, abs=1e-9)
+    for t in (0.5, 123.25, 998.9):
+        low = math.floor(t)
+        expected = math.exp((1 - (t - low)) * math.log(closed[low]) + (t - low) * math.log(closed[low + 1]))
+        assert schedule.sigma(t) == pytest.approx(expected, rel=1e-12)
+        assert schedule.timestep(expected) == pytest.approx(t, abs=1e-9)
+    # σ outside the model's range maps to the nearest end of its timesteps.
+    assert schedule.timestep(closed[0] / 2) == 0
+    assert schedule.timestep(closed[999] * 2) == 999
+    # The S levels: linspace(999, 0, S), then 0; S = 15 falls between whole timesteps.
+    assert schedule.sigmas(10) == pytest.approx([closed[t] for t in range(999, -1, -111)] + [0.0], rel=1e-12)
+    fifteen = schedule.sigmas(15)
+    assert len(fifteen) == 16 and fifteen[-1] == 0.0
+    assert fifteen[1] == pytest.approx(schedule.sigma(999 - 999 / 14), rel=1e-12)
+
+
+def eps_fn(calls: list[float], inputs: list[torch.Tensor] | None = None) -> EpsFn:
+    """A smooth stand-in for a UNet (ε near the input's scale, as a real one's) that records its timesteps."""
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
+        calls.append(float(t))
+        if inputs is not None:
+            inputs.append(x)
+        return 0.9 * torch.tanh(x * (1.0 + t / 1000.0)) + 0.05 * t / 1000.0
+
+    return eps
+
+
+def diffusers_scheduler(name: str) -> Any:
+    import diffusers
+
+    kind = {
+        "euler": diffusers.EulerDiscreteScheduler,
+        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+        "heun": diffusers.HeunDiscreteScheduler,
+        "dpm2": diffusers.KDPM2DiscreteScheduler,
+        "dpm2_a": diffusers.KDPM2AncestralDiscreteScheduler,
+    }[name]
+    return kind(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="linspace",
+    )
+
+
+def run_diffusers(
+    name: str, noise: torch.Tensor, steps: int, generator: torch.Generator, calls: list[float]
+) -> torch.Tensor:
+    scheduler = diffusers_scheduler(name)
+    scheduler.set_timesteps(steps)
+    eps = eps_fn(calls)
+    # k-diffusion starts from noise·σ_max; diffusers' pipelines from noise·√(σ_max² + 1) at "linspace" spacing.
+    x = noise * scheduler.sigmas[0]
+    for t in scheduler.timesteps:
+        ancestral = {"generator": generator} if name.endswith("_a") else {}
+        x = scheduler.step(eps(scheduler.scale_model_input(x, t), float(t)), t, x, **ancestral).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [10, 28])
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "dpm2", "dpm2_a"])
+def test_sampler_equals_diffusers_port(schedule: SigmaSchedule, name: str, steps: int) -> None:
+    seed = 7 + steps
+    ours_generator, their_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 4, 8, 8, generator=ours_generator)
+    assert torch.equal(noise, torch.randn(1, 4, 8, 8, generator=their_generator))
+    ours_calls: list[float] = []
+    theirs_calls: list[float] = []
+    ours = k_samplers.sample(name, eps_fn(ours_calls), noise, schedule, steps, [ours_generator])
+    theirs = run_diffusers(name, noise, steps, their_generator, theirs_calls)
+    assert ours_calls == pytest.approx(theirs_calls, abs=1e-3)
+    two_calls = name in ("heun", "dpm2", "dpm2_a")
+    assert len(ours_calls) == (2 * steps - 1 if two_calls else steps)
+    # diffusers keeps σ in float32; ours are float64.
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # Sensitive: the deterministic Euler lands far from every other sampler.
+    if name != "euler":
+        euler = k_samplers.sample("euler", eps_fn([]), noise, schedule, steps, [torch.Generator().manual_seed(0)])
+        assert (euler - theirs).abs().max().item() > 1e-2
+
+
+def test_the_model_sees_x_scaled_to_x_t(schedule: SigmaSchedule) -> None:
+    """The first call gets noise·σ_max·c_in: unit variance, as DDIM's x_T."""
+    inputs: list[torch.Tensor] = []
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    k_samplers.sample("euler", eps_fn([], inputs), noise, schedule, 4, [])
+    sigma = schedule.sigmas(4)[0]
+    torch.testing.assert_close(inputs[0], noise * sigma / math.sqrt(sigma**2 + 1), rtol=1e-6, atol=0)
+
+
+def simpson(f: Callable[[Fraction], Fraction], a: Fraction, b: Fraction) -> Fraction:
+    """Simpson's rule: exact for polynomials up to degree 3, which is what LMS's order-4 bases are; in exact
+    rational arithmetic, so the reference itself has no rounding."""
+    return (b - a) / 6 * (f(a) + 4 * f((a + b) / 2) + f(b))
+
+
+def test_lms_weights_are_the_lagrange_bases_integrals(schedule: SigmaSchedule) -> None:
+    sigmas = schedule.sigmas(15)
+    for i in range(len(sigmas) - 1):
+        order = min(i + 1, 4)
+        nodes = [Fraction(sigmas[i - k]) for k in range(order)]
+        for j, weight in enumerate(lms_coefficients(sigmas, i, order)):
+
+            def basis(s: Fraction, j: int = j, nodes: list[Fraction] = nodes) -> Fraction:
+                return math.prod(((s - n) / (nodes[j] - n) for k, n in enumerate(nodes) if k != j), start=Fraction(1))
+
+            exact = simpson(basis, Fraction(sigmas[i]), Fraction(sigmas[i + 1]))
+            assert weight == pytest.approx(float(exact), rel=1e-9, abs=1e-14)
+        # The weights of a step add up to its length (a constant derivative is integrated exactly).
+        assert sum(lms_coefficients(sigmas, i, order)) == pytest.approx(sigmas[i + 1] - sigmas[i], rel=1e-9)
+
+
+def test_lms_integrates_a_cubic_derivative_exactly_once_it_has_four_steps(schedule: SigmaSchedule) -> None:
+    """With dx/dσ = σ³, every step from the fourth on (order 4) adds exactly (σ_{i+1}⁴ − σ_i⁴)/4: which derivative
+    goes with which weight matters."""
+    seen: list[torch.Tensor] = []
+    steps = 12
+    sigmas = schedule.sigmas(steps)
+
+    def cubic(x: torch.Tensor, t: float) -> torch.Tensor:
+        return torch.full_like(x, schedule.sigma(t) ** 3)
+
+    noise = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    k_samplers.sample("lms", cubic, noise, schedule, steps, [], lambda i, n, x: seen.append(x))
+    # The callback gets x·c_in; undo it.
+    xs = [float(x) * math.sqrt(sigmas[i + 1] ** 2 + 1) for i, x in enumerate(seen)]
+    for i in range(4, steps):
+        # abs: x is about −σ_max⁴/4 ≈ −10⁴, so its float64 rounding is about 10⁻¹².
+        assert xs[i] - xs[i - 1] == pytest.approx((sigmas[i + 1] ** 4 - sigmas[i] ** 4) / 4, rel=1e-6, abs=1e-9)
+
+
+def test_ancestral_noise_comes_from_each_images_generator_in_step_order(schedule: SigmaSchedule) -> None:
+    """Two images in one batch each get what they get alone; the last step draws nothing."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    generators = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+    together = k_samplers.sample("euler_a", eps_fn([]), noise, schedule, 5, generators)
+    for row, seed in enumerate((10, 11)):
+        generator = torch.Generator().manual_seed(seed)
+        alone = k_samplers.sample("euler_a", eps_fn([]), noise[row : row + 1], schedule, 5, [generator])
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-6)
+        # 4 draws (steps 1-4; none on the step to σ = 0): the generator is now where a fresh one is after 4.
+        fresh = torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            torch.randn(4, 8, 8, generator=fresh)
+        assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=fresh))
+
+
+def test_callback_sees_every_step_once(schedule: SigmaSchedule) -> None:
+    seen: list[tuple[int, int]] = []
+    noise = torch.zeros(1, 1, 2, 2)
+    k_samplers.sample("heun", eps_fn([]), noise, schedule, 4, [], lambda i, total, x: seen.append((i, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
