@@ -22,12 +22,16 @@ class ImagineRequest(BaseModel):
     W: int = Field(512, description="width in pixels, a multiple of 8 (img2img: the init image's)")
     ddim_steps: int = Field(50, description="denoising steps (the original app's name, whatever the sampler)")
     scale: float = Field(7.5, description="classifier-free guidance scale")
-    eta: float = Field(0.0, description="DDIM η; 0 is deterministic (and the only value plms takes)")
+    eta: float = Field(0.0, description="DDIM η; 0 is deterministic (and the only value other samplers take)")
     ddim_eta: float | None = Field(None, description="the original app's name for eta (give one of the two)")
     seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
     n_samples: int = Field(1, description="images per iteration (at most 8)")
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
-    sampler: str = Field("ddim", description="ddim, or plms (the original app's default; txt2img only, eta 0)")
+    sampler: str = Field(
+        "ddim",
+        description="ddim, plms (the original app's default), euler, euler_a, heun, dpm2, dpm2_a or lms; all but "
+        "ddim run txt2img only, with eta 0",
+    )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")

@@ -144,14 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--H", type=int, help="image height in pixels, a multiple of 8")
     parser.add_argument("--W", type=int, help="image width in pixels, a multiple of 8")
     parser.add_argument(
-        "--steps", dest="ddim_steps", metavar="STEPS", type=int, help="DDIM steps (request field ddim_steps)"
+        "--steps", dest="ddim_steps", metavar="STEPS", type=int, help="denoising steps (request field ddim_steps)"
     )
     parser.add_argument("--scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--eta", type=float, help="DDIM η; 0 is deterministic")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (default: random)")
     parser.add_argument("--n-samples", type=int, help="images per batch")
     parser.add_argument("--n-iter", type=int, help="batches")
-    parser.add_argument("--sampler", help="sampler name")
+    parser.add_argument(
+        "--sampler", help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a or lms; all but ddim: txt2img only, eta 0"
+    )
     parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
     parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")

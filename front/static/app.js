@@ -81,7 +81,8 @@ function text(tag, className, content) {
 
 function describe(parameters) {
   const parts = [`${parameters.W}×${parameters.H}`, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
-  if (parameters.sampler && parameters.sampler !== "ddim") parts.push(parameters.sampler.toUpperCase());
+  const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
+  if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
   return parts.join(" · ");
 }
@@ -110,10 +111,10 @@ function setInitImage(dataUrl) {
   initImage = dataUrl;
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
-  // Strength only means something with an init image, and PLMS runs text to image only (the server says so too).
+  // Strength only means something with an init image, and only DDIM runs image to image (the server says so too).
   $("strength").disabled = !dataUrl;
-  $("sampler").querySelector("option[value='plms']").disabled = Boolean(dataUrl);
-  if (dataUrl && $("sampler").value === "plms") $("sampler").value = "ddim";
+  for (const option of $("sampler").options) option.disabled = Boolean(dataUrl) && option.value !== "ddim";
+  if (dataUrl) $("sampler").value = "ddim";
   // Emptied either way: a file picked again after a result was sent back must fire "change" again.
   $("init_file").value = "";
   $("error-init_image").textContent = "";
