@@ -1,13 +1,15 @@
 """The σ-space samplers of k-diffusion (Karras et al. 2022) on an ε-prediction model, as optimizedSD and other SD
-tools run them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral and LMS.
+tools run them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, and DPM-Solver++(2M) with either schedule.
 
 Why: these are the samplers optimizedSD's `--sampler` offers beside DDIM and PLMS, and the ones users of other SD
-tools pick by name. They see the model as a denoiser of x = x₀ + σ·ε (the variance-exploding view of the same
-diffusion: σ_t = √((1 − ᾱ_t)/ᾱ_t), and x = x_t/√ᾱ_t), and integrate dx/dσ = ε from σ_max down to 0.
+tools pick by name (DPM++ 2M Karras among them). They see the model as a denoiser of x = x₀ + σ·ε (the
+variance-exploding view of the same diffusion: σ_t = √((1 − ᾱ_t)/ᾱ_t), and x = x_t/√ᾱ_t), and integrate dx/dσ = ε
+from σ_max down to 0.
 
 As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
 - The S noise levels are σ at t = linspace(T − 1, 0, S), read between the integer timesteps by interpolating log σ
-  linearly, then 0 (so, unlike DDIM's, the schedule starts at the last timestep, T − 1).
+  linearly, then 0 (so, unlike DDIM's, the schedule starts at the last timestep, T − 1). The Karras schedule
+  instead spaces σ^(1/7) evenly from the model's largest σ to its smallest, then 0.
 - The model sees x·c_in with c_in = 1/√(σ² + 1) (that is x_t) at the timestep whose σ it is, fractional in
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
 - The starting latent is the image's noise times σ_0. The ancestral samplers (η = 1) add noise at every step but
@@ -29,6 +31,8 @@ from ldm.noise import per_image_noise
 
 # LMS combines the derivatives of this many steps (fewer at the start).
 LMS_ORDER = 4
+# ρ of the Karras schedule: the paper's, k-diffusion's and other SD tools'.
+KARRAS_RHO = 7.0
 
 
 class SigmaSchedule:
@@ -59,6 +63,12 @@ class SigmaSchedule:
         last = len(self.log_sigmas) - 1
         return [self.sigma(float(t)) for t in np.linspace(last, 0, steps)] + [0.0]
 
+    def karras_sigmas(self, steps: int) -> list[float]:
+        """The S levels of Karras et al.'s schedule (their eq. 5): even in σ^(1/ρ) from the largest σ to the
+        smallest, so more of the steps go to the low noise levels where the image's details form; then 0."""
+        top, bottom = (math.exp(float(self.log_sigmas[i])) ** (1 / KARRAS_RHO) for i in (-1, 0))
+        return [(top + ramp * (bottom - top)) ** KARRAS_RHO for ramp in np.linspace(0, 1, steps)] + [0.0]
+
 
 # derivative(x, σ) → dx/dσ, which for an ε-prediction model is its ε at (x·c_in, t(σ)).
 Derivative = Callable[[torch.Tensor, float], torch.Tensor]
@@ -71,7 +81,8 @@ class _Run:
     derivative: Derivative
     sigmas: list[float]
     generators: Sequence[torch.Generator]
-    history: list[torch.Tensor] = field(default_factory=list)  # LMS: earlier derivatives, newest last
+    # What the multistep samplers keep of earlier steps, newest last: LMS its derivatives, DPM++ 2M its denoised.
+    history: list[torch.Tensor] = field(default_factory=list)
 
     def noise(self, x: torch.Tensor) -> torch.Tensor:
         return per_image_noise(x, self.generators, [True] * len(self.generators))
@@ -158,13 +169,33 @@ def _lms(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     return x + sum(w * d for w, d in zip(weights, reversed(run.history), strict=True))
 
 
-STEPS: dict[str, Callable[[_Run, torch.Tensor, int], torch.Tensor]] = {
-    "euler": _euler,
-    "euler_a": _euler_ancestral,
-    "heun": _heun,
-    "dpm2": _dpm2,
-    "dpm2_a": _dpm2_ancestral,
-    "lms": _lms,
+def _dpmpp_2m(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): the exact solution of the ODE in log σ for a denoised image that is
+    constant over the step (first order), or linear through this step's and the last one's (second order, from the
+    second step on; the step to σ = 0 lands on the denoised image itself)."""
+    sigma, following = run.sigmas[i], run.sigmas[i + 1]
+    denoised = x - sigma * run.derivative(x, sigma)
+    target = denoised
+    if run.history and following > 0:
+        # r: the last step's length over this one's, both in log σ.
+        r = math.log(run.sigmas[i - 1] / sigma) / math.log(sigma / following)
+        target = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * run.history[-1]
+    run.history = [denoised]
+    ratio = following / sigma
+    return ratio * x + (1 - ratio) * target
+
+
+Step = Callable[[_Run, torch.Tensor, int], torch.Tensor]
+# Each sampler's step, and whether its noise levels follow the Karras schedule rather than the model's timesteps.
+STEPS: dict[str, tuple[Step, bool]] = {
+    "euler": (_euler, False),
+    "euler_a": (_euler_ancestral, False),
+    "heun": (_heun, False),
+    "dpm2": (_dpm2, False),
+    "dpm2_a": (_dpm2_ancestral, False),
+    "lms": (_lms, False),
+    "dpmpp_2m": (_dpmpp_2m, False),
+    "dpmpp_2m_karras": (_dpmpp_2m, True),
 }
 
 
@@ -181,13 +212,13 @@ def sample(
 
     `callback` gets each step's x as the model sees it (x·c_in, which is x_t), so previews look as DDIM's do.
     """
-    sigmas = schedule.sigmas(steps)
+    step, karras = STEPS[name]
+    sigmas = schedule.karras_sigmas(steps) if karras else schedule.sigmas(steps)
 
     def derivative(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return eps_fn(x / (sigma**2 + 1.0) ** 0.5, schedule.timestep(sigma))
 
     run = _Run(derivative, sigmas, generators)
-    step = STEPS[name]
     x = noise * sigmas[0]
     for i in range(steps):
         x = step(run, x, i)

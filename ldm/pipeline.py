@@ -21,8 +21,9 @@ from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
-# optimizedSD's --sampler names, each with the name other SD tools write in a PNG's parameters. DDIM alone takes η
-# and runs img2img, as in optimizedSD; the others are ldm/plms.py's and ldm/k_samplers.py's.
+# optimizedSD's --sampler names (and DPM++ 2M, which it lacks), each with the name other SD tools write in a PNG's
+# parameters. DDIM alone takes η and runs img2img, as in optimizedSD; the others are ldm/plms.py's and
+# ldm/k_samplers.py's.
 SAMPLERS = {
     "ddim": "DDIM",
     "plms": "PLMS",
@@ -32,6 +33,8 @@ SAMPLERS = {
     "dpm2": "DPM2",
     "dpm2_a": "DPM2 a",
     "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
 }
 MAX_SEED = 2**32 - 1
 

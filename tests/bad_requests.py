@@ -149,7 +149,8 @@ CASES: list[Case] = [
     Case("seed string with more images than a request takes", with_(n_iter=10, seed="42"), "seed",
          'seed must be an integer, got "42"'),
     Case("unknown sampler", with_(sampler="k_euler"), "sampler",
-         "sampler 'k_euler' is not available; choose one of: ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms"),
+         "sampler 'k_euler' is not available; choose one of: ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, "
+         "dpmpp_2m, dpmpp_2m_karras"),
     Case("euler_a with eta", with_(sampler="euler_a", eta=0.5), "eta",
          "eta is DDIM's: it must be 0 with sampler euler_a, got 0.5"),
     Case("lms for img2img", with_(sampler="lms", init_image=png_base64()), "sampler",

@@ -131,6 +131,53 @@ def test_sampler_equals_diffusers_port(schedule: SigmaSchedule, name: str, steps
         assert (euler - theirs).abs().max().item() > 1e-2
 
 
+def test_karras_sigmas_equal_diffusers(schedule: SigmaSchedule) -> None:
+    """From the model's largest σ to its smallest, even in σ^(1/7), then 0."""
+    import diffusers
+
+    theirs = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True
+    )
+    theirs.set_timesteps(20)
+    # diffusers computes 1 − ᾱ in float32, which near t = 0 (ᾱ ≈ 0.999) keeps only about three digits of it.
+    assert schedule.karras_sigmas(20) == pytest.approx(theirs.sigmas.tolist(), rel=5e-5)
+    assert schedule.karras_sigmas(20)[0] == pytest.approx(schedule.sigma(999), rel=1e-12)
+    assert schedule.karras_sigmas(20)[-2] == pytest.approx(schedule.sigma(0), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [2, 10, 25])
+def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(schedule: SigmaSchedule, steps: int) -> None:
+    """diffusers' DPM-Solver++ works on x_t (variance preserving), k-diffusion's on x = x_t·√(σ² + 1): the same
+    solution, so the two meet at σ = 0. diffusers rounds the timesteps it gives the model, so the stand-in here
+    depends on its input alone; tests/test_k_samplers.py's schedule test holds ours' fractional timesteps."""
+    import diffusers
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
+        return 0.9 * torch.tanh(x) + 0.05
+
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    ours = k_samplers.sample("dpmpp_2m_karras", eps, noise, schedule, steps, [])
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(steps)
+    sigma_max = schedule.sigma(999)
+    x = noise * sigma_max / math.sqrt(sigma_max**2 + 1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps(x, float(t)), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    # Sensitive: Euler on the model's schedule lands elsewhere. At two steps they meet: both schedules are σ_max,
+    # σ_min, 0, DPM++'s first order is Euler's step, and both land on the denoised image from σ_min.
+    first_order = k_samplers.sample("euler", eps, noise, schedule, steps, [])
+    assert (first_order - x).abs().max().item() > 1e-3 if steps > 2 else torch.allclose(first_order, x, atol=1e-5)
+
+
 def test_the_model_sees_x_scaled_to_x_t(schedule: SigmaSchedule) -> None:
     """The first call gets noise·σ_max·c_in: unit variance, as DDIM's x_T."""
     inputs: list[torch.Tensor] = []

@@ -162,6 +162,7 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         dataclasses.replace(SMALL, sampler="euler_a", seed=11, n_samples=2),
         dataclasses.replace(SMALL, sampler="dpm2_a", seed=12),
         dataclasses.replace(SMALL, sampler="lms", seed=13),
+        dataclasses.replace(SMALL, sampler="dpmpp_2m_karras", seed=14, n_samples=2),
     ]
     together = pipeline.generate_many(requests, max_batch_images=3)
     for request, result in zip(requests, together, strict=True):
