@@ -13,7 +13,7 @@ from PIL import Image
 from ldm.config import load_config
 from ldm.ddim import DDIMSchedule, alphas_cumprod
 from ldm.model import StableDiffusion
-from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, Progress, resolve
+from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, Progress, resolve
 from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
 from tests.reference import (
     FLOAT_TOLERANCE,
@@ -191,21 +191,42 @@ def test_progress_names_the_request_and_image_of_every_row(pipeline: Pipeline) -
             assert torch.allclose(progress.latents[row], alone[-1].latents[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case_id", ["basic", "negative"])
-def test_plms_image_equals_diffusers_pndm_pipeline(
-    tiny_model: StableDiffusion, pipeline: Pipeline, case_id: str
+# A sampler → diffusers' implementation of it: its scheduler, that scheduler's settings, and whether it starts from
+# noise·σ_max (k-diffusion's samplers; DDIM and PLMS start from the noise itself).
+DIFFUSERS_PEERS = {
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}, False),  # how diffusers reproduces the original's PLMS
+    "euler_a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}, True),
+    "dpm2": ("KDPM2DiscreteScheduler", {"timestep_spacing": "linspace"}, True),
+}
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize(("sampler", "case_id"), [("plms", "basic"), ("plms", "negative"), ("euler_a", "basic"),
+                                                  ("dpm2", "basic")])  # fmt: skip
+def test_sampler_image_equals_diffusers_pipeline(
+    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str, case_id: str
 ) -> None:
-    """PLMS end to end against diffusers' `StableDiffusionPipeline` with the PNDM scheduler in its PLMS-only mode
-    (how diffusers reproduces the original's PLMS) on the same weights, its noise drawn from the same seed."""
-    from diffusers import PNDMScheduler
+    """End to end against diffusers' `StableDiffusionPipeline` with its implementation of the same sampler, on the
+    same weights (tests/test_plms.py and test_k_samplers.py hold the samplers alone): guidance, the negative
+    prompt, the UNet at fractional timesteps (DPM2's midpoints), and each step's noise drawn from the image's
+    generator after its starting noise (Euler a)."""
+    import diffusers
 
     from ldm.checkpoint import read_state_dict
     from scripts.peers import diffusers_pipeline
 
-    request = dataclasses.replace(request_for(case(case_id)), sampler="plms")
+    request = dataclasses.replace(request_for(case(case_id)), sampler=sampler)
     ours = pipeline.generate(request).pixels[0]
     pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    kind, settings, from_sigma_max = DIFFUSERS_PEERS[sampler]
+    pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler.set_timesteps(request.steps)
+    generator = torch.Generator().manual_seed(request.seed)
+    noise = torch.randn(1, 4, request.height // 8, request.width // 8, generator=generator)
+    # The pipeline multiplies the latents it is given by its scheduler's `init_noise_sigma` (√(σ_max² + 1) for the
+    # k-diffusion ports).
+    start = float(pipe.scheduler.sigmas[0]) if from_sigma_max else 1.0
     theirs = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -213,50 +234,12 @@ def test_plms_image_equals_diffusers_pndm_pipeline(
         width=request.width,
         num_inference_steps=request.steps,
         guidance_scale=request.scale,
-        generator=torch.Generator().manual_seed(request.seed),
+        latents=noise * start / pipe.scheduler.init_noise_sigma,
+        generator=generator,
         output_type="np",
     ).images[0]
     assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
     # Not DDIM by another name: the same request under DDIM paints another image.
     ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
     assert np.abs(ours - ddim_image).mean() > 1
-    assert "Sampler: PLMS," in parameters_text(request, 0)
-
-
-@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
-@pytest.mark.parametrize("sampler", ["euler_a", "dpm2"])
-def test_k_sampler_image_equals_diffusers_pipeline(
-    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str
-) -> None:
-    """End to end against diffusers' port of the same k-diffusion sampler (tests/test_k_samplers.py holds the
-    samplers alone): the UNet at fractional timesteps (DPM2's midpoints), guidance, and each step's noise from the
-    image's generator after its starting noise (Euler a)."""
-    import diffusers
-
-    from ldm.checkpoint import read_state_dict
-    from scripts.peers import diffusers_pipeline
-
-    request = dataclasses.replace(request_for(case("basic")), sampler=sampler)
-    ours = pipeline.generate(request).pixels[0]
-    pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    kind = {"euler_a": diffusers.EulerAncestralDiscreteScheduler, "dpm2": diffusers.KDPM2DiscreteScheduler}[sampler]
-    pipe.scheduler = kind.from_config(pipe.scheduler.config, timestep_spacing="linspace")
-    pipe.scheduler.set_timesteps(request.steps)
-    generator = torch.Generator().manual_seed(request.seed)
-    noise = torch.randn(1, 4, request.height // 8, request.width // 8, generator=generator)
-    # k-diffusion starts from noise·σ_max; the pipeline multiplies what it is given by its own √(σ_max² + 1).
-    sigma_max = float(pipe.scheduler.sigmas[0])
-    theirs = pipe(
-        request.prompt,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        guidance_scale=request.scale,
-        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
-        generator=generator,
-        output_type="np",
-    ).images[0]
-    assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
-    ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
-    assert np.abs(ours - ddim_image).mean() > 1
+    assert f"Sampler: {SAMPLERS[sampler]}," in parameters_text(request, 0)
