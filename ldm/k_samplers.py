@@ -1,5 +1,7 @@
-"""The σ-space samplers of k-diffusion (Karras et al. 2022) on an ε-prediction model, as optimizedSD and other SD
-tools run them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, and DPM-Solver++(2M) with either schedule.
+"""The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
+them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, and DPM-Solver++(2M) with either schedule.
+(optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
+second-order step; the others are the same.)
 
 Why: these are the samplers optimizedSD's `--sampler` offers beside DDIM and PLMS, and the ones users of other SD
 tools pick by name (DPM++ 2M Karras among them). They see the model as a denoiser of x = x₀ + σ·ε (the

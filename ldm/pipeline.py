@@ -23,7 +23,7 @@ from ldm.model import StableDiffusion
 
 # optimizedSD's --sampler names (and DPM++ 2M, which it lacks), each with the name other SD tools write in a PNG's
 # parameters. DDIM alone takes η and runs img2img, as in optimizedSD; the others are ldm/plms.py's and
-# ldm/k_samplers.py's.
+# ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older copy).
 SAMPLERS = {
     "ddim": "DDIM",
     "plms": "PLMS",

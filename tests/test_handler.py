@@ -182,6 +182,18 @@ def test_a_configured_default_eta_is_ddims_alone() -> None:
     assert parse_request({"prompt": "x"}, settings).generation.eta == 0.3
 
 
+def test_a_configured_default_sampler_is_txt2imgs_alone() -> None:
+    """img2img runs DDIM alone: an img2img request that names no sampler runs, though the default is DPM++ 2M; one
+    that names another sampler is refused, naming the field."""
+    settings = parse_settings({"handler": {"defaults": {"sampler": "dpmpp_2m_karras"}}})
+    assert parse_request({"prompt": "x"}, settings).generation.sampler == "dpmpp_2m_karras"
+    img2img = parse_request({"prompt": "x", "init_image": png_base64()}, settings).generation
+    assert (img2img.sampler, img2img.init_image is not None) == ("ddim", True)
+    with pytest.raises(RequestError, match="sampler lms is for txt2img only") as refused:
+        parse_request({"prompt": "x", "init_image": png_base64(), "sampler": "lms"}, settings)
+    assert refused.value.field == "sampler"
+
+
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
     (response,), context = call(handler, [VALID], [{"accept": "image/png"}])
     assert context.response_headers[0]["content-type"] == "image/png"
