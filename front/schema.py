@@ -30,7 +30,7 @@ class ImagineRequest(BaseModel):
     sampler: str = Field(
         "ddim",
         description="ddim, plms (the original app's default), euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m "
-        "or dpmpp_2m_karras; all but ddim run txt2img only, with eta 0",
+        "or dpmpp_2m_karras; all but ddim take eta 0, and plms runs txt2img only",
     )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")

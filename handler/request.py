@@ -252,8 +252,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if seed is not None and seed > MAX_SEED - total + 1:
         # Image i has seed + i: the last one must be 32-bit too.
         raise RequestError("seed", f"seed must be between 0 and {MAX_SEED - total + 1}, got {seed}")
-    # img2img runs DDIM alone: a configured default sampler is txt2img's.
-    sampler = _text(body, "sampler", d.sampler if init_image is None else "ddim", 32)
+    # PLMS runs txt2img alone: a configured default of plms is txt2img's.
+    sampler = _text(body, "sampler", "ddim" if init_image is not None and d.sampler == "plms" else d.sampler, 32)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),

@@ -7,8 +7,8 @@ Where we differ from optimizedSD, on purpose (each is also in `--help`):
 - Images go straight into `--outdir` as `seed_{seed}_{n:05}.{format}` (optimizedSD: a per-prompt subfolder), with n
   continuing after the highest n already there; every PNG carries the `parameters` chunk (JPEG: EXIF UserComment).
 - `--sampler` defaults to `ddim`, as our server does, so a seed makes the same image from either; optimizedSD's
-  default `plms` and its k-diffusion samplers are there by name (txt2img only, with `--ddim_eta` 0, as there), in
-  k-diffusion 0.1.1's versions (optimizedSD's older copy takes DPM2's midpoint otherwise).
+  default `plms` (txt2img only, as there) and its k-diffusion samplers (img2img too) are there by name, with
+  `--ddim_eta` 0, in k-diffusion 0.1.1's versions (optimizedSD's older copy takes DPM2's midpoint otherwise).
 - `--fixed_code` (one starting noise reused by every batch) fails with a clear message: image i starts from its own
   noise, seeded seed + i, so that any image can be remade from its seed alone.
 - `--C`/`--f` default to the model's own values and must equal them; `--H`/`--W` default to the model's native size
@@ -145,7 +145,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         type=str,
         default="ddim",
         help=f"{', '.join(SAMPLERS)} (default: %(default)s, as our server; optimizedSD defaults to plms). All but ddim "
-        "run txt2img only, with --ddim_eta 0",
+        "take --ddim_eta 0; plms runs txt2img only",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(

@@ -14,8 +14,10 @@ As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
   instead spaces σ^(1/7) evenly from the model's largest σ to its smallest, then 0.
 - The model sees x·c_in with c_in = 1/√(σ² + 1) (that is x_t) at the timestep whose σ it is, fractional in
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
-- The starting latent is the image's noise times σ_0. The ancestral samplers (η = 1) add noise at every step but
-  the last, drawn from each image's own generator (GENERATION.md's order: after the starting noise, in step order).
+- The starting latent is the image's noise times σ_0; img2img's is z₀ + noise·σ at the first of the last m
+  levels (what diffusers' img2img does too; other tools start one level higher). The ancestral samplers (η = 1)
+  add noise at every step but the last, drawn from each image's own generator (GENERATION.md's order: after the
+  starting noise, in step order).
 """
 
 from __future__ import annotations
@@ -201,29 +203,40 @@ STEPS: dict[str, tuple[Step, bool]] = {
 }
 
 
+def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:
+    """The S + 1 noise levels sampler `name` walks in an S-step run (the model's or Karras'), the last 0."""
+    return schedule.karras_sigmas(steps) if STEPS[name][1] else schedule.sigmas(steps)
+
+
+def start(noise: torch.Tensor, sigma: float, init_latent: torch.Tensor | None = None) -> torch.Tensor:
+    """The latent a run from level σ starts at: the image's noise at that level (k-diffusion's noise·σ_max for
+    txt2img), added to img2img's init latent z₀ (z₀ + σ·noise is z₀ noised to σ in this view)."""
+    return noise * sigma if init_latent is None else init_latent + noise * sigma
+
+
 def sample(
     name: str,
     eps_fn: EpsFn,
-    noise: torch.Tensor,
+    x: torch.Tensor,
     schedule: SigmaSchedule,
-    steps: int,
+    sigmas: Sequence[float],
     generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run sampler `name` for `steps` steps from each image's starting `noise`; returns the clean latents.
+    """Run sampler `name` from `x` (at level `sigmas[0]`, see `start`) down `sigmas` to their last, 0: the whole
+    of `noise_levels` for txt2img, its last m + 1 for img2img. Returns the clean latents.
 
     `callback` gets each step's x as the model sees it (x·c_in, which is x_t), so previews look as DDIM's do.
     """
-    step, karras = STEPS[name]
-    sigmas = schedule.karras_sigmas(steps) if karras else schedule.sigmas(steps)
+    step = STEPS[name][0]
 
-    def derivative(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return eps_fn(x / (sigma**2 + 1.0) ** 0.5, schedule.timestep(sigma))
+    def derivative(latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        return eps_fn(latents / (sigma**2 + 1.0) ** 0.5, schedule.timestep(sigma))
 
-    run = _Run(derivative, sigmas, generators)
-    x = noise * sigmas[0]
-    for i in range(steps):
+    run = _Run(derivative, list(sigmas), generators)
+    total = len(sigmas) - 1
+    for i in range(total):
         x = step(run, x, i)
         if callback is not None:
-            callback(i + 1, steps, x / (sigmas[i + 1] ** 2 + 1.0) ** 0.5)
+            callback(i + 1, total, x / (sigmas[i + 1] ** 2 + 1.0) ** 0.5)
     return x

@@ -129,15 +129,16 @@ class Generation:
 
 def check_sampler(request: GenerationRequest) -> None:
     """The sampler exists, and the request is one it can run: η is DDIM's (the ancestral samplers' noise is their
-    own), and img2img runs DDIM only, as in optimizedSD."""
+    own), and PLMS runs txt2img only, as in the original and other SD tools (its first step has no history to start
+    from mid-schedule)."""
     if request.sampler not in SAMPLERS:
         raise GenerationError(
             "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
         )
     if request.sampler != "ddim" and request.eta != 0:
         raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
-    if request.sampler != "ddim" and request.init_image is not None:
-        raise GenerationError("sampler", f"sampler {request.sampler} is for txt2img only; img2img runs ddim")
+    if request.sampler == "plms" and request.init_image is not None:
+        raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs every other sampler")
 
 
 def resolve(
@@ -245,8 +246,8 @@ class Pipeline:
         generators: Sequence[torch.Generator],
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call; DDIM
-        runs the last `m` steps of `schedule` (all but img2img's: all S), the others all S.
+        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call, for
+        the last `m` steps of an S-step run (img2img's; txt2img's m is S). `x` is where `start_latents` put it.
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all.
@@ -272,7 +273,22 @@ class Pipeline:
                 return ddim.sample(eps, x, schedule.tail(m), etas, generators, callback)
             if sampler == "plms":
                 return plms.sample(eps, x, schedule.steps, callback)
-            return k_samplers.sample(sampler, eps, x, self.sigmas, len(schedule.steps), generators, callback)
+            levels = self.k_levels(sampler, len(schedule.steps), m)
+            return k_samplers.sample(sampler, eps, x, self.sigmas, levels, generators, callback)
+
+    def k_levels(self, sampler: str, steps: int, m: int) -> list[float]:
+        """The noise levels a k-diffusion sampler walks for the last m steps of an S-step run, then 0."""
+        return k_samplers.noise_levels(sampler, self.sigmas, steps)[steps - m :]
+
+    def start_latents(
+        self, request: GenerationRequest, schedule: DDIMSchedule, noise: torch.Tensor, init_latent: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(2) Where an image's run starts: its noise (txt2img), or img2img's z₀ noised to the first of its m steps,
+        in the terms of the request's sampler."""
+        m = request.denoising_steps
+        if request.sampler in k_samplers.STEPS:
+            return k_samplers.start(noise, self.k_levels(request.sampler, request.steps, m)[0], init_latent)
+        return noise if init_latent is None else add_noise(init_latent, noise, schedule.tail(m)[0].alpha)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -310,13 +326,12 @@ class Pipeline:
         per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
-            first_alpha = schedules[request.steps].tail(m)[0].alpha
             z0 = None if request.init_image is None else self.init_latent(request)
             for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
-                start = noise if z0 is None else add_noise(z0, noise, first_alpha)
+                start = self.start_latents(request, schedules[request.steps], noise, z0)
                 key = (request.height, request.width, request.steps, m, request.sampler)
                 image = _Image(index, image_index, request, generator, start)
                 groups.setdefault(key, []).append(image)

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sampler",
         help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m or dpmpp_2m_karras; all but ddim: "
-        "txt2img only, eta 0",
+        "eta 0; plms: txt2img only",
     )
     parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
     parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")

@@ -153,8 +153,8 @@ CASES: list[Case] = [
          "dpmpp_2m, dpmpp_2m_karras"),
     Case("euler_a with eta", with_(sampler="euler_a", eta=0.5), "eta",
          "eta is DDIM's: it must be 0 with sampler euler_a, got 0.5"),
-    Case("lms for img2img", with_(sampler="lms", init_image=png_base64()), "sampler",
-         "sampler lms is for txt2img only; img2img runs ddim"),
+    Case("plms for img2img", with_(sampler="plms", init_image=png_base64()), "sampler",
+         "sampler plms is for txt2img only; img2img runs every other sampler"),
     Case("sampler null", with_(sampler=None), "sampler", "sampler must be a string, got null"),
     # img2img.
     Case("strength zero", with_(strength=0), "strength", "strength must be in (0.0, 1.0], got 0"),

@@ -118,6 +118,16 @@ def test_txt2img_sampler_by_name_writes_the_pipelines_image(
     assert "10/10" in capsys.readouterr().err
 
 
+def test_img2img_with_a_k_diffusion_sampler(pipeline: Pipeline, tmp_path: Path) -> None:
+    """optimizedSD's img2img ran DDIM alone; ours takes the other samplers too (but PLMS)."""
+    argv = [*case_argv("img2img"), *MODEL, "--sampler", "dpmpp_2m_karras", "--outdir", str(tmp_path)]
+    assert main(argv, mode="img2img") == 0
+    pixels, parameters = read_png(tmp_path / "seed_4242_00000.png")
+    expected = pipeline.generate(replace(request_for(case("img2img")), sampler="dpmpp_2m_karras")).images[0]
+    assert np.array_equal(pixels, expected)
+    assert parameters is not None and "Sampler: DPM++ 2M Karras" in parameters
+
+
 def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
     command = [sys.executable, "-W", "error", "scripts/txt2img.py", *case_argv("basic"), *MODEL]
     done = subprocess.run([*command, "--outdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -334,7 +344,7 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
         ["--sampler", "plms", "--ddim_eta", "0.5"],
         "--ddim_eta: eta is DDIM's: it must be 0 with sampler plms, got 0.5",
     ),
-    ("img2img", ["--sampler", "plms"], "--sampler: sampler plms is for txt2img only; img2img runs ddim"),
+    ("img2img", ["--sampler", "plms"], "--sampler: sampler plms is for txt2img only; img2img runs every other sampler"),
     ("txt2img", ["--C", "3"], "--C 3: this model has 4 latent channels"),
     ("txt2img", ["--f", "4"], "--f 4: this model's VAE downsamples by 8"),
     ("txt2img", ["--H", "60"], "--H: H must be a positive multiple of 8, got 60"),

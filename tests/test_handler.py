@@ -182,16 +182,18 @@ def test_a_configured_default_eta_is_ddims_alone() -> None:
     assert parse_request({"prompt": "x"}, settings).generation.eta == 0.3
 
 
-def test_a_configured_default_sampler_is_txt2imgs_alone() -> None:
-    """img2img runs DDIM alone: an img2img request that names no sampler runs, though the default is DPM++ 2M; one
-    that names another sampler is refused, naming the field."""
-    settings = parse_settings({"handler": {"defaults": {"sampler": "dpmpp_2m_karras"}}})
-    assert parse_request({"prompt": "x"}, settings).generation.sampler == "dpmpp_2m_karras"
+def test_a_configured_default_of_plms_is_txt2imgs_alone() -> None:
+    """PLMS runs txt2img alone: an img2img request that names no sampler runs (DDIM) though the default is plms;
+    one that names plms is refused, naming the field. Other defaults run img2img too."""
+    settings = parse_settings({"handler": {"defaults": {"sampler": "plms"}}})
+    assert parse_request({"prompt": "x"}, settings).generation.sampler == "plms"
     img2img = parse_request({"prompt": "x", "init_image": png_base64()}, settings).generation
     assert (img2img.sampler, img2img.init_image is not None) == ("ddim", True)
-    with pytest.raises(RequestError, match="sampler lms is for txt2img only") as refused:
-        parse_request({"prompt": "x", "init_image": png_base64(), "sampler": "lms"}, settings)
+    with pytest.raises(RequestError, match="sampler plms is for txt2img only") as refused:
+        parse_request({"prompt": "x", "init_image": png_base64(), "sampler": "plms"}, settings)
     assert refused.value.field == "sampler"
+    karras = parse_settings({"handler": {"defaults": {"sampler": "dpmpp_2m_karras"}}})
+    assert parse_request({"prompt": "x", "init_image": png_base64()}, karras).generation.sampler == "dpmpp_2m_karras"
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:

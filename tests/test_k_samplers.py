@@ -21,7 +21,7 @@ import torch
 
 from ldm import k_samplers
 from ldm.config import load_config
-from ldm.ddim import EpsFn, alphas_cumprod
+from ldm.ddim import EpsFn, StepCallback, alphas_cumprod
 from ldm.k_samplers import SigmaSchedule, lms_coefficients
 from tests.reference import TINY_CONFIG
 
@@ -41,6 +41,20 @@ def alphas() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def schedule(alphas: torch.Tensor) -> SigmaSchedule:
     return SigmaSchedule(alphas)
+
+
+def run(
+    name: str,
+    eps: EpsFn,
+    noise: torch.Tensor,
+    schedule: SigmaSchedule,
+    steps: int,
+    generators: list[torch.Generator],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """A txt2img run of `steps` steps from `noise`, as the pipeline makes it."""
+    levels = k_samplers.noise_levels(name, schedule, steps)
+    return k_samplers.sample(name, eps, k_samplers.start(noise, levels[0]), schedule, levels, generators, callback)
 
 
 def test_sigma_is_the_models_at_whole_timesteps_and_log_linear_between(alphas: torch.Tensor) -> None:
@@ -118,7 +132,7 @@ def test_sampler_equals_diffusers_port(schedule: SigmaSchedule, name: str, steps
     assert torch.equal(noise, torch.randn(1, 4, 8, 8, generator=their_generator))
     ours_calls: list[float] = []
     theirs_calls: list[float] = []
-    ours = k_samplers.sample(name, eps_fn(ours_calls), noise, schedule, steps, [ours_generator])
+    ours = run(name, eps_fn(ours_calls), noise, schedule, steps, [ours_generator])
     theirs = run_diffusers(name, noise, steps, their_generator, theirs_calls)
     assert ours_calls == pytest.approx(theirs_calls, abs=1e-3)
     two_calls = name in ("heun", "dpm2", "dpm2_a")
@@ -127,7 +141,7 @@ def test_sampler_equals_diffusers_port(schedule: SigmaSchedule, name: str, steps
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # Sensitive: the deterministic Euler lands far from every other sampler.
     if name != "euler":
-        euler = k_samplers.sample("euler", eps_fn([]), noise, schedule, steps, [torch.Generator().manual_seed(0)])
+        euler = run("euler", eps_fn([]), noise, schedule, steps, [torch.Generator().manual_seed(0)])
         assert (euler - theirs).abs().max().item() > 1e-2
 
 
@@ -156,7 +170,7 @@ def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(schedule: SigmaSchedule, st
         return 0.9 * torch.tanh(x) + 0.05
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    ours = k_samplers.sample("dpmpp_2m_karras", eps, noise, schedule, steps, [])
+    ours = run("dpmpp_2m_karras", eps, noise, schedule, steps, [])
     scheduler = diffusers.DPMSolverMultistepScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -174,7 +188,7 @@ def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(schedule: SigmaSchedule, st
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
     # Sensitive: Euler on the model's schedule lands elsewhere. At two steps they meet: both schedules are σ_max,
     # σ_min, 0, DPM++'s first order is Euler's step, and both land on the denoised image from σ_min.
-    first_order = k_samplers.sample("euler", eps, noise, schedule, steps, [])
+    first_order = run("euler", eps, noise, schedule, steps, [])
     assert (first_order - x).abs().max().item() > 1e-3 if steps > 2 else torch.allclose(first_order, x, atol=1e-5)
 
 
@@ -182,7 +196,7 @@ def test_the_model_sees_x_scaled_to_x_t(schedule: SigmaSchedule) -> None:
     """The first call gets noise·σ_max·c_in: unit variance, as DDIM's x_T."""
     inputs: list[torch.Tensor] = []
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    k_samplers.sample("euler", eps_fn([], inputs), noise, schedule, 4, [])
+    run("euler", eps_fn([], inputs), noise, schedule, 4, [])
     sigma = schedule.sigmas(4)[0]
     torch.testing.assert_close(inputs[0], noise * sigma / math.sqrt(sigma**2 + 1), rtol=1e-6, atol=0)
 
@@ -220,7 +234,7 @@ def test_lms_integrates_a_cubic_derivative_exactly_once_it_has_four_steps(schedu
         return torch.full_like(x, schedule.sigma(t) ** 3)
 
     noise = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    k_samplers.sample("lms", cubic, noise, schedule, steps, [], lambda i, n, x: seen.append(x))
+    run("lms", cubic, noise, schedule, steps, [], lambda i, n, x: seen.append(x))
     # The callback gets x·c_in; undo it.
     xs = [float(x) * math.sqrt(sigmas[i + 1] ** 2 + 1) for i, x in enumerate(seen)]
     for i in range(4, steps):
@@ -232,10 +246,10 @@ def test_ancestral_noise_comes_from_each_images_generator_in_step_order(schedule
     """Two images in one batch each get what they get alone; the last step draws nothing."""
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     generators = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
-    together = k_samplers.sample("euler_a", eps_fn([]), noise, schedule, 5, generators)
+    together = run("euler_a", eps_fn([]), noise, schedule, 5, generators)
     for row, seed in enumerate((10, 11)):
         generator = torch.Generator().manual_seed(seed)
-        alone = k_samplers.sample("euler_a", eps_fn([]), noise[row : row + 1], schedule, 5, [generator])
+        alone = run("euler_a", eps_fn([]), noise[row : row + 1], schedule, 5, [generator])
         torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-6)
         # 4 draws (steps 1-4; none on the step to σ = 0): the generator is now where a fresh one is after 4.
         fresh = torch.Generator().manual_seed(seed)
@@ -247,5 +261,5 @@ def test_ancestral_noise_comes_from_each_images_generator_in_step_order(schedule
 def test_callback_sees_every_step_once(schedule: SigmaSchedule) -> None:
     seen: list[tuple[int, int]] = []
     noise = torch.zeros(1, 1, 2, 2)
-    k_samplers.sample("heun", eps_fn([]), noise, schedule, 4, [], lambda i, total, x: seen.append((i, total)))
+    run("heun", eps_fn([]), noise, schedule, 4, [], lambda i, total, x: seen.append((i, total)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -111,10 +111,10 @@ function setInitImage(dataUrl) {
   initImage = dataUrl;
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
-  // Strength only means something with an init image, and only DDIM runs image to image (the server says so too).
+  // Strength only means something with an init image, and PLMS runs text to image only (the server says so too).
   $("strength").disabled = !dataUrl;
-  for (const option of $("sampler").options) option.disabled = Boolean(dataUrl) && option.value !== "ddim";
-  if (dataUrl) $("sampler").value = "ddim";
+  $("sampler").querySelector("option[value='plms']").disabled = Boolean(dataUrl);
+  if (dataUrl && $("sampler").value === "plms") $("sampler").value = "ddim";
   // Emptied either way: a file picked again after a result was sent back must fire "change" again.
   $("init_file").value = "";
   $("error-init_image").textContent = "";
