@@ -274,7 +274,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     try:
         check_sampler(generation)
     except GenerationError as error:
-        raise RequestError(error.field, str(error)) from None
+        # A rule broken by the server's default sampler, which this client never named: say so.
+        default = "" if "sampler" in body else f' ({sampler} is this server\'s default sampler; send "sampler": "ddim")'
+        raise RequestError(error.field, f"{error}{default}") from None
     if generation.denoising_steps < 1:
         raise RequestError(
             "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"

@@ -104,7 +104,12 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             help="how much of the init image is replaced by noise, in (0, 1]; ⌊strength·ddim_steps⌋ steps run "
             "(default: %(default)s)",
         )
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps (default: %(default)s)")
+    parser.add_argument(
+        "--ddim_steps",
+        type=int,
+        default=50,
+        help="denoising steps, whatever the sampler (optimizedSD's name; default: %(default)s)",
+    )
     parser.add_argument(
         "--ddim_eta", type=float, default=0.0, help="DDIM η, ≥ 0; 0 is deterministic (default: %(default)s)"
     )

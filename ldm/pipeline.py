@@ -22,8 +22,8 @@ from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
 # optimizedSD's --sampler names (and DPM++ 2M, which it lacks), each with the name other SD tools write in a PNG's
-# parameters. DDIM alone takes η and runs img2img, as in optimizedSD; the others are ldm/plms.py's and
-# ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older copy).
+# parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM alone). The others are
+# ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older copy).
 SAMPLERS = {
     "ddim": "DDIM",
     "plms": "PLMS",
@@ -91,7 +91,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """One DDIM step of one UNet batch, reported so a caller can tell whose images just moved.
+    """One sampler step of one UNet batch (two UNet calls for Heun and DPM2), reported so a caller can tell whose
+    images just moved.
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
     `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
@@ -135,10 +136,10 @@ def check_sampler(request: GenerationRequest) -> None:
         raise GenerationError(
             "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
         )
-    if request.sampler != "ddim" and request.eta != 0:
-        raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
     if request.sampler == "plms" and request.init_image is not None:
         raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs every other sampler")
+    if request.sampler != "ddim" and request.eta != 0:
+        raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
 
 
 def resolve(

@@ -194,6 +194,14 @@ def test_a_configured_default_of_plms_is_txt2imgs_alone() -> None:
     assert refused.value.field == "sampler"
     karras = parse_settings({"handler": {"defaults": {"sampler": "dpmpp_2m_karras"}}})
     assert parse_request({"prompt": "x", "init_image": png_base64()}, karras).generation.sampler == "dpmpp_2m_karras"
+    # eta with a default sampler that takes none: the error says whose the sampler was.
+    with pytest.raises(RequestError) as default_sampler:
+        parse_request({"prompt": "x", "eta": 0.5}, karras)
+    assert default_sampler.value.field == "eta"
+    assert str(default_sampler.value) == (
+        "eta is DDIM's: it must be 0 with sampler dpmpp_2m_karras, got 0.5 (dpmpp_2m_karras is this server's "
+        'default sampler; send "sampler": "ddim")'
+    )
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:

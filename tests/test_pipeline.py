@@ -87,6 +87,7 @@ def test_img2img_size_defaults_to_init_image_rounded_down_to_8() -> None:
         ({"width": 0}, "W"),
         ({"sampler": "k_euler"}, "sampler"),
         ({"sampler": "plms"}, "sampler"),  # txt2img only
+        ({"sampler": "plms", "eta": 0.5}, "sampler"),  # the rule no eta can fix, first
         ({"sampler": "plms", "init_image": None, "eta": 0.1}, "eta"),
         ({"sampler": "lms", "init_image": None, "eta": 0.5}, "eta"),
     ],
