@@ -7,6 +7,8 @@ but not TorchServe (`pytest --noconftest -m gpu tests/test_gpu.py`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,25 @@ def test_fast_path_within_fp16_rounding(fp32_cuda: Pipeline, fast_fp16: Pipeline
     assert fast_fp16.fast.unet.fast_calls - unet_before == request.denoising_steps * request.n_iter
     assert fast_fp16.fast.decode.fast_calls - decode_before == request.n_images
     assert psnr(fast.pixels, exact.pixels) >= MIN_PSNR_DB
+
+
+# A sampler, a case of a warmed-up shape, and the UNet calls of that case's run (S = 10 steps; img2img: m = 5).
+SAMPLER_RUNS = [("plms", "basic", 11), ("euler_a", "basic", 10), ("heun", "basic", 19),
+                ("dpmpp_2m_karras", "basic", 10), ("euler_a", "img2img", 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sampler", "case_id", "unet_calls"), SAMPLER_RUNS)
+def test_every_sampler_takes_the_fast_path_within_fp16_rounding(
+    fp32_cuda: Pipeline, fast_fp16: Pipeline, sampler: str, case_id: str, unet_calls: int
+) -> None:
+    """The other samplers call the UNet at fractional timesteps, some twice a step: every call still replays the
+    captured graph (whose timestep input is a float32 buffer), within fp16 rounding of fp32."""
+    request = dataclasses.replace(request_of(case(case_id)), sampler=sampler)
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request)
+    assert fast_fp16.fast.unet.fast_calls - before == unet_calls
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
 def test_unwarmed_shape_runs_eagerly_with_the_same_images(fast_fp16: Pipeline) -> None:
