@@ -204,7 +204,7 @@ class Pipeline:
     def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None) -> None:
         self.model = model
         self.factor = model.config.vae.downsampling_factor
-        self.sigmas = k_samplers.SigmaSchedule(model.alphas_cumprod)
+        self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
         if model.device.type == "cuda" and model.dtype == torch.float32:
             # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
             torch.backends.cudnn.allow_tf32 = False
@@ -275,11 +275,11 @@ class Pipeline:
             if sampler == "plms":
                 return plms.sample(eps, x, schedule.steps, callback)
             levels = self.k_levels(sampler, len(schedule.steps), m)
-            return k_samplers.sample(sampler, eps, x, self.sigmas, levels, generators, callback)
+            return k_samplers.sample(sampler, eps, x, self.sigma_schedule, levels, generators, callback)
 
     def k_levels(self, sampler: str, steps: int, m: int) -> list[float]:
         """The noise levels a k-diffusion sampler walks for the last m steps of an S-step run, then 0."""
-        return k_samplers.noise_levels(sampler, self.sigmas, steps)[steps - m :]
+        return k_samplers.noise_levels(sampler, self.sigma_schedule, steps)[steps - m :]
 
     def start_latents(
         self, request: GenerationRequest, schedule: DDIMSchedule, noise: torch.Tensor, init_latent: torch.Tensor | None
