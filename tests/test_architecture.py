@@ -6,10 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
+from ldm.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer, group_norm
 from ldm.checkpoint import POSITION_IDS, PREFIXES, SCHEDULE_BUFFERS
 from ldm.config import load_config
 from ldm.model import StableDiffusion, expected_shapes
@@ -38,6 +39,29 @@ def test_timestep_embedding_is_cos_then_sin() -> None:
     freqs = [math.exp(-math.log(10000) * i / 4) for i in range(4)]
     expected = [[math.cos(t * f) for f in freqs] + [math.sin(t * f) for f in freqs] for t in (0, 500)]
     assert torch.allclose(emb, torch.tensor(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_group_norm_is_the_exact_one_rounded(
+    dtype: torch.dtype, memory_format: torch.memory_format
+) -> None:
+    """Half-precision group norms compute in float32, as the original's: within one unit in the last place of
+    the exact result, in either memory layout (bf16 models on the CPU run channels-last)."""
+    generator = torch.Generator().manual_seed(0)
+    norm = group_norm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + torch.randn(64, generator=generator))
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    norm.to(dtype)  # a half-precision model's parameters: rounded, then used in float32
+    x = (3.0 * torch.randn(2, 64, 6, 10, generator=generator) + 1.0).to(dtype)
+    groups = x.double().reshape(2, 32, -1)
+    mean, var = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+    exact = ((groups - mean) / torch.sqrt(var + 1e-6)).reshape(x.shape)
+    exact = exact * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+    ours = norm(x.contiguous(memory_format=memory_format))
+    assert ours.dtype == dtype
+    assert ((ours.double() - exact).abs() <= exact.abs() * torch.finfo(dtype).eps + 1e-6).all()
 
 
 def test_cross_attention_equals_float64_softmax_attention() -> None:
