@@ -18,6 +18,8 @@ CASES: list[dict[str, Any]] = json.loads((REFERENCE / "cases.json").read_text())
 # Tolerances of the reference README: float images within 0.01 levels; rounded within 1 level, ≤ 0.1% off by one.
 FLOAT_TOLERANCE = 0.01
 OFF_BY_ONE_FRACTION = 0.001
+# bf16 keeps 8 significant bits to float32's 24: its images sit 38-49 dB from the original's float32 ones.
+BF16_MIN_PSNR_DB = 30.0
 
 
 def load_image(path: Path | BinaryIO) -> Image.Image:
@@ -59,6 +61,12 @@ def request_from_body(body: dict[str, Any]) -> GenerationRequest:
 
 def reference_png(image_entry: dict[str, Any]) -> np.ndarray:
     return np.asarray(load_image(REFERENCE / image_entry["png"]).convert("RGB"))
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of float images on the 0–255 scale."""
+    mse = float(np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
 def assert_matches_png(actual: np.ndarray, expected: np.ndarray) -> None:

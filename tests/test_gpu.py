@@ -24,6 +24,7 @@ from tests.reference import (
     TINY_SAFETENSORS,
     assert_matches_png,
     case,
+    psnr,
     reference_png,
 )
 from tests.reference import request_for as request_of
@@ -34,12 +35,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MIN_PSNR_DB = 35.0
 # Guided cases of different shapes, one with η noise and one img2img: each takes the fast route.
 FAST_CASES = ["basic", "batch3", "eta", "steps12_wide", "img2img"]
-
-
-def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of float images on the 0–255 scale."""
-    mse = float(np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from ldm.parts import load_split
 from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
-from tests.reference import load_image
+from tests.reference import BF16_MIN_PSNR_DB, load_image, psnr
 
 SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
 
@@ -210,6 +211,23 @@ def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_spl
     assert context.response_headers[0]["x-seed"] == "5"
     request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5)
     assert np.array_equal(np.asarray(load_image(io.BytesIO(response))), expected_pixels(tiny_split, request)[0])
+
+
+def test_a_cpu_worker_in_bf16_serves_bf16_images(tiny_split: Path) -> None:
+    """`precision: bf16` reaches a CPU worker's model (channels-last there, as every bf16 CPU pipeline), and the
+    answer is that model's image, within bf16's rounding of the float32 one."""
+    context = FakeContext(tiny_split)
+    context.model_yaml_config = {"handler": {**SETTINGS["handler"], "precision": "bf16"}}
+    bf16 = StableDiffusionHandler()
+    bf16.initialize(context)
+    weight = bf16.pipeline.model.unet.input_blocks[0][0].weight
+    assert (weight.dtype, weight.is_contiguous(memory_format=torch.channels_last)) == (torch.bfloat16, True)
+    (response,), _ = call(bf16, [VALID], [{"accept": "image/png"}])
+    request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5)
+    expected = Pipeline(load_split(tiny_split, dtype=torch.bfloat16)).generate(request).images[0]
+    image = np.asarray(load_image(io.BytesIO(response)))
+    assert np.array_equal(image, expected)
+    assert BF16_MIN_PSNR_DB <= psnr(image, expected_pixels(tiny_split, request)[0]) < math.inf
 
 
 def test_missing_seed_is_drawn_and_reported(handler: StableDiffusionHandler) -> None:

@@ -10,7 +10,18 @@ import torch
 from ldm.ddim import DDIMSchedule, add_noise
 from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
-from tests.reference import CASES, FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, assert_matches_png, case, reference_png
+from tests.reference import (
+    BF16_MIN_PSNR_DB,
+    CASES,
+    FLOAT_TOLERANCE,
+    REFERENCE,
+    TINY_CONFIG,
+    TINY_SAFETENSORS,
+    assert_matches_png,
+    case,
+    psnr,
+    reference_png,
+)
 from tests.reference import request_for as request_of
 
 # Embeddings and first-step UNet outputs agree with the original to about 3e-6 (reference README).
@@ -34,6 +45,21 @@ def test_case_from_safetensors(pipeline: Pipeline, case_data: dict) -> None:
 @pytest.fixture(scope="module")
 def ckpt_pipeline(tiny_ckpt) -> Pipeline:
     return Pipeline(load_checkpoint(tiny_ckpt, TINY_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def bf16_pipeline() -> Pipeline:
+    return Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cpu", torch.bfloat16))
+
+
+@pytest.mark.parametrize("case_data", CASES, ids=lambda c: c["id"])
+def test_bf16_on_the_cpu_is_the_original_within_its_rounding(bf16_pipeline: Pipeline, case_data: dict) -> None:
+    """`precision: bf16` (`--precision bf16`) runs the CPU about twice as fast where it has AMX, and only rounds
+    coarser: the half-precision path the GPU takes (group norms in float32, latents in float32 between steps)."""
+    assert {p.dtype for p in bf16_pipeline.model.unet.parameters()} == {torch.bfloat16}
+    generation = bf16_pipeline.generate(request_of(case_data))
+    for image, rounded in zip(case_data["images"], generation.images, strict=True):
+        assert psnr(rounded, reference_png(image)) >= BF16_MIN_PSNR_DB
 
 
 @pytest.mark.parametrize("case_data", CASES, ids=lambda c: c["id"])
