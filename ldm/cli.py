@@ -133,10 +133,11 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     parser.add_argument("--device", type=str, default="cuda", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--precision",
-        choices=("full", "autocast"),
+        choices=("full", "autocast", "bf16"),
         default="autocast",
         help="autocast: float16 weights on CUDA, float32 on the CPU (where float16 is slow and inexact); "
-        "full: float32 everywhere (default: %(default)s)",
+        "full: float32 everywhere; bf16: bfloat16 everywhere, about twice float32's speed on a CPU with AMX "
+        "(docs/PERFORMANCE.md), within bfloat16's rounding of the float32 image (default: %(default)s)",
     )
     parser.add_argument(
         "--format",
@@ -234,7 +235,10 @@ def select_device(name: str) -> torch.device:
 
 
 def select_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """optimizedSD's autocast halved the networks on the GPU only; on the CPU float16 is slow, so stay float32."""
+    """optimizedSD's autocast halved the networks on the GPU only; on the CPU float16 is slow, so stay float32.
+    bfloat16 (ours) is asked for by name: on a CPU it is fast only where the hardware has bf16 instructions."""
+    if precision == "bf16":
+        return torch.bfloat16
     return torch.float16 if precision == "autocast" and device.type == "cuda" else torch.float32
 
 

@@ -22,11 +22,13 @@ from ldm.pipeline import SAMPLERS, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import black_png
 from tests.reference import (
+    BF16_MIN_PSNR_DB,
     REFERENCE,
     TINY_CONFIG,
     TINY_SAFETENSORS,
     assert_matches_png,
     case,
+    psnr,
     reference_png,
     request_for,
 )
@@ -226,6 +228,14 @@ def test_compatibility_flags_leave_the_images_unchanged(tmp_path: Path) -> None:
     assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
 
+def test_bf16_precision_runs_in_bf16(tmp_path: Path) -> None:
+    """--precision bf16 (ours): the reference image within bfloat16's rounding, and not float32's image."""
+    assert main([*case_argv("basic"), *MODEL, "--precision", "bf16", "--outdir", str(tmp_path)]) == 0
+    image, expected = read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0])
+    assert psnr(image, expected) >= BF16_MIN_PSNR_DB
+    assert np.abs(image.astype(int) - expected.astype(int)).max() > 1
+
+
 def test_low_memory_mode_gives_the_same_image(tmp_path: Path) -> None:
     assert main([*case_argv("basic"), *MODEL, "--low_memory", "--outdir", str(tmp_path)]) == 0
     assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
@@ -267,6 +277,7 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--seed", "42"], "seed", 42),
     (["--device", "cuda:1"], "device", "cuda:1"),
     (["--precision", "full"], "precision", "full"),
+    (["--precision", "bf16"], "precision", "bf16"),
     (["--format", "jpg"], "format", "jpg"),
     (["--sampler", "ddim"], "sampler", "ddim"),
     (["--turbo"], "turbo", True),
