@@ -30,7 +30,7 @@ from torch import nn
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import load_config
-from ldm.parts import load_checkpoint, load_split, write_split
+from ldm.parts import DTYPES, load_checkpoint, load_split, write_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.bench_allocator import ALLOCATOR_CHILDREN, compare_allocators
@@ -51,6 +51,10 @@ IMAGE_STEPS = 10
 REPEATS, IMAGE_REPEATS, QUICK_REPEATS = 5, 3, 2
 # Whole images, [0, 1] scale: ten steps of two float32 implementations with different operation orders.
 IMAGE_TOLERANCE = 1e-3
+# (network rows, whole image) per precision of the speed rows (`--dtype`). bf16 values are spaced up to 2^-7 of
+# their size, and the two sides round at different points (our latents stay float32 between steps, diffusers' are
+# bf16): a few of those units after 25 blocks, a few levels of 255 after ten steps. A wrong network is off by O(1).
+SPEED_TOLERANCES = {"fp32": (TOLERANCE, IMAGE_TOLERANCE), "bf16": (0.03, 0.08)}
 PROMPT = "a photograph of an astronaut riding a horse"
 PROFILE_ROWS = 12
 # Sample fields the speed table prints, with what a row's label calls each; the last two only where UNets are clocked.
@@ -68,6 +72,11 @@ class CpuOptions:
     keep: bool  # keep the scratch folder
     seed: int  # of the random weights
     only: str | None  # time only the speed rows whose label contains this (any case); no load or allocator rows
+    dtype: str = "fp32"  # both sides' precision in the speed rows; anything else times those rows alone
+
+    @property
+    def speed_rows_only(self) -> bool:
+        return self.only is not None or self.dtype != "fp32"
 
     def row_repeats(self, whole_image: bool) -> int:
         if self.repeats is not None:
@@ -337,14 +346,16 @@ def same(ours: Any, theirs: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
     """Every speed row: ours and diffusers on the same weights and inputs."""
-    ours = load_split(split_fp32)
+    dtype = DTYPES[options.dtype]
+    tolerance, image_tolerance = SPEED_TOLERANCES[options.dtype]
+    ours = load_split(split_fp32, dtype=dtype)
     pipe = diffusers_pipeline(ours, read_state_dict(ckpt), CONFIG, torch.device("cpu"))
     pipeline = Pipeline(ours)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(UNET_BATCH, 4, UNET_LATENT, UNET_LATENT, generator=generator)
+    x = torch.randn(UNET_BATCH, 4, UNET_LATENT, UNET_LATENT, generator=generator).to(dtype)
     t = torch.randint(0, ours.config.timesteps, (UNET_BATCH,), generator=generator)
-    context = torch.randn(UNET_BATCH, 77, ours.config.unet.context_dim, generator=generator)
-    latent = torch.randn(1, 4, VAE_LATENT, VAE_LATENT, generator=generator)
+    context = torch.randn(UNET_BATCH, 77, ours.config.unet.context_dim, generator=generator).to(dtype)
+    latent = torch.randn(1, 4, VAE_LATENT, VAE_LATENT, generator=generator).to(dtype)
     side = VAE_LATENT * 8
     request = GenerationRequest(PROMPT, height=side, width=side, steps=IMAGE_STEPS, scale=7.5, seed=0)
 
@@ -365,21 +376,21 @@ def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
             lambda: ours.unet(x, t, context),
             lambda: pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0],
             same,
-            TOLERANCE,
+            tolerance,
             options.row_repeats(whole_image=False),
         ),
         f"VAE decode b1 {side}×{side}": Pair(
             lambda: ours.vae.decode(latent),
             lambda: pipe.vae.decode(latent, return_dict=False)[0],
             same,
-            TOLERANCE,
+            tolerance,
             options.row_repeats(whole_image=False),
         ),
         "text encoding, prompt + empty": Pair(
             lambda: pipeline.embed([PROMPT, ""]),
             lambda: torch.cat(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True, "")),
             same,
-            TOLERANCE,
+            tolerance,
             options.row_repeats(whole_image=False),
         ),
         # Both draw the starting noise from a CPU generator seeded alike, and run the same DDIM: same image.
@@ -387,7 +398,7 @@ def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
             lambda: pipeline.generate(request).pixels,
             their_image,
             lambda mine, theirs: (torch.from_numpy(mine / 255.0), torch.from_numpy(theirs)),
-            IMAGE_TOLERANCE,
+            image_tolerance,
             options.row_repeats(whole_image=True),
             (ours.unet, pipe.unet),
         ),
@@ -430,7 +441,7 @@ def run(workdir: Path, options: CpuOptions) -> None:
     # The model hashes of this run's files are cached here, not in the user's cache (write_split fills it).
     os.environ["XDG_CACHE_HOME"] = str(workdir / "cache")
     ckpt = make_checkpoint(workdir, options.seed)
-    dtypes = ["fp32"] if options.quick or options.only else ["fp32", "fp16"]
+    dtypes = ["fp32"] if options.quick or options.speed_rows_only else ["fp32", "fp16"]
     splits = {dtype: workdir / f"split-{dtype}" for dtype in dtypes}
     for dtype, folder in splits.items():
         write_split(ckpt, CONFIG, folder, dtype=dtype)
@@ -438,7 +449,7 @@ def run(workdir: Path, options: CpuOptions) -> None:
         f"wrote {ckpt.name} and split parts {', '.join(splits)} in {time.perf_counter() - start:.1f} s "
         "(all in the page cache now: the loads below are warm-cache loads)"
     )
-    if not options.only:
+    if not options.speed_rows_only:
         loads = [measure_load(f"load_split {dtype} parts → fp32", "split", path) for dtype, path in splits.items()]
         loads.append(measure_load(".ckpt → fp32, hash not cached", "ckpt", ckpt, workdir / "empty-cache"))
         loads.append(measure_load(".ckpt → fp32, hash cached", "ckpt", ckpt))

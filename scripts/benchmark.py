@@ -1,6 +1,7 @@
 """Benchmarks: ours next to diffusers on the same weights, in one run, with ratios (docs/PERFORMANCE.md).
 
-    python -m scripts.benchmark cpu [--quick] [--repeats N] [--only ROW] [--profile] [--workdir DIR] [--keep]
+    python -m scripts.benchmark cpu [--quick] [--repeats N] [--only ROW] [--dtype bf16] [--profile]
+                                   [--workdir DIR] [--keep]
     python -m scripts.benchmark serving [--requests N] [--clients N]
     python -m scripts.benchmark png [--size N] [--batches 1 4 8] [--repeats N]
     python -m scripts.benchmark gpu --out DIR [--batches 1 4 8] [--budget S]
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scripts.bench_cpu import CpuOptions, run_cpu
+from scripts.bench_cpu import SPEED_TOLERANCES, CpuOptions, run_cpu
 from scripts.bench_gpu import CONFIG, GpuOptions, run_gpu
 from scripts.bench_png import run_png
 from scripts.bench_serving import run_serving
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpu.add_argument("--keep", action="store_true", help="keep the scratch folder and its ~10 GB of files")
     cpu.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     cpu.add_argument("--only", help="time only the speed rows whose name contains this, e.g. 'whole image'")
+    cpu.add_argument(
+        "--dtype",
+        choices=sorted(SPEED_TOLERANCES),
+        default="fp32",
+        help="precision of both sides in the speed rows; bf16 times those rows alone (no load or allocator rows)",
+    )
     serving = sections.add_parser("serving", help="tiny model: TorchServe's overhead, images/s at batchSize 1 and 4")
     serving.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput rows")
     serving.add_argument("--requests", type=int, default=12, help="requests per client in the throughput rows")
@@ -65,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.section == "cpu":
-        run_cpu(CpuOptions(args.workdir, args.repeats, args.quick, args.profile, args.keep, args.seed, args.only))
+        run_cpu(
+            CpuOptions(
+                args.workdir, args.repeats, args.quick, args.profile, args.keep, args.seed, args.only, args.dtype
+            )
+        )
     elif args.section == "serving":
         run_serving(args.requests, args.clients, args.size, args.steps, args.runs)
     elif args.section == "png":
