@@ -25,10 +25,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, USER_CKPT, prepare
 
-# What `torchserve --start` writes into its TMPDIR.
+# What `torchserve --start` writes into its TMPDIR, and the class its Java process runs.
 PID_FILE = ".model_server.pid"
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+# Seconds a stopping TorchServe gets to exit on its own before its processes are killed.
+STOP_TIMEOUT = 20
 # The web front: the original app's port, so its users' clients and bookmarks keep working.
 FRONT_PORT = 5000
 FRONT_PID_FILE = "front.pid"
@@ -196,11 +201,14 @@ class TorchServe:
         return "\n".join("\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
 
     def stop(self) -> None:
-        """Stop TorchServe and every process it started (Java frontend, Python workers)."""
+        """Stop TorchServe and every process it started (Java frontend, Python workers), and return once they are
+        gone: `torchserve --stop` only signals Java, which then takes seconds to let go of its ports, so a start
+        right after it (`scripts/stop.sh; scripts/serve.sh`) could find them taken."""
+        group = self._detached_group()  # read before --stop removes the pid file
         subprocess.run([*self.command()[:1], "--stop"], cwd=self.home, env=self.environment(), capture_output=True)
         if self.process is not None:
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -208,6 +216,47 @@ class TorchServe:
                 # The launcher may be gone while a worker lingers in its group.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
+        elif group is not None:
+            java, pgid = group
+            _wait_gone(java, STOP_TIMEOUT)
+            # Java gone (or stuck): whatever is left of its group, workers included, goes with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            _wait_gone(java, 5)
+
+    def _detached_group(self) -> tuple[int, int] | None:
+        """(Java's pid, its process group) of a server started detached, from its pid file; None if not running.
+        `start` gives the launcher a session of its own, which Java and the workers inherit."""
+        if self.process is not None:
+            return None
+        try:
+            java = psutil.Process(int((self.home / PID_FILE).read_text().split()[0]))
+            if JAVA_MAIN_CLASS not in java.cmdline():
+                return None  # a stale pid file whose number now names another process: not ours to kill
+            return java.pid, os.getpgid(java.pid)
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is alive. A zombie (exited, not yet reaped by whoever inherited it: in a container whose init
+    reaps nothing, nobody) counts as gone, since it holds no ports."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Until `pid` is gone or `timeout` seconds have passed; whether it is gone."""
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class FrontError(RuntimeError):
@@ -253,12 +302,15 @@ def start_front(server: TorchServe, timeout: float = 60) -> str:
 
 
 def stop_front() -> None:
-    """Stop the front `start_front` started, if it runs."""
+    """Stop the front `start_front` started, if it runs, and return once it is gone (its port free again)."""
     pid_file = RUN_DIR / FRONT_PID_FILE
     if not pid_file.exists():
         return
     with contextlib.suppress(ProcessLookupError, ValueError):
-        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        pid = int(pid_file.read_text())
+        os.killpg(pid, signal.SIGTERM)
+        if not _wait_gone(pid, STOP_TIMEOUT):
+            os.killpg(pid, signal.SIGKILL)
     pid_file.unlink()
 
 

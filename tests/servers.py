@@ -62,9 +62,10 @@ def model_config_with(settings: Mapping[str, int]) -> str:
 
 
 @contextmanager
-def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING) -> Iterator[TorchServe]:
+def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING, detached: bool = False) -> Iterator[TorchServe]:
     """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends; `settings`
-    override the shipped model-config.yaml's (workers, batching, timeouts, queue size)."""
+    override the shipped model-config.yaml's (workers, batching, timeouts, queue size). `detached`: started as
+    scripts/serve.sh starts it, not as our child."""
     store = home / "model-store"
     model_config = home / "model-config.yaml"
     model_config.write_text(model_config_with(settings))
@@ -79,7 +80,7 @@ def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING) -> Itera
         "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
     })  # fmt: skip
     ts = TorchServe(config, home, store, f"{MODEL}={MODEL}.mar")
-    ts.start(foreground=True)
+    ts.start(foreground=not detached)
     try:
         ts.wait_ready(MODEL, timeout=TIMEOUT)
         yield ts

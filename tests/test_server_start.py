@@ -1,14 +1,17 @@
 """`scripts/serve.sh`'s start (scripts/server.py) where it must refuse, in one line, before doing anything: Java it
-cannot use, a server already running, the front's port taken. Starting for real: tests/test_server.py, test_ui.py."""
+cannot use, a server already running, the front's port taken; and `scripts/stop.sh`'s stop, which must return only
+once what it stops is gone. Starting for real: tests/test_server.py, test_ui.py."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
 from scripts import server
+from tests.servers import tiny_torchserve
 
 
 def test_java_is_looked_for_where_torchserve_will_run_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,3 +51,30 @@ def test_the_front_refuses_a_taken_port_and_records_no_pid(tmp_path: Path, monke
         with pytest.raises(server.FrontError, match=f"port {port} is taken"):
             server.start_front(server.user_server())
     assert not (tmp_path / server.FRONT_PID_FILE).exists()
+
+
+def live_members(group: int) -> list[int]:
+    """Pids of the processes of a process group that still run (not zombies, which hold no ports: in a container
+    whose init reaps nothing, an exited Java stays one)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_stop_returns_once_a_detached_server_and_its_workers_are_gone(tmp_path: Path) -> None:
+    """`torchserve --stop` signals Java and returns while Java still holds its ports for seconds, so
+    `scripts/stop.sh; scripts/serve.sh` could find them taken. A stopped server leaves no process of its group
+    running."""
+    with tiny_torchserve(tmp_path, detached=True) as ts:
+        assert ts.process is None and ts.ready_workers("tiny")
+        group = os.getpgid(int((tmp_path / server.PID_FILE).read_text().split()[0]))
+        assert len(live_members(group)) >= 2  # Java and the worker, in the group `start` gave the launcher
+        ts.stop()
+        assert live_members(group) == []
+        assert not ts.alive()
