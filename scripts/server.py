@@ -37,6 +37,7 @@ STOP_TIMEOUT = 20
 # The web front: the original app's port, so its users' clients and bookmarks keep working.
 FRONT_PORT = 5000
 FRONT_PID_FILE = "front.pid"
+FRONT_MODULE = "front.cli"
 JAVA_HELP = (
     "TorchServe needs Java 17 or newer. Install it, e.g.:\n"
     "  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless\n"
@@ -218,11 +219,13 @@ class TorchServe:
                     os.killpg(self.process.pid, signal.SIGKILL)
         elif group is not None:
             java, pgid = group
-            _wait_gone(java, STOP_TIMEOUT)
-            # Java gone (or stuck): whatever is left of its group, workers included, goes with it.
+            _wait_gone([java], STOP_TIMEOUT)
+            # Java gone (or stuck): whatever is left of its group, workers included, goes with it. A worker may take
+            # a moment to die (a GPU worker frees its memory as it exits), and the next start needs that too.
+            members = group_members(pgid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            _wait_gone(java, 5)
+            _wait_gone(members, STOP_TIMEOUT)
 
     def _detached_group(self) -> tuple[int, int] | None:
         """(Java's pid, its process group) of a server started detached, from its pid file; None if not running.
@@ -231,16 +234,17 @@ class TorchServe:
             return None
         try:
             java = psutil.Process(int((self.home / PID_FILE).read_text().split()[0]))
-            if JAVA_MAIN_CLASS not in java.cmdline():
-                return None  # a stale pid file whose number now names another process: not ours to kill
-            return java.pid, os.getpgid(java.pid)
+            pgid = os.getpgid(java.pid)
         except (OSError, ValueError, IndexError, psutil.Error):
             return None
+        # A stale pid file whose number now names another process, or a server started outside `start` in our own
+        # group: not ours to kill.
+        return (java.pid, pgid) if _runs(java, JAVA_MAIN_CLASS) and pgid != os.getpgrp() else None
 
 
 def _running(pid: int) -> bool:
     """Whether `pid` is alive. A zombie (exited, not yet reaped by whoever inherited it: in a container whose init
-    reaps nothing, nobody) counts as gone, since it holds no ports."""
+    reaps nothing, nobody) counts as gone, since it holds no ports or memory."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -249,14 +253,32 @@ def _running(pid: int) -> bool:
         return True
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Until `pid` is gone or `timeout` seconds have passed; whether it is gone."""
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    """Until every process of `pids` is gone or `timeout` seconds have passed; whether they are gone."""
     deadline = time.monotonic() + timeout
-    while _running(pid):
+    while any(_running(pid) for pid in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
     return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the processes in process group `pgid`."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(process.pid) == pgid:
+                members.append(process.pid)
+    return members
+
+
+def _runs(process: psutil.Process, program: str) -> bool:
+    """Whether `process` runs `program` (a word of its command line): a pid read from a file may be reused."""
+    try:
+        return program in process.cmdline()
+    except psutil.Error:
+        return False
 
 
 class FrontError(RuntimeError):
@@ -283,7 +305,7 @@ def start_front(server: TorchServe, timeout: float = 60) -> str:
     log = open(RUN_DIR / "front.log", "ab")  # noqa: SIM115 (handed to the detached child)
     with log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "front.cli", "--port", str(port), "--inference-url", server.inference_url,
+            [sys.executable, "-m", FRONT_MODULE, "--port", str(port), "--inference-url", server.inference_url,
              "--model", MODEL_NAME],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
@@ -306,11 +328,12 @@ def stop_front() -> None:
     pid_file = RUN_DIR / FRONT_PID_FILE
     if not pid_file.exists():
         return
-    with contextlib.suppress(ProcessLookupError, ValueError):
-        pid = int(pid_file.read_text())
-        os.killpg(pid, signal.SIGTERM)
-        if not _wait_gone(pid, STOP_TIMEOUT):
-            os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        front = psutil.Process(int(pid_file.read_text()))
+        if _runs(front, FRONT_MODULE):
+            os.killpg(front.pid, signal.SIGTERM)
+            if not _wait_gone([front.pid], STOP_TIMEOUT):
+                os.killpg(front.pid, signal.SIGKILL)
     pid_file.unlink()
 
 

@@ -1,11 +1,12 @@
 """`scripts/serve.sh`'s start (scripts/server.py) where it must refuse, in one line, before doing anything: Java it
-cannot use, a server already running, the front's port taken; and `scripts/stop.sh`'s stop, which must return only
-once what it stops is gone. Starting for real: tests/test_server.py, test_ui.py."""
+cannot use, a server already running, the front's port taken; and `scripts/stop.sh`'s stop of a real detached
+server, which must return only once what it stops is gone. Serving for real: tests/test_server.py, test_ui.py."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,22 @@ def test_the_front_refuses_a_taken_port_and_records_no_pid(tmp_path: Path, monke
     assert not (tmp_path / server.FRONT_PID_FILE).exists()
 
 
+def test_a_stale_front_pid_naming_another_process_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """front.pid outlived its front (a reboot, a kill) and its number now leads another process group."""
+    monkeypatch.setattr(server, "RUN_DIR", tmp_path)
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / server.FRONT_PID_FILE).write_text(str(other.pid))
+        server.stop_front()
+        assert other.poll() is None
+        assert not (tmp_path / server.FRONT_PID_FILE).exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def live_members(group: int) -> list[int]:
     """Pids of the processes of a process group that still run (not zombies, which hold no ports: in a container
     whose init reaps nothing, an exited Java stays one)."""
@@ -67,6 +84,7 @@ def live_members(group: int) -> list[int]:
     return members
 
 
+@pytest.mark.integration
 def test_stop_returns_once_a_detached_server_and_its_workers_are_gone(tmp_path: Path) -> None:
     """`torchserve --stop` signals Java and returns while Java still holds its ports for seconds, so
     `scripts/stop.sh; scripts/serve.sh` could find them taken. A stopped server leaves no process of its group
