@@ -9,8 +9,7 @@
 `cpu`: full-size SD v1 with random weights on the CPU: loading, one UNet call, a VAE decode, a text encoding, and a
 whole 256×256 image at 10 steps; also our UNet call with and without the host allocator setting. `serving`: the tiny
 model in-process and through a real TorchServe. `png`: an answer's PNG encoding, ours against PIL's. `gpu`: the
-512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh` runs them in one go). Needs the `bench` extra (diffusers,
-psutil).
+512×512, 50-step rows on CUDA (`scripts/gpu_bench.sh` runs them in one go). Needs the `bench` extra (diffusers).
 """
 
 from __future__ import annotations
