@@ -29,8 +29,9 @@ class ImagineRequest(BaseModel):
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
     sampler: str = Field(
         "ddim",
-        description="ddim, plms (the original app's default), euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m "
-        "or dpmpp_2m_karras; all but ddim take eta 0, and plms runs txt2img only",
+        description="ddim, plms (the original app's default), euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, "
+        "or the Karras-schedule lms_karras, dpm2_karras, dpm2_a_karras, dpmpp_2m_karras; all but ddim take eta 0, "
+        "and plms runs txt2img only",
     )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")

@@ -199,6 +199,9 @@ STEPS: dict[str, tuple[Step, bool]] = {
     "dpm2_a": (_dpm2_ancestral, False),
     "lms": (_lms, False),
     "dpmpp_2m": (_dpmpp_2m, False),
+    "lms_karras": (_lms, True),
+    "dpm2_karras": (_dpm2, True),
+    "dpm2_a_karras": (_dpm2_ancestral, True),
     "dpmpp_2m_karras": (_dpmpp_2m, True),
 }
 

@@ -34,6 +34,9 @@ SAMPLERS = {
     "dpm2_a": "DPM2 a",
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
+    "lms_karras": "LMS Karras",
+    "dpm2_karras": "DPM2 Karras",
+    "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
 }
 MAX_SEED = 2**32 - 1
