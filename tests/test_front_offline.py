@@ -18,6 +18,7 @@ from front.app import create_app
 from front.cli import parse_settings
 from front.imagine import MAX_SEED
 from front.settings import FrontSettings
+from ldm.pipeline import SAMPLERS
 from tests.servers import free_port
 
 REFUSAL = {"error": "H must be a multiple of 8, got 100", "field": "H"}
@@ -233,22 +234,38 @@ def test_docs_are_served_from_here(client: TestClient) -> None:
 
 
 class PageParts(HTMLParser):
-    """The ids of a page's form controls, the ids its labels name, and the addresses it loads."""
+    """The ids of a page's form controls, the ids its labels name, the addresses it loads, and the options of its
+    sampler select as (value, label)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.controls: list[str] = []
         self.labelled: set[str] = set()
         self.loads: list[str] = []
+        self.samplers: list[tuple[str, str]] = []
+        self.select: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
+        if tag == "select":
+            self.select = attributes.get("id")
+        if tag == "option" and self.select == "sampler":
+            self.samplers.append((str(attributes.get("value")), ""))
         if tag in ("input", "select", "textarea", "progress"):
             self.controls.append(str(attributes.get("id")))
         if tag == "label":
             self.labelled.add(str(attributes.get("for")))
         if tag in ("script", "link", "img") and (attributes.get("src") or attributes.get("href")):
             self.loads.append(str(attributes.get("src") or attributes.get("href")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self.select = None
+
+    def handle_data(self, data: str) -> None:
+        if self.select == "sampler" and self.samplers and data.strip():
+            value, label = self.samplers[-1]
+            self.samplers[-1] = (value, label + data.strip())
 
 
 def test_the_page_labels_every_control_and_loads_nothing_from_elsewhere(client: TestClient) -> None:
@@ -262,6 +279,12 @@ def test_the_page_labels_every_control_and_loads_nothing_from_elsewhere(client: 
     assert page.loads == ["data:,", "/static/style.css", "/static/app.js"]
     for asset in page.loads[1:]:
         assert client.get(asset).status_code == 200
+
+
+def test_the_page_offers_every_sampler_by_the_name_its_pngs_give(client: TestClient) -> None:
+    page = PageParts()
+    page.feed(client.get("/").text)
+    assert page.samplers == list(SAMPLERS.items())
 
 
 def test_a_body_over_the_limit_is_refused_unread(client: TestClient, fake: FakeInference) -> None:
