@@ -230,6 +230,20 @@ def test_a_cpu_worker_in_bf16_serves_bf16_images(tiny_split: Path) -> None:
     assert BF16_MIN_PSNR_DB <= psnr(image, expected_pixels(tiny_split, request)[0]) < math.inf
 
 
+@pytest.mark.parametrize(("precision", "amx", "hinted"), [("fp32", True, True), ("fp32", False, False),
+                                                          ("bf16", True, False)])  # fmt: skip
+def test_a_cpu_worker_with_amx_says_bf16_would_be_faster(
+    tiny_split: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, precision: str, amx: bool,
+    hinted: bool,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(sd_handler, "has_amx_bf16", lambda: amx)
+    context = FakeContext(tiny_split)
+    context.model_yaml_config = {"handler": {**SETTINGS["handler"], "precision": precision}}
+    with caplog.at_level("INFO", logger=sd_handler.logger.name):
+        StableDiffusionHandler().initialize(context)
+    assert ("`precision: bf16` in model-config.yaml makes images about twice as fast" in caplog.text) is hinted
+
+
 def test_missing_seed_is_drawn_and_reported(handler: StableDiffusionHandler) -> None:
     body = {k: v for k, v in VALID.items() if k != "seed"}
     (response,), _ = call(handler, [body])
