@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, ModelConfig, load_config
+from ldm.cpu_features import has_amx_bf16
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
@@ -458,6 +459,9 @@ def main(argv: Sequence[str] | None = None, mode: Mode = "txt2img") -> int:
     args = parser.parse_args(argv)
     if args.prompt is not None and args.from_file is not None:
         print(f"{parser.prog}: warning: --prompt is ignored because --from-file is given", file=sys.stderr)
+    if args.device.startswith("cpu") and args.precision != "bf16" and has_amx_bf16():
+        print(f"{parser.prog}: note: this CPU has AMX: --precision bf16 makes images about twice as fast, within "
+              "bf16's rounding of these float32 ones", file=sys.stderr)  # fmt: skip
     try:
         run(args, mode)
     except CliError as error:

@@ -62,6 +62,26 @@ def run_cli(argv: list[str], mode: Mode = "txt2img") -> int:
         return int(exit_.code or 0)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the command lines print must not depend on the CPU running the tests: the AMX note has its own test."""
+    monkeypatch.setattr(cli, "has_amx_bf16", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "noted"),
+    [(["--device", "cpu"], True), (["--device", "cpu", "--precision", "bf16"], False), (["--device", "cuda"], False)],
+)
+def test_an_amx_cpu_is_told_bf16_would_be_faster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str], noted: bool
+) -> None:
+    monkeypatch.setattr(cli, "has_amx_bf16", lambda: True)
+    monkeypatch.setattr(cli, "run", lambda args, mode: [])
+    assert main(["--prompt", "a fox", *flags]) == 0
+    note = "note: this CPU has AMX: --precision bf16 makes images about twice as fast"
+    assert (note in capsys.readouterr().err) is noted
+
+
 @pytest.fixture
 def model_must_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fails the test if the command gets as far as loading the model: its input should have been refused first."""
