@@ -230,8 +230,8 @@ def test_a_cpu_worker_in_bf16_serves_bf16_images(tiny_split: Path) -> None:
     assert BF16_MIN_PSNR_DB <= psnr(image, expected_pixels(tiny_split, request)[0]) < math.inf
 
 
-@pytest.mark.parametrize(("precision", "amx", "hinted"), [("fp32", True, True), ("fp32", False, False),
-                                                          ("bf16", True, False)])  # fmt: skip
+@pytest.mark.parametrize(("precision", "amx", "hinted"), [("auto", True, True), ("fp32", True, True),
+                                                          ("fp32", False, False), ("bf16", True, False)])  # fmt: skip
 def test_a_cpu_worker_with_amx_says_bf16_would_be_faster(
     tiny_split: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, precision: str, amx: bool,
     hinted: bool,
