@@ -157,12 +157,26 @@ def test_karras_variants_equal_diffusers_ports_on_karras_sigmas(schedule: SigmaS
         return 0.9 * torch.tanh(x) + 0.05
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    ours = run(name, eps, noise, schedule, steps, [torch.Generator().manual_seed(1)])
+    calls: list[float] = []
+
+    def counted(x: torch.Tensor, t: float) -> torch.Tensor:
+        calls.append(t)
+        return eps(x, t)
+
+    ours = run(name, counted, noise, schedule, steps, [torch.Generator().manual_seed(1)])
+    assert len(calls) == 2 * steps - 1
     theirs = run_diffusers(name, noise, steps, torch.Generator().manual_seed(1), eps)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # Sensitive: the same sampler on the model's schedule lands elsewhere.
     on_model_levels = run(name.removesuffix("_karras"), eps, noise, schedule, steps, [torch.Generator().manual_seed(1)])
     assert (on_model_levels - theirs).abs().max().item() > 1e-3
+
+
+def test_each_karras_variant_is_its_base_sampler_on_karras_levels() -> None:
+    for name, (step, karras) in k_samplers.STEPS.items():
+        assert karras is name.endswith("_karras")
+        if karras:
+            assert step is k_samplers.STEPS[name.removesuffix("_karras")][0]
 
 
 def test_karras_sigmas_equal_diffusers(schedule: SigmaSchedule) -> None:
@@ -250,6 +264,7 @@ def test_lms_integrates_a_cubic_derivative_exactly_once_it_has_four_steps(schedu
     seen: list[torch.Tensor] = []
     steps = 12
     sigmas = k_samplers.noise_levels(name, schedule, steps)
+    assert sigmas == (schedule.karras_sigmas(steps) if name.endswith("_karras") else schedule.sigmas(steps))
 
     def cubic(x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full_like(x, schedule.sigma(t) ** 3)
