@@ -1,5 +1,6 @@
 """The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
-them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, and DPM-Solver++(2M) with either schedule.
+them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS and DPM-Solver++(2M); the last four also on Karras'
+schedule.
 (optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
 second-order step; the others are the same.)
 

@@ -21,9 +21,10 @@ from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
-# optimizedSD's --sampler names (and DPM++ 2M, which it lacks), each with the name other SD tools write in a PNG's
-# parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM alone). The others are
-# ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older copy).
+# optimizedSD's --sampler names (and DPM++ 2M and the Karras variants, which it lacks), each with the name other SD
+# tools write in a PNG's parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM alone). The
+# others are ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older
+# copy).
 SAMPLERS = {
     "ddim": "DDIM",
     "plms": "PLMS",
@@ -94,8 +95,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """One sampler step of one UNet batch (two UNet calls for Heun and DPM2), reported so a caller can tell whose
-    images just moved.
+    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2 and DPM2 a), reported so a caller can tell
+    whose images just moved.
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
     `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
