@@ -222,7 +222,7 @@ class TorchServe:
             _wait_gone([java], STOP_TIMEOUT)
             # Java gone (or stuck): whatever is left of its group, workers included, goes with it. A worker may take
             # a moment to die (a GPU worker frees its memory as it exits), and the next start needs that too.
-            members = group_members(pgid)
+            members = _group_members(pgid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             _wait_gone(members, STOP_TIMEOUT)
@@ -263,7 +263,7 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-def group_members(pgid: int) -> list[int]:
+def _group_members(pgid: int) -> list[int]:
     """Pids of the processes in process group `pgid`."""
     members = []
     for process in psutil.process_iter():
