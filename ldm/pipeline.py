@@ -10,12 +10,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, k_samplers, plms
+from ldm import ddim, k_samplers, plms, subprompts
 from ldm.ddim import DDIMSchedule, StepCallback, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
@@ -41,6 +42,9 @@ SAMPLERS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
 }
 MAX_SEED = 2**32 - 1
+# The request's texts that CLIP encodes.
+TextField = Literal["prompt", "negative_prompt"]
+TEXT_FIELDS: tuple[TextField, ...] = ("prompt", "negative_prompt")
 
 
 class GenerationError(ValueError):
@@ -56,7 +60,8 @@ class GenerationRequest:
     """What to generate. `init_image` set → img2img. `seed` None → one is drawn and reported back.
 
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
-    of 8 (img2img).
+    of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
+    sub-prompts (`ldm/subprompts.py`), not as written.
     """
 
     prompt: str
@@ -72,6 +77,7 @@ class GenerationRequest:
     sampler: str = "ddim"
     init_image: Image.Image | None = None
     strength: float = 0.75
+    weighted_subprompts: bool = False
 
     @property
     def n_images(self) -> int:
@@ -146,6 +152,17 @@ def check_sampler(request: GenerationRequest) -> None:
         raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
 
 
+def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
+    """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight."""
+    text: str = getattr(request, field)
+    if not request.weighted_subprompts:
+        return ((text, 1.0),)
+    try:
+        return subprompts.split(text)
+    except subprompts.SubpromptError as error:
+        raise GenerationError(field, f"{field}: {error}") from None
+
+
 def resolve(
     request: GenerationRequest, default_size: int = 512, factor: int = 8, num_timesteps: int = 1000
 ) -> GenerationRequest:
@@ -155,6 +172,8 @@ def resolve(
     which the math itself breaks.
     """
     check_sampler(request)
+    for field in TEXT_FIELDS:
+        text_parts(request, field)
     max_steps = max_ddim_steps(num_timesteps)
     if not 1 <= request.steps <= max_steps:
         raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {max_steps}], got {request.steps}")
@@ -328,9 +347,11 @@ class Pipeline:
         """
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
-        texts = sorted({text for r in requests for text in (r.prompt, r.negative_prompt)})
-        # (1) Every distinct prompt once, in one text-encoder call.
+        parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
+        texts = sorted({text for pair in parts for side in pair for text, _ in side})
+        # (1) Every distinct prompt (or sub-prompt) once, in one text-encoder call.
         embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True))
+        conditions = [(_weighted(p, embeddings), _weighted(n, embeddings)) for p, n in parts]
         schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
 
         groups: dict[tuple[int, int, int, int, str], list[_Image]] = {}
@@ -353,8 +374,8 @@ class Pipeline:
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
                     torch.cat([image.start for image in chunk]),
-                    torch.cat([embeddings[image.request.prompt] for image in chunk]),
-                    torch.cat([embeddings[image.request.negative_prompt] for image in chunk]),
+                    torch.cat([conditions[image.request_index][0] for image in chunk]),
+                    torch.cat([conditions[image.request_index][1] for image in chunk]),
                     torch.tensor([float(image.request.scale) for image in chunk]),
                     sampler,
                     schedules[steps],
@@ -372,6 +393,17 @@ class Pipeline:
             # (5) Round, not truncate.
             results.append(Generation(request, np.rint(floats).astype(np.uint8), floats))
         return results
+
+
+def _weighted(parts: subprompts.Parts, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ weight·embedding over a text's parts, added to zeros in order as optimizedSD did; a text of one part (whose
+    weight is 1) is its embedding unchanged."""
+    if len(parts) == 1:
+        return embeddings[parts[0][0]]
+    total = torch.zeros_like(embeddings[parts[0][0]])
+    for text, weight in parts:
+        total = torch.add(total, embeddings[text], alpha=weight)
+    return total
 
 
 def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, int], ...]) -> StepCallback | None:

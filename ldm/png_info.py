@@ -42,6 +42,8 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
         fields.append(f"Eta: {float(request.eta)}")
     if request.init_image is not None:
         fields.append(f"Denoising strength: {float(request.strength)}")
+    if request.weighted_subprompts:
+        fields.append("Weighted subprompts: True")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
