@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from handler.settings import HandlerSettings
-from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, check_sampler
+from ldm.pipeline import MAX_SEED, TEXT_FIELDS, GenerationError, GenerationRequest, check_sampler, text_parts
 
 FIELDS = (
     "prompt",
@@ -37,6 +37,7 @@ FIELDS = (
     "init_image",
     "strength",
     "stream",
+    "weighted_subprompts",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -152,6 +153,13 @@ def _number(data: dict[str, Any], name: str, default: float, low: float, high: f
         interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise RequestError(name, f"{name} must be in {interval}, got {shown(value)}")
     return float(value)
+
+
+def _boolean(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(name, f"{name} must be true or false, got {shown(value)}")
+    return value
 
 
 def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) -> str:
@@ -270,7 +278,15 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         sampler=sampler,
         init_image=init_image,
         strength=strength,
+        weighted_subprompts=_boolean(body, "weighted_subprompts", d.weighted_subprompts),
     )
+    for name in TEXT_FIELDS:
+        try:
+            count = len(text_parts(generation, name))
+        except GenerationError as error:
+            raise RequestError(error.field, str(error)) from None
+        if count > limits.max_subprompts:
+            raise RequestError(name, f"{name}: at most {limits.max_subprompts} weighted sub-prompts, got {count}")
     try:
         check_sampler(generation)
     except GenerationError as error:
@@ -282,10 +298,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             "strength", f"strength {strength} × ddim_steps {steps} leaves no denoising step; raise strength or steps"
         )
     accepted = (accept or "").lower()
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream", f"stream must be true or false, got {shown(stream)}")
-    stream = stream or NDJSON in accepted
+    stream = _boolean(body, "stream", False) or NDJSON in accepted
     want_png = "image/png" in accepted and "application/json" not in accepted and NDJSON not in accepted
     if stream and want_png:
         raise RequestError(

@@ -36,6 +36,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         "n_samples": r.n_samples,
         "n_iter": r.n_iter,
         "sampler": r.sampler,
+        "weighted_subprompts": r.weighted_subprompts,
     }
     if r.init_image is not None:
         parameters["strength"] = r.strength

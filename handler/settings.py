@@ -35,6 +35,7 @@ class Defaults:
     n_iter: int = 1
     strength: float = 0.75
     sampler: str = "ddim"
+    weighted_subprompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Limits:
     max_steps: int = 150
     max_images: int = 8
     max_prompt_chars: int = 2000
+    # Per prompt with weighted_subprompts: each sub-prompt is one more text-encoder row.
+    max_subprompts: int = 16
     max_scale: float = 50.0
     max_eta: float = 1.0
     max_init_image_bytes: int = 10 * 1024 * 1024

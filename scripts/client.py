@@ -36,7 +36,7 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength")  # fmt: skip
+                   "sampler", "strength", "weighted_subprompts")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, lms_karras, dpm2_karras, dpm2_a_karras "
         "or dpmpp_2m_karras; all but ddim: eta 0; plms: txt2img only",
+    )
+    parser.add_argument(
+        "--weighted-subprompts",
+        action=argparse.BooleanOptionalAction,
+        help="read 'a castle:0.7 a forest:0.3' as sub-prompts blended by weight, as optimizedSD did (or not: "
+        "--no-weighted-subprompts)",
     )
     parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
     parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")

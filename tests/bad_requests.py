@@ -104,6 +104,17 @@ CASES: list[Case] = [
          "negative_prompt must be a string, got an array"),
     Case("prompt nested nearly as deep as the parser allows", b'{"prompt": ' + b"[" * 950 + b"]" * 950 + b"}",
          "prompt", "prompt must be a string, got an array"),
+    # Weighted sub-prompts (ldm/subprompts.py).
+    Case("weighted_subprompts not a boolean", with_(weighted_subprompts="yes"), "weighted_subprompts",
+         'weighted_subprompts must be true or false, got "yes"'),
+    Case("sub-prompt weight not a number", with_(prompt="style:watercolor x:1", weighted_subprompts=True), "prompt",
+         "prompt: 'watercolor' after 'style:' is not a weight: write a number and a space (not a line break)"),
+    Case("sub-prompt weights adding up to 0", with_(negative_prompt="fog:1 rain:-1", weighted_subprompts=True),
+         "negative_prompt", "negative_prompt: the sub-prompts' weights add up to 0"),
+    Case("sub-prompt weight infinite", with_(prompt="a:inf b", weighted_subprompts=True), "prompt",
+         "prompt: the weight of 'a' must be a finite number, got 'inf'"),
+    Case("too many sub-prompts", with_(prompt=" ".join(f"w{i}:1" for i in range(17)), weighted_subprompts=True),
+         "prompt", "prompt: at most 16 weighted sub-prompts, got 17"),
     # Sizes.
     Case("H boolean", with_(H=True), "H", "H must be an integer, got true"),
     Case("H float", with_(H=64.0), "H", "H must be an integer, got 64.0"),

@@ -88,7 +88,8 @@ def test_txt2img_sends_only_the_given_fields_and_writes_the_servers_bytes(
     server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["a lighthouse", "--negative-prompt", "fog", "--H", "64", "--W", "128", "--steps", "3", "--scale", "5",
-            "--eta", "0.5", "--seed", "7", "--n-samples", "2", "--n-iter", "1", "--sampler", "ddim"]  # fmt: skip
+            "--eta", "0.5", "--seed", "7", "--n-samples", "2", "--n-iter", "1", "--sampler", "ddim",
+            "--weighted-subprompts"]  # fmt: skip
     assert run(server.url, tmp_path / "out", *argv) == 0
 
     (request,) = server.requests
@@ -97,7 +98,7 @@ def test_txt2img_sends_only_the_given_fields_and_writes_the_servers_bytes(
     assert request["headers"]["Accept"] == "application/json"
     assert request["body"] == {
         "prompt": "a lighthouse", "negative_prompt": "fog", "H": 64, "W": 128, "ddim_steps": 3, "scale": 5.0,
-        "eta": 0.5, "seed": 7, "n_samples": 2, "n_iter": 1, "sampler": "ddim",
+        "eta": 0.5, "seed": 7, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": True,
     }  # fmt: skip
     paths = [tmp_path / "out" / "seed_7_00000.png", tmp_path / "out" / "seed_8_00001.png"]
     assert sorted((tmp_path / "out").iterdir()) == paths
@@ -110,6 +111,11 @@ def test_prompt_alone_leaves_every_default_to_the_server(server: FakeTorchServe,
     assert run(server.url, tmp_path, "a lighthouse") == 0
     assert server.requests[0]["body"] == {"prompt": "a lighthouse"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_1000_00000.png", "seed_1001_00001.png"]
+
+
+def test_no_weighted_subprompts_sends_false_over_a_servers_default(server: FakeTorchServe, tmp_path: Path) -> None:
+    assert run(server.url, tmp_path, "a:1 b:2", "--no-weighted-subprompts") == 0
+    assert server.requests[0]["body"] == {"prompt": "a:1 b:2", "weighted_subprompts": False}
 
 
 def test_img2img_sends_the_init_image_file_as_base64(server: FakeTorchServe, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
     assert body["seeds"] == [11, 12]
     assert body["parameters"] == {
         "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
-        "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim",
+        "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": False,
     }  # fmt: skip
     expected = expected_pixels(
         tiny_split, GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=11, n_samples=2)
@@ -203,6 +203,19 @@ def test_a_configured_default_of_plms_is_txt2imgs_alone() -> None:
         "eta is DDIM's: it must be 0 with sampler dpmpp_2m_karras, got 0.5 (dpmpp_2m_karras is this server's "
         'default sampler; send "sampler": "ddim")'
     )
+
+
+def test_weighted_subprompts_follow_the_configured_default_and_limit() -> None:
+    """An operator whose clients wrote optimizedSD's `a:0.7 b:0.3` turns the split on for every request that does not
+    say otherwise; a request can still turn it off."""
+    settings = parse_settings({"handler": {"defaults": {"weighted_subprompts": True}, "limits": {"max_subprompts": 2}}})
+    assert parse_request({"prompt": "a:1 b:2"}, settings).generation.weighted_subprompts is True
+    # Off, the text is read as written: neither the weights nor their count are checked.
+    plain = parse_request({"prompt": "a:1 b:2 c:-3", "weighted_subprompts": False}, settings).generation
+    assert plain.weighted_subprompts is False
+    with pytest.raises(RequestError, match=r"^prompt: at most 2 weighted sub-prompts, got 3$"):
+        parse_request({"prompt": "a:1 b:2 c:3"}, settings)
+    assert parse_request({"prompt": "a:1 b:2"}, parse_settings(None)).generation.weighted_subprompts is False
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
