@@ -9,6 +9,10 @@ Where we differ from optimizedSD, on purpose (each is also in `--help`):
 - `--sampler` defaults to `ddim`, as our server does, so a seed makes the same image from either; optimizedSD's
   default `plms` (txt2img only, as there) and its k-diffusion samplers (img2img too) are there by name, with
   `--ddim_eta` 0, in k-diffusion 0.1.1's versions (optimizedSD's older copy takes DPM2's midpoint otherwise).
+- A prompt goes to CLIP as written unless `--weighted_subprompts` is given: optimizedSD always split
+  `a castle:0.7 a forest:0.3` into sub-prompts blended by weight, which also cut `style: watercolor` in two. With the
+  flag, its split exactly, but weights it could not use are errors (`ldm/subprompts.py`: not a number, not finite,
+  summing to 0), where it warned or crashed.
 - `--fixed_code` (one starting noise reused by every batch) fails with a clear message: image i starts from its own
   noise, seeded seed + i, so that any image can be remade from its seed alone.
 - `--C`/`--f` default to the model's own values and must equal them; `--H`/`--W` default to the model's native size
@@ -44,7 +48,16 @@ from ldm.cpu_features import has_amx_bf16
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
-from ldm.pipeline import MAX_SEED, SAMPLERS, Generation, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import (
+    MAX_SEED,
+    SAMPLERS,
+    Generation,
+    GenerationError,
+    GenerationRequest,
+    Pipeline,
+    resolve,
+    text_parts,
+)
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
 
@@ -153,6 +166,13 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         default="ddim",
         help=f"{', '.join(SAMPLERS)} (default: %(default)s, as our server; optimizedSD defaults to plms). All but ddim "
         "take --ddim_eta 0; plms runs txt2img only",
+    )
+    parser.add_argument(
+        "--weighted_subprompts",
+        action="store_true",
+        help="read 'a castle:0.7 a forest:0.3' as sub-prompts blended by weight, as optimizedSD always did (without "
+        "it, CLIP reads the colons and numbers as written, as our server does by default); a weight that is not a "
+        "number, not finite, or weights summing to 0 are errors, where optimizedSD warned or crashed",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
@@ -414,13 +434,17 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         seed=seed,
         n_samples=args.n_samples,
         sampler=args.sampler,
+        weighted_subprompts=args.weighted_subprompts,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, strength=args.strength)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
+        for prompt in prompts[1:]:
+            text_parts(replace(template, prompt=prompt), "prompt")
     except GenerationError as error:
-        raise CliError(f"--{FLAGS.get(error.field, error.field)}: {error}") from None
+        flag = "from-file" if error.field == "prompt" and args.from_file else FLAGS.get(error.field, error.field)
+        raise CliError(f"--{flag}: {error}") from None
     outdir = None if args.skip_save else make_outdir(args.outdir)
 
     # Every input checked: a refused command says only why.

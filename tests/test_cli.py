@@ -239,6 +239,27 @@ def test_from_file_runs_each_prompt_with_continuing_seeds(tmp_path: Path) -> Non
     assert np.abs(first.astype(int) - second.astype(int)).mean() > 10
 
 
+def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeline, tmp_path: Path) -> None:
+    """tests/test_subprompts.py holds the pipeline's conditioning against CLIP's embeddings of each sub-prompt."""
+    argv = [*case_argv("basic"), "--prompt", "a castle:0.7 a forest:0.3", "--weighted_subprompts"]
+    assert main([*argv, *MODEL, "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), prompt="a castle:0.7 a forest:0.3")
+    assert np.array_equal(pixels, pipeline.generate(replace(request, weighted_subprompts=True)).images[0])
+    assert not np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None and parameters.split("\n")[1].endswith(", Weighted subprompts: True")
+
+
+def test_a_from_file_prompt_with_bad_weights_fails_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle:0.7 a forest:0.3\na harbour:1 a storm:-1\n", encoding="utf-8")
+    argv = ["--from-file", str(prompts), "--weighted_subprompts", *MODEL, "--outdir", str(tmp_path / "out")]
+    assert run_cli(argv) == 2
+    assert "error: --from-file: prompt: the sub-prompts' weights add up to 0" in capsys.readouterr().err
+
+
 def test_compatibility_flags_leave_the_images_unchanged(tmp_path: Path) -> None:
     """--turbo, --unet_bs, --skip_grid, --n_rows, autocast on the CPU (float32), the model's own --C/--f: same
     pixels."""
@@ -310,6 +331,7 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--config", "my.yaml"], "config", "my.yaml"),
     (["--negative_prompt", "blurry"], "negative_prompt", "blurry"),
     (["--low_memory"], "low_memory", True),
+    (["--weighted_subprompts"], "weighted_subprompts", True),
 ]
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),
@@ -354,6 +376,7 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
         "C": None,
         "f": None,
         "low_memory": False,
+        "weighted_subprompts": False,
         "prompt": None,  # not given: optimizedSD's default prompt, unless --from-file gives the prompts
     }
     if mode == "img2img":
@@ -397,6 +420,16 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("img2img", ["--strength", "0"], "--strength: strength must be in (0, 1], got 0.0"),
     ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
     ("img2img", ["--init-img", "missing.png"], "--init-img missing.png: no such file"),
+    (
+        "txt2img",
+        ["--prompt", "style:watercolor a lake:2", "--weighted_subprompts"],
+        "--prompt: prompt: 'watercolor' after 'style:' is not a weight",
+    ),
+    (
+        "img2img",
+        ["--negative_prompt", "a:1 b:-1", "--weighted_subprompts"],
+        "--negative_prompt: negative_prompt: the sub-prompts' weights add up to 0",
+    ),
 ]
 
 
