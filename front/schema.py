@@ -33,6 +33,11 @@ class ImagineRequest(BaseModel):
         "or the Karras-schedule lms_karras, dpm2_karras, dpm2_a_karras, dpmpp_2m_karras; all but ddim take eta 0, "
         "and plms runs txt2img only",
     )
+    weighted_subprompts: bool = Field(
+        False,
+        description="read 'a castle:0.7 a forest:0.3' as optimizedSD did: the embeddings of 'a castle' and 'a forest' "
+        "blended by weight (default: model-config.yaml's, off as shipped, where CLIP reads the colons as written)",
+    )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")

@@ -142,6 +142,31 @@ def test_plms_is_set_aside_for_an_init_image_and_other_samplers_run_img2img(page
     assert page.is_enabled("#sampler option[value='plms']") and page.input_value("#sampler") == "euler_a"
 
 
+def test_weighted_sub_prompts_are_a_choice_named_on_the_result_and_a_bad_weight_is_explained(page: Page) -> None:
+    page.fill("#prompt", "a castle:0.7 a forest:0.3")
+    page.check("#weighted_subprompts")
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    [weighted] = results(page)
+    assert weighted["parameters"] == "64×64 · 10 steps · guidance 7.5 · weighted sub-prompts"
+
+    page.click("#gallery .result >> text=Reuse seed")
+    page.uncheck("#weighted_subprompts")
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
+    plain = results(page)[0]
+    assert plain["seed"] == weighted["seed"] and plain["parameters"] == "64×64 · 10 steps · guidance 7.5"
+    assert plain["src"] != weighted["src"]  # CLIP read the colons and numbers as text
+
+    page.fill("#prompt", "style:watercolor a lake:2")
+    page.check("#weighted_subprompts")
+    page.click("#generate")
+    expect(page.locator("#error-prompt")).to_contain_text(
+        "prompt: 'watercolor' after 'style:' is not a weight", timeout=GENERATION
+    )
+    expect(page.locator("#gallery .result")).to_have_count(2)
+
+
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:
     page.fill("#prompt", MARKUP)
     page.fill("#negative_prompt", MARKUP)

@@ -34,6 +34,7 @@ function requestBody() {
     scale: number($("scale").value),
     sampler: $("sampler").value,
     n_samples: integer($("n_samples").value),
+    weighted_subprompts: $("weighted_subprompts").checked,
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
@@ -84,6 +85,7 @@ function describe(parameters) {
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
+  if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   return parts.join(" · ");
 }
 
