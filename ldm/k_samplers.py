@@ -1,6 +1,6 @@
 """The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
-them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS and DPM-Solver++(2M); the last four also on Karras'
-schedule.
+them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form; all but the first
+three also on Karras' schedule.
 (optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
 second-order step; the others are the same.)
 
@@ -17,8 +17,10 @@ As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
 - The starting latent is the image's noise times σ_0; img2img's is z₀ + noise·σ at the first of the last m
   levels (what diffusers' img2img does too; other tools start one level higher). The ancestral samplers (η = 1)
-  add noise at every step but the last, drawn from each image's own generator (GENERATION.md's order: after the
-  starting noise, in step order).
+  and DPM++ 2M SDE add noise at every step but the last, drawn from each image's own generator (GENERATION.md's
+  order: after the starting noise, in step order). k-diffusion's DPM++ 2M SDE draws its noise from a Brownian tree
+  instead, so that a seed's image changes little with the step count; a per-step Gaussian draw is what diffusers'
+  SDE DPM-Solver++ takes, and keeps every sampler's noise to one rule.
 """
 
 from __future__ import annotations
@@ -190,6 +192,25 @@ def _dpmpp_2m(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     return ratio * x + (1 - ratio) * target
 
 
+def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (η = 1, midpoint correction): DPM++ 2M's step solves the ODE; this one the reverse SDE,
+    whose exact solution over a step of h in log σ moves twice as far toward the denoised image (e^(−2h) of x's
+    own direction is kept where the ODE keeps e^(−h)) and then adds fresh noise of the variance that lands it at
+    σ_{i+1}. From the second step on, the denoised image's change since the last step corrects it, as in 2M."""
+    sigma, following = run.sigmas[i], run.sigmas[i + 1]
+    denoised = x - sigma * run.derivative(x, sigma)
+    if following == 0:
+        return denoised
+    h = math.log(sigma / following)
+    toward = -math.expm1(-2 * h)  # 1 − e^(−2h): how far toward the denoised image
+    x = (following / sigma) * math.exp(-h) * x + toward * denoised
+    if run.history:
+        r = math.log(run.sigmas[i - 1] / sigma) / h  # the last step's length over this one's, in log σ
+        x = x + 0.5 * toward / r * (denoised - run.history[-1])
+    run.history = [denoised]
+    return x + run.noise(x) * following * math.sqrt(toward)
+
+
 Step = Callable[[_Run, torch.Tensor, int], torch.Tensor]
 # Each sampler's step, and whether its noise levels follow the Karras schedule rather than the model's timesteps.
 STEPS: dict[str, tuple[Step, bool]] = {
@@ -200,10 +221,12 @@ STEPS: dict[str, tuple[Step, bool]] = {
     "dpm2_a": (_dpm2_ancestral, False),
     "lms": (_lms, False),
     "dpmpp_2m": (_dpmpp_2m, False),
+    "dpmpp_2m_sde": (_dpmpp_2m_sde, False),
     "lms_karras": (_lms, True),
     "dpm2_karras": (_dpm2, True),
     "dpm2_a_karras": (_dpm2_ancestral, True),
     "dpmpp_2m_karras": (_dpmpp_2m, True),
+    "dpmpp_2m_sde_karras": (_dpmpp_2m_sde, True),
 }
 
 

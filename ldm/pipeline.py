@@ -22,10 +22,10 @@ from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
 
-# optimizedSD's --sampler names (and DPM++ 2M and the Karras variants, which it lacks), each with the name other SD
-# tools write in a PNG's parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM alone). The
-# others are ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from optimizedSD's older
-# copy).
+# optimizedSD's --sampler names (and DPM++ 2M, its SDE form and the Karras variants, which it lacks), each with the
+# name other SD tools write in a PNG's parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM
+# alone). The others are ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from
+# optimizedSD's older copy).
 SAMPLERS = {
     "ddim": "DDIM",
     "plms": "PLMS",
@@ -36,10 +36,12 @@ SAMPLERS = {
     "dpm2_a": "DPM2 a",
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lms_karras": "LMS Karras",
     "dpm2_karras": "DPM2 Karras",
     "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
 }
 MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.

@@ -194,22 +194,27 @@ def test_karras_sigmas_equal_diffusers(schedule: SigmaSchedule) -> None:
 
 
 @pytest.mark.parametrize("steps", [2, 10, 25])
-def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(schedule: SigmaSchedule, steps: int) -> None:
+@pytest.mark.parametrize(("name", "algorithm"), [("dpmpp_2m_karras", "dpmsolver++"),
+                                                 ("dpmpp_2m_sde_karras", "sde-dpmsolver++")])  # fmt: skip
+def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(
+    schedule: SigmaSchedule, name: str, algorithm: str, steps: int
+) -> None:
     """diffusers' DPM-Solver++ works on x_t (variance preserving), k-diffusion's on x = x_t·√(σ² + 1): the same
     solution, so the two meet at σ = 0. diffusers rounds the timesteps it gives the model, so the stand-in here
-    depends on its input alone; tests/test_k_samplers.py's schedule test holds ours' fractional timesteps."""
+    depends on its input alone; tests/test_k_samplers.py's schedule test holds ours' fractional timesteps. The SDE
+    form draws a step's noise from the generator as diffusers' does, one draw per step in step order."""
     import diffusers
 
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
         return 0.9 * torch.tanh(x) + 0.05
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    ours = run("dpmpp_2m_karras", eps, noise, schedule, steps, [])
+    ours = run(name, eps, noise, schedule, steps, [torch.Generator().manual_seed(7)])
     scheduler = diffusers.DPMSolverMultistepScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        algorithm_type="dpmsolver++",
+        algorithm_type=algorithm,
         solver_order=2,
         use_karras_sigmas=True,
         final_sigmas_type="zero",
@@ -217,13 +222,18 @@ def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(schedule: SigmaSchedule, st
     scheduler.set_timesteps(steps)
     sigma_max = schedule.sigma(999)
     x = noise * sigma_max / math.sqrt(sigma_max**2 + 1)
+    theirs_generator = torch.Generator().manual_seed(7)
     for t in scheduler.timesteps:
-        x = scheduler.step(eps(x, float(t)), t, x).prev_sample
+        x = scheduler.step(eps(x, float(t)), t, x, generator=theirs_generator).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
     # Sensitive: Euler on the model's schedule lands elsewhere. At two steps they meet: both schedules are σ_max,
-    # σ_min, 0, DPM++'s first order is Euler's step, and both land on the denoised image from σ_min.
+    # σ_min, 0, DPM++'s first order is Euler's step (the SDE's adds noise), and both land on the denoised image from
+    # σ_min.
     first_order = run("euler", eps, noise, schedule, steps, [])
-    assert (first_order - x).abs().max().item() > 1e-3 if steps > 2 else torch.allclose(first_order, x, atol=1e-5)
+    if steps > 2 or name == "dpmpp_2m_sde_karras":
+        assert (first_order - x).abs().max().item() > 1e-3
+    else:
+        assert torch.allclose(first_order, x, atol=1e-5)
 
 
 def test_the_model_sees_x_scaled_to_x_t(schedule: SigmaSchedule) -> None:
@@ -278,14 +288,15 @@ def test_lms_integrates_a_cubic_derivative_exactly_once_it_has_four_steps(schedu
         assert xs[i] - xs[i - 1] == pytest.approx((sigmas[i + 1] ** 4 - sigmas[i] ** 4) / 4, rel=1e-6, abs=1e-9)
 
 
-def test_ancestral_noise_comes_from_each_images_generator_in_step_order(schedule: SigmaSchedule) -> None:
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_sde"])
+def test_step_noise_comes_from_each_images_generator_in_step_order(schedule: SigmaSchedule, name: str) -> None:
     """Two images in one batch each get what they get alone; the last step draws nothing."""
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     generators = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
-    together = run("euler_a", eps_fn([]), noise, schedule, 5, generators)
+    together = run(name, eps_fn([]), noise, schedule, 5, generators)
     for row, seed in enumerate((10, 11)):
         generator = torch.Generator().manual_seed(seed)
-        alone = run("euler_a", eps_fn([]), noise[row : row + 1], schedule, 5, [generator])
+        alone = run(name, eps_fn([]), noise[row : row + 1], schedule, 5, [generator])
         torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-6)
         # 4 draws (steps 1-4; none on the step to σ = 0): the generator is now where a fresh one is after 4.
         fresh = torch.Generator().manual_seed(seed)
