@@ -72,6 +72,7 @@ SCENARIOS = {
     "image": sets(
         "modelStore.source=image", "front.enabled=false", "autoscaling.enabled=false", "torchserve.replicas=2"
     ),
+    "cpu": ("--values", str(CHART / "values-cpu.yaml"), *DOWNLOAD),
 }
 # Images pinned by digest, as docs/KUBERNETES.md says production should.
 PINNED = sets(f"image.digest={DIGEST}", f"front.image.digest={DIGEST}")
@@ -213,6 +214,35 @@ def test_torchserve_pods_get_a_gpu_probes_and_a_hardened_container() -> None:
     assert pod["automountServiceAccountToken"] is False
     # Inference and metrics are container ports; management is not.
     assert {p["name"]: p["containerPort"] for p in ts["ports"]} == {"inference": 8080, "metrics": 8082}
+
+
+def test_cpu_values_ask_for_no_gpu_and_run_the_model_on_the_cpu() -> None:
+    docs = objects(*SCENARIOS["cpu"])
+    deployment = find(docs, "Deployment", "sd-torchserve")
+    resources = container(deployment, "torchserve")["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"] | resources["limits"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "tolerations" not in deployment["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in render(*SCENARIOS["cpu"])
+    model_config = yaml.safe_load(find(docs, "ConfigMap", "sd-torchserve")["data"]["model-config.yaml"])
+    assert (model_config["deviceType"], model_config["batchSize"]) == ("cpu", 1)
+    limits = model_config["handler"]["limits"]
+    # 512x512 is still allowed, the repository's other limits are kept, and there is no HPA without Prometheus.
+    assert (limits["max_pixels"], limits["max_images"], limits["max_steps"]) == (512 * 512, 2, 150)
+    assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (sets("torchserve.gpus=0"), "torchserve.gpus=0 runs the model on the CPU: set torchserve.modelConfig"),
+        (sets("torchserve.modelConfig.deviceType=cpu"), "deviceType=cpu would leave the pod's GPUs idle"),
+    ],
+)
+def test_gpus_and_device_type_must_agree(args: tuple[str, ...], message: str) -> None:
+    result = helm_template(*DOWNLOAD, *args)
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 def test_the_model_store_comes_from_the_configured_source() -> None:
