@@ -117,11 +117,15 @@ class Results:
     images: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The same in every iteration: they come from the request's texts. Absent from a server older than this front
+    # (a rolling upgrade).
+    warnings: list[str] = field(default_factory=list)
 
     def add(self, answer: dict[str, Any]) -> None:
         self.images += answer["images"]
         self.seeds += answer["seeds"]
         self.parameters = self.parameters or answer["parameters"]
+        self.warnings = self.warnings or answer.get("warnings", [])
 
     @property
     def next_seed(self) -> int:
@@ -132,7 +136,7 @@ class Results:
         """TorchServe's JSON answer for the whole request: all images and seeds, the first iteration's parameters
         with the request's `n_iter`."""
         parameters = {**self.parameters, "n_iter": plan.iterations} if plan.iterations > 1 else self.parameters
-        return {"images": self.images, "seeds": self.seeds, "parameters": parameters}
+        return {"images": self.images, "seeds": self.seeds, "parameters": parameters, "warnings": self.warnings}
 
 
 def seed_headers(seeds: list[int]) -> dict[str, str]:

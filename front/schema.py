@@ -55,7 +55,8 @@ ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "field": 
 NDJSON_DESCRIPTION = (
     'One JSON object per line: `{"step", "total", "image_index", "image_count", "iteration", "n_iter"}` per denoising '
     "step of the UNet batch holding `image_count` images from `image_index` on (some "
-    'with a base64 JPEG `preview`), then `{"images", "seeds", "parameters"}`, or `{"error", "field"}` on failure.'
+    'with a base64 JPEG `preview`), then `{"images", "seeds", "parameters", "warnings"}` (`warnings`: the words of '
+    'a prompt past the 75 tokens CLIP reads, which did nothing), or `{"error", "field"}` on failure.'
 )
 
 

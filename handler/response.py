@@ -52,11 +52,12 @@ def png_files(generations: Sequence[Generation], model_hash: str) -> list[list[b
 
 
 def json_body(generation: Generation, pngs: Sequence[bytes]) -> str:
-    """`{"images": [base64 PNG, ...], "seeds": [...], "parameters": {...}}`."""
+    """`{"images": [base64 PNG, ...], "seeds": [...], "parameters": {...}, "warnings": [...]}`."""
     return json.dumps(
         {
             "images": [base64.b64encode(png).decode("ascii") for png in pngs],
             "seeds": generation.seeds,
             "parameters": effective_parameters(generation),
+            "warnings": list(generation.warnings),
         }
     )

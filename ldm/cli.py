@@ -57,6 +57,7 @@ from ldm.pipeline import (
     Pipeline,
     resolve,
     text_parts,
+    unread_warnings,
 )
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
@@ -456,6 +457,9 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
     pipeline = Pipeline(model)
+    for prompt in prompts:
+        for line in unread_warnings(model.text_encoder.tokenizer, replace(template, prompt=prompt)):
+            print(f"warning: {line}", file=sys.stderr)
 
     index = 0 if outdir is None else next_index(outdir)
     steps_per_batch = template.denoising_steps

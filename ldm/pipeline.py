@@ -21,6 +21,7 @@ from ldm.ddim import DDIMSchedule, StepCallback, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.model import StableDiffusion
+from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
 # optimizedSD's --sampler names (and DPM++ 2M, its SDE form and the Karras variants, which it lacks), each with the
 # name other SD tools write in a PNG's parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM
@@ -129,11 +130,13 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class Generation:
-    """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255]."""
+    """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255];
+    `warnings`, what of its texts CLIP never read (`unread_warnings`)."""
 
     request: GenerationRequest
     images: np.ndarray
     pixels: np.ndarray
+    warnings: tuple[str, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -163,6 +166,20 @@ def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts
         return subprompts.split(text)
     except subprompts.SubpromptError as error:
         raise GenerationError(field, f"{field}: {error}") from None
+
+
+def unread_warnings(tokenizer: CLIPTokenizer, request: GenerationRequest) -> tuple[str, ...]:
+    """One line for each of the request's texts (or sub-prompts) longer than the 75 tokens CLIP reads, with the words
+    it never saw. Why: the original cuts them off without a word, and a user should know which words did nothing."""
+    lines = []
+    for field in TEXT_FIELDS:
+        parts = text_parts(request, field)
+        for index, (text, _) in enumerate(parts):
+            count, tail = tokenizer.unread(text)
+            if count:
+                where = field if len(parts) == 1 else f"{field}, sub-prompt {index + 1} of {len(parts)}"
+                lines.append(f"{where}: CLIP reads {READ_TOKENS} tokens; the {count} after them were left out: {tail}")
+    return tuple(lines)
 
 
 def resolve(
@@ -390,10 +407,12 @@ class Pipeline:
                     image.pixels = pixels
 
         results = []
+        tokenizer = self.model.text_encoder.tokenizer
         for request, images in zip(requests, per_request, strict=True):
             floats = torch.stack([image.pixels for image in images]).numpy()
             # (5) Round, not truncate.
-            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats))
+            warnings = unread_warnings(tokenizer, request)
+            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings))
         return results
 
 

@@ -18,6 +18,8 @@ VOCAB_DIR = Path(__file__).with_name("clip_vocab")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (BOS, EOS)
 CONTEXT_LENGTH = 77
+# Tokens of a prompt the text encoder reads: the context less its BOS and EOS; the rest is cut off.
+READ_TOKENS = CONTEXT_LENGTH - 2
 
 # Pieces BPE runs on: special tokens, English contractions, letter runs, single digits, runs of other symbols.
 _PIECE = regex.compile(
@@ -49,6 +51,8 @@ class CLIPTokenizer:
         merges = (vocab_dir / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
         self.bpe_ranks = {tuple(line.split()): rank for rank, line in enumerate(merges) if line}
         self.byte_encoder = _byte_alphabet()
+        self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
+        self.decoder = {token_id: token for token, token_id in self.encoder.items()}
         self.bos_id, self.eos_id = self.encoder[BOS], self.encoder[EOS]
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
 
@@ -91,8 +95,19 @@ class CLIPTokenizer:
                 ids.extend(self.encoder.get(token, self.eos_id) for token in self._bpe(mapped))
         return ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text: cleaned (lower case, single spaces), with a space wherever a word ended."""
+        text = "".join(self.decoder[i] for i in ids)
+        raw = bytes(self.byte_decoder[char] for char in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def unread(self, text: str) -> tuple[int, str]:
+        """How many of `text`'s tokens the text encoder never sees (those past the 75 it reads), and their text."""
+        tail = self.tokenize(text)[READ_TOKENS:]
+        return len(tail), self.decode(tail)
+
     def __call__(self, text: str) -> list[int]:
         """The 77 ids the text encoder receives for `text`."""
-        body = self.tokenize(text)[: CONTEXT_LENGTH - 2]
+        body = self.tokenize(text)[:READ_TOKENS]
         ids = [self.bos_id, *body, self.eos_id]
         return ids + [self.eos_id] * (CONTEXT_LENGTH - len(ids))

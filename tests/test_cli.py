@@ -250,6 +250,15 @@ def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeli
     assert parameters is not None and parameters.split("\n")[1].endswith(", Weighted subprompts: True")
 
 
+def test_words_clip_never_reads_are_a_warning_per_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n" + "cat " * 73 + "in the style of a watercolor\n", encoding="utf-8")
+    argv = ["--from-file", str(prompts), "--n_iter", "2", "--skip_save", "--H", "64", "--W", "64", "--ddim_steps", "2"]
+    assert main([*argv, "--n_samples", "1", *MODEL]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: prompt: CLIP reads 75 tokens; the 4 after them were left out: style of a watercolor"]
+
+
 def test_a_from_file_prompt_with_bad_weights_fails_before_the_model_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
 ) -> None:

@@ -147,6 +147,7 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
         "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
         "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": False,
     }  # fmt: skip
+    assert body["warnings"] == []
     expected = expected_pixels(
         tiny_split, GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=11, n_samples=2)
     )
@@ -287,10 +288,16 @@ def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler
         {"prompt": "one", "seed": 1, "H": 64, "W": 64},
         {"prompt": "bad", "ddim_steps": 0},
         {"prompt": "two", "seed": 2, "H": 72, "W": 64, "scale": 1.0},
-        {"prompt": "three", "seed": 3, "H": 64, "W": 64, "negative_prompt": "fog"},
+        {"prompt": "three", "seed": 3, "H": 64, "W": 64, "negative_prompt": "fog " * 80},
     ]
     responses, context = call(handler, bodies)
     assert context.status == {1: 400}
+    # Each answer's warnings are its own request's: the 80-token negative prompt's last 5 tokens went unread.
+    assert [json.loads(responses[i])["warnings"] for i in (0, 2, 3)] == [
+        [],
+        [],
+        ["negative_prompt: CLIP reads 75 tokens; the 5 after them were left out: fog fog fog fog fog"],
+    ]
     pipeline = Pipeline(load_split(tiny_split))
     for index in (0, 2, 3):
         body = bodies[index]

@@ -175,6 +175,18 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         assert np.abs(result.pixels - alone.pixels).max() < FLOAT_TOLERANCE
 
 
+def test_words_past_the_75_tokens_clip_reads_are_reported(pipeline: Pipeline) -> None:
+    long = "cat " * 73 + "in the style of a watercolor"  # 73 + 2 tokens read, 4 left out
+    left_out = "CLIP reads 75 tokens; the 4 after them were left out: style of a watercolor"
+    assert pipeline.generate(dataclasses.replace(SMALL, prompt=long)).warnings == (f"prompt: {left_out}",)
+    weighted = dataclasses.replace(SMALL, prompt=f"a castle:2 {long}", negative_prompt=long, weighted_subprompts=True)
+    assert pipeline.generate(weighted).warnings == (
+        f"prompt, sub-prompt 2 of 2: {left_out}",
+        f"negative_prompt: {left_out}",
+    )
+    assert pipeline.generate(dataclasses.replace(SMALL, negative_prompt="cat " * 75)).warnings == ()
+
+
 def test_progress_names_the_request_and_image_of_every_row(pipeline: Pipeline) -> None:
     """Two requests of one shape, 3 images per UNet batch: rows [A0 A1 A2] then [A3 B0], 3 steps each."""
     requests = [dataclasses.replace(SMALL, n_samples=2, n_iter=2), dataclasses.replace(SMALL, prompt="b", seed=7)]

@@ -40,6 +40,26 @@ def test_long_prompt_keeps_first_75_tokens_and_ends_with_eos(tokenizer: CLIPToke
     assert ids == [BOS, *words[:75], EOS]
 
 
+@pytest.mark.parametrize("entry", TOKENIZER_CASES, ids=lambda e: str(e["index"]))
+def test_decoded_ids_tokenize_back_to_the_same_ids(tokenizer: CLIPTokenizer, entry: dict) -> None:
+    ids = tokenizer.tokenize(entry["prompt"])
+    assert tokenizer.tokenize(tokenizer.decode(ids)) == ids
+
+
+@pytest.mark.parametrize("entry", TOKENIZER_CASES, ids=lambda e: str(e["index"]))
+def test_unread_counts_what_the_reference_cut_off(tokenizer: CLIPTokenizer, entry: dict) -> None:
+    """n_tokens_untruncated counts BOS and EOS: past 77 of them, the rest is what CLIP never saw."""
+    count, text = tokenizer.unread(entry["prompt"])
+    assert count == max(0, entry["n_tokens_untruncated"] - CONTEXT_LENGTH)
+    assert (text != "") == entry["truncated"]
+
+
+def test_unread_text_is_the_words_past_the_75th_token(tokenizer: CLIPTokenizer) -> None:
+    prompt = "cat " * 73 + "in the style of a watercolor, by a Painter"
+    assert tokenizer.unread(prompt) == (8, "style of a watercolor , by a painter")  # 73 cats, "in", "the"
+    assert tokenizer.unread("cat " * 75) == (0, "")
+
+
 def test_special_token_text_becomes_the_special_token(tokenizer: CLIPTokenizer) -> None:
     cat = tokenizer.tokenize("cat")
     assert tokenizer.tokenize("cat<|endoftext|>cat") == [*cat, EOS, *cat]

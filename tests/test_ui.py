@@ -142,6 +142,15 @@ def test_plms_is_set_aside_for_an_init_image_and_other_samplers_run_img2img(page
     assert page.is_enabled("#sampler option[value='plms']") and page.input_value("#sampler") == "euler_a"
 
 
+def test_a_result_says_which_words_clip_never_read(page: Page) -> None:
+    page.fill("#prompt", "a lighthouse, " + "wave " * 80)
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    expect(page.locator("#gallery .result .warning")).to_have_text(
+        ["prompt: CLIP reads 75 tokens; the 8 after them were left out: " + "wave " * 7 + "wave"]
+    )
+
+
 def test_weighted_sub_prompts_are_a_choice_named_on_the_result_and_a_bad_weight_is_explained(page: Page) -> None:
     page.fill("#prompt", "a castle:0.7 a forest:0.3")
     page.check("#weighted_subprompts")

@@ -133,7 +133,7 @@ function setInitImage(dataUrl) {
   image.src = dataUrl;
 }
 
-function resultItem(png, seed, parameters) {
+function resultItem(png, seed, parameters, warnings) {
   const source = `data:image/png;base64,${png}`;
   const item = document.createElement("li");
   item.className = "result";
@@ -147,6 +147,7 @@ function resultItem(png, seed, parameters) {
     text("p", "prompt", parameters.prompt),
     text("p", "negative", parameters.negative_prompt ? `Negative: ${parameters.negative_prompt}` : ""),
     text("p", "parameters", describe(parameters)),
+    ...warnings.map((warning) => text("p", "warning", warning)),
   );
   const download = document.createElement("a");
   download.href = source;
@@ -250,7 +251,8 @@ async function generate() {
           preview.hidden = false;
         }
       } else if (message.images) {
-        gallery.prepend(...message.images.map((png, i) => resultItem(png, message.seeds[i], message.parameters)));
+        const warnings = message.warnings ?? [];
+        gallery.prepend(...message.images.map((png, i) => resultItem(png, message.seeds[i], message.parameters, warnings)));
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
         setProgress(1, `Done: ${message.images.length} image(s) in ${seconds} s.`);
       } else {
