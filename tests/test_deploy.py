@@ -227,8 +227,14 @@ def test_cpu_values_ask_for_no_gpu_and_run_the_model_on_the_cpu() -> None:
     model_config = yaml.safe_load(find(docs, "ConfigMap", "sd-torchserve")["data"]["model-config.yaml"])
     assert (model_config["deviceType"], model_config["batchSize"]) == ("cpu", 1)
     limits = model_config["handler"]["limits"]
-    # 512x512 is still allowed, the repository's other limits are kept, and there is no HPA without Prometheus.
-    assert (limits["max_pixels"], limits["max_images"], limits["max_steps"]) == (512 * 512, 2, 150)
+    # One 512x512 image of 50 steps at most, the repository's other limits kept; the front waits as long as
+    # TorchServe; a short queue; no HPA without Prometheus.
+    assert (limits["max_pixels"], limits["max_images"], limits["max_steps"]) == (512 * 512, 1, 50)
+    assert limits["max_prompt_chars"] == 2000
+    front = container(find(docs, "Deployment", "sd-front"), "front")
+    timeout = {e["name"]: e.get("value") for e in front["env"]}["SD_FRONT_TIMEOUT"]
+    assert float(timeout) == model_config["responseTimeout"] == 1800
+    assert config_properties(docs)["job_queue_size"] == "4"
     assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
 
 
@@ -237,6 +243,7 @@ def test_cpu_values_ask_for_no_gpu_and_run_the_model_on_the_cpu() -> None:
     [
         (sets("torchserve.gpus=0"), "torchserve.gpus=0 runs the model on the CPU: set torchserve.modelConfig"),
         (sets("torchserve.modelConfig.deviceType=cpu"), "deviceType=cpu would leave the pod's GPUs idle"),
+        (sets("torchserve.gpus=-1"), "torchserve.gpus must be 0 (the CPU) or more"),
     ],
 )
 def test_gpus_and_device_type_must_agree(args: tuple[str, ...], message: str) -> None:
