@@ -61,6 +61,7 @@ from ldm.pipeline import (
 )
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
+from ldm.tokenizer import CLIPTokenizer
 
 Mode = Literal["txt2img", "img2img"]
 
@@ -448,7 +449,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         raise CliError(f"--{flag}: {error}") from None
     outdir = None if args.skip_save else make_outdir(args.outdir)
 
-    # Every input checked: a refused command says only why.
+    # Every input checked: a refused command says only why. What CLIP will not read is said before minutes of
+    # loading, once (a long negative prompt is every prompt's).
+    tokenizer = CLIPTokenizer()
+    lines = (line for p in prompts for line in unread_warnings(tokenizer, replace(template, prompt=p)))
+    for line in dict.fromkeys(lines):
+        print(f"warning: {line}", file=sys.stderr)
     if device.type == "cpu" and select_dtype(args.precision, device) == torch.float32 and has_amx_bf16():
         print("note: this CPU has AMX: --precision bf16 makes images about twice as fast, within bf16's rounding of "
               "these float32 ones", file=sys.stderr)  # fmt: skip
@@ -457,9 +463,6 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
     pipeline = Pipeline(model)
-    for prompt in prompts:
-        for line in unread_warnings(model.text_encoder.tokenizer, replace(template, prompt=prompt)):
-            print(f"warning: {line}", file=sys.stderr)
 
     index = 0 if outdir is None else next_index(outdir)
     steps_per_batch = template.denoising_steps

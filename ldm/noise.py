@@ -1,8 +1,8 @@
 """Per-step noise of the stochastic samplers, drawn per image from that image's own CPU generator.
 
 Why here: GENERATION.md makes every image's noise a function of its seed alone, drawn in step order after its
-starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0 and the
-ancestral samplers both draw this way.
+starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0, the
+ancestral samplers and DPM++ 2M SDE all draw this way.
 """
 
 from __future__ import annotations

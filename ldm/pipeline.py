@@ -170,9 +170,10 @@ def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts
 
 def unread_warnings(tokenizer: CLIPTokenizer, request: GenerationRequest) -> tuple[str, ...]:
     """One line for each of the request's texts (or sub-prompts) longer than the 75 tokens CLIP reads, with the words
-    it never saw. Why: the original cuts them off without a word, and a user should know which words did nothing."""
+    it never saw. Why: the original cuts them off without a word, and a user should know which words did nothing.
+    At scale 1 the negative prompt does nothing at all, so it has nothing to warn of."""
     lines = []
-    for field in TEXT_FIELDS:
+    for field in TEXT_FIELDS if request.scale != 1 else ("prompt",):
         parts = text_parts(request, field)
         for index, (text, _) in enumerate(parts):
             count, tail = tokenizer.unread(text)

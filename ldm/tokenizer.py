@@ -28,6 +28,8 @@ _PIECE = regex.compile(
 )
 _SPECIAL_SPLIT = regex.compile("(" + "|".join(regex.escape(t) for t in SPECIAL_TOKENS) + ")")
 _WHITESPACE = regex.compile(r"\s+")
+# The bytes that continue a UTF-8 character, never start one.
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -96,9 +98,10 @@ class CLIPTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """Token ids back to text: cleaned (lower case, single spaces), with a space wherever a word ended."""
+        """Token ids back to text: cleaned (lower case, single spaces), with a space wherever a word ended. Ids cut
+        from a longer run may start inside a character (a token can hold part of one): that part is left out."""
         text = "".join(self.decoder[i] for i in ids)
-        raw = bytes(self.byte_decoder[char] for char in text)
+        raw = bytes(self.byte_decoder[char] for char in text).lstrip(_UTF8_CONTINUATION)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def unread(self, text: str) -> tuple[int, str]:

@@ -19,6 +19,7 @@ import argparse
 import base64
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,9 +69,18 @@ def _http_error(response: requests.Response) -> HttpError:
     return HttpError(response.status_code, " ".join(response.text.split())[:200] or response.reason)
 
 
-def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tuple[list[bytes], list[int]]:
+@dataclass(frozen=True)
+class Answer:
+    """What the server made: each image's PNG bytes and seed, and the words of the prompts CLIP never read."""
+
+    images: list[bytes]
+    seeds: list[int]
+    warnings: list[str]
+
+
+def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> Answer:
     """POST `fields` (request fields, init_image already base64) to `{url}/predictions/{model}`; the PNG bytes as the
-    server made them and the seed of each.
+    server made them, the seed of each, and the server's warnings (none from a server that sends none).
 
     JSON is asked for even for one image: a PNG answer holds a single image and its seeds only in headers.
     Raises `HttpError` when the server refuses, `ClientError` when it cannot be reached or answers with something
@@ -96,6 +106,7 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tu
         body = response.json()
         images = [base64.b64decode(image, validate=True) for image in body["images"]]
         seeds = [int(seed) for seed in body["seeds"]]
+        warnings = [str(line) for line in body.get("warnings", [])]
     except (ValueError, KeyError, TypeError) as error:
         raise ClientError(
             f"{endpoint} answered {response.status_code} but not with the inference API's JSON ({error!r}); "
@@ -103,7 +114,7 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> tu
         ) from None
     if len(images) != len(seeds):
         raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
-    return images, seeds
+    return Answer(images, seeds, warnings)
 
 
 def check_url(url: str) -> str | None:
@@ -199,10 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Before the request: a folder we cannot write to should fail now, not after minutes of GPU time.
         args.outdir.mkdir(parents=True, exist_ok=True)
-        images, seeds = generate(args.url, args.model, fields, args.timeout)
+        answer = generate(args.url, args.model, fields, args.timeout)
+        for line in answer.warnings:
+            print(f"client: warning: {line}", file=sys.stderr)
         # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.
         index = next_index(args.outdir)
-        for png, seed in zip(images, seeds, strict=True):
+        for png, seed in zip(answer.images, answer.seeds, strict=True):
             path, index = write_new(args.outdir, seed, index, png)
             print(f"{path}  {seed}")
     except ClientError as error:

@@ -250,13 +250,24 @@ def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeli
     assert parameters is not None and parameters.split("\n")[1].endswith(", Weighted subprompts: True")
 
 
-def test_words_clip_never_reads_are_a_warning_per_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_words_clip_never_reads_are_a_warning_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once per text, however many prompts share it (the negative prompt) and however many iterations run."""
+
+    def stop(*args: object) -> None:
+        raise cli.CliError("stopped where the model would load")
+
+    monkeypatch.setattr(cli, "load_model", stop)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n" + "cat " * 73 + "in the style of a watercolor\n", encoding="utf-8")
-    argv = ["--from-file", str(prompts), "--n_iter", "2", "--skip_save", "--H", "64", "--W", "64", "--ddim_steps", "2"]
-    assert main([*argv, "--n_samples", "1", *MODEL]) == 0
+    argv = ["--from-file", str(prompts), "--negative_prompt", "fog " * 76, "--n_iter", "2", "--skip_save"]
+    assert run_cli([*argv, *MODEL]) == 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: prompt: CLIP reads 75 tokens; the 4 after them were left out: style of a watercolor"]
+    assert warnings == [
+        "warning: negative_prompt: CLIP reads 75 tokens; the 1 after them were left out: fog",
+        "warning: prompt: CLIP reads 75 tokens; the 4 after them were left out: style of a watercolor",
+    ]
 
 
 def test_a_from_file_prompt_with_bad_weights_fails_before_the_model_loads(

@@ -55,7 +55,8 @@ class FakeTorchServe:
         seeds = [body.get("seed", 1000), body.get("seed", 1000) + 1]
         self.sent = [png(seed) for seed in seeds]
         images = [base64.b64encode(data).decode("ascii") for data in self.sent]
-        return 200, {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}}
+        warnings = [f"prompt: {len(body['prompt'])} characters"] if body["prompt"].startswith("a long") else []
+        return 200, {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}, "warnings": warnings}
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -118,6 +119,13 @@ def test_no_weighted_subprompts_sends_false_over_a_servers_default(server: FakeT
     assert server.requests[0]["body"] == {"prompt": "a:1 b:2", "weighted_subprompts": False}
 
 
+def test_the_servers_warnings_go_to_stderr(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(server.url, tmp_path, "a long prompt") == 0
+    assert capsys.readouterr().err == "client: warning: prompt: 13 characters\n"
+
+
 def test_img2img_sends_the_init_image_file_as_base64(server: FakeTorchServe, tmp_path: Path) -> None:
     init = tmp_path / "init.jpg"
     init.write_bytes(png(3))  # sent as it is: the server, not the client, checks the format
@@ -156,8 +164,8 @@ def test_a_refusal_prints_the_servers_error_and_exits_1(
 
 
 def test_generate_returns_the_png_bytes_and_seeds_or_raises_the_servers_error(server: FakeTorchServe) -> None:
-    images, seeds = generate(server.url + "/", MODEL, {"prompt": "a lighthouse", "seed": 11}, timeout=5)
-    assert (images, seeds) == (server.sent, [11, 12])
+    answer = generate(server.url + "/", MODEL, {"prompt": "a lighthouse", "seed": 11}, timeout=5)
+    assert (answer.images, answer.seeds, answer.warnings) == (server.sent, [11, 12], [])
     with pytest.raises(HttpError) as refused:
         generate(server.url, MODEL, {"prompt": "refused"}, timeout=5)
     assert (refused.value.status, refused.value.field) == (400, "H")

@@ -58,6 +58,8 @@ def test_unread_text_is_the_words_past_the_75th_token(tokenizer: CLIPTokenizer) 
     prompt = "cat " * 73 + "in the style of a watercolor, by a Painter"
     assert tokenizer.unread(prompt) == (8, "style of a watercolor , by a painter")  # 73 cats, "in", "the"
     assert tokenizer.unread("cat " * 75) == (0, "")
+    # 龘 is three byte tokens: cut after its first, the rest of it is not shown as text.
+    assert tokenizer.unread("cat " * 74 + "龘 dog") == (3, "dog")
 
 
 def test_special_token_text_becomes_the_special_token(tokenizer: CLIPTokenizer) -> None:
