@@ -47,7 +47,7 @@ from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
-from ldm.parts import CONFIG_FILE, MANIFEST, load_checkpoint, load_split
+from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
 from ldm.pipeline import (
     MAX_SEED,
     SAMPLERS,
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
 
     # Every input checked: a refused command says only why. What CLIP will not read is said before minutes of
     # loading, once (a long negative prompt is every prompt's).
-    tokenizer = CLIPTokenizer()
+    tokenizer = CLIPTokenizer(source.ckpt / TOKENIZER_DIR) if source.split else CLIPTokenizer()  # the model's own
     lines = (line for p in prompts for line in unread_warnings(tokenizer, replace(template, prompt=p)))
     for line in dict.fromkeys(lines):
         print(f"warning: {line}", file=sys.stderr)
