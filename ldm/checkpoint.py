@@ -102,6 +102,10 @@ def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> No
         )
 
 
+# The UNet's first convolution: its input channels tell an inpainting checkpoint from a text-to-image one.
+INPUT_CONV = "input_blocks.0.0.weight"
+
+
 def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
     """Group checkpoint keys by part (prefix stripped), check them strictly against the architecture.
 
@@ -141,5 +145,20 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -
             if keys:
                 more = f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
                 lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_SHOWN])}{more}")
-        raise CheckpointError("\n".join(lines))
+        hint = _input_channels_hint(parts["unet"], config)
+        raise CheckpointError("\n".join(lines + ([hint] if hint else [])))
     return parts
+
+
+def _input_channels_hint(unet: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """Which config a checkpoint wants when its UNet reads another number of channels than the config's: the usual
+    cause is an inpainting checkpoint (9 channels) served with the text-to-image config, or the other way round."""
+    weight = unet.get(INPUT_CONV)
+    if weight is None or weight.ndim != 4 or weight.shape[1] == config.unet.in_channels:
+        return ""
+    channels = config.latent_channels
+    for count, name in ((2 * channels + 1, "an inpainting"), (channels, "a text-to-image")):
+        if weight.shape[1] == count:
+            yaml = "v1-inpainting-inference.yaml" if count != channels else "v1-inference.yaml"
+            return f"  its UNet reads {count} channels: this is {name} checkpoint; use configs/{yaml}"
+    return ""

@@ -97,12 +97,19 @@ class ModelConfig:
     unet: UNetConfig
     vae: VAEConfig
     text: dict[str, Any] = field(default_factory=lambda: dict(CLIP_VIT_L14_TEXT))
+    conditioning_key: str = "crossattn"
     source: str = "<memory>"
 
     @property
     def default_image_size(self) -> int:
         """The side in pixels the model was trained at (512 for SD v1)."""
         return self.latent_size * self.vae.downsampling_factor
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting model (RunwayML's sd-v1-5-inpainting): its UNet also reads the mask and the masked image's
+        latent, concatenated to its input (`conditioning_key: hybrid`)."""
+        return self.conditioning_key == "hybrid"
 
 
 def _require(node: DictConfig, key: str, where: str) -> Any:
@@ -168,6 +175,24 @@ def _text(node: DictConfig | None) -> dict[str, Any]:
     return text
 
 
+def _check_input_channels(config: ModelConfig, where: str) -> None:
+    """The UNet reads the latent alone (`crossattn`), or the latent, the mask and the masked image's latent
+    (`hybrid`, inpainting): its `in_channels` must say the same, or every image would fail at its first step."""
+    channels = config.latent_channels
+    wanted = {"crossattn": (channels, "the latent"), "hybrid": (2 * channels + 1, "the latent, mask and masked image")}
+    if config.conditioning_key not in wanted:
+        raise ConfigError(
+            f"{where}.conditioning_key is '{config.conditioning_key}': SD v1 models use 'crossattn' (text to image) "
+            "or 'hybrid' (inpainting)"
+        )
+    count, what = wanted[config.conditioning_key]
+    if config.unet.in_channels != count:
+        raise ConfigError(
+            f"{where}.unet_config.params.in_channels is {config.unet.in_channels}, but conditioning_key "
+            f"'{config.conditioning_key}' feeds the UNet {count} channels ({what})"
+        )
+
+
 def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
     """Read an omegaconf tree in the original layout; raise ConfigError naming the first problem."""
     model = _require(raw, "model", "<root>")
@@ -191,8 +216,10 @@ def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
         unet=_unet(unet_node),
         vae=_vae(vae_node),
         text=_text(params.get("cond_stage_config")),
+        conditioning_key=str(params.get("conditioning_key", "crossattn")),
         source=source,
     )
+    _check_input_channels(config, where)
     if config.unet.context_dim != config.text["hidden_size"]:
         raise ConfigError(
             f"{where}.unet_config.params.context_dim ({config.unet.context_dim}) must equal the text encoder's "

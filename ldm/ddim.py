@@ -20,6 +20,9 @@ from ldm.noise import per_image_noise
 EpsFn = Callable[[torch.Tensor, float], torch.Tensor]
 # callback(step_index, total_steps, x): called after each step with the new latents.
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# after_step(step_index, x) → the latents the next step starts from (inpainting puts the kept region back: see
+# ldm/inpainting.py); step_index counts from 0.
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def betas(config: ModelConfig) -> torch.Tensor:
@@ -103,6 +106,7 @@ def sample(
     etas: Sequence[float],
     generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Denoise `x` through `steps`; image i draws its per-step noise z (η > 0 only) from `generators[i]`.
 
@@ -118,6 +122,8 @@ def sample(
             # Every image with η > 0 draws one z per step from its own generator; others get none.
             z = per_image_noise(x, generators, [eta > 0 for eta in etas])
         x = ddim_step(x, eps, step, sigmas.view(-1, 1, 1, 1), z)
+        if after_step is not None:
+            x = after_step(index, x)
         if callback is not None:
             callback(index + 1, len(steps), x)
     return x

@@ -177,7 +177,7 @@ def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> No
     Guided shapes only (a UNet batch of 2N latents for N images): requests with scale 1 are rare and run eagerly.
     """
     factor = model.config.vae.downsampling_factor
-    channels = model.config.latent_channels
+    channels = model.config.unet.in_channels  # an inpainting UNet also reads the mask and the masked image
     memory_format = torch.channels_last if fast_path.channels_last else torch.contiguous_format
     for height, width, images in fast_path.sizes():
         if height % factor or width % factor:

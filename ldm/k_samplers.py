@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 
-from ldm.ddim import EpsFn, StepCallback
+from ldm.ddim import EpsFn, StepCallback, StepHook
 from ldm.noise import per_image_noise
 
 # LMS combines the derivatives of this many steps (fewer at the start).
@@ -249,6 +249,7 @@ def sample(
     sigmas: Sequence[float],
     generators: Sequence[torch.Generator],
     callback: StepCallback | None = None,
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Run sampler `name` from `x` (at level `sigmas[0]`, see `start`) down `sigmas` to their last, 0: the whole
     of `noise_levels` for txt2img, its last m + 1 for img2img. Returns the clean latents.
@@ -264,6 +265,8 @@ def sample(
     total = len(sigmas) - 1
     for i in range(total):
         x = step(run, x, i)
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback(i + 1, total, x / (sigmas[i + 1] ** 2 + 1.0) ** 0.5)
     return x

@@ -1,4 +1,4 @@
-"""txt2img and img2img: a request in, uint8 images and their seeds out, per GENERATION.md.
+"""txt2img, img2img and inpainting: a request in, uint8 images and their seeds out, per GENERATION.md.
 
 Each generation is a column of numbered steps: (1) encode the prompts, (2) draw each image's starting noise from its
 own CPU generator, (3) denoise with classifier-free guidance and the request's sampler (DDIM, PLMS, or one of
@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, k_samplers, plms, subprompts
-from ldm.ddim import DDIMSchedule, StepCallback, add_noise, max_ddim_steps
+from ldm import ddim, inpainting, k_samplers, plms, subprompts
+from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
+from ldm.inpainting import KeptRegion
 from ldm.model import StableDiffusion
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
@@ -60,7 +61,8 @@ class GenerationError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate. `init_image` set → img2img. `seed` None → one is drawn and reported back.
+    """What to generate. `init_image` set → img2img; with a `mask_image` too → inpainting (ldm/inpainting.py: white
+    is repainted, black kept). `seed` None → one is drawn and reported back.
 
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
@@ -81,6 +83,7 @@ class GenerationRequest:
     init_image: Image.Image | None = None
     strength: float = 0.75
     weighted_subprompts: bool = False
+    mask_image: Image.Image | None = None
 
     @property
     def n_images(self) -> int:
@@ -100,6 +103,12 @@ class GenerationRequest:
     def denoising_steps(self) -> int:
         """UNet steps each image runs: S for txt2img, m for img2img."""
         return self.steps if self.init_image is None else self.img2img_steps()
+
+    @property
+    def starts_from_noise(self) -> bool:
+        """Whether its images start from noise alone: txt2img, and inpainting at strength 1 (as diffusers' and
+        RunwayML's inpainting do; img2img at strength 1 keeps the original's start, z₀ noised to its first step)."""
+        return self.init_image is None or (self.mask_image is not None and self.strength == 1.0)
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,18 @@ def resolve(
     height = size[0] if request.height is None else request.height
     width = size[1] if request.width is None else request.width
     request = replace(request, height=height, width=width)
+    if request.mask_image is not None:
+        if request.init_image is None:
+            raise GenerationError(
+                "mask_image", "mask_image needs an init_image: it tells which of its pixels to repaint"
+            )
+        if request.mask_image.size != request.init_image.size:
+            raise GenerationError(
+                "mask_image",
+                "mask_image must be the size of init_image, {}x{}, got {}x{}".format(
+                    *request.init_image.size, *request.mask_image.size
+                ),
+            )
     if request.init_image is not None:
         if not 0.0 < request.strength <= 1.0:
             raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
@@ -274,13 +295,23 @@ class Pipeline:
         return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
 
     @torch.inference_mode()
-    def init_latent(self, request: GenerationRequest) -> torch.Tensor:
-        """z₀ of img2img: scale_factor × the VAE posterior mean of the resized init image (float32)."""
-        assert request.init_image is not None
-        pixels = encode_image(request.init_image, request.width, request.height)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """scale_factor × the VAE posterior mean of pixels (B, 3, H, W) in [−1, 1], float32."""
         with self.model.resident(self.model.vae) as vae:
             mean = vae.encode_mean(pixels.to(self.model.device, self.model.dtype))
         return self.model.config.scale_factor * mean.float()
+
+    def init_latent(self, request: GenerationRequest) -> torch.Tensor:
+        """z₀ of img2img: the latent of the init image resized to the request's size."""
+        assert request.init_image is not None
+        return self.encode_pixels(encode_image(request.init_image, request.width, request.height))
+
+    def image_condition(self, pixels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """What an inpainting model reads beside the latent (1, C + 1, h, w): the pixel mask (1, 1, H, W) at latent
+        size, then the latent of the init image `pixels` with its masked part blanked (all blank without one)."""
+        blank = torch.zeros(1, 3, *mask.shape[-2:]) if pixels is None else inpainting.blank_masked(pixels, mask)
+        masked = self.encode_pixels(blank)
+        return torch.cat([inpainting.latent_mask(mask, self.factor).to(masked.device), masked], dim=1)
 
     @torch.inference_mode()
     def denoise(
@@ -295,22 +326,31 @@ class Pipeline:
         etas: Sequence[float],
         generators: Sequence[torch.Generator],
         callback: StepCallback | None = None,
+        image_condition: torch.Tensor | None = None,
+        after_step: StepHook | None = None,
     ) -> torch.Tensor:
         """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call, for
         the last `m` steps of an S-step run (img2img's; txt2img's m is S). `x` is where `start_latents` put it.
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
-        exactly, and when all are 1 the unconditional half is not computed at all.
+        exactly, and when all are 1 the unconditional half is not computed at all. An inpainting model's UNet also
+        reads `image_condition` (B, C + 1, h, w), concatenated to the latents; `after_step` is a text-to-image
+        model's inpainting (`KeptRegion`).
         """
         guided = bool((scales != 1).any())
         context = torch.cat([uncond, cond]) if guided else cond
         s = scales.view(-1, 1, 1, 1).to(x.device)
+        extra = None
+        if image_condition is not None:
+            extra = torch.cat([image_condition, image_condition]) if guided else image_condition
 
         with self.model.resident(self.model.unet) as unet:
             call = unet if self.fast is None else self.fast.unet
 
             def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
                 batch = torch.cat([latents, latents]) if guided else latents
+                if extra is not None:
+                    batch = torch.cat([batch, extra], dim=1)
                 # float: the σ-space samplers ask between whole timesteps (the embedding is of a float anyway).
                 timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.float32)
                 out = call(batch.to(self.model.dtype), timesteps, context).float()
@@ -320,25 +360,64 @@ class Pipeline:
                 return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 
             if sampler == "ddim":
-                return ddim.sample(eps, x, schedule.tail(m), etas, generators, callback)
+                return ddim.sample(eps, x, schedule.tail(m), etas, generators, callback, after_step)
             if sampler == "plms":
+                assert after_step is None, "PLMS runs txt2img only"
                 return plms.sample(eps, x, schedule.steps, callback)
             levels = self.k_levels(sampler, len(schedule.steps), m)
-            return k_samplers.sample(sampler, eps, x, self.sigma_schedule, levels, generators, callback)
+            return k_samplers.sample(sampler, eps, x, self.sigma_schedule, levels, generators, callback, after_step)
 
     def k_levels(self, sampler: str, steps: int, m: int) -> list[float]:
         """The noise levels a k-diffusion sampler walks for the last m steps of an S-step run, then 0."""
         return k_samplers.noise_levels(sampler, self.sigma_schedule, steps)[steps - m :]
 
+    def kept_levels(self, sampler: str, schedule: DDIMSchedule, m: int) -> list[tuple[float, float]]:
+        """`KeptRegion.levels` of a run of the last m steps: where each step leaves a clean latent's noise."""
+        if sampler in k_samplers.STEPS:
+            return [(1.0, sigma) for sigma in self.k_levels(sampler, len(schedule.steps), m)[1:]]
+        return [(step.alpha**0.5, (1.0 - step.alpha) ** 0.5) for step in schedule.tail(m)[1:]] + [(1.0, 0.0)]
+
     def start_latents(
         self, request: GenerationRequest, schedule: DDIMSchedule, noise: torch.Tensor, init_latent: torch.Tensor | None
     ) -> torch.Tensor:
-        """(2) Where an image's run starts: its noise (txt2img), or img2img's z₀ noised to the first of its m steps,
-        in the terms of the request's sampler."""
+        """(2) Where an image's run starts: its noise (txt2img, inpainting at strength 1), or z₀ noised to the first
+        of its m steps, in the terms of the request's sampler."""
         m = request.denoising_steps
+        if request.starts_from_noise:
+            init_latent = None
         if request.sampler in k_samplers.STEPS:
             return k_samplers.start(noise, self.k_levels(request.sampler, request.steps, m)[0], init_latent)
         return noise if init_latent is None else add_noise(init_latent, noise, schedule.tail(m)[0].alpha)
+
+    def repaint_mask(self, request: GenerationRequest) -> torch.Tensor | None:
+        """The request's pixel mask (1, 1, H, W), 1 where repainted: all 1 without a mask on an inpainting model
+        (which always reads one), None on a text-to-image model (which needs none)."""
+        if request.mask_image is not None:
+            return inpainting.mask_pixels(request.mask_image, request.width, request.height)
+        if self.model.config.inpainting:
+            return torch.ones(1, 1, request.height, request.width)
+        return None
+
+    def kept_region(self, chunk: Sequence[_Image], sampler: str, schedule: DDIMSchedule, m: int) -> KeptRegion | None:
+        """A text-to-image model's inpainting hook for a UNet batch that holds a masked image (rows of the others
+        repaint everywhere); None for an inpainting model, which is shown the mask instead, and for other batches."""
+        if self.model.config.inpainting or all(image.request.mask_image is None for image in chunk):
+            return None
+        rows = [
+            (
+                torch.ones_like(image.noise[:, :1], dtype=torch.bool)
+                if image.mask is None
+                else inpainting.latent_mask(image.mask, self.factor).to(image.noise.device) > 0.5,
+                torch.zeros_like(image.noise) if image.z0 is None else image.z0,
+            )
+            for image in chunk
+        ]
+        return KeptRegion(
+            torch.cat([repaint for repaint, _ in rows]),
+            torch.cat([z0 for _, z0 in rows]),
+            torch.cat([image.noise for image in chunk]),
+            self.kept_levels(sampler, schedule, m),
+        )
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -378,14 +457,19 @@ class Pipeline:
         per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
-            z0 = None if request.init_image is None else self.init_latent(request)
+            init_pixels = (
+                None if request.init_image is None else encode_image(request.init_image, request.width, request.height)
+            )
+            z0 = None if init_pixels is None else self.encode_pixels(init_pixels)
+            mask = self.repaint_mask(request)
+            condition = self.image_condition(init_pixels, mask) if config.inpainting else None
             for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = self.start_latents(request, schedules[request.steps], noise, z0)
                 key = (request.height, request.width, request.steps, m, request.sampler)
-                image = _Image(index, image_index, request, generator, start)
+                image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition)
                 groups.setdefault(key, []).append(image)
                 per_request[index].append(image)
 
@@ -403,6 +487,8 @@ class Pipeline:
                     [image.request.eta for image in chunk],
                     [image.generator for image in chunk],
                     _batch_progress(callback, names),
+                    None if not config.inpainting else torch.cat([image.condition for image in chunk]),
+                    self.kept_region(chunk, sampler, schedules[steps], m),
                 )
                 for image, pixels in zip(chunk, self.decode(latents), strict=True):
                     image.pixels = pixels
@@ -437,11 +523,16 @@ def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, 
 
 @dataclass
 class _Image:
-    """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels."""
+    """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels;
+    for inpainting its noise, z₀, pixel mask (all 1 without one) and an inpainting model's `image_condition`."""
 
     request_index: int
     image_index: int
     request: GenerationRequest
     generator: torch.Generator
     start: torch.Tensor
+    noise: torch.Tensor
+    z0: torch.Tensor | None
+    mask: torch.Tensor | None
+    condition: torch.Tensor | None
     pixels: torch.Tensor | None = None

@@ -1,0 +1,63 @@
+"""Inpainting: repaint the white part of a mask over an init image, keep the black part.
+
+Two kinds of model do it, as in diffusers' `StableDiffusionInpaintPipeline` and RunwayML's original scripts:
+- An inpainting model (RunwayML's sd-v1-5-inpainting, `conditioning_key: hybrid`) reads, beside the latent, the
+  mask at latent size and the latent of the init image with its masked part blanked (0 in [−1, 1]: mid-gray): its
+  UNet's input is their concatenation (`image_condition`). A request without a mask is one whose mask covers all
+  (txt2img on such a model: the masked image is all gray).
+- A text-to-image model never sees the mask: after every step the kept region of the latents is put back to the
+  init image's latent z₀ noised to the level the step reached, with the image's own starting noise (after the last
+  step: z₀ itself), so only the masked region is painted (`KeptRegion`).
+
+Masks are read as diffusers reads them: grayscale, LANCZOS-resized to the image's size, then 1 (repaint) where at
+least half white, 0 (keep) elsewhere; shrunk to latent size by nearest-neighbour sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 1, H, W) float32: 1 where the mask is at least half white (repaint), 0 where it is darker (keep)."""
+    gray = mask.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(gray, dtype=np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def latent_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) at latent size (B, 1, H/f, W/f), nearest-neighbour (F.interpolate's default, as
+    the original scripts and diffusers shrink it)."""
+    return F.interpolate(pixels, size=(pixels.shape[-2] // factor, pixels.shape[-1] // factor))
+
+
+def blank_masked(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The init image (B, 3, H, W) in [−1, 1] with its masked pixels set to 0: what an inpainting model is told of
+    the image."""
+    return pixels * (mask < 0.5)
+
+
+@dataclass(frozen=True)
+class KeptRegion:
+    """The `after_step` hook (ldm/ddim.py's StepHook) that keeps a text-to-image model's latents on the init image
+    outside the mask.
+
+    `levels[i]` = (a, b): after step i the kept region is a·z₀ + b·noise (DDIM: √ᾱ, √(1−ᾱ) of the next step's
+    timestep; the σ-space samplers: 1, σ_{i+1}; (1, 0) after the last step). Rows whose mask is all 1 (images
+    without a mask in a shared batch) come out unchanged.
+    """
+
+    repaint: torch.Tensor  # (B, 1, h, w) bool: True where the image is painted
+    z0: torch.Tensor  # (B, C, h, w) float32
+    noise: torch.Tensor  # (B, C, h, w) float32, each image's starting noise
+    levels: Sequence[tuple[float, float]]
+
+    def __call__(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.levels[index]
+        return torch.where(self.repaint, x, a * self.z0 + b * self.noise)

@@ -1,0 +1,225 @@
+"""Inpainting (ldm/inpainting.py): on a text-to-image model by keeping the unmasked latents on the init image, on an
+inpainting model (RunwayML's 9-channel UNet) by showing it the mask; both against diffusers'
+`StableDiffusionInpaintPipeline` on the same weights, and the rules of a masked request."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
+from ldm.config import ConfigError, load_config, parse_config
+from ldm.inpainting import latent_mask, mask_pixels
+from ldm.model import StableDiffusion
+from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, Progress, resolve
+from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, load_image
+
+INPAINTING_CONFIG = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"
+INIT = load_image(REFERENCE / "init_dev_80x64.png")
+
+
+def _mask(width: int = 80, height: int = 64) -> Image.Image:
+    """White (repaint) on the left 40 % and in a gray-ish band that rounds to white; black (keep) elsewhere."""
+    array = np.zeros((height, width), np.uint8)
+    array[:, : width * 2 // 5] = 255
+    array[: height // 4, width // 2 :] = 140  # ≥ 50 % white: repainted
+    array[height // 2 :, width // 2 :] = 120  # < 50 % white: kept
+    return Image.fromarray(array)
+
+
+REQUEST = GenerationRequest(
+    "a red door in a stone wall", negative_prompt="blurry", steps=6, seed=11, init_image=INIT, mask_image=_mask()
+)
+
+
+@pytest.fixture(scope="module")
+def inpainting_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ldm.random_weights import random_state_dict, save_checkpoint
+
+    path = tmp_path_factory.mktemp("inpainting") / "tiny-inpainting.safetensors"
+    save_checkpoint(random_state_dict(load_config(INPAINTING_CONFIG), seed=5), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(inpainting_checkpoint: Path) -> StableDiffusion:
+    from ldm.parts import load_checkpoint
+
+    return load_checkpoint(inpainting_checkpoint, INPAINTING_CONFIG)
+
+
+def test_masks_are_read_as_diffusers_reads_them() -> None:
+    """Grayscale, resized to the image, 1 from half white up; nearest-neighbour at latent size."""
+    pixels = mask_pixels(_mask(), 80, 64)
+    assert pixels.shape == (1, 1, 64, 80) and set(pixels.unique().tolist()) == {0.0, 1.0}
+    assert pixels[0, 0, :, :32].all() and pixels[0, 0, :16, 40:].all()
+    assert not pixels[0, 0, 32:, 40:].any() and not pixels[0, 0, 20:28, 40:].any()
+    small = latent_mask(pixels, 8)
+    assert small.shape == (1, 1, 8, 10)
+    assert torch.equal(small, pixels[:, :, ::8, ::8])  # nearest: each cell takes its top-left pixel
+    rgb = Image.merge("RGB", [_mask()] * 3)
+    assert torch.equal(mask_pixels(rgb, 80, 64), pixels)
+
+
+def test_kept_latents_end_on_the_init_image_and_the_masked_ones_do_not(pipeline: Pipeline) -> None:
+    """On a text-to-image model the kept cells of the final latents are z₀ exactly, for DDIM and a σ-space sampler
+    alike; the masked ones are painted."""
+    request = resolve(REQUEST)
+    z0 = pipeline.init_latent(request)
+    keep = latent_mask(mask_pixels(REQUEST.mask_image, 80, 64), 8).expand_as(z0) < 0.5
+    for sampler in ("ddim", "euler_a"):
+        steps: list[Progress] = []
+        pipeline.generate(dataclasses.replace(request, sampler=sampler), steps.append)
+        final = steps[-1].latents
+        assert torch.equal(final[keep], z0[keep])
+        assert (final[~keep] - z0[~keep]).abs().mean() > 0.1
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("ddim", 0.5), ("euler_a", 0.7)])
+def test_text_to_image_model_inpaints_as_diffusers(
+    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str, strength: float
+) -> None:
+    """diffusers' inpainting with a 4-channel UNet puts the kept region back after every step too; it is handed our
+    z₀ (it would sample the VAE posterior where we take its mean)."""
+    request = resolve(dataclasses.replace(REQUEST, sampler=sampler, strength=strength))
+    ours = pipeline.generate(request).pixels[0]
+    z0 = pipeline.init_latent(request)
+    theirs = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
+    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+    # Not img2img: the kept region changes the image.
+    plain = pipeline.generate(dataclasses.replace(request, mask_image=None)).pixels[0]
+    assert np.abs(ours - plain).mean() > 1
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("ddim", 0.5), ("euler_a", 1.0)])
+def test_inpainting_model_inpaints_as_diffusers(
+    inpainting_model: StableDiffusion, inpainting_checkpoint: Path, sampler: str, strength: float
+) -> None:
+    """The 9-channel UNet reads [latent, mask, masked-image latent], as in RunwayML's scripts and diffusers; the
+    masked-image latent is checked on its own against the VAE's posterior mean of the blanked image."""
+    pipeline = Pipeline(inpainting_model)
+    request = resolve(dataclasses.replace(REQUEST, sampler=sampler, strength=strength))
+    ours = pipeline.generate(request).pixels[0]
+    pixels = np.asarray(INIT.convert("RGB"), np.float32) / 127.5 - 1.0
+    keep = np.asarray(_mask()) < 128
+    blanked = torch.from_numpy(pixels * keep[..., None]).permute(2, 0, 1)[None]
+    masked_latent = inpainting_model.config.scale_factor * inpainting_model.vae.encode_mean(blanked)
+    condition = pipeline.image_condition(torch.from_numpy(pixels).permute(2, 0, 1)[None], mask_pixels(_mask(), 80, 64))
+    assert torch.allclose(condition[:, 1:], masked_latent, atol=1e-5)
+    z0 = pipeline.init_latent(request)
+    theirs = _diffusers_inpaint(
+        inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent, from_noise_sigma=True
+    )
+    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+
+
+def test_inpainting_model_without_a_mask_repaints_everything(inpainting_model: StableDiffusion) -> None:
+    """txt2img on an inpainting model is inpainting under an all-white mask: the masked image is all blank whatever
+    the init image, and at strength 1 both start from the noise alone."""
+    pipeline = Pipeline(inpainting_model)
+    white = Image.new("L", INIT.size, 255)
+    masked = pipeline.generate(dataclasses.replace(REQUEST, mask_image=white, strength=1.0)).pixels
+    txt2img = pipeline.generate(
+        dataclasses.replace(REQUEST, init_image=None, mask_image=None, height=64, width=80)
+    ).pixels
+    assert np.array_equal(masked, txt2img)
+
+
+def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline) -> None:
+    """Rows without a mask in a batch with a masked one repaint everywhere, as they would alone."""
+    masked = dataclasses.replace(REQUEST, n_samples=2)
+    plain = dataclasses.replace(REQUEST, mask_image=None, seed=90)
+    together = pipeline.generate_many([masked, plain], max_batch_images=3)
+    for request, generation in zip((masked, plain), together, strict=True):
+        assert np.abs(generation.pixels - pipeline.generate(request).pixels).max() < FLOAT_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"init_image": None}, "mask_image needs an init_image"),
+        ({"mask_image": Image.new("L", (64, 64))}, "mask_image must be the size of init_image, 80x64, got 64x64"),
+        ({"sampler": "plms"}, "plms is for txt2img only"),
+    ],
+)
+def test_masked_requests_the_pipeline_cannot_run(change: dict, message: str) -> None:
+    with pytest.raises(GenerationError, match=message) as error:
+        resolve(dataclasses.replace(REQUEST, **change))
+    assert error.value.field in ("mask_image", "sampler")
+
+
+def test_configs_say_which_unet_input_they_feed() -> None:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(INPAINTING_CONFIG)
+    assert parse_config(raw).inpainting and load_config("configs/v1-inpainting-inference.yaml").unet.in_channels == 9
+    raw.model.params.conditioning_key = "crossattn"
+    with pytest.raises(ConfigError, match="in_channels is 9, but conditioning_key 'crossattn' feeds the UNet 4"):
+        parse_config(raw)
+    raw.model.params.conditioning_key = "concat"
+    with pytest.raises(ConfigError, match="conditioning_key is 'concat'"):
+        parse_config(raw)
+
+
+def test_an_inpainting_checkpoint_under_the_text_to_image_config_names_the_right_one(
+    inpainting_checkpoint: Path,
+) -> None:
+    with pytest.raises(CheckpointError, match="9 channels: this is an inpainting checkpoint; use configs/v1-inp"):
+        split_state_dict(read_state_dict(inpainting_checkpoint), load_config(TINY_CONFIG))
+    with pytest.raises(CheckpointError, match="4 channels: this is a text-to-image checkpoint; use configs/v1-inf"):
+        split_state_dict(read_state_dict(TINY_SAFETENSORS), load_config(INPAINTING_CONFIG))
+
+
+def _diffusers_inpaint(
+    model: StableDiffusion,
+    checkpoint: Path,
+    config: Path,
+    request: GenerationRequest,
+    z0: torch.Tensor,
+    masked_latent: torch.Tensor,
+    from_noise_sigma: bool = False,
+) -> np.ndarray:
+    """diffusers' `StableDiffusionInpaintPipeline` on the same weights and request: pixels in [0, 255]."""
+    import diffusers
+
+    from scripts.peers import diffusers_pipeline
+
+    text2image = diffusers_pipeline(model, read_state_dict(checkpoint), config, torch.device("cpu"))
+    pipe = diffusers.StableDiffusionInpaintPipeline(**text2image.components)
+    pipe.set_progress_bar_config(disable=True)
+    if request.sampler == "euler_a":
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="linspace"
+        )
+    generator = torch.Generator().manual_seed(request.seed)
+    latents = None
+    if from_noise_sigma and request.strength == 1.0 and request.sampler != "ddim":
+        # diffusers starts a k-diffusion port from noise·√(σ_max² + 1), k-diffusion (and we) from noise·σ_max.
+        pipe.scheduler.set_timesteps(request.steps)
+        noise = torch.randn(z0.shape, generator=generator)
+        latents = noise * float(pipe.scheduler.sigmas[0]) / pipe.scheduler.init_noise_sigma
+    image = pipe(
+        request.prompt,
+        negative_prompt=request.negative_prompt,
+        image=z0,
+        mask_image=request.mask_image,
+        masked_image_latents=masked_latent,
+        height=request.height,
+        width=request.width,
+        strength=request.strength,
+        num_inference_steps=request.steps,
+        guidance_scale=request.scale,
+        generator=generator,
+        latents=latents,
+        output_type="np",
+    ).images[0]
+    return image.clip(0, 1) * 255
