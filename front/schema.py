@@ -40,7 +40,14 @@ class ImagineRequest(BaseModel):
         "blended by weight (default: model-config.yaml's, off as shipped, where CLIP reads the colons as written)",
     )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
-    strength: float = Field(0.75, description="img2img: how much of the init image is replaced, in (0, 1]")
+    mask_image: str | None = Field(
+        None,
+        description="inpainting: base64 PNG or JPEG the size of init_image; white (at least 50 %) is repainted, "
+        "black kept",
+    )
+    strength: float = Field(
+        0.75, description="img2img and inpainting: how much of the init image is replaced, in (0, 1]"
+    )
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")
 
 

@@ -20,7 +20,15 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from handler.settings import HandlerSettings
-from ldm.pipeline import MAX_SEED, TEXT_FIELDS, GenerationError, GenerationRequest, check_sampler, text_parts
+from ldm.pipeline import (
+    MAX_SEED,
+    TEXT_FIELDS,
+    GenerationError,
+    GenerationRequest,
+    check_mask,
+    check_sampler,
+    text_parts,
+)
 
 FIELDS = (
     "prompt",
@@ -35,6 +43,7 @@ FIELDS = (
     "n_iter",
     "sampler",
     "init_image",
+    "mask_image",
     "strength",
     "stream",
     "weighted_subprompts",
@@ -178,52 +187,67 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
     return value
 
 
-def decode_init_image(value: Any, settings: HandlerSettings) -> Image.Image:
-    """Base64 PNG/JPEG (a `data:` URL prefix allowed) → RGB image, refusing anything over the limits before
-    decoding its pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to RGB would not
-    be exact (an animation, CMYK, more than 8 bits per channel)."""
+def decode_image(
+    value: Any, settings: HandlerSettings, field: str = "init_image", max_bytes: int | None = None
+) -> Image.Image:
+    """Base64 PNG/JPEG (a `data:` URL prefix allowed) of request field `field` → RGB image, refusing anything over
+    the limits before decoding its pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to
+    RGB would not be exact (an animation, CMYK, more than 8 bits per channel). `max_bytes`: what is left of
+    `max_init_image_bytes` (all of it by default)."""
     limits = settings.limits
+    max_bytes = limits.max_init_image_bytes if max_bytes is None else max_bytes
     if not isinstance(value, str):
-        raise RequestError("init_image", "init_image must be a base64 string (PNG or JPEG)")
+        raise RequestError(field, f"{field} must be a base64 string (PNG or JPEG)")
     encoded = _DATA_URL.sub("", value.strip(), count=1)
-    if len(encoded) * 3 // 4 > limits.max_init_image_bytes:
-        raise RequestError("init_image", f"init_image must be at most {limits.max_init_image_bytes} bytes")
+    if len(encoded) * 3 // 4 > max_bytes:
+        shared = "" if field == "init_image" else f" (init_image and {field} share {limits.max_init_image_bytes})"
+        raise RequestError(field, f"{field} must be at most {max_bytes} bytes{shared}")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("init_image", "init_image is not valid base64") from None
-    too_many_pixels = f"init_image must have at most {limits.max_init_image_pixels} pixels"
+        raise RequestError(field, f"{field} is not valid base64") from None
+    too_many_pixels = f"{field} must have at most {limits.max_init_image_pixels} pixels"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own guard, which reads only the header, answered before ours could.
-        raise RequestError(
-            "init_image", f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}"
-        ) from None
+        raise RequestError(field, f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}") from None
     except (UnidentifiedImageError, OSError):
-        raise RequestError("init_image", "init_image is not a PNG or JPEG image we can read") from None
+        raise RequestError(field, f"{field} is not a PNG or JPEG image we can read") from None
     with image:
         if image.format not in INIT_IMAGE_FORMATS:
-            raise RequestError("init_image", f"init_image must be PNG or JPEG, got {image.format}")
+            raise RequestError(field, f"{field} must be PNG or JPEG, got {image.format}")
         width, height = image.size
         if width * height > limits.max_init_image_pixels:
-            raise RequestError("init_image", f"{too_many_pixels}, got {width}x{height}")
+            raise RequestError(field, f"{too_many_pixels}, got {width}x{height}")
         if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
-            raise RequestError("init_image", "init_image must be a single still image, not an animation")
+            raise RequestError(field, f"{field} must be a single still image, not an animation")
         # PIL reads a 16-bit RGB PNG as 8-bit RGB without a word; its header says (IHDR comes first, depth at byte 24).
         bits = raw[24] if image.format == "PNG" else 8
         if bits > 8:
-            raise RequestError("init_image", f"init_image must have 8 bits per channel, got {bits}: save it as an "
-                               "8-bit PNG or a JPEG")  # fmt: skip
+            raise RequestError(field, f"{field} must have 8 bits per channel, got {bits}: save it as an 8-bit PNG "
+                               "or a JPEG")  # fmt: skip
         if image.mode not in INIT_IMAGE_MODES:
-            raise RequestError("init_image", f"init_image must be RGB, RGBA, grayscale or palette, got {image.mode}: "
-                               "convert it to RGB first")  # fmt: skip
+            raise RequestError(field, f"{field} must be RGB, RGBA, grayscale or palette, got {image.mode}: convert "
+                               "it to RGB first")  # fmt: skip
         try:
             return image.convert("RGB")
         except OSError:
-            raise RequestError("init_image", "init_image is truncated or corrupt") from None
+            raise RequestError(field, f"{field} is truncated or corrupt") from None
+
+
+def decode_images(body: dict[str, Any], settings: HandlerSettings) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image and the mask over it (None where not sent). The mask shares the init image's byte limit, so
+    `max_request_size` (config.properties) holds for both."""
+    init = None if body.get("init_image") is None else decode_image(body["init_image"], settings)
+    if body.get("mask_image") is None:
+        return init, None
+    budget = settings.limits.max_init_image_bytes
+    if isinstance(body.get("init_image"), str):
+        budget -= len(_DATA_URL.sub("", body["init_image"].strip(), count=1)) * 3 // 4
+    return init, decode_image(body["mask_image"], settings, "mask_image", budget)
 
 
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
@@ -233,7 +257,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if unknown:
         raise RequestError(unknown[0], f"unknown field '{unknown[0]}'; known fields: {', '.join(FIELDS)}")
     d, limits = settings.defaults, settings.limits
-    init_image = decode_init_image(body["init_image"], settings) if body.get("init_image") is not None else None
+    init_image, mask_image = decode_images(body, settings)
     sizes = {}
     for name, default in (("H", d.H), ("W", d.W)):
         if init_image is not None and name not in body:
@@ -278,6 +302,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         sampler=sampler,
         init_image=init_image,
         strength=strength,
+        mask_image=mask_image,
         weighted_subprompts=_boolean(body, "weighted_subprompts", d.weighted_subprompts),
     )
     for name in TEXT_FIELDS:
@@ -287,6 +312,10 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             raise RequestError(error.field, str(error)) from None
         if count > limits.max_subprompts:
             raise RequestError(name, f"{name}: at most {limits.max_subprompts} weighted sub-prompts, got {count}")
+    try:
+        check_mask(generation)
+    except GenerationError as error:
+        raise RequestError(error.field, str(error)) from None
     try:
         check_sampler(generation)
     except GenerationError as error:

@@ -22,7 +22,7 @@ class Answer:
 
 
 def effective_parameters(generation: Generation) -> dict[str, Any]:
-    """Every request field as it was run, defaults and the drawn seed filled in (init_image left out)."""
+    """Every request field as it was run, defaults and the drawn seed filled in (init_image and mask_image left out)."""
     r = generation.request
     parameters: dict[str, Any] = {
         "prompt": r.prompt,

@@ -79,7 +79,7 @@ DEMO_HINT = (
 
 
 # Request fields whose optimizedSD flag has another name.
-FLAGS = {"eta": "ddim_eta"}
+FLAGS = {"eta": "ddim_eta", "mask_image": "mask"}
 
 
 class CliError(Exception):
@@ -113,6 +113,12 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     )
     if img2img:
         parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
+        parser.add_argument(
+            "--mask",
+            type=str,
+            help="inpainting: an image the size of --init-img, white (at least 50 %%) where it is repainted, black "
+            "where it is kept; with an inpainting checkpoint pass --config configs/v1-inpainting-inference.yaml",
+        )
         parser.add_argument(
             "--strength",
             type=float,
@@ -284,19 +290,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def read_init_image(path: str) -> Image.Image:
-    """The init image as RGB, read whole so no file handle stays open."""
+def read_image(path: str, flag: str = "init-img") -> Image.Image:
+    """The image of `--{flag}` as RGB, read whole so no file handle stays open."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise CliError(f"--init-img {path}: no such file") from None
+        raise CliError(f"--{flag} {path}: no such file") from None
     except Image.DecompressionBombError:
         # Raised from the header alone, for more than twice PIL's MAX_IMAGE_PIXELS (so that limit is set).
         limit = 2 * Image.MAX_IMAGE_PIXELS
-        raise CliError(f"--init-img {path}: more than the {limit:,} pixels PIL will decode") from None
+        raise CliError(f"--{flag} {path}: more than the {limit:,} pixels PIL will decode") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise CliError(f"--init-img {path}: not an image we can read ({error})") from None
+        raise CliError(f"--{flag} {path}: not an image we can read ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -410,7 +416,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     check_flags(args)
     device = select_device(args.device)
     prompts = read_prompts(args)
-    init_image = read_init_image(args.init_img) if mode == "img2img" else None
+    init_image = read_image(args.init_img) if mode == "img2img" else None
+    mask_image = read_image(args.mask, "mask") if mode == "img2img" and args.mask is not None else None
     source = locate_model(args.ckpt, args.config)
     try:
         config = load_config(source.config_path)
@@ -439,7 +446,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         weighted_subprompts=args.weighted_subprompts,
     )
     if init_image is not None:
-        template = replace(template, init_image=init_image, strength=args.strength)
+        template = replace(template, init_image=init_image, strength=args.strength, mask_image=mask_image)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
         for prompt in prompts[1:]:

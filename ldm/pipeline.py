@@ -166,6 +166,19 @@ def check_sampler(request: GenerationRequest) -> None:
         raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
 
 
+def check_mask(request: GenerationRequest) -> None:
+    """A mask says which pixels of the init image to repaint: it needs one, of its size."""
+    if request.mask_image is None:
+        return
+    if request.init_image is None:
+        raise GenerationError("mask_image", "mask_image needs an init_image: it tells which of its pixels to repaint")
+    if request.mask_image.size != request.init_image.size:
+        sizes = (*request.init_image.size, *request.mask_image.size)
+        raise GenerationError(
+            "mask_image", "mask_image must be the size of init_image, {}x{}, got {}x{}".format(*sizes)
+        )
+
+
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
     """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight."""
     text: str = getattr(request, field)
@@ -223,18 +236,7 @@ def resolve(
     height = size[0] if request.height is None else request.height
     width = size[1] if request.width is None else request.width
     request = replace(request, height=height, width=width)
-    if request.mask_image is not None:
-        if request.init_image is None:
-            raise GenerationError(
-                "mask_image", "mask_image needs an init_image: it tells which of its pixels to repaint"
-            )
-        if request.mask_image.size != request.init_image.size:
-            raise GenerationError(
-                "mask_image",
-                "mask_image must be the size of init_image, {}x{}, got {}x{}".format(
-                    *request.init_image.size, *request.mask_image.size
-                ),
-            )
+    check_mask(request)
     if request.init_image is not None:
         if not 0.0 < request.strength <= 1.0:
             raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-weighted-subprompts)",
     )
     parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
+    parser.add_argument(
+        "--mask-image",
+        type=Path,
+        help="inpainting: PNG or JPEG the size of --init-image, white where it is repainted, black where it is kept",
+    )
     parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
@@ -194,18 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the images are written, 1 when the server gave none, 2 on a bad input (see the top)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.strength is not None and args.init_image is None:
-        parser.error("--strength needs --init-image (txt2img has nothing to keep)")
+    for option, name in (("strength", "--strength"), ("mask_image", "--mask-image")):
+        if getattr(args, option) is not None and args.init_image is None:
+            parser.error(f"{name} needs --init-image (txt2img has nothing to keep)")
     problem = check_url(args.url)
     if problem:
         parser.error(f"--url: {problem}")
     fields: dict[str, Any] = {"prompt": args.prompt}
     fields.update({name: getattr(args, name) for name in OPTIONAL_FIELDS if getattr(args, name) is not None})
-    if args.init_image is not None:
+    for name, path in (("init_image", args.init_image), ("mask_image", args.mask_image)):
+        if path is None:
+            continue
         try:
-            fields["init_image"] = base64.b64encode(args.init_image.read_bytes()).decode("ascii")
+            fields[name] = base64.b64encode(path.read_bytes()).decode("ascii")
         except OSError as error:
-            print(f"client: cannot read --init-image {args.init_image}: {error.strerror or error}", file=sys.stderr)
+            option = "--" + name.replace("_", "-")
+            print(f"client: cannot read {option} {path}: {error.strerror or error}", file=sys.stderr)
             return 2
     try:
         # Before the request: a folder we cannot write to should fail now, not after minutes of GPU time.

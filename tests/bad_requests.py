@@ -200,6 +200,19 @@ CASES: list[Case] = [
          "init_image", "init_image must have 8 bits per channel, got 16"),
     Case("init image 16-bit RGB", with_(init_image=base64.b64encode(black_png(64, 64, 16, 2)).decode()),
          "init_image", "init_image must have 8 bits per channel, got 16: save it as an 8-bit PNG or a JPEG"),
+    # Inpainting.
+    Case("mask without init image", with_(mask_image=png_base64()), "mask_image",
+         "mask_image needs an init_image: it tells which of its pixels to repaint"),
+    Case("mask of another size", with_(init_image=png_base64(), mask_image=png_base64(64, 64)), "mask_image",
+         "mask_image must be the size of init_image, 80x64, got 64x64"),
+    Case("mask not base64", with_(init_image=png_base64(), mask_image="***"), "mask_image",
+         "mask_image is not valid base64"),
+    Case("mask over what the init image leaves",
+         with_(init_image=png_base64(), mask_image="A" * (INIT_IMAGE_BYTES * 4 // 3 + 8)), "mask_image",
+         f"mask_image must be at most {INIT_IMAGE_BYTES - len(png_base64()) * 3 // 4} bytes (init_image and "
+         f"mask_image share {INIT_IMAGE_BYTES})"),
+    Case("mask with plms", with_(init_image=png_base64(), mask_image=png_base64(), sampler="plms"), "sampler",
+         "sampler plms is for txt2img only"),
     # The answer's form.
     Case("stream not a boolean", with_(stream=1), "stream", "stream must be true or false, got 1"),
     Case("stream a string", with_(stream="true"), "stream", 'stream must be true or false, got "true"'),

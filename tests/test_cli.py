@@ -28,6 +28,7 @@ from tests.reference import (
     TINY_SAFETENSORS,
     assert_matches_png,
     case,
+    load_image,
     psnr,
     reference_png,
     request_for,
@@ -148,6 +149,18 @@ def test_img2img_with_a_k_diffusion_sampler(pipeline: Pipeline, tmp_path: Path) 
     expected = pipeline.generate(replace(request_for(case("img2img")), sampler="dpmpp_2m_karras")).images[0]
     assert np.array_equal(pixels, expected)
     assert parameters is not None and "Sampler: DPM++ 2M Karras" in parameters
+
+
+def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> None:
+    """--mask: the pipeline's inpainting of the init image, the white half repainted."""
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.repeat([[0] * 40 + [255] * 40], 64, axis=0).astype(np.uint8)).save(mask)
+    argv = [*case_argv("img2img"), *MODEL, "--mask", str(mask), "--outdir", str(tmp_path / "out")]
+    assert main(argv, mode="img2img") == 0
+    pixels, _ = read_png(tmp_path / "out" / "seed_4242_00000.png")
+    request = replace(request_for(case("img2img")), mask_image=load_image(mask))
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert not np.array_equal(pixels, pipeline.generate(request_for(case("img2img"))).images[0])
 
 
 def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
@@ -440,6 +453,12 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("img2img", ["--strength", "0"], "--strength: strength must be in (0, 1], got 0.0"),
     ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
     ("img2img", ["--init-img", "missing.png"], "--init-img missing.png: no such file"),
+    ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
+    (
+        "img2img",
+        ["--mask", str(REFERENCE / "images" / "basic_0.png")],
+        "--mask: mask_image must be the size of init_image, 80x64, got 64x64",
+    ),
     (
         "txt2img",
         ["--prompt", "style:watercolor a lake:2", "--weighted_subprompts"],

@@ -198,6 +198,16 @@ def test_a_server_that_never_answers_times_out_with_exit_1(tmp_path: Path, capsy
     assert capsys.readouterr().err.startswith(f"client: no answer from {url} within 0.2 s")
 
 
+def test_inpainting_sends_the_mask_file_as_base64(server: FakeTorchServe, tmp_path: Path) -> None:
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    init.write_bytes(png(3))
+    mask.write_bytes(png(4))
+    assert run(server.url, tmp_path / "out", "a door", "--init-image", str(init), "--mask-image", str(mask)) == 0
+    body = server.requests[0]["body"]
+    assert set(body) == {"prompt", "init_image", "mask_image"}
+    assert base64.b64decode(body["mask_image"], validate=True) == mask.read_bytes()
+
+
 def test_a_missing_init_image_exits_2_before_any_request(
     server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -255,8 +265,11 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
         generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
 
 
-def test_strength_without_init_image_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("option", [["--strength", "0.5"], ["--mask-image", "mask.png"]])
+def test_strength_or_mask_without_init_image_is_a_usage_error(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["a lighthouse", "--strength", "0.5"])
+        main(["a lighthouse", *option])
     assert exit_.value.code == 2
-    assert "--strength needs --init-image" in capsys.readouterr().err
+    assert f"{option[0]} needs --init-image" in capsys.readouterr().err

@@ -4,6 +4,7 @@ test_server.py): validation, responses, batching."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageFile
 
 from handler import sd_handler
-from handler.request import RequestError, decode_init_image, parse_request
+from handler.request import RequestError, decode_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, check_against_model, parse_settings
 from ldm.parts import load_split
@@ -115,7 +116,7 @@ def test_too_many_pixels_are_refused_from_the_header_without_decoding(name: str,
     [case] = [case for case in CASES if case.name == name]
     monkeypatch.setattr(ImageFile.ImageFile, "load", decode_pixels)
     with pytest.raises(RequestError, match="must have at most 16777216 pixels"):
-        decode_init_image(case.body["init_image"], parse_settings(SETTINGS))
+        decode_image(case.body["init_image"], parse_settings(SETTINGS))
 
 
 def test_a_multi_picture_jpeg_is_read_as_its_first_picture() -> None:
@@ -123,7 +124,7 @@ def test_a_multi_picture_jpeg_is_read_as_its_first_picture() -> None:
     red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 30, 200))
     encoded = image_base64(red, "MPO", save_all=True, append_images=[blue])
     assert Image.open(io.BytesIO(base64.b64decode(encoded))).format == "MPO"
-    image = decode_init_image(encoded, parse_settings(SETTINGS))
+    image = decode_image(encoded, parse_settings(SETTINGS))
     assert image.size == (64, 48)
     assert np.abs(np.asarray(image, dtype=int) - (200, 30, 30)).max() <= 8
 
@@ -281,6 +282,24 @@ def test_img2img_size_defaults_to_the_init_image(handler: StableDiffusionHandler
     )
     body = json.loads(response)
     assert (body["parameters"]["W"], body["parameters"]["H"], body["parameters"]["strength"]) == (80, 64, 0.5)
+
+
+def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    """A mask (here an RGBA PNG, read as gray) beside the init image: the image the pipeline paints for them."""
+    mask = Image.new("RGBA", (80, 64), (0, 0, 0, 255))
+    mask.paste((255, 255, 255, 255), (0, 0, 40, 64))
+    body = {"prompt": "tiles", "init_image": png_base64(80, 64), "mask_image": image_base64(mask), "seed": 4}
+    (response,), context = call(handler, [body])
+    answer = json.loads(response)
+    assert context.status == {} and answer["parameters"]["strength"] == 0.75
+    request = GenerationRequest(
+        "tiles", height=64, width=80, steps=3, seed=4, init_image=load_image(io.BytesIO(base64.b64decode(
+            body["init_image"]))), mask_image=mask,
+    )  # fmt: skip
+    png = base64.b64decode(answer["images"][0])
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    img2img = expected_pixels(tiny_split, dataclasses.replace(request, mask_image=None))[0]
+    assert not np.array_equal(np.asarray(load_image(io.BytesIO(png))), img2img)
 
 
 def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler, tiny_split: Path) -> None:

@@ -21,7 +21,7 @@ from ldm.parts import load_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
 from scripts.server import TorchServe
-from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, png_base64
+from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
 from tests.reference import (
     REFERENCE,
     TINY_CONFIG,
@@ -261,6 +261,18 @@ def test_init_image_as_data_url(server: TorchServe) -> None:
     response = predict(server, body)
     assert response.status_code == 200
     assert decode(response.json()["images"][0]).shape == (64, 80, 3)
+
+
+def test_inpainting_equals_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    mask = Image.new("L", (80, 64), 0)
+    mask.paste(255, (20, 16, 60, 48))
+    body = {"prompt": "a window", "init_image": image_base64(init), "mask_image": image_base64(mask),
+            "ddim_steps": 4, "seed": 8, "sampler": "euler_a"}  # fmt: skip
+    response = predict(server, body)
+    assert response.status_code == 200, response.text
+    request = GenerationRequest("a window", steps=4, seed=8, sampler="euler_a", init_image=init, mask_image=mask)
+    assert np.array_equal(decode(response.json()["images"][0]), in_process.generate(request).images[0])
 
 
 def read_stream(response: requests.Response) -> list[dict[str, Any]]:
