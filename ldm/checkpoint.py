@@ -9,7 +9,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ldm.config import ModelConfig
@@ -43,6 +43,10 @@ SCHEDULE_BUFFERS = (
 # The EMA copy of the UNet in some released files; inference uses the main weights.
 EMA_PREFIX = "model_ema."
 _SHOWN = 5
+# The UNet's first convolution: its input channels tell an inpainting checkpoint (SD v1's 4 latent channels, the mask
+# and the masked image's 4) from a text-to-image one.
+INPUT_CONV = "input_blocks.0.0.weight"
+INPAINTING_UNET_CHANNELS = 9
 
 
 class CheckpointError(ValueError):
@@ -87,6 +91,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def is_inpainting_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint's UNet reads 9 channels (the latent, the mask and the masked image: RunwayML's
+    sd-v1-5-inpainting), read without loading the weights (safetensors: its header; `.ckpt`: memory-mapped), so a
+    command can pick the config that fits. False for anything unreadable: loading it will say what is wrong."""
+    key = PREFIXES["unet"] + INPUT_CONV
+    path = Path(path)
+    try:
+        if is_safetensors(path):
+            with safe_open(str(path), "pt") as file:
+                names = file.keys()
+                shape = file.get_slice(key).get_shape() if key in names else []
+        else:
+            tensor = read_state_dict(path).get(key)
+            shape = [] if tensor is None else list(tensor.shape)
+    except (CheckpointError, SafetensorError, OSError):
+        return False
+    return len(shape) == 4 and shape[1] == INPAINTING_UNET_CHANNELS
+
+
 def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> None:
     """The stored schedule must be the one the config describes, else the images would silently differ."""
     if "alphas_cumprod" not in buffers:
@@ -100,10 +123,6 @@ def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> No
             f"the checkpoint's alphas_cumprod does not match {config.source} (linear_start {config.linear_start}, "
             f"linear_end {config.linear_end}, timesteps {config.timesteps}): wrong config for this checkpoint?"
         )
-
-
-# The UNet's first convolution: its input channels tell an inpainting checkpoint from a text-to-image one.
-INPUT_CONV = "input_blocks.0.0.weight"
 
 
 def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:

@@ -42,7 +42,7 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, is_inpainting_checkpoint
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.model import StableDiffusion
@@ -67,6 +67,8 @@ Mode = Literal["txt2img", "img2img"]
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG = "configs/v1-inference.yaml"
+# The default for a checkpoint whose UNet reads the mask too (RunwayML's sd-v1-5-inpainting).
+INPAINTING_CONFIG = "configs/v1-inpainting-inference.yaml"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
 RANDOM_SEED_MAX = 1_000_000
@@ -227,7 +229,8 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         type=str,
-        help=f"config YAML of a single-file checkpoint (default: {DEFAULT_CONFIG}); a split folder has its own",
+        help=f"config YAML of a single-file checkpoint (default: {DEFAULT_CONFIG}, or {INPAINTING_CONFIG} for an "
+        "inpainting checkpoint, told by its UNet's 9 input channels); a split folder has its own",
     )
     return parser
 
@@ -330,7 +333,9 @@ def locate_model(ckpt: str, config: str | None) -> ModelSource:
         )
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise CliError(f"--ckpt {path}: expected a .ckpt or .safetensors file or a split folder")
-    config_path = Path(config if config is not None else DEFAULT_CONFIG)
+    if config is None:
+        config = INPAINTING_CONFIG if is_inpainting_checkpoint(path) else DEFAULT_CONFIG
+    config_path = Path(config)
     if not config_path.is_file():
         raise CliError(f"config not found: {config_path.absolute()} (--config); pass --config PATH")
     return ModelSource(path, config_path, split=False)

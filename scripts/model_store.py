@@ -20,6 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
 USER_CONFIG = ROOT / "configs" / "v1-inference.yaml"
+# The user's checkpoint's config when it is an inpainting one (RunwayML's sd-v1-5-inpainting: a 9-channel UNet).
+USER_INPAINTING_CONFIG = ROOT / "configs" / "v1-inpainting-inference.yaml"
 DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
 DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
 MODEL_STORE = ROOT / "model-store"
@@ -75,10 +77,16 @@ def _stamped() -> dict[str, Any] | None:
         return None
 
 
+def _user_config() -> Path:
+    from ldm.checkpoint import is_inpainting_checkpoint
+
+    return USER_INPAINTING_CONFIG if is_inpainting_checkpoint(USER_CKPT) else USER_CONFIG
+
+
 def prepare(dtype: str | None = None) -> Store:
     """The store to serve, (re)built first when serve.sh built it from something that has changed since, or never."""
     demo = not USER_CKPT.exists()
-    source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, USER_CONFIG)
+    source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, _user_config())
     store = MODEL_STORE / MODEL_NAME
     stamped = _stamped()
     if store.exists() and stamped is None and not (store / OLD_STAMP).exists():

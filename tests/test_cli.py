@@ -163,6 +163,16 @@ def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> Non
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("img2img"))).images[0])
 
 
+def test_an_inpainting_checkpoint_defaults_to_the_inpainting_config(tmp_path: Path) -> None:
+    from ldm.config import load_config
+    from ldm.random_weights import random_state_dict, save_checkpoint
+
+    ckpt = tmp_path / "sd-v1-5-inpainting.ckpt"
+    save_checkpoint(random_state_dict(load_config(REPO / "tests" / "fixtures" / "tiny-inpainting.yaml")), ckpt)
+    assert cli.locate_model(str(ckpt), None).config_path == Path(cli.INPAINTING_CONFIG)
+    assert cli.locate_model(str(TINY_SAFETENSORS), None).config_path == Path(cli.DEFAULT_CONFIG)
+
+
 def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
     command = [sys.executable, "-W", "error", "scripts/txt2img.py", *case_argv("basic"), *MODEL]
     done = subprocess.run([*command, "--outdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)

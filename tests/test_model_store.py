@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from scripts import build_mar, model_store
-from tests.reference import TINY_SAFETENSORS
+from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
+
+INPAINTING = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"
 
 
 class Builds:
@@ -66,6 +68,22 @@ def test_built_once_then_rebuilt_only_when_something_it_copies_changes(builds: B
     assert len(builds.argv) == 4
     model_store.prepare("fp16")
     assert len(builds.argv) == 4
+
+
+def test_an_inpainting_checkpoint_is_built_with_the_inpainting_config(
+    builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's checkpoint picks its config by its UNet's input channels: 9 (RunwayML's inpainting) or 4."""
+    from ldm.config import load_config
+    from ldm.random_weights import random_state_dict, save_checkpoint
+
+    user = tmp_path / "user" / "model.ckpt"
+    user.parent.mkdir()
+    monkeypatch.setattr(model_store, "USER_CKPT", user)
+    for yaml, config in ((TINY_CONFIG, model_store.USER_CONFIG), (INPAINTING, model_store.USER_INPAINTING_CONFIG)):
+        save_checkpoint(random_state_dict(load_config(yaml)), user)
+        model_store.prepare("fp32")
+        assert builds.argv[-1][builds.argv[-1].index("--config") + 1] == str(config)
 
 
 def test_a_store_built_by_hand_is_served_as_it_is(builds: Builds) -> None:

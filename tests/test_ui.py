@@ -5,16 +5,21 @@ in the test's tmp folder and in test-artifacts/ui.png."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Route, expect, sync_playwright
 
 from scripts.server import ROOT
+from tests.reference import load_image
 
 pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
@@ -174,6 +179,46 @@ def test_weighted_sub_prompts_are_a_choice_named_on_the_result_and_a_bad_weight_
         "prompt: 'watercolor' after 'style:' is not a weight", timeout=GENERATION
     )
     expect(page.locator("#gallery .result")).to_have_count(2)
+
+
+def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, tmp_path: Path) -> None:
+    """A stroke down the left of the init image goes to the server as a mask of the image's own size, white under
+    the stroke and black elsewhere; the result says it was inpainted and is the image the API makes of the same
+    request. Cleared, the mask is not sent."""
+    path = tmp_path / "init.png"
+    Image.new("RGB", (80, 64), (40, 90, 160)).save(path)
+    page.set_input_files("#init_file", str(path))
+    canvas = page.locator("#mask")
+    expect(canvas).to_be_visible()
+    page.fill("#brush", "40")
+    box = canvas.bounding_box()
+    assert box is not None and box["width"] > 80  # shown larger than the image: strokes are scaled to it
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] - 2, steps=8)
+    page.mouse.up()
+    page.fill("#prompt", "a door")
+    page.fill("#seed", "77")
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    body = json.loads(sent.value.post_data or "")
+    mask = np.asarray(load_image(io.BytesIO(base64.b64decode(body["mask_image"].split(",", 1)[1]))).convert("L"))
+    assert mask.shape == (64, 80)
+    assert (mask[4:60, 15:17] == 255).all() and (mask[:, 40:] == 0).all() and (mask[:, :8] == 0).all()
+    [result] = results(page)
+    assert result["parameters"] == "80×64 · 10 steps · guidance 7.5 · strength 0.75 · inpainted"
+    answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
+                           headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert result["src"] == "data:image/png;base64," + answer.json()[0]
+
+    page.click("#mask_clear")
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
+    assert "mask_image" not in json.loads(sent.value.post_data or "")
+    assert results(page)[0]["parameters"].endswith("strength 0.75")
 
 
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:

@@ -14,6 +14,9 @@ const ERROR_SLOTS = { H: "size", W: "size", n_iter: "n_samples" };
 const CONTROLS = { init_image: "init_file" };
 
 let initImage = null; // data: URL of the img2img init image, or null for txt2img
+const mask = $("mask"); // the inpainting mask, painted white over the init image at its own size
+let masked = false; // whether anything was painted: an empty mask sends none (img2img)
+const EDITOR_HEIGHT = 320; // the most CSS pixels the init image is shown tall
 
 // A number field's value: a number when it reads as one, else the text as typed, so that the server names the
 // field and says what is wrong (the server is the one place the rules live).
@@ -41,8 +44,46 @@ function requestBody() {
   if (initImage) {
     body.init_image = initImage;
     body.strength = number($("strength").value);
+    if (masked) body.mask_image = maskImage();
   }
   return body;
+}
+
+// The mask as the server reads it: a PNG of the init image's size, white where painted, black elsewhere.
+function maskImage() {
+  const flat = document.createElement("canvas");
+  flat.width = mask.width;
+  flat.height = mask.height;
+  const context = flat.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, flat.width, flat.height);
+  context.drawImage(mask, 0, 0);
+  return flat.toDataURL("image/png");
+}
+
+// An empty mask the size of the init image (setting a canvas's size clears it).
+function clearMask(width = mask.width, height = mask.height) {
+  mask.width = width;
+  mask.height = height;
+  masked = false;
+}
+
+// Paints a round-ended stroke from the last point to this one, in image pixels (the brush is in screen pixels).
+let lastPoint = null;
+function paint(event) {
+  const scale = mask.width / mask.clientWidth;
+  const point = [event.offsetX * scale, event.offsetY * scale];
+  const context = mask.getContext("2d");
+  context.strokeStyle = "#fff";
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.lineWidth = Number($("brush").value) * scale;
+  context.beginPath();
+  context.moveTo(...(lastPoint ?? point));
+  context.lineTo(...point);
+  context.stroke();
+  lastPoint = point;
+  masked = true;
 }
 
 function clearErrors() {
@@ -85,6 +126,7 @@ function describe(parameters) {
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
+  if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   return parts.join(" · ");
 }
@@ -113,6 +155,7 @@ function setInitImage(dataUrl) {
   initImage = dataUrl;
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
+  clearMask(1, 1);
   // Strength only means something with an init image, and PLMS runs text to image only (the server says so too).
   $("strength").disabled = !dataUrl;
   $("sampler").querySelector("option[value='plms']").disabled = Boolean(dataUrl);
@@ -124,6 +167,10 @@ function setInitImage(dataUrl) {
   if (!dataUrl) return;
   const image = new Image();
   image.addEventListener("load", () => {
+    clearMask(image.naturalWidth, image.naturalHeight);
+    // Shown as large as fits (small images too, to paint on), its shape kept.
+    const fit = Math.min($("init").clientWidth / image.naturalWidth, EDITOR_HEIGHT / image.naturalHeight);
+    $("init_preview").style.width = `${Math.floor(image.naturalWidth * fit)}px`;
     const [width, height] = sizeFor(image.naturalWidth, image.naturalHeight);
     $("W").value = width;
     $("H").value = height;
@@ -252,7 +299,9 @@ async function generate() {
         }
       } else if (message.images) {
         const warnings = message.warnings ?? [];
-        gallery.prepend(...message.images.map((png, i) => resultItem(png, message.seeds[i], message.parameters, warnings)));
+        // The answer's parameters leave the images out: whether a mask went with them is the page's to say.
+        const parameters = { ...message.parameters, inpainted: "mask_image" in body };
+        gallery.prepend(...message.images.map((png, i) => resultItem(png, message.seeds[i], parameters, warnings)));
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
         setProgress(1, `Done: ${message.images.length} image(s) in ${seconds} s.`);
       } else {
@@ -319,6 +368,21 @@ $("strength").addEventListener("input", () => {
 const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
 $("init_clear").addEventListener("click", () => setInitImage(null));
+$("mask_clear").addEventListener("click", () => clearMask());
+$("brush").addEventListener("input", () => {
+  $("brush_value").value = $("brush").value;
+});
+mask.addEventListener("pointerdown", (event) => {
+  mask.setPointerCapture(event.pointerId);
+  lastPoint = null;
+  paint(event);
+});
+mask.addEventListener("pointermove", (event) => {
+  if (mask.hasPointerCapture(event.pointerId)) paint(event);
+});
+mask.addEventListener("pointerup", () => {
+  lastPoint = null;
+});
 drop.addEventListener("dragover", (event) => {
   event.preventDefault();
   drop.classList.add("over");
