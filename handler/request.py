@@ -17,10 +17,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handler.settings import HandlerSettings
 from ldm.pipeline import (
+    MASK_WITHOUT_INIT,
     MAX_SEED,
     TEXT_FIELDS,
     GenerationError,
@@ -198,8 +199,8 @@ def decode_image(
     max_bytes = limits.max_init_image_bytes if max_bytes is None else max_bytes
     if not isinstance(value, str):
         raise RequestError(field, f"{field} must be a base64 string (PNG or JPEG)")
-    encoded = _DATA_URL.sub("", value.strip(), count=1)
-    if len(encoded) * 3 // 4 > max_bytes:
+    encoded = _payload(value)
+    if _payload_bytes(encoded) > max_bytes:
         shared = "" if field == "init_image" else f" (init_image and {field} share {limits.max_init_image_bytes})"
         raise RequestError(field, f"{field} must be at most {max_bytes} bytes{shared}")
     try:
@@ -233,7 +234,9 @@ def decode_image(
             raise RequestError(field, f"{field} must be RGB, RGBA, grayscale or palette, got {image.mode}: convert "
                                "it to RGB first")  # fmt: skip
         try:
-            return image.convert("RGB")
+            # Upright as every viewer (and the page, which sizes the mask from it) shows it: a phone's portrait photo
+            # is stored sideways with an EXIF orientation, which PIL would ignore.
+            return ImageOps.exif_transpose(image).convert("RGB")
         except OSError:
             raise RequestError(field, f"{field} is truncated or corrupt") from None
 
@@ -241,13 +244,25 @@ def decode_image(
 def decode_images(body: dict[str, Any], settings: HandlerSettings) -> tuple[Image.Image | None, Image.Image | None]:
     """The init image and the mask over it (None where not sent). The mask shares the init image's byte limit, so
     `max_request_size` (config.properties) holds for both."""
-    init = None if body.get("init_image") is None else decode_image(body["init_image"], settings)
+    if body.get("init_image") is None:
+        if body.get("mask_image") is not None:
+            raise RequestError("mask_image", MASK_WITHOUT_INIT)  # before decoding a mask that cannot be used
+        return None, None
+    init = decode_image(body["init_image"], settings)
     if body.get("mask_image") is None:
         return init, None
-    budget = settings.limits.max_init_image_bytes
-    if isinstance(body.get("init_image"), str):
-        budget -= len(_DATA_URL.sub("", body["init_image"].strip(), count=1)) * 3 // 4
+    budget = settings.limits.max_init_image_bytes - _payload_bytes(_payload(body["init_image"]))
     return init, decode_image(body["mask_image"], settings, "mask_image", budget)
+
+
+def _payload(value: str) -> str:
+    """The base64 text of an image field, without its `data:` URL prefix."""
+    return _DATA_URL.sub("", value.strip(), count=1)
+
+
+def _payload_bytes(payload: str) -> int:
+    """The bytes base64 text decodes to, counted without decoding it."""
+    return len(payload) * 3 // 4
 
 
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:

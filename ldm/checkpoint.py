@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ldm.config import ModelConfig
+from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, ModelConfig
 from ldm.ddim import alphas_cumprod
 from ldm.model import PARTS, expected_shapes
 from ldm.safe_pickle import UnsafeCheckpointError, torch_load
@@ -105,9 +105,14 @@ def is_inpainting_checkpoint(path: str | Path) -> bool:
         else:
             tensor = read_state_dict(path).get(key)
             shape = [] if tensor is None else list(tensor.shape)
-    except (CheckpointError, SafetensorError, OSError):
+    except (CheckpointError, UnsafeCheckpointError, SafetensorError, OSError):
         return False
     return len(shape) == 4 and shape[1] == INPAINTING_UNET_CHANNELS
+
+
+def default_config(path: str | Path) -> Path:
+    """The shipped config a single-file checkpoint wants: the inpainting one for an inpainting checkpoint."""
+    return INPAINTING_CONFIG if is_inpainting_checkpoint(path) else TEXT_TO_IMAGE_CONFIG
 
 
 def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> None:

@@ -39,10 +39,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, is_inpainting_checkpoint
+from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.model import StableDiffusion
@@ -66,9 +66,6 @@ from ldm.tokenizer import CLIPTokenizer
 Mode = Literal["txt2img", "img2img"]
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
-DEFAULT_CONFIG = "configs/v1-inference.yaml"
-# The default for a checkpoint whose UNet reads the mask too (RunwayML's sd-v1-5-inpainting).
-INPAINTING_CONFIG = "configs/v1-inpainting-inference.yaml"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
 RANDOM_SEED_MAX = 1_000_000
@@ -119,7 +116,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             "--mask",
             type=str,
             help="inpainting: an image the size of --init-img, white (at least 50 %%) where it is repainted, black "
-            "where it is kept; with an inpainting checkpoint pass --config configs/v1-inpainting-inference.yaml",
+            "where it is kept",
         )
         parser.add_argument(
             "--strength",
@@ -229,8 +226,9 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         type=str,
-        help=f"config YAML of a single-file checkpoint (default: {DEFAULT_CONFIG}, or {INPAINTING_CONFIG} for an "
-        "inpainting checkpoint, told by its UNet's 9 input channels); a split folder has its own",
+        help="config YAML of a single-file checkpoint (default: configs/v1-inference.yaml, or "
+        "configs/v1-inpainting-inference.yaml for an inpainting checkpoint, told by its UNet's 9 input channels); a "
+        "split folder has its own",
     )
     return parser
 
@@ -297,7 +295,7 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
     """The image of `--{flag}` as RGB, read whole so no file handle stays open."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # upright, as viewers show a phone's photo
     except FileNotFoundError:
         raise CliError(f"--{flag} {path}: no such file") from None
     except Image.DecompressionBombError:
@@ -333,9 +331,7 @@ def locate_model(ckpt: str, config: str | None) -> ModelSource:
         )
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise CliError(f"--ckpt {path}: expected a .ckpt or .safetensors file or a split folder")
-    if config is None:
-        config = INPAINTING_CONFIG if is_inpainting_checkpoint(path) else DEFAULT_CONFIG
-    config_path = Path(config)
+    config_path = default_config(path) if config is None else Path(config)
     if not config_path.is_file():
         raise CliError(f"config not found: {config_path.absolute()} (--config); pass --config PATH")
     return ModelSource(path, config_path, split=False)

@@ -30,6 +30,13 @@ CLIP_VIT_L14_TEXT: dict[str, Any] = {
 }
 
 
+# The configs the repository ships (configs/): SD v1's text-to-image one and the one of its inpainting checkpoints.
+# Not in the model archive, which carries its own config: for the commands that build one.
+SHIPPED_CONFIGS = Path(__file__).parents[1] / "configs"
+TEXT_TO_IMAGE_CONFIG = SHIPPED_CONFIGS / "v1-inference.yaml"
+INPAINTING_CONFIG = SHIPPED_CONFIGS / "v1-inpainting-inference.yaml"
+
+
 class ConfigError(ValueError):
     """The config YAML is missing a key, has a wrong value, or describes a model we do not support."""
 

@@ -177,20 +177,21 @@ def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> No
     Guided shapes only (a UNet batch of 2N latents for N images): requests with scale 1 are rare and run eagerly.
     """
     factor = model.config.vae.downsampling_factor
-    channels = model.config.unet.in_channels  # an inpainting UNet also reads the mask and the masked image
+    unet_channels = model.config.unet.in_channels  # an inpainting UNet also reads the mask and the masked image
     memory_format = torch.channels_last if fast_path.channels_last else torch.contiguous_format
     for height, width, images in fast_path.sizes():
         if height % factor or width % factor:
             raise ValueError(f"fast path shape {height}x{width}: sides must be multiples of {factor}")
-        latent = (channels, height // factor, width // factor)
+        side = (height // factor, width // factor)
         batch = 2 * images
         like = {"device": model.device, "dtype": model.dtype}
-        x = torch.randn(batch, *latent, **like).contiguous(memory_format=memory_format)
+        x = torch.randn(batch, unet_channels, *side, **like).contiguous(memory_format=memory_format)
+        latent = torch.randn(1, model.config.latent_channels, *side, **like).contiguous(memory_format=memory_format)
         t = torch.full((batch,), 999, device=model.device, dtype=torch.float32)  # as the pipeline passes it
         context = torch.randn(batch, CONTEXT_LENGTH, model.config.unet.context_dim, **like)
         started = time.perf_counter()
         unet_ready = calls.unet.prepare(x, t, context)
-        ready = calls.decode.prepare(x[:1]) and unet_ready
+        ready = calls.decode.prepare(latent) and unet_ready
         logger.info(
             "fast path %s for %dx%d, %d image(s) per batch, in %.1f s",
             "ready" if ready else "NOT ready (eager)",

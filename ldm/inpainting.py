@@ -3,8 +3,8 @@
 Two kinds of model do it, as in diffusers' `StableDiffusionInpaintPipeline` and RunwayML's original scripts:
 - An inpainting model (RunwayML's sd-v1-5-inpainting, `conditioning_key: hybrid`) reads, beside the latent, the
   mask at latent size and the latent of the init image with its masked part blanked (0 in [−1, 1]: mid-gray): its
-  UNet's input is their concatenation (`image_condition`). A request without a mask is one whose mask covers all
-  (txt2img on such a model: the masked image is all gray).
+  UNet's input is their concatenation (`image_condition`). A request without a mask shows it a mask that covers
+  everything, so an all-gray masked image (txt2img on such a model inpaints the whole of a blank image).
 - A text-to-image model never sees the mask: after every step the kept region of the latents is put back to the
   init image's latent z₀ noised to the level the step reached, with the image's own starting noise (after the last
   step: z₀ itself), so only the masked region is painted (`KeptRegion`).

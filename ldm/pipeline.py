@@ -49,6 +49,7 @@ MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.
 TextField = Literal["prompt", "negative_prompt"]
 TEXT_FIELDS: tuple[TextField, ...] = ("prompt", "negative_prompt")
+MASK_WITHOUT_INIT = "mask_image needs an init_image: it tells which of its pixels to repaint"
 
 
 class GenerationError(ValueError):
@@ -171,7 +172,7 @@ def check_mask(request: GenerationRequest) -> None:
     if request.mask_image is None:
         return
     if request.init_image is None:
-        raise GenerationError("mask_image", "mask_image needs an init_image: it tells which of its pixels to repaint")
+        raise GenerationError("mask_image", MASK_WITHOUT_INIT)
     if request.mask_image.size != request.init_image.size:
         sizes = (*request.init_image.size, *request.mask_image.size)
         raise GenerationError(
@@ -308,10 +309,13 @@ class Pipeline:
         assert request.init_image is not None
         return self.encode_pixels(encode_image(request.init_image, request.width, request.height))
 
-    def image_condition(self, pixels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    def image_condition(self, request: GenerationRequest, mask: torch.Tensor) -> torch.Tensor:
         """What an inpainting model reads beside the latent (1, C + 1, h, w): the pixel mask (1, 1, H, W) at latent
-        size, then the latent of the init image `pixels` with its masked part blanked (all blank without one)."""
-        blank = torch.zeros(1, 3, *mask.shape[-2:]) if pixels is None else inpainting.blank_masked(pixels, mask)
+        size, then the latent of the init image with its masked part blanked (all blank without one)."""
+        if request.init_image is None:
+            blank = torch.zeros(1, 3, *mask.shape[-2:])
+        else:
+            blank = inpainting.blank_masked(encode_image(request.init_image, request.width, request.height), mask)
         masked = self.encode_pixels(blank)
         return torch.cat([inpainting.latent_mask(mask, self.factor).to(masked.device), masked], dim=1)
 
@@ -459,12 +463,9 @@ class Pipeline:
         per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
-            init_pixels = (
-                None if request.init_image is None else encode_image(request.init_image, request.width, request.height)
-            )
-            z0 = None if init_pixels is None else self.encode_pixels(init_pixels)
+            z0 = None if request.init_image is None else self.init_latent(request)
             mask = self.repaint_mask(request)
-            condition = self.image_condition(init_pixels, mask) if config.inpainting else None
+            condition = None if mask is None or not config.inpainting else self.image_condition(request, mask)
             for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
@@ -526,7 +527,8 @@ def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, 
 @dataclass
 class _Image:
     """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels;
-    for inpainting its noise, z₀, pixel mask (all 1 without one) and an inpainting model's `image_condition`."""
+    for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`) and an inpainting model's
+    `image_condition`."""
 
     request_index: int
     image_index: int

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
@@ -58,7 +58,12 @@ def archive(args: argparse.Namespace, staged: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="original checkpoint (.ckpt or .safetensors)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "v1-inference.yaml", help="config YAML")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config YAML (default: configs/v1-inference.yaml, or v1-inpainting-inference.yaml for an inpainting "
+        "checkpoint)",
+    )
     parser.add_argument("--model-name", default="sd", help="name the model is served under (default: %(default)s)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model-store", help="the model store")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights' dtype (default: fp16)")
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
         staged = Path(tmp) / "model"
         try:
-            stage(args.ckpt, args.config, args.dtype, staged)
+            stage(args.ckpt, args.config or default_config(args.ckpt), args.dtype, staged)
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2

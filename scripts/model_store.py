@@ -19,9 +19,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
-USER_CONFIG = ROOT / "configs" / "v1-inference.yaml"
-# The user's checkpoint's config when it is an inpainting one (RunwayML's sd-v1-5-inpainting: a 9-channel UNet).
-USER_INPAINTING_CONFIG = ROOT / "configs" / "v1-inpainting-inference.yaml"
 DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
 DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
 MODEL_STORE = ROOT / "model-store"
@@ -78,9 +75,10 @@ def _stamped() -> dict[str, Any] | None:
 
 
 def _user_config() -> Path:
-    from ldm.checkpoint import is_inpainting_checkpoint
+    """configs/v1-inference.yaml, or its inpainting twin for an inpainting checkpoint."""
+    from ldm.checkpoint import default_config
 
-    return USER_INPAINTING_CONFIG if is_inpainting_checkpoint(USER_CKPT) else USER_CONFIG
+    return default_config(USER_CKPT)
 
 
 def prepare(dtype: str | None = None) -> Store:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
@@ -18,12 +18,16 @@ from ldm.safe_pickle import UnsafeCheckpointError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="original checkpoint (.ckpt or .safetensors)")
-    parser.add_argument("--config", default="configs/v1-inference.yaml", help="original-format config YAML")
+    parser.add_argument(
+        "--config",
+        help="original-format config YAML (default: configs/v1-inference.yaml, or v1-inpainting-inference.yaml for an "
+        "inpainting checkpoint)",
+    )
     parser.add_argument("--out", required=True, help="folder to write the parts into")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
     args = parser.parse_args(argv)
     try:
-        manifest = write_split(args.ckpt, args.config, args.out, args.dtype)
+        manifest = write_split(args.ckpt, args.config or default_config(args.ckpt), args.out, args.dtype)
     except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
         print(f"split_checkpoint: {error}", file=sys.stderr)
         return 2

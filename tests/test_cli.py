@@ -164,13 +164,13 @@ def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> Non
 
 
 def test_an_inpainting_checkpoint_defaults_to_the_inpainting_config(tmp_path: Path) -> None:
-    from ldm.config import load_config
+    from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, load_config
     from ldm.random_weights import random_state_dict, save_checkpoint
 
     ckpt = tmp_path / "sd-v1-5-inpainting.ckpt"
     save_checkpoint(random_state_dict(load_config(REPO / "tests" / "fixtures" / "tiny-inpainting.yaml")), ckpt)
-    assert cli.locate_model(str(ckpt), None).config_path == Path(cli.INPAINTING_CONFIG)
-    assert cli.locate_model(str(TINY_SAFETENSORS), None).config_path == Path(cli.DEFAULT_CONFIG)
+    assert cli.locate_model(str(ckpt), None).config_path == INPAINTING_CONFIG
+    assert cli.locate_model(str(TINY_SAFETENSORS), None).config_path == TEXT_TO_IMAGE_CONFIG
 
 
 def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
@@ -194,6 +194,17 @@ def test_img2img_matches_reference(tmp_path: Path) -> None:
 def test_img2img_size_defaults_to_init_image(tmp_path: Path) -> None:
     assert main([*case_argv("img2img", size=False), *MODEL, "--outdir", str(tmp_path)], mode="img2img") == 0
     assert_matches_png(read_png(tmp_path / "seed_4242_00000.png")[0], reference_png(case("img2img")["images"][0]))
+
+
+def test_a_sideways_stored_photo_is_read_upright(tmp_path: Path) -> None:
+    """An init image with an EXIF orientation (a phone's portrait photo) is used as viewers show it: its size too."""
+    photo = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80×64, turned 90° clockwise to view
+    load_image(REFERENCE / "init_dev_80x64.png").convert("RGB").save(photo, exif=exif)
+    argv = [*case_argv("img2img", size=False), *MODEL, "--init-img", str(photo), "--outdir", str(tmp_path / "out")]
+    assert main(argv, mode="img2img") == 0
+    assert read_png(tmp_path / "out" / "seed_4242_00000.png")[0].shape == (80, 64, 3)
 
 
 @pytest.mark.parametrize("case_id", ["negative", "eta", "scale1"])

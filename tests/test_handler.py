@@ -134,6 +134,19 @@ def test_limit_is_named_in_the_message(handler: StableDiffusionHandler) -> None:
     assert json.loads(response)["error"] == "ddim_steps must be between 1 and 150, got 151"
 
 
+def test_an_image_is_read_upright_as_its_exif_orientation_says() -> None:
+    """A phone's portrait photo: stored 80×64 with orientation 6 (turn 90° clockwise to view), shown 64×80 by every
+    viewer and by the page, which sizes its mask from what it shows."""
+    stored = Image.new("RGB", (80, 64), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 40, 64))  # blue on the stored left: on top once turned
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = decode_image(image_base64(stored, "JPEG", exif=exif), parse_settings(SETTINGS))
+    assert image.size == (64, 80)
+    array = np.asarray(image, dtype=int)
+    assert np.abs(array[10, 32] - (30, 30, 200)).max() <= 8 and np.abs(array[70, 32] - (200, 30, 30)).max() <= 8
+
+
 def test_form_body_is_415(handler: StableDiffusionHandler) -> None:
     context = FakeContext(Path(handler.context.system_properties["model_dir"]))
     (response,) = handler.handle([{'{"prompt": "x"}': ""}], context)

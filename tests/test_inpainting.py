@@ -53,6 +53,21 @@ def inpainting_model(inpainting_checkpoint: Path) -> StableDiffusion:
     return load_checkpoint(inpainting_checkpoint, INPAINTING_CONFIG)
 
 
+def test_the_fast_path_warms_an_inpainting_unet_and_its_decoder(inpainting_model: StableDiffusion) -> None:
+    """The UNet reads 9 channels, the decoder the latent's 4: both routes are prepared (on the CPU here, eagerly:
+    the shapes are what is checked; tests/test_gpu.py runs the compiled ones)."""
+    from ldm.fast_path import FastCalls, FastPath, ShapeDispatch, warm_up
+
+    model = inpainting_model
+    calls = FastCalls(
+        ShapeDispatch(model.unet, model.unet, False), ShapeDispatch(model.vae.decode, model.vae.decode, False)
+    )
+    with torch.inference_mode():
+        warm_up(model, calls, FastPath(shapes=("64x80x1",)))
+    assert [key[0][0] for key in calls.unet.routes] == [(2, 9, 8, 10)]
+    assert [key[0][0] for key in calls.decode.routes] == [(1, 4, 8, 10)]
+
+
 def test_masks_are_read_as_diffusers_reads_them() -> None:
     """Grayscale, resized to the image, 1 from half white up; nearest-neighbour at latent size."""
     pixels = mask_pixels(_mask(), 80, 64)
@@ -82,13 +97,17 @@ def test_kept_latents_end_on_the_init_image_and_the_masked_ones_do_not(pipeline:
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
-@pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("ddim", 0.5), ("euler_a", 0.7)])
+@pytest.mark.parametrize(
+    ("sampler", "strength", "size"), [("ddim", 1.0, None), ("ddim", 0.5, (48, 64)), ("euler_a", 0.7, None)]
+)
 def test_text_to_image_model_inpaints_as_diffusers(
-    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str, strength: float
+    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str, strength: float, size: tuple[int, int] | None
 ) -> None:
     """diffusers' inpainting with a 4-channel UNet puts the kept region back after every step too; it is handed our
-    z₀ (it would sample the VAE posterior where we take its mean)."""
-    request = resolve(dataclasses.replace(REQUEST, sampler=sampler, strength=strength))
+    z₀ (it would sample the VAE posterior where we take its mean). At another size than the init image's, the mask
+    is resized with it."""
+    height, width = size or (None, None)
+    request = resolve(dataclasses.replace(REQUEST, sampler=sampler, strength=strength, height=height, width=width))
     ours = pipeline.generate(request).pixels[0]
     z0 = pipeline.init_latent(request)
     theirs = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
@@ -113,12 +132,10 @@ def test_inpainting_model_inpaints_as_diffusers(
     keep = np.asarray(_mask()) < 128
     blanked = torch.from_numpy(pixels * keep[..., None]).permute(2, 0, 1)[None]
     masked_latent = inpainting_model.config.scale_factor * inpainting_model.vae.encode_mean(blanked)
-    condition = pipeline.image_condition(torch.from_numpy(pixels).permute(2, 0, 1)[None], mask_pixels(_mask(), 80, 64))
+    condition = pipeline.image_condition(request, mask_pixels(_mask(), 80, 64))
     assert torch.allclose(condition[:, 1:], masked_latent, atol=1e-5)
     z0 = pipeline.init_latent(request)
-    theirs = _diffusers_inpaint(
-        inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent, from_noise_sigma=True
-    )
+    theirs = _diffusers_inpaint(inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent)
     assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
 
 
@@ -134,27 +151,32 @@ def test_inpainting_model_without_a_mask_repaints_everything(inpainting_model: S
     assert np.array_equal(masked, txt2img)
 
 
-def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline) -> None:
-    """Rows without a mask in a batch with a masked one repaint everywhere, as they would alone."""
-    masked = dataclasses.replace(REQUEST, n_samples=2)
-    plain = dataclasses.replace(REQUEST, mask_image=None, seed=90)
-    together = pipeline.generate_many([masked, plain], max_batch_images=3)
-    for request, generation in zip((masked, plain), together, strict=True):
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, strength: float) -> None:
+    """Rows without a mask in a UNet batch with masked ones (img2img at the same m; txt2img beside a masked image at
+    strength 1, which runs all S steps too) repaint everywhere, as they would alone."""
+    masked = dataclasses.replace(REQUEST, n_samples=2, strength=strength)
+    other = dataclasses.replace(REQUEST, mask_image=None, seed=90, strength=strength)
+    if strength == 1.0:
+        other = dataclasses.replace(other, init_image=None, height=64, width=80)
+    together = pipeline.generate_many([masked, other], max_batch_images=3)
+    for request, generation in zip((masked, other), together, strict=True):
         assert np.abs(generation.pixels - pipeline.generate(request).pixels).max() < FLOAT_TOLERANCE
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "field", "message"),
     [
-        ({"init_image": None}, "mask_image needs an init_image"),
-        ({"mask_image": Image.new("L", (64, 64))}, "mask_image must be the size of init_image, 80x64, got 64x64"),
-        ({"sampler": "plms"}, "plms is for txt2img only"),
+        ({"init_image": None}, "mask_image", "mask_image needs an init_image"),
+        ({"mask_image": Image.new("L", (64, 64))}, "mask_image",
+         "mask_image must be the size of init_image, 80x64, got 64x64"),
+        ({"sampler": "plms"}, "sampler", "plms is for txt2img only"),
     ],
-)
-def test_masked_requests_the_pipeline_cannot_run(change: dict, message: str) -> None:
+)  # fmt: skip
+def test_masked_requests_the_pipeline_cannot_run(change: dict, field: str, message: str) -> None:
     with pytest.raises(GenerationError, match=message) as error:
         resolve(dataclasses.replace(REQUEST, **change))
-    assert error.value.field in ("mask_image", "sampler")
+    assert error.value.field == field
 
 
 def test_configs_say_which_unet_input_they_feed() -> None:
@@ -173,6 +195,9 @@ def test_configs_say_which_unet_input_they_feed() -> None:
 def test_an_inpainting_checkpoint_under_the_text_to_image_config_names_the_right_one(
     inpainting_checkpoint: Path,
 ) -> None:
+    from ldm.checkpoint import is_inpainting_checkpoint
+
+    assert is_inpainting_checkpoint(inpainting_checkpoint) and not is_inpainting_checkpoint(TINY_SAFETENSORS)
     with pytest.raises(CheckpointError, match="9 channels: this is an inpainting checkpoint; use configs/v1-inp"):
         split_state_dict(read_state_dict(inpainting_checkpoint), load_config(TINY_CONFIG))
     with pytest.raises(CheckpointError, match="4 channels: this is a text-to-image checkpoint; use configs/v1-inf"):
@@ -186,7 +211,6 @@ def _diffusers_inpaint(
     request: GenerationRequest,
     z0: torch.Tensor,
     masked_latent: torch.Tensor,
-    from_noise_sigma: bool = False,
 ) -> np.ndarray:
     """diffusers' `StableDiffusionInpaintPipeline` on the same weights and request: pixels in [0, 255]."""
     import diffusers
@@ -200,13 +224,6 @@ def _diffusers_inpaint(
         pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="linspace"
         )
-    generator = torch.Generator().manual_seed(request.seed)
-    latents = None
-    if from_noise_sigma and request.strength == 1.0 and request.sampler != "ddim":
-        # diffusers starts a k-diffusion port from noise·√(σ_max² + 1), k-diffusion (and we) from noise·σ_max.
-        pipe.scheduler.set_timesteps(request.steps)
-        noise = torch.randn(z0.shape, generator=generator)
-        latents = noise * float(pipe.scheduler.sigmas[0]) / pipe.scheduler.init_noise_sigma
     image = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -218,8 +235,7 @@ def _diffusers_inpaint(
         strength=request.strength,
         num_inference_steps=request.steps,
         guidance_scale=request.scale,
-        generator=generator,
-        latents=latents,
+        generator=torch.Generator().manual_seed(request.seed),
         output_type="np",
     ).images[0]
     return image.clip(0, 1) * 255

@@ -74,13 +74,13 @@ def test_an_inpainting_checkpoint_is_built_with_the_inpainting_config(
     builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The user's checkpoint picks its config by its UNet's input channels: 9 (RunwayML's inpainting) or 4."""
-    from ldm.config import load_config
+    from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, load_config
     from ldm.random_weights import random_state_dict, save_checkpoint
 
     user = tmp_path / "user" / "model.ckpt"
     user.parent.mkdir()
     monkeypatch.setattr(model_store, "USER_CKPT", user)
-    for yaml, config in ((TINY_CONFIG, model_store.USER_CONFIG), (INPAINTING, model_store.USER_INPAINTING_CONFIG)):
+    for yaml, config in ((TINY_CONFIG, TEXT_TO_IMAGE_CONFIG), (INPAINTING, INPAINTING_CONFIG)):
         save_checkpoint(random_state_dict(load_config(yaml)), user)
         model_store.prepare("fp32")
         assert builds.argv[-1][builds.argv[-1].index("--config") + 1] == str(config)

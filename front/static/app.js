@@ -167,6 +167,7 @@ function setInitImage(dataUrl) {
   if (!dataUrl) return;
   const image = new Image();
   image.addEventListener("load", () => {
+    if (initImage !== dataUrl) return; // another image was picked while this one loaded
     clearMask(image.naturalWidth, image.naturalHeight);
     // Shown as large as fits (small images too, to paint on), its shape kept.
     const fit = Math.min($("init").clientWidth / image.naturalWidth, EDITOR_HEIGHT / image.naturalHeight);
