@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, inpainting, k_samplers, plms, subprompts
+from ldm import ddim, emphasis, inpainting, k_samplers, plms, subprompts
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
@@ -67,7 +67,8 @@ class GenerationRequest:
 
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
-    sub-prompts (`ldm/subprompts.py`), not as written.
+    sub-prompts (`ldm/subprompts.py`), not as written; `emphasis` → in AUTOMATIC1111's syntax, whole
+    (`ldm/emphasis.py`).
     """
 
     prompt: str
@@ -85,6 +86,7 @@ class GenerationRequest:
     strength: float = 0.75
     weighted_subprompts: bool = False
     mask_image: Image.Image | None = None
+    emphasis: bool = False
 
     @property
     def n_images(self) -> int:
@@ -180,6 +182,22 @@ def check_mask(request: GenerationRequest) -> None:
         )
 
 
+def check_emphasis(request: GenerationRequest) -> None:
+    """A1111's syntax reads `(word:1.3)` where optimizedSD's reads a sub-prompt and a weight: one of the two; and
+    every weight it reads must be a number."""
+    if not request.emphasis:
+        return
+    if request.weighted_subprompts:
+        raise GenerationError(
+            "emphasis", "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"
+        )
+    for field in TEXT_FIELDS:
+        try:
+            emphasis.parse(getattr(request, field))
+        except emphasis.EmphasisError as error:
+            raise GenerationError(field, f"{field}: {error}") from None
+
+
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
     """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight."""
     text: str = getattr(request, field)
@@ -194,7 +212,9 @@ def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts
 def unread_warnings(tokenizer: CLIPTokenizer, request: GenerationRequest) -> tuple[str, ...]:
     """One line for each of the request's texts (or sub-prompts) longer than the 75 tokens CLIP reads, with the words
     it never saw. Why: the original cuts them off without a word, and a user should know which words did nothing.
-    At scale 1 the negative prompt does nothing at all, so it has nothing to warn of."""
+    At scale 1 the negative prompt does nothing at all, so it has nothing to warn of; A1111's syntax reads all."""
+    if request.emphasis:
+        return ()
     lines = []
     for field in TEXT_FIELDS if request.scale != 1 else ("prompt",):
         parts = text_parts(request, field)
@@ -215,6 +235,7 @@ def resolve(
     which the math itself breaks.
     """
     check_sampler(request)
+    check_emphasis(request)
     for field in TEXT_FIELDS:
         text_parts(request, field)
     max_steps = max_ddim_steps(num_timesteps)
@@ -294,6 +315,12 @@ class Pipeline:
         with self.model.resident(self.model.text_encoder) as encoder:
             return encoder(list(prompts)).to(self.model.dtype)
 
+    @torch.inference_mode()
+    def embed_emphasized(self, text: str) -> torch.Tensor:
+        """(1) A prompt in A1111's syntax (ldm/emphasis.py): (1, 77·k, d) in the UNet's dtype."""
+        with self.model.resident(self.model.text_encoder) as encoder:
+            return encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text)).to(self.model.dtype)
+
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
 
@@ -344,25 +371,30 @@ class Pipeline:
         model's inpainting (`KeptRegion`).
         """
         guided = bool((scales != 1).any())
-        context = torch.cat([uncond, cond]) if guided else cond
+        # Contexts of one length (77 tokens, but for A1111-syntax prompts of several chunks) share one UNet call;
+        # otherwise each runs alone, as A1111 runs them.
+        together = guided and cond.shape[1] == uncond.shape[1]
         s = scales.view(-1, 1, 1, 1).to(x.device)
-        extra = None
-        if image_condition is not None:
-            extra = torch.cat([image_condition, image_condition]) if guided else image_condition
 
         with self.model.resident(self.model.unet) as unet:
             call = unet if self.fast is None else self.fast.unet
 
-            def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
-                batch = torch.cat([latents, latents]) if guided else latents
-                if extra is not None:
-                    batch = torch.cat([batch, extra], dim=1)
+            def unet_eps(latents: torch.Tensor, t: float, context: torch.Tensor) -> torch.Tensor:
+                copies = context.shape[0] // latents.shape[0]
+                batch = torch.cat([latents] * copies)
+                if image_condition is not None:
+                    batch = torch.cat([batch, torch.cat([image_condition] * copies)], dim=1)
                 # float: the σ-space samplers ask between whole timesteps (the embedding is of a float anyway).
                 timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.float32)
-                out = call(batch.to(self.model.dtype), timesteps, context).float()
+                return call(batch.to(self.model.dtype), timesteps, context).float()
+
+            def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
                 if not guided:
-                    return out
-                e_u, e_c = out.chunk(2)
+                    return unet_eps(latents, t, cond)
+                if together:
+                    e_u, e_c = unet_eps(latents, t, torch.cat([uncond, cond])).chunk(2)
+                else:
+                    e_u, e_c = unet_eps(latents, t, uncond), unet_eps(latents, t, cond)
                 return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
 
             if sampler == "ddim":
@@ -453,13 +485,29 @@ class Pipeline:
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
-        texts = sorted({text for pair in parts for side in pair for text, _ in side})
-        # (1) Every distinct prompt (or sub-prompt) once, in one text-encoder call.
-        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True))
-        conditions = [(_weighted(p, embeddings), _weighted(n, embeddings)) for p, n in parts]
+        texts = sorted(
+            {
+                text
+                for r, pair in zip(requests, parts, strict=True)
+                if not r.emphasis
+                for side in pair
+                for text, _ in side
+            }
+        )
+        # (1) Every distinct prompt (or sub-prompt) once, in one text-encoder call; each in A1111's syntax alone.
+        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
+        emphasized = {
+            t: self.embed_emphasized(t) for t in {getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS}
+        }
+        conditions = [
+            (emphasized[r.prompt], emphasized[r.negative_prompt])
+            if r.emphasis
+            else (_weighted(p, embeddings), _weighted(n, embeddings))
+            for r, (p, n) in zip(requests, parts, strict=True)
+        ]
         schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
 
-        groups: dict[tuple[int, int, int, int, str], list[_Image]] = {}
+        groups: dict[tuple[int, int, int, int, str, int, int], list[_Image]] = {}
         per_request: list[list[_Image]] = [[] for _ in requests]
         for index, request in enumerate(requests):
             m = request.denoising_steps
@@ -471,12 +519,13 @@ class Pipeline:
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = self.start_latents(request, schedules[request.steps], noise, z0)
-                key = (request.height, request.width, request.steps, m, request.sampler)
+                lengths = tuple(condition.shape[1] for condition in conditions[index])
+                key = (request.height, request.width, request.steps, m, request.sampler, *lengths)
                 image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition)
                 groups.setdefault(key, []).append(image)
                 per_request[index].append(image)
 
-        for (_, _, steps, m, sampler), images in groups.items():
+        for (_, _, steps, m, sampler, _, _), images in groups.items():
             for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(

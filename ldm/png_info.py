@@ -44,6 +44,8 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
         fields.append(f"Denoising strength: {float(request.strength)}")
     if request.weighted_subprompts:
         fields.append("Weighted subprompts: True")
+    if request.emphasis:
+        fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

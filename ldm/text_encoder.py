@@ -7,12 +7,14 @@ loaded into `core`, the module whose keys are the checkpoint's `cond_stage_model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.emphasis import Chunk, weigh
 from ldm.tokenizer import CLIPTokenizer
 
 
@@ -38,11 +40,18 @@ class TextEncoder(nn.Module):
         device = embeddings.position_embedding.weight.device
         embeddings.register_buffer("position_ids", torch.arange(n, device=device)[None], persistent=False)
 
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+    def token_ids(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B, 77) int64 ids on this module's device."""
         device = self.core.embeddings.position_embedding.weight.device
-        return torch.tensor([self.tokenizer(p) for p in prompts], dtype=torch.long, device=device)
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, hidden) embeddings, no attention mask (as SD v1 was trained)."""
-        return self.transformer(input_ids=self.token_ids(prompts)).last_hidden_state
+        return self.transformer(input_ids=self.token_ids([self.tokenizer(p) for p in prompts])).last_hidden_state
+
+    def encode_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """(1, 77·k, hidden) float32: the k chunks of one prompt in A1111's syntax (ldm/emphasis.py), each encoded
+        alone and weighted, end to end."""
+        hidden = self.transformer(input_ids=self.token_ids([chunk.ids for chunk in chunks])).last_hidden_state
+        weights = torch.tensor([chunk.weights for chunk in chunks])
+        return torch.cat([weigh(rows, row_weights) for rows, row_weights in zip(hidden, weights, strict=True)])[None]

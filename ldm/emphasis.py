@@ -1,0 +1,150 @@
+"""AUTOMATIC1111's prompt syntax (its "Original" emphasis): `(word)`, `(word:1.3)`, `[word]`, `BREAK`, and prompts
+longer than the 75 tokens CLIP reads, encoded in chunks of 75.
+
+Why: prompts written for A1111, the web UI most SD v1 prompts are shared from, carry this syntax; read as plain text
+CLIP sees the brackets and numbers as words and drops everything past 75 tokens. A1111 reads it so:
+- `(text)` multiplies the weight of its tokens by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by w;
+  brackets nest (their factors multiply), one left open applies to the end, a stray closing one is text, and `\\(`,
+  `\\)`, `\\[`, `\\]`, `\\\\` are the characters themselves. `BREAK` (in capitals, as a word) starts a new chunk.
+- The tokens are cut into chunks of 75, each framed by BOS and EOS and padded with EOS to 77; a chunk that would cut
+  a phrase moves the words after its last comma (if within the last 20 tokens) to the next chunk.
+- Each chunk is encoded by CLIP alone; each token's output is multiplied by its weight, and the chunk rescaled so
+  its mean is what it was before (`weigh`). The chunks' outputs are concatenated: the UNet attends over 77·k tokens.
+
+A1111 takes that mean over the whole batch of prompts it encodes at once; here it is each prompt's own, so an image
+does not depend on what else is in its batch (the same, for the batches of one prompt A1111 makes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
+
+ROUND_FACTOR = 1.1
+SQUARE_FACTOR = 1 / 1.1
+# How far back from a full chunk's end a comma may be for the words after it to move to the next chunk (A1111's
+# default `comma_padding_backtrack`).
+COMMA_BACKTRACK = 20
+BREAK = "BREAK"
+# What `parse` gives for a BREAK: no text has a negative weight but this.
+_BREAK_MARK = (BREAK, -1.0)
+_PIECE = re.compile(
+    r"""
+      \\[()\[\]\\]              # an escaped bracket or backslash: that character
+    | \\                        # a lone backslash
+    | \( | \[                   # opening brackets
+    | :\s*([+-]?[.\d]+)\s*\)    # ':1.3)': closes a round bracket with that weight
+    | \) | \]                   # closing brackets
+    | [^\\()\[\]:]+             # text
+    | :                         # a colon that closes nothing: text
+    """,
+    re.VERBOSE,
+)
+_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+class EmphasisError(ValueError):
+    """A prompt the syntax cannot read (a weight that is not a number)."""
+
+
+def parse(text: str) -> list[tuple[str, float]]:
+    """`text` as runs of (text, weight), runs of equal weight merged; a BREAK is the run ("BREAK", -1)."""
+    runs: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    round_opened: list[int] = []
+    square_opened: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _PIECE.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_opened.append(len(runs))
+        elif piece == "[":
+            square_opened.append(len(runs))
+        elif weight is not None and round_opened:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise EmphasisError(f"'{weight}' in '{piece}' is not a weight: write a number such as 1.3") from None
+            scale(round_opened.pop(), factor)
+        elif piece == ")" and round_opened:
+            scale(round_opened.pop(), ROUND_FACTOR)
+        elif piece == "]" and square_opened:
+            scale(square_opened.pop(), SQUARE_FACTOR)
+        else:
+            for index, part in enumerate(_BREAK_SPLIT.split(piece)):
+                if index:
+                    runs.append(list(_BREAK_MARK))
+                runs.append([part, 1.0])
+    for start in round_opened:
+        scale(start, ROUND_FACTOR)
+    for start in square_opened:
+        scale(start, SQUARE_FACTOR)
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(text, weight) for text, weight in merged]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What CLIP reads at once: 77 ids (BOS, up to 75 tokens, EOS padding) and each one's weight."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+def chunks(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
+    """`text` parsed, tokenized run by run and cut into chunks of 75 tokens (at least one)."""
+    comma = tokenizer.encoder[",</w>"]
+    done: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        pad = READ_TOKENS - len(ids)
+        framed = [tokenizer.bos_id, *ids, *[tokenizer.eos_id] * pad, tokenizer.eos_id]
+        done.append(Chunk(tuple(framed), (1.0, *weights, *[1.0] * pad, 1.0)))
+        ids, weights, last_comma = [], [], -1
+
+    for run, weight in parse(text):
+        if (run, weight) == _BREAK_MARK:
+            close()
+            continue
+        for token in tokenizer.tokenize(run):
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == READ_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                moved = ids[last_comma + 1 :], weights[last_comma + 1 :]
+                ids, weights = ids[: last_comma + 1], weights[: last_comma + 1]
+                close()
+                ids, weights = moved
+            if len(ids) == READ_TOKENS:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not done:
+        close()
+    return done
+
+
+def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
+    it had (so emphasis shifts attention between words rather than the overall scale), in float32."""
+    hidden = hidden.float()
+    mean = hidden.mean()
+    weighted = hidden * weights.to(hidden.device, torch.float32)[:, None]
+    return weighted * (mean / weighted.mean())

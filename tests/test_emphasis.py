@@ -1,0 +1,151 @@
+"""AUTOMATIC1111's prompt syntax (ldm/emphasis.py): its parser against the examples A1111 documents, the chunks of
+75 tokens, the weighting against a float64 re-derivation, and the pipeline's use of prompts of several chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.emphasis import EmphasisError, chunks, parse, weigh
+from ldm.model import StableDiffusion
+from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.png_info import parameters_text
+from ldm.tokenizer import CLIPTokenizer
+from tests.reference import FLOAT_TOLERANCE
+
+TOKENIZER = CLIPTokenizer()
+SMALL = GenerationRequest("a red door, stone wall", height=64, width=64, steps=4, seed=3, emphasis=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "runs"),
+    [
+        # The examples of A1111's `parse_prompt_attention` docstring, with the weights it gives.
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+         [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+          (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+        # Ours: a stray closing bracket and a weight without its bracket are text; BREAK is a mark of weight -1.
+        ("a) b:2) c]", [("a) b:2) c]", 1.0)]),
+        ("[faded] (x:0.5)", [("faded", 1 / 1.1), (" ", 1.0), ("x", 0.5)]),
+        ("sky BREAK sea", [("sky", 1.0), ("BREAK", -1.0), ("sea", 1.0)]),
+        ("", [("", 1.0)]),
+    ],
+)  # fmt: skip
+def test_parse_reads_weights_as_a1111_documents(text: str, runs: list[tuple[str, float]]) -> None:
+    assert parse(text) == runs
+
+
+def test_a_weight_that_is_not_a_number_is_named() -> None:
+    with pytest.raises(EmphasisError, match=re.escape("'1.2.3' in ':1.2.3)' is not a weight")):
+        parse("(red:1.2.3)")
+
+
+def _words(chunk_ids: tuple[int, ...]) -> list[int]:
+    return [i for i in chunk_ids if i not in (TOKENIZER.bos_id, TOKENIZER.eos_id)]
+
+
+def test_a_short_prompt_is_one_chunk_as_clip_reads_it_plain() -> None:
+    [chunk] = chunks(TOKENIZER, "a red door, stone wall")
+    assert chunk.ids == tuple(TOKENIZER("a red door, stone wall")) and chunk.weights == (1.0,) * 77
+
+
+def test_weights_follow_their_tokens() -> None:
+    [chunk] = chunks(TOKENIZER, "a (red:1.5) [door]")
+    red, door = TOKENIZER.encoder["red</w>"], TOKENIZER.encoder["door</w>"]
+    assert chunk.ids[:5] == (TOKENIZER.bos_id, TOKENIZER.encoder["a</w>"], red, door, TOKENIZER.eos_id)
+    assert chunk.weights[:5] == (1.0, 1.0, 1.5, 1 / 1.1, 1.0)
+
+
+def test_long_prompts_are_cut_into_chunks_of_75_moving_words_after_a_near_comma() -> None:
+    cat, comma = TOKENIZER.encoder["cat</w>"], TOKENIZER.encoder[",</w>"]
+    # 70 words, a comma, 9 words: at the 76th token the comma is 5 back, so the 4 words after it move on.
+    first, second = chunks(TOKENIZER, "cat " * 70 + ", " + "cat " * 9)
+    assert len(first.ids) == len(second.ids) == 77
+    assert _words(first.ids) == [cat] * 70 + [comma] and _words(second.ids) == [cat] * 9
+    assert first.ids[0] == TOKENIZER.bos_id and set(first.ids[72:]) == {TOKENIZER.eos_id}
+    # A comma more than 20 back is too far: a hard cut at 75.
+    first, second = chunks(TOKENIZER, "cat " * 50 + ", " + "cat " * 40)
+    assert _words(first.ids) == [cat] * 50 + [comma] + [cat] * 24 and _words(second.ids) == [cat] * 16
+    # BREAK starts a chunk wherever it is.
+    assert [_words(c.ids) for c in chunks(TOKENIZER, "cat BREAK cat cat")] == [[cat], [cat, cat]]
+
+
+def test_weigh_rescales_to_the_mean_it_had() -> None:
+    """Against the same arithmetic in float64; weights of 1 leave a chunk exactly as it was."""
+    hidden = torch.randn(77, 32, generator=torch.Generator().manual_seed(0))
+    weights = torch.ones(77)
+    weights[3:6] = torch.tensor([1.5, 0.7, 1.21])
+    expected = hidden.double() * weights.double()[:, None]
+    expected = expected * (hidden.double().mean() / expected.mean())
+    assert torch.allclose(weigh(hidden, weights).double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(weigh(hidden, torch.ones(77)), hidden)
+
+
+def test_each_chunk_is_encoded_alone_and_weighted(tiny_model: StableDiffusion) -> None:
+    encoder = tiny_model.text_encoder
+    text = "a (red:1.4) door, " * 20
+    pieces = chunks(encoder.tokenizer, text)
+    assert len(pieces) == 2
+    with torch.inference_mode():
+        together = encoder.encode_chunks(pieces)
+        alone = [
+            weigh(encoder.transformer(input_ids=torch.tensor([piece.ids])).last_hidden_state[0],
+                  torch.tensor(piece.weights))
+            for piece in pieces
+        ]  # fmt: skip
+    assert together.shape == (1, 154, 32)
+    assert torch.allclose(together[0], torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def test_a_prompt_without_the_syntax_conditions_as_written(pipeline: Pipeline) -> None:
+    assert torch.equal(pipeline.embed_emphasized(SMALL.prompt), pipeline.embed([SMALL.prompt]))
+    plain = pipeline.generate(dataclasses.replace(SMALL, emphasis=False)).pixels
+    assert np.abs(pipeline.generate(SMALL).pixels - plain).max() < FLOAT_TOLERANCE
+    weighted = pipeline.generate(dataclasses.replace(SMALL, prompt="a (red:1.5) door, stone wall")).pixels
+    assert np.abs(weighted - plain).mean() > 1
+
+
+def test_a_long_prompt_is_read_whole_in_its_own_unet_calls(tiny_model: StableDiffusion, pipeline: Pipeline) -> None:
+    """Prompt and negative prompt of different lengths run in two UNet calls (as A1111 runs them); the image is the
+    same alone or batched with another request's, and no word is reported unread."""
+    long = dataclasses.replace(SMALL, prompt="a red door, stone wall, " * 12)
+    contexts: list[tuple[int, ...]] = []
+    hook = tiny_model.unet.register_forward_pre_hook(lambda _, args: contexts.append(tuple(args[2].shape)))
+    try:
+        alone = pipeline.generate(long)
+    finally:
+        hook.remove()
+    assert set(contexts) == {(1, 77, 32), (1, 154, 32)} and len(contexts) == 2 * long.steps
+    assert alone.warnings == ()
+    batched = pipeline.generate_many([long, dataclasses.replace(SMALL, seed=8)])
+    assert np.abs(batched[0].pixels - alone.pixels).max() < FLOAT_TOLERANCE
+    cut = pipeline.generate(dataclasses.replace(long, emphasis=False))
+    assert cut.warnings and np.abs(cut.pixels - alone.pixels).mean() > 1  # plain CLIP reads 75 tokens of it
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"weighted_subprompts": True}, "emphasis", "emphasis and weighted_subprompts read a prompt's colons"),
+        ({"negative_prompt": "(blurry:1..1)"}, "negative_prompt", "negative_prompt: '1..1' in"),
+        ({"prompt": "(red:.)"}, "prompt", "prompt: '.' in"),
+    ],
+)
+def test_requests_in_the_syntax_that_cannot_run_name_their_field(change: dict, field: str, message: str) -> None:
+    with pytest.raises(GenerationError, match=re.escape(message)) as error:
+        resolve(dataclasses.replace(SMALL, **change))
+    assert error.value.field == field
+
+
+def test_pngs_say_emphasis_as_a1111_reads_it() -> None:
+    assert "Emphasis: Original" in parameters_text(resolve(SMALL), 3)
+    assert "Emphasis" not in parameters_text(resolve(dataclasses.replace(SMALL, emphasis=False)), 3)
