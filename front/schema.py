@@ -39,6 +39,12 @@ class ImagineRequest(BaseModel):
         description="read 'a castle:0.7 a forest:0.3' as optimizedSD did: the embeddings of 'a castle' and 'a forest' "
         "blended by weight (default: model-config.yaml's, off as shipped, where CLIP reads the colons as written)",
     )
+    emphasis: bool = Field(
+        False,
+        description="read AUTOMATIC1111's syntax: '(word)', '(word:1.3)', '[word]' weigh words, BREAK starts a new "
+        "chunk, and a prompt past CLIP's 75 tokens is read whole in chunks of 75 (default: model-config.yaml's, off "
+        "as shipped); not with weighted_subprompts",
+    )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,

@@ -26,6 +26,7 @@ from ldm.pipeline import (
     TEXT_FIELDS,
     GenerationError,
     GenerationRequest,
+    check_emphasis,
     check_mask,
     check_sampler,
     text_parts,
@@ -48,6 +49,7 @@ FIELDS = (
     "strength",
     "stream",
     "weighted_subprompts",
+    "emphasis",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -319,7 +321,12 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         strength=strength,
         mask_image=mask_image,
         weighted_subprompts=_boolean(body, "weighted_subprompts", d.weighted_subprompts),
+        emphasis=_boolean(body, "emphasis", d.emphasis),
     )
+    try:
+        check_emphasis(generation)
+    except GenerationError as error:
+        raise RequestError(error.field, str(error)) from None
     for name in TEXT_FIELDS:
         try:
             count = len(text_parts(generation, name))

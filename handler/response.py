@@ -37,6 +37,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         "n_iter": r.n_iter,
         "sampler": r.sampler,
         "weighted_subprompts": r.weighted_subprompts,
+        "emphasis": r.emphasis,
     }
     if r.init_image is not None:
         parameters["strength"] = r.strength

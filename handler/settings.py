@@ -36,6 +36,7 @@ class Defaults:
     strength: float = 0.75
     sampler: str = "ddim"
     weighted_subprompts: bool = False
+    emphasis: bool = False
 
 
 @dataclass(frozen=True)

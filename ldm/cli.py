@@ -55,6 +55,7 @@ from ldm.pipeline import (
     GenerationError,
     GenerationRequest,
     Pipeline,
+    check_emphasis,
     resolve,
     text_parts,
     unread_warnings,
@@ -180,6 +181,12 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         help="read 'a castle:0.7 a forest:0.3' as sub-prompts blended by weight, as optimizedSD always did (without "
         "it, CLIP reads the colons and numbers as written, as our server does by default); a weight that is not a "
         "number, not finite, or weights summing to 0 are errors, where optimizedSD warned or crashed",
+    )
+    parser.add_argument(
+        "--emphasis",
+        action="store_true",
+        help="read AUTOMATIC1111's syntax: '(word:1.3)', '(word)', '[word]' weigh words, BREAK starts a new chunk, "
+        "and a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75 (not with --weighted_subprompts)",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
@@ -445,12 +452,14 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         n_samples=args.n_samples,
         sampler=args.sampler,
         weighted_subprompts=args.weighted_subprompts,
+        emphasis=args.emphasis,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, strength=args.strength, mask_image=mask_image)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
         for prompt in prompts[1:]:
+            check_emphasis(replace(template, prompt=prompt))
             text_parts(replace(template, prompt=prompt), "prompt")
     except GenerationError as error:
         flag = "from-file" if error.field == "prompt" and args.from_file else FLAGS.get(error.field, error.field)

@@ -115,6 +115,11 @@ CASES: list[Case] = [
          "prompt: the weight of 'a' must be a finite number, got 'inf'"),
     Case("too many sub-prompts", with_(prompt=" ".join(f"w{i}:1" for i in range(17)), weighted_subprompts=True),
          "prompt", "prompt: at most 16 weighted sub-prompts, got 17"),
+    Case("emphasis not a boolean", with_(emphasis=1), "emphasis", "emphasis must be true or false, got 1"),
+    Case("emphasis with weighted sub-prompts", with_(emphasis=True, weighted_subprompts=True), "emphasis",
+         "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"),
+    Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
+         "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
     # Sizes.
     Case("H boolean", with_(H=True), "H", "H must be an integer, got true"),
     Case("H float", with_(H=64.0), "H", "H must be an integer, got 64.0"),

@@ -196,6 +196,18 @@ def test_img2img_size_defaults_to_init_image(tmp_path: Path) -> None:
     assert_matches_png(read_png(tmp_path / "seed_4242_00000.png")[0], reference_png(case("img2img")["images"][0]))
 
 
+def test_emphasis_reads_a1111_syntax(pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--emphasis: the pipeline's image for the prompt in A1111's syntax, read whole past 75 tokens (no warning)."""
+    prompt = "a (lighthouse:1.3) in a storm, " * 12
+    argv = [*case_argv("basic"), *MODEL, "--prompt", prompt, "--emphasis", "--outdir", str(tmp_path)]
+    assert main(argv) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), prompt=prompt, emphasis=True)
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None and "Emphasis: Original" in parameters
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_sideways_stored_photo_is_read_upright(tmp_path: Path) -> None:
     """An init image with an EXIF orientation (a phone's portrait photo) is used as viewers show it: its size too."""
     photo = tmp_path / "portrait.jpg"
@@ -475,6 +487,8 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
     ("img2img", ["--init-img", "missing.png"], "--init-img missing.png: no such file"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
+    ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
+    ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),
     (
         "img2img",
         ["--mask", str(REFERENCE / "images" / "basic_0.png")],

@@ -119,6 +119,12 @@ def test_no_weighted_subprompts_sends_false_over_a_servers_default(server: FakeT
     assert server.requests[0]["body"] == {"prompt": "a:1 b:2", "weighted_subprompts": False}
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--emphasis", True), ("--no-emphasis", False)])
+def test_emphasis_is_sent_either_way(server: FakeTorchServe, tmp_path: Path, flag: str, value: bool) -> None:
+    assert run(server.url, tmp_path, "a (red:1.3) door", flag) == 0
+    assert server.requests[0]["body"] == {"prompt": "a (red:1.3) door", "emphasis": value}
+
+
 def test_the_servers_warnings_go_to_stderr(
     server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -160,6 +160,7 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
     assert body["parameters"] == {
         "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
         "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": False,
+        "emphasis": False,
     }  # fmt: skip
     assert body["warnings"] == []
     expected = expected_pixels(
@@ -231,6 +232,21 @@ def test_weighted_subprompts_follow_the_configured_default_and_limit() -> None:
     with pytest.raises(RequestError, match=r"^prompt: at most 2 weighted sub-prompts, got 3$"):
         parse_request({"prompt": "a:1 b:2 c:3"}, settings)
     assert parse_request({"prompt": "a:1 b:2"}, parse_settings(None)).generation.weighted_subprompts is False
+
+
+def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, tiny_split: Path) -> None:
+    """An operator whose clients write A1111's prompts turns its syntax on for every request that does not say
+    otherwise; the answer is the pipeline's image for it and says so."""
+    settings = parse_settings({"handler": {"defaults": {"emphasis": True}}})
+    assert parse_request({"prompt": "a (red) door"}, settings).generation.emphasis is True
+    assert parse_request({"prompt": "a (red) door", "emphasis": False}, settings).generation.emphasis is False
+    (response,), _ = call(handler, [{**VALID, "prompt": "a (red:1.4) bicycle", "emphasis": True}])
+    answer = json.loads(response)
+    assert answer["parameters"]["emphasis"] is True
+    png = base64.b64decode(answer["images"][0])
+    request = GenerationRequest("a (red:1.4) bicycle", height=64, width=64, steps=3, seed=5, emphasis=True)
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    assert "Emphasis: Original" in read_parameters(png)
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:

@@ -181,6 +181,25 @@ def test_weighted_sub_prompts_are_a_choice_named_on_the_result_and_a_bad_weight_
     expect(page.locator("#gallery .result")).to_have_count(2)
 
 
+def test_a1111_emphasis_reads_a_long_prompt_whole_and_sets_weighted_sub_prompts_aside(page: Page) -> None:
+    page.fill("#prompt", "a (lighthouse:1.3), [fog], " + "wave " * 80)
+    page.check("#weighted_subprompts")
+    page.check("#emphasis")
+    assert not page.is_checked("#weighted_subprompts")  # the two read colons each their own way
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    assert results(page)[0]["parameters"] == "64×64 · 10 steps · guidance 7.5 · A1111 emphasis"
+    expect(page.locator("#gallery .result .warning")).to_have_count(0)  # read whole: no word left out
+
+    page.fill("#prompt", "a (lighthouse:1..3)")
+    page.click("#generate")
+    expect(page.locator("#error-prompt")).to_have_text(
+        "prompt: '1..3' in ':1..3)' is not a weight: write a number such as 1.3", timeout=GENERATION
+    )
+    page.check("#weighted_subprompts")
+    assert not page.is_checked("#emphasis")
+
+
 def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, tmp_path: Path) -> None:
     """A stroke down the left of the init image goes to the server as a mask of the image's own size, white under
     the stroke and black elsewhere; the result says it was inpainted and is the image the API makes of the same

@@ -38,6 +38,7 @@ function requestBody() {
     sampler: $("sampler").value,
     n_samples: integer($("n_samples").value),
     weighted_subprompts: $("weighted_subprompts").checked,
+    emphasis: $("emphasis").checked,
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
@@ -128,6 +129,7 @@ function describe(parameters) {
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
   if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
+  if (parameters.emphasis) parts.push("A1111 emphasis");
   return parts.join(" · ");
 }
 
@@ -370,6 +372,12 @@ const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
 $("init_clear").addEventListener("click", () => setInitImage(null));
 $("mask_clear").addEventListener("click", () => clearMask());
+// The two prompt syntaxes read colons each their own way: choosing one sets the other aside.
+for (const [id, other] of [["emphasis", "weighted_subprompts"], ["weighted_subprompts", "emphasis"]]) {
+  $(id).addEventListener("change", () => {
+    if ($(id).checked) $(other).checked = false;
+  });
+}
 $("brush").addEventListener("input", () => {
   $("brush_value").value = $("brush").value;
 });
