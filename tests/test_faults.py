@@ -83,6 +83,12 @@ def workers(server: TorchServe) -> dict[str, int]:
     return {worker["id"]: worker["pid"] for worker in server.ready_workers(MODEL)}
 
 
+def listed_workers(server: TorchServe) -> list[dict[str, Any]]:
+    """Every worker TorchServe lists for the model, whatever its state."""
+    response = requests.get(f"{server.management_url}/models/{MODEL}", timeout=TIMEOUT)
+    return response.json()[0]["workers"] if response.status_code == 200 else []
+
+
 def model_log(server: TorchServe) -> str:
     return (server.home / "logs" / "model_log.log").read_text()
 
@@ -180,7 +186,9 @@ def test_scaling_down_with_requests_in_flight_answers_every_request(fragile: Tor
         responses = [answer.result(timeout=TIMEOUT) for answer in answers]
         answered = time.monotonic()
     assert scaled.status_code == 200, scaled.text
-    wait_for(lambda: len(workers(fragile)) == 1, "exactly 1 READY worker after scaling down")
+    # Listed at all, not only READY: a worker being stopped is listed (not READY) until its thread is gone, and until
+    # then it may still take a request from the queue and fail it.
+    wait_for(lambda: len(listed_workers(fragile)) == len(workers(fragile)) == 1, "exactly 1 worker after scaling down")
     lost = []
     for body, response in zip(bodies, responses, strict=True):
         if response.status_code == 200:
