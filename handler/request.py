@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handler.settings import HandlerSettings
+from ldm import emphasis
 from ldm.pipeline import (
     MASK_WITHOUT_INIT,
     MAX_SEED,
@@ -31,6 +32,7 @@ from ldm.pipeline import (
     check_sampler,
     text_parts,
 )
+from ldm.tokenizer import CLIPTokenizer
 
 FIELDS = (
     "prompt",
@@ -267,6 +269,29 @@ def _payload_bytes(payload: str) -> int:
     return len(payload) * 3 // 4
 
 
+def _syntax(body: dict[str, Any], settings: HandlerSettings) -> dict[str, bool]:
+    """`weighted_subprompts` and `emphasis`, which exclude each other: one a request turns on sets the server's
+    default for the other aside; both turned on by the request is an error (`check_emphasis`)."""
+    d = settings.defaults
+    chosen = {name: _boolean(body, name, getattr(d, name)) for name in ("weighted_subprompts", "emphasis")}
+    for name, other in (("weighted_subprompts", "emphasis"), ("emphasis", "weighted_subprompts")):
+        if body.get(name) is True and other not in body:
+            chosen[other] = False
+    return chosen
+
+
+def check_chunks(generation: GenerationRequest, tokenizer: CLIPTokenizer, settings: HandlerSettings) -> None:
+    """With emphasis, each 75 tokens of a text are one more text-encoder row and 77 more tokens that every UNet step
+    attends to: `max_prompt_chunks` bounds them (counted with the model's tokenizer, so this is the handler's)."""
+    if not generation.emphasis:
+        return
+    limit = settings.limits.max_prompt_chunks
+    for name in TEXT_FIELDS:
+        count = len(emphasis.chunks(tokenizer, getattr(generation, name)))
+        if count > limit:
+            raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
+
+
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
     """Validate one request body against the settings' defaults and limits."""
     body = parse_body(data)
@@ -320,8 +345,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
         mask_image=mask_image,
-        weighted_subprompts=_boolean(body, "weighted_subprompts", d.weighted_subprompts),
-        emphasis=_boolean(body, "emphasis", d.emphasis),
+        **_syntax(body, settings),
     )
     try:
         check_emphasis(generation)

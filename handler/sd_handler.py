@@ -19,7 +19,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.request import NDJSON, ApiRequest, RequestError, parse_request, request_body
+from handler.request import NDJSON, ApiRequest, RequestError, check_chunks, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line
@@ -85,10 +85,14 @@ class StableDiffusionHandler(BaseHandler):
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[ApiRequest | RequestError]:
         """Each request's body validated on its own."""
+        assert self.pipeline is not None, "initialize() loads the model first"
+        tokenizer = self.pipeline.model.text_encoder.tokenizer
         parsed: list[ApiRequest | RequestError] = []
         for idx, row in enumerate(data):
             try:
-                parsed.append(parse_request(request_body(row), self.settings, _header(self.context, idx, "accept")))
+                request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
+                check_chunks(request.generation, tokenizer, self.settings)
+                parsed.append(request)
             except RequestError as error:
                 parsed.append(error)
             except Exception:

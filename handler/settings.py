@@ -51,6 +51,9 @@ class Limits:
     max_prompt_chars: int = 2000
     # Per prompt with weighted_subprompts: each sub-prompt is one more text-encoder row.
     max_subprompts: int = 16
+    # Per prompt with emphasis: each 75 tokens are one more text-encoder row, and 77 more tokens every UNet step
+    # attends to.
+    max_prompt_chunks: int = 8
     max_scale: float = 50.0
     max_eta: float = 1.0
     max_init_image_bytes: int = 10 * 1024 * 1024
@@ -133,6 +136,11 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
     if defaults.sampler not in SAMPLERS:
         raise SettingsError(
             f"model-config.yaml handler.defaults.sampler: one of {list(SAMPLERS)}, got {defaults.sampler!r}"
+        )
+    if defaults.emphasis and defaults.weighted_subprompts:
+        raise SettingsError(
+            "model-config.yaml handler.defaults: emphasis and weighted_subprompts read a prompt's colons each their "
+            "own way: turn on one of them"
         )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")

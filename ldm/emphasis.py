@@ -9,7 +9,8 @@ CLIP sees the brackets and numbers as words and drops everything past 75 tokens.
 - The tokens are cut into chunks of 75, each framed by BOS and EOS and padded with EOS to 77; a chunk that would cut
   a phrase moves the words after its last comma (if within the last 20 tokens) to the next chunk.
 - Each chunk is encoded by CLIP alone; each token's output is multiplied by its weight, and the chunk rescaled so
-  its mean is what it was before (`weigh`). The chunks' outputs are concatenated: the UNet attends over 77·k tokens.
+  its mean is what it was before (`ldm.text_encoder.weigh`). The chunks' outputs are concatenated: the UNet attends
+  over 77·k tokens.
 
 A1111 takes that mean over the whole batch of prompts it encodes at once; here it is each prompt's own, so an image
 does not depend on what else is in its batch (the same, for the batches of one prompt A1111 makes).
@@ -17,10 +18,9 @@ does not depend on what else is in its batch (the same, for the batches of one p
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-
-import torch
 
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
@@ -29,6 +29,9 @@ SQUARE_FACTOR = 1 / 1.1
 # How far back from a full chunk's end a comma may be for the words after it to move to the next chunk (A1111's
 # default `comma_padding_backtrack`).
 COMMA_BACKTRACK = 20
+# The largest weight a token may end up with, nested brackets multiplied out: past it float32 embeddings overflow
+# (eleven hundred '(' would be 1.1^1100) long before an image means anything (A1111 stops on the NaNs).
+MAX_WEIGHT = 100.0
 BREAK = "BREAK"
 # What `parse` gives for a BREAK: no text has a negative weight but this.
 _BREAK_MARK = (BREAK, -1.0)
@@ -48,18 +51,18 @@ _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
 class EmphasisError(ValueError):
-    """A prompt the syntax cannot read (a weight that is not a number)."""
+    """A prompt the syntax cannot read: a weight that is not a number, or past ±MAX_WEIGHT."""
 
 
 def parse(text: str) -> list[tuple[str, float]]:
     """`text` as runs of (text, weight), runs of equal weight merged; a BREAK is the run ("BREAK", -1)."""
-    runs: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    runs: list[list[str | float]] = []  # [text, weight], weights multiplied in place as brackets close
     round_opened: list[int] = []
     square_opened: list[int] = []
 
     def scale(start: int, factor: float) -> None:
         for run in runs[start:]:
-            run[1] *= factor
+            run[1] = float(run[1]) * factor
 
     for match in _PIECE.finditer(text):
         piece, weight = match.group(0), match.group(1)
@@ -88,13 +91,19 @@ def parse(text: str) -> list[tuple[str, float]]:
         scale(start, ROUND_FACTOR)
     for start in square_opened:
         scale(start, SQUARE_FACTOR)
-    merged: list[list] = []
-    for run in runs or [["", 1.0]]:
-        if merged and merged[-1][1] == run[1]:
-            merged[-1][0] += run[0]
+    merged: list[tuple[str, float]] = []
+    for text_run, weight_run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == weight_run:
+            merged[-1] = (merged[-1][0] + str(text_run), merged[-1][1])
         else:
-            merged.append(run)
-    return [(text, weight) for text, weight in merged]
+            merged.append((str(text_run), float(weight_run)))
+    for text_run, weight_run in merged:
+        if not (math.isfinite(weight_run) and abs(weight_run) <= MAX_WEIGHT):
+            raise EmphasisError(
+                f"'{text_run.strip()[:40]}' weighs {weight_run:g} once its brackets are multiplied out: at most "
+                f"{MAX_WEIGHT:g}"
+            )
+    return merged
 
 
 @dataclass(frozen=True)
@@ -139,12 +148,3 @@ def chunks(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
     if ids or not done:
         close()
     return done
-
-
-def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
-    it had (so emphasis shifts attention between words rather than the overall scale), in float32."""
-    hidden = hidden.float()
-    mean = hidden.mean()
-    weighted = hidden * weights.to(hidden.device, torch.float32)[:, None]
-    return weighted * (mean / weighted.mean())

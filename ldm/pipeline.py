@@ -316,10 +316,12 @@ class Pipeline:
             return encoder(list(prompts)).to(self.model.dtype)
 
     @torch.inference_mode()
-    def embed_emphasized(self, text: str) -> torch.Tensor:
-        """(1) A prompt in A1111's syntax (ldm/emphasis.py): (1, 77·k, d) in the UNet's dtype."""
+    def embed_emphasized(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """(1) Prompts in A1111's syntax (ldm/emphasis.py), each (1, 77·k, d) in the UNet's dtype."""
         with self.model.resident(self.model.text_encoder) as encoder:
-            return encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text)).to(self.model.dtype)
+            return [
+                encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text)).to(self.model.dtype) for text in texts
+            ]
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
@@ -362,8 +364,9 @@ class Pipeline:
         image_condition: torch.Tensor | None = None,
         after_step: StepHook | None = None,
     ) -> torch.Tensor:
-        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call, for
-        the last `m` steps of an S-step run (img2img's; txt2img's m is S). `x` is where `start_latents` put it.
+        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call (two
+        when the contexts' lengths differ), for the last `m` steps of an S-step run (img2img's; txt2img's m is S).
+        `x` is where `start_latents` put it.
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all. An inpainting model's UNet also
@@ -496,9 +499,15 @@ class Pipeline:
         )
         # (1) Every distinct prompt (or sub-prompt) once, in one text-encoder call; each in A1111's syntax alone.
         embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
-        emphasized = {
-            t: self.embed_emphasized(t) for t in {getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS}
-        }
+        syntax = sorted({getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
+        emphasized = dict(zip(syntax, self.embed_emphasized(syntax), strict=True))
+        for request in requests:
+            for field in TEXT_FIELDS if request.emphasis else ():
+                if not bool(emphasized[getattr(request, field)].isfinite().all()):
+                    # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
+                    raise GenerationError(
+                        field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
+                    )
         conditions = [
             (emphasized[r.prompt], emphasized[r.negative_prompt])
             if r.emphasis

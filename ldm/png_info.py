@@ -46,6 +46,8 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
         fields.append("Weighted subprompts: True")
     if request.emphasis:
         fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
+    elif any(mark in text for text in (request.prompt, request.negative_prompt) for mark in ("(", "[", "\\", "BREAK")):
+        fields.append("Emphasis: None")  # read as written: A1111, told nothing, would weigh these brackets
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

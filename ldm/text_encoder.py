@@ -14,8 +14,18 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.emphasis import Chunk, weigh
+from ldm.emphasis import Chunk
 from ldm.tokenizer import CLIPTokenizer
+
+
+def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
+    it had (A1111's "Original" emphasis: the weights shift attention between words, not the overall scale), in
+    float32."""
+    hidden = hidden.float()
+    mean = hidden.mean()
+    weighted = hidden * weights.to(hidden.device, torch.float32)[:, None]
+    return weighted * (mean / weighted.mean())
 
 
 class TextEncoder(nn.Module):

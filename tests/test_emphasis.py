@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.emphasis import EmphasisError, chunks, parse, weigh
+from ldm.emphasis import EmphasisError, chunks, parse
 from ldm.model import StableDiffusion
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
 from ldm.png_info import parameters_text
+from ldm.text_encoder import weigh
 from ldm.tokenizer import CLIPTokenizer
 from tests.reference import FLOAT_TOLERANCE
 
@@ -33,7 +34,8 @@ SMALL = GenerationRequest("a red door, stone wall", height=64, width=64, steps=4
         ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
          [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
           (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-        # Ours: a stray closing bracket and a weight without its bracket are text; BREAK is a mark of weight -1.
+        # A1111's reading of more: a stray closing bracket and a weight without its bracket are text; a BREAK (ours:
+        # a run of weight -1, where A1111 marks it so too).
         ("a) b:2) c]", [("a) b:2) c]", 1.0)]),
         ("[faded] (x:0.5)", [("faded", 1 / 1.1), (" ", 1.0), ("x", 0.5)]),
         ("sky BREAK sea", [("sky", 1.0), ("BREAK", -1.0), ("sea", 1.0)]),
@@ -44,9 +46,17 @@ def test_parse_reads_weights_as_a1111_documents(text: str, runs: list[tuple[str,
     assert parse(text) == runs
 
 
-def test_a_weight_that_is_not_a_number_is_named() -> None:
+def test_a_weight_that_is_not_a_number_or_too_large_is_named() -> None:
     with pytest.raises(EmphasisError, match=re.escape("'1.2.3' in ':1.2.3)' is not a weight")):
         parse("(red:1.2.3)")
+    # 1.1^60 ≈ 304, and 1.1^1000 would overflow float32: A1111 paints NaNs.
+    with pytest.raises(
+        EmphasisError, match=r"'red' weighs 304\.4\d* once its brackets are multiplied out: at most 100"
+    ):
+        parse("(" * 60 + "red")
+    with pytest.raises(EmphasisError, match="weighs 1000 once"):
+        parse("(red:1000)")
+    assert parse("(red:-100)") == [("red", -100.0)]
 
 
 def _words(chunk_ids: tuple[int, ...]) -> list[int]:
@@ -75,8 +85,13 @@ def test_long_prompts_are_cut_into_chunks_of_75_moving_words_after_a_near_comma(
     # A comma more than 20 back is too far: a hard cut at 75.
     first, second = chunks(TOKENIZER, "cat " * 50 + ", " + "cat " * 40)
     assert _words(first.ids) == [cat] * 50 + [comma] + [cat] * 24 and _words(second.ids) == [cat] * 16
-    # BREAK starts a chunk wherever it is.
+    # BREAK starts a chunk wherever it is; at the end it leaves no empty chunk, alone it makes one.
     assert [_words(c.ids) for c in chunks(TOKENIZER, "cat BREAK cat cat")] == [[cat], [cat, cat]]
+    assert [_words(c.ids) for c in chunks(TOKENIZER, "cat BREAK")] == [[cat]]
+    assert [_words(c.ids) for c in chunks(TOKENIZER, "BREAK")] == [[]]
+    # A comma as the 76th token closes the chunk before it and opens the next.
+    first, second = chunks(TOKENIZER, "cat " * 75 + ", cat")
+    assert _words(first.ids) == [cat] * 75 and _words(second.ids) == [comma, cat]
 
 
 def test_weigh_rescales_to_the_mean_it_had() -> None:
@@ -107,27 +122,33 @@ def test_each_chunk_is_encoded_alone_and_weighted(tiny_model: StableDiffusion) -
 
 
 def test_a_prompt_without_the_syntax_conditions_as_written(pipeline: Pipeline) -> None:
-    assert torch.equal(pipeline.embed_emphasized(SMALL.prompt), pipeline.embed([SMALL.prompt]))
+    assert torch.equal(pipeline.embed_emphasized([SMALL.prompt])[0], pipeline.embed([SMALL.prompt]))
     plain = pipeline.generate(dataclasses.replace(SMALL, emphasis=False)).pixels
     assert np.abs(pipeline.generate(SMALL).pixels - plain).max() < FLOAT_TOLERANCE
     weighted = pipeline.generate(dataclasses.replace(SMALL, prompt="a (red:1.5) door, stone wall")).pixels
     assert np.abs(weighted - plain).mean() > 1
 
 
-def test_a_long_prompt_is_read_whole_in_its_own_unet_calls(tiny_model: StableDiffusion, pipeline: Pipeline) -> None:
-    """Prompt and negative prompt of different lengths run in two UNet calls (as A1111 runs them); the image is the
-    same alone or batched with another request's, and no word is reported unread."""
-    long = dataclasses.replace(SMALL, prompt="a red door, stone wall, " * 12)
+@pytest.mark.parametrize("longer", ["prompt", "negative_prompt"])
+def test_a_long_prompt_is_read_whole_in_its_own_unet_calls(
+    tiny_model: StableDiffusion, pipeline: Pipeline, longer: str
+) -> None:
+    """Prompt and negative prompt of different lengths run in two UNet calls (as A1111 runs them); an image is the
+    same alone or in a UNet batch with another of the same lengths, and no word is reported unread."""
+    long = dataclasses.replace(SMALL, **{longer: "a red door, stone wall, " * 12})
     contexts: list[tuple[int, ...]] = []
     hook = tiny_model.unet.register_forward_pre_hook(lambda _, args: contexts.append(tuple(args[2].shape)))
     try:
         alone = pipeline.generate(long)
+        other = dataclasses.replace(long, seed=8, **{longer: "a blue gate, brick wall, " * 12})
+        batched = pipeline.generate_many([long, other])
     finally:
         hook.remove()
-    assert set(contexts) == {(1, 77, 32), (1, 154, 32)} and len(contexts) == 2 * long.steps
-    assert alone.warnings == ()
-    batched = pipeline.generate_many([long, dataclasses.replace(SMALL, seed=8)])
+    assert contexts[: 2 * long.steps : 2] == [(1, 154, 32) if longer == "negative_prompt" else (1, 77, 32)] * 4
+    assert contexts[2 * long.steps :: 2] == [(2, 154, 32) if longer == "negative_prompt" else (2, 77, 32)] * 4
+    assert len(contexts) == 4 * long.steps and alone.warnings == ()
     assert np.abs(batched[0].pixels - alone.pixels).max() < FLOAT_TOLERANCE
+    assert np.abs(batched[1].pixels - pipeline.generate(other).pixels).max() < FLOAT_TOLERANCE
     cut = pipeline.generate(dataclasses.replace(long, emphasis=False))
     assert cut.warnings and np.abs(cut.pixels - alone.pixels).mean() > 1  # plain CLIP reads 75 tokens of it
 
@@ -147,5 +168,9 @@ def test_requests_in_the_syntax_that_cannot_run_name_their_field(change: dict, f
 
 
 def test_pngs_say_emphasis_as_a1111_reads_it() -> None:
+    """On, A1111's name for it; off, "None" where A1111 would otherwise weigh brackets (it assumes "Original")."""
     assert "Emphasis: Original" in parameters_text(resolve(SMALL), 3)
-    assert "Emphasis" not in parameters_text(resolve(dataclasses.replace(SMALL, emphasis=False)), 3)
+    plain = resolve(dataclasses.replace(SMALL, emphasis=False))
+    assert "Emphasis" not in parameters_text(plain, 3)
+    for text in ("a (red) door", "a [red] door", "a red BREAK door", "a \\red door"):
+        assert parameters_text(dataclasses.replace(plain, negative_prompt=text), 3).endswith(", Emphasis: None")

@@ -240,6 +240,14 @@ def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, 
     settings = parse_settings({"handler": {"defaults": {"emphasis": True}}})
     assert parse_request({"prompt": "a (red) door"}, settings).generation.emphasis is True
     assert parse_request({"prompt": "a (red) door", "emphasis": False}, settings).generation.emphasis is False
+    # One syntax a request turns on sets the server's default for the other aside; both defaults on is refused.
+    chosen = parse_request({"prompt": "a:1 b:2", "weighted_subprompts": True}, settings).generation
+    assert (chosen.weighted_subprompts, chosen.emphasis) == (True, False)
+    weighted = parse_settings({"handler": {"defaults": {"weighted_subprompts": True}}})
+    chosen = parse_request({"prompt": "a (red) door", "emphasis": True}, weighted).generation
+    assert (chosen.weighted_subprompts, chosen.emphasis) == (False, True)
+    with pytest.raises(SettingsError, match=r"handler\.defaults: emphasis and weighted_subprompts read"):
+        parse_settings({"handler": {"defaults": {"emphasis": True, "weighted_subprompts": True}}})
     (response,), _ = call(handler, [{**VALID, "prompt": "a (red:1.4) bicycle", "emphasis": True}])
     answer = json.loads(response)
     assert answer["parameters"]["emphasis"] is True

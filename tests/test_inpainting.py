@@ -151,6 +151,26 @@ def test_inpainting_model_without_a_mask_repaints_everything(inpainting_model: S
     assert np.array_equal(masked, txt2img)
 
 
+def test_an_inpainting_model_reads_a_long_prompt_in_its_own_unet_calls(inpainting_model: StableDiffusion) -> None:
+    """A1111's syntax: a prompt of two chunks beside a negative prompt of one runs in two UNet calls, each fed the
+    mask and the masked image (9 channels), as in the same request batched with another of the same lengths."""
+    pipeline = Pipeline(inpainting_model)
+    long = dataclasses.replace(REQUEST, prompt="a red door in a stone wall, " * 10, emphasis=True)
+    inputs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    hook = inpainting_model.unet.register_forward_pre_hook(
+        lambda _, args: inputs.append((tuple(args[0].shape), tuple(args[2].shape)))
+    )
+    try:
+        alone = pipeline.generate(long).pixels
+    finally:
+        hook.remove()
+    assert inputs[:2] == [((1, 9, 8, 10), (1, 77, 32)), ((1, 9, 8, 10), (1, 154, 32))]
+    other = dataclasses.replace(long, seed=12, prompt="a blue gate in a brick wall, " * 10)
+    together = pipeline.generate_many([long, other])
+    assert np.abs(together[0].pixels - alone).max() < FLOAT_TOLERANCE
+    assert np.abs(together[1].pixels - pipeline.generate(other).pixels).max() < FLOAT_TOLERANCE
+
+
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, strength: float) -> None:
     """Rows without a mask in a UNet batch with masked ones (img2img at the same m; txt2img beside a masked image at
