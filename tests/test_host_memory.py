@@ -46,11 +46,12 @@ def faults(mode: str) -> list[int]:
 def test_cpu_pipeline_stops_refaulting_freed_buffers() -> None:
     # Without a pipeline, glibc maps every such buffer afresh: each round faults in all of its pages.
     assert all(n >= PAGES for n in faults("plain"))
-    # With one, the first round faults the buffer in, and at most one more while the heap settles: torch asks for
-    # 64-byte-aligned blocks, which glibc serves by asking a little more than the block it freed, so when a small
-    # allocation has taken the sliver after that block the next one lands beyond it, once (in about a third of
-    # processes). From then on freed blocks are reused.
+    # With one, the first round faults the buffer in (most of it: memory the load freed and the heap kept may serve
+    # a few MiB, 6 % once in a full suite run), and at most one more while the heap settles: torch asks for 64-byte-
+    # aligned blocks, which glibc serves by asking a little more than the block it freed, so when a small allocation
+    # has taken the sliver after that block the next one lands beyond it, once (in about a third of processes). From
+    # then on freed blocks are reused.
     rounds = faults("pipeline")
-    assert rounds[0] >= PAGES
+    assert rounds[0] >= PAGES * 3 // 4, rounds
     assert sum(n >= PAGES // 100 for n in rounds[1:3]) <= 1, rounds
     assert all(n < PAGES // 100 for n in rounds[3:]), rounds
