@@ -8,14 +8,18 @@ but not TorchServe (`pytest --noconftest -m gpu tests/test_gpu.py`).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ldm.config import load_config
 from ldm.fast_path import FastPath
 from ldm.parts import load_checkpoint
-from ldm.pipeline import Pipeline
+from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.random_weights import random_state_dict, save_checkpoint
 from tests.reference import (
     CASES,
     FLOAT_TOLERANCE,
@@ -35,6 +39,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MIN_PSNR_DB = 35.0
 # Guided cases of different shapes, one with η noise and one img2img: each takes the fast route.
 FAST_CASES = ["basic", "batch3", "eta", "steps12_wide", "img2img"]
+INPAINTING_CONFIG = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +108,52 @@ def test_unwarmed_shape_runs_eagerly_with_the_same_images(fast_fp16: Pipeline) -
     assert fast_fp16.fast.unet.fast_calls == calls
     plain = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float16)).generate(request)
     assert psnr(fast.pixels, plain.pixels) >= MIN_PSNR_DB
+
+
+def _masked(case_id: str) -> GenerationRequest:
+    """A case's img2img request with its left half repainted."""
+    request = request_of(case(case_id))
+    assert request.init_image is not None
+    mask = Image.new("L", request.init_image.size, 0)
+    mask.paste(255, (0, 0, request.init_image.size[0] // 2, request.init_image.size[1]))
+    return dataclasses.replace(request, mask_image=mask)
+
+
+def test_inpainting_takes_the_fast_path_within_fp16_rounding(
+    fp32_cuda: Pipeline, fast_fp16: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A text-to-image model keeps the unmasked latents on CUDA as on the CPU; an inpainting model's 9-channel UNet
+    and its decoder are compiled and captured for the configured shape. Both within fp16 rounding of fp32."""
+    request = _masked("img2img")
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request)
+    assert fast_fp16.fast.unet.fast_calls - before == request.denoising_steps
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+
+    checkpoint = tmp_path_factory.mktemp("inpainting") / "tiny-inpainting.safetensors"
+    save_checkpoint(random_state_dict(load_config(INPAINTING_CONFIG), seed=5), checkpoint)
+    shape = f"{request.height}x{request.width}x1"
+    inpainting = Pipeline(
+        load_checkpoint(checkpoint, INPAINTING_CONFIG, "cuda", torch.float16), FastPath(shapes=(shape,))
+    )
+    exact = Pipeline(load_checkpoint(checkpoint, INPAINTING_CONFIG, "cuda", torch.float32))
+    assert inpainting.fast is not None
+    fast = inpainting.generate(request)
+    assert inpainting.fast.unet.fast_calls == request.denoising_steps and inpainting.fast.decode.fast_calls == 1
+    assert psnr(fast.pixels, exact.generate(request).pixels) >= MIN_PSNR_DB
+
+
+def test_a_long_prompt_in_a1111_syntax_runs_eagerly_beside_the_fast_path(
+    fp32_cuda: Pipeline, fast_fp16: Pipeline
+) -> None:
+    """Its 154-token context is not a configured shape: eager UNet calls, still within fp16 rounding of fp32."""
+    request = dataclasses.replace(request_of(case("basic")), prompt="a red door, stone wall, " * 12, emphasis=True)
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request)
+    assert fast_fp16.fast.unet.fast_calls == before
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
 def test_low_memory_mode_gives_the_resident_images() -> None:
