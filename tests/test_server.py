@@ -275,6 +275,17 @@ def test_inpainting_equals_in_process_image(server: TorchServe, in_process: Pipe
     assert np.array_equal(decode(response.json()["images"][0]), in_process.generate(request).images[0])
 
 
+def test_a_long_prompt_in_a1111_syntax_equals_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
+    """Two chunks of prompt beside a one-chunk negative prompt: the worker's separate UNet calls, over HTTP."""
+    prompt = "a (lighthouse:1.3) on a [grey] cliff, " * 12  # 84 tokens
+    body = {"prompt": prompt, "emphasis": True, "H": 64, "W": 64, "ddim_steps": 4, "seed": 21}
+    response = predict(server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["warnings"] == []
+    request = GenerationRequest(prompt, height=64, width=64, steps=4, seed=21, emphasis=True)
+    assert np.array_equal(decode(response.json()["images"][0]), in_process.generate(request).images[0])
+
+
 def read_stream(response: requests.Response) -> list[dict[str, Any]]:
     """The HTTP chunks of a streamed answer as they arrive, each checked to be exactly one JSON object and '\\n'."""
     lines = []
