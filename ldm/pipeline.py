@@ -471,6 +471,31 @@ class Pipeline:
                 out.append(((image + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(out)
 
+    def conditions(self, requests: Sequence[GenerationRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(1) Each request's prompt and negative prompt embeddings: every distinct text (or sub-prompt) once, the
+        plain ones in one text-encoder call, each in A1111's syntax alone."""
+        parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
+        plain = {
+            text for r, pair in zip(requests, parts, strict=True) if not r.emphasis for side in pair for text, _ in side
+        }
+        texts = sorted(plain)
+        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
+        syntax = sorted({getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
+        emphasized = dict(zip(syntax, self.embed_emphasized(syntax), strict=True))
+        for request in requests:
+            for field in TEXT_FIELDS if request.emphasis else ():
+                if not bool(emphasized[getattr(request, field)].isfinite().all()):
+                    # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
+                    raise GenerationError(
+                        field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
+                    )
+        return [
+            (emphasized[r.prompt], emphasized[r.negative_prompt])
+            if r.emphasis
+            else (_weighted(p, embeddings), _weighted(n, embeddings))
+            for r, (p, n) in zip(requests, parts, strict=True)
+        ]
+
     def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
@@ -487,33 +512,7 @@ class Pipeline:
         """
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
-        parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
-        texts = sorted(
-            {
-                text
-                for r, pair in zip(requests, parts, strict=True)
-                if not r.emphasis
-                for side in pair
-                for text, _ in side
-            }
-        )
-        # (1) Every distinct prompt (or sub-prompt) once, in one text-encoder call; each in A1111's syntax alone.
-        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
-        syntax = sorted({getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
-        emphasized = dict(zip(syntax, self.embed_emphasized(syntax), strict=True))
-        for request in requests:
-            for field in TEXT_FIELDS if request.emphasis else ():
-                if not bool(emphasized[getattr(request, field)].isfinite().all()):
-                    # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
-                    raise GenerationError(
-                        field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
-                    )
-        conditions = [
-            (emphasized[r.prompt], emphasized[r.negative_prompt])
-            if r.emphasis
-            else (_weighted(p, embeddings), _weighted(n, embeddings))
-            for r, (p, n) in zip(requests, parts, strict=True)
-        ]
+        conditions = self.conditions(requests)
         schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
 
         groups: dict[tuple[int, int, int, int, str, int, int], list[_Image]] = {}
@@ -523,12 +522,13 @@ class Pipeline:
             z0 = None if request.init_image is None else self.init_latent(request)
             mask = self.repaint_mask(request)
             condition = None if mask is None or not config.inpainting else self.image_condition(request, mask)
+            # Images share UNet calls only with images whose contexts have the same lengths (A1111's syntax).
+            lengths = (conditions[index][0].shape[1], conditions[index][1].shape[1])
             for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = self.start_latents(request, schedules[request.steps], noise, z0)
-                lengths = tuple(condition.shape[1] for condition in conditions[index])
                 key = (request.height, request.width, request.steps, m, request.sampler, *lengths)
                 image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition)
                 groups.setdefault(key, []).append(image)
