@@ -181,8 +181,10 @@ def _input_channels_hint(unet: dict[str, torch.Tensor], config: ModelConfig) -> 
     if weight is None or weight.ndim != 4 or weight.shape[1] == config.unet.in_channels:
         return ""
     channels = config.latent_channels
-    for count, name in ((2 * channels + 1, "an inpainting"), (channels, "a text-to-image")):
+    for count, name, wanted in (
+        (2 * channels + 1, "an inpainting", INPAINTING_CONFIG),
+        (channels, "a text-to-image", TEXT_TO_IMAGE_CONFIG),
+    ):
         if weight.shape[1] == count:
-            yaml = "v1-inpainting-inference.yaml" if count != channels else "v1-inference.yaml"
-            return f"  its UNet reads {count} channels: this is {name} checkpoint; use configs/{yaml}"
+            return f"  its UNet reads {count} channels: this is {name} checkpoint; use configs/{wanted.name}"
     return ""
