@@ -1,8 +1,8 @@
 """txt2img, img2img and inpainting: a request in, uint8 images and their seeds out, per GENERATION.md.
 
-Each generation is a column of numbered steps: (1) encode the prompts, (2) draw each image's starting noise from its
-own CPU generator, (3) denoise with classifier-free guidance and the request's sampler (DDIM, PLMS, or one of
-k-diffusion's), (4) decode, (5) round to uint8.
+Each generation is a column of numbered steps: (0) merge the LoRAs its prompt names (ldm/lora.py), (1) encode the
+prompts, (2) draw each image's starting noise from its own CPU generator, (3) denoise with classifier-free guidance
+and the request's sampler (DDIM, PLMS, or one of k-diffusion's), (4) decode, (5) round to uint8.
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, inpainting, k_samplers, plms, subprompts
+from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, subprompts
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.inpainting import KeptRegion
+from ldm.lora import LoraError, LoraFile, LoraLibrary, LoraUse, LoraWeights, kohya_targets
 from ldm.model import StableDiffusion
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
@@ -68,7 +70,7 @@ class GenerationRequest:
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
     sub-prompts (`ldm/subprompts.py`), not as written; `emphasis` → in AUTOMATIC1111's syntax, whole
-    (`ldm/emphasis.py`).
+    (`ldm/emphasis.py`). The prompt's `<lora:name:weight>` tags name LoRAs (`ldm/lora.py`) and are not text.
     """
 
     prompt: str
@@ -182,6 +184,22 @@ def check_mask(request: GenerationRequest) -> None:
         )
 
 
+def clip_text(request: GenerationRequest, field: TextField) -> str:
+    """What CLIP reads of the request's `prompt` or `negative_prompt` (`field`): the text without LoRA tags."""
+    return lora.strip_tags(getattr(request, field))
+
+
+def request_loras(request: GenerationRequest) -> tuple[LoraUse, ...]:
+    """The LoRAs the prompt's tags name, by name; tags belong in the prompt alone (as in A1111, where a negative
+    prompt's tag does nothing), so one in the negative prompt is an error, not a tag silently read as text."""
+    if lora.TAG.search(request.negative_prompt):
+        raise GenerationError("negative_prompt", "negative_prompt: LoRA tags (<lora:…>) are read from the prompt only")
+    try:
+        return tuple(sorted(lora.prompt_loras(request.prompt), key=lambda use: use.name))
+    except LoraError as error:
+        raise GenerationError("prompt", f"prompt: {error}") from None
+
+
 def check_emphasis(request: GenerationRequest) -> None:
     """A1111's syntax reads `(word:1.3)` where optimizedSD's reads a sub-prompt and a weight: one of the two; and
     every weight it reads must be a number."""
@@ -193,14 +211,14 @@ def check_emphasis(request: GenerationRequest) -> None:
         )
     for field in TEXT_FIELDS:
         try:
-            emphasis.parse(getattr(request, field))
+            emphasis.parse(clip_text(request, field))
         except emphasis.EmphasisError as error:
             raise GenerationError(field, f"{field}: {error}") from None
 
 
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
     """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight."""
-    text: str = getattr(request, field)
+    text = clip_text(request, field)
     if not request.weighted_subprompts:
         return ((text, 1.0),)
     try:
@@ -235,6 +253,7 @@ def resolve(
     which the math itself breaks.
     """
     check_sampler(request)
+    request_loras(request)
     check_emphasis(request)
     for field in TEXT_FIELDS:
         text_parts(request, field)
@@ -282,15 +301,20 @@ def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 class Pipeline:
-    """Runs requests on a loaded model; stateless between calls.
+    """Runs requests on a loaded model, with the LoRAs of `lora_dir` (`ldm.lora`) that their prompts name.
+
+    The model's weights keep the LoRAs of the last requests run until a request needs other ones (or none), so a run
+    of requests with the same LoRAs merges them once.
 
     With a `fast_path` on a GPU, the configured shapes are compiled and captured here, before the first request. On
     the CPU, creating one tells the process's allocator to keep freed memory (`ldm.host_memory`): create it after
     loading, as the handler and the command lines do. A bf16 model on the CPU is put in channels-last layout.
     """
 
-    def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None) -> None:
+    def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None, lora_dir: Path | None = None) -> None:
         self.model = model
+        self.loras = LoraLibrary(lora_dir, kohya_targets(model))
+        self.lora_weights = LoraWeights()
         self.factor = model.config.vae.downsampling_factor
         self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
         if model.device.type == "cuda" and model.dtype == torch.float32:
@@ -480,17 +504,17 @@ class Pipeline:
         }
         texts = sorted(plain)
         embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
-        syntax = sorted({getattr(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
+        syntax = sorted({clip_text(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
         emphasized = dict(zip(syntax, self.embed_emphasized(syntax), strict=True))
         for request in requests:
             for field in TEXT_FIELDS if request.emphasis else ():
-                if not bool(emphasized[getattr(request, field)].isfinite().all()):
+                if not bool(emphasized[clip_text(request, field)].isfinite().all()):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     raise GenerationError(
                         field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
                     )
         return [
-            (emphasized[r.prompt], emphasized[r.negative_prompt])
+            (emphasized[clip_text(r, "prompt")], emphasized[clip_text(r, "negative_prompt")])
             if r.emphasis
             else (_weighted(p, embeddings), _weighted(n, embeddings))
             for r, (p, n) in zip(requests, parts, strict=True)
@@ -500,24 +524,61 @@ class Pipeline:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
 
+    def lora_files(self, request: GenerationRequest) -> tuple[tuple[LoraFile, LoraUse], ...]:
+        """The LoRAs the request's prompt names, each read and checked against the model (a file missing, unreadable
+        or for another model is the prompt's error)."""
+        uses = request_loras(request)
+        try:
+            return tuple((self.loras.load(use.name), use) for use in uses)
+        except LoraError as error:
+            raise GenerationError("prompt", f"prompt: {error}") from None
+
     def generate_many(
         self,
         requests: Sequence[GenerationRequest],
         max_batch_images: int = 8,
         callback: ProgressCallback | None = None,
     ) -> list[Generation]:
-        """Run several requests, sharing UNet calls between images of the same size and schedule.
+        """Run several requests, sharing UNet calls between images of the same size, schedule and LoRAs.
 
         Every image keeps its own generator, so each result equals what its request would get alone.
         """
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
-        conditions = self.conditions(requests)
-        schedules = {steps: DDIMSchedule(self.model.alphas_cumprod, steps) for steps in {r.steps for r in requests}}
+        # Every LoRA file is read and checked before any work, so a bad one fails its request at once.
+        by_loras: dict[tuple[tuple[LoraFile, LoraUse], ...], list[int]] = {}
+        for index, request in enumerate(requests):
+            by_loras.setdefault(self.lora_files(request), []).append(index)
+        pixels: dict[int, list[torch.Tensor | None]] = {}
+        # The LoRAs merged already go first: a batch of their requests alone merges nothing.
+        for loras in sorted(by_loras, key=lambda loras: loras != self.lora_weights.applied):
+            self.lora_weights.apply(loras)  # (0)
+            pixels.update(self._run({i: requests[i] for i in by_loras[loras]}, max_batch_images, callback))
+
+        results = []
+        tokenizer = self.model.text_encoder.tokenizer
+        for index, request in enumerate(requests):
+            floats = torch.stack(pixels[index]).numpy()
+            # (5) Round, not truncate.
+            warnings = unread_warnings(tokenizer, request)
+            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings))
+        return results
+
+    def _run(
+        self,
+        requests: dict[int, GenerationRequest],
+        max_batch_images: int,
+        callback: ProgressCallback | None,
+    ) -> dict[int, list[torch.Tensor | None]]:
+        """(1)–(4) for resolved requests on the weights as they are, by their index in the caller's list: each one's
+        images' pixels, float32 (H, W, 3) in [0, 255]."""
+        config = self.model.config
+        conditions = dict(zip(requests, self.conditions(list(requests.values())), strict=True))
+        schedules = {r.steps: DDIMSchedule(self.model.alphas_cumprod, r.steps) for r in requests.values()}
 
         groups: dict[tuple[int, int, int, int, str, int, int], list[_Image]] = {}
-        per_request: list[list[_Image]] = [[] for _ in requests]
-        for index, request in enumerate(requests):
+        per_request: dict[int, list[_Image]] = {index: [] for index in requests}
+        for index, request in requests.items():
             m = request.denoising_steps
             z0 = None if request.init_image is None else self.init_latent(request)
             mask = self.repaint_mask(request)
@@ -553,15 +614,7 @@ class Pipeline:
                 )
                 for image, pixels in zip(chunk, self.decode(latents), strict=True):
                     image.pixels = pixels
-
-        results = []
-        tokenizer = self.model.text_encoder.tokenizer
-        for request, images in zip(requests, per_request, strict=True):
-            floats = torch.stack([image.pixels for image in images]).numpy()
-            # (5) Round, not truncate.
-            warnings = unread_warnings(tokenizer, request)
-            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings))
-        return results
+        return {index: [image.pixels for image in images] for index, images in per_request.items()}
 
 
 def _weighted(parts: subprompts.Parts, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:

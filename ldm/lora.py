@@ -1,0 +1,333 @@
+"""LoRA: low-rank weight deltas for the UNet and the text encoder, named in a prompt as AUTOMATIC1111 names them.
+
+`<lora:name:0.8>` anywhere in a prompt adds 0.8·(α/r)·up·down to every weight the file `name.safetensors` (or `.pt`,
+`.ckpt`) in the LoRA folder has a pair for; `<lora:name:0.8:0.5>` gives the text encoder 0.8 and the UNet 0.5. The
+tag itself is not text: it is cut out before CLIP reads the prompt, and kept in the prompt a PNG records, as A1111
+does.
+
+Files are in kohya-ss sd-scripts' format, what A1111, ComfyUI and most shared SD v1 LoRAs use: keys such as
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (diffusers' module path,
+dots written as underscores), `.lora_up.weight` and `.alpha`; `lora_te_text_model_encoder_layers_0_self_attn_q_proj`
+for CLIP. Convolutions too (LoCon: a 3×3 `lora_down`, a 1×1 `lora_up`). Our UNet keeps the original's module names,
+so `diffusers_names` translates them.
+
+Why merged into the weights, not run beside them: a merged weight costs nothing per step, and the GPU fast path's
+CUDA graphs read weights in place, so they see it too. `LoraWeights` keeps the original of every weight it changed
+and puts it back exactly, bit for bit, before a request with other LoRAs (or none) runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.attention import SpatialTransformer
+from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.model import StableDiffusion
+from ldm.safe_pickle import UnsafeCheckpointError
+from ldm.unet import Downsample, ResBlock, UNetModel, Upsample
+
+SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# `<lora:name>`, `<lora:name:w>`, `<lora:name:text_w:unet_w>`; a name is anything up to the next colon.
+TAG = re.compile(r"<lora:([^:<>]*)((?::[^:<>]*)*)>")
+# A weight of this size is a typo, not a style: it turns every image into noise.
+MAX_WEIGHT = 10.0
+# Kohya's prefixes for the two networks a LoRA changes.
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIX = "lora_te_"
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+# Suffixes of LyCORIS' other kinds (LoHa, LoKr, Tucker-decomposed LoCon, full deltas, DoRA, norms).
+OTHER_KINDS = (".hada_", ".lokr_", ".lora_mid.", ".diff", ".dora_scale", ".w_norm", ".b_norm", ".diff_b")
+_SHOWN = 5
+# Inside a ResBlock, the original's module names → diffusers'.
+_RESNET_NAMES = {
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+class LoraError(ValueError):
+    """A LoRA tag or file this model cannot use; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA a prompt names, with the multiplier of its text-encoder and of its UNet deltas."""
+
+    name: str
+    text_weight: float = 1.0
+    unet_weight: float = 1.0
+
+
+def strip_tags(text: str) -> str:
+    """The text CLIP reads: the prompt without its LoRA tags."""
+    return TAG.sub("", text)
+
+
+def prompt_loras(text: str) -> tuple[LoraUse, ...]:
+    """The LoRAs a prompt's tags name, in order; a name tagged twice adds its weights, as two tags would."""
+    found: dict[str, tuple[float, float]] = {}
+    for match in TAG.finditer(text):
+        name = match.group(1).strip()
+        if not name:
+            raise LoraError(f"'{match.group(0)}' names no LoRA: write <lora:name:weight>")
+        numbers = match.group(2).split(":")[1:]
+        if len(numbers) > 2:
+            raise LoraError(f"'{match.group(0)}': at most two weights, the text encoder's and the UNet's")
+        weights = [_weight(match.group(0), number) for number in numbers] or [1.0]
+        text_weight, unet_weight = weights[0], weights[-1]
+        old = found.get(name, (0.0, 0.0))
+        found[name] = (old[0] + text_weight, old[1] + unet_weight)
+    return tuple(LoraUse(name, *weights) for name, weights in found.items())
+
+
+def _weight(tag: str, number: str) -> float:
+    try:
+        value = float(number)
+    except ValueError:
+        raise LoraError(f"'{tag}': '{number}' is not a number") from None
+    if not -MAX_WEIGHT <= value <= MAX_WEIGHT:
+        raise LoraError(f"'{tag}': a LoRA weight must be in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {number}")
+    return value
+
+
+def diffusers_names(unet: UNetModel) -> Iterator[tuple[str, str]]:
+    """(our module path, diffusers' path) of every block of `unet`, by walking it: the original counts blocks in one
+    flat list, diffusers by level (`down_blocks.1.resnets.0`), and within a block both use the same inner names but
+    for a ResBlock's (`_RESNET_NAMES`) and the resampling convolutions'."""
+    yield "time_embed.0", "time_embedding.linear_1"
+    yield "time_embed.2", "time_embedding.linear_2"
+    yield "input_blocks.0.0", "conv_in"
+    level, index = 0, 0
+    for number, block in enumerate(unet.input_blocks[1:], start=1):
+        for position, layer in enumerate(block):
+            ours = f"input_blocks.{number}.{position}"
+            if isinstance(layer, Downsample):
+                yield f"{ours}.op", f"down_blocks.{level}.downsamplers.0.conv"
+                level, index = level + 1, -1
+            else:
+                yield from _inner(ours, f"down_blocks.{level}", layer, index)
+        index += 1
+    # The middle block: a ResBlock (resnets.0), a transformer (attentions.0), a ResBlock (resnets.1).
+    for position, index in enumerate((0, 0, 1)):
+        yield from _inner(f"middle_block.{position}", "mid_block", unet.middle_block[position], index)
+    per_level = unet.config.num_res_blocks + 1
+    for number, block in enumerate(unet.output_blocks):
+        level, index = divmod(number, per_level)
+        for position, layer in enumerate(block):
+            ours = f"output_blocks.{number}.{position}"
+            if isinstance(layer, Upsample):
+                yield f"{ours}.conv", f"up_blocks.{level}.upsamplers.0.conv"
+            else:
+                yield from _inner(ours, f"up_blocks.{level}", layer, index)
+    yield "out.2", "conv_out"
+
+
+def _inner(ours: str, level: str, layer: nn.Module, index: int) -> Iterator[tuple[str, str]]:
+    """A ResBlock's or a SpatialTransformer's own layers, which diffusers names alike but for a ResBlock's four."""
+    if isinstance(layer, ResBlock):
+        for inner, theirs in _RESNET_NAMES.items():
+            yield f"{ours}.{inner}", f"{level}.resnets.{index}.{theirs}"
+    elif isinstance(layer, SpatialTransformer):
+        for inner, module in layer.named_modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                yield f"{ours}.{inner}", f"{level}.attentions.{index}.{inner}"
+
+
+def kohya_targets(model: StableDiffusion) -> dict[str, nn.Module]:
+    """Kohya's name of every layer a LoRA may change (linear or convolution, in the UNet and CLIP) → the layer."""
+    unet_modules = dict(model.unet.named_modules())
+    targets = {
+        UNET_PREFIX + theirs.replace(".", "_"): unet_modules[ours]
+        for ours, theirs in diffusers_names(model.unet)
+        if isinstance(unet_modules.get(ours), nn.Linear | nn.Conv2d)
+    }
+    for name, module in model.text_encoder.core.named_modules():
+        if isinstance(module, nn.Linear):
+            targets[TEXT_PREFIX + "text_model_" + name.replace(".", "_")] = module
+    return targets
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One layer's low-rank pair: the layer changes by weight·`scale`·up·down, `scale` being α/r."""
+
+    layer: nn.Module
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    in_unet: bool
+
+    def value(self, weight: float) -> torch.Tensor:
+        """The change to the layer's weight, in float32 on its device, in its shape (a 3×3 `down` with a 1×1 `up`
+        composes into a 3×3 change)."""
+        target = self.layer.weight
+        down = self.down.to(target.device, torch.float32).flatten(1)
+        up = self.up.to(target.device, torch.float32).flatten(1)
+        return (up @ down).mul_(weight * self.scale).view(target.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraFile:
+    """A LoRA file read and matched against the model's layers. Equal only to itself: a file changed on disk is read
+    again into a new one."""
+
+    path: Path
+    deltas: tuple[Delta, ...]
+
+
+def parse(path: Path, state_dict: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> LoraFile:
+    """Match a kohya-format state dict to `targets` (`kohya_targets`), checking every key and shape, so that a file
+    for another model (SD 2, SDXL) or of another kind (LyCORIS' LoHa, LoKr) is an error naming why, never a partly
+    applied LoRA."""
+    other = sorted(k for k in state_dict if any(kind in k for kind in OTHER_KINDS))
+    if other:
+        raise LoraError(
+            f"LoRA '{path.stem}' is of a kind this server does not read (keys such as {other[0]}: LyCORIS' LoHa, "
+            "LoKr or another); it reads LoRA and LoCon files in kohya's format"
+        )
+    names = {k[: -len(DOWN)] for k in state_dict if k.endswith(DOWN)}
+    known = {f"{name}{suffix}" for name in names for suffix in (DOWN, UP, ALPHA)}
+    stray = sorted(set(state_dict) - known)
+    if not names or stray:
+        example = stray[0] if stray else "none"
+        raise LoraError(
+            f"LoRA '{path.stem}' is not in kohya's format (`lora_unet_….lora_down.weight` and `.lora_up.weight` "
+            f"pairs; found {example})"
+        )
+    missing = sorted(name for name in names if name not in targets)
+    if missing:
+        raise LoraError(
+            f"LoRA '{path.stem}' changes layers this model does not have ({', '.join(missing[:_SHOWN])}): it is not "
+            "a LoRA for Stable Diffusion v1"
+        )
+    deltas = []
+    for name in sorted(names):
+        down, up = state_dict[f"{name}{DOWN}"], state_dict.get(f"{name}{UP}")
+        layer = targets[name]
+        shape = layer.weight.shape
+        if up is None or not _fits(down, up, shape):
+            raise LoraError(
+                f"LoRA '{path.stem}': {name} does not fit this model's layer of shape {tuple(shape)}: it is not a "
+                "LoRA for Stable Diffusion v1"
+            )
+        rank = down.shape[0]
+        alpha = state_dict.get(f"{name}{ALPHA}")
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        deltas.append(Delta(layer, down, up, scale, name.startswith(UNET_PREFIX)))
+    return LoraFile(path, tuple(deltas))
+
+
+def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`."""
+    rank = down.shape[0]
+    return (
+        up.dim() >= 2
+        and tuple(up.shape[:2]) == (shape[0], rank)
+        and up.numel() == shape[0] * rank
+        and down.numel() == rank * math.prod(shape[1:])
+    )
+
+
+class LoraLibrary:
+    """The LoRA folder: a LoRA is named by its file's stem, in the folder or below it (as A1111 finds them), so files
+    added while the server runs are found; a file read is kept (the last `keep` of them) while it is unchanged."""
+
+    def __init__(self, folder: Path | None, targets: Mapping[str, nn.Module], keep: int = 4) -> None:
+        self.folder = folder
+        self.targets = targets
+        self.keep = keep
+        self.cache: dict[Path, tuple[tuple[int, int], LoraFile]] = {}
+
+    def _files(self) -> list[Path]:
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+
+    def names(self) -> list[str]:
+        """Every LoRA the folder holds."""
+        return sorted({path.stem for path in self._files()})
+
+    def find(self, name: str) -> Path:
+        """The file of the LoRA `name` (the first in path order, if two share the name)."""
+        for path in self._files():
+            if path.stem == name:
+                return path
+        held = ", ".join(self.names()) or "none"
+        raise LoraError(f"no LoRA named '{name}'; the server's LoRA folder holds: {held}")
+
+    def load(self, name: str) -> LoraFile:
+        """The LoRA `name`, read and checked (`parse`), from the cache while its file is unchanged."""
+        path = self.find(name)
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self.cache.pop(path, None)
+        if cached is None or cached[0] != stamp:
+            try:
+                state_dict = read_state_dict(path)
+            except (CheckpointError, UnsafeCheckpointError, OSError) as error:
+                raise LoraError(f"LoRA '{name}' cannot be read: {error}") from None
+            cached = (stamp, parse(path, state_dict, self.targets))
+        self.cache[path] = cached  # last used last: the first is the one to drop
+        while len(self.cache) > self.keep:
+            del self.cache[next(iter(self.cache))]
+        return cached[1]
+
+
+class LoraWeights:
+    """The model's weights with some LoRAs merged in, and the originals of every weight that changed, to put back.
+
+    Applying the set already applied costs nothing, so a run of requests with the same LoRAs pays for merging once.
+    """
+
+    def __init__(self) -> None:
+        self.applied: tuple[tuple[LoraFile, LoraUse], ...] = ()
+        self.originals: dict[nn.Module, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def apply(self, loras: Sequence[tuple[LoraFile, LoraUse]]) -> None:
+        """Merge exactly `loras` (none: the checkpoint's own weights). A layer several LoRAs change gets the sum of
+        their changes, in float32, rounded to the weight's dtype once."""
+        loras = tuple(loras)
+        if loras == self.applied:
+            return
+        self.restore()
+        by_layer: dict[nn.Module, list[tuple[Delta, float]]] = {}
+        for file, use in loras:
+            for delta in file.deltas:
+                by_layer.setdefault(delta.layer, []).append(
+                    (delta, use.unet_weight if delta.in_unet else use.text_weight)
+                )
+        try:
+            for layer, deltas in by_layer.items():
+                change = _sum(delta.value(weight) for delta, weight in deltas)
+                self.originals[layer] = layer.weight.detach().clone()
+                layer.weight.add_(change)
+        except BaseException:
+            self.restore()
+            raise
+        self.applied = loras
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every changed weight back as it was, bit for bit."""
+        for layer, original in self.originals.items():
+            layer.weight.copy_(original)
+        self.originals.clear()
+        self.applied = ()
+
+
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    iterator = iter(tensors)
+    total = next(iterator)
+    for tensor in iterator:
+        total += tensor
+    return total

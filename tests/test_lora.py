@@ -1,0 +1,292 @@
+"""LoRA (ldm/lora.py): kohya files merged into the UNet and CLIP, against diffusers' own LoRA loading (peft) on the
+same weights; the tags that name them; weights put back bit for bit; files for other models refused, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ldm.checkpoint import read_state_dict
+from ldm.config import TEXT_TO_IMAGE_CONFIG, load_config
+from ldm.lora import LoraUse, LoraWeights, diffusers_names, kohya_targets, parse, prompt_loras, strip_tags
+from ldm.model import StableDiffusion, build_parts
+from ldm.parts import load_checkpoint
+from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from tests.loras import kohya_lora, text_kohya_layers, unet_kohya_layers, write_lora
+from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
+
+REQUEST = GenerationRequest("a castle on a hill", negative_prompt="blurry", steps=6, seed=3, height=64, width=64)
+# What diffusers and peft warn of on this torch and numpy, which is theirs to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute"),
+]
+
+
+@pytest.fixture(scope="module")
+def peer() -> Any:
+    """diffusers' pipeline on the tiny weights, with a CLIP of its own: peft rewrites the layers it adapts."""
+    from scripts.peers import diffusers_pipeline
+
+    model = load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)
+    return diffusers_pipeline(model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def lora_states(peer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Two LoRAs keyed by diffusers' and transformers' module names, as kohya's scripts key them: `style` changes
+    every attention layer, the ResBlocks' 3×3 first convolutions (LoCon) and CLIP; `detail` the attention layers."""
+    style_layers = {
+        **unet_kohya_layers(peer.unet, "attentions"),
+        **{k: v for k, v in unet_kohya_layers(peer.unet, "resnets").items() if k.endswith("conv1")},
+        **text_kohya_layers(peer.text_encoder),
+    }
+    return {
+        "style": kohya_lora(style_layers, rank=4, alpha=2.0, seed=0),
+        "detail": kohya_lora(unet_kohya_layers(peer.unet, "attentions"), rank=2, alpha=1.0, seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory, lora_states: dict[str, dict[str, torch.Tensor]]) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    write_lora(folder / "style.safetensors", lora_states["style"])
+    write_lora(folder / "more" / "detail.safetensors", lora_states["detail"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model() -> StableDiffusion:
+    """A model of this module's own: LoRAs stay merged into its weights between requests."""
+    return load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def lora_pipeline(model: StableDiffusion, lora_dir: Path) -> Pipeline:
+    return Pipeline(model, lora_dir=lora_dir)
+
+
+def test_every_unet_layer_has_the_diffusers_name_kohya_keys_it_by() -> None:
+    """On the full SD v1 architecture: each of our 282 linear and convolution layers maps to a distinct layer of
+    diffusers' UNet (built by diffusers from the same config) of the same shape, and no layer of theirs is left."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    from omegaconf import OmegaConf
+
+    ours = build_parts(load_config(TEXT_TO_IMAGE_CONFIG))["unet"]
+    original = OmegaConf.to_container(OmegaConf.load(TEXT_TO_IMAGE_CONFIG), resolve=True)
+    keys = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(original, keys))
+    our_layers = {n: m for n, m in ours.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    their_layers = {n: m for n, m in theirs.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    names = {o: t for o, t in diffusers_names(ours) if o in our_layers}
+    assert len(our_layers) == 282 and set(names) == set(our_layers)
+    assert sorted(names.values()) == sorted(their_layers)
+    for our_name, their_name in names.items():
+        assert our_layers[our_name].weight.shape == their_layers[their_name].weight.shape, our_name
+
+
+def test_clip_layers_are_keyed_as_kohya_keys_them(model: StableDiffusion) -> None:
+    targets = kohya_targets(model)
+    clip = text_kohya_layers(model.text_encoder.transformer)
+    layers = model.config.text["num_hidden_layers"]
+    assert len(clip) == 6 * layers and all(targets[key] is layer for key, layer in clip.items())
+    assert sum(key.startswith("lora_te_") for key in targets) == len(clip)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "uses", "text"),
+    [
+        ("a castle <lora:style:0.7>", (LoraUse("style", 0.7, 0.7),), "a castle "),
+        ("<lora:style> a castle", (LoraUse("style"),), " a castle"),
+        ("a <lora:my style v2:1.2:-0.5> castle", (LoraUse("my style v2", 1.2, -0.5),), "a  castle"),
+        ("<lora:a:0.5> and <lora:a:0.25:1>", (LoraUse("a", 0.75, 1.5),), " and "),
+        ("a castle, <hypernet:x:1>", (), "a castle, <hypernet:x:1>"),
+    ],
+)
+def test_tags_name_loras_and_are_not_text(prompt: str, uses: tuple[LoraUse, ...], text: str) -> None:
+    assert prompt_loras(prompt) == uses and strip_tags(prompt) == text
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("<lora::1>", "names no LoRA"),
+        ("<lora:style:heavy>", "'heavy' is not a number"),
+        ("<lora:style:11>", r"must be in \[-10, 10\], got 11"),
+        ("<lora:style:1:1:1>", "at most two weights"),
+    ],
+)
+def test_tags_that_cannot_be_read(prompt: str, message: str) -> None:
+    with pytest.raises(GenerationError, match=message) as error:
+        resolve(dataclasses.replace(REQUEST, prompt=prompt))
+    assert error.value.field == "prompt"
+
+
+def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDiffusion, tmp_path: Path) -> None:
+    """Checked in float64 for a linear layer and a 3×3 convolution, then put back bit for bit."""
+    targets = kohya_targets(model)
+    keys = [k for k in targets if k.endswith("attn2_to_k")][:1] + [k for k in targets if k.endswith("resnets_0_conv1")][
+        :1
+    ]
+    state = kohya_lora({k: targets[k] for k in keys}, rank=3, alpha=1.5, seed=7)
+    lora = parse(tmp_path / "x.safetensors", state, targets)
+    originals = {k: targets[k].weight.detach().clone() for k in keys}
+    weights = LoraWeights()
+    weights.apply([(lora, LoraUse("x", 0.8, -0.6))])
+    for key in keys:
+        down, up = state[f"{key}.lora_down.weight"].double(), state[f"{key}.lora_up.weight"].double()
+        weight = -0.6 * 1.5 / 3  # both are UNet layers: the UNet's weight
+        product = torch.einsum("or,ri...->oi...", up.flatten(1), down)
+        expected = originals[key].double() + weight * product
+        assert torch.allclose(targets[key].weight.double(), expected, atol=1e-6), key
+        assert not torch.equal(targets[key].weight, originals[key])
+    weights.apply([])
+    assert all(torch.equal(targets[key].weight, originals[key]) for key in keys)
+
+
+def _diffusers_image(peer: Any, request: GenerationRequest, adapters: dict[str, Any]) -> np.ndarray:
+    """diffusers' image in [0, 255] with its LoRAs at `adapters`' weights (name → weight, or per network)."""
+    peer.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+    images = peer(
+        strip_tags(request.prompt),
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=request.steps,
+        guidance_scale=request.scale,
+        height=request.height,
+        width=request.width,
+        generator=torch.Generator().manual_seed(request.seed),
+        eta=0.0,
+        output_type="np",
+    ).images
+    return images[0] * 255.0
+
+
+@pytest.fixture(scope="module")
+def peer_with_loras(peer: Any, lora_states: dict[str, dict[str, torch.Tensor]]) -> Any:
+    for name, state in lora_states.items():
+        peer.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name=name)
+    return peer
+
+
+@pytest.mark.parametrize(
+    ("tags", "adapters"),
+    [
+        ("<lora:style:0.7>", {"style": 0.7}),
+        ("<lora:style:0.7> <lora:detail:-1.5>", {"style": 0.7, "detail": -1.5}),
+        ("<lora:style:1:0.3>", {"style": {"text_encoder": 1.0, "unet": 0.3}}),
+    ],
+)
+def test_images_match_diffusers_loading_the_same_files(
+    lora_pipeline: Pipeline, peer_with_loras: Any, tags: str, adapters: dict[str, Any]
+) -> None:
+    """The same kohya files through diffusers' converter and peft's adapter layers (which add up·down·x beside the
+    layer instead of merging it) give our image, within the reference tolerance; and the LoRAs change it."""
+    request = dataclasses.replace(REQUEST, prompt=f"{REQUEST.prompt} {tags}")
+    ours = lora_pipeline.generate(request).pixels[0]
+    theirs = _diffusers_image(peer_with_loras, request, adapters)
+    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+    plain = lora_pipeline.generate(REQUEST).pixels[0]
+    assert np.abs(ours - plain).mean() > 1
+
+
+def test_requests_with_other_loras_in_one_batch_each_get_their_own_image(lora_pipeline: Pipeline) -> None:
+    """A batch mixing LoRAs runs each set on its own weights; the weights go back bit for bit, so a plain request
+    after them is the one before them."""
+    plain = dataclasses.replace(REQUEST, n_samples=2)
+    style = dataclasses.replace(REQUEST, prompt=f"{REQUEST.prompt} <lora:style:0.7>", seed=4)
+    both = dataclasses.replace(REQUEST, prompt=f"<lora:detail:1> {REQUEST.prompt} <lora:style:0.7>", seed=5)
+    first = lora_pipeline.generate(plain).pixels
+    alone = [lora_pipeline.generate(r).pixels for r in (style, both)]
+    together = lora_pipeline.generate_many([plain, style, both, dataclasses.replace(style, seed=6)])
+    assert np.array_equal(together[0].pixels, first)
+    # Batched with another image, as a UNet call of another size: equal within float rounding.
+    assert np.abs(together[1].pixels - alone[0]).max() < FLOAT_TOLERANCE
+    assert np.array_equal(together[2].pixels, alone[1])
+    assert np.abs(together[1].pixels - together[2].pixels).mean() > 1
+    assert lora_pipeline.lora_weights.applied != ()
+    assert np.array_equal(lora_pipeline.generate(plain).pixels, first)
+    assert lora_pipeline.lora_weights.applied == ()
+
+
+def test_a_lora_file_changed_on_disk_is_read_again(lora_pipeline: Pipeline, tmp_path: Path) -> None:
+    source = lora_pipeline.loras.find("detail")
+    pipeline = Pipeline(lora_pipeline.model, lora_dir=tmp_path)
+    path = tmp_path / "swap.safetensors"
+    path.write_bytes(source.read_bytes())
+    first = pipeline.loras.load("swap")
+    assert pipeline.loras.load("swap") is first
+    state = {k: -v if k.endswith("lora_up.weight") else v for k, v in read_state_dict(path).items()}
+    write_lora(path, state)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    second = pipeline.loras.load("swap")
+    assert second is not first and torch.equal(second.deltas[0].up, -first.deltas[0].up)
+
+
+def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[Any, str]]:
+    style = lora_states["style"]
+    key = next(k for k in style if "attn2_to_k.lora_down" in k)
+    wide = {**style, key: torch.zeros(4, 1024)}
+    sdxl = {k.replace("lora_te_", "lora_te1_"): v for k, v in style.items()}
+    loha = {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}
+    peft = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 4)}
+    return {
+        "wide": (wide, "attn2_to_k does not fit this model's layer of shape"),
+        "sdxl": (sdxl, "changes layers this model does not have .*lora_te1_"),
+        "loha": (loha, "of a kind this server does not read"),
+        "peft": (peft, "not in kohya's format"),
+        "garbage": (b"\x00not a tensor file", "cannot be read"),
+    }
+
+
+@pytest.mark.parametrize("name", ["wide", "sdxl", "loha", "peft", "garbage"])
+def test_files_it_cannot_use_are_the_prompts_error_naming_why(
+    model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path, name: str
+) -> None:
+    content, message = _bad_files(lora_states)[name]
+    path = tmp_path / f"{name}.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        write_lora(path, content)
+    pipeline = Pipeline(model, lora_dir=tmp_path)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(GenerationError, match=f"LoRA '{name}'.*{message}") as error:
+        pipeline.generate(dataclasses.replace(REQUEST, prompt=f"a castle <lora:{name}:1>"))
+    assert error.value.field == "prompt"
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_a_lora_that_is_not_there_lists_those_that_are(lora_pipeline: Pipeline) -> None:
+    with pytest.raises(GenerationError, match="no LoRA named 'stlye'; the server's LoRA folder holds: detail, style"):
+        lora_pipeline.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:stlye:1>"))
+    empty = Pipeline(lora_pipeline.model, lora_dir=None)
+    with pytest.raises(GenerationError, match="holds: none"):
+        empty.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:style:1>"))
+
+
+def test_a_tag_in_the_negative_prompt_is_an_error() -> None:
+    with pytest.raises(GenerationError, match="read from the prompt only") as error:
+        resolve(dataclasses.replace(REQUEST, negative_prompt="blurry <lora:style:1>"))
+    assert error.value.field == "negative_prompt"
+
+
+def test_the_kohya_fixture_is_what_kohya_writes(lora_states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Keys as sd-scripts writes them for SD v1 (spot-checked against its naming: `lora_unet_` + diffusers' path,
+    `lora_te_text_model_encoder_layers_…`), so the tests above read the real format, not one of our making."""
+    keys = set(lora_states["style"])
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_up_blocks_1_resnets_2_conv1.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert {key.split(".", 1)[1] for key in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
