@@ -16,7 +16,11 @@ class ImagineRequest(BaseModel):
     (`unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir`, `fixed_code`, `from_file` empty, `C` 4, `f` 8,
     `format` "png"), and dropped: they shaped how it ran, not the image."""
 
-    prompt: str = Field(description="what the images should show", max_length=2000)
+    prompt: str = Field(
+        description="what the images should show; `<lora:name:0.8>` merges the server's LoRA `name` at weight 0.8 "
+        "(`<lora:name:0.8:0.5>`: text encoder 0.8, UNet 0.5), as AUTOMATIC1111 reads it",
+        max_length=2000,
+    )
     negative_prompt: str = Field("", description="what the images should not show")
     H: int = Field(512, description="height in pixels, a multiple of 8 (img2img: the init image's)")
     W: int = Field(512, description="width in pixels, a multiple of 8 (img2img: the init image's)")

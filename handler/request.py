@@ -30,6 +30,8 @@ from ldm.pipeline import (
     check_emphasis,
     check_mask,
     check_sampler,
+    clip_text,
+    request_loras,
     text_parts,
 )
 from ldm.tokenizer import CLIPTokenizer
@@ -287,7 +289,7 @@ def check_chunks(generation: GenerationRequest, tokenizer: CLIPTokenizer, settin
         return
     limit = settings.limits.max_prompt_chunks
     for name in TEXT_FIELDS:
-        count = len(emphasis.chunks(tokenizer, getattr(generation, name)))
+        count = len(emphasis.chunks(tokenizer, clip_text(generation, name)))
         if count > limit:
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 
@@ -348,9 +350,12 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         **_syntax(body, settings),
     )
     try:
+        loras = len(request_loras(generation))
         check_emphasis(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
+    if loras > limits.max_loras:
+        raise RequestError("prompt", f"prompt: at most {limits.max_loras} LoRAs (<lora:…> tags), got {loras}")
     for name in TEXT_FIELDS:
         try:
             count = len(text_parts(generation, name))

@@ -66,7 +66,7 @@ class StableDiffusionHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
         check_against_model(self.settings, model.config.timesteps)
-        self.pipeline = Pipeline(model, self.settings.fast_path)
+        self.pipeline = Pipeline(model, self.settings.fast_path, model_dir / self.settings.lora_dir)
         self.initialized = True
         logger.info(
             "loaded %s (model hash %s) on %s as %s%s in %.1f s",
@@ -92,7 +92,10 @@ class StableDiffusionHandler(BaseHandler):
             try:
                 request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
                 check_chunks(request.generation, tokenizer, self.settings)
+                self.pipeline.lora_files(request.generation)  # read now: a missing or wrong file is a 400
                 parsed.append(request)
+            except GenerationError as error:
+                parsed.append(RequestError(error.field, str(error)))
             except RequestError as error:
                 parsed.append(error)
             except Exception:

@@ -54,6 +54,8 @@ class Limits:
     # Per prompt with emphasis: each 75 tokens are one more text-encoder row, and 77 more tokens every UNet step
     # attends to.
     max_prompt_chunks: int = 8
+    # Per prompt: each LoRA is read, checked and merged into the weights (and out again) before its request runs.
+    max_loras: int = 4
     max_scale: float = 50.0
     max_eta: float = 1.0
     max_init_image_bytes: int = 10 * 1024 * 1024
@@ -85,6 +87,9 @@ class HandlerSettings:
     preview_every: int = 5
     # GPU speed switches (compile, CUDA graphs, channels-last) and the shapes warmed up at load.
     fast_path: FastPath = field(default_factory=FastPath)
+    # Where the LoRAs a prompt names (<lora:name:weight>) are: relative to the model's folder (where
+    # scripts/build_mar.py --loras puts them), or absolute (a volume on Kubernetes).
+    lora_dir: str = "loras"
 
     def dtype(self, device: torch.device) -> torch.dtype:
         chosen = PRECISIONS[self.precision]

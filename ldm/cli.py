@@ -56,6 +56,7 @@ from ldm.pipeline import (
     GenerationRequest,
     Pipeline,
     check_emphasis,
+    check_lora_names,
     resolve,
     text_parts,
     unread_warnings,
@@ -67,6 +68,7 @@ from ldm.tokenizer import CLIPTokenizer
 Mode = Literal["txt2img", "img2img"]
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_LORA_DIR = "models/Lora"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
 RANDOM_SEED_MAX = 1_000_000
@@ -187,6 +189,14 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         action="store_true",
         help="read AUTOMATIC1111's syntax: '(word:1.3)', '(word)', '[word]' weigh words, BREAK starts a new chunk, "
         "and a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75 (not with --weighted_subprompts)",
+    )
+    parser.add_argument(
+        "--lora_dir",
+        type=str,
+        default=DEFAULT_LORA_DIR,
+        help="where the LoRAs a prompt names are: '<lora:name:0.8>' in a prompt merges name.safetensors (or .pt, "
+        ".ckpt) from this folder or below it, at weight 0.8; '<lora:name:0.8:0.5>' gives the text encoder 0.8 and "
+        "the UNet 0.5 (default: %(default)s)",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
@@ -456,14 +466,15 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, strength=args.strength, mask_image=mask_image)
+    lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
-        for prompt in prompts[1:]:
+        for prompt in prompts:
             check_emphasis(replace(template, prompt=prompt))
             text_parts(replace(template, prompt=prompt), "prompt")
+            check_lora_names(replace(template, prompt=prompt), lora_dir)
     except GenerationError as error:
-        flag = "from-file" if error.field == "prompt" and args.from_file else FLAGS.get(error.field, error.field)
-        raise CliError(f"--{flag}: {error}") from None
+        raise CliError(_flag_error(error, args)) from None
     outdir = None if args.skip_save else make_outdir(args.outdir)
 
     # Every input checked: a refused command says only why. What CLIP will not read is said before minutes of
@@ -479,7 +490,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         model = load_model(source, config, device, args)
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
-    pipeline = Pipeline(model)
+    pipeline = Pipeline(model, lora_dir=lora_dir)
+    try:
+        for prompt in prompts:
+            pipeline.lora_files(replace(template, prompt=prompt))  # each file read and checked against the model
+    except GenerationError as error:
+        raise CliError(_flag_error(error, args)) from None
 
     index = 0 if outdir is None else next_index(outdir)
     steps_per_batch = template.denoising_steps
@@ -503,6 +519,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     where = "not saved (--skip_save)" if outdir is None else f"in {outdir}"
     print(f"{n_images} image(s) in {minutes:.2f} minutes, {span}, {where}", file=sys.stderr)
     return written
+
+
+def _flag_error(error: GenerationError, args: argparse.Namespace) -> str:
+    """A request field's error as the flag that set it says it (the prompt's is the file's with --from-file)."""
+    flag = "from-file" if error.field == "prompt" and args.from_file else FLAGS.get(error.field, error.field)
+    return f"--{flag}: {error}"
 
 
 def main(argv: Sequence[str] | None = None, mode: Mode = "txt2img") -> int:

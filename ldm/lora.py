@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,8 +44,10 @@ UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 # Suffixes of LyCORIS' other kinds (LoHa, LoKr, Tucker-decomposed LoCon, full deltas, DoRA, norms).
-OTHER_KINDS = (".hada_", ".lokr_", ".lora_mid.", ".diff", ".dora_scale", ".w_norm", ".b_norm", ".diff_b")
+OTHER_KINDS = (".hada_", ".lokr_", ".lora_mid.", ".diff", ".dora_scale", ".w_norm", ".b_norm")
+# How many names an error message lists: enough to spot a typo, not a whole folder.
 _SHOWN = 5
+_SHOWN_FILES = 20
 # Inside a ResBlock, the original's module names → diffusers'.
 _RESNET_NAMES = {
     "in_layers.2": "conv1",
@@ -83,9 +86,11 @@ def prompt_loras(text: str) -> tuple[LoraUse, ...]:
         if len(numbers) > 2:
             raise LoraError(f"'{match.group(0)}': at most two weights, the text encoder's and the UNet's")
         weights = [_weight(match.group(0), number) for number in numbers] or [1.0]
-        text_weight, unet_weight = weights[0], weights[-1]
         old = found.get(name, (0.0, 0.0))
-        found[name] = (old[0] + text_weight, old[1] + unet_weight)
+        found[name] = (old[0] + weights[0], old[1] + weights[-1])
+    for name, weights in found.items():
+        if max(abs(w) for w in weights) > MAX_WEIGHT:
+            raise LoraError(f"the tags of LoRA '{name}' add up to more than ±{MAX_WEIGHT:g}: {weights[0]:g}")
     return tuple(LoraUse(name, *weights) for name, weights in found.items())
 
 
@@ -97,6 +102,25 @@ def _weight(tag: str, number: str) -> float:
     if not -MAX_WEIGHT <= value <= MAX_WEIGHT:
         raise LoraError(f"'{tag}': a LoRA weight must be in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {number}")
     return value
+
+
+def lora_files(folder: Path | None) -> list[Path]:
+    """Every LoRA file in `folder` or below it, in path order (none for a folder that is not there)."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+
+
+def find(folder: Path | None, name: str) -> Path:
+    """The file of the LoRA `name`: its stem is the name (the first in path order, if two share it). Only files
+    found in the folder are compared, so a name is never a path."""
+    files = lora_files(folder)
+    for path in files:
+        if path.stem == name:
+            return path
+    names = sorted({path.stem for path in files})
+    held = ", ".join(names[:_SHOWN_FILES]) + (f", … ({len(names)} in all)" if len(names) > _SHOWN_FILES else "")
+    raise LoraError(f"no LoRA named '{name}'; the LoRA folder holds: {held or 'none'}")
 
 
 def diffusers_names(unet: UNetModel) -> Iterator[tuple[str, str]]:
@@ -175,16 +199,19 @@ class Delta:
         return (up @ down).mul_(weight * self.scale).view(target.shape)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class LoraFile:
-    """A LoRA file read and matched against the model's layers. Equal only to itself: a file changed on disk is read
-    again into a new one."""
+    """A LoRA file read and matched against the model's layers; two reads of a file unchanged on disk (the same
+    `stamp`: modification time and size) are equal, so requests naming it share one merge."""
 
     path: Path
-    deltas: tuple[Delta, ...]
+    stamp: tuple[int, int]
+    deltas: tuple[Delta, ...] = field(compare=False, repr=False)
 
 
-def parse(path: Path, state_dict: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> LoraFile:
+def parse(
+    path: Path, stamp: tuple[int, int], state_dict: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]
+) -> LoraFile:
     """Match a kohya-format state dict to `targets` (`kohya_targets`), checking every key and shape, so that a file
     for another model (SD 2, SDXL) or of another kind (LyCORIS' LoHa, LoKr) is an error naming why, never a partly
     applied LoRA."""
@@ -212,6 +239,7 @@ def parse(path: Path, state_dict: Mapping[str, torch.Tensor], targets: Mapping[s
     deltas = []
     for name in sorted(names):
         down, up = state_dict[f"{name}{DOWN}"], state_dict.get(f"{name}{UP}")
+        alpha = state_dict.get(f"{name}{ALPHA}")
         layer = targets[name]
         shape = layer.weight.shape
         if up is None or not _fits(down, up, shape):
@@ -219,18 +247,20 @@ def parse(path: Path, state_dict: Mapping[str, torch.Tensor], targets: Mapping[s
                 f"LoRA '{path.stem}': {name} does not fit this model's layer of shape {tuple(shape)}: it is not a "
                 "LoRA for Stable Diffusion v1"
             )
-        rank = down.shape[0]
-        alpha = state_dict.get(f"{name}{ALPHA}")
-        scale = 1.0 if alpha is None else float(alpha) / rank
+        if alpha is not None and (alpha.numel() != 1 or not bool(alpha.isfinite().all())):
+            raise LoraError(f"LoRA '{path.stem}': {name}.alpha must be one finite number")
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
         deltas.append(Delta(layer, down, up, scale, name.startswith(UNET_PREFIX)))
-    return LoraFile(path, tuple(deltas))
+    return LoraFile(path, stamp, tuple(deltas))
 
 
 def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
-    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`."""
+    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`, r ≥ 1, in floats."""
+    if down.dim() < 2 or up.dim() < 2 or not (down.is_floating_point() and up.is_floating_point()):
+        return False
     rank = down.shape[0]
     return (
-        up.dim() >= 2
+        rank >= 1
         and tuple(up.shape[:2]) == (shape[0], rank)
         and up.numel() == shape[0] * rank
         and down.numel() == rank * math.prod(shape[1:])
@@ -239,53 +269,43 @@ def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
 
 class LoraLibrary:
     """The LoRA folder: a LoRA is named by its file's stem, in the folder or below it (as A1111 finds them), so files
-    added while the server runs are found; a file read is kept (the last `keep` of them) while it is unchanged."""
+    added while the server runs are found; the last `keep` files read are kept while they are unchanged on disk (a
+    batch naming more reads some twice, and still merges each set once)."""
 
-    def __init__(self, folder: Path | None, targets: Mapping[str, nn.Module], keep: int = 4) -> None:
+    def __init__(self, folder: Path | None, targets: Mapping[str, nn.Module], keep: int = 8) -> None:
         self.folder = folder
         self.targets = targets
         self.keep = keep
-        self.cache: dict[Path, tuple[tuple[int, int], LoraFile]] = {}
-
-    def _files(self) -> list[Path]:
-        if self.folder is None or not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-
-    def names(self) -> list[str]:
-        """Every LoRA the folder holds."""
-        return sorted({path.stem for path in self._files()})
+        self.cache: dict[Path, LoraFile] = {}
 
     def find(self, name: str) -> Path:
-        """The file of the LoRA `name` (the first in path order, if two share the name)."""
-        for path in self._files():
-            if path.stem == name:
-                return path
-        held = ", ".join(self.names()) or "none"
-        raise LoraError(f"no LoRA named '{name}'; the server's LoRA folder holds: {held}")
+        return find(self.folder, name)
 
     def load(self, name: str) -> LoraFile:
         """The LoRA `name`, read and checked (`parse`), from the cache while its file is unchanged."""
         path = self.find(name)
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = self.cache.pop(path, None)
-        if cached is None or cached[0] != stamp:
-            try:
-                state_dict = read_state_dict(path)
-            except (CheckpointError, UnsafeCheckpointError, OSError) as error:
-                raise LoraError(f"LoRA '{name}' cannot be read: {error}") from None
-            cached = (stamp, parse(path, state_dict, self.targets))
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            cached = self.cache.pop(path, None)
+            if cached is None or cached.stamp != stamp:
+                # Copied out of the file's memory mapping: a file overwritten in place must not change what is held.
+                state_dict = {key: tensor.clone() for key, tensor in read_state_dict(path).items()}
+                cached = parse(path, stamp, state_dict, self.targets)
+        except (CheckpointError, UnsafeCheckpointError, OSError) as error:
+            raise LoraError(f"LoRA '{name}' cannot be read: {error}") from None
         self.cache[path] = cached  # last used last: the first is the one to drop
         while len(self.cache) > self.keep:
             del self.cache[next(iter(self.cache))]
-        return cached[1]
+        return cached
 
 
 class LoraWeights:
-    """The model's weights with some LoRAs merged in, and the originals of every weight that changed, to put back.
+    """A model's weights with some LoRAs merged in, and the originals of every weight that changed, to put back.
 
-    Applying the set already applied costs nothing, so a run of requests with the same LoRAs pays for merging once.
+    One per model (`merged_into`), whatever pipelines share it. Applying the set already applied costs nothing, so a
+    run of requests with the same LoRAs pays for merging once. The originals wait on the CPU: a GPU keeps no second
+    copy of the layers a LoRA changes, and putting them back costs one copy to the device when the set changes.
     """
 
     def __init__(self) -> None:
@@ -309,7 +329,7 @@ class LoraWeights:
         try:
             for layer, deltas in by_layer.items():
                 change = _sum(delta.value(weight) for delta, weight in deltas)
-                self.originals[layer] = layer.weight.detach().clone()
+                self.originals[layer] = layer.weight.detach().to("cpu", copy=True)
                 layer.weight.add_(change)
         except BaseException:
             self.restore()
@@ -325,7 +345,17 @@ class LoraWeights:
         self.applied = ()
 
 
+_MERGED: weakref.WeakKeyDictionary[nn.Module, LoraWeights] = weakref.WeakKeyDictionary()
+
+
+def merged_into(model: StableDiffusion) -> LoraWeights:
+    """The LoRA state of `model`'s weights, shared by every pipeline on it: one that merged a LoRA must be the one
+    that takes it out, whichever pipeline asks next."""
+    return _MERGED.setdefault(model.unet, LoraWeights())
+
+
 def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ of the tensors, added into the first (each is a fresh change of one layer: no copy needed)."""
     iterator = iter(tensors)
     total = next(iterator)
     for tensor in iterator:

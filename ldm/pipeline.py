@@ -22,7 +22,7 @@ from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_s
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.inpainting import KeptRegion
-from ldm.lora import LoraError, LoraFile, LoraLibrary, LoraUse, LoraWeights, kohya_targets
+from ldm.lora import LoraError, LoraFile, LoraLibrary, LoraUse, kohya_targets, merged_into
 from ldm.model import StableDiffusion
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
@@ -200,6 +200,16 @@ def request_loras(request: GenerationRequest) -> tuple[LoraUse, ...]:
         raise GenerationError("prompt", f"prompt: {error}") from None
 
 
+def check_lora_names(request: GenerationRequest, lora_dir: Path | None) -> None:
+    """Every LoRA the prompt names has a file in `lora_dir`: what can be told before a model is loaded (whether the
+    files fit it, `Pipeline.lora_files` tells)."""
+    for use in request_loras(request):
+        try:
+            lora.find(lora_dir, use.name)
+        except LoraError as error:
+            raise GenerationError("prompt", f"prompt: {error}") from None
+
+
 def check_emphasis(request: GenerationRequest) -> None:
     """A1111's syntax reads `(word:1.3)` where optimizedSD's reads a sub-prompt and a weight: one of the two; and
     every weight it reads must be a number."""
@@ -314,7 +324,7 @@ class Pipeline:
     def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None, lora_dir: Path | None = None) -> None:
         self.model = model
         self.loras = LoraLibrary(lora_dir, kohya_targets(model))
-        self.lora_weights = LoraWeights()
+        self.lora_weights = merged_into(model)
         self.factor = model.config.vae.downsampling_factor
         self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
         if model.device.type == "cuda" and model.dtype == torch.float32:

@@ -4,7 +4,9 @@
         --model-name sd --export-path model-store --archive-format no-archive
 
 The archive holds the handler (`sd_handler.py` and the `handler` package), the `ldm` package, model-config.yaml and
-the split parts (`unet`/`vae`/`text_encoder.safetensors`, config, tokenizer, manifest).
+the split parts (`unet`/`vae`/`text_encoder.safetensors`, config, tokenizer, manifest); with `--loras DIR`, the LoRA
+files of DIR in `loras/`, where the handler looks for the LoRAs a prompt names (model-config.yaml's
+`handler.lora_dir`).
 
 Which format for a 2–4 GB model: `no-archive`. TorchServe unpacks a `.mar` into a temporary folder at every start
 (and keeps that copy on disk); `default` also deflates gigabytes of incompressible weights, which takes minutes to
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError
+from ldm.lora import lora_files
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
 
@@ -31,11 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
 
 
-def stage(ckpt: Path, config: Path, dtype: str, folder: Path) -> None:
-    """Lay out what the archive's root holds besides the handler file: packages and split parts."""
+def stage(ckpt: Path, config: Path, dtype: str, folder: Path, loras: Path | None = None) -> None:
+    """Lay out what the archive's root holds besides the handler file: packages, split parts and LoRAs."""
     write_split(ckpt, config, folder, dtype)
     for package in ("ldm", "handler"):
         shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    if loras is not None:
+        if not loras.is_dir():
+            raise NotADirectoryError(f"--loras {loras}: not a folder")
+        for path in lora_files(loras):
+            target = folder / "loras" / path.relative_to(loras)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def archive(args: argparse.Namespace, staged: Path) -> None:
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="no-archive", help="see above")
     parser.add_argument("--model-config", type=Path, default=ROOT / "model-config.yaml", help="model-config.yaml")
     parser.add_argument("--version", default="1.0", help="model version recorded in the archive")
+    parser.add_argument("--loras", type=Path, help="a folder of LoRA files to package, for <lora:name:weight> tags")
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
     if args.archive_format == "no-archive":
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
         staged = Path(tmp) / "model"
         try:
-            stage(args.ckpt, args.config or default_config(args.ckpt), args.dtype, staged)
+            stage(args.ckpt, args.config or default_config(args.ckpt), args.dtype, staged, args.loras)
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2

@@ -124,6 +124,15 @@ CASES: list[Case] = [
          "negative_prompt: 'fog' weighs 2.46993e+41 once its brackets are multiplied out: at most 100"),
     Case("emphasis over 8 chunks", with_(prompt="x BREAK " * 8 + "x", emphasis=True), "prompt",
          "prompt: at most 8 chunks of 75 tokens with emphasis, got 9"),
+    # LoRA tags (ldm/lora.py).
+    Case("LoRA not in the folder", with_(prompt="a castle <lora:no-such-lora:0.8>"), "prompt",
+         "prompt: no LoRA named 'no-such-lora'; the LoRA folder holds: "),
+    Case("LoRA weight not a number", with_(prompt="a castle <lora:style:much>"), "prompt",
+         "prompt: '<lora:style:much>': 'much' is not a number"),
+    Case("LoRA tag in the negative prompt", with_(negative_prompt="blurry <lora:style:1>"), "negative_prompt",
+         "negative_prompt: LoRA tags (<lora:…>) are read from the prompt only"),
+    Case("more than 4 LoRAs", with_(prompt="".join(f"<lora:l{i}:1>" for i in range(5))), "prompt",
+         "prompt: at most 4 LoRAs (<lora:…> tags), got 5"),
     # Sizes.
     Case("H boolean", with_(H=True), "H", "H must be an integer, got true"),
     Case("H float", with_(H=64.0), "H", "H must be an integer, got 64.0"),

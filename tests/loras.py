@@ -9,6 +9,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ldm.lora import kohya_targets
+from ldm.model import StableDiffusion
+
 
 def kohya_lora(layers: Mapping[str, nn.Module], rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
     """A kohya state dict changing each of `layers` (kohya key → linear or convolution): `lora_down` reads the
@@ -50,3 +53,10 @@ def text_kohya_layers(clip: nn.Module) -> dict[str, nn.Module]:
             path = name if name.startswith("text_model.") else f"text_model.{name}"
             layers["lora_te_" + path.replace(".", "_")] = module
     return layers
+
+
+def model_lora(model: StableDiffusion, seed: int = 0) -> dict:
+    """A LoRA for `model`'s attention layers and CLIP, keyed by our own kohya names (which tests/test_lora.py checks
+    against diffusers'): for tests of what carries a LoRA to the pipeline, not of the merge itself."""
+    layers = {k: v for k, v in kohya_targets(model).items() if "attentions" in k or k.startswith("lora_te_")}
+    return kohya_lora(layers, seed=seed)

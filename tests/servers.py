@@ -16,14 +16,23 @@ import uvicorn
 
 from front.app import create_app
 from front.settings import FrontSettings
+from ldm.parts import load_checkpoint
 from scripts.build_mar import main as build_mar
 from scripts.server import ROOT, TorchServe, free_port, loopback_listeners, write_properties
+from tests.loras import model_lora, write_lora
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 MODEL = "tiny"
 TIMEOUT = 120
 # TorchServe's settings of the session server: a batch delay long enough that concurrent clients share batches.
 BATCHING: Mapping[str, int] = {"maxBatchDelay": 400}
+# The LoRA every test server holds (scripts/build_mar.py --loras): `<lora:tiny-style:0.8>` in a prompt.
+TINY_LORA = "tiny-style"
+
+
+def write_tiny_lora(folder: Path) -> Path:
+    """`TINY_LORA`'s file in `folder`, the same bytes each time."""
+    return write_lora(folder / f"{TINY_LORA}.safetensors", model_lora(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)))
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, answer: object) -> None:
@@ -71,7 +80,7 @@ def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING, detached
     model_config.write_text(model_config_with(settings))
     args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
             "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
-            "--model-config", str(model_config)]  # fmt: skip
+            "--model-config", str(model_config), "--loras", str(write_tiny_lora(home / "loras").parent)]  # fmt: skip
     assert build_mar(args) == 0
     assert (store / f"{MODEL}.mar").is_file()
     config = write_properties(ROOT / "config.properties", home / "config.properties", {

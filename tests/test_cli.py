@@ -17,10 +17,11 @@ from PIL import ExifTags, Image
 
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
-from ldm.parts import write_split
+from ldm.parts import load_checkpoint, write_split
 from ldm.pipeline import SAMPLERS, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import black_png
+from tests.loras import model_lora, write_lora
 from tests.reference import (
     BF16_MIN_PSNR_DB,
     REFERENCE,
@@ -206,6 +207,36 @@ def test_emphasis_reads_a1111_syntax(pipeline: Pipeline, tmp_path: Path, capsys:
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert parameters is not None and "Emphasis: Original" in parameters
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_lora_tag_merges_a_file_of_the_lora_dir(tmp_path: Path) -> None:
+    """`<lora:name:w>` in --prompt reads name.safetensors from --lora_dir: the pipeline's image with that folder, the
+    tag kept in the PNG's prompt."""
+    folder = tmp_path / "loras"
+    write_lora(folder / "ink.safetensors", model_lora(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)))
+    prompt = "a lighthouse in a storm <lora:ink:0.9>"
+    argv = [*case_argv("basic"), *MODEL, "--lora_dir", str(folder)]
+    assert main([*argv, "--prompt", prompt, "--outdir", str(tmp_path / "out")]) == 0
+    pixels, parameters = read_png(tmp_path / "out" / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), prompt=prompt)
+    lora_pipeline = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), lora_dir=folder)
+    assert np.array_equal(pixels, lora_pipeline.generate(request).images[0])
+    assert parameters is not None and parameters.startswith(prompt + "\n")
+
+
+def test_a_lora_the_folder_lacks_fails_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
+) -> None:
+    """Also in a --from-file prompt after the first: every prompt's tags are checked before minutes of loading."""
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")
+    argv = [*case_argv("basic"), *MODEL, "--lora_dir", str(tmp_path / "loras"), "--skip_save"]
+    assert run_cli([*argv, "--prompt", "a lighthouse <lora:inc:1>"]) == 2
+    assert "error: --prompt: prompt: no LoRA named 'inc'; the LoRA folder holds: ink" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse <lora:ink:1>\na harbour <lora:ink:much>\n")
+    assert run_cli([*argv, "--from-file", str(prompts)]) == 2
+    assert "error: --from-file: prompt: '<lora:ink:much>': 'much' is not a number" in capsys.readouterr().err
 
 
 def test_a_sideways_stored_photo_is_read_upright(tmp_path: Path) -> None:

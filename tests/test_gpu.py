@@ -20,6 +20,7 @@ from ldm.fast_path import FastPath
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
+from tests.loras import model_lora, write_lora
 from tests.reference import (
     CASES,
     FLOAT_TOLERANCE,
@@ -43,19 +44,27 @@ INPAINTING_CONFIG = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"
 
 
 @pytest.fixture(scope="module")
-def fp32_cuda() -> Pipeline:
-    return Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float32))
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the LoRA `tiny-style`."""
+    folder = tmp_path_factory.mktemp("loras")
+    write_lora(folder / "tiny-style.safetensors", model_lora(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)))
+    return folder
 
 
 @pytest.fixture(scope="module")
-def fast_fp16() -> Pipeline:
+def fp32_cuda(lora_dir: Path) -> Pipeline:
+    return Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float32), lora_dir=lora_dir)
+
+
+@pytest.fixture(scope="module")
+def fast_fp16(lora_dir: Path) -> Pipeline:
     """One fp16 pipeline with the fast path warmed up for every shape of FAST_CASES."""
     shapes = []
     for case_id in FAST_CASES:
         request = request_of(case(case_id))
         shapes.append(f"{request.height}x{request.width}x{request.n_samples}")
     model = load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float16)
-    return Pipeline(model, FastPath(shapes=tuple(dict.fromkeys(shapes))))
+    return Pipeline(model, FastPath(shapes=tuple(dict.fromkeys(shapes))), lora_dir)
 
 
 @pytest.mark.parametrize("case_data", CASES, ids=lambda c: c["id"])
@@ -154,6 +163,22 @@ def test_a_long_prompt_in_a1111_syntax_runs_eagerly_beside_the_fast_path(
     fast = fast_fp16.generate(request)
     assert fast_fp16.fast.unet.fast_calls == before
     assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+
+
+def test_a_lora_reaches_the_captured_graphs(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
+    """A LoRA is merged into the weights in place, where the compiled graphs read them: its image on the fast path
+    (replayed, not recaptured) is within fp16 rounding of fp32's with it, far from the image without it, and the
+    weights come back for the next request."""
+    plain = request_of(case("basic"))
+    request = dataclasses.replace(plain, prompt=f"{plain.prompt} <lora:tiny-style:0.8>")
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request)
+    assert fast_fp16.fast.unet.fast_calls - before == request.denoising_steps
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+    without = fast_fp16.generate(plain)
+    assert psnr(fast.pixels, without.pixels) < MIN_PSNR_DB - 10
+    assert psnr(without.pixels, fp32_cuda.generate(plain).pixels) >= MIN_PSNR_DB
 
 
 def test_low_memory_mode_gives_the_resident_images() -> None:

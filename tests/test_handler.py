@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ldm.parts import load_split
 from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
+from tests.loras import model_lora, write_lora
 from tests.reference import BF16_MIN_PSNR_DB, load_image, psnr
 
 SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
@@ -255,6 +257,30 @@ def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, 
     request = GenerationRequest("a (red:1.4) bicycle", height=64, width=64, steps=3, seed=5, emphasis=True)
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
     assert "Emphasis: Original" in read_parameters(png)
+
+
+def test_a_prompt_merges_a_lora_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
+    """`<lora:name:w>` finds name.safetensors in the model folder's `loras/` (handler.lora_dir's default), and the
+    image is the pipeline's with that folder; an absolute lora_dir is read as it is. The PNG keeps the tag in its
+    prompt, as A1111 writes it."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_split, model_dir)
+    write_lora(model_dir / "loras" / "tiny-style.safetensors", model_lora(load_split(model_dir)))
+    prompt = "a red bicycle <lora:tiny-style:0.8>"
+    request = GenerationRequest(prompt, height=64, width=64, steps=3, seed=5)
+    expected = Pipeline(load_split(model_dir), lora_dir=model_dir / "loras").generate(request).images[0]
+    plain = expected_pixels(tiny_split, dataclasses.replace(request, prompt="a red bicycle"))[0]
+    assert np.abs(expected.astype(int) - plain).mean() > 1
+    elsewhere = {"handler": {**SETTINGS["handler"], "lora_dir": str(model_dir / "loras")}}
+    for folder, settings in ((model_dir, SETTINGS), (tiny_split, elsewhere)):
+        handler = StableDiffusionHandler()
+        context = FakeContext(folder)
+        context.model_yaml_config = settings
+        handler.initialize(context)
+        (response,), _ = call(handler, [{**VALID, "prompt": prompt}])
+        png = base64.b64decode(json.loads(response)["images"][0])
+        assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected)
+        assert read_parameters(png).startswith(prompt + "\n")
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:

@@ -15,7 +15,17 @@ from torch import nn
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import TEXT_TO_IMAGE_CONFIG, load_config
-from ldm.lora import LoraUse, LoraWeights, diffusers_names, kohya_targets, parse, prompt_loras, strip_tags
+from ldm.lora import (
+    LoraError,
+    LoraUse,
+    LoraWeights,
+    diffusers_names,
+    find,
+    kohya_targets,
+    parse,
+    prompt_loras,
+    strip_tags,
+)
 from ldm.model import StableDiffusion, build_parts
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
@@ -126,6 +136,7 @@ def test_tags_name_loras_and_are_not_text(prompt: str, uses: tuple[LoraUse, ...]
         ("<lora:style:heavy>", "'heavy' is not a number"),
         ("<lora:style:11>", r"must be in \[-10, 10\], got 11"),
         ("<lora:style:1:1:1>", "at most two weights"),
+        ("<lora:style:6> <lora:style:6>", r"the tags of LoRA 'style' add up to more than ±10: 12"),
     ],
 )
 def test_tags_that_cannot_be_read(prompt: str, message: str) -> None:
@@ -141,7 +152,7 @@ def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDi
         :1
     ]
     state = kohya_lora({k: targets[k] for k in keys}, rank=3, alpha=1.5, seed=7)
-    lora = parse(tmp_path / "x.safetensors", state, targets)
+    lora = parse(tmp_path / "x.safetensors", (0, 0), state, targets)
     originals = {k: targets[k].weight.detach().clone() for k in keys}
     weights = LoraWeights()
     weights.apply([(lora, LoraUse("x", 0.8, -0.6))])
@@ -220,6 +231,14 @@ def test_requests_with_other_loras_in_one_batch_each_get_their_own_image(lora_pi
     assert lora_pipeline.lora_weights.applied == ()
 
 
+def test_pipelines_sharing_a_model_share_what_is_merged_into_it(lora_pipeline: Pipeline, tmp_path: Path) -> None:
+    """A second pipeline on the same model knows the first merged a LoRA, and takes it out for a plain request."""
+    plain = lora_pipeline.generate(REQUEST).pixels
+    lora_pipeline.generate(dataclasses.replace(REQUEST, prompt=f"{REQUEST.prompt} <lora:style:1>"))
+    other = Pipeline(lora_pipeline.model, lora_dir=tmp_path)
+    assert np.array_equal(other.generate(REQUEST).pixels, plain)
+
+
 def test_a_lora_file_changed_on_disk_is_read_again(lora_pipeline: Pipeline, tmp_path: Path) -> None:
     source = lora_pipeline.loras.find("detail")
     pipeline = Pipeline(lora_pipeline.model, lora_dir=tmp_path)
@@ -240,17 +259,22 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
     wide = {**style, key: torch.zeros(4, 1024)}
     sdxl = {k.replace("lora_te_", "lora_te1_"): v for k, v in style.items()}
     loha = {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}
+    alphas = {**style, key.replace("lora_down.weight", "alpha"): torch.ones(2)}
+    up = key.replace("lora_down", "lora_up")
+    rank0 = {**style, key: torch.zeros(0, style[key].shape[1]), up: torch.zeros(style[up].shape[0], 0)}
     peft = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 4)}
     return {
         "wide": (wide, "attn2_to_k does not fit this model's layer of shape"),
         "sdxl": (sdxl, "changes layers this model does not have .*lora_te1_"),
         "loha": (loha, "of a kind this server does not read"),
+        "alphas": (alphas, "attn2_to_k.alpha must be one finite number"),
+        "rank0": (rank0, "attn2_to_k does not fit"),
         "peft": (peft, "not in kohya's format"),
         "garbage": (b"\x00not a tensor file", "cannot be read"),
     }
 
 
-@pytest.mark.parametrize("name", ["wide", "sdxl", "loha", "peft", "garbage"])
+@pytest.mark.parametrize("name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "garbage"])
 def test_files_it_cannot_use_are_the_prompts_error_naming_why(
     model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path, name: str
 ) -> None:
@@ -269,11 +293,22 @@ def test_files_it_cannot_use_are_the_prompts_error_naming_why(
 
 
 def test_a_lora_that_is_not_there_lists_those_that_are(lora_pipeline: Pipeline) -> None:
-    with pytest.raises(GenerationError, match="no LoRA named 'stlye'; the server's LoRA folder holds: detail, style"):
+    with pytest.raises(GenerationError, match="no LoRA named 'stlye'; the LoRA folder holds: detail, style"):
         lora_pipeline.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:stlye:1>"))
     empty = Pipeline(lora_pipeline.model, lora_dir=None)
     with pytest.raises(GenerationError, match="holds: none"):
         empty.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:style:1>"))
+
+
+def test_a_big_folder_is_not_listed_whole(tmp_path: Path) -> None:
+    for index in range(25):
+        (tmp_path / f"style{index:02}.safetensors").write_bytes(b"")
+    with pytest.raises(LoraError) as error:
+        find(tmp_path, "missing")
+    assert str(error.value).endswith("holds: style00, style01, style02, style03, style04, style05, style06, style07, "
+                                     "style08, style09, style10, style11, style12, style13, style14, style15, style16, "
+                                     "style17, style18, style19, … (25 in all)")  # fmt: skip
+    assert find(tmp_path, "style24") == tmp_path / "style24.safetensors"
 
 
 def test_a_tag_in_the_negative_prompt_is_an_error() -> None:

@@ -45,6 +45,7 @@ def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
     monkeypatch.setattr(model_store, "PACKAGED", (handler,))
     monkeypatch.setattr(model_store, "MODEL_STORE", tmp_path / "model-store")
     monkeypatch.setattr(model_store, "STAMP", tmp_path / "run" / "model-store.json")
+    monkeypatch.setattr(model_store, "USER_LORAS", tmp_path / "models" / "Lora")
     recorder = Builds()
     monkeypatch.setattr(build_mar, "main", recorder)
     return recorder
@@ -68,6 +69,16 @@ def test_built_once_then_rebuilt_only_when_something_it_copies_changes(builds: B
     assert len(builds.argv) == 4
     model_store.prepare("fp16")
     assert len(builds.argv) == 4
+
+
+def test_the_store_finds_loras_in_the_users_lora_folder(builds: Builds, tmp_path: Path) -> None:
+    """models/Lora is linked, not copied, into the model's folder: a LoRA added while the server runs is found."""
+    store = model_store.prepare("fp32")
+    (model_store.USER_LORAS / "ink.safetensors").write_bytes(b"x")
+    assert (store.path / "loras").resolve() == model_store.USER_LORAS.resolve()
+    assert (store.path / "loras" / "ink.safetensors").read_bytes() == b"x"
+    (tmp_path / "handler.py").write_text("version = 2\n")
+    assert model_store.prepare("fp32").path == store.path and len(builds.argv) == 2
 
 
 def test_an_inpainting_checkpoint_is_built_with_the_inpainting_config(

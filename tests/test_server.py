@@ -4,6 +4,7 @@ free ports in its own folder, asked what users ask, and stopped with all its pro
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -32,7 +33,7 @@ from tests.reference import (
     reference_png,
     request_for,
 )
-from tests.servers import MODEL, TIMEOUT
+from tests.servers import MODEL, TIMEOUT, TINY_LORA, write_tiny_lora
 
 pytestmark = pytest.mark.integration
 # Rounds of every bad request to warm the worker up, rounds after them, and how much the worker's resident memory
@@ -50,7 +51,7 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 
     folder = tmp_path_factory.mktemp("parts")
     write_split(TINY_SAFETENSORS, TINY_CONFIG, folder, "fp32")
-    return Pipeline(load_split(folder))
+    return Pipeline(load_split(folder), lora_dir=write_tiny_lora(folder / "loras").parent)
 
 
 def predict(server: TorchServe, body: Any, accept: str = "application/json", **kwargs: Any) -> requests.Response:
@@ -284,6 +285,18 @@ def test_a_long_prompt_in_a1111_syntax_equals_in_process_image(server: TorchServ
     assert response.json()["warnings"] == []
     request = GenerationRequest(prompt, height=64, width=64, steps=4, seed=21, emphasis=True)
     assert np.array_equal(decode(response.json()["images"][0]), in_process.generate(request).images[0])
+
+
+def test_a_lora_tag_over_http_equals_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
+    """The archive's `loras/` (build_mar.py --loras) is where the worker finds the LoRA a prompt names."""
+    prompt = f"a lighthouse on a cliff <lora:{TINY_LORA}:0.8>"
+    response = predict(server, {"prompt": prompt, "H": 64, "W": 64, "ddim_steps": 4, "seed": 21})
+    assert response.status_code == 200, response.text
+    request = GenerationRequest(prompt, height=64, width=64, steps=4, seed=21)
+    image = decode(response.json()["images"][0])
+    assert np.array_equal(image, in_process.generate(request).images[0])
+    plain = in_process.generate(dataclasses.replace(request, prompt="a lighthouse on a cliff")).images[0]
+    assert np.abs(image.astype(int) - plain).mean() > 1
 
 
 def read_stream(response: requests.Response) -> list[dict[str, Any]]:
