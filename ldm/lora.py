@@ -104,7 +104,7 @@ def _weight(tag: str, number: str) -> float:
     return value
 
 
-def lora_files(folder: Path | None) -> list[Path]:
+def files_in(folder: Path | None) -> list[Path]:
     """Every LoRA file in `folder` or below it, in path order (none for a folder that is not there)."""
     if folder is None or not folder.is_dir():
         return []
@@ -114,7 +114,7 @@ def lora_files(folder: Path | None) -> list[Path]:
 def find(folder: Path | None, name: str) -> Path:
     """The file of the LoRA `name`: its stem is the name (the first in path order, if two share it). Only files
     found in the folder are compared, so a name is never a path."""
-    files = lora_files(folder)
+    files = files_in(folder)
     for path in files:
         if path.stem == name:
             return path
@@ -279,6 +279,7 @@ class LoraLibrary:
         self.cache: dict[Path, LoraFile] = {}
 
     def find(self, name: str) -> Path:
+        """The file of the LoRA `name` in this library's folder (`find`)."""
         return find(self.folder, name)
 
     def load(self, name: str) -> LoraFile:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError
-from ldm.lora import lora_files
+from ldm.lora import files_in
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
 
@@ -42,7 +42,7 @@ def stage(ckpt: Path, config: Path, dtype: str, folder: Path, loras: Path | None
     if loras is not None:
         if not loras.is_dir():
             raise NotADirectoryError(f"--loras {loras}: not a folder")
-        for path in lora_files(loras):
+        for path in files_in(loras):
             target = folder / "loras" / path.relative_to(loras)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
