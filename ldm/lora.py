@@ -18,18 +18,19 @@ and puts it back exactly, bit for bit, before a request with other LoRAs (or non
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ldm.attention import SpatialTransformer
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint import CheckpointError, is_safetensors, read_state_dict
 from ldm.model import StableDiffusion
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.unet import Downsample, ResBlock, UNetModel, Upsample
@@ -207,6 +208,20 @@ class LoraFile:
     path: Path
     stamp: tuple[int, int]
     deltas: tuple[Delta, ...] = field(compare=False, repr=False)
+    short_hash: str = field(default="", compare=False)
+
+
+def short_hash(path: Path) -> str:
+    """The 12 hex digits A1111 writes in a PNG's `Lora hashes` (and civitai looks LoRAs up by): the SHA-256 of a
+    safetensors file's tensor bytes after its header (kohya's hash, the same whatever metadata the header holds), or
+    of a whole `.pt`/`.ckpt`."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        if is_safetensors(path):
+            file.seek(8 + int.from_bytes(file.read(8), "little"))
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def parse(
@@ -292,7 +307,7 @@ class LoraLibrary:
             if cached is None or cached.stamp != stamp:
                 # Copied out of the file's memory mapping: a file overwritten in place must not change what is held.
                 state_dict = {key: tensor.clone() for key, tensor in read_state_dict(path).items()}
-                cached = parse(path, stamp, state_dict, self.targets)
+                cached = replace(parse(path, stamp, state_dict, self.targets), short_hash=short_hash(path))
         except (CheckpointError, UnsafeCheckpointError, OSError) as error:
             raise LoraError(f"LoRA '{name}' cannot be read: {error}") from None
         self.cache[path] = cached  # last used last: the first is the one to drop

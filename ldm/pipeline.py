@@ -145,12 +145,14 @@ ProgressCallback = Callable[[Progress], None]
 @dataclass(frozen=True)
 class Generation:
     """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255];
-    `warnings`, what of its texts CLIP never read (`unread_warnings`)."""
+    `warnings`, what of its texts CLIP never read (`unread_warnings`); `lora_hashes`, (name, short hash) of each LoRA
+    it merged, for the PNGs (`ldm.lora.short_hash`)."""
 
     request: GenerationRequest
     images: np.ndarray
     pixels: np.ndarray
     warnings: tuple[str, ...] = ()
+    lora_hashes: tuple[tuple[str, str], ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -556,9 +558,10 @@ class Pipeline:
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
         # Every LoRA file is read and checked before any work, so a bad one fails its request at once.
+        loras_of = [self.lora_files(request) for request in requests]
         by_loras: dict[tuple[tuple[LoraFile, LoraUse], ...], list[int]] = {}
-        for index, request in enumerate(requests):
-            by_loras.setdefault(self.lora_files(request), []).append(index)
+        for index, loras in enumerate(loras_of):
+            by_loras.setdefault(loras, []).append(index)
         pixels: dict[int, list[torch.Tensor | None]] = {}
         # The LoRAs merged already go first: a batch of their requests alone merges nothing.
         for loras in sorted(by_loras, key=lambda loras: loras != self.lora_weights.applied):
@@ -571,7 +574,8 @@ class Pipeline:
             floats = torch.stack(pixels[index]).numpy()
             # (5) Round, not truncate.
             warnings = unread_warnings(tokenizer, request)
-            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings))
+            hashes = tuple((use.name, file.short_hash) for file, use in loras_of[index])
+            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings, hashes))
         return results
 
     def _run(

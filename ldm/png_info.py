@@ -9,6 +9,7 @@ tool that reads the chunk show, and paste back, another prompt.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,8 +25,11 @@ def _escape(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
 
 
-def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "") -> str:
-    """The parameters text of one image of a resolved request."""
+def parameters_text(
+    request: GenerationRequest, seed: int, model_hash: str = "", lora_hashes: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The parameters text of one image of a resolved request, which merged the LoRAs `lora_hashes` names (name,
+    `ldm.lora.short_hash`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -48,6 +52,10 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str = "")
         fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
     elif any(mark in text for text in (request.prompt, request.negative_prompt) for mark in ("(", "[", "\\", "BREAK")):
         fields.append("Emphasis: None")  # read as written: A1111, told nothing, would weigh these brackets
+    if lora_hashes:
+        # A1111's field, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
+        listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in lora_hashes)
+        fields.append(f"Lora hashes: {json.dumps(listed, ensure_ascii=False)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from PIL import ExifTags, Image
 
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
+from ldm.lora import short_hash
 from ldm.parts import load_checkpoint, write_split
 from ldm.pipeline import SAMPLERS, Pipeline
 from ldm.png_info import read_parameters
@@ -222,6 +223,7 @@ def test_a_lora_tag_merges_a_file_of_the_lora_dir(tmp_path: Path) -> None:
     lora_pipeline = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), lora_dir=folder)
     assert np.array_equal(pixels, lora_pipeline.generate(request).images[0])
     assert parameters is not None and parameters.startswith(prompt + "\n")
+    assert parameters.endswith(f', Lora hashes: "ink: {short_hash(folder / "ink.safetensors")}"')
 
 
 def test_a_lora_the_folder_lacks_fails_before_the_model_loads(

@@ -23,6 +23,7 @@ from handler import sd_handler
 from handler.request import RequestError, decode_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, check_against_model, parse_settings
+from ldm.lora import short_hash
 from ldm.parts import load_split
 from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
 from ldm.png_info import read_parameters
@@ -280,7 +281,10 @@ def test_a_prompt_merges_a_lora_of_the_model_folder(tiny_split: Path, tmp_path: 
         (response,), _ = call(handler, [{**VALID, "prompt": prompt}])
         png = base64.b64decode(json.loads(response)["images"][0])
         assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected)
-        assert read_parameters(png).startswith(prompt + "\n")
+        parameters = read_parameters(png)
+        assert parameters.startswith(prompt + "\n")
+        digest = short_hash(model_dir / "loras" / "tiny-style.safetensors")
+        assert parameters.endswith(f', Lora hashes: "tiny-style: {digest}"')
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:

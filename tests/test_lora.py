@@ -4,6 +4,7 @@ same weights; the tags that name them; weights put back bit for bit; files for o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from ldm.lora import (
     kohya_targets,
     parse,
     prompt_loras,
+    short_hash,
     strip_tags,
 )
 from ldm.model import StableDiffusion, build_parts
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.png_info import parameters_text
 from tests.loras import kohya_lora, text_kohya_layers, unet_kohya_layers, write_lora
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
@@ -298,6 +301,37 @@ def test_a_lora_that_is_not_there_lists_those_that_are(lora_pipeline: Pipeline) 
     empty = Pipeline(lora_pipeline.model, lora_dir=None)
     with pytest.raises(GenerationError, match="holds: none"):
         empty.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:style:1>"))
+
+
+def test_the_short_hash_is_kohyas_of_the_tensor_bytes(tmp_path: Path) -> None:
+    """A1111's `Lora hashes` digest: SHA-256 of a safetensors file past its header, so metadata does not change it;
+    of the whole file for a `.pt`. Cut to 12 hex digits."""
+    from safetensors.torch import save_file
+
+    tensors = {"lora_unet_conv_in.lora_down.weight": torch.arange(8.0).view(2, 4)}
+    plain, tagged = tmp_path / "plain.safetensors", tmp_path / "tagged.safetensors"
+    save_file(tensors, str(plain))
+    save_file(tensors, str(tagged), metadata={"ss_output_name": "tagged", "ss_network_dim": "2"})
+    data = plain.read_bytes()
+    body = data[8 + int.from_bytes(data[:8], "little") :]
+    assert len(body) == 8 * 4 and short_hash(plain) == hashlib.sha256(body).hexdigest()[:12]
+    assert short_hash(tagged) == short_hash(plain) and tagged.read_bytes() != data
+    pickled = tmp_path / "old.pt"
+    torch.save(tensors, pickled)
+    assert short_hash(pickled) == hashlib.sha256(pickled.read_bytes()).hexdigest()[:12]
+
+
+def test_pngs_name_the_loras_with_their_hashes_as_a1111_writes_them(lora_pipeline: Pipeline) -> None:
+    request = dataclasses.replace(REQUEST, prompt=f"{REQUEST.prompt} <lora:style:0.5> <lora:detail>")
+    generation = lora_pipeline.generate(request)
+    style, detail = (short_hash(lora_pipeline.loras.find(name)) for name in ("style", "detail"))
+    assert generation.lora_hashes == (("detail", detail), ("style", style))
+    text = parameters_text(generation.request, 3, "", generation.lora_hashes)
+    assert text.startswith(f"{request.prompt}\nNegative prompt: blurry\n")
+    assert text.endswith(f', Lora hashes: "detail: {detail}, style: {style}"')
+    odd = parameters_text(generation.request, 3, "", (("a:b,c", "0123456789ab"),))
+    assert odd.endswith(', Lora hashes: "abc: 0123456789ab"')
+    assert "Lora hashes" not in parameters_text(REQUEST, 3, "", lora_pipeline.generate(REQUEST).lora_hashes)
 
 
 def test_a_big_folder_is_not_listed_whole(tmp_path: Path) -> None:
