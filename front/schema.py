@@ -49,6 +49,11 @@ class ImagineRequest(BaseModel):
         "chunk, and a prompt past CLIP's 75 tokens is read whole in chunks of 75 (default: model-config.yaml's, off "
         "as shipped); not with weighted_subprompts",
     )
+    clip_skip: int = Field(
+        1,
+        description="AUTOMATIC1111's 'Clip skip': read the prompts from CLIP's k-th layer from the end; 2 (the "
+        "penultimate) is what many fine-tuned SD v1 models expect (default: model-config.yaml's, 1 as shipped)",
+    )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,

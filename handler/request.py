@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from handler.settings import HandlerSettings
+from handler.settings import MAX_CLIP_SKIP, HandlerSettings
 from ldm import emphasis
 from ldm.pipeline import (
     MASK_WITHOUT_INIT,
@@ -54,6 +54,7 @@ FIELDS = (
     "stream",
     "weighted_subprompts",
     "emphasis",
+    "clip_skip",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -347,6 +348,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
         mask_image=mask_image,
+        clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
         **_syntax(body, settings),
     )
     try:

@@ -38,6 +38,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         "sampler": r.sampler,
         "weighted_subprompts": r.weighted_subprompts,
         "emphasis": r.emphasis,
+        "clip_skip": r.clip_skip,
     }
     if r.init_image is not None:
         parameters["strength"] = r.strength

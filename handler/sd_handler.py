@@ -65,7 +65,7 @@ class StableDiffusionHandler(BaseHandler):
         dtype = self.settings.dtype(device)
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
-        check_against_model(self.settings, model.config.timesteps)
+        check_against_model(self.settings, model.config.timesteps, model.text_encoder.layers)
         self.pipeline = Pipeline(model, self.settings.fast_path, model_dir / self.settings.lora_dir)
         self.initialized = True
         logger.info(
@@ -92,7 +92,7 @@ class StableDiffusionHandler(BaseHandler):
             try:
                 request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
                 check_chunks(request.generation, tokenizer, self.settings)
-                self.pipeline.lora_files(request.generation)  # read now: a missing or wrong file is a 400
+                self.pipeline.check(request.generation)  # clip_skip and LoRA files: a 400 now, not in the batch
                 parsed.append(request)
             except GenerationError as error:
                 parsed.append(RequestError(error.field, str(error)))

@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 
+from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
 from ldm.pipeline import SAMPLERS
 
+# SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them.
+MAX_CLIP_SKIP: int = CLIP_VIT_L14_TEXT["num_hidden_layers"]
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,6 +40,8 @@ class Defaults:
     sampler: str = "ddim"
     weighted_subprompts: bool = False
     emphasis: bool = False
+    # A1111's "Clip skip": 2 reads CLIP's penultimate layer, which many fine-tuned (anime) SD v1 models expect.
+    clip_skip: int = 1
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,17 @@ def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         raise SettingsError(f"model-config.yaml {where}: {error}") from error
 
 
-def check_against_model(settings: HandlerSettings, timesteps: int) -> None:
-    """Limits the loaded model cannot honour: DDIM takes at most T − 1 steps of a T-step model."""
+def check_against_model(settings: HandlerSettings, timesteps: int, clip_layers: int = MAX_CLIP_SKIP) -> None:
+    """Settings the loaded model cannot honour: DDIM takes at most T − 1 steps of a T-step model, and clip skip k
+    needs k CLIP layers."""
     most, asked = max_ddim_steps(timesteps), settings.limits.max_steps
     if asked > most:
         raise SettingsError(f"model-config.yaml handler.limits.max_steps: at most {most} for this model, got {asked}")
+    if settings.defaults.clip_skip > clip_layers:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.clip_skip: at most {clip_layers} (this model's CLIP layers), got "
+            f"{settings.defaults.clip_skip}"
+        )
 
 
 def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
@@ -146,6 +157,11 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         raise SettingsError(
             "model-config.yaml handler.defaults: emphasis and weighted_subprompts read a prompt's colons each their "
             "own way: turn on one of them"
+        )
+    if not 1 <= defaults.clip_skip <= MAX_CLIP_SKIP:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.clip_skip: 1 (CLIP's last layer) to {MAX_CLIP_SKIP}, got "
+            f"{defaults.clip_skip}"
         )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")

@@ -55,6 +55,7 @@ from ldm.pipeline import (
     GenerationError,
     GenerationRequest,
     Pipeline,
+    check_clip_skip,
     check_emphasis,
     check_lora_names,
     resolve,
@@ -189,6 +190,13 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         action="store_true",
         help="read AUTOMATIC1111's syntax: '(word:1.3)', '(word)', '[word]' weigh words, BREAK starts a new chunk, "
         "and a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75 (not with --weighted_subprompts)",
+    )
+    parser.add_argument(
+        "--clip_skip",
+        type=int,
+        default=1,
+        help="AUTOMATIC1111's 'Clip skip': read the prompt from CLIP's k-th layer from the end; 2 (the penultimate) "
+        "is what many fine-tuned SD v1 models were trained with (default: %(default)s, SD v1's own)",
     )
     parser.add_argument(
         "--lora_dir",
@@ -463,12 +471,14 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         sampler=args.sampler,
         weighted_subprompts=args.weighted_subprompts,
         emphasis=args.emphasis,
+        clip_skip=args.clip_skip,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, strength=args.strength, mask_image=mask_image)
     lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
+        check_clip_skip(template, config.text["num_hidden_layers"])
         for prompt in prompts:
             check_emphasis(replace(template, prompt=prompt))
             text_parts(replace(template, prompt=prompt), "prompt")

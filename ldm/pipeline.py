@@ -71,6 +71,8 @@ class GenerationRequest:
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
     sub-prompts (`ldm/subprompts.py`), not as written; `emphasis` → in AUTOMATIC1111's syntax, whole
     (`ldm/emphasis.py`). The prompt's `<lora:name:weight>` tags name LoRAs (`ldm/lora.py`) and are not text.
+    `clip_skip` k: the texts are read from CLIP's k-th layer from the end (A1111's "Clip skip"; 1, the last, is
+    SD v1's own).
     """
 
     prompt: str
@@ -89,6 +91,7 @@ class GenerationRequest:
     weighted_subprompts: bool = False
     mask_image: Image.Image | None = None
     emphasis: bool = False
+    clip_skip: int = 1
 
     @property
     def n_images(self) -> int:
@@ -210,6 +213,14 @@ def check_lora_names(request: GenerationRequest, lora_dir: Path | None) -> None:
             lora.find(lora_dir, use.name)
         except LoraError as error:
             raise GenerationError("prompt", f"prompt: {error}") from None
+
+
+def check_clip_skip(request: GenerationRequest, layers: int) -> None:
+    """Clip skip k reads the k-th of CLIP's `layers` from the end: there must be one."""
+    if not 1 <= request.clip_skip <= layers:
+        raise GenerationError(
+            "clip_skip", f"clip_skip must be in [1, {layers}] (this model's CLIP layers), got {request.clip_skip}"
+        )
 
 
 def check_emphasis(request: GenerationRequest) -> None:
@@ -346,17 +357,18 @@ class Pipeline:
             warm_up(model, self.fast, fast_path)
 
     @torch.inference_mode()
-    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(1) Text embeddings (B, 77, d) in the UNet's dtype."""
+    def embed(self, prompts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """(1) Text embeddings (B, 77, d) in the UNet's dtype, from CLIP's last layer or `clip_skip`'s."""
         with self.model.resident(self.model.text_encoder) as encoder:
-            return encoder(list(prompts)).to(self.model.dtype)
+            return encoder(list(prompts), clip_skip).to(self.model.dtype)
 
     @torch.inference_mode()
-    def embed_emphasized(self, texts: Sequence[str]) -> list[torch.Tensor]:
+    def embed_emphasized(self, texts: Sequence[str], clip_skip: int = 1) -> list[torch.Tensor]:
         """(1) Prompts in A1111's syntax (ldm/emphasis.py), each (1, 77·k, d) in the UNet's dtype."""
         with self.model.resident(self.model.text_encoder) as encoder:
             return [
-                encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text)).to(self.model.dtype) for text in texts
+                encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text), clip_skip).to(self.model.dtype)
+                for text in texts
             ]
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
@@ -508,33 +520,48 @@ class Pipeline:
         return torch.cat(out)
 
     def conditions(self, requests: Sequence[GenerationRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(1) Each request's prompt and negative prompt embeddings: every distinct text (or sub-prompt) once, the
-        plain ones in one text-encoder call, each in A1111's syntax alone."""
+        """(1) Each request's prompt and negative prompt embeddings: every distinct text (or sub-prompt) once per
+        `clip_skip`, the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone."""
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
         plain = {
-            text for r, pair in zip(requests, parts, strict=True) if not r.emphasis for side in pair for text, _ in side
+            (r.clip_skip, text)
+            for r, pair in zip(requests, parts, strict=True)
+            if not r.emphasis
+            for side in pair
+            for text, _ in side
         }
-        texts = sorted(plain)
-        embeddings = dict(zip(texts, self.embed(texts).split(1), strict=True)) if texts else {}
-        syntax = sorted({clip_text(r, f) for r in requests if r.emphasis for f in TEXT_FIELDS})
-        emphasized = dict(zip(syntax, self.embed_emphasized(syntax), strict=True))
+        syntax = {(r.clip_skip, clip_text(r, f)) for r in requests if r.emphasis for f in TEXT_FIELDS}
+        embeddings: dict[tuple[int, str], torch.Tensor] = {}
+        emphasized: dict[tuple[int, str], torch.Tensor] = {}
+        for skip in sorted({skip for skip, _ in plain | syntax}):
+            texts = sorted(text for s, text in plain if s == skip)
+            if texts:
+                embeddings.update(zip(((skip, t) for t in texts), self.embed(texts, skip).split(1), strict=True))
+            texts = sorted(text for s, text in syntax if s == skip)
+            emphasized.update(zip(((skip, t) for t in texts), self.embed_emphasized(texts, skip), strict=True))
         for request in requests:
             for field in TEXT_FIELDS if request.emphasis else ():
-                if not bool(emphasized[clip_text(request, field)].isfinite().all()):
+                if not bool(emphasized[request.clip_skip, clip_text(request, field)].isfinite().all()):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     raise GenerationError(
                         field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
                     )
         return [
-            (emphasized[clip_text(r, "prompt")], emphasized[clip_text(r, "negative_prompt")])
+            (emphasized[r.clip_skip, clip_text(r, "prompt")], emphasized[r.clip_skip, clip_text(r, "negative_prompt")])
             if r.emphasis
-            else (_weighted(p, embeddings), _weighted(n, embeddings))
+            else (_weighted(p, embeddings, r.clip_skip), _weighted(n, embeddings, r.clip_skip))
             for r, (p, n) in zip(requests, parts, strict=True)
         ]
 
     def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
+
+    def check(self, request: GenerationRequest) -> None:
+        """What only the loaded model can tell of a request: its CLIP has the layer `clip_skip` reads, and the LoRAs
+        its prompt names fit (`lora_files`). A server checks this before batching the request with others."""
+        check_clip_skip(request, self.model.text_encoder.layers)
+        self.lora_files(request)
 
     def lora_files(self, request: GenerationRequest) -> tuple[tuple[LoraFile, LoraUse], ...]:
         """The LoRAs the request's prompt names, each read and checked against the model (a file missing, unreadable
@@ -557,6 +584,8 @@ class Pipeline:
         """
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]
+        for request in requests:
+            check_clip_skip(request, self.model.text_encoder.layers)
         # Every LoRA file is read and checked before any work, so a bad one fails its request at once.
         loras_of = [self.lora_files(request) for request in requests]
         by_loras: dict[tuple[tuple[LoraFile, LoraUse], ...], list[int]] = {}
@@ -631,14 +660,14 @@ class Pipeline:
         return {index: [image.pixels for image in images] for index, images in per_request.items()}
 
 
-def _weighted(parts: subprompts.Parts, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ weight·embedding over a text's parts, added to zeros in order as optimizedSD did; a text of one part (whose
-    weight is 1) is its embedding unchanged."""
+def _weighted(parts: subprompts.Parts, embeddings: dict[tuple[int, str], torch.Tensor], clip_skip: int) -> torch.Tensor:
+    """Σ weight·embedding over a text's parts (embeddings keyed by clip skip and text), added to zeros in order as
+    optimizedSD did; a text of one part (whose weight is 1) is its embedding unchanged."""
     if len(parts) == 1:
-        return embeddings[parts[0][0]]
-    total = torch.zeros_like(embeddings[parts[0][0]])
+        return embeddings[clip_skip, parts[0][0]]
+    total = torch.zeros_like(embeddings[clip_skip, parts[0][0]])
     for text, weight in parts:
-        total = torch.add(total, embeddings[text], alpha=weight)
+        total = torch.add(total, embeddings[clip_skip, text], alpha=weight)
     return total
 
 

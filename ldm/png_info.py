@@ -46,6 +46,8 @@ def parameters_text(
         fields.append(f"Eta: {float(request.eta)}")
     if request.init_image is not None:
         fields.append(f"Denoising strength: {float(request.strength)}")
+    if request.clip_skip != 1:
+        fields.append(f"Clip skip: {request.clip_skip}")
     if request.weighted_subprompts:
         fields.append("Weighted subprompts: True")
     if request.emphasis:

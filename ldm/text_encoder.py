@@ -55,13 +55,27 @@ class TextEncoder(nn.Module):
         device = self.core.embeddings.position_embedding.weight.device
         return torch.tensor(rows, dtype=torch.long, device=device)
 
-    def forward(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, hidden) embeddings, no attention mask (as SD v1 was trained)."""
-        return self.transformer(input_ids=self.token_ids([self.tokenizer(p) for p in prompts])).last_hidden_state
+    @property
+    def layers(self) -> int:
+        """How many transformer layers CLIP has: the most `clip_skip` can be."""
+        return len(self.core.encoder.layers)
 
-    def encode_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """(B, 77, hidden) for token ids (B, 77), no attention mask (as SD v1 was trained): the last layer's output
+        after the final layer norm, or with `clip_skip` k > 1 the output of the k-th layer from the end, through the
+        same norm (A1111's "Clip skip", which models fine-tuned on a shallower CLIP read)."""
+        if clip_skip == 1:
+            return self.transformer(input_ids=ids).last_hidden_state
+        states = self.transformer(input_ids=ids, output_hidden_states=True).hidden_states
+        return self.core.final_layer_norm(states[-clip_skip])
+
+    def forward(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """(B, 77, hidden) embeddings of plain prompts (`hidden`)."""
+        return self.hidden(self.token_ids([self.tokenizer(p) for p in prompts]), clip_skip)
+
+    def encode_chunks(self, chunks: Sequence[Chunk], clip_skip: int = 1) -> torch.Tensor:
         """(1, 77·k, hidden) float32: the k chunks of one prompt in A1111's syntax (ldm/emphasis.py), each encoded
         alone and weighted, end to end."""
-        hidden = self.transformer(input_ids=self.token_ids([chunk.ids for chunk in chunks])).last_hidden_state
+        hidden = self.hidden(self.token_ids([chunk.ids for chunk in chunks]), clip_skip)
         weights = torch.tensor([chunk.weights for chunk in chunks])
         return torch.cat([weigh(rows, row_weights) for rows, row_weights in zip(hidden, weights, strict=True)])[None]

@@ -37,7 +37,7 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength", "weighted_subprompts", "emphasis")  # fmt: skip
+                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="read AUTOMATIC1111's '(word:1.3)', '[word]', BREAK, and prompts past 75 tokens whole (or not: "
         "--no-emphasis)",
+    )
+    parser.add_argument(
+        "--clip-skip", type=int, help="AUTOMATIC1111's 'Clip skip': read the prompt from CLIP's k-th layer from the end"
     )
     parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
     parser.add_argument(

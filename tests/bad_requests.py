@@ -124,6 +124,11 @@ CASES: list[Case] = [
          "negative_prompt: 'fog' weighs 2.46993e+41 once its brackets are multiplied out: at most 100"),
     Case("emphasis over 8 chunks", with_(prompt="x BREAK " * 8 + "x", emphasis=True), "prompt",
          "prompt: at most 8 chunks of 75 tokens with emphasis, got 9"),
+    # Clip skip.
+    Case("clip_skip 0", with_(clip_skip=0), "clip_skip", "clip_skip must be between 1 and 12, got 0"),
+    Case("clip_skip not an integer", with_(clip_skip=1.5), "clip_skip", "clip_skip must be an integer, got 1.5"),
+    Case("clip_skip past the model's CLIP", with_(clip_skip=4), "clip_skip",
+         "clip_skip must be in [1, 3] (this model's CLIP layers), got 4"),
     # LoRA tags (ldm/lora.py).
     Case("LoRA not in the folder", with_(prompt="a castle <lora:no-such-lora:0.8>"), "prompt",
          "prompt: no LoRA named 'no-such-lora'; the LoRA folder holds: "),

@@ -431,6 +431,8 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--negative_prompt", "blurry"], "negative_prompt", "blurry"),
     (["--low_memory"], "low_memory", True),
     (["--weighted_subprompts"], "weighted_subprompts", True),
+    (["--clip_skip", "2"], "clip_skip", 2),
+    (["--lora_dir", "my/loras"], "lora_dir", "my/loras"),
 ]
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),
@@ -486,6 +488,7 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
 
 # (mode, flags, what the error line must say); MODEL and the basic case's flags come first, these override them.
 REFUSED: list[tuple[Mode, list[str], str]] = [
+    ("txt2img", ["--clip_skip", "4"], "--clip_skip: clip_skip must be in [1, 3] (this model's CLIP layers), got 4"),
     (
         "txt2img",
         ["--sampler", "k_euler"],

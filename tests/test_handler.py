@@ -287,6 +287,23 @@ def test_a_prompt_merges_a_lora_of_the_model_folder(tiny_split: Path, tmp_path: 
         assert parameters.endswith(f', Lora hashes: "tiny-style: {digest}"')
 
 
+def test_clip_skip_reads_an_earlier_clip_layer(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    """The pipeline's image for clip skip 2, named in the JSON parameters and in the PNG as A1111 names it; a default
+    the model's CLIP cannot honour stops the worker from starting."""
+    (response,), _ = call(handler, [{**VALID, "clip_skip": 2}])
+    answer = json.loads(response)
+    assert answer["parameters"]["clip_skip"] == 2
+    png = base64.b64decode(answer["images"][0])
+    request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5, clip_skip=2)
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    assert "Clip skip: 2" in read_parameters(png)
+    with pytest.raises(SettingsError, match=r"handler\.defaults\.clip_skip: 1 \(CLIP's last layer\) to 12, got 0"):
+        parse_settings({"handler": {"defaults": {"clip_skip": 0}}})
+    deep = parse_settings({"handler": {"defaults": {"clip_skip": 4}}})
+    with pytest.raises(SettingsError, match=r"clip_skip: at most 3 \(this model's CLIP layers\), got 4"):
+        check_against_model(deep, 1000, handler.pipeline.model.text_encoder.layers)
+
+
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
     (response,), context = call(handler, [VALID], [{"accept": "image/png"}])
     assert context.response_headers[0]["content-type"] == "image/png"

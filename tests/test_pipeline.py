@@ -297,3 +297,56 @@ def test_k_sampler_img2img_equals_diffusers_img2img_pipeline(
     # Not the txt2img image, nor DDIM's img2img.
     for other in (dataclasses.replace(request, init_image=None), dataclasses.replace(request, sampler="ddim")):
         assert np.abs(ours - pipeline.generate(other).pixels[0]).mean() > 1
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize("clip_skip", [2, 3])
+def test_clip_skip_reads_the_layer_a1111_and_diffusers_read(
+    tiny_model: StableDiffusion, pipeline: Pipeline, clip_skip: int
+) -> None:
+    """A1111's "Clip skip" k is diffusers' `clip_skip` k − 1 (layers skipped after the one read): both take the k-th
+    hidden state from the end through CLIP's final layer norm. diffusers reads its negative prompt from the last
+    layer whatever `clip_skip` says, where A1111 (and we) read both texts alike, so it is handed that embedding,
+    computed here with transformers. Checked on whole images, and against a batch that mixes clip skips (each
+    embedding comes from its own request's layer)."""
+    from ldm.checkpoint import read_state_dict
+    from scripts.peers import diffusers_pipeline
+
+    request = resolve(dataclasses.replace(request_for(case("basic")), clip_skip=clip_skip))
+    ours = pipeline.generate(request)
+    pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    if not hasattr(pipe.text_encoder, "text_model"):
+        # diffusers' clip_skip reaches the norm through `text_model`, a level transformers 5.6 removed: point it at
+        # the model itself, outside the module tree (no registered cycle).
+        object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    ids = pipe.tokenizer(request.negative_prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        states = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        negative = pipe.text_encoder.text_model.final_layer_norm(states[-clip_skip])
+    theirs = pipe(
+        request.prompt,
+        negative_prompt_embeds=negative,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.scale,
+        generator=torch.Generator().manual_seed(request.seed),
+        clip_skip=clip_skip - 1,
+        output_type="np",
+    ).images
+    assert np.abs(ours.pixels - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
+    plain = dataclasses.replace(request, clip_skip=1)
+    mixed = pipeline.generate_many([plain, request])
+    assert np.abs(mixed[1].pixels - ours.pixels).max() < FLOAT_TOLERANCE
+    assert np.abs(mixed[0].pixels - pipeline.generate(plain).pixels).max() < FLOAT_TOLERANCE
+    assert np.abs(mixed[0].pixels - ours.pixels).mean() > 1
+    assert f"Clip skip: {clip_skip}" in parameters_text(request, 0) and "Clip skip" not in parameters_text(plain, 0)
+
+
+def test_clip_skip_past_clips_layers_names_the_field(pipeline: Pipeline) -> None:
+    layers = pipeline.model.text_encoder.layers
+    with pytest.raises(GenerationError, match=rf"clip_skip must be in \[1, {layers}\] .*got {layers + 1}") as error:
+        pipeline.generate(dataclasses.replace(request_for(case("basic")), clip_skip=layers + 1))
+    assert error.value.field == "clip_skip"

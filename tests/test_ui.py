@@ -200,6 +200,21 @@ def test_a1111_emphasis_reads_a_long_prompt_whole_and_sets_weighted_sub_prompts_
     assert not page.is_checked("#emphasis")
 
 
+def test_clip_skip_is_a_field_named_on_the_result_and_one_too_deep_is_explained(page: Page) -> None:
+    """The prompt names the test server's LoRA too: a tag goes to the server as typed, and is no error."""
+    page.fill("#prompt", "a lighthouse at dusk, <lora:tiny-style:0.8>")
+    page.fill("#clip_skip", "2")
+    page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    assert results(page)[0]["parameters"] == "64×64 · 10 steps · guidance 7.5 · clip skip 2"
+    page.fill("#clip_skip", "4")
+    page.click("#generate")
+    expect(page.locator("#error-clip_skip")).to_have_text(
+        "clip_skip must be in [1, 3] (this model's CLIP layers), got 4", timeout=GENERATION
+    )
+    expect(page.locator("#gallery .result")).to_have_count(1)
+
+
 def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, tmp_path: Path) -> None:
     """A stroke down the left of the init image goes to the server as a mask of the image's own size, white under
     the stroke and black elsewhere; the result says it was inpainted and is the image the API makes of the same

@@ -39,6 +39,7 @@ function requestBody() {
     n_samples: integer($("n_samples").value),
     weighted_subprompts: $("weighted_subprompts").checked,
     emphasis: $("emphasis").checked,
+    clip_skip: integer($("clip_skip").value),
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
@@ -130,6 +131,7 @@ function describe(parameters) {
   if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   if (parameters.emphasis) parts.push("A1111 emphasis");
+  if (parameters.clip_skip > 1) parts.push(`clip skip ${parameters.clip_skip}`);
   return parts.join(" · ");
 }
 
