@@ -163,7 +163,7 @@ def test_json_response_has_images_seeds_and_every_effective_parameter(handler, t
     assert body["parameters"] == {
         "prompt": "a red bicycle", "negative_prompt": "", "H": 64, "W": 64, "ddim_steps": 3, "scale": 7.5,
         "eta": 0.0, "seed": 11, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": False,
-        "emphasis": False,
+        "emphasis": False, "clip_skip": 1,
     }  # fmt: skip
     assert body["warnings"] == []
     expected = expected_pixels(

@@ -194,7 +194,7 @@ def test_failure_after_the_stream_started_ends_it_with_an_error_line(
 
 
 def test_failure_before_anything_was_streamed_is_an_ordinary_response(handler, sent, monkeypatch) -> None:
-    def exhausted(prompts: Any) -> torch.Tensor:
+    def exhausted(*_: Any) -> torch.Tensor:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(handler.pipeline, "embed", exhausted)
