@@ -66,7 +66,12 @@ class StableDiffusionHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
         check_against_model(self.settings, model.config.timesteps, model.text_encoder.layers)
-        self.pipeline = Pipeline(model, self.settings.fast_path, model_dir / self.settings.lora_dir)
+        self.pipeline = Pipeline(
+            model,
+            self.settings.fast_path,
+            model_dir / self.settings.lora_dir,
+            model_dir / self.settings.embeddings_dir,
+        )
         self.initialized = True
         logger.info(
             "loaded %s (model hash %s) on %s as %s%s in %.1f s",

@@ -95,6 +95,8 @@ class HandlerSettings:
     # Where the LoRAs a prompt names (<lora:name:weight>) are: relative to the model's folder (where
     # scripts/build_mar.py --loras puts them), or absolute (a volume on Kubernetes).
     lora_dir: str = "loras"
+    # Where the textual-inversion embeddings a prompt names by word are, likewise (build_mar.py --embeddings).
+    embeddings_dir: str = "embeddings"
 
     def dtype(self, device: torch.device) -> torch.dtype:
         chosen = PRECISIONS[self.precision]

@@ -66,6 +66,14 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{"
 
 
+def files_in(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of `folder` or below it with one of `suffixes`, in path order (none for a folder that is not there):
+    where LoRAs and embeddings are looked for, by name."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix in suffixes and p.is_file())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict of a safetensors or torch (`.ckpt`) file, with or without a top-level `state_dict`."""
     path = Path(path)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
+from ldm.embeddings import EmbeddingLibrary
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
@@ -70,6 +71,7 @@ Mode = Literal["txt2img", "img2img"]
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_LORA_DIR = "models/Lora"
+DEFAULT_EMBEDDINGS_DIR = "models/embeddings"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # optimizedSD drew a missing seed from randint(0, 1_000_000); we keep its range, so names stay as short as before.
 RANDOM_SEED_MAX = 1_000_000
@@ -205,6 +207,14 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         help="where the LoRAs a prompt names are: '<lora:name:0.8>' in a prompt merges name.safetensors (or .pt, "
         ".ckpt) from this folder or below it, at weight 0.8; '<lora:name:0.8:0.5>' gives the text encoder 0.8 and "
         "the UNet 0.5 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embeddings_dir",
+        type=str,
+        default=DEFAULT_EMBEDDINGS_DIR,
+        help="where textual-inversion embeddings are: name.pt (.bin, .safetensors, A1111's or diffusers') in this "
+        "folder or below it makes the word 'name' in a prompt or negative prompt stand for its vectors (default: "
+        "%(default)s)",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
@@ -490,7 +500,9 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     # Every input checked: a refused command says only why. What CLIP will not read is said before minutes of
     # loading, once (a long negative prompt is every prompt's).
     tokenizer = CLIPTokenizer(source.ckpt / TOKENIZER_DIR) if source.split else CLIPTokenizer()  # the model's own
-    lines = (line for p in prompts for line in unread_warnings(tokenizer, replace(template, prompt=p)))
+    embeddings_dir = Path(args.embeddings_dir)
+    vocabulary = EmbeddingLibrary(embeddings_dir, tokenizer, config.text["hidden_size"]).vocabulary()
+    lines = (line for p in prompts for line in unread_warnings(tokenizer, replace(template, prompt=p), vocabulary))
     for line in dict.fromkeys(lines):
         print(f"warning: {line}", file=sys.stderr)
     if device.type == "cpu" and select_dtype(args.precision, device) == torch.float32 and has_amx_bf16():
@@ -500,7 +512,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         model = load_model(source, config, device, args)
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
-    pipeline = Pipeline(model, lora_dir=lora_dir)
+    pipeline = Pipeline(model, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     try:
         for prompt in prompts:
             pipeline.lora_files(replace(template, prompt=prompt))  # each file read and checked against the model

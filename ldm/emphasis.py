@@ -21,8 +21,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
 
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
+
+if TYPE_CHECKING:  # ldm.embeddings reads files through ldm.checkpoint, which imports the networks, which import this
+    from ldm.embeddings import Vocabulary
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -108,17 +114,20 @@ def parse(text: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """What CLIP reads at once: 77 ids (BOS, up to 75 tokens, EOS padding) and each one's weight."""
+    """What CLIP reads at once: 77 positions (BOS, up to 75 tokens, EOS padding), each a token id or a vector of a
+    textual-inversion embedding, and each one's weight."""
 
-    ids: tuple[int, ...]
+    ids: tuple[int | torch.Tensor, ...]
     weights: tuple[float, ...]
 
 
-def chunks(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
-    """`text` parsed, tokenized run by run and cut into chunks of 75 tokens (at least one)."""
+def chunks(tokenizer: CLIPTokenizer, text: str, vocabulary: Vocabulary | None = None) -> list[Chunk]:
+    """`text` parsed, tokenized run by run (with the embeddings of `vocabulary` it names: ldm/embeddings.py) and cut
+    into chunks of 75 positions (at least one). An embedding's vectors stay in one chunk, as in A1111: one that does
+    not fit in what is left of a chunk starts the next."""
     comma = tokenizer.encoder[",</w>"]
     done: list[Chunk] = []
-    ids: list[int] = []
+    ids: list[int | torch.Tensor] = []
     weights: list[float] = []
     last_comma = -1
 
@@ -133,8 +142,9 @@ def chunks(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
         if (run, weight) == _BREAK_MARK:
             close()
             continue
-        for token in tokenizer.tokenize(run):
-            if token == comma:
+        tokens = tokenizer.tokenize(run)
+        for slot in tokens if vocabulary is None else vocabulary.expand(tokens):
+            if isinstance(slot, int) and slot == comma:
                 last_comma = len(ids)
             elif len(ids) == READ_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 moved = ids[last_comma + 1 :], weights[last_comma + 1 :]
@@ -143,8 +153,14 @@ def chunks(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
                 ids, weights = moved
             if len(ids) == READ_TOKENS:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            if isinstance(slot, int):
+                ids.append(slot)
+                weights.append(weight)
+                continue
+            if len(ids) + slot.vectors.shape[0] > READ_TOKENS:
+                close()
+            ids.extend(slot.vectors)
+            weights.extend([weight] * slot.vectors.shape[0])
     if ids or not done:
         close()
     return done

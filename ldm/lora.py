@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ldm.attention import SpatialTransformer
-from ldm.checkpoint import CheckpointError, is_safetensors, read_state_dict
+from ldm.checkpoint import CheckpointError, files_in, is_safetensors, read_state_dict
 from ldm.model import StableDiffusion
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.unet import Downsample, ResBlock, UNetModel, Upsample
@@ -105,17 +105,10 @@ def _weight(tag: str, number: str) -> float:
     return value
 
 
-def files_in(folder: Path | None) -> list[Path]:
-    """Every LoRA file in `folder` or below it, in path order (none for a folder that is not there)."""
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-
-
 def find(folder: Path | None, name: str) -> Path:
     """The file of the LoRA `name`: its stem is the name (the first in path order, if two share it). Only files
     found in the folder are compared, so a name is never a path."""
-    files = files_in(folder)
+    files = files_in(folder, SUFFIXES)
     for path in files:
         if path.stem == name:
             return path

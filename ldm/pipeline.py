@@ -19,6 +19,7 @@ from PIL import Image
 
 from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, subprompts
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
+from ldm.embeddings import EmbeddingLibrary, Vocabulary, flatten
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.inpainting import KeptRegion
@@ -250,17 +251,20 @@ def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts
         raise GenerationError(field, f"{field}: {error}") from None
 
 
-def unread_warnings(tokenizer: CLIPTokenizer, request: GenerationRequest) -> tuple[str, ...]:
-    """One line for each of the request's texts (or sub-prompts) longer than the 75 tokens CLIP reads, with the words
-    it never saw. Why: the original cuts them off without a word, and a user should know which words did nothing.
-    At scale 1 the negative prompt does nothing at all, so it has nothing to warn of; A1111's syntax reads all."""
+def unread_warnings(
+    tokenizer: CLIPTokenizer, request: GenerationRequest, vocabulary: Vocabulary | None = None
+) -> tuple[str, ...]:
+    """One line for each of the request's texts (or sub-prompts) longer than the 75 tokens CLIP reads (an embedding
+    of `vocabulary` taking a position per vector), with the words it never saw. Why: the original cuts them off
+    without a word, and a user should know which words did nothing. At scale 1 the negative prompt does nothing at
+    all, so it has nothing to warn of; A1111's syntax reads all."""
     if request.emphasis:
         return ()
     lines = []
     for field in TEXT_FIELDS if request.scale != 1 else ("prompt",):
         parts = text_parts(request, field)
         for index, (text, _) in enumerate(parts):
-            count, tail = tokenizer.unread(text)
+            count, tail = (vocabulary or Vocabulary()).unread(tokenizer, text)
             if count:
                 where = field if len(parts) == 1 else f"{field}, sub-prompt {index + 1} of {len(parts)}"
                 lines.append(f"{where}: CLIP reads {READ_TOKENS} tokens; the {count} after them were left out: {tail}")
@@ -334,9 +338,17 @@ class Pipeline:
     loading, as the handler and the command lines do. A bf16 model on the CPU is put in channels-last layout.
     """
 
-    def __init__(self, model: StableDiffusion, fast_path: FastPath | None = None, lora_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: StableDiffusion,
+        fast_path: FastPath | None = None,
+        lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
+    ) -> None:
         self.model = model
         self.loras = LoraLibrary(lora_dir, kohya_targets(model))
+        hidden = model.config.text["hidden_size"]
+        self.embeddings = EmbeddingLibrary(embeddings_dir, model.text_encoder.tokenizer, hidden)
         self.lora_weights = merged_into(model)
         self.factor = model.config.vae.downsampling_factor
         self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
@@ -357,19 +369,24 @@ class Pipeline:
             warm_up(model, self.fast, fast_path)
 
     @torch.inference_mode()
-    def embed(self, prompts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
-        """(1) Text embeddings (B, 77, d) in the UNet's dtype, from CLIP's last layer or `clip_skip`'s."""
+    def embed(self, prompts: Sequence[str], clip_skip: int = 1, vocabulary: Vocabulary | None = None) -> torch.Tensor:
+        """(1) Text embeddings (B, 77, d) in the UNet's dtype, from CLIP's last layer or `clip_skip`'s, reading the
+        textual-inversion embeddings of `vocabulary` the prompts name (ldm/embeddings.py)."""
         with self.model.resident(self.model.text_encoder) as encoder:
-            return encoder(list(prompts), clip_skip).to(self.model.dtype)
+            if vocabulary is None or not vocabulary.embeddings:
+                return encoder(list(prompts), clip_skip).to(self.model.dtype)
+            tokenizer = encoder.tokenizer
+            rows = [tokenizer.frame(flatten(vocabulary.expand(tokenizer.tokenize(p)))) for p in prompts]
+            return encoder.encode(rows, clip_skip).to(self.model.dtype)
 
     @torch.inference_mode()
-    def embed_emphasized(self, texts: Sequence[str], clip_skip: int = 1) -> list[torch.Tensor]:
+    def embed_emphasized(
+        self, texts: Sequence[str], clip_skip: int = 1, vocabulary: Vocabulary | None = None
+    ) -> list[torch.Tensor]:
         """(1) Prompts in A1111's syntax (ldm/emphasis.py), each (1, 77·k, d) in the UNet's dtype."""
         with self.model.resident(self.model.text_encoder) as encoder:
-            return [
-                encoder.encode_chunks(emphasis.chunks(encoder.tokenizer, text), clip_skip).to(self.model.dtype)
-                for text in texts
-            ]
+            chunked = [emphasis.chunks(encoder.tokenizer, text, vocabulary) for text in texts]
+            return [encoder.encode_chunks(chunks, clip_skip).to(self.model.dtype) for chunks in chunked]
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
@@ -519,9 +536,14 @@ class Pipeline:
                 out.append(((image + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(out)
 
-    def conditions(self, requests: Sequence[GenerationRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def conditions(
+        self, requests: Sequence[GenerationRequest], vocabulary: Vocabulary | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(1) Each request's prompt and negative prompt embeddings: every distinct text (or sub-prompt) once per
-        `clip_skip`, the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone."""
+        `clip_skip`, the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone; with the
+        textual-inversion embeddings of `vocabulary` (by default, the embeddings folder's)."""
+        if vocabulary is None:
+            vocabulary = self.embeddings.vocabulary()
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
         plain = {
             (r.clip_skip, text)
@@ -536,9 +558,11 @@ class Pipeline:
         for skip in sorted({skip for skip, _ in plain | syntax}):
             texts = sorted(text for s, text in plain if s == skip)
             if texts:
-                embeddings.update(zip(((skip, t) for t in texts), self.embed(texts, skip).split(1), strict=True))
+                vectors = self.embed(texts, skip, vocabulary).split(1)
+                embeddings.update(zip(((skip, t) for t in texts), vectors, strict=True))
             texts = sorted(text for s, text in syntax if s == skip)
-            emphasized.update(zip(((skip, t) for t in texts), self.embed_emphasized(texts, skip), strict=True))
+            vectors = self.embed_emphasized(texts, skip, vocabulary)
+            emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
         for request in requests:
             for field in TEXT_FIELDS if request.emphasis else ():
                 if not bool(emphasized[request.clip_skip, clip_text(request, field)].isfinite().all()):
@@ -591,18 +615,20 @@ class Pipeline:
         by_loras: dict[tuple[tuple[LoraFile, LoraUse], ...], list[int]] = {}
         for index, loras in enumerate(loras_of):
             by_loras.setdefault(loras, []).append(index)
+        vocabulary = self.embeddings.vocabulary()  # one reading of the embeddings folder for the whole call
         pixels: dict[int, list[torch.Tensor | None]] = {}
         # The LoRAs merged already go first: a batch of their requests alone merges nothing.
         for loras in sorted(by_loras, key=lambda loras: loras != self.lora_weights.applied):
             self.lora_weights.apply(loras)  # (0)
-            pixels.update(self._run({i: requests[i] for i in by_loras[loras]}, max_batch_images, callback))
+            batch = {i: requests[i] for i in by_loras[loras]}
+            pixels.update(self._run(batch, max_batch_images, callback, vocabulary))
 
         results = []
         tokenizer = self.model.text_encoder.tokenizer
         for index, request in enumerate(requests):
             floats = torch.stack(pixels[index]).numpy()
             # (5) Round, not truncate.
-            warnings = unread_warnings(tokenizer, request)
+            warnings = unread_warnings(tokenizer, request, vocabulary)
             hashes = tuple((use.name, file.short_hash) for file, use in loras_of[index])
             results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings, hashes))
         return results
@@ -612,11 +638,12 @@ class Pipeline:
         requests: dict[int, GenerationRequest],
         max_batch_images: int,
         callback: ProgressCallback | None,
+        vocabulary: Vocabulary,
     ) -> dict[int, list[torch.Tensor | None]]:
         """(1)–(4) for resolved requests on the weights as they are, by their index in the caller's list: each one's
         images' pixels, float32 (H, W, 3) in [0, 255]."""
         config = self.model.config
-        conditions = dict(zip(requests, self.conditions(list(requests.values())), strict=True))
+        conditions = dict(zip(requests, self.conditions(list(requests.values()), vocabulary), strict=True))
         schedules = {r.steps: DDIMSchedule(self.model.alphas_cumprod, r.steps) for r in requests.values()}
 
         groups: dict[tuple[int, int, int, int, str, int, int], list[_Image]] = {}

@@ -17,6 +17,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.emphasis import Chunk
 from ldm.tokenizer import CLIPTokenizer
 
+# The id an embedding's vector stands in place of (any but EOS, whose position CLIP's pooled output looks for).
+EMBEDDING_PLACEHOLDER = 0
+
 
 def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
@@ -69,6 +72,29 @@ class TextEncoder(nn.Module):
         states = self.transformer(input_ids=ids, output_hidden_states=True).hidden_states
         return self.core.final_layer_norm(states[-clip_skip])
 
+    def encode(self, rows: Sequence[Sequence[int | torch.Tensor]], clip_skip: int = 1) -> torch.Tensor:
+        """(B, 77, hidden) for rows of 77 positions, each a token id or one vector of a textual-inversion embedding
+        (ldm/embeddings.py), which CLIP reads in place of a token's own embedding: the token embedding's output is
+        overwritten there for this call. Rows of ids alone run exactly as `hidden`."""
+        ids = self.token_ids(
+            [[slot if isinstance(slot, int) else EMBEDDING_PLACEHOLDER for slot in row] for row in rows]
+        )
+        places = [(r, p, slot) for r, row in enumerate(rows) for p, slot in enumerate(row) if not isinstance(slot, int)]
+        if not places:
+            return self.hidden(ids, clip_skip)
+        where = torch.tensor([(r, p) for r, p, _ in places], device=ids.device).T
+        vectors = torch.stack([vector for _, _, vector in places])
+
+        def put(_: nn.Module, __: tuple, output: torch.Tensor) -> torch.Tensor:
+            output[where[0], where[1]] = vectors.to(output)
+            return output
+
+        hook = self.core.embeddings.token_embedding.register_forward_hook(put)
+        try:
+            return self.hidden(ids, clip_skip)
+        finally:
+            hook.remove()
+
     def forward(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
         """(B, 77, hidden) embeddings of plain prompts (`hidden`)."""
         return self.hidden(self.token_ids([self.tokenizer(p) for p in prompts]), clip_skip)
@@ -76,6 +102,6 @@ class TextEncoder(nn.Module):
     def encode_chunks(self, chunks: Sequence[Chunk], clip_skip: int = 1) -> torch.Tensor:
         """(1, 77·k, hidden) float32: the k chunks of one prompt in A1111's syntax (ldm/emphasis.py), each encoded
         alone and weighted, end to end."""
-        hidden = self.hidden(self.token_ids([chunk.ids for chunk in chunks]), clip_skip)
+        hidden = self.encode([chunk.ids for chunk in chunks], clip_skip)
         weights = torch.tensor([chunk.weights for chunk in chunks])
         return torch.cat([weigh(rows, row_weights) for rows, row_weights in zip(hidden, weights, strict=True)])[None]

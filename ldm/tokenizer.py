@@ -8,8 +8,10 @@ ids for ligatures, fullwidth text, curly quotes and HTML entities. This reproduc
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import ftfy
 import regex
@@ -20,6 +22,7 @@ SPECIAL_TOKENS = (BOS, EOS)
 CONTEXT_LENGTH = 77
 # Tokens of a prompt the text encoder reads: the context less its BOS and EOS; the rest is cut off.
 READ_TOKENS = CONTEXT_LENGTH - 2
+T = TypeVar("T")
 
 # Pieces BPE runs on: special tokens, English contractions, letter runs, single digits, runs of other symbols.
 _PIECE = regex.compile(
@@ -109,8 +112,11 @@ class CLIPTokenizer:
         tail = self.tokenize(text)[READ_TOKENS:]
         return len(tail), self.decode(tail)
 
+    def frame(self, body: Sequence[T]) -> list[T | int]:
+        """The 77 positions the text encoder receives for a text's tokens (or, with embeddings, vectors): BOS, the
+        first 75, EOS, EOS padding."""
+        return [self.bos_id, *body[:READ_TOKENS], self.eos_id, *[self.eos_id] * (READ_TOKENS - len(body[:READ_TOKENS]))]
+
     def __call__(self, text: str) -> list[int]:
         """The 77 ids the text encoder receives for `text`."""
-        body = self.tokenize(text)[:READ_TOKENS]
-        ids = [self.bos_id, *body, self.eos_id]
-        return ids + [self.eos_id] * (CONTEXT_LENGTH - len(ids))
+        return self.frame(self.tokenize(text))

@@ -6,7 +6,8 @@
 The archive holds the handler (`sd_handler.py` and the `handler` package), the `ldm` package, model-config.yaml and
 the split parts (`unet`/`vae`/`text_encoder.safetensors`, config, tokenizer, manifest); with `--loras DIR`, the LoRA
 files of DIR in `loras/`, where the handler looks for the LoRAs a prompt names (model-config.yaml's
-`handler.lora_dir`).
+`handler.lora_dir`), and with `--embeddings DIR` the textual-inversion embeddings of DIR in `embeddings/`
+(`handler.embeddings_dir`).
 
 Which format for a 2–4 GB model: `no-archive`. TorchServe unpacks a `.mar` into a temporary folder at every start
 (and keeps that copy on disk); `default` also deflates gigabytes of incompressible weights, which takes minutes to
@@ -24,9 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ldm.checkpoint import CheckpointError, default_config
+from ldm import embeddings, lora
+from ldm.checkpoint import CheckpointError, default_config, files_in
 from ldm.config import ConfigError
-from ldm.lora import files_in
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
 
@@ -34,16 +35,24 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
 
 
-def stage(ckpt: Path, config: Path, dtype: str, folder: Path, loras: Path | None = None) -> None:
-    """Lay out what the archive's root holds besides the handler file: packages, split parts and LoRAs."""
+def stage(
+    ckpt: Path, config: Path, dtype: str, folder: Path, loras: Path | None = None, embeddings_dir: Path | None = None
+) -> None:
+    """Lay out what the archive's root holds besides the handler file: packages, split parts, LoRAs and embeddings
+    (where model-config.yaml's `handler.lora_dir` and `handler.embeddings_dir` look by default)."""
     write_split(ckpt, config, folder, dtype)
     for package in ("ldm", "handler"):
         shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
-    if loras is not None:
-        if not loras.is_dir():
-            raise NotADirectoryError(f"--loras {loras}: not a folder")
-        for path in files_in(loras):
-            target = folder / "loras" / path.relative_to(loras)
+    for source, name, suffixes in (
+        (loras, "loras", lora.SUFFIXES),
+        (embeddings_dir, "embeddings", embeddings.SUFFIXES),
+    ):
+        if source is None:
+            continue
+        if not source.is_dir():
+            raise NotADirectoryError(f"--{name} {source}: not a folder")
+        for path in files_in(source, suffixes):
+            target = folder / name / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
 
@@ -81,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", type=Path, default=ROOT / "model-config.yaml", help="model-config.yaml")
     parser.add_argument("--version", default="1.0", help="model version recorded in the archive")
     parser.add_argument("--loras", type=Path, help="a folder of LoRA files to package, for <lora:name:weight> tags")
+    parser.add_argument(
+        "--embeddings", type=Path, help="a folder of textual-inversion embeddings to package, found in prompts by name"
+    )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
     if args.archive_format == "no-archive":
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
         staged = Path(tmp) / "model"
         try:
-            stage(args.ckpt, args.config or default_config(args.ckpt), args.dtype, staged, args.loras)
+            config = args.config or default_config(args.ckpt)
+            stage(args.ckpt, config, args.dtype, staged, args.loras, args.embeddings)
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2

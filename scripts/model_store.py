@@ -20,8 +20,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
-# The user's LoRAs (A1111's folder name): the store links to it, so files added while serving are found.
+# The user's LoRAs (A1111's folder name) and textual-inversion embeddings: the store links to them, so files added
+# while serving are found.
 USER_LORAS = ROOT / "models" / "Lora"
+USER_EMBEDDINGS = ROOT / "models" / "embeddings"
 DEMO_CKPT = ROOT / "models" / "demo" / "tiny-demo.safetensors"
 DEMO_CONFIG = ROOT / "configs" / "tiny-demo.yaml"
 MODEL_STORE = ROOT / "model-store"
@@ -111,10 +113,12 @@ def prepare(dtype: str | None = None) -> Store:
     ])  # fmt: skip
     if code:
         raise SystemExit(code)
-    USER_LORAS.mkdir(parents=True, exist_ok=True)
-    link = store / "loras"  # handler.lora_dir's default, in the model's folder
-    if not link.is_symlink():
-        # Relative: the link still holds when the checkout moves.
-        link.symlink_to(os.path.relpath(USER_LORAS, store), target_is_directory=True)
+    # handler.lora_dir's and handler.embeddings_dir's defaults, in the model's folder.
+    for folder, name in ((USER_LORAS, "loras"), (USER_EMBEDDINGS, "embeddings")):
+        folder.mkdir(parents=True, exist_ok=True)
+        link = store / name
+        if not link.is_symlink():
+            # Relative: the link still holds when the checkout moves.
+            link.symlink_to(os.path.relpath(folder, store), target_is_directory=True)
     STAMP.write_text(json.dumps(wanted))
     return Store(store, source, demo)

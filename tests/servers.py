@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
 import uvicorn
+from safetensors.torch import save_file
 
 from front.app import create_app
 from front.settings import FrontSettings
@@ -30,9 +32,21 @@ BATCHING: Mapping[str, int] = {"maxBatchDelay": 400}
 TINY_LORA = "tiny-style"
 
 
+# And the textual-inversion embedding (build_mar.py --embeddings): the word `tinyglow` in a prompt.
+TINY_EMBEDDING = "tinyglow"
+
+
 def write_tiny_lora(folder: Path) -> Path:
     """`TINY_LORA`'s file in `folder`, the same bytes each time."""
     return write_lora(folder / f"{TINY_LORA}.safetensors", model_lora(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)))
+
+
+def write_tiny_embedding(folder: Path) -> Path:
+    """`TINY_EMBEDDING`'s file in `folder` (two vectors for the tiny CLIP), the same bytes each time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{TINY_EMBEDDING}.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(12))}, str(path))
+    return path
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, answer: object) -> None:
@@ -80,7 +94,8 @@ def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING, detached
     model_config.write_text(model_config_with(settings))
     args = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", MODEL,
             "--export-path", str(store), "--dtype", "fp32", "--archive-format", "default",
-            "--model-config", str(model_config), "--loras", str(write_tiny_lora(home / "loras").parent)]  # fmt: skip
+            "--model-config", str(model_config), "--loras", str(write_tiny_lora(home / "loras").parent),
+            "--embeddings", str(write_tiny_embedding(home / "embeddings").parent)]  # fmt: skip
     assert build_mar(args) == 0
     assert (store / f"{MODEL}.mar").is_file()
     config = write_properties(ROOT / "config.properties", home / "config.properties", {

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image
+from safetensors.torch import save_file
 
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
@@ -226,6 +227,28 @@ def test_a_lora_tag_merges_a_file_of_the_lora_dir(tmp_path: Path) -> None:
     assert parameters.endswith(f', Lora hashes: "ink: {short_hash(folder / "ink.safetensors")}"')
 
 
+def test_a_word_naming_an_embedding_of_the_embeddings_dir_stands_for_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--embeddings_dir's `glow.safetensors` makes `glow` in the prompt its vectors: the pipeline's image with that
+    folder; the words CLIP will not read are counted with the embedding's width before the model loads."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file(
+        {"emb_params": torch.randn(3, 32, generator=torch.Generator().manual_seed(4))}, str(folder / "glow.safetensors")
+    )
+    prompt = "a lighthouse in a storm, glow"
+    argv = [*case_argv("basic"), *MODEL, "--embeddings_dir", str(folder), "--outdir", str(tmp_path / "out")]
+    assert main([*argv, "--prompt", prompt]) == 0
+    pixels, _ = read_png(tmp_path / "out" / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), prompt=prompt)
+    expected = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), embeddings_dir=folder).generate(request)
+    assert np.array_equal(pixels, expected.images[0])
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "wave " * 73 + "glow", "--skip_save"]) == 0
+    assert "the 1 after them were left out: glow" in capsys.readouterr().err
+
+
 def test_a_lora_the_folder_lacks_fails_before_the_model_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], model_must_not_load: None
 ) -> None:
@@ -433,6 +456,7 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--weighted_subprompts"], "weighted_subprompts", True),
     (["--clip_skip", "2"], "clip_skip", 2),
     (["--lora_dir", "my/loras"], "lora_dir", "my/loras"),
+    (["--embeddings_dir", "my/embeddings"], "embeddings_dir", "my/embeddings"),
 ]
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from safetensors.torch import save_file
 
 from handler import sd_handler
 from handler.request import RequestError, decode_image, parse_request
@@ -260,31 +261,38 @@ def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, 
     assert "Emphasis: Original" in read_parameters(png)
 
 
-def test_a_prompt_merges_a_lora_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
-    """`<lora:name:w>` finds name.safetensors in the model folder's `loras/` (handler.lora_dir's default), and the
-    image is the pipeline's with that folder; an absolute lora_dir is read as it is. The PNG keeps the tag in its
-    prompt, as A1111 writes it."""
+def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
+    """`<lora:name:w>` finds name.safetensors in the model folder's `loras/`, and a word naming a file of its
+    `embeddings/` stands for that embedding (handler.lora_dir's and embeddings_dir's defaults): the image is the
+    pipeline's with those folders; absolute folders are read as they are. The PNG keeps the tag in its prompt, as
+    A1111 writes it, with the LoRA's hash."""
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_split, model_dir)
     write_lora(model_dir / "loras" / "tiny-style.safetensors", model_lora(load_split(model_dir)))
-    prompt = "a red bicycle <lora:tiny-style:0.8>"
-    request = GenerationRequest(prompt, height=64, width=64, steps=3, seed=5)
-    expected = Pipeline(load_split(model_dir), lora_dir=model_dir / "loras").generate(request).images[0]
-    plain = expected_pixels(tiny_split, dataclasses.replace(request, prompt="a red bicycle"))[0]
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(8))
+    (model_dir / "embeddings").mkdir()
+    save_file({"emb_params": vectors}, str(model_dir / "embeddings" / "tinyneg.safetensors"))
+    prompt, negative = "a red bicycle <lora:tiny-style:0.8>", "tinyneg, blurry"
+    request = GenerationRequest(prompt, negative, height=64, width=64, steps=3, seed=5)
+    folders = {"lora_dir": model_dir / "loras", "embeddings_dir": model_dir / "embeddings"}
+    expected = Pipeline(load_split(model_dir), **folders).generate(request).images[0]
+    plain = expected_pixels(tiny_split, dataclasses.replace(request, prompt="a red bicycle", negative_prompt=""))[0]
     assert np.abs(expected.astype(int) - plain).mean() > 1
-    elsewhere = {"handler": {**SETTINGS["handler"], "lora_dir": str(model_dir / "loras")}}
+    elsewhere = {"handler": {**SETTINGS["handler"], **{k: str(v) for k, v in folders.items()}}}
     for folder, settings in ((model_dir, SETTINGS), (tiny_split, elsewhere)):
         handler = StableDiffusionHandler()
         context = FakeContext(folder)
         context.model_yaml_config = settings
         handler.initialize(context)
-        (response,), _ = call(handler, [{**VALID, "prompt": prompt}])
+        (response,), _ = call(handler, [{**VALID, "prompt": prompt, "negative_prompt": negative}])
         png = base64.b64decode(json.loads(response)["images"][0])
         assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected)
         parameters = read_parameters(png)
-        assert parameters.startswith(prompt + "\n")
+        assert parameters.startswith(f"{prompt}\nNegative prompt: {negative}\n")
         digest = short_hash(model_dir / "loras" / "tiny-style.safetensors")
         assert parameters.endswith(f', Lora hashes: "tiny-style: {digest}"')
+    without = Pipeline(load_split(model_dir), lora_dir=folders["lora_dir"]).generate(request).images[0]
+    assert np.abs(expected.astype(int) - without).mean() > 1  # the embedding counted
 
 
 def test_clip_skip_reads_an_earlier_clip_layer(handler: StableDiffusionHandler, tiny_split: Path) -> None:

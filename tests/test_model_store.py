@@ -46,6 +46,7 @@ def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
     monkeypatch.setattr(model_store, "MODEL_STORE", tmp_path / "model-store")
     monkeypatch.setattr(model_store, "STAMP", tmp_path / "run" / "model-store.json")
     monkeypatch.setattr(model_store, "USER_LORAS", tmp_path / "models" / "Lora")
+    monkeypatch.setattr(model_store, "USER_EMBEDDINGS", tmp_path / "models" / "embeddings")
     recorder = Builds()
     monkeypatch.setattr(build_mar, "main", recorder)
     return recorder
@@ -72,11 +73,13 @@ def test_built_once_then_rebuilt_only_when_something_it_copies_changes(builds: B
 
 
 def test_the_store_finds_loras_in_the_users_lora_folder(builds: Builds, tmp_path: Path) -> None:
-    """models/Lora is linked, not copied, into the model's folder: a LoRA added while the server runs is found."""
+    """models/Lora (and models/embeddings) are linked, not copied, into the model's folder: a LoRA added while the
+    server runs is found."""
     store = model_store.prepare("fp32")
     (model_store.USER_LORAS / "ink.safetensors").write_bytes(b"x")
     assert (store.path / "loras").resolve() == model_store.USER_LORAS.resolve()
     assert (store.path / "loras" / "ink.safetensors").read_bytes() == b"x"
+    assert (store.path / "embeddings").resolve() == model_store.USER_EMBEDDINGS.resolve()
     (tmp_path / "handler.py").write_text("version = 2\n")
     assert model_store.prepare("fp32").path == store.path and len(builds.argv) == 2
 

@@ -33,7 +33,7 @@ from tests.reference import (
     reference_png,
     request_for,
 )
-from tests.servers import MODEL, TIMEOUT, TINY_LORA, write_tiny_lora
+from tests.servers import MODEL, TIMEOUT, TINY_EMBEDDING, TINY_LORA, write_tiny_embedding, write_tiny_lora
 
 pytestmark = pytest.mark.integration
 # Rounds of every bad request to warm the worker up, rounds after them, and how much the worker's resident memory
@@ -51,7 +51,8 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 
     folder = tmp_path_factory.mktemp("parts")
     write_split(TINY_SAFETENSORS, TINY_CONFIG, folder, "fp32")
-    return Pipeline(load_split(folder), lora_dir=write_tiny_lora(folder / "loras").parent)
+    loras, embeddings = write_tiny_lora(folder / "loras").parent, write_tiny_embedding(folder / "embeddings").parent
+    return Pipeline(load_split(folder), lora_dir=loras, embeddings_dir=embeddings)
 
 
 def predict(server: TorchServe, body: Any, accept: str = "application/json", **kwargs: Any) -> requests.Response:
@@ -287,16 +288,18 @@ def test_a_long_prompt_in_a1111_syntax_equals_in_process_image(server: TorchServ
     assert np.array_equal(decode(response.json()["images"][0]), in_process.generate(request).images[0])
 
 
-def test_a_lora_tag_over_http_equals_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
-    """The archive's `loras/` (build_mar.py --loras) is where the worker finds the LoRA a prompt names."""
-    prompt = f"a lighthouse on a cliff <lora:{TINY_LORA}:0.8>"
+def test_a_lora_tag_and_an_embedding_over_http_equal_in_process_image(server: TorchServe, in_process: Pipeline) -> None:
+    """The archive's `loras/` and `embeddings/` (build_mar.py --loras, --embeddings) are where the worker finds the
+    LoRA a prompt names and the embedding a word of it stands for."""
+    prompt = f"a lighthouse on a cliff, {TINY_EMBEDDING} <lora:{TINY_LORA}:0.8>"
     response = predict(server, {"prompt": prompt, "H": 64, "W": 64, "ddim_steps": 4, "seed": 21})
     assert response.status_code == 200, response.text
     request = GenerationRequest(prompt, height=64, width=64, steps=4, seed=21)
     image = decode(response.json()["images"][0])
     assert np.array_equal(image, in_process.generate(request).images[0])
-    plain = in_process.generate(dataclasses.replace(request, prompt="a lighthouse on a cliff")).images[0]
-    assert np.abs(image.astype(int) - plain).mean() > 1
+    for without in (f"a lighthouse on a cliff, {TINY_EMBEDDING}", f"a lighthouse on a cliff <lora:{TINY_LORA}:0.8>"):
+        other = in_process.generate(dataclasses.replace(request, prompt=without)).images[0]
+        assert np.abs(image.astype(int) - other).mean() > 1  # each of the two counted
 
 
 def read_stream(response: requests.Response) -> list[dict[str, Any]]:

@@ -1,0 +1,188 @@
+"""Textual-inversion embeddings (ldm/embeddings.py): the files A1111 and diffusers write, found in prompts as A1111
+finds them, and whole images against diffusers' own `load_textual_inversion` on the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm import emphasis
+from ldm.checkpoint import read_state_dict
+from ldm.embeddings import EmbeddingError, EmbeddingLibrary, Vocabulary, read_vectors
+from ldm.parts import load_checkpoint
+from ldm.pipeline import GenerationRequest, Pipeline, unread_warnings
+from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
+from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
+
+HIDDEN = 32  # the tiny model's CLIP width
+REQUEST = GenerationRequest(
+    "a castle on a hill, tinystyle", negative_prompt="tinyneg, blurry", steps=6, seed=3, height=64, width=64
+)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+def vectors(count: int, seed: int, hidden: int = HIDDEN) -> torch.Tensor:
+    return torch.randn(count, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def write_a1111_pt(path: Path, tensor: torch.Tensor) -> Path:
+    """What A1111's training tab saves: the vectors (a Parameter) under `string_to_param`, with its bookkeeping."""
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.nn.Parameter(tensor.clone())},
+            "name": path.stem,
+            "step": 3000,
+            "sd_checkpoint": "8e79c1729f",
+            "sd_checkpoint_name": "tiny",
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tinystyle`: 3 vectors in A1111's `.pt`; `tinyneg`: 2 in A1111's `.safetensors`."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    write_a1111_pt(folder / "tinystyle.pt", vectors(3, 1))
+    (folder / "negative").mkdir()
+    save_file({"emb_params": vectors(2, 2)}, str(folder / "negative" / "tinyneg.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def with_embeddings(embeddings_dir: Path) -> Pipeline:
+    return Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), embeddings_dir=embeddings_dir)
+
+
+@pytest.mark.parametrize("kind", ["a1111 pt", "a1111 safetensors", "diffusers bin", "diffusers one vector"])
+def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
+    expected = vectors(4, 5)
+    path = tmp_path / "style.bin"
+    if kind == "a1111 pt":
+        write_a1111_pt(path, expected)
+    elif kind == "a1111 safetensors":
+        save_file({"emb_params": expected}, str(path))
+    elif kind == "diffusers bin":
+        torch.save({"<style>": expected}, path)
+    else:
+        expected = expected[:1]
+        torch.save({"<style>": expected[0]}, path)
+    assert torch.equal(read_vectors(path, HIDDEN), expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"emb_params": vectors(2, 0, 1024)}, r"shape \(2, 1024\); this model's CLIP reads 32 .* another model"),
+        ({"a": vectors(1, 0), "b": vectors(1, 1)}, "holds 2 tensors where an embedding file holds one"),
+        ({"emb_params": torch.full((1, HIDDEN), float("nan"))}, "1 to 75 finite vectors"),
+        (b"\x00 not a file of tensors", "cannot be read"),
+    ],
+)
+def test_files_it_cannot_use_are_named(tmp_path: Path, content: Any, message: str) -> None:
+    path = tmp_path / "odd.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        save_file(content, str(path))
+    with pytest.raises(EmbeddingError, match=f"embedding 'odd'.*{message}"):
+        read_vectors(path, HIDDEN)
+
+
+def test_a_name_is_found_as_a_word_and_the_longest_wins(with_embeddings: Pipeline, tmp_path: Path) -> None:
+    tokenizer = CLIPTokenizer()
+    vocabulary = with_embeddings.embeddings.vocabulary()
+    assert sorted(e.name for e in vocabulary.embeddings) == ["tinyneg", "tinystyle"]
+    [style] = [e for e in vocabulary.embeddings if e.name == "tinystyle"]
+    assert len(style.tokens) > 1  # a name of several tokens: the test is of runs, not of single ids
+    slots = vocabulary.expand(tokenizer.tokenize("a TinyStyle castle"))
+    assert slots == [*tokenizer.tokenize("a"), style, *tokenizer.tokenize("castle")]
+    assert vocabulary.expand(tokenizer.tokenize("tinystyles")) == tokenizer.tokenize("tinystyles")
+    longer = dataclasses.replace(style, name="tinystyle castle", tokens=tuple(tokenizer.tokenize("tinystyle castle")))
+    both = Vocabulary([style, longer])
+    assert both.expand(tokenizer.tokenize("a tinystyle castle")) == [*tokenizer.tokenize("a"), longer]
+
+
+@pytest.fixture(scope="module")
+def peer(embeddings_dir: Path) -> Any:
+    """diffusers on the tiny weights with the same two files, loaded by its own `load_textual_inversion` (which adds
+    tokens to its tokenizer and rows to its CLIP: a model of its own)."""
+    from scripts.peers import diffusers_pipeline
+
+    model = load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)
+    pipe = diffusers_pipeline(model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(embeddings_dir / "tinystyle.pt"), token="tinystyle")
+    pipe.load_textual_inversion(str(embeddings_dir / "negative" / "tinyneg.safetensors"), token="tinyneg")
+    return pipe
+
+
+def test_images_match_diffusers_loading_the_same_files(with_embeddings: Pipeline, peer: Any) -> None:
+    """An embedding in the prompt and another in the negative prompt: the same image as diffusers', within the
+    reference tolerance; and not the image without them."""
+    ours = with_embeddings.generate(REQUEST).pixels[0]
+    theirs = peer(
+        REQUEST.prompt,
+        negative_prompt=REQUEST.negative_prompt,
+        height=REQUEST.height,
+        width=REQUEST.width,
+        num_inference_steps=REQUEST.steps,
+        guidance_scale=REQUEST.scale,
+        generator=torch.Generator().manual_seed(REQUEST.seed),
+        output_type="np",
+    ).images[0]
+    assert np.abs(ours - theirs * 255.0).max() < FLOAT_TOLERANCE
+    without = Pipeline(with_embeddings.model).generate(REQUEST).pixels[0]
+    assert np.abs(ours - without).mean() > 1
+
+
+def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline) -> None:
+    """With 74 tokens before it, a 3-vector embedding does not fit the first chunk: it opens the second, as in
+    A1111, with the weight of its brackets."""
+    tokenizer = CLIPTokenizer()
+    vocabulary = with_embeddings.embeddings.vocabulary()
+    [style] = [e for e in vocabulary.embeddings if e.name == "tinystyle"]
+    words = "wave " * 74
+    first, second = emphasis.chunks(tokenizer, f"{words}(tinystyle:1.2) castle", vocabulary)
+    assert first.ids[1:75] == tuple(tokenizer.tokenize(words)) and first.ids[75:] == (tokenizer.eos_id,) * 2
+    assert all(torch.equal(a, b) for a, b in zip(second.ids[1:4], style.vectors, strict=True))
+    assert second.weights[1:4] == (1.2, 1.2, 1.2) and second.ids[4] == tokenizer.tokenize("castle")[0]
+    image = with_embeddings.generate(dataclasses.replace(REQUEST, prompt=f"{words}(tinystyle:1.2)", emphasis=True))
+    assert image.warnings == ()
+
+
+def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) -> None:
+    """Plain prompts are cut at 75 positions, an embedding's vectors among them: the warning counts what is left
+    out, the embedding by its word."""
+    request = dataclasses.replace(REQUEST, prompt="wave " * 73 + "tinystyle castle", negative_prompt="")
+    vocabulary = with_embeddings.embeddings.vocabulary()
+    [line] = unread_warnings(CLIPTokenizer(), request, vocabulary)
+    assert line == f"prompt: CLIP reads {READ_TOKENS} tokens; the 2 after them were left out: tinystyle castle"
+
+
+def test_the_folder_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    """A file added is found on the next reading, without a restart; one that cannot be read is left out (its name
+    stays a word) and said why, so one bad download never fails every request."""
+    library = EmbeddingLibrary(tmp_path, CLIPTokenizer(), HIDDEN)
+    assert library.vocabulary().embeddings == ()
+    save_file({"emb_params": vectors(1, 3)}, str(tmp_path / "glow.safetensors"))
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+    assert [e.name for e in library.vocabulary().embeddings] == ["glow"]
+    [error] = library.errors()
+    assert error.startswith("embedding 'broken' cannot be read")
+    (tmp_path / "broken.pt").unlink()
+    library.vocabulary()
+    assert library.errors() == []
