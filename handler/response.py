@@ -48,7 +48,11 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
 def png_files(generations: Sequence[Generation], model_hash: str) -> list[list[bytes]]:
     """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed), the whole
     batch's compressed at once."""
-    texts = [parameters_text(g.request, seed, model_hash, g.lora_hashes) for g in generations for seed in g.seeds]
+    texts = [
+        parameters_text(g.request, seed, model_hash, g.lora_hashes, g.embedding_hashes)
+        for g in generations
+        for seed in g.seeds
+    ]
     files = iter(encode_with_parameters([image for g in generations for image in g.images], texts))
     return [[next(files) for _ in g.seeds] for g in generations]
 

@@ -431,7 +431,8 @@ def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
 
 def write_images(generation: Generation, outdir: Path, index: int, image_format: str, model_hash: str) -> list[Path]:
     """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters; returns the paths."""
-    texts = [parameters_text(generation.request, seed, model_hash, generation.lora_hashes) for seed in generation.seeds]
+    hashes = (generation.lora_hashes, generation.embedding_hashes)
+    texts = [parameters_text(generation.request, seed, model_hash, *hashes) for seed in generation.seeds]
     files = (
         encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
         if image_format == "png"

@@ -16,6 +16,7 @@ Formats read: A1111's `.pt` (`string_to_param` holding one tensor), its `.safete
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from collections.abc import Iterator, Sequence
@@ -82,11 +83,13 @@ def _tensors(loaded: object) -> Iterator[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Embedding:
-    """One embedding: its name, the name's tokens (how a prompt spells it), and its vectors."""
+    """One embedding: its name, the name's tokens (how a prompt spells it), its vectors, and the short hash A1111
+    writes in a PNG's `TI hashes` (the first 12 hex digits of its file's SHA-256)."""
 
     name: str
     tokens: tuple[int, ...]
     vectors: torch.Tensor
+    short_hash: str = ""
 
 
 # A prompt's tokens after embeddings are found: a token id, or an embedding's vectors, which stay together.
@@ -196,7 +199,9 @@ class EmbeddingLibrary:
             tokens = tuple(self.tokenizer.tokenize(path.stem))
             if not tokens:
                 raise EmbeddingError(f"embedding '{path.stem}': its name has no tokens to find in a prompt")
-            entry: Embedding | EmbeddingError = Embedding(path.stem, tokens, read_vectors(path, self.hidden_size))
+            vectors = read_vectors(path, self.hidden_size)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # an embedding file is a few kB
+            entry: Embedding | EmbeddingError = Embedding(path.stem, tokens, vectors, digest)
         except EmbeddingError as error:
             logger.warning("%s: left out of the embeddings, its name stays a word", error)
             entry = error

@@ -149,14 +149,15 @@ ProgressCallback = Callable[[Progress], None]
 @dataclass(frozen=True)
 class Generation:
     """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255];
-    `warnings`, what of its texts CLIP never read (`unread_warnings`); `lora_hashes`, (name, short hash) of each LoRA
-    it merged, for the PNGs (`ldm.lora.short_hash`)."""
+    `warnings`, what of its texts CLIP never read (`unread_warnings`); `lora_hashes` and `embedding_hashes`, (name,
+    short hash) of each LoRA it merged and each textual-inversion embedding its texts named, for the PNGs."""
 
     request: GenerationRequest
     images: np.ndarray
     pixels: np.ndarray
     warnings: tuple[str, ...] = ()
     lora_hashes: tuple[tuple[str, str], ...] = ()
+    embedding_hashes: tuple[tuple[str, str], ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -630,7 +631,10 @@ class Pipeline:
             # (5) Round, not truncate.
             warnings = unread_warnings(tokenizer, request, vocabulary)
             hashes = tuple((use.name, file.short_hash) for file, use in loras_of[index])
-            results.append(Generation(request, np.rint(floats).astype(np.uint8), floats, warnings, hashes))
+            named = vocabulary.used([clip_text(request, field) for field in TEXT_FIELDS], tokenizer)
+            embedded = tuple((embedding.name, embedding.short_hash) for embedding in named)
+            images = np.rint(floats).astype(np.uint8)
+            results.append(Generation(request, images, floats, warnings, hashes, embedded))
         return results
 
     def _run(

@@ -26,10 +26,14 @@ def _escape(text: str) -> str:
 
 
 def parameters_text(
-    request: GenerationRequest, seed: int, model_hash: str = "", lora_hashes: Sequence[tuple[str, str]] = ()
+    request: GenerationRequest,
+    seed: int,
+    model_hash: str = "",
+    lora_hashes: Sequence[tuple[str, str]] = (),
+    embedding_hashes: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The parameters text of one image of a resolved request, which merged the LoRAs `lora_hashes` names (name,
-    `ldm.lora.short_hash`)."""
+    """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
+    embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -54,10 +58,11 @@ def parameters_text(
         fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
     elif any(mark in text for text in (request.prompt, request.negative_prompt) for mark in ("(", "[", "\\", "BREAK")):
         fields.append("Emphasis: None")  # read as written: A1111, told nothing, would weigh these brackets
-    if lora_hashes:
-        # A1111's field, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
-        listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in lora_hashes)
-        fields.append(f"Lora hashes: {json.dumps(listed, ensure_ascii=False)}")
+    for key, hashes in (("TI hashes", embedding_hashes), ("Lora hashes", lora_hashes)):
+        if hashes:
+            # A1111's fields, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
+            listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes)
+            fields.append(f"{key}: {json.dumps(listed, ensure_ascii=False)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ finds them, and whole images against diffusers' own `load_textual_inversion` on 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ldm.checkpoint import read_state_dict
 from ldm.embeddings import EmbeddingError, EmbeddingLibrary, Vocabulary, read_vectors
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationRequest, Pipeline, unread_warnings
+from ldm.png_info import parameters_text
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
@@ -147,6 +149,20 @@ def test_images_match_diffusers_loading_the_same_files(with_embeddings: Pipeline
     assert np.abs(ours - theirs * 255.0).max() < FLOAT_TOLERANCE
     without = Pipeline(with_embeddings.model).generate(REQUEST).pixels[0]
     assert np.abs(ours - without).mean() > 1
+
+
+def test_pngs_name_the_embeddings_read_with_their_hashes(with_embeddings: Pipeline, embeddings_dir: Path) -> None:
+    """A1111's `TI hashes`: each embedding the prompt or the negative prompt named, with its file's SHA-256."""
+    generation = with_embeddings.generate(REQUEST)
+    style, neg = (
+        hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        for path in (embeddings_dir / "tinystyle.pt", embeddings_dir / "negative" / "tinyneg.safetensors")
+    )
+    assert generation.embedding_hashes == (("tinystyle", style), ("tinyneg", neg))
+    text = parameters_text(generation.request, 3, "", generation.lora_hashes, generation.embedding_hashes)
+    assert text.endswith(f'Size: 64x64, TI hashes: "tinystyle: {style}, tinyneg: {neg}"')
+    plain = with_embeddings.generate(dataclasses.replace(REQUEST, prompt="a castle", negative_prompt=""))
+    assert plain.embedding_hashes == ()
 
 
 def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline) -> None:
