@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings
 from ldm import emphasis
+from ldm.embeddings import Vocabulary
 from ldm.pipeline import (
     MASK_WITHOUT_INIT,
     MAX_SEED,
@@ -283,14 +284,17 @@ def _syntax(body: dict[str, Any], settings: HandlerSettings) -> dict[str, bool]:
     return chosen
 
 
-def check_chunks(generation: GenerationRequest, tokenizer: CLIPTokenizer, settings: HandlerSettings) -> None:
-    """With emphasis, each 75 tokens of a text are one more text-encoder row and 77 more tokens that every UNet step
-    attends to: `max_prompt_chunks` bounds them (counted with the model's tokenizer, so this is the handler's)."""
+def check_chunks(
+    generation: GenerationRequest, tokenizer: CLIPTokenizer, settings: HandlerSettings, vocabulary: Vocabulary
+) -> None:
+    """With emphasis, each 75 positions of a text are one more text-encoder row and 77 more tokens that every UNet
+    step attends to: `max_prompt_chunks` bounds them (counted with the model's tokenizer and the embeddings the text
+    names, each a position per vector, so this is the handler's)."""
     if not generation.emphasis:
         return
     limit = settings.limits.max_prompt_chunks
     for name in TEXT_FIELDS:
-        count = len(emphasis.chunks(tokenizer, clip_text(generation, name)))
+        count = len(emphasis.chunks(tokenizer, clip_text(generation, name), vocabulary))
         if count > limit:
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 

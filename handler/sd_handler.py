@@ -92,11 +92,12 @@ class StableDiffusionHandler(BaseHandler):
         """Each request's body validated on its own."""
         assert self.pipeline is not None, "initialize() loads the model first"
         tokenizer = self.pipeline.model.text_encoder.tokenizer
+        vocabulary = self.pipeline.embeddings.vocabulary()
         parsed: list[ApiRequest | RequestError] = []
         for idx, row in enumerate(data):
             try:
                 request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
-                check_chunks(request.generation, tokenizer, self.settings)
+                check_chunks(request.generation, tokenizer, self.settings, vocabulary)
                 self.pipeline.check(request.generation)  # clip_skip and LoRA files: a 400 now, not in the batch
                 parsed.append(request)
             except GenerationError as error:

@@ -89,7 +89,7 @@ class Embedding:
     name: str
     tokens: tuple[int, ...]
     vectors: torch.Tensor
-    short_hash: str = ""
+    short_hash: str
 
 
 # A prompt's tokens after embeddings are found: a token id, or an embedding's vectors, which stay together.
@@ -126,26 +126,23 @@ class Vocabulary:
                 position += len(found.tokens)
         return slots
 
-    def unread(self, tokenizer: CLIPTokenizer, text: str) -> tuple[int, str]:
-        """`CLIPTokenizer.unread` counting positions as CLIP reads them: an embedding takes one per vector, and one
-        cut off is named in the tail by its word."""
+    def read(self, tokenizer: CLIPTokenizer, text: str) -> tuple[list[Slot], list[Slot]]:
+        """A plain text's slots as CLIP reads them: those that fit its 75 positions whole, then those left out (an
+        embedding that would not fit whole is left out whole, as A1111 moves it to its next chunk)."""
         slots = self.expand(tokenizer.tokenize(text))
         used = 0
         for index, slot in enumerate(slots):
             if used + width(slot) > READ_TOKENS:
-                tail = [token for s in slots[index:] for token in ([s] if isinstance(s, int) else s.tokens)]
-                return sum(width(s) for s in slots) - READ_TOKENS, tokenizer.decode(tail)
+                return slots[:index], slots[index:]
             used += width(slot)
-        return 0, ""
+        return slots, []
 
-    def used(self, texts: Sequence[str], tokenizer: CLIPTokenizer) -> list[Embedding]:
-        """The embeddings `texts` name, each once, in order of first use."""
-        found: dict[str, Embedding] = {}
-        for text in texts:
-            for slot in self.expand(tokenizer.tokenize(text)):
-                if isinstance(slot, Embedding):
-                    found.setdefault(slot.name, slot)
-        return list(found.values())
+    def unread(self, tokenizer: CLIPTokenizer, text: str) -> tuple[int, str]:
+        """How many of a plain text's positions CLIP never sees (past the 75 it reads: an embedding takes one per
+        vector), and their text, an embedding's by its word."""
+        _, left_out = self.read(tokenizer, text)
+        words = [token for slot in left_out for token in ([slot] if isinstance(slot, int) else slot.tokens)]
+        return sum(width(slot) for slot in left_out), tokenizer.decode(words) if words else ""
 
 
 def width(slot: Slot) -> int:
@@ -166,11 +163,11 @@ class EmbeddingLibrary:
         self.folder = folder
         self.tokenizer = tokenizer
         self.hidden_size = hidden_size
-        self.read: dict[Path, tuple[tuple[int, int], Embedding | EmbeddingError]] = {}
+        self.files: dict[Path, tuple[tuple[int, int], Embedding | EmbeddingError]] = {}
 
     def vocabulary(self) -> Vocabulary:
         """Every embedding of the folder that can be read. A file that cannot is left out of the vocabulary (its
-        name stays a word) and said by `errors`, so one bad download never fails every request."""
+        name stays a word) and said once in the log, so one bad download never fails every request."""
         embeddings: dict[str, Embedding] = {}
         seen = set()
         for path in files_in(self.folder, SUFFIXES):
@@ -178,21 +175,22 @@ class EmbeddingLibrary:
             entry = self._entry(path)
             if isinstance(entry, Embedding):
                 embeddings.setdefault(entry.name, entry)  # the first in path order, as for LoRAs
-        for gone in set(self.read) - seen:
-            del self.read[gone]
+        for gone in set(self.files) - seen:
+            del self.files[gone]
         return Vocabulary(list(embeddings.values()))
 
     def errors(self) -> list[str]:
-        """Why each file left out of the last `vocabulary` was."""
-        return [str(entry) for _, entry in self.read.values() if isinstance(entry, EmbeddingError)]
+        """Why each file left out of the last `vocabulary` was (for a caller that shows it: the log has it too)."""
+        return [str(entry) for _, entry in self.files.values() if isinstance(entry, EmbeddingError)]
 
     def _entry(self, path: Path) -> Embedding | EmbeddingError:
+        """The embedding of one file, or why it cannot be one: read again only when the file changed."""
         try:
             stat = path.stat()
         except OSError as error:
             return EmbeddingError(f"embedding '{path.stem}' cannot be read: {error}")
         stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = self.read.get(path)
+        cached = self.files.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
@@ -205,5 +203,5 @@ class EmbeddingLibrary:
         except EmbeddingError as error:
             logger.warning("%s: left out of the embeddings, its name stays a word", error)
             entry = error
-        self.read[path] = (stamp, entry)
+        self.files[path] = (stamp, entry)
         return entry

@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
 if TYPE_CHECKING:  # ldm.embeddings reads files through ldm.checkpoint, which imports the networks, which import this
+    import torch
+
     from ldm.embeddings import Vocabulary
 
 ROUND_FACTOR = 1.1

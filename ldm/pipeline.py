@@ -19,7 +19,7 @@ from PIL import Image
 
 from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, subprompts
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
-from ldm.embeddings import EmbeddingLibrary, Vocabulary, flatten
+from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
 from ldm.fast_path import FastPath, accelerate, warm_up
 from ldm.host_memory import keep_freed_memory
 from ldm.inpainting import KeptRegion
@@ -262,14 +262,32 @@ def unread_warnings(
     if request.emphasis:
         return ()
     lines = []
+    vocabulary = vocabulary or Vocabulary()
     for field in TEXT_FIELDS if request.scale != 1 else ("prompt",):
         parts = text_parts(request, field)
         for index, (text, _) in enumerate(parts):
-            count, tail = (vocabulary or Vocabulary()).unread(tokenizer, text)
+            count, tail = vocabulary.unread(tokenizer, text)
             if count:
                 where = field if len(parts) == 1 else f"{field}, sub-prompt {index + 1} of {len(parts)}"
                 lines.append(f"{where}: CLIP reads {READ_TOKENS} tokens; the {count} after them were left out: {tail}")
     return tuple(lines)
+
+
+def embeddings_read(tokenizer: CLIPTokenizer, request: GenerationRequest, vocabulary: Vocabulary) -> list[Embedding]:
+    """The textual-inversion embeddings CLIP reads of the request's texts, each once, in order: found as its
+    conditioning finds them (in A1111's syntax run by run, every chunk read; otherwise in each text or sub-prompt,
+    within its 75 positions)."""
+    found: dict[str, Embedding] = {}
+    for field in TEXT_FIELDS:
+        if request.emphasis:
+            runs = [run for run, weight in emphasis.parse(clip_text(request, field)) if weight >= 0]
+            slots = [slot for run in runs for slot in vocabulary.expand(tokenizer.tokenize(run))]
+        else:
+            slots = [slot for text, _ in text_parts(request, field) for slot in vocabulary.read(tokenizer, text)[0]]
+        for slot in slots:
+            if isinstance(slot, Embedding):
+                found.setdefault(slot.name, slot)
+    return list(found.values())
 
 
 def resolve(
@@ -377,7 +395,7 @@ class Pipeline:
             if vocabulary is None or not vocabulary.embeddings:
                 return encoder(list(prompts), clip_skip).to(self.model.dtype)
             tokenizer = encoder.tokenizer
-            rows = [tokenizer.frame(flatten(vocabulary.expand(tokenizer.tokenize(p)))) for p in prompts]
+            rows = [tokenizer.frame(flatten(vocabulary.read(tokenizer, p)[0])) for p in prompts]
             return encoder.encode(rows, clip_skip).to(self.model.dtype)
 
     @torch.inference_mode()
@@ -554,13 +572,13 @@ class Pipeline:
             for text, _ in side
         }
         syntax = {(r.clip_skip, clip_text(r, f)) for r in requests if r.emphasis for f in TEXT_FIELDS}
-        embeddings: dict[tuple[int, str], torch.Tensor] = {}
+        encoded: dict[tuple[int, str], torch.Tensor] = {}
         emphasized: dict[tuple[int, str], torch.Tensor] = {}
         for skip in sorted({skip for skip, _ in plain | syntax}):
             texts = sorted(text for s, text in plain if s == skip)
             if texts:
                 vectors = self.embed(texts, skip, vocabulary).split(1)
-                embeddings.update(zip(((skip, t) for t in texts), vectors, strict=True))
+                encoded.update(zip(((skip, t) for t in texts), vectors, strict=True))
             texts = sorted(text for s, text in syntax if s == skip)
             vectors = self.embed_emphasized(texts, skip, vocabulary)
             emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
@@ -574,7 +592,7 @@ class Pipeline:
         return [
             (emphasized[r.clip_skip, clip_text(r, "prompt")], emphasized[r.clip_skip, clip_text(r, "negative_prompt")])
             if r.emphasis
-            else (_weighted(p, embeddings, r.clip_skip), _weighted(n, embeddings, r.clip_skip))
+            else (_weighted(p, encoded, r.clip_skip), _weighted(n, encoded, r.clip_skip))
             for r, (p, n) in zip(requests, parts, strict=True)
         ]
 
@@ -631,7 +649,7 @@ class Pipeline:
             # (5) Round, not truncate.
             warnings = unread_warnings(tokenizer, request, vocabulary)
             hashes = tuple((use.name, file.short_hash) for file, use in loras_of[index])
-            named = vocabulary.used([clip_text(request, field) for field in TEXT_FIELDS], tokenizer)
+            named = embeddings_read(tokenizer, request, vocabulary)
             embedded = tuple((embedding.name, embedding.short_hash) for embedding in named)
             images = np.rint(floats).astype(np.uint8)
             results.append(Generation(request, images, floats, warnings, hashes, embedded))
@@ -691,14 +709,14 @@ class Pipeline:
         return {index: [image.pixels for image in images] for index, images in per_request.items()}
 
 
-def _weighted(parts: subprompts.Parts, embeddings: dict[tuple[int, str], torch.Tensor], clip_skip: int) -> torch.Tensor:
-    """Σ weight·embedding over a text's parts (embeddings keyed by clip skip and text), added to zeros in order as
-    optimizedSD did; a text of one part (whose weight is 1) is its embedding unchanged."""
+def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tensor], clip_skip: int) -> torch.Tensor:
+    """Σ weight·CLIP output over a text's parts (`encoded` keyed by clip skip and text), added to zeros in order as
+    optimizedSD did; a text of one part (whose weight is 1) is its output unchanged."""
     if len(parts) == 1:
-        return embeddings[clip_skip, parts[0][0]]
-    total = torch.zeros_like(embeddings[clip_skip, parts[0][0]])
+        return encoded[clip_skip, parts[0][0]]
+    total = torch.zeros_like(encoded[clip_skip, parts[0][0]])
     for text, weight in parts:
-        total = torch.add(total, embeddings[clip_skip, text], alpha=weight)
+        total = torch.add(total, encoded[clip_skip, text], alpha=weight)
     return total
 
 

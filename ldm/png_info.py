@@ -58,7 +58,7 @@ def parameters_text(
         fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
     elif any(mark in text for text in (request.prompt, request.negative_prompt) for mark in ("(", "[", "\\", "BREAK")):
         fields.append("Emphasis: None")  # read as written: A1111, told nothing, would weigh these brackets
-    for key, hashes in (("TI hashes", embedding_hashes), ("Lora hashes", lora_hashes)):
+    for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", embedding_hashes)):
         if hashes:
             # A1111's fields, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
             listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes)

@@ -107,11 +107,6 @@ class CLIPTokenizer:
         raw = bytes(self.byte_decoder[char] for char in text).lstrip(_UTF8_CONTINUATION)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
-    def unread(self, text: str) -> tuple[int, str]:
-        """How many of `text`'s tokens the text encoder never sees (those past the 75 it reads), and their text."""
-        tail = self.tokenize(text)[READ_TOKENS:]
-        return len(tail), self.decode(tail)
-
     def frame(self, body: Sequence[T]) -> list[T | int]:
         """The 77 positions the text encoder receives for a text's tokens (or, with embeddings, vectors): BOS, the
         first 75, EOS, EOS padding."""

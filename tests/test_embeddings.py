@@ -181,12 +181,20 @@ def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline)
 
 
 def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) -> None:
-    """Plain prompts are cut at 75 positions, an embedding's vectors among them: the warning counts what is left
-    out, the embedding by its word."""
+    """Plain prompts are cut at 75 positions, an embedding's vectors among them, and an embedding that does not fit
+    whole is left out whole: the warning counts what is left out, the embedding by its word; the PNG's TI hashes
+    name only what CLIP read."""
     request = dataclasses.replace(REQUEST, prompt="wave " * 73 + "tinystyle castle", negative_prompt="")
     vocabulary = with_embeddings.embeddings.vocabulary()
     [line] = unread_warnings(CLIPTokenizer(), request, vocabulary)
-    assert line == f"prompt: CLIP reads {READ_TOKENS} tokens; the 2 after them were left out: tinystyle castle"
+    assert line == f"prompt: CLIP reads {READ_TOKENS} tokens; the 4 after them were left out: tinystyle castle"
+    cut = with_embeddings.generate(request)
+    assert cut.embedding_hashes == () and cut.warnings == (line,)
+    alone = with_embeddings.generate(dataclasses.replace(request, prompt="wave " * 73))
+    assert np.array_equal(cut.pixels, alone.pixels)  # what CLIP read is the 73 waves alone
+    fits = dataclasses.replace(request, prompt="wave " * 72 + "tinystyle")
+    assert unread_warnings(CLIPTokenizer(), fits, vocabulary) == ()
+    assert [name for name, _ in with_embeddings.generate(fits).embedding_hashes] == ["tinystyle"]
 
 
 def test_the_folder_is_read_again_when_it_changes(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -21,9 +22,10 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 from handler import sd_handler
-from handler.request import RequestError, decode_image, parse_request
+from handler.request import RequestError, check_chunks, decode_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import SettingsError, check_against_model, parse_settings
+from ldm.embeddings import Embedding, Vocabulary
 from ldm.lora import short_hash
 from ldm.parts import load_split
 from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
@@ -290,9 +292,20 @@ def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split:
         parameters = read_parameters(png)
         assert parameters.startswith(f"{prompt}\nNegative prompt: {negative}\n")
         digest = short_hash(model_dir / "loras" / "tiny-style.safetensors")
-        assert parameters.endswith(f', Lora hashes: "tiny-style: {digest}"')
+        embedded = hashlib.sha256((model_dir / "embeddings" / "tinyneg.safetensors").read_bytes()).hexdigest()[:12]
+        assert parameters.endswith(f', Lora hashes: "tiny-style: {digest}", TI hashes: "tinyneg: {embedded}"')
     without = Pipeline(load_split(model_dir), lora_dir=folders["lora_dir"]).generate(request).images[0]
     assert np.abs(expected.astype(int) - without).mean() > 1  # the embedding counted
+
+
+def test_the_chunk_limit_counts_an_embeddings_vectors(handler: StableDiffusionHandler) -> None:
+    """A short word standing for 75 vectors fills a chunk of its own: nine of them are nine chunks, past 8."""
+    tokenizer = handler.pipeline.model.text_encoder.tokenizer
+    wide = Embedding("wide", tuple(tokenizer.tokenize("wide")), torch.zeros(75, 32), "0" * 12)
+    request = parse_request({"prompt": "wide " * 9, "emphasis": True}, handler.settings)
+    check_chunks(request.generation, tokenizer, handler.settings, Vocabulary())
+    with pytest.raises(RequestError, match="prompt: at most 8 chunks of 75 tokens with emphasis, got 9"):
+        check_chunks(request.generation, tokenizer, handler.settings, Vocabulary([wide]))
 
 
 def test_clip_skip_reads_an_earlier_clip_layer(handler: StableDiffusionHandler, tiny_split: Path) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ldm.embeddings import Vocabulary
 from ldm.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from tests.reference import REFERENCE
 
@@ -49,17 +50,17 @@ def test_decoded_ids_tokenize_back_to_the_same_ids(tokenizer: CLIPTokenizer, ent
 @pytest.mark.parametrize("entry", TOKENIZER_CASES, ids=lambda e: str(e["index"]))
 def test_unread_counts_what_the_reference_cut_off(tokenizer: CLIPTokenizer, entry: dict) -> None:
     """n_tokens_untruncated counts BOS and EOS: past 77 of them, the rest is what CLIP never saw."""
-    count, text = tokenizer.unread(entry["prompt"])
+    count, text = Vocabulary().unread(tokenizer, entry["prompt"])
     assert count == max(0, entry["n_tokens_untruncated"] - CONTEXT_LENGTH)
     assert (text != "") == entry["truncated"]
 
 
 def test_unread_text_is_the_words_past_the_75th_token(tokenizer: CLIPTokenizer) -> None:
     prompt = "cat " * 73 + "in the style of a watercolor, by a Painter"
-    assert tokenizer.unread(prompt) == (8, "style of a watercolor , by a painter")  # 73 cats, "in", "the"
-    assert tokenizer.unread("cat " * 75) == (0, "")
+    assert Vocabulary().unread(tokenizer, prompt) == (8, "style of a watercolor , by a painter")  # 73 cats, "in", "the"
+    assert Vocabulary().unread(tokenizer, "cat " * 75) == (0, "")
     # 龘 is three byte tokens: cut after its first, the rest of it is not shown as text.
-    assert tokenizer.unread("cat " * 74 + "龘 dog") == (3, "dog")
+    assert Vocabulary().unread(tokenizer, "cat " * 74 + "龘 dog") == (3, "dog")
 
 
 def test_special_token_text_becomes_the_special_token(tokenizer: CLIPTokenizer) -> None:
