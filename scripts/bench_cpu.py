@@ -34,7 +34,7 @@ from ldm.parts import DTYPES, load_checkpoint, load_split, write_split
 from ldm.pipeline import GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.bench_allocator import ALLOCATOR_CHILDREN, compare_allocators
-from scripts.peers import diffusers_networks, diffusers_pipeline
+from scripts.peers import call_arguments, diffusers_networks, diffusers_pipeline
 from scripts.process_memory import proc_status, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -361,16 +361,7 @@ def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
     request = GenerationRequest(PROMPT, height=side, width=side, steps=IMAGE_STEPS, scale=7.5, seed=0)
 
     def their_image() -> Any:
-        return pipe(
-            PROMPT,
-            height=side,
-            width=side,
-            num_inference_steps=IMAGE_STEPS,
-            guidance_scale=7.5,
-            eta=0.0,
-            generator=torch.Generator().manual_seed(request.seed),
-            output_type="np",
-        ).images
+        return pipe(**call_arguments(request), eta=0.0).images
 
     return {
         f"UNet call b{UNET_BATCH} {UNET_LATENT}×{UNET_LATENT} latent": Pair(

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.model import StableDiffusion
+from ldm.pipeline import GenerationRequest, clip_text
 from ldm.tokenizer import CONTEXT_LENGTH, VOCAB_DIR
 
 
@@ -84,3 +85,19 @@ def diffusers_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, ours.dtype)
+
+
+def call_arguments(request: GenerationRequest) -> dict[str, Any]:
+    """What a diffusers pipeline is called with to make a resolved `request`'s first image: the texts as CLIP reads
+    them (LoRA tags cut out), size, steps, guidance, and a CPU generator seeded as ours draws its starting noise."""
+    assert request.seed is not None and request.height is not None, "a resolved request"
+    return {
+        "prompt": clip_text(request, "prompt"),
+        "negative_prompt": clip_text(request, "negative_prompt"),
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.scale,
+        "generator": torch.Generator().manual_seed(request.seed),
+        "output_type": "np",
+    }

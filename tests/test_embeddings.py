@@ -126,7 +126,6 @@ def peer(embeddings_dir: Path) -> Any:
 
     model = load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG)
     pipe = diffusers_pipeline(model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    pipe.set_progress_bar_config(disable=True)
     pipe.load_textual_inversion(str(embeddings_dir / "tinystyle.pt"), token="tinystyle")
     pipe.load_textual_inversion(str(embeddings_dir / "negative" / "tinyneg.safetensors"), token="tinyneg")
     return pipe
@@ -135,17 +134,10 @@ def peer(embeddings_dir: Path) -> Any:
 def test_images_match_diffusers_loading_the_same_files(with_embeddings: Pipeline, peer: Any) -> None:
     """An embedding in the prompt and another in the negative prompt: the same image as diffusers', within the
     reference tolerance; and not the image without them."""
+    from scripts.peers import call_arguments
+
     ours = with_embeddings.generate(REQUEST).pixels[0]
-    theirs = peer(
-        REQUEST.prompt,
-        negative_prompt=REQUEST.negative_prompt,
-        height=REQUEST.height,
-        width=REQUEST.width,
-        num_inference_steps=REQUEST.steps,
-        guidance_scale=REQUEST.scale,
-        generator=torch.Generator().manual_seed(REQUEST.seed),
-        output_type="np",
-    ).images[0]
+    theirs = peer(**call_arguments(REQUEST)).images[0]
     assert np.abs(ours - theirs * 255.0).max() < FLOAT_TOLERANCE
     without = Pipeline(with_embeddings.model).generate(REQUEST).pixels[0]
     assert np.abs(ours - without).mean() > 1

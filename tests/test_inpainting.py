@@ -235,7 +235,7 @@ def _diffusers_inpaint(
     """diffusers' `StableDiffusionInpaintPipeline` on the same weights and request: pixels in [0, 255]."""
     import diffusers
 
-    from scripts.peers import diffusers_pipeline
+    from scripts.peers import call_arguments, diffusers_pipeline
 
     text2image = diffusers_pipeline(model, read_state_dict(checkpoint), config, torch.device("cpu"))
     pipe = diffusers.StableDiffusionInpaintPipeline(**text2image.components)
@@ -245,17 +245,10 @@ def _diffusers_inpaint(
             pipe.scheduler.config, timestep_spacing="linspace"
         )
     image = pipe(
-        request.prompt,
-        negative_prompt=request.negative_prompt,
+        **call_arguments(request),
         image=z0,
         mask_image=request.mask_image,
         masked_image_latents=masked_latent,
-        height=request.height,
-        width=request.width,
         strength=request.strength,
-        num_inference_steps=request.steps,
-        guidance_scale=request.scale,
-        generator=torch.Generator().manual_seed(request.seed),
-        output_type="np",
     ).images[0]
     return image.clip(0, 1) * 255

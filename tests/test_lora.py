@@ -172,19 +172,10 @@ def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDi
 
 def _diffusers_image(peer: Any, request: GenerationRequest, adapters: dict[str, Any]) -> np.ndarray:
     """diffusers' image in [0, 255] with its LoRAs at `adapters`' weights (name → weight, or per network)."""
+    from scripts.peers import call_arguments
+
     peer.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
-    images = peer(
-        strip_tags(request.prompt),
-        negative_prompt=request.negative_prompt,
-        num_inference_steps=request.steps,
-        guidance_scale=request.scale,
-        height=request.height,
-        width=request.width,
-        generator=torch.Generator().manual_seed(request.seed),
-        eta=0.0,
-        output_type="np",
-    ).images
-    return images[0] * 255.0
+    return peer(**call_arguments(request)).images[0] * 255.0
 
 
 @pytest.fixture(scope="module")

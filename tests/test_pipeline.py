@@ -232,7 +232,7 @@ def test_sampler_image_equals_diffusers_pipeline(
     import diffusers
 
     from ldm.checkpoint import read_state_dict
-    from scripts.peers import diffusers_pipeline
+    from scripts.peers import call_arguments, diffusers_pipeline
 
     request = dataclasses.replace(request_for(case(case_id)), sampler=sampler)
     ours = pipeline.generate(request).pixels[0]
@@ -245,17 +245,8 @@ def test_sampler_image_equals_diffusers_pipeline(
     # The pipeline multiplies the latents it is given by its scheduler's `init_noise_sigma` (√(σ_max² + 1) for the
     # k-diffusion ports).
     start = float(pipe.scheduler.sigmas[0]) if from_sigma_max else 1.0
-    theirs = pipe(
-        request.prompt,
-        negative_prompt=request.negative_prompt,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        guidance_scale=request.scale,
-        latents=noise * start / pipe.scheduler.init_noise_sigma,
-        generator=generator,
-        output_type="np",
-    ).images[0]
+    arguments = {**call_arguments(request), "generator": generator}  # the one that drew the noise draws on
+    theirs = pipe(**arguments, latents=noise * start / pipe.scheduler.init_noise_sigma).images[0]
     assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
     # Not DDIM by another name: the same request under DDIM paints another image.
     ddim_image = pipeline.generate(dataclasses.replace(request, sampler="ddim")).pixels[0]
@@ -311,12 +302,11 @@ def test_clip_skip_reads_the_layer_a1111_and_diffusers_read(
     computed here with transformers. Checked on whole images, and against a batch that mixes clip skips (each
     embedding comes from its own request's layer)."""
     from ldm.checkpoint import read_state_dict
-    from scripts.peers import diffusers_pipeline
+    from scripts.peers import call_arguments, diffusers_pipeline
 
     request = resolve(dataclasses.replace(request_for(case("basic")), clip_skip=clip_skip))
     ours = pipeline.generate(request)
     pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    pipe.set_progress_bar_config(disable=True)
     if not hasattr(pipe.text_encoder, "text_model"):
         # diffusers' clip_skip reaches the norm through `text_model`, a level transformers 5.6 removed: point it at
         # the model itself, outside the module tree (no registered cycle).
@@ -325,17 +315,9 @@ def test_clip_skip_reads_the_layer_a1111_and_diffusers_read(
     with torch.inference_mode():
         states = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
         negative = pipe.text_encoder.text_model.final_layer_norm(states[-clip_skip])
-    theirs = pipe(
-        request.prompt,
-        negative_prompt_embeds=negative,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        guidance_scale=request.scale,
-        generator=torch.Generator().manual_seed(request.seed),
-        clip_skip=clip_skip - 1,
-        output_type="np",
-    ).images
+    arguments = call_arguments(request)
+    del arguments["negative_prompt"]  # given as embeddings instead
+    theirs = pipe(**arguments, negative_prompt_embeds=negative, clip_skip=clip_skip - 1).images
     assert np.abs(ours.pixels - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
     plain = dataclasses.replace(request, clip_skip=1)
     mixed = pipeline.generate_many([plain, request])
