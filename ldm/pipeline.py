@@ -150,7 +150,7 @@ ProgressCallback = Callable[[Progress], None]
 class Generation:
     """Images of a request: `images` uint8 (N, H, W, 3); `pixels` the same before rounding, float32 in [0, 255];
     `warnings`, what of its texts CLIP never read (`unread_warnings`); `lora_hashes` and `embedding_hashes`, (name,
-    short hash) of each LoRA it merged and each textual-inversion embedding its texts named, for the PNGs."""
+    short hash) of each LoRA it merged and each textual-inversion embedding CLIP read of its texts, for the PNGs."""
 
     request: GenerationRequest
     images: np.ndarray
@@ -347,7 +347,8 @@ def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 class Pipeline:
-    """Runs requests on a loaded model, with the LoRAs of `lora_dir` (`ldm.lora`) that their prompts name.
+    """Runs requests on a loaded model, with the LoRAs of `lora_dir` (`ldm.lora`) and the textual-inversion
+    embeddings of `embeddings_dir` (`ldm.embeddings`) that their prompts name.
 
     The model's weights keep the LoRAs of the last requests run until a request needs other ones (or none), so a run
     of requests with the same LoRAs merges them once.
