@@ -179,10 +179,6 @@ class EmbeddingLibrary:
             del self.files[gone]
         return Vocabulary(list(embeddings.values()))
 
-    def errors(self) -> list[str]:
-        """Why each file left out of the last `vocabulary` was (for a caller that shows it: the log has it too)."""
-        return [str(entry) for _, entry in self.files.values() if isinstance(entry, EmbeddingError)]
-
     def _entry(self, path: Path) -> Embedding | EmbeddingError:
         """The embedding of one file, or why it cannot be one: read again only when the file changed."""
         try:

@@ -168,8 +168,13 @@ def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline)
     assert first.ids[1:75] == tuple(tokenizer.tokenize(words)) and first.ids[75:] == (tokenizer.eos_id,) * 2
     assert all(torch.equal(a, b) for a, b in zip(second.ids[1:4], style.vectors, strict=True))
     assert second.weights[1:4] == (1.2, 1.2, 1.2) and second.ids[4] == tokenizer.tokenize("castle")[0]
-    image = with_embeddings.generate(dataclasses.replace(REQUEST, prompt=f"{words}(tinystyle:1.2)", emphasis=True))
-    assert image.warnings == ()
+    # The pipeline conditions on exactly these two chunks, the embedding's vectors among them.
+    [(condition, _)] = with_embeddings.conditions(
+        [dataclasses.replace(REQUEST, prompt=f"{words}(tinystyle:1.2) castle", emphasis=True)]
+    )
+    with torch.inference_mode():
+        expected = with_embeddings.model.text_encoder.encode_chunks([first, second])
+    assert torch.equal(condition, expected.to(condition.dtype))
 
 
 def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) -> None:
@@ -189,16 +194,18 @@ def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) 
     assert [name for name, _ in with_embeddings.generate(fits).embedding_hashes] == ["tinystyle"]
 
 
-def test_the_folder_is_read_again_when_it_changes(tmp_path: Path) -> None:
+def test_the_folder_is_read_again_when_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A file added is found on the next reading, without a restart; one that cannot be read is left out (its name
-    stays a word) and said why, so one bad download never fails every request."""
+    stays a word) and said once in the log, so one bad download never fails every request."""
     library = EmbeddingLibrary(tmp_path, CLIPTokenizer(), HIDDEN)
     assert library.vocabulary().embeddings == ()
     save_file({"emb_params": vectors(1, 3)}, str(tmp_path / "glow.safetensors"))
     (tmp_path / "broken.pt").write_bytes(b"not a pickle")
-    assert [e.name for e in library.vocabulary().embeddings] == ["glow"]
-    [error] = library.errors()
-    assert error.startswith("embedding 'broken' cannot be read")
+    with caplog.at_level("WARNING", logger="ldm.embeddings"):
+        assert [e.name for e in library.vocabulary().embeddings] == ["glow"]
+        assert [e.name for e in library.vocabulary().embeddings] == ["glow"]  # unchanged: not read, nor said, again
+    [record] = caplog.records
+    assert record.getMessage().startswith("embedding 'broken' cannot be read")
     (tmp_path / "broken.pt").unlink()
     library.vocabulary()
-    assert library.errors() == []
+    assert set(library.files) == {tmp_path / "glow.safetensors"}
