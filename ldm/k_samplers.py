@@ -230,6 +230,12 @@ STEPS: dict[str, tuple[Step, bool]] = {
 }
 
 
+def unet_calls_per_step(name: str) -> int:
+    """2 for the samplers that call the UNet twice a step (all but the last): Heun, DPM2 and DPM2 a; 1 for the
+    others, DDIM and PLMS too."""
+    return 2 if name in STEPS and STEPS[name][0] in (_heun, _dpm2, _dpm2_ancestral) else 1
+
+
 def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:
     """The S + 1 noise levels sampler `name` walks in an S-step run (the model's or Karras'), the last 0."""
     return schedule.karras_sigmas(steps) if STEPS[name][1] else schedule.sigmas(steps)

@@ -7,6 +7,7 @@ and the request's sampler (DDIM, PLMS, or one of k-diffusion's), (4) decode, (5)
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, subprompts
+from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, prompt_editing, subprompts
+from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
 from ldm.fast_path import FastPath, accelerate, warm_up
@@ -235,10 +237,26 @@ def check_emphasis(request: GenerationRequest) -> None:
             "emphasis", "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"
         )
     for field in TEXT_FIELDS:
-        try:
-            emphasis.parse(clip_text(request, field))
-        except emphasis.EmphasisError as error:
-            raise GenerationError(field, f"{field}: {error}") from None
+        for _, text in text_schedule(request, field):
+            try:
+                emphasis.parse(text)
+            except emphasis.EmphasisError as error:
+                raise GenerationError(field, f"{field}: {error}") from None
+
+
+def run_steps(request: GenerationRequest) -> int:
+    """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2 and
+    DPM2 a, which call the UNet twice a step)."""
+    return prompt_editing.run_steps(request.steps, k_samplers.unet_calls_per_step(request.sampler))
+
+
+def text_schedule(request: GenerationRequest, field: TextField) -> prompt_editing.Schedule:
+    """The texts the request's `prompt` or `negative_prompt` (`field`) reads over its run, as (end, text): with
+    A1111's syntax as its prompt editing changes them (ldm/prompt_editing.py), otherwise the one text throughout."""
+    text = clip_text(request, field)
+    if not request.emphasis:
+        return ((run_steps(request), text),)
+    return prompt_editing.schedule(text, run_steps(request))
 
 
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
@@ -275,12 +293,13 @@ def unread_warnings(
 
 def embeddings_read(tokenizer: CLIPTokenizer, request: GenerationRequest, vocabulary: Vocabulary) -> list[Embedding]:
     """The textual-inversion embeddings CLIP reads of the request's texts, each once, in order: found as its
-    conditioning finds them (in A1111's syntax run by run, every chunk read; otherwise in each text or sub-prompt,
-    within its 75 positions)."""
+    conditioning finds them (in A1111's syntax run by run, in every text its prompt editing reads, every chunk
+    read; otherwise in each text or sub-prompt, within its 75 positions)."""
     found: dict[str, Embedding] = {}
     for field in TEXT_FIELDS:
         if request.emphasis:
-            runs = [run for run, weight in emphasis.parse(clip_text(request, field)) if weight >= 0]
+            texts = [text for _, text in text_schedule(request, field)]
+            runs = [run for text in texts for run, weight in emphasis.parse(text) if weight >= 0]
             slots = [slot for run in runs for slot in vocabulary.expand(tokenizer.tokenize(run))]
         else:
             slots = [slot for text, _ in text_parts(request, field) for slot in vocabulary.read(tokenizer, text)[0]]
@@ -437,8 +456,7 @@ class Pipeline:
     def denoise(
         self,
         x: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        contexts: BatchConditions,
         scales: torch.Tensor,
         sampler: str,
         schedule: DDIMSchedule,
@@ -451,7 +469,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call (two
         when the contexts' lengths differ), for the last `m` steps of an S-step run (img2img's; txt2img's m is S).
-        `x` is where `start_latents` put it.
+        `x` is where `start_latents` put it; `contexts` gives the prompt's and negative prompt's contexts at each
+        guided UNet call (A1111's prompt editing counts them).
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all. An inpainting model's UNet also
@@ -459,10 +478,8 @@ class Pipeline:
         model's inpainting (`KeptRegion`).
         """
         guided = bool((scales != 1).any())
-        # Contexts of one length (77 tokens, but for A1111-syntax prompts of several chunks) share one UNet call;
-        # otherwise each runs alone, as A1111 runs them.
-        together = guided and cond.shape[1] == uncond.shape[1]
         s = scales.view(-1, 1, 1, 1).to(x.device)
+        calls = itertools.count()
 
         with self.model.resident(self.model.unet) as unet:
             call = unet if self.fast is None else self.fast.unet
@@ -477,9 +494,12 @@ class Pipeline:
                 return call(batch.to(self.model.dtype), timesteps, context).float()
 
             def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
+                cond, uncond = contexts(next(calls))
                 if not guided:
                     return unet_eps(latents, t, cond)
-                if together:
+                # Contexts of one length (77 tokens, but for A1111-syntax prompts of several chunks) share one UNet
+                # call; otherwise each runs alone, as A1111 runs them.
+                if cond.shape[1] == uncond.shape[1]:
                     e_u, e_c = unet_eps(latents, t, torch.cat([uncond, cond])).chunk(2)
                 else:
                     e_u, e_c = unet_eps(latents, t, uncond), unet_eps(latents, t, cond)
@@ -558,13 +578,15 @@ class Pipeline:
 
     def conditions(
         self, requests: Sequence[GenerationRequest], vocabulary: Vocabulary | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(1) Each request's prompt and negative prompt embeddings: every distinct text (or sub-prompt) once per
-        `clip_skip`, the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone; with the
-        textual-inversion embeddings of `vocabulary` (by default, the embeddings folder's)."""
+    ) -> list[ImageConditioning]:
+        """(1) Each request's prompt and negative prompt embeddings over its run (one throughout, but for A1111's
+        prompt editing): every distinct text (or sub-prompt) once per `clip_skip`, the plain ones of a `clip_skip` in
+        one text-encoder call, each in A1111's syntax alone; with the textual-inversion embeddings of `vocabulary`
+        (by default, the embeddings folder's)."""
         if vocabulary is None:
             vocabulary = self.embeddings.vocabulary()
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
+        schedules = [{f: text_schedule(r, f) for f in TEXT_FIELDS} if r.emphasis else {} for r in requests]
         plain = {
             (r.clip_skip, text)
             for r, pair in zip(requests, parts, strict=True)
@@ -572,7 +594,12 @@ class Pipeline:
             for side in pair
             for text, _ in side
         }
-        syntax = {(r.clip_skip, clip_text(r, f)) for r in requests if r.emphasis for f in TEXT_FIELDS}
+        syntax = {
+            (r.clip_skip, text)
+            for r, fields in zip(requests, schedules, strict=True)
+            for schedule in fields.values()
+            for _, text in schedule
+        }
         encoded: dict[tuple[int, str], torch.Tensor] = {}
         emphasized: dict[tuple[int, str], torch.Tensor] = {}
         for skip in sorted({skip for skip, _ in plain | syntax}):
@@ -583,19 +610,26 @@ class Pipeline:
             texts = sorted(text for s, text in syntax if s == skip)
             vectors = self.embed_emphasized(texts, skip, vocabulary)
             emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
-        for request in requests:
-            for field in TEXT_FIELDS if request.emphasis else ():
-                if not bool(emphasized[request.clip_skip, clip_text(request, field)].isfinite().all()):
+        for request, fields in zip(requests, schedules, strict=True):
+            for field, schedule in fields.items():
+                if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for _, text in schedule):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     raise GenerationError(
                         field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
                     )
-        return [
-            (emphasized[r.clip_skip, clip_text(r, "prompt")], emphasized[r.clip_skip, clip_text(r, "negative_prompt")])
-            if r.emphasis
-            else (_weighted(p, encoded, r.clip_skip), _weighted(n, encoded, r.clip_skip))
-            for r, (p, n) in zip(requests, parts, strict=True)
-        ]
+        out: list[ImageConditioning] = []
+        for r, fields, (p, n) in zip(requests, schedules, parts, strict=True):
+            if r.emphasis:
+                p_schedule, n_schedule = (
+                    tuple((end, emphasized[r.clip_skip, text]) for end, text in fields[f]) for f in TEXT_FIELDS
+                )
+                out.append((p_schedule, n_schedule))
+            else:
+                steps = run_steps(r)
+                out.append(
+                    (((steps, _weighted(p, encoded, r.clip_skip)),), ((steps, _weighted(n, encoded, r.clip_skip)),))
+                )
+        return out
 
     def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
@@ -669,7 +703,7 @@ class Pipeline:
         conditions = dict(zip(requests, self.conditions(list(requests.values()), vocabulary), strict=True))
         schedules = {r.steps: DDIMSchedule(self.model.alphas_cumprod, r.steps) for r in requests.values()}
 
-        groups: dict[tuple[int, int, int, int, str, int, int], list[_Image]] = {}
+        groups: dict[tuple[int, int, int, int, str, tuple], list[_Image]] = {}
         per_request: dict[int, list[_Image]] = {index: [] for index in requests}
         for index, request in requests.items():
             m = request.denoising_steps
@@ -677,24 +711,23 @@ class Pipeline:
             mask = self.repaint_mask(request)
             condition = None if mask is None or not config.inpainting else self.image_condition(request, mask)
             # Images share UNet calls only with images whose contexts have the same lengths (A1111's syntax).
-            lengths = (conditions[index][0].shape[1], conditions[index][1].shape[1])
+            shape = lengths(conditions[index], run_steps(request) + 1)
             for image_index, seed in enumerate(request.seeds):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = self.start_latents(request, schedules[request.steps], noise, z0)
-                key = (request.height, request.width, request.steps, m, request.sampler, *lengths)
+                key = (request.height, request.width, request.steps, m, request.sampler, shape)
                 image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition)
                 groups.setdefault(key, []).append(image)
                 per_request[index].append(image)
 
-        for (_, _, steps, m, sampler, _, _), images in groups.items():
+        for (_, _, steps, m, sampler, _), images in groups.items():
             for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
                     torch.cat([image.start for image in chunk]),
-                    torch.cat([conditions[image.request_index][0] for image in chunk]),
-                    torch.cat([conditions[image.request_index][1] for image in chunk]),
+                    BatchConditions([conditions[image.request_index] for image in chunk]),
                     torch.tensor([float(image.request.scale) for image in chunk]),
                     sampler,
                     schedules[steps],

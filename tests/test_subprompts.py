@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.conditioning import BatchConditions
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
 from ldm.png_info import parameters_text
 from ldm.subprompts import SubpromptError, split
@@ -62,13 +63,13 @@ def test_weights_that_cannot_be_used_are_errors(text: str, says: str) -> None:
 
 
 def _capture_conditioning(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, ...]]:
-    """Record the (cond, uncond) of every denoise call."""
+    """Record the (cond, uncond) of every denoise call, at its first UNet call (plain prompts keep them throughout)."""
     seen: list[tuple[torch.Tensor, ...]] = []
     denoise = pipeline.denoise
 
-    def spy(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        seen.append((cond.clone(), uncond.clone()))
-        return denoise(x, cond, uncond, *args, **kwargs)
+    def spy(x: torch.Tensor, contexts: BatchConditions, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(tuple(context.clone() for context in contexts(0)))
+        return denoise(x, contexts, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "denoise", spy)
     return seen
