@@ -46,8 +46,9 @@ class ImagineRequest(BaseModel):
     emphasis: bool = Field(
         False,
         description="read AUTOMATIC1111's syntax: '(word)', '(word:1.3)', '[word]' weigh words, BREAK starts a new "
-        "chunk, and a prompt past CLIP's 75 tokens is read whole in chunks of 75 (default: model-config.yaml's, off "
-        "as shipped); not with weighted_subprompts",
+        "chunk, a prompt past CLIP's 75 tokens is read whole in chunks of 75, and '[cat:dog:0.5]' (prompt editing), "
+        "'[cat|dog]' (alternation) change the text as sampling goes (default: model-config.yaml's, off as shipped); "
+        "not with weighted_subprompts",
     )
     clip_skip: int = Field(
         1,

@@ -191,7 +191,8 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         "--emphasis",
         action="store_true",
         help="read AUTOMATIC1111's syntax: '(word:1.3)', '(word)', '[word]' weigh words, BREAK starts a new chunk, "
-        "and a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75 (not with --weighted_subprompts)",
+        "a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75, and '[cat:dog:0.5]', '[cat|dog]' "
+        "change the text as sampling goes (not with --weighted_subprompts)",
     )
     parser.add_argument(
         "--clip_skip",

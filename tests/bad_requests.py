@@ -120,6 +120,8 @@ CASES: list[Case] = [
          "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"),
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
+    Case("emphasis weight not a number in a prompt edit", with_(prompt="a [red:(blue:1..2):1] door", emphasis=True),
+         "prompt", "prompt: '1..2' in ':1..2)' is not a weight: write a number such as 1.3"),
     Case("emphasis weight overflowing", with_(negative_prompt="(" * 1000 + "fog", emphasis=True), "negative_prompt",
          "negative_prompt: 'fog' weighs 2.46993e+41 once its brackets are multiplied out: at most 100"),
     Case("emphasis over 8 chunks", with_(prompt="x BREAK " * 8 + "x", emphasis=True), "prompt",
