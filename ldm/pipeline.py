@@ -237,7 +237,14 @@ def check_emphasis(request: GenerationRequest) -> None:
             "emphasis", "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"
         )
     for field in TEXT_FIELDS:
-        for _, text in text_schedule(request, field):
+        texts = dict.fromkeys(text for _, text in text_schedule(request, field))
+        if len(texts) > prompt_editing.MAX_TEXTS:
+            raise GenerationError(
+                field,
+                f"{field}: its prompt editing reads {len(texts)} different texts over the run; at most "
+                f"{prompt_editing.MAX_TEXTS} (fewer alternations, or fewer steps)",
+            )
+        for text in texts:
             try:
                 emphasis.parse(text)
             except emphasis.EmphasisError as error:
@@ -318,13 +325,13 @@ def resolve(
     which the math itself breaks.
     """
     check_sampler(request)
-    request_loras(request)
-    check_emphasis(request)
-    for field in TEXT_FIELDS:
-        text_parts(request, field)
     max_steps = max_ddim_steps(num_timesteps)
     if not 1 <= request.steps <= max_steps:
         raise GenerationError("ddim_steps", f"ddim_steps must be in [1, {max_steps}], got {request.steps}")
+    request_loras(request)
+    check_emphasis(request)  # after the steps: prompt editing makes a schedule as long as they are
+    for field in TEXT_FIELDS:
+        text_parts(request, field)
     for name, value in (("n_samples", request.n_samples), ("n_iter", request.n_iter)):
         if value < 1:
             raise GenerationError(name, f"{name} must be at least 1, got {value}")

@@ -13,6 +13,8 @@ The syntax, as A1111 (1.6 and later, its default "new" scheduling) reads it, bef
 - `[a|b|c]` takes `a` at step 1, `b` at step 2, `c` at step 3, `a` at step 4, …; an option may be empty.
 - What parses as none of these is text as written: a bracket that closes nothing, an unclosed one. A `|` outside
   an alternation, or a backslash at the very end, makes the whole prompt text, as A1111's parser then gives up.
+  Where A1111's parser has two readings (an edit followed at once by a stray `]`, `)` or `:`, as in `[a:b:2]]`) it
+  sometimes takes the whole prompt as text; we read the edit.
 
 A schedule is (end, text) pairs, each text the prompt with every construct resolved at step `end`. Sampling counts
 UNet calls from 0, and call c reads the first text whose end is at least c: so `[a:b:10]` reads `a` on calls 0 to
@@ -27,8 +29,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 Schedule = tuple[tuple[int, str], ...]
-# A run's length in Lark's SIGNED_NUMBER, the number A1111's grammar reads, between optional whitespace and `]`.
-_WHEN = re.compile(r"\s*([+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)\s*\]")
+# `when` in Lark's SIGNED_NUMBER, the number A1111's grammar reads (ASCII digits only), between optional whitespace
+# and `]`.
+_WHEN = re.compile(r"\s*([+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*\]")
+# The distinct texts a prompt may read over a run. Each is a text-encoder pass and a context kept for the whole run:
+# a few alternations with coprime lengths would otherwise make one per step (300 for Heun at 150 steps).
+MAX_TEXTS = 64
 # A run of plain text: no bracket, colon, bar or backslash (an escape is read one by one).
 _PLAIN = re.compile(r"[^\\\[\]():|]+")
 # Brackets nested deeper than this are text: the parser recurses per bracket, and a thousand `(` (ldm/emphasis.py

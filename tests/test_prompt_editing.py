@@ -211,3 +211,18 @@ def test_every_text_an_edit_reads_is_checked() -> None:
         check_chunks(request, CLIPTokenizer(), settings, Vocabulary())
     two_chunks = dataclasses.replace(request, negative_prompt="[blurry:x BREAK x:0.5]")
     check_chunks(two_chunks, CLIPTokenizer(), settings, Vocabulary())
+
+
+def test_a_prompt_reading_too_many_texts_is_refused_before_any_is_encoded() -> None:
+    """Alternations of 2, 3, 5 and 7 options read 210 texts over 300 Heun steps; one of 2 reads 2 however long."""
+    alternations = "[a|b] [c|d|e] [f|g|h|i|j] [k|l|m|n|o|p|q]"
+    with pytest.raises(GenerationError, match="prompt: its prompt editing reads 210 different texts over the run"):
+        resolve(dataclasses.replace(REQUEST, prompt=alternations, steps=150, sampler="heun"))
+    resolve(dataclasses.replace(REQUEST, prompt="[a|b] castle", steps=150, sampler="heun"))
+    # Steps are checked first: a schedule as long as a billion steps is never made.
+    with pytest.raises(GenerationError, match="ddim_steps must be in"):
+        resolve(dataclasses.replace(REQUEST, prompt="[a|b]", steps=10**9))
+
+
+def test_when_is_written_in_ascii_digits() -> None:
+    assert schedule("[a:b:\uff13] [c:d:\u0662]", 10) == ((10, "[a:b:\uff13] [c:d:\u0662]"),)
