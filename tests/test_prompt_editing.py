@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from handler.request import RequestError, check_chunks
 from handler.settings import HandlerSettings
@@ -141,6 +142,29 @@ def test_an_edit_switches_texts_after_its_step_as_in_a1111(pipeline: Pipeline, p
     for text in (RED, BLUE):  # neither text alone
         alone = pipeline.generate(dataclasses.replace(request, prompt=text)).pixels[0]
         assert np.abs(ours - alone).mean() > 1
+
+
+def test_img2img_counts_the_steps_it_runs_from_0_against_a_schedule_of_all(pipeline: Pipeline, peer: Any) -> None:
+    """Strength 0.75 of 8 steps runs the last 6; `[red:blue:2]` is scheduled over all 8, and the run reads red on
+    its calls 0 to 2, as A1111's img2img (and diffusers' step counter) count them. diffusers is handed our z₀
+    (tests/test_pipeline.py says why)."""
+    import diffusers
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    edited = dataclasses.replace(REQUEST, init_image=init, strength=0.75, steps=8)
+    request = resolve(edited)
+    ours = pipeline.generate(request).pixels[0]
+    image2image = diffusers.StableDiffusionImg2ImgPipeline(**peer.components)
+    image2image.set_progress_bar_config(disable=True)
+
+    def theirs(prompt_at: Callable[[int], str]) -> np.ndarray:
+        image = pipeline.init_latent(request)
+        return edited_by_diffusers(image2image, request, prompt_at, lambda _: "blurry", image=image, strength=0.75)
+
+    assert np.abs(ours - theirs(lambda c: RED if c <= 2 else BLUE)).max() < FLOAT_TOLERANCE
+    # Counted from the first of all 8 steps (the run's calls as steps 2 to 7), red would end after call 0.
+    skipped = request.steps - request.img2img_steps()
+    assert np.abs(ours - theirs(lambda c: RED if c + skipped <= 2 else BLUE)).max() > 1
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
