@@ -189,6 +189,7 @@ def test_scaling_down_with_requests_in_flight_answers_every_request(fragile: Tor
     # Listed at all, not only READY: a worker being stopped is listed (not READY) until its thread is gone, and until
     # then it may still take a request from the queue and fail it.
     wait_for(lambda: len(listed_workers(fragile)) == len(workers(fragile)) == 1, "exactly 1 worker after scaling down")
+    remaining = workers(fragile)
     lost = []
     for body, response in zip(bodies, responses, strict=True):
         if response.status_code == 200:
@@ -196,12 +197,21 @@ def test_scaling_down_with_requests_in_flight_answers_every_request(fragile: Tor
         else:
             assert_worker_died(response)
             lost.append(body)
-    # A lost request sent again (with its seed) gets the image it would have had.
+    # A lost request sent again (with its seed) gets the image it would have had. Once, in a full suite on a busy
+    # machine, the first one sent again was lost too, with one worker listed: a client retries a 5xx, and so does
+    # this, as long as the worker that remains is the same process (its death would be ours to explain).
+    resent = 0
     for body in lost:
         response = predict(fragile, body)
+        while response.status_code != 200 and resent < 3:
+            assert_worker_died(response)
+            assert workers(fragile) == remaining, f"the remaining worker {remaining} died: now {workers(fragile)}"
+            resent += 1
+            time.sleep(1)
+            response = predict(fragile, body)
         assert response.status_code == 200, response.text
         assert_matches_png(decode(response)[0], alone(pipeline, body)[0])
-    record("scale_down", in_flight=len(bodies), lost=len(lost), all_answered_s=answered - scaling)
+    record("scale_down", in_flight=len(bodies), lost=len(lost), resent=resent, all_answered_s=answered - scaling)
     if lost:
         pytest.xfail(
             f"{len(lost)} of {len(bodies)} requests in flight got {WORKER_DIED!r}: TorchServe 0.12 stops a worker "
