@@ -61,6 +61,12 @@ class ImagineRequest(BaseModel):
         description="inpainting: base64 PNG or JPEG the size of init_image; white (at least 50 %) is repainted, "
         "black kept",
     )
+    mask_blur: int = Field(
+        4,
+        description="inpainting: the init image is pasted back where the mask keeps it, through the mask blurred by "
+        "a Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; at most 64; default: "
+        "model-config.yaml's, 4 as shipped)",
+    )
     strength: float = Field(
         0.75, description="img2img and inpainting: how much of the init image is replaced, in (0, 1]"
     )

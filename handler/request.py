@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings
 from ldm import emphasis
 from ldm.embeddings import Vocabulary
+from ldm.inpainting import MAX_MASK_BLUR
 from ldm.pipeline import (
     MASK_WITHOUT_INIT,
     MAX_SEED,
@@ -51,6 +52,7 @@ FIELDS = (
     "sampler",
     "init_image",
     "mask_image",
+    "mask_blur",
     "strength",
     "stream",
     "weighted_subprompts",
@@ -353,6 +355,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         init_image=init_image,
         strength=strength,
         mask_image=mask_image,
+        mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
         clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
         **_syntax(body, settings),
     )

@@ -42,6 +42,8 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     }
     if r.init_image is not None:
         parameters["strength"] = r.strength
+    if r.mask_image is not None:
+        parameters["mask_blur"] = r.mask_blur
     return parameters
 
 

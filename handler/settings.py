@@ -14,6 +14,7 @@ import torch
 from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
+from ldm.inpainting import MAX_MASK_BLUR
 from ldm.pipeline import SAMPLERS
 
 # SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them.
@@ -42,6 +43,8 @@ class Defaults:
     emphasis: bool = False
     # A1111's "Clip skip": 2 reads CLIP's penultimate layer, which many fine-tuned (anime) SD v1 models expect.
     clip_skip: int = 1
+    # A1111's "Mask blur": σ in pixels of the seam where an inpainted image's kept pixels are pasted back.
+    mask_blur: int = 4
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,11 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         raise SettingsError(
             f"model-config.yaml handler.defaults.clip_skip: 1 (CLIP's last layer) to {MAX_CLIP_SKIP}, got "
             f"{defaults.clip_skip}"
+        )
+    if not 0 <= defaults.mask_blur <= MAX_MASK_BLUR:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.mask_blur: 0 (a hard seam) to {MAX_MASK_BLUR} pixels, got "
+            f"{defaults.mask_blur}"
         )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")

@@ -125,6 +125,13 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             "where it is kept",
         )
         parser.add_argument(
+            "--mask_blur",
+            type=int,
+            default=4,
+            help="inpainting: the init image is pasted back where the mask keeps it, through the mask blurred by a "
+            "Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; default: %(default)s)",
+        )
+        parser.add_argument(
             "--strength",
             type=float,
             default=0.75,
@@ -486,7 +493,9 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         clip_skip=args.clip_skip,
     )
     if init_image is not None:
-        template = replace(template, init_image=init_image, strength=args.strength, mask_image=mask_image)
+        template = replace(
+            template, init_image=init_image, strength=args.strength, mask_image=mask_image, mask_blur=args.mask_blur
+        )
     lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)

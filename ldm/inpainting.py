@@ -11,6 +11,10 @@ Two kinds of model do it, as in diffusers' `StableDiffusionInpaintPipeline` and 
 
 Masks are read as diffusers reads them: grayscale, LANCZOS-resized to the image's size, then 1 (repaint) where at
 least half white, 0 (keep) elsewhere; shrunk to latent size by nearest-neighbour sampling.
+
+Then the init image is laid back over the decoded one where the mask keeps it (`paste_back`), through the mask
+blurred by "Mask blur" σ px as A1111 blurs it: kept pixels come back exactly, not as the VAE redraws them, and the
+seam is soft. The original scripts paste back too, with the mask unblurred (σ 0); diffusers does not.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+# A1111's "Mask blur" range (its slider's), in pixels: σ of the Gaussian that softens the pasted edge.
+MAX_MASK_BLUR = 64
+
+
+def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8: the image as RGB, LANCZOS-resized to (W, H): what img2img encodes and inpainting pastes back."""
+    return np.array(image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS))
 
 
 def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -61,3 +73,26 @@ class KeptRegion:
     def __call__(self, index: int, x: torch.Tensor) -> torch.Tensor:
         a, b = self.levels[index]
         return torch.where(self.repaint, x, a * self.z0 + b * self.noise)
+
+
+def blurred(mask: torch.Tensor, sigma: int) -> torch.Tensor:
+    """A pixel mask (1, 1, H, W) blurred by a Gaussian of σ = `sigma` px as A1111 blurs its "Mask blur": a kernel
+    2·⌊2.5σ + 0.5⌋ + 1 wide, along rows then columns, the borders mirrored without repeating the edge pixel
+    (OpenCV's default, again and again where the kernel is wider than the image); in float, where A1111 rounds to
+    8 bits. σ 0 is the mask itself."""
+    if sigma == 0:
+        return mask
+    radius = int(2.5 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(offsets**2) / (2.0 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = torch.from_numpy(np.pad(mask[0, 0].double().numpy(), radius, mode="reflect"))[None, None]
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1)).float()
+
+
+def paste_back(pixels: torch.Tensor, original: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels (H, W, 3) in [0, 255] with the init image's `original` pixels laid over them through `mask`
+    (1, 1, H, W), 1 where repainted: m·decoded + (1 − m)·original."""
+    m = mask[0, 0, :, :, None].to(pixels.device)
+    return m * pixels + (1.0 - m) * torch.from_numpy(original).to(pixels)

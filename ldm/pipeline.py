@@ -2,7 +2,8 @@
 
 Each generation is a column of numbered steps: (0) merge the LoRAs its prompt names (ldm/lora.py), (1) encode the
 prompts, (2) draw each image's starting noise from its own CPU generator, (3) denoise with classifier-free guidance
-and the request's sampler (DDIM, PLMS, or one of k-diffusion's), (4) decode, (5) round to uint8.
+and the request's sampler (DDIM, PLMS, or one of k-diffusion's), (4) decode (inpainting: and lay the init image back
+over the kept part), (5) round to uint8.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class GenerationError(ValueError):
 @dataclass(frozen=True)
 class GenerationRequest:
     """What to generate. `init_image` set → img2img; with a `mask_image` too → inpainting (ldm/inpainting.py: white
-    is repainted, black kept). `seed` None → one is drawn and reported back.
+    is repainted, black kept, the init image pasted back through the mask blurred by `mask_blur` px). `seed` None →
+    one is drawn and reported back.
 
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
@@ -95,6 +97,7 @@ class GenerationRequest:
     mask_image: Image.Image | None = None
     emphasis: bool = False
     clip_skip: int = 1
+    mask_blur: int = 4  # A1111's default
 
     @property
     def n_images(self) -> int:
@@ -181,7 +184,11 @@ def check_sampler(request: GenerationRequest) -> None:
 
 
 def check_mask(request: GenerationRequest) -> None:
-    """A mask says which pixels of the init image to repaint: it needs one, of its size."""
+    """A mask says which pixels of the init image to repaint: it needs one, of its size; its blur is A1111's."""
+    if not 0 <= request.mask_blur <= inpainting.MAX_MASK_BLUR:
+        raise GenerationError(
+            "mask_blur", f"mask_blur must be in [0, {inpainting.MAX_MASK_BLUR}] pixels, got {request.mask_blur}"
+        )
     if request.mask_image is None:
         return
     if request.init_image is None:
@@ -367,8 +374,7 @@ def resolve(
 
 def encode_image(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """RGB, LANCZOS-resized to (W, H), scaled to [−1, 1]: (1, 3, H, W) float32."""
-    resized = image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = inpainting.resized_pixels(image, width, height).astype(np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
@@ -746,7 +752,7 @@ class Pipeline:
                     self.kept_region(chunk, sampler, schedules[steps], m),
                 )
                 for image, pixels in zip(chunk, self.decode(latents), strict=True):
-                    image.pixels = pixels
+                    image.pixels = pixels if image.request.mask_image is None else _pasted_back(image, pixels)
         return {index: [image.pixels for image in images] for index, images in per_request.items()}
 
 
@@ -759,6 +765,14 @@ def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tens
     for text, weight in parts:
         total = torch.add(total, encoded[clip_skip, text], alpha=weight)
     return total
+
+
+def _pasted_back(image: _Image, pixels: torch.Tensor) -> torch.Tensor:
+    """(4) An inpainted image's pixels with its init image laid back over them where the mask keeps it."""
+    request = image.request
+    assert image.mask is not None and request.init_image is not None and request.width and request.height
+    original = inpainting.resized_pixels(request.init_image, request.width, request.height)
+    return inpainting.paste_back(pixels, original, inpainting.blurred(image.mask, request.mask_blur))
 
 
 def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, int], ...]) -> StepCallback | None:

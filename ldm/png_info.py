@@ -50,6 +50,8 @@ def parameters_text(
         fields.append(f"Eta: {float(request.eta)}")
     if request.init_image is not None:
         fields.append(f"Denoising strength: {float(request.strength)}")
+    if request.mask_image is not None:
+        fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:
         fields.append(f"Clip skip: {request.clip_skip}")
     if request.weighted_subprompts:

@@ -37,7 +37,7 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip")  # fmt: skip
+                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="inpainting: PNG or JPEG the size of --init-image, white where it is repainted, black where it is kept",
     )
+    parser.add_argument(
+        "--mask-blur",
+        type=int,
+        help="inpainting: σ in pixels of the seam where the kept pixels are pasted back (AUTOMATIC1111's 'Mask blur')",
+    )
     parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
@@ -211,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option, name in (("strength", "--strength"), ("mask_image", "--mask-image")):
         if getattr(args, option) is not None and args.init_image is None:
             parser.error(f"{name} needs --init-image (txt2img has nothing to keep)")
+    if args.mask_blur is not None and args.mask_image is None:
+        parser.error("--mask-blur needs --mask-image (it softens the mask's seam)")
     problem = check_url(args.url)
     if problem:
         parser.error(f"--url: {problem}")

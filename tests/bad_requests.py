@@ -120,6 +120,7 @@ CASES: list[Case] = [
          "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"),
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
+    Case("mask_blur 65", with_(mask_blur=65), "mask_blur", "mask_blur must be between 0 and 64 pixels, got 65"),
     Case("emphasis weight not a number in a prompt edit", with_(prompt="a [red:(blue:1..2):1] door", emphasis=True),
          "prompt", "prompt: '1..2' in ':1..2)' is not a weight: write a number such as 1.3"),
     Case("emphasis weight overflowing", with_(negative_prompt="(" * 1000 + "fog", emphasis=True), "negative_prompt",

@@ -14,9 +14,10 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
 from ldm.config import ConfigError, load_config, parse_config
-from ldm.inpainting import latent_mask, mask_pixels
+from ldm.inpainting import MAX_MASK_BLUR, blurred, latent_mask, mask_pixels
 from ldm.model import StableDiffusion
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, Progress, resolve
+from ldm.png_info import parameters_text
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, load_image
 
 INPAINTING_CONFIG = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"
@@ -81,6 +82,59 @@ def test_masks_are_read_as_diffusers_reads_them() -> None:
     assert torch.equal(mask_pixels(rgb, 80, 64), pixels)
 
 
+def a1111_overlay(decoded: np.ndarray, request: GenerationRequest) -> np.ndarray:
+    """`decoded` (H, W, 3) in [0, 255] with the init image laid over it as A1111 lays it, re-derived here in
+    float64 from its definition: the repaint mask (half white and up, at the image's size) blurred by a Gaussian of
+    σ = mask_blur (2⌊2.5σ + 0.5⌋ + 1 taps, along rows then columns, each index past an edge mirrored back without
+    repeating the edge pixel, as often as it takes), then m·decoded + (1 − m)·init."""
+    width, height = request.width, request.height
+    assert width and height and request.init_image is not None and request.mask_image is not None
+    gray = request.mask_image.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+    mask = (np.asarray(gray, np.float64) / 255.0 >= 0.5).astype(np.float64)
+    sigma = request.mask_blur
+    if sigma:
+        radius = int(2.5 * sigma + 0.5)
+        taps = np.arange(-radius, radius + 1)
+        kernel = np.exp(-(taps**2) / (2.0 * sigma**2))
+        kernel /= kernel.sum()
+
+        def mirrored(index: np.ndarray, size: int) -> np.ndarray:
+            period = 2 * (size - 1)
+            index = np.abs(index) % period
+            return np.where(index >= size, period - index, index)
+
+        columns = mirrored(np.arange(width)[:, None] + taps, width)  # (W, taps)
+        mask = (mask[:, columns] * kernel).sum(-1)
+        rows = mirrored(np.arange(height)[:, None] + taps, height)  # (H, taps)
+        mask = (mask[rows, :] * kernel[:, None]).sum(1)
+    init = np.asarray(request.init_image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), np.float64)
+    return mask[..., None] * decoded + (1.0 - mask[..., None]) * init
+
+
+def test_mask_blur_is_a1111s_gaussian() -> None:
+    """Against the re-derivation above, up to a blur wider than the image (mirrored again and again)."""
+    pixels = mask_pixels(_mask(), 80, 64)
+    for sigma in (1, 4, MAX_MASK_BLUR):
+        request = dataclasses.replace(resolve(REQUEST), mask_blur=sigma)
+        # Decoded all white, init all black: the overlay is the blurred mask itself.
+        black = dataclasses.replace(request, init_image=Image.new("RGB", (80, 64)))
+        expected = a1111_overlay(np.full((64, 80, 3), 1.0), black)[..., 0]
+        assert np.abs(blurred(pixels, sigma)[0, 0].numpy() - expected).max() < 1e-6
+    assert torch.equal(blurred(pixels, 0), pixels)
+
+
+def test_kept_pixels_are_the_init_images_exactly_and_the_seam_is_blurred(pipeline: Pipeline) -> None:
+    """Mask blur 0 pastes every kept pixel back as it was (the original scripts' paste); 4 blends a seam of a few
+    pixels each side (A1111's default: σ 4, a kernel 10 pixels each way), leaving the rest as at 0."""
+    hard = pipeline.generate(dataclasses.replace(REQUEST, mask_blur=0))
+    keep = np.asarray(_mask()) < 128
+    assert np.array_equal(hard.images[0][keep], np.asarray(INIT.convert("RGB"))[keep])
+    soft = pipeline.generate(REQUEST)
+    changed = np.abs(soft.pixels[0] - hard.pixels[0]).max(-1) > FLOAT_TOLERANCE
+    assert changed[:, 28:36].any() and not changed[:, :20].any() and not changed[40:, 60:].any()
+    assert "Mask blur: 4" in parameters_text(soft.request, soft.seeds[0])
+
+
 def test_kept_latents_end_on_the_init_image_and_the_masked_ones_do_not(pipeline: Pipeline) -> None:
     """On a text-to-image model the kept cells of the final latents are z₀ exactly, for DDIM and a σ-space sampler
     alike; the masked ones are painted."""
@@ -98,20 +152,28 @@ def test_kept_latents_end_on_the_init_image_and_the_masked_ones_do_not(pipeline:
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
 @pytest.mark.parametrize(
-    ("sampler", "strength", "size"), [("ddim", 1.0, None), ("ddim", 0.5, (48, 64)), ("euler_a", 0.7, None)]
+    ("sampler", "strength", "size", "blur"),
+    [("ddim", 1.0, None, 4), ("ddim", 0.5, (48, 64), 0), ("euler_a", 0.7, None, 9)],
 )
 def test_text_to_image_model_inpaints_as_diffusers(
-    tiny_model: StableDiffusion, pipeline: Pipeline, sampler: str, strength: float, size: tuple[int, int] | None
+    tiny_model: StableDiffusion,
+    pipeline: Pipeline,
+    sampler: str,
+    strength: float,
+    size: tuple[int, int] | None,
+    blur: int,
 ) -> None:
     """diffusers' inpainting with a 4-channel UNet puts the kept region back after every step too; it is handed our
-    z₀ (it would sample the VAE posterior where we take its mean). At another size than the init image's, the mask
-    is resized with it."""
+    z₀ (it would sample the VAE posterior where we take its mean), and its image gets the init image laid over it
+    as A1111 lays it (diffusers does not). At another size than the init image's, the mask is resized with it."""
     height, width = size or (None, None)
-    request = resolve(dataclasses.replace(REQUEST, sampler=sampler, strength=strength, height=height, width=width))
+    request = resolve(
+        dataclasses.replace(REQUEST, sampler=sampler, strength=strength, height=height, width=width, mask_blur=blur)
+    )
     ours = pipeline.generate(request).pixels[0]
     z0 = pipeline.init_latent(request)
-    theirs = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
-    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+    decoded = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
+    assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
     # Not img2img: the kept region changes the image.
     plain = pipeline.generate(dataclasses.replace(request, mask_image=None)).pixels[0]
     assert np.abs(ours - plain).mean() > 1
@@ -135,8 +197,8 @@ def test_inpainting_model_inpaints_as_diffusers(
     condition = pipeline.image_condition(request, mask_pixels(_mask(), 80, 64))
     assert torch.allclose(condition[:, 1:], masked_latent, atol=1e-5)
     z0 = pipeline.init_latent(request)
-    theirs = _diffusers_inpaint(inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent)
-    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+    decoded = _diffusers_inpaint(inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent)
+    assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
 
 
 def test_inpainting_model_without_a_mask_repaints_everything(inpainting_model: StableDiffusion) -> None:
@@ -191,6 +253,7 @@ def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, 
         ({"mask_image": Image.new("L", (64, 64))}, "mask_image",
          "mask_image must be the size of init_image, 80x64, got 64x64"),
         ({"sampler": "plms"}, "sampler", "plms is for txt2img only"),
+        ({"mask_blur": 65}, "mask_blur", r"mask_blur must be in \[0, 64\] pixels, got 65"),
     ],
 )  # fmt: skip
 def test_masked_requests_the_pipeline_cannot_run(change: dict, field: str, message: str) -> None:

@@ -9,7 +9,7 @@ const preview = $("preview");
 const gallery = $("gallery");
 
 // The error element of each request field the server may name; others are shown under the Generate button.
-const ERROR_SLOTS = { H: "size", W: "size", n_iter: "n_samples" };
+const ERROR_SLOTS = { H: "size", W: "size", n_iter: "n_samples", mask_blur: "mask_image" };
 // The control to mark invalid for each field.
 const CONTROLS = { init_image: "init_file" };
 
@@ -46,7 +46,10 @@ function requestBody() {
   if (initImage) {
     body.init_image = initImage;
     body.strength = number($("strength").value);
-    if (masked) body.mask_image = maskImage();
+    if (masked) {
+      body.mask_image = maskImage();
+      body.mask_blur = integer($("mask_blur").value);
+    }
   }
   return body;
 }
@@ -382,6 +385,9 @@ for (const [id, other] of [["emphasis", "weighted_subprompts"], ["weighted_subpr
 }
 $("brush").addEventListener("input", () => {
   $("brush_value").value = $("brush").value;
+});
+$("mask_blur").addEventListener("input", () => {
+  $("mask_blur_value").value = $("mask_blur").value;
 });
 mask.addEventListener("pointerdown", (event) => {
   mask.setPointerCapture(event.pointerId);
