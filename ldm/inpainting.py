@@ -12,9 +12,10 @@ Two kinds of model do it, as in diffusers' `StableDiffusionInpaintPipeline` and 
 Masks are read as diffusers reads them: grayscale, LANCZOS-resized to the image's size, then 1 (repaint) where at
 least half white, 0 (keep) elsewhere; shrunk to latent size by nearest-neighbour sampling.
 
-Then the init image is laid back over the decoded one where the mask keeps it (`paste_back`), through the mask
-blurred by "Mask blur" σ px as A1111 blurs it: kept pixels come back exactly, not as the VAE redraws them, and the
-seam is soft. The original scripts paste back too, with the mask unblurred (σ 0); diffusers does not.
+Then the init image is laid back over the decoded one where the mask keeps it (`Overlay`), as A1111 lays it: kept
+pixels come back exactly, not as the VAE redraws them, and the seam is soft on their side. CompVis' latent-diffusion
+inpainting script pastes back too, with the mask unblurred (A1111's "Mask blur" 0); RunwayML's scripts and diffusers
+do not.
 """
 
 from __future__ import annotations
@@ -78,21 +79,37 @@ class KeptRegion:
 def blurred(mask: torch.Tensor, sigma: int) -> torch.Tensor:
     """A pixel mask (1, 1, H, W) blurred by a Gaussian of σ = `sigma` px as A1111 blurs its "Mask blur": a kernel
     2·⌊2.5σ + 0.5⌋ + 1 wide, along rows then columns, the borders mirrored without repeating the edge pixel
-    (OpenCV's default, again and again where the kernel is wider than the image); in float, where A1111 rounds to
-    8 bits. σ 0 is the mask itself."""
+    (OpenCV's default, again and again where the kernel is wider than the image); in float32, where A1111 rounds to
+    8 bits. σ 0 is the mask itself. A1111 blurs at the init image's size and then resizes; this blurs at the
+    request's, the same when they agree (the default)."""
     if sigma == 0:
         return mask
     radius = int(2.5 * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-(offsets**2) / (2.0 * sigma**2))
-    kernel = kernel / kernel.sum()
-    padded = torch.from_numpy(np.pad(mask[0, 0].double().numpy(), radius, mode="reflect"))[None, None]
+    kernel = (kernel / kernel.sum()).float()
+    padded = torch.from_numpy(np.pad(mask[0, 0].float().numpy(), radius, mode="reflect"))[None, None]
     rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1)).float()
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
-def paste_back(pixels: torch.Tensor, original: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
-    """Decoded pixels (H, W, 3) in [0, 255] with the init image's `original` pixels laid over them through `mask`
-    (1, 1, H, W), 1 where repainted: m·decoded + (1 − m)·original."""
-    m = mask[0, 0, :, :, None].to(pixels.device)
-    return m * pixels + (1.0 - m) * torch.from_numpy(original).to(pixels)
+@dataclass(frozen=True)
+class Overlay:
+    """The init image laid back over an inpainted one as A1111 lays it: each pixel a·painted + (1 − a)·init, with
+    a = min(1, 2·blurred mask), so every repainted pixel (blurred mask ≥ ½) is the painted one and the seam fades
+    into the kept side only. Made once per request: every image of it shares the mask and the init image."""
+
+    init: torch.Tensor  # (H, W, 3) float32 in [0, 255]: the init image at the request's size
+    alpha: torch.Tensor  # (H, W, 1) float32 in [0, 1]: how much of the painted pixel shows
+
+    @classmethod
+    def of(cls, init_image: Image.Image, mask: torch.Tensor, mask_blur: int) -> Overlay:
+        """For the pixel mask (1, 1, H, W) a request repaints (`mask_pixels`), blurred by `mask_blur` px."""
+        height, width = mask.shape[-2:]
+        init = torch.from_numpy(resized_pixels(init_image, width, height)).float()
+        alpha = (2.0 * blurred(mask, mask_blur)).clamp(max=1.0)[0, 0, :, :, None]
+        return cls(init, alpha)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Decoded pixels (H, W, 3) in [0, 255] with the init image over them."""
+        return self.alpha * pixels + (1.0 - self.alpha) * self.init

@@ -185,6 +185,8 @@ def check_sampler(request: GenerationRequest) -> None:
 
 def check_mask(request: GenerationRequest) -> None:
     """A mask says which pixels of the init image to repaint: it needs one, of its size; its blur is A1111's."""
+    if isinstance(request.mask_blur, bool) or not isinstance(request.mask_blur, int):
+        raise GenerationError("mask_blur", f"mask_blur must be a whole number of pixels, got {request.mask_blur!r}")
     if not 0 <= request.mask_blur <= inpainting.MAX_MASK_BLUR:
         raise GenerationError(
             "mask_blur", f"mask_blur must be in [0, {inpainting.MAX_MASK_BLUR}] pixels, got {request.mask_blur}"
@@ -723,6 +725,9 @@ class Pipeline:
             z0 = None if request.init_image is None else self.init_latent(request)
             mask = self.repaint_mask(request)
             condition = None if mask is None or not config.inpainting else self.image_condition(request, mask)
+            overlay = None
+            if request.mask_image is not None and mask is not None and request.init_image is not None:
+                overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
             # Images share UNet calls only with images whose contexts have the same lengths (A1111's syntax).
             shape = lengths(conditions[index], run_steps(request) + 1)
             for image_index, seed in enumerate(request.seeds):
@@ -731,7 +736,7 @@ class Pipeline:
                 noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
                 start = self.start_latents(request, schedules[request.steps], noise, z0)
                 key = (request.height, request.width, request.steps, m, request.sampler, shape)
-                image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition)
+                image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition, overlay)
                 groups.setdefault(key, []).append(image)
                 per_request[index].append(image)
 
@@ -752,7 +757,7 @@ class Pipeline:
                     self.kept_region(chunk, sampler, schedules[steps], m),
                 )
                 for image, pixels in zip(chunk, self.decode(latents), strict=True):
-                    image.pixels = pixels if image.request.mask_image is None else _pasted_back(image, pixels)
+                    image.pixels = pixels if image.overlay is None else image.overlay(pixels)
         return {index: [image.pixels for image in images] for index, images in per_request.items()}
 
 
@@ -767,14 +772,6 @@ def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tens
     return total
 
 
-def _pasted_back(image: _Image, pixels: torch.Tensor) -> torch.Tensor:
-    """(4) An inpainted image's pixels with its init image laid back over them where the mask keeps it."""
-    request = image.request
-    assert image.mask is not None and request.init_image is not None and request.width and request.height
-    original = inpainting.resized_pixels(request.init_image, request.width, request.height)
-    return inpainting.paste_back(pixels, original, inpainting.blurred(image.mask, request.mask_blur))
-
-
 def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, int], ...]) -> StepCallback | None:
     """The sampler's per-step callback for one UNet batch: the sampler knows rows, the caller wants images."""
     if callback is None:
@@ -785,8 +782,8 @@ def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, 
 @dataclass
 class _Image:
     """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels;
-    for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`) and an inpainting model's
-    `image_condition`."""
+    for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`), an inpainting model's `image_condition`,
+    and the init image to lay back over its pixels (4)."""
 
     request_index: int
     image_index: int
@@ -797,4 +794,5 @@ class _Image:
     z0: torch.Tensor | None
     mask: torch.Tensor | None
     condition: torch.Tensor | None
+    overlay: inpainting.Overlay | None
     pixels: torch.Tensor | None = None
