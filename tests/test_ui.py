@@ -217,8 +217,8 @@ def test_clip_skip_is_a_field_named_on_the_result_and_one_too_deep_is_explained(
 
 def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, tmp_path: Path) -> None:
     """A stroke down the left of the init image goes to the server as a mask of the image's own size, white under
-    the stroke and black elsewhere; the result says it was inpainted and is the image the API makes of the same
-    request. Cleared, the mask is not sent."""
+    the stroke and black elsewhere, with the mask blur of its slider; the result says it was inpainted and is the
+    image the API makes of the same request. Cleared, the mask is not sent."""
     path = tmp_path / "init.png"
     Image.new("RGB", (80, 64), (40, 90, 160)).save(path)
     page.set_input_files("#init_file", str(path))
@@ -233,10 +233,13 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     page.mouse.up()
     page.fill("#prompt", "a door")
     page.fill("#seed", "77")
+    page.fill("#mask_blur", "9")
+    expect(page.locator("#mask_blur_value")).to_have_text("9")
     with page.expect_request("**/imagine/stream") as sent:
         page.click("#generate")
     expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
     body = json.loads(sent.value.post_data or "")
+    assert body["mask_blur"] == 9
     mask = np.asarray(load_image(io.BytesIO(base64.b64decode(body["mask_image"].split(",", 1)[1]))).convert("L"))
     assert mask.shape == (64, 80)
     assert (mask[4:60, 15:17] == 255).all() and (mask[:, 40:] == 0).all() and (mask[:, :8] == 0).all()
@@ -251,7 +254,7 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     with page.expect_request("**/imagine/stream") as sent:
         page.click("#generate")
     expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
-    assert "mask_image" not in json.loads(sent.value.post_data or "")
+    assert not {"mask_image", "mask_blur"} & set(json.loads(sent.value.post_data or ""))
     assert results(page)[0]["parameters"].endswith("strength 0.75")
 
 
