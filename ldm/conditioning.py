@@ -38,10 +38,11 @@ class BatchConditions:
 
     def __call__(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = tuple(tuple(text_at(text, call) for text in row) for row in self.rows)
-        if chosen != self._chosen or self._contexts is None:
+        if chosen != self._chosen:
             prompt, negative = (
                 torch.cat([row[side][index[side]][1] for row, index in zip(self.rows, chosen, strict=True)])
                 for side in (0, 1)
             )
             self._chosen, self._contexts = chosen, (prompt, negative)
+        assert self._contexts is not None  # made on the first call: no chosen texts equal None
         return self._contexts

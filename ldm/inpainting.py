@@ -96,8 +96,9 @@ def blurred(mask: torch.Tensor, sigma: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Overlay:
     """The init image laid back over an inpainted one as A1111 lays it: each pixel a·painted + (1 − a)·init, with
-    a = min(1, 2·blurred mask), so every repainted pixel (blurred mask ≥ ½) is the painted one and the seam fades
-    into the kept side only. Made once per request: every image of it shares the mask and the init image."""
+    a = min(1, 2·blurred mask), so along a straight edge every repainted pixel (blurred mask ≥ ½ there) is the
+    painted one and the seam fades into the kept side only (a repainted corner, or a stroke thinner than the blur,
+    lets some of the init image through). Made once per request: every image of it shares mask and init image."""
 
     init: torch.Tensor  # (H, W, 3) float32 in [0, 255]: the init image at the request's size
     alpha: torch.Tensor  # (H, W, 1) float32 in [0, 1]: how much of the painted pixel shows

@@ -75,9 +75,9 @@ class GenerationRequest:
     `height`/`width` None → the model's native size (txt2img) or the init image's size rounded down to multiples
     of 8 (img2img). `weighted_subprompts` → `prompt` and `negative_prompt` are read as optimizedSD's weighted
     sub-prompts (`ldm/subprompts.py`), not as written; `emphasis` → in AUTOMATIC1111's syntax, whole
-    (`ldm/emphasis.py`). The prompt's `<lora:name:weight>` tags name LoRAs (`ldm/lora.py`) and are not text.
-    `clip_skip` k: the texts are read from CLIP's k-th layer from the end (A1111's "Clip skip"; 1, the last, is
-    SD v1's own).
+    (`ldm/emphasis.py`, and its prompt editing: `ldm/prompt_editing.py`). The prompt's `<lora:name:weight>` tags
+    name LoRAs (`ldm/lora.py`) and are not text. `clip_skip` k: the texts are read from CLIP's k-th layer from the
+    end (A1111's "Clip skip"; 1, the last, is SD v1's own).
     """
 
     prompt: str
@@ -485,7 +485,7 @@ class Pipeline:
         """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call (two
         when the contexts' lengths differ), for the last `m` steps of an S-step run (img2img's; txt2img's m is S).
         `x` is where `start_latents` put it; `contexts` gives the prompt's and negative prompt's contexts at each
-        guided UNet call (A1111's prompt editing counts them).
+        evaluation of ε, counted from 0 (A1111's prompt editing counts them; a guided one, of two halves, is one).
 
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
         exactly, and when all are 1 the unconditional half is not computed at all. An inpainting model's UNet also

@@ -24,6 +24,7 @@ shared with its image paints it here too. Torch-free, so the handler can check a
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,9 +64,11 @@ class _WholeText(Exception):
     """The prompt is not A1111's syntax at all: it is read as written."""
 
 
+@functools.lru_cache(maxsize=256)
 def schedule(text: str, steps: int) -> Schedule:
     """The texts `text` reads over a run of `steps` (A1111's count: see `run_steps`), as (end, text) pairs with
-    ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same text)."""
+    ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same text).
+    Remembered: a request's checks, encoding and batching each ask for its schedules."""
     try:
         nodes = _parse(text)
     except _WholeText:

@@ -279,3 +279,10 @@ def test_strength_or_mask_without_init_image_is_a_usage_error(
         main(["a lighthouse", *option])
     assert exit_.value.code == 2
     assert f"{option[0]} needs --init-image" in capsys.readouterr().err
+
+
+def test_mask_blur_without_a_mask_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["a lighthouse", "--init-image", "init.png", "--mask-blur", "8"])
+    assert exit_.value.code == 2
+    assert "--mask-blur needs --mask-image" in capsys.readouterr().err

@@ -390,17 +390,21 @@ def test_img2img_size_defaults_to_the_init_image(handler: StableDiffusionHandler
 
 
 def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
-    """A mask (here an RGBA PNG, read as gray) beside the init image: the image the pipeline paints for them."""
+    """A mask (here an RGBA PNG, read as gray) beside the init image, with its blur: the image the pipeline paints
+    for them. The server's default blur is A1111's 4, and a bad one in model-config.yaml is named there."""
     mask = Image.new("RGBA", (80, 64), (0, 0, 0, 255))
     mask.paste((255, 255, 255, 255), (0, 0, 40, 64))
     body = {"prompt": "tiles", "init_image": png_base64(80, 64), "mask_image": image_base64(mask), "seed": 4}
-    (response,), context = call(handler, [body])
+    (response,), context = call(handler, [{**body, "mask_blur": 2}])
     answer = json.loads(response)
     assert context.status == {} and answer["parameters"]["strength"] == 0.75
+    assert answer["parameters"]["mask_blur"] == 2 and handler.settings.defaults.mask_blur == 4
     request = GenerationRequest(
         "tiles", height=64, width=80, steps=3, seed=4, init_image=load_image(io.BytesIO(base64.b64decode(
-            body["init_image"]))), mask_image=mask,
+            body["init_image"]))), mask_image=mask, mask_blur=2,
     )  # fmt: skip
+    with pytest.raises(SettingsError, match=r"handler\.defaults\.mask_blur: 0 \(a hard seam\) to 64 pixels, got 65"):
+        parse_settings({"handler": {"defaults": {"mask_blur": 65}}})
     png = base64.b64decode(answer["images"][0])
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
     img2img = expected_pixels(tiny_split, dataclasses.replace(request, mask_image=None))[0]
