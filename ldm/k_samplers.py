@@ -1,6 +1,6 @@
 """The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
-them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form; all but the first
-three also on Karras' schedule.
+them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form, DPM-Solver++ SDE;
+all but the first three also on Karras' schedule.
 (optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
 second-order step; the others are the same.)
 
@@ -17,10 +17,10 @@ As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
 - The starting latent is the image's noise times σ_0; img2img's is z₀ + noise·σ at the first of the last m
   levels (what diffusers' img2img does too; other tools start one level higher). The ancestral samplers (η = 1)
-  and DPM++ 2M SDE add noise at every step but the last, drawn from each image's own generator (GENERATION.md's
-  order: after the starting noise, in step order). k-diffusion's DPM++ 2M SDE draws its noise from a Brownian tree
-  instead, so that a seed's image changes little with the step count; a per-step Gaussian draw is what diffusers'
-  SDE DPM-Solver++ takes, and keeps every sampler's noise to one rule.
+  and the SDE ones add noise at every step but the last, drawn from each image's own generator (GENERATION.md's
+  order: after the starting noise, in step order). k-diffusion's SDE samplers draw their noise from a Brownian tree
+  instead, so that a seed's image changes little with the step count; Gaussian draws per step (two for DPM++ SDE,
+  pieces of one Brownian path) keep every sampler's noise to one rule, with the law k-diffusion's has.
 """
 
 from __future__ import annotations
@@ -211,6 +211,33 @@ def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     return x + run.noise(x) * following * math.sqrt(toward)
 
 
+def _dpmpp_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`: η = 1, midpoint r = ½): an ancestral DPM-Solver++ step to
+    the log-midpoint σ_s = √(σ_i σ_{i+1}) with the denoised image at σ_i, then one from σ_i to σ_{i+1} with the
+    denoised image at that midpoint; Euler alone on the step to 0.
+
+    Its two draws of noise are Brownian: k-diffusion's are the increments W(σ_s) − W(σ_i) and W(σ_{i+1}) − W(σ_i) of
+    one Brownian path (a Brownian tree), each over the square root of its length, so the second holds the first.
+    Here the path is drawn as its two independent pieces, a over [σ_s, σ_i] and b over [σ_{i+1}, σ_s], from the
+    image's generator (a, then b): the same joint law, not k-diffusion's numbers (whose tree has its own seeding)."""
+    sigma, following = run.sigmas[i], run.sigmas[i + 1]
+    denoised = x - sigma * run.derivative(x, sigma)
+    if following == 0:
+        return x + (x - denoised) / sigma * (following - sigma)
+    middle = math.sqrt(sigma * following)
+
+    def ancestral(to: float, target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        down, up = ancestral_step(sigma, to)
+        return (down / sigma) * x + (1 - down / sigma) * target + noise * up
+
+    first = run.noise(x)  # a / √(σ_i − σ_s)
+    second = run.noise(x)  # b / √(σ_s − σ_{i+1})
+    x_middle = ancestral(middle, denoised, first)
+    denoised_middle = x_middle - middle * run.derivative(x_middle, middle)
+    whole = (first * math.sqrt(sigma - middle) + second * math.sqrt(middle - following)) / math.sqrt(sigma - following)
+    return ancestral(following, denoised_middle, whole)
+
+
 Step = Callable[[_Run, torch.Tensor, int], torch.Tensor]
 # Each sampler's step, and whether its noise levels follow the Karras schedule rather than the model's timesteps.
 STEPS: dict[str, tuple[Step, bool]] = {
@@ -222,18 +249,20 @@ STEPS: dict[str, tuple[Step, bool]] = {
     "lms": (_lms, False),
     "dpmpp_2m": (_dpmpp_2m, False),
     "dpmpp_2m_sde": (_dpmpp_2m_sde, False),
+    "dpmpp_sde": (_dpmpp_sde, False),
     "lms_karras": (_lms, True),
     "dpm2_karras": (_dpm2, True),
     "dpm2_a_karras": (_dpm2_ancestral, True),
     "dpmpp_2m_karras": (_dpmpp_2m, True),
     "dpmpp_2m_sde_karras": (_dpmpp_2m_sde, True),
+    "dpmpp_sde_karras": (_dpmpp_sde, True),
 }
 
 
 def unet_calls_per_step(name: str) -> int:
-    """2 for the samplers that call the UNet twice a step (all but the last): Heun, DPM2 and DPM2 a; 1 for the
-    others, DDIM and PLMS too."""
-    return 2 if name in STEPS and STEPS[name][0] in (_heun, _dpm2, _dpm2_ancestral) else 1
+    """2 for the samplers that call the UNet twice a step (all but the last): Heun, DPM2, DPM2 a and DPM++ SDE; 1 for
+    the others, DDIM and PLMS too."""
+    return 2 if name in STEPS and STEPS[name][0] in (_heun, _dpm2, _dpm2_ancestral, _dpmpp_sde) else 1
 
 
 def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:

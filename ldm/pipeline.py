@@ -45,11 +45,13 @@ SAMPLERS = {
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
     "lms_karras": "LMS Karras",
     "dpm2_karras": "DPM2 Karras",
     "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "dpmpp_sde_karras": "DPM++ SDE Karras",
 }
 MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.

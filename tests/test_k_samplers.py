@@ -236,6 +236,62 @@ def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(
         assert torch.allclose(first_order, x, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [10, 28])
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_sde_karras"])
+def test_dpmpp_sde_equals_diffusers_port_on_the_same_brownian_path(
+    schedule: SigmaSchedule, name: str, steps: int
+) -> None:
+    """diffusers' DPMSolverSDEScheduler is k-diffusion's DPM++ SDE taken a UNet call at a time: each half step asks
+    its noise sampler for the Brownian increment from σ_i to the midpoint, then from σ_i to σ_{i+1}, each over the
+    square root of its length. Handed the increments of a path drawn as ours is drawn (the piece down to the
+    midpoint, then the piece below it, from one generator), it lands where ours does, calling the UNet 2S − 1
+    times. With karras, diffusers rounds the timesteps it gives the model, so the stand-in reads its input alone."""
+    import diffusers
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
+        return 0.9 * torch.tanh(x) + 0.05
+
+    karras = name.endswith("_karras")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    calls: list[float] = []
+
+    def counted(x: torch.Tensor, t: float) -> torch.Tensor:
+        calls.append(t)
+        return eps(x, t)
+
+    ours = run(name, counted, noise, schedule, steps, [torch.Generator().manual_seed(3)])
+    assert len(calls) == 2 * steps - 1
+    scheduler = diffusers.DPMSolverSDEScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="linspace",
+        use_karras_sigmas=karras,
+    )
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(3)
+    pieces: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def brownian(sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not pieces:  # down to the midpoint: the first piece alone
+            first, second = (torch.randn(4, 8, 8, generator=generator)[None] for _ in range(2))
+            pieces.append((first, second, float(target)))
+            return first
+        first, second, middle = pieces.pop()
+        sigma_, target_ = float(sigma), float(target)
+        whole = first * math.sqrt(sigma_ - middle) + second * math.sqrt(middle - target_)
+        return whole / math.sqrt(sigma_ - target_)
+
+    scheduler.noise_sampler = brownian
+    x = noise * float(scheduler.sigmas[0])
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps(scheduler.scale_model_input(x, t), float(t)), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    # Sensitive: not Euler a by another name (and drawing the second increment apart from the first fails it).
+    ancestral = run("euler_a", eps, noise, schedule, steps, [torch.Generator().manual_seed(3)])
+    assert (ancestral - x).abs().max().item() > 1e-2
+
+
 def test_the_model_sees_x_scaled_to_x_t(schedule: SigmaSchedule) -> None:
     """The first call gets noise·σ_max·c_in: unit variance, as DDIM's x_T."""
     inputs: list[torch.Tensor] = []
