@@ -211,6 +211,16 @@ def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     return x + run.noise(x) * following * math.sqrt(toward)
 
 
+def brownian_increments(
+    upper: torch.Tensor, lower: torch.Tensor, sigma: float, middle: float, following: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Brownian path's increments from σ to `middle` and from σ to `following` (below it), each over the square
+    root of its length (unit variance), from two standard normal draws: `upper`, the path's piece over [middle, σ],
+    and `lower`, its independent piece over [following, middle]."""
+    whole = (upper * math.sqrt(sigma - middle) + lower * math.sqrt(middle - following)) / math.sqrt(sigma - following)
+    return upper, whole
+
+
 def _dpmpp_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`: η = 1, midpoint r = ½): an ancestral DPM-Solver++ step to
     the log-midpoint σ_s = √(σ_i σ_{i+1}) with the denoised image at σ_i, then one from σ_i to σ_{i+1} with the
@@ -230,11 +240,9 @@ def _dpmpp_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
         down, up = ancestral_step(sigma, to)
         return (down / sigma) * x + (1 - down / sigma) * target + noise * up
 
-    first = run.noise(x)  # a / √(σ_i − σ_s)
-    second = run.noise(x)  # b / √(σ_s − σ_{i+1})
-    x_middle = ancestral(middle, denoised, first)
+    to_middle, whole = brownian_increments(run.noise(x), run.noise(x), sigma, middle, following)
+    x_middle = ancestral(middle, denoised, to_middle)
     denoised_middle = x_middle - middle * run.derivative(x_middle, middle)
-    whole = (first * math.sqrt(sigma - middle) + second * math.sqrt(middle - following)) / math.sqrt(sigma - following)
     return ancestral(following, denoised_middle, whole)
 
 

@@ -2,7 +2,7 @@
 
 Why here: GENERATION.md makes every image's noise a function of its seed alone, drawn in step order after its
 starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0, the
-ancestral samplers and DPM++ 2M SDE all draw this way.
+ancestral samplers, DPM++ 2M SDE and DPM++ SDE (two draws a step) all draw this way.
 """
 
 from __future__ import annotations

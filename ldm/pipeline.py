@@ -129,8 +129,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2 and DPM2 a), reported so a caller can tell
-    whose images just moved.
+    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2, DPM2 a, DPM++ SDE), reported so a caller
+    can tell whose images just moved.
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
     `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
@@ -263,8 +263,8 @@ def check_emphasis(request: GenerationRequest) -> None:
 
 
 def run_steps(request: GenerationRequest) -> int:
-    """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2 and
-    DPM2 a, which call the UNet twice a step)."""
+    """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2, DPM2 a
+    and DPM++ SDE, which call the UNet twice a step)."""
     return prompt_editing.run_steps(request.steps, k_samplers.unet_calls_per_step(request.sampler))
 
 
