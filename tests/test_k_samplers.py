@@ -90,6 +90,17 @@ def eps_fn(calls: list[float], inputs: list[torch.Tensor] | None = None) -> EpsF
     return eps
 
 
+def input_only(calls: list[float]) -> EpsFn:
+    """A stand-in that reads its input alone, for diffusers' ports that round the timesteps they give the model;
+    it records the timesteps it is asked at."""
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
+        calls.append(float(t))
+        return 0.9 * torch.tanh(x) + 0.05
+
+    return eps
+
+
 def diffusers_scheduler(name: str) -> Any:
     """diffusers' port of sampler `name`; a `_karras` name is its base sampler on `use_karras_sigmas`."""
     import diffusers
@@ -152,18 +163,10 @@ def test_karras_variants_equal_diffusers_ports_on_karras_sigmas(schedule: SigmaS
     """DPM2 and DPM2 a on the Karras schedule, against diffusers' KDPM2 schedulers with `use_karras_sigmas`. Those
     round the timesteps they give the model (Karras σ fall between whole timesteps; k-diffusion, and ours, do not),
     so the stand-in depends on its input alone; the schedule test holds our fractional timesteps."""
-
-    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        return 0.9 * torch.tanh(x) + 0.05
-
+    eps = input_only([])
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
     calls: list[float] = []
-
-    def counted(x: torch.Tensor, t: float) -> torch.Tensor:
-        calls.append(t)
-        return eps(x, t)
-
-    ours = run(name, counted, noise, schedule, steps, [torch.Generator().manual_seed(1)])
+    ours = run(name, input_only(calls), noise, schedule, steps, [torch.Generator().manual_seed(1)])
     assert len(calls) == 2 * steps - 1
     theirs = run_diffusers(name, noise, steps, torch.Generator().manual_seed(1), eps)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -205,9 +208,7 @@ def test_dpmpp_2m_karras_equals_diffusers_dpm_solver(
     form draws a step's noise from the generator as diffusers' does, one draw per step in step order."""
     import diffusers
 
-    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        return 0.9 * torch.tanh(x) + 0.05
-
+    eps = input_only([])
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
     ours = run(name, eps, noise, schedule, steps, [torch.Generator().manual_seed(7)])
     scheduler = diffusers.DPMSolverMultistepScheduler(
@@ -248,18 +249,11 @@ def test_dpmpp_sde_equals_diffusers_port_on_the_same_brownian_path(
     times. With karras, diffusers rounds the timesteps it gives the model, so the stand-in reads its input alone."""
     import diffusers
 
-    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        return 0.9 * torch.tanh(x) + 0.05
-
+    eps = input_only([])
     karras = name.endswith("_karras")
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
     calls: list[float] = []
-
-    def counted(x: torch.Tensor, t: float) -> torch.Tensor:
-        calls.append(t)
-        return eps(x, t)
-
-    ours = run(name, counted, noise, schedule, steps, [torch.Generator().manual_seed(3)])
+    ours = run(name, input_only(calls), noise, schedule, steps, [torch.Generator().manual_seed(3)])
     assert len(calls) == 2 * steps - 1
     scheduler = diffusers.DPMSolverSDEScheduler(
         beta_start=0.00085,
