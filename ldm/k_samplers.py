@@ -234,7 +234,7 @@ def _dpmpp_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     denoised = x - sigma * run.derivative(x, sigma)
     if following == 0:
         return x + (x - denoised) / sigma * (following - sigma)
-    middle = math.sqrt(sigma * following)
+    middle = geometric_mean(sigma, following)
 
     def ancestral(to: float, target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         down, up = ancestral_step(sigma, to)

@@ -265,7 +265,7 @@ def check_emphasis(request: GenerationRequest) -> None:
 def run_steps(request: GenerationRequest) -> int:
     """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2, DPM2 a
     and DPM++ SDE, which call the UNet twice a step)."""
-    return prompt_editing.run_steps(request.steps, k_samplers.unet_calls_per_step(request.sampler))
+    return request.steps * k_samplers.unet_calls_per_step(request.sampler)
 
 
 def text_schedule(request: GenerationRequest, field: TextField) -> prompt_editing.Schedule:

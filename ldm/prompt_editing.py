@@ -66,8 +66,9 @@ class _WholeText(Exception):
 
 @functools.lru_cache(maxsize=256)
 def schedule(text: str, steps: int) -> Schedule:
-    """The texts `text` reads over a run of `steps` (A1111's count: see `run_steps`), as (end, text) pairs with
-    ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same text).
+    """The texts `text` reads over a run of `steps` (A1111's count: ldm/pipeline.py's `run_steps`), as (end, text)
+    pairs with ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same
+    text).
     Remembered: a request's checks, encoding and batching each ask for its schedules."""
     try:
         nodes = _parse(text)
@@ -94,11 +95,6 @@ def text_at(entries: Sequence[tuple[int, object]], call: int) -> int:
         if call <= end:
             return index
     return len(entries) - 1
-
-
-def run_steps(steps: int, unet_calls_per_step: int) -> int:
-    """The steps a schedule is made for: A1111 counts two per step of a sampler that calls the UNet twice."""
-    return steps * unet_calls_per_step
 
 
 def _step(when: str, steps: int) -> int:
