@@ -2,8 +2,9 @@
 
 Each generation is a column of numbered steps: (0) merge the LoRAs its prompt names (ldm/lora.py), (1) encode the
 prompts, (2) draw each image's starting noise from its own CPU generator, (3) denoise with classifier-free guidance
-and the request's sampler (DDIM, PLMS, or one of k-diffusion's), (4) decode (inpainting: and lay the init image back
-over the kept part), (5) round to uint8.
+and the request's sampler (DDIM, PLMS, or one of k-diffusion's), with A1111's hires fix upscale and run (1)–(3) again
+at the larger size (ldm/hires.py), (4) decode (inpainting: and lay the init image back over the kept part), (5) round
+to uint8.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, inpainting, k_samplers, lora, plms, prompt_editing, subprompts
+from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts
 from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
@@ -80,6 +81,10 @@ class GenerationRequest:
     (`ldm/emphasis.py`, and its prompt editing: `ldm/prompt_editing.py`). The prompt's `<lora:name:weight>` tags
     name LoRAs (`ldm/lora.py`) and are not text. `clip_skip` k: the texts are read from CLIP's k-th layer from the
     end (A1111's "Clip skip"; 1, the last, is SD v1's own).
+
+    `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
+    `hr_scale` times its size and sampled again for `hr_steps` steps (0: `steps`), `strength` telling how much of it
+    the second pass may change.
     """
 
     prompt: str
@@ -100,6 +105,9 @@ class GenerationRequest:
     emphasis: bool = False
     clip_skip: int = 1
     mask_blur: int = 4  # A1111's default
+    hr_scale: float = 1.0  # 1: no hires fix
+    hr_upscaler: str = "latent"
+    hr_steps: int = 0
 
     @property
     def n_images(self) -> int:
@@ -119,6 +127,15 @@ class GenerationRequest:
     def denoising_steps(self) -> int:
         """UNet steps each image runs: S for txt2img, m for img2img."""
         return self.steps if self.init_image is None else self.img2img_steps()
+
+    @property
+    def hires(self) -> bool:
+        return self.hr_scale != 1
+
+    @property
+    def total_steps(self) -> int:
+        """UNet steps each image runs in all: its denoising steps, and the hires fix's second pass."""
+        return self.denoising_steps + ((self.hr_steps or self.steps) if self.hires else 0)
 
     @property
     def starts_from_noise(self) -> bool:
@@ -202,6 +219,51 @@ def check_mask(request: GenerationRequest) -> None:
         raise GenerationError(
             "mask_image", "mask_image must be the size of init_image, {}x{}, got {}x{}".format(*sizes)
         )
+
+
+def check_hires(request: GenerationRequest, num_timesteps: int = 1000) -> None:
+    """The hires fix's settings are A1111's, and the request one it runs: txt2img (an img2img sets its size itself)
+    with a sampler that runs img2img (its second pass is one), whose run of ⌊hr_steps / strength⌋ steps fits the
+    model's `num_timesteps`."""
+    if request.hr_upscaler not in hires.UPSCALERS:
+        raise GenerationError(
+            "hr_upscaler", f"hr_upscaler '{request.hr_upscaler}' is not available; choose one of: "
+            f"{', '.join(hires.UPSCALERS)}"
+        )  # fmt: skip
+    if not 1.0 <= request.hr_scale <= hires.MAX_SCALE:
+        raise GenerationError("hr_scale", f"hr_scale must be in [1, {hires.MAX_SCALE:g}], got {request.hr_scale}")
+    max_steps = max_ddim_steps(num_timesteps)
+    if not 0 <= request.hr_steps <= max_steps:
+        raise GenerationError(
+            "hr_steps", f"hr_steps must be in [0, {max_steps}] (0: ddim_steps), got {request.hr_steps}"
+        )
+    if not request.hires:
+        return
+    if request.init_image is not None:
+        raise GenerationError(
+            "hr_scale", "hr_scale is txt2img's (A1111's hires fix): an img2img request sets its size with H and W"
+        )
+    if request.sampler == "plms":
+        raise GenerationError(
+            "sampler", "sampler plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
+        )
+    if not 0.0 < request.strength <= 1.0:
+        raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
+    steps = request.hr_steps or request.steps
+    run = hires.run_length(steps, request.strength)
+    if run > max_steps:
+        raise GenerationError(
+            "strength",
+            f"strength {request.strength} makes the hires fix's {steps} steps the last of a run of {run}, over this "
+            f"model's {max_steps}: raise strength to at least {steps / max_steps:.3g}, or lower hr_steps",
+        )
+
+
+def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
+    """The hires fix's second pass of a resolved request, as a request of its own: the same prompts and sampler at the
+    larger size, with its `hr_steps` as the steps its prompt editing counts (as A1111 counts them)."""
+    height, width = hires.target_size(request.height, request.width, request.hr_scale, factor)
+    return replace(request, height=height, width=width, steps=request.hr_steps, hr_scale=1.0)
 
 
 def clip_text(request: GenerationRequest, field: TextField) -> str:
@@ -361,6 +423,9 @@ def resolve(
     width = size[1] if request.width is None else request.width
     request = replace(request, height=height, width=width)
     check_mask(request)
+    check_hires(request, num_timesteps)
+    if request.hires and not request.hr_steps:
+        request = replace(request, hr_steps=request.steps)
     if request.init_image is not None:
         if not 0.0 < request.strength <= 1.0:
             raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
@@ -408,6 +473,7 @@ class Pipeline:
         self.lora_weights = merged_into(model)
         self.factor = model.config.vae.downsampling_factor
         self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
+        self._ddim_schedules: dict[int, DDIMSchedule] = {}
         if model.device.type == "cuda" and model.dtype == torch.float32:
             # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
             torch.backends.cudnn.allow_tf32 = False
@@ -540,17 +606,22 @@ class Pipeline:
             return [(1.0, sigma) for sigma in self.k_levels(sampler, len(schedule.steps), m)[1:]]
         return [(step.alpha**0.5, (1.0 - step.alpha) ** 0.5) for step in schedule.tail(m)[1:]] + [(1.0, 0.0)]
 
+    def ddim_schedule(self, steps: int) -> DDIMSchedule:
+        """The timesteps of an S-step run (made once per S: a server runs few distinct step counts)."""
+        if steps not in self._ddim_schedules:
+            self._ddim_schedules[steps] = DDIMSchedule(self.model.alphas_cumprod, steps)
+        return self._ddim_schedules[steps]
+
     def start_latents(
-        self, request: GenerationRequest, schedule: DDIMSchedule, noise: torch.Tensor, init_latent: torch.Tensor | None
+        self, sampler: str, steps: int, m: int, noise: torch.Tensor, init_latent: torch.Tensor | None
     ) -> torch.Tensor:
-        """(2) Where an image's run starts: its noise (txt2img, inpainting at strength 1), or z₀ noised to the first
-        of its m steps, in the terms of the request's sampler."""
-        m = request.denoising_steps
-        if request.starts_from_noise:
-            init_latent = None
-        if request.sampler in k_samplers.STEPS:
-            return k_samplers.start(noise, self.k_levels(request.sampler, request.steps, m)[0], init_latent)
-        return noise if init_latent is None else add_noise(init_latent, noise, schedule.tail(m)[0].alpha)
+        """(2) Where an image's run of the last m of S `steps` starts: its noise (`init_latent` None: txt2img,
+        inpainting at strength 1), or z₀ noised to the first of its m steps, in the terms of `sampler`."""
+        if sampler in k_samplers.STEPS:
+            return k_samplers.start(noise, self.k_levels(sampler, steps, m)[0], init_latent)
+        return (
+            noise if init_latent is None else add_noise(init_latent, noise, self.ddim_schedule(steps).tail(m)[0].alpha)
+        )
 
     def repaint_mask(self, request: GenerationRequest) -> torch.Tensor | None:
         """The request's pixel mask (1, 1, H, W), 1 where repainted: all 1 without a mask on an inpainting model
@@ -653,9 +724,11 @@ class Pipeline:
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
 
     def check(self, request: GenerationRequest) -> None:
-        """What only the loaded model can tell of a request: its CLIP has the layer `clip_skip` reads, and the LoRAs
-        its prompt names fit (`lora_files`). A server checks this before batching the request with others."""
+        """What only the loaded model can tell of a request: its CLIP has the layer `clip_skip` reads, its hires fix's
+        run fits its timesteps, and the LoRAs its prompt names fit (`lora_files`). A server checks this before batching
+        the request with others."""
         check_clip_skip(request, self.model.text_encoder.layers)
+        check_hires(request, self.model.config.timesteps)
         self.lora_files(request)
 
     def lora_files(self, request: GenerationRequest) -> tuple[tuple[LoraFile, LoraUse], ...]:
@@ -687,7 +760,7 @@ class Pipeline:
         for index, loras in enumerate(loras_of):
             by_loras.setdefault(loras, []).append(index)
         vocabulary = self.embeddings.vocabulary()  # one reading of the embeddings folder for the whole call
-        pixels: dict[int, list[torch.Tensor | None]] = {}
+        pixels: dict[int, list[torch.Tensor]] = {}
         # The LoRAs merged already go first: a batch of their requests alone merges nothing.
         for loras in sorted(by_loras, key=lambda loras: loras != self.lora_weights.applied):
             self.lora_weights.apply(loras)  # (0)
@@ -713,54 +786,113 @@ class Pipeline:
         max_batch_images: int,
         callback: ProgressCallback | None,
         vocabulary: Vocabulary,
-    ) -> dict[int, list[torch.Tensor | None]]:
+    ) -> dict[int, list[torch.Tensor]]:
         """(1)–(4) for resolved requests on the weights as they are, by their index in the caller's list: each one's
         images' pixels, float32 (H, W, 3) in [0, 255]."""
-        config = self.model.config
-        conditions = dict(zip(requests, self.conditions(list(requests.values()), vocabulary), strict=True))
-        schedules = {r.steps: DDIMSchedule(self.model.alphas_cumprod, r.steps) for r in requests.values()}
+        conditions = self.conditions(list(requests.values()), vocabulary)
+        images = [
+            image
+            for (index, request), conditioning in zip(requests.items(), conditions, strict=True)
+            for image in self._first_pass(index, request, conditioning)
+        ]
+        self._sample(images, max_batch_images, callback)
+        second = {index: hires_pass(request, self.factor) for index, request in requests.items() if request.hires}
+        if second:
+            conditions = self.conditions(list(second.values()), vocabulary)  # prompt editing counts the pass's steps
+            firsts = [[image for image in images if image.request_index == index] for index in second]
+            upscaled = [
+                image
+                for request, conditioning, first in zip(second.values(), conditions, firsts, strict=True)
+                for image in self._second_pass(request, conditioning, first)
+            ]
+            self._sample(upscaled, max_batch_images, callback)
+            images = [image for image in images if image.request_index not in second] + upscaled
+        pixels: dict[int, list[torch.Tensor]] = {index: [] for index in requests}
+        for image in images:
+            assert image.latents is not None, "every image was sampled"
+            (decoded,) = self.decode(image.latents)
+            pixels[image.request_index].append(decoded if image.overlay is None else image.overlay(decoded))
+        return pixels
 
+    def _first_pass(self, index: int, request: GenerationRequest, conditioning: ImageConditioning) -> list[_Image]:
+        """(2) The images of request `index`, each at the start of its run."""
+        z0 = None if request.init_image is None else self.init_latent(request)
+        mask = self.repaint_mask(request)
+        condition = None if mask is None or not self.model.config.inpainting else self.image_condition(request, mask)
+        overlay = None
+        if request.mask_image is not None and mask is not None and request.init_image is not None:
+            overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
+        m = request.denoising_steps
+        images = []
+        for image_index, seed in enumerate(request.seeds):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            # Starting noise, drawn on the CPU so a seed gives the same image on every device.
+            noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
+            start = self.start_latents(
+                request.sampler, request.steps, m, noise, None if request.starts_from_noise else z0
+            )
+            images.append(
+                _Image(index, image_index, request, conditioning, request.steps, m, generator, start, noise, z0, mask,
+                       condition, overlay)
+            )  # fmt: skip
+        return images
+
+    def _second_pass(
+        self, request: GenerationRequest, conditioning: ImageConditioning, firsts: Sequence[_Image]
+    ) -> list[_Image]:
+        """(2) The hires fix's images of `hires_pass` `request`, from its first pass's: each latent upscaled (or its
+        image, then encoded again), noised to the first of the pass's steps by noise drawn anew from its seed, as
+        A1111 draws it."""
+        mask = self.repaint_mask(request)  # an inpainting model's, which reads one however it is sampled
+        condition = None if mask is None else self.image_condition(request, mask)
+        steps = hires.run_length(request.steps, request.strength)
+        height, width = request.height // self.factor, request.width // self.factor
+        images = []
+        for first in firsts:
+            assert first.latents is not None, "the first pass ran"
+            if hires.is_latent(request.hr_upscaler):
+                z0 = hires.upscale_latents(first.latents, height, width, request.hr_upscaler)
+            else:
+                (pixels,) = self.decode(first.latents)
+                image = np.rint(pixels.numpy()).astype(np.uint8)
+                upscaled = hires.upscale_image(image, request.height, request.width, request.hr_upscaler)
+                z0 = self.encode_pixels(encode_image(upscaled, request.width, request.height))
+            generator = torch.Generator("cpu").manual_seed(request.seeds[first.image_index])
+            noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
+            start = self.start_latents(request.sampler, steps, request.steps, noise, z0)
+            images.append(
+                _Image(first.request_index, first.image_index, request, conditioning, steps, request.steps, generator,
+                       start, noise, z0, mask, condition, None)
+            )  # fmt: skip
+        return images
+
+    def _sample(self, images: Sequence[_Image], max_batch_images: int, callback: ProgressCallback | None) -> None:
+        """(3) Denoise every image, in UNet batches of images of the same size, schedule, sampler and context
+        lengths (A1111's syntax) at every call; each image's `latents` set."""
         groups: dict[tuple[int, int, int, int, str, tuple], list[_Image]] = {}
-        per_request: dict[int, list[_Image]] = {index: [] for index in requests}
-        for index, request in requests.items():
-            m = request.denoising_steps
-            z0 = None if request.init_image is None else self.init_latent(request)
-            mask = self.repaint_mask(request)
-            condition = None if mask is None or not config.inpainting else self.image_condition(request, mask)
-            overlay = None
-            if request.mask_image is not None and mask is not None and request.init_image is not None:
-                overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
-            # Images share UNet calls only with images whose contexts have the same lengths (A1111's syntax).
-            shape = lengths(conditions[index], run_steps(request) + 1)
-            for image_index, seed in enumerate(request.seeds):
-                generator = torch.Generator("cpu").manual_seed(seed)
-                # (2) Starting noise, drawn on the CPU so a seed gives the same image on every device.
-                noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
-                start = self.start_latents(request, schedules[request.steps], noise, z0)
-                key = (request.height, request.width, request.steps, m, request.sampler, shape)
-                image = _Image(index, image_index, request, generator, start, noise, z0, mask, condition, overlay)
-                groups.setdefault(key, []).append(image)
-                per_request[index].append(image)
-
-        for (_, _, steps, m, sampler, _), images in groups.items():
-            for chunk in (images[i : i + max_batch_images] for i in range(0, len(images), max_batch_images)):
+        for image in images:
+            r = image.request
+            shape = lengths(image.conditioning, run_steps(r) + 1)
+            groups.setdefault((r.height, r.width, image.steps, image.m, r.sampler, shape), []).append(image)
+        for (_, _, steps, m, sampler, _), group in groups.items():
+            schedule = self.ddim_schedule(steps)
+            for chunk in (group[i : i + max_batch_images] for i in range(0, len(group), max_batch_images)):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
                     torch.cat([image.start for image in chunk]),
-                    BatchConditions([conditions[image.request_index] for image in chunk]),
+                    BatchConditions([image.conditioning for image in chunk]),
                     torch.tensor([float(image.request.scale) for image in chunk]),
                     sampler,
-                    schedules[steps],
+                    schedule,
                     m,
                     [image.request.eta for image in chunk],
                     [image.generator for image in chunk],
                     _batch_progress(callback, names),
-                    None if not config.inpainting else torch.cat([image.condition for image in chunk]),
-                    self.kept_region(chunk, sampler, schedules[steps], m),
+                    None if not self.model.config.inpainting else torch.cat([image.condition for image in chunk]),
+                    self.kept_region(chunk, sampler, schedule, m),
                 )
-                for image, pixels in zip(chunk, self.decode(latents), strict=True):
-                    image.pixels = pixels if image.overlay is None else image.overlay(pixels)
-        return {index: [image.pixels for image in images] for index, images in per_request.items()}
+                for image, latent in zip(chunk, latents.split(1), strict=True):
+                    image.latents = latent
 
 
 def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tensor], clip_skip: int) -> torch.Tensor:
@@ -783,13 +915,17 @@ def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, 
 
 @dataclass
 class _Image:
-    """One image in flight: its request, its generator (which also draws η noise), its latents, then its pixels;
-    for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`), an inpainting model's `image_condition`,
-    and the init image to lay back over its pixels (4)."""
+    """One image in flight through one run, the last `m` of `steps` steps: its request as run (a hires fix's second
+    pass is its own), its texts' conditioning, its generator (which also draws η noise), its latents at the start
+    and then at the end; for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`), an inpainting model's
+    `image_condition`, and the init image to lay back over its pixels (4)."""
 
     request_index: int
     image_index: int
     request: GenerationRequest
+    conditioning: ImageConditioning
+    steps: int
+    m: int
     generator: torch.Generator
     start: torch.Tensor
     noise: torch.Tensor
@@ -797,4 +933,4 @@ class _Image:
     mask: torch.Tensor | None
     condition: torch.Tensor | None
     overlay: inpainting.Overlay | None
-    pixels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from ldm import hires
 from ldm.pipeline import SAMPLERS, GenerationRequest
 from ldm.png_encoder import encode_pngs
 
@@ -48,8 +49,14 @@ def parameters_text(
         fields.append(f"Model hash: {model_hash}")
     if request.eta:
         fields.append(f"Eta: {float(request.eta)}")
-    if request.init_image is not None:
+    if request.init_image is not None or request.hires:
         fields.append(f"Denoising strength: {float(request.strength)}")
+    if request.hires:
+        # A1111's fields: its size is the first pass's, "Hires upscale" makes the image's.
+        upscaler = hires.UPSCALERS[request.hr_upscaler]
+        fields.append(
+            f"Hires upscale: {request.hr_scale:g}, Hires steps: {request.hr_steps}, Hires upscaler: {upscaler}"
+        )
     if request.mask_image is not None:
         fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:

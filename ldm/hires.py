@@ -1,0 +1,70 @@
+"""A1111's "Hires. fix": a txt2img image made at the request's size, upscaled, then sampled again at the larger size.
+
+Why: SD v1 learned 512×512 images. Asked for 1024×1024 at once, it paints its subject twice or more across the
+canvas; made at 512 and then refined at 1024, it keeps one composition and gains the detail. The second pass is an
+img2img of the upscaled first image, so its `strength` decides how much it may change.
+
+The arithmetic is A1111 1.6's: the target is int(side·scale) (here rounded down to the latent's factor, where A1111
+crops its latent to the same size); the second pass runs `steps` N steps, the last N of a run of
+⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed. Its upscalers are A1111's interpolations
+of the latent, and PIL's filters on the first pass's image (whose latent the VAE then encodes again).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# Our names → the names A1111 writes in a PNG's "Hires upscaler" (and offers in its menu).
+UPSCALERS = {
+    "latent": "Latent",
+    "latent_antialiased": "Latent (antialiased)",
+    "latent_bicubic": "Latent (bicubic)",
+    "latent_bicubic_antialiased": "Latent (bicubic antialiased)",
+    "latent_nearest": "Latent (nearest)",
+    "latent_nearest_exact": "Latent (nearest-exact)",
+    "lanczos": "Lanczos",
+    "nearest": "Nearest",
+}
+# The latent upscalers: torch's interpolation mode, and whether it filters (antialias) as it resamples.
+_LATENT_MODES = {
+    "latent": ("bilinear", False),
+    "latent_antialiased": ("bilinear", True),
+    "latent_bicubic": ("bicubic", False),
+    "latent_bicubic_antialiased": ("bicubic", True),
+    "latent_nearest": ("nearest", False),
+    "latent_nearest_exact": ("nearest-exact", False),
+}
+_IMAGE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+MAX_SCALE = 4.0
+# A1111 sizes the second pass's run by a strength just below 1, so that even at 1 it starts from the upscaled latent
+# noised to the run's first step rather than from noise alone.
+_MAX_RUN_STRENGTH = 0.999
+
+
+def target_size(height: int, width: int, scale: float, factor: int) -> tuple[int, int]:
+    """(height, width) of the second pass: int(side·scale), as A1111 computes it, rounded down to a multiple of
+    `factor` (A1111's latent is that size, and so are its images)."""
+    return tuple(int(side * scale) // factor * factor for side in (height, width))  # type: ignore[return-value]
+
+
+def run_length(steps: int, strength: float) -> int:
+    """S of the run whose last `steps` steps the second pass takes: ⌊steps / min(strength, 0.999)⌋ (A1111's)."""
+    return int(steps / min(strength, _MAX_RUN_STRENGTH))
+
+
+def is_latent(upscaler: str) -> bool:
+    return upscaler in _LATENT_MODES
+
+
+def upscale_latents(latents: torch.Tensor, height: int, width: int, upscaler: str) -> torch.Tensor:
+    """Latents (B, C, h, w) interpolated to (height, width) latent pixels by a latent upscaler."""
+    mode, antialias = _LATENT_MODES[upscaler]
+    return F.interpolate(latents, size=(height, width), mode=mode, antialias=antialias)
+
+
+def upscale_image(image: np.ndarray, height: int, width: int, upscaler: str) -> Image.Image:
+    """A uint8 (H, W, 3) image resized to (height, width) by an image upscaler."""
+    return Image.fromarray(image).resize((width, height), _IMAGE_FILTERS[upscaler])
