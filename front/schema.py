@@ -68,7 +68,26 @@ class ImagineRequest(BaseModel):
         "model-config.yaml's, 4 as shipped)",
     )
     strength: float = Field(
-        0.75, description="img2img and inpainting: how much of the init image is replaced, in (0, 1]"
+        0.75,
+        description="img2img and inpainting: how much of the init image is replaced, in (0, 1]; with hr_scale: how "
+        "much of the upscaled image the hires fix's second pass may change (AUTOMATIC1111's 'Denoising strength')",
+    )
+    hr_scale: float = Field(
+        1.0,
+        description="AUTOMATIC1111's hires fix (txt2img): the image is made at W×H, upscaled this many times (up to "
+        "4; the result within the pixel limit) and sampled again at that size, so a large image keeps one composition "
+        "(1: off)",
+    )
+    hr_upscaler: str = Field(
+        "latent",
+        description="the hires fix's upscaler: latent, latent_antialiased, latent_bicubic, latent_bicubic_antialiased, "
+        "latent_nearest, latent_nearest_exact (AUTOMATIC1111's interpolations of the latent), lanczos or nearest "
+        "(PIL's, on the image) (default: model-config.yaml's, latent as shipped)",
+    )
+    hr_steps: int = Field(
+        0,
+        description="the hires fix's second pass: its steps, the last of ⌊hr_steps / strength⌋ (0: as many as "
+        "ddim_steps; default: model-config.yaml's, 0 as shipped)",
     )
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")
 
@@ -83,9 +102,10 @@ EXAMPLES = {
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "field": {"type": "string"}}}
 NDJSON_DESCRIPTION = (
     'One JSON object per line: `{"step", "total", "image_index", "image_count", "iteration", "n_iter"}` per denoising '
-    "step of the UNet batch holding `image_count` images from `image_index` on (some "
-    'with a base64 JPEG `preview`), then `{"images", "seeds", "parameters", "warnings"}` (`warnings`: the words of '
-    'a prompt past the 75 tokens CLIP reads, which did nothing), or `{"error", "field"}` on failure.'
+    "step of the UNet batch holding `image_count` images from `image_index` on (some with a base64 JPEG `preview`; "
+    '`"hires": true` on the steps of the hires fix\'s second pass, which count from 1 again), then `{"images", '
+    '"seeds", "parameters", "warnings"}` (`warnings`: the words of a prompt past the 75 tokens CLIP reads, which did '
+    'nothing), or `{"error", "field"}` on failure.'
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings
-from ldm import emphasis
+from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.inpainting import MAX_MASK_BLUR
 from ldm.pipeline import (
@@ -30,6 +30,7 @@ from ldm.pipeline import (
     GenerationError,
     GenerationRequest,
     check_emphasis,
+    check_hires,
     check_mask,
     check_sampler,
     request_loras,
@@ -58,6 +59,9 @@ FIELDS = (
     "weighted_subprompts",
     "emphasis",
     "clip_skip",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_steps",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -302,6 +306,21 @@ def check_chunks(
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 
 
+def _check_hires_size(height: int, width: int, scale: float, settings: HandlerSettings) -> None:
+    """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at."""
+    limits = settings.limits
+    big_h, big_w = hires.target_size(height, width, scale, 8)
+    if max(big_h, big_w) > limits.max_side:
+        raise RequestError(
+            "hr_scale", f"hr_scale {scale:g} makes {big_w}x{big_h} images; each side at most {limits.max_side} pixels"
+        )
+    if big_h * big_w > limits.max_pixels:
+        raise RequestError(
+            "hr_scale",
+            f"hr_scale {scale:g} makes {big_w}x{big_h} images, {big_h * big_w} pixels; at most {limits.max_pixels}",
+        )
+
+
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
     """Validate one request body against the settings' defaults and limits."""
     body = parse_body(data)
@@ -336,8 +355,13 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if seed is not None and seed > MAX_SEED - total + 1:
         # Image i has seed + i: the last one must be 32-bit too.
         raise RequestError("seed", f"seed must be between 0 and {MAX_SEED - total + 1}, got {seed}")
-    # PLMS runs txt2img alone: a configured default of plms is txt2img's.
-    sampler = _text(body, "sampler", "ddim" if init_image is not None and d.sampler == "plms" else d.sampler, 32)
+    hr_scale = _number(body, "hr_scale", 1.0, 1.0, hires.MAX_SCALE)
+    if hr_scale != 1:
+        _check_hires_size(sizes["H"], sizes["W"], hr_scale, settings)
+    # PLMS runs txt2img alone (and the hires fix's second pass is an img2img): a configured default of plms is plain
+    # txt2img's.
+    img2img = init_image is not None or hr_scale != 1
+    sampler = _text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),
@@ -357,6 +381,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         mask_image=mask_image,
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
         clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
+        hr_scale=hr_scale,
+        hr_upscaler=_text(body, "hr_upscaler", d.hr_upscaler, 32),
+        hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
         **_syntax(body, settings),
     )
     try:
@@ -375,6 +402,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             raise RequestError(name, f"{name}: at most {limits.max_subprompts} weighted sub-prompts, got {count}")
     try:
         check_mask(generation)
+        check_hires(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
     try:

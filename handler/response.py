@@ -40,8 +40,10 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         "emphasis": r.emphasis,
         "clip_skip": r.clip_skip,
     }
-    if r.init_image is not None:
+    if r.init_image is not None or r.hires:
         parameters["strength"] = r.strength
+    if r.hires:
+        parameters.update(hr_scale=r.hr_scale, hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
     if r.mask_image is not None:
         parameters["mask_blur"] = r.mask_blur
     return parameters

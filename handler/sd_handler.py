@@ -225,7 +225,7 @@ class StableDiffusionHandler(BaseHandler):
 
     def _record_speed(self, generations: list[Generation], seconds: float) -> None:
         images = sum(len(g.seeds) for g in generations)
-        steps = sum(len(g.seeds) * g.request.denoising_steps for g in generations)
+        steps = sum(len(g.seeds) * g.request.total_steps for g in generations)
         self._count("ImagesGenerated", images)
         self._gauge("SecondsPerImage", seconds / images, "s")
         # TorchServe parses "name.unit:value": a unit must be a plain word.

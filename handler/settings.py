@@ -14,6 +14,7 @@ import torch
 from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
+from ldm.hires import UPSCALERS
 from ldm.inpainting import MAX_MASK_BLUR
 from ldm.pipeline import SAMPLERS
 
@@ -45,6 +46,9 @@ class Defaults:
     clip_skip: int = 1
     # A1111's "Mask blur": σ in pixels of the seam where an inpainted image's kept pixels are pasted back.
     mask_blur: int = 4
+    # The hires fix's (a request's hr_scale above 1): A1111's "Latent" upscaler, and 0: as many steps as ddim_steps.
+    hr_upscaler: str = "latent"
+    hr_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,15 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         raise SettingsError(
             f"model-config.yaml handler.defaults.mask_blur: 0 (a hard seam) to {MAX_MASK_BLUR} pixels, got "
             f"{defaults.mask_blur}"
+        )
+    if defaults.hr_upscaler not in UPSCALERS:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.hr_upscaler: one of {list(UPSCALERS)}, got {defaults.hr_upscaler!r}"
+        )
+    if not 0 <= defaults.hr_steps <= limits.max_steps:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.hr_steps: 0 (ddim_steps) to {limits.max_steps} (limits.max_steps), "
+            f"got {defaults.hr_steps}"
         )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")

@@ -63,6 +63,8 @@ class ProgressStream:
                 "image_index": progress.images[row][1],
                 "image_count": counts[request_index],
             }
+            if progress.hires:
+                line["hires"] = True  # the hires fix's second pass, whose steps count from 1 again
             if self.wants_preview(progress.step, progress.total):
                 line["preview"] = base64.b64encode(preview_jpeg(progress.latents[row])).decode("ascii")
             lines[idx] = ndjson_line(line)

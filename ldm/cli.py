@@ -42,6 +42,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from ldm import hires
 from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
@@ -131,13 +132,39 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             help="inpainting: the init image is pasted back where the mask keeps it, through the mask blurred by a "
             "Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; default: %(default)s)",
         )
+    else:
         parser.add_argument(
-            "--strength",
+            "--hr_scale",
             type=float,
-            default=0.75,
-            help="how much of the init image is replaced by noise, in (0, 1]; ⌊strength·ddim_steps⌋ steps run "
+            default=1.0,
+            help="AUTOMATIC1111's hires fix: make each image at --H x --W, upscale it this many times (at most 4) "
+            "and sample it again at that size, for large images that keep one composition (default: %(default)s, off)",
+        )
+        parser.add_argument(
+            "--hr_upscaler",
+            choices=tuple(hires.UPSCALERS),
+            default="latent",
+            help="the hires fix's upscaler: A1111's latent interpolations, or PIL's lanczos or nearest on the image "
             "(default: %(default)s)",
         )
+        parser.add_argument(
+            "--hr_steps",
+            type=int,
+            default=0,
+            help="the hires fix's second pass: its steps (default: %(default)s, as many as --ddim_steps)",
+        )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help=(
+            "how much of the init image is replaced by noise, in (0, 1]; ⌊strength·ddim_steps⌋ steps run"
+            if img2img
+            else "the hires fix's denoising strength: how much of the upscaled image its second pass may change, in "
+            "(0, 1]"
+        )
+        + " (default: %(default)s)",
+    )
     parser.add_argument(
         "--ddim_steps",
         type=int,
@@ -491,11 +518,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         weighted_subprompts=args.weighted_subprompts,
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
+        strength=args.strength,
     )
     if init_image is not None:
-        template = replace(
-            template, init_image=init_image, strength=args.strength, mask_image=mask_image, mask_blur=args.mask_blur
-        )
+        template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)
+    else:
+        template = replace(template, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler, hr_steps=args.hr_steps)
     lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
@@ -531,7 +559,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         raise CliError(_flag_error(error, args)) from None
 
     index = 0 if outdir is None else next_index(outdir)
-    steps_per_batch = template.denoising_steps
+    steps_per_batch = template.total_steps
     written: list[Path] = []
     started = time.monotonic()
     with tqdm(total=steps_per_batch * args.n_iter * len(prompts), desc="Sampling", unit="step") as bar:

@@ -151,13 +151,14 @@ class Progress:
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
     `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
-    restarts for each UNet batch.
+    restarts for each UNet batch, and for the hires fix's second pass (`hires`).
     """
 
     step: int
     total: int
     latents: torch.Tensor
     images: tuple[tuple[int, int], ...]
+    hires: bool = False
 
     def first_rows(self) -> dict[int, int]:
         """Request index → the row of its first (lowest-index) image in this batch, in order of appearance."""
@@ -795,7 +796,7 @@ class Pipeline:
             for (index, request), conditioning in zip(requests.items(), conditions, strict=True)
             for image in self._first_pass(index, request, conditioning)
         ]
-        self._sample(images, max_batch_images, callback)
+        self._sample(images, max_batch_images, _passing(callback, hires=False))
         second = {index: hires_pass(request, self.factor) for index, request in requests.items() if request.hires}
         if second:
             conditions = self.conditions(list(second.values()), vocabulary)  # prompt editing counts the pass's steps
@@ -805,7 +806,7 @@ class Pipeline:
                 for request, conditioning, first in zip(second.values(), conditions, firsts, strict=True)
                 for image in self._second_pass(request, conditioning, first)
             ]
-            self._sample(upscaled, max_batch_images, callback)
+            self._sample(upscaled, max_batch_images, _passing(callback, hires=True))
             images = [image for image in images if image.request_index not in second] + upscaled
         pixels: dict[int, list[torch.Tensor]] = {index: [] for index in requests}
         for image in images:
@@ -904,6 +905,13 @@ def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tens
     for text, weight in parts:
         total = torch.add(total, encoded[clip_skip, text], alpha=weight)
     return total
+
+
+def _passing(callback: ProgressCallback | None, hires: bool) -> ProgressCallback | None:
+    """`callback` told whether the steps it hears of are the hires fix's second pass."""
+    if callback is None or not hires:
+        return callback
+    return lambda progress: callback(replace(progress, hires=True))
 
 
 def _batch_progress(callback: ProgressCallback | None, images: tuple[tuple[int, int], ...]) -> StepCallback | None:

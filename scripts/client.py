@@ -37,7 +37,8 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur")  # fmt: skip
+                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
+                   "hr_upscaler", "hr_steps")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -194,7 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="inpainting: σ in pixels of the seam where the kept pixels are pasted back (AUTOMATIC1111's 'Mask blur')",
     )
-    parser.add_argument("--strength", type=float, help="img2img: how much of the init image is replaced, in (0, 1]")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="img2img: how much of the init image is replaced, in (0, 1]; with --hr-scale: how much of the upscaled "
+        "image the hires fix's second pass may change",
+    )
+    parser.add_argument(
+        "--hr-scale",
+        type=float,
+        help="AUTOMATIC1111's hires fix (txt2img): make the image at --H x --W, upscale it this many times and "
+        "sample it again at that size",
+    )
+    parser.add_argument(
+        "--hr-upscaler",
+        help="the hires fix's upscaler: latent, latent_antialiased, latent_bicubic, latent_bicubic_antialiased, "
+        "latent_nearest, latent_nearest_exact, lanczos or nearest",
+    )
+    parser.add_argument("--hr-steps", type=int, help="the hires fix's second pass's steps (0: as many as --steps)")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
     parser.add_argument(
@@ -214,9 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the images are written, 1 when the server gave none, 2 on a bad input (see the top)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option, name in (("strength", "--strength"), ("mask_image", "--mask-image")):
-        if getattr(args, option) is not None and args.init_image is None:
-            parser.error(f"{name} needs --init-image (txt2img has nothing to keep)")
+    if args.strength is not None and args.init_image is None and args.hr_scale is None:
+        parser.error("--strength needs --init-image or --hr-scale (txt2img has nothing to keep)")
+    if args.mask_image is not None and args.init_image is None:
+        parser.error("--mask-image needs --init-image (txt2img has nothing to keep)")
+    for name in ("hr_upscaler", "hr_steps"):
+        if getattr(args, name) is not None and args.hr_scale is None:
+            parser.error(f"--{name.replace('_', '-')} needs --hr-scale (it is the hires fix's)")
     if args.mask_blur is not None and args.mask_image is None:
         parser.error("--mask-blur needs --mask-image (it softens the mask's seam)")
     problem = check_url(args.url)

@@ -168,6 +168,20 @@ def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> Non
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("img2img"))).images[0])
 
 
+def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
+    """--hr_scale, --hr_upscaler, --hr_steps and --strength: the pipeline's hires fix, its size in the file and its
+    settings in the file's parameters."""
+    flags = ["--hr_scale", "1.5", "--hr_upscaler", "lanczos", "--hr_steps", "3", "--strength", "0.6"]
+    argv = [*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]
+    assert main(argv) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), hr_scale=1.5, hr_upscaler="lanczos", hr_steps=3, strength=0.6)
+    assert pixels.shape == (96, 96, 3)
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None
+    assert "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Lanczos" in parameters
+
+
 def test_an_inpainting_checkpoint_defaults_to_the_inpainting_config(tmp_path: Path) -> None:
     from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, load_config
     from ldm.random_weights import random_state_dict, save_checkpoint
@@ -459,11 +473,20 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--clip_skip", "2"], "clip_skip", 2),
     (["--lora_dir", "my/loras"], "lora_dir", "my/loras"),
     (["--embeddings_dir", "my/embeddings"], "embeddings_dir", "my/embeddings"),
-]
-IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),
 ]
-FLAG_CASES = [("txt2img", *flag) for flag in COMMON_FLAGS] + [("img2img", *f) for f in COMMON_FLAGS + IMG2IMG_FLAGS]
+TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
+    (["--hr_scale", "2"], "hr_scale", 2.0),
+    (["--hr_upscaler", "latent_bicubic"], "hr_upscaler", "latent_bicubic"),
+    (["--hr_steps", "20"], "hr_steps", 20),
+]
+IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
+    (["--mask", "mask.png"], "mask", "mask.png"),
+    (["--mask_blur", "8"], "mask_blur", 8),
+]
+FLAG_CASES = [("txt2img", *f) for f in COMMON_FLAGS + TXT2IMG_FLAGS] + [
+    ("img2img", *f) for f in COMMON_FLAGS + IMG2IMG_FLAGS
+]
 
 
 @pytest.mark.parametrize(("mode", "tokens", "attribute", "value"), FLAG_CASES, ids=lambda v: str(v))
@@ -508,6 +531,8 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
     }
     if mode == "img2img":
         expected |= {"init_img": "in.png", "strength": 0.75}
+    else:
+        expected |= {"hr_scale": 1.0, "hr_upscaler": "latent", "hr_steps": 0, "strength": 0.75}
     assert {k: getattr(args, k) for k in expected} == expected
     assert read_prompts(args) == [DEFAULT_PROMPT]
 
@@ -549,6 +574,9 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("img2img", ["--strength", "0"], "--strength: strength must be in (0, 1], got 0.0"),
     ("img2img", ["--strength", "0.05"], "strength 0.05 × ddim_steps 10 leaves no denoising step"),
     ("img2img", ["--init-img", "missing.png"], "--init-img missing.png: no such file"),
+    ("txt2img", ["--hr_scale", "8"], "--hr_scale: hr_scale must be in [1, 4], got 8.0"),
+    ("txt2img", ["--hr_scale", "2", "--sampler", "plms"], "--sampler: sampler plms is for txt2img only, and the hires"),
+    ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
     ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),

@@ -142,6 +142,14 @@ def test_img2img_sends_the_init_image_file_as_base64(server: FakeTorchServe, tmp
     assert body["strength"] == 0.6
 
 
+def test_hires_fix_sends_its_fields_and_strength(server: FakeTorchServe, tmp_path: Path) -> None:
+    argv = ["a lighthouse", "--hr-scale", "2", "--hr-upscaler", "lanczos", "--hr-steps", "10", "--strength", "0.6"]
+    assert run(server.url, tmp_path, *argv) == 0
+    assert server.requests[0]["body"] == {
+        "prompt": "a lighthouse", "hr_scale": 2.0, "hr_upscaler": "lanczos", "hr_steps": 10, "strength": 0.6,
+    }  # fmt: skip
+
+
 def test_numbering_continues_after_the_highest_existing_index(server: FakeTorchServe, tmp_path: Path) -> None:
     existing = {"seed_3_00004.png": b"a", "seed_1_00009.jpg": b"b", "grid.png": b"c", "seed_x_00100.png": b"d"}
     for name, data in existing.items():
@@ -279,6 +287,16 @@ def test_strength_or_mask_without_init_image_is_a_usage_error(
         main(["a lighthouse", *option])
     assert exit_.value.code == 2
     assert f"{option[0]} needs --init-image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--hr-upscaler", "lanczos"], ["--hr-steps", "10"]])
+def test_hires_options_without_hr_scale_are_a_usage_error(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["a lighthouse", *option])
+    assert exit_.value.code == 2
+    assert f"{option[0]} needs --hr-scale" in capsys.readouterr().err
 
 
 def test_mask_blur_without_a_mask_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

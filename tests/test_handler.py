@@ -411,6 +411,33 @@ def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler,
     assert not np.array_equal(np.asarray(load_image(io.BytesIO(png))), img2img)
 
 
+def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    """hr_scale: the pipeline's hires fix, its fields echoed as run (hr_steps 0 as the steps it ran), the image at
+    the larger size; the server's default upscaler and steps, and a default of plms set aside as img2img's are."""
+    body = {"prompt": "tiles", "seed": 4, "hr_scale": 1.5, "strength": 0.5, "sampler": "euler"}
+    (response,), context = call(handler, [body])
+    answer = json.loads(response)
+    assert context.status == {}
+    parameters = answer["parameters"]
+    assert {k: parameters[k] for k in ("H", "W", "hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
+        "H": 64, "W": 64, "hr_scale": 1.5, "hr_upscaler": "latent", "hr_steps": 3, "strength": 0.5,
+    }  # fmt: skip
+    request = GenerationRequest("tiles", height=64, width=64, steps=3, seed=4, hr_scale=1.5, strength=0.5,
+                                sampler="euler")  # fmt: skip
+    pixels = np.asarray(load_image(io.BytesIO(base64.b64decode(answer["images"][0]))))
+    assert pixels.shape == (96, 96, 3)
+    assert np.array_equal(pixels, expected_pixels(tiny_split, request)[0])
+    plain = json.loads(call(handler, [{"prompt": "tiles", "seed": 4}])[0][0])["parameters"]
+    assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(plain)
+    settings = parse_settings({"handler": {"defaults": {"sampler": "plms", "hr_upscaler": "lanczos", "hr_steps": 9}}})
+    hires = parse_request({"prompt": "x", "hr_scale": 2}, settings).generation
+    assert (hires.sampler, hires.hr_upscaler, hires.hr_steps) == ("ddim", "lanczos", 9)
+    with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_upscaler: one of \["):
+        parse_settings({"handler": {"defaults": {"hr_upscaler": "esrgan"}}})
+    with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_steps: 0 \(ddim_steps\) to 150"):
+        parse_settings({"handler": {"defaults": {"hr_steps": 151}}})
+
+
 def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler, tiny_split: Path) -> None:
     bodies = [
         {"prompt": "one", "seed": 1, "H": 64, "W": 64},

@@ -124,6 +124,20 @@ def test_img2img_counts_its_own_steps_and_accept_ndjson_streams(handler, sent) -
     assert json.loads(streamed)["parameters"]["strength"] == 0.5
 
 
+def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split: Path) -> None:
+    """The first pass's steps, then the second pass's from 1 again, each line saying `hires`, its previews of the
+    larger latent."""
+    body = {**VALID, "ddim_steps": 4, "hr_scale": 2, "hr_steps": 3, "strength": 0.5, "stream": True}
+    (streamed,), _ = call(handler, [body])
+    lines = steps_of(sent, 0)
+    assert [(line["step"], line["total"], line.get("hires", False)) for line in lines] == [
+        (1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False), (1, 3, True), (2, 3, True), (3, 3, True),
+    ]  # fmt: skip
+    with Image.open(io.BytesIO(base64.b64decode(lines[-1]["preview"]))) as image:
+        assert image.size == (16, 16)
+    assert decode_png(json.loads(streamed)["images"][0]).shape == (128, 128, 3)
+
+
 def test_preview_every_zero_sends_none(handler, sent, monkeypatch) -> None:
     monkeypatch.setattr(handler, "settings", dataclasses.replace(handler.settings, preview_every=0))
     call(handler, [{**VALID, "stream": True}])

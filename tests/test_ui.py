@@ -29,6 +29,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 GENERATION = 60_000  # ms a tiny generation may take on a slow machine
 # Markup that, parsed as HTML anywhere, makes an image whose error handler sets window.__xss.
 MARKUP = '<img src=x onerror="window.__xss=1">'
+# Records every text the progress status shows.
+RECORD_STATUS = """() => {
+  window.statuses = [];
+  const status = document.getElementById("status");
+  new MutationObserver(() => window.statuses.push(status.textContent))
+    .observe(status, { childList: true, characterData: true, subtree: true });
+}"""
 # Records every value the progress bar takes and every preview shown, as the page sets them.
 RECORD_PROGRESS = """() => {
   window.progressValues = [];
@@ -256,6 +263,52 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
     assert not {"mask_image", "mask_blur"} & set(json.loads(sent.value.post_data or ""))
     assert results(page)[0]["parameters"].endswith("strength 0.75")
+
+
+def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second_pass(page: Page, front: str) -> None:
+    """Upscale by 2 with Lanczos, 4 hires steps at strength 0.5: the page sends them (the hires slider as the
+    strength), the result is the API's 128x128 image and says how it was made, the first pass fills the first half
+    of the bar and the second says it is the hires fix's. A strength the server refuses for the hires fix is shown
+    under the hires slider; at 1 nothing of it is sent."""
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#seed", "12")
+    page.fill("#hr_scale", "2")
+    page.select_option("#hr_upscaler", "lanczos")
+    page.fill("#hr_steps", "4")
+    page.fill("#hr_strength", "0.5")
+    expect(page.locator("#hr_strength_value")).to_have_text("0.5")
+    page.evaluate(RECORD_PROGRESS)
+    page.evaluate(RECORD_STATUS)
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
+    body = json.loads(sent.value.post_data or "")
+    assert {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
+        "hr_scale": 2, "hr_upscaler": "lanczos", "hr_steps": 4, "strength": 0.5,
+    }  # fmt: skip
+    [result] = results(page)
+    assert result["parameters"] == "64×64 · 10 steps · guidance 7.5 · hires fix ×2 (Lanczos, 4 steps) · strength 0.5"
+    answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
+                           headers={"Accept": "image/png"}, timeout=GENERATION / 1000)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert load_image(io.BytesIO(answer.content)).size == (128, 128)
+    assert result["src"] == "data:image/png;base64," + base64.b64encode(answer.content).decode()
+    statuses = page.evaluate("window.statuses")
+    assert "Step 10 of 10" in statuses and "Hires fix: step 4 of 4" in statuses, statuses
+    values = [float(value) for value in page.evaluate("window.progressValues")]
+    # Step 1 of 10 of the first pass is 1/20 of the bar, step 1 of 4 of the second 1/2 + 1/8.
+    assert {0.05, 0.5, 0.625} <= set(values) and values[-1] == 1 and values == sorted(values), values
+
+    page.fill("#hr_steps", "150")
+    page.fill("#hr_strength", "0.05")
+    page.click("#generate")
+    expect(page.locator("#error-hr_strength")).to_contain_text("the last of a run of 3000", timeout=GENERATION)
+    assert page.get_attribute("#hr_strength", "aria-invalid") == "true"
+    page.fill("#hr_scale", "1")
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
+    assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(json.loads(sent.value.post_data or ""))
 
 
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:

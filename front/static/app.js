@@ -14,6 +14,7 @@ const ERROR_SLOTS = { H: "size", W: "size", n_iter: "n_samples", mask_blur: "mas
 const CONTROLS = { init_image: "init_file" };
 
 let initImage = null; // data: URL of the img2img init image, or null for txt2img
+let strengthControl = "strength"; // the slider that set the last request's strength: img2img's or the hires fix's
 const mask = $("mask"); // the inpainting mask, painted white over the init image at its own size
 let masked = false; // whether anything was painted: an empty mask sends none (img2img)
 const EDITOR_HEIGHT = 320; // the most CSS pixels the init image is shown tall
@@ -43,12 +44,24 @@ function requestBody() {
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
+  strengthControl = "strength";
   if (initImage) {
     body.init_image = initImage;
     body.strength = number($("strength").value);
     if (masked) {
       body.mask_image = maskImage();
       body.mask_blur = integer($("mask_blur").value);
+    }
+  }
+  // Sent with an init image too, for the server to say that the hires fix is text to image's.
+  const hrScale = number($("hr_scale").value);
+  if (hrScale !== 1) {
+    body.hr_scale = hrScale;
+    body.hr_upscaler = $("hr_upscaler").value;
+    body.hr_steps = integer($("hr_steps").value);
+    if (!initImage) {
+      body.strength = number($("hr_strength").value);
+      strengthControl = "hr_strength";
     }
   }
   return body;
@@ -97,6 +110,7 @@ function clearErrors() {
 }
 
 function showError(message, field) {
+  if (field === "strength") field = strengthControl;
   const slot = $(`error-${ERROR_SLOTS[field] ?? field}`) ?? $("error-form");
   slot.textContent = message;
   const control = $(CONTROLS[field] ?? field);
@@ -130,6 +144,11 @@ function describe(parameters) {
   const parts = [`${parameters.W}×${parameters.H}`, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
+  if (parameters.hr_scale !== undefined) {
+    const upscaler = $("hr_upscaler").querySelector(`option[value="${CSS.escape(parameters.hr_upscaler)}"]`);
+    const name = upscaler?.textContent ?? parameters.hr_upscaler;
+    parts.push(`hires fix ×${parameters.hr_scale} (${name}, ${parameters.hr_steps} steps)`);
+  }
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
   if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
@@ -261,10 +280,13 @@ function unreadable() {
 
 // The request's progress from a step line: the images already done, plus the UNet batch in flight by its share of
 // steps. A request whose images are split over several UNet batches restarts the step count in each, so the
-// fraction counts images, and only ever goes up.
-function fraction(message, images) {
+// fraction counts images, and only ever goes up. A hires fix's first pass fills the first half, its second (whose
+// lines say `hires`) the rest.
+function fraction(message, images, hires) {
   const count = message.image_count ?? 1;
-  return (message.image_index + (count * message.step) / message.total) / images;
+  const done = (message.image_index + (count * message.step) / message.total) / images;
+  if (!hires) return done;
+  return message.hires ? 0.5 + done / 2 : done / 2;
 }
 
 async function generate() {
@@ -299,8 +321,9 @@ async function generate() {
         const first = message.image_index + 1;
         const last = message.image_index + (message.image_count ?? 1);
         const which = last - first + 1 < images ? ` · images ${first}–${last} of ${images}` : "";
-        const done = Math.max(progress.value, fraction(message, images));
-        setProgress(done, `Step ${message.step} of ${message.total}${which}`);
+        const done = Math.max(progress.value, fraction(message, images, "hr_scale" in body));
+        const pass = message.hires ? "Hires fix: step" : "Step";
+        setProgress(done, `${pass} ${message.step} of ${message.total}${which}`);
         if (message.preview) {
           preview.src = `data:image/jpeg;base64,${message.preview}`;
           preview.hidden = false;
@@ -369,9 +392,11 @@ $("seed").addEventListener("input", () => {
   const empty = $("seed").value === "" && !$("seed").validity.badInput;
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
-$("strength").addEventListener("input", () => {
-  $("strength_value").value = $("strength").value;
-});
+for (const id of ["strength", "hr_strength"]) {
+  $(id).addEventListener("input", () => {
+    $(`${id}_value`).value = $(id).value;
+  });
+}
 
 const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
