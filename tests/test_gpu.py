@@ -200,6 +200,21 @@ def test_a_prompt_edit_swaps_contexts_under_the_captured_graphs(fp32_cuda: Pipel
     assert fast_edit > 0.5 * np.abs(exact - fp32_cuda.generate(plain).pixels).mean() > 0
 
 
+def test_the_hires_fix_replays_its_first_pass_and_runs_its_second_eagerly(
+    fp32_cuda: Pipeline, fast_fp16: Pipeline
+) -> None:
+    """The hires fix's first pass at a warmed-up shape replays the graphs; its second, at a shape nobody
+    configured, runs eagerly (interpolated on the GPU, Euler a's noise from the CPU generator): within fp16 rounding
+    of fp32 either way."""
+    request = dataclasses.replace(request_of(case("basic")), sampler="euler_a", hr_scale=1.5, hr_steps=4, strength=0.6)
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request).pixels
+    assert fast_fp16.fast.unet.fast_calls - before == request.denoising_steps
+    assert fast.shape == (1, 96, 96, 3)
+    assert psnr(fast, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+
+
 def test_low_memory_mode_gives_the_resident_images() -> None:
     request = request_of(case("basic"))
     resident = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float16))
