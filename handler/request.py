@@ -34,8 +34,8 @@ from ldm.pipeline import (
     check_mask,
     check_sampler,
     request_loras,
+    scheduled_texts,
     text_parts,
-    text_schedule,
 )
 from ldm.tokenizer import CLIPTokenizer
 
@@ -294,13 +294,14 @@ def check_chunks(
     generation: GenerationRequest, tokenizer: CLIPTokenizer, settings: HandlerSettings, vocabulary: Vocabulary
 ) -> None:
     """With emphasis, each 75 positions of a text are one more text-encoder row and 77 more tokens that every UNet
-    step attends to: `max_prompt_chunks` bounds them in every text its prompt editing reads (counted with the
-    model's tokenizer and the embeddings the text names, each a position per vector, so this is the handler's)."""
+    step attends to: `max_prompt_chunks` bounds them in every text its prompt editing reads, in every pass (counted
+    with the model's tokenizer and the embeddings the text names, each a position per vector, so this is the
+    handler's)."""
     if not generation.emphasis:
         return
     limit = settings.limits.max_prompt_chunks
     for name in TEXT_FIELDS:
-        texts = dict.fromkeys(text for _, text in text_schedule(generation, name))
+        texts = scheduled_texts(generation, name)
         count = max(len(emphasis.chunks(tokenizer, text, vocabulary)) for text in texts)
         if count > limit:
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")

@@ -4,13 +4,16 @@ Why: SD v1 learned 512×512 images. Asked for 1024×1024 at once, it paints its 
 canvas; made at 512 and then refined at 1024, it keeps one composition and gains the detail. The second pass is an
 img2img of the upscaled first image, so its `strength` decides how much it may change.
 
-The arithmetic is A1111 1.6's: the target is int(side·scale) (here rounded down to the latent's factor, where A1111
-crops its latent to the same size); the second pass runs `steps` N steps, the last N of a run of
-⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed. Its upscalers are A1111's interpolations
-of the latent, and PIL's filters on the first pass's image (whose latent the VAE then encodes again).
+The arithmetic is A1111 1.6's: the target is int(side·scale), rounded down to the latent's factor (A1111 interpolates
+its latent to that size); a scale that leaves the size alone does nothing; the second pass runs `steps` N steps, the
+last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed. Its upscalers are
+A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the VAE then encodes
+again).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -47,12 +50,28 @@ _MAX_RUN_STRENGTH = 0.999
 def target_size(height: int, width: int, scale: float, factor: int) -> tuple[int, int]:
     """(height, width) of the second pass: int(side·scale), as A1111 computes it, rounded down to a multiple of
     `factor` (A1111's latent is that size, and so are its images)."""
-    return tuple(int(side * scale) // factor * factor for side in (height, width))  # type: ignore[return-value]
+    return int(height * scale) // factor * factor, int(width * scale) // factor * factor
 
 
 def run_length(steps: int, strength: float) -> int:
     """S of the run whose last `steps` steps the second pass takes: ⌊steps / min(strength, 0.999)⌋ (A1111's)."""
     return int(steps / min(strength, _MAX_RUN_STRENGTH))
+
+
+def most_steps(max_run: int) -> int:
+    """The most second-pass steps a run of at most `max_run` steps can hold, even at strength 1."""
+    steps = max_run
+    while run_length(steps, 1.0) > max_run:
+        steps -= 1
+    return steps
+
+
+def least_strength(steps: int, max_run: int) -> float:
+    """A strength, to three significant digits, at which `steps` second-pass steps fit a run of `max_run` (rounded up,
+    so that the strength an error message suggests is one that runs)."""
+    exact = steps / max_run
+    unit = 10.0 ** (math.floor(math.log10(exact)) - 2)
+    return math.ceil(exact / unit) * unit
 
 
 def is_latent(upscaler: str) -> bool:

@@ -133,9 +133,19 @@ class GenerationRequest:
         return self.hr_scale != 1
 
     @property
+    def hires_steps(self) -> int:
+        """Steps of the hires fix's second pass: `hr_steps`, or as many as the first pass's."""
+        return self.hr_steps or self.steps
+
+    @property
+    def passes(self) -> tuple[bool, ...]:
+        """Its runs, each told by whether it is a hires fix's second pass."""
+        return (False, True) if self.hires else (False,)
+
+    @property
     def total_steps(self) -> int:
         """UNet steps each image runs in all: its denoising steps, and the hires fix's second pass."""
-        return self.denoising_steps + ((self.hr_steps or self.steps) if self.hires else 0)
+        return self.denoising_steps + (self.hires_steps if self.hires else 0)
 
     @property
     def starts_from_noise(self) -> bool:
@@ -234,10 +244,9 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000) -> None:
     if not 1.0 <= request.hr_scale <= hires.MAX_SCALE:
         raise GenerationError("hr_scale", f"hr_scale must be in [1, {hires.MAX_SCALE:g}], got {request.hr_scale}")
     max_steps = max_ddim_steps(num_timesteps)
-    if not 0 <= request.hr_steps <= max_steps:
-        raise GenerationError(
-            "hr_steps", f"hr_steps must be in [0, {max_steps}] (0: ddim_steps), got {request.hr_steps}"
-        )
+    most = hires.most_steps(max_steps)
+    if not 0 <= request.hr_steps <= most:
+        raise GenerationError("hr_steps", f"hr_steps must be in [0, {most}] (0: ddim_steps), got {request.hr_steps}")
     if not request.hires:
         return
     if request.init_image is not None:
@@ -248,23 +257,29 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000) -> None:
         raise GenerationError(
             "sampler", "sampler plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
         )
-    if not 0.0 < request.strength <= 1.0:
-        raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
-    steps = request.hr_steps or request.steps
+    check_strength(request)
+    steps = request.hires_steps
     run = hires.run_length(steps, request.strength)
     if run > max_steps:
         raise GenerationError(
             "strength",
             f"strength {request.strength} makes the hires fix's {steps} steps the last of a run of {run}, over this "
-            f"model's {max_steps}: raise strength to at least {steps / max_steps:.3g}, or lower hr_steps",
+            f"model's {max_steps}: raise strength to at least {hires.least_strength(steps, max_steps):g}, or lower "
+            "hr_steps",
         )
+
+
+def check_strength(request: GenerationRequest) -> None:
+    """A strength is a share of the run: more than none of it, at most all."""
+    if not 0.0 < request.strength <= 1.0:
+        raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
 
 
 def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
     """The hires fix's second pass of a resolved request, as a request of its own: the same prompts and sampler at the
-    larger size, with its `hr_steps` as the steps its prompt editing counts (as A1111 counts them)."""
+    larger size for its `hr_steps` (its texts: `text_schedule` of the request's second pass)."""
     height, width = hires.target_size(request.height, request.width, request.hr_scale, factor)
-    return replace(request, height=height, width=width, steps=request.hr_steps, hr_scale=1.0)
+    return replace(request, height=height, width=width, steps=request.hires_steps, hr_scale=1.0)
 
 
 def clip_text(request: GenerationRequest, field: TextField) -> str:
@@ -311,7 +326,7 @@ def check_emphasis(request: GenerationRequest) -> None:
             "emphasis", "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"
         )
     for field in TEXT_FIELDS:
-        texts = dict.fromkeys(text for _, text in text_schedule(request, field))
+        texts = scheduled_texts(request, field)
         if len(texts) > prompt_editing.MAX_TEXTS:
             raise GenerationError(
                 field,
@@ -331,13 +346,22 @@ def run_steps(request: GenerationRequest) -> int:
     return request.steps * k_samplers.unet_calls_per_step(request.sampler)
 
 
-def text_schedule(request: GenerationRequest, field: TextField) -> prompt_editing.Schedule:
-    """The texts the request's `prompt` or `negative_prompt` (`field`) reads over its run, as (end, text): with
-    A1111's syntax as its prompt editing changes them (ldm/prompt_editing.py), otherwise the one text throughout."""
+def text_schedule(request: GenerationRequest, field: TextField, hires_pass: bool = False) -> prompt_editing.Schedule:
+    """The texts the request's `prompt` or `negative_prompt` (`field`) reads over its run, or over its hires fix's
+    second pass, as (end, text): with A1111's syntax as its prompt editing changes them (ldm/prompt_editing.py, which
+    counts a second pass on from the first), otherwise the one text throughout."""
     text = clip_text(request, field)
+    steps = run_steps(request)
+    if hires_pass:
+        steps, first = request.hires_steps * k_samplers.unet_calls_per_step(request.sampler), steps
     if not request.emphasis:
-        return ((run_steps(request), text),)
-    return prompt_editing.schedule(text, run_steps(request))
+        return ((steps, text),)
+    return prompt_editing.schedule(text, steps, first if hires_pass else 0)
+
+
+def scheduled_texts(request: GenerationRequest, field: TextField) -> list[str]:
+    """Every distinct text the request's `field` reads, in all its passes."""
+    return list(dict.fromkeys(text for p in request.passes for _, text in text_schedule(request, field, p)))
 
 
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
@@ -379,7 +403,7 @@ def embeddings_read(tokenizer: CLIPTokenizer, request: GenerationRequest, vocabu
     found: dict[str, Embedding] = {}
     for field in TEXT_FIELDS:
         if request.emphasis:
-            texts = [text for _, text in text_schedule(request, field)]
+            texts = scheduled_texts(request, field)
             runs = [run for text in texts for run, weight in emphasis.parse(text) if weight >= 0]
             slots = [slot for run in runs for slot in vocabulary.expand(tokenizer.tokenize(run))]
         else:
@@ -425,11 +449,13 @@ def resolve(
     request = replace(request, height=height, width=width)
     check_mask(request)
     check_hires(request, num_timesteps)
-    if request.hires and not request.hr_steps:
-        request = replace(request, hr_steps=request.steps)
+    if request.hires:
+        if hires.target_size(height, width, request.hr_scale, factor) == (height, width):
+            request = replace(request, hr_scale=1.0)  # as A1111: a scale that leaves the size alone does nothing
+        else:
+            request = replace(request, hr_steps=request.hires_steps)
     if request.init_image is not None:
-        if not 0.0 < request.strength <= 1.0:
-            raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
+        check_strength(request)
         if request.img2img_steps() < 1:
             raise GenerationError(
                 "strength",
@@ -474,7 +500,6 @@ class Pipeline:
         self.lora_weights = merged_into(model)
         self.factor = model.config.vae.downsampling_factor
         self.sigma_schedule = k_samplers.SigmaSchedule(model.alphas_cumprod)
-        self._ddim_schedules: dict[int, DDIMSchedule] = {}
         if model.device.type == "cuda" and model.dtype == torch.float32:
             # fp32 means fp32: TF32 convolutions (cuDNN's default) and matmuls would move pixels away from the CPU's.
             torch.backends.cudnn.allow_tf32 = False
@@ -607,22 +632,20 @@ class Pipeline:
             return [(1.0, sigma) for sigma in self.k_levels(sampler, len(schedule.steps), m)[1:]]
         return [(step.alpha**0.5, (1.0 - step.alpha) ** 0.5) for step in schedule.tail(m)[1:]] + [(1.0, 0.0)]
 
-    def ddim_schedule(self, steps: int) -> DDIMSchedule:
-        """The timesteps of an S-step run (made once per S: a server runs few distinct step counts)."""
-        if steps not in self._ddim_schedules:
-            self._ddim_schedules[steps] = DDIMSchedule(self.model.alphas_cumprod, steps)
-        return self._ddim_schedules[steps]
+    def noise(self, request: GenerationRequest, seed: int) -> tuple[torch.Generator, torch.Tensor]:
+        """(2) An image's generator, seeded with its seed, and the starting noise it draws first at the request's
+        latent size: on the CPU, so that a seed gives the same image on every device."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return generator, torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
 
     def start_latents(
-        self, sampler: str, steps: int, m: int, noise: torch.Tensor, init_latent: torch.Tensor | None
+        self, sampler: str, schedule: DDIMSchedule, m: int, noise: torch.Tensor, init_latent: torch.Tensor | None
     ) -> torch.Tensor:
-        """(2) Where an image's run of the last m of S `steps` starts: its noise (`init_latent` None: txt2img,
+        """(2) Where an image's run of the last m steps of `schedule` starts: its noise (`init_latent` None: txt2img,
         inpainting at strength 1), or z₀ noised to the first of its m steps, in the terms of `sampler`."""
         if sampler in k_samplers.STEPS:
-            return k_samplers.start(noise, self.k_levels(sampler, steps, m)[0], init_latent)
-        return (
-            noise if init_latent is None else add_noise(init_latent, noise, self.ddim_schedule(steps).tail(m)[0].alpha)
-        )
+            return k_samplers.start(noise, self.k_levels(sampler, len(schedule.steps), m)[0], init_latent)
+        return noise if init_latent is None else add_noise(init_latent, noise, schedule.tail(m)[0].alpha)
 
     def repaint_mask(self, request: GenerationRequest) -> torch.Tensor | None:
         """The request's pixel mask (1, 1, H, W), 1 where repainted: all 1 without a mask on an inpainting model
@@ -666,16 +689,16 @@ class Pipeline:
         return torch.cat(out)
 
     def conditions(
-        self, requests: Sequence[GenerationRequest], vocabulary: Vocabulary | None = None
+        self, requests: Sequence[GenerationRequest], vocabulary: Vocabulary | None = None, hires_pass: bool = False
     ) -> list[ImageConditioning]:
-        """(1) Each request's prompt and negative prompt embeddings over its run (one throughout, but for A1111's
-        prompt editing): every distinct text (or sub-prompt) once per `clip_skip`, the plain ones of a `clip_skip` in
-        one text-encoder call, each in A1111's syntax alone; with the textual-inversion embeddings of `vocabulary`
-        (by default, the embeddings folder's)."""
+        """(1) Each request's prompt and negative prompt embeddings over its run, or over its hires fix's second pass
+        (one throughout, but for A1111's prompt editing): every distinct text (or sub-prompt) once per `clip_skip`,
+        the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone; with the
+        textual-inversion embeddings of `vocabulary` (by default, the embeddings folder's)."""
         if vocabulary is None:
             vocabulary = self.embeddings.vocabulary()
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
-        schedules = [{f: text_schedule(r, f) for f in TEXT_FIELDS} if r.emphasis else {} for r in requests]
+        schedules = [{f: text_schedule(r, f, hires_pass) for f in TEXT_FIELDS} for r in requests]
         plain = {
             (r.clip_skip, text)
             for r, pair in zip(requests, parts, strict=True)
@@ -686,6 +709,7 @@ class Pipeline:
         syntax = {
             (r.clip_skip, text)
             for r, fields in zip(requests, schedules, strict=True)
+            if r.emphasis
             for schedule in fields.values()
             for _, text in schedule
         }
@@ -700,7 +724,7 @@ class Pipeline:
             vectors = self.embed_emphasized(texts, skip, vocabulary)
             emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
         for request, fields in zip(requests, schedules, strict=True):
-            for field, schedule in fields.items():
+            for field, schedule in fields.items() if request.emphasis else ():
                 if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for _, text in schedule):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     raise GenerationError(
@@ -714,10 +738,8 @@ class Pipeline:
                 )
                 out.append((p_schedule, n_schedule))
             else:
-                steps = run_steps(r)
-                out.append(
-                    (((steps, _weighted(p, encoded, r.clip_skip)),), ((steps, _weighted(n, encoded, r.clip_skip)),))
-                )
+                ((end, _),) = fields["prompt"]
+                out.append((((end, _weighted(p, encoded, r.clip_skip)),), ((end, _weighted(n, encoded, r.clip_skip)),)))
         return out
 
     def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
@@ -797,23 +819,29 @@ class Pipeline:
             for image in self._first_pass(index, request, conditioning)
         ]
         self._sample(images, max_batch_images, _passing(callback, hires=False))
-        second = {index: hires_pass(request, self.factor) for index, request in requests.items() if request.hires}
-        if second:
-            conditions = self.conditions(list(second.values()), vocabulary)  # prompt editing counts the pass's steps
-            firsts = [[image for image in images if image.request_index == index] for index in second]
-            upscaled = [
+        upscaled = [index for index, request in requests.items() if request.hires]
+        if upscaled:
+            conditions = self.conditions([requests[i] for i in upscaled], vocabulary, hires_pass=True)
+            second = [
                 image
-                for request, conditioning, first in zip(second.values(), conditions, firsts, strict=True)
-                for image in self._second_pass(request, conditioning, first)
+                for index, conditioning in zip(upscaled, conditions, strict=True)
+                for image in self._second_pass(
+                    hires_pass(requests[index], self.factor),
+                    conditioning,
+                    [image for image in images if image.request_index == index],
+                )
             ]
-            self._sample(upscaled, max_batch_images, _passing(callback, hires=True))
-            images = [image for image in images if image.request_index not in second] + upscaled
-        pixels: dict[int, list[torch.Tensor]] = {index: [] for index in requests}
+            self._sample(second, max_batch_images, _passing(callback, hires=True))
+            images = [image for image in images if image.request_index not in upscaled] + second
+        by_size: dict[tuple[int, ...], list[_Image]] = {}
         for image in images:
             assert image.latents is not None, "every image was sampled"
-            (decoded,) = self.decode(image.latents)
-            pixels[image.request_index].append(decoded if image.overlay is None else image.overlay(decoded))
-        return pixels
+            by_size.setdefault(tuple(image.latents.shape), []).append(image)
+        for group in by_size.values():
+            decoded = self.decode(torch.cat([image.latents for image in group if image.latents is not None]))
+            for image, pixels in zip(group, decoded, strict=True):
+                image.pixels = pixels if image.overlay is None else image.overlay(pixels)
+        return {index: [image.pixels for image in images if image.request_index == index] for index in requests}
 
     def _first_pass(self, index: int, request: GenerationRequest, conditioning: ImageConditioning) -> list[_Image]:
         """(2) The images of request `index`, each at the start of its run."""
@@ -823,18 +851,17 @@ class Pipeline:
         overlay = None
         if request.mask_image is not None and mask is not None and request.init_image is not None:
             overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
-        m = request.denoising_steps
+        schedule, m = DDIMSchedule(self.model.alphas_cumprod, request.steps), request.denoising_steps
         images = []
         for image_index, seed in enumerate(request.seeds):
-            generator = torch.Generator("cpu").manual_seed(seed)
-            # Starting noise, drawn on the CPU so a seed gives the same image on every device.
-            noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
-            start = self.start_latents(
-                request.sampler, request.steps, m, noise, None if request.starts_from_noise else z0
-            )
+            generator, noise = self.noise(request, seed)
+            start = self.start_latents(request.sampler, schedule, m, noise, None if request.starts_from_noise else z0)
             images.append(
-                _Image(index, image_index, request, conditioning, request.steps, m, generator, start, noise, z0, mask,
-                       condition, overlay)
+                _Image(
+                    request_index=index, image_index=image_index, request=request, conditioning=conditioning,
+                    steps=request.steps, m=m, generator=generator, start=start, noise=noise, z0=z0, mask=mask,
+                    condition=condition, overlay=overlay,
+                )
             )  # fmt: skip
         return images
 
@@ -847,23 +874,25 @@ class Pipeline:
         mask = self.repaint_mask(request)  # an inpainting model's, which reads one however it is sampled
         condition = None if mask is None else self.image_condition(request, mask)
         steps = hires.run_length(request.steps, request.strength)
-        height, width = request.height // self.factor, request.width // self.factor
+        schedule = DDIMSchedule(self.model.alphas_cumprod, steps)
+        latents = torch.cat([first.latents for first in firsts if first.latents is not None])
+        if hires.is_latent(request.hr_upscaler):
+            size = (request.height // self.factor, request.width // self.factor)
+            starts = hires.upscale_latents(latents, *size, request.hr_upscaler).split(1)
+        else:
+            rounded = np.rint(self.decode(latents).numpy()).astype(np.uint8)  # the first images, as answered
+            upscaled = [hires.upscale_image(i, request.height, request.width, request.hr_upscaler) for i in rounded]
+            starts = [self.encode_pixels(encode_image(i, request.width, request.height)) for i in upscaled]
         images = []
-        for first in firsts:
-            assert first.latents is not None, "the first pass ran"
-            if hires.is_latent(request.hr_upscaler):
-                z0 = hires.upscale_latents(first.latents, height, width, request.hr_upscaler)
-            else:
-                (pixels,) = self.decode(first.latents)
-                image = np.rint(pixels.numpy()).astype(np.uint8)
-                upscaled = hires.upscale_image(image, request.height, request.width, request.hr_upscaler)
-                z0 = self.encode_pixels(encode_image(upscaled, request.width, request.height))
-            generator = torch.Generator("cpu").manual_seed(request.seeds[first.image_index])
-            noise = torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
-            start = self.start_latents(request.sampler, steps, request.steps, noise, z0)
+        for first, z0 in zip(firsts, starts, strict=True):
+            generator, noise = self.noise(request, request.seeds[first.image_index])
             images.append(
-                _Image(first.request_index, first.image_index, request, conditioning, steps, request.steps, generator,
-                       start, noise, z0, mask, condition, None)
+                _Image(
+                    request_index=first.request_index, image_index=first.image_index, request=request,
+                    conditioning=conditioning, steps=steps, m=request.steps, generator=generator,
+                    start=self.start_latents(request.sampler, schedule, request.steps, noise, z0), noise=noise, z0=z0,
+                    mask=mask, condition=condition, overlay=None,
+                )
             )  # fmt: skip
         return images
 
@@ -876,7 +905,7 @@ class Pipeline:
             shape = lengths(image.conditioning, run_steps(r) + 1)
             groups.setdefault((r.height, r.width, image.steps, image.m, r.sampler, shape), []).append(image)
         for (_, _, steps, m, sampler, _), group in groups.items():
-            schedule = self.ddim_schedule(steps)
+            schedule = DDIMSchedule(self.model.alphas_cumprod, steps)
             for chunk in (group[i : i + max_batch_images] for i in range(0, len(group), max_batch_images)):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
@@ -942,3 +971,4 @@ class _Image:
     condition: torch.Tensor | None
     overlay: inpainting.Overlay | None
     latents: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None

@@ -52,11 +52,13 @@ def parameters_text(
     if request.init_image is not None or request.hires:
         fields.append(f"Denoising strength: {float(request.strength)}")
     if request.hires:
-        # A1111's fields: its size is the first pass's, "Hires upscale" makes the image's.
-        upscaler = hires.UPSCALERS[request.hr_upscaler]
-        fields.append(
-            f"Hires upscale: {request.hr_scale:g}, Hires steps: {request.hr_steps}, Hires upscaler: {upscaler}"
-        )
+        # A1111's fields: its size is the first pass's, "Hires upscale" makes the image's; it writes "Hires steps"
+        # only when they are not the first pass's.
+        scale = float(request.hr_scale)
+        fields.append(f"Hires upscale: {int(scale) if scale.is_integer() else scale}")
+        if request.hires_steps != request.steps:
+            fields.append(f"Hires steps: {request.hires_steps}")
+        fields.append(f"Hires upscaler: {hires.UPSCALERS[request.hr_upscaler]}")
     if request.mask_image is not None:
         fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:

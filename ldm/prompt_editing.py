@@ -11,6 +11,10 @@ The syntax, as A1111 (1.6 and later, its default "new" scheduling) reads it, bef
   most the run's steps. The run's steps are the request's, twice them for samplers that call the UNet twice a step
   (Heun, DPM2, DPM2 a, DPM++ SDE), as A1111 counts.
 - `[a|b|c]` takes `a` at step 1, `b` at step 2, `c` at step 3, `a` at step 4, …; an option may be empty.
+- A hires fix's second pass (ldm/hires.py) is scheduled on from its first, as A1111 1.6 schedules it: a step counts
+  on from the first pass's last (`[a:b:25]` after 20 first-pass steps switches at the second pass's step 5), a
+  fraction runs from 1 to 2 over the second pass (`[a:b:1.5]` switches halfway through it, and `[a:b:0.5]` has
+  switched before it starts); an alternation starts again at its first option.
 - What parses as none of these is text as written: a bracket that closes nothing, an unclosed one. A `|` outside
   an alternation, or a backslash at the very end, makes the whole prompt text, as A1111's parser then gives up.
   Where A1111's parser has two readings (an edit followed at once by a stray `]`, `)` or `:`, as in `[a:b:2]]`) it
@@ -65,10 +69,10 @@ class _WholeText(Exception):
 
 
 @functools.lru_cache(maxsize=256)
-def schedule(text: str, steps: int) -> Schedule:
+def schedule(text: str, steps: int, first_pass: int = 0) -> Schedule:
     """The texts `text` reads over a run of `steps` (A1111's count: ldm/pipeline.py's `run_steps`), as (end, text)
     pairs with ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same
-    text).
+    text). `first_pass`: the steps of the first pass when this run is a hires fix's second, 0 otherwise.
     Remembered: a request's checks, encoding and batching each ask for its schedules."""
     try:
         nodes = _parse(text)
@@ -76,13 +80,13 @@ def schedule(text: str, steps: int) -> Schedule:
         return ((steps, text),)
     ends = {steps}
     for node in _walk(nodes):
-        if isinstance(node, _Edit) and (when := _step(node.when, steps)) >= 1:
+        if isinstance(node, _Edit) and (when := _step(node.when, steps, first_pass)) >= 1:
             ends.add(when)
         elif isinstance(node, _Alternation):
             ends.update(range(1, steps + 1))
     entries: list[tuple[int, str]] = []
     for end in sorted(ends):
-        resolved = _resolve(nodes, end, steps)
+        resolved = _resolve(nodes, end, steps, first_pass)
         if entries and entries[-1][1] == resolved:
             entries.pop()
         entries.append((end, resolved))
@@ -97,24 +101,26 @@ def text_at(entries: Sequence[tuple[int, object]], call: int) -> int:
     return len(entries) - 1
 
 
-def _step(when: str, steps: int) -> int:
-    """The step a written `when` names: a fraction of `steps` with a decimal point, a step without; floored, at most
-    `steps` (and a huge one is `steps`, where A1111 would overflow)."""
-    value = float(when) * steps if "." in when else float(when)
+def _step(when: str, steps: int, first_pass: int = 0) -> int:
+    """The step of this run a written `when` names: a fraction of `steps` with a decimal point, a step without;
+    floored, at most `steps` (and a huge one is `steps`, where A1111 would overflow). In a hires fix's second pass
+    (`first_pass` > 0), steps count on from the first pass's and fractions from 1."""
+    fraction_offset = 1.0 if first_pass else 0.0
+    value = (float(when) - fraction_offset) * steps if "." in when else float(when) - first_pass
     return steps if value >= steps else int(max(value, -1.0))
 
 
-def _resolve(nodes: list[_Node], step: int, steps: int) -> str:
+def _resolve(nodes: list[_Node], step: int, steps: int, first_pass: int) -> str:
     """The text `nodes` read at schedule step `step` (1-based)."""
     out = []
     for node in nodes:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Edit):
-            chosen = (node.before or []) if step <= _step(node.when, steps) else node.after
-            out.append(_resolve(chosen, step, steps))
+            chosen = (node.before or []) if step <= _step(node.when, steps, first_pass) else node.after
+            out.append(_resolve(chosen, step, steps, first_pass))
         else:
-            out.append(_resolve(node.options[(step - 1) % len(node.options)], step, steps))
+            out.append(_resolve(node.options[(step - 1) % len(node.options)], step, steps, first_pass))
     return "".join(out)
 
 

@@ -138,7 +138,10 @@ CASES: list[Case] = [
          "sampler plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"),
     Case("hires fix run past the model's steps", with_(hr_scale=2, hr_steps=20, strength=0.01), "strength",
          "strength 0.01 makes the hires fix's 20 steps the last of a run of 2000, over this model's 999: raise "
-         "strength to at least 0.02, or lower hr_steps"),
+         "strength to at least 0.0201, or lower hr_steps"),
+    Case("hires fix reading a bad weight in its second pass alone",
+         with_(prompt="[a|(b:1..5)]", emphasis=True, ddim_steps=1, hr_scale=2, hr_steps=2, sampler="euler"),
+         "prompt", "prompt: '1..5' in ':1..5)' is not a weight"),
     Case("emphasis weight not a number in a prompt edit", with_(prompt="a [red:(blue:1..2):1] door", emphasis=True),
          "prompt", "prompt: '1..2' in ':1..2)' is not a weight: write a number such as 1.3"),
     Case("emphasis weight overflowing", with_(negative_prompt="(" * 1000 + "fog", emphasis=True), "negative_prompt",

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm import hires
 from ldm.checkpoint import read_state_dict
 from ldm.model import StableDiffusion
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, hires_pass, resolve, text_schedule
@@ -22,6 +23,7 @@ from tests.test_pipeline import DIFFUSERS_PEERS
 # A1111 1.6's latent upscalers, written out again from its table (torch mode, antialias).
 A1111_LATENT_MODES = {
     "latent": ("bilinear", False),
+    "latent_antialiased": ("bilinear", True),
     "latent_bicubic_antialiased": ("bicubic", True),
     "latent_nearest_exact": ("nearest-exact", False),
 }
@@ -66,7 +68,7 @@ def second_pass(peer: Any, request: GenerationRequest, z0: torch.Tensor) -> np.n
     import diffusers
 
     steps = request.hr_steps
-    run = int(steps / request.strength)
+    run = int(steps / min(request.strength, 0.999))
     assert int(run * (steps / run)) == steps, "diffusers' int(S·strength) must come out at N"
     pipe = with_scheduler(diffusers.StableDiffusionImg2ImgPipeline(**peer.components), request.sampler, run)
     pipe.set_progress_bar_config(disable=True)
@@ -91,6 +93,7 @@ def second_pass(peer: Any, request: GenerationRequest, z0: torch.Tensor) -> np.n
         ("ddim", "latent", 2.0, 6, 0.7),
         ("euler_a", "latent_bicubic_antialiased", 1.5, 4, 0.5),
         ("dpm2", "latent_nearest_exact", 1.25, 3, 0.6),
+        ("dpm2", "latent_antialiased", 2.0, 5, 1.0),  # the whole run, from the upscaled latent noised to σ_max
     ],
 )
 def test_latent_hires_fix_equals_diffusers_txt2img_upscaled_then_img2img(
@@ -147,17 +150,51 @@ def test_image_hires_fix_resizes_the_first_image_and_encodes_it_again(
     assert np.abs(ours - latent).mean() > 1
 
 
-def test_hires_pass_counts_prompt_editing_over_its_own_steps() -> None:
-    """A1111 schedules the second pass's texts over hr_steps, counted from its first call: `[red:blue:0.5]` reads
-    red for 5 of the first pass's 10 steps and 3 of the second pass's 6."""
+def test_prompt_editing_counts_the_second_pass_on_from_the_first_as_a1111_does() -> None:
+    """A1111 1.6 schedules a hires fix as one timeline: steps count on from the first pass's last, fractions run
+    from 1 to 2 over the second pass. After 10 first-pass steps, of the 6 hires steps `[red:blue:0.5]` reads blue
+    throughout, `[red:blue:1.5]` and `[red:blue:13]` switch after the third; an alternation starts again; a
+    two-call sampler counts both passes' calls."""
+    request = resolve(GenerationRequest("x", seed=1, height=64, width=64, steps=10, emphasis=True, hr_scale=2.0,
+                                        hr_steps=6))  # fmt: skip
+
+    def second(prompt: str, sampler: str = "ddim") -> tuple[tuple[int, str], ...]:
+        return text_schedule(dataclasses.replace(request, prompt=prompt, sampler=sampler), "prompt", hires_pass=True)
+
+    assert text_schedule(dataclasses.replace(request, prompt="[red:blue:0.5]"), "prompt") == ((5, "red"), (10, "blue"))
+    assert second("[red:blue:0.5]") == ((6, "blue"),)
+    assert second("[red:blue:1.5]") == second("[red:blue:13]") == ((3, "red"), (6, "blue"))
+    assert second("[red|blue]")[:2] == ((1, "red"), (2, "blue"))
+    assert second("[red:blue:26]", "heun") == ((6, "red"), (12, "blue"))  # 2·10 calls, then 6 of the 2·6
+    assert (hires_pass(request, 8).height, hires_pass(request, 8).steps) == (128, 6)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+def test_an_edit_in_the_second_pass_equals_diffusers_with_its_embeddings_swapped(pipeline: Pipeline, peer: Any) -> None:
+    """`[red:blue:1.5]`: red for the whole first pass, then red for calls 0–3 of the 6 hires steps and blue after,
+    against diffusers' img2img with its embeddings swapped by its step callback (tests/test_prompt_editing.py)."""
+    import diffusers
+
+    from tests.test_prompt_editing import BLUE, RED, edited_by_diffusers
+
     request = resolve(
-        GenerationRequest("[red:blue:0.5]", seed=1, height=64, width=64, steps=10, emphasis=True, hr_scale=2.0,
-                          hr_steps=6)
+        GenerationRequest(f"[{RED}:{BLUE}:1.5]", negative_prompt="blurry", seed=8, height=64, width=64, steps=10,
+                          emphasis=True, hr_scale=2.0, hr_steps=6, strength=0.75)
     )  # fmt: skip
-    assert text_schedule(request, "prompt") == ((5, "red"), (10, "blue"))
-    second = hires_pass(request, 8)
-    assert (second.height, second.width, second.steps, second.hires) == (128, 128, 6, False)
-    assert text_schedule(second, "prompt") == ((3, "red"), (6, "blue"))
+    ours = pipeline.generate(request).pixels[0]
+    z0 = F.interpolate(first_latents(peer, dataclasses.replace(request, prompt=RED)), size=(16, 16), mode="bilinear")
+    run = int(6 / 0.75)
+    image2image = diffusers.StableDiffusionImg2ImgPipeline(**peer.components)
+    image2image.set_progress_bar_config(disable=True)
+
+    def theirs(switch: int) -> np.ndarray:
+        return edited_by_diffusers(image2image, dataclasses.replace(request, steps=run), lambda c: RED if c <= switch
+                                   else BLUE, lambda _: "blurry", image=z0, strength=6 / run)  # fmt: skip
+
+    assert np.abs(ours - theirs(3)).max() < FLOAT_TOLERANCE
+    # Scheduled as a run of its own, the 6 steps' 1.5 would be past their end: red throughout.
+    assert np.abs(ours - theirs(6)).max() > 1
 
 
 def test_hires_steps_default_to_the_request_steps_and_count_in_total_steps(pipeline: Pipeline) -> None:
@@ -170,12 +207,34 @@ def test_hires_steps_default_to_the_request_steps_and_count_in_total_steps(pipel
     assert generation.images.shape == (1, 96, 96, 3)
 
 
-def test_hires_sizes_round_down_to_the_latent_factor() -> None:
-    """int(side·scale), as A1111 computes it, then down to a multiple of 8."""
+def test_hires_sizes_round_down_to_the_latent_factor(pipeline: Pipeline) -> None:
+    """int(side·scale), as A1111 computes it (83 and 93 here), then down to a multiple of 8; a scale that leaves the
+    size as it was does nothing at all, as in A1111."""
     request = resolve(GenerationRequest("x", seed=1, height=64, width=72, hr_scale=1.3))
     second = hires_pass(request, 8)
-    assert (int(64 * 1.3), int(72 * 1.3)) == (83, 93)
     assert (second.height, second.width) == (80, 88)
+    small = GenerationRequest("x", seed=1, height=64, width=64, steps=3, hr_scale=1.1)  # 70 px, down to 64
+    assert resolve(small).hr_scale == 1.0
+    generation = pipeline.generate(small)
+    assert not generation.request.hires and "Hires" not in parameters_text(generation.request, 1)
+    assert np.array_equal(generation.images, pipeline.generate(dataclasses.replace(small, hr_scale=1.0)).images)
+
+
+def test_hires_and_plain_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> None:
+    """The second pass batches across requests as the first does: each image is its request's alone, in order, up
+    to a batch's float rounding (which a Lanczos upscale can take past a rounding edge of its 8-bit first image: a
+    level there moves the result by hundredths of one)."""
+    requests = [
+        GenerationRequest("a", seed=3, height=64, width=64, steps=4, n_samples=2, hr_scale=1.5, hr_steps=2),
+        GenerationRequest("b", seed=9, height=64, width=64, steps=4),
+        GenerationRequest("c", seed=5, height=64, width=64, steps=4, hr_scale=1.5, hr_steps=2, hr_upscaler="lanczos"),
+    ]
+    together = pipeline.generate_many(requests)
+    for request, generation in zip(requests, together, strict=True):
+        alone = pipeline.generate(request)
+        assert generation.images.shape == alone.images.shape
+        tolerance = FLOAT_TOLERANCE if hires.is_latent(request.hr_upscaler) else 0.5
+        assert np.abs(generation.pixels - alone.pixels).max() < tolerance
 
 
 def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
@@ -185,7 +244,10 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
     )  # fmt: skip
     text = parameters_text(request, 5)
     assert "Size: 64x64," in text  # the first pass's, as A1111 writes it
-    assert "Denoising strength: 0.7, Hires upscale: 2, Hires steps: 20, Hires upscaler: Latent (bicubic)" in text
+    # Hires steps as many as Steps: left out, as A1111 leaves them.
+    assert "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent (bicubic)" in text
+    other = parameters_text(dataclasses.replace(request, hr_scale=1.5, hr_steps=12), 5)
+    assert "Hires upscale: 1.5, Hires steps: 12, Hires upscaler" in other
     assert "Hires" not in parameters_text(dataclasses.replace(request, hr_scale=1.0), 5)
 
 
@@ -197,6 +259,7 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
         ({"hr_scale": float("nan")}, "hr_scale"),
         ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
         ({"hr_steps": -1}, "hr_steps"),
+        ({"hr_steps": 999}, "hr_steps"),  # a run of at least 999 / 0.999 = 1,000 steps
         ({"sampler": "plms"}, "sampler"),  # its second pass is an img2img
         ({"strength": 0.0}, "strength"),
         ({"strength": 0.01, "hr_steps": 20}, "strength"),  # the last 20 of 2,000 steps: past the model's 999
