@@ -267,12 +267,16 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
 
 def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second_pass(page: Page, front: str) -> None:
     """Upscale by 2 with Lanczos, 4 hires steps at strength 0.5: the page sends them (the hires slider as the
-    strength), the result is the API's 128x128 image and says how it was made, the first pass fills the first half
-    of the bar and the second says it is the hires fix's. A strength the server refuses for the hires fix is shown
-    under the hires slider; at 1 nothing of it is sent."""
+    strength), the result is the API's 128x128 image and says how it was made, the passes share the bar by cost
+    and the second says it is the hires fix's. A strength the server refuses for the hires fix is shown under the
+    hires slider; PLMS is set aside while the fix is on; at 1, or with an init image (which disables the section),
+    nothing of it is sent."""
     page.fill("#prompt", "a lighthouse")
     page.fill("#seed", "12")
+    page.select_option("#sampler", "plms")
     page.fill("#hr_scale", "2")
+    assert page.input_value("#sampler") == "ddim"
+    assert page.is_disabled("#sampler option[value='plms']")
     page.select_option("#hr_upscaler", "lanczos")
     page.fill("#hr_steps", "4")
     page.fill("#hr_strength", "0.5")
@@ -287,7 +291,9 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
         "hr_scale": 2, "hr_upscaler": "lanczos", "hr_steps": 4, "strength": 0.5,
     }  # fmt: skip
     [result] = results(page)
-    assert result["parameters"] == "64×64 · 10 steps · guidance 7.5 · hires fix ×2 (Lanczos, 4 steps) · strength 0.5"
+    assert result["parameters"] == (
+        "64×64 → 128×128 · 10 steps · guidance 7.5 · hires fix ×2 (Lanczos, 4 steps) · strength 0.5"
+    )
     answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
                            headers={"Accept": "image/png"}, timeout=GENERATION / 1000)  # fmt: skip
     assert answer.status_code == 200, answer.text
@@ -296,8 +302,12 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     statuses = page.evaluate("window.statuses")
     assert "Step 10 of 10" in statuses and "Hires fix: step 4 of 4" in statuses, statuses
     values = [float(value) for value in page.evaluate("window.progressValues")]
-    # Step 1 of 10 of the first pass is 1/20 of the bar, step 1 of 4 of the second 1/2 + 1/8.
-    assert {0.05, 0.5, 0.625} <= set(values) and values[-1] == 1 and values == sorted(values), values
+    # The first pass's 10 steps cost 10, the second's 4 at twice the size 4·2² = 16: the first fills 10/26 of the
+    # bar, step by step, then each second-pass step a quarter of the rest.
+    first = 10 / 26
+    expected = [first * k / 10 for k in range(1, 11)] + [first + (1 - first) * k / 4 for k in range(1, 5)]
+    assert values[0] == 0 and values[-1] == 1 and values == sorted(values), values
+    assert all(any(abs(value - e) < 1e-6 for value in values) for e in expected), values
 
     page.fill("#hr_steps", "150")
     page.fill("#hr_strength", "0.05")
@@ -305,10 +315,19 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     expect(page.locator("#error-hr_strength")).to_contain_text("the last of a run of 3000", timeout=GENERATION)
     assert page.get_attribute("#hr_strength", "aria-invalid") == "true"
     page.fill("#hr_scale", "1")
+    assert page.is_enabled("#sampler option[value='plms']")
     with page.expect_request("**/imagine/stream") as sent:
         page.click("#generate")
     expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
     assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(json.loads(sent.value.post_data or ""))
+    page.fill("#hr_scale", "2")
+    page.click("#gallery .result button:has-text('Use as init image')")
+    expect(page.locator("#hr_scale")).to_be_disabled()
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(3, timeout=GENERATION)
+    body = json.loads(sent.value.post_data or "")
+    assert "init_image" in body and not {"hr_scale", "hr_upscaler", "hr_steps"} & set(body)
 
 
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:

@@ -53,18 +53,28 @@ function requestBody() {
       body.mask_blur = integer($("mask_blur").value);
     }
   }
-  // Sent with an init image too, for the server to say that the hires fix is text to image's.
-  const hrScale = number($("hr_scale").value);
-  if (hrScale !== 1) {
-    body.hr_scale = hrScale;
+  if (hiresOn()) {
+    body.hr_scale = number($("hr_scale").value);
     body.hr_upscaler = $("hr_upscaler").value;
     body.hr_steps = integer($("hr_steps").value);
-    if (!initImage) {
-      body.strength = number($("hr_strength").value);
-      strengthControl = "hr_strength";
-    }
+    body.strength = number($("hr_strength").value);
+    strengthControl = "hr_strength";
   }
   return body;
+}
+
+// Whether the hires fix is asked for: text to image only (its section is disabled with an init image), and an
+// empty box means off, as 1 does.
+function hiresOn() {
+  const scale = $("hr_scale").value.trim();
+  return !initImage && scale !== "" && Number(scale) !== 1;
+}
+
+// PLMS runs text to image only, and the hires fix's second pass is an image to image: the server says so too.
+function setPlms() {
+  const plms = $("sampler").querySelector("option[value='plms']");
+  plms.disabled = Boolean(initImage) || hiresOn();
+  if (plms.disabled && $("sampler").value === "plms") $("sampler").value = "ddim";
 }
 
 // The mask as the server reads it: a PNG of the init image's size, white where painted, black elsewhere.
@@ -140,8 +150,17 @@ function text(tag, className, content) {
   return element;
 }
 
+// The hires fix's image size, as the server computes it: int(side·scale), down to a multiple of 8.
+function upscaled(side, scale) {
+  return Math.floor(Math.floor(side * scale) / 8) * 8;
+}
+
 function describe(parameters) {
-  const parts = [`${parameters.W}×${parameters.H}`, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
+  let size = `${parameters.W}×${parameters.H}`;
+  if (parameters.hr_scale !== undefined) {
+    size += ` → ${upscaled(parameters.W, parameters.hr_scale)}×${upscaled(parameters.H, parameters.hr_scale)}`;
+  }
+  const parts = [size, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
   if (parameters.hr_scale !== undefined) {
@@ -182,10 +201,10 @@ function setInitImage(dataUrl) {
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
   clearMask(1, 1);
-  // Strength only means something with an init image, and PLMS runs text to image only (the server says so too).
+  // Strength only means something with an init image, and the hires fix without one.
   $("strength").disabled = !dataUrl;
-  $("sampler").querySelector("option[value='plms']").disabled = Boolean(dataUrl);
-  if (dataUrl && $("sampler").value === "plms") $("sampler").value = "ddim";
+  $("hires").disabled = Boolean(dataUrl);
+  setPlms();
   // Emptied either way: a file picked again after a result was sent back must fire "change" again.
   $("init_file").value = "";
   $("error-init_image").textContent = "";
@@ -280,13 +299,16 @@ function unreadable() {
 
 // The request's progress from a step line: the images already done, plus the UNet batch in flight by its share of
 // steps. A request whose images are split over several UNet batches restarts the step count in each, so the
-// fraction counts images, and only ever goes up. A hires fix's first pass fills the first half, its second (whose
-// lines say `hires`) the rest.
-function fraction(message, images, hires) {
+// fraction counts images, and only ever goes up. A hires fix's two passes (the second's lines say `hires`) share the
+// bar by what their steps cost: a second-pass step about scale² first-pass ones.
+function fraction(message, images, body) {
   const count = message.image_count ?? 1;
   const done = (message.image_index + (count * message.step) / message.total) / images;
-  if (!hires) return done;
-  return message.hires ? 0.5 + done / 2 : done / 2;
+  if (body.hr_scale === undefined) return done;
+  const steps = typeof body.ddim_steps === "number" ? body.ddim_steps : 50;
+  const second = (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * body.hr_scale ** 2;
+  const first = steps / (steps + second);
+  return message.hires ? first + (1 - first) * done : first * done;
 }
 
 async function generate() {
@@ -321,7 +343,7 @@ async function generate() {
         const first = message.image_index + 1;
         const last = message.image_index + (message.image_count ?? 1);
         const which = last - first + 1 < images ? ` · images ${first}–${last} of ${images}` : "";
-        const done = Math.max(progress.value, fraction(message, images, "hr_scale" in body));
+        const done = Math.max(progress.value, fraction(message, images, body));
         const pass = message.hires ? "Hires fix: step" : "Step";
         setProgress(done, `${pass} ${message.step} of ${message.total}${which}`);
         if (message.preview) {
@@ -392,6 +414,7 @@ $("seed").addEventListener("input", () => {
   const empty = $("seed").value === "" && !$("seed").validity.badInput;
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
+$("hr_scale").addEventListener("input", setPlms);
 for (const id of ["strength", "hr_strength"]) {
   $(id).addEventListener("input", () => {
     $(`${id}_value`).value = $(id).value;
