@@ -140,30 +140,27 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             help="AUTOMATIC1111's hires fix: make each image at --H x --W, upscale it this many times (at most 4) "
             "and sample it again at that size, for large images that keep one composition (default: %(default)s, off)",
         )
+        # No defaults here, so that one given without --hr_scale can be told apart and refused.
         parser.add_argument(
             "--hr_upscaler",
             choices=tuple(hires.UPSCALERS),
-            default="latent",
             help="the hires fix's upscaler: A1111's latent interpolations, or PIL's lanczos or nearest on the image "
-            "(default: %(default)s)",
+            "(default: latent)",
         )
         parser.add_argument(
-            "--hr_steps",
-            type=int,
-            default=0,
-            help="the hires fix's second pass: its steps (default: %(default)s, as many as --ddim_steps)",
+            "--hr_steps", type=int, help="the hires fix's second pass: its steps (default: as many as --ddim_steps)"
         )
     parser.add_argument(
         "--strength",
         type=float,
-        default=0.75,
+        default=0.75 if img2img else None,
         help=(
             "how much of the init image is replaced by noise, in (0, 1]; ⌊strength·ddim_steps⌋ steps run"
             if img2img
             else "the hires fix's denoising strength: how much of the upscaled image its second pass may change, in "
             "(0, 1]"
         )
-        + " (default: %(default)s)",
+        + " (default: 0.75)",
     )
     parser.add_argument(
         "--ddim_steps",
@@ -312,6 +309,9 @@ def check_flags(args: argparse.Namespace) -> None:
             "--fixed_code is not supported: image i starts from its own noise, seeded seed + i, so that any image "
             "can be remade from its seed alone; to start prompts from the same noise, run each with the same --seed"
         )
+    for flag in ("hr_upscaler", "hr_steps", "strength"):
+        if getattr(args, "hr_scale", None) == 1.0 and getattr(args, flag) is not None:
+            raise CliError(f"--{flag} needs --hr_scale: it is the hires fix's")
     # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
     for flag in ("n_iter", "unet_bs"):
         if getattr(args, flag) < 1:
@@ -518,12 +518,13 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         weighted_subprompts=args.weighted_subprompts,
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
-        strength=args.strength,
+        strength=0.75 if args.strength is None else args.strength,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)
     else:
-        template = replace(template, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler, hr_steps=args.hr_steps)
+        upscaler, steps = args.hr_upscaler or "latent", args.hr_steps or 0
+        template = replace(template, hr_scale=args.hr_scale, hr_upscaler=upscaler, hr_steps=steps)
     lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)

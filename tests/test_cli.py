@@ -532,7 +532,7 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
     if mode == "img2img":
         expected |= {"init_img": "in.png", "strength": 0.75}
     else:
-        expected |= {"hr_scale": 1.0, "hr_upscaler": "latent", "hr_steps": 0, "strength": 0.75}
+        expected |= {"hr_scale": 1.0, "hr_upscaler": None, "hr_steps": None, "strength": None}
     assert {k: getattr(args, k) for k in expected} == expected
     assert read_prompts(args) == [DEFAULT_PROMPT]
 
@@ -577,6 +577,8 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--hr_scale", "8"], "--hr_scale: hr_scale must be in [1, 4], got 8.0"),
     ("txt2img", ["--hr_scale", "2", "--sampler", "plms"], "--sampler: sampler plms is for txt2img only, and the hires"),
     ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
+    ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale: it is the hires fix's"),
+    ("txt2img", ["--strength", "0.5"], "--strength needs --hr_scale: it is the hires fix's"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
     ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),
