@@ -1,6 +1,6 @@
 """The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
-them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form, DPM-Solver++ SDE;
-all but the first three also on Karras' schedule.
+them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form, DPM-Solver++(2S)
+ancestral, DPM-Solver++ SDE; all but the first three also on Karras' schedule.
 (optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
 second-order step; the others are the same.)
 
@@ -211,6 +211,24 @@ def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     return x + run.noise(x) * following * math.sqrt(toward)
 
 
+def _dpmpp_2s_ancestral(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral (k-diffusion's `sample_dpmpp_2s_ancestral`, η = 1): a single-step second-order
+    DPM-Solver++ step down to σ_down, then fresh noise up to σ_{i+1}, as Euler a and DPM2 a go. The step: the
+    denoised image at σ_i carries x to the log-midpoint σ_s = √(σ_i σ_down) (the exact ODE solution for a constant
+    denoised image: x·σ_s/σ_i + (1 − σ_s/σ_i)·denoised), and the denoised image at σ_s carries x from σ_i the whole
+    way. Euler alone on the step to 0, where σ_down is 0."""
+    sigma, following = run.sigmas[i], run.sigmas[i + 1]
+    denoised = x - sigma * run.derivative(x, sigma)
+    down, up = ancestral_step(sigma, following)
+    if down == 0:
+        return x + (x - denoised) / sigma * (down - sigma)
+    middle = geometric_mean(sigma, down)
+    x_middle = (middle / sigma) * x + (1 - middle / sigma) * denoised
+    denoised_middle = x_middle - middle * run.derivative(x_middle, middle)
+    x = (down / sigma) * x + (1 - down / sigma) * denoised_middle
+    return x + run.noise(x) * up if following > 0 else x
+
+
 def brownian_increments(
     upper: torch.Tensor, lower: torch.Tensor, sigma: float, middle: float, following: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,20 +275,23 @@ STEPS: dict[str, tuple[Step, bool]] = {
     "lms": (_lms, False),
     "dpmpp_2m": (_dpmpp_2m, False),
     "dpmpp_2m_sde": (_dpmpp_2m_sde, False),
+    "dpmpp_2s_a": (_dpmpp_2s_ancestral, False),
     "dpmpp_sde": (_dpmpp_sde, False),
     "lms_karras": (_lms, True),
     "dpm2_karras": (_dpm2, True),
     "dpm2_a_karras": (_dpm2_ancestral, True),
     "dpmpp_2m_karras": (_dpmpp_2m, True),
     "dpmpp_2m_sde_karras": (_dpmpp_2m_sde, True),
+    "dpmpp_2s_a_karras": (_dpmpp_2s_ancestral, True),
     "dpmpp_sde_karras": (_dpmpp_sde, True),
 }
 
 
 def unet_calls_per_step(name: str) -> int:
-    """2 for the samplers that call the UNet twice a step (all but the last): Heun, DPM2, DPM2 a and DPM++ SDE; 1 for
-    the others, DDIM and PLMS too."""
-    return 2 if name in STEPS and STEPS[name][0] in (_heun, _dpm2, _dpm2_ancestral, _dpmpp_sde) else 1
+    """2 for the samplers that call the UNet twice a step (all but the last): Heun, DPM2, DPM2 a, DPM++ 2S a and
+    DPM++ SDE; 1 for the others, DDIM and PLMS too."""
+    two_calls = (_heun, _dpm2, _dpm2_ancestral, _dpmpp_2s_ancestral, _dpmpp_sde)
+    return 2 if name in STEPS and STEPS[name][0] in two_calls else 1
 
 
 def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:

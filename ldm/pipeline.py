@@ -46,12 +46,14 @@ SAMPLERS = {
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2s_a": "DPM++ 2S a",
     "dpmpp_sde": "DPM++ SDE",
     "lms_karras": "LMS Karras",
     "dpm2_karras": "DPM2 Karras",
     "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
     "dpmpp_sde_karras": "DPM++ SDE Karras",
 }
 MAX_SEED = 2**32 - 1
@@ -156,7 +158,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2, DPM2 a, DPM++ SDE), reported so a caller
+    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), reported so a caller
     can tell whose images just moved.
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
@@ -341,8 +343,8 @@ def check_emphasis(request: GenerationRequest) -> None:
 
 
 def run_steps(request: GenerationRequest) -> int:
-    """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2, DPM2 a
-    and DPM++ SDE, which call the UNet twice a step)."""
+    """The steps prompt editing counts in the request's run (A1111's count: twice its steps for Heun, DPM2, DPM2 a,
+    DPM++ 2S a and DPM++ SDE, which call the UNet twice a step)."""
     return request.steps * k_samplers.unet_calls_per_step(request.sampler)
 
 

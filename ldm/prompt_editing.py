@@ -9,7 +9,7 @@ The syntax, as A1111 (1.6 and later, its default "new" scheduling) reads it, bef
   drops `from` at `when`. Either text may hold brackets, emphasis and more editing.
 - `when` with a decimal point is a fraction of the run's steps (`0.25`), without one a step (`10`); floored, and at
   most the run's steps. The run's steps are the request's, twice them for samplers that call the UNet twice a step
-  (Heun, DPM2, DPM2 a, DPM++ SDE), as A1111 counts.
+  (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), as A1111 counts.
 - `[a|b|c]` takes `a` at step 1, `b` at step 2, `c` at step 3, `a` at step 4, …; an option may be empty.
 - A hires fix's second pass (ldm/hires.py) is scheduled on from its first, as A1111 1.6 schedules it: a step counts
   on from the first pass's last (`[a:b:25]` after 20 first-pass steps switches at the second pass's step 5), a

@@ -90,7 +90,7 @@ def test_fast_path_within_fp16_rounding(fp32_cuda: Pipeline, fast_fp16: Pipeline
 
 # A sampler, a case of a warmed-up shape, and the UNet calls of that case's run (S = 10 steps; img2img: m = 5).
 SAMPLER_RUNS = [("plms", "basic", 11), ("euler_a", "basic", 10), ("heun", "basic", 19),
-                ("dpmpp_2m_karras", "basic", 10), ("dpmpp_sde_karras", "basic", 19),
+                ("dpmpp_2m_karras", "basic", 10), ("dpmpp_sde_karras", "basic", 19), ("dpmpp_2s_a", "basic", 19),
                 ("euler_a", "img2img", 5)]  # fmt: skip
 
 

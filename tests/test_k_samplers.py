@@ -384,3 +384,56 @@ def test_callback_sees_every_step_once(schedule: SigmaSchedule) -> None:
     noise = torch.zeros(1, 1, 2, 2)
     run("heun", eps_fn([]), noise, schedule, 4, [], lambda i, total, x: seen.append((i, total)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def k_diffusion_dpmpp_2s_ancestral(
+    eps: EpsFn, schedule: SigmaSchedule, sigmas: list[float], x: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """k-diffusion 0.1.1's `sample_dpmpp_2s_ancestral` (η = 1, s_noise = 1) as it is written there: in t = −log σ,
+    with expm1, on its denoiser D(x, σ) = x − σ·ε(x/√(σ² + 1), t(σ)), the step noise drawn from `generator`."""
+
+    def denoised(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma_value = float(sigma)
+        return x - sigma * eps(x / (sigma_value**2 + 1.0) ** 0.5, schedule.timestep(sigma_value))
+
+    levels = torch.tensor(sigmas, dtype=torch.float64)
+    for i in range(len(levels) - 1):
+        d = denoised(x, levels[i])
+        sigma_up = torch.minimum(
+            levels[i + 1], (levels[i + 1] ** 2 * (levels[i] ** 2 - levels[i + 1] ** 2) / levels[i] ** 2) ** 0.5
+        )
+        sigma_down = (levels[i + 1] ** 2 - sigma_up**2) ** 0.5
+        if sigma_down == 0:
+            x = x + (x - d) / levels[i] * (sigma_down - levels[i])
+        else:
+            t, t_next = -levels[i].log(), -sigma_down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - torch.expm1(-h / 2) * d
+            d_2 = denoised(x_2, (-s).exp())
+            x = ((-t_next).exp() / (-t).exp()) * x - torch.expm1(-h) * d_2
+        if levels[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=generator).to(x.dtype) * sigma_up  # float32 draws, as ours
+    return x
+
+
+@pytest.mark.parametrize("steps", [2, 10, 28])
+@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_2s_a_karras"])
+def test_dpmpp_2s_ancestral_equals_k_diffusions_algorithm(schedule: SigmaSchedule, name: str, steps: int) -> None:
+    """Against k-diffusion's own loop transcribed (diffusers has no port), in float64 on a stand-in ε: the same
+    UNet timesteps (two a step, one on the last) and the same result from the same generator."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+    levels = k_samplers.noise_levels(name, schedule, steps)
+    ours_calls: list[float] = []
+    theirs_calls: list[float] = []
+    ours = run(name, eps_fn(ours_calls), noise, schedule, steps, [torch.Generator().manual_seed(5)])
+    theirs = k_diffusion_dpmpp_2s_ancestral(
+        eps_fn(theirs_calls), schedule, levels, noise * levels[0], torch.Generator().manual_seed(5)
+    )
+    assert ours_calls == pytest.approx(theirs_calls, abs=1e-9) and len(ours_calls) == 2 * steps - 1
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    # Not DPM2 a, the other second-order ancestral sampler, on the same levels and noise.
+    dpm2_a = run(
+        name.replace("dpmpp_2s_a", "dpm2_a"), eps_fn([]), noise, schedule, steps, [torch.Generator().manual_seed(5)]
+    )
+    assert (dpm2_a - theirs).abs().max().item() > 1e-2

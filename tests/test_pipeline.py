@@ -165,6 +165,8 @@ def test_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> Non
         dataclasses.replace(SMALL, sampler="dpmpp_2m_karras", seed=14, n_samples=2),
         dataclasses.replace(SMALL, sampler="dpmpp_2m_sde_karras", seed=17, n_samples=2),
         dataclasses.replace(SMALL, sampler="dpmpp_sde_karras", seed=19, n_samples=2),
+        dataclasses.replace(SMALL, sampler="dpmpp_2s_a_karras", seed=21, n_samples=2),
+        GenerationRequest("tiles", seed=22, steps=4, init_image=init, strength=0.5, sampler="dpmpp_2s_a"),
         GenerationRequest("tiles", seed=20, steps=4, init_image=init, strength=0.5, sampler="dpmpp_sde"),
         GenerationRequest("tiles", seed=18, steps=4, init_image=init, strength=0.5, sampler="dpmpp_2m_sde"),
         GenerationRequest("tiles", seed=15, steps=4, init_image=init, strength=0.5, sampler="euler_a"),

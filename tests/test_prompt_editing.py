@@ -84,7 +84,7 @@ def test_unet_call_c_reads_the_first_text_ending_at_or_after_c() -> None:
 
 
 def test_two_call_samplers_count_two_steps_a_step_and_plain_prompts_no_syntax() -> None:
-    for sampler, steps in (("ddim", 6), ("euler_a", 6), ("heun", 12), ("dpm2_a_karras", 12)):
+    for sampler, steps in (("ddim", 6), ("euler_a", 6), ("heun", 12), ("dpm2_a_karras", 12), ("dpmpp_2s_a", 12)):
         assert text_schedule(dataclasses.replace(REQUEST, sampler=sampler), "prompt") == ((2, RED), (steps, BLUE))
     plain = dataclasses.replace(REQUEST, emphasis=False)
     assert text_schedule(plain, "prompt") == ((6, REQUEST.prompt),)
