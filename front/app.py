@@ -58,7 +58,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
     try:
         for iteration in range(plan.iterations):
             if iteration:
-                response = await api.open(plan.iteration(results.next_seed), NDJSON)
+                response = await api.open(plan.iteration(iteration), NDJSON)
                 if response.status_code != 200:
                     raise await api.refusal(response)
             finished = False
@@ -130,7 +130,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def json_array(api: InferenceApi, plan: Plan) -> Response:
         results = Results()
         for iteration in range(plan.iterations):
-            response = await api.open(plan.iteration(results.next_seed if iteration else None), JSON)
+            response = await api.open(plan.iteration(iteration), JSON)
             try:
                 if response.status_code != 200:
                     raise await api.refusal(response)

@@ -5,17 +5,20 @@ Decisions, and why:
   its users ask for 2 × 5 = 10 images, while TorchServe takes at most 8 per request (`max_images` in
   model-config.yaml, which bounds GPU memory). Iteration k is sent as `n_samples` images from seed
   `seed + k·n_samples`, the first seed after the previous iteration's last: since every image has its own generator
-  (seed + i), the images are exactly those one big request would make, in the same order. The iterations go one
-  after another, not all at once: the first invalid field stops the request before any further GPU work, progress
-  arrives in order, and one user's 10 images do not crowd every other user out of TorchServe's batches.
-- **The front draws the seed** when none is given, below 2³² − `max_images`, so every image's seed is known and
-  valid before the first request is sent: the progress stream carries `X-Seed` from its first byte, and the seeds
-  of later iterations follow from it.
+  (seed + i), the images are exactly those one big request would make, in the same order. With variation seeds
+  every image keeps the seed and the variation seed counts instead: iteration k gets `subseed + k·n_samples`. The
+  iterations go one after another, not all at once: the first invalid field stops the request before any further
+  GPU work, progress arrives in order, and one user's 10 images do not crowd every other user out of TorchServe's
+  batches.
+- **The front draws the seed** when none is given (and the variation seed, when variation seeds are asked for),
+  below 2³² − `max_images`, so every image's seed is known and valid before the first request is sent: the progress
+  stream carries `X-Seed` from its first byte, and the seeds of later iterations follow from it.
 - **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a field holding an array
   or object, a `stream` flag that is not a boolean, a count or seed that is not an integer) is forwarded as it is,
   so that TorchServe's handler names the field at fault. The front only refuses what is its own: more than
-  `max_images` images in one request, and a seed its split would carry past 2³² − 1 (TorchServe, which sees one
-  iteration at a time, would refuse only a later iteration, after the first had been computed).
+  `max_images` images in one request, and a seed (or variation seed) its split would carry past 2³² − 1
+  (TorchServe, which sees one iteration at a time, would refuse only a later iteration, after the first had been
+  computed).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one `/imagine` request is sent to TorchServe."""
@@ -57,6 +64,8 @@ class Plan:
     stream: bool
     # TorchServe requests to send, one per iteration; 1 leaves `n_iter` to TorchServe.
     iterations: int
+    # The field that counts up per image: the seed, or with variation seeds the variation seed.
+    counted: str = "seed"
 
     @property
     def seed(self) -> int | None:
@@ -66,19 +75,22 @@ class Plan:
         """The request as one TorchServe request (a PNG answer holds one image: TorchServe says so if not)."""
         return self.raw if self.fields is None else json.dumps(self.fields).encode()
 
-    def iteration(self, seed: int | None = None) -> bytes:
-        """One iteration's request: `n_samples` images from `seed` (None: the request's own seed)."""
+    def iteration(self, k: int = 0) -> bytes:
+        """Iteration k's request: `n_samples` images, its counted seed k·n_samples on from the request's."""
         if self.iterations == 1:
             return self.whole()
         assert self.fields is not None, "only a parsed request is split"
-        return json.dumps({**self.fields, "n_iter": 1, "seed": self.seed if seed is None else seed}).encode()
+        first = self.fields[self.counted] + k * self.fields.get("n_samples", 1)
+        return json.dumps({**self.fields, "n_iter": 1, self.counted: first}).encode()
 
 
 def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
-    """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`) and draw the seed if absent.
+    """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`, and `subseed` with
+    `subseed_strength`) and draw the seeds it counts on if absent.
 
     The original app's own field names become ours (front/original_fields.py). Raises FrontError for more than
-    `max_images` images, for a seed whose last image would pass 2³² − 1, and for an original field we cannot honour.
+    `max_images` images, for a counted seed whose last image would pass 2³² − 1, and for an original field we cannot
+    honour.
     """
     try:
         fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
@@ -93,21 +105,27 @@ def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     if not isinstance(fields.get("stream", False), bool):
         return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
-    n_samples, n_iter, seed = fields.get("n_samples", 1), fields.get("n_iter", 1), fields.get("seed")
+    n_samples, n_iter = fields.get("n_samples", 1), fields.get("n_iter", 1)
     if not (_is_integer(n_samples) and _is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):
         return Plan(fields, raw, stream, 1)
     images = n_samples * n_iter
     if images > max_images:
         name = "n_iter" if "n_iter" in fields else "n_samples"
         raise FrontError(400, f"n_samples×n_iter must be at most {max_images} images, got {images}", name)
-    if seed is None:
-        fields["seed"] = secrets.randbelow(MAX_SEED - max_images + 2)
-    elif not _is_integer(seed):
+    strength = fields.get("subseed_strength", 0)
+    if not _is_number(strength):
         return Plan(fields, raw, stream, 1)
-    elif not 0 <= seed <= MAX_SEED - images + 1:
-        # The handler's own message for the whole request: image i has seed + i, and every seed is 32-bit.
-        raise FrontError(400, f"seed must be between 0 and {MAX_SEED - images + 1}, got {seed}", "seed")
-    return Plan(fields, raw, stream, n_iter if "n_iter" in fields else 1)
+    counted = "subseed" if strength != 0 else "seed"
+    for name in ("seed", counted):
+        value = fields.get(name)
+        if value is None:
+            fields[name] = secrets.randbelow(MAX_SEED - max_images + 2)
+        elif not _is_integer(value):
+            return Plan(fields, raw, stream, 1)
+        elif name == counted and not 0 <= value <= MAX_SEED - images + 1:
+            # The handler's own message for the whole request: image i has seed + i (or subseed + i), 32-bit.
+            raise FrontError(400, f"{name} must be between 0 and {MAX_SEED - images + 1}, got {value}", name)
+    return Plan(fields, raw, stream, n_iter if "n_iter" in fields else 1, counted)
 
 
 @dataclass
@@ -116,6 +134,8 @@ class Results:
 
     images: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    # Each image's variation seed, with variation seeds.
+    subseeds: list[int] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
     # The same in every iteration: they come from the request's texts. Absent from a server older than this front
     # (a rolling upgrade).
@@ -124,19 +144,16 @@ class Results:
     def add(self, answer: dict[str, Any]) -> None:
         self.images += answer["images"]
         self.seeds += answer["seeds"]
+        self.subseeds += answer.get("subseeds", [])
         self.parameters = self.parameters or answer["parameters"]
         self.warnings = self.warnings or answer.get("warnings", [])
-
-    @property
-    def next_seed(self) -> int:
-        """The seed of the next iteration's first image."""
-        return self.seeds[-1] + 1
 
     def answer(self, plan: Plan) -> dict[str, Any]:
         """TorchServe's JSON answer for the whole request: all images and seeds, the first iteration's parameters
         with the request's `n_iter`."""
         parameters = {**self.parameters, "n_iter": plan.iterations} if plan.iterations > 1 else self.parameters
-        return {"images": self.images, "seeds": self.seeds, "parameters": parameters, "warnings": self.warnings}
+        answer = {"images": self.images, "seeds": self.seeds, "parameters": parameters, "warnings": self.warnings}
+        return answer | ({"subseeds": self.subseeds} if self.subseeds else {})
 
 
 def seed_headers(seeds: list[int]) -> dict[str, str]:

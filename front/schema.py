@@ -29,6 +29,14 @@ class ImagineRequest(BaseModel):
     eta: float = Field(0.0, description="DDIM η; 0 is deterministic (and the only value other samplers take)")
     ddim_eta: float | None = Field(None, description="the original app's name for eta (give one of the two)")
     seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
+    subseed: int | None = Field(
+        None,
+        description="AUTOMATIC1111's variation seed: with subseed_strength above 0 every image keeps the seed, and "
+        "image i's noise is bent toward that of subseed + i (default: random, reported back)",
+    )
+    subseed_strength: float = Field(
+        0.0, description="how far toward the variation seed's noise, in [0, 1] (0: no variation)"
+    )
     n_samples: int = Field(1, description="images per iteration (at most 8)")
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
     sampler: str = Field(

@@ -62,6 +62,8 @@ FIELDS = (
     "hr_scale",
     "hr_upscaler",
     "hr_steps",
+    "subseed",
+    "subseed_strength",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -353,9 +355,14 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if total > limits.max_images:
         field = "n_iter" if "n_iter" in body else "n_samples"
         raise RequestError(field, f"n_samples×n_iter must be at most {limits.max_images} images, got {total}")
-    if seed is not None and seed > MAX_SEED - total + 1:
-        # Image i has seed + i: the last one must be 32-bit too.
-        raise RequestError("seed", f"seed must be between 0 and {MAX_SEED - total + 1}, got {seed}")
+    subseed = body.get("subseed")
+    if subseed is not None:
+        subseed = _integer(body, "subseed", 0, 0, MAX_SEED)
+    subseed_strength = _number(body, "subseed_strength", 0.0, 0.0, 1.0)
+    # Image i has seed + i, or with variation seeds subseed + i: the last one must be 32-bit too.
+    counted, first = ("subseed", subseed) if subseed_strength != 0 else ("seed", seed)
+    if first is not None and first > MAX_SEED - total + 1:
+        raise RequestError(counted, f"{counted} must be between 0 and {MAX_SEED - total + 1}, got {first}")
     hr_scale = _number(body, "hr_scale", 1.0, 1.0, hires.MAX_SCALE)
     if hr_scale != 1:
         _check_hires_size(sizes["H"], sizes["W"], hr_scale, settings)
@@ -385,6 +392,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_scale=hr_scale,
         hr_upscaler=_text(body, "hr_upscaler", d.hr_upscaler, 32),
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
+        subseed=subseed,
+        subseed_strength=subseed_strength,
         **_syntax(body, settings),
     )
     try:

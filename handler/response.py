@@ -44,6 +44,8 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         parameters["strength"] = r.strength
     if r.hires:
         parameters.update(hr_scale=r.hr_scale, hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
+    if r.variation:
+        parameters.update(subseed=r.subseed, subseed_strength=r.subseed_strength)
     if r.mask_image is not None:
         parameters["mask_blur"] = r.mask_blur
     return parameters
@@ -53,21 +55,23 @@ def png_files(generations: Sequence[Generation], model_hash: str) -> list[list[b
     """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed), the whole
     batch's compressed at once."""
     texts = [
-        parameters_text(g.request, seed, model_hash, g.lora_hashes, g.embedding_hashes)
+        parameters_text(g.request, seed, model_hash, g.lora_hashes, g.embedding_hashes, subseed)
         for g in generations
-        for seed in g.seeds
+        for seed, subseed in zip(g.seeds, g.subseeds, strict=True)
     ]
     files = iter(encode_with_parameters([image for g in generations for image in g.images], texts))
     return [[next(files) for _ in g.seeds] for g in generations]
 
 
 def json_body(generation: Generation, pngs: Sequence[bytes]) -> str:
-    """`{"images": [base64 PNG, ...], "seeds": [...], "parameters": {...}, "warnings": [...]}`."""
-    return json.dumps(
-        {
-            "images": [base64.b64encode(png).decode("ascii") for png in pngs],
-            "seeds": generation.seeds,
-            "parameters": effective_parameters(generation),
-            "warnings": list(generation.warnings),
-        }
-    )
+    """`{"images": [base64 PNG, ...], "seeds": [...], "parameters": {...}, "warnings": [...]}`, and each image's
+    `"subseeds"` with variation seeds."""
+    body: dict[str, Any] = {
+        "images": [base64.b64encode(png).decode("ascii") for png in pngs],
+        "seeds": generation.seeds,
+        "parameters": effective_parameters(generation),
+        "warnings": list(generation.warnings),
+    }
+    if generation.request.variation:
+        body["subseeds"] = generation.subseeds
+    return json.dumps(body)

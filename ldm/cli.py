@@ -188,6 +188,18 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         type=int,
         help=f"seed of the first image; image i gets seed + i (default: random in [0, {RANDOM_SEED_MAX:,}])",
     )
+    parser.add_argument(
+        "--subseed",
+        type=int,
+        help="AUTOMATIC1111's variation seed: with --subseed_strength above 0 every image keeps --seed, and image "
+        f"i's noise is bent toward that of subseed + i (default: random in [0, {RANDOM_SEED_MAX:,}])",
+    )
+    parser.add_argument(
+        "--subseed_strength",
+        type=float,
+        default=0.0,
+        help="how far toward the variation seed's noise, in [0, 1] (default: %(default)s, no variation)",
+    )
     parser.add_argument("--device", type=str, default="cuda", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--precision",
@@ -467,7 +479,10 @@ def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
 def write_images(generation: Generation, outdir: Path, index: int, image_format: str, model_hash: str) -> list[Path]:
     """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters; returns the paths."""
     hashes = (generation.lora_hashes, generation.embedding_hashes)
-    texts = [parameters_text(generation.request, seed, model_hash, *hashes) for seed in generation.seeds]
+    texts = [
+        parameters_text(generation.request, seed, model_hash, *hashes, subseed)
+        for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
+    ]
     files = (
         encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
         if image_format == "png"
@@ -500,10 +515,17 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         check_init_size(args, init_image, config.vae.downsampling_factor)
 
     seed = args.seed if args.seed is not None else random.randint(0, RANDOM_SEED_MAX)
+    subseed = args.subseed
+    if args.subseed_strength != 0 and subseed is None:
+        subseed = random.randint(0, RANDOM_SEED_MAX)
+    # What counts up from image to image across the run: the seed, or with variation seeds the variation seed.
+    counted_name, counted = ("subseed", subseed) if args.subseed_strength != 0 else ("seed", seed)
+    assert counted is not None
     n_images = args.n_samples * args.n_iter * len(prompts)
-    if seed + n_images - 1 > MAX_SEED:
-        raise CliError(f"--seed {seed}: the run's last seed {seed + n_images - 1} would exceed {MAX_SEED}")
-    seeds = range(seed, seed + n_images)
+    if counted + n_images - 1 > MAX_SEED:
+        last = counted + n_images - 1
+        raise CliError(f"--{counted_name} {counted}: the run's last {counted_name} {last} would exceed {MAX_SEED}")
+    counts = range(counted, counted + n_images)
     template = GenerationRequest(
         prompt=prompts[0],
         negative_prompt=args.negative_prompt,
@@ -519,6 +541,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
         strength=0.75 if args.strength is None else args.strength,
+        subseed=subseed,
+        subseed_strength=args.subseed_strength,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)
@@ -566,7 +590,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     with tqdm(total=steps_per_batch * args.n_iter * len(prompts), desc="Sampling", unit="step") as bar:
         for _ in range(args.n_iter):
             for prompt in prompts:
-                request = replace(template, prompt=prompt, seed=seed)
+                request = replace(template, prompt=prompt, **{counted_name: counted})
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
                 if outdir is not None:
                     paths = write_images(generation, outdir, index, args.format, model.model_hash)
@@ -574,10 +598,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
                         bar.write(str(path), file=sys.stdout)
                     written += paths
                     index += len(paths)
-                seed += args.n_samples
+                counted += args.n_samples
     minutes = (time.monotonic() - started) / 60
     # optimizedSD's closing line listed the seeds used; ours are consecutive, so first and last say it all.
-    span = f"seed {seeds[0]}" if n_images == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    span = f"{counted_name} {counts[0]}" if n_images == 1 else f"{counted_name}s {counts[0]}..{counts[-1]}"
+    if counted_name == "subseed":
+        span = f"seed {seed}, {span}"
     where = "not saved (--skip_save)" if outdir is None else f"in {outdir}"
     print(f"{n_images} image(s) in {minutes:.2f} minutes, {span}, {where}", file=sys.stderr)
     return written

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts
+from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts, variation
 from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
@@ -84,6 +84,9 @@ class GenerationRequest:
     name LoRAs (`ldm/lora.py`) and are not text. `clip_skip` k: the texts are read from CLIP's k-th layer from the
     end (A1111's "Clip skip"; 1, the last, is SD v1's own).
 
+    `subseed_strength` above 0 → A1111's variation seeds (ldm/variation.py): every image keeps `seed`, and its noise
+    is bent toward that of its variation seed `subseed` + i (None: drawn and reported back) by the strength.
+
     `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
     `hr_scale` times its size and sampled again for `hr_steps` steps (0: `steps`), `strength` telling how much of it
     the second pass may change.
@@ -110,16 +113,31 @@ class GenerationRequest:
     hr_scale: float = 1.0  # 1: no hires fix
     hr_upscaler: str = "latent"
     hr_steps: int = 0
+    subseed: int | None = None
+    subseed_strength: float = 0.0  # 0: no variation
 
     @property
     def n_images(self) -> int:
         return self.n_samples * self.n_iter
 
     @property
+    def variation(self) -> bool:
+        return self.subseed_strength != 0
+
+    @property
     def seeds(self) -> list[int]:
-        """seed_i = seed + i for image i = iter·n_samples + j."""
+        """seed_i = seed + i for image i = iter·n_samples + j; the seed itself for every image with variation seeds,
+        as A1111 keeps it."""
         assert self.seed is not None, "seeds are known once the request has a seed"
-        return [self.seed + i for i in range(self.n_images)]
+        return [self.seed + (0 if self.variation else i) for i in range(self.n_images)]
+
+    @property
+    def subseeds(self) -> list[int]:
+        """Each image's variation seed, subseed + i (none without variation seeds)."""
+        if not self.variation:
+            return []
+        assert self.subseed is not None, "variation seeds are known once the request is resolved"
+        return [self.subseed + i for i in range(self.n_images)]
 
     def img2img_steps(self) -> int:
         """m = ⌊strength·S⌋ (computed as the original does, int() of the float product)."""
@@ -158,8 +176,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), reported so a caller
-    can tell whose images just moved.
+    """One sampler step of one UNet batch (two UNet calls for Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), reported so
+    a caller can tell whose images just moved.
 
     A batch may mix images of several requests (`generate_many`), so each row of `latents` (B, C, h, w) is named by
     `images[row]` = (request index in the call, image index within that request). `step` runs 1..`total`, and
@@ -199,6 +217,11 @@ class Generation:
     @property
     def seeds(self) -> list[int]:
         return self.request.seeds
+
+    @property
+    def subseeds(self) -> list[int | None]:
+        """Each image's variation seed (None without variation seeds)."""
+        return list(self.request.subseeds) or [None] * self.request.n_images
 
 
 def check_sampler(request: GenerationRequest) -> None:
@@ -437,10 +460,21 @@ def resolve(
             raise GenerationError(name, f"{name} must be at least 1, got {value}")
     if not request.eta >= 0:
         raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
-    if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n_images + 1:
-        raise GenerationError("seed", f"seed must be in [0, {MAX_SEED}] for every image (seed + i), got {request.seed}")
+    if not 0.0 <= request.subseed_strength <= 1.0:
+        raise GenerationError(
+            "subseed_strength", f"subseed_strength must be in [0, 1] (0: no variation), got {request.subseed_strength}"
+        )
+    # The seeds that count up per image: the seed's, or with variation seeds the variation seed's.
+    counted = "subseed" if request.variation else "seed"
+    for name in ("seed", "subseed"):
+        value, last = getattr(request, name), MAX_SEED - (request.n_images - 1 if name == counted else 0)
+        if value is not None and not 0 <= value <= last:
+            every = f" for every image ({name} + i)" if name == counted else ""
+            raise GenerationError(name, f"{name} must be in [0, {last}]{every}, got {value}")
     if request.seed is None:
         request = replace(request, seed=random.randint(0, MAX_SEED - request.n_images + 1))
+    if request.variation and request.subseed is None:
+        request = replace(request, subseed=random.randint(0, MAX_SEED - request.n_images + 1))
     if request.init_image is None:
         size = (default_size, default_size)
     else:
@@ -634,11 +668,17 @@ class Pipeline:
             return [(1.0, sigma) for sigma in self.k_levels(sampler, len(schedule.steps), m)[1:]]
         return [(step.alpha**0.5, (1.0 - step.alpha) ** 0.5) for step in schedule.tail(m)[1:]] + [(1.0, 0.0)]
 
-    def noise(self, request: GenerationRequest, seed: int) -> tuple[torch.Generator, torch.Tensor]:
+    def noise(self, request: GenerationRequest, image_index: int) -> tuple[torch.Generator, torch.Tensor]:
         """(2) An image's generator, seeded with its seed, and the starting noise it draws first at the request's
-        latent size: on the CPU, so that a seed gives the same image on every device."""
-        generator = torch.Generator("cpu").manual_seed(seed)
-        return generator, torch.randn(self.latent_shape(request), generator=generator).to(self.model.device)
+        latent size (with variation seeds, bent toward its variation seed's noise): on the CPU, so that a seed gives
+        the same image on every device."""
+        shape = self.latent_shape(request)
+        generator = torch.Generator("cpu").manual_seed(request.seeds[image_index])
+        noise = torch.randn(shape, generator=generator)
+        if request.variation:
+            other = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.subseeds[image_index]))
+            noise = variation.slerp(request.subseed_strength, noise[0], other[0])[None]
+        return generator, noise.to(self.model.device)
 
     def start_latents(
         self, sampler: str, schedule: DDIMSchedule, m: int, noise: torch.Tensor, init_latent: torch.Tensor | None
@@ -855,8 +895,8 @@ class Pipeline:
             overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
         schedule, m = DDIMSchedule(self.model.alphas_cumprod, request.steps), request.denoising_steps
         images = []
-        for image_index, seed in enumerate(request.seeds):
-            generator, noise = self.noise(request, seed)
+        for image_index in range(request.n_images):
+            generator, noise = self.noise(request, image_index)
             start = self.start_latents(request.sampler, schedule, m, noise, None if request.starts_from_noise else z0)
             images.append(
                 _Image(
@@ -887,7 +927,7 @@ class Pipeline:
             starts = [self.encode_pixels(encode_image(i, request.width, request.height)) for i in upscaled]
         images = []
         for first, z0 in zip(firsts, starts, strict=True):
-            generator, noise = self.noise(request, request.seeds[first.image_index])
+            generator, noise = self.noise(request, first.image_index)
             images.append(
                 _Image(
                     request_index=first.request_index, image_index=first.image_index, request=request,

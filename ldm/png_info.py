@@ -32,9 +32,11 @@ def parameters_text(
     model_hash: str = "",
     lora_hashes: Sequence[tuple[str, str]] = (),
     embedding_hashes: Sequence[tuple[str, str]] = (),
+    subseed: int | None = None,
 ) -> str:
     """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
-    embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`)."""
+    embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`); `seed` and
+    `subseed` are the image's own (`Generation.seeds`, `subseeds`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -47,6 +49,8 @@ def parameters_text(
     ]
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
+    if request.variation:
+        fields.append(f"Variation seed: {subseed}, Variation seed strength: {float(request.subseed_strength)}")
     if request.eta:
         fields.append(f"Eta: {float(request.eta)}")
     if request.init_image is not None or request.hires:

@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
-                   "hr_upscaler", "hr_steps")  # fmt: skip
+                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--eta", type=float, help="DDIM η; 0 is deterministic")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (default: random)")
+    parser.add_argument(
+        "--subseed",
+        type=int,
+        help="AUTOMATIC1111's variation seed: with --subseed-strength, every image keeps --seed and image i's noise is "
+        "bent toward that of subseed + i (default: random)",
+    )
+    parser.add_argument(
+        "--subseed-strength", type=float, help="how far toward the variation seed's noise, in [0, 1] (0: none)"
+    )
     parser.add_argument("--n-samples", type=int, help="images per batch")
     parser.add_argument("--n-iter", type=int, help="batches")
     parser.add_argument(

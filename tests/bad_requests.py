@@ -121,6 +121,13 @@ CASES: list[Case] = [
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
     Case("mask_blur 65", with_(mask_blur=65), "mask_blur", "mask_blur must be between 0 and 64 pixels, got 65"),
+    # Variation seeds.
+    Case("subseed_strength 1.5", with_(subseed_strength=1.5), "subseed_strength",
+         "subseed_strength must be in [0.0, 1.0], got 1.5"),
+    Case("subseed a string", with_(subseed="7", subseed_strength=0.5), "subseed",
+         'subseed must be an integer, got "7"'),
+    Case("subseed past 32 bits for its images", with_(subseed=2**32 - 1, subseed_strength=0.5, n_samples=2),
+         "subseed", "subseed must be between 0 and 4294967294, got 4294967295"),
     # The hires fix.
     Case("hr_scale below 1", with_(hr_scale=0.5), "hr_scale", "hr_scale must be in [1.0, 4.0], got 0.5"),
     Case("hr_scale a string", with_(hr_scale="2"), "hr_scale", 'hr_scale must be a finite number, got "2"'),

@@ -182,6 +182,22 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     assert "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Lanczos" in parameters
 
 
+def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run(
+    pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--subseed and --subseed_strength: each file is the pipeline's image of seed 1000 and its own variation seed,
+    counting on across iterations; the closing line says both."""
+    argv = [*case_argv("basic"), *MODEL, "--subseed", "50", "--subseed_strength", "0.5", "--n_iter", "2"]
+    assert main([*argv, "--outdir", str(tmp_path)]) == 0
+    assert names(tmp_path) == ["seed_1000_00000.png", "seed_1000_00001.png"]
+    pixels, parameters = read_png(tmp_path / "seed_1000_00001.png")
+    request = replace(request_for(case("basic")), subseed=51, subseed_strength=0.5)
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None and "Seed: 1000, Size: 64x64" in parameters
+    assert "Variation seed: 51, Variation seed strength: 0.5" in parameters
+    assert "seed 1000, subseeds 50..51" in capsys.readouterr().err
+
+
 def test_an_inpainting_checkpoint_defaults_to_the_inpainting_config(tmp_path: Path) -> None:
     from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, load_config
     from ldm.random_weights import random_state_dict, save_checkpoint
@@ -474,6 +490,8 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--lora_dir", "my/loras"], "lora_dir", "my/loras"),
     (["--embeddings_dir", "my/embeddings"], "embeddings_dir", "my/embeddings"),
     (["--strength", "0.4"], "strength", 0.4),
+    (["--subseed", "12"], "subseed", 12),
+    (["--subseed_strength", "0.3"], "subseed_strength", 0.3),
 ]
 TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--hr_scale", "2"], "hr_scale", 2.0),
@@ -578,6 +596,12 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--hr_scale", "2", "--sampler", "plms"], "--sampler: sampler plms is for txt2img only, and the hires"),
     ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
     ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale: it is the hires fix's"),
+    ("txt2img", ["--subseed_strength", "2"], "--subseed_strength: subseed_strength must be in [0, 1]"),
+    (
+        "txt2img",
+        ["--subseed", "4294967295", "--subseed_strength", "0.5", "--n_samples", "2"],
+        "--subseed 4294967295: the run's last subseed 4294967296 would exceed 4294967295",
+    ),
     ("txt2img", ["--strength", "0.5"], "--strength needs --hr_scale: it is the hires fix's"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),

@@ -150,6 +150,11 @@ def test_hires_fix_sends_its_fields_and_strength(server: FakeTorchServe, tmp_pat
     }  # fmt: skip
 
 
+def test_variation_seeds_are_sent(server: FakeTorchServe, tmp_path: Path) -> None:
+    assert run(server.url, tmp_path, "a lighthouse", "--subseed", "9", "--subseed-strength", "0.3") == 0
+    assert server.requests[0]["body"] == {"prompt": "a lighthouse", "subseed": 9, "subseed_strength": 0.3}
+
+
 def test_numbering_continues_after_the_highest_existing_index(server: FakeTorchServe, tmp_path: Path) -> None:
     existing = {"seed_3_00004.png": b"a", "seed_1_00009.jpg": b"b", "grid.png": b"c", "seed_x_00100.png": b"d"}
     for name, data in existing.items():

@@ -72,6 +72,24 @@ def test_a_request_with_every_field_of_the_original_app_gets_the_image_ours_woul
     assert response.content == direct(http, server, ours, "image/png").content
 
 
+def test_variation_seeds_split_over_iterations_are_one_requests_images(
+    http: httpx.Client, front: str, server: TorchServe
+) -> None:
+    """With variation seeds every image keeps the seed and the variation seed counts: iteration k sends subseed
+    100 + 2k, and the four images are those of one TorchServe request, whose subseeds the stream's answer lists."""
+    body = {"prompt": "a lighthouse", "n_samples": 2, "n_iter": 2, "seed": 7, "subseed": 100,
+            "subseed_strength": 0.5, **TINY}  # fmt: skip
+    response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Seeds"] == "7,7,7,7"
+    whole = direct(http, server, {**body, "n_samples": 4, "n_iter": 1}, "application/json").json()
+    assert response.json() == whole["images"] and whole["subseeds"] == [100, 101, 102, 103]
+    streamed = http.post(f"{front}/imagine/stream", json=body).text.splitlines()
+    final = json.loads(streamed[-1])
+    assert final["images"] == whole["images"] and final["subseeds"] == [100, 101, 102, 103]
+    assert (final["parameters"]["subseed"], final["parameters"]["subseed_strength"]) == (100, 0.5)
+
+
 def test_without_a_seed_the_drawn_one_is_reported(http: httpx.Client, front: str, server: TorchServe) -> None:
     body = {"prompt": "a lighthouse", "n_iter": 2, **TINY}
     response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})

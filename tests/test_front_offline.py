@@ -84,6 +84,17 @@ def test_each_iteration_is_one_request_starting_after_the_last_seed(client: Test
     ]
 
 
+def test_with_variation_seeds_the_variation_seed_is_drawn_and_counts(client: TestClient, fake: FakeInference) -> None:
+    client.post("/imagine", json={"prompt": "a fox", "n_samples": 2, "n_iter": 3, "seed": 5, "subseed_strength": 0.2})
+    first = fake.sent()[0]["subseed"]
+    assert 0 <= first <= MAX_SEED - 16 + 1
+    assert [(body["seed"], body["subseed"]) for body in fake.sent()] == [(5, first), (5, first + 2), (5, first + 4)]
+    response = client.post("/imagine", json={"prompt": "a", "n_iter": 2, "subseed": MAX_SEED, "subseed_strength": 1})
+    assert response.status_code == 400
+    assert response.json() == {"error": f"subseed must be between 0 and {MAX_SEED - 1}, got {MAX_SEED}",
+                               "field": "subseed"}  # fmt: skip
+
+
 def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference) -> None:
     response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": None})
     first = fake.sent()[0]["seed"]

@@ -438,6 +438,27 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
         parse_settings({"handler": {"defaults": {"hr_steps": 151}}})
 
 
+def test_variation_seeds_answer_each_images_seeds_and_parameters(
+    handler: StableDiffusionHandler, tiny_split: Path
+) -> None:
+    """Every image keeps the seed, each has its variation seed (the JSON's `subseeds`, its PNG's parameters); a
+    request without them answers no `subseeds`."""
+    body = {"prompt": "tiles", "seed": 4, "n_samples": 2, "subseed": 70, "subseed_strength": 0.25}
+    (response,), context = call(handler, [body])
+    answer = json.loads(response)
+    assert (answer["seeds"], answer["subseeds"]) == ([4, 4], [70, 71])
+    assert context.response_headers[0]["x-seeds"] == "4,4"
+    assert (answer["parameters"]["subseed"], answer["parameters"]["subseed_strength"]) == (70, 0.25)
+    second = base64.b64decode(answer["images"][1])
+    assert "Seed: 4, Size: 64x64, Model hash: " in read_parameters(second)
+    assert "Variation seed: 71, Variation seed strength: 0.25" in read_parameters(second)
+    request = GenerationRequest("tiles", height=64, width=64, steps=3, seed=4, n_samples=2, subseed=70,
+                                subseed_strength=0.25)  # fmt: skip
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(second))), expected_pixels(tiny_split, request)[1])
+    plain = json.loads(call(handler, [{"prompt": "tiles", "seed": 4, "subseed": 70}])[0][0])
+    assert "subseeds" not in plain and "subseed" not in plain["parameters"] and plain["seeds"] == [4]
+
+
 def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler, tiny_split: Path) -> None:
     bodies = [
         {"prompt": "one", "seed": 1, "H": 64, "W": 64},
