@@ -330,6 +330,39 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     assert "init_image" in body and not {"hr_scale", "hr_upscaler", "hr_steps"} & set(body)
 
 
+def test_variation_seeds_are_sent_named_on_each_result_and_reused(page: Page, front: str) -> None:
+    """A variation strength sends the variation seed the user typed; each of the two results keeps the seed and
+    names its own variation seed, as the API's images; "Reuse seed" on the second puts its seeds and strength back,
+    and on a plain result the strength goes back to 0."""
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#seed", "12")
+    page.fill("#n_samples", "2")
+    page.fill("#subseed", "300")
+    page.fill("#subseed_strength", "0.4")
+    expect(page.locator("#subseed_strength_value")).to_have_text("0.4")
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
+    body = json.loads(sent.value.post_data or "")
+    assert (body["seed"], body["subseed"], body["subseed_strength"]) == (12, 300, 0.4)
+    shown = results(page)
+    assert [result["seed"] for result in shown] == ["Seed 12 · variation 300 (0.4)", "Seed 12 · variation 301 (0.4)"]
+    answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
+                           headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
+    assert [result["src"] for result in shown] == ["data:image/png;base64," + png for png in answer.json()]
+    page.locator("#gallery .result button:has-text('Reuse seed')").nth(1).click()
+    assert (page.input_value("#seed"), page.input_value("#subseed")) == ("12", "301")
+    assert page.input_value("#subseed_strength") == "0.4"
+    page.fill("#subseed_strength", "0")
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(4, timeout=GENERATION)
+    assert not {"subseed", "subseed_strength"} & set(json.loads(sent.value.post_data or ""))
+    assert results(page)[0]["seed"] == "Seed 12"
+    page.locator("#gallery .result button:has-text('Reuse seed')").first.click()
+    assert (page.input_value("#subseed"), page.input_value("#subseed_strength")) == ("", "0")
+
+
 def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, tmp_path: Path) -> None:
     page.fill("#prompt", MARKUP)
     page.fill("#negative_prompt", MARKUP)

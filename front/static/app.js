@@ -44,6 +44,11 @@ function requestBody() {
   };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
+  // Variation seeds: image i keeps the seed and bends toward the variation seed + i (the server draws one if empty).
+  if (Number($("subseed_strength").value) !== 0) {
+    body.subseed_strength = number($("subseed_strength").value);
+    if ($("subseed").value.trim() !== "") body.subseed = integer($("subseed").value);
+  }
   strengthControl = "strength";
   if (initImage) {
     body.init_image = initImage;
@@ -176,9 +181,13 @@ function describe(parameters) {
   return parts.join(" · ");
 }
 
-function useSeed(seed) {
+// A result's seeds back in the form, to make it again or vary it: its seed, and its variation seed and strength.
+function useSeed(seed, subseed, strength) {
   $("seed_fixed").checked = true;
   $("seed").value = seed;
+  $("subseed").value = subseed ?? "";
+  $("subseed_strength").value = subseed === undefined ? 0 : strength;
+  $("subseed_strength_value").value = $("subseed_strength").value;
   $("seed").focus();
 }
 
@@ -226,8 +235,9 @@ function setInitImage(dataUrl) {
   image.src = dataUrl;
 }
 
-function resultItem(png, seed, parameters, warnings) {
+function resultItem(png, seed, subseed, parameters, warnings) {
   const source = `data:image/png;base64,${png}`;
+  const variation = ` · variation ${subseed} (${parameters.subseed_strength})`;
   const item = document.createElement("li");
   item.className = "result";
   const figure = document.createElement("figure");
@@ -236,7 +246,7 @@ function resultItem(png, seed, parameters, warnings) {
   image.alt = `Result with seed ${seed}`;
   const caption = document.createElement("figcaption");
   caption.append(
-    text("p", "seed", `Seed ${seed}`),
+    text("p", "seed", `Seed ${seed}` + (subseed === undefined ? "" : variation)),
     text("p", "prompt", parameters.prompt),
     text("p", "negative", parameters.negative_prompt ? `Negative: ${parameters.negative_prompt}` : ""),
     text("p", "parameters", describe(parameters)),
@@ -250,7 +260,7 @@ function resultItem(png, seed, parameters, warnings) {
   actions.className = "result-actions";
   actions.append(
     download,
-    button("Reuse seed", () => useSeed(seed)),
+    button("Reuse seed", () => useSeed(seed, subseed, parameters.subseed_strength)),
     button("Use as init image", () => {
       setInitImage(source);
       $("init").scrollIntoView({ block: "nearest" });
@@ -293,6 +303,9 @@ async function refusal(response) {
 function unreadable() {
   if ($("seed_fixed").checked && $("seed").validity.badInput) {
     return ["seed must be a whole number from 0 to 4294967295", "seed"];
+  }
+  if (Number($("subseed_strength").value) !== 0 && $("subseed").validity.badInput) {
+    return ["subseed must be a whole number from 0 to 4294967295", "subseed"];
   }
   return null;
 }
@@ -354,7 +367,8 @@ async function generate() {
         const warnings = message.warnings ?? [];
         // The answer's parameters leave the images out: whether a mask went with them is the page's to say.
         const parameters = { ...message.parameters, inpainted: "mask_image" in body };
-        gallery.prepend(...message.images.map((png, i) => resultItem(png, message.seeds[i], parameters, warnings)));
+        const item = (png, i) => resultItem(png, message.seeds[i], message.subseeds?.[i], parameters, warnings);
+        gallery.prepend(...message.images.map(item));
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
         setProgress(1, `Done: ${message.images.length} image(s) in ${seconds} s.`);
       } else {
@@ -415,7 +429,7 @@ $("seed").addEventListener("input", () => {
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
 $("hr_scale").addEventListener("input", setPlms);
-for (const id of ["strength", "hr_strength"]) {
+for (const id of ["strength", "hr_strength", "subseed_strength"]) {
   $(id).addEventListener("input", () => {
     $(`${id}_value`).value = $(id).value;
   });
