@@ -58,7 +58,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
     try:
         for iteration in range(plan.iterations):
             if iteration:
-                response = await api.open(plan.iteration(iteration), NDJSON)
+                response = await api.open(plan.iteration(results.next(plan)), NDJSON)
                 if response.status_code != 200:
                     raise await api.refusal(response)
             finished = False
@@ -124,20 +124,21 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         response = await api.open(plan.whole(), PNG)
         if response.status_code != 200:
             raise await api.refusal(response)
-        headers = {name: response.headers[name] for name in ("X-Seed", "X-Seeds") if name in response.headers}
+        names = ("X-Seed", "X-Seeds", "X-Subseeds")
+        headers = {name: response.headers[name] for name in names if name in response.headers}
         return StreamingResponse(api.chunks(response), media_type=PNG, headers=headers)
 
     async def json_array(api: InferenceApi, plan: Plan) -> Response:
         results = Results()
         for iteration in range(plan.iterations):
-            response = await api.open(plan.iteration(iteration), JSON)
+            response = await api.open(plan.iteration(results.next(plan) if iteration else None), JSON)
             try:
                 if response.status_code != 200:
                     raise await api.refusal(response)
                 results.add(await api.read_json(response))
             finally:
                 await response.aclose()
-        return JSONResponse(results.images, headers=seed_headers(results.seeds))
+        return JSONResponse(results.images, headers=seed_headers(results))
 
     async def stream(api: InferenceApi, plan: Plan) -> Response:
         # The first iteration is opened here, so that a request TorchServe refuses gets its plain 4xx JSON answer.

@@ -15,7 +15,8 @@ Decisions, and why:
   stream carries `X-Seed` from its first byte, and the seeds of later iterations follow from it.
 - **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a field holding an array
   or object, a `stream` flag that is not a boolean, a count or seed that is not an integer) is forwarded as it is,
-  so that TorchServe's handler names the field at fault. The front only refuses what is its own: more than
+  (or a variation strength that is not a number, a variation seed that is not an integer) so that TorchServe's
+  handler names the field at fault. The front only refuses what is its own: more than
   `max_images` images in one request, and a seed (or variation seed) its split would carry past 2³² − 1
   (TorchServe, which sees one iteration at a time, would refuse only a later iteration, after the first had been
   computed).
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from front.errors import FrontError
 from front.original_fields import translate
@@ -65,7 +66,7 @@ class Plan:
     # TorchServe requests to send, one per iteration; 1 leaves `n_iter` to TorchServe.
     iterations: int
     # The field that counts up per image: the seed, or with variation seeds the variation seed.
-    counted: str = "seed"
+    counted: Literal["seed", "subseed"] = "seed"
 
     @property
     def seed(self) -> int | None:
@@ -75,13 +76,13 @@ class Plan:
         """The request as one TorchServe request (a PNG answer holds one image: TorchServe says so if not)."""
         return self.raw if self.fields is None else json.dumps(self.fields).encode()
 
-    def iteration(self, k: int = 0) -> bytes:
-        """Iteration k's request: `n_samples` images, its counted seed k·n_samples on from the request's."""
+    def iteration(self, first: int | None = None) -> bytes:
+        """One iteration's request: `n_samples` images, the first's counted seed `first` (None: the request's)."""
         if self.iterations == 1:
             return self.whole()
         assert self.fields is not None, "only a parsed request is split"
-        first = self.fields[self.counted] + k * self.fields.get("n_samples", 1)
-        return json.dumps({**self.fields, "n_iter": 1, self.counted: first}).encode()
+        value = self.fields[self.counted] if first is None else first
+        return json.dumps({**self.fields, "n_iter": 1, self.counted: value}).encode()
 
 
 def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
@@ -115,8 +116,8 @@ def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     strength = fields.get("subseed_strength", 0)
     if not _is_number(strength):
         return Plan(fields, raw, stream, 1)
-    counted = "subseed" if strength != 0 else "seed"
-    for name in ("seed", counted):
+    counted: Literal["seed", "subseed"] = "subseed" if strength != 0 else "seed"
+    for name in dict.fromkeys(("seed", counted)):
         value = fields.get(name)
         if value is None:
             fields[name] = secrets.randbelow(MAX_SEED - max_images + 2)
@@ -148,6 +149,11 @@ class Results:
         self.parameters = self.parameters or answer["parameters"]
         self.warnings = self.warnings or answer.get("warnings", [])
 
+    def next(self, plan: Plan) -> int:
+        """The counted seed of the next iteration's first image: one on from the last answer's last (its images are
+        the server's `n_samples` when the request names none)."""
+        return (self.subseeds if plan.counted == "subseed" else self.seeds)[-1] + 1
+
     def answer(self, plan: Plan) -> dict[str, Any]:
         """TorchServe's JSON answer for the whole request: all images and seeds, the first iteration's parameters
         with the request's `n_iter`."""
@@ -156,6 +162,7 @@ class Results:
         return answer | ({"subseeds": self.subseeds} if self.subseeds else {})
 
 
-def seed_headers(seeds: list[int]) -> dict[str, str]:
-    """The headers TorchServe reports seeds in, for the original app's clients."""
-    return {"X-Seed": str(seeds[0]), "X-Seeds": ",".join(map(str, seeds))}
+def seed_headers(results: Results) -> dict[str, str]:
+    """The headers TorchServe reports seeds in, for the original app's clients (and variation seeds, with them)."""
+    headers = {"X-Seed": str(results.seeds[0]), "X-Seeds": ",".join(map(str, results.seeds))}
+    return headers | ({"X-Subseeds": ",".join(map(str, results.subseeds))} if results.subseeds else {})

@@ -113,7 +113,7 @@ NDJSON_DESCRIPTION = (
     "step of the UNet batch holding `image_count` images from `image_index` on (some with a base64 JPEG `preview`; "
     '`"hires": true` on the steps of the hires fix\'s second pass, which count from 1 again), then `{"images", '
     '"seeds", "parameters", "warnings"}` (`warnings`: the words of a prompt past the 75 tokens CLIP reads, which did '
-    'nothing), or `{"error", "field"}` on failure.'
+    'nothing; `subseeds` too with variation seeds), or `{"error", "field"}` on failure.'
 )
 
 

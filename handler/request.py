@@ -344,21 +344,22 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         field = "H" if "H" in body else "W"
         raise RequestError(field, f"H×W must be at most {limits.max_pixels} pixels, got {sizes['H'] * sizes['W']}")
     steps = _integer(body, "ddim_steps", d.ddim_steps, 1, limits.max_steps)
-    # The seed before the counts: the web front forwards whole a request whose seed it cannot split on (one that is
-    # not an integer), and then the error must name the seed, not an n_iter the front allows and this does not.
+    # The seeds before the counts: the web front forwards whole a request whose seeds it cannot split on (one that is
+    # not an integer, a variation strength that is not a number), and then the error must name that field, not an
+    # n_iter the front allows and this does not.
     seed = body.get("seed")
     if seed is not None:
         seed = _integer(body, "seed", 0, 0, MAX_SEED)
+    subseed = body.get("subseed")
+    if subseed is not None:
+        subseed = _integer(body, "subseed", 0, 0, MAX_SEED)
+    subseed_strength = _number(body, "subseed_strength", 0.0, 0.0, 1.0)
     n_samples = _integer(body, "n_samples", d.n_samples, 1, limits.max_images)
     n_iter = _integer(body, "n_iter", d.n_iter, 1, limits.max_images)
     total = n_samples * n_iter
     if total > limits.max_images:
         field = "n_iter" if "n_iter" in body else "n_samples"
         raise RequestError(field, f"n_samples×n_iter must be at most {limits.max_images} images, got {total}")
-    subseed = body.get("subseed")
-    if subseed is not None:
-        subseed = _integer(body, "subseed", 0, 0, MAX_SEED)
-    subseed_strength = _number(body, "subseed_strength", 0.0, 0.0, 1.0)
     # Image i has seed + i, or with variation seeds subseed + i: the last one must be 32-bit too.
     counted, first = ("subseed", subseed) if subseed_strength != 0 else ("seed", seed)
     if first is not None and first > MAX_SEED - total + 1:

@@ -191,6 +191,9 @@ class StableDiffusionHandler(BaseHandler):
             generation, pngs = outcome.generation, next(files)
             self.context.set_response_header(idx, "X-Seed", str(generation.seeds[0]))
             self.context.set_response_header(idx, "X-Seeds", ",".join(str(s) for s in generation.seeds))
+            if generation.request.variation:
+                subseeds = ",".join(str(s) for s in generation.request.subseeds)
+                self.context.set_response_header(idx, "X-Subseeds", subseeds)
             if outcome.request.want_png:
                 self.context.set_response_content_type(idx, "image/png")
                 responses.append(pngs[0])

@@ -498,7 +498,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     """Check every input, load the model, generate and write the images; returns the written paths.
 
     Order (optimizedSD's): for each of n_iter iterations, for each prompt, one batch of n_samples images; seeds
-    count up by one per image across the whole run, so every image has a distinct seed.
+    count up by one per image across the whole run, so every image has a distinct seed (with variation seeds, every
+    image keeps the seed and the variation seeds count up instead).
     """
     check_flags(args)
     device = select_device(args.device)

@@ -226,7 +226,7 @@ def _dpmpp_2s_ancestral(run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
     x_middle = (middle / sigma) * x + (1 - middle / sigma) * denoised
     denoised_middle = x_middle - middle * run.derivative(x_middle, middle)
     x = (down / sigma) * x + (1 - down / sigma) * denoised_middle
-    return x + run.noise(x) * up if following > 0 else x
+    return x + run.noise(x) * up
 
 
 def brownian_increments(

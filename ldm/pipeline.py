@@ -221,7 +221,7 @@ class Generation:
     @property
     def subseeds(self) -> list[int | None]:
         """Each image's variation seed (None without variation seeds)."""
-        return list(self.request.subseeds) or [None] * self.request.n_images
+        return [*self.request.subseeds] or [None] * self.request.n_images
 
 
 def check_sampler(request: GenerationRequest) -> None:

@@ -50,6 +50,7 @@ def parameters_text(
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
     if request.variation:
+        subseed = request.subseed if subseed is None else subseed
         fields.append(f"Variation seed: {subseed}, Variation seed strength: {float(request.subseed_strength)}")
     if request.eta:
         fields.append(f"Eta: {float(request.eta)}")

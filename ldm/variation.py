@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 # Above this mean cosine the two noises are (nearly) one: the angle's sine is too small to divide by, and a straight
-# mix is the interpolation to float precision (A1111's threshold; in practice a variation seed equal to the seed).
+# mix is the interpolation to float precision (A1111's threshold; in practice a variation seed equal to the seed,
+# whose noise is the seed's, where A1111's mix, which weighs the two the other way round, gives the same).
 _PARALLEL = 0.9995
 
 

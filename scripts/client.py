@@ -72,11 +72,13 @@ def _http_error(response: requests.Response) -> HttpError:
 
 @dataclass(frozen=True)
 class Answer:
-    """What the server made: each image's PNG bytes and seed, and the words of the prompts CLIP never read."""
+    """What the server made: each image's PNG bytes and seed, the words of the prompts CLIP never read, and each
+    image's variation seed (none without variation seeds)."""
 
     images: list[bytes]
     seeds: list[int]
     warnings: list[str]
+    subseeds: list[int]
 
 
 def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> Answer:
@@ -107,6 +109,7 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
         body = response.json()
         images = [base64.b64decode(image, validate=True) for image in body["images"]]
         seeds = [int(seed) for seed in body["seeds"]]
+        subseeds = [int(subseed) for subseed in body.get("subseeds", [])]
         warnings = [str(line) for line in body.get("warnings", [])]
     except (ValueError, KeyError, TypeError) as error:
         raise ClientError(
@@ -115,7 +118,7 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
         ) from None
     if len(images) != len(seeds):
         raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
-    return Answer(images, seeds, warnings)
+    return Answer(images, seeds, warnings, subseeds)
 
 
 def check_url(url: str) -> str | None:
@@ -273,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"client: warning: {line}", file=sys.stderr)
         # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.
         index = next_index(args.outdir)
-        for png, seed in zip(answer.images, answer.seeds, strict=True):
+        for i, (png, seed) in enumerate(zip(answer.images, answer.seeds, strict=True)):
             path, index = write_new(args.outdir, seed, index, png)
-            print(f"{path}  {seed}")
+            print(f"{path}  {seed}" + (f"  {answer.subseeds[i]}" if answer.subseeds else ""))
     except ClientError as error:
         print(f"client: {error}", file=sys.stderr)
         return 1

@@ -124,8 +124,10 @@ CASES: list[Case] = [
     # Variation seeds.
     Case("subseed_strength 1.5", with_(subseed_strength=1.5), "subseed_strength",
          "subseed_strength must be in [0.0, 1.0], got 1.5"),
-    Case("subseed a string", with_(subseed="7", subseed_strength=0.5), "subseed",
-         'subseed must be an integer, got "7"'),
+    Case("subseed a string, over 8 images in all", with_(subseed="7", subseed_strength=0.5, n_samples=2, n_iter=5),
+         "subseed", 'subseed must be an integer, got "7"'),
+    Case("subseed_strength a string, over 8 images in all", with_(subseed_strength="0.5", n_samples=2, n_iter=5),
+         "subseed_strength", 'subseed_strength must be a finite number, got "0.5"'),
     Case("subseed past 32 bits for its images", with_(subseed=2**32 - 1, subseed_strength=0.5, n_samples=2),
          "subseed", "subseed must be between 0 and 4294967294, got 4294967295"),
     # The hires fix.

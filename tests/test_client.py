@@ -52,11 +52,13 @@ class FakeTorchServe:
             return UNKNOWN_MODEL
         if body["prompt"] in REFUSALS:
             return REFUSALS[body["prompt"]]
-        seeds = [body.get("seed", 1000), body.get("seed", 1000) + 1]
-        self.sent = [png(seed) for seed in seeds]
+        seed, variation = body.get("seed", 1000), "subseed_strength" in body
+        seeds = [seed, seed] if variation else [seed, seed + 1]
+        self.sent = [png(seed + i) for i in range(2)]
         images = [base64.b64encode(data).decode("ascii") for data in self.sent]
         warnings = [f"prompt: {len(body['prompt'])} characters"] if body["prompt"].startswith("a long") else []
-        return 200, {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}, "warnings": warnings}
+        answer = {"images": images, "seeds": seeds, "parameters": {"prompt": body["prompt"]}, "warnings": warnings}
+        return 200, answer | ({"subseeds": [body["subseed"], body["subseed"] + 1]} if variation else {})
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -150,9 +152,13 @@ def test_hires_fix_sends_its_fields_and_strength(server: FakeTorchServe, tmp_pat
     }  # fmt: skip
 
 
-def test_variation_seeds_are_sent(server: FakeTorchServe, tmp_path: Path) -> None:
+def test_variation_seeds_are_sent_and_each_files_printed(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run(server.url, tmp_path, "a lighthouse", "--subseed", "9", "--subseed-strength", "0.3") == 0
     assert server.requests[0]["body"] == {"prompt": "a lighthouse", "subseed": 9, "subseed_strength": 0.3}
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{tmp_path / 'seed_1000_00000.png'}  1000  9", f"{tmp_path / 'seed_1000_00001.png'}  1000  10"]
 
 
 def test_numbering_continues_after_the_highest_existing_index(server: FakeTorchServe, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_variation_seeds_split_over_iterations_are_one_requests_images(
             "subseed_strength": 0.5, **TINY}  # fmt: skip
     response = http.post(f"{front}/imagine", json=body, headers={"Accept": "application/json"})
     assert response.status_code == 200, response.text
-    assert response.headers["X-Seeds"] == "7,7,7,7"
+    assert (response.headers["X-Seeds"], response.headers["X-Subseeds"]) == ("7,7,7,7", "100,101,102,103")
     whole = direct(http, server, {**body, "n_samples": 4, "n_iter": 1}, "application/json").json()
     assert response.json() == whole["images"] and whole["subseeds"] == [100, 101, 102, 103]
     streamed = http.post(f"{front}/imagine/stream", json=body).text.splitlines()

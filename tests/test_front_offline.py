@@ -30,6 +30,8 @@ class FakeInference:
     bodies it was sent. A prompt of "refuse" gets the 400 above, "fail" an error line after the first step."""
 
     bodies: list[bytes] = field(default_factory=list)
+    # The server's handler.defaults.n_samples, for bodies that name none.
+    default_samples: int = 1
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/ping":
@@ -41,12 +43,17 @@ class FakeInference:
         self.bodies.append(request.content)
         try:
             body = json.loads(request.content)
-            seeds = [body["seed"] + i for i in range(body.get("n_samples", 1) * body.get("n_iter", 1))]
+            count = body.get("n_samples", self.default_samples) * body.get("n_iter", 1)
+            counted = "subseed" if body.get("subseed_strength") else "seed"
+            seeds = [body["seed"] + (i if counted == "seed" else 0) for i in range(count)]
+            subseeds = [body["subseed"] + i for i in range(count)] if counted == "subseed" else []
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return httpx.Response(400, json={"error": "the body is not valid", "field": "body"})
         if body["prompt"] == "refuse":
             return httpx.Response(400, json=REFUSAL)
         answer = {"images": [f"png{seed}" for seed in seeds], "seeds": seeds, "parameters": {**body}}
+        if subseeds:
+            answer["subseeds"] = subseeds
         if request.headers["Accept"] != "application/x-ndjson":
             return httpx.Response(200, json=answer, headers={"X-Seed": str(seeds[0])})
         steps = [{"step": k, "total": 2, "image_index": 0} for k in (1, 2)]
@@ -89,10 +96,24 @@ def test_with_variation_seeds_the_variation_seed_is_drawn_and_counts(client: Tes
     first = fake.sent()[0]["subseed"]
     assert 0 <= first <= MAX_SEED - 16 + 1
     assert [(body["seed"], body["subseed"]) for body in fake.sent()] == [(5, first), (5, first + 2), (5, first + 4)]
+    response = client.post(
+        "/imagine", json={"prompt": "a", "n_iter": 2, "seed": 5, "subseed": 8, "subseed_strength": 1}
+    )
+    assert (response.headers["X-Seeds"], response.headers["X-Subseeds"]) == ("5,5", "8,9")
     response = client.post("/imagine", json={"prompt": "a", "n_iter": 2, "subseed": MAX_SEED, "subseed_strength": 1})
     assert response.status_code == 400
     assert response.json() == {"error": f"subseed must be between 0 and {MAX_SEED - 1}, got {MAX_SEED}",
                                "field": "subseed"}  # fmt: skip
+
+
+def test_iterations_continue_from_the_images_the_server_made() -> None:
+    """A server whose default n_samples is 3 answers 3 images to a body that names none: the next iteration starts
+    after them, not after the 1 the front would assume."""
+    fake = FakeInference(default_samples=3)
+    with TestClient(create_app(FrontSettings(max_images=16), httpx.MockTransport(fake))) as client:
+        response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 2, "seed": 10})
+    assert response.headers["X-Seeds"] == "10,11,12,13,14,15"
+    assert [body["seed"] for body in fake.sent()] == [10, 13]
 
 
 def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference) -> None:

@@ -347,6 +347,8 @@ def test_variation_seeds_are_sent_named_on_each_result_and_reused(page: Page, fr
     assert (body["seed"], body["subseed"], body["subseed_strength"]) == (12, 300, 0.4)
     shown = results(page)
     assert [result["seed"] for result in shown] == ["Seed 12 · variation 300 (0.4)", "Seed 12 · variation 301 (0.4)"]
+    downloads = page.eval_on_selector_all("#gallery .result a[download]", "links => links.map(link => link.download)")
+    assert downloads == ["seed_12_variation_300.png", "seed_12_variation_301.png"]
     answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
                            headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
     assert [result["src"] for result in shown] == ["data:image/png;base64," + png for png in answer.json()]

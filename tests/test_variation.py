@@ -88,6 +88,34 @@ def test_image_equals_diffusers_from_the_interpolated_noise(tiny_model: StableDi
     assert np.abs(ours - plain).mean() > 1
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+def test_an_ancestral_samplers_step_noise_still_comes_from_the_seed(
+    tiny_model: StableDiffusion, pipeline: Pipeline
+) -> None:
+    """Euler a at strength 1 starts from the variation seed's noise but draws its steps' noise from the seed's
+    generator, after the noise it drew first, as A1111's generators run: diffusers' Euler a given the variation
+    seed's noise and that generator paints the same image."""
+    import diffusers
+
+    from scripts.peers import call_arguments, diffusers_pipeline
+    from tests.test_pipeline import DIFFUSERS_PEERS
+
+    request = resolve(dataclasses.replace(REQUEST, n_samples=1, subseed_strength=1.0, sampler="euler_a"))
+    ours = pipeline.generate(request).pixels[0]
+    pipe: Any = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
+    kind, settings, _ = DIFFUSERS_PEERS["euler_a"]
+    pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler.set_timesteps(request.steps)
+    generator = torch.Generator().manual_seed(40)
+    torch.randn(1, 4, 8, 8, generator=generator)  # the seed's own starting noise, drawn and set aside
+    start = noise_of(900) * float(pipe.scheduler.sigmas[0]) / pipe.scheduler.init_noise_sigma
+    theirs = pipe(**{**call_arguments(request), "generator": generator}, latents=start).images[0] * 255
+    assert np.abs(ours - theirs).max() < FLOAT_TOLERANCE
+    alone = pipeline.generate(dataclasses.replace(request, seed=900, subseed_strength=0.0)).pixels[0]
+    assert np.abs(ours - alone).mean() > 1  # the variation seed's own run draws its steps from 900
+
+
 def test_a_missing_variation_seed_is_drawn_and_reported() -> None:
     resolved = resolve(dataclasses.replace(REQUEST, subseed=None))
     assert resolved.subseed is not None and 0 <= resolved.subseed <= MAX_SEED - 1

@@ -237,16 +237,16 @@ function setInitImage(dataUrl) {
 
 function resultItem(png, seed, subseed, parameters, warnings) {
   const source = `data:image/png;base64,${png}`;
-  const variation = ` · variation ${subseed} (${parameters.subseed_strength})`;
+  const strength = parameters.subseed_strength;
   const item = document.createElement("li");
   item.className = "result";
   const figure = document.createElement("figure");
   const image = document.createElement("img");
   image.src = source;
-  image.alt = `Result with seed ${seed}`;
+  image.alt = `Result with seed ${seed}` + (subseed === undefined ? "" : ` and variation seed ${subseed}`);
   const caption = document.createElement("figcaption");
   caption.append(
-    text("p", "seed", `Seed ${seed}` + (subseed === undefined ? "" : variation)),
+    text("p", "seed", subseed === undefined ? `Seed ${seed}` : `Seed ${seed} · variation ${subseed} (${strength})`),
     text("p", "prompt", parameters.prompt),
     text("p", "negative", parameters.negative_prompt ? `Negative: ${parameters.negative_prompt}` : ""),
     text("p", "parameters", describe(parameters)),
@@ -254,13 +254,13 @@ function resultItem(png, seed, subseed, parameters, warnings) {
   );
   const download = document.createElement("a");
   download.href = source;
-  download.download = `seed_${seed}.png`;
+  download.download = subseed === undefined ? `seed_${seed}.png` : `seed_${seed}_variation_${subseed}.png`;
   download.textContent = "Download";
   const actions = document.createElement("div");
   actions.className = "result-actions";
   actions.append(
     download,
-    button("Reuse seed", () => useSeed(seed, subseed, parameters.subseed_strength)),
+    button("Reuse seed", () => useSeed(seed, subseed, strength)),
     button("Use as init image", () => {
       setInitImage(source);
       $("init").scrollIntoView({ block: "nearest" });
