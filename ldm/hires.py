@@ -42,8 +42,8 @@ _LATENT_MODES = {
 }
 _IMAGE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 MAX_SCALE = 4.0
-# A1111 sizes the second pass's run by a strength just below 1, so that even at 1 it starts from the upscaled latent
-# noised to the run's first step rather than from noise alone.
+# A1111 divides by the strength capped just below 1 (a cap its other img2img arithmetic needs, kept here so that the
+# run is A1111's to the step); at strength 1 the run is still `steps` long for fewer than 999 steps.
 _MAX_RUN_STRENGTH = 0.999
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,6 +93,14 @@ def assert_no_markup_ran(page: Page) -> None:
     """MARKUP made no element and ran no handler."""
     assert page.locator("img[src='x']").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+def generate(page: Page, shown: int) -> dict[str, Any]:
+    """Clicks Generate and waits until the gallery shows `shown` results; returns the body the page sent."""
+    with page.expect_request("**/imagine/stream") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery .result")).to_have_count(shown, timeout=GENERATION)
+    return json.loads(sent.value.post_data or "")
 
 
 def results(page: Page) -> list[dict[str, str]]:
@@ -242,10 +251,7 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     page.fill("#seed", "77")
     page.fill("#mask_blur", "9")
     expect(page.locator("#mask_blur_value")).to_have_text("9")
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
-    body = json.loads(sent.value.post_data or "")
+    body = generate(page, shown=1)
     assert body["mask_blur"] == 9
     mask = np.asarray(load_image(io.BytesIO(base64.b64decode(body["mask_image"].split(",", 1)[1]))).convert("L"))
     assert mask.shape == (64, 80)
@@ -258,10 +264,8 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     assert result["src"] == "data:image/png;base64," + answer.json()[0]
 
     page.click("#mask_clear")
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
-    assert not {"mask_image", "mask_blur"} & set(json.loads(sent.value.post_data or ""))
+    body = generate(page, shown=2)
+    assert not {"mask_image", "mask_blur"} & set(body)
     assert results(page)[0]["parameters"].endswith("strength 0.75")
 
 
@@ -283,10 +287,7 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     expect(page.locator("#hr_strength_value")).to_have_text("0.5")
     page.evaluate(RECORD_PROGRESS)
     page.evaluate(RECORD_STATUS)
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(1, timeout=GENERATION)
-    body = json.loads(sent.value.post_data or "")
+    body = generate(page, shown=1)
     assert {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
         "hr_scale": 2, "hr_upscaler": "lanczos", "hr_steps": 4, "strength": 0.5,
     }  # fmt: skip
@@ -316,17 +317,12 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     assert page.get_attribute("#hr_strength", "aria-invalid") == "true"
     page.fill("#hr_scale", "1")
     assert page.is_enabled("#sampler option[value='plms']")
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
-    assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(json.loads(sent.value.post_data or ""))
+    body = generate(page, shown=2)
+    assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(body)
     page.fill("#hr_scale", "2")
     page.click("#gallery .result button:has-text('Use as init image')")
     expect(page.locator("#hr_scale")).to_be_disabled()
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(3, timeout=GENERATION)
-    body = json.loads(sent.value.post_data or "")
+    body = generate(page, shown=3)
     assert "init_image" in body and not {"hr_scale", "hr_upscaler", "hr_steps"} & set(body)
 
 
@@ -340,10 +336,7 @@ def test_variation_seeds_are_sent_named_on_each_result_and_reused(page: Page, fr
     page.fill("#subseed", "300")
     page.fill("#subseed_strength", "0.4")
     expect(page.locator("#subseed_strength_value")).to_have_text("0.4")
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(2, timeout=GENERATION)
-    body = json.loads(sent.value.post_data or "")
+    body = generate(page, shown=2)
     assert (body["seed"], body["subseed"], body["subseed_strength"]) == (12, 300, 0.4)
     shown = results(page)
     assert [result["seed"] for result in shown] == ["Seed 12 · variation 300 (0.4)", "Seed 12 · variation 301 (0.4)"]
@@ -356,10 +349,8 @@ def test_variation_seeds_are_sent_named_on_each_result_and_reused(page: Page, fr
     assert (page.input_value("#seed"), page.input_value("#subseed")) == ("12", "301")
     assert page.input_value("#subseed_strength") == "0.4"
     page.fill("#subseed_strength", "0")
-    with page.expect_request("**/imagine/stream") as sent:
-        page.click("#generate")
-    expect(page.locator("#gallery .result")).to_have_count(4, timeout=GENERATION)
-    assert not {"subseed", "subseed_strength"} & set(json.loads(sent.value.post_data or ""))
+    body = generate(page, shown=4)
+    assert not {"subseed", "subseed_strength"} & set(body)
     assert results(page)[0]["seed"] == "Seed 12"
     page.locator("#gallery .result button:has-text('Reuse seed')").first.click()
     assert (page.input_value("#subseed"), page.input_value("#subseed_strength")) == ("", "0")
