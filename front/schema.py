@@ -63,6 +63,11 @@ class ImagineRequest(BaseModel):
         description="AUTOMATIC1111's 'Clip skip': read the prompts from CLIP's k-th layer from the end; 2 (the "
         "penultimate) is what many fine-tuned SD v1 models expect (default: model-config.yaml's, 1 as shipped)",
     )
+    tiling: bool = Field(
+        False,
+        description="AUTOMATIC1111's 'Tiling': every convolution pads circularly, so the image wraps around its edges "
+        "(a seamless texture)",
+    )
     init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,

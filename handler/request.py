@@ -64,6 +64,7 @@ FIELDS = (
     "hr_steps",
     "subseed",
     "subseed_strength",
+    "tiling",
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
@@ -395,6 +396,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
         subseed=subseed,
         subseed_strength=subseed_strength,
+        tiling=_boolean(body, "tiling", False),
         **_syntax(body, settings),
     )
     try:

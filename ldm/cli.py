@@ -238,6 +238,12 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         "change the text as sampling goes (not with --weighted_subprompts)",
     )
     parser.add_argument(
+        "--tiling",
+        action="store_true",
+        help="AUTOMATIC1111's 'Tiling': every convolution pads circularly, so each image wraps around its edges and "
+        "its copies tile without a seam (a texture)",
+    )
+    parser.add_argument(
         "--clip_skip",
         type=int,
         default=1,
@@ -544,6 +550,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         strength=0.75 if args.strength is None else args.strength,
         subseed=subseed,
         subseed_strength=args.subseed_strength,
+        tiling=args.tiling,
     )
     if init_image is not None:
         template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts, variation
+from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts, tiling, variation
 from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
@@ -87,6 +88,8 @@ class GenerationRequest:
     `subseed_strength` above 0 → A1111's variation seeds (ldm/variation.py): every image keeps `seed`, and its noise
     is bent toward that of its variation seed `subseed` + i (None: drawn and reported back) by the strength.
 
+    `tiling` → A1111's "Tiling" (ldm/tiling.py): the image wraps around its edges, a seamless texture.
+
     `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
     `hr_scale` times its size and sampled again for `hr_steps` steps (0: `steps`), `strength` telling how much of it
     the second pass may change.
@@ -115,6 +118,7 @@ class GenerationRequest:
     hr_steps: int = 0
     subseed: int | None = None
     subseed_strength: float = 0.0  # 0: no variation
+    tiling: bool = False
 
     @property
     def n_images(self) -> int:
@@ -788,6 +792,20 @@ class Pipeline:
         """Run one request: n_iter batches of n_samples images; returns every image and its seed."""
         return self.generate_many([request], max_batch_images=request.n_samples, callback=callback)[0]
 
+    @contextmanager
+    def tiled(self, on: bool) -> Iterator[None]:
+        """With `on`, the UNet and the VAE pad circularly for the block (ldm/tiling.py), and run eagerly: the fast
+        path's graphs were compiled and captured with zero padding."""
+        if not on:
+            yield
+            return
+        fast, self.fast = self.fast, None
+        try:
+            with tiling.circular_padding(self.model.unet, self.model.vae):
+                yield
+        finally:
+            self.fast = fast
+
     def check(self, request: GenerationRequest) -> None:
         """What only the loaded model can tell of a request: its CLIP has the layer `clip_skip` reads, its hires fix's
         run fits its timesteps, and the LoRAs its prompt names fit (`lora_files`). A server checks this before batching
@@ -821,16 +839,18 @@ class Pipeline:
             check_clip_skip(request, self.model.text_encoder.layers)
         # Every LoRA file is read and checked before any work, so a bad one fails its request at once.
         loras_of = [self.lora_files(request) for request in requests]
-        by_loras: dict[tuple[tuple[LoraFile, LoraUse], ...], list[int]] = {}
+        # Requests run together only with requests of the same LoRAs and the same padding (tiling).
+        runs: dict[tuple[tuple[tuple[LoraFile, LoraUse], ...], bool], list[int]] = {}
         for index, loras in enumerate(loras_of):
-            by_loras.setdefault(loras, []).append(index)
+            runs.setdefault((loras, requests[index].tiling), []).append(index)
         vocabulary = self.embeddings.vocabulary()  # one reading of the embeddings folder for the whole call
         pixels: dict[int, list[torch.Tensor]] = {}
         # The LoRAs merged already go first: a batch of their requests alone merges nothing.
-        for loras in sorted(by_loras, key=lambda loras: loras != self.lora_weights.applied):
+        for loras, tiled in sorted(runs, key=lambda run: run[0] != self.lora_weights.applied):
             self.lora_weights.apply(loras)  # (0)
-            batch = {i: requests[i] for i in by_loras[loras]}
-            pixels.update(self._run(batch, max_batch_images, callback, vocabulary))
+            batch = {i: requests[i] for i in runs[loras, tiled]}
+            with self.tiled(tiled):
+                pixels.update(self._run(batch, max_batch_images, callback, vocabulary))
 
         results = []
         tokenizer = self.model.text_encoder.tokenizer

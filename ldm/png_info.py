@@ -68,6 +68,8 @@ def parameters_text(
         fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:
         fields.append(f"Clip skip: {request.clip_skip}")
+    if request.tiling:
+        fields.append("Tiling: True")  # after Clip skip, as A1111 orders them
     if request.weighted_subprompts:
         fields.append("Weighted subprompts: True")
     if request.emphasis:

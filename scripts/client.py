@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
-                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength")  # fmt: skip
+                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength", "tiling")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="read AUTOMATIC1111's '(word:1.3)', '[word]', BREAK, and prompts past 75 tokens whole (or not: "
         "--no-emphasis)",
+    )
+    parser.add_argument(
+        "--tiling",
+        action=argparse.BooleanOptionalAction,
+        help="AUTOMATIC1111's 'Tiling': images that wrap around their edges, to tile without a seam",
     )
     parser.add_argument(
         "--clip-skip", type=int, help="AUTOMATIC1111's 'Clip skip': read the prompt from CLIP's k-th layer from the end"

@@ -121,6 +121,7 @@ CASES: list[Case] = [
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
     Case("mask_blur 65", with_(mask_blur=65), "mask_blur", "mask_blur must be between 0 and 64 pixels, got 65"),
+    Case("tiling a string", with_(tiling="yes"), "tiling", 'tiling must be true or false, got "yes"'),
     # Variation seeds.
     Case("subseed_strength 1.5", with_(subseed_strength=1.5), "subseed_strength",
          "subseed_strength must be in [0.0, 1.0], got 1.5"),

@@ -492,6 +492,7 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),
     (["--subseed", "12"], "subseed", 12),
     (["--subseed_strength", "0.3"], "subseed_strength", 0.3),
+    (["--tiling"], "tiling", True),
 ]
 TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--hr_scale", "2"], "hr_scale", 2.0),

@@ -161,6 +161,11 @@ def test_variation_seeds_are_sent_and_each_files_printed(
     assert out == [f"{tmp_path / 'seed_1000_00000.png'}  1000  9", f"{tmp_path / 'seed_1000_00001.png'}  1000  10"]
 
 
+def test_tiling_is_sent(server: FakeTorchServe, tmp_path: Path) -> None:
+    assert run(server.url, tmp_path, "bricks", "--tiling") == 0
+    assert server.requests[0]["body"] == {"prompt": "bricks", "tiling": True}
+
+
 def test_numbering_continues_after_the_highest_existing_index(server: FakeTorchServe, tmp_path: Path) -> None:
     existing = {"seed_3_00004.png": b"a", "seed_1_00009.jpg": b"b", "grid.png": b"c", "seed_x_00100.png": b"d"}
     for name, data in existing.items():

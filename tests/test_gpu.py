@@ -215,6 +215,20 @@ def test_the_hires_fix_replays_its_first_pass_and_runs_its_second_eagerly(
     assert psnr(fast, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
+def test_a_tiled_request_runs_eagerly_and_the_fast_path_then_resumes(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
+    """Tiling pads circularly, which the captured graphs (zero padding) cannot: its calls run eagerly, within fp16
+    rounding of fp32, and the next plain request replays the graphs again."""
+    request = dataclasses.replace(request_of(case("basic")), tiling=True)
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    tiled = fast_fp16.generate(request).pixels
+    assert fast_fp16.fast.unet.fast_calls == before
+    assert psnr(tiled, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+    plain = dataclasses.replace(request, tiling=False)
+    fast_fp16.generate(plain)
+    assert fast_fp16.fast.unet.fast_calls - before == plain.denoising_steps
+
+
 def test_low_memory_mode_gives_the_resident_images() -> None:
     request = request_of(case("basic"))
     resident = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, "cuda", torch.float16))

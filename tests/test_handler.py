@@ -459,6 +459,18 @@ def test_variation_seeds_answer_each_images_seeds_and_parameters(
     assert "subseeds" not in plain and "subseed" not in plain["parameters"] and plain["seeds"] == [4]
 
 
+def test_tiling_answers_the_pipelines_wrapped_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    (response,), _ = call(handler, [{"prompt": "bricks", "seed": 6, "tiling": True}])
+    answer = json.loads(response)
+    assert answer["parameters"]["tiling"] is True
+    png = base64.b64decode(answer["images"][0])
+    assert "Tiling: True" in read_parameters(png)
+    request = GenerationRequest("bricks", height=64, width=64, steps=3, seed=6, tiling=True)
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    plain = json.loads(call(handler, [{"prompt": "bricks", "seed": 6}])[0][0])
+    assert "tiling" not in plain["parameters"] and plain["images"] != answer["images"]
+
+
 def test_batch_answers_each_request_with_its_own_images_and_errors_alone(handler, tiny_split: Path) -> None:
     bodies = [
         {"prompt": "one", "seed": 1, "H": 64, "W": 64},

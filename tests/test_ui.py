@@ -216,6 +216,16 @@ def test_a1111_emphasis_reads_a_long_prompt_whole_and_sets_weighted_sub_prompts_
     assert not page.is_checked("#emphasis")
 
 
+def test_tiling_is_a_choice_named_on_the_result(page: Page) -> None:
+    page.fill("#prompt", "a brick wall texture")
+    page.check("#tiling")
+    body = generate(page, shown=1)
+    assert body["tiling"] is True
+    assert results(page)[0]["parameters"] == "64×64 · 10 steps · guidance 7.5 · tiling"
+    page.uncheck("#tiling")
+    assert "tiling" not in generate(page, shown=2)
+
+
 def test_clip_skip_is_a_field_named_on_the_result_and_one_too_deep_is_explained(page: Page) -> None:
     """The prompt names the test server's LoRA too: a tag goes to the server as typed, and is no error."""
     page.fill("#prompt", "a lighthouse at dusk, <lora:tiny-style:0.8>")

@@ -42,6 +42,7 @@ function requestBody() {
     emphasis: $("emphasis").checked,
     clip_skip: integer($("clip_skip").value),
   };
+  if ($("tiling").checked) body.tiling = true;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
   // Variation seeds: image i keeps the seed and bends toward the variation seed + i (the server draws one if empty).
@@ -177,6 +178,7 @@ function describe(parameters) {
   if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   if (parameters.emphasis) parts.push("A1111 emphasis");
+  if (parameters.tiling) parts.push("tiling");
   if (parameters.clip_skip > 1) parts.push(`clip skip ${parameters.clip_skip}`);
   return parts.join(" · ");
 }
