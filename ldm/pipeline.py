@@ -795,7 +795,8 @@ class Pipeline:
     @contextmanager
     def tiled(self, on: bool) -> Iterator[None]:
         """With `on`, the UNet and the VAE pad circularly for the block (ldm/tiling.py), and run eagerly: the fast
-        path's graphs were compiled and captured with zero padding."""
+        path's graphs were compiled and captured with zero padding. The padding is the model's own state, so one
+        generation runs on a model at a time (a TorchServe worker's, a command line's)."""
         if not on:
             yield
             return
@@ -845,8 +846,10 @@ class Pipeline:
             runs.setdefault((loras, requests[index].tiling), []).append(index)
         vocabulary = self.embeddings.vocabulary()  # one reading of the embeddings folder for the whole call
         pixels: dict[int, list[torch.Tensor]] = {}
-        # The LoRAs merged already go first: a batch of their requests alone merges nothing.
-        for loras, tiled in sorted(runs, key=lambda run: run[0] != self.lora_weights.applied):
+        # The LoRAs merged already go first (a batch of their requests alone merges nothing), and each set's runs follow
+        # one another, so each set is merged once.
+        first = {loras: index for index, loras in reversed(list(enumerate(loras_of)))}
+        for loras, tiled in sorted(runs, key=lambda run: (run[0] != self.lora_weights.applied, first[run[0]])):
             self.lora_weights.apply(loras)  # (0)
             batch = {i: requests[i] for i in runs[loras, tiled]}
             with self.tiled(tiled):

@@ -17,12 +17,12 @@ from torch import nn
 
 @contextmanager
 def circular_padding(*networks: nn.Module) -> Iterator[None]:
-    """Every `Conv2d` of `networks` pads circularly for the block, then with zeros again."""
-    convolutions = [m for network in networks for m in network.modules() if isinstance(m, nn.Conv2d)]
-    for convolution in convolutions:
+    """Every `Conv2d` of `networks` pads circularly for the block, then as it did before."""
+    before = [(m, m.padding_mode) for network in networks for m in network.modules() if isinstance(m, nn.Conv2d)]
+    for convolution, _ in before:
         convolution.padding_mode = "circular"
     try:
         yield
     finally:
-        for convolution in convolutions:
-            convolution.padding_mode = "zeros"
+        for convolution, mode in before:
+            convolution.padding_mode = mode

@@ -198,6 +198,13 @@ def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run
     assert "seed 1000, subseeds 50..51" in capsys.readouterr().err
 
 
+def test_tiling_flag_paints_the_pipelines_tiled_image(pipeline: Pipeline, tmp_path: Path) -> None:
+    assert main([*case_argv("basic"), *MODEL, "--tiling", "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    assert np.array_equal(pixels, pipeline.generate(replace(request_for(case("basic")), tiling=True)).images[0])
+    assert parameters is not None and "Tiling: True" in parameters
+
+
 def test_an_inpainting_checkpoint_defaults_to_the_inpainting_config(tmp_path: Path) -> None:
     from ldm.config import INPAINTING_CONFIG, TEXT_TO_IMAGE_CONFIG, load_config
     from ldm.random_weights import random_state_dict, save_checkpoint

@@ -220,13 +220,14 @@ def test_a_tiled_request_runs_eagerly_and_the_fast_path_then_resumes(fp32_cuda: 
     rounding of fp32, and the next plain request replays the graphs again."""
     request = dataclasses.replace(request_of(case("basic")), tiling=True)
     assert fast_fp16.fast is not None
-    before = fast_fp16.fast.unet.fast_calls
+    before, decodes = fast_fp16.fast.unet.fast_calls, fast_fp16.fast.decode.fast_calls
     tiled = fast_fp16.generate(request).pixels
-    assert fast_fp16.fast.unet.fast_calls == before
+    assert (fast_fp16.fast.unet.fast_calls, fast_fp16.fast.decode.fast_calls) == (before, decodes)
     assert psnr(tiled, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
     plain = dataclasses.replace(request, tiling=False)
     fast_fp16.generate(plain)
     assert fast_fp16.fast.unet.fast_calls - before == plain.denoising_steps
+    assert fast_fp16.fast.decode.fast_calls - decodes == 1
 
 
 def test_low_memory_mode_gives_the_resident_images() -> None:

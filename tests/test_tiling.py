@@ -41,7 +41,8 @@ def test_circular_padding_makes_the_networks_wrap_around(tiny_model: StableDiffu
     with circular_padding(tiny_model.unet, tiny_model.vae):
         assert max(wraps()) < 1e-4
     assert min(wraps()) > 1e-2
-    assert {m.padding_mode for m in tiny_model.unet.modules() if isinstance(m, nn.Conv2d)} == {"zeros"}
+    networks = (tiny_model.unet, tiny_model.vae)
+    assert {m.padding_mode for n in networks for m in n.modules() if isinstance(m, nn.Conv2d)} == {"zeros"}
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -66,9 +67,33 @@ def test_a_tiled_image_equals_diffusers_with_circular_convolutions(
     assert np.abs(ours - plain).mean() > 1
 
 
+def test_a_failure_inside_a_tiled_run_leaves_the_model_as_it_was(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding and the fast path come back whatever the run raised (a server then retries requests alone)."""
+    fast = pipeline.fast
+
+    def fail(*args: Any, **kwargs: Any) -> torch.Tensor:
+        assert padding_modes(pipeline) == {"circular"} and pipeline.fast is None
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipeline, "denoise", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipeline.generate(REQUEST)
+    assert padding_modes(pipeline) == {"zeros"} and pipeline.fast is fast
+
+
+def padding_modes(pipeline: Pipeline) -> set[str]:
+    networks = (pipeline.model.unet, pipeline.model.vae)
+    return {m.padding_mode for network in networks for m in network.modules() if isinstance(m, nn.Conv2d)}
+
+
 def test_tiled_and_plain_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> None:
+    """Each alone, computed after the batch; the batch left every convolution as it found it."""
     requests = [REQUEST, dataclasses.replace(REQUEST, tiling=False), dataclasses.replace(REQUEST, seed=22)]
-    for request, generation in zip(requests, pipeline.generate_many(requests), strict=True):
+    together = pipeline.generate_many(requests)
+    assert padding_modes(pipeline) == {"zeros"}
+    for request, generation in zip(requests, together, strict=True):
         assert np.abs(generation.pixels - pipeline.generate(request).pixels).max() < FLOAT_TOLERANCE
     assert "Tiling: True" in parameters_text(resolve(REQUEST), 21)
     assert "Tiling" not in parameters_text(resolve(dataclasses.replace(REQUEST, tiling=False)), 21)
