@@ -250,13 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the images are written, 1 when the server gave none, 2 on a bad input (see the top)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.strength is not None and args.init_image is None and args.hr_scale is None:
-        parser.error("--strength needs --init-image or --hr-scale (txt2img has nothing to keep)")
+    if args.strength is not None and args.init_image is None and args.hr_scale in (None, 1):
+        parser.error("--strength needs --init-image or an --hr-scale above 1 (txt2img has nothing to keep)")
     if args.mask_image is not None and args.init_image is None:
         parser.error("--mask-image needs --init-image (txt2img has nothing to keep)")
     for name in ("hr_upscaler", "hr_steps"):
-        if getattr(args, name) is not None and args.hr_scale is None:
-            parser.error(f"--{name.replace('_', '-')} needs --hr-scale (it is the hires fix's)")
+        if getattr(args, name) is not None and args.hr_scale in (None, 1):
+            parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 (it is the hires fix's)")
     if args.mask_blur is not None and args.mask_image is None:
         parser.error("--mask-blur needs --mask-image (it softens the mask's seam)")
     problem = check_url(args.url)

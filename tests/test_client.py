@@ -298,11 +298,15 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--strength", "0.5"], "--strength needs --init-image or --hr-scale"),
+        (["--strength", "0.5"], "--strength needs --init-image or an --hr-scale above 1"),
+        (
+            ["--hr-scale", "1", "--strength", "0.5"],
+            "--strength needs --init-image or an --hr-scale above 1",
+        ),  # 1: no hires fix
         (["--mask-image", "mask.png"], "--mask-image needs --init-image"),
         (["--init-image", "init.png", "--mask-blur", "8"], "--mask-blur needs --mask-image"),
-        (["--hr-upscaler", "lanczos"], "--hr-upscaler needs --hr-scale"),
-        (["--hr-steps", "10"], "--hr-steps needs --hr-scale"),
+        (["--hr-upscaler", "lanczos"], "--hr-upscaler needs an --hr-scale above 1"),
+        (["--hr-steps", "10"], "--hr-steps needs an --hr-scale above 1"),
     ],
 )
 def test_an_option_without_the_one_it_belongs_to_is_a_usage_error(
