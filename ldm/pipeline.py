@@ -380,12 +380,12 @@ def text_schedule(request: GenerationRequest, field: TextField, hires_pass: bool
     second pass, as (end, text): with A1111's syntax as its prompt editing changes them (ldm/prompt_editing.py, which
     counts a second pass on from the first), otherwise the one text throughout."""
     text = clip_text(request, field)
-    steps = run_steps(request)
+    first, steps = 0, run_steps(request)
     if hires_pass:
-        steps, first = request.hires_steps * k_samplers.unet_calls_per_step(request.sampler), steps
+        first, steps = steps, run_steps(replace(request, steps=request.hires_steps))
     if not request.emphasis:
         return ((steps, text),)
-    return prompt_editing.schedule(text, steps, first if hires_pass else 0)
+    return prompt_editing.schedule(text, steps, first)
 
 
 def scheduled_texts(request: GenerationRequest, field: TextField) -> list[str]:
@@ -883,7 +883,7 @@ class Pipeline:
             for (index, request), conditioning in zip(requests.items(), conditions, strict=True)
             for image in self._first_pass(index, request, conditioning)
         ]
-        self._sample(images, max_batch_images, _passing(callback, hires=False))
+        self._sample(images, max_batch_images, callback)
         upscaled = [index for index, request in requests.items() if request.hires]
         if upscaled:
             conditions = self.conditions([requests[i] for i in upscaled], vocabulary, hires_pass=True)
@@ -896,7 +896,7 @@ class Pipeline:
                     [image for image in images if image.request_index == index],
                 )
             ]
-            self._sample(second, max_batch_images, _passing(callback, hires=True))
+            self._sample(second, max_batch_images, _hires_progress(callback))
             images = [image for image in images if image.request_index not in upscaled] + second
         by_size: dict[tuple[int, ...], list[_Image]] = {}
         for image in images:
@@ -1001,10 +1001,10 @@ def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tens
     return total
 
 
-def _passing(callback: ProgressCallback | None, hires: bool) -> ProgressCallback | None:
-    """`callback` told whether the steps it hears of are the hires fix's second pass."""
-    if callback is None or not hires:
-        return callback
+def _hires_progress(callback: ProgressCallback | None) -> ProgressCallback | None:
+    """`callback` told that the steps it hears of are the hires fix's second pass."""
+    if callback is None:
+        return None
     return lambda progress: callback(replace(progress, hires=True))
 
 
