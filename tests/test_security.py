@@ -4,6 +4,7 @@ can make the server do, and what the page does with text. The rows of docs/RELIA
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import ipaddress
 import json
@@ -72,10 +73,16 @@ def listening_sockets(process_group: int) -> list[tuple[str, int]]:
             # Fields after the command name (which may hold spaces): state, ppid, pgrp, ...
             if int(stat.read_text().rpartition(")")[2].split()[2]) != process_group:
                 continue
-            links = [os.readlink(fd) for fd in (stat.parent / "fd").iterdir()]
+            fds = list((stat.parent / "fd").iterdir())
         except (FileNotFoundError, ProcessLookupError):
             continue  # a process that ended while we looked
-        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+        for fd in fds:
+            # Skip only the descriptor closed while we looked: the Java frontend opens and closes files all the time
+            # (logs, metrics), and skipping its whole table for one of them once lost every listener.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
     found = []
     for table in ("tcp", "tcp6"):
         for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
