@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler.request import ApiRequest
+from ldm.model import StableDiffusion
 from ldm.pipeline import Generation
 from ldm.png_info import encode_with_parameters, parameters_text
 
@@ -53,11 +54,13 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     return parameters
 
 
-def png_files(generations: Sequence[Generation], model_hash: str) -> list[list[bytes]]:
-    """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed), the whole
-    batch's compressed at once."""
+def png_files(generations: Sequence[Generation], model: StableDiffusion) -> list[list[bytes]]:
+    """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed; `model`'s
+    hashes), the whole batch's compressed at once."""
     texts = [
-        parameters_text(g.request, seed, model_hash, g.lora_hashes, g.embedding_hashes, subseed)
+        parameters_text(
+            g.request, seed, model.model_hash, g.lora_hashes, g.embedding_hashes, subseed, vae_file=model.vae_file
+        )
         for g in generations
         for seed, subseed in zip(g.seeds, g.subseeds, strict=True)
     ]

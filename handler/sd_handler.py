@@ -73,10 +73,12 @@ class StableDiffusionHandler(BaseHandler):
             model_dir / self.settings.embeddings_dir,
         )
         self.initialized = True
+        vae = model.vae_file
         logger.info(
-            "loaded %s (model hash %s) on %s as %s%s in %.1f s",
+            "loaded %s (model hash %s%s) on %s as %s%s in %.1f s",
             model_dir,
             model.model_hash,
+            f", VAE {vae.name} {vae.short_hash}" if vae else "",
             device,
             dtype,
             ", low-memory mode" if self.settings.low_memory else "",
@@ -176,7 +178,7 @@ class StableDiffusionHandler(BaseHandler):
         their status, or as a stream's last line once the stream has started."""
         assert self.pipeline is not None
         generations = [outcome.generation for outcome in data if isinstance(outcome, Answer)]
-        files = iter(png_files(generations, self.pipeline.model.model_hash))
+        files = iter(png_files(generations, self.pipeline.model))
         responses: list[bytes | str] = []
         for idx, outcome in enumerate(data):
             if isinstance(outcome, RequestError):

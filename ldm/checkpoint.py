@@ -159,27 +159,41 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -
             parts[part][key[len(PREFIXES[part]) :]] = value
     _check_schedule(schedule, config)
 
-    missing: list[str] = []
-    misshaped: list[str] = []
+    found: dict[str, list[str]] = {"missing": [], "unexpected": unexpected, "wrong shape": []}
     for name, shapes in expected_shapes(config).items():
-        got = parts[name]
-        prefix = PREFIXES[name]
-        missing += [prefix + k for k in shapes if k not in got]
-        unexpected += [prefix + k for k in got if k not in shapes]
-        misshaped += [
-            f"{prefix}{k}: checkpoint {list(got[k].shape)}, config {list(s)}"
+        for label, keys in mismatches(parts[name], shapes, PREFIXES[name], "checkpoint").items():
+            found[label] += keys
+    report = mismatch_report(f"checkpoint does not match config {config.source}:", found)
+    if report:
+        hint = _input_channels_hint(parts["unet"], config)
+        raise CheckpointError("\n".join([report] + ([hint] if hint else [])))
+    return parts
+
+
+def mismatches(
+    got: dict[str, torch.Tensor], shapes: dict[str, torch.Size], prefix: str, source: str
+) -> dict[str, list[str]]:
+    """The keys of one part's weights (`got`, as its module names them) that its architecture (`shapes`) lacks,
+    wants, or wants in another shape; each named with `prefix`, as the file being read names it (`source`)."""
+    return {
+        "missing": [prefix + k for k in shapes if k not in got],
+        "unexpected": [prefix + k for k in got if k not in shapes],
+        "wrong shape": [
+            f"{prefix}{k}: {source} {list(got[k].shape)}, config {list(s)}"
             for k, s in shapes.items()
             if k in got and got[k].shape != s
-        ]
-    if missing or unexpected or misshaped:
-        lines = [f"checkpoint does not match config {config.source}:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if keys:
-                more = f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
-                lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_SHOWN])}{more}")
-        hint = _input_channels_hint(parts["unet"], config)
-        raise CheckpointError("\n".join(lines + ([hint] if hint else [])))
-    return parts
+        ],
+    }
+
+
+def mismatch_report(heading: str, found: dict[str, list[str]]) -> str:
+    """`heading` and the first few keys of each kind of mismatch, or "" when there is none."""
+    lines = [heading]
+    for label, keys in found.items():
+        if keys:
+            more = f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+            lines.append(f"  {len(keys)} {label}: {', '.join(keys[:_SHOWN])}{more}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def _input_channels_hint(unet: dict[str, torch.Tensor], config: ModelConfig) -> str:

@@ -67,6 +67,7 @@ from ldm.pipeline import (
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.tokenizer import CLIPTokenizer
+from ldm.vae_file import VaeError, near_checkpoint
 
 Mode = Literal["txt2img", "img2img"]
 
@@ -309,6 +310,14 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         "scripts/split_checkpoint.py) (default: %(default)s)",
     )
     parser.add_argument(
+        "--vae",
+        type=str,
+        help="a VAE file (.safetensors, .pt or .ckpt in the original layout, such as "
+        "vae-ft-mse-840000-ema-pruned.safetensors) to use instead of the checkpoint's VAE (A1111's --vae-path); "
+        "default: NAME.vae.safetensors (or .vae.pt, .vae.ckpt) beside a checkpoint NAME.ckpt if there is one, as "
+        "A1111 picks it",
+    )
+    parser.add_argument(
         "--config",
         type=str,
         help="config YAML of a single-file checkpoint (default: configs/v1-inference.yaml, or "
@@ -396,22 +405,27 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights and their config are; `split` → a folder of `load_split`."""
+    """Where the weights and their config are; `split` → a folder of `load_split`; `vae` → a VAE file to use instead
+    of the checkpoint's (or the split folder's)."""
 
     ckpt: Path
     config_path: Path
     split: bool
+    vae: Path | None = None
 
 
-def locate_model(ckpt: str, config: str | None) -> ModelSource:
-    """Resolve `--ckpt`/`--config` to existing files, or say in one line what is missing and how to get it."""
+def locate_model(ckpt: str, config: str | None, vae: str | None = None) -> ModelSource:
+    """Resolve `--ckpt`/`--config`/`--vae` to existing files, or say in one line what is missing and how to get it."""
     path = Path(ckpt)
+    vae_path = None if vae is None else Path(vae)
+    if vae_path is not None and not vae_path.is_file():
+        raise CliError(f"VAE file not found: {vae_path.absolute()} (--vae)")
     if path.is_dir():
         if not (path / MANIFEST).is_file():
             raise CliError(f"--ckpt {path} is a folder without {MANIFEST}: not a split checkpoint")
         if config is not None:
             raise CliError(f"--config cannot be used with the split folder {path}: it has its own {CONFIG_FILE}")
-        return ModelSource(path, path / CONFIG_FILE, split=True)
+        return ModelSource(path, path / CONFIG_FILE, split=True, vae=vae_path)
     if not path.is_file():
         raise CliError(
             f"checkpoint not found: {path.absolute()} (--ckpt {ckpt}). Download sd-v1-4.ckpt and put it there or pass "
@@ -422,7 +436,7 @@ def locate_model(ckpt: str, config: str | None) -> ModelSource:
     config_path = default_config(path) if config is None else Path(config)
     if not config_path.is_file():
         raise CliError(f"config not found: {config_path.absolute()} (--config); pass --config PATH")
-    return ModelSource(path, config_path, split=False)
+    return ModelSource(path, config_path, split=False, vae=vae_path or near_checkpoint(path))
 
 
 def check_against_model(args: argparse.Namespace, config: ModelConfig) -> None:
@@ -468,8 +482,8 @@ def load_model(
     """The model on `device` in the `--precision` dtype, low-memory mode if asked."""
     dtype = select_dtype(args.precision, device)
     if source.split:
-        return load_split(source.ckpt, device, dtype, args.low_memory)
-    return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory)
+        return load_split(source.ckpt, device, dtype, args.low_memory, source.vae)
+    return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory, source.vae)
 
 
 def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
@@ -482,11 +496,14 @@ def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_images(generation: Generation, outdir: Path, index: int, image_format: str, model_hash: str) -> list[Path]:
-    """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters; returns the paths."""
+def write_images(
+    generation: Generation, outdir: Path, index: int, image_format: str, model: StableDiffusion
+) -> list[Path]:
+    """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters (with `model`'s
+    hashes); returns the paths."""
     hashes = (generation.lora_hashes, generation.embedding_hashes)
     texts = [
-        parameters_text(generation.request, seed, model_hash, *hashes, subseed)
+        parameters_text(generation.request, seed, model.model_hash, *hashes, subseed, vae_file=model.vae_file)
         for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
     ]
     files = (
@@ -512,7 +529,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     prompts = read_prompts(args)
     init_image = read_image(args.init_img) if mode == "img2img" else None
     mask_image = read_image(args.mask, "mask") if mode == "img2img" and args.mask is not None else None
-    source = locate_model(args.ckpt, args.config)
+    source = locate_model(args.ckpt, args.config, args.vae)
     try:
         config = load_config(source.config_path)
     except (ConfigError, OSError) as error:
@@ -582,8 +599,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
               "these float32 ones", file=sys.stderr)  # fmt: skip
     try:
         model = load_model(source, config, device, args)
+    except VaeError as error:
+        raise CliError(f"cannot load --vae: {error}") from None
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
+    if model.vae_file is not None:
+        print(f"note: the VAE is {model.vae_file.name}'s, not the checkpoint's", file=sys.stderr)
     pipeline = Pipeline(model, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     try:
         for prompt in prompts:
@@ -601,7 +622,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
                 request = replace(template, prompt=prompt, **{counted_name: counted})
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
                 if outdir is not None:
-                    paths = write_images(generation, outdir, index, args.format, model.model_hash)
+                    paths = write_images(generation, outdir, index, args.format, model)
                     for path in paths:
                         bar.write(str(path), file=sys.stdout)
                     written += paths

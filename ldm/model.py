@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from ldm.ddim import alphas_cumprod
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
+
+if TYPE_CHECKING:  # ldm.vae_file reads checkpoints, which build these parts
+    from ldm.vae_file import VaeFile
 
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -45,7 +49,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, dict[str, torch.Size]]:
 
 @dataclass
 class StableDiffusion:
-    """Loaded SD v1: config, networks, where they run, and the checkpoint's identity for PNG metadata.
+    """Loaded SD v1: config, networks, where they run, and the checkpoint's identity (and, when its VAE was swapped
+    for one of its own file, that file's) for PNG metadata.
 
     In `low_memory` mode (optimizedSD's idea) the networks live on the CPU and each moves to `device` only while it
     runs, trading transfer time for VRAM.
@@ -58,6 +63,7 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     model_hash: str = ""
+    vae_file: VaeFile | None = None
     low_memory: bool = False
     alphas_cumprod: torch.Tensor = field(init=False)
 

@@ -20,6 +20,7 @@ from ldm.config import ModelConfig, load_config
 from ldm.model import PARTS, StableDiffusion, build_parts, weight_root
 from ldm.model_hash import checkpoint_sha256
 from ldm.tokenizer import VOCAB_DIR, CLIPTokenizer
+from ldm.vae_file import VaeFile, read_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
@@ -29,17 +30,24 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a split folder holds and where it came from."""
+    """What a split folder holds and where it came from: the checkpoint, and the VAE file that replaced its VAE
+    (none: `vae` empty, as in folders split before VAE files were read)."""
 
     source: str
     source_sha256: str
     dtype: str
     parameters: dict[str, int]
+    vae: str = ""
+    vae_sha256: str = ""
 
     @property
     def model_hash(self) -> str:
         """The short hash other SD tools print as 'Model hash': the first 10 hex digits of the source's sha256."""
         return self.source_sha256[:10]
+
+    @property
+    def vae_file(self) -> VaeFile | None:
+        return VaeFile(self.vae, self.vae_sha256) if self.vae else None
 
 
 def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -55,8 +63,10 @@ def assemble(
     model_hash: str = "",
     low_memory: bool = False,
     tokenizer: CLIPTokenizer | None = None,
+    vae_file: VaeFile | None = None,
 ) -> StableDiffusion:
-    """Build the networks on meta and hand them the weights (strict; no random init, no second copy)."""
+    """Build the networks on meta and hand them the weights (strict; no random init, no second copy); `vae_file`
+    says where the VAE's came from when not from the checkpoint."""
     home = torch.device("cpu") if low_memory else device
     modules = build_parts(config)
     for name, module in modules.items():
@@ -65,7 +75,21 @@ def assemble(
     modules["text_encoder"].restore_position_ids()
     if tokenizer is not None:
         modules["text_encoder"].tokenizer = tokenizer
-    return StableDiffusion(config, **modules, device=device, dtype=dtype, model_hash=model_hash, low_memory=low_memory)
+    return StableDiffusion(
+        config, **modules, device=device, dtype=dtype, model_hash=model_hash, vae_file=vae_file, low_memory=low_memory
+    )
+
+
+def checkpoint_parts(
+    ckpt: str | Path, config: ModelConfig, vae: str | Path | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], VaeFile | None]:
+    """The checkpoint's weights by part, checked against `config`, with the VAE's read from the file `vae` if
+    given."""
+    parts = split_state_dict(read_state_dict(ckpt), config)
+    if vae is None:
+        return parts, None
+    parts["vae"], vae_file = read_vae(vae, config)
+    return parts, vae_file
 
 
 def load_checkpoint(
@@ -74,18 +98,24 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     low_memory: bool = False,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
-    """Load an original single-file checkpoint (`.ckpt` or `.safetensors`) with its config YAML."""
+    """Load an original single-file checkpoint (`.ckpt` or `.safetensors`) with its config YAML; its VAE from the
+    file `vae` instead, if given."""
     config = config if isinstance(config, ModelConfig) else load_config(config)
-    parts = split_state_dict(read_state_dict(ckpt), config)
-    return assemble(config, parts, torch.device(device), dtype, checkpoint_sha256(ckpt)[:10], low_memory)
+    parts, vae_file = checkpoint_parts(ckpt, config, vae)
+    hash_ = checkpoint_sha256(ckpt)[:10]
+    return assemble(config, parts, torch.device(device), dtype, hash_, low_memory, vae_file=vae_file)
 
 
-def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtype: str = "fp16") -> Manifest:
-    """Split `ckpt` into `out/{unet,vae,text_encoder}.safetensors` + config, tokenizer files and manifest."""
+def write_split(
+    ckpt: str | Path, config_path: str | Path, out: str | Path, dtype: str = "fp16", vae: str | Path | None = None
+) -> Manifest:
+    """Split `ckpt` into `out/{unet,vae,text_encoder}.safetensors` + config, tokenizer files and manifest; the VAE's
+    weights from the file `vae` instead of the checkpoint's, if given (the manifest names it)."""
     out = Path(out)
     config = load_config(config_path)
-    parts = split_state_dict(read_state_dict(ckpt), config)
+    parts, vae_file = checkpoint_parts(ckpt, config, vae)
     # Only now: inputs that cannot be split leave no empty folder behind.
     out.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype]
@@ -98,7 +128,12 @@ def write_split(ckpt: str | Path, config_path: str | Path, out: str | Path, dtyp
     shutil.copyfile(config_path, out / CONFIG_FILE)
     shutil.copytree(VOCAB_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
     manifest = Manifest(
-        source=Path(ckpt).name, source_sha256=checkpoint_sha256(ckpt), dtype=dtype, parameters=parameters
+        source=Path(ckpt).name,
+        source_sha256=checkpoint_sha256(ckpt),
+        dtype=dtype,
+        parameters=parameters,
+        vae=vae_file.name if vae_file else "",
+        vae_sha256=vae_file.sha256 if vae_file else "",
     )
     (out / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -123,13 +158,19 @@ def load_split(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     low_memory: bool = False,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
-    """Load a folder written by `write_split` onto `device` in `dtype` (on the CPU in low-memory mode)."""
+    """Load a folder written by `write_split` onto `device` in `dtype` (on the CPU in low-memory mode); its VAE from
+    the file `vae` instead, if given."""
     folder = Path(folder)
     device = torch.device(device)
     config = load_config(folder / CONFIG_FILE)
     home = torch.device("cpu") if low_memory else device
-    weights = {name: _read_part(folder / f"{name}.safetensors", home, dtype) for name in PARTS}
+    manifest = read_manifest(folder)
+    vae_file = manifest.vae_file
+    names = [name for name in PARTS if vae is None or name != "vae"]
+    weights = {name: _read_part(folder / f"{name}.safetensors", home, dtype) for name in names}
+    if vae is not None:
+        weights["vae"], vae_file = read_vae(vae, config)
     tokenizer = CLIPTokenizer(folder / TOKENIZER_DIR)
-    hash_ = read_manifest(folder).model_hash
-    return assemble(config, weights, device, dtype, hash_, low_memory, tokenizer)
+    return assemble(config, weights, device, dtype, manifest.model_hash, low_memory, tokenizer, vae_file)

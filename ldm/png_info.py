@@ -18,6 +18,7 @@ from PIL import Image
 from ldm import hires
 from ldm.pipeline import SAMPLERS, GenerationRequest
 from ldm.png_encoder import encode_pngs
+from ldm.vae_file import VaeFile
 
 PARAMETERS_KEY = "parameters"
 
@@ -33,10 +34,12 @@ def parameters_text(
     lora_hashes: Sequence[tuple[str, str]] = (),
     embedding_hashes: Sequence[tuple[str, str]] = (),
     subseed: int | None = None,
+    vae_file: VaeFile | None = None,
 ) -> str:
     """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
     embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`); `seed` and
-    `subseed` are the image's own (`Generation.seeds`, `subseeds`)."""
+    `subseed` are the image's own (`Generation.seeds`, `subseeds`); `vae_file`, the model's VAE file if it has one
+    (`StableDiffusion.vae_file`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -49,6 +52,8 @@ def parameters_text(
     ]
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
+    if vae_file is not None:
+        fields.append(f"VAE hash: {vae_file.short_hash}, VAE: {vae_file.name}")
     if request.variation:
         subseed = request.subseed if subseed is None else subseed
         fields.append(f"Variation seed: {subseed}, Variation seed strength: {float(request.subseed_strength)}")

@@ -27,6 +27,7 @@ import requests
 
 from handler.response import json_body, png_files
 from ldm.config import load_config
+from ldm.model import StableDiffusion
 from ldm.parts import load_split, write_split
 from ldm.pipeline import Generation, GenerationRequest, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
@@ -100,9 +101,9 @@ def serve(home: Path, ckpt: Path, batchings: tuple[Batching, ...]) -> TorchServe
     return server
 
 
-def answer(generation: Generation, model_hash: str) -> str:
+def answer(generation: Generation, model: StableDiffusion) -> str:
     """What the handler makes of a generation for a JSON request."""
-    return json_body(generation, png_files([generation], model_hash)[0])
+    return json_body(generation, png_files([generation], model)[0])
 
 
 def handler_seconds(response: requests.Response) -> float:
@@ -158,7 +159,7 @@ def run_serving(requests_per_client: int, clients: int, size: int, steps: int, r
             plumbing.clear()
             local, served = [], []
             for _ in range(runs):
-                local.append(median_seconds(lambda: answer(pipeline.generate(request), model.model_hash), 1))
+                local.append(median_seconds(lambda: answer(pipeline.generate(request), model), 1))
                 served.append(median_seconds(over_http, 1))
             inproc, http = statistics.median(local), statistics.median(served)
             print(f"\none {size}×{size} image, {steps} steps, tiny demo model, CPU; median of {runs} alternating runs")

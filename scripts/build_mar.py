@@ -36,11 +36,18 @@ ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
 
 
 def stage(
-    ckpt: Path, config: Path, dtype: str, folder: Path, loras: Path | None = None, embeddings_dir: Path | None = None
+    ckpt: Path,
+    config: Path,
+    dtype: str,
+    folder: Path,
+    loras: Path | None = None,
+    embeddings_dir: Path | None = None,
+    vae: Path | None = None,
 ) -> None:
-    """Lay out what the archive's root holds besides the handler file: packages, split parts, LoRAs and embeddings
-    (where model-config.yaml's `handler.lora_dir` and `handler.embeddings_dir` look by default)."""
-    write_split(ckpt, config, folder, dtype)
+    """Lay out what the archive's root holds besides the handler file: packages, split parts (the VAE's from `vae`
+    if given), LoRAs and embeddings (where model-config.yaml's `handler.lora_dir` and `handler.embeddings_dir` look
+    by default)."""
+    write_split(ckpt, config, folder, dtype, vae)
     for package in ("ldm", "handler"):
         shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
     for source, name, suffixes in (
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--embeddings", type=Path, help="a folder of textual-inversion embeddings to package, found in prompts by name"
     )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="a VAE file in the original layout (vae-ft-mse-840000-ema-pruned.safetensors, say) whose weights replace "
+        "the checkpoint's VAE",
+    )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
     if args.archive_format == "no-archive":
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         staged = Path(tmp) / "model"
         try:
             config = args.config or default_config(args.ckpt)
-            stage(args.ckpt, config, args.dtype, staged, args.loras, args.embeddings)
+            stage(args.ckpt, config, args.dtype, staged, args.loras, args.embeddings, args.vae)
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2

@@ -54,16 +54,20 @@ def _files(config: Path) -> list[Path]:
     return sorted(found)
 
 
-def fingerprint(source: Path, config: Path, dtype: str) -> dict[str, Any]:
-    """The checkpoint (path, size, mtime: hashing 4 GB at every start would cost seconds), the dtype of its parts,
-    and a digest of every other file the store copies."""
+def fingerprint(source: Path, config: Path, dtype: str, vae: Path | None = None) -> dict[str, Any]:
+    """The checkpoint and the VAE file that replaces its VAE, if any (path, size, mtime: hashing 4 GB at every start
+    would cost seconds), the dtype of its parts, and a digest of every other file the store copies."""
     digest = hashlib.sha256()
     for file in _files(config):
         digest.update(f"{file.relative_to(ROOT) if file.is_relative_to(ROOT) else file}\0".encode())
         digest.update(file.read_bytes())
     stat = source.stat()
-    return {"checkpoint": str(source), "size": stat.st_size, "mtime": stat.st_mtime, "dtype": dtype,
-            "files": digest.hexdigest()}  # fmt: skip
+    found = {"checkpoint": str(source), "size": stat.st_size, "mtime": stat.st_mtime, "dtype": dtype,
+             "files": digest.hexdigest()}  # fmt: skip
+    if vae is not None:
+        vae_stat = vae.stat()
+        found["vae"] = {"path": str(vae), "size": vae_stat.st_size, "mtime": vae_stat.st_mtime}
+    return found
 
 
 def _dtype_for_this_machine() -> str:
@@ -100,7 +104,11 @@ def prepare(dtype: str | None = None) -> Store:
 
         DEMO_CKPT.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), DEMO_CKPT)
-    wanted = fingerprint(source, config, dtype or _dtype_for_this_machine())
+    from ldm.vae_file import near_checkpoint
+
+    # A1111's automatic VAE: `model.vae.safetensors` (or .pt, .ckpt) beside the user's `model.ckpt`.
+    vae = None if demo else near_checkpoint(source)
+    wanted = fingerprint(source, config, dtype or _dtype_for_this_machine(), vae)
     if store.exists() and stamped == wanted:
         return Store(store, source, demo)
     from scripts.build_mar import main as build_mar
@@ -110,6 +118,7 @@ def prepare(dtype: str | None = None) -> Store:
     code = build_mar([
         "--ckpt", str(source), "--config", str(config), "--model-name", MODEL_NAME,
         "--export-path", str(MODEL_STORE), "--dtype", wanted["dtype"], "--archive-format", "no-archive",
+        *(["--vae", str(vae)] if vae else []),
     ])  # fmt: skip
     if code:
         raise SystemExit(code)

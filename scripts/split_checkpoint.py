@@ -25,14 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="folder to write the parts into")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
+    parser.add_argument(
+        "--vae", help="a VAE file in the original layout whose weights replace the checkpoint's VAE (A1111's SD VAE)"
+    )
     args = parser.parse_args(argv)
     try:
-        manifest = write_split(args.ckpt, args.config or default_config(args.ckpt), args.out, args.dtype)
+        manifest = write_split(args.ckpt, args.config or default_config(args.ckpt), args.out, args.dtype, args.vae)
     except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
         print(f"split_checkpoint: {error}", file=sys.stderr)
         return 2
     total = sum(manifest.parameters.values())
-    print(f"wrote {args.out}: {total:,} parameters ({args.dtype}), model hash {manifest.model_hash}")
+    vae = f", VAE {manifest.vae}" if manifest.vae else ""
+    print(f"wrote {args.out}: {total:,} parameters ({args.dtype}), model hash {manifest.model_hash}{vae}")
     return 0
 
 

@@ -100,6 +100,32 @@ def test_an_inpainting_checkpoint_is_built_with_the_inpainting_config(
         assert builds.argv[-1][builds.argv[-1].index("--config") + 1] == str(config)
 
 
+def test_a_vae_file_beside_the_users_checkpoint_is_built_in_and_followed(
+    builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A1111's automatic VAE: `model.vae.safetensors` beside `model.ckpt` replaces its VAE; adding, changing or
+    removing it rebuilds the store. The demo model never takes one."""
+    user = tmp_path / "user" / "model.ckpt"
+    user.parent.mkdir()
+    shutil.copy(TINY_SAFETENSORS, user)
+    vae = user.with_name("model.vae.safetensors")
+    vae.write_bytes(b"weights")
+    (tmp_path / "demo.vae.safetensors").write_bytes(b"weights")
+    model_store.prepare("fp32")
+    assert "--vae" not in builds.argv[-1]  # the demo's
+    monkeypatch.setattr(model_store, "USER_CKPT", user)
+    model_store.prepare("fp32")
+    assert builds.argv[-1][builds.argv[-1].index("--vae") + 1] == str(vae)
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 2
+    vae.write_bytes(b"other weights")
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 3
+    vae.unlink()
+    model_store.prepare("fp32")
+    assert len(builds.argv) == 4 and "--vae" not in builds.argv[-1]
+
+
 def test_a_store_built_by_hand_is_served_as_it_is(builds: Builds) -> None:
     (model_store.MODEL_STORE / model_store.MODEL_NAME).mkdir(parents=True)
     store = model_store.prepare("fp32")
