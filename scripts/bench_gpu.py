@@ -112,6 +112,11 @@ class Bench:
         self.options = options
         self.device = torch.device(options.device)
         self.deadline = time.monotonic() + options.budget
+        if self.device.type == "cuda":
+            # The fast path turns cuDNN's per-shape algorithm search on for the whole process (ldm/fast_path.py). On
+            # from the first row, every row runs with it, diffusers' and our eager ones too: rows differ only by what
+            # they name, not by whether a fast-path row ran before them.
+            torch.backends.cudnn.benchmark = True
         self.machine = describe(self.device)
         print(self.machine, flush=True)
         self.config = load_config(options.config)
