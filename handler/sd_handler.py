@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ from ldm.pipeline import Generation, GenerationError, Pipeline
 
 logger = logging.getLogger(__name__)
 # HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
+# What runs out of memory without PyTorch's CUDA allocator noticing says so in a plain RuntimeError: cuBLAS and cuDNN
+# (`CUBLAS_STATUS_ALLOC_FAILED`), the CUDA runtime (`CUDA error: out of memory`), and the CPU allocator of a CPU
+# worker (`DefaultCPUAllocator: can't allocate memory`). Each leaves the process able to serve the next request.
+OUT_OF_MEMORY = re.compile(r"out of memory|_ALLOC_FAILED|can't allocate memory", re.IGNORECASE)
+HOST_MEMORY = "can't allocate memory"
 REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
 
 
@@ -151,7 +157,7 @@ class StableDiffusionHandler(BaseHandler):
         """
         try:
             return self._generate_together(valid)
-        except (torch.cuda.OutOfMemoryError, GenerationError) as error:
+        except Exception as error:
             failure = _failure(error)
             if len(valid) == 1:
                 return {valid[0][0]: failure}
@@ -160,7 +166,7 @@ class StableDiffusionHandler(BaseHandler):
         for one in valid:
             try:
                 outcomes.update(self._generate_together([one]))
-            except (torch.cuda.OutOfMemoryError, GenerationError) as error:
+            except Exception as error:
                 outcomes[one[0]] = _failure(error)
         return outcomes
 
@@ -237,13 +243,20 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
 
 
-def _failure(error: torch.cuda.OutOfMemoryError | GenerationError) -> RequestError:
-    """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory."""
+def _failure(error: Exception) -> RequestError:
+    """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory. Any
+    other error is the worker's, not the request's: raised again (TorchServe answers the batch 500s)."""
     if isinstance(error, GenerationError):
         return RequestError(error.field, str(error))
-    torch.cuda.empty_cache()
-    logger.error("out of GPU memory: %s", error)
-    return RequestError("", "out of GPU memory; retry, or ask for fewer or smaller images", 507)
+    if not isinstance(error, torch.cuda.OutOfMemoryError) and not (
+        isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error))
+    ):
+        raise error
+    where = "host" if HOST_MEMORY in str(error) else "GPU"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.error("out of %s memory: %s", where, error)
+    return RequestError("", f"out of {where} memory; retry, or ask for fewer or smaller images", 507)
 
 
 def _fail_valid(data: list[ApiRequest | RequestError], error: RequestError) -> list[Outcome]:

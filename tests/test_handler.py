@@ -593,18 +593,50 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
     check_against_model(parse_settings({"handler": {"limits": {"max_steps": 999}}}), 1000)
 
 
-def test_out_of_gpu_memory_is_a_507_and_the_handler_serves_on(
-    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of GPU memory"),
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+            "out of GPU memory",
+        ),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "out of GPU memory"),
+        (RuntimeError("CUDA error: out of memory"), "out of GPU memory"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."),
+            "out of host memory",
+        ),
+    ],
+    ids=["allocator", "cublas", "cudnn", "runtime", "cpu"],
+)
+def test_out_of_memory_is_a_507_and_the_handler_serves_on(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch, error: Exception, says: str
 ) -> None:
-    """No GPU here: the pipeline is made to raise what CUDA raises when memory runs out."""
+    """No GPU here: the pipeline is made to raise what PyTorch's allocator, cuBLAS, cuDNN, the CUDA runtime or the
+    CPU allocator raise when memory runs out."""
 
     def exhausted(*args: Any, **kwargs: Any) -> None:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     with monkeypatch.context() as patch:
         patch.setattr(handler.pipeline, "generate_many", exhausted)
         responses, context = call(handler, [VALID, {"prompt": 1}])
     assert context.status == {0: 507, 1: 400}
-    assert "out of GPU memory" in json.loads(responses[0])["error"]
+    assert says in json.loads(responses[0])["error"]
     (response,), context = call(handler, [VALID])
     assert context.status == {} and json.loads(response)["seeds"] == [5]
+
+
+def test_any_other_failure_fails_the_batch_for_torchserve_to_answer(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the request's fault, nor memory: raised to TorchServe (a 500 for the batch), never retried as a 507."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handler.pipeline, "generate_many", broken)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            call(handler, [VALID, {**VALID, "seed": 6}])
