@@ -138,12 +138,16 @@ def _check_schedule(buffers: dict[str, torch.Tensor], config: ModelConfig) -> No
         )
 
 
-def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Group checkpoint keys by part (prefix stripped), check them strictly against the architecture.
+def split_state_dict(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig, replaced: tuple[str, ...] = ()
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Group checkpoint keys by part (prefix stripped), check them strictly against the architecture. The `replaced`
+    parts' weights come from elsewhere (a VAE file): their keys are dropped, and need not be there at all, as for a
+    checkpoint shipped without its VAE.
 
     Raises one CheckpointError listing the first missing, unexpected and mis-shaped keys.
     """
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PARTS}
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PARTS if name not in replaced}
     schedule: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
@@ -155,12 +159,14 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -
         part = next((name for name, prefix in PREFIXES.items() if key.startswith(prefix)), None)
         if part is None:
             unexpected.append(key)
-        else:
+        elif part not in replaced:
             parts[part][key[len(PREFIXES[part]) :]] = value
     _check_schedule(schedule, config)
 
     found: dict[str, list[str]] = {"missing": [], "unexpected": unexpected, "wrong shape": []}
     for name, shapes in expected_shapes(config).items():
+        if name in replaced:
+            continue
         for label, keys in mismatches(parts[name], shapes, PREFIXES[name], "checkpoint").items():
             found[label] += keys
     report = mismatch_report(f"checkpoint does not match config {config.source}:", found)

@@ -67,7 +67,7 @@ from ldm.pipeline import (
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.tokenizer import CLIPTokenizer
-from ldm.vae_file import VaeError, near_checkpoint
+from ldm.vae_file import VaeChoice, VaeError, choose
 
 Mode = Literal["txt2img", "img2img"]
 
@@ -313,9 +313,9 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         "--vae",
         type=str,
         help="a VAE file (.safetensors, .pt or .ckpt in the original layout, such as "
-        "vae-ft-mse-840000-ema-pruned.safetensors) to use instead of the checkpoint's VAE (A1111's --vae-path); "
-        "default: NAME.vae.safetensors (or .vae.pt, .vae.ckpt) beside a checkpoint NAME.ckpt if there is one, as "
-        "A1111 picks it",
+        "vae-ft-mse-840000-ema-pruned.safetensors) to use instead of the checkpoint's VAE (A1111's --vae-path), or "
+        "'none' for the checkpoint's own; default: NAME.vae.ckpt (or .vae.pt, .vae.safetensors) beside a checkpoint "
+        "file NAME.ckpt or NAME.safetensors if there is one, as A1111 picks it",
     )
     parser.add_argument(
         "--config",
@@ -405,27 +405,28 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights and their config are; `split` → a folder of `load_split`; `vae` → a VAE file to use instead
-    of the checkpoint's (or the split folder's)."""
+    """Where the weights and their config are; `split` → a folder of `load_split`; `vae` → the VAE file to use
+    instead of the checkpoint's (or the split folder's), if any."""
 
     ckpt: Path
     config_path: Path
     split: bool
-    vae: Path | None = None
+    vae: VaeChoice
 
 
 def locate_model(ckpt: str, config: str | None, vae: str | None = None) -> ModelSource:
     """Resolve `--ckpt`/`--config`/`--vae` to existing files, or say in one line what is missing and how to get it."""
     path = Path(ckpt)
-    vae_path = None if vae is None else Path(vae)
-    if vae_path is not None and not vae_path.is_file():
-        raise CliError(f"VAE file not found: {vae_path.absolute()} (--vae)")
+    choice = choose(path, vae)
+    if choice.path is not None and not choice.path.is_file():
+        what = "a folder, not a file" if choice.path.is_dir() else "not found"
+        raise CliError(f"--vae {choice.path}: {what} ({choice.path.absolute()})")
     if path.is_dir():
         if not (path / MANIFEST).is_file():
             raise CliError(f"--ckpt {path} is a folder without {MANIFEST}: not a split checkpoint")
         if config is not None:
             raise CliError(f"--config cannot be used with the split folder {path}: it has its own {CONFIG_FILE}")
-        return ModelSource(path, path / CONFIG_FILE, split=True, vae=vae_path)
+        return ModelSource(path, path / CONFIG_FILE, split=True, vae=choice)
     if not path.is_file():
         raise CliError(
             f"checkpoint not found: {path.absolute()} (--ckpt {ckpt}). Download sd-v1-4.ckpt and put it there or pass "
@@ -436,7 +437,7 @@ def locate_model(ckpt: str, config: str | None, vae: str | None = None) -> Model
     config_path = default_config(path) if config is None else Path(config)
     if not config_path.is_file():
         raise CliError(f"config not found: {config_path.absolute()} (--config); pass --config PATH")
-    return ModelSource(path, config_path, split=False, vae=vae_path or near_checkpoint(path))
+    return ModelSource(path, config_path, split=False, vae=choice)
 
 
 def check_against_model(args: argparse.Namespace, config: ModelConfig) -> None:
@@ -482,8 +483,8 @@ def load_model(
     """The model on `device` in the `--precision` dtype, low-memory mode if asked."""
     dtype = select_dtype(args.precision, device)
     if source.split:
-        return load_split(source.ckpt, device, dtype, args.low_memory, source.vae)
-    return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory, source.vae)
+        return load_split(source.ckpt, device, dtype, args.low_memory, source.vae.path)
+    return load_checkpoint(source.ckpt, config, device, dtype, args.low_memory, source.vae.path)
 
 
 def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
@@ -600,11 +601,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     try:
         model = load_model(source, config, device, args)
     except VaeError as error:
-        raise CliError(f"cannot load --vae: {error}") from None
+        raise CliError(f"cannot load {source.vae.described()}: {error}") from None
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None
     if model.vae_file is not None:
-        print(f"note: the VAE is {model.vae_file.name}'s, not the checkpoint's", file=sys.stderr)
+        found = " (found beside the checkpoint; --vae none keeps the checkpoint's own)" if source.vae.beside else ""
+        print(f"note: the VAE is {model.vae_file.name}'s, not the checkpoint's{found}", file=sys.stderr)
     pipeline = Pipeline(model, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     try:
         for prompt in prompts:

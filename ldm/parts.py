@@ -84,11 +84,12 @@ def checkpoint_parts(
     ckpt: str | Path, config: ModelConfig, vae: str | Path | None = None
 ) -> tuple[dict[str, dict[str, torch.Tensor]], VaeFile | None]:
     """The checkpoint's weights by part, checked against `config`, with the VAE's read from the file `vae` if
-    given."""
-    parts = split_state_dict(read_state_dict(ckpt), config)
+    given (first: a file that does not fit fails before gigabytes of checkpoint are read)."""
     if vae is None:
-        return parts, None
-    parts["vae"], vae_file = read_vae(vae, config)
+        return split_state_dict(read_state_dict(ckpt), config), None
+    vae_weights, vae_file = read_vae(vae, config)
+    parts = split_state_dict(read_state_dict(ckpt), config, replaced=("vae",))
+    parts["vae"] = vae_weights
     return parts, vae_file
 
 
@@ -167,10 +168,11 @@ def load_split(
     config = load_config(folder / CONFIG_FILE)
     home = torch.device("cpu") if low_memory else device
     manifest = read_manifest(folder)
-    vae_file = manifest.vae_file
-    names = [name for name in PARTS if vae is None or name != "vae"]
-    weights = {name: _read_part(folder / f"{name}.safetensors", home, dtype) for name in names}
-    if vae is not None:
+    weights, vae_file = {}, manifest.vae_file
+    if vae is not None:  # first: a file that does not fit fails before the other parts are read
         weights["vae"], vae_file = read_vae(vae, config)
+    for name in PARTS:
+        if name not in weights:
+            weights[name] = _read_part(folder / f"{name}.safetensors", home, dtype)
     tokenizer = CLIPTokenizer(folder / TOKENIZER_DIR)
     return assemble(config, weights, device, dtype, manifest.model_hash, low_memory, tokenizer, vae_file)

@@ -27,6 +27,12 @@ def _escape(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
 
 
+def _quote(value: str) -> str:
+    """A field's value as A1111 writes it: in JSON quotes when it holds a comma, colon or line break, which its
+    reader would otherwise take for the end of the field."""
+    return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",:\n") else value
+
+
 def parameters_text(
     request: GenerationRequest,
     seed: int,
@@ -53,7 +59,7 @@ def parameters_text(
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
     if vae_file is not None:
-        fields.append(f"VAE hash: {vae_file.short_hash}, VAE: {vae_file.name}")
+        fields.append(f"VAE hash: {vae_file.short_hash}, VAE: {_quote(vae_file.name)}")
     if request.variation:
         subseed = request.subseed if subseed is None else subseed
         fields.append(f"Variation seed: {subseed}, Variation seed strength: {float(request.subseed_strength)}")
@@ -85,7 +91,7 @@ def parameters_text(
         if hashes:
             # A1111's fields, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
             listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes)
-            fields.append(f"{key}: {json.dumps(listed, ensure_ascii=False)}")
+            fields.append(f"{key}: {_quote(listed)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

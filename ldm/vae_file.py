@@ -19,9 +19,13 @@ from ldm.checkpoint import PREFIXES, CheckpointError, mismatch_report, mismatche
 from ldm.config import ModelConfig
 from ldm.model import expected_shapes
 from ldm.model_hash import checkpoint_sha256
+from ldm.safe_pickle import UnsafeCheckpointError
 
-# What A1111 finds beside a checkpoint `model.ckpt` ("Automatic"): `model.vae.safetensors`, `.vae.pt`, `.vae.ckpt`.
-SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# What A1111 finds beside a checkpoint `model.ckpt` ("Automatic"), first found first: `model.vae.ckpt`, `.vae.pt`,
+# `.vae.safetensors` (the order of its searches).
+SUFFIXES = (".ckpt", ".pt", ".safetensors")
+# `--vae none`: the checkpoint's own VAE, even with a file beside it (A1111's SD VAE setting "None").
+NONE = "none"
 # A1111's `vae_ignore_keys`, and the prefix of the keys it drops as the training loss's.
 IGNORED_KEYS = frozenset({"model_ema.decay", "model_ema.num_updates"})
 LOSS_PREFIX = "loss"
@@ -46,8 +50,23 @@ class VaeFile:
         return self.sha256[:10]
 
 
+@dataclass(frozen=True)
+class VaeChoice:
+    """The VAE file a tool was given or found for a checkpoint (None: the checkpoint's own VAE); `beside`: found
+    beside the checkpoint rather than named, which the tool says, with how to refuse it."""
+
+    path: Path | None
+    beside: bool = False
+
+    def described(self) -> str:
+        """How a tool names the file: `--vae FILE`, or the file beside the checkpoint."""
+        if self.beside:
+            return f"the VAE file beside the checkpoint, {self.path} (--vae none keeps the checkpoint's own)"
+        return f"--vae {self.path}"
+
+
 def near_checkpoint(ckpt: Path) -> Path | None:
-    """The VAE file A1111 picks for `ckpt` by itself: `<name>.vae.safetensors` (or `.vae.pt`, `.vae.ckpt`) beside
+    """The VAE file A1111 picks for `ckpt` by itself: `<name>.vae.ckpt` (or `.vae.pt`, `.vae.safetensors`) beside
     `<name>.ckpt`; None when there is none."""
     for suffix in SUFFIXES:
         candidate = ckpt.with_name(f"{ckpt.stem}.vae{suffix}")
@@ -56,14 +75,29 @@ def near_checkpoint(ckpt: Path) -> Path | None:
     return None
 
 
+def choose(ckpt: Path, flag: str | None) -> VaeChoice:
+    """What a `--vae` flag picks for the checkpoint `ckpt`: the file it names; with "none", no file; unset, the file
+    beside a checkpoint file, as A1111 picks one (a split folder keeps the VAE it was split with)."""
+    if flag == NONE:
+        return VaeChoice(None)
+    if flag is not None:
+        return VaeChoice(Path(flag))
+    found = near_checkpoint(ckpt) if ckpt.is_file() else None
+    return VaeChoice(found, beside=found is not None)
+
+
 def read_vae(path: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], VaeFile]:
     """The VAE weights of `path`, named as our VAE module names them and checked strictly against `config`'s
     architecture, and the file's identity. Raises VaeError naming the file and what does not fit."""
     path = Path(path)
+    if not path.is_file():
+        raise VaeError(f"VAE {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
         state = read_state_dict(path)
     except CheckpointError as error:
         raise VaeError(f"VAE {error}") from None
+    except UnsafeCheckpointError as error:  # nothing ran: refused before
+        raise VaeError(f"VAE {path}: {error}") from None
     state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX) and k not in IGNORED_KEYS}
     if any(k.startswith(PREFIXES["unet"]) for k in state):
         raise VaeError(f"VAE {path}: a whole checkpoint, not a VAE file (it holds a UNet)")

@@ -30,6 +30,7 @@ from ldm.checkpoint import CheckpointError, default_config, files_in
 from ldm.config import ConfigError
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
+from ldm.vae_file import choose
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vae",
-        type=Path,
         help="a VAE file in the original layout (vae-ft-mse-840000-ema-pruned.safetensors, say) whose weights replace "
-        "the checkpoint's VAE",
+        "the checkpoint's VAE, or 'none' for the checkpoint's own; default: NAME.vae.ckpt (or .vae.pt, "
+        ".vae.safetensors) beside the checkpoint NAME.ckpt if there is one, as A1111 picks it",
     )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         staged = Path(tmp) / "model"
         try:
             config = args.config or default_config(args.ckpt)
-            stage(args.ckpt, config, args.dtype, staged, args.loras, args.embeddings, args.vae)
+            vae = choose(args.ckpt, args.vae)
+            if vae.beside:
+                print(f"build_mar: taking {vae.described()}")
+            stage(args.ckpt, config, args.dtype, staged, args.loras, args.embeddings, vae.path)
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2

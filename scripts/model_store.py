@@ -39,11 +39,13 @@ OLD_STAMP = "source.json"
 
 @dataclass(frozen=True)
 class Store:
-    """What the store serves: `source` is its checkpoint, None for a store built by hand."""
+    """What the store serves: `source` is its checkpoint, None for a store built by hand; `vae`, the VAE file built in
+    in place of the checkpoint's, if any."""
 
     path: Path
     source: Path | None
     demo: bool
+    vae: Path | None = None
 
 
 def _files(config: Path) -> list[Path]:
@@ -104,13 +106,13 @@ def prepare(dtype: str | None = None) -> Store:
 
         DEMO_CKPT.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(random_state_dict(load_config(DEMO_CONFIG)), DEMO_CKPT)
-    from ldm.vae_file import near_checkpoint
+    from ldm.vae_file import NONE, near_checkpoint
 
-    # A1111's automatic VAE: `model.vae.safetensors` (or .pt, .ckpt) beside the user's `model.ckpt`.
+    # A1111's automatic VAE: `model.vae.ckpt` (or .pt, .safetensors) beside the user's `model.ckpt`.
     vae = None if demo else near_checkpoint(source)
     wanted = fingerprint(source, config, dtype or _dtype_for_this_machine(), vae)
     if store.exists() and stamped == wanted:
-        return Store(store, source, demo)
+        return Store(store, source, demo, vae)
     from scripts.build_mar import main as build_mar
 
     STAMP.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,7 @@ def prepare(dtype: str | None = None) -> Store:
     code = build_mar([
         "--ckpt", str(source), "--config", str(config), "--model-name", MODEL_NAME,
         "--export-path", str(MODEL_STORE), "--dtype", wanted["dtype"], "--archive-format", "no-archive",
-        *(["--vae", str(vae)] if vae else []),
+        "--vae", str(vae) if vae else NONE,
     ])  # fmt: skip
     if code:
         raise SystemExit(code)
@@ -130,4 +132,4 @@ def prepare(dtype: str | None = None) -> Store:
             # Relative: the link still holds when the checkout moves.
             link.symlink_to(os.path.relpath(folder, store), target_is_directory=True)
     STAMP.write_text(json.dumps(wanted))
-    return Store(store, source, demo)
+    return Store(store, source, demo, vae)

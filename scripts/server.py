@@ -373,7 +373,8 @@ def start() -> int:
         print(f"server: {error}; TorchServe stopped again", file=sys.stderr)
         return 1
     print(f"Open {front} (the web UI; POST {front}imagine is the original app's API).")
-    print(f"TorchServe is serving {store.source.name if store.source else store.path} as '{MODEL_NAME}'.")
+    vae = f" with the VAE of {store.vae.name}" if store.vae else ""
+    print(f"TorchServe is serving {store.source.name if store.source else store.path}{vae} as '{MODEL_NAME}'.")
     print(f"  inference:  {server.inference_url}/predictions/{MODEL_NAME}")
     print(f"  management: {server.management_url}/models/{MODEL_NAME}   (this machine only)")
     print(f"  metrics:    {server.metrics_url}/metrics")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
+from ldm.vae_file import choose
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write the parts into")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
     parser.add_argument(
-        "--vae", help="a VAE file in the original layout whose weights replace the checkpoint's VAE (A1111's SD VAE)"
+        "--vae",
+        help="a VAE file in the original layout (vae-ft-mse-840000-ema-pruned.safetensors, say) whose weights replace "
+        "the checkpoint's VAE, or 'none' for the checkpoint's own; default: NAME.vae.ckpt (or .vae.pt, "
+        ".vae.safetensors) beside the checkpoint NAME.ckpt if there is one, as A1111 picks it",
     )
     args = parser.parse_args(argv)
     try:
-        manifest = write_split(args.ckpt, args.config or default_config(args.ckpt), args.out, args.dtype, args.vae)
+        vae = choose(Path(args.ckpt), args.vae)
+        if vae.beside:
+            print(f"split_checkpoint: taking {vae.described()}")
+        manifest = write_split(args.ckpt, args.config or default_config(args.ckpt), args.out, args.dtype, vae.path)
     except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
         print(f"split_checkpoint: {error}", file=sys.stderr)
         return 2

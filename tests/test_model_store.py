@@ -104,7 +104,7 @@ def test_a_vae_file_beside_the_users_checkpoint_is_built_in_and_followed(
     builds: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A1111's automatic VAE: `model.vae.safetensors` beside `model.ckpt` replaces its VAE; adding, changing or
-    removing it rebuilds the store. The demo model never takes one."""
+    removing it rebuilds the store. The demo model never takes one (`--vae none`: not the file beside it either)."""
     user = tmp_path / "user" / "model.ckpt"
     user.parent.mkdir()
     shutil.copy(TINY_SAFETENSORS, user)
@@ -112,9 +112,9 @@ def test_a_vae_file_beside_the_users_checkpoint_is_built_in_and_followed(
     vae.write_bytes(b"weights")
     (tmp_path / "demo.vae.safetensors").write_bytes(b"weights")
     model_store.prepare("fp32")
-    assert "--vae" not in builds.argv[-1]  # the demo's
+    assert builds.argv[-1][builds.argv[-1].index("--vae") + 1] == "none"  # the demo's, whatever lies beside it
     monkeypatch.setattr(model_store, "USER_CKPT", user)
-    model_store.prepare("fp32")
+    assert model_store.prepare("fp32").vae == vae
     assert builds.argv[-1][builds.argv[-1].index("--vae") + 1] == str(vae)
     model_store.prepare("fp32")
     assert len(builds.argv) == 2
@@ -123,7 +123,7 @@ def test_a_vae_file_beside_the_users_checkpoint_is_built_in_and_followed(
     assert len(builds.argv) == 3
     vae.unlink()
     model_store.prepare("fp32")
-    assert len(builds.argv) == 4 and "--vae" not in builds.argv[-1]
+    assert len(builds.argv) == 4 and builds.argv[-1][builds.argv[-1].index("--vae") + 1] == "none"
 
 
 def test_a_store_built_by_hand_is_served_as_it_is(builds: Builds) -> None:

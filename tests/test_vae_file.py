@@ -13,16 +13,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from handler.sd_handler import StableDiffusionHandler
-from ldm.checkpoint import PREFIXES, read_state_dict
+from ldm import cli, parts
+from ldm.checkpoint import PREFIXES, CheckpointError, read_state_dict
 from ldm.cli import main
 from ldm.model_hash import file_sha256
-from ldm.parts import load_checkpoint, load_split, read_manifest, write_split
+from ldm.parts import MANIFEST, load_checkpoint, load_split, read_manifest, write_split
 from ldm.pipeline import Generation, Pipeline
 from ldm.png_info import parameters_text, read_parameters
-from ldm.vae_file import VaeError, VaeFile, near_checkpoint, read_vae
+from ldm.vae_file import VaeChoice, VaeError, VaeFile, choose, near_checkpoint, read_vae
+from scripts import split_checkpoint
+from tests.hostile_pickles import RunsCode
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS, case, request_for
 from tests.test_handler import FakeContext
 
@@ -147,6 +151,9 @@ def test_images_name_the_vae_file_after_the_model_hash_as_a1111_does() -> None:
     fields = "Model hash: 0123456789, VAE hash: abcdef0123, VAE: vae-ft-mse-840000-ema-pruned.safetensors"
     assert f", Size: 64x64, {fields}" in text
     assert "VAE" not in parameters_text(request, 42, "0123456789")
+    # A name holding what ends a field is quoted, as A1111 quotes any value.
+    odd = parameters_text(request, 42, "0123456789", vae_file=VaeFile("my, vae: v2.pt", "0" * 64))
+    assert odd.endswith(', VAE hash: 0000000000, VAE: "my, vae: v2.pt"')
 
 
 def broken(path: Path, weights: dict[str, torch.Tensor]) -> Path:
@@ -181,19 +188,89 @@ def test_a_file_that_is_no_checkpoint_at_all_is_refused_as_a_vae(tmp_path: Path)
     path.write_bytes(b"not a pickle")
     with pytest.raises(VaeError, match=r"^VAE .*notes\.pt: not a readable torch checkpoint"):
         load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, vae=path)
+    with pytest.raises(VaeError, match=r"^VAE .*absent\.pt: no such file"):
+        load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, vae=tmp_path / "absent.pt")
+    with pytest.raises(VaeError, match=r"^VAE .*: a folder, not a file"):
+        load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, vae=tmp_path)
+
+
+def test_a_vae_file_that_would_run_code_is_refused_before_it_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.vae.pt"
+    torch.save({"state_dict": vae_weights(), "evil": RunsCode(marker)}, path)
+    with pytest.raises(VaeError, match=r"^VAE .*evil\.vae\.pt: refusing to load"):
+        load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, vae=path)
+    assert not marker.exists()
+
+
+def test_a_bad_vae_file_fails_before_the_checkpoint_is_read(
+    tmp_path: Path, tiny_split: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint is gigabytes, the VAE a few hundred megabytes: the file is checked first."""
+
+    def not_yet(*args: object) -> None:
+        pytest.fail("the checkpoint was read before the VAE file was checked")
+
+    monkeypatch.setattr(parts, "read_state_dict", not_yet)
+    monkeypatch.setattr(parts, "_read_part", not_yet)
+    bad = broken(tmp_path / "bad.safetensors", {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.ones(1)})
+    for load in (
+        lambda: load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG, vae=bad),
+        lambda: load_split(tiny_split, vae=bad),
+    ):
+        with pytest.raises(VaeError, match="in diffusers' layout"):
+            load()
+
+
+def test_a_checkpoint_shipped_without_its_vae_loads_with_a_vae_file(
+    vae_ckpt: Path, baked_images: list[Generation], tmp_path: Path
+) -> None:
+    """As in A1111, which loads checkpoints leniently: a VAE file stands in for a VAE the checkpoint lacks."""
+    state = {k: v for k, v in read_state_dict(TINY_SAFETENSORS).items() if not k.startswith(VAE_PREFIX)}
+    path = tmp_path / "no-vae.safetensors"
+    save_file(state, str(path))
+    assert_same_images(generations(Pipeline(load_checkpoint(path, TINY_CONFIG, vae=vae_ckpt))), baked_images)
+    with pytest.raises(CheckpointError, match=r"missing: first_stage_model\."):
+        load_checkpoint(path, TINY_CONFIG)
+
+
+def test_a_folder_split_before_vae_files_loads_as_before(tmp_path: Path) -> None:
+    """Its manifest has no `vae` keys: its own VAE, and no VAE fields in its PNGs."""
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path, "fp16")
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["vae"], manifest["vae_sha256"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert load_split(tmp_path).vae_file is None and read_manifest(tmp_path).vae_file is None
+
+
+def test_a_half_precision_split_stores_the_vae_file_in_that_precision(vae_ckpt: Path, tmp_path: Path) -> None:
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path, "fp16", vae_ckpt)
+    with safe_open(str(tmp_path / "vae.safetensors"), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert sorted(tensors) == sorted(vae_weights())
+    for key, value in vae_weights().items():
+        assert tensors[key].dtype == torch.float16 and torch.equal(tensors[key], value.half()), key
 
 
 def test_the_file_beside_a_checkpoint_is_found_as_a1111_finds_it(tmp_path: Path) -> None:
+    """A1111 1.6 searches `*.vae.ckpt`, then `*.vae.pt`, then `*.vae.safetensors`, and takes the first found."""
     ckpt = tmp_path / "model.ckpt"
-    assert near_checkpoint(ckpt) is None
-    (tmp_path / "model.vae.ckpt").touch()
-    (tmp_path / "other.vae.safetensors").touch()
+    ckpt.touch()
+    assert near_checkpoint(ckpt) is None and choose(ckpt, None) == VaeChoice(None)
+    (tmp_path / "model.vae.safetensors").touch()
+    (tmp_path / "other.vae.ckpt").touch()
     (tmp_path / "model.vae.bin").touch()
-    assert near_checkpoint(ckpt) == tmp_path / "model.vae.ckpt"
+    assert near_checkpoint(ckpt) == tmp_path / "model.vae.safetensors"
     (tmp_path / "model.vae.pt").touch()
     assert near_checkpoint(ckpt) == tmp_path / "model.vae.pt"
-    (tmp_path / "model.vae.safetensors").touch()
-    assert near_checkpoint(ckpt) == tmp_path / "model.vae.safetensors"
+    (tmp_path / "model.vae.ckpt").touch()
+    assert choose(ckpt, None) == VaeChoice(tmp_path / "model.vae.ckpt", beside=True)
+    # Named, or refused with "none", nothing is looked for; a split folder keeps the VAE it was split with.
+    assert choose(ckpt, "other.pt") == VaeChoice(Path("other.pt"))
+    assert choose(ckpt, "none") == VaeChoice(None)
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split.vae.ckpt").touch()
+    assert choose(tmp_path / "split", None) == VaeChoice(None)
 
 
 def read_png(path: Path) -> tuple[np.ndarray, str]:
@@ -236,15 +313,62 @@ def test_the_command_line_reads_vae_and_the_file_beside_the_checkpoint(
     assert "VAE: model.vae.ckpt" in auto_text
 
 
-def test_a_vae_flag_naming_no_file_fails_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_vae_flag_naming_no_file_fails_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object) -> None:
+        pytest.fail("the model loaded before the --vae flag was refused")
+
+    monkeypatch.setattr(cli, "load_model", fail)
+    model = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG)]
     missing = tmp_path / "absent.vae.pt"
-    argv = [*basic_argv(tmp_path), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--vae", str(missing)]
-    assert main(argv) == 2
-    assert f"VAE file not found: {missing}" in capsys.readouterr().err
+    assert main([*basic_argv(tmp_path), *model, "--vae", str(missing)]) == 2
+    assert f"--vae {missing}: not found" in capsys.readouterr().err
+    assert main([*basic_argv(tmp_path), *model, "--vae", str(tmp_path)]) == 2
+    assert f"--vae {tmp_path}: a folder, not a file" in capsys.readouterr().err
 
 
-def test_a_vae_file_that_does_not_fit_fails_the_command_naming_vae(tmp_path: Path, capsys) -> None:
-    path = broken(tmp_path / "bad.safetensors", {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.ones(1)})
+def test_a_vae_file_that_does_not_fit_fails_the_command_naming_where_it_came_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.ones(1)}
+    path = broken(tmp_path / "bad.safetensors", bad)
     argv = [*basic_argv(tmp_path), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--vae", str(path)]
     assert main(argv) == 2
-    assert "cannot load --vae: VAE " in capsys.readouterr().err
+    assert f"cannot load --vae {path}: VAE {path}: in diffusers' layout" in capsys.readouterr().err
+    # Found beside the checkpoint, unasked: the message says so, and how to do without it.
+    (tmp_path / "model.safetensors").symlink_to(TINY_SAFETENSORS)
+    broken(tmp_path / "model.vae.safetensors", bad)
+    argv = [*basic_argv(tmp_path), "--ckpt", str(tmp_path / "model.safetensors"), "--config", str(TINY_CONFIG)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the VAE file beside the checkpoint" in err and "--vae none keeps the checkpoint's own" in err
+    assert main([*argv, "--vae", "none"]) == 0
+    (png,) = tmp_path.glob("*.png")
+    assert "VAE" not in read_png(png)[1]
+
+
+def test_the_command_line_replaces_a_split_folders_vae(
+    vae_ckpt: Path, baked_images: list[Generation], tmp_path: Path
+) -> None:
+    write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path / "split", "fp32")
+    argv = [*basic_argv(tmp_path / "out"), "--ckpt", str(tmp_path / "split"), "--vae", str(vae_ckpt)]
+    assert main(argv) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    pixels, text = read_png(png)
+    np.testing.assert_array_equal(pixels, baked_images[0].images[0])
+    assert f"VAE: {vae_ckpt.name}" in text
+
+
+def test_split_checkpoint_takes_the_file_beside_the_checkpoint_and_says_so(
+    vae_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model.safetensors").symlink_to(TINY_SAFETENSORS)
+    (tmp_path / "model.vae.ckpt").symlink_to(vae_ckpt)
+    argv = ["--ckpt", str(tmp_path / "model.safetensors"), "--config", str(TINY_CONFIG), "--dtype", "fp32"]
+    assert split_checkpoint.main([*argv, "--out", str(tmp_path / "beside")]) == 0
+    out = capsys.readouterr().out
+    assert "taking the VAE file beside the checkpoint" in out and out.rstrip().endswith("VAE model.vae.ckpt")
+    assert read_manifest(tmp_path / "beside").vae == "model.vae.ckpt"
+    assert split_checkpoint.main([*argv, "--out", str(tmp_path / "own"), "--vae", "none"]) == 0
+    assert read_manifest(tmp_path / "own").vae_file is None
