@@ -20,6 +20,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.description import describe
 from handler.request import NDJSON, ApiRequest, RequestError, check_chunks, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
@@ -218,6 +219,10 @@ class StableDiffusionHandler(BaseHandler):
         subtracts it from its own wall time sees what HTTP and TorchServe's queue and plumbing cost it."""
         started = time.perf_counter()
         self.context = context
+        if _header(context, 0, "describe") == "True":
+            # The management API's `GET /models/NAME?customized=true`, sent to one worker alone.
+            assert self.pipeline is not None
+            return [json.dumps(describe(self.pipeline, self.settings))]
         responses = self.postprocess(self.inference(self.preprocess(data)))
         timing = f'handler;dur={(time.perf_counter() - started) * 1000:.1f};desc="batch of {len(data)}"'
         for idx in range(len(data)):

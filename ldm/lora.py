@@ -112,9 +112,14 @@ def find(folder: Path | None, name: str) -> Path:
     for path in files:
         if path.stem == name:
             return path
-    names = sorted({path.stem for path in files})
+    names = names_in(folder)
     held = ", ".join(names[:_SHOWN_FILES]) + (f", … ({len(names)} in all)" if len(names) > _SHOWN_FILES else "")
     raise LoraError(f"no LoRA named '{name}'; the LoRA folder holds: {held or 'none'}")
+
+
+def names_in(folder: Path | None) -> list[str]:
+    """The names of the LoRAs in `folder` or below it, as a prompt's tags name them, each once, sorted."""
+    return sorted({path.stem for path in files_in(folder, SUFFIXES)})
 
 
 def diffusers_names(unet: UNetModel) -> Iterator[tuple[str, str]]:

@@ -263,6 +263,36 @@ def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, 
     assert "Emphasis: Original" in read_parameters(png)
 
 
+def test_describe_says_what_the_worker_serves_and_lists_files_added_since(tiny_split: Path, tmp_path: Path) -> None:
+    """The management API's `GET /models/NAME?customized=true` reaches the handler as a request with the header
+    `describe: True`: the answer names the model, its defaults and limits, and the LoRAs and embeddings a prompt may
+    name, read when asked."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_split, model_dir)
+    handler = StableDiffusionHandler()
+    handler.initialize(FakeContext(model_dir))
+    describe = FakeContext(model_dir, [{"describe": "True"}])
+
+    def described() -> dict[str, Any]:
+        (response,) = handler.handle([{"body": b""}], describe)
+        return json.loads(response)
+
+    first = described()
+    assert (first["model_hash"], first["vae"], first["inpainting"]) == (load_split(tiny_split).model_hash, None, False)
+    assert (first["device"], first["dtype"], first["low_memory"], first["fast_path"]) == ("cpu", "float32", False, None)
+    assert first["samplers"] == list(SAMPLERS)
+    assert (first["defaults"]["H"], first["defaults"]["ddim_steps"], first["defaults"]["sampler"]) == (64, 3, "ddim")
+    assert first["limits"]["max_pixels"] == 1024 * 1024 and first["limits"]["max_images"] == 8
+    assert (first["loras"], first["embeddings"]) == ([], [])
+    write_lora(model_dir / "loras" / "style" / "ink.safetensors", model_lora(load_split(model_dir)))
+    (model_dir / "embeddings").mkdir()
+    save_file({"emb_params": torch.ones(1, 32)}, str(model_dir / "embeddings" / "tinyneg.safetensors"))
+    (model_dir / "embeddings" / "broken.pt").write_bytes(b"not an embedding")
+    later = described()
+    assert (later["loras"], later["embeddings"]) == (["ink"], ["tinyneg"])  # an unreadable file is no word
+    assert describe.status == {}  # answered, not refused
+
+
 def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
     """`<lora:name:w>` finds name.safetensors in the model folder's `loras/`, and a word naming a file of its
     `embeddings/` stands for that embedding (handler.lora_dir's and embeddings_dir's defaults): the image is the

@@ -233,6 +233,16 @@ def test_scaling_workers_while_requests_flow_loses_none(server: TorchServe) -> N
     assert results and set(results) == {200}
 
 
+def test_the_management_api_describes_what_the_worker_serves(server: TorchServe) -> None:
+    response = requests.get(f"{server.management_url}/models/{MODEL}?customized=true", timeout=TIMEOUT)
+    assert response.status_code == 200
+    (model,) = response.json()
+    described = model["customizedMetadata"]
+    assert described["model_hash"] == "8e79c1729f" and described["device"] == "cpu"
+    assert (described["loras"], described["embeddings"]) == ([TINY_LORA], [TINY_EMBEDDING])
+    assert "ddim" in described["samplers"] and described["limits"]["max_images"] == 8
+
+
 def test_custom_metrics_on_the_prometheus_endpoint(server: TorchServe) -> None:
     assert predict(server, VALID).status_code == 200
     assert predict(server, {"prompt": 3}).status_code == 400

@@ -1,0 +1,37 @@
+"""What a worker serves, for TorchServe's management API: `GET /models/NAME?customized=true` answers it as the
+model's `customizedMetadata`.
+
+Why: a client (or an operator, or the web page) cannot otherwise tell which checkpoint and VAE a server paints with,
+which LoRAs and textual-inversion embeddings its prompts may name, or what its defaults and limits are, short of
+sending requests and reading the 400s. Everything here is read when asked: LoRA and embedding files added while the
+server runs are listed on the next call, as requests find them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from handler.settings import HandlerSettings
+from ldm import lora
+from ldm.pipeline import SAMPLERS, Pipeline
+
+
+def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
+    """The model, where and how it runs, what a prompt may name, and what a request gets and may ask for."""
+    model = pipeline.model
+    vae = model.vae_file
+    return {
+        "model_hash": model.model_hash,
+        "vae": None if vae is None else {"name": vae.name, "hash": vae.short_hash},
+        "inpainting": model.config.inpainting,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "low_memory": model.low_memory,
+        "fast_path": None if pipeline.fast is None else list(settings.fast_path.shapes),
+        "samplers": list(SAMPLERS),
+        "loras": lora.names_in(pipeline.loras.folder),
+        "embeddings": sorted(embedding.name for embedding in pipeline.embeddings.vocabulary().embeddings),
+        "defaults": asdict(settings.defaults),
+        "limits": asdict(settings.limits),
+    }
