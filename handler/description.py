@@ -4,7 +4,8 @@ model's `customizedMetadata`.
 Why: a client (or an operator, or the web page) cannot otherwise tell which checkpoint and VAE a server paints with,
 which LoRAs and textual-inversion embeddings its prompts may name, or what its defaults and limits are, short of
 sending requests and reading the 400s. Everything here is read when asked: LoRA and embedding files added while the
-server runs are listed on the next call, as requests find them.
+server runs are listed on the next call, as requests find them. Nothing here is secret from a client of the
+inference API, whose answers and 400s tell the same (PNG parameters, the LoRAs a folder holds, the limits).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from ldm.pipeline import SAMPLERS, Pipeline
 
 
 def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
-    """The model, where and how it runs, what a prompt may name, and what a request gets and may ask for."""
+    """The model, where and how it runs, what a prompt may name, and what a request gets and may ask for; `vae` and
+    `fast_path` left out when there is none (as TorchServe would drop them if null)."""
     model = pipeline.model
     vae = model.vae_file
-    return {
+    described = {
         "model_hash": model.model_hash,
         "vae": None if vae is None else {"name": vae.name, "hash": vae.short_hash},
         "inpainting": model.config.inpainting,
@@ -35,3 +37,4 @@ def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
         "defaults": asdict(settings.defaults),
         "limits": asdict(settings.limits),
     }
+    return {key: value for key, value in described.items() if value is not None}

@@ -30,12 +30,16 @@ from ldm.parts import load_split
 from ldm.pipeline import Generation, GenerationError, Pipeline
 
 logger = logging.getLogger(__name__)
-# HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
 # What runs out of memory without PyTorch's CUDA allocator noticing says so in a plain RuntimeError: cuBLAS and cuDNN
-# (`CUBLAS_STATUS_ALLOC_FAILED`), the CUDA runtime (`CUDA error: out of memory`), and the CPU allocator of a CPU
-# worker (`DefaultCPUAllocator: can't allocate memory`). Each leaves the process able to serve the next request.
-OUT_OF_MEMORY = re.compile(r"out of memory|_ALLOC_FAILED|can't allocate memory", re.IGNORECASE)
+# (`CUBLAS_STATUS_ALLOC_FAILED`; cuBLAS also `CUBLAS_STATUS_NOT_INITIALIZED` when it cannot allocate its handle), the
+# CUDA runtime (`CUDA error: out of memory`), and the CPU allocator of a CPU worker (`DefaultCPUAllocator: can't
+# allocate memory`). Each leaves the process able to serve the next request.
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|_ALLOC_FAILED|CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate|can't allocate memory",
+    re.IGNORECASE,
+)
 HOST_MEMORY = "can't allocate memory"
+# HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
 REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
 
 
@@ -219,8 +223,9 @@ class StableDiffusionHandler(BaseHandler):
         subtracts it from its own wall time sees what HTTP and TorchServe's queue and plumbing cost it."""
         started = time.perf_counter()
         self.context = context
-        if _header(context, 0, "describe") == "True":
-            # The management API's `GET /models/NAME?customized=true`, sent to one worker alone.
+        if len(data) == 1 and not data[0] and _header(context, 0, "describe") == "True":
+            # The management API's `GET /models/NAME?customized=true`: sent to one worker alone, without a body. An
+            # inference request with that header (TorchServe passes a client's headers on) is generated as any other.
             assert self.pipeline is not None
             return [json.dumps(describe(self.pipeline, self.settings))]
         responses = self.postprocess(self.inference(self.preprocess(data)))

@@ -112,7 +112,7 @@ def find(folder: Path | None, name: str) -> Path:
     for path in files:
         if path.stem == name:
             return path
-    names = names_in(folder)
+    names = sorted({path.stem for path in files})
     held = ", ".join(names[:_SHOWN_FILES]) + (f", … ({len(names)} in all)" if len(names) > _SHOWN_FILES else "")
     raise LoraError(f"no LoRA named '{name}'; the LoRA folder holds: {held or 'none'}")
 

@@ -274,12 +274,13 @@ def test_describe_says_what_the_worker_serves_and_lists_files_added_since(tiny_s
     describe = FakeContext(model_dir, [{"describe": "True"}])
 
     def described() -> dict[str, Any]:
-        (response,) = handler.handle([{"body": b""}], describe)
+        (response,) = handler.handle([{}], describe)  # what TorchServe sends: no body
         return json.loads(response)
 
     first = described()
-    assert (first["model_hash"], first["vae"], first["inpainting"]) == (load_split(tiny_split).model_hash, None, False)
-    assert (first["device"], first["dtype"], first["low_memory"], first["fast_path"]) == ("cpu", "float32", False, None)
+    assert (first["model_hash"], first["inpainting"]) == (load_split(tiny_split).model_hash, False)
+    assert (first["device"], first["dtype"], first["low_memory"]) == ("cpu", "float32", False)
+    assert "vae" not in first and "fast_path" not in first  # the checkpoint's own VAE; no fast path on the CPU
     assert first["samplers"] == list(SAMPLERS)
     assert (first["defaults"]["H"], first["defaults"]["ddim_steps"], first["defaults"]["sampler"]) == (64, 3, "ddim")
     assert first["limits"]["max_pixels"] == 1024 * 1024 and first["limits"]["max_images"] == 8
@@ -291,6 +292,9 @@ def test_describe_says_what_the_worker_serves_and_lists_files_added_since(tiny_s
     later = described()
     assert (later["loras"], later["embeddings"]) == (["ink"], ["tinyneg"])  # an unreadable file is no word
     assert describe.status == {}  # answered, not refused
+    # A client's inference requests carrying the header are generated, the batch's other requests with them.
+    responses, context = call(handler, [VALID, {**VALID, "seed": 6}], [{"describe": "True"}, {}])
+    assert [json.loads(r)["seeds"] for r in responses] == [[5], [6]] and context.status == {}
 
 
 def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
@@ -632,13 +636,17 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
             "out of GPU memory",
         ),
         (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "out of GPU memory"),
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"),
+            "out of GPU memory",
+        ),
         (RuntimeError("CUDA error: out of memory"), "out of GPU memory"),
         (
             RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."),
             "out of host memory",
         ),
     ],
-    ids=["allocator", "cublas", "cudnn", "runtime", "cpu"],
+    ids=["allocator", "cublas", "cudnn", "cublas-handle", "runtime", "cpu"],
 )
 def test_out_of_memory_is_a_507_and_the_handler_serves_on(
     handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch, error: Exception, says: str
