@@ -30,7 +30,7 @@ def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "low_memory": model.low_memory,
-        "fast_path": None if pipeline.fast is None else list(settings.fast_path.shapes),
+        "fast_path": list(pipeline.fast_shapes) or None,
         "samplers": list(SAMPLERS),
         "loras": lora.names_in(pipeline.loras.folder),
         "embeddings": sorted(embedding.name for embedding in pipeline.embeddings.vocabulary().embeddings),

@@ -171,15 +171,17 @@ def accelerate(model: StableDiffusion, fast_path: FastPath) -> FastCalls | None:
 
 
 @torch.inference_mode()
-def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> None:
-    """Compile and capture every configured shape now, at load, instead of on some user's request.
+def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> tuple[str, ...]:
+    """Compile and capture every configured shape now, at load, instead of on some user's request; returns the
+    shapes whose UNet and decode both took the fast route (a shape that failed runs eagerly).
 
     Guided shapes only (a UNet batch of 2N latents for N images): requests with scale 1 are rare and run eagerly.
     """
+    ready_shapes = []
     factor = model.config.vae.downsampling_factor
     unet_channels = model.config.unet.in_channels  # an inpainting UNet also reads the mask and the masked image
     memory_format = torch.channels_last if fast_path.channels_last else torch.contiguous_format
-    for height, width, images in fast_path.sizes():
+    for shape, (height, width, images) in zip(fast_path.shapes, fast_path.sizes(), strict=True):
         if height % factor or width % factor:
             raise ValueError(f"fast path shape {height}x{width}: sides must be multiples of {factor}")
         side = (height // factor, width // factor)
@@ -200,3 +202,6 @@ def warm_up(model: StableDiffusion, calls: FastCalls, fast_path: FastPath) -> No
             images,
             time.perf_counter() - started,
         )
+        if ready:
+            ready_shapes.append(shape)
+    return tuple(ready_shapes)

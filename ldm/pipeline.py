@@ -553,8 +553,10 @@ class Pipeline:
                 model.unet.to(memory_format=torch.channels_last)
                 model.vae.to(memory_format=torch.channels_last)
         self.fast = None if fast_path is None else accelerate(model, fast_path)
+        # The configured shapes that compiled and captured: requests of these shapes replay graphs.
+        self.fast_shapes: tuple[str, ...] = ()
         if self.fast is not None and fast_path is not None:
-            warm_up(model, self.fast, fast_path)
+            self.fast_shapes = warm_up(model, self.fast, fast_path)
 
     @torch.inference_mode()
     def embed(self, prompts: Sequence[str], clip_skip: int = 1, vocabulary: Vocabulary | None = None) -> torch.Tensor:

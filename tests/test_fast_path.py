@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from handler.settings import SettingsError, parse_settings
-from ldm.fast_path import FastPath, ShapeDispatch, accelerate, compile_network
+from ldm.fast_path import FastCalls, FastPath, ShapeDispatch, accelerate, compile_network, warm_up
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.tokenizer import CONTEXT_LENGTH
@@ -90,6 +90,20 @@ def test_a_shape_that_fails_to_prepare_runs_eagerly(caplog: pytest.LogCaptureFix
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(dispatch(x), x * 2)
     assert (eager.calls, dispatch.fast_calls) == (1, 0)
+
+
+def test_warm_up_says_which_shapes_took_the_fast_route(tiny_model: StableDiffusion) -> None:
+    """What the handler's describe call lists: a shape that failed to prepare runs eagerly and is not among them."""
+
+    def picky_unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 10:  # the 64x80 shape's latent width
+            raise RuntimeError("cannot compile this shape")
+        return tiny_model.unet(x, t, context)
+
+    decode = tiny_model.vae.decode
+    calls = FastCalls(ShapeDispatch(tiny_model.unet, picky_unet, False), ShapeDispatch(decode, decode, False))
+    with torch.inference_mode():
+        assert warm_up(tiny_model, calls, FastPath(shapes=("64x64x1", "64x80x1"))) == ("64x64x1",)
 
 
 @torch.inference_mode()
