@@ -109,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
-    if args.archive_format == "no-archive":
-        # The archiver refuses to write into an existing folder even with --force.
-        shutil.rmtree(args.export_path / args.model_name, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
         staged = Path(tmp) / "model"
         try:
@@ -123,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, ConfigError, UnsafeCheckpointError, OSError) as error:
             print(f"build_mar: {error}", file=sys.stderr)
             return 2
+        if args.archive_format == "no-archive":
+            # The archiver refuses to write into an existing folder even with --force. Only now, once the new model
+            # is staged: a checkpoint or VAE file that cannot be read leaves the store it would replace as it was.
+            shutil.rmtree(args.export_path / args.model_name, ignore_errors=True)
         archive(args, staged)
     suffix = "" if args.archive_format == "no-archive" else ".mar"
     print(f"wrote {args.export_path / (args.model_name + suffix)}")

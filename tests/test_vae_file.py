@@ -25,7 +25,7 @@ from ldm.parts import MANIFEST, load_checkpoint, load_split, read_manifest, writ
 from ldm.pipeline import Generation, Pipeline
 from ldm.png_info import parameters_text, read_parameters
 from ldm.vae_file import VaeChoice, VaeError, VaeFile, choose, near_checkpoint, read_vae
-from scripts import split_checkpoint
+from scripts import build_mar, split_checkpoint
 from tests.hostile_pickles import RunsCode
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS, case, request_for
 from tests.test_handler import FakeContext
@@ -358,6 +358,20 @@ def test_the_command_line_replaces_a_split_folders_vae(
     pixels, text = read_png(png)
     np.testing.assert_array_equal(pixels, baked_images[0].images[0])
     assert f"VAE: {vae_ckpt.name}" in text
+
+
+def test_a_build_with_a_bad_vae_file_leaves_the_store_it_would_replace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = tmp_path / "store" / "sd" / "MAR-INF" / "MANIFEST.json"
+    served.parent.mkdir(parents=True)
+    served.write_text("{}")
+    bad = broken(tmp_path / "bad.safetensors", {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.ones(1)})
+    argv = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--export-path", str(tmp_path / "store"),
+            "--archive-format", "no-archive", "--dtype", "fp32", "--vae", str(bad)]  # fmt: skip
+    assert build_mar.main(argv) == 2
+    assert f"build_mar: VAE {bad}: in diffusers' layout" in capsys.readouterr().err
+    assert served.read_text() == "{}"
 
 
 def test_split_checkpoint_takes_the_file_beside_the_checkpoint_and_says_so(
