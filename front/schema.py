@@ -37,6 +37,12 @@ class ImagineRequest(BaseModel):
     subseed_strength: float = Field(
         0.0, description="how far toward the variation seed's noise, in [0, 1] (0: no variation)"
     )
+    seed_resize_from_h: int = Field(
+        0,
+        description="AUTOMATIC1111's 'Resize seed from height': with seed_resize_from_w, the seeds' noise is drawn at "
+        "that size and pasted, centred, into the image's own, so a seed keeps what it painted there (0 or -1: none)",
+    )
+    seed_resize_from_w: int = Field(0, description="AUTOMATIC1111's 'Resize seed from width' (0 or -1: none)")
     n_samples: int = Field(1, description="images per iteration (at most 8)")
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
     sampler: str = Field(

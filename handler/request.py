@@ -33,6 +33,7 @@ from ldm.pipeline import (
     check_hires,
     check_mask,
     check_sampler,
+    check_seed_resize,
     request_loras,
     scheduled_texts,
     text_parts,
@@ -64,6 +65,8 @@ FIELDS = (
     "hr_steps",
     "subseed",
     "subseed_strength",
+    "seed_resize_from_h",
+    "seed_resize_from_w",
     "tiling",
 )
 NDJSON = "application/x-ndjson"
@@ -310,6 +313,14 @@ def check_chunks(
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 
 
+def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, int]:
+    """A1111's "Resize seed from" sides, each at most `max_side`; its API's -1 means none, as 0 does."""
+    sides = {}
+    for name in ("seed_resize_from_h", "seed_resize_from_w"):
+        sides[name] = max(0, _integer(body, name, 0, -1, settings.limits.max_side, " pixels"))
+    return sides
+
+
 def _check_hires_size(height: int, width: int, scale: float, settings: HandlerSettings) -> None:
     """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at."""
     limits = settings.limits
@@ -396,6 +407,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
         subseed=subseed,
         subseed_strength=subseed_strength,
+        **_seed_resize(body, settings),
         tiling=_boolean(body, "tiling", False),
         **_syntax(body, settings),
     )
@@ -414,6 +426,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         if count > limits.max_subprompts:
             raise RequestError(name, f"{name}: at most {limits.max_subprompts} weighted sub-prompts, got {count}")
     try:
+        check_seed_resize(generation)
         check_mask(generation)
         check_hires(generation)
     except GenerationError as error:

@@ -47,6 +47,8 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         parameters.update(hr_scale=r.hr_scale, hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
     if r.variation:
         parameters.update(subseed=r.subseed, subseed_strength=r.subseed_strength)
+    if r.seed_resize:
+        parameters.update(seed_resize_from_h=r.seed_resize_from_h, seed_resize_from_w=r.seed_resize_from_w)
     if r.tiling:
         parameters["tiling"] = True
     if r.mask_image is not None:

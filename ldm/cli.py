@@ -201,6 +201,15 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         default=0.0,
         help="how far toward the variation seed's noise, in [0, 1] (default: %(default)s, no variation)",
     )
+    for side, name in (("h", "height"), ("w", "width")):
+        parser.add_argument(
+            f"--seed_resize_from_{side}",
+            type=int,
+            default=0,
+            help=f"AUTOMATIC1111's 'Resize seed from {name}': draw the seeds' noise at this {name} (with the other "
+            "side) and paste it, centred, into the image's own, so a seed keeps what it painted at that size "
+            "(default: 0, none)",
+        )
     parser.add_argument("--device", type=str, default="cuda", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--precision",
@@ -568,6 +577,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         strength=0.75 if args.strength is None else args.strength,
         subseed=subseed,
         subseed_strength=args.subseed_strength,
+        seed_resize_from_h=args.seed_resize_from_h,
+        seed_resize_from_w=args.seed_resize_from_w,
         tiling=args.tiling,
     )
     if init_image is not None:

@@ -21,7 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, hires, inpainting, k_samplers, lora, plms, prompt_editing, subprompts, tiling, variation
+from ldm import (
+    ddim,
+    emphasis,
+    hires,
+    inpainting,
+    k_samplers,
+    lora,
+    plms,
+    prompt_editing,
+    seed_resize,
+    subprompts,
+    tiling,
+    variation,
+)
 from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise, max_ddim_steps
 from ldm.embeddings import Embedding, EmbeddingLibrary, Vocabulary, flatten
@@ -87,6 +100,8 @@ class GenerationRequest:
 
     `subseed_strength` above 0 → A1111's variation seeds (ldm/variation.py): every image keeps `seed`, and its noise
     is bent toward that of its variation seed `subseed` + i (None: drawn and reported back) by the strength.
+    `seed_resize_from_w`/`_h` both above 0 → A1111's "Resize seed from" (ldm/seed_resize.py): the seeds' noise is
+    drawn at that size and pasted, centred, into the image's own.
 
     `tiling` → A1111's "Tiling" (ldm/tiling.py): the image wraps around its edges, a seamless texture.
 
@@ -118,6 +133,8 @@ class GenerationRequest:
     hr_steps: int = 0
     subseed: int | None = None
     subseed_strength: float = 0.0  # 0: no variation
+    seed_resize_from_h: int = 0  # 0: the noise is drawn at the image's own size
+    seed_resize_from_w: int = 0
     tiling: bool = False
 
     @property
@@ -127,6 +144,10 @@ class GenerationRequest:
     @property
     def variation(self) -> bool:
         return self.subseed_strength != 0
+
+    @property
+    def seed_resize(self) -> bool:
+        return self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0
 
     @property
     def seeds(self) -> list[int]:
@@ -240,6 +261,20 @@ def check_sampler(request: GenerationRequest) -> None:
         raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs every other sampler")
     if request.sampler != "ddim" and request.eta != 0:
         raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
+
+
+def check_seed_resize(request: GenerationRequest, factor: int = 8) -> None:
+    """A seed resize names a whole latent size: both sides, each a positive multiple of `factor` (0 and 0: none)."""
+    sides = {"seed_resize_from_h": request.seed_resize_from_h, "seed_resize_from_w": request.seed_resize_from_w}
+    for name, side in sides.items():
+        if side < 0 or side % factor:
+            raise GenerationError(name, f"{name} must be 0 (no resize) or a positive multiple of {factor}, got {side}")
+    for (name, side), (other, other_side) in itertools.permutations(sides.items()):
+        if side == 0 and other_side > 0:
+            raise GenerationError(
+                name,
+                f"{name} must be set too, since {other} is {other_side}: a seed resize needs both sides (both 0: none)",
+            )
 
 
 def check_mask(request: GenerationRequest) -> None:
@@ -487,6 +522,7 @@ def resolve(
     height = size[0] if request.height is None else request.height
     width = size[1] if request.width is None else request.width
     request = replace(request, height=height, width=width)
+    check_seed_resize(request, factor)
     check_mask(request)
     check_hires(request, num_timesteps)
     if request.hires:
@@ -676,15 +712,24 @@ class Pipeline:
 
     def noise(self, request: GenerationRequest, image_index: int) -> tuple[torch.Generator, torch.Tensor]:
         """(2) An image's generator, seeded with its seed, and the starting noise it draws first at the request's
-        latent size (with variation seeds, bent toward its variation seed's noise): on the CPU, so that a seed gives
-        the same image on every device."""
+        latent size (with variation seeds, bent toward its variation seed's noise; with a seed resize, the seeds'
+        noise at the old size pasted into it): on the CPU, so that a seed gives the same image on every device."""
         shape = self.latent_shape(request)
-        generator = torch.Generator("cpu").manual_seed(request.seeds[image_index])
+        seed = request.seeds[image_index]
+        generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator)
+        if not request.variation and not request.seed_resize:
+            return generator, noise.to(self.model.device)
+        drawn = shape
+        if request.seed_resize:
+            drawn = (*shape[:2], request.seed_resize_from_h // self.factor, request.seed_resize_from_w // self.factor)
+        seeded = noise if drawn == shape else torch.randn(drawn, generator=torch.Generator("cpu").manual_seed(seed))
         if request.variation:
-            other = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.subseeds[image_index]))
-            noise = variation.slerp(request.subseed_strength, noise[0], other[0])[None]
-        return generator, noise.to(self.model.device)
+            other = torch.randn(drawn, generator=torch.Generator("cpu").manual_seed(request.subseeds[image_index]))
+            seeded = variation.slerp(request.subseed_strength, seeded[0], other[0])[None]
+        if drawn != shape:
+            seeded = seed_resize.paste_centred(seeded, noise)
+        return generator, seeded.to(self.model.device)
 
     def start_latents(
         self, sampler: str, schedule: DDIMSchedule, m: int, noise: torch.Tensor, init_latent: torch.Tensor | None

@@ -63,6 +63,8 @@ def parameters_text(
     if request.variation:
         subseed = request.subseed if subseed is None else subseed
         fields.append(f"Variation seed: {subseed}, Variation seed strength: {float(request.subseed_strength)}")
+    if request.seed_resize:
+        fields.append(f"Seed resize from: {request.seed_resize_from_w}x{request.seed_resize_from_h}")
     if request.eta:
         fields.append(f"Eta: {float(request.eta)}")
     if request.init_image is not None or request.hires:

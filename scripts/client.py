@@ -38,7 +38,8 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
-                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength", "tiling")  # fmt: skip
+                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength", "seed_resize_from_h",
+                   "seed_resize_from_w", "tiling")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--subseed-strength", type=float, help="how far toward the variation seed's noise, in [0, 1] (0: none)"
     )
+    for side, name in (("h", "height"), ("w", "width")):
+        parser.add_argument(
+            f"--seed-resize-from-{side}",
+            type=int,
+            help=f"AUTOMATIC1111's 'Resize seed from {name}': the seeds' noise drawn at this {name} (with the other "
+            "side), pasted centred into the image's own",
+        )
     parser.add_argument("--n-samples", type=int, help="images per batch")
     parser.add_argument("--n-iter", type=int, help="batches")
     parser.add_argument(

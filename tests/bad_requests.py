@@ -131,6 +131,14 @@ CASES: list[Case] = [
          "subseed_strength", 'subseed_strength must be a finite number, got "0.5"'),
     Case("subseed past 32 bits for its images", with_(subseed=2**32 - 1, subseed_strength=0.5, n_samples=2),
          "subseed", "subseed must be between 0 and 4294967294, got 4294967295"),
+    # Resize seed from.
+    Case("seed_resize_from_h without its width", with_(seed_resize_from_h=64, seed_resize_from_w=-1),
+         "seed_resize_from_w", "seed_resize_from_w must be set too, since seed_resize_from_h is 64: a seed resize "
+         "needs both sides (both 0: none)"),
+    Case("seed_resize_from_w not a multiple of 8", with_(seed_resize_from_h=64, seed_resize_from_w=60),
+         "seed_resize_from_w", "seed_resize_from_w must be 0 (no resize) or a positive multiple of 8, got 60"),
+    Case("seed_resize_from_h past the largest side", with_(seed_resize_from_h=4096, seed_resize_from_w=64),
+         "seed_resize_from_h", "seed_resize_from_h must be between -1 and 2048 pixels, got 4096"),
     # The hires fix.
     Case("hr_scale below 1", with_(hr_scale=0.5), "hr_scale", "hr_scale must be in [1.0, 4.0], got 0.5"),
     Case("hr_scale a string", with_(hr_scale="2"), "hr_scale", 'hr_scale must be a finite number, got "2"'),

@@ -198,6 +198,17 @@ def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run
     assert "seed 1000, subseeds 50..51" in capsys.readouterr().err
 
 
+def test_seed_resize_flags_paint_the_pipelines_image(pipeline: Pipeline, tmp_path: Path) -> None:
+    flags = ["--seed_resize_from_h", "32", "--seed_resize_from_w", "48"]
+    assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    request = replace(request_for(case("basic")), seed_resize_from_h=32, seed_resize_from_w=48)
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert not np.array_equal(pixels, pipeline.generate(request_for(case("basic"))).images[0])
+    assert parameters is not None
+    assert parameters.endswith(f"Seed: 1000, Size: 64x64, Model hash: {TINY_HASH}, Seed resize from: 48x32")
+
+
 def test_tiling_flag_paints_the_pipelines_tiled_image(pipeline: Pipeline, tmp_path: Path) -> None:
     assert main([*case_argv("basic"), *MODEL, "--tiling", "--outdir", str(tmp_path)]) == 0
     pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
@@ -499,6 +510,8 @@ COMMON_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--strength", "0.4"], "strength", 0.4),
     (["--subseed", "12"], "subseed", 12),
     (["--subseed_strength", "0.3"], "subseed_strength", 0.3),
+    (["--seed_resize_from_h", "512"], "seed_resize_from_h", 512),
+    (["--seed_resize_from_w", "768"], "seed_resize_from_w", 768),
     (["--tiling"], "tiling", True),
 ]
 TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [

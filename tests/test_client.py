@@ -161,6 +161,15 @@ def test_variation_seeds_are_sent_and_each_files_printed(
     assert out == [f"{tmp_path / 'seed_1000_00000.png'}  1000  9", f"{tmp_path / 'seed_1000_00001.png'}  1000  10"]
 
 
+def test_a_seed_resize_is_sent(server: FakeTorchServe, tmp_path: Path) -> None:
+    assert run(server.url, tmp_path, "a lighthouse", "--seed-resize-from-h", "512", "--seed-resize-from-w", "768") == 0
+    assert server.requests[0]["body"] == {
+        "prompt": "a lighthouse",
+        "seed_resize_from_h": 512,
+        "seed_resize_from_w": 768,
+    }
+
+
 def test_tiling_is_sent(server: FakeTorchServe, tmp_path: Path) -> None:
     assert run(server.url, tmp_path, "bricks", "--tiling") == 0
     assert server.requests[0]["body"] == {"prompt": "bricks", "tiling": True}

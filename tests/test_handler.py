@@ -493,6 +493,24 @@ def test_variation_seeds_answer_each_images_seeds_and_parameters(
     assert "subseeds" not in plain and "subseed" not in plain["parameters"] and plain["seeds"] == [4]
 
 
+def test_a_seed_resize_answers_the_pipelines_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
+    """The resize in the answer's parameters and its PNG's, and the pipeline's image; A1111's API sends -1 for none,
+    which is none here too."""
+    body = {"prompt": "tiles", "seed": 4, "W": 96, "seed_resize_from_h": 64, "seed_resize_from_w": 64}
+    answer = json.loads(call(handler, [body])[0][0])
+    assert (answer["parameters"]["seed_resize_from_h"], answer["parameters"]["seed_resize_from_w"]) == (64, 64)
+    png = base64.b64decode(answer["images"][0])
+    assert "Seed: 4, Size: 96x64, Model hash: " in read_parameters(png)
+    assert read_parameters(png).endswith(", Seed resize from: 64x64")
+    request = GenerationRequest("tiles", height=64, width=96, steps=3, seed=4, seed_resize_from_h=64,
+                                seed_resize_from_w=64)  # fmt: skip
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
+    off = json.loads(call(handler, [{**body, "seed_resize_from_h": -1, "seed_resize_from_w": -1}])[0][0])
+    assert "seed_resize_from_h" not in off["parameters"]
+    assert off["images"] == json.loads(call(handler, [{"prompt": "tiles", "seed": 4, "W": 96}])[0][0])["images"]
+    assert off["images"] != answer["images"]
+
+
 def test_tiling_answers_the_pipelines_wrapped_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
     (response,), _ = call(handler, [{"prompt": "bricks", "seed": 6, "tiling": True}])
     answer = json.loads(response)

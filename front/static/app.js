@@ -9,7 +9,14 @@ const preview = $("preview");
 const gallery = $("gallery");
 
 // The error element of each request field the server may name; others are shown under the Generate button.
-const ERROR_SLOTS = { H: "size", W: "size", n_iter: "n_samples", mask_blur: "mask_image" };
+const ERROR_SLOTS = {
+  H: "size",
+  W: "size",
+  n_iter: "n_samples",
+  mask_blur: "mask_image",
+  seed_resize_from_h: "seed_resize",
+  seed_resize_from_w: "seed_resize",
+};
 // The control to mark invalid for each field.
 const CONTROLS = { init_image: "init_file" };
 
@@ -49,6 +56,12 @@ function requestBody() {
   if (Number($("subseed_strength").value) !== 0) {
     body.subseed_strength = number($("subseed_strength").value);
     if ($("subseed").value.trim() !== "") body.subseed = integer($("subseed").value);
+  }
+  // Resize seed from: sent once either side is filled in, so that one side alone is named by the server's error.
+  const resize = ["seed_resize_from_w", "seed_resize_from_h"].map((id) => $(id).value.trim());
+  if (resize.some((side) => side !== "" && side !== "0")) {
+    body.seed_resize_from_w = integer(resize[0] || "0");
+    body.seed_resize_from_h = integer(resize[1] || "0");
   }
   strengthControl = "strength";
   if (initImage) {
@@ -178,6 +191,9 @@ function describe(parameters) {
   if (parameters.inpainted) parts.push("inpainted");
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   if (parameters.emphasis) parts.push("A1111 emphasis");
+  if (parameters.seed_resize_from_w) {
+    parts.push(`seed from ${parameters.seed_resize_from_w}×${parameters.seed_resize_from_h}`);
+  }
   if (parameters.tiling) parts.push("tiling");
   if (parameters.clip_skip > 1) parts.push(`clip skip ${parameters.clip_skip}`);
   return parts.join(" · ");
