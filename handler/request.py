@@ -314,10 +314,14 @@ def check_chunks(
 
 
 def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, int]:
-    """A1111's "Resize seed from" sides, each at most `max_side`; its API's -1 means none, as 0 does."""
-    sides = {}
+    """A1111's "Resize seed from" sides, within the sides of an image (`min_side` to `max_side`: noise a latent row
+    or two tall has no direction for a variation seed's interpolation to turn); its API's -1 means none, as 0 does."""
+    limits, sides = settings.limits, {}
     for name in ("seed_resize_from_h", "seed_resize_from_w"):
-        sides[name] = max(0, _integer(body, name, 0, -1, settings.limits.max_side, " pixels"))
+        side = _integer(body, name, 0, -1, limits.max_side, " pixels")
+        if 0 < side < limits.min_side:
+            raise RequestError(name, f"{name} must be 0 (none) or at least {limits.min_side} pixels, got {side}")
+        sides[name] = max(0, side)
     return sides
 
 

@@ -135,8 +135,10 @@ CASES: list[Case] = [
     Case("seed_resize_from_h without its width", with_(seed_resize_from_h=64, seed_resize_from_w=-1),
          "seed_resize_from_w", "seed_resize_from_w must be set too, since seed_resize_from_h is 64: a seed resize "
          "needs both sides (both 0: none)"),
-    Case("seed_resize_from_w not a multiple of 8", with_(seed_resize_from_h=64, seed_resize_from_w=60),
-         "seed_resize_from_w", "seed_resize_from_w must be 0 (no resize) or a positive multiple of 8, got 60"),
+    Case("seed_resize_from_w not a multiple of 8", with_(seed_resize_from_h=64, seed_resize_from_w=100),
+         "seed_resize_from_w", "seed_resize_from_w must be 0 (no resize) or a positive multiple of 8, got 100"),
+    Case("seed_resize_from_h below the smallest side", with_(seed_resize_from_h=32, seed_resize_from_w=64),
+         "seed_resize_from_h", "seed_resize_from_h must be 0 (none) or at least 64 pixels, got 32"),
     Case("seed_resize_from_h past the largest side", with_(seed_resize_from_h=4096, seed_resize_from_w=64),
          "seed_resize_from_h", "seed_resize_from_h must be between -1 and 2048 pixels, got 4096"),
     # The hires fix.

@@ -391,18 +391,23 @@ def test_markup_is_text_and_an_invalid_size_is_explained_next_to_it(page: Page, 
 
 def test_a_seed_resize_is_sent_and_one_side_alone_is_shown_as_the_servers_error(page: Page) -> None:
     page.fill("#prompt", "a lighthouse")
-    page.fill("#seed_resize_from_w", "48")
+    page.fill("#seed_resize_from_w", "64")
     page.click("#generate")
     expect(page.locator("#error-seed_resize")).to_have_text(
-        "seed_resize_from_h must be set too, since seed_resize_from_w is 48: a seed resize needs both sides "
+        "seed_resize_from_h must be set too, since seed_resize_from_w is 64: a seed resize needs both sides "
         "(both 0: none)",
         timeout=GENERATION,
     )
     assert page.get_attribute("#seed_resize_from_h", "aria-invalid") == "true"
-    page.fill("#seed_resize_from_h", "32")
+    page.locator("#seed_resize_from_h").press_sequentially("64e")  # text the browser cannot read as a number
+    page.click("#generate")
+    expect(page.locator("#error-seed_resize")).to_have_text(
+        "seed_resize_from_h must be a whole number of pixels (empty or 0: none)"
+    )
+    page.fill("#seed_resize_from_h", "64")
     body = generate(page, shown=1)
-    assert (body["seed_resize_from_w"], body["seed_resize_from_h"]) == (48, 32)
-    assert "seed from 48×32" in results(page)[0]["parameters"]
+    assert (body["seed_resize_from_w"], body["seed_resize_from_h"]) == (64, 64)
+    assert "seed from 64×64" in results(page)[0]["parameters"]
     page.fill("#seed_resize_from_w", "")
     page.fill("#seed_resize_from_h", "0")
     assert not {"seed_resize_from_w", "seed_resize_from_h"} & set(generate(page, shown=2))

@@ -325,6 +325,9 @@ function unreadable() {
   if (Number($("subseed_strength").value) !== 0 && $("subseed").validity.badInput) {
     return ["subseed must be a whole number from 0 to 4294967295", "subseed"];
   }
+  for (const id of ["seed_resize_from_w", "seed_resize_from_h"]) {
+    if ($(id).validity.badInput) return [`${id} must be a whole number of pixels (empty or 0: none)`, id];
+  }
   return null;
 }
 
