@@ -61,8 +61,9 @@ class ImagineRequest(BaseModel):
         False,
         description="read AUTOMATIC1111's syntax: '(word)', '(word:1.3)', '[word]' weigh words, BREAK starts a new "
         "chunk, a prompt past CLIP's 75 tokens is read whole in chunks of 75, and '[cat:dog:0.5]' (prompt editing), "
-        "'[cat|dog]' (alternation) change the text as sampling goes (default: model-config.yaml's, off as shipped); "
-        "not with weighted_subprompts",
+        "'[cat|dog]' (alternation) change the text as sampling goes, and 'a castle AND a forest:0.6' guides toward "
+        "each sub-prompt apart (composable diffusion) (default: model-config.yaml's, off as shipped); not with "
+        "weighted_subprompts",
     )
     clip_skip: int = Field(
         1,

@@ -427,8 +427,11 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             count = len(text_parts(generation, name))
         except GenerationError as error:
             raise RequestError(error.field, str(error)) from None
-        if count > limits.max_subprompts:
-            raise RequestError(name, f"{name}: at most {limits.max_subprompts} weighted sub-prompts, got {count}")
+        kind, limit = "weighted sub-prompts", limits.max_subprompts
+        if generation.emphasis:
+            kind, limit = "sub-prompts joined by AND", limits.max_and_subprompts
+        if count > limit:
+            raise RequestError(name, f"{name}: at most {limit} {kind}, got {count}")
     try:
         check_seed_resize(generation)
         check_mask(generation)

@@ -63,6 +63,8 @@ class Limits:
     max_prompt_chars: int = 2000
     # Per prompt with weighted_subprompts: each sub-prompt is one more text-encoder row.
     max_subprompts: int = 16
+    # Per prompt with emphasis, A1111's AND: each sub-prompt is one more UNet row per image at every step.
+    max_and_subprompts: int = 8
     # Per prompt with emphasis: each 75 tokens are one more text-encoder row, and 77 more tokens every UNet step
     # attends to.
     max_prompt_chunks: int = 8

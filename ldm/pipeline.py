@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from ldm import (
+    composable,
     ddim,
     emphasis,
     hires,
@@ -341,7 +342,7 @@ def check_strength(request: GenerationRequest) -> None:
 
 def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
     """The hires fix's second pass of a resolved request, as a request of its own: the same prompts and sampler at the
-    larger size for its `hr_steps` (its texts: `text_schedule` of the request's second pass)."""
+    larger size for its `hr_steps` (its texts: `text_schedules` of the request's second pass)."""
     height, width = hires.target_size(request.height, request.width, request.hr_scale, factor)
     return replace(request, height=height, width=width, steps=request.hires_steps, hr_scale=1.0)
 
@@ -410,33 +411,40 @@ def run_steps(request: GenerationRequest) -> int:
     return request.steps * k_samplers.unet_calls_per_step(request.sampler)
 
 
-def text_schedule(request: GenerationRequest, field: TextField, hires_pass: bool = False) -> prompt_editing.Schedule:
+def text_schedules(
+    request: GenerationRequest, field: TextField, hires_pass: bool = False
+) -> tuple[prompt_editing.Schedule, ...]:
     """The texts the request's `prompt` or `negative_prompt` (`field`) reads over its run, or over its hires fix's
-    second pass, as (end, text): with A1111's syntax as its prompt editing changes them (ldm/prompt_editing.py, which
-    counts a second pass on from the first), otherwise the one text throughout."""
-    text = clip_text(request, field)
+    second pass, as (end, text): with A1111's syntax, one schedule per sub-prompt of its `AND` (`text_parts`), each
+    as its prompt editing changes it (ldm/prompt_editing.py, which counts a second pass on from the first); otherwise
+    the one text throughout."""
     first, steps = 0, run_steps(request)
     if hires_pass:
         first, steps = steps, run_steps(replace(request, steps=request.hires_steps))
     if not request.emphasis:
-        return ((steps, text),)
-    return prompt_editing.schedule(text, steps, first)
+        return (((steps, clip_text(request, field)),),)
+    return tuple(prompt_editing.schedule(text, steps, first) for text, _ in text_parts(request, field))
 
 
 def scheduled_texts(request: GenerationRequest, field: TextField) -> list[str]:
-    """Every distinct text the request's `field` reads, in all its passes."""
-    return list(dict.fromkeys(text for p in request.passes for _, text in text_schedule(request, field, p)))
+    """Every distinct text the request's `field` reads, in all its passes and sub-prompts."""
+    schedules = (schedule for p in request.passes for schedule in text_schedules(request, field, p))
+    return list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
 
 
 def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
-    """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight."""
+    """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight:
+    optimizedSD's weighted sub-prompts, blended into one conditioning (ldm/subprompts.py), or in A1111's syntax the
+    prompt's sub-prompts of `AND`, each guided toward apart (ldm/composable.py)."""
     text = clip_text(request, field)
-    if not request.weighted_subprompts:
-        return ((text, 1.0),)
     try:
-        return subprompts.split(text)
-    except subprompts.SubpromptError as error:
+        if request.weighted_subprompts:
+            return subprompts.split(text)
+        if request.emphasis and field == "prompt":
+            return composable.split(text)
+    except (subprompts.SubpromptError, composable.ComposableError) as error:
         raise GenerationError(field, f"{field}: {error}") from None
+    return ((text, 1.0),)
 
 
 def unread_warnings(
@@ -654,43 +662,47 @@ class Pipeline:
         image_condition: torch.Tensor | None = None,
         after_step: StepHook | None = None,
     ) -> torch.Tensor:
-        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u), both in one batched UNet call (two
-        when the contexts' lengths differ), for the last `m` steps of an S-step run (img2img's; txt2img's m is S).
-        `x` is where `start_latents` put it; `contexts` gives the prompt's and negative prompt's contexts at each
-        evaluation of ε, counted from 0 (A1111's prompt editing counts them; a guided one, of two halves, is one).
+        """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u) (for A1111's `AND`, the sum over
+        sub-prompts of `BatchConditions.guide`), all in one batched UNet call (two when the contexts' lengths differ),
+        for the last `m` steps of an S-step run (img2img's; txt2img's m is S). `x` is where `start_latents` put it;
+        `contexts` gives the prompt's and negative prompt's contexts at each evaluation of ε, counted from 0 (A1111's
+        prompt editing counts them; a guided one, of two halves or more, is one).
 
-        Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 take ε_c
-        exactly, and when all are 1 the unconditional half is not computed at all. An inpainting model's UNet also
-        reads `image_condition` (B, C + 1, h, w), concatenated to the latents; `after_step` is a text-to-image
-        model's inpainting (`KeptRegion`).
+        Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 (and prompt
+        one, of weight 1) take ε_c exactly, and when all do, the unconditional half is not computed at all. An
+        inpainting model's UNet also reads `image_condition` (B, C + 1, h, w), concatenated to the latents;
+        `after_step` is a text-to-image model's inpainting (`KeptRegion`).
         """
-        guided = bool((scales != 1).any())
-        s = scales.view(-1, 1, 1, 1).to(x.device)
+        guided = bool((scales != 1).any()) or contexts.composed
+        prompt_condition = None if image_condition is None else contexts.prompt_rows(image_condition)
         calls = itertools.count()
 
         with self.model.resident(self.model.unet) as unet:
             call = unet if self.fast is None else self.fast.unet
 
-            def unet_eps(latents: torch.Tensor, t: float, context: torch.Tensor) -> torch.Tensor:
-                copies = context.shape[0] // latents.shape[0]
-                batch = torch.cat([latents] * copies)
-                if image_condition is not None:
-                    batch = torch.cat([batch, torch.cat([image_condition] * copies)], dim=1)
+            def unet_eps(
+                latents: torch.Tensor, condition: torch.Tensor | None, t: float, context: torch.Tensor
+            ) -> torch.Tensor:
+                batch = latents if condition is None else torch.cat([latents, condition], dim=1)
                 # float: the σ-space samplers ask between whole timesteps (the embedding is of a float anyway).
                 timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.float32)
                 return call(batch.to(self.model.dtype), timesteps, context).float()
 
             def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
                 cond, uncond = contexts(next(calls))
+                rows = contexts.prompt_rows(latents)
                 if not guided:
-                    return unet_eps(latents, t, cond)
+                    return unet_eps(rows, prompt_condition, t, cond)
                 # Contexts of one length (77 tokens, but for A1111-syntax prompts of several chunks) share one UNet
                 # call; otherwise each runs alone, as A1111 runs them.
                 if cond.shape[1] == uncond.shape[1]:
-                    e_u, e_c = unet_eps(latents, t, torch.cat([uncond, cond])).chunk(2)
+                    both = None if image_condition is None else torch.cat([image_condition, prompt_condition])
+                    out = unet_eps(torch.cat([latents, rows]), both, t, torch.cat([uncond, cond]))
+                    e_u, e_c = out[: len(latents)], out[len(latents) :]
                 else:
-                    e_u, e_c = unet_eps(latents, t, uncond), unet_eps(latents, t, cond)
-                return torch.where(s == 1, e_c, e_u + s * (e_c - e_u))
+                    e_u = unet_eps(latents, image_condition, t, uncond)
+                    e_c = unet_eps(rows, prompt_condition, t, cond)
+                return contexts.guide(e_u, e_c, scales)
 
             if sampler == "ddim":
                 return ddim.sample(eps, x, schedule.tail(m), etas, generators, callback, after_step)
@@ -791,7 +803,7 @@ class Pipeline:
         if vocabulary is None:
             vocabulary = self.embeddings.vocabulary()
         parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
-        schedules = [{f: text_schedule(r, f, hires_pass) for f in TEXT_FIELDS} for r in requests]
+        schedules = [{f: text_schedules(r, f, hires_pass) for f in TEXT_FIELDS} for r in requests]
         plain = {
             (r.clip_skip, text)
             for r, pair in zip(requests, parts, strict=True)
@@ -803,7 +815,8 @@ class Pipeline:
             (r.clip_skip, text)
             for r, fields in zip(requests, schedules, strict=True)
             if r.emphasis
-            for schedule in fields.values()
+            for field in fields.values()
+            for schedule in field
             for _, text in schedule
         }
         encoded: dict[tuple[int, str], torch.Tensor] = {}
@@ -817,8 +830,9 @@ class Pipeline:
             vectors = self.embed_emphasized(texts, skip, vocabulary)
             emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
         for request, fields in zip(requests, schedules, strict=True):
-            for field, schedule in fields.items() if request.emphasis else ():
-                if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for _, text in schedule):
+            for field, field_schedules in fields.items() if request.emphasis else ():
+                texts = {text for schedule in field_schedules for _, text in schedule}
+                if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for text in texts):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     raise GenerationError(
                         field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
@@ -826,13 +840,15 @@ class Pipeline:
         out: list[ImageConditioning] = []
         for r, fields, (p, n) in zip(requests, schedules, parts, strict=True):
             if r.emphasis:
-                p_schedule, n_schedule = (
-                    tuple((end, emphasized[r.clip_skip, text]) for end, text in fields[f]) for f in TEXT_FIELDS
+                prompts, (negative,) = (
+                    tuple(tuple((end, emphasized[r.clip_skip, text]) for end, text in s) for s in fields[f])
+                    for f in TEXT_FIELDS
                 )
-                out.append((p_schedule, n_schedule))
+                out.append(ImageConditioning(prompts, negative, tuple(weight for _, weight in p)))
             else:
-                ((end, _),) = fields["prompt"]
-                out.append((((end, _weighted(p, encoded, r.clip_skip)),), ((end, _weighted(n, encoded, r.clip_skip)),)))
+                (((end, _),),) = fields["prompt"]
+                prompt, negative = (((end, _weighted(side, encoded, r.clip_skip)),) for side in (p, n))
+                out.append(ImageConditioning((prompt,), negative))
         return out
 
     def generate(self, request: GenerationRequest, callback: ProgressCallback | None = None) -> Generation:
@@ -1010,7 +1026,8 @@ class Pipeline:
 
     def _sample(self, images: Sequence[_Image], max_batch_images: int, callback: ProgressCallback | None) -> None:
         """(3) Denoise every image, in UNet batches of images of the same size, schedule, sampler and context
-        lengths (A1111's syntax) at every call; each image's `latents` set."""
+        lengths (A1111's syntax) at every call, of as many UNet rows as `max_batch_images` guided images of one
+        prompt make (`_chunks`); each image's `latents` set."""
         groups: dict[tuple[int, int, int, int, str, tuple], list[_Image]] = {}
         for image in images:
             r = image.request
@@ -1018,7 +1035,7 @@ class Pipeline:
             groups.setdefault((r.height, r.width, image.steps, image.m, r.sampler, shape), []).append(image)
         for (_, _, steps, m, sampler, _), group in groups.items():
             schedule = DDIMSchedule(self.model.alphas_cumprod, steps)
-            for chunk in (group[i : i + max_batch_images] for i in range(0, len(group), max_batch_images)):
+            for chunk in _chunks(group, 2 * max_batch_images):
                 names = tuple((image.request_index, image.image_index) for image in chunk)
                 latents = self.denoise(
                     torch.cat([image.start for image in chunk]),
@@ -1035,6 +1052,22 @@ class Pipeline:
                 )
                 for image, latent in zip(chunk, latents.split(1), strict=True):
                     image.latents = latent
+
+
+def _chunks(images: Sequence[_Image], max_rows: int) -> Iterator[list[_Image]]:
+    """`images` in order, in runs of at most `max_rows` UNet rows: an image's unconditional row and one per
+    sub-prompt (A1111's `AND`: the batch's memory grows with them); an image of more rows runs alone."""
+    chunk: list[_Image] = []
+    rows = 0
+    for image in images:
+        need = 1 + len(image.conditioning.prompts)
+        if chunk and rows + need > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(image)
+        rows += need
+    if chunk:
+        yield chunk
 
 
 def _weighted(parts: subprompts.Parts, encoded: dict[tuple[int, str], torch.Tensor], clip_skip: int) -> torch.Tensor:

@@ -118,6 +118,8 @@ CASES: list[Case] = [
     Case("emphasis not a boolean", with_(emphasis=1), "emphasis", "emphasis must be true or false, got 1"),
     Case("emphasis with weighted sub-prompts", with_(emphasis=True, weighted_subprompts=True), "emphasis",
          "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"),
+    Case("AND sub-prompt weight past 100", with_(prompt="a castle AND a lake:250", emphasis=True), "prompt",
+         "prompt: sub-prompt weight 250 of 'a lake' is not within ±100"),
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
     Case("mask_blur 65", with_(mask_blur=65), "mask_blur", "mask_blur must be between 0 and 64 pixels, got 65"),

@@ -195,6 +195,16 @@ def test_a_long_prompt_in_a1111_syntax_runs_eagerly_beside_the_fast_path(
     assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
+def test_and_runs_its_rows_eagerly_beside_the_fast_path(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
+    """A1111's AND: three UNet rows for one image, not a configured shape; still within fp16 rounding of fp32."""
+    request = dataclasses.replace(request_of(case("basic")), prompt="a red door AND a stone wall:0.6", emphasis=True)
+    assert fast_fp16.fast is not None
+    before = fast_fp16.fast.unet.fast_calls
+    fast = fast_fp16.generate(request)
+    assert fast_fp16.fast.unet.fast_calls == before
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+
+
 def test_a_lora_reaches_the_captured_graphs(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
     """A LoRA is merged into the weights in place, where the compiled graphs read them: its image on the fast path
     (replayed, not recaptured) is within fp16 rounding of fp32's with it, far from the image without it, and the

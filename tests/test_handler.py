@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from handler import sd_handler
 from handler.request import RequestError, check_chunks, decode_image, parse_request
 from handler.sd_handler import StableDiffusionHandler
-from handler.settings import SettingsError, check_against_model, parse_settings
+from handler.settings import Limits, SettingsError, check_against_model, parse_settings
 from ldm.embeddings import Embedding, Vocabulary
 from ldm.lora import short_hash
 from ldm.parts import load_split
@@ -238,6 +238,17 @@ def test_weighted_subprompts_follow_the_configured_default_and_limit() -> None:
     with pytest.raises(RequestError, match=r"^prompt: at most 2 weighted sub-prompts, got 3$"):
         parse_request({"prompt": "a:1 b:2 c:3"}, settings)
     assert parse_request({"prompt": "a:1 b:2"}, parse_settings(None)).generation.weighted_subprompts is False
+
+
+def test_and_sub_prompts_are_bounded_by_their_own_limit() -> None:
+    """Each of A1111's AND sub-prompts is a UNet row per image at every step, a text-encoder row only for
+    weighted sub-prompts: `max_and_subprompts` bounds the first, in A1111's syntax alone."""
+    settings = parse_settings({"handler": {"limits": {"max_and_subprompts": 2, "max_subprompts": 9}}})
+    assert parse_request({"prompt": "a AND b:0.5", "emphasis": True}, settings).generation.prompt == "a AND b:0.5"
+    with pytest.raises(RequestError, match=r"^prompt: at most 2 sub-prompts joined by AND, got 3$"):
+        parse_request({"prompt": "a AND b AND c", "emphasis": True}, settings)
+    assert parse_request({"prompt": "a AND b AND c"}, settings).generation.emphasis is False  # text, as written
+    assert Limits().max_and_subprompts == 8
 
 
 def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, tiny_split: Path) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from ldm import hires
 from ldm.checkpoint import read_state_dict
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, hires_pass, resolve, text_schedule
+from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, hires_pass, resolve, text_schedules
 from ldm.png_info import parameters_text
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, load_image, request_for
 from tests.test_pipeline import DIFFUSERS_PEERS
@@ -159,9 +159,14 @@ def test_prompt_editing_counts_the_second_pass_on_from_the_first_as_a1111_does()
                                         hr_steps=6))  # fmt: skip
 
     def second(prompt: str, sampler: str = "ddim") -> tuple[tuple[int, str], ...]:
-        return text_schedule(dataclasses.replace(request, prompt=prompt, sampler=sampler), "prompt", hires_pass=True)
+        return text_schedules(dataclasses.replace(request, prompt=prompt, sampler=sampler), "prompt", hires_pass=True)[
+            0
+        ]
 
-    assert text_schedule(dataclasses.replace(request, prompt="[red:blue:0.5]"), "prompt") == ((5, "red"), (10, "blue"))
+    assert text_schedules(dataclasses.replace(request, prompt="[red:blue:0.5]"), "prompt")[0] == (
+        (5, "red"),
+        (10, "blue"),
+    )
     assert second("[red:blue:0.5]") == ((6, "blue"),)
     assert second("[red:blue:1.5]") == second("[red:blue:13]") == ((3, "red"), (6, "blue"))
     assert second("[red|blue]")[:2] == ((1, "red"), (2, "blue"))

@@ -18,7 +18,7 @@ from handler.settings import HandlerSettings
 from ldm.checkpoint import read_state_dict
 from ldm.embeddings import Vocabulary
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve, text_schedule
+from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve, text_schedules
 from ldm.prompt_editing import schedule, text_at
 from ldm.tokenizer import CLIPTokenizer
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
@@ -85,9 +85,9 @@ def test_unet_call_c_reads_the_first_text_ending_at_or_after_c() -> None:
 
 def test_two_call_samplers_count_two_steps_a_step_and_plain_prompts_no_syntax() -> None:
     for sampler, steps in (("ddim", 6), ("euler_a", 6), ("heun", 12), ("dpm2_a_karras", 12), ("dpmpp_2s_a", 12)):
-        assert text_schedule(dataclasses.replace(REQUEST, sampler=sampler), "prompt") == ((2, RED), (steps, BLUE))
+        assert text_schedules(dataclasses.replace(REQUEST, sampler=sampler), "prompt")[0] == ((2, RED), (steps, BLUE))
     plain = dataclasses.replace(REQUEST, emphasis=False)
-    assert text_schedule(plain, "prompt") == ((6, REQUEST.prompt),)
+    assert text_schedules(plain, "prompt")[0] == ((6, REQUEST.prompt),)
 
 
 @pytest.fixture(scope="module")
