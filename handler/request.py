@@ -417,12 +417,13 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     )
     try:
         loras = len(request_loras(generation))
-        check_emphasis(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
     if loras > limits.max_loras:
         raise RequestError("prompt", f"prompt: at most {limits.max_loras} LoRAs (<lora:…> tags), got {loras}")
-    for name in TEXT_FIELDS:
+    # The sub-prompts are counted before their texts are parsed: a prompt of too many is refused for that, not for
+    # the number of texts they read together. Both syntaxes at once are check_emphasis's error.
+    for name in TEXT_FIELDS if not (generation.emphasis and generation.weighted_subprompts) else ():
         try:
             count = len(text_parts(generation, name))
         except GenerationError as error:
@@ -433,6 +434,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         if count > limit:
             raise RequestError(name, f"{name}: at most {limit} {kind}, got {count}")
     try:
+        check_emphasis(generation)
         check_seed_resize(generation)
         check_mask(generation)
         check_hires(generation)

@@ -245,7 +245,8 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         action="store_true",
         help="read AUTOMATIC1111's syntax: '(word:1.3)', '(word)', '[word]' weigh words, BREAK starts a new chunk, "
         "a prompt past the 75 tokens CLIP reads is read whole, in chunks of 75, and '[cat:dog:0.5]', '[cat|dog]' "
-        "change the text as sampling goes (not with --weighted_subprompts)",
+        "change the text as sampling goes, and 'a castle AND a forest:0.6' guides toward each sub-prompt (each one "
+        "more UNet row per image) (not with --weighted_subprompts)",
     )
     parser.add_argument(
         "--tiling",

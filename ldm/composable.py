@@ -21,6 +21,8 @@ import re
 
 # Beyond this a sub-prompt's pull is far outside any guidance that paints an image, and overflows fp16.
 MAX_WEIGHT = 100.0
+# How much of a sub-prompt, or of its weight, an error message quotes.
+SHOWN = 40
 _AND = re.compile(r"\bAND\b")
 # A1111's: the shortest text, then optionally `:` and a number, then trailing whitespace (`.` and `\s` together match
 # line breaks too).
@@ -42,6 +44,8 @@ def split(prompt: str) -> Parts:
         text, number = match.groups()
         weight = 1.0 if number is None else float(number)
         if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
-            raise ComposableError(f"sub-prompt weight {number} of '{text.strip()}' is not within ±{MAX_WEIGHT:g}")
+            raise ComposableError(
+                f"sub-prompt weight {number[:SHOWN]} of '{text.strip()[:SHOWN]}' is not within ±{MAX_WEIGHT:g}"
+            )
         parts.append((text, weight))
     return tuple(parts)

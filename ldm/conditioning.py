@@ -21,7 +21,7 @@ from ldm.prompt_editing import text_at
 TextConditioning = tuple[tuple[int, torch.Tensor], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageConditioning:
     """An image's conditioning over a run: its prompt's sub-prompts (A1111's `AND`, ldm/composable.py; one without
     it), each with its weight, and its negative prompt."""
@@ -70,6 +70,7 @@ class BatchConditions:
         self.rows = rows
         self._chosen: tuple[tuple[tuple[int, ...], int], ...] | None = None
         self._contexts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None  # each prompt row's image, on the latents' device
 
     @property
     def composed(self) -> bool:
@@ -87,8 +88,10 @@ class BatchConditions:
         """`x` (B, …), one row per image, as the prompt contexts' rows: each image's repeated for its sub-prompts."""
         if not self.composed:
             return x
-        counts = torch.tensor([len(row.prompts) for row in self.rows], device=x.device)
-        return x.repeat_interleave(counts, dim=0)
+        if self._rows is None or self._rows.device != x.device:
+            images = [image for image, row in enumerate(self.rows) for _ in row.prompts]
+            self._rows = torch.tensor(images, device=x.device)
+        return x.index_select(0, self._rows)
 
     def guide(self, e_u: torch.Tensor, e_c: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Each image's ε from its unconditional ε_u (B, …) and its sub-prompts' ε (`prompt_rows`), at guidance

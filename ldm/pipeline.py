@@ -661,6 +661,7 @@ class Pipeline:
         callback: StepCallback | None = None,
         image_condition: torch.Tensor | None = None,
         after_step: StepHook | None = None,
+        max_rows: int | None = None,
     ) -> torch.Tensor:
         """(3) `sampler` with classifier-free guidance: ε = ε_u + s·(ε_c − ε_u) (for A1111's `AND`, the sum over
         sub-prompts of `BatchConditions.guide`), all in one batched UNet call (two when the contexts' lengths differ),
@@ -671,7 +672,8 @@ class Pipeline:
         Latents stay float32 between steps; the UNet runs in the model's dtype. Images whose scale is 1 (and prompt
         one, of weight 1) take ε_c exactly, and when all do, the unconditional half is not computed at all. An
         inpainting model's UNet also reads `image_condition` (B, C + 1, h, w), concatenated to the latents;
-        `after_step` is a text-to-image model's inpainting (`KeptRegion`).
+        `after_step` is a text-to-image model's inpainting (`KeptRegion`). A UNet call of more than `max_rows` rows
+        (an image of many sub-prompts) runs in slices of that many, the memory bound of a server's batches.
         """
         guided = bool((scales != 1).any()) or contexts.composed
         prompt_condition = None if image_condition is None else contexts.prompt_rows(image_condition)
@@ -686,7 +688,11 @@ class Pipeline:
                 batch = latents if condition is None else torch.cat([latents, condition], dim=1)
                 # float: the σ-space samplers ask between whole timesteps (the embedding is of a float anyway).
                 timesteps = torch.full((batch.shape[0],), t, device=latents.device, dtype=torch.float32)
-                return call(batch.to(self.model.dtype), timesteps, context).float()
+                batch = batch.to(self.model.dtype)
+                if max_rows is None or batch.shape[0] <= max_rows:
+                    return call(batch, timesteps, context).float()
+                slices = zip(batch.split(max_rows), timesteps.split(max_rows), context.split(max_rows), strict=True)
+                return torch.cat([call(*rows) for rows in slices]).float()
 
             def eps(latents: torch.Tensor, t: float) -> torch.Tensor:
                 cond, uncond = contexts(next(calls))
@@ -1049,6 +1055,7 @@ class Pipeline:
                     _batch_progress(callback, names),
                     None if not self.model.config.inpainting else torch.cat([image.condition for image in chunk]),
                     self.kept_region(chunk, sampler, schedule, m),
+                    2 * max_batch_images,
                 )
                 for image, latent in zip(chunk, latents.split(1), strict=True):
                     image.latents = latent
@@ -1056,7 +1063,8 @@ class Pipeline:
 
 def _chunks(images: Sequence[_Image], max_rows: int) -> Iterator[list[_Image]]:
     """`images` in order, in runs of at most `max_rows` UNet rows: an image's unconditional row and one per
-    sub-prompt (A1111's `AND`: the batch's memory grows with them); an image of more rows runs alone."""
+    sub-prompt (A1111's `AND`: the batch's memory grows with them); an image of more rows runs alone, its UNet calls
+    in slices (`denoise`)."""
     chunk: list[_Image] = []
     rows = 0
     for image in images:

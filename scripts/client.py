@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--emphasis",
         action=argparse.BooleanOptionalAction,
-        help="read AUTOMATIC1111's '(word:1.3)', '[word]', BREAK, and prompts past 75 tokens whole (or not: "
-        "--no-emphasis)",
+        help="read AUTOMATIC1111's '(word:1.3)', '[word]', BREAK, prompt editing, AND, and prompts past 75 tokens "
+        "whole (or not: --no-emphasis)",
     )
     parser.add_argument(
         "--tiling",

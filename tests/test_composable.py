@@ -69,20 +69,26 @@ def test_guide_sums_each_sub_prompts_pull_in_order() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "scale", "same_as"),
+    ("prompt", "scale", "same_as", "run"),
     [
-        ("a castle AND a castle", 4.0, {"scale": 8.0}),  # twice the pull
-        ("a castle:0.5", 7.5, {"scale": 3.75}),
-        ("a castle:0.5", 1.0, {"scale": 0.5}),  # at scale 1 the unconditional ε is still needed
+        ("a castle AND a castle", 4.0, {"scale": 8.0}, {}),  # twice the pull
+        ("a castle:0.5", 7.5, {"scale": 3.75}, {}),
+        ("a castle:0.5", 1.0, {"scale": 0.5}, {}),  # at scale 1 the unconditional ε is still needed
+        ("a castle AND a castle", 4.0, {"scale": 8.0}, {"sampler": "euler_a"}),  # a k-diffusion sampler
+        ("a castle AND a castle", 4.0, {"scale": 8.0}, {"sampler": "dpm2", "hr_scale": 1.5, "hr_steps": 2}),
     ],
+    ids=["sum", "weight", "scale-1", "euler-a", "dpm2-hires"],
 )
-def test_sums_of_one_text_are_its_guidance_scaled(pipeline: Pipeline, prompt: str, scale: float, same_as: dict) -> None:
+def test_sums_of_one_text_are_its_guidance_scaled(
+    pipeline: Pipeline, prompt: str, scale: float, same_as: dict, run: dict
+) -> None:
     """u + Σ w_j·s·(c − u) over sub-prompts of one text c is u + (Σ w_j)·s·(c − u): the plain image at that scale,
-    but for rounding; and not the plain image at the request's scale."""
-    composed = pipeline.generate(dataclasses.replace(REQUEST, prompt=prompt, scale=scale)).pixels
-    plain = pipeline.generate(dataclasses.replace(REQUEST, **same_as)).pixels
+    but for rounding; and not the plain image at the request's scale. With every sampler's ε, in both passes."""
+    request = dataclasses.replace(REQUEST, **run)
+    composed = pipeline.generate(dataclasses.replace(request, prompt=prompt, scale=scale)).pixels
+    plain = pipeline.generate(dataclasses.replace(request, **same_as)).pixels
     assert np.abs(composed - plain).max() < FLOAT_TOLERANCE
-    unscaled = pipeline.generate(dataclasses.replace(REQUEST, scale=scale)).pixels
+    unscaled = pipeline.generate(dataclasses.replace(request, scale=scale)).pixels
     assert np.abs(composed - unscaled).mean() > 1
 
 
@@ -170,19 +176,27 @@ def test_batched_with_others_and_split_by_rows_each_image_is_as_alone(
     plain = resolve(dataclasses.replace(REQUEST, seed=5))
     alone = [pipeline.generate(request).pixels for request in (composed, plain)]
     batches: list[int] = []
+    rows: list[int] = []
     denoise = pipeline.denoise
+    hook = pipeline.model.unet.register_forward_pre_hook(lambda _, inputs: rows.append(inputs[0].shape[0]))
 
     def counted(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         batches.append(x.shape[0])
         return denoise(x, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "denoise", counted)
-    for max_batch_images, images_per_batch in ((1, [1, 1, 1]), (2, [1, 1, 1]), (3, [1, 2]), (8, [3])):
-        batches.clear()
-        together = pipeline.generate_many([composed, plain], max_batch_images=max_batch_images)
-        assert batches == images_per_batch
-        for generation, expected in zip(together, alone, strict=True):
-            assert np.abs(generation.pixels - expected).max() < FLOAT_TOLERANCE
+    try:
+        for max_batch_images, images_per_batch in ((1, [1, 1, 1]), (2, [1, 1, 1]), (3, [1, 2]), (8, [3])):
+            batches.clear()
+            rows.clear()
+            together = pipeline.generate_many([composed, plain], max_batch_images=max_batch_images)
+            assert batches == images_per_batch
+            # A composed image's 4 rows run in UNet calls of at most 2 when the bound is one plain image.
+            assert max(rows) == min(2 * max_batch_images, 10)
+            for generation, expected in zip(together, alone, strict=True):
+                assert np.abs(generation.pixels - expected).max() < FLOAT_TOLERANCE
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,10 @@ def test_and_sub_prompts_are_bounded_by_their_own_limit() -> None:
     assert parse_request({"prompt": "a AND b:0.5", "emphasis": True}, settings).generation.prompt == "a AND b:0.5"
     with pytest.raises(RequestError, match=r"^prompt: at most 2 sub-prompts joined by AND, got 3$"):
         parse_request({"prompt": "a AND b AND c", "emphasis": True}, settings)
+    # Counted first: 70 of them also read more texts than prompt editing allows, but this is what is wrong.
+    many = " AND ".join(f"word{i}" for i in range(70))
+    with pytest.raises(RequestError, match=r"^prompt: at most 8 sub-prompts joined by AND, got 70$"):
+        parse_request({"prompt": many, "emphasis": True}, parse_settings(None))
     assert parse_request({"prompt": "a AND b AND c"}, settings).generation.emphasis is False  # text, as written
     assert Limits().max_and_subprompts == 8
 

@@ -238,6 +238,16 @@ def test_an_inpainting_model_reads_a_long_prompt_in_its_own_unet_calls(inpaintin
     assert np.abs(together[1].pixels - pipeline.generate(other).pixels).max() < FLOAT_TOLERANCE
 
 
+def test_an_inpainting_model_feeds_the_mask_to_each_and_sub_prompts_row(inpainting_model: StableDiffusion) -> None:
+    """A1111's AND on the 9-channel UNet: every sub-prompt's row reads the image's mask and masked image, both when
+    the contexts share a UNet call and when a long sub-prompt runs apart: `x AND x` at scale 4 is `x` at 8."""
+    pipeline = Pipeline(inpainting_model)
+    for text in ("a red door", "a red door in a stone wall, " * 10):
+        request = dataclasses.replace(REQUEST, prompt=text, emphasis=True, scale=8.0)
+        composed = pipeline.generate(dataclasses.replace(request, prompt=f"{text} AND {text}", scale=4.0)).pixels
+        assert np.abs(composed - pipeline.generate(request).pixels).max() < FLOAT_TOLERANCE
+
+
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, strength: float) -> None:
     """Rows without a mask in a UNet batch with masked ones (img2img at the same m; txt2img beside a masked image at
