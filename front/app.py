@@ -14,6 +14,7 @@ Answers:
 - `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
   line as it arrives, iterations one after another, then one final line with every image.
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
+- `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API, one TorchServe request each (front/a1111.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from front import schema
+from front import a1111, schema
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_request, seed_headers
 from front.settings import FrontSettings
@@ -175,6 +176,31 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def imagine_stream(request: Request) -> Response:
         plan = plan_request(await _body(request, settings.max_body_bytes), settings.max_images, stream=True)
         return await stream(request.app.state.api, plan)
+
+    async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
+        try:
+            body = json.loads(await _body(request, settings.max_body_bytes))
+        except ValueError:
+            raise a1111.A1111Error(400, "the body is not valid JSON", "body") from None
+        ours = a1111.translate(body, mode)
+        api = request.app.state.api
+        response = await api.open(json.dumps(ours).encode(), JSON)
+        try:
+            if response.status_code != 200:
+                raise a1111.renamed(await api.refusal(response))
+            result = await api.read_json(response)
+        finally:
+            await response.aclose()
+        return JSONResponse(a1111.answer(body, ours, result))
+
+    @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
+    async def a1111_txt2img(request: Request) -> JSONResponse:
+        return await a1111_call(request, "txt2img")
+
+    @app.post("/sdapi/v1/img2img", summary="Generate images from an image (AUTOMATIC1111's API)",
+              responses=schema.errors())  # fmt: skip
+    async def a1111_img2img(request: Request) -> JSONResponse:
+        return await a1111_call(request, "img2img")
 
     @app.get("/healthz", summary="Whether TorchServe answers its health check")
     async def healthz(request: Request) -> JSONResponse:

@@ -26,6 +26,7 @@ from ldm.inpainting import MAX_MASK_BLUR
 from ldm.pipeline import (
     MASK_WITHOUT_INIT,
     MAX_SEED,
+    SAMPLERS,
     TEXT_FIELDS,
     GenerationError,
     GenerationRequest,
@@ -313,6 +314,11 @@ def check_chunks(
             raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 
 
+def _our_name(name: str, names: dict[str, str]) -> str:
+    """A sampler or upscaler by our name or by A1111's (`Euler a`, `Latent (bicubic)`), which its clients send."""
+    return next((ours for ours, theirs in names.items() if theirs == name), name)
+
+
 def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, int]:
     """A1111's "Resize seed from" sides, within the sides of an image (`min_side` to `max_side`: noise a latent row
     or two tall has no direction for a variation seed's interpolation to turn); its API's -1 means none, as 0 does."""
@@ -386,7 +392,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     # PLMS runs txt2img alone (and the hires fix's second pass is an img2img): a configured default of plms is plain
     # txt2img's.
     img2img = init_image is not None or hr_scale != 1
-    sampler = _text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32)
+    sampler = _our_name(_text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32), SAMPLERS)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),
@@ -407,7 +413,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
         clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
         hr_scale=hr_scale,
-        hr_upscaler=_text(body, "hr_upscaler", d.hr_upscaler, 32),
+        hr_upscaler=_our_name(_text(body, "hr_upscaler", d.hr_upscaler, 32), hires.UPSCALERS),
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
         subseed=subseed,
         subseed_strength=subseed_strength,

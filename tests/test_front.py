@@ -72,6 +72,40 @@ def test_a_request_with_every_field_of_the_original_app_gets_the_image_ours_woul
     assert response.content == direct(http, server, ours, "image/png").content
 
 
+def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
+    http: httpx.Client, front: str, server: TorchServe
+) -> None:
+    """A1111's API (front/a1111.py): the images TorchServe makes of the translated request, in A1111's syntax, with
+    A1111's sampler name; `info` holds the seeds and each PNG's infotext; a refusal names A1111's field."""
+    a1111 = {"prompt": "a castle AND (a lake:1.2):0.5", "negative_prompt": "blurry", "seed": 11, "steps": 3,
+             "width": 64, "height": 64, "batch_size": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}  # fmt: skip
+    response = http.post(f"{front}/sdapi/v1/txt2img", json=a1111)
+    assert response.status_code == 200, response.text
+    ours = {"prompt": a1111["prompt"], "negative_prompt": "blurry", "seed": 11, "ddim_steps": 3, **TINY,
+            "n_samples": 2, "sampler": "dpmpp_2m_karras", "scale": 7.0, "emphasis": True}  # fmt: skip
+    expected = direct(http, server, ours, "application/json").json()
+    answer = response.json()
+    assert answer["images"] == expected["images"] and answer["parameters"] == a1111
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [11, 12] and info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["infotexts"][1].startswith("a castle AND (a lake:1.2):0.5\nNegative prompt: blurry\nSteps: 3, ")
+    assert "Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 12, Size: 64x64" in info["infotexts"][1]
+
+    init = expected["images"][0]
+    a1111 = {"prompt": "a lighthouse", "seed": 3, "steps": 4, "width": 64, "height": 64, "init_images": [init],
+             "denoising_strength": 0.5, "sampler_name": "Euler a"}  # fmt: skip
+    response = http.post(f"{front}/sdapi/v1/img2img", json=a1111)
+    assert response.status_code == 200, response.text
+    ours = {"prompt": "a lighthouse", "seed": 3, **TINY, "ddim_steps": 4, "init_image": init, "strength": 0.5,
+            "sampler": "euler_a", "scale": 7.0, "emphasis": True}  # fmt: skip
+    assert response.json()["images"] == direct(http, server, ours, "application/json").json()["images"]
+
+    refused = http.post(f"{front}/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "steps": 1000})
+    assert refused.status_code == 400
+    assert refused.json()["field"] == "steps"
+    assert refused.json()["detail"] == "steps must be between 1 and 150, got 1000"
+
+
 def test_variation_seeds_split_over_iterations_are_one_requests_images(
     http: httpx.Client, front: str, server: TorchServe
 ) -> None:

@@ -240,6 +240,23 @@ def test_weighted_subprompts_follow_the_configured_default_and_limit() -> None:
     assert parse_request({"prompt": "a:1 b:2"}, parse_settings(None)).generation.weighted_subprompts is False
 
 
+@pytest.mark.parametrize(
+    ("field", "a1111", "ours"),
+    [
+        ("sampler", "Euler a", "euler_a"),
+        ("sampler", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"),
+        ("sampler", "euler_a", "euler_a"),
+        ("hr_upscaler", "Latent (bicubic)", "latent_bicubic"),
+    ],
+)
+def test_samplers_and_upscalers_go_by_a1111s_names_too(field: str, a1111: str, ours: str) -> None:
+    """A1111's clients send its display names (front/a1111.py passes them on); a name of neither is still refused."""
+    body = {"prompt": "a fox", field: a1111, **({"hr_scale": 2} if field == "hr_upscaler" else {})}
+    assert getattr(parse_request(body, parse_settings(None)).generation, field) == ours
+    with pytest.raises(RequestError, match="sampler 'euler a' is not available"):
+        parse_request({"prompt": "a fox", "sampler": "euler a"}, parse_settings(None))
+
+
 def test_and_sub_prompts_are_bounded_by_their_own_limit() -> None:
     """Each of A1111's AND sub-prompts is a UNet row per image at every step, a text-encoder row only for
     weighted sub-prompts: `max_and_subprompts` bounds the first, in A1111's syntax alone."""

@@ -1,0 +1,149 @@
+"""AUTOMATIC1111's API on the front (front/a1111.py) against the stand-in TorchServe of tests/test_front_offline.py:
+what each A1111 request is sent to TorchServe as, what is refused, and the answer's shape. Against a real TorchServe,
+its images: tests/test_front.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from front.a1111 import png_parameters
+from front.app import create_app
+from front.settings import FrontSettings
+from ldm.png_info import encode_with_parameters
+from tests.test_front_offline import REFUSAL, FakeInference
+
+TXT2IMG = "/sdapi/v1/txt2img"
+IMG2IMG = "/sdapi/v1/img2img"
+
+
+@pytest.fixture
+def fake() -> FakeInference:
+    return FakeInference()
+
+
+@pytest.fixture
+def client(fake: FakeInference) -> Iterator[TestClient]:
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        yield test_client
+
+
+def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: FakeInference) -> None:
+    body = {
+        "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "seed": 7, "subseed": 30,
+        "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras", "steps": 20, "cfg_scale": 6.5, "width": 768, "height": 512, "batch_size": 2,
+        "n_iter": 2, "tiling": True, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)",
+        "hr_second_pass_steps": 10, "denoising_strength": 0.55, "hr_prompt": "a castle AND a lake:0.5",
+        "override_settings": {"CLIP_stop_at_last_layers": 2}, "save_images": True, "s_churn": 0.0,
+        "restore_faces": False, "styles": [],
+    }  # fmt: skip
+    response = client.post(TXT2IMG, json=body)
+    assert response.status_code == 200, response.text
+    assert fake.sent() == [{
+        "emphasis": True, "sampler": "DPM++ 2M Karras", "ddim_steps": 20, "scale": 6.5, "W": 768, "H": 512,
+        "n_samples": 2, "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "n_iter": 2,
+        "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "tiling": True, "seed": 7,
+        "subseed": 30, "clip_skip": 2, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_steps": 10,
+        "strength": 0.55,
+    }]  # fmt: skip
+    answer = response.json()
+    assert answer["images"] == ["png7", "png7", "png7", "png7"] and answer["parameters"] == body
+    info = json.loads(answer["info"])
+    assert (info["seed"], info["all_seeds"], info["subseed"], info["all_subseeds"]) == (
+        7,
+        [7] * 4,
+        30,
+        [30, 31, 32, 33],
+    )
+    assert (info["width"], info["height"], info["sampler_name"], info["cfg_scale"]) == (
+        768,
+        512,
+        "DPM++ 2M Karras",
+        6.5,
+    )
+    assert info["infotexts"] == [""] * 4  # the stand-in's images are no PNGs
+
+
+def test_a1111s_defaults_and_drawn_seeds(client: TestClient, fake: FakeInference) -> None:
+    """Euler, 50 steps, scale 7, 512×512, one image (A1111's API defaults, whatever the server's are); seed -1 is
+    drawn by the server, so it is not sent; without enable_hr the hires fields are not sent."""
+    client.post(TXT2IMG, json={"prompt": "a fox", "seed": -1, "subseed": -1, "hr_scale": 2, "denoising_strength": 0.3})
+    assert fake.sent() == [{"emphasis": True, "sampler": "Euler", "ddim_steps": 50, "scale": 7.0, "W": 512, "H": 512,
+                            "n_samples": 1, "prompt": "a fox"}]  # fmt: skip
+    client.post(TXT2IMG, json={"prompt": "a fox", "seed": 3, "sampler_index": "Euler a", "scheduler": "Automatic"})
+    assert fake.sent()[1]["sampler"] == "Euler a"
+
+
+def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
+    body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "denoising_strength": 0.4, "mask": "bWFzaw==",
+            "mask_blur": 8, "inpainting_fill": 1, "inpaint_full_res": False, "enable_hr": True}  # fmt: skip
+    answer = client.post(IMG2IMG, json=body).json()
+    assert (
+        fake.sent()[0] | {"init_image": "aW1n", "strength": 0.4, "mask_image": "bWFzaw==", "mask_blur": 8}
+        == (fake.sent()[0])
+    )
+    assert "hr_scale" not in fake.sent()[0]  # A1111's img2img has no hires fix
+    assert answer["parameters"] == {**body, "init_images": None, "mask": None}
+    client.post(IMG2IMG, json={"prompt": "a fox", "seed": 4, "init_images": ["aW1n"]})
+    assert fake.sent()[1]["strength"] == 0.75 and "mask_image" not in fake.sent()[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "field"),
+    [
+        (TXT2IMG, {"restore_faces": True}, "restore_faces"),
+        (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
+        (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
+        (TXT2IMG, {"enable_hr": True, "hr_resize_x": 1024}, "hr_resize_x"),
+        (TXT2IMG, {"hr_sampler_name": "DDIM"}, "hr_sampler_name"),
+        (TXT2IMG, {"scheduler": "Exponential"}, "scheduler"),
+        (
+            TXT2IMG,
+            {"override_settings": {"sd_model_checkpoint": "other.ckpt"}},
+            "override_settings.sd_model_checkpoint",
+        ),
+        (IMG2IMG, {"init_images": []}, "init_images"),
+        (IMG2IMG, {"init_images": ["aW1n", "aW1n"]}, "init_images"),
+        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpaint_full_res": False}, "inpainting_fill"),
+        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 1}, "inpaint_full_res"),
+        (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 1}, "resize_mode"),
+    ],
+)
+def test_what_is_not_done_here_is_refused_naming_the_field(
+    client: TestClient, fake: FakeInference, path: str, change: dict, field: str
+) -> None:
+    response = client.post(path, json={"prompt": "a fox", "seed": 1, **change})
+    assert response.status_code == 400 and response.json()["field"] == field
+    assert response.json()["detail"] == response.json()["error"] and response.json()["error"].startswith(field)
+    assert fake.sent() == []
+
+
+def test_a_refusal_names_the_field_as_a1111_does(client: TestClient) -> None:
+    response = client.post(TXT2IMG, json={"prompt": "refuse", "seed": 1})
+    assert response.status_code == 400
+    assert REFUSAL == {"error": "H must be a multiple of 8, got 100", "field": "H"}
+    assert response.json() == {"error": "height must be a multiple of 8, got 100", "field": "height",
+                               "detail": "height must be a multiple of 8, got 100"}  # fmt: skip
+    assert client.post(TXT2IMG, content=b"[1, 2]").json()["field"] == "body"
+    assert client.post(TXT2IMG, content=b"{").json()["field"] == "body"
+
+
+def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:
+    answer = client.post(TXT2IMG, json={"prompt": "a fox", "seed": 9, "send_images": False}).json()
+    assert answer["images"] == [] and json.loads(answer["info"])["all_seeds"] == [9]
+
+
+@pytest.mark.parametrize("text", ["a fox\nSteps: 20, Seed: 1", "un renard, café\nSteps: 20"])
+def test_an_infotext_is_read_from_its_pngs_parameters_chunk(text: str) -> None:
+    """tEXt for Latin-1, iTXt beyond it, as our encoder writes them."""
+    [png] = encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text + " ✓" if "café" in text else text])
+    encoded = base64.b64encode(png).decode("ascii")
+    assert png_parameters(encoded) == (text + " ✓" if "café" in text else text)
+    assert png_parameters("bm90IGEgcG5n") == "" and png_parameters("!!") == ""
