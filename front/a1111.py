@@ -1,24 +1,25 @@
 """AUTOMATIC1111's web API, `POST /sdapi/v1/txt2img` and `/sdapi/v1/img2img`, as requests of our inference API.
 
 Why: bots, editor plugins and scripts that make SD v1 images mostly speak A1111's API; pointed at this front they run
-unchanged on TorchServe, and get the image A1111 would paint for the same request, since everything translated here
-is computed as A1111 computes it.
+unchanged on TorchServe. Each request field translated here means what it means in A1111 (1.6, and 1.9's
+`scheduler`), with A1111's API defaults rather than this server's, so a txt2img request paints the image of an
+A1111 that draws its noise on the CPU, as this server does (its "Random number generator source" setting). An
+img2img request runs this server's img2img (the original's schedule of ⌊strength·steps⌋ steps, and its inpainting),
+which is not A1111's: the same request paints another image there.
 
 - Prompts are read in A1111's syntax (`emphasis`), as A1111 always reads them: weights, BREAK, prompt editing, `AND`.
-- Translated: prompt, negative_prompt, seed and subseed (-1: drawn), subseed_strength, seed_resize_from_w/h,
-  sampler_name (or the older sampler_index; default Euler, as A1111's API) with scheduler Automatic or Karras,
-  steps, cfg_scale (default 7), width and height, batch_size, n_iter, eta, tiling; the hires fix (enable_hr,
-  hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength); img2img's init_images (one), denoising_strength,
-  mask and mask_blur; override_settings' CLIP_stop_at_last_layers (clip skip). Sampler and upscaler names go to the
-  handler as written: it takes A1111's names beside ours.
+- Sampler and upscaler names go to the handler as A1111 writes them (it takes them beside ours); `scheduler` Karras
+  picks a sampler's Karras variant, and 1.9's Automatic the variant 1.9 picks for it.
+- η: DDIM's (A1111's default 0); the ancestral and SDE samplers run at A1111's default η of 1 and take no other; the
+  other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
-  not done here (restore_faces, styles, scripts, hr_resize_x/y, a second-pass sampler, prompt or checkpoint, other
-  schedulers, resize modes but "just resize", inpainting but of the whole picture from its original pixels
-  (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted mask, several init
-  images, any other override setting).
-- Ignored, as A1111 ignores what it does not know: everything else (saving files on A1111's disk, its UI's switches).
+  not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own size,
+  sampler, scheduler, prompt or checkpoint, resize modes but "just resize", inpainting but of the whole picture from
+  its original pixels (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted
+  mask, several init images, override settings but clip skip and those about saving files).
+- Ignored, as A1111 ignores keys it does not know: everything else (saving files on A1111's disk, its UI's switches).
 - Answers: A1111's `{"images", "parameters", "info"}`, `info` a JSON string with the seeds and each image's infotext;
-  errors are the front's `{"error", "field"}` with the field named as A1111 names it, and A1111's `detail` beside.
+  errors are the front's `{"error", "field"}` naming fields as A1111 names them, with A1111's `detail` beside.
 """
 
 from __future__ import annotations
@@ -26,58 +27,98 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import zlib
+import re
 from typing import Any, Literal
 
 from front.errors import FrontError
 
 Mode = Literal["txt2img", "img2img"]
-# A1111's fields that are ours under another name, with A1111's API defaults where they are not ours.
+# A1111's fields that are ours under another name, and A1111's API defaults where they are not this server's.
 RENAMED = {"steps": "ddim_steps", "cfg_scale": "scale", "width": "W", "height": "H", "batch_size": "n_samples"}
-DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1}
-COPIED = ("prompt", "negative_prompt", "n_iter", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
-          "eta", "tiling")  # fmt: skip
+COPIED = ("prompt", "negative_prompt", "n_iter", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
+DEFAULTS = {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1, "n_iter": 1}
+CLIP_SKIP = "CLIP_stop_at_last_layers"
+# Our fields among those that take any number; the others take whole numbers.
+FLOATS = ("scale", "subseed_strength")
 # The field A1111 names for each of ours that a refusal may name.
 THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "sampler": "sampler_name", "strength": "denoising_strength", "hr_steps": "hr_second_pass_steps",
-    "init_image": "init_images", "mask_image": "mask", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "init_image": "init_images", "mask_image": "mask", "clip_skip": f"override_settings.{CLIP_SKIP}",
 }  # fmt: skip
-# Options that change the image in ways not done here: a request may send each only with its off value (or, for
-# those that repeat another field, that field's value).
-REFUSED = ("restore_faces", "styles", "script_name", "script_args", "alwayson_scripts", "hr_resize_x", "hr_resize_y",
-           "hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt", "refiner_checkpoint",
-           "resize_mode", "inpainting_mask_invert")  # fmt: skip
+# Options that change the image in ways not done here, with the values that leave it alone (None: left out).
+OFF: dict[str, tuple[Any, ...]] = {
+    "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
+    "alwayson_scripts": (None, {}), "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
+    "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
+    "firstpass_image": (None, ""), "hr_resize_x": (None, 0), "hr_resize_y": (None, 0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
+    "hr_scheduler": (None, "", "Use same scheduler"), "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
+    "inpainting_mask_invert": (None, 0, False),
+}  # fmt: skip
+# Options repeating another field, which may send its value (or be empty).
 REPEATS = {"hr_sampler_name": "sampler_name", "hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt"}
-SCHEDULERS = {"Automatic": "", "Karras": " Karras"}
-CLIP_SKIP = "CLIP_stop_at_last_layers"
+# A1111's samplers that take η (the ancestral and SDE ones: 1 by default); the others have none.
+ETA_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE")
+SCHEDULERS = ("automatic", "uniform", "karras")
+# 1.9's Automatic scheduler: Karras for these samplers, the exponential one (not available here) for DPM++ 2M SDE.
+AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a")
+# Override settings about where A1111 saves files: nothing of the image.
+SAVING = re.compile(r"^(samples_|save_|grid_|outdir|export_|jpeg_|webp_|png_|use_original_name|directories_)")
+# A1111's "None" hires upscaler resizes the image, as our Lanczos does.
+UPSCALER_ALIASES = {"None": "Lanczos"}
 
 
 class A1111Error(FrontError):
-    """A refusal answered as A1111's clients read one: the front's body with A1111's `detail` beside."""
+    """An error answered as A1111's clients read one: the front's body with A1111's `detail` beside."""
 
     def body(self) -> dict[str, str]:
         return {**super().body(), "detail": self.error}
 
 
 def _refuse(field: str, message: str) -> A1111Error:
+    """A 400 for an A1111 field, its message starting with the field's name."""
     return A1111Error(400, f"{field}: {message}", field)
 
 
-def translate(body: Any, mode: Mode) -> dict[str, Any]:
-    """Our inference request for an A1111 request body."""
+def read(raw: bytes) -> dict[str, Any]:
+    """The request body, a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _refuse("body", "is not JSON this front can read") from None
     if not isinstance(body, dict):
-        raise A1111Error(400, "send the request as a JSON object", "body")
-    for name in REFUSED:
-        value = body.get(name)
-        if value and not (name in REPEATS and value == body.get(REPEATS[name])):
-            raise _refuse(name, f"is not available here; send {name} off (or leave it out)")
-    given = {**DEFAULTS, **body}
-    ours: dict[str, Any] = {"emphasis": True, "sampler": _sampler(body)}
-    ours.update({our: given[theirs] for theirs, our in RENAMED.items() if given.get(theirs) is not None})
-    ours.update({name: body[name] for name in COPIED if body.get(name) is not None})
+        raise _refuse("body", "send the request as a JSON object")
+    return body
+
+
+def encoded(ours: dict[str, Any]) -> bytes:
+    """The translated request as TorchServe's body (a prompt nested past what JSON can write is the client's)."""
+    try:
+        return json.dumps(ours).encode()
+    except (ValueError, RecursionError):
+        raise _refuse("body", "is nested too deep") from None
+
+
+def translate(body: dict[str, Any], mode: Mode) -> dict[str, Any]:
+    """Our inference request for an A1111 request body."""
+    for name in OFF | REPEATS:
+        value, repeated = body.get(name), REPEATS.get(name)
+        if not any(value == off for off in OFF.get(name, (None, ""))) and (
+            repeated is None or value != body.get(repeated)
+        ):
+            also = f" (or send {repeated}'s value)" if repeated else ""
+            raise _refuse(name, f"is not available here; leave it out{also}")
+    given = {**DEFAULTS, **{name: value for name, value in body.items() if value is not None}}
+    sampler = _sampler(body)
+    ours: dict[str, Any] = {"emphasis": True, "sampler": sampler, "clip_skip": 1}
+    ours.update({our: _whole(given[theirs], our) for theirs, our in RENAMED.items()})
+    ours.update({name: _whole(given[name], name) for name in COPIED if name in given})
     for name in ("seed", "subseed"):
         if body.get(name) not in (None, -1):
-            ours[name] = body[name]
+            ours[name] = _whole(body[name], name)
+    if _flag(body, "tiling"):
+        ours["tiling"] = True
+    ours.update(_eta(body.get("eta"), sampler))
     ours.update(_overrides(body.get("override_settings")))
     if mode == "txt2img":
         _hires(body, ours)
@@ -86,52 +127,82 @@ def translate(body: Any, mode: Mode) -> dict[str, Any]:
     return ours
 
 
+def _whole(value: Any, field: str = "") -> Any:
+    """An integer field's number as A1111's API reads it (`42.0` is 42); anything else as sent, for the handler to
+    judge."""
+    if field in FLOATS or not (isinstance(value, float) and value.is_integer()):
+        return value
+    return int(value)
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    """A boolean as A1111's API reads one: true, false, 1, 0 or left out."""
+    value = body.get(name)
+    if value in (None, False, 0, True, 1):
+        return bool(value)
+    raise _refuse(name, f"must be true or false, got {json.dumps(value)[:40]}")
+
+
 def _sampler(body: dict[str, Any]) -> Any:
-    """The sampler's A1111 name (Euler by default, as A1111's API), with " Karras" for its Karras scheduler."""
+    """The sampler's A1111 name (Euler by default, as A1111's API) with its scheduler: Karras is the name's Karras
+    variant; 1.9's Automatic is Karras where 1.9 makes it so; Uniform, or no scheduler (1.6), the name itself."""
     name = body.get("sampler_name") or body.get("sampler_index") or "Euler"
-    scheduler = body.get("scheduler") or "Automatic"
-    if scheduler not in SCHEDULERS:
-        raise _refuse("scheduler", f"'{scheduler}' is not available; send one of: {', '.join(SCHEDULERS)}")
-    suffix = SCHEDULERS[scheduler]
-    return name if not isinstance(name, str) or name.endswith(suffix) else name + suffix
+    scheduler = body.get("scheduler")
+    if scheduler is None or not isinstance(name, str):
+        return name
+    if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
+        raise _refuse("scheduler", f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")
+    base = name.removesuffix(" Karras")
+    if scheduler.lower() == "automatic" and base == "DPM++ 2M SDE":
+        raise _refuse("scheduler", "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
+    karras = scheduler.lower() == "karras" or (scheduler.lower() == "automatic" and base in AUTOMATIC_KARRAS)
+    return base + " Karras" if karras else base
+
+
+def _eta(eta: Any, sampler: Any) -> dict[str, Any]:
+    """η as A1111 runs it (`ETA_SAMPLERS`): DDIM's own (0 by default), 1 for the ancestral and SDE samplers."""
+    if sampler == "DDIM":
+        return {"eta": 0.0 if eta is None else eta}
+    base = sampler.removesuffix(" Karras") if isinstance(sampler, str) else sampler
+    if base in ETA_SAMPLERS and eta not in (None, 1):
+        raise _refuse("eta", f"{sampler} runs at eta 1 here (A1111's default for it); leave eta out")
+    return {}
 
 
 def _overrides(settings: Any) -> dict[str, Any]:
+    """Clip skip from A1111's `override_settings`; settings about saving files are dropped, any other refused."""
     if not settings:
         return {}
     if not isinstance(settings, dict):
         raise _refuse("override_settings", "must be an object of settings")
     for name in settings:
-        if name != CLIP_SKIP:
+        if name != CLIP_SKIP and not SAVING.match(name):
             raise _refuse(f"override_settings.{name}", f"is not available here; only {CLIP_SKIP} is")
-    return {"clip_skip": settings[CLIP_SKIP]} if CLIP_SKIP in settings else {}
+    return {"clip_skip": _whole(settings[CLIP_SKIP])} if CLIP_SKIP in settings else {}
 
 
 def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     """The hires fix when enabled (its fields are A1111's second pass's alone, so left out without it)."""
-    if not body.get("enable_hr"):
+    if not _flag(body, "enable_hr"):
         return
-    ours["hr_scale"] = body.get("hr_scale", 2.0)
-    ours["hr_upscaler"] = body.get("hr_upscaler") or "Latent"
-    if body.get("hr_second_pass_steps"):
-        ours["hr_steps"] = body["hr_second_pass_steps"]
-    if body.get("denoising_strength") is not None:
-        ours["strength"] = body["denoising_strength"]
+    upscaler = body.get("hr_upscaler") or "Latent"
+    ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
+    ours["hr_upscaler"] = UPSCALER_ALIASES.get(upscaler, upscaler)
+    ours["hr_steps"] = _whole(body.get("hr_second_pass_steps") or 0)
+    ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
 
 
 def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
+    """The init image, its strength, and a mask to inpaint through, as this server inpaints."""
     images = body.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
         raise _refuse("init_images", "send a list of one base64 image (several are not available here)")
     ours["init_image"] = images[0]
-    ours["strength"] = body.get("denoising_strength", 0.75)
+    ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
     if body.get("mask") is None:
         return
     ours["mask_image"] = body["mask"]
-    if body.get("mask_blur") is not None:
-        ours["mask_blur"] = body["mask_blur"]
-    # A1111's API defaults to filling the masked area and to painting a crop around it; this paints the whole
-    # picture from its original pixels, which a request must ask for.
+    ours["mask_blur"] = _whole(body["mask_blur"]) if body.get("mask_blur") is not None else 4
     if body.get("inpainting_fill", 0) != 1:
         raise _refuse("inpainting_fill", "only 1 (original) is available here; send 1")
     if body.get("inpaint_full_res", True):
@@ -139,30 +210,35 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
 
 
 def renamed(error: FrontError) -> A1111Error:
-    """TorchServe's refusal of a translated request, naming the field as the A1111 request did."""
-    field = THEIRS.get(error.field, error.field)
+    """An error as A1111's clients read it: the field, and our field names in the message, as the A1111 request
+    named them."""
+    if isinstance(error, A1111Error):
+        return error
     message = error.error
-    if field != error.field and message.startswith(error.field):
-        message = field + message[len(error.field) :]
-    return A1111Error(error.status, message, field)
+    for ours, theirs in THEIRS.items():
+        message = re.sub(rf"\b{re.escape(ours)}\b", theirs, message)
+    return A1111Error(error.status, message, THEIRS.get(error.field, error.field))
 
 
-def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """A1111's answer: the images (unless `send_images` is false), the request as sent (without its images, as
-    A1111 leaves them out) and `info`, a JSON string of what A1111's clients read from it."""
-    images = result["images"]
-    seeds = result["seeds"]
-    subseeds = result.get("subseeds", [-1] * len(seeds))
+def answer(body: dict[str, Any], ours: dict[str, Any], result: Any) -> dict[str, Any]:
+    """A1111's answer: the images (unless `send_images` is false), the request as sent (its images left out unless
+    `include_init_images`, as A1111 does) and `info`, a JSON string of what A1111's clients read from it."""
+    try:
+        images, seeds, parameters = list(result["images"]), list(result["seeds"]), dict(result["parameters"])
+        subseeds = list(result.get("subseeds", [-1] * len(seeds)))
+        first_seed, first_subseed = seeds[0], subseeds[0]
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise A1111Error(502, "TorchServe answered without images, seeds and parameters") from None
     infotexts = [png_parameters(image) for image in images]
-    parameters = result.get("parameters", {})
+    hashes = [re.search(r"Model hash: ([0-9a-f]+)", text) for text in infotexts]
     info = {
-        "prompt": ours.get("prompt", ""),
-        "all_prompts": [ours.get("prompt", "")] * len(seeds),
+        "prompt": ours["prompt"],
+        "all_prompts": [ours["prompt"]] * len(seeds),
         "negative_prompt": ours.get("negative_prompt", ""),
         "all_negative_prompts": [ours.get("negative_prompt", "")] * len(seeds),
-        "seed": seeds[0],
+        "seed": first_seed,
         "all_seeds": seeds,
-        "subseed": subseeds[0],
+        "subseed": first_subseed,
         "all_subseeds": subseeds,
         "subseed_strength": ours.get("subseed_strength", 0),
         "width": parameters.get("W"),
@@ -175,21 +251,26 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -
         "seed_resize_from_w": ours.get("seed_resize_from_w", -1),
         "seed_resize_from_h": ours.get("seed_resize_from_h", -1),
         "denoising_strength": parameters.get("strength"),
+        "sd_model_hash": hashes[0].group(1) if hashes and hashes[0] else None,
         "restore_faces": False,
         "styles": [],
+        "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
     }
-    echoed = {**body, "init_images": None, "mask": None} if "init_images" in body else body
-    sent = images if body.get("send_images", True) else []
+    echoed = body
+    if "init_images" in body and not body.get("include_init_images"):
+        echoed = {**body, "init_images": None, "mask": None}
+    sent = images if body.get("send_images", True) is not False else []
     return {"images": sent, "parameters": echoed, "info": json.dumps(info)}
 
 
-def png_parameters(image: str) -> str:
-    """The `parameters` text of a base64 PNG (A1111's infotext: its tEXt or UTF-8 iTXt chunk), or "" without one."""
+def png_parameters(image: Any) -> str:
+    """The `parameters` text of a base64 PNG (A1111's infotext: the tEXt, or uncompressed UTF-8 iTXt, chunk the
+    handler writes), or "" without one."""
     try:
         data = base64.b64decode(image, validate=True)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, TypeError):
         return ""
     position = 8
     while position + 8 <= len(data):
@@ -198,9 +279,8 @@ def png_parameters(image: str) -> str:
         key, _, value = content.partition(b"\0")
         if key == b"parameters" and kind == b"tEXt":
             return value.decode("latin-1")
-        if key == b"parameters" and kind == b"iTXt":
-            compressed, _, rest = value[0:1], value[1:2], value[2:]
-            text = rest.split(b"\0", 2)[-1]
-            return (zlib.decompress(text) if compressed == b"\1" else text).decode("utf-8")
+        if key == b"parameters" and kind == b"iTXt" and value[:1] == b"\0":
+            # flag 0 (uncompressed), method, then language and translated keyword, each ended by a zero byte
+            return value[2:].split(b"\0", 2)[-1].decode("utf-8", errors="replace")
         position += 12 + length
     return ""

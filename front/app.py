@@ -132,13 +132,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def json_array(api: InferenceApi, plan: Plan) -> Response:
         results = Results()
         for iteration in range(plan.iterations):
-            response = await api.open(plan.iteration(results.next(plan) if iteration else None), JSON)
-            try:
-                if response.status_code != 200:
-                    raise await api.refusal(response)
-                results.add(await api.read_json(response))
-            finally:
-                await response.aclose()
+            results.add(await api.answer_json(plan.iteration(results.next(plan) if iteration else None)))
         return JSONResponse(results.images, headers=seed_headers(results))
 
     async def stream(api: InferenceApi, plan: Plan) -> Response:
@@ -178,20 +172,15 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return await stream(request.app.state.api, plan)
 
     async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
+        """One A1111 request as one TorchServe request; every error, the front's own too, as A1111's clients read
+        one (`a1111.renamed`)."""
         try:
-            body = json.loads(await _body(request, settings.max_body_bytes))
-        except ValueError:
-            raise a1111.A1111Error(400, "the body is not valid JSON", "body") from None
-        ours = a1111.translate(body, mode)
-        api = request.app.state.api
-        response = await api.open(json.dumps(ours).encode(), JSON)
-        try:
-            if response.status_code != 200:
-                raise a1111.renamed(await api.refusal(response))
-            result = await api.read_json(response)
-        finally:
-            await response.aclose()
-        return JSONResponse(a1111.answer(body, ours, result))
+            body = a1111.read(await _body(request, settings.max_body_bytes))
+            ours = a1111.translate(body, mode)
+            result = await request.app.state.api.answer_json(a1111.encoded(ours))
+            return JSONResponse(a1111.answer(body, ours, result))
+        except FrontError as error:
+            raise a1111.renamed(error) from None
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
     async def a1111_txt2img(request: Request) -> JSONResponse:

@@ -84,6 +84,16 @@ class InferenceApi:
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} answered with no JSON") from None
 
+    async def answer_json(self, body: bytes) -> dict:
+        """POST a request body for a JSON answer: the answer, or the refusal raised."""
+        response = await self.open(body, JSON)
+        try:
+            if response.status_code != 200:
+                raise await self.refusal(response)
+            return await self.read_json(response)
+        finally:
+            await response.aclose()
+
     async def refusal(self, response: httpx.Response) -> FrontError:
         """The error of an answer that is not 200. The handler's `{"error", "field"}` is kept as it is; TorchServe's
         own `{"message"}` (no worker, queue full) keeps its status, but a model TorchServe does not serve is the

@@ -100,6 +100,10 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
             "sampler": "euler_a", "scale": 7.0, "emphasis": True}  # fmt: skip
     assert response.json()["images"] == direct(http, server, ours, "application/json").json()["images"]
 
+    drawn = http.post(f"{front}/sdapi/v1/txt2img", json={"seed": -1, "steps": 2, "width": 64, "height": 64}).json()
+    info = json.loads(drawn["info"])
+    assert f", Seed: {info['seed']}, Size: 64x64" in info["infotexts"][0] and info["all_seeds"] == [info["seed"]]
+
     refused = http.post(f"{front}/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "steps": 1000})
     assert refused.status_code == 400
     assert refused.json()["field"] == "steps"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -17,7 +18,7 @@ from front.a1111 import png_parameters
 from front.app import create_app
 from front.settings import FrontSettings
 from ldm.png_info import encode_with_parameters
-from tests.test_front_offline import REFUSAL, FakeInference
+from tests.test_front_offline import FakeInference
 
 TXT2IMG = "/sdapi/v1/txt2img"
 IMG2IMG = "/sdapi/v1/img2img"
@@ -36,22 +37,21 @@ def client(fake: FakeInference) -> Iterator[TestClient]:
 
 def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: FakeInference) -> None:
     body = {
-        "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "seed": 7, "subseed": 30,
+        "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "seed": 7.0, "subseed": 30,
         "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M",
-        "scheduler": "Karras", "steps": 20, "cfg_scale": 6.5, "width": 768, "height": 512, "batch_size": 2,
-        "n_iter": 2, "tiling": True, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)",
+        "scheduler": "karras", "steps": 20, "cfg_scale": 6.5, "width": 768, "height": 512, "batch_size": 2,
+        "n_iter": 2, "tiling": 1, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)",
         "hr_second_pass_steps": 10, "denoising_strength": 0.55, "hr_prompt": "a castle AND a lake:0.5",
-        "override_settings": {"CLIP_stop_at_last_layers": 2}, "save_images": True, "s_churn": 0.0,
-        "restore_faces": False, "styles": [],
+        "hr_sampler_name": "Use same sampler", "override_settings": {"CLIP_stop_at_last_layers": 2.0,
+        "samples_save": False}, "save_images": True, "s_noise": 1, "restore_faces": False, "styles": None,
     }  # fmt: skip
     response = client.post(TXT2IMG, json=body)
     assert response.status_code == 200, response.text
     assert fake.sent() == [{
-        "emphasis": True, "sampler": "DPM++ 2M Karras", "ddim_steps": 20, "scale": 6.5, "W": 768, "H": 512,
-        "n_samples": 2, "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "n_iter": 2,
-        "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "tiling": True, "seed": 7,
-        "subseed": 30, "clip_skip": 2, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_steps": 10,
-        "strength": 0.55,
+        "emphasis": True, "sampler": "DPM++ 2M Karras", "clip_skip": 2, "ddim_steps": 20, "scale": 6.5, "W": 768,
+        "H": 512, "n_samples": 2, "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "n_iter": 2,
+        "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "seed": 7, "subseed": 30,
+        "tiling": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_steps": 10, "strength": 0.55,
     }]  # fmt: skip
     answer = response.json()
     assert answer["images"] == ["png7", "png7", "png7", "png7"] and answer["parameters"] == body
@@ -71,28 +71,60 @@ def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: F
     assert info["infotexts"] == [""] * 4  # the stand-in's images are no PNGs
 
 
-def test_a1111s_defaults_and_drawn_seeds(client: TestClient, fake: FakeInference) -> None:
-    """Euler, 50 steps, scale 7, 512×512, one image (A1111's API defaults, whatever the server's are); seed -1 is
-    drawn by the server, so it is not sent; without enable_hr the hires fields are not sent."""
-    client.post(TXT2IMG, json={"prompt": "a fox", "seed": -1, "subseed": -1, "hr_scale": 2, "denoising_strength": 0.3})
-    assert fake.sent() == [{"emphasis": True, "sampler": "Euler", "ddim_steps": 50, "scale": 7.0, "W": 512, "H": 512,
-                            "n_samples": 1, "prompt": "a fox"}]  # fmt: skip
-    client.post(TXT2IMG, json={"prompt": "a fox", "seed": 3, "sampler_index": "Euler a", "scheduler": "Automatic"})
-    assert fake.sent()[1]["sampler"] == "Euler a"
+def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference) -> None:
+    """Euler, 50 steps, scale 7, 512×512, one image, clip skip 1 (A1111's API defaults, whatever this server's
+    handler.defaults say); a seed of -1 is the server's to draw, so it is not sent; without enable_hr the hires
+    fields are not sent."""
+    client.post(TXT2IMG, json={"seed": -1, "subseed": -1, "hr_scale": 2, "denoising_strength": 0.3, "eta": 0.4})
+    assert fake.bodies and json.loads(fake.bodies[0]) == {
+        "emphasis": True, "sampler": "Euler", "clip_skip": 1, "ddim_steps": 50, "scale": 7.0, "W": 512, "H": 512,
+        "n_samples": 1, "prompt": "", "n_iter": 1,
+    }  # fmt: skip
+    client.post(TXT2IMG, json={"seed": 3, "enable_hr": True, "hr_upscaler": "None", "sampler_index": "DDIM"})
+    assert {k: fake.sent()[1][k] for k in ("sampler", "eta", "hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
+        "sampler": "DDIM", "eta": 0.0, "hr_scale": 2.0, "hr_upscaler": "Lanczos", "hr_steps": 0, "strength": 0.75
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "sent"),
+    [
+        ("DPM++ 2M", None, "DPM++ 2M"),  # 1.6: the name is the schedule
+        ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),  # 1.9's default for it
+        ("Euler a", "Automatic", "Euler a"),
+        ("DPM++ 2M Karras", "Uniform", "DPM++ 2M"),
+        ("DPM2 a", "Karras", "DPM2 a Karras"),
+    ],
+)
+def test_schedulers_as_a1111_picks_them(client: TestClient, fake: FakeInference, sampler: str, scheduler: Any,
+                                        sent: str) -> None:  # fmt: skip
+    client.post(TXT2IMG, json={"seed": 1, "sampler_name": sampler, "scheduler": scheduler})
+    assert fake.sent()[0]["sampler"] == sent
+
+
+@pytest.mark.parametrize(
+    ("sampler", "eta", "sent"),
+    [("DDIM", 0.3, 0.3), ("Euler a", 1, None), ("Euler a", None, None), ("Euler", 0.5, None), ("PLMS", 0, None)],
+)
+def test_eta_as_a1111_runs_it(client: TestClient, fake: FakeInference, sampler: str, eta: Any, sent: Any) -> None:
+    """DDIM's η is sent; the ancestral samplers run at A1111's default η of 1; the others have none."""
+    client.post(TXT2IMG, json={"seed": 1, "sampler_name": sampler, "eta": eta})
+    assert fake.sent()[0].get("eta") == sent
 
 
 def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "denoising_strength": 0.4, "mask": "bWFzaw==",
             "mask_blur": 8, "inpainting_fill": 1, "inpaint_full_res": False, "enable_hr": True}  # fmt: skip
     answer = client.post(IMG2IMG, json=body).json()
-    assert (
-        fake.sent()[0] | {"init_image": "aW1n", "strength": 0.4, "mask_image": "bWFzaw==", "mask_blur": 8}
-        == (fake.sent()[0])
-    )
+    assert {k: fake.sent()[0][k] for k in ("init_image", "strength", "mask_image", "mask_blur")} == {
+        "init_image": "aW1n", "strength": 0.4, "mask_image": "bWFzaw==", "mask_blur": 8
+    }  # fmt: skip
     assert "hr_scale" not in fake.sent()[0]  # A1111's img2img has no hires fix
     assert answer["parameters"] == {**body, "init_images": None, "mask": None}
-    client.post(IMG2IMG, json={"prompt": "a fox", "seed": 4, "init_images": ["aW1n"]})
+    answer = client.post(IMG2IMG, json={"prompt": "a fox", "seed": 4, "init_images": ["aW1n"],
+                                        "include_init_images": True}).json()  # fmt: skip
     assert fake.sent()[1]["strength"] == 0.75 and "mask_image" not in fake.sent()[1]
+    assert answer["parameters"]["init_images"] == ["aW1n"]
 
 
 @pytest.mark.parametrize(
@@ -101,14 +133,22 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"restore_faces": True}, "restore_faces"),
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
         (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
+        (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
         (TXT2IMG, {"enable_hr": True, "hr_resize_x": 1024}, "hr_resize_x"),
         (TXT2IMG, {"hr_sampler_name": "DDIM"}, "hr_sampler_name"),
+        (TXT2IMG, {"prompt": "a fox", "hr_prompt": "a wolf"}, "hr_prompt"),
+        (TXT2IMG, {"hr_prompt": "a wolf"}, "hr_prompt"),  # no prompt: ""
+        (TXT2IMG, {"enable_hr": "false"}, "enable_hr"),
         (TXT2IMG, {"scheduler": "Exponential"}, "scheduler"),
+        (TXT2IMG, {"scheduler": ["Karras"]}, "scheduler"),
+        (TXT2IMG, {"sampler_name": "DPM++ 2M SDE", "scheduler": "Automatic"}, "scheduler"),
+        (TXT2IMG, {"sampler_name": "Euler a", "eta": 0}, "eta"),
         (
             TXT2IMG,
             {"override_settings": {"sd_model_checkpoint": "other.ckpt"}},
             "override_settings.sd_model_checkpoint",
         ),
+        (TXT2IMG, {"override_settings": ["x"]}, "override_settings"),
         (IMG2IMG, {"init_images": []}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n", "aW1n"]}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpaint_full_res": False}, "inpainting_fill"),
@@ -119,20 +159,35 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
 def test_what_is_not_done_here_is_refused_naming_the_field(
     client: TestClient, fake: FakeInference, path: str, change: dict, field: str
 ) -> None:
-    response = client.post(path, json={"prompt": "a fox", "seed": 1, **change})
+    response = client.post(path, json={"seed": 1, **change})
     assert response.status_code == 400 and response.json()["field"] == field
     assert response.json()["detail"] == response.json()["error"] and response.json()["error"].startswith(field)
     assert fake.sent() == []
 
 
-def test_a_refusal_names_the_field_as_a1111_does(client: TestClient) -> None:
-    response = client.post(TXT2IMG, json={"prompt": "refuse", "seed": 1})
+def test_errors_name_fields_as_a1111_does_and_carry_its_detail(client: TestClient) -> None:
+    response = client.post(TXT2IMG, json={"prompt": "refuse", "seed": 1})  # the stand-in refuses H
     assert response.status_code == 400
-    assert REFUSAL == {"error": "H must be a multiple of 8, got 100", "field": "H"}
     assert response.json() == {"error": "height must be a multiple of 8, got 100", "field": "height",
                                "detail": "height must be a multiple of 8, got 100"}  # fmt: skip
-    assert client.post(TXT2IMG, content=b"[1, 2]").json()["field"] == "body"
-    assert client.post(TXT2IMG, content=b"{").json()["field"] == "body"
+    for raw in (b"[1, 2]", b"{", b"[" * 100_000):
+        assert client.post(TXT2IMG, content=raw).json()["field"] == "body"
+    deep = {"prompt": json.loads("[" * 900 + "]" * 900)}
+    assert client.post(TXT2IMG, json=deep).status_code == 400
+    assert client.post(TXT2IMG, content=b"x", headers={"Content-Type": "multipart/form-data"}).json()["detail"]
+
+
+def test_torchserve_down_or_answering_nonsense_is_a_5xx_with_detail() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(down))) as client:
+        response = client.post(TXT2IMG, json={"seed": 1})
+    assert response.status_code == 503 and response.json()["detail"].startswith("TorchServe is not reachable")
+    nonsense = httpx.MockTransport(lambda request: httpx.Response(200, json={"images": []}))
+    with TestClient(create_app(FrontSettings(), nonsense)) as client:
+        response = client.post(TXT2IMG, json={"seed": 1})
+    assert response.status_code == 502 and "without images" in response.json()["detail"]
 
 
 def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:

@@ -253,6 +253,9 @@ def test_samplers_and_upscalers_go_by_a1111s_names_too(field: str, a1111: str, o
     """A1111's clients send its display names (front/a1111.py passes them on); a name of neither is still refused."""
     body = {"prompt": "a fox", field: a1111, **({"hr_scale": 2} if field == "hr_upscaler" else {})}
     assert getattr(parse_request(body, parse_settings(None)).generation, field) == ours
+
+
+def test_a_sampler_named_by_neither_is_refused() -> None:
     with pytest.raises(RequestError, match="sampler 'euler a' is not available"):
         parse_request({"prompt": "a fox", "sampler": "euler a"}, parse_settings(None))
 
