@@ -265,6 +265,38 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: Any) -> dict[str,
     return {"images": sent, "parameters": echoed, "info": json.dumps(info)}
 
 
+# A1111's listings the front answers from the handler's description (handler/description.py).
+LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "loras", "embeddings")
+DESCRIBE = b'{"describe": true}'
+
+
+def listing(name: str, described: Any, model: str) -> Any:
+    """A1111's answer to `GET /sdapi/v1/<name>` from what the worker describes: the samplers and upscalers by
+    A1111's names, the one model (named as TorchServe serves it), and the LoRAs and embeddings a prompt may name."""
+    try:
+        samplers, upscalers = described["sampler_names"].items(), described["upscalers"].items()
+        model_hash, loras, words = described["model_hash"], described["loras"], described["embeddings"]
+    except (KeyError, TypeError, AttributeError):
+        raise A1111Error(502, "TorchServe's worker answered no description of what it serves") from None
+    if name == "samplers":
+        return [{"name": title, "aliases": [ours], "options": {}} for ours, title in samplers]
+    if name == "upscalers":
+        titles = ["None", *(title for ours, title in upscalers if not ours.startswith("latent"))]
+        return [
+            {"name": title, "model_name": None, "model_path": None, "model_url": None, "scale": 1} for title in titles
+        ]
+    if name == "latent-upscale-modes":
+        return [{"name": title} for ours, title in upscalers if ours.startswith("latent")]
+    if name == "sd-models":
+        title = f"{model} [{model_hash}]"
+        return [
+            {"title": title, "model_name": model, "hash": model_hash, "sha256": None, "filename": model, "config": None}
+        ]
+    if name == "loras":
+        return [{"name": lora, "alias": lora, "path": None, "metadata": {}} for lora in loras]
+    return {"loaded": {word: {} for word in words}, "skipped": {}}
+
+
 def png_parameters(image: Any) -> str:
     """The `parameters` text of a base64 PNG (A1111's infotext: the tEXt, or uncompressed UTF-8 iTXt, chunk the
     handler writes), or "" without one."""

@@ -191,6 +191,19 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_img2img(request: Request) -> JSONResponse:
         return await a1111_call(request, "img2img")
 
+    async def a1111_listing(request: Request) -> JSONResponse:
+        name = request.url.path.rsplit("/", 1)[-1]
+        try:
+            described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+            return JSONResponse(a1111.listing(name, described, settings.model))
+        except FrontError as error:
+            raise a1111.renamed(error) from None
+
+    for name in a1111.LISTINGS:
+        app.add_api_route(
+            f"/sdapi/v1/{name}", a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
+        )
+
     @app.get("/healthz", summary="Whether TorchServe answers its health check")
     async def healthz(request: Request) -> JSONResponse:
         healthy, status = await request.app.state.api.ping()

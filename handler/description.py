@@ -1,5 +1,5 @@
-"""What a worker serves, for TorchServe's management API: `GET /models/NAME?customized=true` answers it as the
-model's `customizedMetadata`.
+"""What a worker serves, for TorchServe's management API (`GET /models/NAME?customized=true` answers it as the
+model's `customizedMetadata`) and for clients of the inference API, which ask with the body `{"describe": true}`.
 
 Why: a client (or an operator, or the web page) cannot otherwise tell which checkpoint and VAE a server paints with,
 which LoRAs and textual-inversion embeddings its prompts may name, or what its defaults and limits are, short of
@@ -10,12 +10,32 @@ inference API, whose answers and 400s tell the same (PNG parameters, the LoRAs a
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from handler.request import RequestError, parse_body
 from handler.settings import HandlerSettings
-from ldm import lora
+from ldm import hires, lora
 from ldm.pipeline import SAMPLERS, Pipeline
+
+ASKING = {"describe": True}
+
+
+@dataclass(frozen=True)
+class DescribeRequest:
+    """An inference request for the description, answered beside the generations of its batch. Why on the inference
+    API too: the management API is the operator's, on loopback, and the web front (another Deployment on
+    Kubernetes) and A1111's clients need the names of the samplers, LoRAs and embeddings a request may use."""
+
+
+def asks_description(body: Any) -> bool:
+    """Whether a request body is `{"describe": true}` (a short one is read twice, a long one never)."""
+    if isinstance(body, (str, bytes, bytearray)) and len(body) > 64:
+        return False
+    try:
+        return parse_body(body) == ASKING
+    except RequestError:
+        return False
 
 
 def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
@@ -32,6 +52,8 @@ def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
         "low_memory": model.low_memory,
         "fast_path": list(pipeline.fast_shapes) or None,
         "samplers": list(SAMPLERS),
+        "sampler_names": SAMPLERS,
+        "upscalers": hires.UPSCALERS,
         "loras": lora.names_in(pipeline.loras.folder),
         "embeddings": sorted(embedding.name for embedding in pipeline.embeddings.vocabulary().embeddings),
         "defaults": asdict(settings.defaults),

@@ -20,7 +20,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.description import describe
+from handler.description import DescribeRequest, asks_description, describe
 from handler.request import NDJSON, ApiRequest, RequestError, check_chunks, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
@@ -43,7 +43,7 @@ HOST_MEMORY = "can't allocate memory"
 REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
 
 
-Outcome = RequestError | Answer
+Outcome = RequestError | Answer | DescribeRequest
 
 
 def _header(context: Any, idx: int, name: str) -> str | None:
@@ -101,13 +101,16 @@ class StableDiffusionHandler(BaseHandler):
                 "bf16's rounding of these float32 ones (docs/PERFORMANCE.md)"
             )
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[ApiRequest | RequestError]:
-        """Each request's body validated on its own."""
+    def preprocess(self, data: list[dict[str, Any]]) -> list[ApiRequest | RequestError | DescribeRequest]:
+        """Each request's body validated on its own (or read as a request for the description)."""
         assert self.pipeline is not None, "initialize() loads the model first"
         tokenizer = self.pipeline.model.text_encoder.tokenizer
         vocabulary = self.pipeline.embeddings.vocabulary()
-        parsed: list[ApiRequest | RequestError] = []
+        parsed: list[ApiRequest | RequestError | DescribeRequest] = []
         for idx, row in enumerate(data):
+            if asks_description(request_body(row)):
+                parsed.append(DescribeRequest())
+                continue
             try:
                 request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
                 check_chunks(request.generation, tokenizer, self.settings, vocabulary)
@@ -123,7 +126,9 @@ class StableDiffusionHandler(BaseHandler):
                 parsed.append(RequestError("body", "the server failed to read this request; its log says why", 500))
         return parsed
 
-    def inference(self, data: list[ApiRequest | RequestError], *args: Any, **kwargs: Any) -> list[Outcome]:
+    def inference(
+        self, data: list[ApiRequest | RequestError | DescribeRequest], *args: Any, **kwargs: Any
+    ) -> list[Outcome]:
         """Generate every valid request of the batch together; errors pass through in place.
 
         Once a stream has started its status is sent, so any failure after that must become a line, not a raise.
@@ -142,7 +147,7 @@ class StableDiffusionHandler(BaseHandler):
                 raise
             logger.exception("generation failed after %d requests started streaming", len(self.progress.started))
             return _fail_valid(data, RequestError("", "generation failed; the server log has the details", 500))
-        results = [item if isinstance(item, RequestError) else outcomes[idx] for idx, item in enumerate(data)]
+        results = [outcomes[idx] if isinstance(item, ApiRequest) else item for idx, item in enumerate(data)]
         generated = [r.generation for r in results if isinstance(r, Answer)]
         seconds = time.perf_counter() - started
         logger.info(
@@ -192,6 +197,10 @@ class StableDiffusionHandler(BaseHandler):
         files = iter(png_files(generations, self.pipeline.model))
         responses: list[bytes | str] = []
         for idx, outcome in enumerate(data):
+            if isinstance(outcome, DescribeRequest):
+                self.context.set_response_content_type(idx, "application/json")
+                responses.append(json.dumps(describe(self.pipeline, self.settings)))
+                continue
             if isinstance(outcome, RequestError):
                 self._count("FailedRequests", 1, reason=REASONS[outcome.status])
                 if idx in self.progress.started:
@@ -269,6 +278,6 @@ def _failure(error: Exception) -> RequestError:
     return RequestError("", f"out of {where} memory; retry, or ask for fewer or smaller images", 507)
 
 
-def _fail_valid(data: list[ApiRequest | RequestError], error: RequestError) -> list[Outcome]:
+def _fail_valid(data: list[ApiRequest | RequestError | DescribeRequest], error: RequestError) -> list[Outcome]:
     """The batch with every valid request replaced by `error` (a failure of the shared generation hits them all)."""
     return [error if isinstance(item, ApiRequest) else item for item in data]

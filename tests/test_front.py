@@ -104,6 +104,11 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     info = json.loads(drawn["info"])
     assert f", Seed: {info['seed']}, Size: 64x64" in info["infotexts"][0] and info["all_seeds"] == [info["seed"]]
 
+    samplers = http.get(f"{front}/sdapi/v1/samplers").json()
+    assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
+    [model] = http.get(f"{front}/sdapi/v1/sd-models").json()
+    assert model["title"] == f"{MODEL} [{info['sd_model_hash']}]" and len(model["hash"]) == 10
+
     refused = http.post(f"{front}/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "steps": 1000})
     assert refused.status_code == 400
     assert refused.json()["field"] == "steps"

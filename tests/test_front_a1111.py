@@ -190,6 +190,30 @@ def test_torchserve_down_or_answering_nonsense_is_a_5xx_with_detail() -> None:
     assert response.status_code == 502 and "without images" in response.json()["detail"]
 
 
+def test_a1111s_listings_come_from_the_workers_description(client: TestClient, fake: FakeInference) -> None:
+    def get(name: str) -> Any:
+        response = client.get(f"/sdapi/v1/{name}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert get("samplers") == [{"name": "DDIM", "aliases": ["ddim"], "options": {}},
+                               {"name": "Euler a", "aliases": ["euler_a"], "options": {}}]  # fmt: skip
+    assert [upscaler["name"] for upscaler in get("upscalers")] == ["None", "Lanczos"]
+    assert get("latent-upscale-modes") == [{"name": "Latent"}, {"name": "Latent (bicubic)"}]
+    [model] = get("sd-models")
+    assert (model["title"], model["model_name"], model["hash"]) == ("sd [8e79c1729f]", "sd", "8e79c1729f")
+    assert [lora["name"] for lora in get("loras")] == ["ink"]
+    assert get("embeddings") == {"loaded": {"tinyneg": {}}, "skipped": {}}
+    assert fake.sent() == [{"describe": True}] * 6
+
+
+def test_a_worker_that_describes_nothing_is_a_502() -> None:
+    silent = httpx.MockTransport(lambda request: httpx.Response(200, json={"images": []}))
+    with TestClient(create_app(FrontSettings(), silent)) as client:
+        response = client.get("/sdapi/v1/samplers")
+    assert response.status_code == 502 and "no description" in response.json()["detail"]
+
+
 def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:
     answer = client.post(TXT2IMG, json={"prompt": "a fox", "seed": 9, "send_images": False}).json()
     assert answer["images"] == [] and json.loads(answer["info"])["all_seeds"] == [9]

@@ -22,6 +22,13 @@ from ldm.pipeline import SAMPLERS
 from tests.servers import free_port
 
 REFUSAL = {"error": "H must be a multiple of 8, got 100", "field": "H"}
+# What the handler describes (handler/description.py), in part.
+DESCRIBED = {
+    "model_hash": "8e79c1729f", "samplers": ["ddim", "euler_a"],
+    "sampler_names": {"ddim": "DDIM", "euler_a": "Euler a"},
+    "upscalers": {"latent": "Latent", "latent_bicubic": "Latent (bicubic)", "lanczos": "Lanczos"},
+    "loras": ["ink"], "embeddings": ["tinyneg"],
+}  # fmt: skip
 
 
 @dataclass
@@ -41,6 +48,8 @@ class FakeInference:
                 404, json={"code": 404, "type": "ModelNotFoundException", "message": "Model not found"}
             )
         self.bodies.append(request.content)
+        if request.content == b'{"describe": true}':
+            return httpx.Response(200, json=DESCRIBED)
         try:
             body = json.loads(request.content)
             count = body.get("n_samples", self.default_samples) * body.get("n_iter", 1)

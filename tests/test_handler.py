@@ -332,6 +332,17 @@ def test_describe_says_what_the_worker_serves_and_lists_files_added_since(tiny_s
     assert [json.loads(r)["seeds"] for r in responses] == [[5], [6]] and context.status == {}
 
 
+def test_the_inference_api_describes_beside_a_batchs_generations(handler: StableDiffusionHandler) -> None:
+    """`{"describe": true}` alone is the description, answered in place in its batch; any other body with the
+    field is a request like any other, refused for the unknown field."""
+    responses, context = call(handler, [VALID, {"describe": True}, {"describe": True, "prompt": "a"}])
+    assert json.loads(responses[0])["seeds"] == [5]
+    described = json.loads(responses[1])
+    assert described["sampler_names"]["euler_a"] == "Euler a" and described["upscalers"]["latent"] == "Latent"
+    assert described["samplers"] == list(SAMPLERS) and "limits" in described
+    assert context.status == {2: 400} and json.loads(responses[2])["field"] == "describe"
+
+
 def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:
     """`<lora:name:w>` finds name.safetensors in the model folder's `loras/`, and a word naming a file of its
     `embeddings/` stands for that embedding (handler.lora_dir's and embeddings_dir's defaults): the image is the
