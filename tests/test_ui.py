@@ -21,6 +21,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Route, ex
 
 from scripts.server import ROOT
 from tests.reference import load_image
+from tests.servers import TINY_EMBEDDING, TINY_LORA
 
 pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
@@ -411,6 +412,27 @@ def test_a_seed_resize_is_sent_and_one_side_alone_is_shown_as_the_servers_error(
     page.fill("#seed_resize_from_w", "")
     page.fill("#seed_resize_from_h", "0")
     assert not {"seed_resize_from_w", "seed_resize_from_h"} & set(generate(page, shown=2))
+
+
+def test_the_servers_loras_and_embeddings_are_offered_and_added_to_the_prompts(page: Page) -> None:
+    """The pickers list what the worker describes; a LoRA goes into the prompt as its tag, an embedding's word into
+    the prompt typed in last; the request then sends them."""
+    for field in ("#lora_field", "#embedding_field"):  # each shown once its list has come
+        expect(page.locator(field)).to_be_visible(timeout=GENERATION)
+    assert page.eval_on_selector_all("#lora_pick option", "options => options.map(o => o.value)") == ["", TINY_LORA]
+    assert page.eval_on_selector_all("#embedding_pick option", "options => options.map(o => o.value)") == [
+        "",
+        TINY_EMBEDDING,
+    ]
+    page.fill("#prompt", "a lighthouse")
+    page.select_option("#lora_pick", TINY_LORA)
+    assert page.input_value("#prompt") == f"a lighthouse, <lora:{TINY_LORA}:1>"
+    assert page.input_value("#lora_pick") == ""
+    page.click("#negative_prompt")
+    page.select_option("#embedding_pick", TINY_EMBEDDING)
+    assert page.input_value("#negative_prompt") == TINY_EMBEDDING
+    body = generate(page, shown=1)
+    assert (body["prompt"], body["negative_prompt"]) == (f"a lighthouse, <lora:{TINY_LORA}:1>", TINY_EMBEDDING)
 
 
 def test_an_error_message_is_shown_as_text(page: Page) -> None:
