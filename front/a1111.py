@@ -275,7 +275,7 @@ def listing(name: str, described: Any, model: str) -> Any:
     A1111's names, the one model (named as TorchServe serves it), and the LoRAs and embeddings a prompt may name."""
     try:
         samplers, upscalers = described["sampler_names"].items(), described["upscalers"].items()
-        model_hash, loras, words = described["model_hash"], described["loras"], described["embeddings"]
+        model_hash, loras, shapes = described["model_hash"], described["loras"], described["embedding_shapes"].items()
     except (KeyError, TypeError, AttributeError):
         raise A1111Error(502, "TorchServe's worker answered no description of what it serves") from None
     if name == "samplers":
@@ -294,7 +294,11 @@ def listing(name: str, described: Any, model: str) -> Any:
         ]
     if name == "loras":
         return [{"name": lora, "alias": lora, "path": None, "metadata": {}} for lora in loras]
-    return {"loaded": {word: {} for word in words}, "skipped": {}}
+    loaded = {
+        word: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": count}
+        for word, (count, width) in shapes
+    }
+    return {"loaded": loaded, "skipped": {}}
 
 
 def png_parameters(image: Any) -> str:

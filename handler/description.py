@@ -5,7 +5,8 @@ Why: a client (or an operator, or the web page) cannot otherwise tell which chec
 which LoRAs and textual-inversion embeddings its prompts may name, or what its defaults and limits are, short of
 sending requests and reading the 400s. Everything here is read when asked: LoRA and embedding files added while the
 server runs are listed on the next call, as requests find them. Nothing here is secret from a client of the
-inference API, whose answers and 400s tell the same (PNG parameters, the LoRAs a folder holds, the limits).
+inference API: its answers and 400s tell the model, the names and the limits (PNG parameters, a LoRA that is not in
+the folder), and where and how the worker runs (device, precision, fast path) is the speed any client measures.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ class DescribeRequest:
 
 
 def asks_description(body: Any) -> bool:
-    """Whether a request body is `{"describe": true}` (a short one is read twice, a long one never)."""
+    """Whether a request body is `{"describe": true}`, `true` itself (a short one is read twice, a long one never)."""
     if isinstance(body, (str, bytes, bytearray)) and len(body) > 64:
         return False
     try:
-        return parse_body(body) == ASKING
+        parsed = parse_body(body)
     except RequestError:
         return False
+    return parsed.keys() == ASKING.keys() and parsed["describe"] is True
 
 
 def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
@@ -43,6 +45,7 @@ def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
     `fast_path` left out when there is none (as TorchServe would drop them if null)."""
     model = pipeline.model
     vae = model.vae_file
+    embeddings = pipeline.embeddings.vocabulary().embeddings
     described = {
         "model_hash": model.model_hash,
         "vae": None if vae is None else {"name": vae.name, "hash": vae.short_hash},
@@ -55,7 +58,8 @@ def describe(pipeline: Pipeline, settings: HandlerSettings) -> dict[str, Any]:
         "sampler_names": SAMPLERS,
         "upscalers": hires.UPSCALERS,
         "loras": lora.names_in(pipeline.loras.folder),
-        "embeddings": sorted(embedding.name for embedding in pipeline.embeddings.vocabulary().embeddings),
+        "embeddings": sorted(embedding.name for embedding in embeddings),
+        "embedding_shapes": {embedding.name: list(embedding.vectors.shape) for embedding in embeddings},
         "defaults": asdict(settings.defaults),
         "limits": asdict(settings.limits),
     }

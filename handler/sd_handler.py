@@ -108,11 +108,12 @@ class StableDiffusionHandler(BaseHandler):
         vocabulary = self.pipeline.embeddings.vocabulary()
         parsed: list[ApiRequest | RequestError | DescribeRequest] = []
         for idx, row in enumerate(data):
-            if asks_description(request_body(row)):
-                parsed.append(DescribeRequest())
-                continue
             try:
-                request = parse_request(request_body(row), self.settings, _header(self.context, idx, "accept"))
+                body = request_body(row)
+                if asks_description(body):
+                    parsed.append(DescribeRequest())
+                    continue
+                request = parse_request(body, self.settings, _header(self.context, idx, "accept"))
                 check_chunks(request.generation, tokenizer, self.settings, vocabulary)
                 self.pipeline.check(request.generation)  # clip_skip and LoRA files: a 400 now, not in the batch
                 parsed.append(request)

@@ -203,7 +203,11 @@ def test_a1111s_listings_come_from_the_workers_description(client: TestClient, f
     [model] = get("sd-models")
     assert (model["title"], model["model_name"], model["hash"]) == ("sd [8e79c1729f]", "sd", "8e79c1729f")
     assert [lora["name"] for lora in get("loras")] == ["ink"]
-    assert get("embeddings") == {"loaded": {"tinyneg": {}}, "skipped": {}}
+    assert get("embeddings") == {
+        "loaded": {"tinyneg": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
+                               "vectors": 2}},
+        "skipped": {},
+    }  # fmt: skip
     assert fake.sent() == [{"describe": True}] * 6
 
 

@@ -27,7 +27,7 @@ DESCRIBED = {
     "model_hash": "8e79c1729f", "samplers": ["ddim", "euler_a"],
     "sampler_names": {"ddim": "DDIM", "euler_a": "Euler a"},
     "upscalers": {"latent": "Latent", "latent_bicubic": "Latent (bicubic)", "lanczos": "Lanczos"},
-    "loras": ["ink"], "embeddings": ["tinyneg"],
+    "loras": ["ink"], "embeddings": ["tinyneg"], "embedding_shapes": {"tinyneg": [2, 768]},
 }  # fmt: skip
 
 

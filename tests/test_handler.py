@@ -335,12 +335,19 @@ def test_describe_says_what_the_worker_serves_and_lists_files_added_since(tiny_s
 def test_the_inference_api_describes_beside_a_batchs_generations(handler: StableDiffusionHandler) -> None:
     """`{"describe": true}` alone is the description, answered in place in its batch; any other body with the
     field is a request like any other, refused for the unknown field."""
-    responses, context = call(handler, [VALID, {"describe": True}, {"describe": True, "prompt": "a"}])
+    bodies = [VALID, {"describe": True}, {"describe": True, "prompt": "a"}, {"describe": 1}, {"describe": False}]
+    responses, context = call(handler, bodies)
     assert json.loads(responses[0])["seeds"] == [5]
     described = json.loads(responses[1])
     assert described["sampler_names"]["euler_a"] == "Euler a" and described["upscalers"]["latent"] == "Latent"
     assert described["samplers"] == list(SAMPLERS) and "limits" in described
-    assert context.status == {2: 400} and json.loads(responses[2])["field"] == "describe"
+    assert context.status == {2: 400, 3: 400, 4: 400}
+    assert [json.loads(r)["field"] for r in responses[2:]] == ["describe"] * 3
+    # A form beside it is its own 415, as without it; describe rows alone are answered alone.
+    form = FakeContext(Path(handler.context.system_properties["model_dir"]))
+    responses = handler.handle([{"body": json.dumps({"describe": True}).encode()}, {"prompt": b"a form field"}], form)
+    assert json.loads(responses[0])["samplers"] == list(SAMPLERS) and json.loads(responses[1])["field"] == "body"
+    assert form.status == {1: 415}
 
 
 def test_a_prompt_reads_the_loras_and_embeddings_of_the_model_folder(tiny_split: Path, tmp_path: Path) -> None:

@@ -415,24 +415,24 @@ def test_a_seed_resize_is_sent_and_one_side_alone_is_shown_as_the_servers_error(
 
 
 def test_the_servers_loras_and_embeddings_are_offered_and_added_to_the_prompts(page: Page) -> None:
-    """The pickers list what the worker describes; a LoRA goes into the prompt as its tag, an embedding's word into
-    the prompt typed in last; the request then sends them."""
+    """The pickers list what the worker describes; a LoRA goes at the end of the prompt as its tag (after a comma,
+    not a second one), an embedding's word at the end of the prompt typed in last; the request then sends them."""
     for field in ("#lora_field", "#embedding_field"):  # each shown once its list has come
         expect(page.locator(field)).to_be_visible(timeout=GENERATION)
-    assert page.eval_on_selector_all("#lora_pick option", "options => options.map(o => o.value)") == ["", TINY_LORA]
-    assert page.eval_on_selector_all("#embedding_pick option", "options => options.map(o => o.value)") == [
-        "",
-        TINY_EMBEDDING,
-    ]
-    page.fill("#prompt", "a lighthouse")
-    page.select_option("#lora_pick", TINY_LORA)
+    assert page.eval_on_selector_all("#lora_pick option", "options => options.map(o => o.value)") == [TINY_LORA]
+    options = page.eval_on_selector_all("#embedding_pick option", "options => options.map(o => o.value)")
+    assert options == [TINY_EMBEDDING]
+    page.fill("#prompt", "a lighthouse, ")
+    page.click("#lora_add")
     assert page.input_value("#prompt") == f"a lighthouse, <lora:{TINY_LORA}:1>"
-    assert page.input_value("#lora_pick") == ""
-    page.click("#negative_prompt")
-    page.select_option("#embedding_pick", TINY_EMBEDDING)
-    assert page.input_value("#negative_prompt") == TINY_EMBEDDING
+    page.click("#embedding_add")  # nothing typed in the negative prompt yet: the prompt
+    assert page.input_value("#prompt") == f"a lighthouse, <lora:{TINY_LORA}:1>, {TINY_EMBEDDING}"
+    page.fill("#negative_prompt", "blurry")
+    page.click("#embedding_add")
+    assert page.input_value("#negative_prompt") == f"blurry, {TINY_EMBEDDING}"
     body = generate(page, shown=1)
-    assert (body["prompt"], body["negative_prompt"]) == (f"a lighthouse, <lora:{TINY_LORA}:1>", TINY_EMBEDDING)
+    assert body["prompt"] == f"a lighthouse, <lora:{TINY_LORA}:1>, {TINY_EMBEDDING}"
+    assert body["negative_prompt"] == f"blurry, {TINY_EMBEDDING}"
 
 
 def test_an_error_message_is_shown_as_text(page: Page) -> None:

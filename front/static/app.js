@@ -456,49 +456,39 @@ for (const id of ["strength", "hr_strength", "subseed_strength"]) {
   });
 }
 
-// The LoRAs and embeddings the server holds (as A1111's API lists them), offered to add to a prompt; hidden when
-// it holds none, or cannot say.
+// The LoRAs and embeddings the server holds (as A1111's API lists them), offered to add to a prompt; each picker is
+// hidden when the server holds none, or cannot say.
 let lastPrompt = $("prompt"); // where an embedding goes: the prompt field typed in last
-for (const id of ["prompt", "negative_prompt"]) $(id).addEventListener("focus", () => (lastPrompt = $(id)));
+for (const id of ["prompt", "negative_prompt"]) $(id).addEventListener("input", () => (lastPrompt = $(id)));
 
+// `text` at the end of a prompt field, after a comma unless the field is empty or already ends in one.
 function addText(field, text) {
-  const current = field.value.trimEnd();
+  const current = field.value.replace(/[\s,]*$/, "");
   field.value = current === "" ? text : `${current}, ${text}`;
   field.focus();
 }
 
-async function listExtras() {
-  const lists = [
-    ["/sdapi/v1/loras", "lora", (body) => body.map((lora) => lora.name)],
-    ["/sdapi/v1/embeddings", "embedding", (body) => Object.keys(body.loaded)],
-  ];
-  for (const [url, kind, names] of lists) {
-    try {
-      const response = await fetch(url);
-      if (!response.ok) continue;
-      for (const name of names(await response.json())) {
-        const option = document.createElement("option");
-        option.value = option.textContent = name;
-        $(`${kind}_pick`).append(option);
-      }
-    } catch {
-      continue;
+async function listExtra(url, kind, names) {
+  try {
+    const response = await fetch(url);
+    if (!response.ok) return;
+    for (const name of names(await response.json())) {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      $(`${kind}_pick`).append(option);
     }
-    if ($(`${kind}_pick`).options.length > 1) {
-      $(`${kind}_field`).hidden = false;
-      $("extras").hidden = false;
-    }
+  } catch {
+    return;
+  }
+  if ($(`${kind}_pick`).options.length > 0) {
+    $(`${kind}_field`).hidden = false;
+    $("extras").hidden = false;
   }
 }
-$("lora_pick").addEventListener("change", () => {
-  if ($("lora_pick").value) addText($("prompt"), `<lora:${$("lora_pick").value}:1>`);
-  $("lora_pick").value = "";
-});
-$("embedding_pick").addEventListener("change", () => {
-  if ($("embedding_pick").value) addText(lastPrompt, $("embedding_pick").value);
-  $("embedding_pick").value = "";
-});
-listExtras();
+listExtra("/sdapi/v1/loras", "lora", (body) => body.map((lora) => lora.name));
+listExtra("/sdapi/v1/embeddings", "embedding", (body) => Object.keys(body.loaded));
+$("lora_add").addEventListener("click", () => addText($("prompt"), `<lora:${$("lora_pick").value}:1>`));
+$("embedding_add").addEventListener("click", () => addText(lastPrompt, $("embedding_pick").value));
 
 const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
