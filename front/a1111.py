@@ -266,18 +266,23 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: Any) -> dict[str,
 
 
 # A1111's listings the front answers from the handler's description (handler/description.py).
-LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "loras", "embeddings")
+LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "loras", "embeddings", "options")
 DESCRIBE = b'{"describe": true}'
 
 
 def listing(name: str, described: Any, model: str) -> Any:
     """A1111's answer to `GET /sdapi/v1/<name>` from what the worker describes: the samplers and upscalers by
-    A1111's names, the one model (named as TorchServe serves it), and the LoRAs and embeddings a prompt may name."""
+    A1111's names, the one model (named as TorchServe serves it), the LoRAs and embeddings a prompt may name, and
+    the options its clients read (the model, the VAE, clip skip, η, where the noise is drawn)."""
     try:
         samplers, upscalers = described["sampler_names"].items(), described["upscalers"].items()
         model_hash, loras, shapes = described["model_hash"], described["loras"], described["embedding_shapes"].items()
+        clip_skip, vae = described["defaults"]["clip_skip"], described.get("vae", {"name": "None"})["name"]
     except (KeyError, TypeError, AttributeError):
         raise A1111Error(502, "TorchServe's worker answered no description of what it serves") from None
+    if name == "options":
+        return {"sd_model_checkpoint": model_title(model, model_hash), "sd_vae": vae, CLIP_SKIP: clip_skip,
+                "eta_ddim": 0.0, "eta_ancestral": 1.0, "randn_source": "CPU"}  # fmt: skip
     if name == "samplers":
         return [{"name": title, "aliases": [ours], "options": {}} for ours, title in samplers]
     if name == "upscalers":
@@ -288,7 +293,7 @@ def listing(name: str, described: Any, model: str) -> Any:
     if name == "latent-upscale-modes":
         return [{"name": title} for ours, title in upscalers if ours.startswith("latent")]
     if name == "sd-models":
-        title = f"{model} [{model_hash}]"
+        title = model_title(model, model_hash)
         return [
             {"title": title, "model_name": model, "hash": model_hash, "sha256": None, "filename": model, "config": None}
         ]
@@ -299,6 +304,29 @@ def listing(name: str, described: Any, model: str) -> Any:
         for word, (count, width) in shapes
     }
     return {"loaded": loaded, "skipped": {}}
+
+
+def model_title(model: str, model_hash: str) -> str:
+    """The served model as A1111 titles a checkpoint: its name, then its short hash in brackets."""
+    return f"{model} [{model_hash}]"
+
+
+def check_options(body: Any, described: dict[str, Any], model: str) -> None:
+    """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint: one model is served, so
+    naming it (by title, name or hash) changes nothing, and settings about saving files mean nothing here; any other
+    setting is refused, naming it."""
+    if not isinstance(body, dict):
+        raise _refuse("body", "send the options as a JSON object")
+    title = model_title(model, described.get("model_hash", ""))
+    for name, value in body.items():
+        if name == "sd_model_checkpoint" and value in (title, model, described.get("model_hash")):
+            continue
+        if name == "sd_model_checkpoint":
+            raise _refuse(name, f"only {title} is served here, got {json.dumps(value)[:40]}")
+        if name == CLIP_SKIP:
+            raise _refuse(name, "is each request's here: send it in the request's override_settings")
+        if not SAVING.match(name):
+            raise _refuse(name, "is not available here")
 
 
 def png_parameters(image: Any) -> str:

@@ -204,6 +204,16 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             f"/sdapi/v1/{name}", a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
 
+    @app.post("/sdapi/v1/options", summary="A1111's options: naming the served model is all that may be set")
+    async def a1111_options(request: Request) -> JSONResponse:
+        try:
+            body = a1111.read(await _body(request, settings.max_body_bytes))
+            described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+            a1111.check_options(body, described, settings.model)
+            return JSONResponse(None)
+        except FrontError as error:
+            raise a1111.renamed(error) from None
+
     @app.get("/healthz", summary="Whether TorchServe answers its health check")
     async def healthz(request: Request) -> JSONResponse:
         healthy, status = await request.app.state.api.ping()

@@ -108,6 +108,10 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
     [model] = http.get(f"{front}/sdapi/v1/sd-models").json()
     assert model["title"] == f"{MODEL} [{info['sd_model_hash']}]" and len(model["hash"]) == 10
+    options = http.get(f"{front}/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == model["title"]
+    picked = http.post(f"{front}/sdapi/v1/options", json={"sd_model_checkpoint": model["title"]})
+    assert picked.status_code == 200 and picked.json() is None
 
     refused = http.post(f"{front}/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "steps": 1000})
     assert refused.status_code == 400

@@ -208,7 +208,31 @@ def test_a1111s_listings_come_from_the_workers_description(client: TestClient, f
                                "vectors": 2}},
         "skipped": {},
     }  # fmt: skip
-    assert fake.sent() == [{"describe": True}] * 6
+    assert get("options") == {"sd_model_checkpoint": "sd [8e79c1729f]", "sd_vae": "None",
+                              "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+                              "randn_source": "CPU"}  # fmt: skip
+    assert fake.sent() == [{"describe": True}] * 7
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"sd_model_checkpoint": "sd [8e79c1729f]"}, None),
+        ({"sd_model_checkpoint": "sd", "samples_save": False, "save_to_dirs": True}, None),
+        ({"sd_model_checkpoint": "8e79c1729f"}, None),
+        ({"sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors [6ce0161689]"}, "sd_model_checkpoint"),
+        ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers"),
+        ({"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"}, "sd_vae"),
+        (["sd"], "body"),
+    ],
+)
+def test_setting_options_names_the_served_model_or_is_refused(client: TestClient, options: Any, field: Any) -> None:
+    """What A1111's clients send to pick a checkpoint: the one served, by title, name or hash, changes nothing."""
+    response = client.post("/sdapi/v1/options", json=options)
+    if field is None:
+        assert response.status_code == 200 and response.json() is None
+    else:
+        assert response.status_code == 400 and response.json()["field"] == field
 
 
 def test_a_worker_that_describes_nothing_is_a_502() -> None:

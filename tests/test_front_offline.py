@@ -28,6 +28,7 @@ DESCRIBED = {
     "sampler_names": {"ddim": "DDIM", "euler_a": "Euler a"},
     "upscalers": {"latent": "Latent", "latent_bicubic": "Latent (bicubic)", "lanczos": "Lanczos"},
     "loras": ["ink"], "embeddings": ["tinyneg"], "embedding_shapes": {"tinyneg": [2, 768]},
+    "defaults": {"clip_skip": 1},
 }  # fmt: skip
 
 
