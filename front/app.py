@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from front import a1111, schema
+from front import a1111, a1111_progress, schema
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_request, seed_headers
 from front.settings import FrontSettings
@@ -116,6 +116,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         lifespan=lifespan,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    jobs = a1111_progress.Jobs()
 
     @app.exception_handler(FrontError)
     async def front_error(request: Request, error: FrontError) -> JSONResponse:
@@ -177,7 +178,8 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         try:
             body = a1111.read(await _body(request, settings.max_body_bytes))
             ours = a1111.translate(body, mode)
-            result = await request.app.state.api.answer_json(a1111.encoded(ours))
+            async with jobs.running(ours) as job:
+                result = await a1111_progress.followed(request.app.state.api, a1111.encoded(ours), job)
             return JSONResponse(a1111.answer(body, ours, result))
         except FrontError as error:
             raise a1111.renamed(error) from None
@@ -203,6 +205,10 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         app.add_api_route(
             f"/sdapi/v1/{name}", a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
+
+    @app.get("/sdapi/v1/progress", summary="How far the A1111 requests in flight have come (A1111's API)")
+    async def a1111_progress_answer(skip_current_image: bool = False) -> JSONResponse:
+        return JSONResponse(jobs.progress(with_image=not skip_current_image))
 
     @app.post("/sdapi/v1/options", summary="A1111's options: naming the served model is all that may be set")
     async def a1111_options(request: Request) -> JSONResponse:

@@ -205,7 +205,8 @@ class StableDiffusionHandler(BaseHandler):
             if isinstance(outcome, RequestError):
                 self._count("FailedRequests", 1, reason=REASONS[outcome.status])
                 if idx in self.progress.started:
-                    responses.append(ndjson_line(outcome.body()))
+                    # The stream's 200 is out: the line carries the status the answer would have had.
+                    responses.append(ndjson_line({**outcome.body(), "status": outcome.status}))
                     continue
                 self.context.set_response_status(outcome.status, REASONS[outcome.status], idx)
                 self.context.set_response_content_type(idx, "application/json")

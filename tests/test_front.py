@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -117,6 +118,30 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     assert refused.status_code == 400
     assert refused.json()["field"] == "steps"
     assert refused.json()["detail"] == "steps must be between 1 and 150, got 1000"
+
+
+def test_a1111s_progress_follows_a_request_in_flight(http: httpx.Client, front: str) -> None:
+    """Polled while an A1111 txt2img runs: a fraction between 0 and 1 that only grows, with the step count and a
+    preview; then nothing in flight."""
+    done: list[httpx.Response] = []
+    body = {"prompt": "a lighthouse", "seed": 2, "steps": 40, "width": 64, "height": 64, "batch_size": 2}
+    url = f"{front}/sdapi/v1/txt2img"
+    worker = threading.Thread(target=lambda: done.append(httpx.post(url, json=body, timeout=TIMEOUT)))
+    worker.start()
+    seen: list[dict[str, Any]] = []
+    while worker.is_alive():
+        progress = http.get(f"{front}/sdapi/v1/progress").json()
+        if progress["state"]["job_count"]:
+            seen.append(progress)
+        time.sleep(0.01)
+    worker.join()
+    assert done[0].status_code == 200, done[0].text
+    fractions = [progress["progress"] for progress in seen]
+    assert any(0 < fraction < 1 for fraction in fractions) and fractions == sorted(fractions), fractions
+    assert any(progress["state"]["sampling_steps"] == 40 for progress in seen)
+    assert any(progress["current_image"] for progress in seen)  # the stream's previews, every few steps
+    idle = http.get(f"{front}/sdapi/v1/progress").json()
+    assert (idle["progress"], idle["state"]["job_count"], idle["current_image"]) == (0, 0, None)
 
 
 def test_variation_seeds_split_over_iterations_are_one_requests_images(

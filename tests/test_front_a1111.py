@@ -4,6 +4,7 @@ its images: tests/test_front.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from front.a1111 import png_parameters
+from front.a1111_progress import Job, Jobs
 from front.app import create_app
 from front.settings import FrontSettings
 from ldm.png_info import encode_with_parameters
@@ -240,6 +242,54 @@ def test_a_worker_that_describes_nothing_is_a_502() -> None:
     with TestClient(create_app(FrontSettings(), silent)) as client:
         response = client.get("/sdapi/v1/samplers")
     assert response.status_code == 502 and "no description" in response.json()["detail"]
+
+
+def test_a_failure_after_the_stream_began_keeps_its_status(client: TestClient) -> None:
+    response = client.post(TXT2IMG, json={"prompt": "fail", "seed": 1})
+    assert response.status_code == 507
+    assert response.json() == {"error": "out of GPU memory", "field": "", "detail": "out of GPU memory"}
+
+
+def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
+    """Images done plus the UNet batch's share of steps, never going back; a hires fix's second pass weighs by its
+    cost (here 2 steps at twice the size: 8 first-pass steps' worth against 2)."""
+    jobs = Jobs()
+    idle = jobs.progress(with_image=True)
+    assert (idle["progress"], idle["eta_relative"], idle["state"]["job_count"], idle["current_image"]) == (
+        0,
+        0,
+        0,
+        None,
+    )
+    job = Job({"n_samples": 2, "ddim_steps": 4})
+    job.advance({"step": 1, "total": 4, "image_index": 0, "image_count": 2})
+    assert job.fraction == 0.25
+    job.advance({"step": 2, "total": 4, "image_index": 1, "image_count": 1, "preview": "anBn"})
+    assert (job.fraction, job.step, job.steps, job.preview) == (0.75, 2, 4, "anBn")
+    job.advance({"step": 1, "total": 4, "image_index": 0, "image_count": 1})  # a batch behind: no going back
+    assert job.fraction == 0.75
+    hires = Job({"n_samples": 1, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2})
+    hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+    assert hires.fraction == 0.2
+    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "hires": True})
+    assert hires.fraction == pytest.approx(0.2 + 0.8 * 0.5)
+
+
+async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], dict[str, Any]]:
+    async with jobs.running({"n_samples": 1, "ddim_steps": 4}) as first:
+        first.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 1, "preview": "anBn"})
+        async with jobs.running({"n_samples": 1, "ddim_steps": 4}):
+            both = jobs.progress(with_image=True)
+        return both, jobs.progress(with_image=False)
+
+
+def test_progress_reports_the_oldest_job_and_how_many_run() -> None:
+    jobs = Jobs()
+    both, alone = asyncio.run(_two_jobs(jobs))
+    assert (both["progress"], both["state"]["job_count"], both["state"]["sampling_step"]) == (0.5, 2, 2)
+    assert both["current_image"] == "anBn" and both["eta_relative"] >= 0
+    assert (alone["state"]["job_count"], alone["current_image"]) == (1, None)
+    assert jobs.progress(with_image=True)["state"]["job_count"] == 0
 
 
 def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:

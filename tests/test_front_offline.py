@@ -67,7 +67,7 @@ class FakeInference:
         if request.headers["Accept"] != "application/x-ndjson":
             return httpx.Response(200, json=answer, headers={"X-Seed": str(seeds[0])})
         steps = [{"step": k, "total": 2, "image_index": 0} for k in (1, 2)]
-        last = {"error": "out of GPU memory", "field": ""} if body["prompt"] == "fail" else answer
+        last = {"error": "out of GPU memory", "field": "", "status": 507} if body["prompt"] == "fail" else answer
         lines = [json.dumps(line) for line in [*steps[: 1 if body["prompt"] == "fail" else 2], last]]
         return httpx.Response(200, content="\n".join(lines) + "\n", headers={"Content-Type": "application/x-ndjson"})
 
@@ -239,7 +239,7 @@ def test_stream_numbers_steps_across_iterations_and_gathers_the_images(client: T
 def test_an_error_line_ends_the_stream(client: TestClient, fake: FakeInference) -> None:
     response = client.post("/imagine/stream", json={"prompt": "fail", "n_iter": 3, "seed": 1})
     assert stream_lines(response) == [{"step": 1, "total": 2, "image_index": 0, "iteration": 0, "n_iter": 3},
-                                      {"error": "out of GPU memory", "field": ""}]  # fmt: skip
+                                      {"error": "out of GPU memory", "field": "", "status": 507}]  # fmt: skip
     assert len(fake.bodies) == 1
 
 

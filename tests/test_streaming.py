@@ -200,11 +200,11 @@ def test_failure_after_the_stream_started_ends_it_with_an_error_line(
     assert [line["step"] for line in steps_of(sent, 0)] == steps
     assert responses[0].endswith("\n")
     line = json.loads(responses[0])
-    assert line["field"] == "" and line["error"].startswith(message)
+    assert line["field"] == "" and line["error"].startswith(message) and line["status"] == status
     assert context.response_headers[0]["content-type"] == NDJSON
-    # The plain neighbour gets an ordinary error response with its status.
+    # The plain neighbour gets an ordinary error response with that status.
     assert context.status == {1: status}
-    assert json.loads(responses[1]) == line
+    assert {**json.loads(responses[1]), "status": status} == line
 
 
 def test_failure_before_anything_was_streamed_is_an_ordinary_response(handler, sent, monkeypatch) -> None:
