@@ -312,14 +312,18 @@ def model_title(model: str, model_hash: str) -> str:
 
 
 def check_options(body: Any, described: dict[str, Any], model: str) -> None:
-    """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint: one model is served, so
-    naming it (by title, name or hash) changes nothing, and settings about saving files mean nothing here; any other
-    setting is refused, naming it."""
+    """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint (often all the options they
+    read, one changed): one model is served, so naming it (by title, name or hash) changes nothing, nor does an
+    option at the value GET gives, and settings about saving files mean nothing here; any other setting is refused,
+    naming it."""
     if not isinstance(body, dict):
         raise _refuse("body", "send the options as a JSON object")
     title = model_title(model, described.get("model_hash", ""))
+    current = listing("options", described, model)
     for name, value in body.items():
         if name == "sd_model_checkpoint" and value in (title, model, described.get("model_hash")):
+            continue
+        if name in current and value == current[name]:
             continue
         if name == "sd_model_checkpoint":
             raise _refuse(name, f"only {title} is served here, got {json.dumps(value)[:40]}")

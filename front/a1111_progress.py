@@ -19,17 +19,22 @@ from typing import Any
 from front.errors import FrontError
 from front.upstream import NDJSON, InferenceApi
 
+# A running job's least progress, as A1111 floors it: its ETA is then large at the start, not 0.
+LEAST = 0.01
+
 
 @dataclass
 class Job:
-    """One A1111 request in flight: `ours` is what TorchServe was sent."""
+    """One A1111 request in flight: `ours` is what TorchServe was sent for `mode` (txt2img or img2img)."""
 
     ours: dict[str, Any]
+    mode: str = "txt2img"
     started: float = field(default_factory=time.monotonic)
     stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     fraction: float = 0.0
     step: int = 0
     steps: int = 0
+    iteration: int = 0
     preview: str | None = None
 
     def advance(self, line: dict[str, Any]) -> None:
@@ -38,13 +43,14 @@ class Job:
         images = self.ours.get("n_samples", 1) * self.ours.get("n_iter", 1)
         step, total = line["step"], line.get("total") or 1
         done = (line.get("image_index", 0) + line.get("image_count", 1) * step / total) / images
-        if "hr_scale" in self.ours:
+        if self.ours.get("hr_scale", 1) > 1:  # a scale of 1 runs no second pass
             steps = self.ours["ddim_steps"]
             second = (self.ours.get("hr_steps") or steps) * self.ours["hr_scale"] ** 2
             first = steps / (steps + second)
             done = first + (1 - first) * done if line.get("hires") else first * done
         self.fraction = max(self.fraction, min(done, 1.0))
         self.step, self.steps = step, total
+        self.iteration = line.get("image_index", 0) // self.ours.get("n_samples", 1)
         self.preview = line.get("preview", self.preview)
 
 
@@ -56,8 +62,9 @@ class Jobs:
         self._ids = itertools.count()
 
     @asynccontextmanager
-    async def running(self, ours: dict[str, Any]) -> AsyncIterator[Job]:
-        key, job = next(self._ids), Job(ours)
+    async def running(self, ours: dict[str, Any], mode: str) -> AsyncIterator[Job]:
+        """A job listed for as long as the block runs, however it ends."""
+        key, job = next(self._ids), Job(ours, mode)
         self._jobs[key] = job
         try:
             yield job
@@ -65,26 +72,35 @@ class Jobs:
             del self._jobs[key]
 
     def progress(self, with_image: bool) -> dict[str, Any]:
-        """A1111's progress answer for the oldest job (zeros when none runs); its preview a base64 JPEG."""
+        """A1111's progress answer for the oldest job (zeros when none runs): its batches (`n_iter`) as A1111's job
+        count and the one running as its job number; its preview a base64 JPEG."""
         job = next(iter(self._jobs.values()), None)
-        fraction = 0.0 if job is None else job.fraction
-        elapsed = 0.0 if job is None else time.monotonic() - job.started
+        if job is None:
+            state = {"job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                     "sampling_steps": 0}  # fmt: skip
+            return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False, **state},
+                    "current_image": None, "textinfo": None}  # fmt: skip
+        fraction = max(job.fraction, LEAST)
+        elapsed = time.monotonic() - job.started
+        state = {"job": f"scripts_{job.mode}", "job_count": job.ours.get("n_iter", 1), "job_timestamp": job.stamp,
+                 "job_no": job.iteration, "sampling_step": job.step, "sampling_steps": job.steps}  # fmt: skip
         return {
             "progress": fraction,
-            "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
-            "state": {
-                "skipped": False,
-                "interrupted": False,
-                "job": "" if job is None else "scripts_api",
-                "job_count": len(self._jobs),
-                "job_timestamp": "0" if job is None else job.stamp,
-                "job_no": 0,
-                "sampling_step": 0 if job is None else job.step,
-                "sampling_steps": 0 if job is None else job.steps,
-            },
-            "current_image": job.preview if job is not None and with_image else None,
+            "eta_relative": elapsed / fraction - elapsed,
+            "state": {"skipped": False, "interrupted": False, **state},
+            "current_image": job.preview if with_image else None,
             "textinfo": None,
         }
+
+
+def _failure(line: dict[str, Any]) -> FrontError:
+    """A stream's error line as the error its answer would have been: the handler's (its status, message and
+    field), or TorchServe's own (`message`), a 502 when its status is none a failure has."""
+    status = line.get("status")
+    status = status if isinstance(status, int) and 400 <= status < 600 else 502
+    message = line.get("error") or line.get("message") or "TorchServe's stream ended in an error it did not name"
+    field = line.get("field")
+    return FrontError(status, str(message), field if isinstance(field, str) else "")
 
 
 async def followed(api: InferenceApi, body: bytes, job: Job) -> dict[str, Any]:
@@ -95,12 +111,14 @@ async def followed(api: InferenceApi, body: bytes, job: Job) -> dict[str, Any]:
         if response.status_code != 200:
             raise await api.refusal(response)
         async for line in api.lines(response):
+            if not isinstance(line, dict):
+                raise FrontError(502, "TorchServe sent a progress line that is not a JSON object")
             if "step" in line:
                 job.advance(line)
             elif "images" in line:
                 return line
             else:
-                raise FrontError(line.get("status", 500), line.get("error", "generation failed"), line.get("field", ""))
+                raise _failure(line)
         raise FrontError(502, "TorchServe ended the progress stream without the images")
     finally:
         await response.aclose()

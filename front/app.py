@@ -14,7 +14,9 @@ Answers:
 - `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
   line as it arrives, iterations one after another, then one final line with every image.
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
-- `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API, one TorchServe request each (front/a1111.py).
+- `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API, one TorchServe request each (front/a1111.py),
+  followed as a progress stream for its `/sdapi/v1/progress` (front/a1111_progress.py); its listings and options
+  from the worker's description.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
                 raise FrontError(502, "TorchServe ended the progress stream without the images")
         yield _line(results.answer(plan))
     except FrontError as error:
-        yield _line(error.body())
+        yield _line({**error.body(), "status": error.status})
     finally:
         await response.aclose()
 
@@ -178,7 +180,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         try:
             body = a1111.read(await _body(request, settings.max_body_bytes))
             ours = a1111.translate(body, mode)
-            async with jobs.running(ours) as job:
+            async with jobs.running(ours, mode) as job:
                 result = await a1111_progress.followed(request.app.state.api, a1111.encoded(ours), job)
             return JSONResponse(a1111.answer(body, ours, result))
         except FrontError as error:

@@ -225,11 +225,13 @@ def test_a1111s_listings_come_from_the_workers_description(client: TestClient, f
         ({"sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors [6ce0161689]"}, "sd_model_checkpoint"),
         ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers"),
         ({"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"}, "sd_vae"),
+        ({"CLIP_stop_at_last_layers": 1, "sd_vae": "None", "eta_ddim": 0.0, "randn_source": "CPU"}, None),  # as read
         (["sd"], "body"),
     ],
 )
 def test_setting_options_names_the_served_model_or_is_refused(client: TestClient, options: Any, field: Any) -> None:
-    """What A1111's clients send to pick a checkpoint: the one served, by title, name or hash, changes nothing."""
+    """What A1111's clients send to pick a checkpoint: the one served, by title, name or hash, changes nothing; so
+    do the options as GET reads them (clients send back what they read with one key changed)."""
     response = client.post("/sdapi/v1/options", json=options)
     if field is None:
         assert response.status_code == 200 and response.json() is None
@@ -275,21 +277,68 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     assert hires.fraction == pytest.approx(0.2 + 0.8 * 0.5)
 
 
-async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], dict[str, Any]]:
-    async with jobs.running({"n_samples": 1, "ddim_steps": 4}) as first:
-        first.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 1, "preview": "anBn"})
-        async with jobs.running({"n_samples": 1, "ddim_steps": 4}):
+async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:
+    async with jobs.running({"n_samples": 2, "n_iter": 3, "ddim_steps": 4}, "img2img") as first:
+        starting = jobs.progress(with_image=True)
+        first.advance({"step": 2, "total": 4, "image_index": 2, "image_count": 2, "preview": "anBn"})
+        async with jobs.running({"n_samples": 1, "ddim_steps": 4}, "txt2img"):
             both = jobs.progress(with_image=True)
-        return both, jobs.progress(with_image=False)
+        return starting, both, jobs.progress(with_image=False)
 
 
-def test_progress_reports_the_oldest_job_and_how_many_run() -> None:
+def test_progress_reports_the_oldest_job_as_a1111_reports_its_one() -> None:
+    """Its batches (n_iter) as A1111's job count and the running one as the job number; at the start A1111's
+    least progress, so that the ETA is not 0."""
     jobs = Jobs()
-    both, alone = asyncio.run(_two_jobs(jobs))
-    assert (both["progress"], both["state"]["job_count"], both["state"]["sampling_step"]) == (0.5, 2, 2)
-    assert both["current_image"] == "anBn" and both["eta_relative"] >= 0
-    assert (alone["state"]["job_count"], alone["current_image"]) == (1, None)
-    assert jobs.progress(with_image=True)["state"]["job_count"] == 0
+    starting, both, without_image = asyncio.run(_two_jobs(jobs))
+    assert (starting["progress"], starting["state"]["job"], starting["current_image"]) == (
+        0.01,
+        "scripts_img2img",
+        None,
+    )
+    assert starting["eta_relative"] >= 0
+    assert both["progress"] == pytest.approx(3 / 6) and both["current_image"] == "anBn"
+    assert {k: both["state"][k] for k in ("job_count", "job_no", "sampling_step", "sampling_steps")} == {
+        "job_count": 3, "job_no": 1, "sampling_step": 2, "sampling_steps": 4
+    }  # fmt: skip
+    assert without_image["current_image"] is None and jobs.progress(with_image=True)["state"]["job_count"] == 0
+
+
+def test_a_hires_fix_at_scale_1_is_one_pass() -> None:
+    job = Job({"n_samples": 1, "ddim_steps": 2, "hr_scale": 1.0})
+    job.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+    assert job.fraction == 1.0
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "says"),
+    [
+        ([1], 502, "not a JSON object"),
+        ({"error": "out of GPU memory", "status": "507"}, 502, "out of GPU memory"),
+        ({"error": "fine?", "status": 200}, 502, "fine?"),
+        ({"code": 503, "type": "ServiceUnavailableException", "message": "Model sd has no worker"}, 502, "no worker"),
+        (None, 502, "ended the progress stream without the images"),
+    ],
+)
+def test_a_stream_that_fails_oddly_is_a_5xx_and_the_job_ends(line: Any, status: int, says: str) -> None:
+    steps = [json.dumps({"step": 1, "total": 2, "image_index": 0, "image_count": 1})]
+    lines = steps + ([] if line is None else [json.dumps(line)])
+    content = "\n".join(lines) + "\n"
+    stream = httpx.MockTransport(lambda request: httpx.Response(200, content=content))
+    with TestClient(create_app(FrontSettings(), stream)) as client:
+        response = client.post(TXT2IMG, json={"seed": 1})
+        assert response.status_code == status and says in response.json()["detail"]
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_progress_when_nothing_runs(client: TestClient) -> None:
+    idle = client.get("/sdapi/v1/progress?skip_current_image=true").json()
+    assert (idle["progress"], idle["eta_relative"], idle["current_image"], idle["state"]["job_count"]) == (
+        0,
+        0,
+        None,
+        0,
+    )
 
 
 def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:
