@@ -33,13 +33,16 @@ from typing import Any, Literal
 from front.errors import FrontError
 
 Mode = Literal["txt2img", "img2img"]
+# Where A1111's API is served.
+PREFIX = "/sdapi/v1/"
 # A1111's fields that are ours under another name, and A1111's API defaults where they are not this server's.
 RENAMED = {"steps": "ddim_steps", "cfg_scale": "scale", "width": "W", "height": "H", "batch_size": "n_samples"}
 COPIED = ("prompt", "negative_prompt", "n_iter", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
+# Our fields that take whole numbers, which A1111's API also reads from a float such as 42.0.
+WHOLE = ("ddim_steps", "W", "H", "n_samples", "n_iter", "seed", "subseed", "seed_resize_from_h", "seed_resize_from_w",
+         "hr_steps", "mask_blur", "clip_skip")  # fmt: skip
 DEFAULTS = {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1, "n_iter": 1}
 CLIP_SKIP = "CLIP_stop_at_last_layers"
-# Our fields among those that take any number; the others take whole numbers.
-FLOATS = ("scale", "subseed_strength")
 # The field A1111 names for each of ours that a refusal may name.
 THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "sampler": "sampler_name", "strength": "denoising_strength", "hr_steps": "hr_second_pass_steps",
@@ -111,11 +114,11 @@ def translate(body: dict[str, Any], mode: Mode) -> dict[str, Any]:
     given = {**DEFAULTS, **{name: value for name, value in body.items() if value is not None}}
     sampler = _sampler(body)
     ours: dict[str, Any] = {"emphasis": True, "sampler": sampler, "clip_skip": 1}
-    ours.update({our: _whole(given[theirs], our) for theirs, our in RENAMED.items()})
-    ours.update({name: _whole(given[name], name) for name in COPIED if name in given})
+    ours.update({our: given[theirs] for theirs, our in RENAMED.items()})
+    ours.update({name: given[name] for name in COPIED if name in given})
     for name in ("seed", "subseed"):
         if body.get(name) not in (None, -1):
-            ours[name] = _whole(body[name], name)
+            ours[name] = body[name]
     if _flag(body, "tiling"):
         ours["tiling"] = True
     ours.update(_eta(body.get("eta"), sampler))
@@ -124,15 +127,13 @@ def translate(body: dict[str, Any], mode: Mode) -> dict[str, Any]:
         _hires(body, ours)
     else:
         _img2img(body, ours)
+    # A whole number sent as a float (42.0) is read as A1111's API reads it; anything else goes as sent, for the
+    # handler to judge.
+    for name in WHOLE:
+        value = ours.get(name)
+        if isinstance(value, float) and value.is_integer():
+            ours[name] = int(value)
     return ours
-
-
-def _whole(value: Any, field: str = "") -> Any:
-    """An integer field's number as A1111's API reads it (`42.0` is 42); anything else as sent, for the handler to
-    judge."""
-    if field in FLOATS or not (isinstance(value, float) and value.is_integer()):
-        return value
-    return int(value)
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -178,7 +179,7 @@ def _overrides(settings: Any) -> dict[str, Any]:
     for name in settings:
         if name != CLIP_SKIP and not SAVING.match(name):
             raise _refuse(f"override_settings.{name}", f"is not available here; only {CLIP_SKIP} is")
-    return {"clip_skip": _whole(settings[CLIP_SKIP])} if CLIP_SKIP in settings else {}
+    return {"clip_skip": settings[CLIP_SKIP]} if CLIP_SKIP in settings else {}
 
 
 def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
@@ -188,7 +189,7 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     upscaler = body.get("hr_upscaler") or "Latent"
     ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
     ours["hr_upscaler"] = UPSCALER_ALIASES.get(upscaler, upscaler)
-    ours["hr_steps"] = _whole(body.get("hr_second_pass_steps") or 0)
+    ours["hr_steps"] = body.get("hr_second_pass_steps") or 0
     ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
 
 
@@ -202,7 +203,7 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if body.get("mask") is None:
         return
     ours["mask_image"] = body["mask"]
-    ours["mask_blur"] = _whole(body["mask_blur"]) if body.get("mask_blur") is not None else 4
+    ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else 4
     if body.get("inpainting_fill", 0) != 1:
         raise _refuse("inpainting_fill", "only 1 (original) is available here; send 1")
     if body.get("inpaint_full_res", True):

@@ -122,6 +122,9 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
 
     @app.exception_handler(FrontError)
     async def front_error(request: Request, error: FrontError) -> JSONResponse:
+        # A1111's routes answer every error, the front's own too, as A1111's clients read one.
+        if request.url.path.startswith(a1111.PREFIX):
+            error = a1111.renamed(error)
         return JSONResponse(error.body(), status_code=error.status)
 
     async def png(api: InferenceApi, plan: Plan) -> Response:
@@ -175,16 +178,12 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return await stream(request.app.state.api, plan)
 
     async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
-        """One A1111 request as one TorchServe request; every error, the front's own too, as A1111's clients read
-        one (`a1111.renamed`)."""
-        try:
-            body = a1111.read(await _body(request, settings.max_body_bytes))
-            ours = a1111.translate(body, mode)
-            async with jobs.running(ours, mode) as job:
-                result = await a1111_progress.followed(request.app.state.api, a1111.encoded(ours), job)
-            return JSONResponse(a1111.answer(body, ours, result))
-        except FrontError as error:
-            raise a1111.renamed(error) from None
+        """One A1111 request as one TorchServe request, followed for `/sdapi/v1/progress`."""
+        body = a1111.read(await _body(request, settings.max_body_bytes))
+        ours = a1111.translate(body, mode)
+        async with jobs.running(ours, mode) as job:
+            result = await a1111_progress.followed(request.app.state.api, a1111.encoded(ours), job)
+        return JSONResponse(a1111.answer(body, ours, result))
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
     async def a1111_txt2img(request: Request) -> JSONResponse:
@@ -196,16 +195,12 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return await a1111_call(request, "img2img")
 
     async def a1111_listing(request: Request) -> JSONResponse:
-        name = request.url.path.rsplit("/", 1)[-1]
-        try:
-            described = await request.app.state.api.answer_json(a1111.DESCRIBE)
-            return JSONResponse(a1111.listing(name, described, settings.model))
-        except FrontError as error:
-            raise a1111.renamed(error) from None
+        described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+        return JSONResponse(a1111.listing(request.url.path.removeprefix(a1111.PREFIX), described, settings.model))
 
     for name in a1111.LISTINGS:
         app.add_api_route(
-            f"/sdapi/v1/{name}", a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
+            a1111.PREFIX + name, a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
 
     @app.get("/sdapi/v1/progress", summary="How far the A1111 requests in flight have come (A1111's API)")
@@ -214,13 +209,10 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
 
     @app.post("/sdapi/v1/options", summary="A1111's options: naming the served model is all that may be set")
     async def a1111_options(request: Request) -> JSONResponse:
-        try:
-            body = a1111.read(await _body(request, settings.max_body_bytes))
-            described = await request.app.state.api.answer_json(a1111.DESCRIBE)
-            a1111.check_options(body, described, settings.model)
-            return JSONResponse(None)
-        except FrontError as error:
-            raise a1111.renamed(error) from None
+        body = a1111.read(await _body(request, settings.max_body_bytes))
+        described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+        a1111.check_options(body, described, settings.model)
+        return JSONResponse(None)
 
     @app.get("/healthz", summary="Whether TorchServe answers its health check")
     async def healthz(request: Request) -> JSONResponse:
