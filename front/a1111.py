@@ -221,15 +221,13 @@ def renamed(error: FrontError) -> A1111Error:
     return A1111Error(error.status, message, THEIRS.get(error.field, error.field))
 
 
-def answer(body: dict[str, Any], ours: dict[str, Any], result: Any) -> dict[str, Any]:
-    """A1111's answer: the images (unless `send_images` is false), the request as sent (its images left out unless
-    `include_init_images`, as A1111 does) and `info`, a JSON string of what A1111's clients read from it."""
-    try:
-        images, seeds, parameters = list(result["images"]), list(result["seeds"]), dict(result["parameters"])
-        subseeds = list(result.get("subseeds", [-1] * len(seeds)))
-        first_seed, first_subseed = seeds[0], subseeds[0]
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise A1111Error(502, "TorchServe answered without images, seeds and parameters") from None
+def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A1111's answer to `body` from our answer to `ours` (front/imagine.py's `Results.answer`): the images (unless
+    `send_images` is false), the request as sent (its images left out unless `include_init_images`, as A1111 does)
+    and `info`, a JSON string of what A1111's clients read from it."""
+    images, seeds, parameters = result["images"], result["seeds"], result["parameters"]
+    subseeds = result.get("subseeds", [-1] * len(seeds))
+    first_seed, first_subseed = seeds[0], subseeds[0]
     infotexts = [png_parameters(image) for image in images]
     hashes = [re.search(r"Model hash: ([0-9a-f]+)", text) for text in infotexts]
     info = {

@@ -1,10 +1,10 @@
 """A1111's `GET /sdapi/v1/progress`: how far the front's A1111 requests in flight have come.
 
 Why: A1111's clients show a progress bar and a preview by polling it while their txt2img or img2img request runs.
-The front asks TorchServe for a progress stream for each A1111 request (front/a1111.py's answer is its last line)
-and keeps the last step line of each; A1111 runs one job at a time, so it reports the oldest request in flight, and
-how many there are as its job count. Per front process: a front of several processes answers each client from the
-one that holds its connection.
+The front asks TorchServe for a progress stream for each batch of an A1111 request (front/a1111.py's answer is
+gathered from their last lines) and keeps the last step line; A1111 runs one job at a time, so the front reports
+the oldest request in flight, its batches as A1111's job count. Per front process: a front of several processes
+answers each client from the one that holds its connection.
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ LEAST = 0.01
 
 @dataclass
 class Job:
-    """One A1111 request in flight: `ours` is what TorchServe was sent for `mode` (txt2img or img2img)."""
+    """One A1111 request in flight: `ours` is the whole request for `mode` (txt2img or img2img), sent to TorchServe
+    as `requests` requests of equal size (one per batch, `n_iter`, when the front splits it), `request` the one
+    running."""
 
     ours: dict[str, Any]
     mode: str = "txt2img"
+    requests: int = 1
+    request: int = 0
     started: float = field(default_factory=time.monotonic)
     stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     fraction: float = 0.0
@@ -38,19 +42,21 @@ class Job:
     preview: str | None = None
 
     def advance(self, line: dict[str, Any]) -> None:
-        """A step line of the stream: how far its images are, never going back (a request split over UNet
-        batches restarts its steps in each); a hires fix's two passes share the bar by what their steps cost."""
-        images = self.ours.get("n_samples", 1) * self.ours.get("n_iter", 1)
-        step, total = line["step"], line.get("total") or 1
-        done = (line.get("image_index", 0) + line.get("image_count", 1) * step / total) / images
+        """A step line of the running request's stream: how far its images are, never going back (a request split
+        over UNet batches restarts its steps in each); a hires fix's two passes share the bar by what their steps
+        cost."""
+        n_samples = self.ours.get("n_samples", 1)
+        images = n_samples * self.ours.get("n_iter", 1) // self.requests
+        step, total, index = line["step"], line.get("total") or 1, line.get("image_index", 0)
+        done = (index + line.get("image_count", 1) * step / total) / images
         if self.ours.get("hr_scale", 1) > 1:  # a scale of 1 runs no second pass
             steps = self.ours["ddim_steps"]
             second = (self.ours.get("hr_steps") or steps) * self.ours["hr_scale"] ** 2
             first = steps / (steps + second)
             done = first + (1 - first) * done if line.get("hires") else first * done
-        self.fraction = max(self.fraction, min(done, 1.0))
+        self.fraction = max(self.fraction, min((self.request + done) / self.requests, 1.0))
         self.step, self.steps = step, total
-        self.iteration = line.get("image_index", 0) // self.ours.get("n_samples", 1)
+        self.iteration = (self.request * images + index) // n_samples
         self.preview = line.get("preview", self.preview)
 
 
@@ -62,9 +68,9 @@ class Jobs:
         self._ids = itertools.count()
 
     @asynccontextmanager
-    async def running(self, ours: dict[str, Any], mode: str) -> AsyncIterator[Job]:
+    async def running(self, ours: dict[str, Any], mode: str, requests: int = 1) -> AsyncIterator[Job]:
         """A job listed for as long as the block runs, however it ends."""
-        key, job = next(self._ids), Job(ours, mode)
+        key, job = next(self._ids), Job(ours, mode, requests)
         self._jobs[key] = job
         try:
             yield job

@@ -14,9 +14,9 @@ Answers:
 - `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
   line as it arrives, iterations one after another, then one final line with every image.
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
-- `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API, one TorchServe request each (front/a1111.py),
-  followed as a progress stream for its `/sdapi/v1/progress` (front/a1111_progress.py); its listings and options
-  from the worker's description.
+- `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API (front/a1111.py), one TorchServe request per
+  batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress`
+  (front/a1111_progress.py); its listings and options from the worker's description.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fastapi_offline import FastAPIOffline
 
 from front import a1111, a1111_progress, schema
 from front.errors import FrontError
-from front.imagine import Plan, Results, plan_request, seed_headers
+from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
 from front.settings import FrontSettings
 from front.upstream import JSON, NDJSON, PNG, InferenceApi
 
@@ -178,12 +178,19 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return await stream(request.app.state.api, plan)
 
     async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
-        """One A1111 request as one TorchServe request, followed for `/sdapi/v1/progress`."""
+        """One A1111 request as one TorchServe request per batch (`n_iter`, as `/imagine` splits it), each followed
+        for `/sdapi/v1/progress`."""
         body = a1111.read(await _body(request, settings.max_body_bytes))
         ours = a1111.translate(body, mode)
-        async with jobs.running(ours, mode) as job:
-            result = await a1111_progress.followed(request.app.state.api, a1111.encoded(ours), job)
-        return JSONResponse(a1111.answer(body, ours, result))
+        plan = plan_fields(ours, a1111.encoded(ours), settings.max_images)
+        ours = plan.fields or ours  # with the seeds the plan drew
+        results = Results()
+        async with jobs.running(ours, mode, plan.iterations) as job:
+            for iteration in range(plan.iterations):
+                job.request = iteration
+                sent = plan.iteration(results.next(plan) if iteration else None)
+                results.add(await a1111_progress.followed(request.app.state.api, sent, job))
+        return JSONResponse(a1111.answer(body, ours, results.answer(plan)))
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
     async def a1111_txt2img(request: Request) -> JSONResponse:

@@ -1,12 +1,14 @@
-"""The original app's `/imagine` request over TorchServe's per-request limit: how one request becomes several.
+"""The original app's `/imagine` request over TorchServe's per-request limit: how one request becomes several
+(A1111's requests too, once translated: `plan_fields`).
 
 Decisions, and why:
 - **One TorchServe request per iteration.** The original app looped `n_iter` times over batches of `n_samples`, so
   its users ask for 2 × 5 = 10 images, while TorchServe takes at most 8 per request (`max_images` in
   model-config.yaml, which bounds GPU memory). Iteration k is sent as `n_samples` images from seed
   `seed + k·n_samples`, the first seed after the previous iteration's last: since every image has its own generator
-  (seed + i), the images are exactly those one big request would make, in the same order. With variation seeds
-  every image keeps the seed and the variation seed counts instead: iteration k gets `subseed + k·n_samples`. The
+  (seed + i), the images are those one big request would make, in the same order (but for the float rounding that
+  another batch size may bring on the CPU, where an image can then differ by a level). With variation seeds every
+  image keeps the seed and the variation seed counts instead: iteration k gets `subseed + k·n_samples`. The
   iterations go one after another, not all at once: the first invalid field stops the request before any further
   GPU work, progress arrives in order, and one user's 10 images do not crowd every other user out of TorchServe's
   batches.
@@ -34,6 +36,7 @@ from front.original_fields import translate
 
 # Seeds are 32-bit (the API's documented range); image i of a request uses seed + i.
 MAX_SEED = 2**32 - 1
+BROKEN_ANSWER = "TorchServe answered without images, a seed for each and their parameters"
 
 
 class _DuplicateKey(ValueError):
@@ -86,13 +89,8 @@ class Plan:
 
 
 def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
-    """Read what the front needs of a body (`stream`, `n_samples`, `n_iter`, `seed`, and `subseed` with
-    `subseed_strength`) and draw the seeds it counts on if absent.
-
-    The original app's own field names become ours (front/original_fields.py). Raises FrontError for more than
-    `max_images` images, for a counted seed whose last image would pass 2³² − 1, and for an original field we cannot
-    honour.
-    """
+    """The plan of an `/imagine` body: the original app's own field names become ours (front/original_fields.py),
+    then `plan_fields`. Raises FrontError as it does, and for an original field we cannot honour."""
     try:
         fields = json.loads(raw, object_pairs_hook=_refuse_duplicates)
     except (ValueError, RecursionError):
@@ -102,7 +100,17 @@ def plan_request(raw: bytes, max_images: int, stream: bool = False) -> Plan:
     # written back out: such a body goes as it came, and TorchServe's handler names the field.
     if not isinstance(fields, dict) or any(isinstance(value, (list, dict)) for value in fields.values()):
         return Plan(None, raw, stream, 1)
-    fields = translate(fields)
+    return plan_fields(translate(fields), raw, max_images, stream)
+
+
+def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: bool = False) -> Plan:
+    """Read what the front needs of a request's fields (`stream`, `n_samples`, `n_iter`, `seed`, and `subseed` with
+    `subseed_strength`) and draw the seeds it counts on if absent; `raw` is what is forwarded when a field is not
+    what the split needs, for the handler to name it.
+
+    Raises FrontError for more than `max_images` images and for a counted seed whose last image would pass 2³² − 1.
+    """
+    fields = dict(fields)
     if not isinstance(fields.get("stream", False), bool):
         return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
@@ -142,12 +150,22 @@ class Results:
     # (a rolling upgrade).
     warnings: list[str] = field(default_factory=list)
 
-    def add(self, answer: dict[str, Any]) -> None:
-        self.images += answer["images"]
-        self.seeds += answer["seeds"]
-        self.subseeds += answer.get("subseeds", [])
-        self.parameters = self.parameters or answer["parameters"]
-        self.warnings = self.warnings or answer.get("warnings", [])
+    def add(self, answer: Any) -> None:
+        """One iteration's answer; one without an image, a seed per image and its parameters is TorchServe's
+        fault (502), found before the next iteration counts on its seeds."""
+        try:
+            images, seeds = list(answer["images"]), [int(seed) for seed in answer["seeds"]]
+            subseeds = [int(seed) for seed in answer.get("subseeds", [])]
+            parameters, warnings = dict(answer["parameters"]), list(answer.get("warnings", []))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise FrontError(502, BROKEN_ANSWER) from None
+        if not images or len(seeds) != len(images) or len(subseeds) not in (0, len(images)):
+            raise FrontError(502, BROKEN_ANSWER)
+        self.images += images
+        self.seeds += seeds
+        self.subseeds += subseeds
+        self.parameters = self.parameters or parameters
+        self.warnings = self.warnings or warnings
 
     def next(self, plan: Plan) -> int:
         """The counted seed of the next iteration's first image: one on from the last answer's last (its images are

@@ -49,12 +49,14 @@ def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: F
     }  # fmt: skip
     response = client.post(TXT2IMG, json=body)
     assert response.status_code == 200, response.text
-    assert fake.sent() == [{
+    first = {
         "emphasis": True, "sampler": "DPM++ 2M Karras", "clip_skip": 2, "ddim_steps": 20, "scale": 6.5, "W": 768,
-        "H": 512, "n_samples": 2, "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "n_iter": 2,
+        "H": 512, "n_samples": 2, "prompt": "a castle AND a lake:0.5", "negative_prompt": "blurry", "n_iter": 1,
         "subseed_strength": 0.2, "seed_resize_from_h": 512, "seed_resize_from_w": -1, "seed": 7, "subseed": 30,
         "tiling": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_steps": 10, "strength": 0.55,
-    }]  # fmt: skip
+    }  # fmt: skip
+    # One request per batch (n_iter), the variation seed counting on from the last batch's.
+    assert fake.sent() == [first, {**first, "subseed": 32}]
     answer = response.json()
     assert answer["images"] == ["png7", "png7", "png7", "png7"] and answer["parameters"] == body
     info = json.loads(answer["info"])
@@ -75,10 +77,12 @@ def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: F
 
 def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference) -> None:
     """Euler, 50 steps, scale 7, 512×512, one image, clip skip 1 (A1111's API defaults, whatever this server's
-    handler.defaults say); a seed of -1 is the server's to draw, so it is not sent; without enable_hr the hires
+    handler.defaults say); a seed of -1 is drawn by the front, as `/imagine` draws one; without enable_hr the hires
     fields are not sent."""
     client.post(TXT2IMG, json={"seed": -1, "subseed": -1, "hr_scale": 2, "denoising_strength": 0.3, "eta": 0.4})
-    assert fake.bodies and json.loads(fake.bodies[0]) == {
+    sent = fake.sent()[0]
+    assert 0 <= sent.pop("seed") <= 2**32 - 64  # room for FrontSettings' max_images of seeds after it
+    assert sent == {
         "emphasis": True, "sampler": "Euler", "clip_skip": 1, "ddim_steps": 50, "scale": 7.0, "W": 512, "H": 512,
         "n_samples": 1, "prompt": "", "n_iter": 1,
     }  # fmt: skip
@@ -86,6 +90,27 @@ def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference
     assert {k: fake.sent()[1][k] for k in ("sampler", "eta", "hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
         "sampler": "DDIM", "eta": 0.0, "hr_scale": 2.0, "hr_upscaler": "Lanczos", "hr_steps": 0, "strength": 0.75
     }  # fmt: skip
+
+
+def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient, fake: FakeInference) -> None:
+    """12 images (more than TorchServe's 8 a request) as 3 requests of 4, as `/imagine` splits them; A1111's answer
+    and info hold them all, the request's `n_iter` restored; past the front's `max_images` (64) refused."""
+    response = client.post(TXT2IMG, json={"prompt": "a fox", "seed": 100, "batch_size": 4, "n_iter": 3})
+    assert response.status_code == 200, response.text
+    assert [(body["seed"], body["n_samples"], body["n_iter"]) for body in fake.sent()] == [
+        (100, 4, 1), (104, 4, 1), (108, 4, 1)
+    ]  # fmt: skip
+    answer = response.json()
+    info = json.loads(answer["info"])
+    assert answer["images"] == [f"png{seed}" for seed in range(100, 112)]
+    assert (info["all_seeds"], info["batch_size"], info["seed"]) == (list(range(100, 112)), 4, 100)
+    assert answer["parameters"]["n_iter"] == 3
+    refused = client.post(TXT2IMG, json={"seed": 1, "batch_size": 8, "n_iter": 9})
+    assert refused.status_code == 400 and refused.json() == {
+        "error": "batch_size×n_iter must be at most 64 images, got 72", "field": "n_iter",
+        "detail": "batch_size×n_iter must be at most 64 images, got 72",
+    }  # fmt: skip
+    assert len(fake.bodies) == 3
 
 
 @pytest.mark.parametrize(
@@ -270,6 +295,10 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     assert (job.fraction, job.step, job.steps, job.preview) == (0.75, 2, 4, "anBn")
     job.advance({"step": 1, "total": 4, "image_index": 0, "image_count": 1})  # a batch behind: no going back
     assert job.fraction == 0.75
+    # Three batches sent as three requests: the second's step lines count from a third of the way.
+    split = Job({"n_samples": 2, "n_iter": 3, "ddim_steps": 4}, requests=3, request=1)
+    split.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 2})
+    assert (split.fraction, split.iteration) == (pytest.approx((1 + 0.5) / 3), 1)
     hires = Job({"n_samples": 1, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2})
     hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
     assert hires.fraction == 0.2

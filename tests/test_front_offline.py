@@ -61,6 +61,8 @@ class FakeInference:
             return httpx.Response(400, json={"error": "the body is not valid", "field": "body"})
         if body["prompt"] == "refuse":
             return httpx.Response(400, json=REFUSAL)
+        if not isinstance(body["prompt"], str):
+            return httpx.Response(400, json={"error": "prompt must be a string", "field": "prompt"})
         answer = {"images": [f"png{seed}" for seed in seeds], "seeds": seeds, "parameters": {**body}}
         if subseeds:
             answer["subseeds"] = subseeds
@@ -255,6 +257,22 @@ def test_torchserve_down_is_a_503_that_says_so() -> None:
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
         # Liveness is the front's own: a restart would not bring TorchServe back.
         assert test_client.get("/livez").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"images": []}, {"images": ["a"], "seeds": []}, {"images": ["a"], "seeds": [1], "parameters": "x"}, [1],
+     {"images": ["a", "b"], "seeds": [1, 2], "subseeds": [3], "parameters": {}}],
+)  # fmt: skip
+def test_an_answer_without_images_seeds_and_parameters_is_a_502(answer: Any) -> None:
+    """Found in the iteration that brings it, before the next one counts on its seeds (it was a 500, or an empty
+    200)."""
+    nonsense = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    with TestClient(create_app(FrontSettings(), nonsense)) as test_client:
+        response = test_client.post(
+            "/imagine", json={"prompt": "a fox", "n_iter": 2}, headers={"Accept": "application/json"}
+        )
+        assert response.status_code == 502 and "without images, a seed for each" in response.json()["error"]
 
 
 def test_a_model_torchserve_does_not_serve_is_a_503(fake: FakeInference) -> None:
