@@ -62,7 +62,13 @@ OFF: dict[str, tuple[Any, ...]] = {
 REPEATS = {"hr_sampler_name": "sampler_name", "hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt"}
 # A1111's samplers that take η (the ancestral and SDE ones: 1 by default); the others have none.
 ETA_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE")
-SCHEDULERS = ("automatic", "uniform", "karras")
+# 1.9's schedulers done here, as its `GET /sdapi/v1/schedulers` lists them; a request names one by name or label.
+SCHEDULER_ITEMS = (
+    {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+    {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1, "need_inner_model": True},
+    {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+)
+SCHEDULERS = tuple(item["name"] for item in SCHEDULER_ITEMS)
 # 1.9's Automatic scheduler: Karras for these samplers, the exponential one (not available here) for DPM++ 2M SDE.
 AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a")
 # Override settings about where A1111 saves files: nothing of the image.

@@ -210,6 +210,10 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             a1111.PREFIX + name, a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
 
+    @app.get("/sdapi/v1/schedulers", summary="A1111 1.9's schedulers, those done here")
+    async def a1111_schedulers() -> JSONResponse:
+        return JSONResponse(list(a1111.SCHEDULER_ITEMS))
+
     @app.get("/sdapi/v1/progress", summary="How far the A1111 requests in flight have come (A1111's API)")
     async def a1111_progress_answer(skip_current_image: bool = False) -> JSONResponse:
         return JSONResponse(jobs.progress(with_image=not skip_current_image))

@@ -217,6 +217,19 @@ def test_torchserve_down_or_answering_nonsense_is_a_5xx_with_detail() -> None:
     assert response.status_code == 502 and "without images" in response.json()["detail"]
 
 
+def test_the_schedulers_listed_are_those_a_request_may_name(client: TestClient, fake: FakeInference) -> None:
+    listed = client.get("/sdapi/v1/schedulers").json()
+    assert [(item["name"], item["label"]) for item in listed] == [
+        ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras")
+    ]  # fmt: skip
+    assert listed[2] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                         "need_inner_model": False}  # fmt: skip
+    for item in listed:
+        for named in (item["name"], item["label"]):
+            assert client.post(TXT2IMG, json={"seed": 1, "sampler_name": "DPM2", "scheduler": named}).status_code == 200
+    assert [body["sampler"] for body in fake.sent()] == ["DPM2 Karras"] * 2 + ["DPM2"] * 2 + ["DPM2 Karras"] * 2
+
+
 def test_a1111s_listings_come_from_the_workers_description(client: TestClient, fake: FakeInference) -> None:
     def get(name: str) -> Any:
         response = client.get(f"/sdapi/v1/{name}")
