@@ -1,4 +1,5 @@
-"""A1111's `GET /sdapi/v1/progress`: how far the front's A1111 requests in flight have come.
+"""A1111's `GET /sdapi/v1/progress`: how far the front's A1111 requests in flight have come; `POST
+/sdapi/v1/interrupt`: stop the oldest after its batch in flight.
 
 Why: A1111's clients show a progress bar and a preview by polling it while their txt2img or img2img request runs.
 The front asks TorchServe for a progress stream for each batch of an A1111 request (front/a1111.py's answer is
@@ -40,6 +41,8 @@ class Job:
     steps: int = 0
     iteration: int = 0
     preview: str | None = None
+    # Set by A1111's interrupt: no further batch is sent.
+    interrupted: bool = False
 
     def advance(self, line: dict[str, Any]) -> None:
         """A step line of the running request's stream: how far its images are, never going back (a request split
@@ -77,6 +80,13 @@ class Jobs:
         finally:
             del self._jobs[key]
 
+    def interrupt(self) -> None:
+        """A1111's interrupt, of the one job it runs: the oldest here. Its batch in flight still finishes (a
+        TorchServe request cannot be stopped part way); no later one is sent."""
+        job = next(iter(self._jobs.values()), None)
+        if job is not None:
+            job.interrupted = True
+
     def progress(self, with_image: bool) -> dict[str, Any]:
         """A1111's progress answer for the oldest job (zeros when none runs): its batches (`n_iter`) as A1111's job
         count and the one running as its job number; its preview a base64 JPEG."""
@@ -93,7 +103,7 @@ class Jobs:
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed,
-            "state": {"skipped": False, "interrupted": False, **state},
+            "state": {"skipped": False, "interrupted": job.interrupted, **state},
             "current_image": job.preview if with_image else None,
             "textinfo": None,
         }

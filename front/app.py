@@ -15,8 +15,8 @@ Answers:
   line as it arrives, iterations one after another, then one final line with every image.
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
 - `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API (front/a1111.py), one TorchServe request per
-  batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress`
-  (front/a1111_progress.py); its listings and options from the worker's description.
+  batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress` and
+  `/sdapi/v1/interrupt` (front/a1111_progress.py); its listings and options from the worker's description.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
 
     async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
         """One A1111 request as one TorchServe request per batch (`n_iter`, as `/imagine` splits it), each followed
-        for `/sdapi/v1/progress`."""
+        for `/sdapi/v1/progress`; once interrupted, the batches done are the answer."""
         body = a1111.read(await _body(request, settings.max_body_bytes))
         ours = a1111.translate(body, mode)
         plan = plan_fields(ours, a1111.encoded(ours), settings.max_images)
@@ -190,6 +190,8 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                 job.request = iteration
                 sent = plan.iteration(results.next(plan) if iteration else None)
                 results.add(await a1111_progress.followed(request.app.state.api, sent, job))
+                if job.interrupted:
+                    break
         return JSONResponse(a1111.answer(body, ours, results.answer(plan)))
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
@@ -209,6 +211,11 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         app.add_api_route(
             a1111.PREFIX + name, a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
+
+    @app.post("/sdapi/v1/interrupt", summary="Stop the oldest A1111 request after its batch in flight")
+    async def a1111_interrupt() -> JSONResponse:
+        jobs.interrupt()
+        return JSONResponse({})
 
     @app.get("/sdapi/v1/schedulers", summary="A1111 1.9's schedulers, those done here")
     async def a1111_schedulers() -> JSONResponse:

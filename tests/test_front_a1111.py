@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -371,6 +373,35 @@ def test_a_stream_that_fails_oddly_is_a_5xx_and_the_job_ends(line: Any, status: 
         response = client.post(TXT2IMG, json={"seed": 1})
         assert response.status_code == status and says in response.json()["detail"]
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_an_interrupt_stops_the_oldest_request_after_its_batch_in_flight(fake: FakeInference) -> None:
+    """Of 3 batches, the one TorchServe computes when the interrupt comes is the answer; the next request runs
+    whole."""
+    release = threading.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return fake(request)
+
+    answers: list[httpx.Response] = []
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(held))) as client:
+        body = {"seed": 5, "batch_size": 2, "n_iter": 3}
+        worker = threading.Thread(target=lambda: answers.append(client.post(TXT2IMG, json=body)))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.post("/sdapi/v1/interrupt").json() == {}
+        assert client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is True
+        release.set()
+        worker.join(timeout=10)
+        [interrupted] = answers
+        assert interrupted.status_code == 200 and interrupted.json()["images"] == ["png5", "png6"]
+        assert len(fake.bodies) == 1
+        assert client.post("/sdapi/v1/interrupt").json() == {}  # nothing in flight: nothing to stop
+        assert client.post(TXT2IMG, json=body).json()["images"] == [f"png{seed}" for seed in range(5, 11)]
 
 
 def test_progress_when_nothing_runs(client: TestClient) -> None:
