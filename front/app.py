@@ -16,7 +16,8 @@ Answers:
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
 - `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API (front/a1111.py), one TorchServe request per
   batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress` and
-  `/sdapi/v1/interrupt` (front/a1111_progress.py); its listings and options from the worker's description.
+  `/sdapi/v1/interrupt` (front/a1111_progress.py); its listings and options from the worker's description, of which
+  the front keeps a copy (front/description.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from front import a1111, a1111_progress, schema
+from front.description import Description
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
 from front.settings import FrontSettings
@@ -106,9 +108,11 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Made in the server's event loop: its pooled connections belong to that loop.
         app.state.api = InferenceApi(settings, transport)
+        app.state.description = Description(lambda: app.state.api.answer_json(a1111.DESCRIBE))
         try:
             yield
         finally:
+            await app.state.description.aclose()
             await app.state.api.aclose()
 
     app = FastAPIOffline(
@@ -204,7 +208,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return await a1111_call(request, "img2img")
 
     async def a1111_listing(request: Request) -> JSONResponse:
-        described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+        described = await request.app.state.description.get()
         return JSONResponse(a1111.listing(request.url.path.removeprefix(a1111.PREFIX), described, settings.model))
 
     for name in a1111.LISTINGS:
@@ -228,7 +232,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     @app.post("/sdapi/v1/options", summary="A1111's options: naming the served model is all that may be set")
     async def a1111_options(request: Request) -> JSONResponse:
         body = a1111.read(await _body(request, settings.max_body_bytes))
-        described = await request.app.state.api.answer_json(a1111.DESCRIBE)
+        described = await request.app.state.description.get()
         a1111.check_options(body, described, settings.model)
         return JSONResponse(None)
 
