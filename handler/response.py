@@ -11,7 +11,7 @@ from typing import Any
 from handler.request import ApiRequest
 from ldm.model import StableDiffusion
 from ldm.pipeline import Generation
-from ldm.png_info import encode_with_parameters, parameters_text
+from ldm.png_info import encode_with_parameters, generation_texts
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
 def png_files(generations: Sequence[Generation], model: StableDiffusion) -> list[list[bytes]]:
     """Each generation's images as PNG bytes, each carrying its own `parameters` chunk (its own seed; `model`'s
     hashes), the whole batch's compressed at once."""
-    texts = [
-        parameters_text(
-            g.request, seed, model.model_hash, g.lora_hashes, g.embedding_hashes, subseed, vae_file=model.vae_file
-        )
-        for g in generations
-        for seed, subseed in zip(g.seeds, g.subseeds, strict=True)
-    ]
+    texts = [text for g in generations for text in generation_texts(g, model)]
     files = iter(encode_with_parameters([image for g in generations for image in g.images], texts))
     return [[next(files) for _ in g.seeds] for g in generations]
 

@@ -64,7 +64,7 @@ from ldm.pipeline import (
     text_parts,
     unread_warnings,
 )
-from ldm.png_info import encode_with_parameters, parameters_text
+from ldm.png_info import encode_with_parameters, generation_texts
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.tokenizer import CLIPTokenizer
 from ldm.vae_file import VaeChoice, VaeError, choose
@@ -512,11 +512,7 @@ def write_images(
 ) -> list[Path]:
     """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters (with `model`'s
     hashes); returns the paths."""
-    hashes = (generation.lora_hashes, generation.embedding_hashes)
-    texts = [
-        parameters_text(generation.request, seed, model.model_hash, *hashes, subseed, vae_file=model.vae_file)
-        for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
-    ]
+    texts = generation_texts(generation, model)
     files = (
         encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
         if image_format == "png"

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from ldm import hires
-from ldm.pipeline import SAMPLERS, GenerationRequest
+from ldm.model import StableDiffusion
+from ldm.pipeline import SAMPLERS, Generation, GenerationRequest
 from ldm.png_encoder import encode_pngs
 from ldm.vae_file import VaeFile
 
 PARAMETERS_KEY = "parameters"
+# What A1111's reading of a PNG that names no emphasis ("Original", its default) reads otherwise than a request
+# without `emphasis`: brackets, BREAK and escapes, AND, and weights after a colon.
+A1111_SYNTAX = re.compile(r"[(\[\\:]|BREAK|\bAND\b")
 
 
 def _escape(text: str) -> str:
@@ -41,11 +46,12 @@ def parameters_text(
     embedding_hashes: Sequence[tuple[str, str]] = (),
     subseed: int | None = None,
     vae_file: VaeFile | None = None,
+    clipped: bool = False,
 ) -> str:
     """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
     embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`); `seed` and
     `subseed` are the image's own (`Generation.seeds`, `subseeds`); `vae_file`, the model's VAE file if it has one
-    (`StableDiffusion.vae_file`)."""
+    (`StableDiffusion.vae_file`); `clipped`, whether CLIP left words of a text unread (`Generation.warnings`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -87,8 +93,9 @@ def parameters_text(
         fields.append("Weighted subprompts: True")
     if request.emphasis:
         fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
-    elif any(mark in text for text in (request.prompt, request.negative_prompt) for mark in ("(", "[", "\\", "BREAK")):
-        fields.append("Emphasis: None")  # read as written: A1111, told nothing, would weigh these brackets
+    elif clipped or any(A1111_SYNTAX.search(text) for text in (request.prompt, request.negative_prompt)):
+        # Read as written: A1111 (and the page), told nothing, would weigh these brackets or read the text whole.
+        fields.append("Emphasis: None")
     for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", embedding_hashes)):
         if hashes:
             # A1111's fields, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
@@ -96,6 +103,18 @@ def parameters_text(
             fields.append(f"{key}: {_quote(listed)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def generation_texts(generation: Generation, model: StableDiffusion) -> list[str]:
+    """The parameters text of each image of a generation: its own seeds, the generation's LoRAs and embeddings, and
+    `model`'s hashes."""
+    return [
+        parameters_text(
+            generation.request, seed, model.model_hash, generation.lora_hashes, generation.embedding_hashes, subseed,
+            model.vae_file, clipped=bool(generation.warnings),
+        )
+        for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
+    ]  # fmt: skip
 
 
 def encode_with_parameters(images: Sequence[np.ndarray], parameters: Sequence[str]) -> list[bytes]:
