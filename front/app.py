@@ -68,12 +68,14 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
                     raise await api.refusal(response)
             finished = False
             async for message in api.lines(response):
+                if not isinstance(message, dict):
+                    raise FrontError(502, "TorchServe sent a progress line that is not a JSON object")
                 if "step" in message:
                     image_index = message.get("image_index", 0) + len(results.images)
                     numbered = {"image_index": image_index, "iteration": iteration, "n_iter": plan.iterations}
                     yield _line({**message, **numbered})
                 elif "images" in message:
-                    results.add(message)
+                    results.add(message, plan)
                     finished = True
                 else:
                     yield _line(message)
@@ -139,10 +141,13 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         headers = {name: response.headers[name] for name in names if name in response.headers}
         return StreamingResponse(api.chunks(response), media_type=PNG, headers=headers)
 
-    async def json_array(api: InferenceApi, plan: Plan) -> Response:
+    async def json_array(request: Request, plan: Plan) -> Response:
         results = Results()
         for iteration in range(plan.iterations):
-            results.add(await api.answer_json(plan.iteration(results.next(plan) if iteration else None)))
+            if iteration and await request.is_disconnected():
+                break  # nobody is waiting for the rest
+            sent = plan.iteration(results.next(plan) if iteration else None)
+            results.add(await request.app.state.api.answer_json(sent), plan)
         return JSONResponse(results.images, headers=seed_headers(results))
 
     async def stream(api: InferenceApi, plan: Plan) -> Response:
@@ -168,7 +173,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             return await stream(api, plan)
         if PNG in accept and JSON not in accept:
             return await png(api, plan)
-        return await json_array(api, plan)
+        return await json_array(request, plan)
 
     @app.post(
         "/imagine/stream",
@@ -191,11 +196,11 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         results = Results()
         async with jobs.running(ours, mode, plan.iterations) as job:
             for iteration in range(plan.iterations):
+                if iteration and (job.interrupted or await request.is_disconnected()):
+                    break  # the batches done are the answer; a client gone is waiting for none
                 job.request = iteration
                 sent = plan.iteration(results.next(plan) if iteration else None)
-                results.add(await a1111_progress.followed(request.app.state.api, sent, job))
-                if job.interrupted:
-                    break
+                results.add(await a1111_progress.followed(request.app.state.api, sent, job), plan)
         return JSONResponse(a1111.answer(body, ours, results.answer(plan)))
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())

@@ -5,8 +5,9 @@ Why: the description is an inference request, answered in its place in TorchServ
 generation queued before it. A1111's clients fetch several listings together when they open their settings, and
 the page fetches two for its pickers; each would wait out those generations and add a request of its own to the
 queue. What the description says changes when LoRA or embedding files are added or the model is replaced; a copy
-one refresh old says it on the next call after that refresh. Only the very first call (or one after every refresh
-so far has failed) waits for TorchServe, and concurrent first calls share one request.
+one refresh old says it on the next call after that refresh. Only the very first call (or one after every fetch so
+far has failed) waits for TorchServe, and concurrent first calls share one request. A failed refresh keeps the copy
+and is tried again once the copy is `max_age` older.
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ class Description:
         return described
 
     def _retrieved(self, task: asyncio.Task[dict[str, Any]]) -> None:
-        """A failed background fetch keeps the copy (the next call tries again) and is logged, not left for the
-        garbage collector to report."""
-        if not task.cancelled() and task.exception() is not None and self._copy is not None:
-            LOG.warning("the worker's description could not be refreshed: %s", task.exception())
+        """A failed background fetch keeps the copy, is logged (not left for the garbage collector to report), and
+        is tried again `max_age` later rather than on every call while TorchServe fails."""
+        if task.cancelled() or task.exception() is None or self._copy is None:
+            return
+        LOG.warning("the worker's description could not be refreshed: %s", task.exception())
+        self._fetched_at = self._clock()
 
     async def aclose(self) -> None:
-        """Cancel a fetch in flight (the front is stopping and closes its client)."""
+        """Cancel a fetch in flight and let it end (the front is stopping and closes its client next)."""
         if self._fetching is not None and not self._fetching.done():
             self._fetching.cancel()
+            await asyncio.gather(self._fetching, return_exceptions=True)

@@ -15,13 +15,13 @@ Decisions, and why:
 - **The front draws the seed** when none is given (and the variation seed, when variation seeds are asked for),
   below 2³² − `max_images`, so every image's seed is known and valid before the first request is sent: the progress
   stream carries `X-Seed` from its first byte, and the seeds of later iterations follow from it.
-- **Nothing else is checked here.** A body the front cannot split (not JSON, not an object, a field holding an array
-  or object, a `stream` flag that is not a boolean, a count or seed that is not an integer) is forwarded as it is,
-  (or a variation strength that is not a number, a variation seed that is not an integer) so that TorchServe's
-  handler names the field at fault. The front only refuses what is its own: more than
-  `max_images` images in one request, and a seed (or variation seed) its split would carry past 2³² − 1
-  (TorchServe, which sees one iteration at a time, would refuse only a later iteration, after the first had been
-  computed).
+- **Nothing else of a request is checked here.** A body the front cannot split (not JSON, not an object, a field
+  holding an array or object, a `stream` flag that is not a boolean, a count or seed that is not an integer, a
+  variation strength that is not a number) is forwarded as it is, so that TorchServe's handler names the field at
+  fault. The front only refuses what is its own: more than `max_images` images in one request, and a seed (or
+  variation seed) its split would carry past 2³² − 1 (TorchServe, which sees one iteration at a time, would refuse
+  only a later iteration, after the first had been computed). TorchServe's answers are checked for what the split
+  counts on: an answer without images and a seed for each is a 502, before a later iteration is sent.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one `/imagine` request is sent to TorchServe."""
+    """How one `/imagine` (or translated A1111) request is sent to TorchServe."""
 
     # The request's fields with the seed filled in, or None when the body is forwarded as it came.
     fields: dict[str, Any] | None
@@ -150,16 +150,23 @@ class Results:
     # (a rolling upgrade).
     warnings: list[str] = field(default_factory=list)
 
-    def add(self, answer: Any) -> None:
-        """One iteration's answer; one without an image, a seed per image and its parameters is TorchServe's
-        fault (502), found before the next iteration counts on its seeds."""
+    def add(self, answer: Any, plan: Plan) -> None:
+        """One iteration's answer to `plan`; one without images, a whole-number seed per image (and variation seed,
+        when the plan counts them) and its parameters is TorchServe's fault (502), found before the next iteration
+        counts on its seeds."""
         try:
-            images, seeds = list(answer["images"]), [int(seed) for seed in answer["seeds"]]
-            subseeds = [int(seed) for seed in answer.get("subseeds", [])]
+            images, seeds = list(answer["images"]), list(answer["seeds"])
+            subseeds = list(answer.get("subseeds", []))
             parameters, warnings = dict(answer["parameters"]), list(answer.get("warnings", []))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise FrontError(502, BROKEN_ANSWER) from None
-        if not images or len(seeds) != len(images) or len(subseeds) not in (0, len(images)):
+        subseed_counts = (len(images),) if plan.counted == "subseed" else (0, len(images))
+        if (
+            not images
+            or len(seeds) != len(images)
+            or len(subseeds) not in subseed_counts
+            or not all(_is_integer(seed) for seed in seeds + subseeds)
+        ):
             raise FrontError(502, BROKEN_ANSWER)
         self.images += images
         self.seeds += seeds

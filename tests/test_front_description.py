@@ -18,13 +18,18 @@ class Worker:
 
     def __init__(self) -> None:
         self.asked = 0
+        self.cancelled = 0
         self.failing = False
         self.release = asyncio.Event()
         self.release.set()
 
     async def fetch(self) -> dict[str, int]:
         self.asked += 1
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         if self.failing:
             raise FrontError(503, "TorchServe is not reachable")
         return {"version": self.asked}
@@ -83,7 +88,9 @@ def test_a_failed_first_request_is_each_waiters_error_and_the_next_call_asks_aga
     asyncio.run(scenario())
 
 
-def test_a_failed_refresh_keeps_the_copy_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_refresh_keeps_the_copy_is_logged_and_is_tried_again_once_old(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
         worker, clock = Worker(), Clock()
         description = Description(worker.fetch, max_age=10, clock=clock)
@@ -92,10 +99,15 @@ def test_a_failed_refresh_keeps_the_copy_and_is_logged(caplog: pytest.LogCapture
         worker.failing = True
         assert await description.get() == {"version": 1}
         await _settle()
-        assert await description.get() == {"version": 1}  # still old: asked again
+        assert await description.get() == {"version": 1}  # failed just now: not asked again at once
+        await _settle()
+        assert worker.asked == 2
+        clock.now += 10
+        assert await description.get() == {"version": 1}
         await _settle()
         assert worker.asked == 3
         worker.failing = False
+        clock.now += 10
         assert await description.get() == {"version": 1}
         await _settle()
         assert await description.get() == {"version": 4}
@@ -105,8 +117,8 @@ def test_a_failed_refresh_keeps_the_copy_and_is_logged(caplog: pytest.LogCapture
     assert caplog.messages == ["the worker's description could not be refreshed: TorchServe is not reachable"] * 2
 
 
-def test_closing_cancels_the_request_in_flight() -> None:
-    async def scenario() -> bool:
+def test_closing_cancels_the_request_in_flight_and_waits_for_it() -> None:
+    async def scenario() -> int:
         worker, clock = Worker(), Clock()
         description = Description(worker.fetch, max_age=10, clock=clock)
         await description.get()
@@ -115,7 +127,6 @@ def test_closing_cancels_the_request_in_flight() -> None:
         await description.get()
         await asyncio.sleep(0)
         await description.aclose()
-        await _settle()
-        return description._fetching is not None and description._fetching.cancelled()
+        return worker.cancelled
 
-    assert asyncio.run(scenario())
+    assert asyncio.run(scenario()) == 1

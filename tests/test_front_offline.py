@@ -260,19 +260,30 @@ def test_torchserve_down_is_a_503_that_says_so() -> None:
 
 
 @pytest.mark.parametrize(
-    "answer",
-    [{"images": []}, {"images": ["a"], "seeds": []}, {"images": ["a"], "seeds": [1], "parameters": "x"}, [1],
-     {"images": ["a", "b"], "seeds": [1, 2], "subseeds": [3], "parameters": {}}],
-)  # fmt: skip
-def test_an_answer_without_images_seeds_and_parameters_is_a_502(answer: Any) -> None:
+    ("answer", "variation"),
+    [
+        ({"images": []}, False),
+        ({"images": [], "seeds": [], "parameters": {}}, False),
+        ({"images": ["a"], "seeds": []}, False),
+        ({"images": ["a"], "seeds": [1], "parameters": "x"}, False),
+        ([1], False),
+        ({"images": ["a", "b"], "seeds": [1, 2], "subseeds": [3], "parameters": {}}, False),
+        ({"images": ["a"], "seeds": ["1"], "parameters": {}}, False),
+        ({"images": ["a"], "seeds": [1.5], "parameters": {}}, False),
+        ({"images": ["a"], "seeds": [1], "parameters": {}}, True),  # variation seeds, none answered
+    ],
+)
+def test_an_answer_without_images_seeds_and_parameters_is_a_502(answer: Any, variation: bool) -> None:
     """Found in the iteration that brings it, before the next one counts on its seeds (it was a 500, or an empty
-    200)."""
+    200), in a JSON answer and in a stream's last line."""
     nonsense = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    body = {"prompt": "a fox", "n_iter": 2, **({"subseed_strength": 0.5} if variation else {})}
     with TestClient(create_app(FrontSettings(), nonsense)) as test_client:
-        response = test_client.post(
-            "/imagine", json={"prompt": "a fox", "n_iter": 2}, headers={"Accept": "application/json"}
-        )
+        response = test_client.post("/imagine", json=body, headers={"Accept": "application/json"})
         assert response.status_code == 502 and "without images, a seed for each" in response.json()["error"]
+        streamed = stream_lines(test_client.post("/imagine/stream", json=body))
+        said = "not a JSON object" if isinstance(answer, list) else "without images, a seed for each"
+        assert streamed[-1]["status"] == 502 and said in streamed[-1]["error"]
 
 
 def test_a_model_torchserve_does_not_serve_is_a_503(fake: FakeInference) -> None:
