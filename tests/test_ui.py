@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Route, expect, sync_playwright
 
 from scripts.server import ROOT
@@ -510,3 +510,76 @@ def test_an_init_image_sets_the_size_to_its_own_within_the_limits(page: Page, tm
         expect(page.locator("#H")).to_have_value(expected[1])
         assert page.input_value("#preset") == "custom"
         expect(page.locator("#error-init_image")).to_have_text("")
+
+
+def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path: Path) -> None:
+    """A result's PNG picked as "Settings from a PNG" on a fresh page sets every field it was made with (brackets
+    read as written: the PNG says "Emphasis: None"), and Generate makes the same PNG, to the byte."""
+    page.fill("#prompt", "a lighthouse (at dusk)")
+    page.fill("#negative_prompt", "fog, rain")
+    page.select_option("#sampler", "dpmpp_2m_karras")
+    page.fill("#scale", "6")
+    page.fill("#clip_skip", "2")
+    page.check("#seed_fixed")
+    page.fill("#seed", "42")
+    page.fill("#subseed_strength", "0.3")
+    page.fill("#subseed", "7")
+    page.check("#tiling")
+    generate(page, 1)
+    [made] = results(page)
+    path = tmp_path / "made.png"
+    path.write_bytes(base64.b64decode(made["src"].split(",", 1)[1]))
+
+    page.reload()
+    page.set_input_files("#settings_file", str(path))
+    expect(page.locator("#settings_note")).to_have_text("Settings of made.png set.")
+    fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "clip_skip", "seed",
+              "subseed", "subseed_strength")  # fmt: skip
+    assert {field: page.input_value(f"#{field}") for field in fields} == {
+        "prompt": "a lighthouse (at dusk)", "negative_prompt": "fog, rain", "W": "64", "H": "64", "preset": "64x64",
+        "ddim_steps": "10", "scale": "6", "sampler": "dpmpp_2m_karras", "clip_skip": "2", "seed": "42",
+        "subseed": "7", "subseed_strength": "0.3",
+    }  # fmt: skip
+    assert page.is_checked("#seed_fixed") and page.is_checked("#tiling") and not page.is_checked("#emphasis")
+    generate(page, 1)
+    assert results(page)[0]["src"] == made["src"]
+
+
+def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_path: Path) -> None:
+    """AUTOMATIC1111 1.9's text (UTF-8, so an iTXt chunk): its lines, quoted values and schedule read as A1111 reads
+    them (no Emphasis field: its default, our A1111 syntax); what this server does not do is named. A PNG without
+    settings is explained."""
+    text = (
+        "a café, (masterpiece:1.2)\nsoft light\nNegative prompt: blurry\nlowres\n"
+        "Steps: 24, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 987, Size: 512x768, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, "
+        'Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), Lora hashes: "ink: 0123abcd", '
+        "Face restoration: CodeFormer, Version: v1.9.4"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", text)
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    page.set_input_files("#settings_file", str(path))
+    expect(page.locator("#settings_note")).to_have_text(
+        "Settings of a1111.png set. Not available here: Face restoration: CodeFormer."
+    )
+    fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "seed",
+              "clip_skip", "hr_scale", "hr_steps", "hr_upscaler", "hr_strength", "subseed_strength",
+              "seed_resize_from_w")  # fmt: skip
+    assert {field: page.input_value(f"#{field}") for field in fields} == {
+        "prompt": "a café, (masterpiece:1.2)\nsoft light", "negative_prompt": "blurry\nlowres", "W": "512",
+        "H": "768", "preset": "512x768", "ddim_steps": "24", "scale": "6.5", "sampler": "dpmpp_2m_karras",
+        "seed": "987", "clip_skip": "2", "hr_scale": "1.5", "hr_steps": "12", "hr_upscaler": "latent_bicubic",
+        "hr_strength": "0.45", "subseed_strength": "0", "seed_resize_from_w": "",
+    }  # fmt: skip
+    assert page.is_checked("#emphasis") and not page.is_checked("#weighted_subprompts")
+    expect(page.locator("#hr_strength_value")).to_have_text("0.45")
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    page.set_input_files("#settings_file", str(plain))
+    expect(page.locator("#error-settings_file")).to_have_text(
+        "plain.png holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)"
+    )
+    assert page.input_value("#prompt") == "a café, (masterpiece:1.2)\nsoft light"  # the form as it was

@@ -1,6 +1,8 @@
 // The page's behaviour: build a request from the form, follow /imagine/stream, show progress, results and errors.
 // User text (prompts, error messages) only ever goes into textContent: it is shown as text, never parsed as HTML.
 
+import { pngParameters, settingsFrom } from "./infotext.js";
+
 const $ = (id) => document.getElementById(id);
 const form = $("form");
 const progress = $("progress");
@@ -406,6 +408,65 @@ async function generate() {
   }
 }
 
+// The option of a select whose label is `label` (the names PNGs give samplers and upscalers), or undefined.
+function optionLabelled(select, label) {
+  return [...$(select).options].find((option) => option.textContent === label);
+}
+
+// A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here is listed.
+function applySettings(settings, unread) {
+  $("prompt").value = settings.prompt;
+  $("negative_prompt").value = settings.negative_prompt;
+  for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "hr_strength", "strength", "W", "H"]) {
+    if (settings[id] !== undefined) $(id).value = settings[id];
+  }
+  const preset = `${$("W").value}x${$("H").value}`;
+  $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
+  if (settings.seed !== undefined) {
+    $("seed_fixed").checked = true;
+    $("seed").value = settings.seed;
+  }
+  $("subseed").value = settings.subseed ?? "";
+  $("subseed_strength").value = settings.subseed_strength;
+  [$("seed_resize_from_w").value, $("seed_resize_from_h").value] = settings.seed_resize ?? ["", ""];
+  if (settings.mask_blur !== undefined) $("mask_blur").value = settings.mask_blur;
+  for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
+  for (const [id, label] of [["sampler", settings.sampler], ["hr_upscaler", settings.hr_upscaler]]) {
+    if (label === undefined) continue;
+    const option = optionLabelled(id, label);
+    if (option && !option.disabled) $(id).value = option.value;
+    else unread.push(`${id === "sampler" ? "Sampler" : "Hires upscaler"}: ${label}`);
+  }
+  for (const id of ["strength", "hr_strength", "subseed_strength", "mask_blur"]) $(`${id}_value`).value = $(id).value;
+  setPlms();
+}
+
+async function readSettings(file) {
+  $("settings_note").textContent = "";
+  $("error-settings_file").textContent = "";
+  $("settings_file").removeAttribute("aria-invalid");
+  if (!file) return;
+  let text;
+  try {
+    text = await pngParameters(await file.arrayBuffer());
+  } catch {
+    text = null; // a chunk that does not inflate
+  } finally {
+    $("settings_file").value = ""; // the same file picked again fires "change" again
+  }
+  if (text === null) {
+    showError(`${file.name} holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)`,
+      "settings_file");
+    return;
+  }
+  const { settings, unread } = settingsFrom(text);
+  applySettings(settings, unread);
+  const notes = [`Settings of ${file.name} set.`];
+  if (settings.strength !== undefined && !initImage) notes.push("It was made from an init image: pick one below.");
+  if (unread.length > 0) notes.push(`Not available here: ${unread.join("; ")}.`);
+  $("settings_note").textContent = notes.join(" ");
+}
+
 function readFile(file) {
   if (!file) return;
   if (!["image/png", "image/jpeg"].includes(file.type)) {
@@ -492,6 +553,7 @@ $("embedding_add").addEventListener("click", () => addText(lastPrompt, $("embedd
 
 const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
+$("settings_file").addEventListener("change", () => readSettings($("settings_file").files[0]));
 $("init_clear").addEventListener("click", () => setInitImage(null));
 $("mask_clear").addEventListener("click", () => clearMask());
 // The two prompt syntaxes read colons each their own way: choosing one sets the other aside.

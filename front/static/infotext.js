@@ -1,0 +1,144 @@
+// The settings a PNG was made with, read from its `parameters` text chunk (AUTOMATIC1111's "infotext", which this
+// server writes too: ldm/png_info.py), as the form's fields. Why on the page: a user who finds an image they like,
+// made here or by A1111, gets its settings back by picking the file, as with A1111's PNG Info tab.
+
+const SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
+// A1111's reading of the last line: `Key: value` pairs, a value in JSON quotes when it holds a comma or colon.
+const PARAMETER = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
+// Fields that say what made the image but set nothing on the form (the checkpoint and VAE are the server's).
+const INFORMATIVE = ["Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Version"];
+
+async function inflate(bytes) {
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+// The `parameters` text of PNG bytes (tEXt, zTXt or iTXt, compressed or not), or null when there is none.
+export async function pngParameters(buffer) {
+  const bytes = new Uint8Array(buffer);
+  if (bytes.length < 8 || SIGNATURE.some((value, i) => bytes[i] !== value)) return null;
+  const view = new DataView(buffer);
+  const latin1 = new TextDecoder("latin1");
+  for (let position = 8; position + 8 <= bytes.length; ) {
+    const length = view.getUint32(position);
+    const kind = latin1.decode(bytes.subarray(position + 4, position + 8));
+    const data = bytes.subarray(position + 8, position + 8 + length);
+    position += 12 + length;
+    const zero = data.indexOf(0);
+    if (zero < 0 || latin1.decode(data.subarray(0, zero)) !== "parameters") continue;
+    if (kind === "tEXt") return latin1.decode(data.subarray(zero + 1));
+    if (kind === "zTXt") return latin1.decode(await inflate(data.subarray(zero + 2)));
+    if (kind === "iTXt") {
+      const compressed = data[zero + 1] === 1;
+      // Then the compression method, and the language and translated keyword, each ended by a zero byte.
+      const language = data.indexOf(0, zero + 3);
+      const start = data.indexOf(0, language + 1) + 1;
+      const text = compressed ? await inflate(data.subarray(start)) : data.subarray(start);
+      return new TextDecoder("utf-8").decode(text);
+    }
+  }
+  return null;
+}
+
+// The prompt, the negative prompt and the `Key: value` fields of an infotext, split as A1111 splits them: the last
+// line is the fields when it holds three or more, and "Negative prompt:" starts the negative prompt's lines.
+export function splitInfotext(text) {
+  const lines = text.trim().split("\n");
+  let last = lines.pop();
+  if ([...last.matchAll(PARAMETER)].length < 3) {
+    lines.push(last);
+    last = "";
+  }
+  const prompts = { prompt: [], negative_prompt: [] };
+  let current = prompts.prompt;
+  for (let line of lines) {
+    line = line.trim();
+    if (line.startsWith("Negative prompt:")) {
+      current = prompts.negative_prompt;
+      line = line.slice("Negative prompt:".length).trim();
+    }
+    current.push(line);
+  }
+  const fields = new Map();
+  for (const [, key, value] of last.matchAll(PARAMETER)) {
+    let read = value;
+    if (value.length > 1 && value.startsWith('"') && value.endsWith('"')) {
+      try {
+        read = JSON.parse(value);
+      } catch {
+        read = value;
+      }
+    }
+    fields.set(key, read);
+  }
+  return { prompt: prompts.prompt.join("\n"), negative_prompt: prompts.negative_prompt.join("\n"), fields };
+}
+
+// "512x768" as [512, 768], or null.
+function size(value) {
+  const match = /^(\d+)x(\d+)$/.exec(value);
+  return match ? [Number(match[1]), Number(match[2])] : null;
+}
+
+// The form's settings for an infotext, in the request's field names: `sampler` and `hr_upscaler` by the names PNGs
+// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` [width, height]. A
+// setting an infotext leaves out is read as A1111 reads it: no hires fix, variation seed, seed resize, clip skip or
+// tiling, and A1111's syntax ("Emphasis: Original", its default; this server writes "None" where that would read a
+// prompt otherwise). `unread` lists the fields that set nothing here, as "Key: value".
+export function settingsFrom(text) {
+  const { prompt, negative_prompt, fields } = splitInfotext(text);
+  const settings = {
+    prompt, negative_prompt, hr_scale: 1, subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
+  };
+  const unread = [];
+  const take = (key) => {
+    const value = fields.get(key);
+    fields.delete(key);
+    return value;
+  };
+  const whole = (value) => (/^\d+$/.test(value ?? "") ? Number(value) : undefined);
+  const decimal = (value) => (value !== undefined && Number.isFinite(Number(value)) ? Number(value) : undefined);
+  const entries = {
+    ddim_steps: whole(take("Steps")),
+    scale: decimal(take("CFG scale")),
+    seed: whole(take("Seed")),
+    subseed: whole(take("Variation seed")),
+    clip_skip: whole(take("Clip skip")),
+    mask_blur: whole(take("Mask blur")),
+    hr_steps: whole(take("Hires steps")),
+  };
+  for (const [name, value] of Object.entries(entries)) if (value !== undefined) settings[name] = value;
+  const dimensions = size(take("Size") ?? "");
+  if (dimensions) [settings.W, settings.H] = dimensions;
+  const variation = decimal(take("Variation seed strength"));
+  if (variation !== undefined && settings.subseed !== undefined) settings.subseed_strength = variation;
+  const resize = size(take("Seed resize from") ?? "");
+  if (resize && resize[0] > 0 && resize[1] > 0) settings.seed_resize = resize;
+  // A1111 1.9 writes the schedule apart from the sampler's name: Karras is the name's Karras variant here.
+  const sampler = take("Sampler");
+  const schedule = take("Schedule type");
+  if (sampler !== undefined) {
+    settings.sampler = schedule === "Karras" && !sampler.endsWith(" Karras") ? `${sampler} Karras` : sampler;
+  }
+  if (schedule !== undefined && !["Karras", "Uniform", "Automatic"].includes(schedule)) {
+    unread.push(`Schedule type: ${schedule}`);
+  }
+  const strength = decimal(take("Denoising strength"));
+  const upscale = decimal(take("Hires upscale"));
+  if (upscale !== undefined) {
+    settings.hr_scale = upscale;
+    settings.hr_upscaler = take("Hires upscaler") ?? "Latent";
+    if (settings.hr_steps === undefined) settings.hr_steps = 0;
+    if (strength !== undefined) settings.hr_strength = strength;
+  } else if (strength !== undefined) {
+    settings.strength = strength;
+  }
+  if (take("Tiling") === "True") settings.tiling = true;
+  settings.weighted_subprompts = take("Weighted subprompts") === "True";
+  const emphasis = take("Emphasis") ?? "Original";
+  settings.emphasis = emphasis === "Original" && !settings.weighted_subprompts;
+  if (!["Original", "None"].includes(emphasis)) unread.push(`Emphasis: ${emphasis}`);
+  for (const key of INFORMATIVE) fields.delete(key);
+  for (const [key, value] of fields) unread.push(`${key}: ${value}`);
+  return { settings, unread };
+}
