@@ -271,14 +271,19 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -
 
 
 # A1111's listings the front answers from the handler's description (handler/description.py).
-LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "loras", "embeddings", "options")
+LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "sd-vae", "loras", "embeddings", "options")
+# A1111's listings of what is not done here (requests naming any are refused): empty, as an A1111 without any.
+NONE_HERE = ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles")
+# A1111's rescans of its model folders: here, a fresh description (new LoRA or embedding files are listed at once).
+REFRESHES = ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "refresh-loras")
 DESCRIBE = b'{"describe": true}'
 
 
 def listing(name: str, described: Any, model: str) -> Any:
     """A1111's answer to `GET /sdapi/v1/<name>` from what the worker describes: the samplers and upscalers by
-    A1111's names, the one model (named as TorchServe serves it), the LoRAs and embeddings a prompt may name, and
-    the options its clients read (the model, the VAE, clip skip, η, where the noise is drawn)."""
+    A1111's names, the one model (named as TorchServe serves it), its VAE file if it has one, the LoRAs and
+    embeddings a prompt may name, and the options its clients read (the model, the VAE, clip skip, η, where the
+    noise is drawn)."""
     try:
         samplers, upscalers = described["sampler_names"].items(), described["upscalers"].items()
         model_hash, loras, shapes = described["model_hash"], described["loras"], described["embedding_shapes"].items()
@@ -295,6 +300,8 @@ def listing(name: str, described: Any, model: str) -> Any:
         return [
             {"name": title, "model_name": None, "model_path": None, "model_url": None, "scale": 1} for title in titles
         ]
+    if name == "sd-vae":
+        return [{"model_name": vae, "filename": vae}] if "vae" in described else []
     if name == "latent-upscale-modes":
         return [{"name": title} for ours, title in upscalers if ours.startswith("latent")]
     if name == "sd-models":

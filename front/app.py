@@ -221,6 +221,21 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             a1111.PREFIX + name, a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
 
+    async def a1111_none_here() -> JSONResponse:
+        return JSONResponse([])
+
+    for name in a1111.NONE_HERE:
+        app.add_api_route(a1111.PREFIX + name, a1111_none_here, methods=["GET"], summary=f"A1111's {name}: none here")
+
+    async def a1111_refresh(request: Request) -> JSONResponse:
+        await request.app.state.description.refresh()
+        return JSONResponse(None)
+
+    for name in a1111.REFRESHES:
+        app.add_api_route(
+            a1111.PREFIX + name, a1111_refresh, methods=["POST"], summary=f"A1111's {name}: a fresh description"
+        )
+
     @app.post("/sdapi/v1/interrupt", summary="Stop the oldest A1111 request after its batch in flight")
     async def a1111_interrupt() -> JSONResponse:
         jobs.interrupt()

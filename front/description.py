@@ -7,7 +7,8 @@ the page fetches two for its pickers; each would wait out those generations and 
 queue. What the description says changes when LoRA or embedding files are added or the model is replaced; a copy
 one refresh old says it on the next call after that refresh. Only the very first call (or one after every fetch so
 far has failed) waits for TorchServe, and concurrent first calls share one request. A failed refresh keeps the copy
-and is tried again once the copy is `max_age` older.
+and is tried again once the copy is `max_age` older. A1111's refresh endpoints (a client just added files) wait for
+a fresh description.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ class Description:
         if self._clock() - self._fetched_at >= self._max_age:
             self._start()
         return self._copy
+
+    async def refresh(self) -> dict[str, Any]:
+        """A description fetched after this call began (A1111's refresh endpoints: files were just added), which
+        the copy becomes; a fetch already in flight may have asked before them, so it is waited out first."""
+        if self._fetching is not None and not self._fetching.done():
+            await asyncio.gather(asyncio.shield(self._fetching), return_exceptions=True)
+        return await asyncio.shield(self._start())
 
     def _start(self) -> asyncio.Task[dict[str, Any]]:
         """The fetch in flight, or a new one."""

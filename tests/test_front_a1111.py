@@ -255,6 +255,23 @@ def test_a1111s_listings_come_from_the_workers_description(client: TestClient, f
     assert fake.sent() == [{"describe": True}]  # the front's copy answers the six after it (front/description.py)
 
 
+def test_a_refresh_lists_new_files_at_once_and_what_is_not_done_here_is_listed_empty(
+    client: TestClient, fake: FakeInference
+) -> None:
+    """A1111's clients ask for a rescan after adding files: the front's copy of the description is fetched anew."""
+    assert client.get("/sdapi/v1/sd-vae").json() == []
+    fake.described = {**fake.described, "loras": ["ink", "pencil"], "vae": {"name": "mse.safetensors", "hash": "0a1b"}}
+    assert [lora["name"] for lora in client.get("/sdapi/v1/loras").json()] == ["ink"]  # the copy, not yet old
+    for name in ("refresh-loras", "refresh-vae", "refresh-checkpoints", "refresh-embeddings"):
+        response = client.post(f"/sdapi/v1/{name}")
+        assert response.status_code == 200 and response.json() is None
+    assert [lora["name"] for lora in client.get("/sdapi/v1/loras").json()] == ["ink", "pencil"]
+    assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": "mse.safetensors", "filename": "mse.safetensors"}]
+    assert fake.sent() == [{"describe": True}] * 5
+    for name in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+        assert client.get(f"/sdapi/v1/{name}").json() == []
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [

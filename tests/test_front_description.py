@@ -74,6 +74,26 @@ def test_first_callers_share_one_request_then_the_copy_answers_until_it_is_old()
     asyncio.run(scenario())
 
 
+def test_a_refresh_waits_out_a_fetch_in_flight_then_asks_again() -> None:
+    """The fetch in flight may have asked before the files a client just added: the refresh is a later one."""
+
+    async def scenario() -> None:
+        worker, clock = Worker(), Clock()
+        description = Description(worker.fetch, max_age=10, clock=clock)
+        await description.get()
+        clock.now += 10
+        worker.release.clear()
+        await description.get()  # a background refresh, held
+        await asyncio.sleep(0)
+        refreshing = asyncio.create_task(description.refresh())
+        await asyncio.sleep(0)
+        assert worker.asked == 2
+        worker.release.set()
+        assert await refreshing == {"version": 3} and await description.get() == {"version": 3}
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_first_request_is_each_waiters_error_and_the_next_call_asks_again() -> None:
     async def scenario() -> None:
         worker = Worker()

@@ -40,6 +40,8 @@ class FakeInference:
     bodies: list[bytes] = field(default_factory=list)
     # The server's handler.defaults.n_samples, for bodies that name none.
     default_samples: int = 1
+    # What `{"describe": true}` answers.
+    described: dict[str, Any] = field(default_factory=lambda: dict(DESCRIBED))
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/ping":
@@ -50,7 +52,7 @@ class FakeInference:
             )
         self.bodies.append(request.content)
         if request.content == b'{"describe": true}':
-            return httpx.Response(200, json=DESCRIBED)
+            return httpx.Response(200, json=self.described)
         try:
             body = json.loads(request.content)
             count = body.get("n_samples", self.default_samples) * body.get("n_iter", 1)
