@@ -16,7 +16,7 @@ import pytest
 
 from scripts.server import TorchServe
 from tests.bad_requests import CASES, PNG_ONLY, Case
-from tests.servers import MODEL, TIMEOUT
+from tests.servers import MODEL, TIMEOUT, TINY_LORA
 
 pytestmark = pytest.mark.integration
 TINY = {"H": 64, "W": 64, "ddim_steps": 3}
@@ -116,6 +116,8 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     assert options["sd_model_checkpoint"] == model["title"]
     picked = http.post(f"{front}/sdapi/v1/options", json={"sd_model_checkpoint": model["title"]})
     assert picked.status_code == 200 and picked.json() is None
+    assert http.post(f"{front}/sdapi/v1/refresh-loras").json() is None  # the worker described again
+    assert [lora["name"] for lora in http.get(f"{front}/sdapi/v1/loras").json()] == [TINY_LORA]
 
     refused = http.post(f"{front}/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "steps": 1000})
     assert refused.status_code == 400
