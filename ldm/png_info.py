@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,9 +22,6 @@ from ldm.png_encoder import encode_pngs
 from ldm.vae_file import VaeFile
 
 PARAMETERS_KEY = "parameters"
-# What A1111's reading of a PNG that names no emphasis ("Original", its default) reads otherwise than a request
-# without `emphasis`: brackets, BREAK and escapes, AND, and weights after a colon.
-A1111_SYNTAX = re.compile(r"[(\[\\:]|BREAK|\bAND\b")
 
 
 def _escape(text: str) -> str:
@@ -46,12 +42,11 @@ def parameters_text(
     embedding_hashes: Sequence[tuple[str, str]] = (),
     subseed: int | None = None,
     vae_file: VaeFile | None = None,
-    clipped: bool = False,
 ) -> str:
     """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
     embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`); `seed` and
     `subseed` are the image's own (`Generation.seeds`, `subseeds`); `vae_file`, the model's VAE file if it has one
-    (`StableDiffusion.vae_file`); `clipped`, whether CLIP left words of a text unread (`Generation.warnings`)."""
+    (`StableDiffusion.vae_file`)."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
@@ -72,7 +67,7 @@ def parameters_text(
     if request.seed_resize:
         fields.append(f"Seed resize from: {request.seed_resize_from_w}x{request.seed_resize_from_h}")
     if request.eta:
-        fields.append(f"Eta: {float(request.eta)}")
+        fields.append(f"Eta DDIM: {float(request.eta)}")  # A1111's name for DDIM's η ("Eta" is the ancestral one)
     if request.init_image is not None or request.hires:
         fields.append(f"Denoising strength: {float(request.strength)}")
     if request.hires:
@@ -87,15 +82,16 @@ def parameters_text(
         fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:
         fields.append(f"Clip skip: {request.clip_skip}")
+    # The noise is drawn on the CPU (A1111's GPU default, which it assumes when told nothing, draws other numbers).
+    fields.append("RNG: CPU")
     if request.tiling:
-        fields.append("Tiling: True")  # after Clip skip, as A1111 orders them
+        fields.append("Tiling: True")  # after Clip skip and RNG, as A1111 orders them
     if request.weighted_subprompts:
         fields.append("Weighted subprompts: True")
-    if request.emphasis:
-        fields.append("Emphasis: Original")  # A1111's name for its syntax, which it reads back from this
-    elif clipped or any(A1111_SYNTAX.search(text) for text in (request.prompt, request.negative_prompt)):
-        # Read as written: A1111 (and the page), told nothing, would weigh these brackets or read the text whole.
-        fields.append("Emphasis: None")
+    # Always said: A1111 (and the page) takes a PNG that names none as "Original", which weighs brackets, reads AND
+    # and weights after a colon, and reads a text past CLIP's 75 tokens whole (and encodes each text alone); "None"
+    # is the original's reading, as written.
+    fields.append(f"Emphasis: {'Original' if request.emphasis else 'None'}")
     for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", embedding_hashes)):
         if hashes:
             # A1111's fields, quoted as it quotes a value holding commas or colons; names lose theirs, as in A1111.
@@ -111,7 +107,7 @@ def generation_texts(generation: Generation, model: StableDiffusion) -> list[str
     return [
         parameters_text(
             generation.request, seed, model.model_hash, generation.lora_hashes, generation.embedding_hashes, subseed,
-            model.vae_file, clipped=bool(generation.warnings),
+            model.vae_file,
         )
         for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
     ]  # fmt: skip

@@ -206,7 +206,7 @@ def test_seed_resize_flags_paint_the_pipelines_image(pipeline: Pipeline, tmp_pat
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("basic"))).images[0])
     assert parameters is not None
-    assert parameters.endswith(f"Seed: 1000, Size: 64x64, Model hash: {TINY_HASH}, Seed resize from: 48x32")
+    assert f"Seed: 1000, Size: 64x64, Model hash: {TINY_HASH}, Seed resize from: 48x32, RNG: CPU" in parameters
 
 
 def test_tiling_flag_paints_the_pipelines_tiled_image(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -399,7 +399,7 @@ def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeli
     request = replace(request_for(case("basic")), prompt="a castle:0.7 a forest:0.3")
     assert np.array_equal(pixels, pipeline.generate(replace(request, weighted_subprompts=True)).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request).images[0])
-    assert parameters is not None and parameters.split("\n")[1].endswith(", Weighted subprompts: True")
+    assert parameters is not None and parameters.split("\n")[1].endswith(", Weighted subprompts: True, Emphasis: None")
 
 
 def test_words_clip_never_reads_are_a_warning_before_the_model_loads(

@@ -152,7 +152,7 @@ def test_pngs_name_the_embeddings_read_with_their_hashes(with_embeddings: Pipeli
     )
     assert generation.embedding_hashes == (("tinystyle", style), ("tinyneg", neg))
     text = parameters_text(generation.request, 3, "", generation.lora_hashes, generation.embedding_hashes)
-    assert text.endswith(f'Size: 64x64, TI hashes: "tinystyle: {style}, tinyneg: {neg}"')
+    assert text.endswith(f'Size: 64x64, RNG: CPU, Emphasis: None, TI hashes: "tinystyle: {style}, tinyneg: {neg}"')
     plain = with_embeddings.generate(dataclasses.replace(REQUEST, prompt="a castle", negative_prompt=""))
     assert plain.embedding_hashes == ()
 

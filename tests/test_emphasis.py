@@ -168,14 +168,10 @@ def test_requests_in_the_syntax_that_cannot_run_name_their_field(change: dict, f
 
 
 def test_pngs_say_emphasis_as_a1111_reads_it() -> None:
-    """On, A1111's name for it; off, "None" where A1111 (and the page, front/static/infotext.js), told nothing,
-    would read the texts otherwise: it assumes "Original", which weighs brackets, reads AND and a weight after a
-    colon, and reads a text past CLIP's 75 tokens whole."""
+    """On, A1111's name for it; off, "None", whatever the texts: A1111 (and the page, front/static/infotext.js),
+    told nothing, assumes "Original", which reads brackets, AND, weights and long texts otherwise, and encodes each
+    text alone."""
     assert "Emphasis: Original" in parameters_text(resolve(SMALL), 3)
     plain = resolve(dataclasses.replace(SMALL, emphasis=False))
-    assert "Emphasis" not in parameters_text(plain, 3)
-    assert "Emphasis" not in parameters_text(dataclasses.replace(plain, negative_prompt="ANDROID, BRAND, android"), 3)
-    for text in ("a (red) door", "a [red] door", "a red BREAK door", "a \\red door", "a castle AND a lake",
-                 "a castle:1.5", "style: ink"):  # fmt: skip
+    for text in ("", "a red door", "a (red) door", "a castle AND a lake"):
         assert parameters_text(dataclasses.replace(plain, negative_prompt=text), 3).endswith(", Emphasis: None")
-    assert parameters_text(plain, 3, clipped=True).endswith(", Emphasis: None")

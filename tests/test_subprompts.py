@@ -145,7 +145,7 @@ def test_png_parameters_say_the_prompt_was_split() -> None:
     request = resolve(dataclasses.replace(SMALL, prompt="a:1 b:2", weighted_subprompts=True))
     assert parameters_text(request, 23).splitlines() == [
         "a:1 b:2",
-        # and not A1111's syntax, in which the colons would be weights too
-        "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 23, Size: 64x64, Weighted subprompts: True, Emphasis: None",
+        "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 23, Size: 64x64, RNG: CPU, Weighted subprompts: True, "
+        "Emphasis: None",
     ]
     assert "Weighted" not in parameters_text(dataclasses.replace(request, weighted_subprompts=False), 23)
