@@ -513,9 +513,10 @@ def test_an_init_image_sets_the_size_to_its_own_within_the_limits(page: Page, tm
 
 
 def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path: Path) -> None:
-    """A result's PNG picked as "Settings from a PNG" on a fresh page sets every field it was made with (brackets
-    read as written: the PNG says "Emphasis: None"), and Generate makes the same PNG, to the byte."""
-    page.fill("#prompt", "a lighthouse (at dusk)")
+    """A result's PNG picked as "Settings from a PNG" on a fresh page sets every field it was made with (its line
+    break, written as \\n, a line break again; its brackets read as written, the PNG saying "Emphasis: None"), and
+    Generate makes the same PNG, to the byte; a plain prompt's too (read as written, not as A1111's syntax)."""
+    page.fill("#prompt", "a lighthouse\n(at dusk)")
     page.fill("#negative_prompt", "fog, rain")
     page.select_option("#sampler", "dpmpp_2m_karras")
     page.fill("#scale", "6")
@@ -525,24 +526,42 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     page.fill("#subseed_strength", "0.3")
     page.fill("#subseed", "7")
     page.check("#tiling")
+    page.fill("#hr_scale", "1.5")
+    page.select_option("#hr_upscaler", "latent_bicubic")
+    page.fill("#hr_steps", "3")
+    page.fill("#hr_strength", "0.55")
     generate(page, 1)
-    [made] = results(page)
-    path = tmp_path / "made.png"
-    path.write_bytes(base64.b64decode(made["src"].split(",", 1)[1]))
+    page.fill("#prompt", "a red bicycle")
+    page.fill("#negative_prompt", "")
+    page.fill("#hr_scale", "1")
+    page.uncheck("#tiling")
+    generate(page, 2)
+    plain, made = results(page)
+    paths = []
+    for name, result in (("made.png", made), ("plain.png", plain)):
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(base64.b64decode(result["src"].split(",", 1)[1]))
 
     page.reload()
-    page.set_input_files("#settings_file", str(path))
+    page.set_input_files("#settings_file", str(paths[0]))
     expect(page.locator("#settings_note")).to_have_text("Settings of made.png set.")
     fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "clip_skip", "seed",
-              "subseed", "subseed_strength")  # fmt: skip
+              "subseed", "subseed_strength", "hr_scale", "hr_upscaler", "hr_steps", "hr_strength")  # fmt: skip
     assert {field: page.input_value(f"#{field}") for field in fields} == {
-        "prompt": "a lighthouse (at dusk)", "negative_prompt": "fog, rain", "W": "64", "H": "64", "preset": "64x64",
+        "prompt": "a lighthouse\n(at dusk)", "negative_prompt": "fog, rain", "W": "64", "H": "64", "preset": "64x64",
         "ddim_steps": "10", "scale": "6", "sampler": "dpmpp_2m_karras", "clip_skip": "2", "seed": "42",
-        "subseed": "7", "subseed_strength": "0.3",
+        "subseed": "7", "subseed_strength": "0.3", "hr_scale": "1.5", "hr_upscaler": "latent_bicubic",
+        "hr_steps": "3", "hr_strength": "0.55",
     }  # fmt: skip
     assert page.is_checked("#seed_fixed") and page.is_checked("#tiling") and not page.is_checked("#emphasis")
     generate(page, 1)
     assert results(page)[0]["src"] == made["src"]
+    page.set_input_files("#settings_file", str(paths[1]))
+    expect(page.locator("#settings_note")).to_have_text("Settings of plain.png set.")
+    assert not page.is_checked("#emphasis") and not page.is_checked("#tiling")
+    assert page.input_value("#hr_scale") == "1" and page.input_value("#negative_prompt") == ""
+    generate(page, 2)
+    assert results(page)[0]["src"] == plain["src"]
 
 
 def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_path: Path) -> None:
@@ -562,7 +581,8 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     page.set_input_files("#settings_file", str(path))
     expect(page.locator("#settings_note")).to_have_text(
-        "Settings of a1111.png set. Not available here: Face restoration: CodeFormer."
+        "Settings of a1111.png set. Not available here: RNG: GPU (noise is drawn on the CPU here); "
+        "Face restoration: CodeFormer."
     )
     fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "seed",
               "clip_skip", "hr_scale", "hr_steps", "hr_upscaler", "hr_strength", "subseed_strength",
@@ -576,10 +596,23 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     assert page.is_checked("#emphasis") and not page.is_checked("#weighted_subprompts")
     expect(page.locator("#hr_strength_value")).to_have_text("0.45")
 
+    # Then a PLMS PNG without a seed, its variation strength between the slider's steps: PLMS is allowed again
+    # (no hires fix), the seed is drawn, and the rounding is named.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 5, Sampler: PLMS, CFG scale: 7, Size: 64x64, Variation seed: 3, "
+                                "Variation seed strength: 0.125, RNG: CPU, Emphasis: None")  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "plms.png", pnginfo=info)
+    page.set_input_files("#settings_file", str(tmp_path / "plms.png"))
+    expect(page.locator("#settings_note")).to_have_text(
+        "Settings of plms.png set. Not available here: Variation seed strength: 0.125 (set to 0.13)."
+    )
+    assert (page.input_value("#sampler"), page.input_value("#hr_scale"), page.input_value("#seed")) == ("plms", "1", "")
+    assert page.is_checked("#seed_random") and not page.is_checked("#emphasis")
+
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     page.set_input_files("#settings_file", str(plain))
     expect(page.locator("#error-settings_file")).to_have_text(
         "plain.png holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)"
     )
-    assert page.input_value("#prompt") == "a café, (masterpiece:1.2)\nsoft light"  # the form as it was
+    assert page.input_value("#prompt") == "a fox"  # the form as it was

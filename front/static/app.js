@@ -413,39 +413,50 @@ function optionLabelled(select, label) {
   return [...$(select).options].find((option) => option.textContent === label);
 }
 
-// A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here is listed.
+// The sliders a PNG's settings may set, by the names PNGs give them: a slider holds values in its steps only.
+const SLIDERS = {
+  strength: "Denoising strength", hr_strength: "Denoising strength", subseed_strength: "Variation seed strength",
+  mask_blur: "Mask blur",
+};
+
+// A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here, or is set only
+// as near as a slider's steps allow, is added to `unread`.
 function applySettings(settings, unread) {
   $("prompt").value = settings.prompt;
   $("negative_prompt").value = settings.negative_prompt;
-  for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "hr_strength", "strength", "W", "H"]) {
+  for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "W", "H"]) {
     if (settings[id] !== undefined) $(id).value = settings[id];
+  }
+  for (const [id, name] of Object.entries(SLIDERS)) {
+    if (settings[id] === undefined) continue;
+    $(id).value = settings[id];
+    if (Number($(id).value) !== settings[id]) unread.push(`${name}: ${settings[id]} (set to ${$(id).value})`);
+    $(`${id}_value`).value = $(id).value;
   }
   const preset = `${$("W").value}x${$("H").value}`;
   $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
-  if (settings.seed !== undefined) {
-    $("seed_fixed").checked = true;
-    $("seed").value = settings.seed;
-  }
+  $(settings.seed === undefined ? "seed_random" : "seed_fixed").checked = true;
+  $("seed").value = settings.seed ?? "";
   $("subseed").value = settings.subseed ?? "";
-  $("subseed_strength").value = settings.subseed_strength;
   [$("seed_resize_from_w").value, $("seed_resize_from_h").value] = settings.seed_resize ?? ["", ""];
-  if (settings.mask_blur !== undefined) $("mask_blur").value = settings.mask_blur;
   for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
+  setPlms(); // before the sampler: whether PLMS may run depends on the hires fix just set
   for (const [id, label] of [["sampler", settings.sampler], ["hr_upscaler", settings.hr_upscaler]]) {
     if (label === undefined) continue;
     const option = optionLabelled(id, label);
     if (option && !option.disabled) $(id).value = option.value;
     else unread.push(`${id === "sampler" ? "Sampler" : "Hires upscaler"}: ${label}`);
   }
-  for (const id of ["strength", "hr_strength", "subseed_strength", "mask_blur"]) $(`${id}_value`).value = $(id).value;
-  setPlms();
 }
+
+let settingsRead = 0; // which file's settings are being read: of two picked in a row, the later one wins
 
 async function readSettings(file) {
   $("settings_note").textContent = "";
   $("error-settings_file").textContent = "";
   $("settings_file").removeAttribute("aria-invalid");
   if (!file) return;
+  const reading = ++settingsRead;
   let text;
   try {
     text = await pngParameters(await file.arrayBuffer());
@@ -454,15 +465,19 @@ async function readSettings(file) {
   } finally {
     $("settings_file").value = ""; // the same file picked again fires "change" again
   }
-  if (text === null) {
+  if (reading !== settingsRead) return;
+  const { settings, unread } = text === null ? { settings: null } : settingsFrom(text);
+  if (settings === null) {
     showError(`${file.name} holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)`,
       "settings_file");
     return;
   }
-  const { settings, unread } = settingsFrom(text);
   applySettings(settings, unread);
   const notes = [`Settings of ${file.name} set.`];
-  if (settings.strength !== undefined && !initImage) notes.push("It was made from an init image: pick one below.");
+  if (settings.strength !== undefined && !initImage) {
+    notes.push(`It was made from an init image${settings.mask_blur === undefined ? "" : " and a mask"}: pick it below.`);
+  }
+  if (settings.hr_scale !== 1 && initImage) notes.push("Its hires fix runs without an init image: remove yours.");
   if (unread.length > 0) notes.push(`Not available here: ${unread.join("; ")}.`);
   $("settings_note").textContent = notes.join(" ");
 }

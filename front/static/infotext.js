@@ -80,15 +80,21 @@ function size(value) {
   return match ? [Number(match[1]), Number(match[2])] : null;
 }
 
+// A prompt as this server's PNGs write it, a line break as the two characters \n (ldm/png_info.py), as typed.
+const unescaped = (text) => text.replaceAll("\\n", "\n");
+
 // The form's settings for an infotext, in the request's field names: `sampler` and `hr_upscaler` by the names PNGs
-// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` [width, height]. A
-// setting an infotext leaves out is read as A1111 reads it: no hires fix, variation seed, seed resize, clip skip or
-// tiling, and A1111's syntax ("Emphasis: Original", its default; this server writes "None" where that would read a
-// prompt otherwise). `unread` lists the fields that set nothing here, as "Key: value".
+// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` [width, height], `seed`
+// undefined for a random one. A setting an infotext leaves out is read as A1111 reads it: no hires fix, variation
+// seed, seed resize, clip skip or tiling, A1111's syntax ("Emphasis: Original", its default; this server always
+// writes it), and noise drawn on the GPU ("RNG", which this server writes as CPU). `unread` lists the fields that set
+// nothing here, as "Key: value"; `settings` is null when the text holds no settings line (a prompt alone).
 export function settingsFrom(text) {
   const { prompt, negative_prompt, fields } = splitInfotext(text);
+  if (fields.size === 0) return { settings: null, unread: [] };
   const settings = {
-    prompt, negative_prompt, hr_scale: 1, subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
+    prompt: unescaped(prompt), negative_prompt: unescaped(negative_prompt), hr_scale: 1, subseed_strength: 0,
+    seed_resize: null, clip_skip: 1, tiling: false,
   };
   const unread = [];
   const take = (key) => {
@@ -123,16 +129,20 @@ export function settingsFrom(text) {
   if (schedule !== undefined && !["Karras", "Uniform", "Automatic"].includes(schedule)) {
     unread.push(`Schedule type: ${schedule}`);
   }
+  // Any "Hires" field says the denoising strength is the hires fix's (A1111 writes "Hires resize" for a size
+  // asked for instead of a scale, which is not done here, so it stays in `fields` to be named).
   const strength = decimal(take("Denoising strength"));
+  const hires = [...fields.keys()].some((key) => key.startsWith("Hires "));
   const upscale = decimal(take("Hires upscale"));
+  const upscaler = take("Hires upscaler");
   if (upscale !== undefined) {
     settings.hr_scale = upscale;
-    settings.hr_upscaler = take("Hires upscaler") ?? "Latent";
+    settings.hr_upscaler = upscaler ?? "Latent";
     if (settings.hr_steps === undefined) settings.hr_steps = 0;
-    if (strength !== undefined) settings.hr_strength = strength;
-  } else if (strength !== undefined) {
-    settings.strength = strength;
   }
+  if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
+  const rng = take("RNG") ?? "GPU";
+  if (rng !== "CPU") unread.push(`RNG: ${rng} (noise is drawn on the CPU here)`);
   if (take("Tiling") === "True") settings.tiling = true;
   settings.weighted_subprompts = take("Weighted subprompts") === "True";
   const emphasis = take("Emphasis") ?? "Original";
