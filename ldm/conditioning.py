@@ -71,6 +71,9 @@ class BatchConditions:
         self._chosen: tuple[tuple[tuple[int, ...], int], ...] | None = None
         self._contexts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows: torch.Tensor | None = None  # each prompt row's image, on the latents' device
+        # The guidance scales as last given, and the same on the ε's device with each image's first prompt row there:
+        # copied once, not at every UNet call (a copy from pageable host memory makes the host wait for the GPU).
+        self._guidance: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def composed(self) -> bool:
@@ -98,8 +101,11 @@ class BatchConditions:
         scales (B,): ε_u + s·(ε_c − ε_u) for one prompt (ε_c itself at s = 1), A1111's ε_u + Σ_j w_j·s·(ε_j − ε_u)
         for a composed one, added up in its order."""
         first = [0, *itertools.accumulate(len(row.prompts) for row in self.rows)][:-1]
-        s = scales.view(-1, *[1] * (e_u.dim() - 1)).to(e_u.device)
-        e_first = e_c[first] if self.composed else e_c
+        if self._guidance is None or self._guidance[0] is not scales or self._guidance[1].device != e_u.device:
+            on_device = scales.view(-1, *[1] * (e_u.dim() - 1)).to(e_u.device)
+            self._guidance = (scales, on_device, torch.tensor(first, device=e_u.device))
+        _, s, first_rows = self._guidance
+        e_first = e_c.index_select(0, first_rows) if self.composed else e_c
         guided = torch.where(s == 1, e_first, e_u + s * (e_first - e_u))
         for i, row in enumerate(self.rows):
             if row.composed:

@@ -14,9 +14,13 @@ import torch
 
 def per_image_noise(x: torch.Tensor, generators: Sequence[torch.Generator], draws: Sequence[bool]) -> torch.Tensor:
     """One standard normal draw shaped like a row of `x` from `generators[i]` where `draws[i]`, zeros elsewhere
-    (that image's generator is not advanced); on `x`'s device and dtype."""
+    (that image's generator is not advanced); on `x`'s device and dtype. For a GPU the draw goes through pinned
+    memory, so that its copy does not make the host wait for the GPU at every step."""
     rows = [
         torch.randn(x.shape[1:], generator=generator, dtype=torch.float32) if draw else torch.zeros(x.shape[1:])
         for generator, draw in zip(generators, draws, strict=True)
     ]
-    return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+    noise = torch.stack(rows)
+    if x.device.type == "cuda":
+        noise = noise.pin_memory()
+    return noise.to(device=x.device, dtype=x.dtype, non_blocking=True)
