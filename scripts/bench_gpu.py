@@ -14,6 +14,7 @@ Weights are random (no real checkpoint offline): speed and memory do not depend 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -21,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "v1-inference.yaml"
 PROMPT = "a photograph of an astronaut riding a horse"
 GIB = 1 << 30
+T = TypeVar("T")
+
+
+def failure(error: Exception) -> str:
+    """A row's note for a configuration that raised."""
+    return f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ class Bench:
             timings = [run(None) for _ in range(self.options.repeats)]
         except Exception as error:  # one broken configuration must not cost the rows after it
             traceback.print_exc()
-            row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            row.note = failure(error)
             print(json.dumps(asdict(row)), flush=True)
             return row
         row.runs = [t.total for t in timings]
@@ -239,11 +246,17 @@ class FastRows:
     def setup(self, batch: int) -> Callable[[], None]:
         def warm() -> None:
             side = self.bench.options.size
-            fast_path = replace(self.fast_path, shapes=(f"{side}x{side}x{batch}",))
+            shape = f"{side}x{side}x{batch}"
+            fast_path = replace(self.fast_path, shapes=(shape,))
             if self.pipeline is None:
                 self.pipeline = Pipeline(self.model, fast_path)
-            elif self.pipeline.fast is not None:  # None off CUDA: a smoke test runs these rows eagerly
-                warm_up(self.model, self.pipeline.fast, fast_path)
+                ready = self.pipeline.fast_shapes
+            else:
+                fast = self.pipeline.fast
+                ready = () if fast is None else warm_up(self.model, fast, fast_path)
+            if self.pipeline.fast is not None and shape not in ready:  # None off CUDA: a smoke test runs eagerly
+                # Timing it would put eager figures under the fast path's name; the log above says why it failed.
+                raise RuntimeError(f"the fast path could not prepare {shape} (compile or capture failed: see the log)")
 
         return warm
 
@@ -293,31 +306,56 @@ def run_gpu(options: GpuOptions) -> list[Row]:
     def ours(pipeline: Pipeline, batch: int) -> Callable[[int | None], Timing]:
         return lambda steps: bench.time_ours(pipeline, batch, steps)
 
-    first = options.batches[0]
-    exact = Pipeline(bench.model(torch.float32))
-    bench.reference = bench.time_ours(exact, first).images[0]  # type: ignore[index]
-    keep(bench.measure(Row("ours fp32 eager", first), ours(exact, first), model_bytes(exact.model)))
-    del exact
+    def built(name: str, batch: int, make: Callable[[], T]) -> T | None:
+        """`make()`, or None with a failed row `name` kept: building one configuration (or diffusers' pipeline) must
+        not cost the rows of the others."""
+        try:
+            return make()
+        except Exception as error:
+            traceback.print_exc()
+            keep(Row(name, batch, note=failure(error)))
+            return None
 
-    eager = Pipeline(bench.model(torch.float16))
-    pipe = diffusers_pipeline(eager.model, bench.state, options.config, bench.device)
-    peer_bytes = weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
-    fast = FastRows(bench, torch.float16, FastPath())
-    for batch in options.batches:
-        peer = bench.measure(
-            Row("diffusers fp16 eager", batch), lambda s, b=batch: bench.time_diffusers(pipe, b, s), peer_bytes
+    first = options.batches[0]
+    exact = built("ours fp32 eager", first, lambda: Pipeline(bench.model(torch.float32)))
+    if exact is not None:
+        reference = built("ours fp32 eager", first, lambda: bench.time_ours(exact, first).images)
+        bench.reference = None if reference is None else reference[0]
+        keep(bench.measure(Row("ours fp32 eager", first), ours(exact, first), model_bytes(exact.model)))
+        del exact
+
+    eager = built("ours fp16 eager", first, lambda: Pipeline(bench.model(torch.float16)))
+    pipe = None
+    if eager is not None:
+        pipe = built(
+            "diffusers fp16 eager",
+            first,
+            lambda: diffusers_pipeline(eager.model, bench.state, options.config, bench.device),
         )
-        keep(peer)
-        keep(bench.measure(Row("ours fp16 eager", batch), ours(eager, batch), model_bytes(eager.model)))
-        keep(fast.row("ours fp16 fast path", batch))
+    fast = built("ours fp16 fast path", first, lambda: FastRows(bench, torch.float16, FastPath()))
+    for batch in options.batches:
+        if pipe is not None:
+            peer_bytes = weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+            timed = functools.partial(bench.time_diffusers, pipe, batch)
+            keep(bench.measure(Row("diffusers fp16 eager", batch), timed, peer_bytes))
+        if eager is not None:
+            keep(bench.measure(Row("ours fp16 eager", batch), ours(eager, batch), model_bytes(eager.model)))
+        if fast is not None:
+            keep(fast.row("ours fp16 fast path", batch))
         if batch == first:
-            keep(
-                FastRows(bench, torch.float16, FastPath(compile=False)).row("ours fp16 CUDA graphs, no compile", batch)
-            )
-            low = Pipeline(bench.model(torch.float16, low_memory=True))
-            keep(bench.measure(Row("ours fp16 low-memory mode", batch), ours(low, batch), model_bytes(low.model)))
-            del low
-    keep(FastRows(bench, torch.bfloat16, FastPath()).row("ours bf16 fast path", first))
+            graphs = built("ours fp16 CUDA graphs, no compile", batch,
+                           lambda: FastRows(bench, torch.float16, FastPath(compile=False)))  # fmt: skip
+            if graphs is not None:
+                keep(graphs.row("ours fp16 CUDA graphs, no compile", batch))
+                del graphs
+            low = built("ours fp16 low-memory mode", batch,
+                        lambda: Pipeline(bench.model(torch.float16, low_memory=True)))  # fmt: skip
+            if low is not None:
+                keep(bench.measure(Row("ours fp16 low-memory mode", batch), ours(low, batch), model_bytes(low.model)))
+                del low
+    bf16 = built("ours bf16 fast path", first, lambda: FastRows(bench, torch.bfloat16, FastPath()))
+    if bf16 is not None:
+        keep(bf16.row("ours bf16 fast path", first))
     return rows
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/PERFORMANCE.md in one go, in under 9 minutes on one H200 (a device command may run 10): the
+# The GPU rows of docs/PERFORMANCE.md in one go, in under 8 minutes on one H200 (a device command may run 10): the
 # CUDA tests (fp32 reproduces the reference, the fast path stays within fp16 rounding), then `python -m
-# scripts.benchmark gpu`, then the PNG encoding rows. Each step has its own time limit, summing to 520 s, so one that
+# scripts.benchmark gpu`, then the PNG encoding rows. Each step has its own time limit, summing to 440 s, so one that
 # hangs costs its own results only. Writes everything to OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md
 # (the table), gpu.json and png.txt. The table is rewritten after every row: a row cut short loses itself alone.
 #
@@ -17,22 +17,32 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d)
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    if "$python" -m pip --version >/dev/null 2>&1; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl ||
+            exit 1
+    else  # no pip: these wheels are pure Python, so unpacking one is installing it
+        for wheel in .whl/*.whl; do "$python" -m zipfile -e "$wheel" "$site" || exit 1; done
+    fi
     export PYTHONPATH=$site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# Nothing may wait on a network that is not there (diffusers and transformers look for the Hub otherwise).
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 {
     nvidia-smi
     "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+    # What torch.compile needs on top of torch: Triton, a C compiler and Python's headers.
+    "$python" -c "import triton; print('triton', triton.__version__)" || echo "no triton: compiled rows will fail"
+    command -v cc || command -v gcc || echo "no C compiler: compiled rows will fail"
+    "$python" -c "import os, sysconfig; print('Python.h', os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))"
     java -version 2>&1 | head -1 || echo "no java here: TorchServe cannot run on this machine"
 } >"$out/machine.txt" 2>&1
 started=$SECONDS
 # -v: each test's name and outcome as it ends, so a run cut short still says how far it got and where.
-timeout 150 "$python" -m pytest -v -rfE --durations=12 -p no:cacheprovider -p no:warnings --noconftest -m gpu \
+timeout 120 "$python" -m pytest -v -rfE --durations=12 -p no:cacheprovider -p no:warnings --noconftest -m gpu \
     tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
 echo "tests: $((SECONDS - started)) s"
 # No row starts after BUDGET seconds; one that started before may run on (a full-size compile takes a minute or two).
-timeout 330 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-240}" 2>&1 | tee "$out/benchmark.log"
+timeout 290 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-200}" 2>&1 | tee "$out/benchmark.log"
 # The GPU host's cores encode the answers' PNGs: a few seconds.
-timeout 40 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
+timeout 30 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
 echo "total: $((SECONDS - started)) s"

@@ -12,6 +12,9 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+from scripts import bench_gpu
 from scripts.bench_gpu import GpuOptions, Row, run_gpu
 from tests.reference import TINY_CONFIG
 
@@ -60,3 +63,26 @@ def check_psnr(row: Row) -> None:
     else:
         precision = row.name.split()[1]
         assert row.psnr_vs_fp32_db is not None and row.psnr_vs_fp32_db >= MIN_PSNR_DB[precision], row
+
+
+def test_a_configuration_that_cannot_be_built_is_a_failed_row_and_the_others_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diffusers' pipeline failing to build (a version the run was never tried with) costs its rows alone."""
+
+    def broken(*args: object) -> None:
+        raise ImportError("cannot import name 'StableDiffusionPipeline'")
+
+    monkeypatch.setattr(bench_gpu, "diffusers_pipeline", broken)
+    options = GpuOptions(
+        out=tmp_path, batches=(1,), size=64, steps=2, repeats=1, config=TINY_CONFIG, device="cpu", budget=600
+    )
+    rows = run_gpu(options)
+    failed = [row for row in rows if row.note]
+    assert [(row.name, row.note) for row in failed] == [
+        ("diffusers fp16 eager", "failed: ImportError: cannot import name 'StableDiffusionPipeline'")
+    ]
+    measured = [(row.name, row.batch) for row in rows if not row.note]
+    assert measured == [(name, 1) for name, batch in EXPECTED_ROWS if batch == 1 and "diffusers" not in name]
+    assert all(row.steps_per_second for row in rows if not row.note)
+    assert "| diffusers fp16 eager | 1 | — |" in (tmp_path / "gpu.md").read_text()
