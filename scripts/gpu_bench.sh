@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/PERFORMANCE.md in one go, in under 8 minutes on one H200 (a device command may run 10): the
 # CUDA tests (fp32 reproduces the reference, the fast path stays within fp16 rounding), then `python -m
-# scripts.benchmark gpu`, then the PNG encoding rows. Each step has its own time limit, summing to 440 s, so one that
-# hangs costs its own results only. Writes everything to OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md
+# scripts.benchmark gpu`, then the PNG encoding rows. Each step has its own time limit, summing to 440 s (plus a few
+# seconds of unpacking and version checks), so one that hangs costs its own results only. Writes everything to OUT_DIR: machine.txt, gpu-tests.txt, benchmark.log, gpu.md
 # (the table), gpu.json and png.txt. The table is rewritten after every row: a row cut short loses itself alone.
 #
 # Installs nothing from the network. Python packages the machine lacks (diffusers, omegaconf, ftfy, ...) may be put
@@ -20,7 +20,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     if "$python" -m pip --version >/dev/null 2>&1; then
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl ||
             exit 1
-    else  # no pip: these wheels are pure Python, so unpacking one is installing it
+    else  # no pip: these wheels hold no .data folder (docs/PERFORMANCE.md's four), so unpacking one installs it
         for wheel in .whl/*.whl; do "$python" -m zipfile -e "$wheel" "$site" || exit 1; done
     fi
     export PYTHONPATH=$site

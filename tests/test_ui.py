@@ -616,3 +616,8 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
         "plain.png holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)"
     )
     assert page.input_value("#prompt") == "a fox"  # the form as it was
+
+    page.set_input_files("#init_file", str(plain))  # a text-to-image PNG's settings beside an init image
+    expect(page.locator("#init_preview")).to_be_visible()
+    page.set_input_files("#settings_file", str(path))
+    expect(page.locator("#settings_note")).to_contain_text("It was made without an init image: remove yours.")

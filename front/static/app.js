@@ -477,7 +477,7 @@ async function readSettings(file) {
   if (settings.strength !== undefined && !initImage) {
     notes.push(`It was made from an init image${settings.mask_blur === undefined ? "" : " and a mask"}: pick it below.`);
   }
-  if (settings.hr_scale !== 1 && initImage) notes.push("Its hires fix runs without an init image: remove yours.");
+  if (settings.strength === undefined && initImage) notes.push("It was made without an init image: remove yours.");
   if (unread.length > 0) notes.push(`Not available here: ${unread.join("; ")}.`);
   $("settings_note").textContent = notes.join(" ");
 }

@@ -80,7 +80,8 @@ function size(value) {
   return match ? [Number(match[1]), Number(match[2])] : null;
 }
 
-// A prompt as this server's PNGs write it, a line break as the two characters \n (ldm/png_info.py), as typed.
+// A prompt as this server's PNGs write it, a line break as the two characters \n (ldm/png_info.py), as typed (a
+// backslash and n typed as such read back as a line break too: the writer keeps backslashes as they are).
 const unescaped = (text) => text.replaceAll("\\n", "\n");
 
 // The form's settings for an infotext, in the request's field names: `sampler` and `hr_upscaler` by the names PNGs
@@ -92,6 +93,9 @@ const unescaped = (text) => text.replaceAll("\\n", "\n");
 export function settingsFrom(text) {
   const { prompt, negative_prompt, fields } = splitInfotext(text);
   if (fields.size === 0) return { settings: null, unread: [] };
+  // Any "Hires" field says the denoising strength is the hires fix's (A1111 writes "Hires resize" for a size asked
+  // for instead of a scale, which is not done here, so it stays in `fields` to be named).
+  const hires = [...fields.keys()].some((key) => key.startsWith("Hires "));
   const settings = {
     prompt: unescaped(prompt), negative_prompt: unescaped(negative_prompt), hr_scale: 1, subseed_strength: 0,
     seed_resize: null, clip_skip: 1, tiling: false,
@@ -129,10 +133,7 @@ export function settingsFrom(text) {
   if (schedule !== undefined && !["Karras", "Uniform", "Automatic"].includes(schedule)) {
     unread.push(`Schedule type: ${schedule}`);
   }
-  // Any "Hires" field says the denoising strength is the hires fix's (A1111 writes "Hires resize" for a size
-  // asked for instead of a scale, which is not done here, so it stays in `fields` to be named).
   const strength = decimal(take("Denoising strength"));
-  const hires = [...fields.keys()].some((key) => key.startsWith("Hires "));
   const upscale = decimal(take("Hires upscale"));
   const upscaler = take("Hires upscaler");
   if (upscale !== undefined) {
