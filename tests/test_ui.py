@@ -530,12 +530,15 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     page.select_option("#hr_upscaler", "latent_bicubic")
     page.fill("#hr_steps", "3")
     page.fill("#hr_strength", "0.55")
-    generate(page, 1)
+    assert page.is_disabled("#eta")  # DDIM's alone
+    assert "eta" not in generate(page, 1)
     page.fill("#prompt", "a red bicycle")
     page.fill("#negative_prompt", "")
     page.fill("#hr_scale", "1")
     page.uncheck("#tiling")
-    generate(page, 2)
+    page.select_option("#sampler", "ddim")
+    page.fill("#eta", "0.5")
+    assert generate(page, 2)["eta"] == 0.5
     plain, made = results(page)
     paths = []
     for name, result in (("made.png", made), ("plain.png", plain)):
@@ -560,8 +563,10 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     expect(page.locator("#settings_note")).to_have_text("Settings of plain.png set.")
     assert not page.is_checked("#emphasis") and not page.is_checked("#tiling")
     assert page.input_value("#hr_scale") == "1" and page.input_value("#negative_prompt") == ""
+    assert (page.input_value("#sampler"), page.input_value("#eta")) == ("ddim", "0.5")
     generate(page, 2)
     assert results(page)[0]["src"] == plain["src"]
+    assert results(page)[0]["parameters"] == "64×64 · 10 steps · guidance 6 · η 0.5 · clip skip 2"
 
 
 def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ function requestBody() {
     emphasis: $("emphasis").checked,
     clip_skip: integer($("clip_skip").value),
   };
+  if (body.sampler === "ddim") body.eta = number($("eta").value); // the other samplers have none
   if ($("tiling").checked) body.tiling = true;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
@@ -96,6 +97,12 @@ function setPlms() {
   const plms = $("sampler").querySelector("option[value='plms']");
   plms.disabled = Boolean(initImage) || hiresOn();
   if (plms.disabled && $("sampler").value === "plms") $("sampler").value = "ddim";
+  setEta();
+}
+
+// η is DDIM's alone: its box is off for the other samplers, and not sent.
+function setEta() {
+  $("eta").disabled = $("sampler").value !== "ddim";
 }
 
 // The mask as the server reads it: a PNG of the init image's size, white where painted, black elsewhere.
@@ -184,6 +191,7 @@ function describe(parameters) {
   const parts = [size, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
+  if (parameters.eta) parts.push(`η ${parameters.eta}`);
   if (parameters.hr_scale !== undefined) {
     const upscaler = $("hr_upscaler").querySelector(`option[value="${CSS.escape(parameters.hr_upscaler)}"]`);
     const name = upscaler?.textContent ?? parameters.hr_upscaler;
@@ -427,6 +435,7 @@ function applySettings(settings, unread) {
   for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "W", "H"]) {
     if (settings[id] !== undefined) $(id).value = settings[id];
   }
+  $("eta").value = settings.eta ?? 0;
   for (const [id, name] of Object.entries(SLIDERS)) {
     if (settings[id] === undefined) continue;
     $(id).value = settings[id];
@@ -447,6 +456,7 @@ function applySettings(settings, unread) {
     if (option && !option.disabled) $(id).value = option.value;
     else unread.push(`${id === "sampler" ? "Sampler" : "Hires upscaler"}: ${label}`);
   }
+  setEta();
 }
 
 let settingsRead = 0; // which file's settings are being read: of two picked in a row, the later one wins
@@ -526,6 +536,8 @@ $("seed").addEventListener("input", () => {
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
 $("hr_scale").addEventListener("input", setPlms);
+$("sampler").addEventListener("change", setEta);
+setEta(); // a reloaded page may come back with another sampler chosen
 for (const id of ["strength", "hr_strength", "subseed_strength"]) {
   $(id).addEventListener("input", () => {
     $(`${id}_value`).value = $(id).value;

@@ -116,6 +116,7 @@ export function settingsFrom(text) {
     clip_skip: whole(take("Clip skip")),
     mask_blur: whole(take("Mask blur")),
     hr_steps: whole(take("Hires steps")),
+    eta: decimal(take("Eta DDIM")),
   };
   for (const [name, value] of Object.entries(entries)) if (value !== undefined) settings[name] = value;
   const dimensions = size(take("Size") ?? "");
