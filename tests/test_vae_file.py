@@ -335,14 +335,17 @@ def test_a_vae_file_that_does_not_fit_fails_the_command_naming_where_it_came_fro
     path = broken(tmp_path / "bad.safetensors", bad)
     argv = [*basic_argv(tmp_path), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--vae", str(path)]
     assert main(argv) == 2
-    assert f"cannot load --vae {path}: VAE {path}: in diffusers' layout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot load the VAE {path}: in diffusers' layout" in err and err.count(str(path)) == 1
     # Found beside the checkpoint, unasked: the message says so, and how to do without it.
     (tmp_path / "model.safetensors").symlink_to(TINY_SAFETENSORS)
     broken(tmp_path / "model.vae.safetensors", bad)
     argv = [*basic_argv(tmp_path), "--ckpt", str(tmp_path / "model.safetensors"), "--config", str(TINY_CONFIG)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "cannot load the VAE file beside the checkpoint" in err and "--vae none keeps the checkpoint's own" in err
+    beside = tmp_path / "model.vae.safetensors"
+    assert f"cannot load the VAE {beside}: in diffusers' layout" in err and err.count(str(beside)) == 1
+    assert "(found beside the checkpoint: --vae none keeps the checkpoint's own)" in err
     assert main([*argv, "--vae", "none"]) == 0
     (png,) = tmp_path.glob("*.png")
     assert "VAE" not in read_png(png)[1]
