@@ -4,8 +4,8 @@
 Why: A1111's clients show a progress bar and a preview by polling it while their txt2img or img2img request runs.
 The front asks TorchServe for a progress stream for each batch of an A1111 request (front/a1111.py's answer is
 gathered from their last lines) and keeps the last step line; A1111 runs one job at a time, so the front reports
-the oldest request in flight, its batches as A1111's job count. Per front process: a front of several processes
-answers each client from the one that holds its connection.
+the oldest request in flight, its batches (and a hires fix's passes) as A1111's job count. Per front process: a
+front of several processes answers each client from the one that holds its connection.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class Job:
     step: int = 0
     steps: int = 0
     iteration: int = 0
+    # Whether the step lines are a hires fix's second pass (A1111 counts each pass as a job).
+    second_pass: bool = False
     preview: str | None = None
     # Set by A1111's interrupt: no further batch is sent.
     interrupted: bool = False
@@ -52,7 +54,7 @@ class Job:
         images = n_samples * self.ours.get("n_iter", 1) // self.requests
         step, total, index = line["step"], line.get("total") or 1, line.get("image_index", 0)
         done = (index + line.get("image_count", 1) * step / total) / images
-        if self.ours.get("hr_scale", 1) > 1:  # a scale of 1 runs no second pass
+        if self.passes == 2:
             steps = self.ours["ddim_steps"]
             second = (self.ours.get("hr_steps") or steps) * self.ours["hr_scale"] ** 2
             first = steps / (steps + second)
@@ -60,7 +62,18 @@ class Job:
         self.fraction = max(self.fraction, min((self.request + done) / self.requests, 1.0))
         self.step, self.steps = step, total
         self.iteration = (self.request * images + index) // n_samples
+        self.second_pass = bool(line.get("hires"))
         self.preview = line.get("preview", self.preview)
+
+    @property
+    def passes(self) -> int:
+        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass)."""
+        return 2 if self.ours.get("hr_scale", 1) > 1 else 1
+
+    @property
+    def jobs(self) -> tuple[int, int]:
+        """A1111's job count and the running job's number: a job per pass of each batch, as A1111 counts them."""
+        return self.ours.get("n_iter", 1) * self.passes, self.iteration * self.passes + self.second_pass
 
 
 class Jobs:
@@ -88,8 +101,8 @@ class Jobs:
             job.interrupted = True
 
     def progress(self, with_image: bool) -> dict[str, Any]:
-        """A1111's progress answer for the oldest job (zeros when none runs): its batches (`n_iter`) as A1111's job
-        count and the one running as its job number; its preview a base64 JPEG."""
+        """A1111's progress answer for the oldest job (zeros when none runs): its batches (`n_iter`, each two with a
+        hires fix) as A1111's job count and the one running as its job number; its preview a base64 JPEG."""
         job = next(iter(self._jobs.values()), None)
         if job is None:
             state = {"job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
@@ -98,8 +111,9 @@ class Jobs:
                     "current_image": None, "textinfo": None}  # fmt: skip
         fraction = max(job.fraction, LEAST)
         elapsed = time.monotonic() - job.started
-        state = {"job": f"scripts_{job.mode}", "job_count": job.ours.get("n_iter", 1), "job_timestamp": job.stamp,
-                 "job_no": job.iteration, "sampling_step": job.step, "sampling_steps": job.steps}  # fmt: skip
+        job_count, job_no = job.jobs
+        state = {"job": f"scripts_{job.mode}", "job_count": job_count, "job_timestamp": job.stamp, "job_no": job_no,
+                 "sampling_step": job.step, "sampling_steps": job.steps}  # fmt: skip
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed,

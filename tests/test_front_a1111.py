@@ -330,11 +330,14 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     split = Job({"n_samples": 2, "n_iter": 3, "ddim_steps": 4}, requests=3, request=1)
     split.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 2})
     assert (split.fraction, split.iteration) == (pytest.approx((1 + 0.5) / 3), 1)
-    hires = Job({"n_samples": 1, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2})
+    hires = Job({"n_samples": 1, "n_iter": 2, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2}, requests=2)
     hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
-    assert hires.fraction == 0.2
+    assert hires.fraction == 0.2 / 2 and hires.jobs == (4, 0)  # A1111 counts each pass of each batch as a job
     hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "hires": True})
-    assert hires.fraction == pytest.approx(0.2 + 0.8 * 0.5)
+    assert hires.fraction == pytest.approx((0.2 + 0.8 * 0.5) / 2) and hires.jobs == (4, 1)
+    hires.request = 1
+    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1})
+    assert hires.jobs == (4, 2)
 
 
 async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:
