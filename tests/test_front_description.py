@@ -48,6 +48,18 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _refreshing(worker: Worker) -> Description:
+    """A description whose copy (version 1) is old, with the background refresh it started held by `worker`."""
+    clock = Clock()
+    description = Description(worker.fetch, max_age=10, clock=clock)
+    await description.get()
+    clock.now += 10
+    worker.release.clear()
+    await description.get()
+    await asyncio.sleep(0)
+    return description
+
+
 def test_first_callers_share_one_request_then_the_copy_answers_until_it_is_old() -> None:
     async def scenario() -> None:
         worker, clock = Worker(), Clock()
@@ -78,13 +90,8 @@ def test_a_refresh_waits_out_a_fetch_in_flight_then_asks_again() -> None:
     """The fetch in flight may have asked before the files a client just added: the refresh is a later one."""
 
     async def scenario() -> None:
-        worker, clock = Worker(), Clock()
-        description = Description(worker.fetch, max_age=10, clock=clock)
-        await description.get()
-        clock.now += 10
-        worker.release.clear()
-        await description.get()  # a background refresh, held
-        await asyncio.sleep(0)
+        worker = Worker()
+        description = await _refreshing(worker)
         refreshing = asyncio.create_task(description.refresh())
         await asyncio.sleep(0)
         assert worker.asked == 2
@@ -139,14 +146,8 @@ def test_a_failed_refresh_keeps_the_copy_is_logged_and_is_tried_again_once_old(
 
 def test_closing_cancels_the_request_in_flight_and_waits_for_it() -> None:
     async def scenario() -> int:
-        worker, clock = Worker(), Clock()
-        description = Description(worker.fetch, max_age=10, clock=clock)
-        await description.get()
-        clock.now += 10
-        worker.release.clear()
-        await description.get()
-        await asyncio.sleep(0)
-        await description.aclose()
+        worker = Worker()
+        await (await _refreshing(worker)).aclose()
         return worker.cancelled
 
     assert asyncio.run(scenario()) == 1
