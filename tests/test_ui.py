@@ -568,6 +568,13 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     assert results(page)[0]["src"] == plain["src"]
     assert results(page)[0]["parameters"] == "64×64 · 10 steps · guidance 6 · η 0.5 · clip skip 2"
 
+    # A result's own "Reuse settings" reads its PNG the same way: the first PNG's settings back, and its image.
+    page.click("#gallery .result >> nth=1 >> text=Reuse settings")
+    expect(page.locator("#settings_note")).to_have_text("Settings of the result of seed 42 set.")
+    assert (page.input_value("#prompt"), page.input_value("#sampler")) == ("a lighthouse\n(at dusk)", "dpmpp_2m_karras")
+    generate(page, 3)
+    assert results(page)[0]["src"] == made["src"]
+
 
 def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_path: Path) -> None:
     """AUTOMATIC1111 1.9's text (UTF-8, so an iTXt chunk): its lines, quoted values and schedule read as A1111 reads

@@ -289,6 +289,12 @@ function resultItem(png, seed, subseed, parameters, warnings) {
   actions.append(
     download,
     button("Reuse seed", () => useSeed(seed, subseed, strength)),
+    // Every setting it was made with, read back from its PNG as a picked file's are (A1111's "Send to txt2img").
+    button("Reuse settings", () => {
+      const bytes = Uint8Array.from(atob(png), (character) => character.charCodeAt(0));
+      readSettings(`the result of seed ${seed}`, Promise.resolve(bytes.buffer));
+      $("prompt").focus();
+    }),
     button("Use as init image", () => {
       setInitImage(source);
       $("init").scrollIntoView({ block: "nearest" });
@@ -459,31 +465,28 @@ function applySettings(settings, unread) {
   setEta();
 }
 
-let settingsRead = 0; // which file's settings are being read: of two picked in a row, the later one wins
+let settingsRead = 0; // which PNG's settings are being read: of two picked in a row, the later one wins
 
-async function readSettings(file) {
+// The settings of PNG `bytes` (a promise of its ArrayBuffer) into the form; `name` says which PNG in the messages.
+async function readSettings(name, bytes) {
   $("settings_note").textContent = "";
   $("error-settings_file").textContent = "";
   $("settings_file").removeAttribute("aria-invalid");
-  if (!file) return;
   const reading = ++settingsRead;
   let text;
   try {
-    text = await pngParameters(await file.arrayBuffer());
+    text = await pngParameters(await bytes);
   } catch {
     text = null; // a chunk that does not inflate
-  } finally {
-    $("settings_file").value = ""; // the same file picked again fires "change" again
   }
   if (reading !== settingsRead) return;
   const { settings, unread } = text === null ? { settings: null } : settingsFrom(text);
   if (settings === null) {
-    showError(`${file.name} holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)`,
-      "settings_file");
+    showError(`${name} holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)`, "settings_file");
     return;
   }
   applySettings(settings, unread);
-  const notes = [`Settings of ${file.name} set.`];
+  const notes = [`Settings of ${name} set.`];
   if (settings.strength !== undefined && !initImage) {
     notes.push(`It was made from an init image${settings.mask_blur === undefined ? "" : " and a mask"}: pick it below.`);
   }
@@ -580,7 +583,11 @@ $("embedding_add").addEventListener("click", () => addText(lastPrompt, $("embedd
 
 const drop = $("drop");
 $("init_file").addEventListener("change", () => readFile($("init_file").files[0]));
-$("settings_file").addEventListener("change", () => readSettings($("settings_file").files[0]));
+$("settings_file").addEventListener("change", () => {
+  const file = $("settings_file").files[0];
+  $("settings_file").value = ""; // the same file picked again fires "change" again
+  if (file) readSettings(file.name, file.arrayBuffer());
+});
 $("init_clear").addEventListener("click", () => setInitImage(null));
 $("mask_clear").addEventListener("click", () => clearMask());
 // The two prompt syntaxes read colons each their own way: choosing one sets the other aside.
