@@ -67,13 +67,17 @@ class Job:
 
     @property
     def passes(self) -> int:
-        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass)."""
-        return 2 if self.ours.get("hr_scale", 1) > 1 else 1
+        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass; a scale that is not a
+        number is TorchServe's to refuse, while the progress is polled)."""
+        scale = self.ours.get("hr_scale", 1)
+        return 2 if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1 else 1
 
     @property
     def jobs(self) -> tuple[int, int]:
         """A1111's job count and the running job's number: a job per pass of each batch, as A1111 counts them."""
-        return self.ours.get("n_iter", 1) * self.passes, self.iteration * self.passes + self.second_pass
+        n_iter = self.ours.get("n_iter", 1)
+        batches = n_iter if isinstance(n_iter, int) and not isinstance(n_iter, bool) else 1
+        return batches * self.passes, self.iteration * self.passes + self.second_pass
 
 
 class Jobs:

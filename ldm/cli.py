@@ -610,7 +610,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         model = load_model(source, config, device, args)
     except VaeError as error:
         # The error names the file; a file found beside the checkpoint, unasked, is said to be one.
-        beside = " (found beside the checkpoint: --vae none keeps the checkpoint's own)" if source.vae.beside else ""
+        beside = "\n(found beside the checkpoint: --vae none keeps the checkpoint's own)" if source.vae.beside else ""
         raise CliError(f"cannot load the {error}{beside}") from None
     except (CheckpointError, ConfigError, UnsafeCheckpointError, FileNotFoundError) as error:
         raise CliError(f"cannot load --ckpt {source.ckpt}: {error}") from None

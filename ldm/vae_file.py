@@ -107,7 +107,7 @@ def read_vae(path: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Ten
             "(decoder.up.…, as vae-ft-mse-840000-ema-pruned.safetensors is) is needed"
         )
     report = mismatch_report(
-        f"VAE {path} does not fit config {config.source}:",
+        f"VAE {path}: does not fit config {config.source}:",
         mismatches(state, expected_shapes(config)["vae"], "", "file"),
     )
     if report:

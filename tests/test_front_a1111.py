@@ -338,6 +338,8 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     hires.request = 1
     hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1})
     assert hires.jobs == (4, 2)
+    # Polled while TorchServe refuses fields that are not numbers: one job, not an error.
+    assert Job({"hr_scale": "2", "n_iter": "2"}).jobs == (1, 0)
 
 
 async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:

@@ -612,14 +612,15 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     # (no hires fix), the seed is drawn, and the rounding is named.
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a fox\nSteps: 5, Sampler: PLMS, CFG scale: 7, Size: 64x64, Variation seed: 3, "
-                                "Variation seed strength: 0.125, RNG: CPU, Emphasis: None")  # fmt: skip
+                                "Variation seed strength: 0.125, Eta DDIM: 0.3, RNG: CPU, Emphasis: None")  # fmt: skip
     Image.new("RGB", (8, 8)).save(tmp_path / "plms.png", pnginfo=info)
     page.set_input_files("#settings_file", str(tmp_path / "plms.png"))
     expect(page.locator("#settings_note")).to_have_text(
-        "Settings of plms.png set. Not available here: Variation seed strength: 0.125 (set to 0.13)."
+        "Settings of plms.png set. Not available here: Variation seed strength: 0.125 (set to 0.13); Eta DDIM: 0.3."
     )
     assert (page.input_value("#sampler"), page.input_value("#hr_scale"), page.input_value("#seed")) == ("plms", "1", "")
     assert page.is_checked("#seed_random") and not page.is_checked("#emphasis")
+    assert page.input_value("#eta") == "0" and page.is_disabled("#eta")  # DDIM's η, not PLMS's
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

@@ -337,6 +337,10 @@ def test_a_vae_file_that_does_not_fit_fails_the_command_naming_where_it_came_fro
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"cannot load the VAE {path}: in diffusers' layout" in err and err.count(str(path)) == 1
+    misfit = broken(tmp_path / "misfit.safetensors", {"decoder.conv_in.weight": torch.ones(1)})
+    assert main([*argv[:-1], str(misfit)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load the VAE {misfit}: does not fit config {TINY_CONFIG}:" in err and err.count(str(misfit)) == 1
     # Found beside the checkpoint, unasked: the message says so, and how to do without it.
     (tmp_path / "model.safetensors").symlink_to(TINY_SAFETENSORS)
     broken(tmp_path / "model.vae.safetensors", bad)

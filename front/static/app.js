@@ -441,7 +441,7 @@ function applySettings(settings, unread) {
   for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "W", "H"]) {
     if (settings[id] !== undefined) $(id).value = settings[id];
   }
-  $("eta").value = settings.eta ?? 0;
+  $("eta").value = 0;
   for (const [id, name] of Object.entries(SLIDERS)) {
     if (settings[id] === undefined) continue;
     $(id).value = settings[id];
@@ -461,6 +461,11 @@ function applySettings(settings, unread) {
     const option = optionLabelled(id, label);
     if (option && !option.disabled) $(id).value = option.value;
     else unread.push(`${id === "sampler" ? "Sampler" : "Hires upscaler"}: ${label}`);
+  }
+  // η is DDIM's: another sampler's (older A1111 wrote one for PLMS too), or one whose sampler was not set, is named.
+  if (settings.eta !== undefined) {
+    if (settings.sampler === "DDIM" && $("sampler").value === "ddim") $("eta").value = settings.eta;
+    else unread.push(`Eta DDIM: ${settings.eta}`);
   }
   setEta();
 }
@@ -488,7 +493,8 @@ async function readSettings(name, bytes) {
   applySettings(settings, unread);
   const notes = [`Settings of ${name} set.`];
   if (settings.strength !== undefined && !initImage) {
-    notes.push(`It was made from an init image${settings.mask_blur === undefined ? "" : " and a mask"}: pick it below.`);
+    const mask = settings.mask_blur === undefined ? "" : " and a mask";
+    notes.push(`It was made from an init image${mask}: pick it below.`);
   }
   if (settings.strength === undefined && initImage) notes.push("It was made without an init image: remove yours.");
   if (unread.length > 0) notes.push(`Not available here: ${unread.join("; ")}.`);
