@@ -292,7 +292,8 @@ function resultItem(png, seed, subseed, parameters, warnings) {
     // Every setting it was made with, read back from its PNG as a picked file's are (A1111's "Send to txt2img").
     button("Reuse settings", () => {
       const bytes = Uint8Array.from(atob(png), (character) => character.charCodeAt(0));
-      readSettings(`the result of seed ${seed}`, Promise.resolve(bytes.buffer));
+      const which = subseed === undefined ? `seed ${seed}` : `seed ${seed}, variation ${subseed}`;
+      readSettings(`the result of ${which}`, Promise.resolve(bytes.buffer));
       $("prompt").focus();
     }),
     button("Use as init image", () => {
