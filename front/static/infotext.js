@@ -42,7 +42,7 @@ export async function pngParameters(buffer) {
 
 // The prompt, the negative prompt and the `Key: value` fields of an infotext, split as A1111 splits them: the last
 // line is the fields when it holds three or more, and "Negative prompt:" starts the negative prompt's lines.
-export function splitInfotext(text) {
+function splitInfotext(text) {
   const lines = text.trim().split("\n");
   let last = lines.pop();
   if ([...last.matchAll(PARAMETER)].length < 3) {
