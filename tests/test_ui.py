@@ -570,7 +570,7 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
 
     # A result's own "Reuse settings" reads its PNG the same way: the first PNG's settings back, and its image.
     page.click("#gallery .result >> nth=1 >> text=Reuse settings")
-    expect(page.locator("#settings_note")).to_have_text("Settings of the result of seed 42 set.")
+    expect(page.locator("#settings_note")).to_have_text("Settings of the result of seed 42, variation 7 set.")
     assert (page.input_value("#prompt"), page.input_value("#sampler")) == ("a lighthouse\n(at dusk)", "dpmpp_2m_karras")
     generate(page, 3)
     assert results(page)[0]["src"] == made["src"]
