@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from front.errors import FrontError
+from front.imagine import is_integer, is_number
 from front.upstream import NDJSON, InferenceApi
 
 # A running job's least progress, as A1111 floors it: its ETA is then large at the start, not 0.
@@ -70,13 +71,13 @@ class Job:
         """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass; a scale that is not a
         number is TorchServe's to refuse, while the progress is polled)."""
         scale = self.ours.get("hr_scale", 1)
-        return 2 if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1 else 1
+        return 2 if is_number(scale) and scale > 1 else 1
 
     @property
     def jobs(self) -> tuple[int, int]:
         """A1111's job count and the running job's number: a job per pass of each batch, as A1111 counts them."""
         n_iter = self.ours.get("n_iter", 1)
-        batches = n_iter if isinstance(n_iter, int) and not isinstance(n_iter, bool) else 1
+        batches = n_iter if is_integer(n_iter) else 1
         return batches * self.passes, self.iteration * self.passes + self.second_pass
 
 

@@ -50,11 +50,11 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _is_integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -115,21 +115,21 @@ def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: boo
         return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
     n_samples, n_iter = fields.get("n_samples", 1), fields.get("n_iter", 1)
-    if not (_is_integer(n_samples) and _is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):
+    if not (is_integer(n_samples) and is_integer(n_iter) and n_samples >= 1 and n_iter >= 1):
         return Plan(fields, raw, stream, 1)
     images = n_samples * n_iter
     if images > max_images:
         name = "n_iter" if "n_iter" in fields else "n_samples"
         raise FrontError(400, f"n_samples×n_iter must be at most {max_images} images, got {images}", name)
     strength = fields.get("subseed_strength", 0)
-    if not _is_number(strength):
+    if not is_number(strength):
         return Plan(fields, raw, stream, 1)
     counted: Literal["seed", "subseed"] = "subseed" if strength != 0 else "seed"
     for name in dict.fromkeys(("seed", counted)):
         value = fields.get(name)
         if value is None:
             fields[name] = secrets.randbelow(MAX_SEED - max_images + 2)
-        elif not _is_integer(value):
+        elif not is_integer(value):
             return Plan(fields, raw, stream, 1)
         elif name == counted and not 0 <= value <= MAX_SEED - images + 1:
             # The handler's own message for the whole request: image i has seed + i (or subseed + i), 32-bit.
@@ -165,7 +165,7 @@ class Results:
             not images
             or len(seeds) != len(images)
             or len(subseeds) not in subseed_counts
-            or not all(_is_integer(seed) for seed in seeds + subseeds)
+            or not all(is_integer(seed) for seed in seeds + subseeds)
         ):
             raise FrontError(502, BROKEN_ANSWER)
         self.images += images
