@@ -64,6 +64,8 @@ FIELDS = (
     "hr_scale",
     "hr_upscaler",
     "hr_steps",
+    "hr_resize_x",
+    "hr_resize_y",
     "subseed",
     "subseed_strength",
     "seed_resize_from_h",
@@ -331,19 +333,21 @@ def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, i
     return sides
 
 
-def _check_hires_size(height: int, width: int, scale: float, settings: HandlerSettings) -> None:
-    """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at."""
-    limits = settings.limits
-    big_h, big_w = hires.target_size(height, width, scale, 8)
+def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) -> None:
+    """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at, and
+    so is the upscaled image that an image upscaler's VAE encodes before a "Hires resize" cuts it."""
+    limits, plan, field = settings.limits, generation.hires_plan(8), generation.hires_field
+    asked = f"{field} {getattr(generation, field):g}"
+    (big_h, big_w), (height, width) = plan.upscaled, plan.size
+    made = f"makes {big_w}x{big_h} images"
+    if plan.upscaled != plan.size:
+        made = f"upscales the images to {big_w}x{big_h} to cut them to {width}x{height}"
     if max(big_h, big_w) > limits.max_side:
-        raise RequestError(
-            "hr_scale", f"hr_scale {scale:g} makes {big_w}x{big_h} images; each side at most {limits.max_side} pixels"
-        )
+        raise RequestError(field, f"{asked} {made}; each side at most {limits.max_side} pixels")
     if big_h * big_w > limits.max_pixels:
-        raise RequestError(
-            "hr_scale",
-            f"hr_scale {scale:g} makes {big_w}x{big_h} images, {big_h * big_w} pixels; at most {limits.max_pixels}",
-        )
+        raise RequestError(field, f"{asked} {made}, {big_h * big_w} pixels; at most {limits.max_pixels}")
+    if min(height, width) < limits.min_side:
+        raise RequestError(field, f"{asked} makes {width}x{height} images; each side at least {limits.min_side} pixels")
 
 
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
@@ -387,11 +391,10 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if first is not None and first > MAX_SEED - total + 1:
         raise RequestError(counted, f"{counted} must be between 0 and {MAX_SEED - total + 1}, got {first}")
     hr_scale = _number(body, "hr_scale", 1.0, 1.0, hires.MAX_SCALE)
-    if hr_scale != 1:
-        _check_hires_size(sizes["H"], sizes["W"], hr_scale, settings)
+    resize = {name: _integer(body, name, 0, 0, limits.max_side, " pixels") for name in ("hr_resize_x", "hr_resize_y")}
     # PLMS runs txt2img alone (and the hires fix's second pass is an img2img): a configured default of plms is plain
     # txt2img's.
-    img2img = init_image is not None or hr_scale != 1
+    img2img = init_image is not None or hr_scale != 1 or any(resize.values())
     sampler = _our_name(_text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32), SAMPLERS)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
@@ -415,6 +418,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_scale=hr_scale,
         hr_upscaler=_our_name(_text(body, "hr_upscaler", d.hr_upscaler, 32), hires.UPSCALERS),
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
+        **resize,
         subseed=subseed,
         subseed_strength=subseed_strength,
         **_seed_resize(body, settings),
@@ -446,6 +450,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         check_hires(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
+    if generation.hires:
+        _check_hires_size(generation, settings)
     try:
         check_sampler(generation)
     except GenerationError as error:

@@ -44,7 +44,11 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     if r.init_image is not None or r.hires:
         parameters["strength"] = r.strength
     if r.hires:
-        parameters.update(hr_scale=r.hr_scale, hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
+        if r.hr_resize_x or r.hr_resize_y:
+            parameters.update(hr_resize_x=r.hr_resize_x, hr_resize_y=r.hr_resize_y)
+        else:
+            parameters["hr_scale"] = r.hr_scale
+        parameters.update(hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
     if r.variation:
         parameters.update(subseed=r.subseed, subseed_strength=r.subseed_strength)
     if r.seed_resize:

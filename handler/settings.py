@@ -46,7 +46,8 @@ class Defaults:
     clip_skip: int = 1
     # A1111's "Mask blur": σ in pixels of the seam where an inpainted image's kept pixels are pasted back.
     mask_blur: int = 4
-    # The hires fix's (a request's hr_scale above 1): A1111's "Latent" upscaler, and 0: as many steps as ddim_steps.
+    # The hires fix's (a request's hr_scale above 1, or resize): A1111's "Latent" upscaler, and 0: as many steps as
+    # ddim_steps.
     hr_upscaler: str = "latent"
     hr_steps: int = 0
 

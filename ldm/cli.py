@@ -141,6 +141,15 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             help="AUTOMATIC1111's hires fix: make each image at --H x --W, upscale it this many times (at most 4) "
             "and sample it again at that size, for large images that keep one composition (default: %(default)s, off)",
         )
+        for flag, side, other in (("--hr_resize_x", "width", "height"), ("--hr_resize_y", "height", "width")):
+            parser.add_argument(
+                flag,
+                type=int,
+                default=0,
+                help=f"the hires fix to this {side} instead of --hr_scale (AUTOMATIC1111's 'Resize {side} to'): alone, "
+                f"the {other} follows the image's proportions; with the {other} too, the image is upscaled to cover "
+                "both and cut to them (default: %(default)s, not set)",
+            )
         # No defaults here, so that one given without --hr_scale can be told apart and refused.
         parser.add_argument(
             "--hr_upscaler",
@@ -346,9 +355,10 @@ def check_flags(args: argparse.Namespace) -> None:
             "--fixed_code is not supported: image i starts from its own noise, seeded seed + i, so that any image "
             "can be remade from its seed alone; to start prompts from the same noise, run each with the same --seed"
         )
+    sized = getattr(args, "hr_scale", None) != 1.0 or getattr(args, "hr_resize_x", 0) or getattr(args, "hr_resize_y", 0)
     for flag in ("hr_upscaler", "hr_steps", "strength"):
-        if getattr(args, "hr_scale", None) == 1.0 and getattr(args, flag) is not None:
-            raise CliError(f"--{flag} needs --hr_scale: it is the hires fix's")
+        if not sized and getattr(args, flag) is not None:
+            raise CliError(f"--{flag} needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires fix's")
     # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
     for flag in ("n_iter", "unet_bs"):
         if getattr(args, flag) < 1:
@@ -582,7 +592,10 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)
     else:
         upscaler, steps = args.hr_upscaler or "latent", args.hr_steps or 0
-        template = replace(template, hr_scale=args.hr_scale, hr_upscaler=upscaler, hr_steps=steps)
+        template = replace(
+            template, hr_scale=args.hr_scale, hr_upscaler=upscaler, hr_steps=steps, hr_resize_x=args.hr_resize_x,
+            hr_resize_y=args.hr_resize_y,
+        )  # fmt: skip
     lora_dir = Path(args.lora_dir)
     try:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)

@@ -4,16 +4,18 @@ Why: SD v1 learned 512×512 images. Asked for 1024×1024 at once, it paints its 
 canvas; made at 512 and then refined at 1024, it keeps one composition and gains the detail. The second pass is an
 img2img of the upscaled first image, so its `strength` decides how much it may change.
 
-The arithmetic is A1111 1.6's: the target is int(side·scale), rounded down to the latent's factor (A1111 interpolates
-its latent to that size); a scale that leaves the size alone does nothing; the second pass runs `steps` N steps, the
-last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed. Its upscalers are
-A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the VAE then encodes
-again).
+The arithmetic is A1111 1.6's: the target is int(side·scale), or A1111's "Hires resize" to a width, a height or both
+(the first image then upscaled to cover it, and its latent cut down to it), rounded down to the latent's factor
+(A1111 interpolates its latent to that size); an upscale that leaves the size alone does nothing; the second pass runs
+`steps` N steps, the last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed.
+Its upscalers are A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the
+VAE then encodes again).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,10 +49,43 @@ MAX_SCALE = 4.0
 _MAX_RUN_STRENGTH = 0.999
 
 
-def target_size(height: int, width: int, scale: float, factor: int) -> tuple[int, int]:
-    """(height, width) of the second pass: int(side·scale), as A1111 computes it, rounded down to a multiple of
-    `factor` (A1111's latent is that size, and so are its images)."""
-    return int(height * scale) // factor * factor, int(width * scale) // factor * factor
+@dataclass(frozen=True)
+class Plan:
+    """The hires fix's sizes in pixels, multiples of the latent's factor: the first image is upscaled to `upscaled`,
+    and its latent then cut down to `size`, the second pass's (they differ for a "Hires resize" to other
+    proportions than the first image's)."""
+
+    upscaled: tuple[int, int]
+    size: tuple[int, int]
+
+    def crop(self, latents: torch.Tensor, factor: int) -> torch.Tensor:
+        """Latents (B, C, h, w) of the upscaled size cut to the second pass's, centred as A1111 cuts them: of an odd
+        number of rows or columns cut, the extra one from the bottom or right."""
+        rows, columns = ((big - small) // factor for big, small in zip(self.upscaled, self.size, strict=True))
+        height, width = latents.shape[2:]
+        return latents[:, :, rows // 2 : height - (rows + 1) // 2, columns // 2 : width - (columns + 1) // 2]
+
+
+def plan(height: int, width: int, factor: int, scale: float = 1.0, resize: tuple[int, int] = (0, 0)) -> Plan:
+    """The sizes of the hires fix of a (height, width) first image, as A1111 1.6 computes them, each rounded down to
+    a multiple of `factor` (A1111's latent is that size, and so are its images).
+
+    `resize` (width, height), A1111's "Hires resize", both 0 (off) → `scale`: int(side·scale). One side 0 → the
+    other side set, the first image's proportions kept (the lost side's fraction floored). Both set → upscaled to
+    cover that size in the first image's proportions, then cut to it: ⌊excess / factor⌋ latent rows or columns."""
+    resize_w, resize_h = resize
+    if not resize_w and not resize_h:
+        big_h, big_w = int(height * scale), int(width * scale)
+    elif not resize_h or (resize_w and width * resize_h < resize_w * height):  # A1111's ratios, compared exactly
+        big_h, big_w = resize_w * height // width, resize_w
+    else:
+        big_h, big_w = resize_h, resize_h * width // height
+    rows, columns = big_h // factor, big_w // factor
+    if resize_w and resize_h:
+        cut_rows, cut_columns = (big_h - resize_h) // factor, (big_w - resize_w) // factor
+    else:
+        cut_rows = cut_columns = 0
+    return Plan((rows * factor, columns * factor), ((rows - cut_rows) * factor, (columns - cut_columns) * factor))
 
 
 def run_length(steps: int, strength: float) -> int:

@@ -108,7 +108,8 @@ class GenerationRequest:
 
     `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
     `hr_scale` times its size and sampled again for `hr_steps` steps (0: `steps`), `strength` telling how much of it
-    the second pass may change.
+    the second pass may change. `hr_resize_x`/`_y` (either above 0, `hr_scale` left at 1) → the same, to that width,
+    height or both (A1111's "Hires resize").
     """
 
     prompt: str
@@ -132,6 +133,8 @@ class GenerationRequest:
     hr_scale: float = 1.0  # 1: no hires fix
     hr_upscaler: str = "latent"
     hr_steps: int = 0
+    hr_resize_x: int = 0  # 0 with hr_resize_y 0: hr_scale sets the hires fix's size
+    hr_resize_y: int = 0
     subseed: int | None = None
     subseed_strength: float = 0.0  # 0: no variation
     seed_resize_from_h: int = 0  # 0: the noise is drawn at the image's own size
@@ -176,7 +179,17 @@ class GenerationRequest:
 
     @property
     def hires(self) -> bool:
-        return self.hr_scale != 1
+        return self.hr_scale != 1 or bool(self.hr_resize_x or self.hr_resize_y)
+
+    @property
+    def hires_field(self) -> str:
+        """The field that asks for its hires fix, for errors to name."""
+        return "hr_resize_x" if self.hr_resize_x else "hr_resize_y" if self.hr_resize_y else "hr_scale"
+
+    def hires_plan(self, factor: int) -> hires.Plan:
+        """The sizes of its hires fix, once its size is known."""
+        assert self.height is not None and self.width is not None, "a resolved request has a size"
+        return hires.plan(self.height, self.width, factor, self.hr_scale, (self.hr_resize_x, self.hr_resize_y))
 
     @property
     def hires_steps(self) -> int:
@@ -297,10 +310,11 @@ def check_mask(request: GenerationRequest) -> None:
         )
 
 
-def check_hires(request: GenerationRequest, num_timesteps: int = 1000) -> None:
+def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: int = 8) -> None:
     """The hires fix's settings are A1111's, and the request one it runs: txt2img (an img2img sets its size itself)
     with a sampler that runs img2img (its second pass is one), whose run of ⌊hr_steps / strength⌋ steps fits the
-    model's `num_timesteps`."""
+    model's `num_timesteps`, sized by either `hr_scale` or `hr_resize_x`/`_y`, to an image of at least a latent
+    pixel (once the request has a size)."""
     if request.hr_upscaler not in hires.UPSCALERS:
         raise GenerationError(
             "hr_upscaler", f"hr_upscaler '{request.hr_upscaler}' is not available; choose one of: "
@@ -308,16 +322,27 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000) -> None:
         )  # fmt: skip
     if not 1.0 <= request.hr_scale <= hires.MAX_SCALE:
         raise GenerationError("hr_scale", f"hr_scale must be in [1, {hires.MAX_SCALE:g}], got {request.hr_scale}")
+    for name in ("hr_resize_x", "hr_resize_y"):
+        if getattr(request, name) < 0:
+            raise GenerationError(name, f"{name} must be at least 0 (0: not set), got {getattr(request, name)}")
+    if request.hr_scale != 1 and (request.hr_resize_x or request.hr_resize_y):
+        field = request.hires_field
+        raise GenerationError(field, f"{field} sets the hires fix's size: leave hr_scale at 1 (or out)")
     max_steps = max_ddim_steps(num_timesteps)
     most = hires.most_steps(max_steps)
     if not 0 <= request.hr_steps <= most:
         raise GenerationError("hr_steps", f"hr_steps must be in [0, {most}] (0: ddim_steps), got {request.hr_steps}")
     if not request.hires:
         return
+    field = request.hires_field
     if request.init_image is not None:
         raise GenerationError(
-            "hr_scale", "hr_scale is txt2img's (A1111's hires fix): an img2img request sets its size with H and W"
+            field, f"{field} is txt2img's (A1111's hires fix): an img2img request sets its size with H and W"
         )
+    if request.height is not None and request.width is not None:
+        height, width = request.hires_plan(factor).size
+        if height < factor or width < factor:
+            raise GenerationError(field, f"{field} makes {width}x{height} images: too small for a latent pixel")
     if request.sampler == "plms":
         raise GenerationError(
             "sampler", "sampler plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
@@ -343,8 +368,12 @@ def check_strength(request: GenerationRequest) -> None:
 def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
     """The hires fix's second pass of a resolved request, as a request of its own: the same prompts and sampler at the
     larger size for its `hr_steps` (its texts: `text_schedules` of the request's second pass)."""
-    height, width = hires.target_size(request.height, request.width, request.hr_scale, factor)
-    return replace(request, height=height, width=width, steps=request.hires_steps, hr_scale=1.0)
+    height, width = request.hires_plan(factor).size
+    return without_hires(replace(request, height=height, width=width, steps=request.hires_steps))
+
+
+def without_hires(request: GenerationRequest) -> GenerationRequest:
+    return replace(request, hr_scale=1.0, hr_resize_x=0, hr_resize_y=0)
 
 
 def clip_text(request: GenerationRequest, field: TextField) -> str:
@@ -532,10 +561,10 @@ def resolve(
     request = replace(request, height=height, width=width)
     check_seed_resize(request, factor)
     check_mask(request)
-    check_hires(request, num_timesteps)
+    check_hires(request, num_timesteps, factor)
     if request.hires:
-        if hires.target_size(height, width, request.hr_scale, factor) == (height, width):
-            request = replace(request, hr_scale=1.0)  # as A1111: a scale that leaves the size alone does nothing
+        if request.hires_plan(factor).upscaled == (height, width):
+            request = without_hires(request)  # as A1111: an upscale that leaves the size alone does nothing
         else:
             request = replace(request, hr_steps=request.hires_steps)
     if request.init_image is not None:
@@ -881,7 +910,7 @@ class Pipeline:
         run fits its timesteps, and the LoRAs its prompt names fit (`lora_files`). A server checks this before batching
         the request with others."""
         check_clip_skip(request, self.model.text_encoder.layers)
-        check_hires(request, self.model.config.timesteps)
+        check_hires(request, self.model.config.timesteps, self.factor)
         self.lora_files(request)
 
     def lora_files(self, request: GenerationRequest) -> tuple[tuple[LoraFile, LoraUse], ...]:
@@ -960,7 +989,7 @@ class Pipeline:
                 image
                 for index, conditioning in zip(upscaled, conditions, strict=True)
                 for image in self._second_pass(
-                    hires_pass(requests[index], self.factor),
+                    requests[index],
                     conditioning,
                     [image for image in images if image.request_index == index],
                 )
@@ -1000,23 +1029,25 @@ class Pipeline:
         return images
 
     def _second_pass(
-        self, request: GenerationRequest, conditioning: ImageConditioning, firsts: Sequence[_Image]
+        self, asked: GenerationRequest, conditioning: ImageConditioning, firsts: Sequence[_Image]
     ) -> list[_Image]:
-        """(2) The hires fix's images of `hires_pass` `request`, from its first pass's: each latent upscaled (or its
-        image, then encoded again), noised to the first of the pass's steps by noise drawn anew from its seed, as
-        A1111 draws it."""
+        """(2) The hires fix's images of request `asked`, from its first pass's: each latent upscaled (or its image,
+        then encoded again) and cut to size, noised to the first of the pass's steps by noise drawn anew from its
+        seed, as A1111 draws it."""
+        plan, request = asked.hires_plan(self.factor), hires_pass(asked, self.factor)
+        big_h, big_w = plan.upscaled
         mask = self.repaint_mask(request)  # an inpainting model's, which reads one however it is sampled
         condition = None if mask is None else self.image_condition(request, mask)
         steps = hires.run_length(request.steps, request.strength)
         schedule = DDIMSchedule(self.model.alphas_cumprod, steps)
         latents = torch.cat([first.latents for first in firsts if first.latents is not None])
         if hires.is_latent(request.hr_upscaler):
-            size = (request.height // self.factor, request.width // self.factor)
-            starts = hires.upscale_latents(latents, *size, request.hr_upscaler).split(1)
+            upscaled = hires.upscale_latents(latents, big_h // self.factor, big_w // self.factor, request.hr_upscaler)
         else:
             rounded = np.rint(self.decode(latents).numpy()).astype(np.uint8)  # the first images, as answered
-            upscaled = [hires.upscale_image(i, request.height, request.width, request.hr_upscaler) for i in rounded]
-            starts = [self.encode_pixels(encode_image(i, request.width, request.height)) for i in upscaled]
+            pictures = [hires.upscale_image(i, big_h, big_w, request.hr_upscaler) for i in rounded]
+            upscaled = torch.cat([self.encode_pixels(encode_image(i, big_w, big_h)) for i in pictures])
+        starts = plan.crop(upscaled, self.factor).split(1)
         images = []
         for first, z0 in zip(firsts, starts, strict=True):
             generator, noise = self.noise(request, first.image_index)

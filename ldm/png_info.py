@@ -71,10 +71,13 @@ def parameters_text(
     if request.init_image is not None or request.hires:
         fields.append(f"Denoising strength: {float(request.strength)}")
     if request.hires:
-        # A1111's fields: its size is the first pass's, "Hires upscale" makes the image's; it writes "Hires steps"
-        # only when they are not the first pass's.
-        scale = float(request.hr_scale)
-        fields.append(f"Hires upscale: {int(scale) if scale.is_integer() else scale}")
+        # A1111's fields: its size is the first pass's, "Hires upscale" or "Hires resize" makes the image's; it writes
+        # "Hires steps" only when they are not the first pass's.
+        if request.hr_resize_x or request.hr_resize_y:
+            fields.append(f"Hires resize: {request.hr_resize_x}x{request.hr_resize_y}")
+        else:
+            scale = float(request.hr_scale)
+            fields.append(f"Hires upscale: {int(scale) if scale.is_integer() else scale}")
         if request.hires_steps != request.steps:
             fields.append(f"Hires steps: {request.hires_steps}")
         fields.append(f"Hires upscaler: {hires.UPSCALERS[request.hr_upscaler]}")

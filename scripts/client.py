@@ -38,8 +38,8 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
-                   "hr_upscaler", "hr_steps", "subseed", "subseed_strength", "seed_resize_from_h",
-                   "seed_resize_from_w", "tiling")  # fmt: skip
+                   "hr_upscaler", "hr_steps", "hr_resize_x", "hr_resize_y", "subseed", "subseed_strength",
+                   "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "latent_nearest, latent_nearest_exact, lanczos or nearest",
     )
     parser.add_argument("--hr-steps", type=int, help="the hires fix's second pass's steps (0: as many as --steps)")
+    for flag, side in (("--hr-resize-x", "width"), ("--hr-resize-y", "height")):
+        parser.add_argument(
+            flag,
+            type=int,
+            help=f"the hires fix to this {side} instead of --hr-scale (AUTOMATIC1111's 'Resize {side} to'; with both, "
+            "the image is upscaled to cover them and cut to them)",
+        )
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
     parser.add_argument(
@@ -258,13 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the images are written, 1 when the server gave none, 2 on a bad input (see the top)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.strength is not None and args.init_image is None and args.hr_scale in (None, 1):
-        parser.error("--strength needs --init-image or an --hr-scale above 1 (txt2img has nothing to keep)")
+    hires = args.hr_scale not in (None, 1) or bool(args.hr_resize_x or args.hr_resize_y)
+    if args.strength is not None and args.init_image is None and not hires:
+        parser.error("--strength needs --init-image, or the hires fix's --hr-scale or --hr-resize-x/-y (txt2img has "
+                     "nothing to keep)")  # fmt: skip
     if args.mask_image is not None and args.init_image is None:
         parser.error("--mask-image needs --init-image (txt2img has nothing to keep)")
     for name in ("hr_upscaler", "hr_steps"):
-        if getattr(args, name) is not None and args.hr_scale in (None, 1):
-            parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 (it is the hires fix's)")
+        if getattr(args, name) is not None and not hires:
+            parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "
+                         "fix's)")  # fmt: skip
     if args.mask_blur is not None and args.mask_image is None:
         parser.error("--mask-blur needs --mask-image (it softens the mask's seam)")
     problem = check_url(args.url)

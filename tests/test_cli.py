@@ -180,6 +180,14 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert parameters is not None
     assert "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Lanczos" in parameters
+    # --hr_resize_x and --hr_resize_y: A1111's "Hires resize" instead of the scale.
+    flags = ["--hr_resize_x", "80", "--hr_resize_y", "72", "--hr_steps", "3", "--strength", "0.6"]
+    assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00001.png")
+    request = replace(request_for(case("basic")), hr_resize_x=80, hr_resize_y=72, hr_steps=3, strength=0.6)
+    assert pixels.shape == (72, 80, 3)
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None and "Hires resize: 80x72, Hires steps: 3, Hires upscaler: Latent" in parameters
 
 
 def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run(
@@ -518,6 +526,8 @@ TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--hr_scale", "2"], "hr_scale", 2.0),
     (["--hr_upscaler", "latent_bicubic"], "hr_upscaler", "latent_bicubic"),
     (["--hr_steps", "20"], "hr_steps", 20),
+    (["--hr_resize_x", "1024"], "hr_resize_x", 1024),
+    (["--hr_resize_y", "768"], "hr_resize_y", 768),
 ]
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--mask", "mask.png"], "mask", "mask.png"),
@@ -571,7 +581,7 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
     if mode == "img2img":
         expected |= {"init_img": "in.png", "strength": 0.75}
     else:
-        expected |= {"hr_scale": 1.0, "hr_upscaler": None, "hr_steps": None, "strength": None}
+        expected |= {"hr_scale": 1.0, "hr_upscaler": None, "hr_steps": None, "strength": None, "hr_resize_x": 0}
     assert {k: getattr(args, k) for k in expected} == expected
     assert read_prompts(args) == [DEFAULT_PROMPT]
 
@@ -616,14 +626,16 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--hr_scale", "8"], "--hr_scale: hr_scale must be in [1, 4], got 8.0"),
     ("txt2img", ["--hr_scale", "2", "--sampler", "plms"], "--sampler: sampler plms is for txt2img only, and the hires"),
     ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
-    ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale: it is the hires fix's"),
+    ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires"),
+    ("txt2img", ["--hr_resize_x", "96", "--hr_scale", "2"], "--hr_resize_x: hr_resize_x sets the hires fix's size"),
+    ("img2img", ["--hr_resize_y", "96"], "unrecognized arguments: --hr_resize_y 96"),
     ("txt2img", ["--subseed_strength", "2"], "--subseed_strength: subseed_strength must be in [0, 1]"),
     (
         "txt2img",
         ["--subseed", "4294967295", "--subseed_strength", "0.5", "--n_samples", "2"],
         "--subseed 4294967295: the run's last subseed 4294967296 would exceed 4294967295",
     ),
-    ("txt2img", ["--strength", "0.5"], "--strength needs --hr_scale: it is the hires fix's"),
+    ("txt2img", ["--strength", "0.5"], "--strength needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
     ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),

@@ -150,6 +150,8 @@ def test_hires_fix_sends_its_fields_and_strength(server: FakeTorchServe, tmp_pat
     assert server.requests[0]["body"] == {
         "prompt": "a lighthouse", "hr_scale": 2.0, "hr_upscaler": "lanczos", "hr_steps": 10, "strength": 0.6,
     }  # fmt: skip
+    assert run(server.url, tmp_path, "a lighthouse", "--hr-resize-x", "1024", "--strength", "0.5") == 0
+    assert server.requests[1]["body"] == {"prompt": "a lighthouse", "hr_resize_x": 1024, "strength": 0.5}
 
 
 def test_variation_seeds_are_sent_and_each_files_printed(
@@ -307,14 +309,14 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        (["--strength", "0.5"], "--strength needs --init-image or an --hr-scale above 1"),
+        (["--strength", "0.5"], "--strength needs --init-image, or the hires fix's --hr-scale or --hr-resize-x/-y"),
         (
-            ["--hr-scale", "1", "--strength", "0.5"],
-            "--strength needs --init-image or an --hr-scale above 1",
-        ),  # 1: no hires fix
+            ["--hr-scale", "1", "--hr-resize-y", "0", "--strength", "0.5"],
+            "--strength needs --init-image, or the hires fix's",
+        ),  # 1 and 0: no hires fix
         (["--mask-image", "mask.png"], "--mask-image needs --init-image"),
         (["--init-image", "init.png", "--mask-blur", "8"], "--mask-blur needs --mask-image"),
-        (["--hr-upscaler", "lanczos"], "--hr-upscaler needs an --hr-scale above 1"),
+        (["--hr-upscaler", "lanczos"], "--hr-upscaler needs an --hr-scale above 1 or --hr-resize-x/-y"),
         (["--hr-steps", "10"], "--hr-steps needs an --hr-scale above 1"),
     ],
 )

@@ -516,9 +516,21 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     assert np.array_equal(pixels, expected_pixels(tiny_split, request)[0])
     plain = json.loads(call(handler, [{"prompt": "tiles", "seed": 4}])[0][0])["parameters"]
     assert not {"hr_scale", "hr_upscaler", "hr_steps", "strength"} & set(plain)
+    # A "Hires resize" is echoed in place of hr_scale, its image at that size.
+    (response,), _ = call(handler, [{**body, "hr_scale": 1, "hr_resize_x": 80, "hr_resize_y": 72}])
+    answer = json.loads(response)
+    assert {k: answer["parameters"].get(k) for k in ("hr_scale", "hr_resize_x", "hr_resize_y")} == {
+        "hr_scale": None, "hr_resize_x": 80, "hr_resize_y": 72,
+    }  # fmt: skip
+    resized = dataclasses.replace(request, hr_scale=1.0, hr_resize_x=80, hr_resize_y=72)
+    pixels = np.asarray(load_image(io.BytesIO(base64.b64decode(answer["images"][0]))))
+    assert pixels.shape == (72, 80, 3)
+    assert np.array_equal(pixels, expected_pixels(tiny_split, resized)[0])
     settings = parse_settings({"handler": {"defaults": {"sampler": "plms", "hr_upscaler": "lanczos", "hr_steps": 9}}})
     hires = parse_request({"prompt": "x", "hr_scale": 2}, settings).generation
     assert (hires.sampler, hires.hr_upscaler, hires.hr_steps) == ("ddim", "lanczos", 9)
+    resized = parse_request({"prompt": "x", "hr_resize_y": 128}, settings).generation
+    assert (resized.sampler, resized.hr_resize_x, resized.hr_resize_y) == ("ddim", 0, 128)
     with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_upscaler: one of \["):
         parse_settings({"handler": {"defaults": {"hr_upscaler": "esrgan"}}})
     with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_steps: 0 \(ddim_steps\) to 150"):

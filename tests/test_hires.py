@@ -29,6 +29,29 @@ A1111_LATENT_MODES = {
 }
 
 
+def a1111_resized(
+    latents: torch.Tensor, height: int, width: int, resize_x: int, resize_y: int, mode: str, antialias: bool = False
+) -> torch.Tensor:
+    """A1111 1.6's "Hires resize" of (height, width) first latents, written out again from its
+    `calculate_target_resolution` and `sample_hr_pass`: the size upscaled to, interpolated to, then cut."""  # fmt: skip
+    truncate_x = truncate_y = 0
+    if resize_y == 0:
+        to_x, to_y = resize_x, resize_x * height // width
+    elif resize_x == 0:
+        to_x, to_y = resize_y * width // height, resize_y
+    else:
+        if width / height < resize_x / resize_y:
+            to_x, to_y = resize_x, resize_x * height // width
+        else:
+            to_x, to_y = resize_y * width // height, resize_y
+        truncate_x, truncate_y = (to_x - resize_x) // 8, (to_y - resize_y) // 8
+    samples = F.interpolate(latents, size=(to_y // 8, to_x // 8), mode=mode, antialias=antialias)
+    rows, columns = samples.shape[2:]
+    return samples[
+        :, :, truncate_y // 2 : rows - (truncate_y + 1) // 2, truncate_x // 2 : columns - (truncate_x + 1) // 2
+    ]
+
+
 @pytest.fixture(scope="module")
 def peer(tiny_model: StableDiffusion) -> Any:
     from scripts.peers import diffusers_pipeline
@@ -277,4 +300,90 @@ def test_hires_requests_the_pipeline_cannot_run_name_their_field(change: dict, f
     request = dataclasses.replace(GenerationRequest("x", seed=1, steps=10, hr_scale=2.0), **change)
     with pytest.raises(GenerationError) as info:
         resolve(request)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(512, 512), (512, 768), (768, 512), (64, 72), (448, 640), (200, 136)]
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "resize", [(1024, 0), (0, 1024), (1024, 1024), (1000, 1500), (1536, 1024), (88, 64), (1001, 777), (512, 513)]
+)
+def test_hires_resize_upscales_and_cuts_as_a1111_does(height: int, width: int, resize: tuple[int, int]) -> None:
+    """The plan's sizes and its cut, against A1111's code written out again (a latent whose every value is its own
+    index, so that the cut's every offset shows): upscaled to cover the size asked in the first image's proportions,
+    the excess rows or columns cut, the odd one from the bottom or right."""
+    plan = hires.plan(height, width, 8, resize=resize)
+    latents = torch.arange(float(height // 8 * width // 8)).reshape(1, 1, height // 8, width // 8)
+    theirs = a1111_resized(latents, height, width, *resize, mode="nearest")
+    big = F.interpolate(latents, size=(plan.upscaled[0] // 8, plan.upscaled[1] // 8), mode="nearest")
+    assert torch.equal(plan.crop(big, 8), theirs)
+    assert plan.size == (theirs.shape[2] * 8, theirs.shape[3] * 8)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize(("resize", "size"), [((88, 64), (64, 88)), ((0, 96), (96, 96))])
+def test_latent_hires_resize_equals_diffusers_on_a1111s_cut_latent(
+    pipeline: Pipeline, peer: Any, resize: tuple[int, int], size: tuple[int, int]
+) -> None:
+    """ "Hires resize" to 88×64 from 64×64: the latent upscaled to 11×11, then 3 rows cut, 1 at the top and 2 at the
+    bottom; to a height of 96, the width following: 12×12, nothing cut. The second pass is diffusers' img2img of that
+    latent."""
+    request = resolve(
+        dataclasses.replace(request_for(case("basic")), sampler="euler_a", hr_resize_x=resize[0], hr_resize_y=resize[1],
+                            hr_steps=4, strength=0.6)
+    )  # fmt: skip
+    ours = pipeline.generate(request).pixels[0]
+    assert ours.shape == (*size, 3)
+    z0 = a1111_resized(first_latents(peer, request), 64, 64, *resize, mode="bilinear")
+    assert np.abs(ours - second_pass(peer, request, z0)).max() < FLOAT_TOLERANCE
+    # The cut matters: the same latent cut evenly is another image.
+    if resize == (88, 64):
+        uncut = F.interpolate(first_latents(peer, request), size=(11, 11), mode="bilinear")
+        assert np.abs(ours - second_pass(peer, request, uncut[:, :, 2:10])).mean() > 1
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+def test_image_hires_resize_encodes_the_upscaled_image_then_cuts_its_latent(pipeline: Pipeline, peer: Any) -> None:
+    """An image upscaler's "Hires resize" to 96×72: the first image resized to 96×96 and encoded, then 3 latent rows
+    cut from the encoding, as A1111 cuts it (not the image resized to 96×72)."""
+    request = resolve(
+        dataclasses.replace(request_for(case("basic")), hr_resize_x=96, hr_resize_y=72, hr_upscaler="lanczos",
+                            hr_steps=4, strength=0.5)
+    )  # fmt: skip
+    first = pipeline.generate(dataclasses.replace(request, hr_resize_x=0, hr_resize_y=0)).images[0]
+    upscaled = np.asarray(Image.fromarray(first).resize((96, 96), Image.Resampling.LANCZOS), dtype=np.float32)
+    pixels = torch.from_numpy(upscaled / 127.5 - 1).permute(2, 0, 1)[None]
+    z0 = peer.vae.encode(pixels).latent_dist.mean * peer.vae.config.scaling_factor
+    ours = pipeline.generate(request).pixels[0]
+    assert ours.shape == (72, 96, 3)
+    assert np.abs(ours - second_pass(peer, request, z0[:, :, 1:10])).max() < FLOAT_TOLERANCE
+
+
+def test_a_hires_resize_to_the_first_size_does_nothing_and_png_parameters_name_it() -> None:
+    """As A1111: an upscale to the size the image already has is no hires fix, even where a cut was asked for (a
+    64-wide first image "resized" to 64×32 keeps its 64×64); otherwise the PNG writes A1111's "Hires resize"."""
+    plain = GenerationRequest("x", seed=1, height=64, width=64, steps=3)
+    assert not resolve(dataclasses.replace(plain, hr_resize_x=64, hr_resize_y=32)).hires
+    resized = resolve(dataclasses.replace(plain, hr_resize_x=96, strength=0.5))
+    assert (hires_pass(resized, 8).height, hires_pass(resized, 8).width) == (96, 96)
+    assert "Denoising strength: 0.5, Hires resize: 96x0, Hires upscaler: Latent" in parameters_text(resized, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"hr_resize_x": -8}, "hr_resize_x"),
+        ({"hr_resize_y": 128, "hr_scale": 2.0}, "hr_resize_y"),  # one or the other sizes the fix
+        ({"hr_resize_x": 4}, "hr_resize_x"),  # 4×4 pixels: no latent pixel
+        ({"hr_resize_y": 128, "init_image": "init"}, "hr_resize_y"),  # txt2img only
+    ],
+)
+def test_hires_resizes_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
+    if change.get("init_image") == "init":
+        change = {**change, "init_image": load_image(REFERENCE / "init_dev_80x64.png")}
+    with pytest.raises(GenerationError) as info:
+        resolve(dataclasses.replace(GenerationRequest("x", seed=1, steps=10, height=64, width=64), **change))
     assert info.value.field == field
