@@ -13,7 +13,7 @@ which is not A1111's: the same request paints another image there.
 - η: DDIM's (A1111's default 0); the ancestral and SDE samplers run at A1111's default η of 1 and take no other; the
   other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
-  not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own size,
+  not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
   sampler, scheduler, prompt or checkpoint, resize modes but "just resize", inpainting but of the whole picture from
   its original pixels (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted
   mask, several init images, override settings but clip skip and those about saving files).
@@ -40,7 +40,7 @@ RENAMED = {"steps": "ddim_steps", "cfg_scale": "scale", "width": "W", "height": 
 COPIED = ("prompt", "negative_prompt", "n_iter", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
 # Our fields that take whole numbers, which A1111's API also reads from a float such as 42.0.
 WHOLE = ("ddim_steps", "W", "H", "n_samples", "n_iter", "seed", "subseed", "seed_resize_from_h", "seed_resize_from_w",
-         "hr_steps", "mask_blur", "clip_skip")  # fmt: skip
+         "hr_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "clip_skip")  # fmt: skip
 DEFAULTS = {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1, "n_iter": 1}
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 # The field A1111 names for each of ours that a refusal may name.
@@ -53,10 +53,9 @@ OFF: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
     "alwayson_scripts": (None, {}), "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
-    "firstpass_image": (None, ""), "hr_resize_x": (None, 0), "hr_resize_y": (None, 0),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
     "hr_scheduler": (None, "", "Use same scheduler"), "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
-    "inpainting_mask_invert": (None, 0, False),
+    "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""),
 }  # fmt: skip
 # Options repeating another field, which may send its value (or be empty).
 REPEATS = {"hr_sampler_name": "sampler_name", "hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt"}
@@ -193,7 +192,11 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if not _flag(body, "enable_hr"):
         return
     upscaler = body.get("hr_upscaler") or "Latent"
-    ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
+    resize = {name: body[name] for name in ("hr_resize_x", "hr_resize_y") if body.get(name)}
+    if resize:  # A1111's "Hires resize", which then sizes the second pass alone (its hr_scale unread)
+        ours.update(resize)
+    else:
+        ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
     ours["hr_upscaler"] = UPSCALER_ALIASES.get(upscaler, upscaler)
     ours["hr_steps"] = body.get("hr_second_pass_steps") or 0
     ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75

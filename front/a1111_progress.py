@@ -57,7 +57,7 @@ class Job:
         done = (index + line.get("image_count", 1) * step / total) / images
         if self.passes == 2:
             steps = self.ours["ddim_steps"]
-            second = (self.ours.get("hr_steps") or steps) * self.ours["hr_scale"] ** 2
+            second = (self.ours.get("hr_steps") or steps) * self._hires_area
             first = steps / (steps + second)
             done = first + (1 - first) * done if line.get("hires") else first * done
         self.fraction = max(self.fraction, min((self.request + done) / self.requests, 1.0))
@@ -67,11 +67,22 @@ class Job:
         self.preview = line.get("preview", self.preview)
 
     @property
+    def _hires_area(self) -> float:
+        """The hires fix's pixels over the first pass's, which is about what a second-pass step costs in first-pass
+        ones (read once TorchServe runs the request, so once its values are valid)."""
+        x, y = self.ours.get("hr_resize_x", 0), self.ours.get("hr_resize_y", 0)
+        if not x and not y:
+            return self.ours["hr_scale"] ** 2
+        width, height = self.ours["W"], self.ours["H"]
+        return x * y / (width * height) if x and y else (x / width if x else y / height) ** 2
+
+    @property
     def passes(self) -> int:
-        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass; a scale that is not a
-        number is TorchServe's to refuse, while the progress is polled)."""
-        scale = self.ours.get("hr_scale", 1)
-        return 2 if is_number(scale) and scale > 1 else 1
+        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass, nor do resize sides of
+        0; a value that is not a number is TorchServe's to refuse, while the progress is polled)."""
+        offs = {"hr_scale": 1, "hr_resize_x": 0, "hr_resize_y": 0}
+        asked = ((self.ours.get(name, off), off) for name, off in offs.items())
+        return 2 if any(is_number(value) and value > off for value, off in asked) else 1
 
     @property
     def jobs(self) -> tuple[int, int]:

@@ -109,6 +109,15 @@ class ImagineRequest(BaseModel):
         description="the hires fix's second pass: its steps, the last of ⌊hr_steps / strength⌋ (0: as many as "
         "ddim_steps; default: model-config.yaml's, 0 as shipped)",
     )
+    hr_resize_x: int = Field(
+        0,
+        description="the hires fix to this width instead of hr_scale (AUTOMATIC1111's 'Hires resize'; 0: not set): "
+        "alone, the height follows W×H's proportions; with hr_resize_y, the image is upscaled to cover both and cut "
+        "to them",
+    )
+    hr_resize_y: int = Field(
+        0, description="the hires fix to this height instead of hr_scale (0: not set), as hr_resize_x does the width"
+    )
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")
 
 

@@ -92,6 +92,14 @@ def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference
     assert {k: fake.sent()[1][k] for k in ("sampler", "eta", "hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
         "sampler": "DDIM", "eta": 0.0, "hr_scale": 2.0, "hr_upscaler": "Lanczos", "hr_steps": 0, "strength": 0.75
     }  # fmt: skip
+    # "Hires resize": its sides in place of the scale, which A1111 then does not read (its UI sends both); a side
+    # sent as a float whole number is read as one, a side of 0 left to the handler's default.
+    client.post(TXT2IMG, json={"enable_hr": True, "hr_scale": 2, "hr_resize_x": 1024.0, "hr_resize_y": 0})
+    assert {k: fake.sent()[2].get(k) for k in ("hr_scale", "hr_resize_x", "hr_resize_y")} == {
+        "hr_scale": None, "hr_resize_x": 1024, "hr_resize_y": None,
+    }  # fmt: skip
+    client.post(TXT2IMG, json={"hr_resize_x": 1024, "hr_resize_y": 768})  # without enable_hr: not read
+    assert not {"hr_scale", "hr_resize_x", "hr_resize_y"} & set(fake.sent()[3])
 
 
 def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient, fake: FakeInference) -> None:
@@ -162,7 +170,6 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
         (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
         (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
-        (TXT2IMG, {"enable_hr": True, "hr_resize_x": 1024}, "hr_resize_x"),
         (TXT2IMG, {"hr_sampler_name": "DDIM"}, "hr_sampler_name"),
         (TXT2IMG, {"prompt": "a fox", "hr_prompt": "a wolf"}, "hr_prompt"),
         (TXT2IMG, {"hr_prompt": "a wolf"}, "hr_prompt"),  # no prompt: ""
@@ -340,6 +347,12 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     assert hires.jobs == (4, 2)
     # Polled while TorchServe refuses fields that are not numbers: one job, not an error.
     assert Job({"hr_scale": "2", "n_iter": "2"}).jobs == (1, 0)
+    assert Job({"hr_resize_x": "1024"}).jobs == (1, 0)
+    # A "Hires resize" to 1024 wide from 512×256: 4 times the pixels, as a scale of 2; both sides: their product.
+    for resize in ({"hr_resize_x": 1024}, {"hr_resize_y": 512}, {"hr_resize_x": 512, "hr_resize_y": 1024}):
+        resized = Job({"n_samples": 1, "ddim_steps": 2, "hr_steps": 2, "W": 512, "H": 256, **resize})
+        resized.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+        assert resized.fraction == 0.2 and resized.jobs == (2, 0)
 
 
 async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:

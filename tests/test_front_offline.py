@@ -18,6 +18,7 @@ from front.app import create_app
 from front.cli import parse_settings
 from front.imagine import MAX_SEED
 from front.settings import FrontSettings
+from handler.request import FIELDS
 from ldm.pipeline import SAMPLERS
 from tests.servers import free_port
 
@@ -302,7 +303,7 @@ def test_docs_are_served_from_here(client: TestClient) -> None:
     assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
     operation = client.get("/openapi.json").json()["paths"]["/imagine"]["post"]
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    assert {"prompt", "n_samples", "n_iter", "init_image", "stream"} <= set(schema["properties"])
+    assert set(FIELDS) <= set(schema["properties"])  # every field TorchServe's handler reads is documented
     assert set(operation["responses"]["200"]["content"]) == {"image/png", "application/json", "application/x-ndjson"}
 
 
