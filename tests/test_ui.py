@@ -337,6 +337,49 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     assert "init_image" in body and not {"hr_scale", "hr_upscaler", "hr_steps"} & set(body)
 
 
+def test_hires_resize_is_sent_in_place_of_the_scale_and_reused_from_its_png(page: Page) -> None:
+    """A width to resize to: sent with a height of 0 and without the scale (which A1111 does not read then either),
+    the result at the server's size, PLMS set aside. Too large a size is shown under the resize boxes. The result's
+    PNG says "Hires resize: 96x0": "Reuse settings" on it, after the boxes are emptied, sets them again and makes the
+    same image."""
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#seed", "12")
+    page.fill("#hr_scale", "2")
+    page.fill("#hr_resize_x", "96")
+    page.fill("#hr_scale", "1")
+    assert page.is_disabled("#sampler option[value='plms']")  # the resize alone asks for the fix
+    page.fill("#hr_steps", "3")
+    page.fill("#hr_strength", "0.6")
+    body = generate(page, shown=1)
+    assert {k: body.get(k) for k in ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_steps", "strength")} == {
+        "hr_scale": None, "hr_resize_x": 96, "hr_resize_y": 0, "hr_steps": 3, "strength": 0.6,
+    }  # fmt: skip
+    [result] = results(page)
+    assert (
+        result["parameters"] == "64×64 → 96×96 · 10 steps · guidance 7.5 · hires fix resize (Latent, 3 steps) · "
+        "strength 0.6"
+    )
+
+    page.fill("#hr_resize_y", "4096")
+    page.click("#generate")
+    expect(page.locator("#error-hr_resize")).to_contain_text("hr_resize_y", timeout=GENERATION)
+    assert page.get_attribute("#hr_resize_y", "aria-invalid") == "true"
+    page.fill("#hr_resize_x", "")
+    page.fill("#hr_resize_y", "")
+    page.fill("#hr_steps", "0")
+    assert page.is_enabled("#sampler option[value='plms']")
+    page.click("#gallery .result button:has-text('Reuse settings')")
+    expect(page.locator("#settings_note")).to_contain_text("Settings of the result of seed 12 set.")
+    assert (page.input_value("#hr_resize_x"), page.input_value("#hr_resize_y"), page.input_value("#hr_steps")) == (
+        "96",
+        "0",
+        "3",
+    )
+    generate(page, shown=2)
+    again, first = results(page)
+    assert again["src"] == first["src"]
+
+
 def test_variation_seeds_are_sent_named_on_each_result_and_reused(page: Page, front: str) -> None:
     """A variation strength sends the variation seed the user typed; each of the two results keeps the seed and
     names its own variation seed, as the API's images; "Reuse seed" on the second puts its seeds and strength back,

@@ -18,6 +18,8 @@ const ERROR_SLOTS = {
   mask_blur: "mask_image",
   seed_resize_from_h: "seed_resize",
   seed_resize_from_w: "seed_resize",
+  hr_resize_x: "hr_resize",
+  hr_resize_y: "hr_resize",
 };
 // The control to mark invalid for each field.
 const CONTROLS = { init_image: "init_file" };
@@ -76,7 +78,9 @@ function requestBody() {
     }
   }
   if (hiresOn()) {
-    body.hr_scale = number($("hr_scale").value);
+    const resize = hiresResize();
+    if (resize) [body.hr_resize_x, body.hr_resize_y] = resize;
+    else body.hr_scale = number($("hr_scale").value);
     body.hr_upscaler = $("hr_upscaler").value;
     body.hr_steps = integer($("hr_steps").value);
     body.strength = number($("hr_strength").value);
@@ -86,10 +90,17 @@ function requestBody() {
 }
 
 // Whether the hires fix is asked for: text to image only (its section is disabled with an init image), and an
-// empty box means off, as 1 does.
+// empty box means off, as 1 (the scale) or 0 (a resize side) does.
 function hiresOn() {
   const scale = $("hr_scale").value.trim();
-  return !initImage && scale !== "" && Number(scale) !== 1;
+  return !initImage && (hiresResize() !== null || (scale !== "" && Number(scale) !== 1));
+}
+
+// The hires fix's resize sides [width, height] once either is filled in (then sent in place of the scale, which
+// A1111 does not read then either), else null.
+function hiresResize() {
+  const sides = ["hr_resize_x", "hr_resize_y"].map((id) => $(id).value.trim());
+  return sides.some((side) => side !== "" && side !== "0") ? sides.map((side) => integer(side || "0")) : null;
 }
 
 // PLMS runs text to image only, and the hires fix's second pass is an image to image: the server says so too.
@@ -178,24 +189,25 @@ function text(tag, className, content) {
   return element;
 }
 
-// The hires fix's image size, as the server computes it: int(side·scale), down to a multiple of 8.
-function upscaled(side, scale) {
-  return Math.floor(Math.floor(side * scale) / 8) * 8;
+// A base64 PNG's [width, height], read from its header: a hires fix's image is the size the server made it.
+function pngSize(png) {
+  const header = atob(png.slice(0, 32)); // the signature, IHDR's length and name, then its width and height
+  const read = (at) => [0, 1, 2, 3].reduce((value, i) => value * 256 + header.charCodeAt(at + i), 0);
+  return [read(16), read(20)];
 }
 
-function describe(parameters) {
+function describe(parameters, png) {
   let size = `${parameters.W}×${parameters.H}`;
-  if (parameters.hr_scale !== undefined) {
-    size += ` → ${upscaled(parameters.W, parameters.hr_scale)}×${upscaled(parameters.H, parameters.hr_scale)}`;
-  }
+  if (parameters.hr_upscaler !== undefined) size += ` → ${pngSize(png).join("×")}`;
   const parts = [size, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
   if (parameters.eta) parts.push(`η ${parameters.eta}`);
-  if (parameters.hr_scale !== undefined) {
+  if (parameters.hr_upscaler !== undefined) {
     const upscaler = $("hr_upscaler").querySelector(`option[value="${CSS.escape(parameters.hr_upscaler)}"]`);
     const name = upscaler?.textContent ?? parameters.hr_upscaler;
-    parts.push(`hires fix ×${parameters.hr_scale} (${name}, ${parameters.hr_steps} steps)`);
+    const how = parameters.hr_scale === undefined ? "resize" : `×${parameters.hr_scale}`;
+    parts.push(`hires fix ${how} (${name}, ${parameters.hr_steps} steps)`);
   }
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
   if (parameters.inpainted) parts.push("inpainted");
@@ -277,7 +289,7 @@ function resultItem(png, seed, subseed, parameters, warnings) {
     text("p", "seed", subseed === undefined ? `Seed ${seed}` : `Seed ${seed} · variation ${subseed} (${strength})`),
     text("p", "prompt", parameters.prompt),
     text("p", "negative", parameters.negative_prompt ? `Negative: ${parameters.negative_prompt}` : ""),
-    text("p", "parameters", describe(parameters)),
+    text("p", "parameters", describe(parameters, png)),
     ...warnings.map((warning) => text("p", "warning", warning)),
   );
   const download = document.createElement("a");
@@ -342,7 +354,8 @@ function unreadable() {
   if (Number($("subseed_strength").value) !== 0 && $("subseed").validity.badInput) {
     return ["subseed must be a whole number from 0 to 4294967295", "subseed"];
   }
-  for (const id of ["seed_resize_from_w", "seed_resize_from_h"]) {
+  const sides = ["seed_resize_from_w", "seed_resize_from_h", ...(initImage ? [] : ["hr_resize_x", "hr_resize_y"])];
+  for (const id of sides) {
     if ($(id).validity.badInput) return [`${id} must be a whole number of pixels (empty or 0: none)`, id];
   }
   return null;
@@ -351,15 +364,22 @@ function unreadable() {
 // The request's progress from a step line: the images already done, plus the UNet batch in flight by its share of
 // steps. A request whose images are split over several UNet batches restarts the step count in each, so the
 // fraction counts images, and only ever goes up. A hires fix's two passes (the second's lines say `hires`) share the
-// bar by what their steps cost: a second-pass step about scale² first-pass ones.
+// bar by what their steps cost: a second-pass step about as many first-pass ones as it has times the pixels.
 function fraction(message, images, body) {
   const count = message.image_count ?? 1;
   const done = (message.image_index + (count * message.step) / message.total) / images;
-  if (body.hr_scale === undefined) return done;
+  if (body.hr_upscaler === undefined) return done;
   const steps = typeof body.ddim_steps === "number" ? body.ddim_steps : 50;
-  const second = (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * body.hr_scale ** 2;
+  const second = (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * hiresArea(body);
   const first = steps / (steps + second);
   return message.hires ? first + (1 - first) * done : first * done;
+}
+
+// A hires fix's pixels over the first pass's (the request's values are numbers once the server runs it).
+function hiresArea(body) {
+  const [x, y] = [body.hr_resize_x ?? 0, body.hr_resize_y ?? 0];
+  if (!x && !y) return body.hr_scale ** 2;
+  return x && y ? (x * y) / (body.W * body.H) : (x ? x / body.W : y / body.H) ** 2;
 }
 
 async function generate() {
@@ -455,6 +475,7 @@ function applySettings(settings, unread) {
   $("seed").value = settings.seed ?? "";
   $("subseed").value = settings.subseed ?? "";
   [$("seed_resize_from_w").value, $("seed_resize_from_h").value] = settings.seed_resize ?? ["", ""];
+  [$("hr_resize_x").value, $("hr_resize_y").value] = settings.hr_resize ?? ["", ""];
   for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
   setPlms(); // before the sampler: whether PLMS may run depends on the hires fix just set
   for (const [id, label] of [["sampler", settings.sampler], ["hr_upscaler", settings.hr_upscaler]]) {
@@ -545,7 +566,7 @@ $("seed").addEventListener("input", () => {
   const empty = $("seed").value === "" && !$("seed").validity.badInput;
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
-$("hr_scale").addEventListener("input", setPlms);
+for (const id of ["hr_scale", "hr_resize_x", "hr_resize_y"]) $(id).addEventListener("input", setPlms);
 $("sampler").addEventListener("change", setEta);
 setEta(); // a reloaded page may come back with another sampler chosen
 for (const id of ["strength", "hr_strength", "subseed_strength"]) {

@@ -85,20 +85,19 @@ function size(value) {
 const unescaped = (text) => text.replaceAll("\\n", "\n");
 
 // The form's settings for an infotext, in the request's field names: `sampler` and `hr_upscaler` by the names PNGs
-// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` [width, height], `seed`
-// undefined for a random one. A setting an infotext leaves out is read as A1111 reads it: no hires fix, variation
+// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` and `hr_resize`
+// [width, height], `seed` undefined for a random one. A setting an infotext leaves out is read as A1111 reads it: no hires fix, variation
 // seed, seed resize, clip skip or tiling, A1111's syntax ("Emphasis: Original", its default; this server always
 // writes it), and noise drawn on the GPU ("RNG", which this server writes as CPU). `unread` lists the fields that set
 // nothing here, as "Key: value"; `settings` is null when the text holds no settings line (a prompt alone).
 export function settingsFrom(text) {
   const { prompt, negative_prompt, fields } = splitInfotext(text);
   if (fields.size === 0) return { settings: null, unread: [] };
-  // Any "Hires" field says the denoising strength is the hires fix's (A1111 writes "Hires resize" for a size asked
-  // for instead of a scale, which is not done here, so it stays in `fields` to be named).
+  // Any "Hires" field says the denoising strength is the hires fix's.
   const hires = [...fields.keys()].some((key) => key.startsWith("Hires "));
   const settings = {
-    prompt: unescaped(prompt), negative_prompt: unescaped(negative_prompt), hr_scale: 1, subseed_strength: 0,
-    seed_resize: null, clip_skip: 1, tiling: false,
+    prompt: unescaped(prompt), negative_prompt: unescaped(negative_prompt), hr_scale: 1, hr_resize: null,
+    subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
   };
   const unread = [];
   const take = (key) => {
@@ -136,9 +135,11 @@ export function settingsFrom(text) {
   }
   const strength = decimal(take("Denoising strength"));
   const upscale = decimal(take("Hires upscale"));
+  const resized = size(take("Hires resize") ?? ""); // A1111's size asked for instead of a scale, which it then writes
   const upscaler = take("Hires upscaler");
-  if (upscale !== undefined) {
-    settings.hr_scale = upscale;
+  if (resized) settings.hr_resize = resized;
+  else if (upscale !== undefined) settings.hr_scale = upscale;
+  if (resized || upscale !== undefined) {
     settings.hr_upscaler = upscaler ?? "Latent";
     if (settings.hr_steps === undefined) settings.hr_steps = 0;
   }
