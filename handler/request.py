@@ -35,9 +35,11 @@ from ldm.pipeline import (
     check_mask,
     check_sampler,
     check_seed_resize,
+    idle_hires,
     request_loras,
     scheduled_texts,
     text_parts,
+    without_hires,
 )
 from ldm.tokenizer import CLIPTokenizer
 
@@ -335,12 +337,14 @@ def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, i
 
 def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) -> None:
     """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at, and
-    so is the upscaled image that an image upscaler's VAE encodes before a "Hires resize" cuts it."""
+    so is the upscaled image that an image upscaler's VAE encodes before a "Hires resize" cuts it (a latent
+    upscaler's upscaled latent, before the cut, is small)."""
     limits, plan, field = settings.limits, generation.hires_plan(8), generation.hires_field
     asked = f"{field} {getattr(generation, field):g}"
-    (big_h, big_w), (height, width) = plan.upscaled, plan.size
-    made = f"makes {big_w}x{big_h} images"
-    if plan.upscaled != plan.size:
+    (big_h, big_w), (height, width) = plan.size, plan.size
+    made = f"makes {width}x{height} images"
+    if plan.upscaled != plan.size and not hires.is_latent(generation.hr_upscaler):
+        big_h, big_w = plan.upscaled
         made = f"upscales the images to {big_w}x{big_h} to cut them to {width}x{height}"
     if max(big_h, big_w) > limits.max_side:
         raise RequestError(field, f"{asked} {made}; each side at most {limits.max_side} pixels")
@@ -391,10 +395,12 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     if first is not None and first > MAX_SEED - total + 1:
         raise RequestError(counted, f"{counted} must be between 0 and {MAX_SEED - total + 1}, got {first}")
     hr_scale = _number(body, "hr_scale", 1.0, 1.0, hires.MAX_SCALE)
-    resize = {name: _integer(body, name, 0, 0, limits.max_side, " pixels") for name in ("hr_resize_x", "hr_resize_y")}
+    resize_x, resize_y = (_integer(body, f"hr_resize_{axis}", 0, 0, limits.max_side, " pixels") for axis in "xy")
+    asked = hr_scale != 1 or bool(resize_x or resize_y)
+    second_pass = asked and not hires.plan(sizes["H"], sizes["W"], 8, hr_scale, (resize_x, resize_y)).idle
     # PLMS runs txt2img alone (and the hires fix's second pass is an img2img): a configured default of plms is plain
     # txt2img's.
-    img2img = init_image is not None or hr_scale != 1 or any(resize.values())
+    img2img = init_image is not None or second_pass
     sampler = _our_name(_text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32), SAMPLERS)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(
@@ -418,7 +424,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_scale=hr_scale,
         hr_upscaler=_our_name(_text(body, "hr_upscaler", d.hr_upscaler, 32), hires.UPSCALERS),
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
-        **resize,
+        hr_resize_x=resize_x,
+        hr_resize_y=resize_y,
         subseed=subseed,
         subseed_strength=subseed_strength,
         **_seed_resize(body, settings),
@@ -450,6 +457,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         check_hires(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
+    if idle_hires(generation, 8):
+        generation = without_hires(generation)  # checked as asked, run as A1111 runs it: without a second pass
     if generation.hires:
         _check_hires_size(generation, settings)
     try:

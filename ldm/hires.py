@@ -6,7 +6,7 @@ img2img of the upscaled first image, so its `strength` decides how much it may c
 
 The arithmetic is A1111 1.6's: the target is int(side·scale), or A1111's "Hires resize" to a width, a height or both
 (the first image then upscaled to cover it, and its latent cut down to it), rounded down to the latent's factor
-(A1111 interpolates its latent to that size); an upscale that leaves the size alone does nothing; the second pass runs
+(A1111 interpolates its latent to that size); an upscale to the size the image has does nothing; the second pass runs
 `steps` N steps, the last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed.
 Its upscalers are A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the
 VAE then encodes again).
@@ -53,10 +53,12 @@ _MAX_RUN_STRENGTH = 0.999
 class Plan:
     """The hires fix's sizes in pixels, multiples of the latent's factor: the first image is upscaled to `upscaled`,
     and its latent then cut down to `size`, the second pass's (they differ for a "Hires resize" to other
-    proportions than the first image's)."""
+    proportions than the first image's). `idle`: the upscale, before its rounding, is to the first image's own size,
+    which A1111 takes as no hires fix at all (one that only its rounding takes back runs a second pass)."""
 
     upscaled: tuple[int, int]
     size: tuple[int, int]
+    idle: bool
 
     def crop(self, latents: torch.Tensor, factor: int) -> torch.Tensor:
         """Latents (B, C, h, w) of the upscaled size cut to the second pass's, centred as A1111 cuts them: of an odd
@@ -85,7 +87,8 @@ def plan(height: int, width: int, factor: int, scale: float = 1.0, resize: tuple
         cut_rows, cut_columns = (big_h - resize_h) // factor, (big_w - resize_w) // factor
     else:
         cut_rows = cut_columns = 0
-    return Plan((rows * factor, columns * factor), ((rows - cut_rows) * factor, (columns - cut_columns) * factor))
+    size = ((rows - cut_rows) * factor, (columns - cut_columns) * factor)
+    return Plan((rows * factor, columns * factor), size, idle=(big_h, big_w) == (height, width))
 
 
 def run_length(steps: int, strength: float) -> int:

@@ -314,7 +314,7 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
     """The hires fix's settings are A1111's, and the request one it runs: txt2img (an img2img sets its size itself)
     with a sampler that runs img2img (its second pass is one), whose run of ⌊hr_steps / strength⌋ steps fits the
     model's `num_timesteps`, sized by either `hr_scale` or `hr_resize_x`/`_y`, to an image of at least a latent
-    pixel (once the request has a size)."""
+    pixel (once the request has a size; an idle one, `idle_hires`, is not checked past its fields)."""
     if request.hr_upscaler not in hires.UPSCALERS:
         raise GenerationError(
             "hr_upscaler", f"hr_upscaler '{request.hr_upscaler}' is not available; choose one of: "
@@ -339,6 +339,8 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         raise GenerationError(
             field, f"{field} is txt2img's (A1111's hires fix): an img2img request sets its size with H and W"
         )
+    if idle_hires(request, factor):
+        return
     if request.height is not None and request.width is not None:
         height, width = request.hires_plan(factor).size
         if height < factor or width < factor:
@@ -357,6 +359,13 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
             f"model's {max_steps}: raise strength to at least {hires.least_strength(steps, max_steps):g}, or lower "
             "hr_steps",
         )
+
+
+def idle_hires(request: GenerationRequest, factor: int) -> bool:
+    """Whether the request's hires fix is an upscale to the size its image has (before rounding), for which A1111
+    runs no second pass: the request is then one without a hires fix (known once the request has a size)."""
+    sized = request.height is not None and request.width is not None
+    return request.hires and sized and request.hires_plan(factor).idle
 
 
 def check_strength(request: GenerationRequest) -> None:
@@ -562,11 +571,10 @@ def resolve(
     check_seed_resize(request, factor)
     check_mask(request)
     check_hires(request, num_timesteps, factor)
-    if request.hires:
-        if request.hires_plan(factor).upscaled == (height, width):
-            request = without_hires(request)  # as A1111: an upscale that leaves the size alone does nothing
-        else:
-            request = replace(request, hr_steps=request.hires_steps)
+    if idle_hires(request, factor):
+        request = without_hires(request)
+    elif request.hires:
+        request = replace(request, hr_steps=request.hires_steps)
     if request.init_image is not None:
         check_strength(request)
         if request.img2img_steps() < 1:

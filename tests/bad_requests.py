@@ -162,9 +162,9 @@ CASES: list[Case] = [
          "hr_resize_y sets the hires fix's size: leave hr_scale at 1 (or out)"),
     Case("hires resize past the pixel limit", with_(hr_resize_x=2048), "hr_resize_x",
          "hr_resize_x 2048 makes 2048x2048 images, 4194304 pixels; at most 1048576"),
-    Case("hires resize upscaling past the side limit before its cut", with_(H=512, hr_resize_x=1024, hr_resize_y=1024),
-         "hr_resize_x", "hr_resize_x 1024 upscales the images to 1024x8192 to cut them to 1024x1024; each side at "
-         "most 2048 pixels"),
+    Case("hires resize of an image upscaler past the side limit before its cut",
+         with_(H=512, hr_resize_x=1024, hr_resize_y=1024, hr_upscaler="lanczos"), "hr_resize_x",
+         "hr_resize_x 1024 upscales the images to 1024x8192 to cut them to 1024x1024; each side at most 2048 pixels"),
     Case("hires resize below the smallest side", with_(W=128, hr_resize_y=32), "hr_resize_y",
          "hr_resize_y 32 makes 64x32 images; each side at least 64 pixels"),
     Case("hires resize of an init image", with_(init_image=png_base64(), hr_resize_x=128), "hr_resize_x",

@@ -531,6 +531,18 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     assert (hires.sampler, hires.hr_upscaler, hires.hr_steps) == ("ddim", "lanczos", 9)
     resized = parse_request({"prompt": "x", "hr_resize_y": 128}, settings).generation
     assert (resized.sampler, resized.hr_resize_x, resized.hr_resize_y) == ("ddim", 0, 128)
+    # A resize to the image's own size runs no second pass, as in A1111: the request is plain txt2img (its default
+    # sampler, PLMS too; a cut too small for a side is not checked, nor echoed), and so is a scale whose int(side·scale)
+    # is the size.
+    for idle in ({"hr_resize_x": 512, "hr_resize_y": 32}, {"hr_resize_x": 512, "sampler": "plms"}, {"hr_scale": 1.001}):
+        generation = parse_request({"prompt": "x", **idle}, settings).generation
+        assert not generation.hires and generation.sampler == "plms", idle
+    # A latent upscaler's upscale before the cut is within no limit, its image is: 512×768 to 1024×1024 (1024×1536
+    # before the cut).
+    cut = {"prompt": "x", "W": 512, "H": 768, "hr_resize_x": 1024, "hr_resize_y": 1024, "hr_upscaler": "latent"}
+    assert parse_request(cut, settings).generation.hires_plan(8).size == (1024, 1024)
+    with pytest.raises(RequestError, match="upscales the images to 1024x1536 to cut them to 1024x1024, 1572864 pix"):
+        parse_request({**cut, "hr_upscaler": "lanczos"}, settings)
     with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_upscaler: one of \["):
         parse_settings({"handler": {"defaults": {"hr_upscaler": "esrgan"}}})
     with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_steps: 0 \(ddim_steps\) to 150"):

@@ -31,9 +31,10 @@ A1111_LATENT_MODES = {
 
 def a1111_resized(
     latents: torch.Tensor, height: int, width: int, resize_x: int, resize_y: int, mode: str, antialias: bool = False
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """A1111 1.6's "Hires resize" of (height, width) first latents, written out again from its
-    `calculate_target_resolution` and `sample_hr_pass`: the size upscaled to, interpolated to, then cut."""  # fmt: skip
+    `calculate_target_resolution`, `init` and `sample_hr_pass`: the size upscaled to, interpolated to, then cut; None
+    where it runs no second pass."""
     truncate_x = truncate_y = 0
     if resize_y == 0:
         to_x, to_y = resize_x, resize_x * height // width
@@ -45,11 +46,19 @@ def a1111_resized(
         else:
             to_x, to_y = resize_y * width // height, resize_y
         truncate_x, truncate_y = (to_x - resize_x) // 8, (to_y - resize_y) // 8
+    if to_x == width and to_y == height:
+        return None
     samples = F.interpolate(latents, size=(to_y // 8, to_x // 8), mode=mode, antialias=antialias)
     rows, columns = samples.shape[2:]
     return samples[
         :, :, truncate_y // 2 : rows - (truncate_y + 1) // 2, truncate_x // 2 : columns - (truncate_x + 1) // 2
     ]
+
+
+# "Hires resize" sides (width, height): one side, both in and out of proportion, sides not a multiple of 8, and
+# some that are the size of a 512×512 or 512×768 first image, for which A1111 runs no second pass.
+RESIZES = [(1024, 0), (0, 1024), (1024, 1024), (1000, 1500), (1536, 1024), (88, 64), (1001, 777), (512, 513), (512, 0),
+           (0, 768), (512, 256), (516, 0)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -236,16 +245,20 @@ def test_hires_steps_default_to_the_request_steps_and_count_in_total_steps(pipel
 
 
 def test_hires_sizes_round_down_to_the_latent_factor(pipeline: Pipeline) -> None:
-    """int(side·scale), as A1111 computes it (83 and 93 here), then down to a multiple of 8; a scale that leaves the
-    size as it was does nothing at all, as in A1111."""
+    """int(side·scale), as A1111 computes it (83 and 93 here), then down to a multiple of 8. A1111 runs no second
+    pass only when int(side·scale) is the size itself: a scale of 1.1 from 64 pixels (70, down to 64) runs one at the
+    same size, as A1111's does; 1.01 (64.64, 64) runs none."""
     request = resolve(GenerationRequest("x", seed=1, height=64, width=72, hr_scale=1.3))
     second = hires_pass(request, 8)
     assert (second.height, second.width) == (80, 88)
-    small = GenerationRequest("x", seed=1, height=64, width=64, steps=3, hr_scale=1.1)  # 70 px, down to 64
-    assert resolve(small).hr_scale == 1.0
+    small = GenerationRequest("x", seed=1, height=64, width=64, steps=3, hr_scale=1.1, strength=0.5)
     generation = pipeline.generate(small)
-    assert not generation.request.hires and "Hires" not in parameters_text(generation.request, 1)
-    assert np.array_equal(generation.images, pipeline.generate(dataclasses.replace(small, hr_scale=1.0)).images)
+    assert generation.request.hires and generation.images.shape == (1, 64, 64, 3)
+    plain = pipeline.generate(dataclasses.replace(small, hr_scale=1.0)).images
+    assert not np.array_equal(generation.images, plain)
+    idle = pipeline.generate(dataclasses.replace(small, hr_scale=1.01))
+    assert not idle.request.hires and "Hires" not in parameters_text(idle.request, 1)
+    assert np.array_equal(idle.images, plain)
 
 
 def test_hires_and_plain_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> None:
@@ -306,9 +319,7 @@ def test_hires_requests_the_pipeline_cannot_run_name_their_field(change: dict, f
 @pytest.mark.parametrize(
     ("height", "width"), [(512, 512), (512, 768), (768, 512), (64, 72), (448, 640), (200, 136)]
 )  # fmt: skip
-@pytest.mark.parametrize(
-    "resize", [(1024, 0), (0, 1024), (1024, 1024), (1000, 1500), (1536, 1024), (88, 64), (1001, 777), (512, 513)]
-)
+@pytest.mark.parametrize("resize", RESIZES)
 def test_hires_resize_upscales_and_cuts_as_a1111_does(height: int, width: int, resize: tuple[int, int]) -> None:
     """The plan's sizes and its cut, against A1111's code written out again (a latent whose every value is its own
     index, so that the cut's every offset shows): upscaled to cover the size asked in the first image's proportions,
@@ -316,6 +327,9 @@ def test_hires_resize_upscales_and_cuts_as_a1111_does(height: int, width: int, r
     plan = hires.plan(height, width, 8, resize=resize)
     latents = torch.arange(float(height // 8 * width // 8)).reshape(1, 1, height // 8, width // 8)
     theirs = a1111_resized(latents, height, width, *resize, mode="nearest")
+    assert plan.idle == (theirs is None)
+    if theirs is None:
+        return
     big = F.interpolate(latents, size=(plan.upscaled[0] // 8, plan.upscaled[1] // 8), mode="nearest")
     assert torch.equal(plan.crop(big, 8), theirs)
     assert plan.size == (theirs.shape[2] * 8, theirs.shape[3] * 8)
@@ -337,6 +351,7 @@ def test_latent_hires_resize_equals_diffusers_on_a1111s_cut_latent(
     ours = pipeline.generate(request).pixels[0]
     assert ours.shape == (*size, 3)
     z0 = a1111_resized(first_latents(peer, request), 64, 64, *resize, mode="bilinear")
+    assert z0 is not None
     assert np.abs(ours - second_pass(peer, request, z0)).max() < FLOAT_TOLERANCE
     # The cut matters: the same latent cut evenly is another image.
     if resize == (88, 64):

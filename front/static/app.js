@@ -100,7 +100,7 @@ function hiresOn() {
 // A1111 does not read then either), else null.
 function hiresResize() {
   const sides = ["hr_resize_x", "hr_resize_y"].map((id) => $(id).value.trim());
-  return sides.some((side) => side !== "" && side !== "0") ? sides.map((side) => integer(side || "0")) : null;
+  return sides.some((side) => side !== "" && Number(side) !== 0) ? sides.map((side) => integer(side || "0")) : null;
 }
 
 // PLMS runs text to image only, and the hires fix's second pass is an image to image: the server says so too.

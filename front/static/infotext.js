@@ -135,11 +135,15 @@ export function settingsFrom(text) {
   }
   const strength = decimal(take("Denoising strength"));
   const upscale = decimal(take("Hires upscale"));
-  const resized = size(take("Hires resize") ?? ""); // A1111's size asked for instead of a scale, which it then writes
+  // A1111's size asked for instead of a scale, which it then writes in its place (a side of 0: not set).
+  const resizeText = take("Hires resize");
+  const resized = size(resizeText ?? "");
+  const toSize = resized && (resized[0] > 0 || resized[1] > 0) ? resized : null;
+  if (resizeText !== undefined && !toSize) unread.push(`Hires resize: ${resizeText}`);
   const upscaler = take("Hires upscaler");
-  if (resized) settings.hr_resize = resized;
+  if (toSize) settings.hr_resize = toSize;
   else if (upscale !== undefined) settings.hr_scale = upscale;
-  if (resized || upscale !== undefined) {
+  if (toSize || upscale !== undefined) {
     settings.hr_upscaler = upscaler ?? "Latent";
     if (settings.hr_steps === undefined) settings.hr_steps = 0;
   }
