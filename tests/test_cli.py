@@ -581,8 +581,14 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
     if mode == "img2img":
         expected |= {"init_img": "in.png", "strength": 0.75}
     else:
-        expected |= {"hr_scale": 1.0, "hr_upscaler": None, "hr_steps": None, "strength": None, "hr_resize_x": 0,
-                     "hr_resize_y": 0}
+        expected |= {
+            "hr_scale": 1.0,
+            "hr_upscaler": None,
+            "hr_steps": None,
+            "strength": None,
+            "hr_resize_x": 0,
+            "hr_resize_y": 0,
+        }
     assert {k: getattr(args, k) for k in expected} == expected
     assert read_prompts(args) == [DEFAULT_PROMPT]
 
