@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,16 @@ class TorchServe:
         self.metrics_url = properties["metrics_address"]
         self.process: subprocess.Popen[bytes] | None = None
 
+    def ports(self) -> dict[str, int]:
+        """The ports its listeners take, by what each serves."""
+        properties = read_properties(self.config)
+        ports = {f"TorchServe's {name} API": urllib.parse.urlsplit(properties[f"{name}_address"]).port
+                 for name in ("inference", "management", "metrics")}  # fmt: skip
+        # TorchServe's own defaults for the gRPC ports a config leaves out.
+        ports |= {f"TorchServe's gRPC {name} API": int(properties.get(f"grpc_{name}_port", default))
+                  for name, default in (("inference", 7070), ("management", 7071))}  # fmt: skip
+        return {name: port for name, port in ports.items() if port is not None}
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         # TorchServe's pid file lives in the temp folder; a folder of our own lets servers run side by side.
@@ -188,14 +199,20 @@ class TorchServe:
         raise TimeoutError(f"fewer than {workers} READY workers of {model} after {timeout:.0f} s:\n{self.log_tail()}")
 
     def alive(self) -> bool:
-        """Our foreground child still runs, or (detached) the pid TorchServe wrote to its pid file does."""
+        """Our foreground child still runs, or (detached) the TorchServe its pid file names does."""
         if self.process is not None:
             return self.process.poll() is None
+        return self._recorded_java() is not None
+
+    def _recorded_java(self) -> psutil.Process | None:
+        """The running TorchServe Java process the pid file names: a pid file that outlived its server (a kill, an
+        out-of-memory kill, a reboot: it lives in `home`, not in a temp folder the reboot empties) may name another
+        process by now, which TorchServe's own launcher ignores too."""
         try:
-            os.kill(int((self.home / PID_FILE).read_text().split()[0]), 0)
-        except (OSError, ValueError, IndexError):
-            return False
-        return True
+            java = psutil.Process(int((self.home / PID_FILE).read_text().split()[0]))
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+        return java if _running(java.pid) and _runs(java, JAVA_MAIN_CLASS) else None
 
     def log_tail(self, lines: int = 40) -> str:
         logs = sorted(self.home.glob("**/*.log"))
@@ -230,16 +247,15 @@ class TorchServe:
     def _detached_group(self) -> tuple[int, int] | None:
         """(Java's pid, its process group) of a server started detached, from its pid file; None if not running.
         `start` gives the launcher a session of its own, which Java and the workers inherit."""
-        if self.process is not None:
+        java = self._recorded_java() if self.process is None else None
+        if java is None:
             return None
         try:
-            java = psutil.Process(int((self.home / PID_FILE).read_text().split()[0]))
             pgid = os.getpgid(java.pid)
-        except (OSError, ValueError, IndexError, psutil.Error):
+        except OSError:
             return None
-        # A stale pid file whose number now names another process, or a server started outside `start` in our own
-        # group: not ours to kill.
-        return (java.pid, pgid) if _runs(java, JAVA_MAIN_CLASS) and pgid != os.getpgrp() else None
+        # A server started outside `start`, in our own group: not ours to kill.
+        return (java.pid, pgid) if pgid != os.getpgrp() else None
 
 
 def _running(pid: int) -> bool:
@@ -285,6 +301,12 @@ class FrontError(RuntimeError):
     """The web front did not come up; TorchServe, already running, is stopped again."""
 
 
+def listening(port: int) -> bool:
+    """Whether something already listens on `port` of this machine."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def front_port() -> int:
     """The front's port: SD_FRONT_PORT, as for `sd-front` itself, else the original app's 5000."""
     return int(os.environ.get("SD_FRONT_PORT", FRONT_PORT))
@@ -298,10 +320,9 @@ def start_front(server: TorchServe, timeout: float = 60) -> str:
     signal later, when that number may be another process's.
     """
     port = front_port()
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            raise FrontError(f"port {port} is taken (a front from an earlier start? scripts/stop.sh stops it; or "
-                             "SD_FRONT_PORT=... picks another)")  # fmt: skip
+    if listening(port):
+        raise FrontError(f"port {port} is taken (a front from an earlier start? scripts/stop.sh stops it; or "
+                         "SD_FRONT_PORT=... picks another)")  # fmt: skip
     log = open(RUN_DIR / "front.log", "ab")  # noqa: SIM115 (handed to the detached child)
     with log:
         process = subprocess.Popen(
@@ -351,6 +372,17 @@ def start() -> int:
         # Checked before the model store, which a rebuild would replace under the running server.
         print("server: TorchServe is already running here; scripts/stop.sh stops it (and the front)", file=sys.stderr)
         return 1
+    # Checked before the model store too, which may take minutes to build.
+    wanted = {**server.ports(), "the web front": front_port()}
+    taken = [f"{port} ({what})" for what, port in wanted.items() if listening(port)]
+    if taken:
+        print(
+            f"server: already in use: port {', '.join(taken)}. scripts/stop.sh stops what an earlier start here left "
+            "running; otherwise stop what holds it (on macOS, AirPlay Receiver holds port 5000), or pick other ports: "
+            "SD_FRONT_PORT=... for the front, config.properties for TorchServe.",
+            file=sys.stderr,
+        )
+        return 1
     store = prepare()
     if store.demo:
         print(
@@ -365,13 +397,18 @@ def start() -> int:
             file=sys.stderr,
         )
     server.start()
-    server.wait_ready(MODEL_NAME, timeout=900)
+    print(f"Loading the model (logs: {RUN_DIR.relative_to(ROOT)}/logs/) ...", file=sys.stderr)
     try:
+        server.wait_ready(MODEL_NAME, timeout=900)
         front = start_front(server)
-    except FrontError as error:
+    except (RuntimeError, TimeoutError) as error:  # the worker never came up, or the front did not
         server.stop()
-        print(f"server: {error}; TorchServe stopped again", file=sys.stderr)
+        print(f"server: {error}\nTorchServe stopped again.", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        server.stop()
+        print("server: interrupted; TorchServe stopped again.", file=sys.stderr)
+        return 130
     print(f"Open {front} (the web UI; POST {front}imagine is the original app's API).")
     vae = f" with the VAE of {store.vae.name}" if store.vae else ""
     print(f"TorchServe is serving {store.source.name if store.source else store.path}{vae} as '{MODEL_NAME}'.")

@@ -4,13 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "setup: Python 3.10 or newer is needed (found: $("$python" --version 2>&1)); set PYTHON=/path/to/python3" >&2
-    exit 1
-fi
-# A venv without pip is one whose creation failed half-way (Debian/Ubuntu without python3-venv): made again.
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+# A working .venv (Python 3.10+, with pip) is kept, whatever PYTHON says: PYTHON picks the interpreter a new one is
+# made with. A venv without pip is one whose creation failed half-way (Debian/Ubuntu without python3-venv).
+if ! .venv/bin/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
+    python=${PYTHON:-python3}
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+        echo "setup: Python 3.10 or newer is needed (found: $("$python" --version 2>&1)); set PYTHON=/path/to/python3" >&2
+        exit 1
+    fi
     rm -rf .venv
     if ! "$python" -m venv .venv; then
         rm -rf .venv
@@ -20,7 +21,8 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
 fi
 
 stamp=.venv/.sd-torchserve-installed
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# Hashed by Python: macOS before 15 has no sha256sum.
+wanted=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first and pinned: on a machine without a GPU this picks the CPU wheel when one is at hand;

@@ -4,6 +4,7 @@ the tiny reference model, and the web front in front of it (uvicorn in a thread 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 from safetensors.torch import save_file
@@ -20,7 +22,7 @@ from front.app import create_app
 from front.settings import FrontSettings
 from ldm.parts import load_checkpoint
 from scripts.build_mar import main as build_mar
-from scripts.server import ROOT, TorchServe, free_port, loopback_listeners, write_properties
+from scripts.server import ROOT, TorchServe, free_port, java_problem, loopback_listeners, write_properties
 from tests.loras import model_lora, write_lora
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
@@ -34,6 +36,15 @@ TINY_LORA = "tiny-style"
 
 # And the textual-inversion embedding (build_mar.py --embeddings): the word `tinyglow` in a prompt.
 TINY_EMBEDDING = "tinyglow"
+# Set by .ci/run, which installs every program the tests run: one missing there is a failure, not a skip.
+STRICT = "SD_TESTS_STRICT"
+
+
+def need(problem: str | None) -> None:
+    """Skip a test whose outside program (Java, Chromium, the deploy tools) is missing, saying why and how to get
+    it, as on a fresh machine; under .ci/run fail instead."""
+    if problem is not None:
+        (pytest.fail if os.environ.get(STRICT) else pytest.skip)(problem)
 
 
 def write_tiny_lora(folder: Path) -> Path:
@@ -89,6 +100,7 @@ def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING, detached
     """TorchServe serving the tiny model from a .mar built by the real archiver, until the block ends; `settings`
     override the shipped model-config.yaml's (workers, batching, timeouts, queue size). `detached`: started as
     scripts/serve.sh starts it, not as our child."""
+    need(java_problem())
     store = home / "model-store"
     model_config = home / "model-config.yaml"
     model_config.write_text(model_config_with(settings))

@@ -31,7 +31,7 @@ from scripts import fetch_model, ready
 from scripts.build_mar import main as build_mar
 from scripts.server import ROOT, TorchServe, read_properties, write_properties
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
-from tests.servers import TIMEOUT, free_port, http_server, loopback_listeners
+from tests.servers import TIMEOUT, free_port, http_server, loopback_listeners, need
 
 TOOLS = ROOT / ".tools"
 HELM = TOOLS / "helm" / "helm"
@@ -81,8 +81,7 @@ CUSTOM_KINDS = {"ServiceMonitor"}
 
 
 def tool(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(ROOT)} is not installed: run scripts/deploy_tools.sh")
+    need(None if path.exists() else f"{path.relative_to(ROOT)} is not installed: run scripts/deploy_tools.sh")
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts import server
+from scripts.model_store import Store
 from tests.servers import tiny_torchserve
 
 
@@ -40,6 +41,71 @@ def test_a_second_start_refuses_before_touching_the_model_store(
     assert capsys.readouterr().err == (
         "server: TorchServe is already running here; scripts/stop.sh stops it (and the front)\n"
     )
+
+
+def test_a_stale_torchserve_pid_naming_another_process_is_no_server(tmp_path: Path) -> None:
+    """TorchServe's pid file outlived its server (an out-of-memory kill, a reboot) and its number now names another
+    process: no server is running, so a start goes ahead, and a stop signals nothing."""
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / server.PID_FILE).write_text(str(other.pid))
+        stale = server.TorchServe(server.ROOT / "config.properties", tmp_path, tmp_path, "tiny=tiny.mar")
+        assert not stale.alive()
+        stale.stop()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_start_refuses_taken_ports_before_touching_the_model_store(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Named with what each serves, before a build that may take minutes."""
+
+    def rebuild() -> None:
+        raise AssertionError("the store was prepared though a port was taken")
+
+    monkeypatch.setattr(server, "prepare", rebuild)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("SD_FRONT_PORT", str(port))
+        assert server.start() == 1
+    assert f"already in use: port {port} (the web front)" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_failed_start_stops_torchserve_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the model loads, or a worker that never comes up, leaves no TorchServe running detached."""
+    stopped: list[str] = []
+
+    class Loading(server.TorchServe):
+        failure: BaseException
+
+        def start(self, foreground: bool = False) -> None:
+            pass
+
+        def alive(self) -> bool:
+            return False
+
+        def wait_ready(self, model: str, timeout: float, workers: int = 1) -> None:
+            raise self.failure
+
+        def stop(self) -> None:
+            stopped.append("stopped")
+
+    monkeypatch.setattr(server, "user_server", lambda: Loading(server.ROOT / "config.properties", server.RUN_DIR,
+                                                                 server.MODEL_STORE, "sd=sd"))  # fmt: skip
+    monkeypatch.setattr(server, "prepare", lambda: Store(server.MODEL_STORE / "sd", None, demo=False))
+    monkeypatch.setattr(server, "listening", lambda port: False)
+    for failure, code, says in ((KeyboardInterrupt(), 130, "interrupted"), (TimeoutError("no worker"), 1, "no worker")):
+        Loading.failure = failure
+        assert server.start() == code
+        assert says in capsys.readouterr().err
+    assert stopped == ["stopped", "stopped"]
 
 
 def test_the_front_refuses_a_taken_port_and_records_no_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

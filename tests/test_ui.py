@@ -21,10 +21,12 @@ from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Route, ex
 
 from scripts.server import ROOT
 from tests.reference import load_image
-from tests.servers import TINY_EMBEDDING, TINY_LORA
+from tests.servers import TINY_EMBEDDING, TINY_LORA, need
 
 pytestmark = pytest.mark.integration
-CHROMIUM = Path("/usr/bin/chromium")
+# The first Chromium (or Chrome) found: Debian's, the one .ci/run installs, first.
+CHROMIUM = next((found for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+                 if (found := shutil.which(name))), None)  # fmt: skip
 # Without the background-networking flags Chromium keeps dialing out, and a closed network refuses it many times.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -52,9 +54,9 @@ RECORD_PROGRESS = """() => {
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert CHROMIUM.exists(), "install Debian's chromium (apt-get install chromium), as .ci/run does"
+    need(None if CHROMIUM else "no Chromium found on PATH: install it (Debian/Ubuntu: apt-get install chromium)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:
