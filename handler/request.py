@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import struct
 import sys
 import warnings
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 # Modes whose conversion to RGB is exact. CMYK is refused (PIL's conversion ignores the colour profile, so colours
 # come out wrong) and so is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn white).
 INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
+# What PIL raises for damaged image data, as it reads the header or decodes the pixels (a broken PNG chunk is a
+# SyntaxError).
+_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # How much of a wrong value an error message quotes.
 SHOWN_CHARS = 40
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
@@ -240,7 +244,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own guard, which reads only the header, answered before ours could.
         raise RequestError(field, f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}") from None
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, *_DAMAGED):
         raise RequestError(field, f"{field} is not a PNG or JPEG image we can read") from None
     with image:
         if image.format not in INIT_IMAGE_FORMATS:
@@ -262,7 +266,7 @@ def decode_image(
             # Upright as every viewer (and the page, which sizes the mask from it) shows it: a phone's portrait photo
             # is stored sideways with an EXIF orientation, which PIL would ignore.
             return ImageOps.exif_transpose(image).convert("RGB")
-        except OSError:
+        except _DAMAGED:
             raise RequestError(field, f"{field} is truncated or corrupt") from None
 
 

@@ -23,6 +23,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """The checkpoint would import or call code that is not a tensor or plain-data constructor."""
 
 
+class MalformedCheckpointError(pickle.UnpicklingError):
+    """A torch file whose archive or pickle torch cannot make sense of: torch then raises whatever its reader trips
+    on (a ValueError, an AssertionError, a KeyError...), which the callers of `torch_load` read as this one error."""
+
+
 def _numpy_scalar_constructors() -> dict[tuple[str, str], Any]:
     # numpy moved `multiarray` from `numpy.core` to `numpy._core` in 2.0; pickles name whichever wrote them.
     constructors: dict[tuple[str, str], Any] = {("numpy", "dtype"): numpy.dtype}
@@ -96,4 +101,9 @@ def load(file: BinaryIO, **kwargs: Any) -> Any:
 
 def torch_load(path: str) -> Any:
     """Load a torch zip checkpoint memory-mapped (no second copy of the weights) with this restricted unpickler."""
-    return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, MemoryError):
+        raise  # torch's own errors for a file it cannot read, and the machine's
+    except Exception as error:  # a malformed file: whatever else torch's reader tripped on
+        raise MalformedCheckpointError(f"{type(error).__name__}: {error}") from error

@@ -52,6 +52,25 @@ def truncated_png() -> str:
     return base64.b64encode(buffer.getvalue()[: buffer.tell() // 2]).decode("ascii")
 
 
+def png_with_a_broken_chunk() -> str:
+    """A PNG of noise whose pixel data is split over two IDAT chunks, the second's type garbled: its header reads,
+    and PIL's decoder fails part way with a SyntaxError ("broken PNG file"), not an OSError."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    data, rest = png[start + 8 : start + 8 + length], png[start + 12 + length :]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    half = len(data) // 2
+    broken = png[:start] + chunk(b"IDAT", data[:half]) + chunk(b"\x00\x01\x02\x03", data[half:]) + rest
+    return base64.b64encode(broken).decode("ascii")
+
+
 def with_(**fields: Any) -> dict[str, Any]:
     return {**VALID, **fields}
 
@@ -263,6 +282,8 @@ CASES: list[Case] = [
     Case("init image cut in its header", with_(init_image=png_base64()[:24]), "init_image",
          "init_image is not a PNG or JPEG image we can read"),
     Case("init image cut in its pixels", with_(init_image=truncated_png()), "init_image",
+         "init_image is truncated or corrupt"),
+    Case("init image with a garbled chunk in its pixels", with_(init_image=png_with_a_broken_chunk()), "init_image",
          "init_image is truncated or corrupt"),
     Case("init image over 10 MB", with_(init_image="A" * (INIT_IMAGE_BYTES * 4 // 3 + 8)), "init_image",
          f"init_image must be at most {INIT_IMAGE_BYTES} bytes"),

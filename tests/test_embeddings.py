@@ -20,6 +20,7 @@ from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationRequest, Pipeline, unread_warnings
 from ldm.png_info import parameters_text
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
+from tests.hostile_pickles import write_malformed_torch_file
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
 HIDDEN = 32  # the tiny model's CLIP width
@@ -92,11 +93,14 @@ def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
         ({"a": vectors(1, 0), "b": vectors(1, 1)}, "holds 2 tensors where an embedding file holds one"),
         ({"emb_params": torch.full((1, HIDDEN), float("nan"))}, "1 to 75 finite vectors"),
         (b"\x00 not a file of tensors", "cannot be read"),
+        (write_malformed_torch_file, "cannot be read: ValueError"),
     ],
 )
 def test_files_it_cannot_use_are_named(tmp_path: Path, content: Any, message: str) -> None:
     path = tmp_path / "odd.safetensors"
-    if isinstance(content, bytes):
+    if callable(content):
+        path = content(tmp_path / "odd.pt")
+    elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
         save_file(content, str(path))

@@ -32,6 +32,7 @@ from ldm.model import StableDiffusion, build_parts
 from ldm.parts import load_checkpoint
 from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
 from ldm.png_info import parameters_text
+from tests.hostile_pickles import write_malformed_torch_file
 from tests.loras import kohya_lora, text_kohya_layers, unet_kohya_layers, write_lora
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
@@ -265,16 +266,19 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
         "rank0": (rank0, "attn2_to_k does not fit"),
         "peft": (peft, "not in kohya's format"),
         "garbage": (b"\x00not a tensor file", "cannot be read"),
+        "malformed": (write_malformed_torch_file, "cannot be read"),
     }
 
 
-@pytest.mark.parametrize("name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "garbage"])
+@pytest.mark.parametrize("name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "garbage", "malformed"])
 def test_files_it_cannot_use_are_the_prompts_error_naming_why(
     model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path, name: str
 ) -> None:
     content, message = _bad_files(lora_states)[name]
     path = tmp_path / f"{name}.safetensors"
-    if isinstance(content, bytes):
+    if callable(content):
+        content(tmp_path / f"{name}.pt")
+    elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
         write_lora(path, content)
