@@ -269,11 +269,12 @@ def _failure(error: Exception) -> RequestError:
     other error is the worker's, not the request's: raised again (TorchServe answers the batch 500s)."""
     if isinstance(error, GenerationError):
         return RequestError(error.field, str(error))
-    if not isinstance(error, torch.cuda.OutOfMemoryError) and not (
+    if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and not (
         isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error))
     ):
         raise error
-    where = "host" if HOST_MEMORY in str(error) else "GPU"
+    # Python's own MemoryError: an allocation outside torch (numpy's, PIL's) that the host could not make.
+    where = "host" if isinstance(error, MemoryError) or HOST_MEMORY in str(error) else "GPU"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     logger.error("out of %s memory: %s", where, error)

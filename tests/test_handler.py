@@ -740,8 +740,9 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
             RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."),
             "out of host memory",
         ),
+        (MemoryError(), "out of host memory"),  # Python's own: numpy's or PIL's allocation
     ],
-    ids=["allocator", "cublas", "cudnn", "cublas-handle", "runtime", "cpu"],
+    ids=["allocator", "cublas", "cudnn", "cublas-handle", "runtime", "cpu", "python"],
 )
 def test_out_of_memory_is_a_507_and_the_handler_serves_on(
     handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch, error: Exception, says: str
