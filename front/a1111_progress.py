@@ -43,6 +43,9 @@ class Job:
     iteration: int = 0
     # Whether the step lines are a hires fix's second pass (A1111 counts each pass as a job).
     second_pass: bool = False
+    # The passes per batch the step lines say TorchServe runs (None before the first): a hires fix asked for may
+    # run none (an upscale to the size the image has).
+    said_passes: int | None = None
     preview: str | None = None
     # Set by A1111's interrupt: no further batch is sent.
     interrupted: bool = False
@@ -51,6 +54,7 @@ class Job:
         """A step line of the running request's stream: how far its images are, never going back (a request split
         over UNet batches restarts its steps in each); a hires fix's two passes share the bar by what their steps
         cost."""
+        self.said_passes = line.get("passes", 1)
         n_samples = self.ours.get("n_samples", 1)
         images = n_samples * self.ours.get("n_iter", 1) // self.requests
         step, total, index = line["step"], line.get("total") or 1, line.get("image_index", 0)
@@ -78,8 +82,11 @@ class Job:
 
     @property
     def passes(self) -> int:
-        """Sampling passes per batch: two with a hires fix (a scale of 1 runs no second pass, nor do resize sides of
-        0; a value that is not a number is TorchServe's to refuse, while the progress is polled)."""
+        """Sampling passes per batch, as the step lines say, or before the first as the request asks: two with a hires
+        fix (a scale of 1 runs no second pass, nor do resize sides of 0; a value that is not a number is TorchServe's
+        to refuse, while the progress is polled)."""
+        if self.said_passes is not None:
+            return self.said_passes
         offs = {"hr_scale": 1, "hr_resize_x": 0, "hr_resize_y": 0}
         asked = ((self.ours.get(name, off), off) for name, off in offs.items())
         return 2 if any(is_number(value) and value > off for value, off in asked) else 1

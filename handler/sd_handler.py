@@ -61,7 +61,7 @@ class StableDiffusionHandler(BaseHandler):
         self.pipeline: Pipeline | None = None
         self.model_name = ""
         # The streams of the batch in hand: set by inference, read by postprocess.
-        self.progress = ProgressStream(None, set(), 0)
+        self.progress = ProgressStream(None, set(), 0, set())
 
     def initialize(self, context: Any) -> None:
         """Read the handler settings once, load the split parts onto this worker's device."""
@@ -137,7 +137,8 @@ class StableDiffusionHandler(BaseHandler):
         assert self.pipeline is not None, "initialize() loads the model first"
         valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
         streamed = {idx for idx, item in valid if item.stream}
-        self.progress = ProgressStream(self.context, streamed, self.settings.preview_every)
+        two_passes = {idx for idx, item in valid if item.generation.hires}
+        self.progress = ProgressStream(self.context, streamed, self.settings.preview_every, two_passes)
         if not valid:
             return list(data)
         started = time.perf_counter()

@@ -29,13 +29,16 @@ def ndjson_line(value: dict[str, Any]) -> str:
 class ProgressStream:
     """Sends a step line to each streamed request whose images are in the UNet batch that just stepped.
 
-    `streamed` are the positions in TorchServe's batch that asked for a stream. `started` collects those that have
-    been sent something: their status and headers are out, so from then on even an error can only be one more line.
+    `streamed` are the positions in TorchServe's batch that asked for a stream; `two_passes`, those that run a hires
+    fix's second pass (whose lines say so from the first: a client weighs the passes on its bar, and only the server
+    knows whether a hires fix asked for runs). `started` collects those that have been sent something: their status
+    and headers are out, so from then on even an error can only be one more line.
     """
 
-    def __init__(self, context: Any, streamed: set[int], preview_every: int) -> None:
+    def __init__(self, context: Any, streamed: set[int], preview_every: int, two_passes: set[int]) -> None:
         self.context = context
         self.streamed = streamed
+        self.two_passes = two_passes
         self.preview_every = preview_every
         self.started: set[int] = set()
         for idx in streamed:
@@ -63,6 +66,8 @@ class ProgressStream:
                 "image_index": progress.images[row][1],
                 "image_count": counts[request_index],
             }
+            if idx in self.two_passes:
+                line["passes"] = 2
             if progress.hires:
                 line["hires"] = True  # the hires fix's second pass, whose steps count from 1 again
             if self.wants_preview(progress.step, progress.total):

@@ -338,12 +338,13 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     split.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 2})
     assert (split.fraction, split.iteration) == (pytest.approx((1 + 0.5) / 3), 1)
     hires = Job({"n_samples": 1, "n_iter": 2, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2}, requests=2)
-    hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
-    assert hires.fraction == 0.2 / 2 and hires.jobs == (4, 0)  # A1111 counts each pass of each batch as a job
-    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "hires": True})
+    assert hires.jobs == (4, 0)  # A1111 counts each pass of each batch as a job
+    hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
+    assert hires.fraction == 0.2 / 2 and hires.jobs == (4, 0)
+    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "passes": 2, "hires": True})
     assert hires.fraction == pytest.approx((0.2 + 0.8 * 0.5) / 2) and hires.jobs == (4, 1)
     hires.request = 1
-    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1})
+    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
     assert hires.jobs == (4, 2)
     # Polled while TorchServe refuses fields that are not numbers: one job, not an error.
     assert Job({"hr_scale": "2", "n_iter": "2"}).jobs == (1, 0)
@@ -351,8 +352,13 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     # A "Hires resize" to 1024 wide from 512×256: 4 times the pixels, as a scale of 2; both sides: their product.
     for resize in ({"hr_resize_x": 1024}, {"hr_resize_y": 512}, {"hr_resize_x": 512, "hr_resize_y": 1024}):
         resized = Job({"n_samples": 1, "ddim_steps": 2, "hr_steps": 2, "W": 512, "H": 256, **resize})
-        resized.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+        resized.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
         assert resized.fraction == 0.2 and resized.jobs == (2, 0)
+    # A hires fix TorchServe runs no second pass for (a resize to the size the image has): its lines say one pass.
+    idle = Job({"n_samples": 1, "ddim_steps": 2, "W": 512, "H": 512, "hr_resize_x": 512})
+    assert idle.jobs == (2, 0)  # what the request asks, until TorchServe says
+    idle.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+    assert idle.fraction == 1.0 and idle.jobs == (1, 0)
 
 
 async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:

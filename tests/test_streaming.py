@@ -126,13 +126,19 @@ def test_img2img_counts_its_own_steps_and_accept_ndjson_streams(handler, sent) -
 
 def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split: Path) -> None:
     """The first pass's steps, then the second pass's from 1 again, each line saying `hires`, its previews of the
-    larger latent."""
+    larger latent; every line of the request says it runs two passes. One whose hires fix does nothing (a resize to
+    the size it has) and a plain one in the same batch run one."""
     body = {**VALID, "ddim_steps": 4, "hr_scale": 2, "hr_steps": 3, "strength": 0.5, "stream": True}
-    (streamed,), _ = call(handler, [body])
+    idle = {**VALID, "ddim_steps": 4, "hr_resize_x": 64, "stream": True}
+    (streamed, _, _), _ = call(handler, [body, idle, {**VALID, "ddim_steps": 4, "stream": True}])
     lines = steps_of(sent, 0)
     assert [(line["step"], line["total"], line.get("hires", False)) for line in lines] == [
         (1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False), (1, 3, True), (2, 3, True), (3, 3, True),
     ]  # fmt: skip
+    assert {line.get("passes") for line in lines} == {2}
+    for other in (1, 2):
+        one_pass = [(line["step"], line.get("passes")) for line in steps_of(sent, other)]
+        assert one_pass == [(1, None), (2, None), (3, None), (4, None)]
     with Image.open(io.BytesIO(base64.b64decode(lines[-1]["preview"]))) as image:
         assert image.size == (16, 16)
     assert decode_png(json.loads(streamed)["images"][0]).shape == (128, 128, 3)
