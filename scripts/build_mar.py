@@ -19,6 +19,7 @@ suits small models such as the demo.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,11 @@ def stage(
             shutil.copyfile(path, target)
 
 
-def archive(args: argparse.Namespace, staged: Path) -> None:
-    """Run torch-model-archiver (the one next to this Python) over the staged folder."""
+def archive(args: argparse.Namespace, staged: Path, scratch: Path) -> None:
+    """Run torch-model-archiver (the one next to this Python) over the staged folder. It copies everything into
+    `$TMPDIR/<model name>` first: `scratch` is its TMPDIR, beside the store, rather than the system's temp folder,
+    which may be a RAM-backed tmpfs too small for a second copy of the weights, or hold another user's folder of that
+    name, which it cannot replace."""
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     command = [
         str(archiver if archiver.exists() else "torch-model-archiver"),
@@ -79,7 +83,7 @@ def archive(args: argparse.Namespace, staged: Path) -> None:
         "--archive-format", args.archive_format,
         "--force",
     ]  # fmt: skip
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(scratch)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sd-mar-") as tmp:
-        staged = Path(tmp) / "model"
+    # Staged beside the store (on its disk) for the reason `archive` gives.
+    with tempfile.TemporaryDirectory(prefix=".building-", dir=args.export_path) as tmp:
+        staged, scratch = Path(tmp) / "staged" / "model", Path(tmp) / "archiver"
         try:
             config = args.config or default_config(args.ckpt)
             vae = choose(args.ckpt, args.vae)
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             # The archiver refuses to write into an existing folder even with --force. Only now, once the new model
             # is staged: a checkpoint or VAE file that cannot be read leaves the store it would replace as it was.
             shutil.rmtree(args.export_path / args.model_name, ignore_errors=True)
-        archive(args, staged)
+        scratch.mkdir()
+        archive(args, staged, scratch)
     suffix = "" if args.archive_format == "no-archive" else ".mar"
     print(f"wrote {args.export_path / (args.model_name + suffix)}")
     return 0

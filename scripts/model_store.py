@@ -4,7 +4,9 @@ Why a stamp, and what it covers: splitting a 4 GB checkpoint takes a minute, so 
 the store holds copies of everything TorchServe runs besides the weights (the handler, `ldm`, model-config.yaml, the
 model config), so it is stale as soon as any of those changes (a `git pull`, an edit of model-config.yaml), not only
 when the checkpoint does. The stamp records all of it, in `.torchserve/` (outside the store, which a build replaces);
-it says "building" until a build completes, so a build cut short is redone, never served.
+it says "building" until a build completes, so a build cut short is redone, never served. Each build also leaves a
+mark in the store itself, so that a store serve.sh built is still known for its own once `.torchserve/` is deleted
+(to clear its logs, say), and is rebuilt rather than served unchecked.
 
 A store that serve.sh did not build (`scripts/build_mar.py` run by hand, as README shows) is served as it is.
 """
@@ -33,7 +35,9 @@ RUN_DIR = ROOT / ".torchserve"
 STAMP = RUN_DIR / "model-store.json"
 # What scripts/build_mar.py copies into the store besides the split parts and the model config.
 PACKAGED = (ROOT / "ldm", ROOT / "handler", ROOT / "model-config.yaml")
-# Where serve.sh kept its stamp before it covered the code: a store with one is serve.sh's, to rebuild.
+# The mark a build leaves in the store, and where serve.sh kept its stamp before it covered the code: a store with
+# either is serve.sh's, to rebuild when its stamp does not say it is current.
+BUILT_HERE = "built-by-serve.sh"
 OLD_STAMP = "source.json"
 
 
@@ -85,6 +89,14 @@ def _stamped() -> dict[str, Any] | None:
         return None
 
 
+def other_checkpoints() -> list[str]:
+    """Names of checkpoint files beside where the user's belongs, under another name (a download's own, such as
+    v1-5-pruned-emaonly.safetensors), which serve.sh does not take: the demo warning names them. VAE files are not."""
+    folder = USER_CKPT.parent
+    found = folder.glob("*") if folder.is_dir() else []
+    return sorted(f.name for f in found if f.suffix in (".ckpt", ".safetensors") and ".vae." not in f.name)
+
+
 def _user_config() -> Path:
     """configs/v1-inference.yaml, or its inpainting twin for an inpainting checkpoint."""
     from ldm.checkpoint import default_config
@@ -98,7 +110,7 @@ def prepare(dtype: str | None = None) -> Store:
     source, config = (DEMO_CKPT, DEMO_CONFIG) if demo else (USER_CKPT, _user_config())
     store = MODEL_STORE / MODEL_NAME
     stamped = _stamped()
-    if store.exists() and stamped is None and not (store / OLD_STAMP).exists():
+    if store.exists() and stamped is None and not any((store / mark).exists() for mark in (BUILT_HERE, OLD_STAMP)):
         return Store(store, None, False)
     if demo and not DEMO_CKPT.exists():
         from ldm.config import load_config
@@ -131,5 +143,6 @@ def prepare(dtype: str | None = None) -> Store:
         if not link.is_symlink():
             # Relative: the link still holds when the checkout moves.
             link.symlink_to(os.path.relpath(folder, store), target_is_directory=True)
+    (store / BUILT_HERE).touch()
     STAMP.write_text(json.dumps(wanted))
     return Store(store, source, demo, vae)

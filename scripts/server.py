@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, USER_CKPT, prepare
+from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, USER_CKPT, other_checkpoints, prepare
 
 # What `torchserve --start` writes into its TMPDIR, and the class its Java process runs.
 PID_FILE = ".model_server.pid"
@@ -385,9 +385,11 @@ def start() -> int:
         return 1
     store = prepare()
     if store.demo:
+        others = other_checkpoints()
+        found = f" That folder holds {', '.join(others)}: name the one to serve model.ckpt." if others else ""
         print(
             f"WARNING: no checkpoint at {USER_CKPT.relative_to(ROOT)}; serving a tiny RANDOM-WEIGHT demo model whose "
-            "images are noise. Put sd-v1-4.ckpt (or any SD v1.x checkpoint) there and run this again.",
+            f"images are noise. Put sd-v1-4.ckpt (or any SD v1.x checkpoint) there and run this again.{found}",
             file=sys.stderr,
         )
     if store.source is None:

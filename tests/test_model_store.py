@@ -132,6 +132,14 @@ def test_a_store_built_by_hand_is_served_as_it_is(builds: Builds) -> None:
     assert (store.source, store.demo, builds.argv) == (None, False, [])
 
 
+def test_a_store_serve_sh_built_is_still_its_own_once_its_stamp_is_gone(builds: Builds) -> None:
+    """`.torchserve/` deleted (its logs cleared): the store is rebuilt, not taken for one built by hand."""
+    model_store.prepare("fp32")
+    model_store.STAMP.unlink()
+    assert model_store.prepare("fp32").source == model_store.DEMO_CKPT
+    assert len(builds.argv) == 2
+
+
 def test_a_store_an_older_serve_sh_built_is_rebuilt(builds: Builds) -> None:
     """It stamped only the checkpoint, inside the store: its handler code may be any older one."""
     old = model_store.MODEL_STORE / model_store.MODEL_NAME
@@ -148,3 +156,13 @@ def test_a_build_cut_short_is_redone_not_served(builds: Builds) -> None:
     assert (model_store.MODEL_STORE / model_store.MODEL_NAME).exists()
     model_store.prepare("fp32")
     assert len(builds.argv) == 2
+
+
+def test_checkpoints_under_other_names_are_named_for_the_demo_warning_not_served(builds: Builds) -> None:
+    """serve.sh serves model.ckpt alone; a download under its own name beside it is named (a VAE file is not)."""
+    folder = model_store.USER_CKPT.parent
+    folder.mkdir(parents=True)
+    for name in ("v1-5-pruned-emaonly.safetensors", "model.vae.safetensors", "notes.txt", "sd-v1-4.ckpt"):
+        (folder / name).write_bytes(b"")
+    assert model_store.other_checkpoints() == ["sd-v1-4.ckpt", "v1-5-pruned-emaonly.safetensors"]
+    assert model_store.prepare("fp32").demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from ldm.model_hash import file_sha256
 from ldm.parts import load_split, read_manifest
 from ldm.pipeline import Pipeline
+from scripts import build_mar
 from scripts.split_checkpoint import main as split_main
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, request_for
 
@@ -96,3 +98,29 @@ def test_split_refuses_unusable_inputs_in_one_line_and_makes_nothing(
     err = capsys.readouterr().err
     assert err.startswith("split_checkpoint: ") and err.count("\n") == 1, err
     assert out.is_file() if bad == "out is a file" else not out.exists()
+
+
+def test_build_mar_copies_the_weights_beside_the_store_not_into_the_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parts are staged, and the archiver copies them again into its `$TMPDIR/<model name>`: both beside the
+    store, on its disk (the system temp folder is a RAM-backed tmpfs on many machines, where two copies of 4 GB may
+    not fit). A model named as a staging folder is no clash; nothing is left behind."""
+    seen: list[tuple[str, list[str]]] = []
+    run = build_mar.subprocess.run
+
+    def archiver(command: list[str], **kwargs: Any) -> Any:
+        scratch = kwargs["env"]["TMPDIR"]
+        staged = command[command.index("--extra-files") + 1]
+        seen.append((scratch, sorted(p.name for p in Path(staged).iterdir())))
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(build_mar.subprocess, "run", archiver)
+    store = tmp_path / "store"
+    for name in ("model", "staged"):
+        argv = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", name,
+                "--export-path", str(store), "--dtype", "fp32", "--archive-format", "no-archive"]  # fmt: skip
+        assert build_mar.main(argv) == 0
+        assert (store / name / "unet.safetensors").is_file()
+    assert all(Path(scratch).parent.parent == store and "unet.safetensors" in staged for scratch, staged in seen)
+    assert sorted(p.name for p in store.iterdir()) == ["model", "staged"]
