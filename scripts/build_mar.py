@@ -35,6 +35,10 @@ from ldm.vae_file import choose
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
+# A build's folder in the store, and within it the staged model and the archiver's temp folder.
+BUILDING = ".building-"
+STAGED = "staged"
+SCRATCH = "archiver-tmp"
 
 
 def stage(
@@ -66,24 +70,26 @@ def stage(
             shutil.copyfile(path, target)
 
 
-def archive(args: argparse.Namespace, staged: Path, scratch: Path) -> None:
-    """Run torch-model-archiver (the one next to this Python) over the staged folder. It copies everything into
-    `$TMPDIR/<model name>` first: `scratch` is its TMPDIR, beside the store, rather than the system's temp folder,
-    which may be a RAM-backed tmpfs too small for a second copy of the weights, or hold another user's folder of that
-    name, which it cannot replace."""
+def archive(args: argparse.Namespace, building: Path) -> None:
+    """Run torch-model-archiver (the one next to this Python) over `building`/STAGED. It copies everything into
+    `$TMPDIR/<model name>` first: its TMPDIR is `building`/SCRATCH, beside the store, rather than the system's temp
+    folder, which may be a RAM-backed tmpfs too small for a second copy of the weights, or hold another user's folder
+    of that name, which it cannot replace. It runs in `building` and is given the staged folder by a relative path:
+    it splits `--extra-files` at commas and reads it as a glob pattern, which a checkout's path may upset."""
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     command = [
         str(archiver if archiver.exists() else "torch-model-archiver"),
         "--model-name", args.model_name,
         "--version", args.version,
         "--handler", str(ROOT / "handler" / "sd_handler.py"),
-        "--extra-files", str(staged),
-        "--config-file", str(args.model_config),
-        "--export-path", str(args.export_path),
+        "--extra-files", STAGED,
+        "--config-file", str(args.model_config.resolve()),
+        "--export-path", str(args.export_path.resolve()),
         "--archive-format", args.archive_format,
         "--force",
     ]  # fmt: skip
-    subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(scratch)})
+    environment = {**os.environ, "TMPDIR": str((building / SCRATCH).resolve())}
+    subprocess.run(command, check=True, cwd=building, env=environment)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
-    # Staged beside the store (on its disk) for the reason `archive` gives.
-    with tempfile.TemporaryDirectory(prefix=".building-", dir=args.export_path) as tmp:
-        staged, scratch = Path(tmp) / "staged" / "model", Path(tmp) / "archiver"
+    # Staged beside the store (on its disk) for the reasons `archive` gives; a build killed outright leaves its folder
+    # behind, weights and all, for the next one to remove.
+    for left in args.export_path.glob(f"{BUILDING}*"):
+        shutil.rmtree(left, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=BUILDING, dir=args.export_path) as tmp:
+        building = Path(tmp)
+        staged = building / STAGED
         try:
             config = args.config or default_config(args.ckpt)
             vae = choose(args.ckpt, args.vae)
@@ -129,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             # The archiver refuses to write into an existing folder even with --force. Only now, once the new model
             # is staged: a checkpoint or VAE file that cannot be read leaves the store it would replace as it was.
             shutil.rmtree(args.export_path / args.model_name, ignore_errors=True)
-        scratch.mkdir()
-        archive(args, staged, scratch)
+        (building / SCRATCH).mkdir()
+        archive(args, building)
     suffix = "" if args.archive_format == "no-archive" else ".mar"
     print(f"wrote {args.export_path / (args.model_name + suffix)}")
     return 0

@@ -105,22 +105,24 @@ def test_build_mar_copies_the_weights_beside_the_store_not_into_the_temp_folder(
 ) -> None:
     """The parts are staged, and the archiver copies them again into its `$TMPDIR/<model name>`: both beside the
     store, on its disk (the system temp folder is a RAM-backed tmpfs on many machines, where two copies of 4 GB may
-    not fit). A model named as a staging folder is no clash; nothing is left behind."""
+    not fit). A store whose path the archiver would read as a list and a glob, a model named as a staging folder, a
+    folder a killed build left: none upsets it, and nothing is left behind."""
     seen: list[tuple[str, list[str]]] = []
     run = build_mar.subprocess.run
 
     def archiver(command: list[str], **kwargs: Any) -> Any:
         scratch = kwargs["env"]["TMPDIR"]
-        staged = command[command.index("--extra-files") + 1]
+        staged = Path(kwargs["cwd"]) / command[command.index("--extra-files") + 1]
         seen.append((scratch, sorted(p.name for p in Path(staged).iterdir())))
         return run(command, **kwargs)
 
     monkeypatch.setattr(build_mar.subprocess, "run", archiver)
-    store = tmp_path / "store"
-    for name in ("model", "staged"):
+    store = tmp_path / "a,b[1]" / "store"
+    (store / f"{build_mar.BUILDING}killed").mkdir(parents=True)
+    for name in ("model", "staged", "archiver-tmp"):
         argv = ["--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--model-name", name,
                 "--export-path", str(store), "--dtype", "fp32", "--archive-format", "no-archive"]  # fmt: skip
         assert build_mar.main(argv) == 0
         assert (store / name / "unet.safetensors").is_file()
     assert all(Path(scratch).parent.parent == store and "unet.safetensors" in staged for scratch, staged in seen)
-    assert sorted(p.name for p in store.iterdir()) == ["model", "staged"]
+    assert sorted(p.name for p in store.iterdir()) == ["archiver-tmp", "model", "staged"]
