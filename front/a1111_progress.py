@@ -43,8 +43,8 @@ class Job:
     iteration: int = 0
     # Whether the step lines are a hires fix's second pass (A1111 counts each pass as a job).
     second_pass: bool = False
-    # The passes per batch the step lines say TorchServe runs (None before the first): a hires fix asked for may
-    # run none (an upscale to the size the image has).
+    # The passes per batch the step lines say TorchServe runs (None before the first, or from a worker older than
+    # the field): a hires fix asked for may run none (an upscale to the size the image has).
     said_passes: int | None = None
     preview: str | None = None
     # Set by A1111's interrupt: no further batch is sent.
@@ -54,7 +54,10 @@ class Job:
         """A step line of the running request's stream: how far its images are, never going back (a request split
         over UNet batches restarts its steps in each); a hires fix's two passes share the bar by what their steps
         cost."""
-        self.said_passes = line.get("passes", 1)
+        if "passes" in line:
+            self.said_passes = line["passes"]
+        elif line.get("hires"):
+            self.said_passes = 2  # a worker older than `passes`: its second pass says so, and the request's guess holds
         n_samples = self.ours.get("n_samples", 1)
         images = n_samples * self.ours.get("n_iter", 1) // self.requests
         step, total, index = line["step"], line.get("total") or 1, line.get("image_index", 0)

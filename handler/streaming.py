@@ -65,9 +65,8 @@ class ProgressStream:
                 "total": progress.total,
                 "image_index": progress.images[row][1],
                 "image_count": counts[request_index],
+                "passes": 2 if idx in self.two_passes else 1,
             }
-            if idx in self.two_passes:
-                line["passes"] = 2
             if progress.hires:
                 line["hires"] = True  # the hires fix's second pass, whose steps count from 1 again
             if self.wants_preview(progress.step, progress.total):

@@ -357,8 +357,14 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     # A hires fix TorchServe runs no second pass for (a resize to the size the image has): its lines say one pass.
     idle = Job({"n_samples": 1, "ddim_steps": 2, "W": 512, "H": 512, "hr_resize_x": 512})
     assert idle.jobs == (2, 0)  # what the request asks, until TorchServe says
-    idle.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+    idle.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 1})
     assert idle.fraction == 1.0 and idle.jobs == (1, 0)
+    # A worker older than `passes`: the request's word, until a second pass says so.
+    older = Job({"n_samples": 1, "ddim_steps": 2, "hr_steps": 2, "hr_scale": 2})
+    older.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
+    assert older.fraction == 0.2 and older.jobs == (2, 0)
+    older.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "hires": True})
+    assert older.fraction == 0.6 and older.jobs == (2, 1)
 
 
 async def _two_jobs(jobs: Jobs) -> tuple[dict[str, Any], ...]:

@@ -135,10 +135,10 @@ def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split
     assert [(line["step"], line["total"], line.get("hires", False)) for line in lines] == [
         (1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False), (1, 3, True), (2, 3, True), (3, 3, True),
     ]  # fmt: skip
-    assert {line.get("passes") for line in lines} == {2}
+    assert {line["passes"] for line in lines} == {2}
     for other in (1, 2):
-        one_pass = [(line["step"], line.get("passes")) for line in steps_of(sent, other)]
-        assert one_pass == [(1, None), (2, None), (3, None), (4, None)]
+        one_pass = [(line["step"], line["passes"]) for line in steps_of(sent, other)]
+        assert one_pass == [(1, 1), (2, 1), (3, 1), (4, 1)]
     with Image.open(io.BytesIO(base64.b64decode(lines[-1]["preview"]))) as image:
         assert image.size == (16, 16)
     assert decode_png(json.loads(streamed)["images"][0]).shape == (128, 128, 3)
@@ -147,7 +147,8 @@ def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split
 def test_preview_every_zero_sends_none(handler, sent, monkeypatch) -> None:
     monkeypatch.setattr(handler, "settings", dataclasses.replace(handler.settings, preview_every=0))
     call(handler, [{**VALID, "stream": True}])
-    assert [sorted(line) for line in steps_of(sent, 0)] == [["image_count", "image_index", "step", "total"]] * 3
+    keys = ["image_count", "image_index", "passes", "step", "total"]
+    assert [sorted(line) for line in steps_of(sent, 0)] == [keys] * 3
 
 
 def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_split: Path) -> None:

@@ -363,13 +363,13 @@ function unreadable() {
 
 // The request's progress from a step line: the images already done, plus the UNet batch in flight by its share of
 // steps. A request whose images are split over several UNet batches restarts the step count in each, so the
-// fraction counts images, and only ever goes up. A hires fix's two passes (every line says `passes` 2 when the server
-// runs a second one, and the second's lines say `hires`) share the bar by what their steps cost: a second-pass step
-// about as many first-pass ones as it has times the pixels.
+// fraction counts images, and only ever goes up. A hires fix's two passes (every line says how many passes the server
+// runs, and the second's lines say `hires`; a server older than `passes` is taken at the request's word) share the
+// bar by what their steps cost: a second-pass step about as many first-pass ones as it has times the pixels.
 function fraction(message, images, body) {
   const count = message.image_count ?? 1;
   const done = (message.image_index + (count * message.step) / message.total) / images;
-  if (message.passes !== 2) return done;
+  if ((message.passes ?? (body.hr_upscaler === undefined ? 1 : 2)) !== 2) return done;
   const steps = typeof body.ddim_steps === "number" ? body.ddim_steps : 50;
   const second = (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * hiresArea(body);
   const first = steps / (steps + second);
