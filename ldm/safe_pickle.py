@@ -12,7 +12,9 @@ from __future__ import annotations
 import _codecs
 import collections
 import pickle
+import struct
 import sys
+import zipfile
 from typing import Any, BinaryIO
 
 import numpy
@@ -103,7 +105,7 @@ def torch_load(path: str) -> Any:
     """Load a torch zip checkpoint memory-mapped (no second copy of the weights) with this restricted unpickler."""
     try:
         return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, MemoryError):
-        raise  # torch's own errors for a file it cannot read, and the machine's
-    except Exception as error:  # a malformed file: whatever else torch's reader tripped on
+    except (ValueError, KeyError, IndexError, TypeError, AssertionError, zipfile.BadZipFile, struct.error) as error:
+        # What torch's reader trips on in a malformed file (its own errors, RuntimeError and EOFError, pass as they
+        # are; a bug of ours, an AttributeError say, is not read as the file's).
         raise MalformedCheckpointError(f"{type(error).__name__}: {error}") from error

@@ -91,10 +91,15 @@ def _stamped() -> dict[str, Any] | None:
 
 def other_checkpoints() -> list[str]:
     """Names of checkpoint files beside where the user's belongs, under another name (a download's own, such as
-    v1-5-pruned-emaonly.safetensors), which serve.sh does not take: the demo warning names them. VAE files are not."""
+    v1-5-pruned-emaonly.safetensors), which serve.sh does not take: the demo warning names them. VAE files (A1111's
+    `model.vae.ckpt`, Stability's `vae-ft-mse-840000-ema-pruned.safetensors`) are not."""
     folder = USER_CKPT.parent
     found = folder.glob("*") if folder.is_dir() else []
-    return sorted(f.name for f in found if f.suffix in (".ckpt", ".safetensors") and ".vae." not in f.name)
+    return sorted(
+        f.name
+        for f in found
+        if f.suffix in (".ckpt", ".safetensors") and "vae" not in f.name.lower() and f.name != USER_CKPT.name
+    )
 
 
 def _user_config() -> Path:

@@ -332,16 +332,20 @@ def start_front(server: TorchServe, timeout: float = 60) -> str:
         )  # fmt: skip
     url = f"http://localhost:{port}/"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FrontError(f"sd-front exited with {process.returncode}; see {RUN_DIR / 'front.log'}")
-        with contextlib.suppress(OSError):
-            if _get(f"{url}healthz", timeout=2)[0] == 200:
-                (RUN_DIR / FRONT_PID_FILE).write_text(str(process.pid))
-                return url
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGTERM)
-    raise FrontError(f"sd-front did not answer {url}healthz in {timeout:.0f} s; see {RUN_DIR / 'front.log'}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise FrontError(f"sd-front exited with {process.returncode}; see {RUN_DIR / 'front.log'}")
+            with contextlib.suppress(OSError):
+                if _get(f"{url}healthz", timeout=2)[0] == 200:
+                    (RUN_DIR / FRONT_PID_FILE).write_text(str(process.pid))
+                    return url
+            time.sleep(0.3)
+        raise FrontError(f"sd-front did not answer {url}healthz in {timeout:.0f} s; see {RUN_DIR / 'front.log'}")
+    except BaseException:  # Ctrl-C too: a front no pid file names would hold its port for good
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        raise
 
 
 def stop_front() -> None:
@@ -387,6 +391,8 @@ def start() -> int:
     if store.demo:
         others = other_checkpoints()
         found = f" That folder holds {', '.join(others)}: name the one to serve model.ckpt." if others else ""
+        if USER_CKPT.is_symlink():
+            found += f" {USER_CKPT.name} is a link to {os.readlink(USER_CKPT)}, which does not exist."
         print(
             f"WARNING: no checkpoint at {USER_CKPT.relative_to(ROOT)}; serving a tiny RANDOM-WEIGHT demo model whose "
             f"images are noise. Put sd-v1-4.ckpt (or any SD v1.x checkpoint) there and run this again.{found}",
@@ -398,9 +404,9 @@ def start() -> int:
             "rebuilds it. Delete that folder to have it built from your checkpoint.",
             file=sys.stderr,
         )
-    server.start()
     print(f"Loading the model (logs: {RUN_DIR.relative_to(ROOT)}/logs/) ...", file=sys.stderr)
     try:
+        server.start()
         server.wait_ready(MODEL_NAME, timeout=900)
         front = start_front(server)
     except (RuntimeError, TimeoutError) as error:  # the worker never came up, or the front did not

@@ -29,7 +29,7 @@ from referencing import Registry, Resource
 
 from scripts import fetch_model, ready
 from scripts.build_mar import main as build_mar
-from scripts.server import ROOT, TorchServe, read_properties, write_properties
+from scripts.server import ROOT, TorchServe, java_problem, read_properties, write_properties
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 from tests.servers import TIMEOUT, free_port, http_server, loopback_listeners, need
 
@@ -623,6 +623,7 @@ class Container(TorchServe):
 
 @pytest.mark.integration
 def test_the_entrypoint_serves_the_chart_config_and_a_downloaded_archive(tmp_path: Path) -> None:
+    need(java_problem())
     docs = objects(*DOWNLOAD)
     deployment = find(docs, "Deployment", "sd-torchserve")
     chart_config = config_properties(docs)

@@ -162,7 +162,9 @@ def test_checkpoints_under_other_names_are_named_for_the_demo_warning_not_served
     """serve.sh serves model.ckpt alone; a download under its own name beside it is named (a VAE file is not)."""
     folder = model_store.USER_CKPT.parent
     folder.mkdir(parents=True)
-    for name in ("v1-5-pruned-emaonly.safetensors", "model.vae.safetensors", "notes.txt", "sd-v1-4.ckpt"):
+    for name in ("v1-5-pruned-emaonly.safetensors", "model.vae.safetensors", "vae-ft-mse-840000-ema-pruned.safetensors",
+                 "notes.txt", "sd-v1-4.ckpt"):  # fmt: skip
         (folder / name).write_bytes(b"")
+    model_store.USER_CKPT.symlink_to(folder / "gone.ckpt")  # a link to a file moved away: not a checkpoint here
     assert model_store.other_checkpoints() == ["sd-v1-4.ckpt", "v1-5-pruned-emaonly.safetensors"]
     assert model_store.prepare("fp32").demo
