@@ -5,6 +5,7 @@ server, which must return only once what it stops is gone. Serving for real: tes
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -180,3 +181,14 @@ def test_stop_returns_once_a_detached_server_and_its_workers_are_gone(tmp_path: 
         ts.stop()
         assert live_members(group) == []
         assert not ts.alive()
+
+
+def test_serve_sh_without_java_says_so_before_setting_up(tmp_path: Path) -> None:
+    """Java is TorchServe's, not pip's: a machine without it learns so before minutes of downloads."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname") or "/usr/bin/dirname")
+    serve = subprocess.run(["/bin/bash", str(server.ROOT / "scripts" / "serve.sh")], env={"PATH": str(bin_dir)},
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert serve.returncode == 1
+    assert serve.stderr.startswith("serve: TorchServe needs Java 17 or newer, and there is no java on PATH")
