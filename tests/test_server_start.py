@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,17 @@ def test_java_is_looked_for_where_torchserve_will_run_it(tmp_path: Path, monkeyp
 def java(monkeypatch: pytest.MonkeyPatch) -> None:
     """A start's tests past its Java check, whether or not this machine has Java."""
     monkeypatch.setattr(server, "java_problem", lambda: None)
+
+
+@pytest.fixture
+def front_port_taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The front's port (SD_FRONT_PORT), with something listening on it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("SD_FRONT_PORT", str(port))
+        yield port
 
 
 @pytest.mark.usefixtures("java")
@@ -68,7 +80,7 @@ def test_a_stale_torchserve_pid_naming_another_process_is_no_server(tmp_path: Pa
 
 @pytest.mark.usefixtures("java")
 def test_a_start_refuses_taken_ports_before_touching_the_model_store(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    front_port_taken: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Named with what each serves, before a build that may take minutes (TorchServe's own ports are left out here:
     a server of this machine's may hold them)."""
@@ -85,13 +97,8 @@ def test_a_start_refuses_taken_ports_before_touching_the_model_store(
 
     monkeypatch.setattr(server, "user_server", Stopped)
     monkeypatch.setattr(server, "prepare", rebuild)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        monkeypatch.setenv("SD_FRONT_PORT", str(port))
-        assert server.start() == 1
-    assert f"server: already in use: port {port} (the web front). scripts/stop.sh" in capsys.readouterr().err
+    assert server.start() == 1
+    assert f"already in use: port {front_port_taken} (the web front). scripts/stop.sh" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("java")
@@ -127,15 +134,12 @@ def test_an_interrupted_or_failed_start_stops_torchserve_again(
     assert stopped == ["stopped", "stopped"]
 
 
-def test_the_front_refuses_a_taken_port_and_records_no_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_front_refuses_a_taken_port_and_records_no_pid(
+    front_port_taken: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server, "RUN_DIR", tmp_path)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        monkeypatch.setenv("SD_FRONT_PORT", str(port))
-        with pytest.raises(server.FrontError, match=f"port {port} is taken"):
-            server.start_front(server.user_server())
+    with pytest.raises(server.FrontError, match=f"port {front_port_taken} is taken"):
+        server.start_front(server.user_server())
     assert not (tmp_path / server.FRONT_PID_FILE).exists()
 
 
