@@ -382,6 +382,8 @@ def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
 
 
 def without_hires(request: GenerationRequest) -> GenerationRequest:
+    """The request without its hires fix: a second pass's own request, or one whose fix would do nothing (which then
+    says so nowhere: not in its answer's parameters, nor in its PNGs)."""
     return replace(request, hr_scale=1.0, hr_resize_x=0, hr_resize_y=0)
 
 
