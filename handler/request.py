@@ -345,10 +345,11 @@ def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) 
     upscaler's upscaled latent, before the cut, is small)."""
     limits, plan, field = settings.limits, generation.hires_plan(8), generation.hires_field
     asked = f"{field} {getattr(generation, field):g}"
-    (big_h, big_w), (height, width) = plan.size, plan.size
+    height, width = plan.size
+    encoded_whole = plan.upscaled != plan.size and not hires.is_latent(generation.hr_upscaler)
+    big_h, big_w = plan.upscaled if encoded_whole else plan.size
     made = f"makes {width}x{height} images"
-    if plan.upscaled != plan.size and not hires.is_latent(generation.hr_upscaler):
-        big_h, big_w = plan.upscaled
+    if encoded_whole:
         made = f"upscales the images to {big_w}x{big_h} to cut them to {width}x{height}"
     if max(big_h, big_w) > limits.max_side:
         raise RequestError(field, f"{asked} {made}; each side at most {limits.max_side} pixels")

@@ -131,19 +131,18 @@ class TorchServe:
 
     def __init__(self, config: Path, home: Path, model_store: Path, models: str) -> None:
         self.config, self.home, self.model_store, self.models = config, home, model_store, models
-        properties = read_properties(config)
-        self.inference_url = properties["inference_address"]
-        self.management_url = properties["management_address"]
-        self.metrics_url = properties["metrics_address"]
+        self.properties = read_properties(config)
+        self.inference_url = self.properties["inference_address"]
+        self.management_url = self.properties["management_address"]
+        self.metrics_url = self.properties["metrics_address"]
         self.process: subprocess.Popen[bytes] | None = None
 
     def ports(self) -> dict[str, int]:
         """The ports its listeners take, by what each serves."""
-        properties = read_properties(self.config)
-        ports = {f"TorchServe's {name} API": urllib.parse.urlsplit(properties[f"{name}_address"]).port
+        ports = {f"TorchServe's {name} API": urllib.parse.urlsplit(self.properties[f"{name}_address"]).port
                  for name in ("inference", "management", "metrics")}  # fmt: skip
         # TorchServe's own defaults for the gRPC ports a config leaves out.
-        ports |= {f"TorchServe's gRPC {name} API": int(properties.get(f"grpc_{name}_port", default))
+        ports |= {f"TorchServe's gRPC {name} API": int(self.properties.get(f"grpc_{name}_port", default))
                   for name, default in (("inference", 7070), ("management", 7071))}  # fmt: skip
         return {name: port for name, port in ports.items() if port is not None}
 
