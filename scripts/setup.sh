@@ -25,9 +25,14 @@ stamp=.venv/.sd-torchserve-installed
 wanted=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    # torch first and pinned: on a machine without a GPU this picks the CPU wheel when one is at hand;
-    # on a GPU machine PyPI's default build is the CUDA one.
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    # torch first and pinned, from the index scripts/torch_index.py picks: PyTorch's CPU one on Linux without an
+    # NVIDIA GPU, else pip's own (PyPI's Linux build is the CUDA one). Read line by line: macOS's bash 3.2 has no
+    # mapfile, and expands an empty array under `set -u` only as written below.
+    index=()
+    while IFS= read -r argument; do
+        if [ -n "$argument" ]; then index+=("$argument"); fi
+    done < <(.venv/bin/python -m scripts.torch_index)
+    .venv/bin/python -m pip install -q ${index[@]+"${index[@]}"} "torch==2.13.0"
     .venv/bin/python -m pip install -q -e ".[test]"
     echo "$wanted" > "$stamp"
 fi
