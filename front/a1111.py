@@ -31,6 +31,7 @@ import re
 from typing import Any, Literal
 
 from front.errors import FrontError
+from front.png_info import INFOTEXT, png_texts
 
 Mode = Literal["txt2img", "img2img"]
 # Where A1111's API is served.
@@ -349,21 +350,9 @@ def check_options(body: Any, described: dict[str, Any], model: str) -> None:
 
 
 def png_parameters(image: Any) -> str:
-    """The `parameters` text of a base64 PNG (A1111's infotext: the tEXt, or uncompressed UTF-8 iTXt, chunk the
-    handler writes), or "" without one."""
+    """The infotext of a base64 PNG (the handler's `parameters` chunk), or "" without one."""
     try:
         data = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError, TypeError):
         return ""
-    position = 8
-    while position + 8 <= len(data):
-        length = int.from_bytes(data[position : position + 4], "big")
-        kind, content = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
-        key, _, value = content.partition(b"\0")
-        if key == b"parameters" and kind == b"tEXt":
-            return value.decode("latin-1")
-        if key == b"parameters" and kind == b"iTXt" and value[:1] == b"\0":
-            # flag 0 (uncompressed), method, then language and translated keyword, each ended by a zero byte
-            return value[2:].split(b"\0", 2)[-1].decode("utf-8", errors="replace")
-        position += 12 + length
-    return ""
+    return png_texts(data).get(INFOTEXT, "")

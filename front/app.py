@@ -17,7 +17,8 @@ Answers:
 - `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API (front/a1111.py), one TorchServe request per
   batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress` and
   `/sdapi/v1/interrupt` (front/a1111_progress.py); its listings and options from the worker's description, of which
-  the front keeps a copy (front/description.py).
+  the front keeps a copy (front/description.py); `POST /sdapi/v1/png-info` reads an image's infotext back
+  (front/png_info.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from front import a1111, a1111_progress, schema
+from front import a1111, a1111_progress, png_info, schema
 from front.description import Description
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
@@ -240,6 +241,10 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_interrupt() -> JSONResponse:
         jobs.interrupt()
         return JSONResponse({})
+
+    @app.post("/sdapi/v1/png-info", summary="An image's infotext and its fields, as A1111 reads them")
+    async def a1111_png_info(request: Request) -> JSONResponse:
+        return JSONResponse(png_info.answer(a1111.read(await _body(request, settings.max_body_bytes))))
 
     @app.get("/sdapi/v1/schedulers", summary="A1111 1.9's schedulers, those done here")
     async def a1111_schedulers() -> JSONResponse:

@@ -94,6 +94,14 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     assert info["all_seeds"] == [11, 12, 13, 14] and info["sampler_name"] == "DPM++ 2M Karras"
     assert info["infotexts"][3].startswith("a castle AND (a lake:1.2):0.5\nNegative prompt: blurry\nSteps: 3, ")
     assert "Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 14, Size: 64x64" in info["infotexts"][3]
+    # Its PNG read back as A1111's clients read one (`/sdapi/v1/png-info`).
+    read = http.post(f"{front}/sdapi/v1/png-info", json={"image": answer["images"][3]}).json()
+    fields = read["parameters"]
+    assert read["info"] == info["infotexts"][3] and fields["Model hash"] == info["sd_model_hash"]
+    assert (fields["Prompt"], fields["Negative prompt"], fields["Steps"], fields["Sampler"], fields["Seed"]) == (
+        a1111["prompt"], "blurry", "3", "DPM++ 2M Karras", "14",
+    )  # fmt: skip
+    assert (fields["CFG scale"], fields["Size-1"], fields["Size-2"]) == ("7.0", "64", "64")
 
     init = answer["images"][0]
     a1111 = {"prompt": "a lighthouse", "seed": 3, "steps": 4, "width": 64, "height": 64, "init_images": [init],

@@ -1,0 +1,145 @@
+"""A PNG's text chunks, and A1111's `POST /sdapi/v1/png-info`: an image's infotext read into fields as A1111 reads it.
+
+Why: A1111's clients read an image's settings back through that endpoint (a gallery's "send to txt2img", a bot that
+remakes an image), on PNGs made here as on A1111's. The chunks are walked here rather than by PIL: only the text is
+wanted, and no pixel of an upload is decoded. JPEG and WebP images, whose infotext A1111 reads from EXIF, have
+none here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import zlib
+from typing import Any
+
+from front.errors import FrontError
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A text chunk decompressed past this is dropped, as PIL drops it (its MAX_TEXT_CHUNK).
+MAX_TEXT = 2**20
+INFOTEXT = "parameters"
+# A1111 1.9's infotext fields: `Key: value` pairs, a value quoted as JSON when it holds a comma.
+PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+SIZE = re.compile(r"^(\d+)x(\d+)$")
+# What A1111 1.9 fills in for a field an infotext leaves out (its setting's value when the image was made).
+ABSENT: dict[str, Any] = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+    "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
+    "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
+    "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+}  # fmt: skip
+
+
+def _inflated(data: bytes) -> bytes | None:
+    """zlib-compressed chunk text, or None when it is broken or inflates past `MAX_TEXT`."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT + 1)
+    except zlib.error:
+        return None
+    return text if len(text) <= MAX_TEXT else None
+
+
+def _text(kind: bytes, content: bytes) -> tuple[str, str] | None:
+    """One chunk's keyword and text: tEXt (Latin-1), zTXt (compressed Latin-1), iTXt (UTF-8, maybe compressed)."""
+    key, separator, rest = content.partition(b"\0")
+    if not separator:
+        return None
+    value: bytes | None = rest
+    if kind == b"zTXt":
+        value = _inflated(rest[1:])
+    elif kind == b"iTXt":
+        compressed, rest = rest[:1] == b"\1", rest[2:]
+        value = rest.split(b"\0", 2)[-1]  # after the language tag and the translated keyword
+        if compressed:
+            value = _inflated(value)
+    if value is None:
+        return None
+    encoding = "utf-8" if kind == b"iTXt" else "latin-1"
+    return key.decode("latin-1"), value.decode(encoding, errors="replace")
+
+
+def png_texts(data: bytes) -> dict[str, str]:
+    """Every text chunk of PNG bytes by keyword (the later of two alike, as PIL keeps); {} for what is no PNG."""
+    texts: dict[str, str] = {}
+    if not data.startswith(SIGNATURE):
+        return texts
+    position = len(SIGNATURE)
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind, content = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        if kind == b"IEND":
+            break
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and (text := _text(kind, content)):
+            texts[text[0]] = text[1]
+        position += 12 + length
+    return texts
+
+
+def decoded(image: Any, field: str) -> bytes:
+    """An image sent as A1111's clients send one: base64, maybe behind a `data:` URL prefix. A URL is refused:
+    the front fetches nothing."""
+    if not isinstance(image, str):
+        raise FrontError(400, f"{field}: send the image as a base64 string", field)
+    text = image.strip()
+    if text.startswith(("http://", "https://")):
+        raise FrontError(400, f"{field}: send the image itself as base64; URLs are not fetched here", field)
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FrontError(400, f"{field}: is not base64", field) from None
+
+
+def _unquoted(value: str) -> str:
+    """A value A1111 quoted (as JSON) because it holds a comma or quote, as it was."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return str(json.loads(value))
+    except ValueError:
+        return value
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """An infotext's fields as A1111 1.9 reads them: `Prompt` and `Negative prompt` from the lines before the last,
+    each `Key: value` of the last line (the whole text is prompt when it has fewer than three), a size `WxH` as
+    `Key-1` and `Key-2`, the values as text, then `ABSENT`'s defaults. Not done: A1111's styles and hypernetworks,
+    and its conversions of infotexts older than its version 1.0 (their first-pass sizes) or naming an older version."""
+    *lines, last = text.strip().split("\n")
+    if len(PARAMETER.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    # Joined as A1111 joins them: a line after an empty text gets no newline before it.
+    prompt = negative = ""
+    after_negative = False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            after_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        if after_negative:
+            negative += ("\n" if negative else "") + line
+        else:
+            prompt += ("\n" if prompt else "") + line
+    fields: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in PARAMETER.findall(last):
+        if not value:
+            continue  # A1111 skips a key with nothing after it
+        value = _unquoted(value)
+        if size := SIZE.match(value):
+            fields[f"{key}-1"], fields[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            fields[key] = value
+    return fields | {key: value for key, value in ABSENT.items() if key not in fields}
+
+
+def answer(body: dict[str, Any]) -> dict[str, Any]:
+    """A1111's answer to `POST /sdapi/v1/png-info` `{"image": base64}`: the infotext as `info` ("" without one),
+    every text chunk as `items` (the infotext among them, as A1111 1.6 lists it), and the infotext's fields as
+    `parameters` (A1111 1.9's)."""
+    texts = png_texts(decoded(body.get("image"), "image"))
+    info = texts.get(INFOTEXT, "")
+    return {"info": info, "items": texts, "parameters": parse_infotext(info)}

@@ -1,0 +1,140 @@
+"""A1111's `POST /sdapi/v1/png-info` (front/png_info.py): a PNG's text chunks as PIL reads them, and infotexts read
+into fields as A1111 1.9 reads them, checked against fields written out by hand."""
+
+from __future__ import annotations
+
+import base64
+import io
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, PngImagePlugin
+
+from front.app import create_app
+from front.png_info import ABSENT, MAX_TEXT, SIGNATURE, parse_infotext, png_texts
+from front.settings import FrontSettings
+from ldm.png_info import encode_with_parameters
+from tests.test_front_offline import FakeInference
+
+PNG_INFO = "/sdapi/v1/png-info"
+# A1111's own example infotext (its parse_generation_parameters' docstring), a Lora hashes value quoted as A1111
+# quotes one holding commas, and a Hires resize size.
+EXAMPLE = (
+    "girl with an artist's beret, determined, ((eyeshadow)), (coquettish)\n"
+    "Negative prompt: ugly, fat, (((deformed))), [blurry]\n"
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x768, Model hash: 45dee52b, "
+    'Lora hashes: "tiny-style: 0123abcd, other: 4567ef01", Hires resize: 1024x0, Clip skip: 2'
+)
+EXAMPLE_FIELDS = {
+    "Prompt": "girl with an artist's beret, determined, ((eyeshadow)), (coquettish)",
+    "Negative prompt": "ugly, fat, (((deformed))), [blurry]",
+    "Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086", "Size-1": "512", "Size-2": "768",
+    "Model hash": "45dee52b", "Lora hashes": "tiny-style: 0123abcd, other: 4567ef01", "Hires resize-1": "1024",
+    "Hires resize-2": "0", "Clip skip": "2",
+}  # fmt: skip
+
+
+def png_with(texts: PngImagePlugin.PngInfo) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(out, "PNG", pnginfo=texts)
+    return out.getvalue()
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(FakeInference()))) as test_client:
+        yield test_client
+
+
+def test_every_kind_of_text_chunk_is_read_as_pil_reads_it() -> None:
+    texts = PngImagePlugin.PngInfo()
+    texts.add_text("parameters", "a fox\nSteps: 20, Sampler: Euler, Seed: 1")  # tEXt
+    texts.add_text("Comment", "made by hand, " * 40, zip=True)  # zTXt
+    texts.add_itxt("Title", "un renard ✓", lang="fr", tkey="Titre")  # iTXt
+    texts.add_itxt("Description", "ça " * 300, zip=True)  # compressed iTXt
+    png = png_with(texts)
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        expected = dict(image.text)  # type: ignore[attr-defined]
+    assert len(expected) == 4 and png_texts(png) == expected
+
+
+def test_a_chunk_inflating_past_the_limit_is_dropped_and_what_is_no_png_has_none() -> None:
+    texts = PngImagePlugin.PngInfo()
+    texts.add_text("parameters", "a fox\nSteps: 20, Sampler: Euler, Seed: 1")
+    png = png_with(texts)
+    # A zTXt of MAX_TEXT + 1 bytes once inflated (a few kB as sent), inserted before IEND.
+    content = b"bomb\0\0" + zlib.compress(b"x" * (MAX_TEXT + 1))
+    chunk = len(content).to_bytes(4, "big") + b"zTXt" + content + zlib.crc32(b"zTXt" + content).to_bytes(4, "big")
+    bombed = png[:-12] + chunk + png[-12:]
+    assert png_texts(bombed) == {"parameters": "a fox\nSteps: 20, Sampler: Euler, Seed: 1"}
+    assert png_texts(b"GIF89a" + png[len(SIGNATURE) :]) == {} and png_texts(b"") == {}
+
+
+def test_an_infotext_is_read_into_a1111s_fields() -> None:
+    assert parse_infotext(EXAMPLE) == EXAMPLE_FIELDS | {k: v for k, v in ABSENT.items() if k not in EXAMPLE_FIELDS}
+
+
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        # Fewer than three fields on the last line: it is prompt too.
+        ("a fox\nin the snow\nSteps: 20, Seed: 1", {"Prompt": "a fox\nin the snow\nSteps: 20, Seed: 1"}),
+        # A prompt of several lines, a negative prompt of several lines, an empty value skipped.
+        ("a fox\nin snow\nNegative prompt: blur\ngrain\nSteps: 2, Seed: , CFG scale: 7.5, Size: 64x64",
+         {"Prompt": "a fox\nin snow", "Negative prompt": "blur\ngrain", "Steps": "2", "CFG scale": "7.5",
+          "Size-1": "64", "Size-2": "64"}),
+        # An empty negative prompt: the next line joins it with no newline before it, as A1111 joins them.
+        ("a fox\nNegative prompt:\nmore\nSteps: 2, Seed: 3, Sampler: DDIM",
+         {"Prompt": "a fox", "Negative prompt": "more", "Steps": "2", "Seed": "3", "Sampler": "DDIM"}),
+        # A quoted value that is not JSON stays as written.
+        ('x\nSteps: 2, Seed: 3, Note: "a \\q b"', {"Prompt": "x", "Steps": "2", "Seed": "3", "Note": '"a \\q b"'}),
+        ("", {"Prompt": ""}),
+    ],
+)  # fmt: skip
+def test_infotext_edge_cases_as_a1111_reads_them(text: str, fields: dict[str, str]) -> None:
+    parsed = parse_infotext(text)
+    assert {key: parsed[key] for key in parsed if key not in ABSENT} == {"Negative prompt": "", **fields}
+
+
+def test_the_endpoint_reads_a_png_made_here(client: TestClient) -> None:
+    """Our encoder's PNG (iTXt for a prompt beyond Latin-1), sent as A1111's clients send it, behind a data: URL."""
+    text = "un renard ✓\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 14, Size: 64x64, Hires resize: 96x0"
+    [png] = encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text])
+    sent = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    answer = client.post(PNG_INFO, json={"image": sent}).json()
+    assert answer["info"] == text and answer["items"] == {"parameters": text}
+    parameters = answer["parameters"]
+    assert (parameters["Prompt"], parameters["Seed"], parameters["Size-1"], parameters["Hires resize-1"]) == (
+        "un renard ✓", "14", "64", "96",
+    )  # fmt: skip
+    assert parameters["Clip skip"] == "1" and parameters["Hires sampler"] == "Use same sampler"  # A1111's defaults
+
+
+def test_an_image_without_an_infotext_answers_an_empty_one(client: TestClient) -> None:
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, "JPEG")
+    for image in (base64.b64encode(jpeg.getvalue()).decode(), ""):
+        answer = client.post(PNG_INFO, json={"image": image})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"info": "", "items": {}, "parameters": parse_infotext("")}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "image: send the image as a base64 string"),
+        ({"image": 3}, "image: send the image as a base64 string"),
+        ({"image": "not base64!"}, "image: is not base64"),
+        ({"image": "https://example.com/a.png"}, "image: send the image itself as base64; URLs are not fetched here"),
+        ([1], "body: send the request as a JSON object"),
+    ],
+)
+def test_a_bad_request_is_a_400_naming_the_field(client: TestClient, body: object, message: str) -> None:
+    answer = client.post(PNG_INFO, json=body)
+    assert answer.status_code == 400
+    assert answer.json() == {"error": message, "field": message.partition(":")[0], "detail": message}
