@@ -118,6 +118,13 @@ class ImagineRequest(BaseModel):
     hr_resize_y: int = Field(
         0, description="the hires fix to this height instead of hr_scale (0: not set), as hr_resize_x does the width"
     )
+    hr_prompt: str = Field(
+        "", description="the hires fix's second pass's own prompt (AUTOMATIC1111's 'Hires prompt'; empty: the prompt)"
+    )
+    hr_negative_prompt: str = Field(
+        "", description="the hires fix's second pass's own negative prompt (empty: the negative prompt)"
+    )
+    hr_sampler: str = Field("", description="the hires fix's second pass's own sampler, not plms (empty: sampler)")
     stream: bool = Field(False, description="answer with the progress stream, as POST /imagine/stream does")
 
 

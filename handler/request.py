@@ -37,8 +37,9 @@ from ldm.pipeline import (
     check_sampler,
     check_seed_resize,
     idle_hires,
+    named_texts,
+    read_texts,
     request_loras,
-    scheduled_texts,
     text_parts,
     without_hires,
 )
@@ -69,6 +70,9 @@ FIELDS = (
     "hr_steps",
     "hr_resize_x",
     "hr_resize_y",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "hr_sampler",
     "subseed",
     "subseed_strength",
     "seed_resize_from_h",
@@ -315,11 +319,11 @@ def check_chunks(
     if not generation.emphasis:
         return
     limit = settings.limits.max_prompt_chunks
-    for name in TEXT_FIELDS:
-        texts = scheduled_texts(generation, name)
-        count = max(len(emphasis.chunks(tokenizer, text, vocabulary)) for text in texts)
-        if count > limit:
-            raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
+    for field in TEXT_FIELDS:
+        for name, text in named_texts(generation, field):
+            count = len(emphasis.chunks(tokenizer, text, vocabulary))
+            if count > limit:
+                raise RequestError(name, f"{name}: at most {limit} chunks of 75 tokens with emphasis, got {count}")
 
 
 def _our_name(name: str, names: dict[str, str]) -> str:
@@ -431,6 +435,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_steps=_integer(body, "hr_steps", d.hr_steps, 0, limits.max_steps),
         hr_resize_x=resize_x,
         hr_resize_y=resize_y,
+        hr_prompt=_text(body, "hr_prompt", "", limits.max_prompt_chars),
+        hr_negative_prompt=_text(body, "hr_negative_prompt", "", limits.max_prompt_chars),
+        hr_sampler=_our_name(_text(body, "hr_sampler", "", 32), SAMPLERS),
         subseed=subseed,
         subseed_strength=subseed_strength,
         **_seed_resize(body, settings),
@@ -445,9 +452,10 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         raise RequestError("prompt", f"prompt: at most {limits.max_loras} LoRAs (<lora:…> tags), got {loras}")
     # The sub-prompts are counted before their texts are parsed: a prompt of too many is refused for that, not for
     # the number of texts they read together. Both syntaxes at once are check_emphasis's error.
-    for name in TEXT_FIELDS if not (generation.emphasis and generation.weighted_subprompts) else ():
+    both_syntaxes = generation.emphasis and generation.weighted_subprompts
+    for name, run, field in read_texts(generation) if not both_syntaxes else ():
         try:
-            count = len(text_parts(generation, name))
+            count = len(text_parts(run, field, name))
         except GenerationError as error:
             raise RequestError(error.field, str(error)) from None
         kind, limit = "weighted sub-prompts", limits.max_subprompts

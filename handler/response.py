@@ -10,7 +10,7 @@ from typing import Any
 
 from handler.request import ApiRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import Generation
+from ldm.pipeline import HIRES_OWN, Generation
 from ldm.png_info import encode_with_parameters, generation_texts
 
 
@@ -49,6 +49,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
         else:
             parameters["hr_scale"] = r.hr_scale
         parameters.update(hr_upscaler=r.hr_upscaler, hr_steps=r.hr_steps)
+        parameters.update({name: getattr(r, name) for name in HIRES_OWN if getattr(r, name)})
     if r.variation:
         parameters.update(subseed=r.subseed, subseed_strength=r.subseed_strength)
     if r.seed_resize:

@@ -75,6 +75,8 @@ MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.
 TextField = Literal["prompt", "negative_prompt"]
 TEXT_FIELDS: tuple[TextField, ...] = ("prompt", "negative_prompt")
+# A hires fix's second pass's own prompts and sampler ("": the first pass's).
+HIRES_OWN = ("hr_prompt", "hr_negative_prompt", "hr_sampler")
 MASK_WITHOUT_INIT = "mask_image needs an init_image: it tells which of its pixels to repaint"
 
 
@@ -109,7 +111,9 @@ class GenerationRequest:
     `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
     `hr_scale` times its size and sampled again for `hr_steps` steps (0: `steps`), `strength` telling how much of it
     the second pass may change. `hr_resize_x`/`_y` (either above 0, `hr_scale` left at 1) → the same, to that width,
-    height or both (A1111's "Hires resize").
+    height or both (A1111's "Hires resize"). `hr_prompt`, `hr_negative_prompt`, `hr_sampler` → the second pass's own
+    (A1111's "Hires prompt", "Hires negative prompt", "Hires sampler"; empty: the first pass's); its LoRAs are the
+    prompt's, since both passes run on the same merged weights.
     """
 
     prompt: str
@@ -135,6 +139,9 @@ class GenerationRequest:
     hr_steps: int = 0
     hr_resize_x: int = 0  # 0 with hr_resize_y 0: hr_scale sets the hires fix's size
     hr_resize_y: int = 0
+    hr_prompt: str = ""  # "": the prompt
+    hr_negative_prompt: str = ""  # "": the negative prompt
+    hr_sampler: str = ""  # "": the sampler
     subseed: int | None = None
     subseed_strength: float = 0.0  # 0: no variation
     seed_resize_from_h: int = 0  # 0: the noise is drawn at the image's own size
@@ -267,14 +274,15 @@ def check_sampler(request: GenerationRequest) -> None:
     """The sampler exists, and the request is one it can run: η is DDIM's (the ancestral samplers' noise is their
     own), and PLMS runs txt2img only, as in the original and other SD tools (its first step has no history to start
     from mid-schedule)."""
-    if request.sampler not in SAMPLERS:
-        raise GenerationError(
-            "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
-        )
+    samplers = {"sampler": request.sampler, "hr_sampler": request.hr_sampler}  # "": the hires fix's is the first's
+    for name, sampler in samplers.items():
+        if sampler and sampler not in SAMPLERS:
+            raise GenerationError(name, f"{name} '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")
     if request.sampler == "plms" and request.init_image is not None:
         raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs every other sampler")
-    if request.sampler != "ddim" and request.eta != 0:
-        raise GenerationError("eta", f"eta is DDIM's: it must be 0 with sampler {request.sampler}, got {request.eta}")
+    for name, sampler in samplers.items():
+        if sampler not in ("", "ddim") and request.eta != 0:
+            raise GenerationError("eta", f"eta is DDIM's: it must be 0 with {name} {sampler}, got {request.eta}")
 
 
 def check_seed_resize(request: GenerationRequest, factor: int = 8) -> None:
@@ -332,8 +340,12 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
     most = hires.most_steps(max_steps)
     if not 0 <= request.hr_steps <= most:
         raise GenerationError("hr_steps", f"hr_steps must be in [0, {most}] (0: ddim_steps), got {request.hr_steps}")
+    own = [name for name in HIRES_OWN if getattr(request, name)]
     if not request.hires:
+        if own:
+            raise GenerationError(own[0], f"{own[0]} is the hires fix's second pass's: set hr_scale or hr_resize_x/_y")
         return
+    check_hires_texts(request)
     field = request.hires_field
     if request.init_image is not None:
         raise GenerationError(
@@ -345,9 +357,10 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         height, width = request.hires_plan(factor).size
         if height < factor or width < factor:
             raise GenerationError(field, f"{field} makes {width}x{height} images: too small for a latent pixel")
-    if request.sampler == "plms":
+    if hires_run(request).sampler == "plms":
+        name = "hr_sampler" if request.hr_sampler else "sampler"
         raise GenerationError(
-            "sampler", "sampler plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
+            name, f"{name} plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
         )
     check_strength(request)
     steps = request.hires_steps
@@ -359,6 +372,28 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
             f"model's {max_steps}: raise strength to at least {hires.least_strength(steps, max_steps):g}, or lower "
             "hr_steps",
         )
+
+
+def check_hires_texts(request: GenerationRequest) -> None:
+    """The second pass's own prompts read as the first pass's do, and name the prompt's LoRAs: both passes run on the
+    same merged weights here (A1111 merges a hires prompt's own LoRAs for its pass)."""
+    if lora.TAG.search(request.hr_negative_prompt):
+        raise GenerationError(
+            "hr_negative_prompt", "hr_negative_prompt: LoRA tags (<lora:…>) are read from the prompt only"
+        )
+    if request.hr_prompt:
+        try:
+            same = set(lora.prompt_loras(request.hr_prompt)) == set(lora.prompt_loras(request.prompt))
+        except LoraError as error:
+            raise GenerationError("hr_prompt", f"hr_prompt: {error}") from None
+        if not same:
+            raise GenerationError(
+                "hr_prompt",
+                "hr_prompt: its LoRA tags (<lora:…>) must be the prompt's: both passes run on the same weights",
+            )
+    second = hires_run(request)
+    for field in TEXT_FIELDS:
+        text_parts(second, field, pass_field(request, field, True))
 
 
 def idle_hires(request: GenerationRequest, factor: int) -> bool:
@@ -374,17 +409,45 @@ def check_strength(request: GenerationRequest) -> None:
         raise GenerationError("strength", f"strength must be in (0, 1], got {request.strength}")
 
 
+def hires_run(request: GenerationRequest) -> GenerationRequest:
+    """The hires fix's second pass's prompts, sampler and steps, still at the first pass's size: what its texts and
+    their prompt editing are read from (`text_schedules`)."""
+    return replace(
+        request,
+        prompt=request.hr_prompt or request.prompt,
+        negative_prompt=request.hr_negative_prompt or request.negative_prompt,
+        sampler=request.hr_sampler or request.sampler,
+        steps=request.hires_steps,
+    )
+
+
 def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
-    """The hires fix's second pass of a resolved request, as a request of its own: the same prompts and sampler at the
-    larger size for its `hr_steps` (its texts: `text_schedules` of the request's second pass)."""
+    """The hires fix's second pass of a resolved request, as a request of its own: its prompts and sampler
+    (`hires_run`) at the larger size (its texts: `text_schedules` of the request's second pass)."""
     height, width = request.hires_plan(factor).size
-    return without_hires(replace(request, height=height, width=width, steps=request.hires_steps))
+    return without_hires(replace(hires_run(request), height=height, width=width))
 
 
 def without_hires(request: GenerationRequest) -> GenerationRequest:
     """The request without its hires fix: a second pass's own request, or one whose fix would do nothing (which then
     says so nowhere: not in its answer's parameters, nor in its PNGs)."""
-    return replace(request, hr_scale=1.0, hr_resize_x=0, hr_resize_y=0)
+    return replace(request, hr_scale=1.0, hr_resize_x=0, hr_resize_y=0, **dict.fromkeys(HIRES_OWN, ""))
+
+
+def read_texts(request: GenerationRequest) -> list[tuple[str, GenerationRequest, TextField]]:
+    """Each text a request's passes read, once, as (the request field it comes from, the pass's request, its text
+    field): the prompts, and the hires fix's own prompts (`hires_run`) where it has them."""
+    texts = [(field, request, field) for field in TEXT_FIELDS]
+    if request.hires:
+        second = hires_run(request)
+        texts += [(f"hr_{field}", second, field) for field in TEXT_FIELDS if getattr(request, f"hr_{field}")]
+    return texts
+
+
+def pass_field(request: GenerationRequest, field: TextField, hires_pass: bool) -> str:
+    """The request field a pass reads its `field` text from, for errors to name: the hires fix's own if it has one."""
+    own = f"hr_{field}"
+    return own if hires_pass and getattr(request, own) else field
 
 
 def clip_text(request: GenerationRequest, field: TextField) -> str:
@@ -438,11 +501,11 @@ def check_emphasis(request: GenerationRequest) -> None:
                 f"{field}: its prompt editing reads {len(texts)} different texts over the run; at most "
                 f"{prompt_editing.MAX_TEXTS} (fewer alternations, or fewer steps)",
             )
-        for text in texts:
+        for name, text in named_texts(request, field):
             try:
                 emphasis.parse(text)
             except emphasis.EmphasisError as error:
-                raise GenerationError(field, f"{field}: {error}") from None
+                raise GenerationError(name, f"{name}: {error}") from None
 
 
 def run_steps(request: GenerationRequest) -> int:
@@ -458,24 +521,37 @@ def text_schedules(
     second pass, as (end, text): with A1111's syntax, one schedule per sub-prompt of its `AND` (`text_parts`), each
     as its prompt editing changes it (ldm/prompt_editing.py, which counts a second pass on from the first); otherwise
     the one text throughout."""
+    name = pass_field(request, field, hires_pass)
     first, steps = 0, run_steps(request)
     if hires_pass:
-        first, steps = steps, run_steps(replace(request, steps=request.hires_steps))
+        request = hires_run(request)
+        first, steps = steps, run_steps(request)
     if not request.emphasis:
         return (((steps, clip_text(request, field)),),)
-    return tuple(prompt_editing.schedule(text, steps, first) for text, _ in text_parts(request, field))
+    return tuple(prompt_editing.schedule(text, steps, first) for text, _ in text_parts(request, field, name))
+
+
+def named_texts(request: GenerationRequest, field: TextField) -> list[tuple[str, str]]:
+    """Every distinct text the request's `field` reads in each pass, in all its sub-prompts, with the request field
+    it comes from (`pass_field`), for errors to name."""
+    named: dict[tuple[str, str], None] = {}
+    for hires_pass in request.passes:
+        name = pass_field(request, field, hires_pass)
+        for schedule in text_schedules(request, field, hires_pass):
+            named.update(dict.fromkeys((name, text) for _, text in schedule))
+    return list(named)
 
 
 def scheduled_texts(request: GenerationRequest, field: TextField) -> list[str]:
     """Every distinct text the request's `field` reads, in all its passes and sub-prompts."""
-    schedules = (schedule for p in request.passes for schedule in text_schedules(request, field, p))
-    return list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    return list(dict.fromkeys(text for _, text in named_texts(request, field)))
 
 
-def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts:
+def text_parts(request: GenerationRequest, field: TextField, name: str = "") -> subprompts.Parts:
     """The texts the request's `prompt` or `negative_prompt` (`field`) is encoded from, each with its weight:
     optimizedSD's weighted sub-prompts, blended into one conditioning (ldm/subprompts.py), or in A1111's syntax the
-    prompt's sub-prompts of `AND`, each guided toward apart (ldm/composable.py)."""
+    prompt's sub-prompts of `AND`, each guided toward apart (ldm/composable.py). Errors name `name` (the field the
+    text came from, when not `field`: `pass_field`)."""
     text = clip_text(request, field)
     try:
         if request.weighted_subprompts:
@@ -483,7 +559,8 @@ def text_parts(request: GenerationRequest, field: TextField) -> subprompts.Parts
         if request.emphasis and field == "prompt":
             return composable.split(text)
     except (subprompts.SubpromptError, composable.ComposableError) as error:
-        raise GenerationError(field, f"{field}: {error}") from None
+        name = name or field
+        raise GenerationError(name, f"{name}: {error}") from None
     return ((text, 1.0),)
 
 
@@ -498,12 +575,14 @@ def unread_warnings(
         return ()
     lines = []
     vocabulary = vocabulary or Vocabulary()
-    for field in TEXT_FIELDS if request.scale != 1 else ("prompt",):
-        parts = text_parts(request, field)
+    for name, run, field in read_texts(request):
+        if request.scale == 1 and field == "negative_prompt":
+            continue
+        parts = text_parts(run, field)
         for index, (text, _) in enumerate(parts):
             count, tail = vocabulary.unread(tokenizer, text)
             if count:
-                where = field if len(parts) == 1 else f"{field}, sub-prompt {index + 1} of {len(parts)}"
+                where = name if len(parts) == 1 else f"{name}, sub-prompt {index + 1} of {len(parts)}"
                 lines.append(f"{where}: CLIP reads {READ_TOKENS} tokens; the {count} after them were left out: {tail}")
     return tuple(lines)
 
@@ -512,17 +591,17 @@ def embeddings_read(tokenizer: CLIPTokenizer, request: GenerationRequest, vocabu
     """The textual-inversion embeddings CLIP reads of the request's texts, each once, in order: found as its
     conditioning finds them (in A1111's syntax run by run, in every text its prompt editing reads, every chunk
     read; otherwise in each text or sub-prompt, within its 75 positions)."""
+    if request.emphasis:  # every text of both passes' schedules
+        texts = [text for field in TEXT_FIELDS for text in scheduled_texts(request, field)]
+        pieces = [piece for text in texts for piece, weight in emphasis.parse(text) if weight >= 0]
+        slots = [slot for piece in pieces for slot in vocabulary.expand(tokenizer.tokenize(piece))]
+    else:
+        parts = [text for _, run, field in read_texts(request) for text, _ in text_parts(run, field)]
+        slots = [slot for text in parts for slot in vocabulary.read(tokenizer, text)[0]]
     found: dict[str, Embedding] = {}
-    for field in TEXT_FIELDS:
-        if request.emphasis:
-            texts = scheduled_texts(request, field)
-            runs = [run for text in texts for run, weight in emphasis.parse(text) if weight >= 0]
-            slots = [slot for run in runs for slot in vocabulary.expand(tokenizer.tokenize(run))]
-        else:
-            slots = [slot for text, _ in text_parts(request, field) for slot in vocabulary.read(tokenizer, text)[0]]
-        for slot in slots:
-            if isinstance(slot, Embedding):
-                found.setdefault(slot.name, slot)
+    for slot in slots:
+        if isinstance(slot, Embedding):
+            found.setdefault(slot.name, slot)
     return list(found.values())
 
 
@@ -847,7 +926,8 @@ class Pipeline:
         textual-inversion embeddings of `vocabulary` (by default, the embeddings folder's)."""
         if vocabulary is None:
             vocabulary = self.embeddings.vocabulary()
-        parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in requests]
+        runs = [hires_run(r) if hires_pass else r for r in requests]  # what the pass's texts are read from
+        parts = [(text_parts(r, "prompt"), text_parts(r, "negative_prompt")) for r in runs]
         schedules = [{f: text_schedules(r, f, hires_pass) for f in TEXT_FIELDS} for r in requests]
         plain = {
             (r.clip_skip, text)
@@ -879,9 +959,8 @@ class Pipeline:
                 texts = {text for schedule in field_schedules for _, text in schedule}
                 if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for text in texts):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
-                    raise GenerationError(
-                        field, f"{field}: its weights cancel out, so CLIP's output cannot be rescaled"
-                    )
+                    name = pass_field(request, field, hires_pass)
+                    raise GenerationError(name, f"{name}: its weights cancel out, so CLIP's output cannot be rescaled")
         out: list[ImageConditioning] = []
         for r, fields, (p, n) in zip(requests, schedules, parts, strict=True):
             if r.emphasis:

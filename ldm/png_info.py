@@ -31,7 +31,7 @@ def _escape(text: str) -> str:
 def _quote(value: str) -> str:
     """A field's value as A1111 writes it: in JSON quotes when it holds a comma, colon or line break, which its
     reader would otherwise take for the end of the field."""
-    return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",:\n") else value
+    return json.dumps(value, ensure_ascii=False) if any(mark in value for mark in ",:\n\r") else value
 
 
 def parameters_text(
@@ -81,6 +81,12 @@ def parameters_text(
         if request.hires_steps != request.steps:
             fields.append(f"Hires steps: {request.hires_steps}")
         fields.append(f"Hires upscaler: {hires.UPSCALERS[request.hr_upscaler]}")
+        # The second pass's own sampler and prompts, as A1111 writes them: only where they are not the first's.
+        if request.hr_sampler not in ("", request.sampler):
+            fields.append(f"Hires sampler: {SAMPLERS[request.hr_sampler]}")
+        own = {"Hires prompt": (request.hr_prompt, request.prompt),
+               "Hires negative prompt": (request.hr_negative_prompt, request.negative_prompt)}  # fmt: skip
+        fields.extend(f"{key}: {_quote(text)}" for key, (text, first) in own.items() if text not in ("", first))
     if request.mask_image is not None:
         fields.append(f"Mask blur: {request.mask_blur}")
     if request.clip_skip != 1:

@@ -15,7 +15,15 @@ from PIL import Image
 from ldm import hires
 from ldm.checkpoint import read_state_dict
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, hires_pass, resolve, text_schedules
+from ldm.pipeline import (
+    GenerationError,
+    GenerationRequest,
+    Pipeline,
+    hires_pass,
+    resolve,
+    text_schedules,
+    without_hires,
+)
 from ldm.png_info import parameters_text
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, load_image, request_for
 from tests.test_pipeline import DIFFUSERS_PEERS
@@ -204,6 +212,11 @@ def test_prompt_editing_counts_the_second_pass_on_from_the_first_as_a1111_does()
     assert second("[red|blue]")[:2] == ((1, "red"), (2, "blue"))
     assert second("[red:blue:26]", "heun") == ((6, "red"), (12, "blue"))  # 2·10 calls, then 6 of the 2·6
     assert (hires_pass(request, 8).height, hires_pass(request, 8).steps) == (128, 6)
+    # A hires prompt of its own is scheduled the same way, the first pass reading the prompt.
+    own = dataclasses.replace(request, prompt="[cat:dog:5]", hr_prompt="[red:blue:1.5]", hr_negative_prompt="[a|b]")
+    assert text_schedules(own, "prompt") == (((5, "cat"), (10, "dog")),)
+    assert text_schedules(own, "prompt", hires_pass=True) == (((3, "red"), (6, "blue")),)
+    assert text_schedules(own, "negative_prompt", hires_pass=True)[0][:2] == ((1, "a"), (2, "b"))
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -232,6 +245,43 @@ def test_an_edit_in_the_second_pass_equals_diffusers_with_its_embeddings_swapped
     assert np.abs(ours - theirs(3)).max() < FLOAT_TOLERANCE
     # Scheduled as a run of its own, the 6 steps' 1.5 would be past their end: red throughout.
     assert np.abs(ours - theirs(6)).max() > 1
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize(
+    ("own", "first_sampler"),
+    [
+        ({"hr_prompt": "a stormy sea", "hr_negative_prompt": "sunny"}, "ddim"),
+        ({"hr_sampler": "euler_a"}, "ddim"),
+        ({"hr_prompt": "a stormy sea", "hr_sampler": "dpm2"}, "plms"),  # PLMS may paint the first pass then
+    ],
+)
+def test_the_second_passs_own_prompts_and_sampler_equal_diffusers_img2img_with_them(
+    pipeline: Pipeline, peer: Any, own: dict[str, str], first_sampler: str
+) -> None:
+    """A1111's "Hires prompt", "Hires negative prompt" and "Hires sampler": the first pass as asked, the second an
+    img2img of its upscaled latent with the pass's own prompts and sampler (the others as the first pass's)."""
+    request = resolve(
+        GenerationRequest("a calm lake", negative_prompt="blurry", seed=21, height=64, width=64, steps=8,
+                          sampler=first_sampler, hr_scale=1.5, hr_steps=4, strength=0.5, **own)
+    )  # fmt: skip
+    ours = pipeline.generate(request).pixels[0]
+    first = first_latents(peer, request) if first_sampler != "plms" else None
+    if first is None:  # diffusers' PNDM is not the original's PLMS: ours, the last step's latent of the first pass
+        steps: list[torch.Tensor] = []
+        pipeline.generate(without_hires(request), callback=lambda p: steps.append(p.latents))
+        first = steps[-1]
+    z0 = F.interpolate(first, size=(12, 12), mode="bilinear")
+    second = dataclasses.replace(
+        request, prompt=request.hr_prompt or request.prompt,
+        negative_prompt=request.hr_negative_prompt or request.negative_prompt,
+        sampler=request.hr_sampler or request.sampler,
+    )  # fmt: skip
+    assert np.abs(ours - second_pass(peer, second, z0)).max() < FLOAT_TOLERANCE
+    # Not the image of the first pass's prompts and sampler throughout.
+    same = pipeline.generate(dataclasses.replace(request, hr_prompt="", hr_negative_prompt="", hr_sampler="euler"))
+    assert np.abs(ours - same.pixels[0]).mean() > 1
 
 
 def test_hires_steps_default_to_the_request_steps_and_count_in_total_steps(pipeline: Pipeline) -> None:
@@ -290,6 +340,13 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
     other = parameters_text(dataclasses.replace(request, hr_scale=1.5, hr_steps=12), 5)
     assert "Hires upscale: 1.5, Hires steps: 12, Hires upscaler" in other
     assert "Hires" not in parameters_text(dataclasses.replace(request, hr_scale=1.0), 5)
+    # The second pass's own prompts and sampler, quoted as A1111 quotes a value holding a comma, colon or line break;
+    # where they are the first pass's, said nowhere.
+    own = dataclasses.replace(request, hr_prompt="a sea, stormy", hr_negative_prompt="sunny", hr_sampler="euler_a")
+    assert 'Hires upscaler: Latent (bicubic), Hires sampler: Euler a, Hires prompt: "a sea, stormy", Hires negative' \
+        " prompt: sunny," in parameters_text(own, 5)  # fmt: skip
+    same = dataclasses.replace(request, hr_prompt="x", hr_sampler="ddim")
+    assert parameters_text(same, 5) == text
 
 
 @pytest.mark.parametrize(
@@ -305,6 +362,18 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
         ({"strength": 0.0}, "strength"),
         ({"strength": 0.01, "hr_steps": 20}, "strength"),  # the last 20 of 2,000 steps: past the model's 999
         ({"init_image": "init"}, "hr_scale"),  # txt2img only
+        ({"hr_scale": 1.0, "hr_prompt": "y"}, "hr_prompt"),  # the second pass's, and there is none
+        ({"hr_scale": 1.0, "hr_sampler": "euler"}, "hr_sampler"),
+        ({"hr_sampler": "plms"}, "hr_sampler"),
+        ({"sampler": "plms", "hr_sampler": "plms"}, "hr_sampler"),
+        ({"hr_sampler": "k_euler"}, "hr_sampler"),
+        ({"hr_sampler": "euler", "eta": 0.5}, "eta"),  # η is DDIM's, in either pass
+        ({"prompt": "x <lora:style:0.5>", "hr_prompt": "y"}, "hr_prompt"),  # both passes run on the same weights
+        ({"prompt": "x <lora:style:0.5>", "hr_prompt": "y <lora:style:0.6>"}, "hr_prompt"),
+        ({"hr_negative_prompt": "z <lora:style:1>"}, "hr_negative_prompt"),
+        ({"hr_prompt": "y AND z:250", "emphasis": True}, "hr_prompt"),
+        ({"hr_negative_prompt": "(z:1..5)", "emphasis": True}, "hr_negative_prompt"),
+        ({"hr_prompt": "style:watercolor x:1", "weighted_subprompts": True}, "hr_prompt"),
     ],
 )
 def test_hires_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
