@@ -131,6 +131,9 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     assert refused.status_code == 400
     assert refused.json()["field"] == "steps"
     assert refused.json()["detail"] == "steps must be between 1 and 150, got 1000"
+    refused = http.post(f"{front}/sdapi/v1/txt2img", json={"enable_hr": True, "hr_sampler_name": "PLMS"})
+    assert refused.status_code == 400 and refused.json()["field"] == "hr_sampler_name"
+    assert refused.json()["detail"].startswith("hr_sampler_name plms is for txt2img only")
 
 
 def test_a1111s_progress_follows_a_request_in_flight(http: httpx.Client, front: str) -> None:

@@ -148,6 +148,25 @@ def test_eta_as_a1111_runs_it(client: TestClient, fake: FakeInference, sampler: 
     assert fake.sent()[0].get("eta") == sent
 
 
+def test_the_hires_fixs_own_prompts_and_sampler(client: TestClient, fake: FakeInference) -> None:
+    """Sent where they differ from the first pass's, the sampler with the request's scheduler (1.9's "Use same
+    scheduler"); without enable_hr, ignored, as A1111 ignores them."""
+    own = {"prompt": "a fox", "negative_prompt": "blur", "sampler_name": "Euler", "scheduler": "Karras",
+           "hr_prompt": "a wolf", "hr_negative_prompt": "fog", "hr_sampler_name": "DPM++ 2M"}  # fmt: skip
+    assert client.post(TXT2IMG, json={**own, "seed": 1, "enable_hr": True}).status_code == 200
+    assert client.post(TXT2IMG, json={**own, "seed": 1}).status_code == 200
+    same = {"hr_prompt": "a fox", "hr_negative_prompt": "", "hr_sampler_name": "Use same sampler", "enable_hr": True}
+    assert client.post(TXT2IMG, json={**own, **same, "seed": 1}).status_code == 200
+    assert client.post(TXT2IMG, json={"seed": 1, "enable_hr": True, "hr_sampler_name": "Euler"}).status_code == 200
+    with_hires, without, repeated, named_alike = fake.sent()
+    assert {k: with_hires[k] for k in ("sampler", "hr_sampler", "hr_prompt", "hr_negative_prompt")} == {
+        "sampler": "Euler Karras", "hr_sampler": "DPM++ 2M Karras", "hr_prompt": "a wolf", "hr_negative_prompt": "fog"
+    }  # fmt: skip
+    for sent in (without, repeated, named_alike):
+        assert not {"hr_prompt", "hr_negative_prompt", "hr_sampler"} & set(sent)
+    assert repeated["hr_scale"] == 2.0 and "hr_scale" not in without
+
+
 def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "denoising_strength": 0.4, "mask": "bWFzaw==",
             "mask_blur": 8, "inpainting_fill": 1, "inpaint_full_res": False, "enable_hr": True}  # fmt: skip
@@ -170,9 +189,8 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
         (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
         (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
-        (TXT2IMG, {"hr_sampler_name": "DDIM"}, "hr_sampler_name"),
-        (TXT2IMG, {"prompt": "a fox", "hr_prompt": "a wolf"}, "hr_prompt"),
-        (TXT2IMG, {"hr_prompt": "a wolf"}, "hr_prompt"),  # no prompt: ""
+        (TXT2IMG, {"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler"),
+        (TXT2IMG, {"enable_hr": True, "hr_checkpoint_name": "other.ckpt"}, "hr_checkpoint_name"),
         (TXT2IMG, {"enable_hr": "false"}, "enable_hr"),
         (TXT2IMG, {"scheduler": "Exponential"}, "scheduler"),
         (TXT2IMG, {"scheduler": ["Karras"]}, "scheduler"),
