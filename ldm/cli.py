@@ -160,6 +160,16 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         parser.add_argument(
             "--hr_steps", type=int, help="the hires fix's second pass: its steps (default: as many as --ddim_steps)"
         )
+        for flag, what in (("--hr_prompt", "prompt"), ("--hr_negative_prompt", "negative prompt")):
+            parser.add_argument(
+                flag, help=f"the hires fix's second pass's own {what}, AUTOMATIC1111's 'Hires {what}' (default: the "
+                f"first pass's)",
+            )  # fmt: skip
+        parser.add_argument(
+            "--hr_sampler",
+            choices=tuple(name for name in SAMPLERS if name != "plms"),
+            help="the hires fix's second pass's own sampler (default: --sampler's)",
+        )
     parser.add_argument(
         "--strength",
         type=float,
@@ -356,7 +366,7 @@ def check_flags(args: argparse.Namespace) -> None:
             "can be remade from its seed alone; to start prompts from the same noise, run each with the same --seed"
         )
     sized = getattr(args, "hr_scale", None) != 1.0 or getattr(args, "hr_resize_x", 0) or getattr(args, "hr_resize_y", 0)
-    for flag in ("hr_upscaler", "hr_steps", "strength"):
+    for flag in ("hr_upscaler", "hr_steps", "strength", "hr_prompt", "hr_negative_prompt", "hr_sampler"):
         if not sized and getattr(args, flag) is not None:
             raise CliError(f"--{flag} needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires fix's")
     # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
@@ -594,7 +604,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         upscaler, steps = args.hr_upscaler or "latent", args.hr_steps or 0
         template = replace(
             template, hr_scale=args.hr_scale, hr_upscaler=upscaler, hr_steps=steps, hr_resize_x=args.hr_resize_x,
-            hr_resize_y=args.hr_resize_y,
+            hr_resize_y=args.hr_resize_y, hr_prompt=args.hr_prompt or "",
+            hr_negative_prompt=args.hr_negative_prompt or "", hr_sampler=args.hr_sampler or "",
         )  # fmt: skip
     lora_dir = Path(args.lora_dir)
     try:

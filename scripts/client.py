@@ -38,7 +38,8 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
-                   "hr_upscaler", "hr_steps", "hr_resize_x", "hr_resize_y", "subseed", "subseed_strength",
+                   "hr_upscaler", "hr_steps", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt",
+                   "hr_sampler", "subseed", "subseed_strength",
                    "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
 
 
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the hires fix to this {side} instead of --hr-scale (AUTOMATIC1111's 'Resize {side} to'; with both, "
             "the image is upscaled to cover them and cut to them)",
         )
+    for flag, what in (
+        ("--hr-prompt", "prompt"),
+        ("--hr-negative-prompt", "negative prompt"),
+        ("--hr-sampler", "sampler"),
+    ):
+        parser.add_argument(flag, help=f"the hires fix's second pass's own {what} (default: the first pass's)")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe's inference address (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
     parser.add_argument(
@@ -271,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "nothing to keep)")  # fmt: skip
     if args.mask_image is not None and args.init_image is None:
         parser.error("--mask-image needs --init-image (txt2img has nothing to keep)")
-    for name in ("hr_upscaler", "hr_steps"):
+    for name in ("hr_upscaler", "hr_steps", "hr_prompt", "hr_negative_prompt", "hr_sampler"):
         if getattr(args, name) is not None and not hires:
             parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "
                          "fix's)")  # fmt: skip

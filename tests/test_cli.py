@@ -188,6 +188,16 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     assert pixels.shape == (72, 80, 3)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert parameters is not None and "Hires resize: 80x72, Hires steps: 3, Hires upscaler: Latent" in parameters
+    # --hr_prompt, --hr_negative_prompt and --hr_sampler: the second pass's own.
+    flags = ["--hr_scale", "1.5", "--hr_steps", "3", "--strength", "0.6", "--hr_prompt", "a stormy sea",
+             "--hr_negative_prompt", "sunny", "--hr_sampler", "euler_a"]  # fmt: skip
+    assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
+    pixels, parameters = read_png(tmp_path / "seed_1000_00002.png")
+    request = replace(request_for(case("basic")), hr_scale=1.5, hr_steps=3, strength=0.6, hr_prompt="a stormy sea",
+                      hr_negative_prompt="sunny", hr_sampler="euler_a")  # fmt: skip
+    assert np.array_equal(pixels, pipeline.generate(request).images[0])
+    assert parameters is not None
+    assert "Hires sampler: Euler a, Hires prompt: a stormy sea, Hires negative prompt: sunny," in parameters
 
 
 def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run(
@@ -528,6 +538,9 @@ TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--hr_steps", "20"], "hr_steps", 20),
     (["--hr_resize_x", "1024"], "hr_resize_x", 1024),
     (["--hr_resize_y", "768"], "hr_resize_y", 768),
+    (["--hr_prompt", "a sea"], "hr_prompt", "a sea"),
+    (["--hr_negative_prompt", "fog"], "hr_negative_prompt", "fog"),
+    (["--hr_sampler", "dpm2"], "hr_sampler", "dpm2"),
 ]
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--mask", "mask.png"], "mask", "mask.png"),
@@ -588,6 +601,9 @@ def test_defaults_are_optimizedsd_defaults(mode: Mode) -> None:
             "strength": None,
             "hr_resize_x": 0,
             "hr_resize_y": 0,
+            "hr_prompt": None,
+            "hr_negative_prompt": None,
+            "hr_sampler": None,
         }
     assert {k: getattr(args, k) for k in expected} == expected
     assert read_prompts(args) == [DEFAULT_PROMPT]
@@ -634,6 +650,9 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--hr_scale", "2", "--sampler", "plms"], "--sampler: sampler plms is for txt2img only, and the hires"),
     ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
     ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires"),
+    ("txt2img", ["--hr_prompt", "x"], "--hr_prompt needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires"),
+    ("txt2img", ["--hr_scale", "2", "--hr_sampler", "plms"], "argument --hr_sampler: invalid choice: 'plms'"),
+    ("img2img", ["--hr_prompt", "x"], "unrecognized arguments: --hr_prompt x"),
     ("txt2img", ["--hr_resize_x", "96", "--hr_scale", "2"], "--hr_resize_x: hr_resize_x sets the hires fix's size"),
     ("img2img", ["--hr_resize_y", "96"], "unrecognized arguments: --hr_resize_y 96"),
     ("txt2img", ["--subseed_strength", "2"], "--subseed_strength: subseed_strength must be in [0, 1]"),

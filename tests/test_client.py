@@ -152,6 +152,10 @@ def test_hires_fix_sends_its_fields_and_strength(server: FakeTorchServe, tmp_pat
     }  # fmt: skip
     assert run(server.url, tmp_path, "a lighthouse", "--hr-resize-x", "1024", "--strength", "0.5") == 0
     assert server.requests[1]["body"] == {"prompt": "a lighthouse", "hr_resize_x": 1024, "strength": 0.5}
+    own = ["--hr-prompt", "a stormy sea", "--hr-negative-prompt", "sunny", "--hr-sampler", "Euler a"]
+    assert run(server.url, tmp_path, "a lighthouse", "--hr-scale", "2", *own) == 0
+    assert server.requests[2]["body"] == {"prompt": "a lighthouse", "hr_scale": 2.0, "hr_prompt": "a stormy sea",
+                                          "hr_negative_prompt": "sunny", "hr_sampler": "Euler a"}  # fmt: skip
 
 
 def test_variation_seeds_are_sent_and_each_files_printed(
@@ -318,6 +322,7 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
         (["--init-image", "init.png", "--mask-blur", "8"], "--mask-blur needs --mask-image"),
         (["--hr-upscaler", "lanczos"], "--hr-upscaler needs an --hr-scale above 1 or --hr-resize-x/-y"),
         (["--hr-steps", "10"], "--hr-steps needs an --hr-scale above 1"),
+        (["--hr-sampler", "DDIM"], "--hr-sampler needs an --hr-scale above 1"),
     ],
 )
 def test_an_option_without_the_one_it_belongs_to_is_a_usage_error(
