@@ -575,8 +575,15 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     page.select_option("#hr_upscaler", "latent_bicubic")
     page.fill("#hr_steps", "3")
     page.fill("#hr_strength", "0.55")
+    plms = "#sampler option[value='plms']"
+    assert page.is_disabled(plms)  # the second pass is an img2img, which PLMS cannot run
+    page.fill("#hr_prompt", "a lighthouse at night, stormy")
+    page.select_option("#hr_sampler", "euler")
+    assert not page.is_disabled(plms)  # now the first pass may be PLMS's
     assert page.is_disabled("#eta")  # DDIM's alone
-    assert "eta" not in generate(page, 1)
+    body = generate(page, 1)
+    assert "eta" not in body and "hr_negative_prompt" not in body
+    assert (body["hr_prompt"], body["hr_sampler"]) == ("a lighthouse at night, stormy", "euler")
     page.fill("#prompt", "a red bicycle")
     page.fill("#negative_prompt", "")
     page.fill("#hr_scale", "1")
@@ -594,12 +601,14 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     page.set_input_files("#settings_file", str(paths[0]))
     expect(page.locator("#settings_note")).to_have_text("Settings of made.png set.")
     fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "clip_skip", "seed",
-              "subseed", "subseed_strength", "hr_scale", "hr_upscaler", "hr_steps", "hr_strength")  # fmt: skip
+              "subseed", "subseed_strength", "hr_scale", "hr_upscaler", "hr_steps", "hr_strength", "hr_prompt",
+              "hr_negative_prompt", "hr_sampler")  # fmt: skip
     assert {field: page.input_value(f"#{field}") for field in fields} == {
         "prompt": "a lighthouse\n(at dusk)", "negative_prompt": "fog, rain", "W": "64", "H": "64", "preset": "64x64",
         "ddim_steps": "10", "scale": "6", "sampler": "dpmpp_2m_karras", "clip_skip": "2", "seed": "42",
         "subseed": "7", "subseed_strength": "0.3", "hr_scale": "1.5", "hr_upscaler": "latent_bicubic",
-        "hr_steps": "3", "hr_strength": "0.55",
+        "hr_steps": "3", "hr_strength": "0.55", "hr_prompt": "a lighthouse at night, stormy",
+        "hr_negative_prompt": "", "hr_sampler": "euler",
     }  # fmt: skip
     assert page.is_checked("#seed_fixed") and page.is_checked("#tiling") and not page.is_checked("#emphasis")
     generate(page, 1)
@@ -608,6 +617,7 @@ def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path
     expect(page.locator("#settings_note")).to_have_text("Settings of plain.png set.")
     assert not page.is_checked("#emphasis") and not page.is_checked("#tiling")
     assert page.input_value("#hr_scale") == "1" and page.input_value("#negative_prompt") == ""
+    assert (page.input_value("#hr_prompt"), page.input_value("#hr_sampler")) == ("", "")
     assert (page.input_value("#sampler"), page.input_value("#eta")) == ("ddim", "0.5")
     generate(page, 2)
     assert results(page)[0]["src"] == plain["src"]
@@ -629,7 +639,8 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
         "a café, (masterpiece:1.2)\nsoft light\nNegative prompt: blurry\nlowres\n"
         "Steps: 24, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 987, Size: 512x768, "
         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, "
-        'Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), Lora hashes: "ink: 0123abcd", '
+        "Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), Hires sampler: Euler a, "
+        'Hires prompt: "a café, at night", Lora hashes: "ink: 0123abcd", '
         "Face restoration: CodeFormer, Version: v1.9.4"
     )
     info = PngImagePlugin.PngInfo()
@@ -643,12 +654,13 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     )
     fields = ("prompt", "negative_prompt", "W", "H", "preset", "ddim_steps", "scale", "sampler", "seed",
               "clip_skip", "hr_scale", "hr_steps", "hr_upscaler", "hr_strength", "subseed_strength",
-              "seed_resize_from_w")  # fmt: skip
+              "seed_resize_from_w", "hr_prompt", "hr_sampler")  # fmt: skip
     assert {field: page.input_value(f"#{field}") for field in fields} == {
         "prompt": "a café, (masterpiece:1.2)\nsoft light", "negative_prompt": "blurry\nlowres", "W": "512",
         "H": "768", "preset": "512x768", "ddim_steps": "24", "scale": "6.5", "sampler": "dpmpp_2m_karras",
         "seed": "987", "clip_skip": "2", "hr_scale": "1.5", "hr_steps": "12", "hr_upscaler": "latent_bicubic",
-        "hr_strength": "0.45", "subseed_strength": "0", "seed_resize_from_w": "",
+        "hr_strength": "0.45", "subseed_strength": "0", "seed_resize_from_w": "", "hr_prompt": "a café, at night",
+        "hr_sampler": "euler_a",
     }  # fmt: skip
     assert page.is_checked("#emphasis") and not page.is_checked("#weighted_subprompts")
     expect(page.locator("#hr_strength_value")).to_have_text("0.45")

@@ -53,7 +53,7 @@ function requestBody() {
     emphasis: $("emphasis").checked,
     clip_skip: integer($("clip_skip").value),
   };
-  if (body.sampler === "ddim") body.eta = number($("eta").value); // the other samplers have none
+  if (!$("eta").disabled) body.eta = number($("eta").value); // the other samplers have none
   if ($("tiling").checked) body.tiling = true;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   if ($("seed_fixed").checked && $("seed").value.trim() !== "") body.seed = integer($("seed").value);
@@ -83,6 +83,7 @@ function requestBody() {
     else body.hr_scale = number($("hr_scale").value);
     body.hr_upscaler = $("hr_upscaler").value;
     body.hr_steps = integer($("hr_steps").value);
+    for (const id of HIRES_OWN) if ($(id).value !== "") body[id] = $(id).value;
     body.strength = number($("hr_strength").value);
     strengthControl = "hr_strength";
   }
@@ -103,17 +104,22 @@ function hiresResize() {
   return sides.some((side) => side !== "" && Number(side) !== 0) ? sides.map((side) => integer(side || "0")) : null;
 }
 
-// PLMS runs text to image only, and the hires fix's second pass is an image to image: the server says so too.
+// The hires fix's second pass's own prompts and sampler, each sent when not empty (empty: the first pass's).
+const HIRES_OWN = ["hr_prompt", "hr_negative_prompt", "hr_sampler"];
+
+// PLMS runs text to image only, and the hires fix's second pass is an image to image (unless it has a sampler of
+// its own, which cannot be PLMS): the server says so too.
 function setPlms() {
   const plms = $("sampler").querySelector("option[value='plms']");
-  plms.disabled = Boolean(initImage) || hiresOn();
+  plms.disabled = Boolean(initImage) || (hiresOn() && $("hr_sampler").value === "");
   if (plms.disabled && $("sampler").value === "plms") $("sampler").value = "ddim";
   setEta();
 }
 
-// η is DDIM's alone: its box is off for the other samplers, and not sent.
+// η is DDIM's alone: its box is off while another sampler runs either pass, and not sent.
 function setEta() {
-  $("eta").disabled = $("sampler").value !== "ddim";
+  const second = hiresOn() ? $("hr_sampler").value : "";
+  $("eta").disabled = $("sampler").value !== "ddim" || !["", "ddim"].includes(second);
 }
 
 // The mask as the server reads it: a PNG of the init image's size, white where painted, black elsewhere.
@@ -477,13 +483,17 @@ function applySettings(settings, unread) {
   $("subseed").value = settings.subseed ?? "";
   [$("seed_resize_from_w").value, $("seed_resize_from_h").value] = settings.seed_resize ?? ["", ""];
   [$("hr_resize_x").value, $("hr_resize_y").value] = settings.hr_resize ?? ["", ""];
+  $("hr_prompt").value = settings.hr_prompt ?? "";
+  $("hr_negative_prompt").value = settings.hr_negative_prompt ?? "";
+  $("hr_sampler").value = "";
   for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
-  setPlms(); // before the sampler: whether PLMS may run depends on the hires fix just set
-  for (const [id, label] of [["sampler", settings.sampler], ["hr_upscaler", settings.hr_upscaler]]) {
-    if (label === undefined) continue;
-    const option = optionLabelled(id, label);
+  const named = { hr_sampler: "Hires sampler", sampler: "Sampler", hr_upscaler: "Hires upscaler" };
+  for (const [id, name] of Object.entries(named)) {
+    if (id === "sampler") setPlms(); // whether PLMS may run depends on the hires fix and its sampler, just set
+    if (settings[id] === undefined) continue;
+    const option = optionLabelled(id, settings[id]);
     if (option && !option.disabled) $(id).value = option.value;
-    else unread.push(`${id === "sampler" ? "Sampler" : "Hires upscaler"}: ${label}`);
+    else unread.push(`${name}: ${settings[id]}`);
   }
   // η is DDIM's: another sampler's (older A1111 wrote one for PLMS too), or one whose sampler was not set, is named.
   if (settings.eta !== undefined) {
@@ -567,7 +577,12 @@ $("seed").addEventListener("input", () => {
   const empty = $("seed").value === "" && !$("seed").validity.badInput;
   $(empty ? "seed_random" : "seed_fixed").checked = true;
 });
+// The hires sampler's choices: the sampler's, but PLMS.
+for (const option of $("sampler").options) {
+  if (option.value !== "plms") $("hr_sampler").append(new Option(option.textContent, option.value));
+}
 for (const id of ["hr_scale", "hr_resize_x", "hr_resize_y"]) $(id).addEventListener("input", setPlms);
+$("hr_sampler").addEventListener("change", setPlms);
 $("sampler").addEventListener("change", setEta);
 setEta(); // a reloaded page may come back with another sampler chosen
 for (const id of ["strength", "hr_strength", "subseed_strength"]) {
@@ -579,7 +594,9 @@ for (const id of ["strength", "hr_strength", "subseed_strength"]) {
 // The LoRAs and embeddings the server holds (as A1111's API lists them), offered to add to a prompt; each picker is
 // hidden when the server holds none, or cannot say.
 let lastPrompt = $("prompt"); // where an embedding goes: the prompt field typed in last
-for (const id of ["prompt", "negative_prompt"]) $(id).addEventListener("input", () => (lastPrompt = $(id)));
+for (const id of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]) {
+  $(id).addEventListener("input", () => (lastPrompt = $(id)));
+}
 
 // `text` at the end of a prompt field, after a comma unless the field is empty or already ends in one.
 function addText(field, text) {

@@ -7,6 +7,8 @@ const SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
 const PARAMETER = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
 // Fields that say what made the image but set nothing on the form (the checkpoint and VAE are the server's).
 const INFORMATIVE = ["Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Version"];
+// The hires fix's second pass's own settings, by their request field, as infotexts name them.
+const HIRES_OWN = { hr_prompt: "Hires prompt", hr_negative_prompt: "Hires negative prompt", hr_sampler: "Hires sampler" };
 
 async function inflate(bytes) {
   const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
@@ -84,8 +86,8 @@ function size(value) {
 // backslash and n typed as such read back as a line break too: the writer keeps backslashes as they are).
 const unescaped = (text) => text.replaceAll("\\n", "\n");
 
-// The form's settings for an infotext, in the request's field names: `sampler` and `hr_upscaler` by the names PNGs
-// give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` and `hr_resize`
+// The form's settings for an infotext, in the request's field names: `sampler`, `hr_upscaler` and `hr_sampler` by
+// the names PNGs give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` and `hr_resize`
 // [width, height], `seed` undefined for a random one. A setting an infotext leaves out is read as A1111 reads it: no hires fix, variation
 // seed, seed resize, clip skip or tiling, A1111's syntax ("Emphasis: Original", its default; this server always
 // writes it), and noise drawn on the GPU ("RNG", which this server writes as CPU). `unread` lists the fields that set
@@ -146,6 +148,11 @@ export function settingsFrom(text) {
   if (toSize || upscale !== undefined) {
     settings.hr_upscaler = upscaler ?? "Latent";
     if (settings.hr_steps === undefined) settings.hr_steps = 0;
+    // The second pass's own prompts and sampler (A1111 writes them only where they differ from the first's).
+    for (const [name, key] of Object.entries(HIRES_OWN)) {
+      const value = take(key);
+      if (value !== undefined) settings[name] = value;
+    }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
   const rng = take("RNG") ?? "GPU";
