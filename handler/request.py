@@ -407,9 +407,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     resize_x, resize_y = (_integer(body, f"hr_resize_{axis}", 0, 0, limits.max_side, " pixels") for axis in "xy")
     asked = hr_scale != 1 or bool(resize_x or resize_y)
     second_pass = asked and not hires.plan(sizes["H"], sizes["W"], 8, hr_scale, (resize_x, resize_y)).idle
-    # PLMS runs txt2img alone (and the hires fix's second pass is an img2img): a configured default of plms is plain
-    # txt2img's.
-    img2img = init_image is not None or second_pass
+    # PLMS runs txt2img alone (and the hires fix's second pass is an img2img, unless it has a sampler of its own): a
+    # configured default of plms is plain txt2img's.
+    img2img = init_image is not None or (second_pass and not body.get("hr_sampler"))
     sampler = _our_name(_text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32), SAMPLERS)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
     generation = GenerationRequest(

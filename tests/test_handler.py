@@ -247,11 +247,12 @@ def test_weighted_subprompts_follow_the_configured_default_and_limit() -> None:
         ("sampler", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"),
         ("sampler", "euler_a", "euler_a"),
         ("hr_upscaler", "Latent (bicubic)", "latent_bicubic"),
+        ("hr_sampler", "DPM++ 2M Karras", "dpmpp_2m_karras"),
     ],
 )
 def test_samplers_and_upscalers_go_by_a1111s_names_too(field: str, a1111: str, ours: str) -> None:
     """A1111's clients send its display names (front/a1111.py passes them on); a name of neither is still refused."""
-    body = {"prompt": "a fox", field: a1111, **({"hr_scale": 2} if field == "hr_upscaler" else {})}
+    body = {"prompt": "a fox", field: a1111, **({"hr_scale": 2} if field.startswith("hr_") else {})}
     assert getattr(parse_request(body, parse_settings(None)).generation, field) == ours
 
 
@@ -529,6 +530,13 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     settings = parse_settings({"handler": {"defaults": {"sampler": "plms", "hr_upscaler": "lanczos", "hr_steps": 9}}})
     hires = parse_request({"prompt": "x", "hr_scale": 2}, settings).generation
     assert (hires.sampler, hires.hr_upscaler, hires.hr_steps) == ("ddim", "lanczos", 9)
+    # With a sampler of its own for the second pass, the first may be PLMS's; both, and its prompts, are echoed.
+    own = {"prompt": "x", "hr_scale": 2, "hr_sampler": "Euler a", "hr_prompt": "y", "hr_negative_prompt": "z"}
+    hires = parse_request(own, settings).generation
+    assert (hires.sampler, hires.hr_sampler, hires.hr_prompt, hires.hr_negative_prompt) == ("plms", "euler_a", "y", "z")
+    (response,), _ = call(handler, [{**body, **own, "prompt": "tiles"}])
+    echoed = json.loads(response)["parameters"]
+    assert {k: echoed.get(k) for k in own} == {**own, "prompt": "tiles", "hr_sampler": "euler_a"}
     resized = parse_request({"prompt": "x", "hr_resize_y": 128}, settings).generation
     assert (resized.sampler, resized.hr_resize_x, resized.hr_resize_y) == ("ddim", 0, 128)
     # A resize to the image's own size runs no second pass, as in A1111: the request is plain txt2img (its default
