@@ -127,12 +127,12 @@ def translate(body: dict[str, Any], mode: Mode) -> dict[str, Any]:
             ours[name] = body[name]
     if _flag(body, "tiling"):
         ours["tiling"] = True
-    ours.update(_eta(body.get("eta"), sampler))
     ours.update(_overrides(body.get("override_settings")))
     if mode == "txt2img":
         _hires(body, ours)
     else:
         _img2img(body, ours)
+    ours.update(_eta(body.get("eta"), [sampler, *([ours["hr_sampler"]] if "hr_sampler" in ours else [])]))
     # A whole number sent as a float (42.0) is read as A1111's API reads it; anything else goes as sent, for the
     # handler to judge.
     for name in WHOLE:
@@ -167,14 +167,20 @@ def _sampler(body: dict[str, Any], name: Any = None) -> Any:
     return base + " Karras" if karras else base
 
 
-def _eta(eta: Any, sampler: Any) -> dict[str, Any]:
-    """η as A1111 runs it (`ETA_SAMPLERS`): DDIM's own (0 by default), 1 for the ancestral and SDE samplers."""
-    if sampler == "DDIM":
-        return {"eta": 0.0 if eta is None else eta}
-    base = sampler.removesuffix(" Karras") if isinstance(sampler, str) else sampler
-    if base in ETA_SAMPLERS and eta not in (None, 1):
-        raise _refuse("eta", f"{sampler} runs at eta 1 here (A1111's default for it); leave eta out")
-    return {}
+def _eta(eta: Any, samplers: list[Any]) -> dict[str, Any]:
+    """η as A1111 runs it in each pass (`ETA_SAMPLERS`, the first pass's and a hires fix's own): DDIM's own (0 by
+    default), 1 for the ancestral and SDE samplers. Here η is DDIM's alone, so beside a pass of another sampler,
+    DDIM's can only run at 0."""
+    for sampler in samplers:
+        base = sampler.removesuffix(" Karras") if isinstance(sampler, str) else sampler
+        if base in ETA_SAMPLERS and eta not in (None, 1):
+            raise _refuse("eta", f"{sampler} runs at eta 1 here (A1111's default for it); leave eta out")
+    if "DDIM" not in samplers:
+        return {}
+    if eta not in (None, 0) and set(samplers) != {"DDIM"}:
+        other = next(sampler for sampler in samplers if sampler != "DDIM")
+        raise _refuse("eta", f"is DDIM's alone here, and the hires fix runs {other} beside it: send 0 or leave it out")
+    return {"eta": 0.0 if eta is None else eta}
 
 
 def _overrides(settings: Any) -> dict[str, Any]:

@@ -26,7 +26,9 @@ class ImagineRequest(BaseModel):
     W: int = Field(512, description="width in pixels, a multiple of 8 (img2img: the init image's)")
     ddim_steps: int = Field(50, description="denoising steps (the original app's name, whatever the sampler)")
     scale: float = Field(7.5, description="classifier-free guidance scale")
-    eta: float = Field(0.0, description="DDIM η; 0 is deterministic (and the only value other samplers take)")
+    eta: float = Field(
+        0.0, description="DDIM η; 0 is deterministic (and the only value other samplers take, in either pass)"
+    )
     ddim_eta: float | None = Field(None, description="the original app's name for eta (give one of the two)")
     seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
     subseed: int | None = Field(

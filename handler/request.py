@@ -412,6 +412,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
     img2img = init_image is not None or (second_pass and not body.get("hr_sampler"))
     sampler = _our_name(_text(body, "sampler", "ddim" if img2img and d.sampler == "plms" else d.sampler, 32), SAMPLERS)
     strength = _number(body, "strength", d.strength, 0.0, 1.0, low_open=True)
+    hr_sampler = _our_name(_text(body, "hr_sampler", "", 32), SAMPLERS)
     generation = GenerationRequest(
         prompt=_text(body, "prompt", None, limits.max_prompt_chars),
         negative_prompt=_text(body, "negative_prompt", "", limits.max_prompt_chars),
@@ -419,8 +420,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         width=sizes["W"],
         steps=steps,
         scale=_number(body, "scale", d.scale, 0.0, limits.max_scale),
-        # η is DDIM's alone: a configured default η is not the other samplers'.
-        eta=_number(body, "eta", d.eta if sampler == "ddim" else 0.0, 0.0, limits.max_eta),
+        # η is DDIM's alone: a configured default η is not the other samplers', in either pass.
+        eta=_number(body, "eta", d.eta if {sampler, hr_sampler or sampler} == {"ddim"} else 0.0, 0.0, limits.max_eta),
         seed=seed,
         n_samples=n_samples,
         n_iter=n_iter,
@@ -437,7 +438,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         hr_resize_y=resize_y,
         hr_prompt=_text(body, "hr_prompt", "", limits.max_prompt_chars),
         hr_negative_prompt=_text(body, "hr_negative_prompt", "", limits.max_prompt_chars),
-        hr_sampler=_our_name(_text(body, "hr_sampler", "", 32), SAMPLERS),
+        hr_sampler=hr_sampler,
         subseed=subseed,
         subseed_strength=subseed_strength,
         **_seed_resize(body, settings),

@@ -51,6 +51,7 @@ from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
 from ldm.pipeline import (
+    IMG2IMG_SAMPLERS,
     MAX_SEED,
     SAMPLERS,
     Generation,
@@ -59,6 +60,7 @@ from ldm.pipeline import (
     Pipeline,
     check_clip_skip,
     check_emphasis,
+    check_hires_texts,
     check_lora_names,
     resolve,
     text_parts,
@@ -163,11 +165,11 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         for flag, what in (("--hr_prompt", "prompt"), ("--hr_negative_prompt", "negative prompt")):
             parser.add_argument(
                 flag, help=f"the hires fix's second pass's own {what}, AUTOMATIC1111's 'Hires {what}' (default: the "
-                f"first pass's)",
+                "first pass's)",
             )  # fmt: skip
         parser.add_argument(
             "--hr_sampler",
-            choices=tuple(name for name in SAMPLERS if name != "plms"),
+            choices=IMG2IMG_SAMPLERS,
             help="the hires fix's second pass's own sampler (default: --sampler's)",
         )
     parser.add_argument(
@@ -612,9 +614,12 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         template = resolve(template, config.default_image_size, config.vae.downsampling_factor, config.timesteps)
         check_clip_skip(template, config.text["num_hidden_layers"])
         for prompt in prompts:
-            check_emphasis(replace(template, prompt=prompt))
-            text_parts(replace(template, prompt=prompt), "prompt")
-            check_lora_names(replace(template, prompt=prompt), lora_dir)
+            request = replace(template, prompt=prompt)
+            check_emphasis(request)
+            text_parts(request, "prompt")
+            if request.hires:
+                check_hires_texts(request)  # a hires prompt names each prompt's LoRAs
+            check_lora_names(request, lora_dir)
     except GenerationError as error:
         raise CliError(_flag_error(error, args)) from None
     outdir = None if args.skip_save else make_outdir(args.outdir)

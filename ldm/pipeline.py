@@ -9,6 +9,7 @@ to uint8.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +72,8 @@ SAMPLERS = {
     "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
     "dpmpp_sde_karras": "DPM++ SDE Karras",
 }
+# The samplers that run img2img, and so a hires fix's second pass.
+IMG2IMG_SAMPLERS = tuple(name for name in SAMPLERS if name != "plms")
 MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.
 TextField = Literal["prompt", "negative_prompt"]
@@ -78,6 +81,7 @@ TEXT_FIELDS: tuple[TextField, ...] = ("prompt", "negative_prompt")
 # A hires fix's second pass's own prompts and sampler ("": the first pass's).
 HIRES_OWN = ("hr_prompt", "hr_negative_prompt", "hr_sampler")
 MASK_WITHOUT_INIT = "mask_image needs an init_image: it tells which of its pixels to repaint"
+IMG2IMG_RUN = "the hires fix's second pass is an img2img: choose another"
 
 
 class GenerationError(ValueError):
@@ -273,16 +277,20 @@ class Generation:
 def check_sampler(request: GenerationRequest) -> None:
     """The sampler exists, and the request is one it can run: η is DDIM's (the ancestral samplers' noise is their
     own), and PLMS runs txt2img only, as in the original and other SD tools (its first step has no history to start
-    from mid-schedule)."""
-    samplers = {"sampler": request.sampler, "hr_sampler": request.hr_sampler}  # "": the hires fix's is the first's
-    for name, sampler in samplers.items():
-        if sampler and sampler not in SAMPLERS:
-            raise GenerationError(name, f"{name} '{sampler}' is not available; choose one of: {', '.join(SAMPLERS)}")
+    from mid-schedule). The hires fix's own sampler is `check_hires`'s."""
+    if request.sampler not in SAMPLERS:
+        raise GenerationError(
+            "sampler", f"sampler '{request.sampler}' is not available; choose one of: {', '.join(SAMPLERS)}"
+        )
     if request.sampler == "plms" and request.init_image is not None:
         raise GenerationError("sampler", "sampler plms is for txt2img only; img2img runs every other sampler")
-    for name, sampler in samplers.items():
-        if sampler not in ("", "ddim") and request.eta != 0:
-            raise GenerationError("eta", f"eta is DDIM's: it must be 0 with {name} {sampler}, got {request.eta}")
+    check_eta(request, "sampler", request.sampler)
+
+
+def check_eta(request: GenerationRequest, field: str, sampler: str) -> None:
+    """η is DDIM's: a request with another sampler (`field`'s) in any pass runs at 0."""
+    if sampler != "ddim" and request.eta != 0:
+        raise GenerationError("eta", f"eta is DDIM's: it must be 0 with {field} {sampler}, got {request.eta}")
 
 
 def check_seed_resize(request: GenerationRequest, factor: int = 8) -> None:
@@ -345,6 +353,13 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         if own:
             raise GenerationError(own[0], f"{own[0]} is the hires fix's second pass's: set hr_scale or hr_resize_x/_y")
         return
+    if request.hr_sampler == "plms":
+        raise GenerationError("hr_sampler", f"hr_sampler plms is for txt2img only, and {IMG2IMG_RUN}")
+    if request.hr_sampler and request.hr_sampler not in IMG2IMG_SAMPLERS:
+        raise GenerationError(
+            "hr_sampler",
+            f"hr_sampler '{request.hr_sampler}' is not available; choose one of: {', '.join(IMG2IMG_SAMPLERS)}",
+        )
     check_hires_texts(request)
     field = request.hires_field
     if request.init_image is not None:
@@ -357,11 +372,10 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         height, width = request.hires_plan(factor).size
         if height < factor or width < factor:
             raise GenerationError(field, f"{field} makes {width}x{height} images: too small for a latent pixel")
-    if hires_run(request).sampler == "plms":
-        name = "hr_sampler" if request.hr_sampler else "sampler"
-        raise GenerationError(
-            name, f"{name} plms is for txt2img only, and the hires fix's second pass is an img2img: choose another"
-        )
+    if request.sampler == "plms" and not request.hr_sampler:
+        raise GenerationError("sampler", f"sampler plms is for txt2img only, and {IMG2IMG_RUN}")
+    if request.hr_sampler:
+        check_eta(request, "hr_sampler", request.hr_sampler)
     check_strength(request)
     steps = request.hires_steps
     run = hires.run_length(steps, request.strength)
@@ -377,10 +391,7 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
 def check_hires_texts(request: GenerationRequest) -> None:
     """The second pass's own prompts read as the first pass's do, and name the prompt's LoRAs: both passes run on the
     same merged weights here (A1111 merges a hires prompt's own LoRAs for its pass)."""
-    if lora.TAG.search(request.hr_negative_prompt):
-        raise GenerationError(
-            "hr_negative_prompt", "hr_negative_prompt: LoRA tags (<lora:…>) are read from the prompt only"
-        )
+    check_no_lora_tags(request, "hr_negative_prompt")
     if request.hr_prompt:
         try:
             same = set(lora.prompt_loras(request.hr_prompt)) == set(lora.prompt_loras(request.prompt))
@@ -456,14 +467,19 @@ def clip_text(request: GenerationRequest, field: TextField) -> str:
 
 
 def request_loras(request: GenerationRequest) -> tuple[LoraUse, ...]:
-    """The LoRAs the prompt's tags name, by name; tags belong in the prompt alone (as in A1111, where a negative
-    prompt's tag does nothing), so one in the negative prompt is an error, not a tag silently read as text."""
-    if lora.TAG.search(request.negative_prompt):
-        raise GenerationError("negative_prompt", "negative_prompt: LoRA tags (<lora:…>) are read from the prompt only")
+    """The LoRAs the prompt's tags name, by name (one in the negative prompt is an error: `check_no_lora_tags`)."""
+    check_no_lora_tags(request, "negative_prompt")
     try:
         return tuple(sorted(lora.prompt_loras(request.prompt), key=lambda use: use.name))
     except LoraError as error:
         raise GenerationError("prompt", f"prompt: {error}") from None
+
+
+def check_no_lora_tags(request: GenerationRequest, field: str) -> None:
+    """A negative prompt holds no LoRA tag: a tag is read from the prompt alone (as in A1111, where a negative
+    prompt's tag does nothing), so one there is an error, not a tag silently read as text."""
+    if lora.TAG.search(getattr(request, field)):
+        raise GenerationError(field, f"{field}: LoRA tags (<lora:…>) are read from the prompt only")
 
 
 def check_lora_names(request: GenerationRequest, lora_dir: Path | None) -> None:
@@ -494,14 +510,15 @@ def check_emphasis(request: GenerationRequest) -> None:
             "emphasis", "emphasis and weighted_subprompts read a prompt's colons each their own way: send one of them"
         )
     for field in TEXT_FIELDS:
-        texts = scheduled_texts(request, field)
-        if len(texts) > prompt_editing.MAX_TEXTS:
-            raise GenerationError(
-                field,
-                f"{field}: its prompt editing reads {len(texts)} different texts over the run; at most "
-                f"{prompt_editing.MAX_TEXTS} (fewer alternations, or fewer steps)",
-            )
-        for name, text in named_texts(request, field):
+        named = named_texts(request, field)
+        for name, count in collections.Counter(name for name, _ in named).items():
+            if count > prompt_editing.MAX_TEXTS:
+                raise GenerationError(
+                    name,
+                    f"{name}: its prompt editing reads {count} different texts over the run; at most "
+                    f"{prompt_editing.MAX_TEXTS} (fewer alternations, or fewer steps)",
+                )
+        for name, text in named:
             try:
                 emphasis.parse(text)
             except emphasis.EmphasisError as error:

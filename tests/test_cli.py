@@ -330,6 +330,10 @@ def test_a_lora_the_folder_lacks_fails_before_the_model_loads(
     prompts.write_text("a lighthouse <lora:ink:1>\na harbour <lora:ink:much>\n")
     assert run_cli([*argv, "--from-file", str(prompts)]) == 2
     assert "error: --from-file: prompt: '<lora:ink:much>': 'much' is not a number" in capsys.readouterr().err
+    # And a hires prompt that must name each prompt's LoRAs.
+    prompts.write_text("a lighthouse\na harbour <lora:ink:1>\n")
+    assert run_cli([*argv, "--from-file", str(prompts), "--hr_scale", "2", "--hr_prompt", "at night"]) == 2
+    assert "error: --hr_prompt: hr_prompt: its LoRA tags (<lora:…>) must be the prompt's" in capsys.readouterr().err
 
 
 def test_a_sideways_stored_photo_is_read_upright(tmp_path: Path) -> None:

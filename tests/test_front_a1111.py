@@ -165,6 +165,10 @@ def test_the_hires_fixs_own_prompts_and_sampler(client: TestClient, fake: FakeIn
     for sent in (without, repeated, named_alike):
         assert not {"hr_prompt", "hr_negative_prompt", "hr_sampler"} & set(sent)
     assert repeated["hr_scale"] == 2.0 and "hr_scale" not in without
+    # A DDIM pass beside another sampler's runs at A1111's default η, 0.
+    body = {"seed": 1, "sampler_name": "Euler a", "enable_hr": True, "hr_sampler_name": "DDIM"}
+    assert client.post(TXT2IMG, json=body).status_code == 200
+    assert (fake.sent()[-1]["hr_sampler"], fake.sent()[-1]["eta"]) == ("DDIM", 0.0)
 
 
 def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
@@ -196,6 +200,10 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"scheduler": ["Karras"]}, "scheduler"),
         (TXT2IMG, {"sampler_name": "DPM++ 2M SDE", "scheduler": "Automatic"}, "scheduler"),
         (TXT2IMG, {"sampler_name": "Euler a", "eta": 0}, "eta"),
+        # η runs every pass in A1111: an ancestral hires sampler at another, DDIM's beside another sampler's.
+        (TXT2IMG, {"sampler_name": "DDIM", "eta": 0, "enable_hr": True, "hr_sampler_name": "Euler a"}, "eta"),
+        (TXT2IMG, {"sampler_name": "DDIM", "eta": 0.5, "enable_hr": True, "hr_sampler_name": "Euler"}, "eta"),
+        (TXT2IMG, {"sampler_name": "Euler a", "eta": 1, "enable_hr": True, "hr_sampler_name": "DDIM"}, "eta"),
         (
             TXT2IMG,
             {"override_settings": {"sd_model_checkpoint": "other.ckpt"}},

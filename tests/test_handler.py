@@ -534,6 +534,12 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     own = {"prompt": "x", "hr_scale": 2, "hr_sampler": "Euler a", "hr_prompt": "y", "hr_negative_prompt": "z"}
     hires = parse_request(own, settings).generation
     assert (hires.sampler, hires.hr_sampler, hires.hr_prompt, hires.hr_negative_prompt) == ("plms", "euler_a", "y", "z")
+    # A configured default η is DDIM's alone, in either pass; an error of the hires sampler's is not the default's.
+    ddim = parse_settings({"handler": {"defaults": {"eta": 0.3}}})
+    assert parse_request({**own, "sampler": "ddim", "hr_sampler": "euler"}, ddim).generation.eta == 0.0
+    with pytest.raises(RequestError) as refused:
+        parse_request({"prompt": "x", "hr_scale": 2, "hr_sampler": "euler", "eta": 0.5}, ddim)
+    assert str(refused.value) == "eta is DDIM's: it must be 0 with hr_sampler euler, got 0.5"
     (response,), _ = call(handler, [{**body, **own, "prompt": "tiles"}])
     echoed = json.loads(response)["parameters"]
     assert {k: echoed.get(k) for k in own} == {**own, "prompt": "tiles", "hr_sampler": "euler_a"}

@@ -374,6 +374,13 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
         ({"hr_prompt": "y AND z:250", "emphasis": True}, "hr_prompt"),
         ({"hr_negative_prompt": "(z:1..5)", "emphasis": True}, "hr_negative_prompt"),
         ({"hr_prompt": "style:watercolor x:1", "weighted_subprompts": True}, "hr_prompt"),
+        # Past MAX_TEXTS texts in the second pass alone (an alternation of 70 over 100 steps).
+        (
+            {"hr_prompt": "[" + "|".join(f"w{i}" for i in range(70)) + "]", "emphasis": True, "hr_steps": 100},
+            "hr_prompt",
+        ),
+        ({"hr_sampler": "plms", "sampler": "euler"}, "hr_sampler"),
+        ({"hr_resize_x": 512, "hr_scale": 1.0, "hr_sampler": "nonesuch"}, "hr_sampler"),  # named even where idle
     ],
 )
 def test_hires_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
@@ -451,6 +458,9 @@ def test_a_hires_resize_to_the_first_size_does_nothing_and_png_parameters_name_i
     64-wide first image "resized" to 64×32 keeps its 64×64); otherwise the PNG writes A1111's "Hires resize"."""
     plain = GenerationRequest("x", seed=1, height=64, width=64, steps=3)
     assert not resolve(dataclasses.replace(plain, hr_resize_x=64, hr_resize_y=32)).hires
+    # Nor are its own prompts and sampler read: DDIM's η stands, as the server takes the request.
+    idle = resolve(dataclasses.replace(plain, hr_resize_x=64, hr_prompt="y", hr_sampler="euler", eta=0.5))
+    assert (idle.hires, idle.hr_prompt, idle.hr_sampler, idle.eta) == (False, "", "", 0.5)
     resized = resolve(dataclasses.replace(plain, hr_resize_x=96, strength=0.5))
     assert (hires_pass(resized, 8).height, hires_pass(resized, 8).width) == (96, 96)
     assert "Denoising strength: 0.5, Hires resize: 96x0, Hires upscaler: Latent" in parameters_text(resized, 1)

@@ -639,7 +639,7 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
         "a café, (masterpiece:1.2)\nsoft light\nNegative prompt: blurry\nlowres\n"
         "Steps: 24, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 987, Size: 512x768, "
         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, "
-        "Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), Hires sampler: Euler a, "
+        "Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic), Hires sampler: DPM++ SDE, "
         'Hires prompt: "a café, at night", Lora hashes: "ink: 0123abcd", '
         "Face restoration: CodeFormer, Version: v1.9.4"
     )
@@ -660,7 +660,7 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
         "H": "768", "preset": "512x768", "ddim_steps": "24", "scale": "6.5", "sampler": "dpmpp_2m_karras",
         "seed": "987", "clip_skip": "2", "hr_scale": "1.5", "hr_steps": "12", "hr_upscaler": "latent_bicubic",
         "hr_strength": "0.45", "subseed_strength": "0", "seed_resize_from_w": "", "hr_prompt": "a café, at night",
-        "hr_sampler": "euler_a",
+        "hr_sampler": "dpmpp_sde_karras",  # its schedule too, Karras
     }  # fmt: skip
     assert page.is_checked("#emphasis") and not page.is_checked("#weighted_subprompts")
     expect(page.locator("#hr_strength_value")).to_have_text("0.45")
@@ -678,6 +678,17 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     assert (page.input_value("#sampler"), page.input_value("#hr_scale"), page.input_value("#seed")) == ("plms", "1", "")
     assert page.is_checked("#seed_random") and not page.is_checked("#emphasis")
     assert page.input_value("#eta") == "0" and page.is_disabled("#eta")  # DDIM's η, not PLMS's
+    # DDIM's η beside a hires sampler of another kind, which runs at none here: named too.
+    info = PngImagePlugin.PngInfo()
+    text = "a fox\nSteps: 5, Sampler: DDIM, CFG scale: 7, Size: 64x64, Eta DDIM: 0.3, Hires upscale: 2, Hires "
+    info.add_text("parameters", text + "upscaler: Latent, Denoising strength: 0.5, Hires sampler: Euler")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ddim.png", pnginfo=info)
+    page.set_input_files("#settings_file", str(tmp_path / "ddim.png"))
+    expect(page.locator("#settings_note")).to_contain_text(
+        "Not available here: RNG: GPU (noise is drawn on the CPU here); Eta DDIM: 0.3."
+    )
+    assert (page.input_value("#sampler"), page.input_value("#hr_sampler")) == ("ddim", "euler")
+    assert page.is_disabled("#eta")
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

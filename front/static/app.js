@@ -495,12 +495,14 @@ function applySettings(settings, unread) {
     if (option && !option.disabled) $(id).value = option.value;
     else unread.push(`${name}: ${settings[id]}`);
   }
-  // η is DDIM's: another sampler's (older A1111 wrote one for PLMS too), or one whose sampler was not set, is named.
-  if (settings.eta !== undefined) {
-    if (settings.sampler === "DDIM" && $("sampler").value === "ddim") $("eta").value = settings.eta;
-    else unread.push(`Eta DDIM: ${settings.eta}`);
-  }
+  // η is DDIM's: another sampler's (older A1111 wrote one for PLMS too), one whose sampler was not set, or one beside
+  // a hires sampler of another kind (η off) is named.
   setEta();
+  if (settings.eta !== undefined) {
+    if (settings.sampler === "DDIM" && $("sampler").value === "ddim" && !$("eta").disabled) {
+      $("eta").value = settings.eta;
+    } else unread.push(`Eta DDIM: ${settings.eta}`);
+  }
 }
 
 let settingsRead = 0; // which PNG's settings are being read: of two picked in a row, the later one wins

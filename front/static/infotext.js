@@ -126,12 +126,12 @@ export function settingsFrom(text) {
   if (variation !== undefined && settings.subseed !== undefined) settings.subseed_strength = variation;
   const resize = size(take("Seed resize from") ?? "");
   if (resize && resize[0] > 0 && resize[1] > 0) settings.seed_resize = resize;
-  // A1111 1.9 writes the schedule apart from the sampler's name: Karras is the name's Karras variant here.
-  const sampler = take("Sampler");
+  // A1111 1.9 writes the schedule apart from the sampler's name: Karras is the name's Karras variant here (and the
+  // hires sampler's, which runs the same schedule).
   const schedule = take("Schedule type");
-  if (sampler !== undefined) {
-    settings.sampler = schedule === "Karras" && !sampler.endsWith(" Karras") ? `${sampler} Karras` : sampler;
-  }
+  const scheduled = (name) => (schedule === "Karras" && !name.endsWith(" Karras") ? `${name} Karras` : name);
+  const sampler = take("Sampler");
+  if (sampler !== undefined) settings.sampler = scheduled(sampler);
   if (schedule !== undefined && !["Karras", "Uniform", "Automatic"].includes(schedule)) {
     unread.push(`Schedule type: ${schedule}`);
   }
@@ -151,7 +151,7 @@ export function settingsFrom(text) {
     // The second pass's own prompts and sampler (A1111 writes them only where they differ from the first's).
     for (const [name, key] of Object.entries(HIRES_OWN)) {
       const value = take(key);
-      if (value !== undefined) settings[name] = value;
+      if (value !== undefined) settings[name] = name === "hr_sampler" ? scheduled(value) : value;
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
