@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -244,7 +245,9 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
 
     @app.post("/sdapi/v1/png-info", summary="An image's infotext and its fields, as A1111 reads them")
     async def a1111_png_info(request: Request) -> JSONResponse:
-        return JSONResponse(png_info.answer(a1111.read(await _body(request, settings.max_body_bytes))))
+        body = a1111.read(await _body(request, settings.max_body_bytes))
+        # In a thread: inflating an upload's text chunks takes a while, and the event loop serves every other call.
+        return JSONResponse(await run_in_threadpool(png_info.answer, body))
 
     @app.get("/sdapi/v1/schedulers", summary="A1111 1.9's schedulers, those done here")
     async def a1111_schedulers() -> JSONResponse:

@@ -2,8 +2,8 @@
 
 Why: A1111's clients read an image's settings back through that endpoint (a gallery's "send to txt2img", a bot that
 remakes an image), on PNGs made here as on A1111's. The chunks are walked here rather than by PIL: only the text is
-wanted, and no pixel of an upload is decoded. JPEG and WebP images, whose infotext A1111 reads from EXIF, have
-none here.
+wanted, no pixel of an upload is decoded, and the front's image has no PIL. JPEG and WebP images, whose infotext
+A1111 reads from EXIF, have none here.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ from typing import Any
 from front.errors import FrontError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How the other images A1111's clients send begin (JPEG, GIF, BMP, TIFF either way round); WebP: `is_image`.
+IMAGE_SIGNATURES = (SIGNATURE, b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\0", b"MM\0*")
 # A text chunk decompressed past this is dropped, as PIL drops it (its MAX_TEXT_CHUNK).
 MAX_TEXT = 2**20
 INFOTEXT = "parameters"
 # A1111 1.9's infotext fields: `Key: value` pairs, a value quoted as JSON when it holds a comma.
 PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A run of the characters a key is made of, and of whitespace (`parameters`).
+KEY_RUN = re.compile(r"[\w \-/]*")
+SPACE_RUN = re.compile(r"\s*")
+# All the text chunks of one image together, past which it is refused, as PIL refuses it (its MAX_TEXT_MEMORY).
+MAX_TEXTS = 64 * 2**20
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 # What A1111 1.9 fills in for a field an infotext leaves out (its setting's value when the image was made).
 ABSENT: dict[str, Any] = {
@@ -44,8 +51,13 @@ def _inflated(data: bytes) -> bytes | None:
     return text if len(text) <= MAX_TEXT else None
 
 
+class TooMuchText(ValueError):
+    """A PNG whose text chunks together pass `MAX_TEXTS` once inflated."""
+
+
 def _text(kind: bytes, content: bytes) -> tuple[str, str] | None:
-    """One chunk's keyword and text: tEXt (Latin-1), zTXt (compressed Latin-1), iTXt (UTF-8, maybe compressed)."""
+    """One chunk's keyword and text, or None where PIL drops it too: tEXt (Latin-1), zTXt (compressed Latin-1),
+    iTXt (UTF-8, maybe compressed: any flag but 0)."""
     key, separator, rest = content.partition(b"\0")
     if not separator:
         return None
@@ -53,28 +65,34 @@ def _text(kind: bytes, content: bytes) -> tuple[str, str] | None:
     if kind == b"zTXt":
         value = _inflated(rest[1:])
     elif kind == b"iTXt":
-        compressed, rest = rest[:1] == b"\1", rest[2:]
-        value = rest.split(b"\0", 2)[-1]  # after the language tag and the translated keyword
-        if compressed:
-            value = _inflated(value)
+        compressed, parts = rest[:1] not in (b"", b"\0"), rest[2:].split(b"\0", 2)
+        if len(parts) < 3:  # the language tag and the translated keyword, each ended by a zero byte
+            return None
+        value = _inflated(parts[2]) if compressed else parts[2]
     if value is None:
         return None
-    encoding = "utf-8" if kind == b"iTXt" else "latin-1"
-    return key.decode("latin-1"), value.decode(encoding, errors="replace")
+    try:
+        return key.decode("latin-1"), value.decode("utf-8" if kind == b"iTXt" else "latin-1")
+    except UnicodeDecodeError:
+        return None
 
 
 def png_texts(data: bytes) -> dict[str, str]:
-    """Every text chunk of PNG bytes by keyword (the later of two alike, as PIL keeps); {} for what is no PNG."""
+    """Every text chunk of PNG bytes by keyword (the later of two alike, as PIL keeps); {} for what is no PNG.
+    Raises `TooMuchText` past `MAX_TEXTS` in all, so a small upload cannot inflate to gigabytes."""
     texts: dict[str, str] = {}
     if not data.startswith(SIGNATURE):
         return texts
-    position = len(SIGNATURE)
+    position, total = len(SIGNATURE), 0
     while position + 8 <= len(data):
         length = int.from_bytes(data[position : position + 4], "big")
         kind, content = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
         if kind == b"IEND":
             break
         if kind in (b"tEXt", b"zTXt", b"iTXt") and (text := _text(kind, content)):
+            total += len(text[0]) + len(text[1])
+            if total > MAX_TEXTS:
+                raise TooMuchText(f"its text chunks hold more than {MAX_TEXTS} bytes")
             texts[text[0]] = text[1]
         position += 12 + length
     return texts
@@ -91,7 +109,7 @@ def decoded(image: Any, field: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)  # line breaks, as some encoders write them
     except (binascii.Error, ValueError):
         raise FrontError(400, f"{field}: is not base64", field) from None
 
@@ -106,13 +124,37 @@ def _unquoted(value: str) -> str:
         return value
 
 
+def parameters(line: str) -> list[tuple[str, str]]:
+    """`PARAMETER.findall(line)`, in time linear in the line rather than quadratic. Why: findall tries a key at every
+    position of a long run of key characters (words and spaces: a prompt), reading to the run's end each time, so an
+    upload's 1 MB line would hold the front for an hour. Where a try fails, every start later in the same run fails
+    too (a key must end at a colon, and the run's end is none), but for a start whose whitespace reaches past the
+    run, which a try at the run's end makes as well: the tries skipped change nothing."""
+    found = []
+    position = 0
+    while position <= len(line):
+        if match := PARAMETER.match(line, position):
+            found.append((match.group(1), match.group(2)))
+            position = match.end()
+            continue
+        spaces = SPACE_RUN.match(line, position).end()  # type: ignore[union-attr]  # always matches
+        run = KEY_RUN.match(line, position).end()  # type: ignore[union-attr]
+        if spaces > position:
+            position = spaces  # every start in a run of whitespace reaches the same key
+        elif run > position and line[run : run + 1] != ":":
+            position = run
+        else:
+            position += 1
+    return found
+
+
 def parse_infotext(text: str) -> dict[str, Any]:
     """An infotext's fields as A1111 1.9 reads them: `Prompt` and `Negative prompt` from the lines before the last,
     each `Key: value` of the last line (the whole text is prompt when it has fewer than three), a size `WxH` as
     `Key-1` and `Key-2`, the values as text, then `ABSENT`'s defaults. Not done: A1111's styles and hypernetworks,
     and its conversions of infotexts older than its version 1.0 (their first-pass sizes) or naming an older version."""
     *lines, last = text.strip().split("\n")
-    if len(PARAMETER.findall(last)) < 3:
+    if len(parameters(last)) < 3:
         lines, last = [*lines, last], ""
     # Joined as A1111 joins them: a line after an empty text gets no newline before it.
     prompt = negative = ""
@@ -125,7 +167,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
         else:
             prompt += ("\n" if prompt else "") + line
     fields: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative}
-    for key, value in PARAMETER.findall(last):
+    for key, value in parameters(last):
         if not value:
             continue  # A1111 skips a key with nothing after it
         value = _unquoted(value)
@@ -136,10 +178,24 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return fields | {key: value for key, value in ABSENT.items() if key not in fields}
 
 
+def is_image(data: bytes) -> bool:
+    """Whether the bytes start as an image of a format A1111's clients send (told by its signature: the front's
+    image has no PIL, and needs none to read text chunks)."""
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return webp or data.startswith(IMAGE_SIGNATURES)
+
+
 def answer(body: dict[str, Any]) -> dict[str, Any]:
     """A1111's answer to `POST /sdapi/v1/png-info` `{"image": base64}`: the infotext as `info` ("" without one),
-    every text chunk as `items` (the infotext among them, as A1111 1.6 lists it), and the infotext's fields as
-    `parameters` (A1111 1.9's)."""
-    texts = png_texts(decoded(body.get("image"), "image"))
-    info = texts.get(INFOTEXT, "")
-    return {"info": info, "items": texts, "parameters": parse_infotext(info)}
+    every text chunk as `items` (`parameters` first, "" without one, as A1111 1.6 lists them), and the infotext's
+    fields as `parameters` (A1111 1.9's). An empty image answers nothing (A1111 1.6's); bytes that are no image, or
+    text past `MAX_TEXTS`, are a 400."""
+    data = decoded(body.get("image"), "image")
+    if data and not is_image(data):
+        raise FrontError(400, "image: is not a PNG, JPEG, WebP, GIF, BMP or TIFF image", "image")
+    try:
+        texts = png_texts(data)
+    except TooMuchText as error:
+        raise FrontError(400, f"image: {error}", "image") from None
+    info = texts.pop(INFOTEXT, "")
+    return {"info": info, "items": {INFOTEXT: info, **texts}, "parameters": parse_infotext(info)}
