@@ -26,12 +26,14 @@ wanted=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproje
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first and pinned, from the index scripts/torch_index.py picks: PyTorch's CPU one on Linux without an
-    # NVIDIA GPU, else pip's own (PyPI's Linux build is the CUDA one). Read line by line: macOS's bash 3.2 has no
-    # mapfile, and expands an empty array under `set -u` only as written below.
+    # NVIDIA GPU, else pip's own (PyPI's Linux build is the CUDA one). Its output is taken whole first, so that its
+    # failure stops setup (`set -e` sees an assignment's, not a process substitution's), then read line by line:
+    # macOS's bash 3.2 has no mapfile, and expands an empty array under `set -u` only as written below.
+    arguments=$(.venv/bin/python -m scripts.torch_index)
     index=()
     while IFS= read -r argument; do
         if [ -n "$argument" ]; then index+=("$argument"); fi
-    done < <(.venv/bin/python -m scripts.torch_index)
+    done <<< "$arguments"
     .venv/bin/python -m pip install -q ${index[@]+"${index[@]}"} "torch==2.13.0"
     .venv/bin/python -m pip install -q -e ".[test]"
     echo "$wanted" > "$stamp"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from scripts.server import ROOT
-from scripts.torch_index import CPU_INDEX, OVERRIDE, choose
+from scripts.torch_index import CPU_INDEX, INDEX_SETTING, OVERRIDE, choose
 
 
 def never(*_: object) -> bool:
@@ -35,7 +35,7 @@ def test_the_cpu_index_only_for_linux_without_an_nvidia_gpu(
         asked.append(url)
         return reachable
 
-    arguments, message = choose(system, {}, nvidia=lambda: nvidia, reachable=answers)
+    arguments, message = choose(system, {}, nvidia=lambda: nvidia, reachable=answers, configured=lambda: False)
     assert arguments == expected
     # The index is asked only where it would be used, and at torch's own page.
     assert asked == ([f"{CPU_INDEX}/torch/"] if system == "Linux" and not nvidia else [])
@@ -49,9 +49,19 @@ def test_the_cpu_index_only_for_linux_without_an_nvidia_gpu(
     ("value", "expected"), [("https://mirror.example/cpu", ["--index-url", "https://mirror.example/cpu"]), ("", [])]
 )
 def test_the_override_wins_and_nothing_is_probed(value: str, expected: list[str]) -> None:
-    arguments, message = choose("Linux", {OVERRIDE: value}, nvidia=never, reachable=never)
+    arguments, message = choose("Linux", {OVERRIDE: value}, nvidia=never, reachable=never, configured=never)
     assert arguments == expected
     assert message and OVERRIDE in message and (value or "pip's own") in message
+
+
+def test_an_index_pip_is_set_to_is_kept() -> None:
+    """A company mirror in pip.conf or PIP_INDEX_URL serves torch like every other package; an extra index does not
+    count (this machine's pip has one)."""
+    assert choose("Linux", {}, nvidia=lambda: False, reachable=never, configured=lambda: True) == ([], None)
+    listed = "global.extra-index-url='file:///opt/pypi/simple'\n:env:.find-links='/opt/wheels'\n"
+    assert INDEX_SETTING.search(listed) is None
+    for setting in ("global.index-url='https://mirror/simple'", ":env:.index-url='https://mirror/simple'"):
+        assert INDEX_SETTING.search(listed + setting + "\n")
 
 
 def test_the_script_prints_one_argument_per_line_and_talks_on_stderr() -> None:
