@@ -3,8 +3,8 @@
 Why: the original app bound the JSON body onto optimizedSD's `Arguments` (every option of its command line) and
 ignored keys it did not know, so its clients may send any of those fields, and must keep working unchanged:
 - `ddim_eta` is our `eta`.
-- `unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir` and `fixed_code` shaped how the original ran on its
-  GPU, its files or its grid, not the images this server answers with: accepted and dropped.
+- `unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir`, `skip_grid`, `skip_save` and `fixed_code` shaped how
+  the original ran on its GPU, its files or its grid, not the images this server answers with: accepted and dropped.
 - `C`, `f` and `format` may only restate what this server does (4 latent channels, 8× downsampling, PNG answers),
   and `from_file` (prompts read from a file on the server) may only be empty.
 TorchServe's own API stays strict, where an unknown field is an error: these names are the front's alone.
@@ -19,7 +19,8 @@ from front.errors import FrontError
 
 RENAMED = {"ddim_eta": "eta"}
 # `from_file` only when empty (a file's name is refused).
-DROPPED = ("unet_bs", "turbo", "precision", "device", "n_rows", "outdir", "fixed_code", "from_file")
+DROPPED = ("unet_bs", "turbo", "precision", "device", "n_rows", "outdir", "skip_grid", "skip_save", "fixed_code",
+           "from_file")  # fmt: skip
 # Each with what it must equal, and why.
 FIXED: dict[str, tuple[Any, str]] = {
     "C": (4, "the model's latent channels"),

@@ -194,8 +194,8 @@ def test_a_body_nested_nearly_as_deep_as_the_parser_allows_is_forwarded_not_a_50
 
 # Every field of the original app's request (optimizedSD's Arguments) besides ours, with its defaults there.
 ORIGINAL_EXTRAS = {"ddim_eta": 0.3, "unet_bs": 1, "turbo": True, "precision": "autocast", "device": "cuda",
-                   "n_rows": 0, "outdir": "outputs/txt2img-samples", "fixed_code": True, "C": 4, "f": 8,
-                   "format": "png", "from_file": False}  # fmt: skip
+                   "n_rows": 0, "outdir": "outputs/txt2img-samples", "skip_grid": True, "skip_save": False,
+                   "fixed_code": True, "C": 4, "f": 8, "format": "png", "from_file": False}  # fmt: skip
 
 
 def test_the_original_apps_own_fields_are_read_as_it_meant_them(client: TestClient, fake: FakeInference) -> None:
