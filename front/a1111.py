@@ -237,9 +237,11 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
 
 def renamed(error: FrontError) -> A1111Error:
     """An error as A1111's clients read it: the field, and our field names in the message, as the A1111 request
-    named them."""
+    named them. A message naming no field (TorchServe's own: "Please use scale workers API") is left as it is."""
     if isinstance(error, A1111Error):
         return error
+    if not error.field:
+        return A1111Error(error.status, error.error, "")
     message = error.error
     for ours, theirs in THEIRS.items():
         message = re.sub(rf"\b{re.escape(ours)}\b", theirs, message)

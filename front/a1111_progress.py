@@ -159,10 +159,10 @@ def _failure(line: dict[str, Any]) -> FrontError:
     return FrontError(status, str(message), field if isinstance(field, str) else "")
 
 
-async def followed(api: InferenceApi, body: bytes, job: Job) -> dict[str, Any]:
+async def followed(api: InferenceApi, body: bytes, job: Job, patient: bool = False) -> dict[str, Any]:
     """TorchServe's answer to `body`, asked for as a progress stream whose step lines advance `job`; a failure after
-    the stream began is its error line, with the status the answer would have had."""
-    response = await api.open(body, NDJSON)
+    the stream began is its error line, with the status the answer would have had (`patient`: `InferenceApi.open`'s)."""
+    response = await api.open(body, NDJSON, patient)
     try:
         if response.status_code != 200:
             raise await api.refusal(response)

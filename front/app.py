@@ -34,6 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.requests import ClientDisconnect
 
 from front import a1111, a1111_progress, png_info, schema
 from front.description import Description
@@ -65,7 +66,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
     try:
         for iteration in range(plan.iterations):
             if iteration:
-                response = await api.open(plan.iteration(results.next(plan)), NDJSON)
+                response = await api.open(plan.iteration(results.next(plan)), NDJSON, patient=True)
                 if response.status_code != 200:
                     raise await api.refusal(response)
             finished = False
@@ -85,7 +86,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
             await response.aclose()
             if not finished:
                 raise FrontError(502, "TorchServe ended the progress stream without the images")
-        yield _line(results.answer(plan))
+        yield await run_in_threadpool(_line, results.answer(plan))  # every image in one line: in a thread
     except FrontError as error:
         yield _line({**error.body(), "status": error.status})
     finally:
@@ -98,10 +99,14 @@ async def _body(request: Request, limit: int) -> bytes:
     if request.headers.get("content-type", "").lower().startswith(FORMS):
         raise FrontError(415, "send the request as a JSON object with Content-Type: application/json", "body")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise FrontError(413, f"the body must be at most {limit} bytes", "body")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise FrontError(413, f"the body must be at most {limit} bytes", "body")
+    except ClientDisconnect:
+        # An upload given up half-way (a large init image): nobody reads the answer, and it is no server fault.
+        raise FrontError(400, "the client closed its connection before the body ended", "body") from None
     return bytes(body)
 
 
@@ -149,8 +154,9 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             if iteration and await request.is_disconnected():
                 break  # nobody is waiting for the rest
             sent = plan.iteration(results.next(plan) if iteration else None)
-            results.add(await request.app.state.api.answer_json(sent), plan)
-        return JSONResponse(results.images, headers=seed_headers(results))
+            results.add(await request.app.state.api.answer_json(sent, patient=iteration > 0), plan)
+        # Rendered in a thread: 64 large PNGs take a tenth of a second, which every other call would wait.
+        return await run_in_threadpool(JSONResponse, results.images, headers=seed_headers(results))
 
     async def stream(api: InferenceApi, plan: Plan) -> Response:
         # The first iteration is opened here, so that a request TorchServe refuses gets its plain 4xx JSON answer.
@@ -202,8 +208,9 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                     break  # the batches done are the answer; a client gone is waiting for none
                 job.request = iteration
                 sent = plan.iteration(results.next(plan) if iteration else None)
-                results.add(await a1111_progress.followed(request.app.state.api, sent, job), plan)
-        return JSONResponse(a1111.answer(body, ours, results.answer(plan)))
+                results.add(await a1111_progress.followed(request.app.state.api, sent, job, iteration > 0), plan)
+        # In a thread: reading each PNG's infotext and rendering the answer take a while for 64 large images.
+        return await run_in_threadpool(lambda: JSONResponse(a1111.answer(body, ours, results.answer(plan))))
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
     async def a1111_txt2img(request: Request) -> JSONResponse:

@@ -8,7 +8,10 @@ a 503, no answer within the timeout a 504, a broken answer a 502.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -19,6 +22,14 @@ from front.settings import FrontSettings
 JSON = "application/json"
 PNG = "image/png"
 NDJSON = "application/x-ndjson"
+# TorchServe's health check answers at once when it is up: a readiness probe (3 s in the chart) waits no longer.
+PING_TIMEOUT = 3.0
+# How long a later batch of a request TorchServe found busy (a 503: its queue full, or no worker READY) is offered
+# again, the first after BUSY_FIRST_WAIT s, each wait twice the last: the earlier batches are made, and their client
+# is waiting for all.
+BUSY_PATIENCE = 120.0
+BUSY_FIRST_WAIT = 1.0
+LOG = logging.getLogger(__name__)
 
 
 class InferenceApi:
@@ -27,7 +38,10 @@ class InferenceApi:
     def __init__(self, settings: FrontSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         timeout = httpx.Timeout(settings.timeout, connect=settings.connect_timeout)
-        self.client = httpx.AsyncClient(timeout=timeout, transport=transport)
+        # No cap on connections in flight: TorchServe's queue is the one that bounds the work, and answers 503 when
+        # full; a cap here would hold requests back and report them as a TorchServe timeout.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -44,23 +58,33 @@ class InferenceApi:
             )
         return FrontError(502, f"TorchServe at {where} broke off its answer: {error!r}")
 
-    async def open(self, body: bytes, accept: str) -> httpx.Response:
+    async def open(self, body: bytes, accept: str, patient: bool = False) -> httpx.Response:
         """POST a request body; the answer with its status and headers read, its body still to be streamed.
-        The caller closes it."""
+        The caller closes it. `patient` (a later batch of a request): a 503 of TorchServe's is offered again for up to
+        BUSY_PATIENCE s before it is the answer, so that a queue full for a moment does not throw away the batches
+        already made."""
         headers = {"Content-Type": JSON, "Accept": accept}
-        request = self.client.build_request("POST", self.settings.predictions_url, content=body, headers=headers)
-        try:
-            return await self.client.send(request, stream=True)
-        except httpx.HTTPError as error:
-            raise self._failure(error) from None
+        deadline, wait = time.monotonic() + BUSY_PATIENCE, BUSY_FIRST_WAIT
+        while True:
+            request = self.client.build_request("POST", self.settings.predictions_url, content=body, headers=headers)
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.HTTPError as error:
+                raise self._failure(error) from None
+            if not patient or response.status_code != 503 or time.monotonic() + wait > deadline:
+                return response
+            await response.aclose()
+            await asyncio.sleep(wait)
+            wait *= 2
 
     async def chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        """The answer's bytes as they arrive; the answer is closed when they end or the client goes away."""
+        """The answer's bytes as they arrive; the answer is closed when they end or the client goes away. Its headers
+        are sent by then, so a failure can only cut the body short: it is logged, not raised."""
         try:
             async for chunk in response.aiter_bytes():
                 yield chunk
         except httpx.HTTPError as error:
-            raise self._failure(error) from None
+            LOG.warning("%s", self._failure(error).error)
         finally:
             await response.aclose()
 
@@ -84,9 +108,9 @@ class InferenceApi:
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} answered with no JSON") from None
 
-    async def answer_json(self, body: bytes) -> dict:
-        """POST a request body for a JSON answer: the answer, or the refusal raised."""
-        response = await self.open(body, JSON)
+    async def answer_json(self, body: bytes, patient: bool = False) -> dict:
+        """POST a request body for a JSON answer: the answer, or the refusal raised (`patient`: `open`'s)."""
+        response = await self.open(body, JSON, patient)
         try:
             if response.status_code != 200:
                 raise await self.refusal(response)
@@ -116,7 +140,9 @@ class InferenceApi:
     async def ping(self) -> tuple[bool, str]:
         """Whether TorchServe answers its health check, and what it said."""
         try:
-            response = await self.client.get(f"{self.settings.inference_url.rstrip('/')}/ping")
+            response = await self.client.get(f"{self.settings.inference_url.rstrip('/')}/ping", timeout=PING_TIMEOUT)
+        except httpx.TimeoutException:
+            return False, f"TorchServe at {self.settings.inference_url} did not answer /ping within {PING_TIMEOUT:g} s"
         except httpx.HTTPError as error:
             return False, self._failure(error).error
         try:

@@ -4,6 +4,7 @@ TorchServe can fail. The same front against a real TorchServe: tests/test_front.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,9 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
-from front.app import create_app
+from front import upstream
+from front.app import _body, create_app
 from front.cli import parse_settings
+from front.errors import FrontError
 from front.imagine import MAX_SEED
 from front.settings import FrontSettings
 from handler.request import FIELDS
@@ -260,6 +264,80 @@ def test_torchserve_down_is_a_503_that_says_so() -> None:
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
         # Liveness is the front's own: a restart would not bring TorchServe back.
         assert test_client.get("/livez").json() == {"status": "ok"}
+
+
+BUSY = {
+    "code": 503,
+    "type": "ServiceUnavailableException",
+    "message": "Model sd has no worker to serve inference request. Please use scale workers API to add workers.",
+}
+
+
+@dataclass
+class BusyOnce(FakeInference):
+    """Answers 503 as TorchServe does with its queue full, to the predictions request numbered `busy` (0 first)."""
+
+    busy: int = 1
+    count: int = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/predictions/sd" and request.content != b'{"describe": true}':
+            self.count += 1
+            if self.count - 1 == self.busy:
+                return httpx.Response(503, json=BUSY)
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("path", ["/imagine", "/imagine/stream", "/sdapi/v1/txt2img"])
+def test_a_later_batch_torchserve_finds_busy_is_offered_again(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Its earlier batches are made and their client waits for all: a queue full for a moment costs a wait, not the
+    request. The first batch's 503 is the answer at once (TorchServe's message as it is, A1111's route too), and so
+    is a later one still busy after the front's patience."""
+    monkeypatch.setattr(upstream, "BUSY_FIRST_WAIT", 0.01)
+    fake = BusyOnce(busy=1)
+    body = {"prompt": "a fox", "n_iter": 3, "seed": 7}
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        response = test_client.post(path, json=body, headers={"Accept": "application/json"})
+        assert response.status_code == 200, response.text
+        # Four requests (the second batch's twice), three answered.
+        assert [sent["seed"] for sent in fake.sent() if "describe" not in sent] == [7, 8, 9] and fake.count == 4
+        first = BusyOnce(busy=0)
+        with TestClient(create_app(FrontSettings(), httpx.MockTransport(first))) as busy_client:
+            refused = busy_client.post(path, json=body, headers={"Accept": "application/json"})
+        assert refused.status_code == 503 and first.count == 1
+        assert refused.json()["error"] == f"TorchServe: {BUSY['message']}"  # not A1111's field names in it
+    monkeypatch.setattr(upstream, "BUSY_PATIENCE", 0.0)
+    always = BusyOnce(busy=1)
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(always))) as test_client:
+        response = test_client.post(path, json=body, headers={"Accept": "application/json"})
+    said = stream_lines(response)[-1] if path == "/imagine/stream" else response.json()
+    assert "Please use scale workers API" in said["error"] and always.count == 2
+
+
+def test_the_health_check_waits_no_longer_than_a_readiness_probe() -> None:
+    """Its own timeout, not SD_FRONT_TIMEOUT's 900 s: a TorchServe that takes connections and answers nothing is
+    unavailable within the probe's time, and said so, not 'raise SD_FRONT_TIMEOUT'."""
+    timeouts: list[dict[str, Any]] = []
+
+    def silent(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(silent))) as test_client:
+        health = test_client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["torchserve"].endswith(f"did not answer /ping within {upstream.PING_TIMEOUT:g} s")
+    assert timeouts[0]["read"] == upstream.PING_TIMEOUT
+
+
+def test_an_upload_given_up_half_way_is_no_server_error() -> None:
+    async def disconnect() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, disconnect)
+    with pytest.raises(FrontError) as refused:
+        asyncio.run(_body(request, 100))
+    assert refused.value.status == 400 and refused.value.field == "body"
 
 
 @pytest.mark.parametrize(
