@@ -319,6 +319,19 @@ def test_hires_and_plain_requests_generated_together_equal_each_alone(pipeline: 
         GenerationRequest("a", seed=3, height=64, width=64, steps=4, n_samples=2, hr_scale=1.5, hr_steps=2),
         GenerationRequest("b", seed=9, height=64, width=64, steps=4),
         GenerationRequest("c", seed=5, height=64, width=64, steps=4, hr_scale=1.5, hr_steps=2, hr_upscaler="lanczos"),
+        # A second pass of its own prompts and sampler, batched apart from the others' second passes.
+        GenerationRequest(
+            "d",
+            seed=6,
+            height=64,
+            width=64,
+            steps=4,
+            hr_scale=1.5,
+            hr_steps=2,
+            hr_prompt="e",
+            hr_negative_prompt="f",
+            hr_sampler="euler",
+        ),
     ]
     together = pipeline.generate_many(requests)
     for request, generation in zip(requests, together, strict=True):
