@@ -10,12 +10,13 @@ which is not A1111's: the same request paints another image there.
 - Prompts are read in A1111's syntax (`emphasis`), as A1111 always reads them: weights, BREAK, prompt editing, `AND`.
 - Sampler and upscaler names go to the handler as A1111 writes them (it takes them beside ours); `scheduler` Karras
   picks a sampler's Karras variant, and 1.9's Automatic the variant 1.9 picks for it. The hires fix's own sampler
-  (`hr_sampler_name`) takes the same scheduler (1.9's "Use same scheduler"); its own prompts go as sent.
+  (`hr_sampler_name`) takes its own `hr_scheduler` the same way, or the request's ("Use same scheduler"); its own
+  prompts go as sent.
 - η: DDIM's (A1111's default 0); the ancestral and SDE samplers run at A1111's default η of 1 and take no other; the
   other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
   not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
-  scheduler or checkpoint, resize modes but "just resize", inpainting but of the whole picture from
+  checkpoint, resize modes but "just resize", inpainting but of the whole picture from
   its original pixels (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted
   mask, several init images, override settings but clip skip and those about saving files).
 - Ignored, as A1111 ignores keys it does not know: everything else (saving files on A1111's disk, its UI's switches).
@@ -56,14 +57,13 @@ OFF: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
     "alwayson_scripts": (None, {}), "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_scheduler": (None, "", "Use same scheduler"),
-    "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
     "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""),
 }  # fmt: skip
 # The hires fix's second pass's own prompts and sampler (ours), each with the first pass's field it repeats when
 # A1111's is empty, "Use same sampler" or left out.
 HIRES_OWN = {"hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt", "hr_sampler": "sampler"}
-SAME_SAMPLER = "Use same sampler"
+SAME_SAMPLER, SAME_SCHEDULER = "Use same sampler", "Use same scheduler"
 # A1111's samplers that take η (the ancestral and SDE ones: 1 by default); the others have none.
 ETA_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE")
 # 1.9's schedulers done here, as its `GET /sdapi/v1/schedulers` lists them; a request names one by name or label.
@@ -150,19 +150,19 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     raise _refuse(name, f"must be true or false, got {json.dumps(value)[:40]}")
 
 
-def _sampler(body: dict[str, Any], name: Any = None) -> Any:
-    """The sampler's A1111 name (Euler by default, as A1111's API), or `name` (the hires fix's), with the request's
-    scheduler: Karras is the name's Karras variant; 1.9's Automatic is Karras where 1.9 makes it so; Uniform, or no
-    scheduler (1.6), the name itself."""
+def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -> Any:
+    """The sampler's A1111 name (Euler by default, as A1111's API), or `name` (the hires fix's), with the scheduler
+    `field` names (the request's, or 1.9's `hr_scheduler`): Karras is the name's Karras variant; 1.9's Automatic is
+    Karras where 1.9 makes it so; Uniform, or no scheduler (1.6), the name itself."""
     name = name or body.get("sampler_name") or body.get("sampler_index") or "Euler"
-    scheduler = body.get("scheduler")
+    scheduler = body.get(field)
     if scheduler is None or not isinstance(name, str):
         return name
     if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
-        raise _refuse("scheduler", f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")
+        raise _refuse(field, f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")
     base = name.removesuffix(" Karras")
     if scheduler.lower() == "automatic" and base == "DPM++ 2M SDE":
-        raise _refuse("scheduler", "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
+        raise _refuse(field, "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
     karras = scheduler.lower() == "karras" or (scheduler.lower() == "automatic" and base in AUTOMATIC_KARRAS)
     return base + " Karras" if karras else base
 
@@ -207,11 +207,13 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
         ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
     ours["hr_upscaler"] = UPSCALER_ALIASES.get(upscaler, upscaler)
     ours["hr_steps"] = body.get("hr_second_pass_steps") or 0
-    # A1111 runs the second pass with its own prompts and sampler (the latter with the request's scheduler, 1.9's
-    # "Use same scheduler"); sent only where they differ from the first pass's.
+    # A1111 runs the second pass with its own prompts, sampler and scheduler (1.9's; "Use same…": the first pass's);
+    # sent only where they differ from the first pass's.
     own = {"hr_prompt": body.get("hr_prompt"), "hr_negative_prompt": body.get("hr_negative_prompt")}
-    if body.get("hr_sampler_name") not in (None, "", SAME_SAMPLER):
-        own["hr_sampler"] = _sampler(body, body["hr_sampler_name"])
+    name = body.get("hr_sampler_name") if body.get("hr_sampler_name") not in (None, "", SAME_SAMPLER) else None
+    scheduler = "hr_scheduler" if body.get("hr_scheduler") not in (None, "", SAME_SCHEDULER) else "scheduler"
+    if name is not None or scheduler == "hr_scheduler":
+        own["hr_sampler"] = _sampler(body, name, scheduler)
     for name, first in HIRES_OWN.items():
         if own.get(name) not in (None, "", ours.get(first)):
             ours[name] = own[name]

@@ -165,6 +165,12 @@ def test_the_hires_fixs_own_prompts_and_sampler(client: TestClient, fake: FakeIn
     for sent in (without, repeated, named_alike):
         assert not {"hr_prompt", "hr_negative_prompt", "hr_sampler"} & set(sent)
     assert repeated["hr_scale"] == 2.0 and "hr_scale" not in without
+    # 1.9's hr_scheduler: the hires sampler's own schedule (here the first pass's sampler under another schedule).
+    body = {"seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "enable_hr": True, "hr_scheduler": "Uniform"}
+    assert client.post(TXT2IMG, json=body).status_code == 200
+    assert (fake.sent()[-1]["sampler"], fake.sent()[-1]["hr_sampler"]) == ("DPM++ 2M Karras", "DPM++ 2M")
+    body = {**body, "hr_sampler_name": "DPM2", "hr_scheduler": "Use same scheduler"}
+    assert client.post(TXT2IMG, json=body).status_code == 200 and fake.sent()[-1]["hr_sampler"] == "DPM2 Karras"
     # A DDIM pass beside another sampler's runs at A1111's default η, 0.
     body = {"seed": 1, "sampler_name": "Euler a", "enable_hr": True, "hr_sampler_name": "DDIM"}
     assert client.post(TXT2IMG, json=body).status_code == 200
@@ -193,7 +199,7 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
         (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
         (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
-        (TXT2IMG, {"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler"),
+        (TXT2IMG, {"enable_hr": True, "hr_scheduler": "Exponential"}, "hr_scheduler"),
         (TXT2IMG, {"enable_hr": True, "hr_checkpoint_name": "other.ckpt"}, "hr_checkpoint_name"),
         (TXT2IMG, {"enable_hr": "false"}, "enable_hr"),
         (TXT2IMG, {"scheduler": "Exponential"}, "scheduler"),
