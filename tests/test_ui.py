@@ -689,6 +689,14 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     )
     assert (page.input_value("#sampler"), page.input_value("#hr_sampler")) == ("ddim", "euler")
     assert page.is_disabled("#eta")
+    # A1111 1.9's hires schedule of its own: the first pass's sampler under it.
+    info = PngImagePlugin.PngInfo()
+    text = "a fox\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Size: 64x64, Hires upscale: 2, "
+    info.add_text("parameters", text + "Denoising strength: 0.5, Hires schedule type: Uniform, RNG: CPU")
+    Image.new("RGB", (8, 8)).save(tmp_path / "uniform.png", pnginfo=info)
+    page.set_input_files("#settings_file", str(tmp_path / "uniform.png"))
+    expect(page.locator("#settings_note")).to_have_text("Settings of uniform.png set.")
+    assert (page.input_value("#sampler"), page.input_value("#hr_sampler")) == ("dpmpp_2m_karras", "dpmpp_2m")
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

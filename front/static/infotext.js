@@ -127,13 +127,15 @@ export function settingsFrom(text) {
   const resize = size(take("Seed resize from") ?? "");
   if (resize && resize[0] > 0 && resize[1] > 0) settings.seed_resize = resize;
   // A1111 1.9 writes the schedule apart from the sampler's name: Karras is the name's Karras variant here (and the
-  // hires sampler's, which runs the same schedule).
+  // hires sampler's, which runs the same schedule unless "Hires schedule type" names its own).
   const schedule = take("Schedule type");
-  const scheduled = (name) => (schedule === "Karras" && !name.endsWith(" Karras") ? `${name} Karras` : name);
+  const ownSchedule = take("Hires schedule type");
+  const hiresSchedule = ownSchedule ?? schedule;
+  const scheduled = (name, which) => (which === "Karras" && !name.endsWith(" Karras") ? `${name} Karras` : name);
   const sampler = take("Sampler");
-  if (sampler !== undefined) settings.sampler = scheduled(sampler);
-  if (schedule !== undefined && !["Karras", "Uniform", "Automatic"].includes(schedule)) {
-    unread.push(`Schedule type: ${schedule}`);
+  if (sampler !== undefined) settings.sampler = scheduled(sampler, schedule);
+  for (const [key, value] of [["Schedule type", schedule], ["Hires schedule type", ownSchedule]]) {
+    if (value !== undefined && !["Karras", "Uniform", "Automatic"].includes(value)) unread.push(`${key}: ${value}`);
   }
   const strength = decimal(take("Denoising strength"));
   const upscale = decimal(take("Hires upscale"));
@@ -151,7 +153,12 @@ export function settingsFrom(text) {
     // The second pass's own prompts and sampler (A1111 writes them only where they differ from the first's).
     for (const [name, key] of Object.entries(HIRES_OWN)) {
       const value = take(key);
-      if (value !== undefined) settings[name] = name === "hr_sampler" ? scheduled(value) : value;
+      if (value !== undefined) settings[name] = name === "hr_sampler" ? scheduled(value, hiresSchedule) : value;
+    }
+    // A schedule of its own for the first pass's sampler: the hires sampler is that sampler under it.
+    const base = sampler?.replace(/ Karras$/, "");
+    if (settings.hr_sampler === undefined && base !== undefined && hiresSchedule !== schedule) {
+      settings.hr_sampler = scheduled(base, hiresSchedule);
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
