@@ -214,9 +214,9 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     scheduler = "hr_scheduler" if body.get("hr_scheduler") not in (None, "", SAME_SCHEDULER) else "scheduler"
     if name is not None or scheduler == "hr_scheduler":
         own["hr_sampler"] = _sampler(body, name, scheduler)
-    for name, first in HIRES_OWN.items():
-        if own.get(name) not in (None, "", ours.get(first)):
-            ours[name] = own[name]
+    for field, first in HIRES_OWN.items():
+        if own.get(field) not in (None, "", ours.get(first)):
+            ours[field] = own[field]
     ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
 
 
