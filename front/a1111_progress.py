@@ -53,7 +53,7 @@ class Job:
     def advance(self, line: dict[str, Any]) -> None:
         """A step line of the running request's stream: how far its images are, never going back (a request split
         over UNet batches restarts its steps in each); a hires fix's two passes share the bar by what their steps
-        cost."""
+        cost, as the lines say (`first_pass_share`)."""
         if "passes" in line:
             self.said_passes = line["passes"]
         elif line.get("hires"):
@@ -63,9 +63,7 @@ class Job:
         step, total, index = line["step"], line.get("total") or 1, line.get("image_index", 0)
         done = (index + line.get("image_count", 1) * step / total) / images
         if self.passes == 2:
-            steps = self.ours["ddim_steps"]
-            second = (self.ours.get("hr_steps") or steps) * self._hires_area
-            first = steps / (steps + second)
+            first = line.get("first_pass_share") or self._first_pass_share
             done = first + (1 - first) * done if line.get("hires") else first * done
         self.fraction = max(self.fraction, min((self.request + done) / self.requests, 1.0))
         self.step, self.steps = step, total
@@ -74,14 +72,18 @@ class Job:
         self.preview = line.get("preview", self.preview)
 
     @property
-    def _hires_area(self) -> float:
-        """The hires fix's pixels over the first pass's, which is about what a second-pass step costs in first-pass
-        ones (read once TorchServe runs the request, so once its values are valid)."""
+    def _first_pass_share(self) -> float:
+        """A worker older than `first_pass_share`: the first pass's steps over both passes', a second-pass step
+        counted as its pixels over the first pass's (read once TorchServe runs the request, so once its values are
+        valid)."""
         x, y = self.ours.get("hr_resize_x", 0), self.ours.get("hr_resize_y", 0)
         if not x and not y:
-            return self.ours["hr_scale"] ** 2
-        width, height = self.ours["W"], self.ours["H"]
-        return x * y / (width * height) if x and y else (x / width if x else y / height) ** 2
+            area = self.ours["hr_scale"] ** 2
+        else:
+            width, height = self.ours["W"], self.ours["H"]
+            area = x * y / (width * height) if x and y else (x / width if x else y / height) ** 2
+        steps = self.ours["ddim_steps"]
+        return steps / (steps + (self.ours.get("hr_steps") or steps) * area)
 
     @property
     def passes(self) -> int:

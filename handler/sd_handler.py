@@ -27,7 +27,7 @@ from handler.settings import HandlerSettings, check_against_model, parse_setting
 from handler.streaming import ProgressStream, ndjson_line
 from ldm.cpu_features import has_amx_bf16
 from ldm.parts import load_split
-from ldm.pipeline import Generation, GenerationError, Pipeline
+from ldm.pipeline import Generation, GenerationError, Pipeline, first_pass_share
 
 logger = logging.getLogger(__name__)
 # What runs out of memory without PyTorch's CUDA allocator noticing says so in a plain RuntimeError: cuBLAS and cuDNN
@@ -137,8 +137,10 @@ class StableDiffusionHandler(BaseHandler):
         assert self.pipeline is not None, "initialize() loads the model first"
         valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
         streamed = {idx for idx, item in valid if item.stream}
-        two_passes = {idx for idx, item in valid if item.generation.hires}
-        self.progress = ProgressStream(self.context, streamed, self.settings.preview_every, two_passes)
+        shares = {
+            idx: first_pass_share(item.generation, self.pipeline.factor) for idx, item in valid if item.generation.hires
+        }
+        self.progress = ProgressStream(self.context, streamed, self.settings.preview_every, shares)
         if not valid:
             return list(data)
         started = time.perf_counter()

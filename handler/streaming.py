@@ -29,16 +29,19 @@ def ndjson_line(value: dict[str, Any]) -> str:
 class ProgressStream:
     """Sends a step line to each streamed request whose images are in the UNet batch that just stepped.
 
-    `streamed` are the positions in TorchServe's batch that asked for a stream; `two_passes`, those that run a hires
-    fix's second pass (whose lines say so from the first: a client weighs the passes on its bar, and only the server
-    knows whether a hires fix asked for runs). `started` collects those that have been sent something: their status
-    and headers are out, so from then on even an error can only be one more line.
+    `streamed` are the positions in TorchServe's batch that asked for a stream; `first_pass_shares`, those that run a
+    hires fix's second pass, with their first pass's share of the work (`first_pass_share`). Their lines say both
+    from the first step on: a client gives each pass its room on the bar, and only the server knows whether a hires
+    fix asked for runs, and what a step of each sampler costs. `started` collects those that have been sent
+    something: their status and headers are out, so from then on even an error can only be one more line.
     """
 
-    def __init__(self, context: Any, streamed: set[int], preview_every: int, two_passes: set[int]) -> None:
+    def __init__(
+        self, context: Any, streamed: set[int], preview_every: int, first_pass_shares: dict[int, float]
+    ) -> None:
         self.context = context
         self.streamed = streamed
-        self.two_passes = two_passes
+        self.first_pass_shares = first_pass_shares
         self.preview_every = preview_every
         self.started: set[int] = set()
         for idx in streamed:
@@ -65,8 +68,10 @@ class ProgressStream:
                 "total": progress.total,
                 "image_index": progress.images[row][1],
                 "image_count": counts[request_index],
-                "passes": 2 if idx in self.two_passes else 1,
+                "passes": 2 if idx in self.first_pass_shares else 1,
             }
+            if idx in self.first_pass_shares:
+                line["first_pass_share"] = self.first_pass_shares[idx]
             if progress.hires:
                 line["hires"] = True  # the hires fix's second pass, whose steps count from 1 again
             if self.wants_preview(progress.step, progress.total):

@@ -439,6 +439,15 @@ def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
     return without_hires(replace(hires_run(request), height=height, width=width))
 
 
+def first_pass_share(request: GenerationRequest, factor: int) -> float:
+    """The first pass's share of a hires fix's sampling work, for a progress bar to give each pass its room: each
+    pass's UNet calls (steps times calls per step: a second pass of Heun calls twice a step) times its size, which is
+    about what a call costs."""
+    passes = (request, hires_pass(request, factor))
+    work = [r.denoising_steps * k_samplers.unet_calls_per_step(r.sampler) * r.height * r.width for r in passes]
+    return work[0] / sum(work)
+
+
 def without_hires(request: GenerationRequest) -> GenerationRequest:
     """The request without its hires fix: a second pass's own request, or one whose fix would do nothing (which then
     says so nowhere: not in its answer's parameters, nor in its PNGs)."""

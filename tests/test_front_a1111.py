@@ -348,8 +348,9 @@ def test_a_failure_after_the_stream_began_keeps_its_status(client: TestClient) -
 
 
 def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
-    """Images done plus the UNet batch's share of steps, never going back; a hires fix's second pass weighs by its
-    cost (here 2 steps at twice the size: 8 first-pass steps' worth against 2)."""
+    """Images done plus the UNet batch's share of steps, never going back; a hires fix's passes weigh as the lines
+    say (`first_pass_share`), or from a worker older than that by steps times pixels (here 2 steps at twice the
+    size: 8 first-pass steps' worth against 2)."""
     jobs = Jobs()
     idle = jobs.progress(with_image=True)
     assert (idle["progress"], idle["eta_relative"], idle["state"]["job_count"], idle["current_image"]) == (
@@ -371,17 +372,20 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     assert (split.fraction, split.iteration) == (pytest.approx((1 + 0.5) / 3), 1)
     hires = Job({"n_samples": 1, "n_iter": 2, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2}, requests=2)
     assert hires.jobs == (4, 0)  # A1111 counts each pass of each batch as a job
-    hires.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
-    assert hires.fraction == 0.2 / 2 and hires.jobs == (4, 0)
-    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "passes": 2, "hires": True})
-    assert hires.fraction == pytest.approx((0.2 + 0.8 * 0.5) / 2) and hires.jobs == (4, 1)
+    # The first pass's share of the work as the lines say (a second pass of Heun, 2 calls a step: 2 / (2 + 2·2·4)).
+    shared = {"image_index": 0, "image_count": 1, "passes": 2, "first_pass_share": 0.1}
+    hires.advance({"step": 2, "total": 2, **shared})
+    assert hires.fraction == 0.1 / 2 and hires.jobs == (4, 0)
+    hires.advance({"step": 1, "total": 2, **shared, "hires": True})
+    assert hires.fraction == pytest.approx((0.1 + 0.9 * 0.5) / 2) and hires.jobs == (4, 1)
     hires.request = 1
-    hires.advance({"step": 1, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
+    hires.advance({"step": 1, "total": 2, **shared})
     assert hires.jobs == (4, 2)
     # Polled while TorchServe refuses fields that are not numbers: one job, not an error.
     assert Job({"hr_scale": "2", "n_iter": "2"}).jobs == (1, 0)
     assert Job({"hr_resize_x": "1024"}).jobs == (1, 0)
-    # A "Hires resize" to 1024 wide from 512×256: 4 times the pixels, as a scale of 2; both sides: their product.
+    # A worker older than `first_pass_share`: steps times pixels. A "Hires resize" to 1024 wide from 512×256: 4 times
+    # the pixels, as a scale of 2; both sides: their product.
     for resize in ({"hr_resize_x": 1024}, {"hr_resize_y": 512}, {"hr_resize_x": 512, "hr_resize_y": 1024}):
         resized = Job({"n_samples": 1, "ddim_steps": 2, "hr_steps": 2, "W": 512, "H": 256, **resize})
         resized.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})

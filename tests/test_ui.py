@@ -283,11 +283,11 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
 
 
 def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second_pass(page: Page, front: str) -> None:
-    """Upscale by 2 with Lanczos, 4 hires steps at strength 0.5: the page sends them (the hires slider as the
-    strength), the result is the API's 128x128 image and says how it was made, the passes share the bar by cost
-    and the second says it is the hires fix's. A strength the server refuses for the hires fix is shown under the
-    hires slider; PLMS is set aside while the fix is on; at 1, or with an init image (which disables the section),
-    nothing of it is sent."""
+    """Upscale by 2 with Lanczos, 4 Heun hires steps at strength 0.5: the page sends them (the hires slider as the
+    strength), the result is the API's 128x128 image and says how it was made, the passes share the bar by cost as
+    the server weighs it and the second says it is the hires fix's. A strength the server refuses for the hires fix
+    is shown under the hires slider; PLMS is set aside while the fix is on; at 1, or with an init image (which
+    disables the section), nothing of it is sent."""
     page.fill("#prompt", "a lighthouse")
     page.fill("#seed", "12")
     page.select_option("#sampler", "plms")
@@ -298,11 +298,12 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     page.fill("#hr_steps", "4")
     page.fill("#hr_strength", "0.5")
     expect(page.locator("#hr_strength_value")).to_have_text("0.5")
+    page.select_option("#hr_sampler", "heun")
     page.evaluate(RECORD_PROGRESS)
     page.evaluate(RECORD_STATUS)
     body = generate(page, shown=1)
-    assert {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_steps", "strength")} == {
-        "hr_scale": 2, "hr_upscaler": "lanczos", "hr_steps": 4, "strength": 0.5,
+    assert {k: body[k] for k in ("hr_scale", "hr_upscaler", "hr_steps", "strength", "hr_sampler")} == {
+        "hr_scale": 2, "hr_upscaler": "lanczos", "hr_steps": 4, "strength": 0.5, "hr_sampler": "heun",
     }  # fmt: skip
     [result] = results(page)
     assert result["parameters"] == (
@@ -316,9 +317,9 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     statuses = page.evaluate("window.statuses")
     assert "Step 10 of 10" in statuses and "Hires fix: step 4 of 4" in statuses, statuses
     values = [float(value) for value in page.evaluate("window.progressValues")]
-    # The first pass's 10 steps cost 10, the second's 4 at twice the size 4·2² = 16: the first fills 10/26 of the
-    # bar, step by step, then each second-pass step a quarter of the rest.
-    first = 10 / 26
+    # The first pass's 10 steps cost 10 UNet calls, the second's 4 Heun steps two each at twice the size 4·2·2² = 32:
+    # the first fills 10/42 of the bar, step by step, then each second-pass step a quarter of the rest.
+    first = 10 / 42
     expected = [first * k / 10 for k in range(1, 11)] + [first + (1 - first) * k / 4 for k in range(1, 5)]
     assert values[0] == 0 and values[-1] == 1 and values == sorted(values), values
     assert all(any(abs(value - e) < 1e-6 for value in values) for e in expected), values

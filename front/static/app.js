@@ -371,22 +371,23 @@ function unreadable() {
 // steps. A request whose images are split over several UNet batches restarts the step count in each, so the
 // fraction counts images, and only ever goes up. A hires fix's two passes (every line says how many passes the server
 // runs, and the second's lines say `hires`; a server older than `passes` is taken at the request's word) share the
-// bar by what their steps cost: a second-pass step about as many first-pass ones as it has times the pixels.
+// bar by what their steps cost, as the lines say (`first_pass_share`).
 function fraction(message, images, body) {
   const count = message.image_count ?? 1;
   const done = (message.image_index + (count * message.step) / message.total) / images;
   if ((message.passes ?? (body.hr_upscaler === undefined ? 1 : 2)) !== 2) return done;
-  const steps = typeof body.ddim_steps === "number" ? body.ddim_steps : 50;
-  const second = (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * hiresArea(body);
-  const first = steps / (steps + second);
+  const first = message.first_pass_share ?? estimatedFirstPassShare(body);
   return message.hires ? first + (1 - first) * done : first * done;
 }
 
-// A hires fix's pixels over the first pass's (the request's values are numbers once the server runs it).
-function hiresArea(body) {
+// A server older than `first_pass_share`: the first pass's steps over both passes', a second-pass step counted as its
+// pixels over the first pass's (the request's values are numbers once the server runs it).
+function estimatedFirstPassShare(body) {
   const [x, y] = [body.hr_resize_x ?? 0, body.hr_resize_y ?? 0];
-  if (!x && !y) return body.hr_scale ** 2;
-  return x && y ? (x * y) / (body.W * body.H) : (x ? x / body.W : y / body.H) ** 2;
+  let area = body.hr_scale ** 2;
+  if (x || y) area = x && y ? (x * y) / (body.W * body.H) : (x ? x / body.W : y / body.H) ** 2;
+  const steps = typeof body.ddim_steps === "number" ? body.ddim_steps : 50;
+  return steps / (steps + (typeof body.hr_steps === "number" && body.hr_steps > 0 ? body.hr_steps : steps) * area);
 }
 
 async function generate() {
