@@ -226,13 +226,14 @@ def test_cpu_values_ask_for_no_gpu_and_run_the_model_on_the_cpu() -> None:
     model_config = yaml.safe_load(find(docs, "ConfigMap", "sd-torchserve")["data"]["model-config.yaml"])
     assert (model_config["deviceType"], model_config["batchSize"]) == ("cpu", 1)
     limits = model_config["handler"]["limits"]
-    # One 512x512 image of 50 steps at most, the repository's other limits kept; the front waits as long as
-    # TorchServe; a short queue; no HPA without Prometheus.
+    # One 512x512 image of 50 steps at most, no AND sub-prompts (a UNet row each), the repository's other limits
+    # kept; the front waits as long as TorchServe; a short queue; no HPA without Prometheus.
     assert (limits["max_pixels"], limits["max_images"], limits["max_steps"]) == (512 * 512, 1, 50)
+    assert limits["max_and_subprompts"] == 1
     assert limits["max_prompt_chars"] == 2000
     front = container(find(docs, "Deployment", "sd-front"), "front")
     timeout = {e["name"]: e.get("value") for e in front["env"]}["SD_FRONT_TIMEOUT"]
-    assert float(timeout) == model_config["responseTimeout"] == 1800
+    assert float(timeout) == model_config["responseTimeout"] == 3600
     assert config_properties(docs)["job_queue_size"] == "4"
     assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
 
