@@ -17,7 +17,8 @@ from typing import Any
 from handler.request import RequestError, parse_body
 from handler.settings import HandlerSettings
 from ldm import hires, lora
-from ldm.pipeline import SAMPLERS, Pipeline
+from ldm.generation_request import SAMPLERS
+from ldm.pipeline import Pipeline
 
 ASKING = {"describe": True}
 

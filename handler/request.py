@@ -23,26 +23,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings
 from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
-from ldm.inpainting import MAX_MASK_BLUR
-from ldm.pipeline import (
+from ldm.generation_request import (
     MASK_WITHOUT_INIT,
     MAX_SEED,
     SAMPLERS,
     TEXT_FIELDS,
     GenerationError,
     GenerationRequest,
-    check_emphasis,
-    check_hires,
-    check_mask,
-    check_sampler,
-    check_seed_resize,
     idle_hires,
-    named_texts,
-    read_texts,
-    request_loras,
-    text_parts,
     without_hires,
 )
+from ldm.inpainting import MAX_MASK_BLUR
+from ldm.request_checks import check_emphasis, check_hires, check_mask, check_sampler, check_seed_resize
+from ldm.request_texts import named_texts, read_texts, request_loras, text_parts
 from ldm.tokenizer import CLIPTokenizer
 
 FIELDS = (

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler.request import ApiRequest
+from ldm.generation_request import HIRES_OWN
 from ldm.model import StableDiffusion
-from ldm.pipeline import HIRES_OWN, Generation
+from ldm.pipeline import Generation
 from ldm.png_info import encode_with_parameters, generation_texts
 
 

@@ -26,8 +26,9 @@ from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line
 from ldm.cpu_features import has_amx_bf16
+from ldm.generation_request import GenerationError, first_pass_share
 from ldm.parts import load_split
-from ldm.pipeline import Generation, GenerationError, Pipeline, first_pass_share
+from ldm.pipeline import Generation, Pipeline
 
 logger = logging.getLogger(__name__)
 # What runs out of memory without PyTorch's CUDA allocator noticing says so in a plain RuntimeError: cuBLAS and cuDNN

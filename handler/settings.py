@@ -14,9 +14,9 @@ import torch
 from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
 from ldm.fast_path import FastPath
+from ldm.generation_request import SAMPLERS
 from ldm.hires import UPSCALERS
 from ldm.inpainting import MAX_MASK_BLUR
-from ldm.pipeline import SAMPLERS
 
 # SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them.
 MAX_CLIP_SKIP: int = CLIP_VIT_L14_TEXT["num_hidden_layers"]

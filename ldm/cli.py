@@ -47,26 +47,14 @@ from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.embeddings import EmbeddingLibrary
+from ldm.generation_request import IMG2IMG_SAMPLERS, MAX_SEED, SAMPLERS, GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.output_names import image_name, next_index
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
-from ldm.pipeline import (
-    IMG2IMG_SAMPLERS,
-    MAX_SEED,
-    SAMPLERS,
-    Generation,
-    GenerationError,
-    GenerationRequest,
-    Pipeline,
-    check_clip_skip,
-    check_emphasis,
-    check_hires_texts,
-    check_lora_names,
-    resolve,
-    text_parts,
-    unread_warnings,
-)
+from ldm.pipeline import Generation, Pipeline
 from ldm.png_info import encode_with_parameters, generation_texts
+from ldm.request_checks import check_clip_skip, check_emphasis, check_hires_texts, check_lora_names, resolve
+from ldm.request_texts import text_parts, unread_warnings
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.tokenizer import CLIPTokenizer
 from ldm.vae_file import VaeChoice, VaeError, choose

@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 from ldm import hires
+from ldm.generation_request import SAMPLERS, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import SAMPLERS, Generation, GenerationRequest
+from ldm.pipeline import Generation
 from ldm.png_encoder import encode_pngs
 from ldm.vae_file import VaeFile
 

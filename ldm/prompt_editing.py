@@ -70,7 +70,7 @@ class _WholeText(Exception):
 
 @functools.lru_cache(maxsize=256)
 def schedule(text: str, steps: int, first_pass: int = 0) -> Schedule:
-    """The texts `text` reads over a run of `steps` (A1111's count: ldm/pipeline.py's `run_steps`), as (end, text)
+    """The texts `text` reads over a run of `steps` (A1111's count: ldm/request_texts.py's `run_steps`), as (end, text)
     pairs with ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same
     text). `first_pass`: the steps of the first pass when this run is a hires fix's second, 0 otherwise.
     Remembered: a request's checks, encoding and batching each ask for its schedules."""

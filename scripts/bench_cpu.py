@@ -30,8 +30,9 @@ from torch import nn
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import load_config
+from ldm.generation_request import GenerationRequest
 from ldm.parts import DTYPES, load_checkpoint, load_split, write_split
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.bench_allocator import ALLOCATOR_CHILDREN, compare_allocators
 from scripts.peers import call_arguments, diffusers_networks, diffusers_pipeline

@@ -31,9 +31,10 @@ from torch import nn
 from ldm.checkpoint import split_state_dict
 from ldm.config import load_config
 from ldm.fast_path import FastPath, warm_up
+from ldm.generation_request import GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.parts import assemble
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.random_weights import random_state_dict
 from scripts.peers import diffusers_pipeline
 

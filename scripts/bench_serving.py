@@ -27,9 +27,10 @@ import requests
 
 from handler.response import json_body, png_files
 from ldm.config import load_config
+from ldm.generation_request import GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.parts import load_split, write_split
-from ldm.pipeline import Generation, GenerationRequest, Pipeline
+from ldm.pipeline import Generation, Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from scripts.build_mar import main as build_mar
 from scripts.load_test import run as load_run

@@ -16,8 +16,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.generation_request import GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationRequest, clip_text
+from ldm.request_texts import clip_text
 from ldm.tokenizer import CONTEXT_LENGTH, VOCAB_DIR
 
 

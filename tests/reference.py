@@ -9,7 +9,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from ldm.pipeline import GenerationRequest
+from ldm.generation_request import GenerationRequest
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TINY_CONFIG = REFERENCE / "tiny-dev.yaml"

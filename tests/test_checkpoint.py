@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
 from ldm.config import load_config, parse_config
+from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.safe_pickle import UnsafeCheckpointError
 from tests.hostile_pickles import RunsCode
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 
 from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
+from ldm.generation_request import SAMPLERS
 from ldm.lora import short_hash
 from ldm.parts import load_checkpoint, write_split
-from ldm.pipeline import SAMPLERS, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import black_png
 from tests.loras import model_lora, write_lora

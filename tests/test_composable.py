@@ -12,8 +12,10 @@ import torch
 from ldm.checkpoint import read_state_dict
 from ldm.composable import ComposableError, split
 from ldm.conditioning import BatchConditions, ImageConditioning
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
+from ldm.request_checks import resolve
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
 REQUEST = GenerationRequest("a castle", seed=21, height=64, width=64, steps=6, emphasis=True)

@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 from ldm import emphasis
 from ldm.checkpoint import read_state_dict
 from ldm.embeddings import EmbeddingError, EmbeddingLibrary, Vocabulary, read_vectors
+from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
-from ldm.pipeline import GenerationRequest, Pipeline, unread_warnings
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_texts import unread_warnings
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 from tests.hostile_pickles import write_malformed_torch_file
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from ldm.emphasis import EmphasisError, chunks, parse
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from ldm.text_encoder import weigh
 from ldm.tokenizer import CLIPTokenizer
 from tests.reference import FLOAT_TOLERANCE

@@ -23,7 +23,7 @@ from front.errors import FrontError
 from front.imagine import MAX_SEED
 from front.settings import FrontSettings
 from handler.request import FIELDS
-from ldm.pipeline import SAMPLERS
+from ldm.generation_request import SAMPLERS
 from tests.servers import free_port
 
 REFUSAL = {"error": "H must be a multiple of 8, got 100", "field": "H"}

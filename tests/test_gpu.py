@@ -18,8 +18,9 @@ from PIL import Image
 
 from ldm.config import load_config
 from ldm.fast_path import FastPath
+from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.random_weights import random_state_dict, save_checkpoint
 from tests.loras import model_lora, write_lora
 from tests.reference import (

@@ -26,9 +26,10 @@ from handler.request import RequestError, check_chunks, decode_image, parse_requ
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import Limits, SettingsError, check_against_model, parse_settings
 from ldm.embeddings import Embedding, Vocabulary
+from ldm.generation_request import SAMPLERS, GenerationRequest
 from ldm.lora import short_hash
 from ldm.parts import load_split
-from ldm.pipeline import SAMPLERS, GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
 from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
 from tests.loras import model_lora, write_lora

@@ -14,17 +14,12 @@ from PIL import Image
 
 from ldm import hires
 from ldm.checkpoint import read_state_dict
+from ldm.generation_request import GenerationError, GenerationRequest, hires_pass, without_hires
 from ldm.model import StableDiffusion
-from ldm.pipeline import (
-    GenerationError,
-    GenerationRequest,
-    Pipeline,
-    hires_pass,
-    resolve,
-    text_schedules,
-    without_hires,
-)
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
+from ldm.request_texts import text_schedules
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, load_image, request_for
 from tests.test_pipeline import DIFFUSERS_PEERS
 

@@ -14,10 +14,12 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
 from ldm.config import ConfigError, load_config, parse_config
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.inpainting import MAX_MASK_BLUR, blurred, latent_mask, mask_pixels
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, Progress, resolve
+from ldm.pipeline import Pipeline, Progress
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, load_image
 
 INPAINTING_CONFIG = Path(__file__).parent / "fixtures" / "tiny-inpainting.yaml"

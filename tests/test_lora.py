@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import TEXT_TO_IMAGE_CONFIG, load_config
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.lora import (
     LoraError,
     LoraUse,
@@ -30,8 +31,9 @@ from ldm.lora import (
 )
 from ldm.model import StableDiffusion, build_parts
 from ldm.parts import load_checkpoint
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from tests.hostile_pickles import write_malformed_torch_file
 from tests.loras import kohya_lora, text_kohya_layers, unet_kohya_layers, write_lora
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS

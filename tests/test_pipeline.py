@@ -12,9 +12,11 @@ from PIL import Image
 
 from ldm.config import load_config
 from ldm.ddim import DDIMSchedule, alphas_cumprod
+from ldm.generation_request import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest, Pipeline, Progress, resolve
+from ldm.pipeline import Pipeline, Progress
 from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
+from ldm.request_checks import resolve
 from tests.reference import (
     FLOAT_TOLERANCE,
     REFERENCE,

@@ -17,9 +17,12 @@ from handler.request import RequestError, check_chunks
 from handler.settings import HandlerSettings
 from ldm.checkpoint import read_state_dict
 from ldm.embeddings import Vocabulary
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve, text_schedules
+from ldm.pipeline import Pipeline
 from ldm.prompt_editing import schedule, text_at
+from ldm.request_checks import resolve
+from ldm.request_texts import text_schedules
 from ldm.tokenizer import CLIPTokenizer
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 

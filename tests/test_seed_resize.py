@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from ldm.checkpoint import read_state_dict
+from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 from tests.test_variation import a1111_slerp
 

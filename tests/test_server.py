@@ -21,8 +21,9 @@ import pytest
 import requests
 from PIL import Image
 
+from ldm.generation_request import GenerationRequest
 from ldm.parts import load_split
-from ldm.pipeline import GenerationRequest, Pipeline
+from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
 from scripts.server import TorchServe
 from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64

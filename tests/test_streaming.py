@@ -17,8 +17,9 @@ from PIL import Image
 
 from handler.request import NDJSON
 from handler.sd_handler import StableDiffusionHandler
+from ldm.generation_request import GenerationRequest
 from ldm.parts import load_split
-from ldm.pipeline import GenerationRequest, Pipeline, Progress
+from ldm.pipeline import Pipeline, Progress
 from ldm.preview import preview_jpeg
 from tests.bad_requests import VALID, png_base64
 from tests.reference import load_image

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from ldm.conditioning import BatchConditions
-from ldm.pipeline import GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.generation_request import GenerationError, GenerationRequest
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from ldm.subprompts import SubpromptError, split
 from tests.reference import FLOAT_TOLERANCE
 

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import read_state_dict
+from ldm.generation_request import GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from ldm.tiling import circular_padding
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 

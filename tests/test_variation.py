@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from ldm.checkpoint import read_state_dict
+from ldm.generation_request import MAX_SEED, GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
-from ldm.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline, resolve
+from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
+from ldm.request_checks import resolve
 from ldm.variation import slerp
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
 
