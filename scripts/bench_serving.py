@@ -93,7 +93,7 @@ def serve(home: Path, ckpt: Path, batchings: tuple[Batching, ...]) -> TorchServe
                 "--model-config", str(model_config(home, batching))]  # fmt: skip
         if build_mar(args):
             raise SystemExit(f"build_mar failed for {batching.label()}")
-    overrides = {**loopback_listeners(store), "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}"}
+    overrides = {**loopback_listeners(store), "vmargs": "-Xmx512m"}
     config = write_properties(ROOT / "config.properties", home / "config.properties", overrides)
     server = TorchServe(config, home, store, ",".join(f"{b.name}={b.name}.mar" for b in batchings))
     server.start(foreground=True)

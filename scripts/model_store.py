@@ -6,7 +6,8 @@ model config), so it is stale as soon as any of those changes (a `git pull`, an 
 when the checkpoint does. The stamp records all of it, in `.torchserve/` (outside the store, which a build replaces);
 it says "building" until a build completes, so a build cut short is redone, never served. Each build also leaves a
 mark in the store itself, so that a store serve.sh built is still known for its own once `.torchserve/` is deleted
-(to clear its logs, say), and is rebuilt rather than served unchecked.
+(to clear its logs, say, once stopped: it holds the running server's pid file, without which stop.sh cannot find it),
+and is rebuilt rather than served unchecked.
 
 A store that serve.sh did not build (`scripts/build_mar.py` run by hand, as README shows) is served as it is.
 """

@@ -148,8 +148,10 @@ class TorchServe:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        # TorchServe's pid file lives in the temp folder; a folder of our own lets servers run side by side.
-        env["TMPDIR"] = str(self.home)
+        # TorchServe's pid file lives in the temp folder, and its workers' sockets in Java's, which its launcher takes
+        # from TEMP (else the system's /tmp, where another user's stale socket stops a worker from starting): a
+        # folder of our own for both lets servers run side by side.
+        env["TMPDIR"] = env["TEMP"] = str(self.home)
         return env
 
     def command(self, *extra: str) -> list[str]:
@@ -221,6 +223,8 @@ class TorchServe:
         """Stop TorchServe and every process it started (Java frontend, Python workers), and return once they are
         gone: `torchserve --stop` only signals Java, which then takes seconds to let go of its ports, so a start
         right after it (`scripts/stop.sh; scripts/serve.sh`) could find them taken."""
+        if self.process is None and not self.home.is_dir():
+            return  # never started here (its pid file, folder and logs would be there)
         group = self._detached_group()  # read before --stop removes the pid file
         subprocess.run([*self.command()[:1], "--stop"], cwd=self.home, env=self.environment(), capture_output=True)
         if self.process is not None:

@@ -112,8 +112,7 @@ def tiny_torchserve(home: Path, settings: Mapping[str, int] = BATCHING, detached
     assert (store / f"{MODEL}.mar").is_file()
     config = write_properties(ROOT / "config.properties", home / "config.properties", {
         **loopback_listeners(store),
-        # Java's temp folder holds the workers' sockets: ours alone, so servers never collide.
-        "vmargs": f"-Xmx512m -Djava.io.tmpdir={home}",
+        "vmargs": "-Xmx512m",
     })  # fmt: skip
     ts = TorchServe(config, home, store, f"{MODEL}={MODEL}.mar")
     ts.start(foreground=not detached)
