@@ -215,6 +215,21 @@ def test_torchserve_pods_get_a_gpu_probes_and_a_hardened_container() -> None:
     assert {p["name"]: p["containerPort"] for p in ts["ports"]} == {"inference": 8080, "metrics": 8082}
 
 
+def test_numbers_from_a_values_file_are_written_as_whole_numbers(tmp_path: Path) -> None:
+    """A values file reads numbers as floats, which a template prints as 3.3554432e+07 from a million up; the keys a
+    user raises the image limits with (extraConfig's max_request_size) and the front's timeout stay whole numbers,
+    and a fraction stays one."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "torchserve:\n  extraConfig:\n    max_request_size: 33554432\n    ratio: 0.5\nfront:\n  timeout: 1800000\n"
+    )
+    docs = objects("--values", str(values), *DOWNLOAD)
+    properties = config_properties(docs)
+    assert (properties["max_request_size"], properties["ratio"]) == ("33554432", "0.5")
+    front = container(find(docs, "Deployment", "sd-front"), "front")
+    assert {e["name"]: e.get("value") for e in front["env"]}["SD_FRONT_TIMEOUT"] == "1800000"
+
+
 def test_cpu_values_ask_for_no_gpu_and_run_the_model_on_the_cpu() -> None:
     docs = objects(*SCENARIOS["cpu"])
     deployment = find(docs, "Deployment", "sd-torchserve")

@@ -66,6 +66,12 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* A value as text: a whole number stays one. A values file reads numbers as floats, which Go's templates print
+as 3.3554432e+07 from a million up: no number TorchServe or the front reads. */}}
+{{- define "sd.scalar" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}{{ int64 . }}{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
+
 {{/* config.properties for TorchServe in a pod. Inference and metrics on every address of the pod (the Services
      and the NetworkPolicy decide who reaches them); management and gRPC on loopback, never beyond the pod. The
      rest is the repository's config.properties, whose comments explain each value (tests/test_deploy.py keeps the
@@ -99,6 +105,6 @@ seccompProfile:
   "vmargs" .Values.torchserve.javaOptions
 -}}
 {{- range $key, $value := merge (deepCopy .Values.torchserve.extraConfig) $config }}
-{{ $key }}={{ $value }}
+{{ $key }}={{ include "sd.scalar" $value }}
 {{- end }}
 {{- end -}}
