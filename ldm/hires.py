@@ -14,7 +14,6 @@ VAE then encodes again).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,14 +101,6 @@ def most_steps(max_run: int) -> int:
     while run_length(steps, 1.0) > max_run:
         steps -= 1
     return steps
-
-
-def least_strength(steps: int, max_run: int) -> float:
-    """A strength, to three significant digits, at which `steps` second-pass steps fit a run of `max_run` (rounded up,
-    so that the strength an error message suggests is one that runs)."""
-    exact = steps / max_run
-    unit = 10.0 ** (math.floor(math.log10(exact)) - 2)
-    return math.ceil(exact / unit) * unit
 
 
 def is_latent(upscaler: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -142,7 +143,7 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         raise GenerationError(
             "strength",
             f"strength {request.strength} makes the hires fix's {steps} steps the last of a run of {run}, over this "
-            f"model's {max_steps}: raise strength to at least {hires.least_strength(steps, max_steps):g}, or lower "
+            f"model's {max_steps}: raise strength to at least {_rounded_up(steps / max_steps):g}, or lower "
             "hr_steps",
         )
 
@@ -272,9 +273,16 @@ def resolve(
             raise GenerationError(
                 "strength",
                 f"strength {request.strength} × ddim_steps {request.steps} leaves no denoising step; "
-                f"raise strength to at least {1 / request.steps:g}",
+                f"raise strength to at least {_rounded_up(1 / request.steps):g}",
             )
     for name, value in (("H", request.height), ("W", request.width)):
         if value <= 0 or value % factor:
             raise GenerationError(name, f"{name} must be a positive multiple of {factor}, got {value}")
     return request
+
+
+def _rounded_up(strength: float) -> float:
+    """A least strength to three significant digits, rounded up, so that the strength an error suggests runs
+    (1/3 as 0.333 would still leave ⌊0.333·3⌋ = 0 steps)."""
+    unit = 10.0 ** (math.floor(math.log10(strength)) - 2)
+    return math.ceil(strength / unit) * unit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,22 @@ def test_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: 
     with pytest.raises(GenerationError) as info:
         resolve(request)
     assert info.value.field == field
+
+
+def test_the_least_strength_an_error_suggests_runs() -> None:
+    """A strength too small for any step (img2img's ⌊strength·S⌋ = 0; a hires fix whose run ⌊N / strength⌋ would
+    pass the model's 999 steps) is refused with the least strength to try, to three digits rounded up: 1/3 as
+    0.333 would be refused again."""
+    init = load_image(REFERENCE / "init_dev_80x64.png")
+    for steps in range(1, 1000):
+        img2img = GenerationRequest("x", seed=1, steps=steps, init_image=init, strength=0.5 / steps)
+        hires = dataclasses.replace(SMALL, hr_scale=2.0, hr_steps=min(steps, 998), strength=0.5 * min(steps, 998) / 999)
+        for request in (img2img, hires):
+            with pytest.raises(GenerationError, match="raise strength to at least") as error:
+                resolve(request)
+            least = float(re.search(r"at least ([0-9.e-]+)", str(error.value)).group(1))
+            resolve(dataclasses.replace(request, strength=least))
+            assert least < 1.01 * (1 / steps if request is img2img else request.hr_steps / 999)
 
 
 def test_steps_stop_where_ddim_timesteps_leave_the_schedule() -> None:
