@@ -12,7 +12,8 @@ from σ_max down to 0.
 As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
 - The S noise levels are σ at t = linspace(T − 1, 0, S), read between the integer timesteps by interpolating log σ
   linearly, then 0 (so, unlike DDIM's, the schedule starts at the last timestep, T − 1). The Karras schedule
-  instead spaces σ^(1/7) evenly from the model's largest σ to its smallest, then 0.
+  instead spaces σ^(1/7) evenly from the model's largest σ to its smallest, then 0. DPM2 and DPM2 a take those of
+  S + 1 steps without the last above 0, as A1111 and ComfyUI do (`noise_levels`).
 - The model sees x·c_in with c_in = 1/√(σ² + 1) (that is x_t) at the timestep whose σ it is, fractional in
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
 - The starting latent is the image's noise times σ_0; img2img's is z₀ + noise·σ at the first of the last m
@@ -295,8 +296,17 @@ def unet_calls_per_step(name: str) -> int:
 
 
 def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:
-    """The S + 1 noise levels sampler `name` walks in an S-step run (the model's or Karras'), the last 0."""
-    return schedule.karras_sigmas(steps) if STEPS[name][1] else schedule.sigmas(steps)
+    """The S + 1 noise levels sampler `name` walks in an S-step run (the model's or Karras'), the last 0.
+
+    DPM2 and DPM2 a walk the levels of S + 1 steps without the last above 0 (the model's smallest σ), as A1111 and
+    ComfyUI run them (their "discard penultimate σ"): so a DPM2 image of theirs is painted here too. k-diffusion's
+    own loop takes the S levels as they are.
+    """
+    step, karras = STEPS[name]
+    skips_last = step in (_dpm2, _dpm2_ancestral)
+    count = steps + 1 if skips_last else steps
+    levels = schedule.karras_sigmas(count) if karras else schedule.sigmas(count)
+    return levels[:-2] + levels[-1:] if skips_last else levels
 
 
 def start(noise: torch.Tensor, sigma: float, init_latent: torch.Tensor | None = None) -> torch.Tensor:

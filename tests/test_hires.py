@@ -20,8 +20,8 @@ from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve
 from ldm.request_texts import text_schedules
+from tests.peer_schedulers import peer_scheduler
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, load_image, request_for
-from tests.test_pipeline import DIFFUSERS_PEERS
 
 # A1111 1.6's latent upscalers, written out again from its table (torch mode, antialias).
 A1111_LATENT_MODES = {
@@ -73,11 +73,8 @@ def peer(tiny_model: StableDiffusion) -> Any:
 
 def with_scheduler(pipe: Any, sampler: str, steps: int) -> Any:
     """`pipe` with the diffusers scheduler of our `sampler` (DDIM as the peer is made), set to `steps`."""
-    import diffusers
-
     if sampler != "ddim":
-        kind, settings, _ = DIFFUSERS_PEERS[sampler]
-        pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+        pipe.scheduler = peer_scheduler(sampler, pipe.scheduler.config)
     pipe.scheduler.set_timesteps(steps)
     return pipe
 

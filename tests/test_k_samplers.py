@@ -4,9 +4,9 @@ forms, with no UNet at all.
 diffusers' Euler, Euler ancestral, Heun, KDPM2 and KDPM2 ancestral schedulers are the independent implementation:
 ports of k-diffusion's samplers into diffusers' step-by-step form (a different structure: the two-call samplers
 keep half a step of state between calls). They agree with k-diffusion's `CompVisDenoiser` schedule where the S
-timesteps linspace(999, 0, S) are whole numbers (S − 1 divides 999: S = 10, 28, 38, …); between whole numbers
-diffusers interpolates σ where k-diffusion interpolates log σ, so other step counts are checked against the
-closed form of the schedule instead.
+timesteps linspace(999, 0, S) are whole numbers (S − 1 divides 999: S = 10, 28, 38, …; for DPM2, whose levels are
+those of S + 1 steps, S = 9, 27, 37, …); between whole numbers diffusers interpolates σ where k-diffusion
+interpolates log σ, so other step counts are checked against the closed form of the schedule instead.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ldm import k_samplers
 from ldm.config import load_config
 from ldm.ddim import EpsFn, StepCallback, alphas_cumprod
 from ldm.k_samplers import SigmaSchedule, lms_coefficients
+from tests.peer_schedulers import peer_scheduler
 from tests.reference import TINY_CONFIG
 
 pytest.importorskip("diffusers")
@@ -102,26 +103,9 @@ def input_only(calls: list[float]) -> EpsFn:
 
 
 def diffusers_scheduler(name: str) -> Any:
-    """diffusers' port of sampler `name`; a `_karras` name is its base sampler on `use_karras_sigmas`."""
-    import diffusers
-
-    base = name.removesuffix("_karras")
-    kind = {
-        "euler": diffusers.EulerDiscreteScheduler,
-        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-        "heun": diffusers.HeunDiscreteScheduler,
-        "dpm2": diffusers.KDPM2DiscreteScheduler,
-        "dpm2_a": diffusers.KDPM2AncestralDiscreteScheduler,
-    }[base]
-    karras = {"use_karras_sigmas": True} if base != name else {}
-    return kind(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="linspace",
-        **karras,
-    )
+    """diffusers' port of sampler `name` (tests/peer_schedulers.py), on SD v1's β."""
+    betas = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    return peer_scheduler(name, betas)
 
 
 def run_diffusers(name: str, noise: torch.Tensor, steps: int, generator: torch.Generator, eps: EpsFn) -> torch.Tensor:
@@ -135,8 +119,12 @@ def run_diffusers(name: str, noise: torch.Tensor, steps: int, generator: torch.G
     return x
 
 
-@pytest.mark.parametrize("steps", [10, 28])
-@pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "dpm2", "dpm2_a"])
+# Step counts whose timesteps are whole (the module's docstring says why): DPM2's levels are those of S + 1 steps.
+@pytest.mark.parametrize(
+    ("name", "steps"),
+    [(name, steps) for name in ("euler", "euler_a", "heun") for steps in (10, 28)]
+    + [(name, steps) for name in ("dpm2", "dpm2_a") for steps in (9, 27)],
+)
 def test_sampler_equals_diffusers_port(schedule: SigmaSchedule, name: str, steps: int) -> None:
     seed = 7 + steps
     ours_generator, their_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
@@ -173,6 +161,20 @@ def test_karras_variants_equal_diffusers_ports_on_karras_sigmas(schedule: SigmaS
     # Sensitive: the same sampler on the model's schedule lands elsewhere.
     on_model_levels = run(name.removesuffix("_karras"), eps, noise, schedule, steps, [torch.Generator().manual_seed(1)])
     assert (on_model_levels - theirs).abs().max().item() > 1e-3
+
+
+def test_dpm2_walks_a1111s_levels(schedule: SigmaSchedule) -> None:
+    """A1111 and ComfyUI run DPM2 and DPM2 a on the levels of one step more without the last above 0 (their
+    "discard penultimate σ"): at 5 steps, SD v1's σ at timesteps 999, 799.2, …, 199.8, then 0, never σ(0) =
+    0.0292. The constants are k-diffusion's `get_sigmas` (and `get_sigmas_karras`) of 6 steps, the penultimate
+    dropped, as A1111's `get_sigmas` does (to 4 decimals). The other samplers walk the 5 steps' own levels."""
+    model = [14.6146, 5.0924, 2.2797, 1.1629, 0.5712, 0.0]
+    karras = [14.6146, 6.0821, 2.2322, 0.6926, 0.1698, 0.0]
+    for name in ("dpm2", "dpm2_a"):
+        assert k_samplers.noise_levels(name, schedule, 5) == pytest.approx(model, abs=5e-5)
+        assert k_samplers.noise_levels(f"{name}_karras", schedule, 5) == pytest.approx(karras, abs=5e-5)
+    assert k_samplers.noise_levels("heun", schedule, 5)[-2] == pytest.approx(0.0292, rel=1e-2)
+    assert k_samplers.noise_levels("lms_karras", schedule, 5)[-2] == pytest.approx(0.0292, rel=1e-2)
 
 
 def test_each_karras_variant_is_its_base_sampler_on_karras_levels() -> None:

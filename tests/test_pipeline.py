@@ -18,6 +18,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline, Progress
 from ldm.png_info import encode_with_parameters, parameters_text, read_parameters
 from ldm.request_checks import resolve
+from tests.peer_schedulers import peer_scheduler, starts_from_sigma_max
 from tests.reference import (
     FLOAT_TOLERANCE,
     REFERENCE,
@@ -233,15 +234,6 @@ def test_progress_names_the_request_and_image_of_every_row(pipeline: Pipeline) -
             assert torch.allclose(progress.latents[row], alone[-1].latents[0], atol=1e-4, rtol=0)
 
 
-# A sampler → diffusers' implementation of it: its scheduler, that scheduler's settings, and whether it starts from
-# noise·σ_max (k-diffusion's samplers; DDIM and PLMS start from the noise itself).
-DIFFUSERS_PEERS = {
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}, False),  # how diffusers reproduces the original's PLMS
-    "euler_a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}, True),
-    "dpm2": ("KDPM2DiscreteScheduler", {"timestep_spacing": "linspace"}, True),
-}
-
-
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
 @pytest.mark.parametrize(("sampler", "case_id"), [("plms", "basic"), ("plms", "negative"), ("euler_a", "basic"),
@@ -253,22 +245,19 @@ def test_sampler_image_equals_diffusers_pipeline(
     same weights (tests/test_plms.py and test_k_samplers.py hold the samplers alone): guidance, the negative
     prompt, the UNet at fractional timesteps (DPM2's midpoints), and each step's noise drawn from the image's
     generator after its starting noise (Euler a)."""
-    import diffusers
-
     from ldm.checkpoint import read_state_dict
     from scripts.peers import call_arguments, diffusers_pipeline
 
     request = dataclasses.replace(request_for(case(case_id)), sampler=sampler)
     ours = pipeline.generate(request).pixels[0]
     pipe = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    kind, settings, from_sigma_max = DIFFUSERS_PEERS[sampler]
-    pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler = peer_scheduler(sampler, pipe.scheduler.config)
     pipe.scheduler.set_timesteps(request.steps)
     generator = torch.Generator().manual_seed(request.seed)
     noise = torch.randn(1, 4, request.height // 8, request.width // 8, generator=generator)
     # The pipeline multiplies the latents it is given by its scheduler's `init_noise_sigma` (√(σ_max² + 1) for the
     # k-diffusion ports).
-    start = float(pipe.scheduler.sigmas[0]) if from_sigma_max else 1.0
+    start = float(pipe.scheduler.sigmas[0]) if starts_from_sigma_max(sampler) else 1.0
     arguments = {**call_arguments(request), "generator": generator}  # the one that drew the noise draws on
     theirs = pipe(**arguments, latents=noise * start / pipe.scheduler.init_noise_sigma).images[0]
     assert np.abs(ours - theirs.clip(0, 1) * 255).max() < FLOAT_TOLERANCE
@@ -297,8 +286,7 @@ def test_k_sampler_img2img_equals_diffusers_img2img_pipeline(
     text2image = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**text2image.components)
     pipe.set_progress_bar_config(disable=True)
-    kind, settings, _ = DIFFUSERS_PEERS[sampler]
-    pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler = peer_scheduler(sampler, pipe.scheduler.config)
     theirs = pipe(
         request.prompt,
         image=pipeline.init_latent(request),

@@ -175,17 +175,15 @@ def test_img2img_counts_the_steps_it_runs_from_0_against_a_schedule_of_all(pipel
 def test_alternation_counts_each_unet_call_of_a_two_call_sampler(pipeline: Pipeline, peer: Any) -> None:
     """DPM2 calls the UNet twice a step (2·4 − 1 = 7 calls); A1111 schedules it over 8 steps, whose ends are
     1 … 8, so call c reads option (max(c, 1) − 1) mod 2: red, red, blue, red, blue, red, blue."""
-    import diffusers
 
-    from tests.test_pipeline import DIFFUSERS_PEERS
+    from tests.peer_schedulers import peer_scheduler
 
     request = resolve(dataclasses.replace(REQUEST, prompt=f"[{RED}|{BLUE}]", steps=4, sampler="dpm2"))
     ours = pipeline.generate(request).pixels[0]
-    kind, settings, _ = DIFFUSERS_PEERS["dpm2"]
 
     def dpm2(prompt_at: Callable[[int], str]) -> np.ndarray:
         ddim = peer.scheduler
-        peer.scheduler = getattr(diffusers, kind).from_config(ddim.config, **settings)
+        peer.scheduler = peer_scheduler("dpm2", ddim.config)
         try:
             peer.scheduler.set_timesteps(request.steps)
             noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(request.seed))

@@ -98,16 +98,13 @@ def test_an_ancestral_samplers_step_noise_still_comes_from_the_seed(
     """Euler a at strength 1 starts from the variation seed's noise but draws its steps' noise from the seed's
     generator, after the noise it drew first, as A1111's generators run: diffusers' Euler a given the variation
     seed's noise and that generator paints the same image."""
-    import diffusers
-
     from scripts.peers import call_arguments, diffusers_pipeline
-    from tests.test_pipeline import DIFFUSERS_PEERS
+    from tests.peer_schedulers import peer_scheduler
 
     request = resolve(dataclasses.replace(REQUEST, n_samples=1, subseed_strength=1.0, sampler="euler_a"))
     ours = pipeline.generate(request).pixels[0]
     pipe: Any = diffusers_pipeline(tiny_model, read_state_dict(TINY_SAFETENSORS), TINY_CONFIG, torch.device("cpu"))
-    kind, settings, _ = DIFFUSERS_PEERS["euler_a"]
-    pipe.scheduler = getattr(diffusers, kind).from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler = peer_scheduler("euler_a", pipe.scheduler.config)
     pipe.scheduler.set_timesteps(request.steps)
     generator = torch.Generator().manual_seed(40)
     torch.randn(1, 4, 8, 8, generator=generator)  # the seed's own starting noise, drawn and set aside
