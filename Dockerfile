@@ -73,7 +73,8 @@ RUN --mount=type=bind,source=deploy/docker/bake,target=/mnt/bake \
             --store /home/model-server/model-store --name "$MODEL_NAME"; \
     fi
 
-# PYTHONPATH: the readiness probe and init container run `python -m scripts...`. Caches go to /tmp, the one
+# PYTHONPATH: the readiness probe and init container run `python -m scripts...` (the entrypoint drops it for
+# TorchServe, whose workers run the archive's code). Caches go to /tmp, the one
 # writable place under a read-only root filesystem; nothing is ever downloaded from a model hub.
 # NVIDIA_DRIVER_CAPABILITIES: `compute` for CUDA, `utility` for nvidia-smi, with which TorchServe counts the GPUs
 # it spreads workers over. NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it to the GPUs

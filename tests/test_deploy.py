@@ -623,7 +623,12 @@ def test_the_readiness_probe_waits_for_the_models_that_load_at_start(tmp_path: P
 
 class Container(TorchServe):
     """TorchServe started as the server image starts it: deploy/docker/entrypoint.sh, with TS_CONFIG and TS_HOME
-    pointing at this test's folder instead of the image's paths."""
+    pointing at this test's folder instead of the image's paths, and PYTHONPATH at `image_code`, as the image's
+    points at its own copy of the code (/app)."""
+
+    def __init__(self, config: Path, home: Path, model_store: Path, models: str, image_code: Path) -> None:
+        super().__init__(config, home, model_store, models)
+        self.image_code = image_code
 
     def environment(self) -> dict[str, str]:
         return {
@@ -631,6 +636,7 @@ class Container(TorchServe):
             "TS_CONFIG": str(self.config),
             "TS_HOME": str(self.home),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(self.image_code),
         }
 
     def command(self, *extra: str) -> list[str]:
@@ -689,7 +695,11 @@ def test_the_entrypoint_serves_the_chart_config_and_a_downloaded_archive(tmp_pat
         home / "config.properties",
         loopback_listeners(store),
     )
-    server = Container(config, home, store, "sd=sd")
+    # The workers run the archive's code: a `handler` package on the image's PYTHONPATH would fail them.
+    image_code = tmp_path / "image"
+    (image_code / "handler").mkdir(parents=True)
+    (image_code / "handler" / "__init__.py").write_text("raise ImportError(\"the image's handler, not the archive's\")")
+    server = Container(config, home, store, "sd=sd", image_code)
     server.start(foreground=True)
     try:
         server.wait_ready("sd", timeout=TIMEOUT)

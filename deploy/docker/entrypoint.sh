@@ -11,4 +11,8 @@ set -eu
 mkdir -p "$TS_HOME/logs"
 export TMPDIR="$TS_HOME" TEMP="$TS_HOME"
 export LOG_LOCATION="${LOG_LOCATION:-$TS_HOME/logs}" METRICS_LOCATION="${METRICS_LOCATION:-$TS_HOME/logs}"
+# The image's PYTHONPATH (/app, for the probes' `python -m scripts...`) is not the workers': TorchServe puts the
+# model's folder after it, so /app's handler and ldm would shadow the archive's, and an image newer than its archive
+# would run the archive's sd_handler.py on the image's packages.
+unset PYTHONPATH
 exec torchserve --foreground --ncs --ts-config "$TS_CONFIG" "$@"
