@@ -75,12 +75,14 @@ RUN --mount=type=bind,source=deploy/docker/bake,target=/mnt/bake \
 
 # PYTHONPATH: the readiness probe and init container run `python -m scripts...` (the entrypoint drops it for
 # TorchServe, whose workers run the archive's code). Caches go to /tmp, the one
-# writable place under a read-only root filesystem; nothing is ever downloaded from a model hub.
+# writable place under a read-only root filesystem (Triton's and CUDA's kernel caches default to the home folder,
+# which is not); nothing is ever downloaded from a model hub.
 # NVIDIA_DRIVER_CAPABILITIES: `compute` for CUDA, `utility` for nvidia-smi, with which TorchServe counts the GPUs
 # it spreads workers over. NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it to the GPUs
 # the pod was given, and an image default of `all` would hand every GPU of the node to a pod that asked for none.
 ENV PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/home/model-server XDG_CACHE_HOME=/tmp/cache HF_HUB_OFFLINE=1 \
+    TRITON_HOME=/tmp/cache TRITON_CACHE_DIR=/tmp/cache/triton CUDA_CACHE_PATH=/tmp/cache/nv \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /home/model-server
 USER 10001:10001
