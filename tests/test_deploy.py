@@ -484,6 +484,10 @@ def test_the_kserve_manifest_matches_kserve_api_and_the_torchserve_storage_layou
     # KServe copies storageUri to /mnt/models: config/config.properties there, whose model store is model-store/.
     assert {e["name"]: e["value"] for e in server["env"]} == {"TS_CONFIG": "/mnt/models/config/config.properties"}
     assert server["readinessProbe"]["exec"]["command"][-1] == "/mnt/models/config/config.properties"
+    # Generations in flight finish before SIGTERM, as with the chart: its drain, and a grace period 30 s longer.
+    drain = yaml.safe_load((CHART / "values.yaml").read_text())["torchserve"]["drainSeconds"]
+    assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
+    assert service["spec"]["predictor"]["terminationGracePeriodSeconds"] == drain + 30
     config = read_properties(ROOT / "deploy" / "kserve" / "config" / "config.properties")
     assert config["model_store"] == "/mnt/models/model-store"
     assert config["inference_address"].endswith(f":{server['ports'][0]['containerPort']}")
