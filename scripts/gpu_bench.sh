@@ -9,6 +9,7 @@
 # as wheels in ./.whl beforehand (docs/PERFORMANCE.md has the `pip download` line); they go to a scratch folder.
 #
 #   scripts/gpu_bench.sh OUT_DIR        (PYTHON=... to pick the interpreter, BUDGET=... seconds for the rows)
+# Every step runs whatever the others did; the exit status is the first failed step's (0: all passed).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_bench.sh OUT_DIR}
 mkdir -p "$out"
@@ -17,13 +18,14 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d)
+    trap 'rm -rf "$site"' EXIT
     if "$python" -m pip --version >/dev/null 2>&1; then
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl ||
             exit 1
     else  # no pip: these wheels hold no .data folder (docs/PERFORMANCE.md's four), so unpacking one installs it
         for wheel in .whl/*.whl; do "$python" -m zipfile -e "$wheel" "$site" || exit 1; done
     fi
-    export PYTHONPATH=$site
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # Nothing may wait on a network that is not there (diffusers and transformers look for the Hub otherwise).
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -40,9 +42,15 @@ started=$SECONDS
 # -v: each test's name and outcome as it ends, so a run cut short still says how far it got and where.
 timeout 120 "$python" -m pytest -v -rfE --durations=12 -p no:cacheprovider -p no:warnings --noconftest -m gpu \
     tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
+status=$?
 echo "tests: $((SECONDS - started)) s"
 # No row starts after BUDGET seconds; one that started before may run on (a full-size compile takes a minute or two).
 timeout 290 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-200}" 2>&1 | tee "$out/benchmark.log"
+step=$?
+[ "$status" -ne 0 ] || status=$step
 # The GPU host's cores encode the answers' PNGs: a few seconds.
 timeout 30 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
+step=$?
+[ "$status" -ne 0 ] || status=$step
 echo "total: $((SECONDS - started)) s"
+exit "$status"
