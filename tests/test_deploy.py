@@ -58,6 +58,8 @@ DOWNLOAD = sets("modelStore.download.url=https://models.example.com/sd.mar", f"m
 # Each way of running the chart.
 SCENARIOS = {
     "download": DOWNLOAD,
+    # A peer list emptied with --set …=null: the front's own rule, and no other.
+    "download-no-inference-peers": (*DOWNLOAD, *sets("networkPolicy.inferenceFrom=null")),
     "download-url-secret": sets(
         "modelStore.download.urlSecret.name=sd-model-url", f"modelStore.download.sha256={SHA256}"
     ),
