@@ -126,6 +126,9 @@ def test_generate_watch_progress_reuse_the_seed_and_send_back_as_init_image(page
     assert values == sorted(values) and values[-1] == 1, values
     assert page.evaluate("window.previews") > 0
     expect(page.locator("#status")).to_contain_text("Done: 1 image")
+    # Screen readers hear the start and the end, not each step.
+    expect(page.locator("#announce")).to_contain_text("Done: 1 image")
+    assert page.get_attribute("#status", "aria-live") is None
     [first] = results(page)
     assert first["prompt"] == "a red bicycle in the snow" and first["parameters"].startswith("64×64 · 10 steps")
 
@@ -457,7 +460,14 @@ def test_a_seed_resize_is_sent_and_one_side_alone_is_shown_as_the_servers_error(
     assert "seed from 64×64" in results(page)[0]["parameters"]
     page.fill("#seed_resize_from_w", "")
     page.fill("#seed_resize_from_h", "0")
-    assert not {"seed_resize_from_w", "seed_resize_from_h"} & set(generate(page, shown=2))
+    body = generate(page, shown=2)
+    assert not {"seed_resize_from_w", "seed_resize_from_h"} & set(body)
+    assert body["n_iter"] == 1  # the page's images are one batch, whatever the server's default
+    # An upscale the browser cannot read as a number would read as empty, which is "no hires fix": named instead.
+    page.fill("#hr_scale", "")
+    page.locator("#hr_scale").press_sequentially("2e")
+    page.click("#generate")
+    expect(page.locator("#error-hr_scale")).to_have_text("hr_scale must be a number (1: no hires fix)")
 
 
 def test_the_servers_loras_and_embeddings_are_offered_and_added_to_the_prompts(page: Page) -> None:
@@ -471,6 +481,12 @@ def test_the_servers_loras_and_embeddings_are_offered_and_added_to_the_prompts(p
     page.fill("#prompt", "a lighthouse, ")
     page.click("#lora_add")
     assert page.input_value("#prompt") == f"a lighthouse, <lora:{TINY_LORA}:1>"
+    assert page.input_value("#hr_prompt") == ""  # empty: the prompt's, tags and all
+    page.fill("#hr_prompt", "a lighthouse, stormy")
+    page.click("#lora_add")  # a hires prompt of its own must carry the prompt's LoRAs: it gets the tag too
+    assert page.input_value("#hr_prompt") == f"a lighthouse, stormy, <lora:{TINY_LORA}:1>"
+    page.fill("#hr_prompt", "")
+    page.fill("#prompt", f"a lighthouse, <lora:{TINY_LORA}:1>")
     page.click("#embedding_add")  # nothing typed in the negative prompt yet: the prompt
     assert page.input_value("#prompt") == f"a lighthouse, <lora:{TINY_LORA}:1>, {TINY_EMBEDDING}"
     page.fill("#negative_prompt", "blurry")
@@ -512,6 +528,18 @@ def test_progress_counts_images_when_a_request_is_split_over_unet_batches(page: 
     values = [round(float(value), 3) for value in page.evaluate("window.progressValues")]
     # Waiting, then images done + the batch in flight by its share of steps, over 6: 2/6, 4/6, 4/6 + 1/6, 6/6; done.
     assert values == [0, 0.333, 0.667, 0.833, 1, 1], values
+
+
+def test_an_answer_that_breaks_off_is_not_called_unreachable(page: Page) -> None:
+    """The server answered and its stream then broke (here: a line cut short): the page says so, not that the
+    server could not be reached, and the bar keeps how far it got."""
+    step = stream_of({"step": 1, "total": 2, "image_index": 0, "image_count": 1})
+    page.route("**/imagine/stream", lambda route: route.fulfill(status=200, content_type="application/x-ndjson",
+                                                               body=step + '{"step": 2, "tot'))  # fmt: skip
+    page.fill("#prompt", "a lighthouse")
+    page.click("#generate")
+    expect(page.locator("#error-form")).to_contain_text("The server's answer broke off: ")
+    assert float(page.get_attribute("#progress", "value") or 0) == 0.5
 
 
 def test_an_emptied_seed_box_means_a_random_seed_and_an_unreadable_one_is_explained(page: Page) -> None:

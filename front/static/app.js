@@ -22,7 +22,7 @@ const ERROR_SLOTS = {
   hr_resize_y: "hr_resize",
 };
 // The control to mark invalid for each field.
-const CONTROLS = { init_image: "init_file" };
+const CONTROLS = { init_image: "init_file", mask_image: "mask" };
 
 let initImage = null; // data: URL of the img2img init image, or null for txt2img
 let strengthControl = "strength"; // the slider that set the last request's strength: img2img's or the hires fix's
@@ -49,6 +49,7 @@ function requestBody() {
     scale: number($("scale").value),
     sampler: $("sampler").value,
     n_samples: integer($("n_samples").value),
+    n_iter: 1, // the page's images are one batch: not a server default of more, which its bar would not count
     weighted_subprompts: $("weighted_subprompts").checked,
     emphasis: $("emphasis").checked,
     clip_skip: integer($("clip_skip").value),
@@ -175,9 +176,12 @@ function showError(message, field) {
   }
 }
 
-function setProgress(fraction, text) {
+// The bar and the status line; `announced` text is also read out by screen readers (the run's start and end, not
+// every step).
+function setProgress(fraction, text, announced = false) {
   progress.value = Math.min(1, Math.max(0, fraction));
   status.textContent = text;
+  if (announced) $("announce").textContent = text;
 }
 
 function button(label, onClick) {
@@ -361,6 +365,7 @@ function unreadable() {
     return ["subseed must be a whole number from 0 to 4294967295", "subseed"];
   }
   const sides = ["seed_resize_from_w", "seed_resize_from_h", ...(initImage ? [] : ["hr_resize_x", "hr_resize_y"])];
+  if (!initImage && $("hr_scale").validity.badInput) return ["hr_scale must be a number (1: no hires fix)", "hr_scale"];
   for (const id of sides) {
     if ($(id).validity.badInput) return [`${id} must be a whole number of pixels (empty or 0: none)`, id];
   }
@@ -400,18 +405,20 @@ async function generate() {
   const body = requestBody();
   const generateButton = $("generate");
   generateButton.disabled = true;
-  setProgress(0, "Waiting for the server…");
+  setProgress(0, "Waiting for the server…", true);
   preview.hidden = true;
   const started = performance.now();
+  let answered = false; // whether the server's answer began: a failure after it is not one of reaching it
   try {
     const response = await fetch("/imagine/stream", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
       body: JSON.stringify(body),
     });
+    answered = true;
     if (!response.ok) {
       const { error, field } = await refusal(response);
-      setProgress(0, "Refused: see the message in red.");
+      setProgress(0, "Refused: see the message in red.", true);
       showError(error, field);
       return;
     }
@@ -436,15 +443,16 @@ async function generate() {
         const item = (png, i) => resultItem(png, message.seeds[i], message.subseeds?.[i], parameters, warnings);
         gallery.prepend(...message.images.map(item));
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
-        setProgress(1, `Done: ${message.images.length} image(s) in ${seconds} s.`);
+        setProgress(1, `Done: ${message.images.length} image(s) in ${seconds} s.`, true);
       } else {
-        setProgress(progress.value, "Failed.");
+        setProgress(progress.value, "Failed.", true);
         showError(message.error ?? "the server ended the stream without images", message.field ?? "");
       }
     }
   } catch (error) {
-    setProgress(0, "Failed.");
-    showError(`Could not reach the server: ${error.message}`, "");
+    setProgress(progress.value, "Failed.", true);
+    const what = answered ? "The server's answer broke off" : "Could not reach the server";
+    showError(`${what}: ${error.message}`, "");
   } finally {
     generateButton.disabled = false;
     preview.hidden = true;
@@ -587,11 +595,12 @@ for (const option of $("sampler").options) {
 for (const id of ["hr_scale", "hr_resize_x", "hr_resize_y"]) $(id).addEventListener("input", setPlms);
 $("hr_sampler").addEventListener("change", setPlms);
 $("sampler").addEventListener("change", setEta);
-setEta(); // a reloaded page may come back with another sampler chosen
-for (const id of ["strength", "hr_strength", "subseed_strength"]) {
-  $(id).addEventListener("input", () => {
-    $(`${id}_value`).value = $(id).value;
-  });
+setPlms(); // a reloaded page may come back with another sampler and hires fix chosen
+// Each slider's number beside it, kept as it moves, and shown for the value a reloaded page comes back with.
+for (const id of ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur"]) {
+  const show = () => ($(`${id}_value`).value = $(id).value);
+  $(id).addEventListener("input", show);
+  show();
 }
 
 // The LoRAs and embeddings the server holds (as A1111's API lists them), offered to add to a prompt; each picker is
@@ -627,7 +636,12 @@ async function listExtra(url, kind, names) {
 }
 listExtra("/sdapi/v1/loras", "lora", (body) => body.map((lora) => lora.name));
 listExtra("/sdapi/v1/embeddings", "embedding", (body) => Object.keys(body.loaded));
-$("lora_add").addEventListener("click", () => addText($("prompt"), `<lora:${$("lora_pick").value}:1>`));
+// A hires prompt of its own carries the prompt's LoRA tags (both passes run on the same weights): it gets the tag too.
+$("lora_add").addEventListener("click", () => {
+  const tag = `<lora:${$("lora_pick").value}:1>`;
+  if ($("hr_prompt").value.trim() !== "") addText($("hr_prompt"), tag);
+  addText($("prompt"), tag);
+});
 $("embedding_add").addEventListener("click", () => addText(lastPrompt, $("embedding_pick").value));
 
 const drop = $("drop");
@@ -645,12 +659,6 @@ for (const [id, other] of [["emphasis", "weighted_subprompts"], ["weighted_subpr
     if ($(id).checked) $(other).checked = false;
   });
 }
-$("brush").addEventListener("input", () => {
-  $("brush_value").value = $("brush").value;
-});
-$("mask_blur").addEventListener("input", () => {
-  $("mask_blur_value").value = $("mask_blur").value;
-});
 mask.addEventListener("pointerdown", (event) => {
   mask.setPointerCapture(event.pointerId);
   lastPoint = null;
@@ -662,6 +670,8 @@ mask.addEventListener("pointermove", (event) => {
 mask.addEventListener("pointerup", () => {
   lastPoint = null;
 });
+// A file dropped beside the drop zone would make the browser open it in place of the page, and its results with it.
+for (const type of ["dragover", "drop"]) document.addEventListener(type, (event) => event.preventDefault());
 drop.addEventListener("dragover", (event) => {
   event.preventDefault();
   drop.classList.add("over");
