@@ -3,8 +3,8 @@
     python -m scripts.server start     # build the model store if needed, start, wait until a worker is ready
     python -m scripts.server stop      # (scripts/serve.sh and scripts/stop.sh run these)
 
-Tests use `TorchServe` directly: each server gets its own folder (TMPDIR, logs, Java's temp dir and hence its
-worker sockets) and free ports, runs in the foreground in its own process group, and is killed with all its
+Tests use `TorchServe` directly: each server gets its own folder (TMPDIR, logs), a private folder for its workers'
+sockets, and free ports, runs in the foreground in its own process group, and is killed with all its
 children when done.
 """
 
@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +33,8 @@ from scripts.model_store import MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, USER_CKP
 
 # What `torchserve --start` writes into its TMPDIR, and the class its Java process runs.
 PID_FILE = ".model_server.pid"
+# In a server's folder: the path of the folder that holds its workers' sockets (`TorchServe.start`).
+SOCKETS_FILE = "sockets-dir"
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 # Seconds a stopping TorchServe gets to exit on its own before its processes are killed.
 STOP_TIMEOUT = 20
@@ -148,10 +151,8 @@ class TorchServe:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        # TorchServe's pid file lives in the temp folder, and its workers' sockets in Java's, which its launcher takes
-        # from TEMP (else the system's /tmp, where another user's stale socket stops a worker from starting): a
-        # folder of our own for both lets servers run side by side.
-        env["TMPDIR"] = env["TEMP"] = str(self.home)
+        # TorchServe's pid file lives in the temp folder: a folder of our own lets servers run side by side.
+        env["TMPDIR"] = str(self.home)
         return env
 
     def command(self, *extra: str) -> list[str]:
@@ -172,11 +173,17 @@ class TorchServe:
         caller's terminal or pipe open.
         """
         self.home.mkdir(parents=True, exist_ok=True)
+        # The workers' Unix sockets (.ts.sock.<port>) go to Java's temp folder, which the launcher takes from TEMP,
+        # else the system's, where another user's stale socket keeps a worker from starting. A socket's path holds
+        # 107 bytes at most, so not under `home` (a checkout's path may be long) but in a private folder of the
+        # system's temp folder, recorded for `stop` to remove.
+        sockets = tempfile.mkdtemp(prefix="ts-")
+        (self.home / SOCKETS_FILE).write_text(sockets)
         with open(self.home / "torchserve.log", "ab") as out:
             command = self.command("--foreground") if foreground else self.command()
             process = subprocess.Popen(
-                command, cwd=self.home, env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                command, cwd=self.home, env={**self.environment(), "TEMP": sockets}, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         if foreground:
             self.process = process
@@ -246,6 +253,10 @@ class TorchServe:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             _wait_gone(members, STOP_TIMEOUT)
+        recorded = self.home / SOCKETS_FILE
+        if recorded.is_file():
+            shutil.rmtree(recorded.read_text(), ignore_errors=True)
+            recorded.unlink()
 
     def _detached_group(self) -> tuple[int, int] | None:
         """(Java's pid, its process group) of a server started detached, from its pid file; None if not running.

@@ -177,15 +177,21 @@ def live_members(group: int) -> list[int]:
 def test_stop_returns_once_a_detached_server_and_its_workers_are_gone(tmp_path: Path) -> None:
     """`torchserve --stop` signals Java and returns while Java still holds its ports for seconds, so
     `scripts/stop.sh; scripts/serve.sh` could find them taken. A stopped server leaves no process of its group
-    running. Its workers' sockets are in its own folder, where no other server's (or user's) can be in the way."""
-    with tiny_torchserve(tmp_path, detached=True) as ts:
+    running. Its workers' sockets are in a private folder, where no other server's (or user's) can be in the way, of
+    a path short enough for a socket (107 bytes) however deep the server's own folder is, as a checkout's may be."""
+    home = tmp_path / ("a-deep-checkout-" * 6)
+    home.mkdir()
+    with tiny_torchserve(home, detached=True) as ts:
         assert ts.process is None and ts.ready_workers("tiny")
-        assert list(tmp_path.glob(".ts.sock.*")), "TEMP names Java's temp folder, which holds the worker sockets"
-        group = os.getpgid(int((tmp_path / server.PID_FILE).read_text().split()[0]))
+        sockets = Path((home / server.SOCKETS_FILE).read_text())
+        assert list(sockets.glob(".ts.sock.*")), "TEMP names Java's temp folder, which holds the worker sockets"
+        assert len(str(sockets / ".ts.sock.65535")) < 108  # whatever the length of the server's folder
+        group = os.getpgid(int((home / server.PID_FILE).read_text().split()[0]))
         assert len(live_members(group)) >= 2  # Java and the worker, in the group `start` gave the launcher
         ts.stop()
         assert live_members(group) == []
         assert not ts.alive()
+        assert not sockets.exists() and not (home / server.SOCKETS_FILE).exists()
     # A server never started here (no folder: `.torchserve/` on a fresh checkout) has nothing to stop.
     server.TorchServe(ts.config, tmp_path / "never-started", ts.model_store, ts.models).stop()
     assert not (tmp_path / "never-started").exists()
