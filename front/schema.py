@@ -142,9 +142,9 @@ NDJSON_DESCRIPTION = (
     'One JSON object per line: `{"step", "total", "image_index", "image_count", "iteration", "n_iter"}` per denoising '
     "step of the UNet batch holding `image_count` images from `image_index` on (some with a base64 JPEG `preview`; "
     '`"hires": true` on the steps of the hires fix\'s second pass, which count from 1 again; `"passes"`, 1 or 2, on '
-    'every step), then `{"images", "seeds", "parameters", "warnings"}` (`warnings`: the words '
-    "of a prompt past the 75 tokens CLIP reads, which did nothing; `subseeds` too with variation seeds), or "
-    '`{"error", "field"}` on failure.'
+    'every step, with `"first_pass_share"` of the UNet work when 2), then `{"images", "seeds", "parameters", '
+    '"warnings"}` (`warnings`: the words of a prompt past the 75 tokens CLIP reads, which did nothing; `subseeds` '
+    'too with variation seeds), or `{"error", "field"}` on failure.'
 )
 
 

@@ -62,7 +62,7 @@ class StableDiffusionHandler(BaseHandler):
         self.pipeline: Pipeline | None = None
         self.model_name = ""
         # The streams of the batch in hand: set by inference, read by postprocess.
-        self.progress = ProgressStream(None, set(), 0, set())
+        self.progress = ProgressStream(None, set(), 0, {})
 
     def initialize(self, context: Any) -> None:
         """Read the handler settings once, load the split parts onto this worker's device."""

@@ -219,10 +219,10 @@ def hires_pass(request: GenerationRequest, factor: int) -> GenerationRequest:
 
 def first_pass_share(request: GenerationRequest, factor: int) -> float:
     """The first pass's share of a hires fix's sampling work, for a progress bar to give each pass its room: each
-    pass's UNet calls (steps times calls per step: a second pass of Heun calls twice a step) times its size, which is
+    pass's UNet calls (`k_samplers.unet_calls`: a second pass of Heun calls twice a step) times its size, which is
     about what a call costs."""
     passes = (request, hires_pass(request, factor))
-    work = [r.denoising_steps * k_samplers.unet_calls_per_step(r.sampler) * r.height * r.width for r in passes]
+    work = [k_samplers.unet_calls(r.sampler, r.denoising_steps) * r.height * r.width for r in passes]
     return work[0] / sum(work)
 
 

@@ -295,6 +295,15 @@ def unet_calls_per_step(name: str) -> int:
     return 2 if name in STEPS and STEPS[name][0] in two_calls else 1
 
 
+def unet_calls(name: str, steps: int) -> int:
+    """UNet calls of a run of `steps` steps down to σ = 0 (a hires fix's second pass too): S, 2S − 1 for the
+    two-call samplers (the last step, to 0, is Euler's, one call) and S + 1 for PLMS (its first step takes two)."""
+    if name == "plms":
+        return steps + 1
+    per_step = unet_calls_per_step(name)
+    return per_step * steps - (per_step - 1)
+
+
 def noise_levels(name: str, schedule: SigmaSchedule, steps: int) -> list[float]:
     """The S + 1 noise levels sampler `name` walks in an S-step run (the model's or Karras'), the last 0.
 

@@ -372,7 +372,7 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     assert (split.fraction, split.iteration) == (pytest.approx((1 + 0.5) / 3), 1)
     hires = Job({"n_samples": 1, "n_iter": 2, "ddim_steps": 2, "hr_scale": 2.0, "hr_steps": 2}, requests=2)
     assert hires.jobs == (4, 0)  # A1111 counts each pass of each batch as a job
-    # The first pass's share of the work as the lines say (a second pass of Heun, 2 calls a step: 2 / (2 + 2·2·4)).
+    # The first pass's share of the work as the lines say (here made up: a plain estimate would give 0.2).
     shared = {"image_index": 0, "image_count": 1, "passes": 2, "first_pass_share": 0.1}
     hires.advance({"step": 2, "total": 2, **shared})
     assert hires.fraction == 0.1 / 2 and hires.jobs == (4, 0)

@@ -163,6 +163,17 @@ def test_karras_variants_equal_diffusers_ports_on_karras_sigmas(schedule: SigmaS
     assert (on_model_levels - theirs).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_unet_calls_counts_the_calls_of_a_run(schedule: SigmaSchedule, steps: int) -> None:
+    """What a hires fix's progress weighs its passes by: the calls each sampler makes, counted on a stand-in."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    for name in k_samplers.STEPS:
+        calls: list[float] = []
+        run(name, eps_fn(calls), noise, schedule, steps, [torch.Generator().manual_seed(1)])
+        assert k_samplers.unet_calls(name, steps) == len(calls), name
+    assert (k_samplers.unet_calls("ddim", steps), k_samplers.unet_calls("plms", steps)) == (steps, steps + 1)
+
+
 def test_dpm2_walks_a1111s_levels(schedule: SigmaSchedule) -> None:
     """A1111 and ComfyUI run DPM2 and DPM2 a on the levels of one step more without the last above 0 (their
     "discard penultimate σ"): at 5 steps, SD v1's σ at timesteps 999, 799.2, …, 199.8, then 0, never σ(0) =

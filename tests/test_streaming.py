@@ -132,7 +132,8 @@ def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split
     batch run one."""
     body = {**VALID, "ddim_steps": 4, "hr_scale": 2, "hr_steps": 3, "strength": 0.5, "stream": True}
     idle = {**VALID, "ddim_steps": 4, "hr_resize_x": 64, "stream": True}
-    # Heun calls the UNet twice a step, at 96×96 for this resize: 4 calls at 64×64 against 2·2 at 2.25 times the pixels.
+    # Heun calls the UNet twice a step but the last, at 96×96 for this resize: 4 calls at 64×64 against 2·2 − 1 at
+    # 2.25 times the pixels.
     heun = {**VALID, "ddim_steps": 4, "hr_resize_x": 96, "hr_steps": 2, "hr_sampler": "heun", "stream": True}
     bodies = [body, idle, {**VALID, "ddim_steps": 4, "stream": True}, heun]
     (streamed, _, _, _), _ = call(handler, bodies)
@@ -141,7 +142,7 @@ def test_the_hires_fix_streams_its_second_pass_as_such(handler, sent, tiny_split
         (1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False), (1, 3, True), (2, 3, True), (3, 3, True),
     ]  # fmt: skip
     assert {(line["passes"], line["first_pass_share"]) for line in lines} == {(2, 4 / (4 + 3 * 4))}
-    assert {line["first_pass_share"] for line in steps_of(sent, 3)} == {4 / (4 + 2 * 2 * 2.25)}
+    assert {line["first_pass_share"] for line in steps_of(sent, 3)} == {4 / (4 + 3 * 2.25)}
     for other in (1, 2):
         one_pass = [(line["step"], line["passes"], "first_pass_share" in line) for line in steps_of(sent, other)]
         assert one_pass == [(1, 1, False), (2, 1, False), (3, 1, False), (4, 1, False)]

@@ -320,9 +320,10 @@ def test_hires_fix_sends_its_settings_and_shows_the_larger_image_with_its_second
     statuses = page.evaluate("window.statuses")
     assert "Step 10 of 10" in statuses and "Hires fix: step 4 of 4" in statuses, statuses
     values = [float(value) for value in page.evaluate("window.progressValues")]
-    # The first pass's 10 steps cost 10 UNet calls, the second's 4 Heun steps two each at twice the size 4·2·2² = 32:
-    # the first fills 10/42 of the bar, step by step, then each second-pass step a quarter of the rest.
-    first = 10 / 42
+    # The first pass's 10 steps cost 10 UNet calls, the second's 4 Heun steps two each but the last at twice the
+    # size (4·2 − 1)·2² = 28: the first fills 10/38 of the bar, step by step, then each second-pass step a quarter
+    # of the rest.
+    first = 10 / 38
     expected = [first * k / 10 for k in range(1, 11)] + [first + (1 - first) * k / 4 for k in range(1, 5)]
     assert values[0] == 0 and values[-1] == 1 and values == sorted(values), values
     assert all(any(abs(value - e) < 1e-6 for value in values) for e in expected), values
