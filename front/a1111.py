@@ -4,7 +4,7 @@ Why: bots, editor plugins and scripts that make SD v1 images mostly speak A1111'
 unchanged on TorchServe. Each request field translated here means what it means in A1111 (1.6, and 1.9's
 `scheduler`), with A1111's API defaults rather than this server's, so a txt2img request paints the image of an
 A1111 that draws its noise on the CPU, as this server does (its "Random number generator source" setting), but for
-DDIM and PLMS, which run the original's timesteps here (tests/fixtures/reference/README.md) where A1111 1.6 and later
+DDIM and PLMS, which run the original's timesteps here (tests/fixtures/GENERATION.md) where A1111 1.6 and later
 run their own. An
 img2img request runs this server's img2img (the original's schedule of ⌊strength·steps⌋ steps, and its inpainting),
 which is not A1111's: the same request paints another image there.

@@ -1,4 +1,4 @@
-"""DDIM sampling for ε-prediction models, exactly as GENERATION.md fixes it (Song et al. 2020, eq. 12).
+"""DDIM sampling for ε-prediction models, exactly as tests/fixtures/GENERATION.md fixes it (Song et al. 2020, eq. 12).
 
 Symbols: ᾱ_t = `alphas_cumprod[t]`, ε = the model's noise prediction, x̂₀ = the predicted clean latent,
 σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev). The sampler knows nothing of UNets or text: it takes a function

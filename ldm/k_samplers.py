@@ -18,10 +18,11 @@ As k-diffusion's `CompVisDenoiser` (not quantized) wraps a CompVis model:
   general (the same interpolation, inverted), and its ε is the derivative dx/dσ.
 - The starting latent is the image's noise times σ_0; img2img's is z₀ + noise·σ at the first of the last m
   levels (what diffusers' img2img does too; other tools start one level higher). The ancestral samplers (η = 1)
-  and the SDE ones add noise at every step but the last, drawn from each image's own generator (GENERATION.md's
-  order: after the starting noise, in step order). k-diffusion's SDE samplers draw their noise from a Brownian tree
-  instead, so that a seed's image changes little with the step count; Gaussian draws per step (two for DPM++ SDE,
-  pieces of one Brownian path) keep every sampler's noise to one rule, with the law k-diffusion's has.
+  and the SDE ones add noise at every step but the last, drawn from each image's own generator
+  (tests/fixtures/GENERATION.md's order: after the starting noise, in step order). k-diffusion's SDE samplers draw
+  their noise from a Brownian tree instead, so that a seed's image changes little with the step count; Gaussian
+  draws per step (two for DPM++ SDE, pieces of one Brownian path) keep every sampler's noise to one rule, with the
+  law k-diffusion's has.
 """
 
 from __future__ import annotations

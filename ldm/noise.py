@@ -1,7 +1,7 @@
 """Per-step noise of the stochastic samplers, drawn per image from that image's own CPU generator.
 
-Why here: GENERATION.md makes every image's noise a function of its seed alone, drawn in step order after its
-starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0, the
+Why here: tests/fixtures/GENERATION.md makes every image's noise a function of its seed alone, drawn in step order
+after its starting noise, so an image is the same alone or anywhere in a batch, on any device. DDIM with η > 0, the
 ancestral samplers, DPM++ 2M SDE and DPM++ SDE (two draws a step) all draw this way.
 """
 

@@ -1,4 +1,4 @@
-"""txt2img, img2img and inpainting: a request in, uint8 images and their seeds out, per GENERATION.md.
+"""txt2img, img2img and inpainting: a request in, uint8 images and their seeds out, per tests/fixtures/GENERATION.md.
 
 Each generation is a column of numbered steps: (0) merge the LoRAs its prompt names (ldm/lora.py), (1) encode the
 prompts, (2) draw each image's starting noise from its own CPU generator, (3) denoise with classifier-free guidance

@@ -2,7 +2,7 @@
 
 Why our own: transformers 5.x ships only a "fast" CLIP tokenizer that skips ftfy's text repair and so gives other
 ids for ligatures, fullwidth text, curly quotes and HTML entities. This reproduces transformers' original slow
-`CLIPTokenizer` with ftfy (see GENERATION.md), over the OpenAI vocabulary shipped in `ldm/clip_vocab/`.
+`CLIPTokenizer` with ftfy (see tests/fixtures/GENERATION.md), over the OpenAI vocabulary shipped in `ldm/clip_vocab/`.
 """
 
 from __future__ import annotations
