@@ -14,6 +14,8 @@ Answers:
 - `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
   line as it arrives, iterations one after another, then one final line with every image.
 - Errors are `{"error", "field"}` JSON with the handler's status; an error once a stream has begun is its last line.
+- `GET /imagine/description`: the worker's description (handler/description.py), from the front's copy: the page
+  starts its form from its defaults.
 - `POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`: AUTOMATIC1111's API (front/a1111.py), one TorchServe request per
   batch as `/imagine` splits them, each followed as a progress stream for its `/sdapi/v1/progress` and
   `/sdapi/v1/interrupt` (front/a1111_progress.py); its listings and options from the worker's description, of which
@@ -211,6 +213,12 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                 results.add(await a1111_progress.followed(request.app.state.api, sent, job, iteration > 0), plan)
         # In a thread: reading each PNG's infotext and rendering the answer take a while for 64 large images.
         return await run_in_threadpool(lambda: JSONResponse(a1111.answer(body, ours, results.answer(plan))))
+
+    @app.get("/imagine/description", summary="What the worker serves: its model, samplers, LoRAs, defaults, limits",
+             responses=schema.errors())  # fmt: skip
+    async def imagine_description(request: Request) -> JSONResponse:
+        # The page starts its form from the defaults and keeps its boxes to the limits.
+        return JSONResponse(await request.app.state.description.get())
 
     @app.post("/sdapi/v1/txt2img", summary="Generate images (AUTOMATIC1111's API)", responses=schema.errors())
     async def a1111_txt2img(request: Request) -> JSONResponse:

@@ -252,6 +252,13 @@ def test_an_error_line_ends_the_stream(client: TestClient, fake: FakeInference) 
     assert len(fake.bodies) == 1
 
 
+def test_the_description_the_page_starts_from_is_the_workers(client: TestClient, fake: FakeInference) -> None:
+    fake.described = {**DESCRIBED, "defaults": {"sampler": "euler_a", "clip_skip": 2}, "limits": {"max_steps": 300}}
+    response = client.get("/imagine/description")
+    assert response.status_code == 200 and response.json() == fake.described
+    assert fake.sent() == [{"describe": True}]
+
+
 def test_torchserve_down_is_a_503_that_says_so() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with TestClient(create_app(FrontSettings(inference_url=url))) as test_client:
@@ -262,6 +269,8 @@ def test_torchserve_down_is_a_503_that_says_so() -> None:
                                        "or set SD_INFERENCE_URL", "field": ""}  # fmt: skip
         health = test_client.get("/healthz")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        # The page's defaults too: it keeps its own.
+        assert test_client.get("/imagine/description").status_code == 503
         # Liveness is the front's own: a restart would not bring TorchServe back.
         assert test_client.get("/livez").json() == {"status": "ok"}
 

@@ -531,6 +531,34 @@ def test_progress_counts_images_when_a_request_is_split_over_unet_batches(page: 
     assert values == [0, 0.333, 0.667, 0.833, 1, 1], values
 
 
+def test_the_form_starts_from_the_servers_defaults_and_keeps_what_was_changed(page: Page) -> None:
+    """An operator's handler.defaults are the page's: each control the user has not changed takes the server's
+    default once its description comes (a stand-in one here, held back until a field is changed), and the boxes
+    take its limits."""
+    held: list[Route] = []
+    page.route("**/imagine/description", lambda route: held.append(route))
+    page.reload()
+    page.fill("#clip_skip", "3")  # changed before the description comes: kept
+    described = {
+        "defaults": {"W": 64, "H": 64, "ddim_steps": 20, "sampler": "euler_a", "clip_skip": 2, "emphasis": True,
+                     "strength": 0.5, "hr_upscaler": "lanczos", "n_iter": 3},
+        "limits": {"max_steps": 300, "max_images": 4, "min_side": 64, "max_side": 1024},
+    }  # fmt: skip
+    for _ in range(100):  # the page asked at load; its request reaches this thread while Playwright is called
+        if held:
+            break
+        page.wait_for_timeout(50)
+    held[0].fulfill(status=200, content_type="application/json", body=json.dumps(described))
+    expect(page.locator("#sampler")).to_have_value("euler_a")
+    values = {id: page.input_value(f"#{id}") for id in ("W", "H", "ddim_steps", "clip_skip", "hr_upscaler", "preset")}
+    assert values == {"W": "64", "H": "64", "ddim_steps": "20", "clip_skip": "3", "hr_upscaler": "lanczos",
+                      "preset": "64x64"}  # fmt: skip
+    assert page.is_checked("#emphasis") and page.is_disabled("#eta")  # η is DDIM's
+    expect(page.locator("#hr_strength_value")).to_have_text("0.5")
+    assert (page.get_attribute("#ddim_steps", "max"), page.get_attribute("#n_samples", "max")) == ("300", "4")
+    assert page.get_attribute("#W", "max") == "1024"
+
+
 def test_an_answer_that_breaks_off_is_not_called_unreachable(page: Page) -> None:
     """The server answered and its stream then broke (here: a line cut short): the page says so, not that the
     server could not be reached, and the bar keeps how far it got."""

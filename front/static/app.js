@@ -241,18 +241,24 @@ function useSeed(seed, subseed, strength) {
   $("seed").focus();
 }
 
-// The server's defaults (model-config.yaml's handler.limits): an init image's size, and the pixels of a request.
-const MAX_INIT_BYTES = 10 * 1024 * 1024;
-const MAX_PIXELS = 1024 * 1024;
-const SIDES = [64, 2048];
+// The server's limits (model-config.yaml's handler.limits) on an init image and the pixels of a request: the shipped
+// file's until the server's own come (`applyServerSettings`).
+const limits = { max_init_image_bytes: 10 * 1024 * 1024, max_pixels: 1024 * 1024, min_side: 64, max_side: 2048 };
 
 // The size to generate an init image at: its own, in multiples of 8, scaled down to the server's limits (or up to its
 // least side) keeping its shape. The server stretches an init image to W×H: the form's size would distort it.
 function sizeFor(width, height) {
-  const scale = Math.min(1, Math.sqrt(MAX_PIXELS / (width * height)), SIDES[1] / Math.max(width, height));
-  const lift = Math.max(1, SIDES[0] / Math.min(width * scale, height * scale));
-  const side = (length) => Math.min(SIDES[1], Math.max(SIDES[0], Math.floor((length * scale * lift) / 8) * 8));
+  const { max_pixels: pixels, min_side: least, max_side: most } = limits;
+  const scale = Math.min(1, Math.sqrt(pixels / (width * height)), most / Math.max(width, height));
+  const lift = Math.max(1, least / Math.min(width * scale, height * scale));
+  const side = (length) => Math.min(most, Math.max(least, Math.floor((length * scale * lift) / 8) * 8));
   return [side(width), side(height)];
+}
+
+// The size preset that W×H is, or Custom.
+function matchPreset() {
+  const preset = `${$("W").value}x${$("H").value}`;
+  $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
 }
 
 function setInitImage(dataUrl) {
@@ -279,8 +285,7 @@ function setInitImage(dataUrl) {
     const [width, height] = sizeFor(image.naturalWidth, image.naturalHeight);
     $("W").value = width;
     $("H").value = height;
-    const preset = `${width}x${height}`;
-    $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
+    matchPreset();
   });
   image.src = dataUrl;
 }
@@ -483,10 +488,9 @@ function applySettings(settings, unread) {
     if (settings[id] === undefined) continue;
     $(id).value = settings[id];
     if (Number($(id).value) !== settings[id]) unread.push(`${name}: ${settings[id]} (set to ${$(id).value})`);
-    $(`${id}_value`).value = $(id).value;
+    showSliderValue(id);
   }
-  const preset = `${$("W").value}x${$("H").value}`;
-  $("preset").value = [...$("preset").options].some((option) => option.value === preset) ? preset : "custom";
+  matchPreset();
   $(settings.seed === undefined ? "seed_random" : "seed_fixed").checked = true;
   $("seed").value = settings.seed ?? "";
   $("subseed").value = settings.subseed ?? "";
@@ -551,9 +555,9 @@ function readFile(file) {
     showError(`${file.name} is not a PNG or JPEG image`, "init_image");
     return;
   }
-  if (file.size > MAX_INIT_BYTES) {
+  if (file.size > limits.max_init_image_bytes) {
     const megabytes = (file.size / 2 ** 20).toFixed(1);
-    showError(`${file.name} is ${megabytes} MB: init_image must be at most ${MAX_INIT_BYTES} bytes`, "init_image");
+    showError(`${file.name} is ${megabytes} MB: init_image must be at most ${limits.max_init_image_bytes} bytes`, "init_image");
     return;
   }
   const reader = new FileReader();
@@ -597,11 +601,75 @@ $("hr_sampler").addEventListener("change", setPlms);
 $("sampler").addEventListener("change", setEta);
 setPlms(); // a reloaded page may come back with another sampler and hires fix chosen
 // Each slider's number beside it, kept as it moves, and shown for the value a reloaded page comes back with.
-for (const id of ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur"]) {
-  const show = () => ($(`${id}_value`).value = $(id).value);
-  $(id).addEventListener("input", show);
-  show();
+const SLIDER_VALUES = ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur"];
+function showSliderValue(id) {
+  $(`${id}_value`).value = $(id).value;
 }
+for (const id of SLIDER_VALUES) {
+  $(id).addEventListener("input", () => showSliderValue(id));
+  showSliderValue(id);
+}
+
+// The controls each of the server's defaults (model-config.yaml's handler.defaults) sets: its n_iter none, since
+// the page's images are one batch.
+const DEFAULT_CONTROLS = {
+  W: ["W"], H: ["H"], ddim_steps: ["ddim_steps"], scale: ["scale"], eta: ["eta"], n_samples: ["n_samples"],
+  strength: ["strength", "hr_strength"], sampler: ["sampler"], weighted_subprompts: ["weighted_subprompts"],
+  emphasis: ["emphasis"], clip_skip: ["clip_skip"], mask_blur: ["mask_blur"], hr_upscaler: ["hr_upscaler"],
+  hr_steps: ["hr_steps"],
+};
+
+// Whether a control still holds the value the page came with (not changed by the user, nor restored by a reload).
+function untouched(control) {
+  if (control.type === "checkbox") return control.checked === control.defaultChecked;
+  if (control.tagName === "SELECT") {
+    const first = [...control.options].find((option) => option.defaultSelected) ?? control.options[0];
+    return control.value === first.value;
+  }
+  return control.value === control.defaultValue;
+}
+
+// `value` as the control's default and value (a select without such an option keeps its own).
+function setDefault(control, value) {
+  if (control.type === "checkbox") {
+    control.checked = control.defaultChecked = value === true;
+  } else if (control.tagName === "SELECT") {
+    const chosen = [...control.options].find((option) => option.value === String(value));
+    if (!chosen) return;
+    for (const option of control.options) option.defaultSelected = option === chosen;
+    control.value = chosen.value;
+  } else {
+    control.value = control.defaultValue = String(value);
+  }
+}
+
+// The server's defaults and limits, as its worker describes them: a control not changed yet starts at the server's
+// default, where the page's own are the shipped model-config.yaml's (an operator's clip_skip 2 or sampler is the
+// page's too), and the boxes and the init image's sizing keep to its limits. Without a description (TorchServe down
+// when the page loads) the page's own stand, and the server still applies its limits.
+async function applyServerSettings() {
+  let described;
+  try {
+    const response = await fetch("/imagine/description");
+    if (!response.ok) return;
+    described = await response.json();
+  } catch {
+    return;
+  }
+  const defaults = described.defaults ?? {};
+  for (const [name, ids] of Object.entries(DEFAULT_CONTROLS)) {
+    if (defaults[name] === undefined) continue;
+    for (const id of ids) if (untouched($(id))) setDefault($(id), defaults[name]);
+  }
+  Object.assign(limits, described.limits ?? {});
+  for (const id of ["W", "H"]) [$(id).min, $(id).max] = [limits.min_side, limits.max_side];
+  for (const id of ["ddim_steps", "hr_steps"]) $(id).max = limits.max_steps;
+  $("n_samples").max = limits.max_images;
+  matchPreset();
+  SLIDER_VALUES.forEach(showSliderValue);
+  setPlms();
+}
+applyServerSettings();
 
 // The LoRAs and embeddings the server holds (as A1111's API lists them), offered to add to a prompt; each picker is
 // hidden when the server holds none, or cannot say.
