@@ -49,6 +49,11 @@ INPUT_CONV = "input_blocks.0.0.weight"
 INPAINTING_UNET_CHANNELS = 9
 
 
+# The number types a weight file's tensors may come in for us to compute with them: torch also loads float8, its
+# 4-bit and complex types, which it cannot convert to float32 (or which mean nothing here).
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 class CheckpointError(ValueError):
     """The checkpoint does not match the config, or is not a checkpoint we can read safely."""
 

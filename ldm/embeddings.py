@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ldm.checkpoint import files_in, is_safetensors
+from ldm.checkpoint import FLOAT_DTYPES, CheckpointError, files_in, is_safetensors
 from ldm.safe_pickle import UnsafeCheckpointError, torch_load
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 
@@ -49,7 +49,9 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
             loaded: object = load_file(str(path))
         else:
             loaded = torch_load(str(path))
-    except (SafetensorError, UnsafeCheckpointError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except (
+        SafetensorError, CheckpointError, UnsafeCheckpointError, pickle.UnpicklingError, RuntimeError, EOFError, OSError
+    ) as error:  # fmt: skip
         raise EmbeddingError(f"embedding '{path.stem}' cannot be read: {error}") from None
     tensors = list(_tensors(loaded))
     if len(tensors) != 1:
@@ -57,6 +59,8 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
             f"embedding '{path.stem}' holds {len(tensors)} tensors where an embedding file holds one (A1111's "
             f"{A1111_PT_KEY} or {A1111_SAFETENSORS_KEY}, or diffusers' learned_embeds)"
         )
+    if tensors[0].dtype not in FLOAT_DTYPES:
+        raise EmbeddingError(f"embedding '{path.stem}' holds numbers of type {tensors[0].dtype}, which it cannot read")
     vectors = tensors[0].detach().float().clone()
     if vectors.dim() == 1:
         vectors = vectors[None]
@@ -75,9 +79,9 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
 def _tensors(loaded: object) -> Iterator[torch.Tensor]:
     """The tensors an embedding file holds where its format keeps them: A1111's `.pt` under `string_to_param`,
     anything else at the top level."""
-    if isinstance(loaded, dict) and isinstance(loaded.get(A1111_PT_KEY), dict):
-        loaded = loaded[A1111_PT_KEY]
-    if isinstance(loaded, dict):
+    if isinstance(loaded, dict) and isinstance(loaded.get(A1111_PT_KEY), (dict, torch.nn.ParameterDict)):
+        loaded = loaded[A1111_PT_KEY]  # the original textual-inversion code's is a ParameterDict
+    if isinstance(loaded, (dict, torch.nn.ParameterDict)):
         yield from (value for value in loaded.values() if isinstance(value, torch.Tensor))
 
 

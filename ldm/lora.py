@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ldm.attention import SpatialTransformer
-from ldm.checkpoint import CheckpointError, files_in, is_safetensors, read_state_dict
+from ldm.checkpoint import FLOAT_DTYPES, CheckpointError, files_in, is_safetensors, read_state_dict
 from ldm.model import StableDiffusion
 from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.unet import Downsample, ResBlock, UNetModel, Upsample
@@ -260,16 +260,24 @@ def parse(
                 f"LoRA '{path.stem}': {name} does not fit this model's layer of shape {tuple(shape)}: it is not a "
                 "LoRA for Stable Diffusion v1"
             )
-        if alpha is not None and (alpha.numel() != 1 or not bool(alpha.isfinite().all())):
+        if alpha is not None and not _one_number(alpha):
             raise LoraError(f"LoRA '{path.stem}': {name}.alpha must be one finite number")
         scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
         deltas.append(Delta(layer, down, up, scale, name.startswith(UNET_PREFIX)))
     return LoraFile(path, stamp, tuple(deltas))
 
 
+def _one_number(alpha: torch.Tensor) -> bool:
+    """Whether a `.alpha` is one finite real number of a type we can read (kohya writes a float; an integer reads
+    too; float8 and complex do not)."""
+    real = alpha.dtype in FLOAT_DTYPES or not (alpha.is_floating_point() or alpha.is_complex())
+    return real and alpha.numel() == 1 and bool(alpha.isfinite().all())
+
+
 def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
-    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`, r ≥ 1, in floats."""
-    if down.dim() < 2 or up.dim() < 2 or not (down.is_floating_point() and up.is_floating_point()):
+    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`, r ≥ 1, in floats
+    that convert to float32 (`FLOAT_DTYPES`: a float8 or 4-bit file would pass the check and fail the merge)."""
+    if down.dim() < 2 or up.dim() < 2 or not {down.dtype, up.dtype} <= FLOAT_DTYPES:
         return False
     rank = down.shape[0]
     return (

@@ -50,6 +50,12 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _codecs.encode,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    # The same in a protocol 2 pickle (torch.save's default), which names them by Python 2's module.
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    # The original textual-inversion code saved an embedding's vectors in one (as A1111 reads them): made empty and
+    # then given its pickled attributes, which are parameters and plain data; its methods never run.
+    ("torch.nn.modules.container", "ParameterDict"): torch.nn.ParameterDict,
     **_numpy_scalar_constructors(),
 }
 
@@ -102,9 +108,14 @@ def load(file: BinaryIO, **kwargs: Any) -> Any:
 
 
 def torch_load(path: str) -> Any:
-    """Load a torch zip checkpoint memory-mapped (no second copy of the weights) with this restricted unpickler."""
+    """Load a torch checkpoint with this restricted unpickler: a zip one memory-mapped (no second copy of the
+    weights), one of torch's older format (`_use_new_zipfile_serialization=False`, as some 2022 embeddings and
+    LoRAs were saved), which torch cannot map, read whole."""
+    mapped = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=True)
+        return torch.load(
+            path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=mapped
+        )
     except (ValueError, KeyError, IndexError, TypeError, AssertionError, zipfile.BadZipFile, struct.error) as error:
         # What torch's reader trips on in a malformed file (its own errors, RuntimeError and EOFError, pass as they
         # are; a bug of ours, an AttributeError say, is not read as the file's).

@@ -72,12 +72,22 @@ def with_embeddings(embeddings_dir: Path) -> Pipeline:
     return Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), embeddings_dir=embeddings_dir)
 
 
-@pytest.mark.parametrize("kind", ["a1111 pt", "a1111 safetensors", "diffusers bin", "diffusers one vector"])
+@pytest.mark.parametrize(
+    "kind",
+    ["a1111 pt", "a1111 safetensors", "diffusers bin", "diffusers one vector", "original pt", "torch's older format"],
+)
 def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
+    """A1111's and diffusers' files; the original textual-inversion code's, whose vectors are in a ParameterDict; and
+    a file in torch's pre-zip format (some 2022 files), which torch cannot memory-map."""
     expected = vectors(4, 5)
     path = tmp_path / "style.bin"
     if kind == "a1111 pt":
         write_a1111_pt(path, expected)
+    elif kind == "original pt":
+        torch.save({"string_to_token": {"*": torch.tensor(265)},
+                    "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(expected)})}, path)  # fmt: skip
+    elif kind == "torch's older format":
+        torch.save({"string_to_param": {"*": expected}}, path, _use_new_zipfile_serialization=False)
     elif kind == "a1111 safetensors":
         save_file({"emb_params": expected}, str(path))
     elif kind == "diffusers bin":
@@ -96,6 +106,8 @@ def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
         ({"emb_params": torch.full((1, HIDDEN), float("nan"))}, "1 to 75 finite vectors"),
         (b"\x00 not a file of tensors", "cannot be read"),
         (write_malformed_torch_file, "cannot be read: ValueError"),
+        # A number type torch loads but cannot turn into float32.
+        ({"emb_params": torch.zeros(1, HIDDEN, dtype=torch.float8_e4m3fn)}, "numbers of type torch.float8_e4m3fn"),
     ],
 )
 def test_files_it_cannot_use_are_named(tmp_path: Path, content: Any, message: str) -> None:
@@ -216,3 +228,8 @@ def test_the_folder_is_read_again_when_it_changes(tmp_path: Path, caplog: pytest
     (tmp_path / "broken.pt").unlink()
     library.vocabulary()
     assert set(library.files) == {tmp_path / "glow.safetensors"}
+    # A path that cannot be opened (as a file the worker may not read) is the file's error too, not a crash.
+    locked = tmp_path / "locked.pt"
+    locked.mkdir()
+    with pytest.raises(EmbeddingError, match=r"embedding 'locked' cannot be read: .*Is a directory"):
+        read_vectors(locked, HIDDEN)
