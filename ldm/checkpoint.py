@@ -72,11 +72,12 @@ def is_safetensors(path: Path) -> bool:
 
 
 def files_in(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files of `folder` or below it with one of `suffixes`, in path order (none for a folder that is not there):
-    where LoRAs and embeddings are looked for, by name."""
+    """The files of `folder` or below it with one of `suffixes`, whatever their case (`Style.SAFETENSORS`, as A1111
+    finds them), in path order (none for a folder that is not there): where LoRAs and embeddings are looked for, by
+    name."""
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.suffix in suffixes and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from ldm.lora import (
     diffusers_names,
     find,
     kohya_targets,
+    names_in,
     parse,
     prompt_loras,
     short_hash,
@@ -347,6 +348,12 @@ def test_a_big_folder_is_not_listed_whole(tmp_path: Path) -> None:
                                      "style08, style09, style10, style11, style12, style13, style14, style15, style16, "
                                      "style17, style18, style19, … (25 in all)")  # fmt: skip
     assert find(tmp_path, "style24") == tmp_path / "style24.safetensors"
+    # A suffix in capitals is found too (as A1111 finds it), and only a LoRA file's.
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "Ink.SAFETENSORS").write_bytes(b"")
+    (tmp_path / "deep" / "notes.txt").write_bytes(b"")
+    assert find(tmp_path, "Ink") == tmp_path / "deep" / "Ink.SAFETENSORS"
+    assert "notes" not in names_in(tmp_path)
 
 
 def test_a_tag_in_the_negative_prompt_is_an_error() -> None:
