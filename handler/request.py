@@ -24,6 +24,7 @@ from handler.settings import MAX_CLIP_SKIP, HandlerSettings
 from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
+    EXACT_RGB_MODES,
     MASK_WITHOUT_INIT,
     MAX_SEED,
     SAMPLERS,
@@ -76,9 +77,6 @@ NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
 # first picture is the JPEG every viewer shows, and the one used.
 INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
-# Modes whose conversion to RGB is exact. CMYK is refused (PIL's conversion ignores the colour profile, so colours
-# come out wrong) and so is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn white).
-INIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
 # What PIL raises for damaged image data, as it reads the header or decodes the pixels (a broken PNG chunk is a
 # SyntaxError).
 _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -256,7 +254,7 @@ def decode_image(
         if bits > 8:
             raise RequestError(field, f"{field} must have 8 bits per channel, got {bits}: save it as an 8-bit PNG "
                                "or a JPEG")  # fmt: skip
-        if image.mode not in INIT_IMAGE_MODES:
+        if image.mode not in EXACT_RGB_MODES:
             raise RequestError(field, f"{field} must be RGB, RGBA, grayscale or palette, got {image.mode}: convert "
                                "it to RGB first")  # fmt: skip
         try:

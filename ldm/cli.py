@@ -30,7 +30,6 @@ import argparse
 import io
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -47,9 +46,16 @@ from ldm.checkpoint import CheckpointError, default_config
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.embeddings import EmbeddingLibrary
-from ldm.generation_request import IMG2IMG_SAMPLERS, MAX_SEED, SAMPLERS, GenerationError, GenerationRequest
+from ldm.generation_request import (
+    EXACT_RGB_MODES,
+    IMG2IMG_SAMPLERS,
+    MAX_SEED,
+    SAMPLERS,
+    GenerationError,
+    GenerationRequest,
+)
 from ldm.model import StableDiffusion
-from ldm.output_names import image_name, next_index
+from ldm.output_names import next_index, outdir_problem, write_new
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
 from ldm.pipeline import Generation, Pipeline
 from ldm.png_info import encode_with_parameters, generation_texts
@@ -179,7 +185,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         help="denoising steps, whatever the sampler (optimizedSD's name; default: %(default)s)",
     )
     parser.add_argument(
-        "--ddim_eta", type=float, default=0.0, help="DDIM η, ≥ 0; 0 is deterministic (default: %(default)s)"
+        "--ddim_eta", type=float, default=0.0, help="DDIM η, 0 to 1; 0 is deterministic (default: %(default)s)"
     )
     parser.add_argument("--n_iter", type=int, default=1, help="batches per prompt (default: %(default)s)")
     size_default = "the init image's, rounded down to a multiple of 8" if img2img else "the model's, 512 for SD v1"
@@ -396,7 +402,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
     path = Path(args.from_file)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows' Notepad) is no text
     except OSError as error:
         raise CliError(f"--from-file {path}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
@@ -409,9 +415,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_image(path: str, flag: str = "init-img") -> Image.Image:
-    """The image of `--{flag}` as RGB, read whole so no file handle stays open."""
+    """The image of `--{flag}` as RGB, read whole so no file handle stays open; one whose pixels would not come out
+    as they look (16-bit grayscale, CMYK, an animation) is refused, as the server refuses it."""
     try:
         with Image.open(path) as image:
+            if image.mode not in EXACT_RGB_MODES:
+                raise CliError(f"--{flag} {path}: its pixels are {image.mode}, which does not convert to RGB as it "
+                               "looks: save it as an 8-bit RGB or grayscale PNG or JPEG")  # fmt: skip
+            if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+                raise CliError(f"--{flag} {path}: an animation; give one still image")
             return ImageOps.exif_transpose(image).convert("RGB")  # upright, as viewers show a phone's photo
     except FileNotFoundError:
         raise CliError(f"--{flag} {path}: no such file") from None
@@ -481,19 +493,12 @@ def check_init_size(args: argparse.Namespace, image: Image.Image, factor: int) -
 
 
 def make_outdir(name: str) -> Path:
-    """Create `--outdir` and make sure a file can be written there, so that a bad path fails before the model
-    loads, not after minutes of loading."""
+    """`--outdir`, created and written to once, so that a bad path fails before the model loads, not after minutes
+    of loading."""
     path = Path(name)
-    if path.exists() and not path.is_dir():
-        raise CliError(f"--outdir {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CliError(f"--outdir {path}: cannot create it: {error.strerror or error}") from None
-    try:
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as error:
-        raise CliError(f"--outdir {path}: cannot write there: {error.strerror or error}") from None
+    problem = outdir_problem(path)
+    if problem:
+        raise CliError(f"--outdir {problem}")
     return path
 
 
@@ -519,19 +524,20 @@ def encode_jpeg(image: np.ndarray, parameters: str) -> bytes:
 
 def write_images(
     generation: Generation, outdir: Path, index: int, image_format: str, model: StableDiffusion
-) -> list[Path]:
-    """Write a batch's images as numbers `index`, `index` + 1, …, each carrying its parameters (with `model`'s
-    hashes); returns the paths."""
+) -> tuple[list[Path], int]:
+    """Write a batch's images as the first free numbers from `index` on (another run may write into the folder too),
+    each carrying its parameters (with `model`'s hashes); returns the paths and the next number."""
     texts = generation_texts(generation, model)
     files = (
         encode_with_parameters(generation.images, texts)  # the batch's PNGs on every CPU at once
         if image_format == "png"
         else [encode_jpeg(image, text) for image, text in zip(generation.images, texts, strict=True)]
     )
-    paths = [outdir / image_name(seed, index + i, image_format) for i, seed in enumerate(generation.seeds)]
-    for path, data in zip(paths, files, strict=True):
-        path.write_bytes(data)
-    return paths
+    paths = []
+    for seed, data in zip(generation.seeds, files, strict=True):
+        path, index = write_new(outdir, seed, index, image_format, data)
+        paths.append(path)
+    return paths, index
 
 
 def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
@@ -651,11 +657,10 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
                 request = replace(template, prompt=prompt, **{counted_name: counted})
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
                 if outdir is not None:
-                    paths = write_images(generation, outdir, index, args.format, model)
+                    paths, index = write_images(generation, outdir, index, args.format, model)
                     for path in paths:
                         bar.write(str(path), file=sys.stdout)
                     written += paths
-                    index += len(paths)
                 counted += args.n_samples
     minutes = (time.monotonic() - started) / 60
     # optimizedSD's closing line listed the seeds used; ours are consecutive, so first and last say it all.

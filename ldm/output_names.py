@@ -6,6 +6,7 @@ Kept free of torch so the HTTP client starts instantly.
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 # Our own written names, and optimizedSD's: seed_{seed}_{n:05}.{format}.
@@ -14,6 +15,36 @@ IMAGE_NAME = re.compile(r"seed_\d+_(\d+)\.[A-Za-z0-9]+")
 
 def image_name(seed: int, index: int, extension: str) -> str:
     return f"seed_{seed}_{index:05}.{extension}"
+
+
+def write_new(outdir: Path, seed: int, index: int, extension: str, data: bytes) -> tuple[Path, int]:
+    """Write `data` as the first free `seed_{seed}_{n:05}.{extension}` from n = `index` on, never over an existing
+    file (another run may be writing into the same folder); returns its path and the next n."""
+    while True:
+        path = outdir / image_name(seed, index, extension)
+        index += 1
+        try:
+            with path.open("xb") as file:
+                file.write(data)
+        except FileExistsError:
+            continue
+        return path, index
+
+
+def outdir_problem(path: Path) -> str | None:
+    """Why images cannot be written to folder `path` (None: they can), once it is created and a file written there:
+    asked before the work, so that a bad path fails then, not after minutes of it."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"{path}: cannot create it: {error.strerror or error}"
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        return f"{path}: cannot write there: {error.strerror or error}"
+    return None
 
 
 def next_index(outdir: Path) -> int:

@@ -235,8 +235,11 @@ def resolve(
     for name, value in (("n_samples", request.n_samples), ("n_iter", request.n_iter)):
         if value < 1:
             raise GenerationError(name, f"{name} must be at least 1, got {value}")
-    if not request.eta >= 0:
-        raise GenerationError("eta", f"eta must be ≥ 0, got {request.eta}")
+    # Past 1, DDIM's σ outgrows the noise a step has left, and its square root of a negative number paints black.
+    if not 0 <= request.eta <= 1:
+        raise GenerationError("eta", f"eta must be in [0, 1], got {request.eta}")
+    if not math.isfinite(request.scale):
+        raise GenerationError("scale", f"scale must be a finite number, got {request.scale}")
     if not 0.0 <= request.subseed_strength <= 1.0:
         raise GenerationError(
             "subseed_strength", f"subseed_strength must be in [0, 1] (0: no variation), got {request.subseed_strength}"

@@ -25,9 +25,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from ldm.arguments import seconds
-from ldm.output_names import image_name, next_index
+from ldm.output_names import next_index, outdir_problem, write_new
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "sd"
@@ -101,8 +102,16 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
         raise ClientError(
             f"no answer from {url} within {timeout:g} s; many or large images take longer: raise --timeout"
         ) from None
-    except requests.ConnectionError:
-        raise ClientError(f"cannot reach {url}: the server may not be running (scripts/serve.sh starts it)") from None
+    except requests.ConnectionError as error:
+        if _never_connected(error):
+            raise ClientError(
+                f"cannot reach {url}: the server may not be running (scripts/serve.sh starts it)"
+            ) from None
+        raise ClientError(
+            f"the connection to {url} broke off before its answer ({error}): the server's log says why"
+        ) from None
+    except requests.exceptions.ChunkedEncodingError as error:
+        raise ClientError(f"the answer from {url} broke off ({error}): the server's log says why") from None
     except requests.RequestException as error:
         raise ClientError(f"cannot send the request to {endpoint}: {error}") from None
     if not response.ok:
@@ -118,9 +127,16 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
             f"{endpoint} answered {response.status_code} but not with the inference API's JSON ({error!r}); "
             "is --url our TorchServe?"
         ) from None
-    if len(images) != len(seeds):
-        raise ClientError(f"{endpoint} answered with {len(images)} images but {len(seeds)} seeds")
+    if not images or len(images) != len(seeds) or (subseeds and len(subseeds) != len(images)):
+        counts = f"{len(images)} images, {len(seeds)} seeds" + (f" and {len(subseeds)} subseeds" if subseeds else "")
+        raise ClientError(f"{endpoint} answered with {counts}")
     return Answer(images, seeds, warnings, subseeds)
+
+
+def _never_connected(error: requests.ConnectionError) -> bool:
+    """Whether the connection was never made (refused, no such host), not lost once the request was on its way."""
+    attempt = error.args[0] if error.args else None
+    return isinstance(getattr(attempt, "reason", None), urllib3.exceptions.NewConnectionError)
 
 
 def check_url(url: str) -> str | None:
@@ -133,20 +149,6 @@ def check_url(url: str) -> str | None:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return f"expected http://HOST[:PORT] or https://..., got {url!r}"
     return None
-
-
-def write_new(outdir: Path, seed: int, index: int, png: bytes) -> tuple[Path, int]:
-    """Write `png` as the first free `seed_{seed}_{n:05}.png` from n = `index` on, never over an existing file (another
-    run may be writing into the same folder); returns its path and the next n."""
-    while True:
-        path = outdir / image_name(seed, index, "png")
-        index += 1
-        try:
-            with path.open("xb") as file:
-                file.write(png)
-        except FileExistsError:
-            continue
-        return path, index
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = check_url(args.url)
     if problem:
         parser.error(f"--url: {problem}")
+    problem = outdir_problem(args.outdir)  # now, not after minutes of GPU time
+    if problem:
+        parser.error(f"--outdir {problem}")
     fields: dict[str, Any] = {"prompt": args.prompt}
     fields.update({name: getattr(args, name) for name in OPTIONAL_FIELDS if getattr(args, name) is not None})
     for name, path in (("init_image", args.init_image), ("mask_image", args.mask_image)):
@@ -299,15 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"client: cannot read {option} {path}: {error.strerror or error}", file=sys.stderr)
             return 2
     try:
-        # Before the request: a folder we cannot write to should fail now, not after minutes of GPU time.
-        args.outdir.mkdir(parents=True, exist_ok=True)
         answer = generate(args.url, args.model, fields, args.timeout)
         for line in answer.warnings:
             print(f"client: warning: {line}", file=sys.stderr)
         # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.
         index = next_index(args.outdir)
         for i, (png, seed) in enumerate(zip(answer.images, answer.seeds, strict=True)):
-            path, index = write_new(args.outdir, seed, index, png)
+            path, index = write_new(args.outdir, seed, index, "png", png)
             print(f"{path}  {seed}" + (f"  {answer.subseeds[i]}" if answer.subseeds else ""))
     except ClientError as error:
         print(f"client: {error}", file=sys.stderr)

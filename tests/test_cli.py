@@ -637,7 +637,9 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--ddim_steps", "1000"], "--ddim_steps: ddim_steps must be in [1, 999], got 1000"),
     ("txt2img", ["--n_samples", "0"], "--n_samples: n_samples must be at least 1"),
     ("txt2img", ["--unet_bs", "0"], "--unet_bs must be at least 1"),
-    ("txt2img", ["--ddim_eta", "-0.1"], "--ddim_eta: eta must be ≥ 0"),
+    ("txt2img", ["--ddim_eta", "-0.1"], "--ddim_eta: eta must be in [0, 1], got -0.1"),
+    ("txt2img", ["--ddim_eta", "1.1"], "--ddim_eta: eta must be in [0, 1], got 1.1"),  # black images past 1
+    ("txt2img", ["--scale", "nan"], "--scale: scale must be a finite number, got nan"),
     ("txt2img", ["--seed", "-1"], "--seed: seed must be in [0, 4294967295] for every image (seed + i), got -1"),
     ("txt2img", ["--seed", "4294967295", "--n_samples", "2"], "the run's last seed 4294967296 would exceed"),
     ("txt2img", ["--device", "tpu"], "--device 'tpu' is not a device; use cpu, cuda or cuda:N"),
@@ -703,6 +705,27 @@ def test_values_we_cannot_honour_fail_clearly(
     assert not out.exists()  # refused before anything was loaded or written
 
 
+def test_an_init_image_whose_pixels_would_not_look_as_they_do_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """16-bit grayscale (PIL clips it to 8 bits: mostly white), CMYK (converted without its colour profile) and an
+    animation are refused, as the server refuses them."""
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(gray16)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (64, 64)).save(cmyk)
+    animation = tmp_path / "animation.gif"
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    frames[0].save(animation, save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    for path, says in ((gray16, "its pixels are I;16"), (cmyk, "its pixels are CMYK"), (animation, "an animation")):
+        argv = [*case_argv("img2img"), *MODEL, "--outdir", str(out), "--init-img", str(path)]
+        assert run_cli(argv, "img2img") == 2
+        err = capsys.readouterr().err
+        assert f"--init-img {path}: {says}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_missing_default_checkpoint_says_where_it_looked_and_how_to_get_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -758,9 +781,10 @@ def test_skip_save_writes_no_file_and_still_reports_the_seeds(
 
 
 def test_from_file_prompts_win_over_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """optimizedSD took both and used the file: so do we, and say that --prompt went unused."""
+    """optimizedSD took both and used the file: so do we, and say that --prompt went unused. The file as Windows'
+    Notepad saves it (a byte-order mark, CRLF) with a blank first line holds the one prompt."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cottage garden full of tulips\n", encoding="utf-8")
+    prompts.write_bytes("\ufeff\r\na cottage garden full of tulips\r\n".encode())
     out = tmp_path / "out"
     argv = [*case_argv("basic"), "--prompt", "a red fox", "--from-file", str(prompts), *MODEL, "--outdir", str(out)]
     assert main(argv) == 0

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ldm.output_names import write_new
 from ldm.png_info import encode_with_parameters, read_parameters
-from scripts.client import ClientError, HttpError, generate, main, write_new
+from scripts.client import ClientError, HttpError, generate, main
 from tests.servers import http_server, send_json
 
 MODEL = "sd"
@@ -289,10 +290,11 @@ def test_a_bad_url_or_timeout_is_a_usage_error_before_anything_is_made(
 
 
 def test_a_file_another_run_wrote_meanwhile_is_never_replaced(tmp_path: Path) -> None:
-    """Two runs into one folder may both number from the same n: a name already taken moves on to the next."""
+    """Two runs into one folder (of the client, or of the command lines, which write alike) may both number from the
+    same n: a name already taken moves on to the next."""
     taken = tmp_path / "seed_4_00001.png"
     taken.write_bytes(b"another run's image")
-    path, following = write_new(tmp_path, 4, 1, b"ours")
+    path, following = write_new(tmp_path, 4, 1, "png", b"ours")
     assert (path.name, following, path.read_bytes()) == ("seed_4_00002.png", 3, b"ours")
     assert taken.read_bytes() == b"another run's image"
 
@@ -308,6 +310,53 @@ def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
 
     with http_server(NotTorchServe) as url, pytest.raises(ClientError, match="is --url our TorchServe"):
         generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        ({"images": [], "seeds": []}, "answered with 0 images, 0 seeds"),
+        ({"images": ["iVBORw0K", "iVBORw0K"], "seeds": [1, 2], "subseeds": [7]}, "2 images, 2 seeds and 1 subseeds"),
+    ],
+)
+def test_an_answer_whose_images_and_seeds_do_not_pair_is_a_client_error(answer: dict, says: str) -> None:
+    body = json.dumps(answer).encode()
+
+    class Unpaired(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_server(Unpaired) as url, pytest.raises(ClientError, match=says):
+        generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+
+
+def test_a_connection_lost_once_the_request_was_sent_is_not_called_unreachable() -> None:
+    """The server read the request and went away (a worker's crash, a restart): that is not a server that cannot be
+    reached, and the message says where to look."""
+
+    class GoneAway(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.close_connection = True  # no answer at all
+
+    with http_server(GoneAway) as url, pytest.raises(ClientError) as error:
+        generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+    assert str(error.value).startswith(f"the connection to {url} broke off before its answer (")
+
+
+def test_an_outdir_that_cannot_be_one_is_a_usage_error_before_the_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main(["a lighthouse", "--url", "http://127.0.0.1:9", "--outdir", str(taken)])
+    assert exit_.value.code == 2
+    assert f"--outdir {taken} is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
