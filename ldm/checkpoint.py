@@ -102,7 +102,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: state_dict entries that are not tensors: {not_tensors[:_SHOWN]}")
-    return loaded
+    # Each a fresh tensor on the same storage, without the attributes a pickle may have given it (one named like a
+    # method would stand in for it).
+    return {key: torch.Tensor.detach(value) for key, value in loaded.items()}
 
 
 def is_inpainting_checkpoint(path: str | Path) -> bool:

@@ -59,14 +59,16 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
             f"embedding '{path.stem}' holds {len(tensors)} tensors where an embedding file holds one (A1111's "
             f"{A1111_PT_KEY} or {A1111_SAFETENSORS_KEY}, or diffusers' learned_embeds)"
         )
-    if tensors[0].dtype not in FLOAT_DTYPES:
-        raise EmbeddingError(f"embedding '{path.stem}' holds numbers of type {tensors[0].dtype}, which it cannot read")
-    vectors = tensors[0].detach().float().clone()
+    # A fresh tensor on its storage, without the attributes a pickle may have given it (one named like a method).
+    tensor = torch.Tensor.detach(tensors[0])
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise EmbeddingError(f"embedding '{path.stem}' holds numbers of type {tensor.dtype}, which it cannot read")
+    vectors = tensor.float().clone()
     if vectors.dim() == 1:
         vectors = vectors[None]
     if vectors.dim() != 2 or vectors.shape[1] != hidden_size:
         raise EmbeddingError(
-            f"embedding '{path.stem}' has vectors of shape {tuple(tensors[0].shape)}; this model's CLIP reads "
+            f"embedding '{path.stem}' has vectors of shape {tuple(tensor.shape)}; this model's CLIP reads "
             f"{hidden_size} numbers a token: it is an embedding for another model (SD 2: 1024, SDXL: two CLIPs)"
         )
     if not 1 <= vectors.shape[0] <= READ_TOKENS or not bool(vectors.isfinite().all()):
@@ -79,9 +81,15 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
 def _tensors(loaded: object) -> Iterator[torch.Tensor]:
     """The tensors an embedding file holds where its format keeps them: A1111's `.pt` under `string_to_param`,
     anything else at the top level."""
-    if isinstance(loaded, dict) and isinstance(loaded.get(A1111_PT_KEY), (dict, torch.nn.ParameterDict)):
-        loaded = loaded[A1111_PT_KEY]  # the original textual-inversion code's is a ParameterDict
-    if isinstance(loaded, (dict, torch.nn.ParameterDict)):
+    if isinstance(loaded, dict):
+        held = loaded.get(A1111_PT_KEY)
+        if isinstance(held, torch.nn.ParameterDict):
+            # The original textual-inversion code's, read as data: none of its methods run (and a ParameterDict
+            # pickled by a torch before 1.12 has none of the attributes today's methods look for).
+            held = vars(held).get("_parameters")
+        if isinstance(held, dict):
+            loaded = held
+    if isinstance(loaded, dict):
         yield from (value for value in loaded.values() if isinstance(value, torch.Tensor))
 
 

@@ -14,6 +14,7 @@ import collections
 import pickle
 import struct
 import sys
+import tarfile
 import zipfile
 from typing import Any, BinaryIO
 
@@ -58,6 +59,10 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.nn.modules.container", "ParameterDict"): torch.nn.ParameterDict,
     **_numpy_scalar_constructors(),
 }
+
+
+# The record only TorchScript archives hold (torch.serialization tells them apart by it too).
+TORCHSCRIPT_RECORD = "constants.pkl"
 
 
 class GlobalReference:
@@ -110,9 +115,20 @@ def load(file: BinaryIO, **kwargs: Any) -> Any:
 def torch_load(path: str) -> Any:
     """Load a torch checkpoint with this restricted unpickler: a zip one memory-mapped (no second copy of the
     weights), one of torch's older format (`_use_new_zipfile_serialization=False`, as some 2022 embeddings and
-    LoRAs were saved), which torch cannot map, read whole."""
-    mapped = zipfile.is_zipfile(path)
+    LoRAs were saved), which torch cannot map, read whole.
+
+    Refused before torch sees them: a TorchScript archive, which `torch.load` hands to `torch.jit.load` whatever the
+    pickle module, and which then runs the code it holds (its `__setstate__`); and torch's oldest, tar format,
+    whose storages this unpickler does not rebuild.
+    """
     try:
+        mapped = zipfile.is_zipfile(path)
+        if mapped:
+            with zipfile.ZipFile(path) as archive:
+                if any(name.rsplit("/", 1)[-1] == TORCHSCRIPT_RECORD for name in archive.namelist()):
+                    raise UnsafeCheckpointError("refusing to load: a TorchScript archive, which runs its own code")
+        elif tarfile.is_tarfile(path):
+            raise MalformedCheckpointError("torch's oldest (tar) format, which is not read: save it with torch.save")
         return torch.load(
             path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=mapped
         )

@@ -21,6 +21,33 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _SaysWhenLoaded(torch.nn.Module):
+    """A TorchScript module whose `__setstate__`, compiled into its archive, prints `words` when it is loaded: code
+    of the file's own, which `torch.jit.load` runs (TorchScript can as well write files, with `torch.from_file`)."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words = words
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.words, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.words, self.training = state
+        print(self.words)
+
+
+def write_torchscript_archive(path: Path, words: str) -> Path:
+    """A TorchScript archive that prints `words` when loaded (`torch.load` hands such a zip to `torch.jit.load`)."""
+    torch.jit.save(torch.jit.script(_SaysWhenLoaded(words)), str(path))
+    return path
+
+
 def write_malformed_torch_file(path: Path) -> Path:
     """A torch zip archive whose pickle names a storage by a 2-tuple: torch's reader fails with a ValueError (not an
     error of its own), as for a download cut or damaged in a way its zip checks miss."""

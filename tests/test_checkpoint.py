@@ -18,7 +18,7 @@ from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
 from ldm.safe_pickle import UnsafeCheckpointError
-from tests.hostile_pickles import RunsCode
+from tests.hostile_pickles import RunsCode, write_torchscript_archive
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -105,6 +105,16 @@ def test_pickle_that_runs_code_is_refused_and_code_does_not_run(state: dict, tmp
     with pytest.raises(UnsafeCheckpointError, match=r"would call (posix|os)\.system"):
         read_state_dict(path)
     assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")  # making the archive
+def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """torch.load hands a TorchScript zip to torch.jit.load, whatever the pickle module, and that runs the archive's
+    own compiled code (here a print; it could write files): refused by its records, before torch opens it."""
+    path = write_torchscript_archive(tmp_path / "model.ckpt", "the archive's code ran")
+    with pytest.raises(UnsafeCheckpointError, match="a TorchScript archive"):
+        read_state_dict(path)
+    assert "the archive's code ran" not in capfd.readouterr().out
 
 
 def test_pickle_that_builds_an_object_is_refused(state: dict, tmp_path: Path) -> None:

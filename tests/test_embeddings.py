@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,16 @@ def with_embeddings(embeddings_dir: Path) -> Pipeline:
 
 @pytest.mark.parametrize(
     "kind",
-    ["a1111 pt", "a1111 safetensors", "diffusers bin", "diffusers one vector", "original pt", "torch's older format"],
-)
+    [
+        "a1111 pt", "a1111 safetensors", "diffusers bin", "diffusers one vector", "original pt",
+        "original pt, torch before 1.12", "torch's older format", "a method's name as an attribute",
+    ],
+)  # fmt: skip
 def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
-    """A1111's and diffusers' files; the original textual-inversion code's, whose vectors are in a ParameterDict; and
-    a file in torch's pre-zip format (some 2022 files), which torch cannot memory-map."""
+    """A1111's and diffusers' files; the original textual-inversion code's, whose vectors are in a ParameterDict
+    (read as data: one pickled by an old torch lacks what today's methods look for); a file in torch's pre-zip
+    format (some 2022 files), which torch cannot memory-map; and vectors pickled with an attribute named like a
+    tensor method, which must not stand in for it."""
     expected = vectors(4, 5)
     path = tmp_path / "style.bin"
     if kind == "a1111 pt":
@@ -86,6 +92,14 @@ def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
     elif kind == "original pt":
         torch.save({"string_to_token": {"*": torch.tensor(265)},
                     "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(expected)})}, path)  # fmt: skip
+    elif kind == "original pt, torch before 1.12":
+        old = torch.nn.ParameterDict({"*": torch.nn.Parameter(expected)})
+        del old._keys  # what today's ParameterDict methods iterate
+        torch.save({"string_to_param": old}, path)
+    elif kind == "a method's name as an attribute":
+        parameter = torch.nn.Parameter(expected)
+        parameter.detach = 5  # type: ignore[method-assign]
+        torch.save({"string_to_param": {"*": parameter}}, path)
     elif kind == "torch's older format":
         torch.save({"string_to_param": {"*": expected}}, path, _use_new_zipfile_serialization=False)
     elif kind == "a1111 safetensors":
@@ -98,6 +112,14 @@ def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
     assert torch.equal(read_vectors(path, HIDDEN), expected)
 
 
+def write_tar_torch_file(path: Path) -> Path:
+    """A file in torch's oldest format, a tar of `storages`, `tensors` and `pickle` (torch 0.3 and before)."""
+    with tarfile.open(path, "w") as archive:
+        for name in ("storages", "tensors", "pickle"):
+            archive.addfile(tarfile.TarInfo(name))
+    return path
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -106,6 +128,7 @@ def test_every_format_gives_its_vectors(tmp_path: Path, kind: str) -> None:
         ({"emb_params": torch.full((1, HIDDEN), float("nan"))}, "1 to 75 finite vectors"),
         (b"\x00 not a file of tensors", "cannot be read"),
         (write_malformed_torch_file, "cannot be read: ValueError"),
+        (write_tar_torch_file, "cannot be read: torch's oldest \\(tar\\) format"),
         # A number type torch loads but cannot turn into float32.
         ({"emb_params": torch.zeros(1, HIDDEN, dtype=torch.float8_e4m3fn)}, "numbers of type torch.float8_e4m3fn"),
     ],
