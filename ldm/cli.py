@@ -402,12 +402,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
     path = Path(args.from_file)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows' Notepad) is no text
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8-sig").splitlines()  # a byte-order mark (Windows' Notepad) is no text
     except OSError as error:
         raise CliError(f"--from-file {path}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
-        byte = error.object[error.start]
-        raise CliError(f"--from-file {path} must be UTF-8 text; byte {error.start} ({byte:#04x}) is not") from None
+        where = error.start + len(raw) - len(error.object)  # counted in the file: the mark was taken off first
+        raise CliError(f"--from-file {path} must be UTF-8 text; byte {where} ({raw[where]:#04x}) is not") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise CliError(f"--from-file {path} holds no prompt")

@@ -255,6 +255,11 @@ def parse(
         alpha = state_dict.get(f"{name}{ALPHA}")
         layer = targets[name]
         shape = layer.weight.shape
+        unreadable = sorted({str(t.dtype) for t in (down, up) if t is not None and t.dtype not in FLOAT_DTYPES})
+        if unreadable:
+            raise LoraError(
+                f"LoRA '{path.stem}': {name} holds numbers of type {', '.join(unreadable)}, which it cannot read"
+            )
         if up is None or not _fits(down, up, shape):
             raise LoraError(
                 f"LoRA '{path.stem}': {name} does not fit this model's layer of shape {tuple(shape)}: it is not a "
@@ -275,9 +280,8 @@ def _one_number(alpha: torch.Tensor) -> bool:
 
 
 def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
-    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`, r ≥ 1, in floats
-    that convert to float32 (`FLOAT_DTYPES`: a float8 or 4-bit file would pass the check and fail the merge)."""
-    if down.dim() < 2 or up.dim() < 2 or not {down.dtype, up.dtype} <= FLOAT_DTYPES:
+    """Whether up (out, r[, 1, 1]) · down (r, in[, k, k]) makes a change of the layer's `shape`, r ≥ 1."""
+    if down.dim() < 2 or up.dim() < 2:
         return False
     rank = down.shape[0]
     return (

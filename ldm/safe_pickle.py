@@ -90,11 +90,15 @@ class GlobalReference:
 class Unpickler(pickle.Unpickler):
     """Resolves only the allow-listed globals and torch dtypes; anything else becomes a GlobalReference."""
 
+    # Whether the pickle named a global it did not get: then a failure is read as its wanting what it was refused.
+    refused = False
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        self.refused = True
         return GlobalReference(module, name)
 
     def load(self) -> Any:
@@ -103,8 +107,10 @@ class Unpickler(pickle.Unpickler):
         except UnsafeCheckpointError:
             raise
         except pickle.UnpicklingError as error:
-            # e.g. NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import.
-            raise UnsafeCheckpointError(f"refusing to load: {error}") from error
+            if self.refused:
+                # e.g. NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import.
+                raise UnsafeCheckpointError(f"refusing to load: {error}") from error
+            raise MalformedCheckpointError(f"not a pickle torch can read: {error}") from error
 
 
 def load(file: BinaryIO, **kwargs: Any) -> Any:

@@ -177,6 +177,7 @@ class TorchServe:
         # else the system's, where another user's stale socket keeps a worker from starting. A socket's path holds
         # 107 bytes at most, so not under `home` (a checkout's path may be long) but in a private folder of the
         # system's temp folder, recorded for `stop` to remove.
+        self._remove_sockets()  # a folder a crashed server left
         sockets = tempfile.mkdtemp(prefix="ts-")
         (self.home / SOCKETS_FILE).write_text(sockets)
         with open(self.home / "torchserve.log", "ab") as out:
@@ -253,6 +254,10 @@ class TorchServe:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             _wait_gone(members, STOP_TIMEOUT)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """Remove the folder of its workers' sockets (`start`), once they are gone."""
         recorded = self.home / SOCKETS_FILE
         if recorded.is_file():
             shutil.rmtree(recorded.read_text(), ignore_errors=True)

@@ -801,6 +801,9 @@ def test_from_file_must_be_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert run_cli(["--from-file", str(prompts), *MODEL, "--outdir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"txt2img.py: error: --from-file {prompts} must be UTF-8 text; byte 5 (0xe9) is not"]
+    prompts.write_bytes(b"\xef\xbb\xbf" + "a café\n".encode("latin-1"))  # counted in the file, its mark too
+    assert run_cli(["--from-file", str(prompts), *MODEL, "--outdir", str(tmp_path / "out")]) == 2
+    assert "byte 8 (0xe9) is not" in capsys.readouterr().err
 
 
 def test_outdir_that_cannot_be_a_folder_fails_before_the_model_loads(

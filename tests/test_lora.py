@@ -271,7 +271,7 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
         "alphas": (alphas, "attn2_to_k.alpha must be one finite number"),
         "rank0": (rank0, "attn2_to_k does not fit"),
         "peft": (peft, "not in kohya's format"),
-        "float8": (float8, "attn2_to_k does not fit"),
+        "float8": (float8, "attn2_to_k holds numbers of type torch.float8_e4m3fn, which it cannot read"),
         "float8_alpha": (float8_alpha, "attn2_to_k.alpha must be one finite number"),
         "garbage": (b"\x00not a tensor file", "cannot be read"),
         "malformed": (write_malformed_torch_file, "cannot be read"),

@@ -539,9 +539,10 @@ def test_the_form_starts_from_the_servers_defaults_and_keeps_what_was_changed(pa
     page.route("**/imagine/description", lambda route: held.append(route))
     page.reload()
     page.fill("#clip_skip", "3")  # changed before the description comes: kept
+    page.fill("#scale", "7.5")  # set to what it already held: the user chose it, kept too
     described = {
         "defaults": {"W": 64, "H": 64, "ddim_steps": 20, "sampler": "euler_a", "clip_skip": 2, "emphasis": True,
-                     "strength": 0.5, "hr_upscaler": "lanczos", "n_iter": 3},
+                     "scale": 9, "strength": 0.5, "hr_upscaler": "lanczos", "n_iter": 3},
         "limits": {"max_steps": 300, "max_images": 4, "min_side": 64, "max_side": 1024},
     }  # fmt: skip
     for _ in range(100):  # the page asked at load; its request reaches this thread while Playwright is called
@@ -550,11 +551,14 @@ def test_the_form_starts_from_the_servers_defaults_and_keeps_what_was_changed(pa
         page.wait_for_timeout(50)
     held[0].fulfill(status=200, content_type="application/json", body=json.dumps(described))
     expect(page.locator("#sampler")).to_have_value("euler_a")
-    values = {id: page.input_value(f"#{id}") for id in ("W", "H", "ddim_steps", "clip_skip", "hr_upscaler", "preset")}
-    assert values == {"W": "64", "H": "64", "ddim_steps": "20", "clip_skip": "3", "hr_upscaler": "lanczos",
-                      "preset": "64x64"}  # fmt: skip
+    ids = ("W", "H", "ddim_steps", "clip_skip", "scale", "hr_upscaler", "preset")
+    assert {id: page.input_value(f"#{id}") for id in ids} == {
+        "W": "64", "H": "64", "ddim_steps": "20", "clip_skip": "3", "scale": "7.5", "hr_upscaler": "lanczos",
+        "preset": "64x64",
+    }  # fmt: skip
     assert page.is_checked("#emphasis") and page.is_disabled("#eta")  # η is DDIM's
-    expect(page.locator("#hr_strength_value")).to_have_text("0.5")
+    expect(page.locator("#strength_value")).to_have_text("0.5")  # img2img's; the hires fix's stays A1111's 0.7
+    expect(page.locator("#hr_strength_value")).to_have_text("0.7")
     assert (page.get_attribute("#ddim_steps", "max"), page.get_attribute("#n_samples", "max")) == ("300", "4")
     assert page.get_attribute("#W", "max") == "1024"
 

@@ -285,6 +285,7 @@ function setInitImage(dataUrl) {
     const [width, height] = sizeFor(image.naturalWidth, image.naturalHeight);
     $("W").value = width;
     $("H").value = height;
+    changed.add("W").add("H");
     matchPreset();
   });
   image.src = dataUrl;
@@ -478,6 +479,7 @@ const SLIDERS = {
 // A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here, or is set only
 // as near as a slider's steps allow, is added to `unread`.
 function applySettings(settings, unread) {
+  for (const ids of Object.values(DEFAULT_CONTROLS)) for (const id of ids) changed.add(id); // the PNG's, all of them
   $("prompt").value = settings.prompt;
   $("negative_prompt").value = settings.negative_prompt;
   for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "W", "H"]) {
@@ -581,6 +583,7 @@ $("preset").addEventListener("change", () => {
   if (height === undefined) return;
   $("W").value = width;
   $("H").value = height;
+  changed.add("W").add("H");
 });
 for (const id of ["W", "H"]) {
   $(id).addEventListener("input", () => {
@@ -611,16 +614,22 @@ for (const id of SLIDER_VALUES) {
 }
 
 // The controls each of the server's defaults (model-config.yaml's handler.defaults) sets: its n_iter none, since
-// the page's images are one batch.
+// the page's images are one batch, and its strength img2img's slider alone (the hires fix's starts at A1111's 0.7).
 const DEFAULT_CONTROLS = {
   W: ["W"], H: ["H"], ddim_steps: ["ddim_steps"], scale: ["scale"], eta: ["eta"], n_samples: ["n_samples"],
-  strength: ["strength", "hr_strength"], sampler: ["sampler"], weighted_subprompts: ["weighted_subprompts"],
+  strength: ["strength"], sampler: ["sampler"], weighted_subprompts: ["weighted_subprompts"],
   emphasis: ["emphasis"], clip_skip: ["clip_skip"], mask_blur: ["mask_blur"], hr_upscaler: ["hr_upscaler"],
   hr_steps: ["hr_steps"],
 };
 
-// Whether a control still holds the value the page came with (not changed by the user, nor restored by a reload).
+// The controls set since the page loaded, by the user or by the page for them (a PNG's settings, an init image's
+// size): the server's defaults, which may come late (the description waits its turn behind generations), leave them.
+const changed = new Set();
+for (const type of ["input", "change"]) form.addEventListener(type, (event) => changed.add(event.target.id));
+
+// Whether a control still holds the value the page came with (not changed since it loaded, nor restored by a reload).
 function untouched(control) {
+  if (changed.has(control.id)) return false;
   if (control.type === "checkbox") return control.checked === control.defaultChecked;
   if (control.tagName === "SELECT") {
     const first = [...control.options].find((option) => option.defaultSelected) ?? control.options[0];
@@ -739,7 +748,13 @@ mask.addEventListener("pointerup", () => {
   lastPoint = null;
 });
 // A file dropped beside the drop zone would make the browser open it in place of the page, and its results with it.
-for (const type of ["dragover", "drop"]) document.addEventListener(type, (event) => event.preventDefault());
+// Text dragged into a prompt, and a file dropped on a file picker, keep what the browser does with them.
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (event) => {
+    const files = event.dataTransfer?.types.includes("Files");
+    if (files && !(event.target instanceof HTMLInputElement && event.target.type === "file")) event.preventDefault();
+  });
+}
 drop.addEventListener("dragover", (event) => {
   event.preventDefault();
   drop.classList.add("over");
