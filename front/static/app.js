@@ -559,7 +559,8 @@ function readFile(file) {
   }
   if (file.size > limits.max_init_image_bytes) {
     const megabytes = (file.size / 2 ** 20).toFixed(1);
-    showError(`${file.name} is ${megabytes} MB: init_image must be at most ${limits.max_init_image_bytes} bytes`, "init_image");
+    const most = limits.max_init_image_bytes;
+    showError(`${file.name} is ${megabytes} MB: init_image must be at most ${most} bytes`, "init_image");
     return;
   }
   const reader = new FileReader();
