@@ -40,9 +40,11 @@ SUFFIXES = (".safetensors", ".pt", ".ckpt")
 TAG = re.compile(r"<lora:([^:<>]*)((?::[^:<>]*)*)>")
 # A weight of this size is a typo, not a style: it turns every image into noise.
 MAX_WEIGHT = 10.0
-# Kohya's prefixes for the two networks a LoRA changes.
+# Kohya's prefixes for the two networks a LoRA changes, and the first text encoder's under SDXL's naming, which some
+# trainers write for SD v1's one (A1111 reads it so).
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
+FIRST_TEXT_PREFIX = "lora_te1_"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 # Suffixes of LyCORIS' other kinds (LoHa, LoKr, Tucker-decomposed LoCon, full deltas, DoRA, norms).
 OTHER_KINDS = (".hada_", ".lokr_", ".lora_mid.", ".diff", ".dora_scale", ".w_norm", ".b_norm")
@@ -166,16 +168,22 @@ def _inner(ours: str, level: str, layer: nn.Module, index: int) -> Iterator[tupl
 
 
 def kohya_targets(model: StableDiffusion) -> dict[str, nn.Module]:
-    """Kohya's name of every layer a LoRA may change (linear or convolution, in the UNet and CLIP) → the layer."""
+    """Kohya's name of every layer a LoRA may change (linear or convolution, in the UNet and CLIP) → the layer; and
+    the other names A1111 reads the same layers by: a UNet layer's original (CompVis) path, which is ours, and the
+    text encoder's under `lora_te1_`. An SDXL file still fits nothing: its second text encoder, deeper blocks and
+    wider cross-attention are not this model's."""
     unet_modules = dict(model.unet.named_modules())
     targets = {
         UNET_PREFIX + theirs.replace(".", "_"): unet_modules[ours]
         for ours, theirs in diffusers_names(model.unet)
         if isinstance(unet_modules.get(ours), nn.Linear | nn.Conv2d)
     }
+    layers = set(targets.values())
+    targets |= {UNET_PREFIX + ours.replace(".", "_"): layer for ours, layer in unet_modules.items() if layer in layers}
     for name, module in model.text_encoder.core.named_modules():
         if isinstance(module, nn.Linear):
-            targets[TEXT_PREFIX + "text_model_" + name.replace(".", "_")] = module
+            for prefix in (TEXT_PREFIX, FIRST_TEXT_PREFIX):
+                targets[prefix + "text_model_" + name.replace(".", "_")] = module
     return targets
 
 

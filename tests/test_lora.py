@@ -152,6 +152,34 @@ def test_tags_that_cannot_be_read(prompt: str, message: str) -> None:
     assert error.value.field == "prompt"
 
 
+def test_a1111s_other_names_for_the_same_layers_read_alike(
+    model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """A1111 also reads a UNet layer by its original (CompVis) path, which is our module's, and SD v1's text encoder
+    under `lora_te1_`: a file keyed so makes the same changes to the same layers as one keyed by kohya's names."""
+    targets = kohya_targets(model)
+    compvis = {layer: path for path, layer in model.unet.named_modules()}
+
+    def renamed(key: str) -> str:
+        name, suffix = key.split(".", 1)
+        if name.startswith("lora_te_"):
+            return f"lora_te1_{name.removeprefix('lora_te_')}.{suffix}"
+        return f"lora_unet_{compvis[targets[name]].replace('.', '_')}.{suffix}"
+
+    style = lora_states["style"]
+    aliased = {renamed(key): value for key, value in style.items()}
+    assert not set(aliased) & set(style)  # every key in its other form
+    changes = [
+        {id(delta.layer): delta for delta in parse(tmp_path / "x.safetensors", (0, 0), state, targets).deltas}
+        for state in (style, aliased)
+    ]
+    assert changes[0].keys() == changes[1].keys() and len(changes[0]) == len(style) // 3
+    for layer, delta in changes[0].items():
+        other = changes[1][layer]
+        assert (delta.scale, delta.in_unet) == (other.scale, other.in_unet)
+        assert torch.equal(delta.down, other.down) and torch.equal(delta.up, other.up)
+
+
 def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDiffusion, tmp_path: Path) -> None:
     """Checked in float64 for a linear layer and a 3×3 convolution, then put back bit for bit."""
     targets = kohya_targets(model)
@@ -255,7 +283,8 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
     style = lora_states["style"]
     key = next(k for k in style if "attn2_to_k.lora_down" in k)
     wide = {**style, key: torch.zeros(4, 1024)}
-    sdxl = {k.replace("lora_te_", "lora_te1_"): v for k, v in style.items()}
+    # SDXL's two text encoders (its first is SD v1's CLIP, which A1111 reads under `lora_te1_` for SD v1 too).
+    sdxl = {k.replace("lora_te_", prefix): v.clone() for k, v in style.items() for prefix in ("lora_te1_", "lora_te2_")}
     loha = {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}
     alphas = {**style, key.replace("lora_down.weight", "alpha"): torch.ones(2)}
     up = key.replace("lora_down", "lora_up")
@@ -266,7 +295,7 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
     float8_alpha = {**style, key.replace("lora_down.weight", "alpha"): torch.ones((), dtype=torch.float8_e5m2)}
     return {
         "wide": (wide, "attn2_to_k does not fit this model's layer of shape"),
-        "sdxl": (sdxl, "changes layers this model does not have .*lora_te1_"),
+        "sdxl": (sdxl, "changes layers this model does not have .*lora_te2_"),
         "loha": (loha, "of a kind this server does not read"),
         "alphas": (alphas, "attn2_to_k.alpha must be one finite number"),
         "rank0": (rank0, "attn2_to_k does not fit"),
