@@ -138,8 +138,11 @@ class StableDiffusionHandler(BaseHandler):
         assert self.pipeline is not None, "initialize() loads the model first"
         valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
         streamed = {idx for idx, item in valid if item.stream}
+        # Only a streamed request's lines carry it.
         shares = {
-            idx: first_pass_share(item.generation, self.pipeline.factor) for idx, item in valid if item.generation.hires
+            idx: first_pass_share(item.generation, self.pipeline.factor)
+            for idx, item in valid
+            if idx in streamed and item.generation.hires
         }
         self.progress = ProgressStream(self.context, streamed, self.settings.preview_every, shares)
         if not valid:

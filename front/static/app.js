@@ -479,7 +479,7 @@ const SLIDERS = {
 // A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here, or is set only
 // as near as a slider's steps allow, is added to `unread`.
 function applySettings(settings, unread) {
-  for (const ids of Object.values(DEFAULT_CONTROLS)) for (const id of ids) changed.add(id); // the PNG's, all of them
+  for (const id of DEFAULT_CONTROLS) changed.add(id); // the PNG's, all of them
   $("prompt").value = settings.prompt;
   $("negative_prompt").value = settings.negative_prompt;
   for (const id of ["ddim_steps", "scale", "clip_skip", "hr_scale", "hr_steps", "W", "H"]) {
@@ -614,14 +614,13 @@ for (const id of SLIDER_VALUES) {
   showSliderValue(id);
 }
 
-// The controls each of the server's defaults (model-config.yaml's handler.defaults) sets: its n_iter none, since
-// the page's images are one batch, and its strength img2img's slider alone (the hires fix's starts at A1111's 0.7).
-const DEFAULT_CONTROLS = {
-  W: ["W"], H: ["H"], ddim_steps: ["ddim_steps"], scale: ["scale"], eta: ["eta"], n_samples: ["n_samples"],
-  strength: ["strength"], sampler: ["sampler"], weighted_subprompts: ["weighted_subprompts"],
-  emphasis: ["emphasis"], clip_skip: ["clip_skip"], mask_blur: ["mask_blur"], hr_upscaler: ["hr_upscaler"],
-  hr_steps: ["hr_steps"],
-};
+// The server's defaults (model-config.yaml's handler.defaults) the page takes, each set in the control of its
+// name: not n_iter, since the page's images are one batch; strength is img2img's slider's (the hires fix's starts
+// at A1111's 0.7).
+const DEFAULT_CONTROLS = [
+  "W", "H", "ddim_steps", "scale", "eta", "n_samples", "strength", "sampler", "weighted_subprompts", "emphasis",
+  "clip_skip", "mask_blur", "hr_upscaler", "hr_steps",
+];
 
 // The controls set since the page loaded, by the user or by the page for them (a PNG's settings, an init image's
 // size): the server's defaults, which may come late (the description waits its turn behind generations), leave them.
@@ -667,9 +666,8 @@ async function applyServerSettings() {
     return;
   }
   const defaults = described.defaults ?? {};
-  for (const [name, ids] of Object.entries(DEFAULT_CONTROLS)) {
-    if (defaults[name] === undefined) continue;
-    for (const id of ids) if (untouched($(id))) setDefault($(id), defaults[name]);
+  for (const id of DEFAULT_CONTROLS) {
+    if (defaults[id] !== undefined && untouched($(id))) setDefault($(id), defaults[id]);
   }
   Object.assign(limits, described.limits ?? {});
   for (const id of ["W", "H"]) [$(id).min, $(id).max] = [limits.min_side, limits.max_side];
