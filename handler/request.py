@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from handler.settings import MAX_CLIP_SKIP, HandlerSettings
+from handler.settings import MAX_CLIP_SKIP, HandlerSettings, Limits
 from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
@@ -34,7 +34,7 @@ from ldm.generation_request import (
     idle_hires,
     without_hires,
 )
-from ldm.inpainting import MAX_MASK_BLUR
+from ldm.inpainting import MAX_MASK_BLUR, mask_band
 from ldm.request_checks import check_emphasis, check_hires, check_mask, check_sampler, check_seed_resize
 from ldm.request_texts import named_texts, read_texts, request_loras, text_parts
 from ldm.tokenizer import CLIPTokenizer
@@ -215,9 +215,10 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
 def decode_image(
     value: Any, settings: HandlerSettings, field: str = "init_image", max_bytes: int | None = None
 ) -> Image.Image:
-    """Base64 PNG/JPEG (a `data:` URL prefix allowed) of request field `field` → RGB image, refusing anything over
-    the limits before decoding its pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to
-    RGB would not be exact (an animation, CMYK, more than 8 bits per channel). `max_bytes`: what is left of
+    """Base64 PNG/JPEG (a `data:` URL prefix allowed) of request field `field` → RGB image (`mask_image`: the
+    grayscale mask it draws, `mask_band`), refusing anything over the limits before decoding its pixels (a PNG of a
+    few KB can claim 30000×30000), and anything whose conversion to RGB would not be exact (an animation, CMYK,
+    16-bit grayscale; PIL reads 16-bit colour as its high bytes, exactly). `max_bytes`: what is left of
     `max_init_image_bytes` (all of it by default)."""
     limits = settings.limits
     max_bytes = limits.max_init_image_bytes if max_bytes is None else max_bytes
@@ -249,18 +250,14 @@ def decode_image(
             raise RequestError(field, f"{too_many_pixels}, got {width}x{height}")
         if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
             raise RequestError(field, f"{field} must be a single still image, not an animation")
-        # PIL reads a 16-bit RGB PNG as 8-bit RGB without a word; its header says (IHDR comes first, depth at byte 24).
-        bits = raw[24] if image.format == "PNG" else 8
-        if bits > 8:
-            raise RequestError(field, f"{field} must have 8 bits per channel, got {bits}: save it as an 8-bit PNG "
-                               "or a JPEG")  # fmt: skip
         if image.mode not in EXACT_RGB_MODES:
-            raise RequestError(field, f"{field} must be RGB, RGBA, grayscale or palette, got {image.mode}: convert "
-                               "it to RGB first")  # fmt: skip
+            raise RequestError(field, f"{field} must be RGB, RGBA, 8-bit grayscale or palette, got {image.mode}: "
+                               "convert it to 8-bit RGB first")  # fmt: skip
         try:
             # Upright as every viewer (and the page, which sizes the mask from it) shows it: a phone's portrait photo
             # is stored sideways with an EXIF orientation, which PIL would ignore.
-            return ImageOps.exif_transpose(image).convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            return mask_band(upright) if field == "mask_image" else upright.convert("RGB")
         except _DAMAGED:
             raise RequestError(field, f"{field} is truncated or corrupt") from None
 
@@ -354,6 +351,20 @@ def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) 
         raise RequestError(field, f"{asked} makes {width}x{height} images; each side at least {limits.min_side} pixels")
 
 
+def fitted_size(width: int, height: int, limits: Limits) -> dict[str, int]:
+    """H and W for an init image of `width`×`height` where the request leaves them out: its own size rounded down to
+    8 (the original's), or, for an image beyond the limits, scaled down to fit them (or up to the least side) keeping
+    its shape, as the page sizes one; each side clamped on its own would stretch a panorama, and a phone's photo
+    would be refused for a size its client never sent."""
+    scale = min(1.0, math.sqrt(limits.max_pixels / (width * height)), limits.max_side / max(width, height))
+    lift = max(1.0, limits.min_side / (min(width, height) * scale))
+
+    def side(length: int) -> int:
+        return min(limits.max_side, max(limits.min_side, math.floor(length * scale * lift / 8) * 8))
+
+    return {"H": side(height), "W": side(width)}
+
+
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
     """Validate one request body against the settings' defaults and limits."""
     body = parse_body(data)
@@ -362,11 +373,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         raise RequestError(unknown[0], f"unknown field '{unknown[0]}'; known fields: {', '.join(FIELDS)}")
     d, limits = settings.defaults, settings.limits
     init_image, mask_image = decode_images(body, settings)
+    defaults = {"H": d.H, "W": d.W} if init_image is None else fitted_size(*init_image.size, limits)
     sizes = {}
-    for name, default in (("H", d.H), ("W", d.W)):
-        if init_image is not None and name not in body:
-            side = init_image.size[1 if name == "H" else 0]
-            default = max(limits.min_side, min(limits.max_side, side - side % 8))
+    for name, default in defaults.items():
         sizes[name] = _integer(body, name, default, limits.min_side, limits.max_side, " pixels")
         if sizes[name] % 8:
             raise RequestError(name, f"{name} must be a multiple of 8, got {sizes[name]}")

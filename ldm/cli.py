@@ -54,6 +54,7 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
+from ldm.inpainting import mask_band
 from ldm.model import StableDiffusion
 from ldm.output_names import next_index, outdir_problem, write_new
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
@@ -416,8 +417,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_image(path: str, flag: str = "init-img") -> Image.Image:
-    """The image of `--{flag}` as RGB, read whole so no file handle stays open; one whose pixels would not come out
-    as they look (16-bit grayscale, CMYK, an animation) is refused, as the server refuses it."""
+    """The image of `--{flag}` as RGB (`--mask`: the grayscale mask it draws, `mask_band`), read whole so no file
+    handle stays open; one whose pixels would not come out as they look (16-bit grayscale, CMYK, an animation) is
+    refused, as the server refuses it."""
     try:
         with Image.open(path) as image:
             if image.mode not in EXACT_RGB_MODES:
@@ -425,7 +427,8 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
                                "looks: save it as an 8-bit RGB or grayscale PNG or JPEG")  # fmt: skip
             if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
                 raise CliError(f"--{flag} {path}: an animation; give one still image")
-            return ImageOps.exif_transpose(image).convert("RGB")  # upright, as viewers show a phone's photo
+            upright = ImageOps.exif_transpose(image)  # as viewers show a phone's photo
+            return mask_band(upright) if flag == "mask" else upright.convert("RGB")
     except FileNotFoundError:
         raise CliError(f"--{flag} {path}: no such file") from None
     except Image.DecompressionBombError:

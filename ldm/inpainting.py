@@ -9,8 +9,9 @@ Two kinds of model do it, as in diffusers' `StableDiffusionInpaintPipeline` and 
   init image's latent z₀ noised to the level the step reached, with the image's own starting noise (after the last
   step: z₀ itself), so only the masked region is painted (`KeptRegion`).
 
-Masks are read as diffusers reads them: grayscale, LANCZOS-resized to the image's size, then 1 (repaint) where at
-least half white, 0 (keep) elsewhere; shrunk to latent size by nearest-neighbour sampling.
+Masks are read as diffusers reads them: grayscale (one with transparency: its alpha, `mask_band`), LANCZOS-resized
+to the image's size, then 1 (repaint) where at least half white, 0 (keep) elsewhere; shrunk to latent size by
+nearest-neighbour sampling.
 
 Then the init image is laid back over the decoded one where the mask keeps it (`Overlay`), as A1111 lays it: kept
 pixels come back exactly, not as the VAE redraws them, and the seam is soft on their side. CompVis' latent-diffusion
@@ -35,6 +36,19 @@ MAX_MASK_BLUR = 64
 def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
     """(H, W, 3) uint8: the image as RGB, LANCZOS-resized to (W, H): what img2img encodes and inpainting pastes back."""
     return np.array(image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS))
+
+
+def mask_band(image: Image.Image) -> Image.Image:
+    """The mask an image draws, as grayscale: an image with transparency (an editor's or a canvas's export: a
+    stroke over nothing) by its alpha, opaque beyond half repainted (A1111's `create_binary_mask`), any other by its
+    gray. Read by its gray, a white stroke on transparent white would repaint everything, a black one nothing."""
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if "A" in image.getbands():
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha.point(lambda value: 255 if value > 128 else 0)
+    return image.convert("L")
 
 
 def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import struct
 import zlib
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,13 +31,24 @@ def png_base64(width: int = 80, height: int = 64, **save: Any) -> str:
 
 
 def black_png(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
-    """A valid PNG of zeros written chunk by chunk, in any depth and colour type PIL cannot write (16-bit RGB), and
-    at any size at all: deflate shrinks zeros about 1000-fold, so 5000×5000 at 1 bit is 3 KB and 30000×30000 (900
-    megapixels, 112 MB of rows) is 107 KB — the least any valid PNG of that size can be."""
+    """A valid PNG of zeros, in any depth and colour type, at any size at all: deflate shrinks zeros about
+    1000-fold, so 5000×5000 at 1 bit is 3 KB and 30000×30000 (900 megapixels, 112 MB of rows) is 107 KB — the least
+    any valid PNG of that size can be."""
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
-    row = bytes(1 + (width * channels * bit_depth + 7) // 8)  # a filter byte, then the samples
+    row = bytes((width * channels * bit_depth + 7) // 8)
+    return _png(width, height, bit_depth, color_type, itertools.repeat(row, height))
+
+
+def png_of(samples: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of (H, W, 3) samples, which PIL cannot write."""
+    height, width, _ = samples.shape
+    return _png(width, height, 16, 2, (row.astype(">u2").tobytes() for row in samples))
+
+
+def _png(width: int, height: int, bit_depth: int, color_type: int, rows: Iterable[bytes]) -> bytes:
+    """A PNG written chunk by chunk from its rows of samples (each given a filter byte of 0, none)."""
     deflate = zlib.compressobj(9)
-    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    pixels = b"".join(deflate.compress(b"\0" + row) for row in rows) + deflate.flush()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -312,12 +325,11 @@ CASES: list[Case] = [
                                        append_images=[Image.new("RGB", (64, 64), "red")])),
          "init_image", "init_image must be a single still image, not an animation"),
     Case("init image CMYK", with_(init_image=image_base64(Image.new("CMYK", (64, 64), (0, 255, 0, 0)), "JPEG")),
-         "init_image", "init_image must be RGB, RGBA, grayscale or palette, got CMYK: convert it to RGB first"),
+         "init_image", "init_image must be RGB, RGBA, 8-bit grayscale or palette, got CMYK: convert it to 8-bit RGB "
+         "first"),
     Case("init image 16-bit grayscale",
          with_(init_image=image_base64(Image.fromarray(np.full((64, 64), 40000, np.uint16)), "PNG")),
-         "init_image", "init_image must have 8 bits per channel, got 16"),
-    Case("init image 16-bit RGB", with_(init_image=base64.b64encode(black_png(64, 64, 16, 2)).decode()),
-         "init_image", "init_image must have 8 bits per channel, got 16: save it as an 8-bit PNG or a JPEG"),
+         "init_image", "init_image must be RGB, RGBA, 8-bit grayscale or palette, got I;16: convert it to 8-bit RGB"),
     # Inpainting.
     Case("mask without init image", with_(mask_image=png_base64()), "mask_image",
          "mask_image needs an init_image: it tells which of its pixels to repaint"),

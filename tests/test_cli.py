@@ -156,14 +156,16 @@ def test_img2img_with_a_k_diffusion_sampler(pipeline: Pipeline, tmp_path: Path) 
 
 
 def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> None:
-    """--mask: the pipeline's inpainting of the init image, the white half repainted, its seam as --mask_blur
-    says (here 0, not the default 4)."""
+    """--mask: the pipeline's inpainting of the init image, the opaque half repainted (a white stroke on
+    transparent white, as editors export one: its alpha is the mask), its seam as --mask_blur says (here 0, not the
+    default 4)."""
+    half = np.repeat([[0] * 40 + [255] * 40], 64, axis=0).astype(np.uint8)
     mask = tmp_path / "mask.png"
-    Image.fromarray(np.repeat([[0] * 40 + [255] * 40], 64, axis=0).astype(np.uint8)).save(mask)
+    Image.merge("RGBA", [Image.new("L", (80, 64), 255)] * 3 + [Image.fromarray(half)]).save(mask)
     argv = [*case_argv("img2img"), *MODEL, "--mask", str(mask), "--mask_blur", "0", "--outdir", str(tmp_path / "out")]
     assert main(argv, mode="img2img") == 0
     pixels, _ = read_png(tmp_path / "out" / "seed_4242_00000.png")
-    request = replace(request_for(case("img2img")), mask_image=load_image(mask), mask_blur=0)
+    request = replace(request_for(case("img2img")), mask_image=Image.fromarray(half), mask_blur=0)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(replace(request, mask_blur=4)).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("img2img"))).images[0])

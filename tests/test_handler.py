@@ -31,7 +31,7 @@ from ldm.lora import short_hash
 from ldm.parts import load_split
 from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
-from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, image_base64, png_base64
+from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, black_png, image_base64, png_base64, png_of
 from tests.loras import model_lora, write_lora
 from tests.reference import BF16_MIN_PSNR_DB, load_image, psnr
 
@@ -476,6 +476,47 @@ def test_img2img_size_defaults_to_the_init_image(handler: StableDiffusionHandler
     )
     body = json.loads(response)
     assert (body["parameters"]["W"], body["parameters"]["H"], body["parameters"]["strength"]) == (80, 64, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "sent", "size"),
+    [
+        (80, 64, {}, (80, 64)),  # its own size, as the original's
+        (83, 70, {}, (80, 64)),  # rounded down to 8
+        (80, 64, {"W": 128}, (128, 64)),  # a side sent is the request's; the other stays the image's
+        # Over the limits (1024², 2048 a side): scaled to fit, its shape kept (3.0, 6.0, 4/3, 5.0), not each side
+        # clamped (2048×683, 2048×496, refused for 12 megapixels, 64×200).
+        (4096, 1366, {}, (1768, 584)),
+        (3000, 500, {}, (2048, 336)),
+        (4032, 3024, {}, (1176, 880)),
+        (40, 200, {}, (64, 320)),  # up to the least side
+        (4032, 3024, {"W": 1024}, (1024, 880)),
+    ],
+)
+def test_img2img_size_defaults_to_the_init_images_within_the_limits(
+    width: int, height: int, sent: dict[str, int], size: tuple[int, int]
+) -> None:
+    body = {"prompt": "x", "init_image": base64.b64encode(black_png(width, height, 8, 2)).decode(), **sent}
+    generation = parse_request(body, parse_settings({})).generation
+    assert (generation.width, generation.height) == size
+
+
+def test_a_16_bit_colour_png_is_read_as_its_high_bytes() -> None:
+    """PIL reads 16-bit RGB as 8-bit without a word, exactly: each value's high byte."""
+    high = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint16)
+    samples = (high << 8) | 0xA5  # low bytes that rounding would carry up
+    image = decode_image(base64.b64encode(png_of(samples)).decode(), parse_settings({}))
+    assert np.array_equal(np.asarray(image), high.astype(np.uint8))
+
+
+def test_a_mask_with_transparency_is_read_by_its_alpha() -> None:
+    """A white stroke on transparent white (an editor's export) repaints the stroke, not everything."""
+    alpha = Image.new("L", (8, 8))
+    alpha.paste(255, (2, 2, 6, 6))
+    mask = Image.merge("RGBA", [Image.new("L", (8, 8), 255)] * 3 + [alpha])
+    decoded = decode_image(image_base64(mask), parse_settings({}), "mask_image")
+    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), np.asarray(alpha))
+    assert decode_image(image_base64(mask), parse_settings({})).mode == "RGB"  # the init image: its colours
 
 
 def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:

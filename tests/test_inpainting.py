@@ -15,7 +15,7 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
 from ldm.config import ConfigError, load_config, parse_config
 from ldm.generation_request import GenerationError, GenerationRequest
-from ldm.inpainting import MAX_MASK_BLUR, blurred, latent_mask, mask_pixels
+from ldm.inpainting import MAX_MASK_BLUR, blurred, latent_mask, mask_band, mask_pixels
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline, Progress
 from ldm.png_info import parameters_text
@@ -82,6 +82,39 @@ def test_masks_are_read_as_diffusers_reads_them() -> None:
     assert torch.equal(small, pixels[:, :, ::8, ::8])  # nearest: each cell takes its top-left pixel
     rgb = Image.merge("RGB", [_mask()] * 3)
     assert torch.equal(mask_pixels(rgb, 80, 64), pixels)
+
+
+def _rgba(colour: int, alpha: list[int]) -> Image.Image:
+    """A 1×N image of one gray colour over N alpha values."""
+    return Image.merge("RGBA", [Image.new("L", (len(alpha), 1), colour)] * 3 + [Image.frombytes("L", (len(alpha), 1),
+                       bytes(alpha))])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("image", "mask"),
+    [
+        # Transparency: opaque beyond half (128 is not) is repainted, whatever the colour.
+        (_rgba(255, [0, 128, 129, 255]), [0, 0, 255, 255]),
+        (_rgba(0, [0, 128, 129, 255]), [0, 0, 255, 255]),
+        (_rgba(255, [0, 0, 0, 0]), [0, 0, 0, 0]),
+        (_rgba(200, [0, 255, 0, 255]).convert("LA"), [0, 255, 0, 255]),
+        (_rgba(200, [0, 255, 0, 255]).convert("PA"), [0, 255, 0, 255]),
+        # Opaque: its gray, as before (the page's masks are white on opaque black).
+        (_rgba(255, [255] * 4), [255] * 4),
+        (Image.frombytes("L", (4, 1), bytes([0, 100, 200, 255])).convert("RGBA"), [0, 100, 200, 255]),
+        (Image.frombytes("L", (4, 1), bytes([0, 100, 200, 255])), [0, 100, 200, 255]),
+    ],
+)
+def test_a_mask_with_transparency_is_its_alpha(image: Image.Image, mask: list[int]) -> None:
+    band = mask_band(image)
+    assert band.mode == "L" and np.asarray(band)[0].tolist() == mask
+
+
+def test_a_palette_mask_with_a_transparent_colour_is_its_alpha() -> None:
+    image = Image.frombytes("P", (3, 1), bytes([0, 1, 0]))
+    image.putpalette([255, 255, 255, 0, 0, 0])
+    image.info["transparency"] = 0  # white is transparent, black opaque: the middle pixel is repainted
+    assert np.asarray(mask_band(image))[0].tolist() == [0, 255, 0]
 
 
 def a1111_overlay(decoded: np.ndarray, request: GenerationRequest) -> np.ndarray:
