@@ -10,8 +10,10 @@ img2img request runs this server's img2img (the original's schedule of ⌊streng
 which is not A1111's: the same request paints another image there.
 
 - Prompts are read in A1111's syntax (`emphasis`), as A1111 always reads them: weights, BREAK, prompt editing, `AND`.
+- Values are converted as A1111's API (pydantic 1) converts them (`coerced`): "42" and 42.9 are the integer 42.
 - Sampler and upscaler names go to the handler as A1111 writes them (it takes them beside ours); `scheduler` Karras
-  picks a sampler's Karras variant, and 1.9's Automatic the variant 1.9 picks for it. The hires fix's own sampler
+  picks a sampler's Karras variant, and 1.9's Automatic (or a name it lacks) the variant 1.9 picks for it; DDIM and
+  PLMS run their own timesteps whatever it says. The hires fix's own sampler
   (`hr_sampler_name`) takes its own `hr_scheduler` the same way, or the request's ("Use same scheduler"); its own
   prompts go as sent.
 - η: DDIM's (A1111's default 0); the ancestral and SDE samplers run at A1111's default η of 1 and take no other; the
@@ -20,7 +22,8 @@ which is not A1111's: the same request paints another image there.
   not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
   checkpoint, resize modes but "just resize", inpainting but of the whole picture from
   its original pixels (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted
-  mask, several init images, override settings but clip skip and those about saving files).
+  mask, several init images, extensions sent turned on, override settings but clip skip and those that change
+  nothing here: the served model, an option at its value, saving files).
 - Ignored, as A1111 ignores keys it does not know: everything else (saving files on A1111's disk, its UI's switches).
 - Answers: A1111's `{"images", "parameters", "info"}`, `info` a JSON string with the seeds and each image's infotext;
   errors are the front's `{"error", "field"}` naming fields as A1111 names them, with A1111's `detail` beside.
@@ -32,7 +35,8 @@ import base64
 import binascii
 import json
 import re
-from typing import Any, Literal
+import time
+from typing import Any, Literal, NamedTuple
 
 from front.errors import FrontError
 from front.png_info import INFOTEXT, png_texts
@@ -43,9 +47,17 @@ PREFIX = "/sdapi/v1/"
 # A1111's fields that are ours under another name, and A1111's API defaults where they are not this server's.
 RENAMED = {"steps": "ddim_steps", "cfg_scale": "scale", "width": "W", "height": "H", "batch_size": "n_samples"}
 COPIED = ("prompt", "negative_prompt", "n_iter", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
-# Our fields that take whole numbers, which A1111's API also reads from a float such as 42.0.
-WHOLE = ("ddim_steps", "W", "H", "n_samples", "n_iter", "seed", "subseed", "seed_resize_from_h", "seed_resize_from_w",
-         "hr_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "clip_skip")  # fmt: skip
+# A1111's typed request fields, which its API (pydantic 1) reads from any JSON value Python converts: an integer
+# from "42" or 42.9 (truncated), a number from "7.5", a flag from "false", "no", "off", "0", 0 (and their opposites).
+INTEGERS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "seed_resize_from_h",
+            "seed_resize_from_w", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur", "mask_blur_x",
+            "mask_blur_y", "inpainting_fill", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
+            "firstphase_width", "firstphase_height")  # fmt: skip
+NUMBERS = ("cfg_scale", "denoising_strength", "subseed_strength", "eta", "hr_scale", "s_churn", "s_tmax", "s_tmin",
+           "s_noise", "s_min_uncond", "initial_noise_multiplier", "image_cfg_scale")  # fmt: skip
+FLAGS = ("restore_faces", "tiling", "enable_hr", "inpaint_full_res", "send_images", "save_images",
+         "include_init_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks")  # fmt: skip
+TRUE, FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
 DEFAULTS = {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1, "n_iter": 1}
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 # The field A1111 names for each of ours that a refusal may name.
@@ -57,10 +69,11 @@ THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
 # Options that change the image in ways not done here, with the values that leave it alone (None: left out).
 OFF: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
-    "alwayson_scripts": (None, {}), "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
+    "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
-    "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""),
+    "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""), "infotext": (None, ""),
+    "firstphase_width": (None, 0), "firstphase_height": (None, 0),
 }  # fmt: skip
 # The hires fix's second pass's own prompts and sampler (ours), each with the first pass's field it repeats when
 # A1111's is empty, "Use same sampler" or left out.
@@ -75,12 +88,26 @@ SCHEDULER_ITEMS = (
     {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
 )
 SCHEDULERS = tuple(item["name"] for item in SCHEDULER_ITEMS)
+# Samplers that run their own timesteps, whatever the scheduler (A1111's CompVis samplers do not read it).
+OWN_TIMESTEPS = ("DDIM", "PLMS")
 # 1.9's Automatic scheduler: Karras for these samplers, the exponential one (not available here) for DPM++ 2M SDE.
 AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a")
+# Options GET /sdapi/v1/options reads beside the model, VAE and clip skip, each at the value it has here.
+FIXED_OPTIONS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "randn_source": "CPU", "eta_noise_seed_delta": 0}
+# A1111's default VAE setting: the checkpoint's own or the file beside it, which is what is served here.
+AUTOMATIC_VAE = "Automatic"
 # Override settings about where A1111 saves files: nothing of the image.
 SAVING = re.compile(r"^(samples_|save_|grid_|outdir|export_|jpeg_|webp_|png_|use_original_name|directories_)")
 # A1111's "None" hires upscaler resizes the image, as our Lanczos does.
 UPSCALER_ALIASES = {"None": "Lanczos"}
+
+
+class Served(NamedTuple):
+    """What this front serves, as A1111's options and answers name it: the worker's description
+    (handler/description.py) and TorchServe's name for the model."""
+
+    described: dict[str, Any]
+    model: str
 
 
 class A1111Error(FrontError):
@@ -114,42 +141,88 @@ def encoded(ours: dict[str, Any]) -> bytes:
         raise _refuse("body", "is nested too deep") from None
 
 
-def translate(body: dict[str, Any], mode: Mode) -> dict[str, Any]:
-    """Our inference request for an A1111 request body."""
+def needs_options(body: dict[str, Any]) -> bool:
+    """Whether `translate` must be given the served options to judge the request's `override_settings` (any but
+    clip skip and saving files: the model named, a setting at its value)."""
+    settings = body.get("override_settings")
+    return isinstance(settings, dict) and any(name != CLIP_SKIP and not SAVING.match(name) for name in settings)
+
+
+def translate(raw: dict[str, Any], mode: Mode, served: Served | None = None) -> dict[str, Any]:
+    """Our inference request for an A1111 request body; `served`: what `override_settings` may name (needed when
+    `needs_options` says so)."""
+    body = coerced(raw)
     for name, off in OFF.items():
         if not any(body.get(name) == value for value in off):
             raise _refuse(name, "is not available here; leave it out")
+    _scripts_off(body.get("alwayson_scripts"))
     given = {**DEFAULTS, **{name: value for name, value in body.items() if value is not None}}
     sampler = _sampler(body)
     ours: dict[str, Any] = {"emphasis": True, "sampler": sampler, "clip_skip": 1}
     ours.update({our: given[theirs] for theirs, our in RENAMED.items()})
+    for side in ("W", "H"):  # A1111 paints (side // 8) · 8 pixels: its latent's
+        if isinstance(ours[side], int) and ours[side] > 0:
+            ours[side] -= ours[side] % 8
     ours.update({name: given[name] for name in COPIED if name in given})
     for name in ("seed", "subseed"):
         if body.get(name) not in (None, -1):
             ours[name] = body[name]
-    if _flag(body, "tiling"):
+    if body.get("tiling"):
         ours["tiling"] = True
-    ours.update(_overrides(body.get("override_settings")))
+    ours.update(_overrides(body.get("override_settings"), served))
     if mode == "txt2img":
         _hires(body, ours)
     else:
         _img2img(body, ours)
     ours.update(_eta(body.get("eta"), [sampler, *([ours["hr_sampler"]] if "hr_sampler" in ours else [])]))
-    # A whole number sent as a float (42.0) is read as A1111's API reads it; anything else goes as sent, for the
-    # handler to judge.
-    for name in WHOLE:
-        value = ours.get(name)
-        if isinstance(value, float) and value.is_integer():
-            ours[name] = int(value)
     return ours
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    """A boolean as A1111's API reads one: true, false, 1, 0 or left out."""
-    value = body.get(name)
-    if value in (None, False, 0, True, 1):
-        return bool(value)
-    raise _refuse(name, f"must be true or false, got {json.dumps(value)[:40]}")
+def coerced(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with A1111's typed fields converted as its API converts them (`INTEGERS`, `NUMBERS`, `FLAGS`); a
+    value that does not convert is refused, naming its field."""
+    converted = dict(body)
+    for names, convert, what in ((INTEGERS, int, "an integer"), (NUMBERS, float, "a number"),
+                                 (FLAGS, _flag, "true or false")):  # fmt: skip
+        for name in names:
+            value = body.get(name)
+            if value is None or (convert is int and type(value) is int):
+                continue
+            try:
+                if isinstance(value, (dict, list)):
+                    raise TypeError(name)
+                converted[name] = convert(value)
+            except (TypeError, ValueError, OverflowError):
+                raise _refuse(name, f"must be {what}, got {json.dumps(value)[:40]}") from None
+    return converted
+
+
+def _flag(value: Any) -> bool:
+    """A boolean as pydantic 1 reads one."""
+    if isinstance(value, bool):
+        return value
+    word = value.lower() if isinstance(value, str) else value
+    if word in TRUE or word == 1:
+        return True
+    if word in FALSE or word == 0:
+        return False
+    raise ValueError(value)
+
+
+def _scripts_off(scripts: Any) -> None:
+    """A1111's `alwayson_scripts` may name extensions left off (as clients send every one they know): each with no
+    arguments, its first argument false (ADetailer's "enable"), or units all disabled (ControlNet's)."""
+    if scripts in (None, {}):
+        return
+    if not isinstance(scripts, dict):
+        raise _refuse("alwayson_scripts", "must be an object of scripts")
+    for name, script in scripts.items():
+        args = script.get("args") if isinstance(script, dict) else None
+        off = isinstance(args, list) and (
+            not args or args[0] is False or all(isinstance(arg, dict) and arg.get("enabled") is False for arg in args)
+        )
+        if not off:
+            raise _refuse(f"alwayson_scripts.{name}", "is not available here; leave it out or turn it off")
 
 
 def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -> Any:
@@ -160,9 +233,13 @@ def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -
     scheduler = body.get(field)
     if scheduler is None or not isinstance(name, str):
         return name
+    if scheduler == "":  # as A1111 reads a name it lacks
+        scheduler = "automatic"
     if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
         raise _refuse(field, f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")
     base = name.removesuffix(" Karras")
+    if base in OWN_TIMESTEPS:
+        return base
     if scheduler.lower() == "automatic" and base == "DPM++ 2M SDE":
         raise _refuse(field, "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
     karras = scheduler.lower() == "karras" or (scheduler.lower() == "automatic" and base in AUTOMATIC_KARRAS)
@@ -185,21 +262,26 @@ def _eta(eta: Any, samplers: list[Any]) -> dict[str, Any]:
     return {"eta": 0.0 if eta is None else eta}
 
 
-def _overrides(settings: Any) -> dict[str, Any]:
-    """Clip skip from A1111's `override_settings`; settings about saving files are dropped, any other refused."""
+def _overrides(settings: Any, served: Served | None) -> dict[str, Any]:
+    """Clip skip from A1111's `override_settings` (a whole float, 2.0, read as the integer); any other setting as
+    `POST /sdapi/v1/options` takes it: the served model, a setting at the value it has here, or one about saving
+    files changes nothing, any other is refused."""
     if not settings:
         return {}
     if not isinstance(settings, dict):
         raise _refuse("override_settings", "must be an object of settings")
-    for name in settings:
-        if name != CLIP_SKIP and not SAVING.match(name):
-            raise _refuse(f"override_settings.{name}", f"is not available here; only {CLIP_SKIP} is")
-    return {"clip_skip": settings[CLIP_SKIP]} if CLIP_SKIP in settings else {}
+    for name, value in settings.items():
+        if name != CLIP_SKIP:
+            _check_option(name, value, served, f"override_settings.{name}")
+    if CLIP_SKIP not in settings:
+        return {}
+    clip_skip = settings[CLIP_SKIP]
+    return {"clip_skip": int(clip_skip) if isinstance(clip_skip, float) and clip_skip.is_integer() else clip_skip}
 
 
 def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     """The hires fix when enabled (its fields are A1111's second pass's alone, so left out without it)."""
-    if not _flag(body, "enable_hr"):
+    if not body.get("enable_hr"):
         return
     upscaler = body.get("hr_upscaler") or "Latent"
     resize = {name: body[name] for name in ("hr_resize_x", "hr_resize_y") if body.get(name)}
@@ -232,7 +314,11 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if body.get("mask") is None:
         return
     ours["mask_image"] = body["mask"]
-    ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else 4
+    # 1.6's mask_blur sets both of its axes' blurs; without it each is its own (4 by default), here the same.
+    blur_x, blur_y = (body.get(name) if body.get(name) is not None else 4 for name in ("mask_blur_x", "mask_blur_y"))
+    if body.get("mask_blur") is None and blur_x != blur_y:
+        raise _refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
+    ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else blur_x
     if body.get("inpainting_fill", 0) != 1:
         raise _refuse("inpainting_fill", "only 1 (original) is available here; send 1")
     if body.get("inpaint_full_res", True):
@@ -252,10 +338,13 @@ def renamed(error: FrontError) -> A1111Error:
     return A1111Error(error.status, message, THEIRS.get(error.field, error.field))
 
 
-def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def answer(
+    body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any], served: Served, version: str
+) -> dict[str, Any]:
     """A1111's answer to `body` from our answer to `ours` (front/imagine.py's `Results.answer`): the images (unless
     `send_images` is false), the request as sent (its images left out unless `include_init_images`, as A1111 does)
-    and `info`, a JSON string of what A1111's clients read from it."""
+    and `info`, a JSON string of what A1111's clients read from it (each key its `Processed.js` writes; `served`
+    may be a description of `{}` where none was fetched yet: no VAE file, no inpainting model then)."""
     images, seeds, parameters = result["images"], result["seeds"], result["parameters"]
     subseeds = result.get("subseeds", [-1] * len(seeds))
     first_seed, first_subseed = seeds[0], subseeds[0]
@@ -281,12 +370,19 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -
         "seed_resize_from_w": ours.get("seed_resize_from_w", -1),
         "seed_resize_from_h": ours.get("seed_resize_from_h", -1),
         "denoising_strength": parameters.get("strength"),
+        "sd_model_name": served.model,
         "sd_model_hash": hashes[0].group(1) if hashes and hashes[0] else None,
+        "sd_vae_name": (served.described.get("vae") or {}).get("name"),
+        "sd_vae_hash": (served.described.get("vae") or {}).get("hash"),
         "restore_faces": False,
+        "face_restoration_model": None,
         "styles": [],
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "is_using_inpainting_conditioning": bool(served.described.get("inpainting")) and "init_image" in ours,
+        "version": version,
     }
     echoed = body
     if "init_images" in body and not body.get("include_init_images"):
@@ -298,7 +394,7 @@ def answer(body: dict[str, Any], ours: dict[str, Any], result: dict[str, Any]) -
 # A1111's listings the front answers from the handler's description (handler/description.py).
 LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "sd-vae", "loras", "embeddings", "options")
 # A1111's listings of what is not done here (requests naming any are refused): empty, as an A1111 without any.
-NONE_HERE = ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles")
+NONE_HERE = ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info", "extensions")
 # A1111's rescans of its model folders: here, a fresh description (new LoRA or embedding files are listed at once).
 REFRESHES = ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "refresh-loras")
 DESCRIBE = b'{"describe": true}'
@@ -317,7 +413,7 @@ def listing(name: str, described: Any, model: str) -> Any:
         raise A1111Error(502, "TorchServe's worker answered no description of what it serves") from None
     if name == "options":
         return {"sd_model_checkpoint": model_title(model, model_hash), "sd_vae": vae, CLIP_SKIP: clip_skip,
-                "eta_ddim": 0.0, "eta_ancestral": 1.0, "randn_source": "CPU"}  # fmt: skip
+                **FIXED_OPTIONS}  # fmt: skip
     if name == "samplers":
         return [{"name": title, "aliases": [ours], "options": {}} for ours, title in samplers]
     if name == "upscalers":
@@ -348,26 +444,39 @@ def model_title(model: str, model_hash: str) -> str:
     return f"{model} [{model_hash}]"
 
 
-def check_options(body: Any, described: dict[str, Any], model: str) -> None:
+def check_options(body: Any, served: Served) -> None:
     """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint (often all the options they
-    read, one changed): one model is served, so naming it (by title, name or hash) changes nothing, nor does an
-    option at the value GET gives, and settings about saving files mean nothing here; any other setting is refused,
-    naming it."""
+    read, one changed), each option as `_check_option` takes it; clip skip is each request's here."""
     if not isinstance(body, dict):
         raise _refuse("body", "send the options as a JSON object")
-    title = model_title(model, described.get("model_hash", ""))
-    current = listing("options", described, model)
+    clip_skip = served.described.get("defaults", {}).get("clip_skip")
     for name, value in body.items():
-        if name == "sd_model_checkpoint" and value in (title, model, described.get("model_hash")):
-            continue
-        if name in current and value == current[name]:
-            continue
-        if name == "sd_model_checkpoint":
-            raise _refuse(name, f"only {title} is served here, got {json.dumps(value)[:40]}")
-        if name == CLIP_SKIP:
+        if name == CLIP_SKIP and value != clip_skip:
             raise _refuse(name, "is each request's here: send it in the request's override_settings")
-        if not SAVING.match(name):
-            raise _refuse(name, "is not available here")
+        _check_option(name, value, served, name)
+
+
+def _check_option(name: str, value: Any, served: Served | None, field: str) -> None:
+    """An A1111 option set (by `POST /sdapi/v1/options` or a request's `override_settings`, `field` naming it):
+    one model is served, so naming it (by title, name or hash) changes nothing, nor does an option at the value
+    GET gives (the VAE also as A1111's default, Automatic), and settings about saving files mean nothing here; any
+    other is refused, naming it."""
+    if SAVING.match(name):
+        return
+    if served is None:  # the caller fetches the options where `needs_options` says so
+        raise _refuse(field, "is not available here")
+    title = model_title(served.model, served.described.get("model_hash", ""))
+    if name == "sd_model_checkpoint":
+        if value in (title, served.model, served.described.get("model_hash")):
+            return
+        raise _refuse(field, f"only {title} is served here, got {json.dumps(value)[:40]}")
+    if name == "sd_vae" and value == AUTOMATIC_VAE:
+        return
+    current = listing("options", served.described, served.model)
+    if name not in current:
+        raise _refuse(field, "is not available here")
+    if value != current[name]:
+        raise _refuse(field, f"is {json.dumps(current[name])} here, got {json.dumps(value)[:40]}")
 
 
 def png_parameters(image: Any) -> str:

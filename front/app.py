@@ -46,6 +46,9 @@ from front.settings import FrontSettings
 from front.upstream import JSON, NDJSON, PNG, InferenceApi
 
 STATIC = Path(__file__).parent / "static"
+VERSION = "0.1.0"
+# What A1111's answers say in `info.version` (its own say "v1.10.1").
+A1111_VERSION = f"sd-torchserve-{VERSION}"
 # Content types TorchServe decodes as form fields, and so refuses (415): the front refuses them the same way.
 FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 # The page loads nothing but its own files and the images it is given as data: URLs, so a prompt that slips into
@@ -129,7 +132,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     app = FastAPIOffline(
         title="Stable Diffusion front",
         summary="The original app's /imagine API and a browser UI, in front of TorchServe.",
-        version="0.1.0",
+        version=VERSION,
         lifespan=lifespan,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -200,7 +203,10 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         """One A1111 request as one TorchServe request per batch (`n_iter`, as `/imagine` splits it), each followed
         for `/sdapi/v1/progress`; once interrupted, the batches done are the answer."""
         body = a1111.read(await _body(request, settings.max_body_bytes))
-        ours = a1111.translate(body, mode)
+        served = None
+        if a1111.needs_options(body):  # override_settings naming the model or a setting: judged by what is served
+            served = a1111.Served(await request.app.state.description.get(), settings.model)
+        ours = a1111.translate(body, mode, served)
         plan = plan_fields(ours, a1111.encoded(ours), settings.max_images)
         ours = plan.fields or ours  # with the seeds the plan drew
         results = Results()
@@ -211,8 +217,11 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                 job.request = iteration
                 sent = plan.iteration(results.next(plan) if iteration else None)
                 results.add(await a1111_progress.followed(request.app.state.api, sent, job, iteration > 0), plan)
+        # The answer's info names the VAE and the model's kind from the front's copy of the description, if any yet.
+        served = a1111.Served(request.app.state.description.latest or {}, settings.model)
+        answer = results.answer(plan)
         # In a thread: reading each PNG's infotext and rendering the answer take a while for 64 large images.
-        return await run_in_threadpool(lambda: JSONResponse(a1111.answer(body, ours, results.answer(plan))))
+        return await run_in_threadpool(lambda: JSONResponse(a1111.answer(body, ours, answer, served, A1111_VERSION)))
 
     @app.get("/imagine/description", summary="What the worker serves: its model, samplers, LoRAs, defaults, limits",
              responses=schema.errors())  # fmt: skip
@@ -264,6 +273,14 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         # In a thread: inflating an upload's text chunks takes a while, and the event loop serves every other call.
         return JSONResponse(await run_in_threadpool(png_info.answer, body))
 
+    @app.get("/sdapi/v1/cmd-flags", summary="A1111's command-line flags: none here (its clients' health check)")
+    async def a1111_cmd_flags() -> JSONResponse:
+        return JSONResponse({})
+
+    @app.get("/sdapi/v1/scripts", summary="A1111's scripts: none here")
+    async def a1111_scripts() -> JSONResponse:
+        return JSONResponse({"txt2img": [], "img2img": []})
+
     @app.get("/sdapi/v1/schedulers", summary="A1111 1.9's schedulers, those done here")
     async def a1111_schedulers() -> JSONResponse:
         return JSONResponse(list(a1111.SCHEDULER_ITEMS))
@@ -276,7 +293,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_options(request: Request) -> JSONResponse:
         body = a1111.read(await _body(request, settings.max_body_bytes))
         described = await request.app.state.description.get()
-        a1111.check_options(body, described, settings.model)
+        a1111.check_options(body, a1111.Served(described, settings.model))
         return JSONResponse(None)
 
     @app.get("/healthz", summary="Whether TorchServe answers its health check")

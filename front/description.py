@@ -47,6 +47,11 @@ class Description:
             self._start()
         return self._copy
 
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The copy as it is, None before the first fetch (for what may go without it)."""
+        return self._copy
+
     async def refresh(self) -> dict[str, Any]:
         """A description fetched after this call began (A1111's refresh endpoints: files were just added), which
         the copy becomes; a fetch already in flight may have asked before them, so it is waited out first."""

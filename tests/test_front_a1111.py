@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -130,6 +131,9 @@ def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient
         ("Euler a", "Automatic", "Euler a"),
         ("DPM++ 2M Karras", "Uniform", "DPM++ 2M"),
         ("DPM2 a", "Karras", "DPM2 a Karras"),
+        ("DPM++ 2M", "", "DPM++ 2M Karras"),  # a name A1111 lacks is its Automatic
+        ("DDIM", "Karras", "DDIM"),  # A1111's DDIM and PLMS run their own timesteps, whatever the scheduler
+        ("PLMS", "Automatic", "PLMS"),
     ],
 )
 def test_schedulers_as_a1111_picks_them(client: TestClient, fake: FakeInference, sampler: str, scheduler: Any,
@@ -177,6 +181,68 @@ def test_the_hires_fixs_own_prompts_and_sampler(client: TestClient, fake: FakeIn
     assert (fake.sent()[-1]["hr_sampler"], fake.sent()[-1]["eta"]) == ("DDIM", 0.0)
 
 
+def test_values_are_read_as_a1111s_api_converts_them(client: TestClient, fake: FakeInference) -> None:
+    """Pydantic 1's conversions, which A1111's API runs: integers from strings and truncated floats, numbers from
+    strings, flags from words; sides not a multiple of 8 painted as A1111 paints them, at the latent's 8·⌊side/8⌋."""
+    body = {"seed": "42", "steps": 20.9, "cfg_scale": "6.5", "tiling": "false", "enable_hr": "Yes", "width": "516",
+            "height": 519.5, "batch_size": True, "restore_faces": "off", "hr_second_pass_steps": "3"}  # fmt: skip
+    assert client.post(TXT2IMG, json=body).status_code == 200
+    sent = fake.sent()[0]
+    assert {k: sent.get(k) for k in ("seed", "ddim_steps", "scale", "tiling", "W", "H", "n_samples", "hr_steps")} == {
+        "seed": 42, "ddim_steps": 20, "scale": 6.5, "tiling": None, "W": 512, "H": 512, "n_samples": 1, "hr_steps": 3,
+    }  # fmt: skip
+    assert sent["hr_scale"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"sd_model_checkpoint": "sd [8e79c1729f]", "sd_vae": "Automatic", "eta_noise_seed_delta": 0},
+        {"sd_model_checkpoint": "8e79c1729f", "sd_vae": "None", "CLIP_stop_at_last_layers": 2, "samples_format": "png"},
+    ],
+)
+def test_override_settings_naming_what_is_served_change_nothing(
+    client: TestClient, fake: FakeInference, settings: dict[str, Any]
+) -> None:
+    """As clients send them with every request: the served model, its VAE (or A1111's default, Automatic), an option
+    at the value it has here; clip skip is the request's."""
+    assert client.post(TXT2IMG, json={"seed": 1, "override_settings": settings}).status_code == 200
+    assert fake.sent()[0] == {"describe": True}
+    assert fake.sent()[1]["clip_skip"] == settings.get("CLIP_stop_at_last_layers", 1)
+    assert client.post("/sdapi/v1/options", json=settings | {"CLIP_stop_at_last_layers": 1}).status_code == 200
+
+
+def test_extensions_sent_turned_off_are_left_out(client: TestClient, fake: FakeInference) -> None:
+    scripts = {"ControlNet": {"args": [{"enabled": False, "module": "canny"}]}, "ADetailer": {"args": [False]},
+               "Dynamic Prompts": {"args": []}}  # fmt: skip
+    assert client.post(TXT2IMG, json={"seed": 1, "alwayson_scripts": scripts}).status_code == 200
+
+
+def test_what_clients_ask_at_start_is_answered(client: TestClient) -> None:
+    """Their health checks and feature probes: no command-line flags, scripts or extensions here."""
+    assert client.get("/sdapi/v1/cmd-flags").json() == {}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/script-info").json() == [] and client.get("/sdapi/v1/extensions").json() == []
+
+
+def test_the_info_holds_every_key_a1111_writes(client: TestClient, fake: FakeInference) -> None:
+    """Its `Processed.js` keys, the model by TorchServe's name and the VAE and kind from the description."""
+    client.get("/sdapi/v1/options")  # the front's copy of the description
+    fake.described = {**fake.described, "vae": {"name": "mse.safetensors", "hash": "0a1b"}}
+    client.post("/sdapi/v1/refresh-vae")
+    info = json.loads(client.post(TXT2IMG, json={"seed": 1}).json()["info"])
+    assert set(info) == {
+        "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+        "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",
+        "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash",
+        "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "extra_generation_params",
+        "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip",
+        "is_using_inpainting_conditioning", "version",
+    }  # fmt: skip
+    assert (info["sd_model_name"], info["sd_vae_name"], info["sd_vae_hash"]) == ("sd", "mse.safetensors", "0a1b")
+    assert info["is_using_inpainting_conditioning"] is False and re.fullmatch(r"\d{14}", info["job_timestamp"])
+
+
 def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "denoising_strength": 0.4, "mask": "bWFzaw==",
             "mask_blur": 8, "inpainting_fill": 1, "inpaint_full_res": False, "enable_hr": True}  # fmt: skip
@@ -190,6 +256,9 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
                                         "include_init_images": True}).json()  # fmt: skip
     assert fake.sent()[1]["strength"] == 0.75 and "mask_image" not in fake.sent()[1]
     assert answer["parameters"]["init_images"] == ["aW1n"]
+    # 1.6's blur of each axis, without mask_blur: one blur here where they agree.
+    blurs = {"mask_blur_x": 6, "mask_blur_y": 6, "mask_blur": None}
+    assert client.post(IMG2IMG, json={**body, **blurs}).status_code == 200 and fake.sent()[2]["mask_blur"] == 6
 
 
 @pytest.mark.parametrize(
@@ -197,11 +266,21 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     [
         (TXT2IMG, {"restore_faces": True}, "restore_faces"),
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
-        (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"),
+        (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts.controlnet"),
         (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
         (TXT2IMG, {"enable_hr": True, "hr_scheduler": "Exponential"}, "hr_scheduler"),
         (TXT2IMG, {"enable_hr": True, "hr_checkpoint_name": "other.ckpt"}, "hr_checkpoint_name"),
-        (TXT2IMG, {"enable_hr": "false"}, "enable_hr"),
+        (TXT2IMG, {"enable_hr": "maybe"}, "enable_hr"),
+        (TXT2IMG, {"steps": "many"}, "steps"),
+        (TXT2IMG, {"seed": [1]}, "seed"),
+        (TXT2IMG, {"cfg_scale": {"value": 7}}, "cfg_scale"),
+        (TXT2IMG, {"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "alwayson_scripts.ADetailer"),
+        (TXT2IMG, {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.ControlNet"),
+        (TXT2IMG, {"infotext": "a fox\nSteps: 20"}, "infotext"),
+        (TXT2IMG, {"enable_hr": True, "firstphase_width": 256}, "firstphase_width"),
+        (TXT2IMG, {"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
+        (TXT2IMG, {"override_settings": {"sd_vae": "kl-f8-anime.ckpt"}}, "override_settings.sd_vae"),
+        (TXT2IMG, {"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps"),
         (TXT2IMG, {"scheduler": "Exponential"}, "scheduler"),
         (TXT2IMG, {"scheduler": ["Karras"]}, "scheduler"),
         (TXT2IMG, {"sampler_name": "DPM++ 2M SDE", "scheduler": "Automatic"}, "scheduler"),
@@ -221,6 +300,18 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpaint_full_res": False}, "inpainting_fill"),
         (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 1}, "inpaint_full_res"),
         (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 1}, "resize_mode"),
+        (
+            IMG2IMG,
+            {
+                "init_images": ["aW1n"],
+                "mask": "bWFzaw==",
+                "inpainting_fill": 1,
+                "inpaint_full_res": False,
+                "mask_blur_x": 16,
+                "mask_blur_y": 2,
+            },
+            "mask_blur_y",
+        ),
     ],
 )
 def test_what_is_not_done_here_is_refused_naming_the_field(
@@ -229,7 +320,7 @@ def test_what_is_not_done_here_is_refused_naming_the_field(
     response = client.post(path, json={"seed": 1, **change})
     assert response.status_code == 400 and response.json()["field"] == field
     assert response.json()["detail"] == response.json()["error"] and response.json()["error"].startswith(field)
-    assert fake.sent() == []
+    assert all(body == {"describe": True} for body in fake.sent())  # override_settings are judged by the served
 
 
 def test_errors_name_fields_as_a1111_does_and_carry_its_detail(client: TestClient) -> None:
@@ -290,7 +381,7 @@ def test_a1111s_listings_come_from_the_workers_description(client: TestClient, f
     }  # fmt: skip
     assert get("options") == {"sd_model_checkpoint": "sd [8e79c1729f]", "sd_vae": "None",
                               "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
-                              "randn_source": "CPU"}  # fmt: skip
+                              "randn_source": "CPU", "eta_noise_seed_delta": 0}  # fmt: skip
     assert fake.sent() == [{"describe": True}]  # the front's copy answers the six after it (front/description.py)
 
 
