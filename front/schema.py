@@ -77,10 +77,10 @@ class ImagineRequest(BaseModel):
         description="AUTOMATIC1111's 'Tiling': every convolution pads circularly, so the image wraps around its edges "
         "(a seamless texture)",
     )
-    init_image: str | None = Field(None, description="img2img: base64 PNG or JPEG, a data: URL prefix allowed")
+    init_image: str | None = Field(None, description="img2img: base64 PNG, JPEG or WebP, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,
-        description="inpainting: base64 PNG or JPEG the size of init_image; white (at least 50 %) is repainted, "
+        description="inpainting: base64 PNG, JPEG or WebP the size of init_image; white (at least 50 %) is repainted, "
         "black kept",
     )
     mask_blur: int = Field(

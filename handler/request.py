@@ -75,8 +75,8 @@ FIELDS = (
 )
 NDJSON = "application/x-ndjson"
 # MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
-# first picture is the JPEG every viewer shows, and the one used.
-INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
+# first picture is the JPEG every viewer shows, and the one used. WebP: what browsers save most images of the web as.
+INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 # What PIL raises for damaged image data, as it reads the header or decodes the pixels (a broken PNG chunk is a
 # SyntaxError).
 _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -215,15 +215,15 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
 def decode_image(
     value: Any, settings: HandlerSettings, field: str = "init_image", max_bytes: int | None = None
 ) -> Image.Image:
-    """Base64 PNG/JPEG (a `data:` URL prefix allowed) of request field `field` → RGB image (`mask_image`: the
-    grayscale mask it draws, `mask_band`), refusing anything over the limits before decoding its pixels (a PNG of a
-    few KB can claim 30000×30000), and anything whose conversion to RGB would not be exact (an animation, CMYK,
-    16-bit grayscale; PIL reads 16-bit colour as its high bytes, exactly). `max_bytes`: what is left of
+    """Base64 PNG/JPEG/WebP (a `data:` URL prefix and line breaks allowed) of request field `field` → RGB image
+    (`mask_image`: the grayscale mask it draws, `mask_band`), refusing anything over the limits before decoding its
+    pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to RGB would not be exact (an
+    animation, CMYK, 16-bit grayscale; PIL reads 16-bit colour as its high bytes, exactly). `max_bytes`: what is left of
     `max_init_image_bytes` (all of it by default)."""
     limits = settings.limits
     max_bytes = limits.max_init_image_bytes if max_bytes is None else max_bytes
     if not isinstance(value, str):
-        raise RequestError(field, f"{field} must be a base64 string (PNG or JPEG)")
+        raise RequestError(field, f"{field} must be a base64 string (PNG, JPEG or WebP)")
     encoded = _payload(value)
     if _payload_bytes(encoded) > max_bytes:
         shared = "" if field == "init_image" else f" (init_image and {field} share {limits.max_init_image_bytes})"
@@ -241,10 +241,10 @@ def decode_image(
         # PIL's own guard, which reads only the header, answered before ours could.
         raise RequestError(field, f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}") from None
     except (UnidentifiedImageError, *_DAMAGED):
-        raise RequestError(field, f"{field} is not a PNG or JPEG image we can read") from None
+        raise RequestError(field, f"{field} is not a PNG, JPEG or WebP image we can read") from None
     with image:
         if image.format not in INIT_IMAGE_FORMATS:
-            raise RequestError(field, f"{field} must be PNG or JPEG, got {image.format}")
+            raise RequestError(field, f"{field} must be PNG, JPEG or WebP, got {image.format}")
         width, height = image.size
         if width * height > limits.max_init_image_pixels:
             raise RequestError(field, f"{too_many_pixels}, got {width}x{height}")
@@ -277,8 +277,9 @@ def decode_images(body: dict[str, Any], settings: HandlerSettings) -> tuple[Imag
 
 
 def _payload(value: str) -> str:
-    """The base64 text of an image field, without its `data:` URL prefix."""
-    return _DATA_URL.sub("", value.strip(), count=1)
+    """The base64 text of an image field, without its `data:` URL prefix and whitespace (`base64` wraps its lines
+    at 76 characters; A1111 reads them so)."""
+    return "".join(_DATA_URL.sub("", value.strip(), count=1).split())
 
 
 def _payload_bytes(payload: str) -> int:

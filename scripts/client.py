@@ -213,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clip-skip", type=int, help="AUTOMATIC1111's 'Clip skip': read the prompt from CLIP's k-th layer from the end"
     )
-    parser.add_argument("--init-image", type=Path, help="PNG or JPEG to start from: img2img instead of txt2img")
+    parser.add_argument("--init-image", type=Path, help="PNG, JPEG or WebP to start from: img2img instead of txt2img")
     parser.add_argument(
         "--mask-image",
         type=Path,
-        help="inpainting: PNG or JPEG the size of --init-image, white where it is repainted, black where it is kept",
+        help="inpainting: PNG, JPEG or WebP the size of --init-image, white where it is repainted, black where kept",
     )
     parser.add_argument(
         "--mask-blur",

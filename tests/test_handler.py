@@ -509,6 +509,16 @@ def test_a_16_bit_colour_png_is_read_as_its_high_bytes() -> None:
     assert np.array_equal(np.asarray(image), high.astype(np.uint8))
 
 
+def test_webp_and_base64_in_lines_are_read() -> None:
+    """WebP (lossless here, so exactly), and base64 wrapped at 76 characters as `base64` writes it."""
+    image = Image.new("RGB", (24, 8), (10, 200, 30))
+    image.paste((250, 0, 90), (0, 0, 12, 8))
+    encoded = image_base64(image)
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + "\n"
+    for sent in (wrapped, image_base64(image, "WEBP", lossless=True)):
+        assert np.array_equal(np.asarray(decode_image(sent, parse_settings({}))), np.asarray(image))
+
+
 def test_a_mask_with_transparency_is_read_by_its_alpha() -> None:
     """A white stroke on transparent white (an editor's export) repaints the stroke, not everything."""
     alpha = Image.new("L", (8, 8))

@@ -553,8 +553,8 @@ async function readSettings(name, bytes) {
 
 function readFile(file) {
   if (!file) return;
-  if (!["image/png", "image/jpeg"].includes(file.type)) {
-    showError(`${file.name} is not a PNG or JPEG image`, "init_image");
+  if (!["image/png", "image/jpeg", "image/webp"].includes(file.type)) {
+    showError(`${file.name} is not a PNG, JPEG or WebP image`, "init_image");
     return;
   }
   if (file.size > limits.max_init_image_bytes) {
