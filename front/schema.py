@@ -50,7 +50,8 @@ class ImagineRequest(BaseModel):
     sampler: str = Field(
         "ddim",
         description="ddim, plms (the original app's default), euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, "
-        "dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, or the Karras-schedule lms_karras, dpm2_karras, dpm2_a_karras, "
+        "dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, or the Karras-schedule euler_karras, euler_a_karras, heun_karras, "
+        "lms_karras, dpm2_karras, dpm2_a_karras, "
         "dpmpp_2m_karras, dpmpp_2m_sde_karras, dpmpp_2s_a_karras, dpmpp_sde_karras; all but ddim take eta 0, "
         "and plms runs txt2img only",
     )

@@ -1,6 +1,6 @@
 """The σ-space samplers of k-diffusion 0.1.1 (Karras et al. 2022) on an ε-prediction model, as other SD tools run
 them: Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++(2M) and its SDE form, DPM-Solver++(2S)
-ancestral, DPM-Solver++ SDE; all but the first three also on Karras' schedule.
+ancestral, DPM-Solver++ SDE; each also on Karras' schedule.
 (optimizedSD carries a copy of an older k-diffusion, whose DPM2 takes its midpoint in σ^(1/3) and ends with a
 second-order step; the others are the same.)
 
@@ -279,6 +279,9 @@ STEPS: dict[str, tuple[Step, bool]] = {
     "dpmpp_2m_sde": (_dpmpp_2m_sde, False),
     "dpmpp_2s_a": (_dpmpp_2s_ancestral, False),
     "dpmpp_sde": (_dpmpp_sde, False),
+    "euler_karras": (_euler, True),
+    "euler_a_karras": (_euler_ancestral, True),
+    "heun_karras": (_heun, True),
     "lms_karras": (_lms, True),
     "dpm2_karras": (_dpm2, True),
     "dpm2_a_karras": (_dpm2_ancestral, True),

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sampler",
         help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, "
-        "lms_karras, dpm2_karras, dpm2_a_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras, dpmpp_2s_a_karras or "
+        "euler_karras, euler_a_karras, heun_karras, lms_karras, dpm2_karras, dpm2_a_karras, dpmpp_2m_karras, "
+        "dpmpp_2m_sde_karras, dpmpp_2s_a_karras or "
         "dpmpp_sde_karras; all but ddim: eta 0; "
         "plms: txt2img only",
     )

@@ -289,7 +289,8 @@ CASES: list[Case] = [
          'seed must be an integer, got "42"'),
     Case("unknown sampler", with_(sampler="k_euler"), "sampler",
          "sampler 'k_euler' is not available; choose one of: ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, "
-         "dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, lms_karras, dpm2_karras, dpm2_a_karras, dpmpp_2m_karras, "
+         "dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, euler_karras, euler_a_karras, heun_karras, lms_karras, "
+         "dpm2_karras, dpm2_a_karras, dpmpp_2m_karras, "
          "dpmpp_2m_sde_karras, dpmpp_2s_a_karras, dpmpp_sde_karras"),
     Case("euler_a with eta", with_(sampler="euler_a", eta=0.5), "eta",
          "eta is DDIM's: it must be 0 with sampler euler_a, got 0.5"),

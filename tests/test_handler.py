@@ -774,7 +774,8 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         (
             {"defaults": {"sampler": "k_euler"}},
             "handler.defaults.sampler: one of ['ddim', 'plms', 'euler', 'euler_a', 'heun', 'dpm2', 'dpm2_a', "
-            "'lms', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2s_a', 'dpmpp_sde', 'lms_karras', 'dpm2_karras', "
+            "'lms', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2s_a', 'dpmpp_sde', 'euler_karras', 'euler_a_karras', "
+            "'heun_karras', 'lms_karras', 'dpm2_karras', "
             "'dpm2_a_karras', 'dpmpp_2m_karras', 'dpmpp_2m_sde_karras', 'dpmpp_2s_a_karras', 'dpmpp_sde_karras'], got "
             "'k_euler'",
         ),
