@@ -209,13 +209,15 @@ def test_a_long_prompt_in_a1111_syntax_runs_eagerly_beside_the_fast_path(
     assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
-def test_and_runs_its_rows_eagerly_beside_the_fast_path(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
-    """A1111's AND: three UNet rows for one image, not a configured shape; still within fp16 rounding of fp32."""
+def test_and_runs_its_rows_in_slices_beside_the_fast_path(fp32_cuda: Pipeline, fast_fp16: Pipeline) -> None:
+    """A1111's AND: three UNet rows for one image, more than the two a batch of one image has, so each call runs in
+    slices of two rows (`Pipeline.denoise`): the first is the configured shape and replays, the other runs eagerly;
+    still within fp16 rounding of fp32."""
     request = dataclasses.replace(request_of(case("basic")), prompt="a red door AND a stone wall:0.6", emphasis=True)
     assert fast_fp16.fast is not None
     before = fast_fp16.fast.unet.fast_calls
     fast = fast_fp16.generate(request)
-    assert fast_fp16.fast.unet.fast_calls == before
+    assert fast_fp16.fast.unet.fast_calls - before == request.denoising_steps
     assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
 
 
@@ -231,7 +233,7 @@ def test_a_lora_reaches_the_captured_graphs(fp32_cuda: Pipeline, fast_fp16: Pipe
     assert fast_fp16.fast.unet.fast_calls - before == request.denoising_steps
     assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
     without = fast_fp16.generate(plain)
-    assert psnr(fast.pixels, without.pixels) < MIN_PSNR_DB - 10
+    assert psnr(fast.pixels, without.pixels) < MIN_PSNR_DB - 5  # 25.6 dB in fp32 on the CPU; fp16 rounding: 55
     assert psnr(without.pixels, fp32_cuda.generate(plain).pixels) >= MIN_PSNR_DB
 
 
