@@ -12,8 +12,10 @@ CLIP sees the brackets and numbers as words and drops everything past 75 tokens.
   its mean is what it was before (`ldm.text_encoder.weigh`). The chunks' outputs are concatenated: the UNet attends
   over 77·k tokens.
 
-A1111 takes that mean over the whole batch of prompts it encodes at once; here it is each prompt's own, so an image
-does not depend on what else is in its batch (the same, for the batches of one prompt A1111 makes).
+A1111 takes that mean over the batch of texts it encodes at once: a prompt's prompt-editing schedule, its texts' chunks
+at each position rescaled together, the shorter texts padded with the empty prompt's chunk (ldm/text_encoder.py's
+`weigh_batch`, `Pipeline.embed_batches`); so it is here, and never across prompts, so that an image does not depend
+on what else is in its batch.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ and ldm/request_texts.py's.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,10 +37,12 @@ from ldm.request_texts import (
     pass_field,
     request_loras,
     run_steps,
+    text_batches,
     text_parts,
     text_schedules,
     unread_warnings,
 )
+from ldm.text_encoder import weigh_batch
 
 
 @dataclass(frozen=True)
@@ -153,14 +156,47 @@ class Pipeline:
             rows = [tokenizer.frame(flatten(vocabulary.read(tokenizer, p)[0])) for p in prompts]
             return encoder.encode(rows, clip_skip).to(self.model.dtype)
 
-    @torch.inference_mode()
     def embed_emphasized(
         self, texts: Sequence[str], clip_skip: int = 1, vocabulary: Vocabulary | None = None
     ) -> list[torch.Tensor]:
-        """(1) Prompts in A1111's syntax (ldm/emphasis.py), each (1, 77·k, d) in the UNet's dtype."""
+        """(1) Prompts in A1111's syntax (ldm/emphasis.py), each alone, (1, 77·k, d) in the UNet's dtype."""
+        batches = self.embed_batches([(text,) for text in texts], clip_skip, vocabulary)
+        return [batch[text] for batch, text in zip(batches, texts, strict=True)]
+
+    @torch.inference_mode()
+    def embed_batches(
+        self, batches: Sequence[Sequence[str]], clip_skip: int = 1, vocabulary: Vocabulary | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """(1) Texts in A1111's syntax (ldm/emphasis.py) as A1111 encodes a prompt's prompt-editing texts: in one
+        batch (`prompt_editing.batch`: repeats count), chunk by chunk, a text of fewer chunks than another padded
+        with empty ones (BOS and EOS: an empty prompt's), each chunk position weighted and rescaled over the batch
+        (`weigh_batch`). Each batch's texts, (1, 77·k, d) in the UNet's dtype, k its most chunks; each distinct text
+        encoded once."""
         with self.model.resident(self.model.text_encoder) as encoder:
-            chunked = [emphasis.chunks(encoder.tokenizer, text, vocabulary) for text in texts]
-            return [encoder.encode_chunks(chunks, clip_skip).to(self.model.dtype) for chunks in chunked]
+            texts = sorted({text for batch in batches for text in batch})
+            chunked = {text: emphasis.chunks(encoder.tokenizer, text, vocabulary) for text in texts}
+            states = {text: encoder.encode([c.ids for c in chunks], clip_skip) for text, chunks in chunked.items()}
+            ragged = any(len({len(chunked[text]) for text in batch}) > 1 for batch in batches)
+            empty = emphasis.chunks(encoder.tokenizer, "")[0]
+            blank = encoder.encode([empty.ids], clip_skip)[0] if ragged else None
+        out = []
+        for batch in batches:
+            counts = collections.Counter(batch)
+            longest = max(len(chunked[text]) for text in counts)
+            positions = []
+            for index in range(longest):
+                rows = [
+                    (states[text][index], torch.tensor(chunked[text][index].weights), count)
+                    if index < len(chunked[text])
+                    else (blank, torch.tensor(empty.weights), count)
+                    for text, count in counts.items()
+                ]
+                positions.append(weigh_batch(rows))
+            out.append({
+                text: torch.cat([weighed[i] for weighed in positions])[None].to(self.model.dtype)
+                for i, text in enumerate(counts)
+            })
+        return out
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         return (1, self.model.config.latent_channels, request.height // self.factor, request.width // self.factor)
@@ -344,8 +380,9 @@ class Pipeline:
     ) -> list[ImageConditioning]:
         """(1) Each request's prompt and negative prompt embeddings over its run, or over its hires fix's second pass
         (one throughout, but for A1111's prompt editing): every distinct text (or sub-prompt) once per `clip_skip`,
-        the plain ones of a `clip_skip` in one text-encoder call, each in A1111's syntax alone; with the
-        textual-inversion embeddings of `vocabulary` (by default, the embeddings folder's)."""
+        the plain ones of a `clip_skip` in one text-encoder call, those in A1111's syntax with the others of their
+        schedule, as A1111 encodes them (`embed_batches`); with the textual-inversion embeddings of `vocabulary` (by
+        default, the embeddings folder's)."""
         if vocabulary is None:
             vocabulary = self.embeddings.vocabulary()
         runs = [hires_run(r) if hires_pass else r for r in requests]  # what the pass's texts are read from
@@ -358,36 +395,38 @@ class Pipeline:
             for side in pair
             for text, _ in side
         }
+        batches = [{f: text_batches(r, f, hires_pass) for f in TEXT_FIELDS} if r.emphasis else {} for r in requests]
         syntax = {
-            (r.clip_skip, text)
-            for r, fields in zip(requests, schedules, strict=True)
-            if r.emphasis
+            (r.clip_skip, batch)
+            for r, fields in zip(requests, batches, strict=True)
             for field in fields.values()
-            for schedule in field
-            for _, text in schedule
+            for batch in field
         }
         encoded: dict[tuple[int, str], torch.Tensor] = {}
-        emphasized: dict[tuple[int, str], torch.Tensor] = {}
+        emphasized: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = {}
         for skip in sorted({skip for skip, _ in plain | syntax}):
             texts = sorted(text for s, text in plain if s == skip)
             if texts:
                 vectors = self.embed(texts, skip, vocabulary).split(1)
                 encoded.update(zip(((skip, t) for t in texts), vectors, strict=True))
-            texts = sorted(text for s, text in syntax if s == skip)
-            vectors = self.embed_emphasized(texts, skip, vocabulary)
-            emphasized.update(zip(((skip, t) for t in texts), vectors, strict=True))
-        for request, fields in zip(requests, schedules, strict=True):
-            for field, field_schedules in fields.items() if request.emphasis else ():
-                texts = {text for schedule in field_schedules for _, text in schedule}
-                if not all(bool(emphasized[request.clip_skip, text].isfinite().all()) for text in texts):
+            skip_batches = sorted(batch for s, batch in syntax if s == skip)
+            made = self.embed_batches(skip_batches, skip, vocabulary)
+            emphasized.update(zip(((skip, batch) for batch in skip_batches), made, strict=True))
+        for request, fields in zip(requests, batches, strict=True):
+            for field, field_batches in fields.items():
+                made = [emphasized[request.clip_skip, batch] for batch in field_batches]
+                if not all(bool(vector.isfinite().all()) for texts in made for vector in texts.values()):
                     # Weights that cancel out: a chunk whose weighted mean is 0 cannot be rescaled to its mean.
                     name = pass_field(request, field, hires_pass)
                     raise GenerationError(name, f"{name}: its weights cancel out, so CLIP's output cannot be rescaled")
         out: list[ImageConditioning] = []
-        for r, fields, (p, n) in zip(requests, schedules, parts, strict=True):
+        for r, fields, field_batches, (p, n) in zip(requests, schedules, batches, parts, strict=True):
             if r.emphasis:
                 prompts, (negative,) = (
-                    tuple(tuple((end, emphasized[r.clip_skip, text]) for end, text in s) for s in fields[f])
+                    tuple(
+                        tuple((end, emphasized[r.clip_skip, batch][text]) for end, text in s)
+                        for s, batch in zip(fields[f], field_batches[f], strict=True)
+                    )
                     for f in TEXT_FIELDS
                 )
                 out.append(ImageConditioning(prompts, negative, tuple(weight for _, weight in p)))

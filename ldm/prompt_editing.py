@@ -72,8 +72,25 @@ class _WholeText(Exception):
 def schedule(text: str, steps: int, first_pass: int = 0) -> Schedule:
     """The texts `text` reads over a run of `steps` (A1111's count: ldm/request_texts.py's `run_steps`), as (end, text)
     pairs with ascending ends, the last `steps`; neighbours with the same text are merged (a lookup finds the same
-    text). `first_pass`: the steps of the first pass when this run is a hires fix's second, 0 otherwise.
-    Remembered: a request's checks, encoding and batching each ask for its schedules."""
+    text). `first_pass`: the steps of the first pass when this run is a hires fix's second, 0 otherwise."""
+    entries: list[tuple[int, str]] = []
+    for end, resolved in _entries(text, steps, first_pass):
+        if entries and entries[-1][1] == resolved:
+            entries.pop()
+        entries.append((end, resolved))
+    return tuple(entries)
+
+
+def batch(text: str, steps: int, first_pass: int = 0) -> tuple[str, ...]:
+    """The texts of A1111's schedule of `text`, unmerged, as it encodes them: in one batch, so that each shares its
+    emphasis rescale with the others, repeats counting (ldm/text_encoder.py's `weigh_batch`)."""
+    return tuple(resolved for _, resolved in _entries(text, steps, first_pass))
+
+
+@functools.lru_cache(maxsize=256)
+def _entries(text: str, steps: int, first_pass: int) -> Schedule:
+    """A1111's schedule: (end, text) at every step a construct may change the text, and the last; remembered, as a
+    request's checks, encoding and batching each ask for it."""
     try:
         nodes = _parse(text)
     except _WholeText:
@@ -84,13 +101,7 @@ def schedule(text: str, steps: int, first_pass: int = 0) -> Schedule:
             ends.add(when)
         elif isinstance(node, _Alternation):
             ends.update(range(1, steps + 1))
-    entries: list[tuple[int, str]] = []
-    for end in sorted(ends):
-        resolved = _resolve(nodes, end, steps, first_pass)
-        if entries and entries[-1][1] == resolved:
-            entries.pop()
-        entries.append((end, resolved))
-    return tuple(entries)
+    return tuple((end, _resolve(nodes, end, steps, first_pass)) for end in sorted(ends))
 
 
 def text_at(entries: Sequence[tuple[int, object]], call: int) -> int:

@@ -64,14 +64,33 @@ def text_schedules(
     second pass, as (end, text): with A1111's syntax, one schedule per sub-prompt of its `AND` (`text_parts`), each
     as its prompt editing changes it (ldm/prompt_editing.py, which counts a second pass on from the first); otherwise
     the one text throughout."""
+    run, steps, first, texts = _pass_texts(request, field, hires_pass)
+    if not run.emphasis:
+        return (((steps, texts[0]),),)
+    return tuple(prompt_editing.schedule(text, steps, first) for text in texts)
+
+
+def text_batches(request: GenerationRequest, field: TextField, hires_pass: bool = False) -> tuple[tuple[str, ...], ...]:
+    """Beside each of `text_schedules`' schedules (A1111's syntax), the texts A1111 encodes together for it
+    (`prompt_editing.batch`)."""
+    run, steps, first, texts = _pass_texts(request, field, hires_pass)
+    assert run.emphasis
+    return tuple(prompt_editing.batch(text, steps, first) for text in texts)
+
+
+def _pass_texts(
+    request: GenerationRequest, field: TextField, hires_pass: bool
+) -> tuple[GenerationRequest, int, int, list[str]]:
+    """The pass's request, its steps and the first pass's before it (0 for the first), and the texts its `field`
+    reads: with A1111's syntax, the sub-prompts of its `AND`; otherwise the one text."""
     name = pass_field(request, field, hires_pass)
     first, steps = 0, run_steps(request)
     if hires_pass:
         request = hires_run(request)
         first, steps = steps, run_steps(request)
     if not request.emphasis:
-        return (((steps, clip_text(request, field)),),)
-    return tuple(prompt_editing.schedule(text, steps, first) for text, _ in text_parts(request, field, name))
+        return request, steps, first, [clip_text(request, field)]
+    return request, steps, first, [text for text, _ in text_parts(request, field, name)]
 
 
 def named_texts(request: GenerationRequest, field: TextField) -> list[tuple[str, str]]:

@@ -25,10 +25,18 @@ def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
     it had (A1111's "Original" emphasis: the weights shift attention between words, not the overall scale), in
     float32."""
-    hidden = hidden.float()
-    mean = hidden.mean()
-    weighted = hidden * weights.to(hidden.device, torch.float32)[:, None]
-    return weighted * (mean / weighted.mean())
+    return weigh_batch([(hidden, weights, 1)])[0]
+
+
+def weigh_batch(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
+    """`weigh` for chunks A1111 encodes in one batch, each (CLIP output (77, d), weights (77,), how often it is in
+    the batch): each weighted, then all rescaled by one factor, the batch's mean over its weighted mean (A1111 takes
+    both over the whole batch, so each chunk's weights move the others' scale); in float32."""
+    hidden = [h.float() for h, _, _ in rows]
+    weighted = [h * w.to(h.device, torch.float32)[:, None] for h, (_, w, _) in zip(hidden, rows, strict=True)]
+    mean = sum(count * h.mean() for h, (_, _, count) in zip(hidden, rows, strict=True))
+    weighted_mean = sum(count * w.mean() for w, (_, _, count) in zip(weighted, rows, strict=True))
+    return [w * (mean / weighted_mean) for w in weighted]
 
 
 class TextEncoder(nn.Module):
@@ -103,5 +111,6 @@ class TextEncoder(nn.Module):
         """(1, 77·k, hidden) float32: the k chunks of one prompt in A1111's syntax (ldm/emphasis.py), each encoded
         alone and weighted, end to end."""
         hidden = self.encode([chunk.ids for chunk in chunks], clip_skip)
-        weights = torch.tensor([chunk.weights for chunk in chunks])
-        return torch.cat([weigh(rows, row_weights) for rows, row_weights in zip(hidden, weights, strict=True)])[None]
+        return torch.cat(
+            [weigh(rows, torch.tensor(chunk.weights)) for rows, chunk in zip(hidden, chunks, strict=True)]
+        )[None]

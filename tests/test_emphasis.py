@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm import prompt_editing
 from ldm.emphasis import EmphasisError, chunks, parse
 from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
@@ -121,6 +122,50 @@ def test_each_chunk_is_encoded_alone_and_weighted(tiny_model: StableDiffusion) -
         ]  # fmt: skip
     assert together.shape == (1, 154, 32)
     assert torch.allclose(together[0], torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def a1111_batch(model: StableDiffusion, texts: list[str]) -> list[torch.Tensor]:
+    """A1111's encoding of a schedule's texts (`FrozenCLIPEmbedderWithCustomWords.forward`), re-derived: at each
+    chunk position, every text's chunk there (or the empty prompt's chunk) through CLIP as one batch, weighted, and
+    the whole batch rescaled once to its mean; the positions end to end. Each text (77·k, d)."""
+    encoder = model.text_encoder
+    pieces = [chunks(TOKENIZER, text) for text in texts]
+    empty = chunks(TOKENIZER, "")[0]
+    positions = []
+    for index in range(max(len(p) for p in pieces)):
+        chunk_batch = [p[index] if index < len(p) else empty for p in pieces]
+        z = encoder.hidden(encoder.token_ids([c.ids for c in chunk_batch])).float()
+        weights = torch.tensor([c.weights for c in chunk_batch])
+        weighted = z * weights[..., None]
+        positions.append(weighted * (z.mean() / weighted.mean()))
+    return [torch.cat([position[i] for position in positions]) for i in range(len(texts))]
+
+
+DOORS = "a red door, stone wall, " * 12  # two chunks
+
+
+@pytest.mark.parametrize(
+    ("prompt", "steps", "batch"),
+    [
+        # An edit into a text of two chunks: the first text is padded with the empty prompt's chunk.
+        (f"[(cat:1.5):{DOORS}:0.5]", 4, ["(cat:1.5)", DOORS]),
+        # An alternation: its texts in step order, repeats counting in the batch's mean.
+        ("[(cat:1.5)|dog]", 3, ["(cat:1.5)", "dog", "(cat:1.5)"]),
+    ],
+)
+def test_a_prompts_edited_texts_are_encoded_as_a1111_encodes_its_schedule(
+    tiny_model: StableDiffusion, pipeline: Pipeline, prompt: str, steps: int, batch: list[str]
+) -> None:
+    """Against the re-derivation above (to float32's summing order: A1111 takes one mean over the batch, ours a
+    mean of each text's); each text far from what it would be alone."""
+    (schedule,) = pipeline.conditions([dataclasses.replace(SMALL, prompt=prompt, steps=steps)])[0].prompts
+    assert [text for _, text in prompt_editing.schedule(prompt, steps)] == batch
+    alone = pipeline.embed_emphasized(["(cat:1.5)"])[0]
+    with torch.inference_mode():
+        expected = a1111_batch(tiny_model, batch)
+        for (_, conditioning), text in zip(schedule, expected, strict=True):
+            assert torch.allclose(conditioning[0], text, atol=1e-4, rtol=0)
+        assert (schedule[0][1][:, :77] - alone).abs().max() > 0.05  # the batch moved its scale
 
 
 def test_a_prompt_without_the_syntax_conditions_as_written(pipeline: Pipeline) -> None:
