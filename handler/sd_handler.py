@@ -40,6 +40,8 @@ OUT_OF_MEMORY = re.compile(
     re.IGNORECASE,
 )
 HOST_MEMORY = "can't allocate memory"
+# The answer to a request whose generation failed for the worker's reason, not its own.
+GENERATION_FAILED = "generation failed; the server log has the details"
 # HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
 REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
 
@@ -154,7 +156,7 @@ class StableDiffusionHandler(BaseHandler):
             if not self.progress.started:
                 raise
             logger.exception("generation failed after %d requests started streaming", len(self.progress.started))
-            return _fail_valid(data, RequestError("", "generation failed; the server log has the details", 500))
+            return _fail_valid(data, RequestError("", GENERATION_FAILED, 500))
         results = [outcomes[idx] if isinstance(item, ApiRequest) else item for idx, item in enumerate(data)]
         generated = [r.generation for r in results if isinstance(r, Answer)]
         seconds = time.perf_counter() - started
@@ -177,6 +179,8 @@ class StableDiffusionHandler(BaseHandler):
             return self._generate_together(valid)
         except Exception as error:
             failure = _failure(error)
+            if failure is None:
+                raise
             if len(valid) == 1:
                 return {valid[0][0]: failure}
             logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
@@ -185,7 +189,12 @@ class StableDiffusionHandler(BaseHandler):
             try:
                 outcomes.update(self._generate_together([one]))
             except Exception as error:
-                outcomes[one[0]] = _failure(error)
+                failure = _failure(error)
+                if failure is None:
+                    # The worker's error, met by this request alone: the others keep the images they got.
+                    logger.exception("request %d of the batch failed alone", one[0])
+                    failure = RequestError("", GENERATION_FAILED, 500)
+                outcomes[one[0]] = failure
         return outcomes
 
     def _generate_together(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
@@ -271,15 +280,15 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
 
 
-def _failure(error: Exception) -> RequestError:
-    """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory. Any
-    other error is the worker's, not the request's: raised again (TorchServe answers the batch 500s)."""
+def _failure(error: Exception) -> RequestError | None:
+    """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory; None
+    for any other error, the worker's, not the request's."""
     if isinstance(error, GenerationError):
         return RequestError(error.field, str(error))
     if not isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) and not (
         isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error))
     ):
-        raise error
+        return None
     # Python's own MemoryError: an allocation outside torch (numpy's, PIL's) that the host could not make.
     where = "host" if isinstance(error, MemoryError) or HOST_MEMORY in str(error) else "GPU"
     if torch.cuda.is_available():

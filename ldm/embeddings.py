@@ -209,7 +209,10 @@ class EmbeddingLibrary:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # an embedding file is a few kB
             entry: Embedding | EmbeddingError = Embedding(path.stem, tokens, vectors, digest)
         except EmbeddingError as error:
-            logger.warning("%s: left out of the embeddings, its name stays a word", error)
             entry = error
+        except Exception as error:  # anything else a damaged file makes a reader raise: still this file's alone
+            entry = EmbeddingError(f"embedding '{path.stem}' cannot be read: {type(error).__name__}: {error}")
+        if isinstance(entry, EmbeddingError):
+            logger.warning("%s: left out of the embeddings, its name stays a word", entry)
         self.files[path] = (stamp, entry)
         return entry

@@ -192,10 +192,12 @@ class Pipeline:
                     for text, count in counts.items()
                 ]
                 positions.append(weigh_batch(rows))
-            out.append({
-                text: torch.cat([weighed[i] for weighed in positions])[None].to(self.model.dtype)
-                for i, text in enumerate(counts)
-            })
+            out.append(
+                {
+                    text: torch.cat([weighed[i] for weighed in positions])[None].to(self.model.dtype)
+                    for i, text in enumerate(counts)
+                }
+            )
         return out
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
@@ -480,7 +482,8 @@ class Pipeline:
     ) -> list[Generation]:
         """Run several requests, sharing UNet calls between images of the same size, schedule and LoRAs.
 
-        Every image keeps its own generator, so each result equals what its request would get alone.
+        Every image keeps its own generator, so each result is what its request would get alone, but for the
+        float rounding of other batch sizes (CPU kernels sum in another order: a level at most, here and there).
         """
         config = self.model.config
         requests = [resolve(r, config.default_image_size, self.factor, config.timesteps) for r in requests]

@@ -138,7 +138,11 @@ def torch_load(path: str) -> Any:
         return torch.load(
             path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=mapped
         )
-    except (ValueError, KeyError, IndexError, TypeError, AssertionError, zipfile.BadZipFile, struct.error) as error:
-        # What torch's reader trips on in a malformed file (its own errors, RuntimeError and EOFError, pass as they
-        # are; a bug of ours, an AttributeError say, is not read as the file's).
+    except (
+        ValueError, KeyError, IndexError, TypeError, AttributeError, AssertionError, OverflowError, MemoryError,
+        zipfile.BadZipFile, struct.error,
+    ) as error:  # fmt: skip
+        # What torch's reader trips on in a malformed file: a length past any memory (MemoryError, OverflowError), a
+        # global we refused where torch wants a storage type (AttributeError on its stand-in); its own errors,
+        # RuntimeError and EOFError, pass as they are.
         raise MalformedCheckpointError(f"{type(error).__name__}: {error}") from error

@@ -48,6 +48,10 @@ def _byte_alphabet() -> dict[int, str]:
     return mapping
 
 
+# The longest piece whose merges are remembered (English words are far shorter).
+CACHED_PIECE = 64
+
+
 class CLIPTokenizer:
     """Prompt → the 77 token ids `[BOS] + tokens[:75] + [EOS]`, padded with EOS."""
 
@@ -59,7 +63,13 @@ class CLIPTokenizer:
         self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
         self.decoder = {token_id: token for token, token_id in self.encoder.items()}
         self.bos_id, self.eos_id = self.encoder[BOS], self.encoder[EOS]
-        self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+        self._cached_bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    def _bpe(self, piece: str) -> tuple[str, ...]:
+        """`_bpe_uncached`, remembered for pieces of up to `CACHED_PIECE` characters (a prompt's words): the cache
+        counts entries, not bytes, and a word of thousands of characters without merges (a rare script's) is a
+        tuple of thousands of strings, so long ones remembered would let a client grow a worker by gigabytes."""
+        return self._cached_bpe(piece) if len(piece) <= CACHED_PIECE else self._bpe_uncached(piece)
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
         """Greedily merge the lowest-ranked adjacent pair until none of the word's pairs is in the merge table."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm import emphasis
+from ldm import embeddings, emphasis
 from ldm.checkpoint import read_state_dict
 from ldm.embeddings import EmbeddingError, EmbeddingLibrary, Vocabulary, read_vectors
 from ldm.generation_request import GenerationRequest
@@ -120,9 +122,31 @@ def write_tar_torch_file(path: Path) -> Path:
     return path
 
 
+def torch_file(data: bytes) -> Callable[[Path], Path]:
+    """A writer of `data` as a `.pt` file (a damaged download)."""
+
+    def write(path: Path) -> Path:
+        path.write_bytes(data)
+        return path
+
+    return write
+
+
+def renamed_storage(path: Path) -> Path:
+    """An embedding in torch's older format whose storage type is misspelt: a global refused, where torch wants one."""
+    torch.save({"string_to_param": {"*": vectors(1, 0)}}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes().replace(b"FloatStorage", b"FloatStoragX"))
+    return path
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
+        # Damaged downloads that once escaped as other errors, failing every request of the worker: a string of
+        # 6.5 exabytes, one past any size, and a refused global where torch wants a storage type.
+        (torch_file(b"\x8d" + struct.pack("<Q", 0x59DDD75ECCE44E39)), "cannot be read: MemoryError"),
+        (torch_file(b"\x80\x02\x8e" + struct.pack("<Q", 2**63 + 5)), "cannot be read: OverflowError"),
+        (renamed_storage, "cannot be read: AttributeError"),
         ({"emb_params": vectors(2, 0, 1024)}, r"shape \(2, 1024\); this model's CLIP reads 32 .* another model"),
         ({"a": vectors(1, 0), "b": vectors(1, 1)}, "holds 2 tensors where an embedding file holds one"),
         ({"emb_params": torch.full((1, HIDDEN), float("nan"))}, "1 to 75 finite vectors"),
@@ -236,7 +260,9 @@ def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) 
     assert [name for name, _ in with_embeddings.generate(fits).embedding_hashes] == ["tinystyle"]
 
 
-def test_the_folder_is_read_again_when_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_folder_is_read_again_when_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A file added is found on the next reading, without a restart; one that cannot be read is left out (its name
     stays a word) and said once in the log, so one bad download never fails every request."""
     library = EmbeddingLibrary(tmp_path, CLIPTokenizer(), HIDDEN)
@@ -251,6 +277,12 @@ def test_the_folder_is_read_again_when_it_changes(tmp_path: Path, caplog: pytest
     (tmp_path / "broken.pt").unlink()
     library.vocabulary()
     assert set(library.files) == {tmp_path / "glow.safetensors"}
+    # Whatever else reading a file raises is still that file's (nothing else reads it).
+    (tmp_path / "odd.pt").write_bytes(b"odd")
+    with monkeypatch.context() as patch:
+        patch.setattr(embeddings, "read_vectors", lambda *_: 1 / 0)
+        assert [e.name for e in library.vocabulary().embeddings] == ["glow"]
+    assert "embedding 'odd' cannot be read: ZeroDivisionError" in str(library.files[tmp_path / "odd.pt"][1])
     # A path that cannot be opened (as a file the worker may not read) is the file's error too, not a crash.
     locked = tmp_path / "locked.pt"
     locked.mkdir()

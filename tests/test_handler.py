@@ -755,6 +755,26 @@ def test_a_batch_out_of_gpu_memory_is_retried_request_by_request(
     assert calls == [16, 16, 8]
 
 
+def test_a_worker_error_met_alone_after_a_retry_fails_that_request_alone(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch out of memory is retried request by request; one that then fails for the worker's reason (a cuDNN
+    error, not the request's) gets a 500, and its neighbour keeps the image it got."""
+    denoise = handler.pipeline.denoise
+    errors = iter([torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("cuDNN error: INTERNAL_ERROR")])
+
+    def failing(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.shape[-1] == 16:
+            raise next(errors)
+        return denoise(x, *args, **kwargs)
+
+    monkeypatch.setattr(handler.pipeline, "denoise", failing)
+    responses, context = call(handler, [{**VALID, "H": 128, "W": 128}, {**VALID, "seed": 11}])
+    assert context.status == {0: 500}
+    assert json.loads(responses[0])["error"] == "generation failed; the server log has the details"
+    assert json.loads(responses[1])["seeds"] == [11]
+
+
 def test_settings_reject_unknown_keys_and_wrong_types() -> None:
     with pytest.raises(SettingsError, match="unknown keys"):
         parse_settings({"handler": {"limits": {"max_stepz": 3}}})

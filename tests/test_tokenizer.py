@@ -72,3 +72,14 @@ def test_special_token_text_becomes_the_special_token(tokenizer: CLIPTokenizer) 
 def test_html_entities_unescaped_unless_text_has_angle_brackets(tokenizer: CLIPTokenizer) -> None:
     assert tokenizer.tokenize("salt &amp; pepper") == tokenizer.tokenize("salt & pepper")
     assert tokenizer.tokenize("a <b> &amp;") != tokenizer.tokenize("a <b> &")
+
+
+def test_long_words_are_tokenized_but_not_remembered() -> None:
+    """A 2,000-letter word without merges (Old Italic) is thousands of strings: remembering it per request would
+    grow a worker without bound; short words are remembered."""
+    tokenizer = CLIPTokenizer()
+    word = "".join(chr(0x10300 + i % 30) for i in range(2000))
+    ids = tokenizer.tokenize(f"cat {word}")
+    assert len(ids) == 1 + 2000 * 4  # cat, then the letters' four UTF-8 byte tokens each
+    assert tokenizer.tokenize(word) == ids[1:]
+    assert tokenizer._cached_bpe.cache_info().currsize == 1  # "cat</w>" alone
