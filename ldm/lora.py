@@ -1,9 +1,11 @@
 """LoRA: low-rank weight deltas for the UNet and the text encoder, named in a prompt as AUTOMATIC1111 names them.
 
 `<lora:name:0.8>` anywhere in a prompt adds 0.8·(α/r)·up·down to every weight the file `name.safetensors` (or `.pt`,
-`.ckpt`) in the LoRA folder has a pair for; `<lora:name:0.8:0.5>` gives the text encoder 0.8 and the UNet 0.5. The
-tag itself is not text: it is cut out before CLIP reads the prompt, and kept in the prompt a PNG records, as A1111
-does.
+`.ckpt`) in the LoRA folder has a pair for; `<lora:name:0.8:0.5>` (or `<lora:name:te=0.8:unet=0.5>`) gives the text
+encoder 0.8 and the UNet 0.5; `<lyco:…>` is the same tag (A1111's alias, from the LyCORIS extension). The tag itself
+is not text: it is cut out before CLIP reads the prompt, and kept in the prompt a PNG records, as A1111 does. A1111's
+other extra networks (`<hypernet:…>`, any `<word:…>`) are not done here: such a tag is refused (A1111 cuts them out
+too, and would read a hypernetwork), not read as words.
 
 Files are in kohya-ss sd-scripts' format, what A1111, ComfyUI and most shared SD v1 LoRAs use: keys such as
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (diffusers' module path,
@@ -36,8 +38,11 @@ from ldm.safe_pickle import UnsafeCheckpointError
 from ldm.unet import Downsample, ResBlock, UNetModel, Upsample
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
-# `<lora:name>`, `<lora:name:w>`, `<lora:name:text_w:unet_w>`; a name is anything up to the next colon.
-TAG = re.compile(r"<lora:([^:<>]*)((?::[^:<>]*)*)>")
+# `<lora:name>`, `<lora:name:w>`, `<lora:name:text_w:unet_w>` (or `te=`, `unet=`); a name is anything up to the next
+# colon; `lyco` is A1111's alias.
+TAG = re.compile(r"<(?:lora|lyco):([^:<>]*)((?::[^:<>]*)*)>")
+# A1111's extra-network tags (its `re_extra_net`), of which only LoRAs are done here.
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 # A weight of this size is a typo, not a style: it turns every image into noise.
 MAX_WEIGHT = 10.0
 # Kohya's prefixes for the two networks a LoRA changes, and the first text encoder's under SDXL's naming, which some
@@ -79,22 +84,36 @@ def strip_tags(text: str) -> str:
 
 
 def prompt_loras(text: str) -> tuple[LoraUse, ...]:
-    """The LoRAs a prompt's tags name, in order; a name tagged twice adds its weights, as two tags would."""
+    """The LoRAs a prompt's tags name, in order; a name tagged twice adds its weights, as two tags would. Another
+    extra network's tag is refused (`EXTRA_NETWORK`)."""
+    other = EXTRA_NETWORK.search(TAG.sub("", text))
+    if other:
+        raise LoraError(f"'{other.group(0)[:60]}': {other.group(1)} is not available here, only <lora:…> and <lyco:…>")
     found: dict[str, tuple[float, float]] = {}
     for match in TAG.finditer(text):
         name = match.group(1).strip()
         if not name:
             raise LoraError(f"'{match.group(0)}' names no LoRA: write <lora:name:weight>")
-        numbers = match.group(2).split(":")[1:]
-        if len(numbers) > 2:
-            raise LoraError(f"'{match.group(0)}': at most two weights, the text encoder's and the UNet's")
-        weights = [_weight(match.group(0), number) for number in numbers] or [1.0]
+        text_weight, unet_weight = _weights(match.group(0), match.group(2).split(":")[1:])
         old = found.get(name, (0.0, 0.0))
-        found[name] = (old[0] + weights[0], old[1] + weights[-1])
+        found[name] = (old[0] + text_weight, old[1] + unet_weight)
     for name, weights in found.items():
         if max(abs(w) for w in weights) > MAX_WEIGHT:
             raise LoraError(f"the tags of LoRA '{name}' add up to more than ±{MAX_WEIGHT:g}: {weights[0]:g}")
     return tuple(LoraUse(name, *weights) for name, weights in found.items())
+
+
+def _weights(tag: str, items: list[str]) -> tuple[float, float]:
+    """The text encoder's and the UNet's weights of a tag's items, as A1111 reads them: by position, or named `te=`
+    and `unet=` (which win); the UNet's is the text encoder's unless given, which is 1 unless given."""
+    positional = [item for item in items if "=" not in item]
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if len(positional) > 2 or unknown:
+        raise LoraError(f"'{tag}': at most two weights, the text encoder's and the UNet's (te=, unet=)")
+    text_weight = _weight(tag, named.get("te", positional[0] if positional else "1"))
+    unet = named.get("unet", positional[1] if len(positional) == 2 else None)
+    return text_weight, text_weight if unet is None else _weight(tag, unet)
 
 
 def _weight(tag: str, number: str) -> float:

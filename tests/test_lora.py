@@ -129,7 +129,13 @@ def test_clip_layers_are_keyed_as_kohya_keys_them(model: StableDiffusion) -> Non
         ("<lora:style> a castle", (LoraUse("style"),), " a castle"),
         ("a <lora:my style v2:1.2:-0.5> castle", (LoraUse("my style v2", 1.2, -0.5),), "a  castle"),
         ("<lora:a:0.5> and <lora:a:0.25:1>", (LoraUse("a", 0.75, 1.5),), " and "),
-        ("a castle, <hypernet:x:1>", (), "a castle, <hypernet:x:1>"),
+        # A1111's alias and named weights (which win over positions; the UNet's is the text encoder's by default).
+        ("a <lyco:oil:0.7> castle", (LoraUse("oil", 0.7, 0.7),), "a  castle"),
+        ("<lora:oil:te=0.5:unet=1>", (LoraUse("oil", 0.5, 1.0),), ""),
+        ("<lora:oil:te=0.5>", (LoraUse("oil", 0.5, 0.5),), ""),
+        ("<lora:oil:0.8:unet=0.2>", (LoraUse("oil", 0.8, 0.2),), ""),
+        ("<lora:oil:0.8:0.4:te=0.1>", (LoraUse("oil", 0.1, 0.4),), ""),
+        ("a castle, 3 < 4 > 2", (), "a castle, 3 < 4 > 2"),
     ],
 )
 def test_tags_name_loras_and_are_not_text(prompt: str, uses: tuple[LoraUse, ...], text: str) -> None:
@@ -143,6 +149,9 @@ def test_tags_name_loras_and_are_not_text(prompt: str, uses: tuple[LoraUse, ...]
         ("<lora:style:heavy>", "'heavy' is not a number"),
         ("<lora:style:11>", r"must be in \[-10, 10\], got 11"),
         ("<lora:style:1:1:1>", "at most two weights"),
+        ("<lora:style:1:dyn=8>", "at most two weights"),
+        ("a castle, <hypernet:anime:1>", "'<hypernet:anime:1>': hypernet is not available here, only <lora:…>"),
+        ("<LORA:style:1>", "LORA is not available here"),
         ("<lora:style:6> <lora:style:6>", r"the tags of LoRA 'style' add up to more than ±10: 12"),
     ],
 )
