@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ldm.attention import SpatialTransformer
@@ -127,15 +128,33 @@ def _weight(tag: str, number: str) -> float:
 
 
 def find(folder: Path | None, name: str) -> Path:
-    """The file of the LoRA `name`: its stem is the name (the first in path order, if two share it). Only files
-    found in the folder are compared, so a name is never a path."""
+    """The file of the LoRA `name`: its stem is the name (the first in path order, if two share it), or else its
+    `alias` is, as A1111 finds one (its UI writes the alias into prompts by default). Only files found in the folder
+    are compared, so a name is never a path."""
     files = files_in(folder, SUFFIXES)
     for path in files:
         if path.stem == name:
             return path
+    for path in files:
+        if alias(path) == name:
+            return path
     names = sorted({path.stem for path in files})
     held = ", ".join(names[:_SHOWN_FILES]) + (f", … ({len(names)} in all)" if len(names) > _SHOWN_FILES else "")
     raise LoraError(f"no LoRA named '{name}'; the LoRA folder holds: {held or 'none'}")
+
+
+def alias(path: Path) -> str | None:
+    """A safetensors LoRA's `ss_output_name`, the name kohya's scripts trained it under (kept when a download is
+    renamed), read from its header alone; None for other files and unreadable headers."""
+    try:
+        if not is_safetensors(path):
+            return None
+        with safe_open(str(path), "pt") as file:
+            metadata = file.metadata() or {}
+    except (CheckpointError, SafetensorError, OSError):
+        return None
+    name = metadata.get("ss_output_name")
+    return name if isinstance(name, str) and name else None
 
 
 def names_in(folder: Path | None) -> list[str]:

@@ -346,6 +346,25 @@ def test_a_lora_that_is_not_there_lists_those_that_are(lora_pipeline: Pipeline) 
         empty.generate(dataclasses.replace(REQUEST, prompt="a castle <lora:style:1>"))
 
 
+def test_a_lora_is_found_by_its_training_name_too(lora_pipeline: Pipeline, tmp_path: Path) -> None:
+    """A1111's alias: the `ss_output_name` kohya's scripts write, which A1111's UI puts in prompts, so a renamed
+    download is found by it; a file's own name comes first."""
+    from safetensors.torch import load_file, save_file
+
+    style = load_file(str(lora_pipeline.loras.find("style")))
+    renamed = tmp_path / "sub" / "inkStyle_v2-000010.safetensors"
+    renamed.parent.mkdir()
+    save_file(style, str(renamed), metadata={"ss_output_name": "ink_style"})
+    save_file(style, str(tmp_path / "detail.safetensors"))
+    save_file(style, str(tmp_path / "other.safetensors"), metadata={"ss_output_name": "detail"})
+    assert find(tmp_path, "ink_style") == renamed
+    assert find(tmp_path, "detail").name == "detail.safetensors"
+    aliased = Pipeline(lora_pipeline.model, lora_dir=tmp_path)
+    request = dataclasses.replace(REQUEST, prompt="a castle <lora:ink_style:1>")
+    plain = lora_pipeline.generate(dataclasses.replace(request, prompt="a castle <lora:style:1>")).pixels
+    assert np.array_equal(aliased.generate(request).pixels, plain)
+
+
 def test_the_short_hash_is_kohyas_of_the_tensor_bytes(tmp_path: Path) -> None:
     """A1111's `Lora hashes` digest: SHA-256 of a safetensors file past its header, so metadata does not change it;
     of the whole file for a `.pt`. Cut to 12 hex digits."""
