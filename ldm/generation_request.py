@@ -42,6 +42,9 @@ SAMPLERS = {
     "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
     "dpmpp_sde_karras": "DPM++ SDE Karras",
 }
+# Samplers whose schedule A1111 1.9's default ("Automatic") makes Karras' (DPM++ 2M SDE: an exponential one), where
+# ours walk the model's own levels unless named `_karras`: their PNGs say so (ldm/png_info.py).
+A1111_AUTOMATIC_NOT_UNIFORM = ("dpmpp_2m", "dpmpp_sde", "dpmpp_2s_a", "dpm2", "dpm2_a", "dpmpp_2m_sde")
 # The samplers that run img2img, and so a hires fix's second pass.
 IMG2IMG_SAMPLERS = tuple(name for name in SAMPLERS if name != "plms")
 MAX_SEED = 2**32 - 1

@@ -63,6 +63,8 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     model_hash: str = ""
+    # The checkpoint's file name without its suffix (A1111's "Model" in a PNG's parameters).
+    model_name: str = ""
     vae_file: VaeFile | None = None
     low_memory: bool = False
     alphas_cumprod: torch.Tensor = field(init=False)

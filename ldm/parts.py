@@ -64,6 +64,7 @@ def assemble(
     low_memory: bool = False,
     tokenizer: CLIPTokenizer | None = None,
     vae_file: VaeFile | None = None,
+    model_name: str = "",
 ) -> StableDiffusion:
     """Build the networks on meta and hand them the weights (strict; no random init, no second copy); `vae_file`
     says where the VAE's came from when not from the checkpoint."""
@@ -76,8 +77,9 @@ def assemble(
     if tokenizer is not None:
         modules["text_encoder"].tokenizer = tokenizer
     return StableDiffusion(
-        config, **modules, device=device, dtype=dtype, model_hash=model_hash, vae_file=vae_file, low_memory=low_memory
-    )
+        config, **modules, device=device, dtype=dtype, model_hash=model_hash, model_name=model_name, vae_file=vae_file,
+        low_memory=low_memory,
+    )  # fmt: skip
 
 
 def checkpoint_parts(
@@ -106,7 +108,9 @@ def load_checkpoint(
     config = config if isinstance(config, ModelConfig) else load_config(config)
     parts, vae_file = checkpoint_parts(ckpt, config, vae)
     hash_ = checkpoint_sha256(ckpt)[:10]
-    return assemble(config, parts, torch.device(device), dtype, hash_, low_memory, vae_file=vae_file)
+    return assemble(
+        config, parts, torch.device(device), dtype, hash_, low_memory, vae_file=vae_file, model_name=Path(ckpt).stem
+    )
 
 
 def write_split(
@@ -175,4 +179,5 @@ def load_split(
         if name not in weights:
             weights[name] = _read_part(folder / f"{name}.safetensors", home, dtype)
     tokenizer = CLIPTokenizer(folder / TOKENIZER_DIR)
-    return assemble(config, weights, device, dtype, manifest.model_hash, low_memory, tokenizer, vae_file)
+    name = Path(manifest.source).stem
+    return assemble(config, weights, device, dtype, manifest.model_hash, low_memory, tokenizer, vae_file, name)

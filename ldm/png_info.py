@@ -1,9 +1,11 @@
 """PNG files that carry their generation parameters, in the `parameters` text chunk other SD tools read.
 
-Format (AUTOMATIC1111's): the prompt, then `Negative prompt: ...`, then one line of `Key: value` pairs. A newline
-inside a prompt is written as `\\n`, so that a prompt can never forge a `Negative prompt:` or parameters line.
-Backslashes stay as written: `\\(` is how A1111's users write a literal parenthesis, and doubling it would make every
-tool that reads the chunk show, and paste back, another prompt.
+Format (AUTOMATIC1111's): the prompt, then `Negative prompt: ...`, then one line of `Key: value` pairs. A prompt's
+line breaks are written as they are, as A1111 writes them (its reader joins a prompt's lines back), but for one
+before a line starting `Negative prompt:`, written as `\\n`, so that a prompt can never forge a negative prompt (nor
+the parameters, which are always the last line). Backslashes stay as written: `\\(` is how A1111's users write a
+literal parenthesis, and doubling it would make every tool that reads the chunk show, and paste back, another
+prompt.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import numpy as np
 from PIL import Image
 
 from ldm import hires
-from ldm.generation_request import SAMPLERS, GenerationRequest
+from ldm.generation_request import A1111_AUTOMATIC_NOT_UNIFORM, SAMPLERS, GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.pipeline import Generation
 from ldm.png_encoder import encode_pngs
 from ldm.vae_file import VaeFile
 
 PARAMETERS_KEY = "parameters"
+NEGATIVE = "Negative prompt:"
 
 
 def _escape(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    """A prompt's text as the chunk holds it: its line breaks as they are (CR LF and CR as LF), but one before a line
+    that A1111's reader would take for the start of the negative prompt."""
+    first, *rest = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return first + "".join(("\\n" if line.strip().startswith(NEGATIVE) else "\n") + line for line in rest)
 
 
 def _quote(value: str) -> str:
@@ -43,23 +49,30 @@ def parameters_text(
     embedding_hashes: Sequence[tuple[str, str]] = (),
     subseed: int | None = None,
     vae_file: VaeFile | None = None,
+    model_name: str = "",
 ) -> str:
     """The parameters text of one image of a resolved request, which merged the LoRAs and read the textual-inversion
     embeddings these name, each with its short hash (`Generation.lora_hashes`, `embedding_hashes`); `seed` and
     `subseed` are the image's own (`Generation.seeds`, `subseeds`); `vae_file`, the model's VAE file if it has one
-    (`StableDiffusion.vae_file`)."""
+    (`StableDiffusion.vae_file`); `model_name`, its checkpoint's (A1111's "Model", by which civitai links it).
+
+    A sampler whose A1111 1.9+ default schedule ("Automatic") is another than ours says "Schedule type: Uniform"
+    (A1111's name for the model's own levels, which ours walk); a Karras variant says so by its name, as in 1.6."""
     lines = [_escape(request.prompt)]
     if request.negative_prompt:
-        lines.append(f"Negative prompt: {_escape(request.negative_prompt)}")
+        lines.append(f"{NEGATIVE} {_escape(request.negative_prompt)}")
     fields = [
         f"Steps: {request.steps}",
         f"Sampler: {SAMPLERS[request.sampler]}",
+        *(["Schedule type: Uniform"] if request.sampler in A1111_AUTOMATIC_NOT_UNIFORM else []),
         f"CFG scale: {float(request.scale)}",
         f"Seed: {seed}",
         f"Size: {request.width}x{request.height}",
     ]
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
+    if model_name:
+        fields.append(f"Model: {_quote(model_name)}")
     if vae_file is not None:
         fields.append(f"VAE hash: {vae_file.short_hash}, VAE: {_quote(vae_file.name)}")
     if request.variation:
@@ -85,6 +98,8 @@ def parameters_text(
         # The second pass's own sampler and prompts, as A1111 writes them: only where they are not the first's.
         if request.hr_sampler not in ("", request.sampler):
             fields.append(f"Hires sampler: {SAMPLERS[request.hr_sampler]}")
+            if _hires_schedule_differs(request):
+                fields.append("Hires schedule type: Uniform")
         own = {"Hires prompt": (request.hr_prompt, request.prompt),
                "Hires negative prompt": (request.hr_negative_prompt, request.negative_prompt)}  # fmt: skip
         fields.extend(f"{key}: {_quote(text)}" for key, (text, first) in own.items() if text not in ("", first))
@@ -111,13 +126,26 @@ def parameters_text(
     return "\n".join(lines)
 
 
+def _hires_schedule_differs(request: GenerationRequest) -> bool:
+    """Whether A1111 1.9+ would run the hires fix's own sampler (on the model's levels here, but for a Karras
+    variant, named so, and DDIM and PLMS, which keep their timesteps) on another schedule: the first pass's, as it
+    reads it (Karras by a name's suffix, Uniform where written, else each sampler's own default)."""
+    second = request.hr_sampler
+    if second.endswith("_karras") or second in ("ddim", "plms"):
+        return False
+    first = request.sampler
+    return first.endswith("_karras") or (
+        first not in A1111_AUTOMATIC_NOT_UNIFORM and second in A1111_AUTOMATIC_NOT_UNIFORM
+    )
+
+
 def generation_texts(generation: Generation, model: StableDiffusion) -> list[str]:
     """The parameters text of each image of a generation: its own seeds, the generation's LoRAs and embeddings, and
     `model`'s hashes."""
     return [
         parameters_text(
             generation.request, seed, model.model_hash, generation.lora_hashes, generation.embedding_hashes, subseed,
-            model.vae_file,
+            model.vae_file, model.model_name,
         )
         for seed, subseed in zip(generation.seeds, generation.subseeds, strict=True)
     ]  # fmt: skip

@@ -127,6 +127,7 @@ def test_txt2img_basic_matches_reference(tmp_path: Path, capsys: pytest.CaptureF
         "Seed: 1000",
         "Size: 64x64",
         f"Model hash: {TINY_HASH}",
+        "Model: tiny-dev",  # the checkpoint's file name, by which civitai links it
     ):
         assert item in settings.split(", ")
 
@@ -227,7 +228,9 @@ def test_seed_resize_flags_paint_the_pipelines_image(pipeline: Pipeline, tmp_pat
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("basic"))).images[0])
     assert parameters is not None
-    assert f"Seed: 1000, Size: 64x64, Model hash: {TINY_HASH}, Seed resize from: 48x32, RNG: CPU" in parameters
+    assert f"Seed: 1000, Size: 64x64, Model hash: {TINY_HASH}, Model: tiny-dev, Seed resize from: 48x32, RNG: CPU" in (
+        parameters
+    )
 
 
 def test_tiling_flag_paints_the_pipelines_tiled_image(pipeline: Pipeline, tmp_path: Path) -> None:

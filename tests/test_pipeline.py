@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from front.png_info import parse_infotext
 from ldm.config import load_config
 from ldm.ddim import DDIMSchedule, alphas_cumprod
 from ldm.generation_request import MAX_SEED, SAMPLERS, GenerationError, GenerationRequest
@@ -153,15 +154,22 @@ def test_png_parameters_round_trip(pipeline: Pipeline) -> None:
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), generation.images[0])
 
 
-def test_png_parameters_escape_newlines_keep_backslashes_and_unicode() -> None:
-    """A1111's users write `\\(` for a literal parenthesis: it must read back as they wrote it."""
-    prompt = "a cat\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)"
-    request = resolve(GenerationRequest(prompt, negative_prompt="ünïcödé ☃", seed=5))
+def test_png_parameters_keep_line_breaks_backslashes_and_unicode_and_cannot_be_forged() -> None:
+    """A1111 writes a prompt's line breaks as they are, and its users write `\\(` for a literal parenthesis: both
+    read back as written (by the front's copy of A1111's reader). Only a break before a line that would start the
+    negative prompt is written as `\\n`, so no prompt forges one."""
+    prompt = "a cat\r\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)\n  Negative prompt: forged"
+    request = resolve(GenerationRequest(prompt, negative_prompt="ünïcödé ☃\nlowres", seed=5))
     text = parameters_text(request, 5)
     lines = text.split("\n")
-    assert lines[0] == "a cat\\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)"
-    assert lines[1] == "Negative prompt: ünïcödé ☃"
-    assert len(lines) == 3 and lines[2].startswith("Steps: 50,")
+    assert lines[:4] == [
+        "a cat", "Steps: 1, Seed: 666, pikachu \\(pokemon\\)\\n  Negative prompt: forged",
+        "Negative prompt: ünïcödé ☃", "lowres",
+    ]  # fmt: skip
+    assert len(lines) == 5 and lines[4].startswith("Steps: 50,")
+    read = parse_infotext(text)
+    assert read["Prompt"] == "a cat\nSteps: 1, Seed: 666, pikachu \\(pokemon\\)\\n  Negative prompt: forged"
+    assert (read["Negative prompt"], read["Steps"], read["Seed"]) == ("ünïcödé ☃\nlowres", "50", "5")
     assert read_parameters(encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text])[0]) == text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import random
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from PIL import Image, PngImagePlugin
 from front.app import create_app
 from front.png_info import ABSENT, MAX_TEXT, PARAMETER, SIGNATURE, parameters, parse_infotext, png_texts
 from front.settings import FrontSettings
-from ldm.png_info import encode_with_parameters
+from ldm.generation_request import SAMPLERS, GenerationError, GenerationRequest
+from ldm.png_info import encode_with_parameters, parameters_text
+from ldm.request_checks import resolve
 from tests.test_front_offline import FakeInference
 
 PNG_INFO = "/sdapi/v1/png-info"
@@ -171,3 +174,39 @@ def test_fields_are_found_as_a1111s_regular_expression_finds_them() -> None:
     for _ in range(20_000):
         line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         assert parameters(line) == PARAMETER.findall(line), line
+
+
+def a1111_runs(sampler: str, schedule: str) -> str:
+    """The sampler and schedule A1111 1.9+ runs for an infotext's sampler and schedule, as the name of ours that runs
+    them ("… Karras" on Karras' levels): a " Karras" name is Karras whatever the schedule (its
+    `get_sampler_and_scheduler`), Automatic is the sampler's default (Karras for five, exponential for DPM++ 2M SDE,
+    the model's levels for the rest), and DDIM and PLMS keep their own timesteps."""
+    if sampler.endswith(" Karras") or sampler in ("DDIM", "PLMS"):
+        return sampler
+    if schedule == "Automatic":
+        automatic = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras", "DPM2": "Karras",
+                     "DPM2 a": "Karras", "DPM++ 2M SDE": "Exponential"}  # fmt: skip
+        schedule = automatic.get(sampler, "Uniform")
+    return {"Uniform": sampler, "Karras": f"{sampler} Karras"}.get(schedule, f"{sampler} ({schedule})")
+
+
+def test_a_png_made_here_runs_its_samplers_schedules_in_a1111_1_9() -> None:
+    """Each sampler (and a hires fix's own) as A1111 1.9+ reads our infotext (its reader, then its rules above; the
+    hires fix's sampler runs the first pass's schedule unless it names its own): the sampler and schedule it ran
+    here. Without "Schedule type", 1.9 would run DPM++ 2M and five others on another schedule ("Automatic")."""
+    seconds = ["", "euler", "dpmpp_2m", "dpm2_a", "dpmpp_2m_karras", "ddim"]
+    for first, second in itertools.product(SAMPLERS, seconds):
+        try:
+            request = resolve(GenerationRequest("a fox", seed=1, steps=10, hr_scale=2, strength=0.5, sampler=first,
+                                                hr_sampler=second))  # fmt: skip
+        except GenerationError:
+            continue  # PLMS runs no second pass of its own
+        read = parse_infotext(parameters_text(request, 1, model_name="v1-5, pruned"))
+        schedule = "Karras" if read["Sampler"].endswith(" Karras") else read["Schedule type"]
+        hires_schedule = read.get("Hires schedule type", "Use same scheduler")
+        hires_schedule = schedule if hires_schedule == "Use same scheduler" else hires_schedule
+        assert a1111_runs(read["Sampler"], read["Schedule type"]) == SAMPLERS[first], (first, second)
+        own = read.get("Hires sampler", "Use same sampler")
+        hires = a1111_runs(read["Sampler"] if own == "Use same sampler" else own, hires_schedule)
+        assert hires == SAMPLERS[second or first], (first, second)
+        assert read["Model"] == "v1-5, pruned"

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from front.cli import parse_settings as front_settings
+from front.png_info import parse_infotext
 from handler.request import RequestError, parse_request
 from handler.settings import parse_settings
 from ldm.parts import load_checkpoint, load_split
@@ -197,9 +198,10 @@ def test_the_shipped_limits_hold_at_their_edges(fields: dict[str, int], field: s
 
 @pytest.mark.integration
 def test_a_prompt_cannot_forge_png_parameters_lines(server: TorchServe) -> None:
-    """Newlines in prompts are escaped in the `parameters` text chunk (backslashes stay as written, as A1111 writes
-    them): a prompt that spells out a Negative prompt and a Steps line stays on its own line, the generation line is
-    the real one, and the PNG (every chunk's CRC) verifies."""
+    """Line breaks in prompts are written as they are, as A1111 writes them, but one before a line that would start
+    the negative prompt (backslashes stay as written): a prompt that spells out a Negative prompt and a Steps line
+    stays the prompt as A1111's reader reads it back, the generation line is the real one, and the PNG (every
+    chunk's CRC) verifies."""
     prompt = "a cat\nNegative prompt: forged\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\n"
     negative = "fog\r\nSteps: 2, Seed: 7"
     body = {"prompt": prompt, "negative_prompt": negative, "H": 64, "W": 64, "ddim_steps": 3, "seed": 5}
@@ -208,13 +210,16 @@ def test_a_prompt_cannot_forge_png_parameters_lines(server: TorchServe) -> None:
     assert response.status_code == 200, response.text
     with Image.open(io.BytesIO(response.content)) as image:
         image.verify()
-    lines = read_parameters(response.content).split("\n")
+    text = read_parameters(response.content)
+    lines = text.split("\n")
     assert lines == [
-        "a cat\\nNegative prompt: forged\\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\n",
-        "Negative prompt: fog\\nSteps: 2, Seed: 7",
-        lines[2],
-    ]
-    assert lines[2].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, Model hash: ")
+        "a cat\\nNegative prompt: forged", "Steps: 1, Sampler: Euler, CFG scale: 1, Seed: 666, Size: 8x8\\n",
+        "Negative prompt: fog", "Steps: 2, Seed: 7", lines[4],
+    ]  # fmt: skip
+    assert lines[4].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, Model hash: ")
+    read = parse_infotext(text)
+    assert read["Prompt"] == prompt.replace("\nNegative", "\\nNegative")
+    assert (read["Negative prompt"], read["Steps"], read["Seed"]) == ("fog\nSteps: 2, Seed: 7", "3", "5")
 
 
 # Ways a script turns text into markup or code.

@@ -759,6 +759,17 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     page.set_input_files("#settings_file", str(tmp_path / "uniform.png"))
     expect(page.locator("#settings_note")).to_have_text("Settings of uniform.png set.")
     assert (page.input_value("#sampler"), page.input_value("#hr_sampler")) == ("dpmpp_2m_karras", "dpmpp_2m")
+    # A1111 1.9's Automatic: its default for the sampler, Karras for DPM2 a; DPM++ 2M SDE's exponential one is named.
+    for sampler, chosen, note in (("DPM2 a", "dpm2_a_karras", ""),
+                                  ("DPM++ 2M SDE", "dpmpp_2m_sde", " Not available here: Schedule type: Automatic "
+                                                                    "(exponential).")):  # fmt: skip
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", f"a fox\nSteps: 5, Sampler: {sampler}, Schedule type: Automatic, CFG scale: 7, "
+                                    "Size: 64x64, RNG: CPU")  # fmt: skip
+        Image.new("RGB", (8, 8)).save(tmp_path / "automatic.png", pnginfo=info)
+        page.set_input_files("#settings_file", str(tmp_path / "automatic.png"))
+        expect(page.locator("#settings_note")).to_have_text(f"Settings of automatic.png set.{note}")
+        assert page.input_value("#sampler") == chosen
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

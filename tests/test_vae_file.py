@@ -307,7 +307,9 @@ def test_the_command_line_reads_vae_and_the_file_beside_the_checkpoint(
     (flag,), (auto,) = (list((tmp_path / name).glob("*.png")) for name in ("flag", "beside"))
     pixels, text = read_png(flag)
     np.testing.assert_array_equal(pixels, baked_images[0].images[0])
-    assert re.search(rf"Model hash: \w{{10}}, VAE hash: {file_sha256(vae_ckpt)[:10]}, VAE: {vae_ckpt.name}", text)
+    assert re.search(
+        rf"Model hash: \w{{10}}, Model: [\w-]+, VAE hash: {file_sha256(vae_ckpt)[:10]}, VAE: {vae_ckpt.name}", text
+    )
     auto_pixels, auto_text = read_png(auto)
     np.testing.assert_array_equal(auto_pixels, pixels)
     assert "VAE: model.vae.ckpt" in auto_text

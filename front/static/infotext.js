@@ -82,9 +82,10 @@ function size(value) {
   return match ? [Number(match[1]), Number(match[2])] : null;
 }
 
-// A prompt as this server's PNGs write it, a line break as the two characters \n (ldm/png_info.py), as typed (a
-// backslash and n typed as such read back as a line break too: the writer keeps backslashes as they are).
-const unescaped = (text) => text.replaceAll("\\n", "\n");
+// A1111 1.9's default schedule ("Automatic") for the samplers it does not run on the model's own levels: Karras'
+// (the page's "… Karras" variant), or for DPM++ 2M SDE an exponential one, which is not done here.
+const AUTOMATIC_KARRAS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a"];
+const AUTOMATIC_EXPONENTIAL = ["DPM++ 2M SDE"];
 
 // The form's settings for an infotext, in the request's field names: `sampler`, `hr_upscaler` and `hr_sampler` by
 // the names PNGs give them (the page's option labels), `hr_strength` the hires fix's strength, `seed_resize` and `hr_resize`
@@ -98,7 +99,7 @@ export function settingsFrom(text) {
   // Any "Hires" field says the denoising strength is the hires fix's.
   const hires = [...fields.keys()].some((key) => key.startsWith("Hires "));
   const settings = {
-    prompt: unescaped(prompt), negative_prompt: unescaped(negative_prompt), hr_scale: 1, hr_resize: null,
+    prompt, negative_prompt, hr_scale: 1, hr_resize: null,
     subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
   };
   const unread = [];
@@ -127,15 +128,22 @@ export function settingsFrom(text) {
   const resize = size(take("Seed resize from") ?? "");
   if (resize && resize[0] > 0 && resize[1] > 0) settings.seed_resize = resize;
   // A1111 1.9 writes the schedule apart from the sampler's name: Karras is the name's Karras variant here (and the
-  // hires sampler's, which runs the same schedule unless "Hires schedule type" names its own).
-  const schedule = take("Schedule type");
-  const ownSchedule = take("Hires schedule type");
+  // hires sampler's, which runs the same schedule unless "Hires schedule type" names its own); Automatic is 1.9's
+  // default for the sampler; none written, the name's own (1.6's meaning; 1.6 to 1.8 wrote their override in lower
+  // case).
+  const schedule = take("Schedule type")?.toLowerCase();
+  const ownSchedule = take("Hires schedule type")?.toLowerCase();
   const hiresSchedule = ownSchedule ?? schedule;
-  const scheduled = (name, which) => (which === "Karras" && !name.endsWith(" Karras") ? `${name} Karras` : name);
+  const scheduled = (name, which, key) => {
+    const base = name.replace(/ Karras$/, "");
+    if (which === "automatic" && AUTOMATIC_EXPONENTIAL.includes(base)) unread.push(`${key}: Automatic (exponential)`);
+    const karras = which === "karras" || (which === "automatic" && AUTOMATIC_KARRAS.includes(base));
+    return karras && !name.endsWith(" Karras") ? `${name} Karras` : name;
+  };
   const sampler = take("Sampler");
-  if (sampler !== undefined) settings.sampler = scheduled(sampler, schedule);
+  if (sampler !== undefined) settings.sampler = scheduled(sampler, schedule, "Schedule type");
   for (const [key, value] of [["Schedule type", schedule], ["Hires schedule type", ownSchedule]]) {
-    if (value !== undefined && !["Karras", "Uniform", "Automatic"].includes(value)) unread.push(`${key}: ${value}`);
+    if (value !== undefined && !["karras", "uniform", "automatic"].includes(value)) unread.push(`${key}: ${value}`);
   }
   const strength = decimal(take("Denoising strength"));
   const upscale = decimal(take("Hires upscale"));
@@ -153,12 +161,13 @@ export function settingsFrom(text) {
     // The second pass's own prompts and sampler (A1111 writes them only where they differ from the first's).
     for (const [name, key] of Object.entries(HIRES_OWN)) {
       const value = take(key);
-      if (value !== undefined) settings[name] = name === "hr_sampler" ? scheduled(value, hiresSchedule) : value;
+      if (value === undefined) continue;
+      settings[name] = name === "hr_sampler" ? scheduled(value, hiresSchedule, "Hires schedule type") : value;
     }
     // A schedule of its own for the first pass's sampler: the hires sampler is that sampler under it.
     const base = sampler?.replace(/ Karras$/, "");
     if (settings.hr_sampler === undefined && base !== undefined && hiresSchedule !== schedule) {
-      settings.hr_sampler = scheduled(base, hiresSchedule);
+      settings.hr_sampler = scheduled(base, hiresSchedule, "Hires schedule type");
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
