@@ -41,7 +41,7 @@ COMMA_BACKTRACK = 20
 # (eleven hundred '(' would be 1.1^1100) long before an image means anything (A1111 stops on the NaNs).
 MAX_WEIGHT = 100.0
 BREAK = "BREAK"
-# What `parse` gives for a BREAK: no text has a negative weight but this.
+# What `parse` gives for a BREAK (as A1111's: text "BREAK" at weight -1, which `(BREAK:-1)` would give too).
 _BREAK_MARK = (BREAK, -1.0)
 _PIECE = re.compile(
     r"""
@@ -123,6 +123,11 @@ class Chunk:
     weights: tuple[float, ...]
 
 
+def is_break(run: str, weight: float) -> bool:
+    """Whether a run of `parse` is a BREAK, not text (text may have a negative weight: `(easyneg:-1)`)."""
+    return (run, weight) == _BREAK_MARK
+
+
 def chunks(tokenizer: CLIPTokenizer, text: str, vocabulary: Vocabulary | None = None) -> list[Chunk]:
     """`text` parsed, tokenized run by run (with the embeddings of `vocabulary` it names: ldm/embeddings.py) and cut
     into chunks of 75 positions (at least one). An embedding's vectors stay in one chunk, as in A1111: one that does
@@ -141,7 +146,7 @@ def chunks(tokenizer: CLIPTokenizer, text: str, vocabulary: Vocabulary | None = 
         ids, weights, last_comma = [], [], -1
 
     for run, weight in parse(text):
-        if (run, weight) == _BREAK_MARK:
+        if is_break(run, weight):
             close()
             continue
         tokens = tokenizer.tokenize(run)

@@ -155,7 +155,9 @@ def embeddings_read(tokenizer: CLIPTokenizer, request: GenerationRequest, vocabu
     read; otherwise in each text or sub-prompt, within its 75 positions)."""
     if request.emphasis:  # every text of both passes' schedules
         texts = [text for field in TEXT_FIELDS for text in scheduled_texts(request, field)]
-        pieces = [piece for text in texts for piece, weight in emphasis.parse(text) if weight >= 0]
+        pieces = [
+            piece for text in texts for piece, weight in emphasis.parse(text) if not emphasis.is_break(piece, weight)
+        ]
         slots = [slot for piece in pieces for slot in vocabulary.expand(tokenizer.tokenize(piece))]
     else:
         parts = [text for _, run, field in read_texts(request) for text, _ in text_parts(run, field)]

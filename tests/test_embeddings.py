@@ -220,6 +220,9 @@ def test_pngs_name_the_embeddings_read_with_their_hashes(with_embeddings: Pipeli
     assert text.endswith(f'Size: 64x64, RNG: CPU, Emphasis: None, TI hashes: "tinystyle: {style}, tinyneg: {neg}"')
     plain = with_embeddings.generate(dataclasses.replace(REQUEST, prompt="a castle", negative_prompt=""))
     assert plain.embedding_hashes == ()
+    # Read at a negative weight (A1111's syntax), an embedding is still read, and named as A1111 names it.
+    weighted = dataclasses.replace(REQUEST, prompt="a castle BREAK (tinystyle:-1)", negative_prompt="", emphasis=True)
+    assert [name for name, _ in with_embeddings.generate(weighted).embedding_hashes] == ["tinystyle"]
 
 
 def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline) -> None:
