@@ -285,10 +285,13 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
         return
     upscaler = body.get("hr_upscaler") or "Latent"
     resize = {name: body[name] for name in ("hr_resize_x", "hr_resize_y") if body.get(name)}
+    scale = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
     if resize:  # A1111's "Hires resize", which then sizes the second pass alone (its hr_scale unread)
         ours.update(resize)
+    elif scale == 1:  # A1111 1.6 runs a second pass at the same size; our hr_scale 1 is none: a resize to it is one
+        ours.update({"hr_resize_x": ours["W"], "hr_resize_y": ours["H"]})
     else:
-        ours["hr_scale"] = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
+        ours["hr_scale"] = scale
     ours["hr_upscaler"] = UPSCALER_ALIASES.get(upscaler, upscaler)
     ours["hr_steps"] = body.get("hr_second_pass_steps") or 0
     # A1111 runs the second pass with its own prompts, sampler and scheduler (1.9's; "Use same…": the first pass's);

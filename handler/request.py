@@ -31,8 +31,6 @@ from ldm.generation_request import (
     TEXT_FIELDS,
     GenerationError,
     GenerationRequest,
-    idle_hires,
-    without_hires,
 )
 from ldm.inpainting import MAX_MASK_BLUR, mask_band
 from ldm.request_checks import check_emphasis, check_hires, check_mask, check_sampler, check_seed_resize
@@ -406,8 +404,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         raise RequestError(counted, f"{counted} must be between 0 and {MAX_SEED - total + 1}, got {first}")
     hr_scale = _number(body, "hr_scale", 1.0, 1.0, hires.MAX_SCALE)
     resize_x, resize_y = (_integer(body, f"hr_resize_{axis}", 0, 0, limits.max_side, " pixels") for axis in "xy")
-    asked = hr_scale != 1 or bool(resize_x or resize_y)
-    second_pass = asked and not hires.plan(sizes["H"], sizes["W"], 8, hr_scale, (resize_x, resize_y)).idle
+    second_pass = hr_scale != 1 or bool(resize_x or resize_y)
     # PLMS runs txt2img alone (and the hires fix's second pass is an img2img, unless it has a sampler of its own): a
     # configured default of plms is plain txt2img's.
     img2img = init_image is not None or (second_pass and not body.get("hr_sampler"))
@@ -472,8 +469,6 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         check_hires(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
-    if idle_hires(generation, 8):
-        generation = without_hires(generation)  # checked as asked, run as A1111 runs it: without a second pass
     if generation.hires:
         _check_hires_size(generation, settings)
     try:

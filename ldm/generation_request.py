@@ -201,13 +201,6 @@ class GenerationRequest:
         return self.init_image is None or (self.mask_image is not None and self.strength == 1.0)
 
 
-def idle_hires(request: GenerationRequest, factor: int) -> bool:
-    """Whether the request's hires fix is an upscale to the size its image has (before rounding), for which A1111
-    runs no second pass: the request is then one without a hires fix (known once the request has a size)."""
-    sized = request.height is not None and request.width is not None
-    return request.hires and sized and request.hires_plan(factor).idle
-
-
 def hires_run(request: GenerationRequest) -> GenerationRequest:
     """The hires fix's second pass's prompts, sampler and steps, still at the first pass's size: what its texts and
     their prompt editing are read from (`text_schedules`)."""

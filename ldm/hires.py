@@ -52,12 +52,11 @@ _MAX_RUN_STRENGTH = 0.999
 class Plan:
     """The hires fix's sizes in pixels, multiples of the latent's factor: the first image is upscaled to `upscaled`,
     and its latent then cut down to `size`, the second pass's (they differ for a "Hires resize" to other
-    proportions than the first image's). `idle`: the upscale, before its rounding, is to the first image's own size,
-    which A1111 takes as no hires fix at all (one that only its rounding takes back runs a second pass)."""
+    proportions than the first image's). An upscale to the first image's own size still runs a second pass at that
+    size, as A1111 1.6 runs one (A1111 1.5 and before took it for no hires fix at all)."""
 
     upscaled: tuple[int, int]
     size: tuple[int, int]
-    idle: bool
 
     def crop(self, latents: torch.Tensor, factor: int) -> torch.Tensor:
         """Latents (B, C, h, w) of the upscaled size cut to the second pass's, centred as A1111 cuts them: of an odd
@@ -87,7 +86,7 @@ def plan(height: int, width: int, factor: int, scale: float = 1.0, resize: tuple
     else:
         cut_rows = cut_columns = 0
     size = ((rows - cut_rows) * factor, (columns - cut_columns) * factor)
-    return Plan((rows * factor, columns * factor), size, idle=(big_h, big_w) == (height, width))
+    return Plan((rows * factor, columns * factor), size)
 
 
 def run_length(steps: int, strength: float) -> int:

@@ -27,8 +27,6 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
     hires_run,
-    idle_hires,
-    without_hires,
 )
 from ldm.lora import LoraError
 from ldm.request_texts import check_no_lora_tags, named_texts, pass_field, request_loras, text_parts
@@ -90,7 +88,7 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
     """The hires fix's settings are A1111's, and the request one it runs: txt2img (an img2img sets its size itself)
     with a sampler that runs img2img (its second pass is one), whose run of ⌊hr_steps / strength⌋ steps fits the
     model's `num_timesteps`, sized by either `hr_scale` or `hr_resize_x`/`_y`, to an image of at least a latent
-    pixel (once the request has a size; an idle one, `idle_hires`, is not checked past its fields)."""
+    pixel (once the request has a size)."""
     if request.hr_upscaler not in hires.UPSCALERS:
         raise GenerationError(
             "hr_upscaler", f"hr_upscaler '{request.hr_upscaler}' is not available; choose one of: "
@@ -126,8 +124,6 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         raise GenerationError(
             field, f"{field} is txt2img's (A1111's hires fix): an img2img request sets its size with H and W"
         )
-    if idle_hires(request, factor):
-        return
     if request.height is not None and request.width is not None:
         height, width = request.hires_plan(factor).size
         if height < factor or width < factor:
@@ -266,9 +262,7 @@ def resolve(
     check_seed_resize(request, factor)
     check_mask(request)
     check_hires(request, num_timesteps, factor)
-    if idle_hires(request, factor):
-        request = without_hires(request)
-    elif request.hires:
+    if request.hires:
         request = replace(request, hr_steps=request.hires_steps)
     if request.init_image is not None:
         check_strength(request)

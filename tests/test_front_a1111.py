@@ -101,6 +101,11 @@ def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference
     }  # fmt: skip
     client.post(TXT2IMG, json={"hr_resize_x": 1024, "hr_resize_y": 768})  # without enable_hr: not read
     assert not {"hr_scale", "hr_resize_x", "hr_resize_y"} & set(fake.sent()[3])
+    # At 1×, A1111 1.6 runs a second pass at the same size: sent as a resize to it (our hr_scale 1 is none).
+    client.post(TXT2IMG, json={"enable_hr": True, "hr_scale": 1, "width": 640, "height": 448})
+    assert {k: fake.sent()[4].get(k) for k in ("hr_scale", "hr_resize_x", "hr_resize_y")} == {
+        "hr_scale": None, "hr_resize_x": 640, "hr_resize_y": 448,
+    }  # fmt: skip
 
 
 def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient, fake: FakeInference) -> None:

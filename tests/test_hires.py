@@ -34,10 +34,10 @@ A1111_LATENT_MODES = {
 
 def a1111_resized(
     latents: torch.Tensor, height: int, width: int, resize_x: int, resize_y: int, mode: str, antialias: bool = False
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """A1111 1.6's "Hires resize" of (height, width) first latents, written out again from its
-    `calculate_target_resolution`, `init` and `sample_hr_pass`: the size upscaled to, interpolated to, then cut; None
-    where it runs no second pass."""
+    `calculate_target_resolution` and `sample_hr_pass`: the size upscaled to, interpolated to, then cut (to the first
+    image's own size too: 1.6 has no "do nothing" case, where 1.5 and before ran no second pass)."""
     truncate_x = truncate_y = 0
     if resize_y == 0:
         to_x, to_y = resize_x, resize_x * height // width
@@ -49,8 +49,6 @@ def a1111_resized(
         else:
             to_x, to_y = resize_y * width // height, resize_y
         truncate_x, truncate_y = (to_x - resize_x) // 8, (to_y - resize_y) // 8
-    if to_x == width and to_y == height:
-        return None
     samples = F.interpolate(latents, size=(to_y // 8, to_x // 8), mode=mode, antialias=antialias)
     rows, columns = samples.shape[2:]
     return samples[
@@ -287,9 +285,9 @@ def test_hires_steps_default_to_the_request_steps_and_count_in_total_steps(pipel
 
 
 def test_hires_sizes_round_down_to_the_latent_factor(pipeline: Pipeline) -> None:
-    """int(side·scale), as A1111 computes it (83 and 93 here), then down to a multiple of 8. A1111 runs no second
-    pass only when int(side·scale) is the size itself: a scale of 1.1 from 64 pixels (70, down to 64) runs one at the
-    same size, as A1111's does; 1.01 (64.64, 64) runs none."""
+    """int(side·scale), as A1111 computes it (83 and 93 here), then down to a multiple of 8. A scale that comes back
+    to the size itself still runs a second pass at that size, as A1111 1.6 runs one: 1.1 from 64 pixels (70, down to
+    64), and 1.01 (64.64, 64)."""
     request = resolve(GenerationRequest("x", seed=1, height=64, width=72, hr_scale=1.3))
     second = hires_pass(request, 8)
     assert (second.height, second.width) == (80, 88)
@@ -298,9 +296,9 @@ def test_hires_sizes_round_down_to_the_latent_factor(pipeline: Pipeline) -> None
     assert generation.request.hires and generation.images.shape == (1, 64, 64, 3)
     plain = pipeline.generate(dataclasses.replace(small, hr_scale=1.0)).images
     assert not np.array_equal(generation.images, plain)
-    idle = pipeline.generate(dataclasses.replace(small, hr_scale=1.01))
-    assert not idle.request.hires and "Hires" not in parameters_text(idle.request, 1)
-    assert np.array_equal(idle.images, plain)
+    same = pipeline.generate(dataclasses.replace(small, hr_scale=1.01))
+    assert same.request.hires and "Hires upscale: 1.01" in parameters_text(same.request, 1)
+    assert same.images.shape == (1, 64, 64, 3) and np.array_equal(same.images, generation.images)
 
 
 def test_hires_and_plain_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> None:
@@ -385,7 +383,7 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
             "hr_prompt",
         ),
         ({"hr_sampler": "plms", "sampler": "euler"}, "hr_sampler"),
-        ({"hr_resize_x": 512, "hr_scale": 1.0, "hr_sampler": "nonesuch"}, "hr_sampler"),  # named even where idle
+        ({"hr_resize_x": 512, "hr_scale": 1.0, "hr_sampler": "nonesuch"}, "hr_sampler"),
     ],
 )
 def test_hires_requests_the_pipeline_cannot_run_name_their_field(change: dict, field: str) -> None:
@@ -408,9 +406,6 @@ def test_hires_resize_upscales_and_cuts_as_a1111_does(height: int, width: int, r
     plan = hires.plan(height, width, 8, resize=resize)
     latents = torch.arange(float(height // 8 * width // 8)).reshape(1, 1, height // 8, width // 8)
     theirs = a1111_resized(latents, height, width, *resize, mode="nearest")
-    assert plan.idle == (theirs is None)
-    if theirs is None:
-        return
     big = F.interpolate(latents, size=(plan.upscaled[0] // 8, plan.upscaled[1] // 8), mode="nearest")
     assert torch.equal(plan.crop(big, 8), theirs)
     assert plan.size == (theirs.shape[2] * 8, theirs.shape[3] * 8)
@@ -432,7 +427,6 @@ def test_latent_hires_resize_equals_diffusers_on_a1111s_cut_latent(
     ours = pipeline.generate(request).pixels[0]
     assert ours.shape == (*size, 3)
     z0 = a1111_resized(first_latents(peer, request), 64, 64, *resize, mode="bilinear")
-    assert z0 is not None
     assert np.abs(ours - second_pass(peer, request, z0)).max() < FLOAT_TOLERANCE
     # The cut matters: the same latent cut evenly is another image.
     if resize == (88, 64):
@@ -458,14 +452,12 @@ def test_image_hires_resize_encodes_the_upscaled_image_then_cuts_its_latent(pipe
     assert np.abs(ours - second_pass(peer, request, z0[:, :, 1:10])).max() < FLOAT_TOLERANCE
 
 
-def test_a_hires_resize_to_the_first_size_does_nothing_and_png_parameters_name_it() -> None:
-    """As A1111: an upscale to the size the image already has is no hires fix, even where a cut was asked for (a
-    64-wide first image "resized" to 64×32 keeps its 64×64); otherwise the PNG writes A1111's "Hires resize"."""
+def test_a_hires_resize_to_the_first_size_runs_its_pass_and_png_parameters_name_it() -> None:
+    """As A1111 1.6: an upscale to the size the image already has still runs a second pass, and a cut asked for
+    cuts (a 64-wide first image "resized" to 64×32 is 64×32); the PNG writes A1111's "Hires resize"."""
     plain = GenerationRequest("x", seed=1, height=64, width=64, steps=3)
-    assert not resolve(dataclasses.replace(plain, hr_resize_x=64, hr_resize_y=32)).hires
-    # Nor are its own prompts and sampler read: DDIM's η stands, as the server takes the request.
-    idle = resolve(dataclasses.replace(plain, hr_resize_x=64, hr_prompt="y", hr_sampler="euler", eta=0.5))
-    assert (idle.hires, idle.hr_prompt, idle.hr_sampler, idle.eta) == (False, "", "", 0.5)
+    cut = resolve(dataclasses.replace(plain, hr_resize_x=64, hr_resize_y=32))
+    assert cut.hires and (hires_pass(cut, 8).height, hires_pass(cut, 8).width) == (32, 64)
     resized = resolve(dataclasses.replace(plain, hr_resize_x=96, strength=0.5))
     assert (hires_pass(resized, 8).height, hires_pass(resized, 8).width) == (96, 96)
     assert "Denoising strength: 0.5, Hires resize: 96x0, Hires upscaler: Latent" in parameters_text(resized, 1)
