@@ -205,7 +205,8 @@ def test_scaling_down_with_requests_in_flight_answers_every_request(fragile: Tor
         response = predict(fragile, body)
         while response.status_code != 200 and resent < 3:
             assert_worker_died(response)
-            assert workers(fragile) == remaining, f"the remaining worker {remaining} died: now {workers(fragile)}"
+            # Its process, not the management API's list: on a busy machine that list can time out and read empty.
+            assert not any(gone(pid) for pid in remaining.values()), f"the remaining worker {remaining} died"
             resent += 1
             time.sleep(1)
             response = predict(fragile, body)
