@@ -12,7 +12,7 @@ which is not A1111's: the same request paints another image there.
 - Prompts are read in A1111's syntax (`emphasis`), as A1111 always reads them: weights, BREAK, prompt editing, `AND`.
 - Values are converted as A1111's API (pydantic 1) converts them (`coerced`): "42" and 42.9 are the integer 42.
 - Sampler and upscaler names go to the handler as A1111 writes them (it takes them beside ours); `scheduler` Karras
-  picks a sampler's Karras variant, and 1.9's Automatic (or a name it lacks) the variant 1.9 picks for it; DDIM and
+  picks a sampler's Karras variant, and 1.9's Automatic (or an empty name) the variant 1.9 picks for it; DDIM and
   PLMS run their own timesteps whatever it says. The hires fix's own sampler
   (`hr_sampler_name`) takes its own `hr_scheduler` the same way, or the request's ("Use same scheduler"); its own
   prompts go as sent.
@@ -160,8 +160,8 @@ def translate(raw: dict[str, Any], mode: Mode, served: Served | None = None) -> 
     sampler = _sampler(body)
     ours: dict[str, Any] = {"emphasis": True, "sampler": sampler, "clip_skip": 1}
     ours.update({our: given[theirs] for theirs, our in RENAMED.items()})
-    for side in ("W", "H"):  # A1111 paints (side // 8) · 8 pixels: its latent's
-        if isinstance(ours[side], int) and ours[side] > 0:
+    for side in ("W", "H"):  # A1111 paints (side // 8) · 8 pixels: its latent's (below 8, the handler names the side)
+        if isinstance(ours[side], int) and ours[side] >= 8:
             ours[side] -= ours[side] % 8
     ours.update({name: given[name] for name in COPIED if name in given})
     for name in ("seed", "subseed"):
@@ -233,7 +233,7 @@ def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -
     scheduler = body.get(field)
     if scheduler is None or not isinstance(name, str):
         return name
-    if scheduler == "":  # as A1111 reads a name it lacks
+    if scheduler == "":  # A1111's default
         scheduler = "automatic"
     if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
         raise _refuse(field, f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")

@@ -202,7 +202,8 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_call(request: Request, mode: a1111.Mode) -> JSONResponse:
         """One A1111 request as one TorchServe request per batch (`n_iter`, as `/imagine` splits it), each followed
         for `/sdapi/v1/progress`; once interrupted, the batches done are the answer."""
-        body = a1111.read(await _body(request, settings.max_body_bytes))
+        # Converted as A1111's API converts it: what the answer echoes and reads (`send_images`) too.
+        body = a1111.coerced(a1111.read(await _body(request, settings.max_body_bytes)))
         served = None
         if a1111.needs_options(body):  # override_settings naming the model or a setting: judged by what is served
             served = a1111.Served(await request.app.state.description.get(), settings.model)

@@ -230,6 +230,5 @@ def first_pass_share(request: GenerationRequest, factor: int) -> float:
 
 
 def without_hires(request: GenerationRequest) -> GenerationRequest:
-    """The request without its hires fix: a second pass's own request, or one whose fix would do nothing (which then
-    says so nowhere: not in its answer's parameters, nor in its PNGs)."""
+    """The request without its hires fix: what a second pass runs as a request of its own (`hires_pass`)."""
     return replace(request, hr_scale=1.0, hr_resize_x=0, hr_resize_y=0, **dict.fromkeys(HIRES_OWN, ""))

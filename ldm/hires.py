@@ -6,8 +6,9 @@ img2img of the upscaled first image, so its `strength` decides how much it may c
 
 The arithmetic is A1111 1.6's: the target is int(side·scale), or A1111's "Hires resize" to a width, a height or both
 (the first image then upscaled to cover it, and its latent cut down to it), rounded down to the latent's factor
-(A1111 interpolates its latent to that size); an upscale to the size the image has does nothing; the second pass runs
-`steps` N steps, the last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each image's seed.
+(A1111 interpolates its latent to that size; to the size the image has too, a second pass at that size); the second
+pass runs `steps` N steps, the last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each
+image's seed.
 Its upscalers are A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the
 VAE then encodes again).
 """

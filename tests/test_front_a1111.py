@@ -486,7 +486,8 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
         resized = Job({"n_samples": 1, "ddim_steps": 2, "hr_steps": 2, "W": 512, "H": 256, **resize})
         resized.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 2})
         assert resized.fraction == 0.2 and resized.jobs == (2, 0)
-    # A hires fix TorchServe runs no second pass for (a resize to the size the image has): its lines say one pass.
+    # Lines that say one pass (a worker that ran none, as one before A1111 1.6's rule did for a resize to the size the
+    # image has): their word counts over the request's.
     idle = Job({"n_samples": 1, "ddim_steps": 2, "W": 512, "H": 512, "hr_resize_x": 512})
     assert idle.jobs == (2, 0)  # what the request asks, until TorchServe says
     idle.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1, "passes": 1})
@@ -616,9 +617,11 @@ def test_progress_when_nothing_runs(client: TestClient) -> None:
     )
 
 
-def test_send_images_false_answers_the_info_alone(client: TestClient) -> None:
-    answer = client.post(TXT2IMG, json={"prompt": "a fox", "seed": 9, "send_images": False}).json()
+@pytest.mark.parametrize("off", [False, "false", 0])
+def test_send_images_false_answers_the_info_alone(client: TestClient, off: Any) -> None:
+    answer = client.post(TXT2IMG, json={"prompt": "a fox", "seed": "9", "send_images": off}).json()
     assert answer["images"] == [] and json.loads(answer["info"])["all_seeds"] == [9]
+    assert answer["parameters"]["seed"] == 9  # echoed as A1111's API read it
 
 
 @pytest.mark.parametrize("text", ["a fox\nSteps: 20, Seed: 1", "un renard, café\nSteps: 20"])

@@ -597,12 +597,13 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     assert {k: echoed.get(k) for k in own} == {**own, "prompt": "tiles", "hr_sampler": "euler_a"}
     resized = parse_request({"prompt": "x", "hr_resize_y": 128}, settings).generation
     assert (resized.sampler, resized.hr_resize_x, resized.hr_resize_y) == ("ddim", 0, 128)
-    # A resize to the image's own size runs no second pass, as in A1111: the request is plain txt2img (its default
-    # sampler, PLMS too; a cut too small for a side is not checked, nor echoed), and so is a scale whose int(side·scale)
-    # is the size.
-    for idle in ({"hr_resize_x": 512, "hr_resize_y": 32}, {"hr_resize_x": 512, "sampler": "plms"}, {"hr_scale": 1.001}):
-        generation = parse_request({"prompt": "x", **idle}, settings).generation
-        assert not generation.hires and generation.sampler == "plms", idle
+    # A resize to the image's own size runs a second pass at that size, as in A1111 1.6, and so does a scale whose
+    # int(side·scale) is the size: its sampler is the configured default's img2img one (not PLMS), and a cut too
+    # small for a side is refused.
+    generation = parse_request({"prompt": "x", "hr_scale": 1.001}, settings).generation
+    assert generation.hires and generation.sampler == "ddim" and generation.hires_plan(8).size == (512, 512)
+    with pytest.raises(RequestError, match="hr_resize_x 512 makes 512x32 images; each side at least 64 pixels"):
+        parse_request({"prompt": "x", "hr_resize_x": 512, "hr_resize_y": 32}, settings)
     # A latent upscaler's upscale before the cut is within no limit, its image is: 512×768 to 1024×1024 (1024×1536
     # before the cut).
     cut = {"prompt": "x", "W": 512, "H": 768, "hr_resize_x": 1024, "hr_resize_y": 1024, "hr_upscaler": "latent"}

@@ -57,7 +57,7 @@ def a1111_resized(
 
 
 # "Hires resize" sides (width, height): one side, both in and out of proportion, sides not a multiple of 8, and
-# some that are the size of a 512×512 or 512×768 first image, for which A1111 runs no second pass.
+# some that are the size of a 512×512 or 512×768 first image (a second pass at that size, and its cut).
 RESIZES = [(1024, 0), (0, 1024), (1024, 1024), (1000, 1500), (1536, 1024), (88, 64), (1001, 777), (512, 513), (512, 0),
            (0, 768), (512, 256), (516, 0)]  # fmt: skip
 
