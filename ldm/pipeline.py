@@ -156,13 +156,6 @@ class Pipeline:
             rows = [tokenizer.frame(flatten(vocabulary.read(tokenizer, p)[0])) for p in prompts]
             return encoder.encode(rows, clip_skip).to(self.model.dtype)
 
-    def embed_emphasized(
-        self, texts: Sequence[str], clip_skip: int = 1, vocabulary: Vocabulary | None = None
-    ) -> list[torch.Tensor]:
-        """(1) Prompts in A1111's syntax (ldm/emphasis.py), each alone, (1, 77·k, d) in the UNet's dtype."""
-        batches = self.embed_batches([(text,) for text in texts], clip_skip, vocabulary)
-        return [batch[text] for batch, text in zip(batches, texts, strict=True)]
-
     @torch.inference_mode()
     def embed_batches(
         self, batches: Sequence[Sequence[str]], clip_skip: int = 1, vocabulary: Vocabulary | None = None

@@ -14,24 +14,17 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.emphasis import Chunk
 from ldm.tokenizer import CLIPTokenizer
 
 # The id an embedding's vector stands in place of (any but EOS, whose position CLIP's pooled output looks for).
 EMBEDDING_PLACEHOLDER = 0
 
 
-def weigh(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A chunk's CLIP output (77, d) with each token's row multiplied by its weight (77,), then rescaled to the mean
-    it had (A1111's "Original" emphasis: the weights shift attention between words, not the overall scale), in
-    float32."""
-    return weigh_batch([(hidden, weights, 1)])[0]
-
-
 def weigh_batch(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
-    """`weigh` for chunks A1111 encodes in one batch, each (CLIP output (77, d), weights (77,), how often it is in
-    the batch): each weighted, then all rescaled by one factor, the batch's mean over its weighted mean (A1111 takes
-    both over the whole batch, so each chunk's weights move the others' scale); in float32."""
+    """Chunks A1111 encodes in one batch, each (CLIP output (77, d), weights (77,), how often it is in the batch),
+    weighted as its "Original" emphasis weighs them: each token's row multiplied by its weight, then all rescaled by
+    one factor to the mean they had (the weights shift attention between words, not the overall scale; A1111 takes
+    both means over the whole batch, so each chunk's weights move the others' scale); in float32."""
     hidden = [h.float() for h, _, _ in rows]
     weighted = [h * w.to(h.device, torch.float32)[:, None] for h, (_, w, _) in zip(hidden, rows, strict=True)]
     mean = sum(count * h.mean() for h, (_, _, count) in zip(hidden, rows, strict=True))
@@ -106,11 +99,3 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
         """(B, 77, hidden) embeddings of plain prompts (`hidden`)."""
         return self.hidden(self.token_ids([self.tokenizer(p) for p in prompts]), clip_skip)
-
-    def encode_chunks(self, chunks: Sequence[Chunk], clip_skip: int = 1) -> torch.Tensor:
-        """(1, 77·k, hidden) float32: the k chunks of one prompt in A1111's syntax (ldm/emphasis.py), each encoded
-        alone and weighted, end to end."""
-        hidden = self.encode([chunk.ids for chunk in chunks], clip_skip)
-        return torch.cat(
-            [weigh(rows, torch.tensor(chunk.weights)) for rows, chunk in zip(hidden, chunks, strict=True)]
-        )[None]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ldm.generation_request import GenerationRequest
+
+if TYPE_CHECKING:
+    from ldm.pipeline import Pipeline
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TINY_CONFIG = REFERENCE / "tiny-dev.yaml"
@@ -75,3 +79,9 @@ def assert_matches_png(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.shape == expected.shape
     assert diff.max() <= 1, f"max difference {diff.max()} levels"
     assert (diff > 0).mean() <= OFF_BY_ONE_FRACTION, f"{(diff > 0).mean():.4%} of values differ"
+
+
+def embed_each(pipeline: Pipeline, texts: list[str]) -> list[torch.Tensor]:
+    """Texts in A1111's syntax each encoded alone (a batch of one: a prompt without prompt editing)."""
+    batches = pipeline.embed_batches([(text,) for text in texts])
+    return [batch[text] for batch, text in zip(batches, texts, strict=True)]

@@ -16,7 +16,7 @@ from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.request_checks import resolve
-from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
+from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS, embed_each
 
 REQUEST = GenerationRequest("a castle", seed=21, height=64, width=64, steps=6, emphasis=True)
 LONG = "a castle on a hill by the sea at dawn with towers and flags, " * 8  # 120 tokens: two chunks
@@ -115,8 +115,8 @@ def composed_by_diffusers(
     scheduler.set_timesteps(request.steps)
     shape = (1, 4, request.height // 8, request.width // 8)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed))
-    (uncond,) = pipeline.embed_emphasized([request.negative_prompt])
-    conds = pipeline.embed_emphasized([text for text, _ in parts])
+    (uncond,) = embed_each(pipeline, [request.negative_prompt])
+    conds = embed_each(pipeline, [text for text, _ in parts])
     longest = max(cond.shape[1] for cond in conds)
     conds = [torch.cat([c] + [c[:, -1:]] * (longest - c.shape[1]), dim=1) for c in conds]
     for t in scheduler.timesteps:
@@ -145,7 +145,7 @@ def test_image_equals_diffusers_guided_toward_each_sub_prompt(
 ) -> None:
     from scripts.peers import diffusers_pipeline
 
-    assert {text.shape[1] for text in pipeline.embed_emphasized([text for text, _ in parts])} == lengths
+    assert {text.shape[1] for text in embed_each(pipeline, [text for text, _ in parts])} == lengths
 
     prompt = " AND ".join(f"{text}:{weight}" for text, weight in parts)
     request = resolve(dataclasses.replace(REQUEST, prompt=prompt, negative_prompt="blurry"))
@@ -162,7 +162,7 @@ def test_each_sub_prompt_keeps_its_own_prompt_editing(pipeline: Pipeline) -> Non
     request = resolve(dataclasses.replace(REQUEST, prompt="[a castle:a tower:2] AND a lake", negative_prompt="x AND y"))
     (conditioning,) = pipeline.conditions([request])
     contexts = BatchConditions([conditioning])
-    castle, tower, lake, negative = pipeline.embed_emphasized(["a castle", "a tower", " a lake", "x AND y"])
+    castle, tower, lake, negative = embed_each(pipeline, ["a castle", "a tower", " a lake", "x AND y"])
     for call, first in ((0, castle), (2, castle), (3, tower), (5, tower)):
         prompts, uncond = contexts(call)
         assert torch.equal(prompts, torch.cat([first, lake])) and torch.equal(uncond, negative)

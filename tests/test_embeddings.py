@@ -24,6 +24,7 @@ from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_texts import unread_warnings
+from ldm.text_encoder import weigh_batch
 from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 from tests.hostile_pickles import write_malformed_torch_file
 from tests.reference import FLOAT_TOLERANCE, TINY_CONFIG, TINY_SAFETENSORS
@@ -242,8 +243,11 @@ def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline)
     )
     (((_, condition),),) = conditioning.prompts
     with torch.inference_mode():
-        expected = with_embeddings.model.text_encoder.encode_chunks([first, second])
-    assert torch.equal(condition, expected.to(condition.dtype))
+        hidden = with_embeddings.model.text_encoder.encode([first.ids, second.ids])
+        weighed = [
+            weigh_batch([(h, torch.tensor(c.weights), 1)])[0] for h, c in zip(hidden, (first, second), strict=True)
+        ]
+    assert torch.equal(condition, torch.cat(weighed)[None].to(condition.dtype))
 
 
 def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) -> None:

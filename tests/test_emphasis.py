@@ -17,9 +17,9 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve
-from ldm.text_encoder import weigh
+from ldm.text_encoder import weigh_batch
 from ldm.tokenizer import CLIPTokenizer
-from tests.reference import FLOAT_TOLERANCE
+from tests.reference import FLOAT_TOLERANCE, embed_each
 
 TOKENIZER = CLIPTokenizer()
 SMALL = GenerationRequest("a red door, stone wall", height=64, width=64, steps=4, seed=3, emphasis=True)
@@ -97,31 +97,30 @@ def test_long_prompts_are_cut_into_chunks_of_75_moving_words_after_a_near_comma(
     assert _words(first.ids) == [cat] * 75 and _words(second.ids) == [comma, cat]
 
 
-def test_weigh_rescales_to_the_mean_it_had() -> None:
-    """Against the same arithmetic in float64; weights of 1 leave a chunk exactly as it was."""
-    hidden = torch.randn(77, 32, generator=torch.Generator().manual_seed(0))
-    weights = torch.ones(77)
-    weights[3:6] = torch.tensor([1.5, 0.7, 1.21])
-    expected = hidden.double() * weights.double()[:, None]
-    expected = expected * (hidden.double().mean() / expected.mean())
-    assert torch.allclose(weigh(hidden, weights).double(), expected, atol=1e-5, rtol=0)
-    assert torch.equal(weigh(hidden, torch.ones(77)), hidden)
+def test_weighing_rescales_to_the_mean_the_batch_had() -> None:
+    """Against the same arithmetic in float64 over the batch stacked, a chunk twice as often as it counts; weights
+    of 1 leave a chunk alone exactly as it was."""
+    hidden = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0))
+    weights = torch.ones(2, 77)
+    weights[0, 3:6] = torch.tensor([1.5, 0.7, 1.21])
+    stacked, stacked_weights = hidden[[0, 1, 1]].double(), weights[[0, 1, 1]].double()
+    expected = stacked * stacked_weights[..., None]
+    expected = expected * (stacked.mean() / expected.mean())
+    weighed = weigh_batch([(hidden[0], weights[0], 1), (hidden[1], weights[1], 2)])
+    assert torch.allclose(torch.stack(weighed).double(), expected[:2], atol=1e-5, rtol=0)
+    assert torch.equal(weigh_batch([(hidden[1], weights[1], 1)])[0], hidden[1])
 
 
-def test_each_chunk_is_encoded_alone_and_weighted(tiny_model: StableDiffusion) -> None:
-    encoder = tiny_model.text_encoder
+def test_each_chunk_of_a_prompt_is_encoded_alone_and_weighted(tiny_model: StableDiffusion, pipeline: Pipeline) -> None:
+    """A prompt of two chunks without prompt editing: each CLIP's own call, weighted and rescaled on its own (a batch
+    of one text: `a1111_batch` below), end to end."""
     text = "a (red:1.4) door, " * 20
-    pieces = chunks(encoder.tokenizer, text)
-    assert len(pieces) == 2
+    assert len(chunks(TOKENIZER, text)) == 2
+    (together,) = embed_each(pipeline, [text])
     with torch.inference_mode():
-        together = encoder.encode_chunks(pieces)
-        alone = [
-            weigh(encoder.transformer(input_ids=torch.tensor([piece.ids])).last_hidden_state[0],
-                  torch.tensor(piece.weights))
-            for piece in pieces
-        ]  # fmt: skip
+        (expected,) = a1111_batch(tiny_model, [text])
     assert together.shape == (1, 154, 32)
-    assert torch.allclose(together[0], torch.cat(alone), atol=1e-5, rtol=0)
+    assert torch.allclose(together[0], expected, atol=1e-5, rtol=0)
 
 
 def a1111_batch(model: StableDiffusion, texts: list[str]) -> list[torch.Tensor]:
@@ -151,25 +150,27 @@ DOORS = "a red door, stone wall, " * 12  # two chunks
         (f"[(cat:1.5):{DOORS}:0.5]", 4, ["(cat:1.5)", DOORS]),
         # An alternation: its texts in step order, repeats counting in the batch's mean.
         ("[(cat:1.5)|dog]", 3, ["(cat:1.5)", "dog", "(cat:1.5)"]),
+        # Neighbours alike (the alternation's steps before the edit): one entry of the schedule, two of the batch.
+        ("[(cat:1.5):dog:2] [z|z]", 3, ["(cat:1.5) z", "(cat:1.5) z", "dog z"]),
     ],
 )
 def test_a_prompts_edited_texts_are_encoded_as_a1111_encodes_its_schedule(
     tiny_model: StableDiffusion, pipeline: Pipeline, prompt: str, steps: int, batch: list[str]
 ) -> None:
-    """Against the re-derivation above (to float32's summing order: A1111 takes one mean over the batch, ours a
-    mean of each text's); each text far from what it would be alone."""
+    """Against the re-derivation above, over A1111's batch (its schedule unmerged), to float32's summing order
+    (A1111 takes one mean over the batch, ours a mean of each text's); each text far from what it would be alone."""
+    assert list(prompt_editing.batch(prompt, steps)) == batch
     (schedule,) = pipeline.conditions([dataclasses.replace(SMALL, prompt=prompt, steps=steps)])[0].prompts
-    assert [text for _, text in prompt_editing.schedule(prompt, steps)] == batch
-    alone = pipeline.embed_emphasized(["(cat:1.5)"])[0]
     with torch.inference_mode():
-        expected = a1111_batch(tiny_model, batch)
-        for (_, conditioning), text in zip(schedule, expected, strict=True):
-            assert torch.allclose(conditioning[0], text, atol=1e-4, rtol=0)
+        expected = dict(zip(batch, a1111_batch(tiny_model, batch), strict=True))
+        for (_, conditioning), (_, text) in zip(schedule, prompt_editing.schedule(prompt, steps), strict=True):
+            assert torch.allclose(conditioning[0], expected[text], atol=1e-4, rtol=0)
+        alone = embed_each(pipeline, [batch[0]])[0]
         assert (schedule[0][1][:, :77] - alone).abs().max() > 0.05  # the batch moved its scale
 
 
 def test_a_prompt_without_the_syntax_conditions_as_written(pipeline: Pipeline) -> None:
-    assert torch.equal(pipeline.embed_emphasized([SMALL.prompt])[0], pipeline.embed([SMALL.prompt]))
+    assert torch.equal(embed_each(pipeline, [SMALL.prompt])[0], pipeline.embed([SMALL.prompt]))
     plain = pipeline.generate(dataclasses.replace(SMALL, emphasis=False)).pixels
     assert np.abs(pipeline.generate(SMALL).pixels - plain).max() < FLOAT_TOLERANCE
     weighted = pipeline.generate(dataclasses.replace(SMALL, prompt="a (red:1.5) door, stone wall")).pixels
