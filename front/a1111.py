@@ -39,7 +39,7 @@ import time
 from typing import Any, Literal, NamedTuple
 
 from front.errors import FrontError
-from front.png_info import INFOTEXT, png_texts
+from front.png_info import INFOTEXT, parse_infotext, png_texts
 
 Mode = Literal["txt2img", "img2img"]
 # Where A1111's API is served.
@@ -352,7 +352,8 @@ def answer(
     subseeds = result.get("subseeds", [-1] * len(seeds))
     first_seed, first_subseed = seeds[0], subseeds[0]
     infotexts = [png_parameters(image) for image in images]
-    hashes = [re.search(r"Model hash: ([0-9a-f]+)", text) for text in infotexts]
+    # The model as the images name it: the checkpoint's file name and hash (TorchServe's name without an infotext).
+    first = parse_infotext(infotexts[0]) if infotexts and infotexts[0] else {}
     info = {
         "prompt": ours["prompt"],
         "all_prompts": [ours["prompt"]] * len(seeds),
@@ -373,8 +374,8 @@ def answer(
         "seed_resize_from_w": ours.get("seed_resize_from_w", -1),
         "seed_resize_from_h": ours.get("seed_resize_from_h", -1),
         "denoising_strength": parameters.get("strength"),
-        "sd_model_name": served.model,
-        "sd_model_hash": hashes[0].group(1) if hashes and hashes[0] else None,
+        "sd_model_name": first.get("Model", served.model),
+        "sd_model_hash": first.get("Model hash"),
         "sd_vae_name": (served.described.get("vae") or {}).get("name"),
         "sd_vae_hash": (served.described.get("vae") or {}).get("hash"),
         "restore_faces": False,

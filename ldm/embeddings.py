@@ -53,6 +53,10 @@ def read_vectors(path: Path, hidden_size: int) -> torch.Tensor:
         SafetensorError, CheckpointError, UnsafeCheckpointError, pickle.UnpicklingError, RuntimeError, EOFError, OSError
     ) as error:  # fmt: skip
         raise EmbeddingError(f"embedding '{path.stem}' cannot be read: {error}") from None
+    except (MemoryError, AttributeError) as error:
+        # torch's reader on a damaged file of a few kB: a length past any memory, a refused global where it wants a
+        # storage type (its stand-in has no `dtype`).
+        raise EmbeddingError(f"embedding '{path.stem}' cannot be read: {type(error).__name__}: {error}") from None
     tensors = list(_tensors(loaded))
     if len(tensors) != 1:
         raise EmbeddingError(

@@ -40,8 +40,9 @@ def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
 
 def mask_band(image: Image.Image) -> Image.Image:
     """The mask an image draws, as grayscale: an image with transparency (an editor's or a canvas's export: a
-    stroke over nothing) by its alpha, opaque beyond half repainted (A1111's `create_binary_mask`), any other by its
-    gray. Read by its gray, a white stroke on transparent white would repaint everything, a black one nothing."""
+    stroke over nothing) by its alpha, opaque beyond half repainted (A1111's `create_binary_mask` for RGBA; gray
+    with alpha and palettes with a transparent colour alike here), any other by its gray. Read by its gray, a white
+    stroke on transparent white would repaint everything, a black one nothing."""
     if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
     if "A" in image.getbands():
@@ -52,8 +53,9 @@ def mask_band(image: Image.Image) -> Image.Image:
 
 
 def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """(1, 1, H, W) float32: 1 where the mask is at least half white (repaint), 0 where it is darker (keep)."""
-    gray = mask.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+    """(1, 1, H, W) float32: 1 where the mask (`mask_band`) is at least half white (repaint), 0 where it is darker
+    (keep)."""
+    gray = mask_band(mask).resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(gray, dtype=np.float32) / 255.0
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
 

@@ -20,6 +20,7 @@ and puts it back exactly, bit for bit, before a request with other LoRAs (or non
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -145,7 +146,17 @@ def find(folder: Path | None, name: str) -> Path:
 
 def alias(path: Path) -> str | None:
     """A safetensors LoRA's `ss_output_name`, the name kohya's scripts trained it under (kept when a download is
-    renamed), read from its header alone; None for other files and unreadable headers."""
+    renamed), read from its header alone, once while the file is unchanged (a prompt naming an alias would read every
+    file's header on every request); None for other files and unreadable headers."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _alias(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _alias(path: Path, _mtime_ns: int, _size: int) -> str | None:
     try:
         if not is_safetensors(path):
             return None

@@ -139,10 +139,10 @@ def torch_load(path: str) -> Any:
             path, map_location="cpu", pickle_module=sys.modules[__name__], weights_only=False, mmap=mapped
         )
     except (
-        ValueError, KeyError, IndexError, TypeError, AttributeError, AssertionError, OverflowError, MemoryError,
-        zipfile.BadZipFile, struct.error,
+        ValueError, KeyError, IndexError, TypeError, AssertionError, OverflowError, zipfile.BadZipFile, struct.error
     ) as error:  # fmt: skip
-        # What torch's reader trips on in a malformed file: a length past any memory (MemoryError, OverflowError), a
-        # global we refused where torch wants a storage type (AttributeError on its stand-in); its own errors,
-        # RuntimeError and EOFError, pass as they are.
+        # What torch's reader trips on in a malformed file (a length past any size: OverflowError); its own errors,
+        # RuntimeError and EOFError, pass as they are; so do a MemoryError (a real one loading a real checkpoint
+        # is not the file's fault) and an AttributeError (a bug of ours is not the file's): a reader of small
+        # files (ldm/embeddings.py) takes those as the file's.
         raise MalformedCheckpointError(f"{type(error).__name__}: {error}") from error

@@ -98,6 +98,7 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     read = http.post(f"{front}/sdapi/v1/png-info", json={"image": answer["images"][3]}).json()
     fields = read["parameters"]
     assert read["info"] == info["infotexts"][3] and fields["Model hash"] == info["sd_model_hash"]
+    assert fields["Model"] == info["sd_model_name"] == "tiny-dev"  # the checkpoint's name, as A1111 names it
     assert (fields["Prompt"], fields["Negative prompt"], fields["Steps"], fields["Sampler"], fields["Seed"]) == (
         a1111["prompt"], "blurry", "3", "DPM++ 2M Karras", "14",
     )  # fmt: skip

@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import random
+import re
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,10 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
+from front import a1111
 from front.app import create_app
 from front.png_info import ABSENT, MAX_TEXT, PARAMETER, SIGNATURE, parameters, parse_infotext, png_texts
 from front.settings import FrontSettings
-from ldm.generation_request import SAMPLERS, GenerationError, GenerationRequest
+from ldm.generation_request import A1111_AUTOMATIC_NOT_UNIFORM, SAMPLERS, GenerationError, GenerationRequest
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.request_checks import resolve
 from tests.test_front_offline import FakeInference
@@ -210,3 +214,15 @@ def test_a_png_made_here_runs_its_samplers_schedules_in_a1111_1_9() -> None:
         hires = a1111_runs(read["Sampler"] if own == "Use same sampler" else own, hires_schedule)
         assert hires == SAMPLERS[second or first], (first, second)
         assert read["Model"] == "v1-5, pruned"
+
+
+def test_the_lists_of_what_a1111s_automatic_schedule_changes_agree() -> None:
+    """The samplers A1111 1.9's Automatic runs off the model's levels, kept three times (the PNG writer's, the A1111
+    API's, the page's reader's, in two languages): the same."""
+    names = [SAMPLERS[name] for name in A1111_AUTOMATIC_NOT_UNIFORM]
+    assert [*a1111.AUTOMATIC_KARRAS, "DPM++ 2M SDE"] == names
+    page = (Path(__file__).parents[1] / "front" / "static" / "infotext.js").read_text()
+    lists = [
+        re.search(rf"const {name} = (\[[^\]]*\]);", page) for name in ("AUTOMATIC_KARRAS", "AUTOMATIC_EXPONENTIAL")
+    ]
+    assert [item for found in lists if found for item in json.loads(found.group(1))] == names

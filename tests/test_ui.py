@@ -770,6 +770,14 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
         page.set_input_files("#settings_file", str(tmp_path / "automatic.png"))
         expect(page.locator("#settings_note")).to_have_text(f"Settings of automatic.png set.{note}")
         assert page.input_value("#sampler") == chosen
+    # A1111 1.6's hires fix at 1×, a second pass at the same size: a resize to it here (the form's scale 1 is none).
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 5, Sampler: Euler, CFG scale: 7, Size: 64x48, Denoising strength: 0.5, "
+                                "Hires upscale: 1, Hires upscaler: Latent, RNG: CPU")  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "refine.png", pnginfo=info)
+    page.set_input_files("#settings_file", str(tmp_path / "refine.png"))
+    expect(page.locator("#settings_note")).to_have_text("Settings of refine.png set.")
+    assert [page.input_value(f"#{side}") for side in ("hr_scale", "hr_resize_x", "hr_resize_y")] == ["1", "64", "48"]
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

@@ -131,19 +131,27 @@ export function settingsFrom(text) {
   // hires sampler's, which runs the same schedule unless "Hires schedule type" names its own); Automatic is 1.9's
   // default for the sampler; none written, the name's own (1.6's meaning; 1.6 to 1.8 wrote their override in lower
   // case).
-  const schedule = take("Schedule type")?.toLowerCase();
-  const ownSchedule = take("Hires schedule type")?.toLowerCase();
-  const hiresSchedule = ownSchedule ?? schedule;
-  const scheduled = (name, which, key) => {
+  const written = { "Schedule type": take("Schedule type"), "Hires schedule type": take("Hires schedule type") };
+  const hiresKey = written["Hires schedule type"] === undefined ? "Schedule type" : "Hires schedule type";
+  const schedule = written["Schedule type"]?.toLowerCase();
+  const hiresSchedule = written[hiresKey]?.toLowerCase();
+  // The sampler `name` under the schedule `key` names (as written, compared in lower case).
+  const scheduled = (name, key) => {
+    const which = written[key]?.toLowerCase();
     const base = name.replace(/ Karras$/, "");
-    if (which === "automatic" && AUTOMATIC_EXPONENTIAL.includes(base)) unread.push(`${key}: Automatic (exponential)`);
+    const exponential = `${key}: ${written[key]} (exponential)`;
+    if (which === "automatic" && AUTOMATIC_EXPONENTIAL.includes(base) && !unread.includes(exponential)) {
+      unread.push(exponential);
+    }
     const karras = which === "karras" || (which === "automatic" && AUTOMATIC_KARRAS.includes(base));
     return karras && !name.endsWith(" Karras") ? `${name} Karras` : name;
   };
   const sampler = take("Sampler");
-  if (sampler !== undefined) settings.sampler = scheduled(sampler, schedule, "Schedule type");
-  for (const [key, value] of [["Schedule type", schedule], ["Hires schedule type", ownSchedule]]) {
-    if (value !== undefined && !["karras", "uniform", "automatic"].includes(value)) unread.push(`${key}: ${value}`);
+  if (sampler !== undefined) settings.sampler = scheduled(sampler, "Schedule type");
+  for (const [key, value] of Object.entries(written)) {
+    if (value !== undefined && !["karras", "uniform", "automatic"].includes(value.toLowerCase())) {
+      unread.push(`${key}: ${value}`);
+    }
   }
   const strength = decimal(take("Denoising strength"));
   const upscale = decimal(take("Hires upscale"));
@@ -154,6 +162,8 @@ export function settingsFrom(text) {
   if (resizeText !== undefined && !toSize) unread.push(`Hires resize: ${resizeText}`);
   const upscaler = take("Hires upscaler");
   if (toSize) settings.hr_resize = toSize;
+  // At 1, A1111 1.6 runs a second pass at the same size: a resize to it here (the form's scale 1 is none).
+  else if (upscale === 1 && settings.W !== undefined) settings.hr_resize = [settings.W, settings.H];
   else if (upscale !== undefined) settings.hr_scale = upscale;
   if (toSize || upscale !== undefined) {
     settings.hr_upscaler = upscaler ?? "Latent";
@@ -162,12 +172,12 @@ export function settingsFrom(text) {
     for (const [name, key] of Object.entries(HIRES_OWN)) {
       const value = take(key);
       if (value === undefined) continue;
-      settings[name] = name === "hr_sampler" ? scheduled(value, hiresSchedule, "Hires schedule type") : value;
+      settings[name] = name === "hr_sampler" ? scheduled(value, hiresKey) : value;
     }
     // A schedule of its own for the first pass's sampler: the hires sampler is that sampler under it.
     const base = sampler?.replace(/ Karras$/, "");
     if (settings.hr_sampler === undefined && base !== undefined && hiresSchedule !== schedule) {
-      settings.hr_sampler = scheduled(base, hiresSchedule, "Hires schedule type");
+      settings.hr_sampler = scheduled(base, hiresKey);
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
