@@ -4,10 +4,13 @@ Why: users of that fork (basujindal/stable-diffusion) have scripts full of its f
 our pipeline. One parser and one run loop serve both commands (`scripts/txt2img.py`, `scripts/img2img.py`).
 
 Where we differ from optimizedSD, on purpose (each is also in `--help`):
-- Images go straight into `--outdir` as `seed_{seed}_{n:05}.{format}` (optimizedSD: a per-prompt subfolder), with n
-  continuing after the highest n already there; every PNG carries the `parameters` chunk (JPEG: EXIF UserComment).
+- Images go where optimizedSD put them, a folder per prompt under `--outdir` (`prompt_folder`: its words joined by
+  "_", the path cut at 150 characters), but a slash or ".." in a prompt never names another folder; as
+  `seed_{seed}_{n:05}.{format}`, n continuing after the highest n already in that folder (optimizedSD counted its
+  files, reusing a number once one was deleted); every PNG carries the `parameters` chunk (JPEG: EXIF UserComment).
 - `--sampler` defaults to `ddim`, as our server does, so a seed makes the same image from either; optimizedSD's
-  default `plms` (txt2img only, as there) and its k-diffusion samplers (img2img too) are there by name, with
+  default `plms` (txt2img only, as there) and its k-diffusion samplers (img2img too, where its img2img ran DDIM
+  alone) are there by name, with
   `--ddim_eta` 0, in k-diffusion 0.1.1's versions (optimizedSD's older copy takes DPM2's midpoint otherwise).
 - A prompt goes to CLIP as written unless `--weighted_subprompts` is given: optimizedSD always split
   `a castle:0.7 a forest:0.3` into sub-prompts blended by weight, which also cut `style: watercolor` in two. With the
@@ -56,7 +59,7 @@ from ldm.generation_request import (
 )
 from ldm.inpainting import mask_band
 from ldm.model import StableDiffusion
-from ldm.output_names import next_index, outdir_problem, write_new
+from ldm.output_names import next_index, outdir_problem, prompt_folder, write_new
 from ldm.parts import CONFIG_FILE, MANIFEST, TOKENIZER_DIR, load_checkpoint, load_split
 from ldm.pipeline import Generation, Pipeline
 from ldm.png_info import encode_with_parameters, generation_texts
@@ -112,8 +115,9 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         "--outdir",
         type=str,
         default=f"outputs/{mode}-samples",
-        help="folder the images are written to, as seed_{seed}_{n:05}.{format} with n counting on after the "
-        "highest n already there (default: %(default)s)",
+        help="folder under which each prompt's images go to a folder of its own (its words joined by _, as "
+        "optimizedSD names it), as seed_{seed}_{n:05}.{format} with n counting on after the highest n already "
+        "there (default: %(default)s)",
     )
     if img2img:
         parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
@@ -496,7 +500,7 @@ def check_init_size(args: argparse.Namespace, image: Image.Image, factor: int) -
         )
 
 
-def make_outdir(name: str) -> Path:
+def make_outdir(name: str | Path) -> Path:
     """`--outdir`, created and written to once, so that a bad path fails before the model loads, not after minutes
     of loading."""
     path = Path(name)
@@ -621,6 +625,8 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     except GenerationError as error:
         raise CliError(_flag_error(error, args)) from None
     outdir = None if args.skip_save else make_outdir(args.outdir)
+    # Each prompt's own folder (optimizedSD's layout), made now: one that cannot be is said before the work.
+    folders = {} if outdir is None else {prompt: make_outdir(prompt_folder(outdir, prompt)) for prompt in prompts}
 
     # Every input checked: a refused command says only why. What CLIP will not read is said before minutes of
     # loading, once (a long negative prompt is every prompt's).
@@ -651,7 +657,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     except GenerationError as error:
         raise CliError(_flag_error(error, args)) from None
 
-    index = 0 if outdir is None else next_index(outdir)
+    indices = {folder: next_index(folder) for folder in folders.values()}
     steps_per_batch = template.total_steps
     written: list[Path] = []
     started = time.monotonic()
@@ -660,8 +666,9 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
             for prompt in prompts:
                 request = replace(template, prompt=prompt, **{counted_name: counted})
                 generation = pipeline.generate(request, lambda progress: bar.update(1))
-                if outdir is not None:
-                    paths, index = write_images(generation, outdir, index, args.format, model)
+                if prompt in folders:
+                    folder = folders[prompt]
+                    paths, indices[folder] = write_images(generation, folder, indices[folder], args.format, model)
                     for path in paths:
                         bar.write(str(path), file=sys.stdout)
                     written += paths

@@ -5,12 +5,15 @@ Kept free of torch so the HTTP client starts instantly.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
 
 # Our own written names, and optimizedSD's: seed_{seed}_{n:05}.{format}.
 IMAGE_NAME = re.compile(r"seed_\d+_(\d+)\.[A-Za-z0-9]+")
+# optimizedSD cut a prompt's folder's whole path at this many characters; a file system takes 255 bytes a name.
+PROMPT_PATH_CHARS, NAME_BYTES = 150, 255
 
 
 def image_name(seed: int, index: int, extension: str) -> str:
@@ -29,6 +32,20 @@ def write_new(outdir: Path, seed: int, index: int, extension: str, data: bytes) 
         except FileExistsError:
             continue
         return path, index
+
+
+def prompt_folder(outdir: Path, prompt: str) -> Path:
+    """The folder under `outdir` a prompt's images go to, as optimizedSD's command lines name it: the prompt split at
+    spaces and colons, joined by "_", the path cut at 150 characters ("a castle: night" → `a_castle__night`), so
+    that scripts written for them find the images where they did. Where optimizedSD let a prompt name another
+    folder, here it cannot: a slash is "_", ".." is "_" (an empty prompt, or ".", is `outdir` itself, as there), a
+    name is cut to 255 bytes, and an `outdir` of nearly 150 characters still leaves the name 16 of its own."""
+    name = "_".join(re.split(":| ", prompt)).replace("/", "_")
+    room = PROMPT_PATH_CHARS - len(os.path.join(str(outdir), ""))
+    name = name[: max(room, 16)]
+    while len(name.encode()) > NAME_BYTES:
+        name = name[:-1]
+    return outdir / ("_" if name == ".." else name)
 
 
 def outdir_problem(path: Path) -> str | None:

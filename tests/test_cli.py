@@ -20,6 +20,7 @@ from ldm import cli
 from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
 from ldm.generation_request import SAMPLERS
 from ldm.lora import short_hash
+from ldm.output_names import prompt_folder
 from ldm.parts import load_checkpoint, write_split
 from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
@@ -108,13 +109,17 @@ def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+# optimizedSD's folder for the reference cases' prompts under --outdir: the prompt's words joined by "_".
+BASIC, MOSAIC = "a_cottage_garden_full_of_tulips", "a_mosaic_of_colorful_tiles"
+
+
 def test_txt2img_basic_matches_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*case_argv("basic"), *MODEL, "--outdir", str(tmp_path)]) == 0
-    assert names(tmp_path) == ["seed_1000_00000.png"]
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    assert names(tmp_path) == [BASIC] and names(tmp_path / BASIC) == ["seed_1000_00000.png"]
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00000.png")
     assert_matches_png(pixels, reference_png(case("basic")["images"][0]))
     out, err = capsys.readouterr()
-    assert out.splitlines() == [str(tmp_path / "seed_1000_00000.png")]
+    assert out.splitlines() == [str(tmp_path / BASIC / "seed_1000_00000.png")]
     assert "10/10" in err  # the progress bar counted every denoising step
     # (e) the parameters chunk: prompt, steps, seed, size, and which weights made it.
     assert parameters is not None
@@ -139,7 +144,7 @@ def test_txt2img_sampler_by_name_writes_the_pipelines_image(
     """optimizedSD's default sampler and an ancestral one: the image is the pipeline's (tests/test_pipeline.py holds
     those against diffusers), labelled so, and the progress bar counts the 10 steps."""
     assert main([*case_argv("basic"), *MODEL, "--sampler", sampler, "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00000.png")
     expected = pipeline.generate(replace(request_for(case("basic")), sampler=sampler)).images[0]
     assert np.array_equal(pixels, expected)
     assert parameters is not None and f"Sampler: {SAMPLERS[sampler]}" in parameters.split("\n")[1].split(", ")
@@ -150,7 +155,7 @@ def test_img2img_with_a_k_diffusion_sampler(pipeline: Pipeline, tmp_path: Path) 
     """optimizedSD's img2img ran DDIM alone; ours takes the other samplers too (but PLMS)."""
     argv = [*case_argv("img2img"), *MODEL, "--sampler", "dpmpp_2m_karras", "--outdir", str(tmp_path)]
     assert main(argv, mode="img2img") == 0
-    pixels, parameters = read_png(tmp_path / "seed_4242_00000.png")
+    pixels, parameters = read_png(tmp_path / MOSAIC / "seed_4242_00000.png")
     expected = pipeline.generate(replace(request_for(case("img2img")), sampler="dpmpp_2m_karras")).images[0]
     assert np.array_equal(pixels, expected)
     assert parameters is not None and "Sampler: DPM++ 2M Karras" in parameters
@@ -165,7 +170,7 @@ def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> Non
     Image.merge("RGBA", [Image.new("L", (80, 64), 255)] * 3 + [Image.fromarray(half)]).save(mask)
     argv = [*case_argv("img2img"), *MODEL, "--mask", str(mask), "--mask_blur", "0", "--outdir", str(tmp_path / "out")]
     assert main(argv, mode="img2img") == 0
-    pixels, _ = read_png(tmp_path / "out" / "seed_4242_00000.png")
+    pixels, _ = read_png(tmp_path / "out" / MOSAIC / "seed_4242_00000.png")
     request = replace(request_for(case("img2img")), mask_image=Image.fromarray(half), mask_blur=0)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(replace(request, mask_blur=4)).images[0])
@@ -178,7 +183,7 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     flags = ["--hr_scale", "1.5", "--hr_upscaler", "lanczos", "--hr_steps", "3", "--strength", "0.6"]
     argv = [*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]
     assert main(argv) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00000.png")
     request = replace(request_for(case("basic")), hr_scale=1.5, hr_upscaler="lanczos", hr_steps=3, strength=0.6)
     assert pixels.shape == (96, 96, 3)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
@@ -187,7 +192,7 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     # --hr_resize_x and --hr_resize_y: A1111's "Hires resize" instead of the scale.
     flags = ["--hr_resize_x", "80", "--hr_resize_y", "72", "--hr_steps", "3", "--strength", "0.6"]
     assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00001.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00001.png")
     request = replace(request_for(case("basic")), hr_resize_x=80, hr_resize_y=72, hr_steps=3, strength=0.6)
     assert pixels.shape == (72, 80, 3)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
@@ -196,7 +201,7 @@ def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
     flags = ["--hr_scale", "1.5", "--hr_steps", "3", "--strength", "0.6", "--hr_prompt", "a stormy sea",
              "--hr_negative_prompt", "sunny", "--hr_sampler", "euler_a"]  # fmt: skip
     assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00002.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00002.png")
     request = replace(request_for(case("basic")), hr_scale=1.5, hr_steps=3, strength=0.6, hr_prompt="a stormy sea",
                       hr_negative_prompt="sunny", hr_sampler="euler_a")  # fmt: skip
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
@@ -211,8 +216,8 @@ def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run
     counting on across iterations; the closing line says both."""
     argv = [*case_argv("basic"), *MODEL, "--subseed", "50", "--subseed_strength", "0.5", "--n_iter", "2"]
     assert main([*argv, "--outdir", str(tmp_path)]) == 0
-    assert names(tmp_path) == ["seed_1000_00000.png", "seed_1000_00001.png"]
-    pixels, parameters = read_png(tmp_path / "seed_1000_00001.png")
+    assert names(tmp_path / BASIC) == ["seed_1000_00000.png", "seed_1000_00001.png"]
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00001.png")
     request = replace(request_for(case("basic")), subseed=51, subseed_strength=0.5)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert parameters is not None and "Seed: 1000, Size: 64x64" in parameters
@@ -223,7 +228,7 @@ def test_variation_seeds_keep_the_seed_and_count_the_variation_seed_over_the_run
 def test_seed_resize_flags_paint_the_pipelines_image(pipeline: Pipeline, tmp_path: Path) -> None:
     flags = ["--seed_resize_from_h", "32", "--seed_resize_from_w", "48"]
     assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00000.png")
     request = replace(request_for(case("basic")), seed_resize_from_h=32, seed_resize_from_w=48)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("basic"))).images[0])
@@ -235,7 +240,7 @@ def test_seed_resize_flags_paint_the_pipelines_image(pipeline: Pipeline, tmp_pat
 
 def test_tiling_flag_paints_the_pipelines_tiled_image(pipeline: Pipeline, tmp_path: Path) -> None:
     assert main([*case_argv("basic"), *MODEL, "--tiling", "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / BASIC / "seed_1000_00000.png")
     assert np.array_equal(pixels, pipeline.generate(replace(request_for(case("basic")), tiling=True)).images[0])
     assert parameters is not None and "Tiling: True" in parameters
 
@@ -254,14 +259,14 @@ def test_txt2img_script_as_subprocess(tmp_path: Path) -> None:
     command = [sys.executable, "-W", "error", "scripts/txt2img.py", *case_argv("basic"), *MODEL]
     done = subprocess.run([*command, "--outdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [str(tmp_path / "seed_1000_00000.png")]
-    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    assert done.stdout.splitlines() == [str(tmp_path / BASIC / "seed_1000_00000.png")]
+    assert_matches_png(read_png(tmp_path / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
 
 def test_img2img_matches_reference(tmp_path: Path) -> None:
     assert main([*case_argv("img2img"), *MODEL, "--outdir", str(tmp_path)], mode="img2img") == 0
-    assert names(tmp_path) == ["seed_4242_00000.png"]
-    pixels, parameters = read_png(tmp_path / "seed_4242_00000.png")
+    assert names(tmp_path / MOSAIC) == ["seed_4242_00000.png"]
+    pixels, parameters = read_png(tmp_path / MOSAIC / "seed_4242_00000.png")
     assert_matches_png(pixels, reference_png(case("img2img")["images"][0]))
     assert parameters is not None
     assert "Size: 80x64" in parameters
@@ -270,7 +275,9 @@ def test_img2img_matches_reference(tmp_path: Path) -> None:
 
 def test_img2img_size_defaults_to_init_image(tmp_path: Path) -> None:
     assert main([*case_argv("img2img", size=False), *MODEL, "--outdir", str(tmp_path)], mode="img2img") == 0
-    assert_matches_png(read_png(tmp_path / "seed_4242_00000.png")[0], reference_png(case("img2img")["images"][0]))
+    assert_matches_png(
+        read_png(tmp_path / MOSAIC / "seed_4242_00000.png")[0], reference_png(case("img2img")["images"][0])
+    )
 
 
 def test_emphasis_reads_a1111_syntax(pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,7 +285,9 @@ def test_emphasis_reads_a1111_syntax(pipeline: Pipeline, tmp_path: Path, capsys:
     prompt = "a (lighthouse:1.3) in a storm, " * 12
     argv = [*case_argv("basic"), *MODEL, "--prompt", prompt, "--emphasis", "--outdir", str(tmp_path)]
     assert main(argv) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    (written,) = tmp_path.rglob("seed_1000_00000.png")  # in the prompt's folder, its name cut at 150 characters
+    assert len(str(written.parent)) == 150 and written.parent.name.startswith("a_(lighthouse_1.3)_in_a_storm,_a_")
+    pixels, parameters = read_png(written)
     request = replace(request_for(case("basic")), prompt=prompt, emphasis=True)
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert parameters is not None and "Emphasis: Original" in parameters
@@ -293,7 +302,7 @@ def test_a_lora_tag_merges_a_file_of_the_lora_dir(tmp_path: Path) -> None:
     prompt = "a lighthouse in a storm <lora:ink:0.9>"
     argv = [*case_argv("basic"), *MODEL, "--lora_dir", str(folder)]
     assert main([*argv, "--prompt", prompt, "--outdir", str(tmp_path / "out")]) == 0
-    pixels, parameters = read_png(tmp_path / "out" / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / "out" / "a_lighthouse_in_a_storm_<lora_ink_0.9>" / "seed_1000_00000.png")
     request = replace(request_for(case("basic")), prompt=prompt)
     lora_pipeline = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), lora_dir=folder)
     assert np.array_equal(pixels, lora_pipeline.generate(request).images[0])
@@ -314,7 +323,7 @@ def test_a_word_naming_an_embedding_of_the_embeddings_dir_stands_for_it(
     prompt = "a lighthouse in a storm, glow"
     argv = [*case_argv("basic"), *MODEL, "--embeddings_dir", str(folder), "--outdir", str(tmp_path / "out")]
     assert main([*argv, "--prompt", prompt]) == 0
-    pixels, _ = read_png(tmp_path / "out" / "seed_1000_00000.png")
+    pixels, _ = read_png(tmp_path / "out" / "a_lighthouse_in_a_storm,_glow" / "seed_1000_00000.png")
     request = replace(request_for(case("basic")), prompt=prompt)
     expected = Pipeline(load_checkpoint(TINY_SAFETENSORS, TINY_CONFIG), embeddings_dir=folder).generate(request)
     assert np.array_equal(pixels, expected.images[0])
@@ -350,7 +359,7 @@ def test_a_sideways_stored_photo_is_read_upright(tmp_path: Path) -> None:
     load_image(REFERENCE / "init_dev_80x64.png").convert("RGB").save(photo, exif=exif)
     argv = [*case_argv("img2img", size=False), *MODEL, "--init-img", str(photo), "--outdir", str(tmp_path / "out")]
     assert main(argv, mode="img2img") == 0
-    assert read_png(tmp_path / "out" / "seed_4242_00000.png")[0].shape == (80, 64, 3)
+    assert read_png(tmp_path / "out" / MOSAIC / "seed_4242_00000.png")[0].shape == (80, 64, 3)
 
 
 @pytest.mark.parametrize("case_id", ["negative", "eta", "scale1"])
@@ -358,14 +367,16 @@ def test_txt2img_flags_reach_the_pipeline(case_id: str, tmp_path: Path) -> None:
     """--negative_prompt, --ddim_eta, --scale 1 and a non-square --H/--W, each against its reference image."""
     assert main([*case_argv(case_id), *MODEL, "--outdir", str(tmp_path)]) == 0
     image = case(case_id)["images"][0]
-    assert_matches_png(read_png(tmp_path / f"seed_{image['seed']}_00000.png")[0], reference_png(image))
+    folder = tmp_path / case(case_id)["request"]["prompt"].replace(" ", "_")
+    assert_matches_png(read_png(folder / f"seed_{image['seed']}_00000.png")[0], reference_png(image))
 
 
 def test_batch_gives_each_image_its_seed_and_number(tmp_path: Path) -> None:
     assert main([*case_argv("batch3"), *MODEL, "--outdir", str(tmp_path)]) == 0
-    assert names(tmp_path) == ["seed_31337_00000.png", "seed_31338_00001.png", "seed_31339_00002.png"]
+    folder = tmp_path / "a_paper_boat_floating_down_a_stream"
+    assert names(folder) == ["seed_31337_00000.png", "seed_31338_00001.png", "seed_31339_00002.png"]
     for index, image in enumerate(case("batch3")["images"]):
-        pixels, parameters = read_png(tmp_path / f"seed_{image['seed']}_{index:05}.png")
+        pixels, parameters = read_png(folder / f"seed_{image['seed']}_{index:05}.png")
         assert_matches_png(pixels, reference_png(image))
         assert f"Seed: {image['seed']}" in (parameters or "")
 
@@ -379,17 +390,35 @@ def test_other_checkpoint_forms(kind: str, tiny_ckpt: Path, tmp_path: Path) -> N
         source = ["--ckpt", str(tmp_path / "split")]
     out = tmp_path / "out"
     assert main([*case_argv("basic"), "--device", "cpu", *source, "--outdir", str(out)]) == 0
-    assert_matches_png(read_png(out / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    assert_matches_png(read_png(out / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
 
-def test_numbering_continues_after_the_highest_existing_number(tmp_path: Path) -> None:
+def test_numbering_continues_after_the_highest_existing_number_in_the_prompts_folder(tmp_path: Path) -> None:
+    folder = tmp_path / BASIC
+    folder.mkdir()
     for name in ("seed_1_00000.png", "seed_9_00004.jpg", "grid-0011.png", "notes.txt", "seed_x_00099.png"):
-        (tmp_path / name).write_bytes(b"")
-    assert next_index(tmp_path) == 5
+        (folder / name).write_bytes(b"")
+    (tmp_path / "seed_1_00041.png").write_bytes(b"")  # beside the prompt's folder: another prompt's count
+    assert next_index(folder) == 5
     assert main([*case_argv("basic"), *MODEL, "--outdir", str(tmp_path), "--n_iter", "2"]) == 0
-    assert {"seed_1000_00005.png", "seed_1001_00006.png"} <= set(names(tmp_path))
-    assert_matches_png(read_png(tmp_path / "seed_1000_00005.png")[0], reference_png(case("basic")["images"][0]))
-    assert next_index(tmp_path) == 7
+    assert {"seed_1000_00005.png", "seed_1001_00006.png"} <= set(names(folder))
+    assert_matches_png(read_png(folder / "seed_1000_00005.png")[0], reference_png(case("basic")["images"][0]))
+    assert next_index(folder) == 7
+
+
+@pytest.mark.parametrize(
+    ("prompt", "folder"),
+    [
+        ("a castle: night", "a_castle__night"),  # optimizedSD's: split at spaces and colons, joined by "_"
+        ("a/b ../../etc", "a_b_.._.._etc"),  # never another folder than the prompt's own under --outdir
+        ("..", "_"),
+        ("", ""),  # --outdir itself, as optimizedSD's
+        ("x" * 200, "x" * (150 - len("/out/"))),  # the path cut at 150 characters
+        ("龘" * 200, "龘" * 85),  # and a name at 255 bytes
+    ],
+)
+def test_each_prompt_has_optimizedsds_folder(prompt: str, folder: str) -> None:
+    assert prompt_folder(Path("/out"), prompt) == Path("/out") / folder
 
 
 def test_next_index_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
@@ -403,19 +432,20 @@ def test_from_file_runs_each_prompt_with_continuing_seeds(tmp_path: Path) -> Non
     out = tmp_path / "out"
     settings = ["--seed", "1000", "--H", "64", "--W", "64", "--ddim_steps", "10", "--n_samples", "1"]
     assert main(["--from-file", str(prompts), *settings, "--n_iter", "2", *MODEL, "--outdir", str(out)]) == 0
-    # optimizedSD's order: iterations outside, prompts inside; the seed goes up by one per image.
+    # optimizedSD's order: iterations outside, prompts inside; the seed goes up by one per image; each prompt's
+    # images in its own folder, numbered there.
     expected = {
-        "seed_1000_00000.png": "a cottage garden full of tulips",
-        "seed_1001_00001.png": "a mosaic of colorful tiles",
-        "seed_1002_00002.png": "a cottage garden full of tulips",
-        "seed_1003_00003.png": "a mosaic of colorful tiles",
+        f"{BASIC}/seed_1000_00000.png": "a cottage garden full of tulips",
+        f"{MOSAIC}/seed_1001_00000.png": "a mosaic of colorful tiles",
+        f"{BASIC}/seed_1002_00001.png": "a cottage garden full of tulips",
+        f"{MOSAIC}/seed_1003_00001.png": "a mosaic of colorful tiles",
     }
-    assert names(out) == sorted(expected)
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*.png")) == sorted(expected)
     for name, prompt in expected.items():
         parameters = read_png(out / name)[1] or ""
         assert parameters.split("\n")[0] == prompt
-    assert_matches_png(read_png(out / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
-    first, second = read_png(out / "seed_1000_00000.png")[0], read_png(out / "seed_1001_00001.png")[0]
+    assert_matches_png(read_png(out / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    first, second = read_png(out / BASIC / "seed_1000_00000.png")[0], read_png(out / MOSAIC / "seed_1001_00000.png")[0]
     assert np.abs(first.astype(int) - second.astype(int)).mean() > 10
 
 
@@ -423,7 +453,7 @@ def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeli
     """tests/test_subprompts.py holds the pipeline's conditioning against CLIP's embeddings of each sub-prompt."""
     argv = [*case_argv("basic"), "--prompt", "a castle:0.7 a forest:0.3", "--weighted_subprompts"]
     assert main([*argv, *MODEL, "--outdir", str(tmp_path)]) == 0
-    pixels, parameters = read_png(tmp_path / "seed_1000_00000.png")
+    pixels, parameters = read_png(tmp_path / "a_castle_0.7_a_forest_0.3" / "seed_1000_00000.png")
     request = replace(request_for(case("basic")), prompt="a castle:0.7 a forest:0.3")
     assert np.array_equal(pixels, pipeline.generate(replace(request, weighted_subprompts=True)).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request).images[0])
@@ -466,26 +496,26 @@ def test_compatibility_flags_leave_the_images_unchanged(tmp_path: Path) -> None:
     flags = ["--turbo", "--unet_bs", "2", "--skip_grid", "--n_rows", "2", "--precision", "autocast", "--C", "4"]
     flags += ["--f", "8", "--sampler", "ddim", "--format", "png"]
     assert main([*case_argv("basic"), *MODEL, *flags, "--outdir", str(tmp_path)]) == 0
-    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    assert_matches_png(read_png(tmp_path / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
 
 def test_bf16_precision_runs_in_bf16(tmp_path: Path) -> None:
     """--precision bf16 (ours): the reference image within bfloat16's rounding, and not float32's image."""
     assert main([*case_argv("basic"), *MODEL, "--precision", "bf16", "--outdir", str(tmp_path)]) == 0
-    image, expected = read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0])
+    image, expected = read_png(tmp_path / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0])
     assert psnr(image, expected) >= BF16_MIN_PSNR_DB
     assert np.abs(image.astype(int) - expected.astype(int)).max() > 1
 
 
 def test_low_memory_mode_gives_the_same_image(tmp_path: Path) -> None:
     assert main([*case_argv("basic"), *MODEL, "--low_memory", "--outdir", str(tmp_path)]) == 0
-    assert_matches_png(read_png(tmp_path / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
+    assert_matches_png(read_png(tmp_path / BASIC / "seed_1000_00000.png")[0], reference_png(case("basic")["images"][0]))
 
 
 def test_jpg_format_with_parameters_in_exif(tmp_path: Path) -> None:
     assert main([*case_argv("basic"), *MODEL, "--format", "jpg", "--outdir", str(tmp_path)]) == 0
-    assert names(tmp_path) == ["seed_1000_00000.jpg"]
-    with Image.open(tmp_path / "seed_1000_00000.jpg") as image:
+    assert names(tmp_path / BASIC) == ["seed_1000_00000.jpg"]
+    with Image.open(tmp_path / BASIC / "seed_1000_00000.jpg") as image:
         assert image.format == "JPEG"
         pixels = np.asarray(image.convert("RGB"))
         comment = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
@@ -794,7 +824,7 @@ def test_from_file_prompts_win_over_prompt(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "out"
     argv = [*case_argv("basic"), "--prompt", "a red fox", "--from-file", str(prompts), *MODEL, "--outdir", str(out)]
     assert main(argv) == 0
-    pixels, parameters = read_png(out / "seed_1000_00000.png")
+    pixels, parameters = read_png(out / BASIC / "seed_1000_00000.png")
     assert (parameters or "").split("\n")[0] == "a cottage garden full of tulips"
     assert_matches_png(pixels, reference_png(case("basic")["images"][0]))
     notes = [line for line in capsys.readouterr().err.splitlines() if "--prompt" in line]

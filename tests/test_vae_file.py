@@ -304,7 +304,7 @@ def test_the_command_line_reads_vae_and_the_file_beside_the_checkpoint(
     beside = ["--ckpt", str(tmp_path / "models" / "model.safetensors"), "--config", str(TINY_CONFIG)]
     assert main([*basic_argv(tmp_path / "beside"), *beside]) == 0
     assert capsys.readouterr().err.count("note: the VAE is ") == 2
-    (flag,), (auto,) = (list((tmp_path / name).glob("*.png")) for name in ("flag", "beside"))
+    (flag,), (auto,) = (list((tmp_path / name).rglob("*.png")) for name in ("flag", "beside"))
     pixels, text = read_png(flag)
     np.testing.assert_array_equal(pixels, baked_images[0].images[0])
     assert re.search(
@@ -353,7 +353,7 @@ def test_a_vae_file_that_does_not_fit_fails_the_command_naming_where_it_came_fro
     assert f"cannot load the VAE {beside}: in diffusers' layout" in err and err.count(str(beside)) == 1
     assert "(found beside the checkpoint: --vae none keeps the checkpoint's own)" in err
     assert main([*argv, "--vae", "none"]) == 0
-    (png,) = tmp_path.glob("*.png")
+    (png,) = tmp_path.rglob("*.png")
     assert "VAE" not in read_png(png)[1]
 
 
@@ -363,7 +363,7 @@ def test_the_command_line_replaces_a_split_folders_vae(
     write_split(TINY_SAFETENSORS, TINY_CONFIG, tmp_path / "split", "fp32")
     argv = [*basic_argv(tmp_path / "out"), "--ckpt", str(tmp_path / "split"), "--vae", str(vae_ckpt)]
     assert main(argv) == 0
-    (png,) = (tmp_path / "out").glob("*.png")
+    (png,) = (tmp_path / "out").rglob("*.png")
     pixels, text = read_png(png)
     np.testing.assert_array_equal(pixels, baked_images[0].images[0])
     assert f"VAE: {vae_ckpt.name}" in text
