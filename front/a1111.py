@@ -98,7 +98,8 @@ FIXED_OPTIONS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "randn_source": "CPU", "
 AUTOMATIC_VAE = "Automatic"
 # Override settings about where A1111 saves files: nothing of the image.
 SAVING = re.compile(r"^(samples_|save_|grid_|outdir|export_|jpeg_|webp_|png_|use_original_name|directories_)")
-# A1111's "None" hires upscaler resizes the image, as our Lanczos does.
+# A1111's "None" hires upscaler resizes the image with Lanczos, as ours does (at once, where ours takes A1111's
+# Lanczos upscaler's three resizes to a size that is no multiple of 8).
 UPSCALER_ALIASES = {"None": "Lanczos"}
 
 

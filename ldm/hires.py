@@ -9,8 +9,8 @@ The arithmetic is A1111 1.6's: the target is int(side·scale), or A1111's "Hires
 (A1111 interpolates its latent to that size; to the size the image has too, a second pass at that size); the second
 pass runs `steps` N steps, the last N of a run of ⌊N / min(strength, 0.999)⌋, and draws its noise anew from each
 image's seed.
-Its upscalers are A1111's interpolations of the latent, and PIL's filters on the first pass's image (whose latent the
-VAE then encodes again).
+Its upscalers are A1111's interpolations of the latent, and its resizes of the first pass's image with PIL's filters
+(`upscale_image`, whose latent the VAE then encodes again).
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ class Plan:
     """The hires fix's sizes in pixels, multiples of the latent's factor: the first image is upscaled to `upscaled`,
     and its latent then cut down to `size`, the second pass's (they differ for a "Hires resize" to other
     proportions than the first image's). An upscale to the first image's own size still runs a second pass at that
-    size, as A1111 1.6 runs one (A1111 1.5 and before took it for no hires fix at all)."""
+    size, as A1111 1.6 runs one (A1111 1.5 and before took it for no hires fix at all). `target`: the upscale's size
+    before its rounding, which an image upscaler resizes the first image to (its VAE then drops what is past a
+    multiple of the factor, as A1111's does)."""
 
     upscaled: tuple[int, int]
     size: tuple[int, int]
+    target: tuple[int, int]
 
     def crop(self, latents: torch.Tensor, factor: int) -> torch.Tensor:
         """Latents (B, C, h, w) of the upscaled size cut to the second pass's, centred as A1111 cuts them: of an odd
@@ -87,7 +90,7 @@ def plan(height: int, width: int, factor: int, scale: float = 1.0, resize: tuple
     else:
         cut_rows = cut_columns = 0
     size = ((rows - cut_rows) * factor, (columns - cut_columns) * factor)
-    return Plan((rows * factor, columns * factor), size)
+    return Plan((rows * factor, columns * factor), size, (big_h, big_w))
 
 
 def run_length(steps: int, strength: float) -> int:
@@ -114,5 +117,23 @@ def upscale_latents(latents: torch.Tensor, height: int, width: int, upscaler: st
 
 
 def upscale_image(image: np.ndarray, height: int, width: int, upscaler: str) -> Image.Image:
-    """A uint8 (H, W, 3) image resized to (height, width) by an image upscaler."""
-    return Image.fromarray(image).resize((width, height), _IMAGE_FILTERS[upscaler])
+    """A uint8 (H, W, 3) image resized to (height, width) by an image upscaler as A1111 1.6's `resize_image` runs its
+    Lanczos or Nearest upscaler: scaled by the larger side's ratio s with the upscaler's filter to int(side·s), then
+    with Lanczos to that rounded down to a multiple of 8, then to (height, width). To a multiple of 8 that is one
+    resize; to another size, three, which soften the image a little more than one."""
+    picture = Image.fromarray(image)
+    scale = max(width / picture.width, height / picture.height)
+    if scale > 1.0:
+        rounded = (int(picture.width * scale // 8 * 8), int(picture.height * scale // 8 * 8))
+        for _ in range(3):  # A1111 upscales again (up to 3 times) while short of the rounded size
+            before = picture.size
+            picture = picture.resize(
+                (int(picture.width * scale), int(picture.height * scale)), _IMAGE_FILTERS[upscaler]
+            )
+            if picture.size == before or (picture.width >= rounded[0] and picture.height >= rounded[1]):
+                break
+        if picture.size != rounded:
+            picture = picture.resize(rounded, Image.Resampling.LANCZOS)
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+    return picture

@@ -591,8 +591,10 @@ class Pipeline:
             upscaled = hires.upscale_latents(latents, big_h // self.factor, big_w // self.factor, request.hr_upscaler)
         else:
             rounded = np.rint(self.decode(latents).numpy()).astype(np.uint8)  # the first images, as answered
-            pictures = [hires.upscale_image(i, big_h, big_w, request.hr_upscaler) for i in rounded]
-            upscaled = torch.cat([self.encode_pixels(encode_image(i, big_w, big_h)) for i in pictures])
+            # To the unrounded size, as A1111's: the VAE's latent of it is the rounded size's.
+            to_h, to_w = plan.target
+            pictures = [hires.upscale_image(i, to_h, to_w, request.hr_upscaler) for i in rounded]
+            upscaled = torch.cat([self.encode_pixels(encode_image(i, to_w, to_h)) for i in pictures])
         starts = plan.crop(upscaled, self.factor).split(1)
         images = []
         for first, z0 in zip(firsts, starts, strict=True):

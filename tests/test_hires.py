@@ -153,25 +153,59 @@ def test_latent_hires_fix_equals_diffusers_txt2img_upscaled_then_img2img(
     assert np.abs(ours - once).mean() > 1
 
 
+def a1111_upscaled(image: np.ndarray, width: int, height: int, resample: Image.Resampling) -> np.ndarray:
+    """A1111 1.6's `images.resize_image(0, image, width, height, upscaler)` with its Lanczos or Nearest upscaler
+    (`Upscaler.upscale`, its `do_upscale`), written out again: by the larger ratio s to int(side·s) with the
+    upscaler's filter (again while short of that rounded down to 8, at most 3 times), Lanczos to the rounded size,
+    Lanczos to (width, height)."""
+    img = Image.fromarray(image)
+    scale = max(width / img.width, height / img.height)
+    if scale > 1.0:
+        dest_w, dest_h = int((img.width * scale) // 8 * 8), int((img.height * scale) // 8 * 8)
+        for _ in range(3):
+            shape = (img.width, img.height)
+            img = img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
+            if shape == (img.width, img.height):
+                break
+            if img.width >= dest_w and img.height >= dest_h:
+                break
+        if img.width != dest_w or img.height != dest_h:
+            img = img.resize((int(dest_w), int(dest_h)), resample=Image.Resampling.LANCZOS)
+    if img.width != width or img.height != height:
+        img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
 @pytest.mark.parametrize(
-    ("upscaler", "resample"), [("lanczos", Image.Resampling.LANCZOS), ("nearest", Image.Resampling.NEAREST)]
+    ("upscaler", "resample", "scale", "side"),
+    [
+        ("lanczos", Image.Resampling.LANCZOS, 2.0, 128),
+        ("nearest", Image.Resampling.NEAREST, 2.0, 128),
+        # int(64·1.3) = 83: A1111 resizes to 83, to 80 and back to 83, and its VAE's latent of 83 is 10 wide.
+        ("lanczos", Image.Resampling.LANCZOS, 1.3, 83),
+        ("nearest", Image.Resampling.NEAREST, 1.3, 83),
+    ],
 )
 def test_image_hires_fix_resizes_the_first_image_and_encodes_it_again(
-    pipeline: Pipeline, peer: Any, upscaler: str, resample: Image.Resampling
+    pipeline: Pipeline, peer: Any, upscaler: str, resample: Image.Resampling, scale: float, side: int
 ) -> None:
-    """The first pass's image, rounded to 8 bits as it would be answered, resized by PIL's filter and encoded by
-    the VAE (its posterior mean, as our img2img encodes) for the second pass. The first image is ours, held within a
-    level of diffusers' (decodes that agree to 1e-6 still round a few pixels apart, which would move the encoding)."""
+    """The first pass's image, rounded to 8 bits as it would be answered, resized as A1111 resizes it (above) and
+    encoded by the VAE (its posterior mean, as our img2img encodes) for the second pass. The first image is ours,
+    held within a level of diffusers' (decodes that agree to 1e-6 still round a few pixels apart, which would move
+    the encoding)."""
     request = resolve(
-        dataclasses.replace(request_for(case("basic")), hr_scale=2.0, hr_upscaler=upscaler, hr_steps=4, strength=0.5)
+        dataclasses.replace(request_for(case("basic")), hr_scale=scale, hr_upscaler=upscaler, hr_steps=4, strength=0.5)
     )
     first = pipeline.generate(dataclasses.replace(request, hr_scale=1.0)).images[0]
     decoded = peer.vae.decode(first_latents(peer, request) / peer.vae.config.scaling_factor).sample
     theirs_first = ((decoded[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy() * 255
     assert np.abs(first - theirs_first).max() <= 0.5 + FLOAT_TOLERANCE
-    upscaled = np.asarray(Image.fromarray(first).resize((128, 128), resample), dtype=np.float32) / 127.5 - 1
+    upscaled = a1111_upscaled(first, side, side, resample).astype(np.float32) / 127.5 - 1
+    if scale == 2.0:  # to a multiple of 8, one resize
+        once = np.asarray(Image.fromarray(first).resize((side, side), resample))
+        assert np.array_equal(a1111_upscaled(first, side, side, resample), once)
     pixels = torch.from_numpy(upscaled).permute(2, 0, 1)[None]
     z0 = peer.vae.encode(pixels).latent_dist.mean * peer.vae.config.scaling_factor
     ours = pipeline.generate(request).pixels[0]
