@@ -590,10 +590,11 @@ class Pipeline:
         if hires.is_latent(request.hr_upscaler):
             upscaled = hires.upscale_latents(latents, big_h // self.factor, big_w // self.factor, request.hr_upscaler)
         else:
-            rounded = np.rint(self.decode(latents).numpy()).astype(np.uint8)  # the first images, as answered
-            # To the unrounded size, as A1111's: the VAE's latent of it is the rounded size's.
+            # The first images in 8 bits as A1111 makes them (truncated: an answer's are rounded), resized to the
+            # unrounded size, as A1111's: the VAE's latent of it is the rounded size's.
+            firsts_8_bit = self.decode(latents).numpy().astype(np.uint8)
             to_h, to_w = plan.target
-            pictures = [hires.upscale_image(i, to_h, to_w, request.hr_upscaler) for i in rounded]
+            pictures = [hires.upscale_image(i, to_h, to_w, request.hr_upscaler) for i in firsts_8_bit]
             upscaled = torch.cat([self.encode_pixels(encode_image(i, to_w, to_h)) for i in pictures])
         starts = plan.crop(upscaled, self.factor).split(1)
         images = []
