@@ -47,6 +47,15 @@ SAMPLERS = {
 A1111_AUTOMATIC_NOT_UNIFORM = ("dpmpp_2m", "dpmpp_sde", "dpmpp_2s_a", "dpm2", "dpm2_a", "dpmpp_2m_sde")
 # The samplers that run img2img, and so a hires fix's second pass.
 IMG2IMG_SAMPLERS = tuple(name for name in SAMPLERS if name != "plms")
+# Inpainting's "Masked content" (what the repainted part starts from) and "Inpaint area", each with the name A1111
+# writes in a PNG's parameters and its API's number for it (`inpainting_fill`; `inpaint_full_res` false, true).
+MASKED_CONTENTS = {
+    "fill": "fill",
+    "original": "original",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+INPAINT_AREAS = {"whole_picture": "Whole picture", "only_masked": "Only masked"}
 MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.
 TextField = Literal["prompt", "negative_prompt"]
@@ -87,6 +96,12 @@ class GenerationRequest:
     `seed_resize_from_w`/`_h` both above 0 → A1111's "Resize seed from" (ldm/seed_resize.py): the seeds' noise is
     drawn at that size and pasted, centred, into the image's own.
 
+    `masked_content` (A1111's "Masked content", ldm/inpainting.py): what the repainted part starts from: the init
+    image ("original"), its kept part blurred over it ("fill"), the image's noise ("latent_noise") or nothing
+    ("latent_nothing"). `inpaint_area` "only_masked" (A1111's "Only masked", ldm/only_masked.py): a box around the
+    mask, `masked_area_padding` px wider, is inpainted at the request's size and put back; the images have the init
+    image's size.
+
     `tiling` → A1111's "Tiling" (ldm/tiling.py): the image wraps around its edges, a seamless texture.
 
     `hr_scale` above 1 → A1111's hires fix (txt2img only, ldm/hires.py): the image is upscaled by `hr_upscaler` to
@@ -115,6 +130,9 @@ class GenerationRequest:
     emphasis: bool = False
     clip_skip: int = 1
     mask_blur: int = 4  # A1111's default
+    masked_content: str = "original"
+    inpaint_area: str = "whole_picture"
+    masked_area_padding: int = 32  # A1111's UI's default
     hr_scale: float = 1.0  # 1: no hires fix
     hr_upscaler: str = "latent"
     hr_steps: int = 0

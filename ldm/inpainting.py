@@ -13,6 +13,10 @@ Masks are read as diffusers reads them: grayscale (one with transparency: its al
 to the image's size, then 1 (repaint) where at least half white, 0 (keep) elsewhere; shrunk to latent size by
 nearest-neighbour sampling.
 
+What the repainted part starts from is A1111's "Masked content": the init image's own pixels ("original"), the
+colours around it blurred over it ("fill", `filled`), the image's starting noise or nothing at all in the latent
+("latent_noise", "latent_nothing": `latent_filled`). Only img2img below strength 1 starts from it.
+
 Then the init image is laid back over the decoded one where the mask keeps it (`Overlay`), as A1111 lays it: kept
 pixels come back exactly, not as the VAE redraws them, and the seam is soft on their side. CompVis' latent-diffusion
 inpainting script pastes back too, with the mask unblurred (A1111's "Mask blur" 0); RunwayML's scripts and diffusers
@@ -27,10 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 # A1111's "Mask blur" range (its slider's), in pixels: σ of the Gaussian that softens the pasted edge.
 MAX_MASK_BLUR = 64
+# A1111's "fill": (radius of PIL's Gaussian blur, times laid) from the widest to none, each over the ones before.
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 
 def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
@@ -70,6 +76,31 @@ def blank_masked(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The init image (B, 3, H, W) in [−1, 1] with its masked pixels set to 0: what an inpainting model is told of
     the image."""
     return pixels * (mask < 0.5)
+
+
+def filled(image: Image.Image, repaint: torch.Tensor) -> Image.Image:
+    """The image (RGB) with the part `repaint` (1, 1, H, W) in [0, 1] repaints painted over by its kept part blurred,
+    as A1111's "fill" paints it: the kept pixels, weighed by how much each is kept, blurred ever less and laid one
+    over another, so the hole takes the colours around it, wide blurs deep inside, narrow ones at its edge."""
+    levels = Image.fromarray((repaint[0, 0] * 255.0).round().byte().numpy())
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(levels))
+    painted = Image.new("RGBA", image.size)
+    for radius, times in FILL_LAYERS:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            painted.alpha_composite(layer)
+    return painted.convert("RGB")
+
+
+def latent_filled(z0: torch.Tensor, repaint: torch.Tensor, content: str, noise: torch.Tensor) -> torch.Tensor:
+    """The init image's latent (1, C, h, w) with its repainted part (`repaint`: (1, 1, h, w) bool) its starting
+    `noise` ("latent_noise") or 0 ("latent_nothing"), as A1111 sets it; unchanged for the other contents."""
+    if content == "latent_noise":
+        return torch.where(repaint, noise, z0)
+    if content == "latent_nothing":
+        return torch.where(repaint, torch.zeros_like(z0), z0)
+    return z0
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ddim, emphasis, hires, inpainting, k_samplers, plms, seed_resize, subprompts, tiling, variation
+from ldm import (
+    ddim,
+    emphasis,
+    hires,
+    inpainting,
+    k_samplers,
+    only_masked,
+    plms,
+    seed_resize,
+    subprompts,
+    tiling,
+    variation,
+)
 from ldm.conditioning import BatchConditions, ImageConditioning, lengths
 from ldm.ddim import DDIMSchedule, StepCallback, StepHook, add_noise
 from ldm.embeddings import EmbeddingLibrary, Vocabulary, flatten
@@ -203,10 +215,16 @@ class Pipeline:
             mean = vae.encode_mean(pixels.to(self.model.device, self.model.dtype))
         return self.model.config.scale_factor * mean.float()
 
-    def init_latent(self, request: GenerationRequest) -> torch.Tensor:
-        """z₀ of img2img: the latent of the init image resized to the request's size."""
+    def init_latent(self, request: GenerationRequest, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """z₀ of img2img: the latent of the init image resized to the request's size; with "fill" as its masked
+        content, the part its pixel mask (1, 1, H, W) repaints is filled first, through the mask blurred as the
+        seam is (A1111 fills through its blurred mask)."""
         assert request.init_image is not None
-        return self.encode_pixels(encode_image(request.init_image, request.width, request.height))
+        image = request.init_image
+        if request.masked_content == "fill" and mask is not None:
+            resized = Image.fromarray(inpainting.resized_pixels(image, request.width, request.height))
+            image = inpainting.filled(resized, inpainting.blurred(mask, request.mask_blur))
+        return self.encode_pixels(encode_image(image, request.width, request.height))
 
     def image_condition(self, request: GenerationRequest, mask: torch.Tensor) -> torch.Tensor:
         """What an inpainting model reads beside the latent (1, C + 1, h, w): the pixel mask (1, 1, H, W) at latent
@@ -552,23 +570,34 @@ class Pipeline:
                 image.pixels = pixels if image.overlay is None else image.overlay(pixels)
         return {index: [image.pixels for image in images if image.request_index == index] for index in requests}
 
-    def _first_pass(self, index: int, request: GenerationRequest, conditioning: ImageConditioning) -> list[_Image]:
-        """(2) The images of request `index`, each at the start of its run."""
-        z0 = None if request.init_image is None else self.init_latent(request)
+    def _first_pass(self, index: int, asked: GenerationRequest, conditioning: ImageConditioning) -> list[_Image]:
+        """(2) The images of request `index`, each at the start of its run (an only-masked inpainting's: its box's,
+        ldm/only_masked.py)."""
+        crop = only_masked.Crop.of(asked) if asked.inpaint_area == "only_masked" else None
+        request = asked if crop is None else crop.run(asked)
         mask = self.repaint_mask(request)
+        z0 = None if request.init_image is None else self.init_latent(request, mask)
         condition = None if mask is None or not self.model.config.inpainting else self.image_condition(request, mask)
-        overlay = None
-        if request.mask_image is not None and mask is not None and request.init_image is not None:
+        overlay: inpainting.Overlay | only_masked.Crop | None = crop
+        if crop is None and request.mask_image is not None and mask is not None and request.init_image is not None:
             overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
+        repaint = None
+        if z0 is not None and mask is not None and request.masked_content in ("latent_noise", "latent_nothing"):
+            repaint = inpainting.latent_mask(mask, self.factor).to(z0.device) > 0.5
         schedule, m = DDIMSchedule(self.model.alphas_cumprod, request.steps), request.denoising_steps
         images = []
         for image_index in range(request.n_images):
             generator, noise = self.noise(request, image_index)
-            start = self.start_latents(request.sampler, schedule, m, noise, None if request.starts_from_noise else z0)
+            start_z0 = z0
+            if z0 is not None and repaint is not None:
+                start_z0 = inpainting.latent_filled(z0, repaint, request.masked_content, noise)
+            start = self.start_latents(
+                request.sampler, schedule, m, noise, None if request.starts_from_noise else start_z0
+            )
             images.append(
                 _Image(
                     request_index=index, image_index=image_index, request=request, conditioning=conditioning,
-                    steps=request.steps, m=m, generator=generator, start=start, noise=noise, z0=z0, mask=mask,
+                    steps=request.steps, m=m, generator=generator, start=start, noise=noise, z0=start_z0, mask=mask,
                     condition=condition, overlay=overlay,
                 )
             )  # fmt: skip
@@ -688,7 +717,8 @@ class _Image:
     """One image in flight through one run, the last `m` of `steps` steps: its request as run (a hires fix's second
     pass is its own), its texts' conditioning, its generator (which also draws η noise), its latents at the start
     and then at the end; for inpainting its noise, z₀, pixel mask (`Pipeline.repaint_mask`), an inpainting model's
-    `image_condition`, and the init image to lay back over its pixels (4)."""
+    `image_condition`, and what lays the init image back over its pixels (4): a whole picture's `Overlay`, an
+    only-masked inpainting's `Crop`, which also puts them back in the init image's size."""
 
     request_index: int
     image_index: int
@@ -702,6 +732,6 @@ class _Image:
     z0: torch.Tensor | None
     mask: torch.Tensor | None
     condition: torch.Tensor | None
-    overlay: inpainting.Overlay | None
+    overlay: inpainting.Overlay | only_masked.Crop | None
     latents: torch.Tensor | None = None
     pixels: torch.Tensor | None = None

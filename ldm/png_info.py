@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ldm import hires
-from ldm.generation_request import A1111_AUTOMATIC_NOT_UNIFORM, SAMPLERS, GenerationRequest
+from ldm.generation_request import A1111_AUTOMATIC_NOT_UNIFORM, MASKED_CONTENTS, SAMPLERS, GenerationRequest
 from ldm.model import StableDiffusion
 from ldm.pipeline import Generation
 from ldm.png_encoder import encode_pngs
@@ -105,6 +105,10 @@ def parameters_text(
         fields.extend(f"{key}: {_quote(text)}" for key, (text, first) in own.items() if text not in ("", first))
     if request.mask_image is not None:
         fields.append(f"Mask blur: {request.mask_blur}")
+        if request.inpaint_area == "only_masked":
+            fields.extend(("Inpaint area: Only masked", f"Masked area padding: {request.masked_area_padding}"))
+        if request.masked_content != "original":
+            fields.append(f"Masked content: {MASKED_CONTENTS[request.masked_content]}")
     if request.clip_skip != 1:
         fields.append(f"Clip skip: {request.clip_skip}")
     # The noise is drawn on the CPU (A1111's GPU default, which it assumes when told nothing, draws other numbers).

@@ -14,13 +14,15 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ldm import emphasis, hires, inpainting, lora, prompt_editing
+from ldm import emphasis, hires, inpainting, lora, only_masked, prompt_editing
 from ldm.ddim import max_ddim_steps
 from ldm.generation_request import (
     HIRES_OWN,
     IMG2IMG_RUN,
     IMG2IMG_SAMPLERS,
+    INPAINT_AREAS,
     MASK_WITHOUT_INIT,
+    MASKED_CONTENTS,
     MAX_SEED,
     SAMPLERS,
     TEXT_FIELDS,
@@ -73,7 +75,18 @@ def check_mask(request: GenerationRequest) -> None:
         raise GenerationError(
             "mask_blur", f"mask_blur must be in [0, {inpainting.MAX_MASK_BLUR}] pixels, got {request.mask_blur}"
         )
+    for name, names in (("masked_content", MASKED_CONTENTS), ("inpaint_area", INPAINT_AREAS)):
+        if getattr(request, name) not in names:
+            raise GenerationError(name, f"{name} must be one of {', '.join(names)}, got {getattr(request, name)!r}")
+    padding, most = request.masked_area_padding, only_masked.MAX_PADDING
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= most:
+        raise GenerationError(
+            "masked_area_padding", f"masked_area_padding must be in [0, {most}] pixels, got {padding!r}"
+        )
     if request.mask_image is None:
+        for name, default in (("masked_content", "original"), ("inpaint_area", "whole_picture")):
+            if getattr(request, name) != default:
+                raise GenerationError(name, f"{name} needs a mask_image: it tells how to inpaint through one")
         return
     if request.init_image is None:
         raise GenerationError("mask_image", MASK_WITHOUT_INIT)
@@ -261,6 +274,9 @@ def resolve(
     request = replace(request, height=height, width=width)
     check_seed_resize(request, factor)
     check_mask(request)
+    if request.inpaint_area == "only_masked" and not only_masked.repaints(request):
+        # A1111's fallback: with no box to inpaint, the whole picture's img2img.
+        request = replace(request, mask_image=None, masked_content="original", inpaint_area="whole_picture")
     check_hires(request, num_timesteps, factor)
     if request.hires:
         request = replace(request, hr_steps=request.hires_steps)

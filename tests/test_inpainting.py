@@ -15,9 +15,9 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, read_state_dict, split_state_dict
 from ldm.config import ConfigError, load_config, parse_config
 from ldm.generation_request import GenerationError, GenerationRequest
-from ldm.inpainting import MAX_MASK_BLUR, blurred, latent_mask, mask_band, mask_pixels
+from ldm.inpainting import MAX_MASK_BLUR, blurred, filled, latent_mask, mask_band, mask_pixels
 from ldm.model import StableDiffusion
-from ldm.pipeline import Pipeline, Progress
+from ldm.pipeline import Pipeline, Progress, encode_image
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, load_image
@@ -219,6 +219,53 @@ def test_text_to_image_model_inpaints_as_diffusers(
     assert np.abs(ours - plain).mean() > 1
 
 
+def test_fill_paints_the_repainted_part_in_the_colours_around_it() -> None:
+    """A1111's "fill": kept pixels come back exactly; a hole in one colour is that colour, whatever it held; a hole
+    across two colours takes each side's near its edge."""
+    hole = torch.zeros(1, 1, 48, 64)
+    hole[0, 0, 10:38, 20:44] = 1.0
+    holed = hole[0, 0].bool().numpy()
+    red = np.full((48, 64, 3), (200, 40, 10), np.uint8)
+    halves = red.copy()
+    halves[:, 32:] = (20, 60, 220)
+    outs = []
+    for picture in (red, halves):
+        scribbled = picture.copy()
+        scribbled[holed] = (255, 255, 0)
+        outs.append(out := np.asarray(filled(Image.fromarray(scribbled), hole)).astype(int))
+        assert np.array_equal(out[~holed], picture[~holed])
+    # Within the rounding of A1111's 8-bit premultiplied layers (a faint layer's colour loses its low bits).
+    assert np.abs(outs[0] - red).max() <= 4
+    assert (out[10:38, 20:23, 0] > out[10:38, 20:23, 2]).all() and (out[10:38, 41:44, 2] > out[10:38, 41:44, 0]).all()
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
+@pytest.mark.parametrize("content", ["fill", "latent_noise", "latent_nothing"])
+def test_masked_content_is_what_the_repainted_part_starts_from(
+    tiny_model: StableDiffusion, pipeline: Pipeline, content: str
+) -> None:
+    """A1111's "Masked content": diffusers' inpainting handed the init image's latent with its repainted part
+    filled (its pixels, through the blurred mask), its cells the image's starting noise, or 0, paints our image."""
+    request = resolve(dataclasses.replace(REQUEST, strength=0.6, masked_content=content))
+    ours = pipeline.generate(request).pixels[0]
+    original = pipeline.init_latent(dataclasses.replace(request, masked_content="original"))
+    pixels = mask_pixels(_mask(), 80, 64)
+    repaint = latent_mask(pixels, 8) > 0.5
+    if content == "fill":
+        z0 = pipeline.encode_pixels(encode_image(filled(INIT.convert("RGB"), blurred(pixels, 4)), 80, 64))
+    elif content == "latent_noise":
+        noise = torch.randn(original.shape, generator=torch.Generator().manual_seed(request.seed or 0))
+        z0 = torch.where(repaint, noise, original)
+    else:
+        z0 = original * ~repaint
+    decoded = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
+    assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
+    as_it_was = pipeline.generate(dataclasses.replace(request, masked_content="original")).pixels[0]
+    assert np.abs(ours - as_it_was).mean() > 1
+    assert f"Masked content: {content.replace('_', ' ')}" in parameters_text(request, request.seed or 0)
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")
 @pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("ddim", 0.5), ("euler_a", 1.0)])
@@ -305,6 +352,13 @@ def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, 
         ({"sampler": "plms"}, "sampler", "plms is for txt2img only"),
         ({"mask_blur": 65}, "mask_blur", r"mask_blur must be in \[0, 64\] pixels, got 65"),
         ({"mask_blur": 2.5}, "mask_blur", "mask_blur must be a whole number of pixels, got 2.5"),
+        ({"masked_content": "blur"}, "masked_content",
+         "masked_content must be one of fill, original, latent_noise, latent_nothing, got 'blur'"),
+        ({"inpaint_area": "masked"}, "inpaint_area", "inpaint_area must be one of whole_picture, only_masked"),
+        ({"masked_area_padding": 257}, "masked_area_padding",
+         r"masked_area_padding must be in \[0, 256\] pixels, got 257"),
+        ({"mask_image": None, "masked_content": "fill"}, "masked_content", "masked_content needs a mask_image"),
+        ({"mask_image": None, "inpaint_area": "only_masked"}, "inpaint_area", "inpaint_area needs a mask_image"),
     ],
 )  # fmt: skip
 def test_masked_requests_the_pipeline_cannot_run(change: dict, field: str, message: str) -> None:
