@@ -20,10 +20,11 @@ which is not A1111's: the same request paints another image there.
   other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
   not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
-  checkpoint, resize modes but "just resize", inpainting but of the whole picture from
-  its original pixels (`inpainting_fill` 1, `inpaint_full_res` false: A1111's API defaults to others), an inverted
-  mask, several init images, extensions sent turned on, override settings but clip skip and those that change
-  nothing here: the served model, an option at its value, saving files).
+  checkpoint, resize modes but "just resize", an inverted mask, several init images, extensions sent turned on,
+  override settings but clip skip and those that change nothing here: the served model, an option at its value,
+  saving files).
+- Inpainting runs A1111's masked contents (`inpainting_fill`: fill by default) and inpaint areas (`inpaint_full_res`:
+  "only masked" by default, with its padding), ldm/inpainting.py's and ldm/only_masked.py's.
 - Ignored, as A1111 ignores keys it does not know: everything else (saving files on A1111's disk, its UI's switches).
 - Answers: A1111's `{"images", "parameters", "info"}`, `info` a JSON string with the seeds and each image's infotext;
   errors are the front's `{"error", "field"}` naming fields as A1111 names them, with A1111's `detail` beside.
@@ -64,8 +65,11 @@ CLIP_SKIP = "CLIP_stop_at_last_layers"
 THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "sampler": "sampler_name", "strength": "denoising_strength", "hr_steps": "hr_second_pass_steps",
     "init_image": "init_images", "mask_image": "mask", "clip_skip": f"override_settings.{CLIP_SKIP}",
-    "hr_sampler": "hr_sampler_name",
+    "hr_sampler": "hr_sampler_name", "masked_content": "inpainting_fill", "inpaint_area": "inpaint_full_res",
+    "masked_area_padding": "inpaint_full_res_padding",
 }  # fmt: skip
+# Inpainting's masked content, ours, by A1111's number for it (`inpainting_fill`).
+MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 # Options that change the image in ways not done here, with the values that leave it alone (None: left out).
 OFF: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
@@ -309,7 +313,8 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
 
 
 def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
-    """The init image, its strength, and a mask to inpaint through, as this server inpaints."""
+    """The init image, its strength, and a mask to inpaint through, as this server inpaints: what the masked part
+    starts from and the area painted as A1111's defaults say (fill, only masked, no padding) where not sent."""
     images = body.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
         raise _refuse("init_images", "send a list of one base64 image (several are not available here)")
@@ -323,10 +328,14 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if body.get("mask_blur") is None and blur_x != blur_y:
         raise _refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
     ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else blur_x
-    if body.get("inpainting_fill", 0) != 1:
-        raise _refuse("inpainting_fill", "only 1 (original) is available here; send 1")
-    if body.get("inpaint_full_res", True):
-        raise _refuse("inpaint_full_res", "only the whole picture is available here; send false")
+    fill = body["inpainting_fill"] if body.get("inpainting_fill") is not None else 0
+    if fill not in range(len(MASKED_CONTENT)):
+        raise _refuse("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
+    ours["masked_content"] = MASKED_CONTENT[fill]
+    if body.get("inpaint_full_res") is None or body["inpaint_full_res"]:
+        ours["inpaint_area"] = "only_masked"
+        padding = body.get("inpaint_full_res_padding")
+        ours["masked_area_padding"] = padding if padding is not None else 0
 
 
 def renamed(error: FrontError) -> A1111Error:

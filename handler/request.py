@@ -25,7 +25,9 @@ from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
     EXACT_RGB_MODES,
+    INPAINT_AREAS,
     MASK_WITHOUT_INIT,
+    MASKED_CONTENTS,
     MAX_SEED,
     SAMPLERS,
     TEXT_FIELDS,
@@ -33,6 +35,7 @@ from ldm.generation_request import (
     GenerationRequest,
 )
 from ldm.inpainting import MAX_MASK_BLUR, mask_band
+from ldm.only_masked import MAX_PADDING
 from ldm.request_checks import check_emphasis, check_hires, check_mask, check_sampler, check_seed_resize
 from ldm.request_texts import named_texts, read_texts, request_loras, text_parts
 from ldm.tokenizer import CLIPTokenizer
@@ -52,6 +55,9 @@ FIELDS = (
     "init_image",
     "mask_image",
     "mask_blur",
+    "masked_content",
+    "inpaint_area",
+    "masked_area_padding",
     "strength",
     "stream",
     "weighted_subprompts",
@@ -364,6 +370,21 @@ def fitted_size(width: int, height: int, limits: Limits) -> dict[str, int]:
     return {"H": side(height), "W": side(width)}
 
 
+def _check_only_masked_size(generation: GenerationRequest, settings: HandlerSettings) -> None:
+    """An only-masked inpainting answers at its init image's size (its box is painted at H×W): its images may hold
+    as many pixels as the most images at the largest size do, what the response limits are sized for."""
+    assert generation.init_image is not None, "only_masked needs a mask, and a mask an init image"
+    limits, (width, height) = settings.limits, generation.init_image.size
+    budget = limits.max_images * limits.max_pixels
+    if generation.n_images * width * height > budget:
+        raise RequestError(
+            "init_image",
+            f"init_image is {width}x{height}, and inpaint_area only_masked answers at its size: n_samples×n_iter of "
+            f"it must be at most {budget} pixels, got {generation.n_images * width * height}; send a smaller image "
+            "or fewer images",
+        )
+
+
 def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
     """Validate one request body against the settings' defaults and limits."""
     body = parse_body(data)
@@ -428,6 +449,9 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         strength=strength,
         mask_image=mask_image,
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
+        masked_content=_our_name(_text(body, "masked_content", "original", 32), MASKED_CONTENTS),
+        inpaint_area=_our_name(_text(body, "inpaint_area", "whole_picture", 32), INPAINT_AREAS),
+        masked_area_padding=_integer(body, "masked_area_padding", 32, 0, MAX_PADDING, " pixels"),
         clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
         hr_scale=hr_scale,
         hr_upscaler=_our_name(_text(body, "hr_upscaler", d.hr_upscaler, 32), hires.UPSCALERS),
@@ -471,6 +495,8 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         raise RequestError(error.field, str(error)) from None
     if generation.hires:
         _check_hires_size(generation, settings)
+    if generation.inpaint_area == "only_masked":
+        _check_only_masked_size(generation, settings)
     try:
         check_sampler(generation)
     except GenerationError as error:

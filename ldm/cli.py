@@ -52,6 +52,8 @@ from ldm.embeddings import EmbeddingLibrary
 from ldm.generation_request import (
     EXACT_RGB_MODES,
     IMG2IMG_SAMPLERS,
+    INPAINT_AREAS,
+    MASKED_CONTENTS,
     MAX_SEED,
     SAMPLERS,
     GenerationError,
@@ -133,6 +135,26 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             default=4,
             help="inpainting: the init image is pasted back where the mask keeps it, through the mask blurred by a "
             "Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; default: %(default)s)",
+        )
+        parser.add_argument(
+            "--masked_content",
+            choices=tuple(MASKED_CONTENTS),
+            default="original",
+            help="inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content' (default: "
+            "%(default)s)",
+        )
+        parser.add_argument(
+            "--inpaint_area",
+            choices=tuple(INPAINT_AREAS),
+            default="whole_picture",
+            help="inpainting: only_masked paints a box around the mask at --H x --W and puts it back into the init "
+            "image, whose size the images keep, as AUTOMATIC1111's 'Only masked' (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--masked_area_padding",
+            type=int,
+            default=32,
+            help="inpainting, only_masked: pixels added around the mask's box (default: %(default)s)",
         )
     else:
         parser.add_argument(
@@ -603,7 +625,11 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
         tiling=args.tiling,
     )
     if init_image is not None:
-        template = replace(template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur)
+        template = replace(
+            template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur,
+            masked_content=args.masked_content, inpaint_area=args.inpaint_area,
+            masked_area_padding=args.masked_area_padding,
+        )  # fmt: skip
     else:
         upscaler, steps = args.hr_upscaler or "latent", args.hr_steps or 0
         template = replace(

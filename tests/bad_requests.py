@@ -155,6 +155,17 @@ CASES: list[Case] = [
     Case("emphasis weight not a number", with_(prompt="a (red:1..5) door", emphasis=True), "prompt",
          "prompt: '1..5' in ':1..5)' is not a weight: write a number such as 1.3"),
     Case("mask_blur 65", with_(mask_blur=65), "mask_blur", "mask_blur must be between 0 and 64 pixels, got 65"),
+    Case("masked_content unknown", with_(init_image=png_base64(), mask_image=png_base64(), masked_content="blur"),
+         "masked_content", "masked_content must be one of fill, original, latent_noise, latent_nothing, got 'blur'"),
+    Case("inpaint_area without a mask", with_(inpaint_area="only_masked"), "inpaint_area",
+         "inpaint_area needs a mask_image: it tells how to inpaint through one"),
+    Case("masked_area_padding 257", with_(masked_area_padding=257), "masked_area_padding",
+         "masked_area_padding must be between 0 and 256 pixels, got 257"),
+    Case("only_masked answer over the pixels of a response",
+         with_(init_image=(big := base64.b64encode(black_png(3000, 3000)).decode()), mask_image=big,
+               inpaint_area="only_masked"),
+         "init_image", "init_image is 3000x3000, and inpaint_area only_masked answers at its size: n_samples×n_iter "
+         "of it must be at most 8388608 pixels, got 9000000"),
     Case("tiling a string", with_(tiling="yes"), "tiling", 'tiling must be true or false, got "yes"'),
     # Variation seeds.
     Case("subseed_strength 1.5", with_(subseed_strength=1.5), "subseed_strength",

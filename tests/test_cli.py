@@ -585,6 +585,9 @@ TXT2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
 IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--mask", "mask.png"], "mask", "mask.png"),
     (["--mask_blur", "8"], "mask_blur", 8),
+    (["--masked_content", "latent_nothing"], "masked_content", "latent_nothing"),
+    (["--inpaint_area", "only_masked"], "inpaint_area", "only_masked"),
+    (["--masked_area_padding", "64"], "masked_area_padding", 64),
 ]
 FLAG_CASES = [("txt2img", *f) for f in COMMON_FLAGS + TXT2IMG_FLAGS] + [
     ("img2img", *f) for f in COMMON_FLAGS + IMG2IMG_FLAGS
@@ -706,6 +709,7 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ),
     ("txt2img", ["--strength", "0.5"], "--strength needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the"),
     ("img2img", ["--mask", "missing.png"], "--mask missing.png: no such file"),
+    ("img2img", ["--inpaint_area", "only_masked"], "--inpaint_area: inpaint_area needs a mask_image"),
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
     ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),
     (

@@ -264,6 +264,26 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     # 1.6's blur of each axis, without mask_blur: one blur here where they agree.
     blurs = {"mask_blur_x": 6, "mask_blur_y": 6, "mask_blur": None}
     assert client.post(IMG2IMG, json={**body, **blurs}).status_code == 200 and fake.sent()[2]["mask_blur"] == 6
+    assert fake.sent()[2]["masked_content"] == "original" and "inpaint_area" not in fake.sent()[2]
+
+
+@pytest.mark.parametrize(
+    ("sent", "ours"),
+    [
+        ({}, {"masked_content": "fill", "inpaint_area": "only_masked", "masked_area_padding": 0}),
+        ({"inpainting_fill": 2, "inpaint_full_res_padding": 32},
+         {"masked_content": "latent_noise", "inpaint_area": "only_masked", "masked_area_padding": 32}),
+        ({"inpainting_fill": "3", "inpaint_full_res": "false"}, {"masked_content": "latent_nothing"}),
+    ],
+)  # fmt: skip
+def test_inpainting_runs_a1111s_masked_content_and_area(
+    client: TestClient, fake: FakeInference, sent: dict, ours: dict
+) -> None:
+    """A1111's API defaults (fill, only masked, no padding) where not sent; its numbers and flags as it reads them."""
+    body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "mask": "bWFzaw==", **sent}
+    assert client.post(IMG2IMG, json=body).status_code == 200
+    fields = ("masked_content", "inpaint_area", "masked_area_padding")
+    assert {k: fake.sent()[0][k] for k in fields if k in fake.sent()[0]} == ours
 
 
 @pytest.mark.parametrize(
@@ -302,8 +322,7 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         (TXT2IMG, {"override_settings": ["x"]}, "override_settings"),
         (IMG2IMG, {"init_images": []}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n", "aW1n"]}, "init_images"),
-        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpaint_full_res": False}, "inpainting_fill"),
-        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 1}, "inpaint_full_res"),
+        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 4}, "inpainting_fill"),
         (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 1}, "resize_mode"),
         (
             IMG2IMG,

@@ -551,6 +551,31 @@ def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler,
     assert not np.array_equal(np.asarray(load_image(io.BytesIO(png))), img2img)
 
 
+def test_only_masked_inpainting_answers_at_the_init_images_size(
+    handler: StableDiffusionHandler, tiny_split: Path
+) -> None:
+    """A1111's names are taken for the inpaint area and the masked content: the box is painted at H×W and the answer
+    is the pipeline's image at the init image's size, with its fields echoed."""
+    mask = Image.new("L", (160, 96))
+    mask.paste(255, (100, 30, 130, 50))
+    body = {"prompt": "tiles", "init_image": png_base64(160, 96), "mask_image": image_base64(mask), "seed": 4,
+            "H": 64, "W": 64, "inpaint_area": "Only masked", "masked_content": "latent noise",
+            "masked_area_padding": 6}  # fmt: skip
+    (response,), context = call(handler, [body])
+    answer = json.loads(response)
+    assert context.status == {}
+    assert {k: answer["parameters"][k] for k in ("inpaint_area", "masked_content", "masked_area_padding", "H")} == {
+        "inpaint_area": "only_masked", "masked_content": "latent_noise", "masked_area_padding": 6, "H": 64
+    }  # fmt: skip
+    request = GenerationRequest(
+        "tiles", height=64, width=64, steps=3, seed=4, init_image=load_image(io.BytesIO(base64.b64decode(
+            body["init_image"]))), mask_image=mask, inpaint_area="only_masked", masked_content="latent_noise",
+        masked_area_padding=6,
+    )  # fmt: skip
+    png = np.asarray(load_image(io.BytesIO(base64.b64decode(answer["images"][0]))))
+    assert png.shape == (96, 160, 3) and np.array_equal(png, expected_pixels(tiny_split, request)[0])
+
+
 def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHandler, tiny_split: Path) -> None:
     """hr_scale: the pipeline's hires fix, its fields echoed as run (hr_steps 0 as the steps it ran), the image at
     the larger size; the server's default upscaler and steps, and a default of plms set aside as img2img's are."""
