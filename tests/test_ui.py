@@ -250,7 +250,8 @@ def test_clip_skip_is_a_field_named_on_the_result_and_one_too_deep_is_explained(
 def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, tmp_path: Path) -> None:
     """A stroke down the left of the init image goes to the server as a mask of the image's own size, white under
     the stroke and black elsewhere, with the mask blur of its slider; the result says it was inpainted and is the
-    image the API makes of the same request. Cleared, the mask is not sent."""
+    image the API makes of the same request. Only masked and fill are sent as picked, and read back from the
+    result's PNG. Cleared, the mask is not sent, nor how it inpaints."""
     path = tmp_path / "init.png"
     Image.new("RGB", (80, 64), (40, 90, 160)).save(path)
     page.set_input_files("#init_file", str(path))
@@ -278,10 +279,34 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
                            headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert result["src"] == "data:image/png;base64," + answer.json()[0]
+    assert (body["masked_content"], body["inpaint_area"]) == ("original", "whole_picture")
+    assert "masked_area_padding" not in body
+
+    # A1111's Only masked, filled: sent, the API's image, and read back from the PNG's settings.
+    page.select_option("#masked_content", "fill")
+    page.select_option("#inpaint_area", "only_masked")
+    page.fill("#masked_area_padding", "8")
+    expect(page.locator("#masked_area_padding_value")).to_have_text("8")
+    body = generate(page, shown=2)
+    assert {k: body[k] for k in ("masked_content", "inpaint_area", "masked_area_padding")} == {
+        "masked_content": "fill", "inpaint_area": "only_masked", "masked_area_padding": 8
+    }  # fmt: skip
+    answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
+                           headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert results(page)[0]["src"] == "data:image/png;base64," + answer.json()[0]
+    (tmp_path / "only_masked.png").write_bytes(base64.b64decode(answer.json()[0]))
+    page.select_option("#masked_content", "original")
+    page.select_option("#inpaint_area", "whole_picture")
+    page.set_input_files("#settings_file", str(tmp_path / "only_masked.png"))
+    expect(page.locator("#settings_note")).to_have_text("Settings of only_masked.png set.")
+    assert [page.input_value(f"#{id}") for id in ("masked_content", "inpaint_area", "masked_area_padding")] == [
+        "fill", "only_masked", "8"
+    ]  # fmt: skip
 
     page.click("#mask_clear")
-    body = generate(page, shown=2)
-    assert not {"mask_image", "mask_blur"} & set(body)
+    body = generate(page, shown=3)
+    assert not {"mask_image", "mask_blur", "masked_content", "inpaint_area"} & set(body)
     assert results(page)[0]["parameters"].endswith("strength 0.75")
 
 

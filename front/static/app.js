@@ -16,6 +16,9 @@ const ERROR_SLOTS = {
   W: "size",
   n_iter: "n_samples",
   mask_blur: "mask_image",
+  masked_content: "mask_image",
+  inpaint_area: "mask_image",
+  masked_area_padding: "mask_image",
   seed_resize_from_h: "seed_resize",
   seed_resize_from_w: "seed_resize",
   hr_resize_x: "hr_resize",
@@ -76,6 +79,9 @@ function requestBody() {
     if (masked) {
       body.mask_image = maskImage();
       body.mask_blur = integer($("mask_blur").value);
+      body.masked_content = $("masked_content").value;
+      body.inpaint_area = $("inpaint_area").value;
+      if (body.inpaint_area === "only_masked") body.masked_area_padding = integer($("masked_area_padding").value);
     }
   }
   if (hiresOn()) {
@@ -473,7 +479,7 @@ function optionLabelled(select, label) {
 // The sliders a PNG's settings may set, by the names PNGs give them: a slider holds values in its steps only.
 const SLIDERS = {
   strength: "Denoising strength", hr_strength: "Denoising strength", subseed_strength: "Variation seed strength",
-  mask_blur: "Mask blur",
+  mask_blur: "Mask blur", masked_area_padding: "Masked area padding",
 };
 
 // A PNG's settings put into the form (front/static/infotext.js reads them); what sets nothing here, or is set only
@@ -502,6 +508,7 @@ function applySettings(settings, unread) {
   $("hr_negative_prompt").value = settings.hr_negative_prompt ?? "";
   $("hr_sampler").value = "";
   for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
+  for (const id of ["masked_content", "inpaint_area"]) $(id).value = settings[id];
   const named = { hr_sampler: "Hires sampler", sampler: "Sampler", hr_upscaler: "Hires upscaler" };
   for (const [id, name] of Object.entries(named)) {
     if (id === "sampler") setPlms(); // whether PLMS may run depends on the hires fix and its sampler, just set
@@ -605,7 +612,7 @@ $("hr_sampler").addEventListener("change", setPlms);
 $("sampler").addEventListener("change", setEta);
 setPlms(); // a reloaded page may come back with another sampler and hires fix chosen
 // Each slider's number beside it, kept as it moves, and shown for the value a reloaded page comes back with.
-const SLIDER_VALUES = ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur"];
+const SLIDER_VALUES = ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur", "masked_area_padding"];
 function showSliderValue(id) {
   $(`${id}_value`).value = $(id).value;
 }

@@ -9,6 +9,11 @@ const PARAMETER = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
 const INFORMATIVE = ["Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Version"];
 // The hires fix's second pass's own settings, by their request field, as infotexts name them.
 const HIRES_OWN = { hr_prompt: "Hires prompt", hr_negative_prompt: "Hires negative prompt", hr_sampler: "Hires sampler" };
+// Inpainting's settings: the request field, A1111's key, and its values' request values.
+const INPAINTING = [
+  ["masked_content", "Masked content", { fill: "fill", "latent noise": "latent_noise", "latent nothing": "latent_nothing" }],
+  ["inpaint_area", "Inpaint area", { "Only masked": "only_masked", "Whole picture": "whole_picture" }],
+];
 
 async function inflate(bytes) {
   const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
@@ -101,6 +106,7 @@ export function settingsFrom(text) {
   const settings = {
     prompt, negative_prompt, hr_scale: 1, hr_resize: null,
     subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
+    masked_content: "original", inpaint_area: "whole_picture",
   };
   const unread = [];
   const take = (key) => {
@@ -117,6 +123,7 @@ export function settingsFrom(text) {
     subseed: whole(take("Variation seed")),
     clip_skip: whole(take("Clip skip")),
     mask_blur: whole(take("Mask blur")),
+    masked_area_padding: whole(take("Masked area padding")),
     hr_steps: whole(take("Hires steps")),
     eta: decimal(take("Eta DDIM")),
   };
@@ -181,6 +188,13 @@ export function settingsFrom(text) {
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
+  // Inpainting's, as A1111 writes them (none: the original pixels, the whole picture).
+  for (const [name, key, values] of INPAINTING) {
+    const value = take(key);
+    if (value === undefined) continue;
+    if (Object.hasOwn(values, value)) settings[name] = values[value];
+    else unread.push(`${key}: ${value}`);
+  }
   const rng = take("RNG") ?? "GPU";
   if (rng !== "CPU") unread.push(`RNG: ${rng} (noise is drawn on the CPU here)`);
   if (take("Tiling") === "True") settings.tiling = true;
