@@ -90,6 +90,19 @@ class ImagineRequest(BaseModel):
         "a Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; at most 64; default: "
         "model-config.yaml's, 4 as shipped)",
     )
+    masked_content: str = Field(
+        "original",
+        description="inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content': original, "
+        "fill (the colours around it), latent_noise or latent_nothing",
+    )
+    inpaint_area: str = Field(
+        "whole_picture",
+        description="inpainting: only_masked paints a box around the mask at W×H and puts it back into the init "
+        "image, whose size the images keep (AUTOMATIC1111's 'Only masked'); whole_picture",
+    )
+    masked_area_padding: int = Field(
+        32, description="inpainting, only_masked: pixels added around the mask's box (0 to 256)"
+    )
     strength: float = Field(
         0.75,
         description="img2img and inpainting: how much of the init image is replaced, in (0, 1]; with hr_scale: how "
