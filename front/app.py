@@ -151,7 +151,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             raise await api.refusal(response)
         names = ("X-Seed", "X-Seeds", "X-Subseeds")
         headers = {name: response.headers[name] for name in names if name in response.headers}
-        return StreamingResponse(api.chunks(response), media_type=PNG, headers=headers)
+        return Response(await api.read_bytes(response), media_type=PNG, headers=headers)
 
     async def json_array(request: Request, plan: Plan) -> Response:
         results = Results()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -29,7 +28,6 @@ PING_TIMEOUT = 3.0
 # is waiting for all.
 BUSY_PATIENCE = 120.0
 BUSY_FIRST_WAIT = 1.0
-LOG = logging.getLogger(__name__)
 
 
 class InferenceApi:
@@ -77,14 +75,13 @@ class InferenceApi:
             await asyncio.sleep(wait)
             wait *= 2
 
-    async def chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        """The answer's bytes as they arrive; the answer is closed when they end or the client goes away. Its headers
-        are sent by then, so a failure can only cut the body short: it is logged, not raised."""
+    async def read_bytes(self, response: httpx.Response) -> bytes:
+        """The whole answer, closed after: an answer TorchServe cuts short is the front's 502, not a short file under
+        a 200 (which a client saving the bytes could not tell from a whole one)."""
         try:
-            async for chunk in response.aiter_bytes():
-                yield chunk
+            return await response.aread()
         except httpx.HTTPError as error:
-            LOG.warning("%s", self._failure(error).error)
+            raise self._failure(error) from None
         finally:
             await response.aclose()
 
@@ -102,9 +99,7 @@ class InferenceApi:
     async def read_json(self, response: httpx.Response) -> dict:
         """The whole answer as JSON."""
         try:
-            return json.loads(await response.aread())
-        except httpx.HTTPError as error:
-            raise self._failure(error) from None
+            return json.loads(await self.read_bytes(response))
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} answered with no JSON") from None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
@@ -232,6 +232,28 @@ def test_png_is_forwarded_whole(client: TestClient, fake: FakeInference) -> None
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
     assert response.headers["X-Seed"] == "3"
     assert fake.sent() == [{"prompt": "a fox", "seed": 3}]
+
+
+class _CutShort(httpx.AsyncByteStream):
+    """A body that breaks off after its first bytes, as TorchServe's does when its connection drops."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"\x89PNG\r\n\x1a\n"
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+def test_a_png_torchserve_cuts_short_is_a_502_not_a_short_file(fake: FakeInference) -> None:
+    """Its first bytes are no image: the client, which may be saving the body to a file, is told."""
+
+    def cut(request: httpx.Request) -> httpx.Response:
+        if request.headers["Accept"] == "image/png":
+            return httpx.Response(200, stream=_CutShort(), headers={"Content-Type": "image/png", "X-Seed": "3"})
+        return fake(request)
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(cut))) as client:
+        response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
+    assert response.status_code == 502
+    assert response.json()["error"].startswith("TorchServe at http://127.0.0.1:8080 broke off its answer")
 
 
 def test_stream_numbers_steps_across_iterations_and_gathers_the_images(client: TestClient) -> None:
