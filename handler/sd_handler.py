@@ -211,7 +211,19 @@ class StableDiffusionHandler(BaseHandler):
         their status, or as a stream's last line once the stream has started."""
         assert self.pipeline is not None
         generations = [outcome.generation for outcome in data if isinstance(outcome, Answer)]
-        files = iter(png_files(generations, self.pipeline.model))
+        try:
+            files = iter(png_files(generations, self.pipeline.model))
+        except Exception as error:
+            # The images are made, but not their PNGs (a batch of large ones may meet the host's memory): every
+            # answer that wanted them fails alike, its stream's included, as generation's failures do.
+            failure = _failure(error)
+            if failure is None:
+                if not self.progress.started:
+                    raise
+                logger.exception("the PNGs failed after %d requests started streaming", len(self.progress.started))
+                failure = RequestError("", GENERATION_FAILED, 500)
+            data = [failure if isinstance(outcome, Answer) else outcome for outcome in data]
+            files = iter(())
         responses: list[bytes | str] = []
         for idx, outcome in enumerate(data):
             if isinstance(outcome, DescribeRequest):

@@ -221,6 +221,30 @@ def test_failure_after_the_stream_started_ends_it_with_an_error_line(
     assert {**json.loads(responses[1]), "status": status} == line
 
 
+def test_the_pngs_failing_after_the_stream_started_end_it_with_an_error_line(handler, sent, monkeypatch) -> None:
+    """Host memory met while the batch's PNGs are written, after every step line: the stream's last line is the
+    507, its plain neighbour a 507 response, and the worker serves on."""
+
+    from handler import sd_handler
+
+    real, failed = sd_handler.png_files, []
+
+    def exhausted_once(*args: Any) -> list[list[bytes]]:
+        if not failed:
+            failed.append(True)
+            raise MemoryError
+        return real(*args)
+
+    monkeypatch.setattr(sd_handler, "png_files", exhausted_once)
+    responses, context = call(handler, [{**VALID, "stream": True}, VALID])
+    assert [line["step"] for line in steps_of(sent, 0)] == [1, 2, 3]
+    line = json.loads(responses[0])
+    assert line["status"] == 507 and line["error"].startswith("out of host memory")
+    assert context.status == {1: 507} and json.loads(responses[1])["error"] == line["error"]
+    (response,), context = call(handler, [VALID])
+    assert context.status == {} and len(json.loads(response)["images"]) == 1
+
+
 def test_failure_before_anything_was_streamed_is_an_ordinary_response(handler, sent, monkeypatch) -> None:
     def exhausted(*_: Any) -> torch.Tensor:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
