@@ -19,7 +19,7 @@ from typing import Any
 
 from front.errors import FrontError
 from front.imagine import is_integer, is_number
-from front.upstream import NDJSON, InferenceApi
+from front.upstream import NDJSON, InferenceApi, line_failure
 
 # A running job's least progress, as A1111 floors it: its ETA is then large at the start, not 0.
 LEAST = 0.01
@@ -151,16 +151,6 @@ class Jobs:
         }
 
 
-def _failure(line: dict[str, Any]) -> FrontError:
-    """A stream's error line as the error its answer would have been: the handler's (its status, message and
-    field), or TorchServe's own (`message`), a 502 when its status is none a failure has."""
-    status = line.get("status")
-    status = status if isinstance(status, int) and 400 <= status < 600 else 502
-    message = line.get("error") or line.get("message") or "TorchServe's stream ended in an error it did not name"
-    field = line.get("field")
-    return FrontError(status, str(message), field if isinstance(field, str) else "")
-
-
 async def followed(api: InferenceApi, body: bytes, job: Job, patient: bool = False) -> dict[str, Any]:
     """TorchServe's answer to `body`, asked for as a progress stream whose step lines advance `job`; a failure after
     the stream began is its error line, with the status the answer would have had (`patient`: `InferenceApi.open`'s)."""
@@ -176,7 +166,7 @@ async def followed(api: InferenceApi, body: bytes, job: Job, patient: bool = Fal
             elif "images" in line:
                 return line
             else:
-                raise _failure(line)
+                raise line_failure(line)
         raise FrontError(502, "TorchServe ended the progress stream without the images")
     finally:
         await response.aclose()

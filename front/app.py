@@ -43,7 +43,7 @@ from front.description import Description
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
 from front.settings import FrontSettings
-from front.upstream import JSON, NDJSON, PNG, InferenceApi
+from front.upstream import JSON, NDJSON, PNG, InferenceApi, line_failure
 
 STATIC = Path(__file__).parent / "static"
 VERSION = "0.1.0"
@@ -86,8 +86,7 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
                     results.add(message, plan)
                     finished = True
                 else:
-                    yield _line(message)
-                    return
+                    raise line_failure(message)
             await response.aclose()
             if not finished:
                 raise FrontError(502, "TorchServe ended the progress stream without the images")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,16 @@ PING_TIMEOUT = 3.0
 # is waiting for all.
 BUSY_PATIENCE = 120.0
 BUSY_FIRST_WAIT = 1.0
+
+
+def line_failure(line: dict[str, Any]) -> FrontError:
+    """A stream's error line as the error its answer would have been: the handler's (its status, message and
+    field), or TorchServe's own (`message`), a 502 when its status is none a failure has."""
+    status = line.get("status")
+    status = status if isinstance(status, int) and 400 <= status < 600 else 502
+    message = line.get("error") or line.get("message") or "TorchServe's stream ended in an error it did not name"
+    field = line.get("field")
+    return FrontError(status, str(message), field if isinstance(field, str) else "")
 
 
 class InferenceApi:

@@ -22,6 +22,7 @@ from front.cli import parse_settings
 from front.errors import FrontError
 from front.imagine import MAX_SEED
 from front.settings import FrontSettings
+from front.upstream import NDJSON
 from handler.request import FIELDS
 from ldm.generation_request import SAMPLERS
 from tests.servers import free_port
@@ -272,6 +273,22 @@ def test_an_error_line_ends_the_stream(client: TestClient, fake: FakeInference) 
     assert stream_lines(response) == [{"step": 1, "total": 2, "image_index": 0, "iteration": 0, "n_iter": 3},
                                       {"error": "out of GPU memory", "field": "", "status": 507}]  # fmt: skip
     assert len(fake.bodies) == 1
+
+
+def test_torchserves_own_error_line_ends_the_stream_as_the_handlers_would(fake: FakeInference) -> None:
+    """TorchServe ends a stream with its own JSON when its worker dies: relayed with the error and status the page
+    shows, not as a line the page cannot read."""
+
+    def dying(request: httpx.Request) -> httpx.Response:
+        if request.headers["Accept"] != NDJSON:
+            return fake(request)
+        died = {"code": 500, "type": "InternalServerException", "message": "Worker died."}
+        lines = [json.dumps({"step": 1, "total": 2, "image_index": 0}), json.dumps(died)]
+        return httpx.Response(200, content="\n".join(lines) + "\n", headers={"Content-Type": NDJSON})
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(dying))) as client:
+        response = client.post("/imagine/stream", json={"prompt": "a fox", "seed": 1})
+    assert stream_lines(response)[-1] == {"error": "Worker died.", "field": "", "status": 502}
 
 
 def test_the_description_the_page_starts_from_is_the_workers(client: TestClient, fake: FakeInference) -> None:
