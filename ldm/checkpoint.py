@@ -25,6 +25,10 @@ PREFIXES = {
 }
 # A buffer old transformers versions saved (0..76); today's CLIPTextModel rebuilds it.
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+# Checkpoints saved with transformers before 4.17 lack the `text_model.` level in the text encoder's keys; A1111 reads
+# them by putting it back, as this does.
+OLD_TEXT_ENCODER = "cond_stage_model.transformer."
+OLD_TEXT_ENCODER_LEVELS = ("embeddings.", "encoder.", "final_layer_norm.")
 # The DDPM schedule the training code stored; we recompute it from the config and only check that they agree.
 SCHEDULE_BUFFERS = (
     "betas",
@@ -49,9 +53,11 @@ INPUT_CONV = "input_blocks.0.0.weight"
 INPAINTING_UNET_CHANNELS = 9
 
 
-# The number types a weight file's tensors may come in for us to compute with them: torch also loads float8, its
-# 4-bit and complex types, which it cannot convert to float32 (or which mean nothing here).
-FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# The number types a weight file's tensors may come in for us to compute with them (float8: checkpoints stored small,
+# converted on loading); torch also loads integers, its 4-bit and complex types, which mean nothing as weights here.
+FLOAT_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
+)
 
 
 class CheckpointError(ValueError):
@@ -99,6 +105,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
+    if not isinstance(loaded.get("state_dict", torch.empty(0)), torch.Tensor):
+        # Some merges leave an (empty) `state_dict` entry among the weights; A1111 drops it too.
+        loaded = {key: value for key, value in loaded.items() if key != "state_dict"}
     not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: state_dict entries that are not tensors: {not_tensors[:_SHOWN]}")
@@ -159,6 +168,8 @@ def split_state_dict(
     schedule: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
+        if key.startswith(OLD_TEXT_ENCODER) and key[len(OLD_TEXT_ENCODER) :].startswith(OLD_TEXT_ENCODER_LEVELS):
+            key = PREFIXES["text_encoder"] + key[len(OLD_TEXT_ENCODER) :]
         if key == POSITION_IDS or key.startswith(EMA_PREFIX):
             continue
         if key in SCHEDULE_BUFFERS:
@@ -171,7 +182,7 @@ def split_state_dict(
             parts[part][key[len(PREFIXES[part]) :]] = value
     _check_schedule(schedule, config)
 
-    found: dict[str, list[str]] = {"missing": [], "unexpected": unexpected, "wrong shape": []}
+    found: dict[str, list[str]] = {"missing": [], "unexpected": unexpected, "wrong shape": [], "not floating-point": []}
     for name, shapes in expected_shapes(config).items():
         if name in replaced:
             continue
@@ -188,7 +199,8 @@ def mismatches(
     got: dict[str, torch.Tensor], shapes: dict[str, torch.Size], prefix: str, source: str
 ) -> dict[str, list[str]]:
     """The keys of one part's weights (`got`, as its module names them) that its architecture (`shapes`) lacks,
-    wants, or wants in another shape; each named with `prefix`, as the file being read names it (`source`)."""
+    wants, wants in another shape, or holds as numbers that are no weights (integers); each named with `prefix`, as
+    the file being read names it (`source`)."""
     return {
         "missing": [prefix + k for k in shapes if k not in got],
         "unexpected": [prefix + k for k in got if k not in shapes],
@@ -196,6 +208,10 @@ def mismatches(
             f"{prefix}{k}: {source} {list(got[k].shape)}, config {list(s)}"
             for k, s in shapes.items()
             if k in got and got[k].shape != s
+        ],
+        # Caught here, where the file is named, rather than when a server loads the parts.
+        "not floating-point": [
+            f"{prefix}{k}: {got[k].dtype}" for k in shapes if k in got and got[k].dtype not in FLOAT_DTYPES
         ],
     }
 

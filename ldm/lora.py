@@ -331,7 +331,7 @@ def parse(
 
 def _one_number(alpha: torch.Tensor) -> bool:
     """Whether a `.alpha` is one finite real number of a type we can read (kohya writes a float; an integer reads
-    too; float8 and complex do not)."""
+    too; complex and 4-bit floats do not)."""
     real = alpha.dtype in FLOAT_DTYPES or not (alpha.is_floating_point() or alpha.is_complex())
     return real and alpha.numel() == 1 and bool(alpha.isfinite().all())
 

@@ -44,6 +44,9 @@ def _numpy_scalar_constructors() -> dict[tuple[str, str], Any]:
 ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    # How torch saves float8 and its other newer types: an untyped storage, and the dtype given to the rebuilder.
+    ("torch._utils", "_rebuild_tensor_v3"): torch._utils._rebuild_tensor_v3,
+    ("torch.storage", "UntypedStorage"): torch.UntypedStorage,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
     ("collections", "OrderedDict"): collections.OrderedDict,

@@ -169,3 +169,35 @@ def test_fp16_checkpoint_loads_as_fp32_and_matches(state: dict, tmp_path: Path) 
     assert half.pixels.dtype == np.float32
     # Weights rounded to fp16 move pixels a little, but nowhere near a different image.
     assert np.abs(half.pixels - full.pixels).mean() < 2.0
+
+
+def test_float8_checkpoint_loads_as_its_values_in_fp32(state: dict, tmp_path: Path) -> None:
+    """Stored in float8 (torch saves it with an untyped storage and a dtype of its own): read, and every weight the
+    float8 value it holds, as float32."""
+    small = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "fp8.ckpt"
+    torch.save({"state_dict": small}, path)
+    model = load_checkpoint(path, TINY_CONFIG)
+    weight = model.unet.input_blocks[0][0].weight
+    assert weight.dtype == torch.float32 and torch.equal(weight, small[UNET_KEY].float())
+
+
+def test_text_encoder_keys_of_old_transformers_are_read(state: dict) -> None:
+    """Before transformers 4.17 a CLIPTextModel had no `text_model.` level; A1111 reads such checkpoints too."""
+    new = "cond_stage_model.transformer.text_model."
+    old = {k.replace(new, "cond_stage_model.transformer.", 1): v for k, v in state.items()}
+    assert not any(k.startswith(new) for k in old)
+    parts = split_state_dict(old, load_config(TINY_CONFIG))
+    assert parts == split_state_dict(state, load_config(TINY_CONFIG))
+
+
+def test_a_state_dict_entry_among_the_weights_is_dropped(state: dict, tmp_path: Path) -> None:
+    path = tmp_path / "merged.ckpt"
+    torch.save({"state_dict": {**state, "state_dict": {}}}, path)
+    assert read_state_dict(path).keys() == state.keys()
+
+
+def test_a_weight_that_is_not_floating_point_is_named(state: dict) -> None:
+    """An integer weight would pass the split and fail in the server that loads the parts: named here."""
+    state[UNET_KEY] = state[UNET_KEY].long()
+    assert f"1 not floating-point: {UNET_KEY}: torch.int64" in error_of(state)

@@ -299,9 +299,9 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
     up = key.replace("lora_down", "lora_up")
     rank0 = {**style, key: torch.zeros(0, style[key].shape[1]), up: torch.zeros(style[up].shape[0], 0)}
     peft = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 4)}
-    # Number types torch loads but cannot turn into float32: refused as the file is read, not when merged.
-    float8 = {**style, key: style[key].to(torch.float8_e4m3fn)}
-    float8_alpha = {**style, key.replace("lora_down.weight", "alpha"): torch.ones((), dtype=torch.float8_e5m2)}
+    # Number types torch loads that are no weights or scale: refused as the file is read, not when merged.
+    integers = {**style, key: style[key].to(torch.int16)}
+    complex_alpha = {**style, key.replace("lora_down.weight", "alpha"): torch.ones((), dtype=torch.complex64)}
     return {
         "wide": (wide, "attn2_to_k does not fit this model's layer of shape"),
         "sdxl": (sdxl, "changes layers this model does not have .*lora_te2_"),
@@ -309,15 +309,15 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
         "alphas": (alphas, "attn2_to_k.alpha must be one finite number"),
         "rank0": (rank0, "attn2_to_k does not fit"),
         "peft": (peft, "not in kohya's format"),
-        "float8": (float8, "attn2_to_k holds numbers of type torch.float8_e4m3fn, which it cannot read"),
-        "float8_alpha": (float8_alpha, "attn2_to_k.alpha must be one finite number"),
+        "integers": (integers, "attn2_to_k holds numbers of type torch.int16, which it cannot read"),
+        "complex_alpha": (complex_alpha, "attn2_to_k.alpha must be one finite number"),
         "garbage": (b"\x00not a tensor file", "cannot be read"),
         "malformed": (write_malformed_torch_file, "cannot be read"),
     }
 
 
 @pytest.mark.parametrize(
-    "name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "float8", "float8_alpha", "garbage", "malformed"]
+    "name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "integers", "complex_alpha", "garbage", "malformed"]
 )
 def test_files_it_cannot_use_are_the_prompts_error_naming_why(
     model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path, name: str
