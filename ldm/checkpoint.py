@@ -96,8 +96,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
     try:
         loaded = torch_load(str(path))
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"{path}: {error}") from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
         # SafetensorError too: torch.load hands a file named *.safetensors to safetensors itself.
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error

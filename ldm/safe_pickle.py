@@ -93,16 +93,16 @@ class GlobalReference:
 class Unpickler(pickle.Unpickler):
     """Resolves only the allow-listed globals and torch dtypes; anything else becomes a GlobalReference."""
 
-    # Whether the pickle named a global it did not get: then a failure is read as its wanting what it was refused.
-    refused = False
+    # The last global the pickle named and did not get: a failure is then read as its wanting what it was refused.
+    refused: GlobalReference | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        self.refused = True
-        return GlobalReference(module, name)
+        self.refused = GlobalReference(module, name)
+        return self.refused
 
     def load(self) -> Any:
         try:
@@ -110,9 +110,13 @@ class Unpickler(pickle.Unpickler):
         except UnsafeCheckpointError:
             raise
         except pickle.UnpicklingError as error:
-            if self.refused:
-                # e.g. NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import.
-                raise UnsafeCheckpointError(f"refusing to load: {error}") from error
+            if self.refused is not None:
+                # NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import
+                # (training metadata such as hyper-parameters, in a file whose weights may be fine).
+                raise UnsafeCheckpointError(
+                    f"refusing to load: the checkpoint would build an object of {self.refused.module}."
+                    f"{self.refused.name}, which is not a tensor or plain data (save its state_dict alone to use it)"
+                ) from error
             raise MalformedCheckpointError(f"not a pickle torch can read: {error}") from error
 
 

@@ -97,7 +97,7 @@ def read_vae(path: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Ten
     except CheckpointError as error:
         raise VaeError(f"VAE {error}") from None
     except UnsafeCheckpointError as error:  # nothing ran: refused before
-        raise VaeError(f"VAE {path}: {error}") from None
+        raise VaeError(f"VAE {error}") from None
     state = {k: v for k, v in state.items() if not k.startswith(LOSS_PREFIX) and k not in IGNORED_KEYS}
     if any(k.startswith(PREFIXES["unet"]) for k in state):
         raise VaeError(f"VAE {path}: a whole checkpoint, not a VAE file (it holds a UNet)")

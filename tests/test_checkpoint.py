@@ -120,8 +120,10 @@ def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path: Path, c
 def test_pickle_that_builds_an_object_is_refused(state: dict, tmp_path: Path) -> None:
     path = tmp_path / "object.ckpt"
     torch.save({"state_dict": state, "thing": _PlainObject()}, path)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError) as error:
         read_state_dict(path)
+    assert str(error.value).startswith(f"{path}: refusing to load: the checkpoint would build an object of ")
+    assert "_PlainObject, which is not a tensor or plain data" in str(error.value)
 
 
 def test_lightning_metadata_loads_without_importing_lightning(state: dict, tmp_path: Path) -> None:
