@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 # CLIP ViT-L/14's text tower, the text encoder of every SD v1.x checkpoint.
@@ -236,5 +237,17 @@ def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Read an original-format config YAML file."""
-    return parse_config(OmegaConf.load(str(path)), source=str(path))
+    """Read an original-format config YAML file; whatever is wrong with it is one ConfigError naming it (a command
+    may have picked it, or been handed the checkpoint in its place)."""
+    try:
+        raw = OmegaConf.load(str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not a YAML config file: {error}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: not a config in the original layout (a mapping with model.params)")
+    try:
+        return parse_config(raw, source=str(path))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{path}: a value is not the number it must be: {error}") from None

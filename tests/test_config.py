@@ -67,3 +67,25 @@ def test_context_dim_must_match_text_width() -> None:
     raw.model.params.unet_config.params.context_dim = 1024
     with pytest.raises(ConfigError, match=r"context_dim \(1024\) must equal the text encoder's hidden_size \(768\)"):
         parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"model:\n  params: [\n", "not a YAML config file: while parsing"),
+        (b"\x80\x02}q\x00.", "not a YAML config file: 'utf-8' codec can't decode"),  # a .ckpt handed as the config
+        (b"- model\n", "not a config in the original layout"),
+        (None, "a value is not the number it must be: could not convert string to float: 'abc'"),
+        (b"model: {}\n", "config is missing 'model.params'"),
+    ],
+)
+def test_a_config_that_cannot_be_read_is_one_error_naming_the_file(
+    tmp_path: Path, text: bytes | None, message: str
+) -> None:
+    path = tmp_path / "odd.yaml"
+    demo = (Path(__file__).parents[1] / "configs" / "tiny-demo.yaml").read_text()
+    demo = demo.replace("linear_start: 0.00085", "linear_start: abc")
+    path.write_bytes(text if text is not None else demo.encode())
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: {message}")
