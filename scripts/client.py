@@ -38,7 +38,8 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "hr_scale",
+                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "masked_content",
+                   "inpaint_area", "masked_area_padding", "hr_scale",
                    "hr_upscaler", "hr_steps", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt",
                    "hr_sampler", "subseed", "subseed_strength",
                    "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
@@ -226,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpainting: σ in pixels of the seam where the kept pixels are pasted back (AUTOMATIC1111's 'Mask blur')",
     )
     parser.add_argument(
+        "--masked-content",
+        help="inpainting: what the repainted part starts from: original, fill, latent_noise or latent_nothing "
+        "(AUTOMATIC1111's 'Masked content')",
+    )
+    parser.add_argument(
+        "--inpaint-area",
+        help="inpainting: only_masked paints a box around the mask at --W x --H and puts it back into the init "
+        "image (AUTOMATIC1111's 'Only masked'), or whole_picture",
+    )
+    parser.add_argument(
+        "--masked-area-padding", type=int, help="inpainting, only_masked: pixels added around the mask's box"
+    )
+    parser.add_argument(
         "--strength",
         type=float,
         help="img2img: how much of the init image is replaced, in (0, 1]; with --hr-scale: how much of the upscaled "
@@ -285,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None and not hires:
             parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "
                          "fix's)")  # fmt: skip
-    if args.mask_blur is not None and args.mask_image is None:
-        parser.error("--mask-blur needs --mask-image (it softens the mask's seam)")
+    for name in ("mask_blur", "masked_content", "inpaint_area", "masked_area_padding"):
+        if getattr(args, name) is not None and args.mask_image is None:
+            parser.error(f"--{name.replace('_', '-')} needs --mask-image (it says how to inpaint through it)")
     problem = check_url(args.url)
     if problem:
         parser.error(f"--url: {problem}")
