@@ -14,8 +14,8 @@ to the image's size, then 1 (repaint) where at least half white, 0 (keep) elsewh
 nearest-neighbour sampling.
 
 What the repainted part starts from is A1111's "Masked content": the init image's own pixels ("original"), the
-colours around it blurred over it ("fill", `filled`), the image's starting noise or nothing at all in the latent
-("latent_noise", "latent_nothing": `latent_filled`). Only img2img below strength 1 starts from it.
+colours around it blurred over it ("fill", `filled`), or, over that fill, the image's starting noise or nothing at all
+in the latent ("latent_noise", "latent_nothing": Pipeline._first_pass). Only img2img below strength 1 starts from it.
 
 Then the init image is laid back over the decoded one where the mask keeps it (`Overlay`), as A1111 lays it: kept
 pixels come back exactly, not as the VAE redraws them, and the seam is soft on their side. CompVis' latent-diffusion
@@ -91,16 +91,6 @@ def filled(image: Image.Image, repaint: torch.Tensor) -> Image.Image:
         for _ in range(times):
             painted.alpha_composite(layer)
     return painted.convert("RGB")
-
-
-def latent_filled(z0: torch.Tensor, repaint: torch.Tensor, content: str, noise: torch.Tensor) -> torch.Tensor:
-    """The init image's latent (1, C, h, w) with its repainted part (`repaint`: (1, 1, h, w) bool) its starting
-    `noise` ("latent_noise") or 0 ("latent_nothing"), as A1111 sets it; unchanged for the other contents."""
-    if content == "latent_noise":
-        return torch.where(repaint, noise, z0)
-    if content == "latent_nothing":
-        return torch.where(repaint, torch.zeros_like(z0), z0)
-    return z0
 
 
 @dataclass(frozen=True)

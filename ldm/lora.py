@@ -333,7 +333,8 @@ def _one_number(alpha: torch.Tensor) -> bool:
     """Whether a `.alpha` is one finite real number of a type we can read (kohya writes a float; an integer reads
     too; complex and 4-bit floats do not)."""
     real = alpha.dtype in FLOAT_DTYPES or not (alpha.is_floating_point() or alpha.is_complex())
-    return real and alpha.numel() == 1 and bool(alpha.isfinite().all())
+    # In float32: torch has no isfinite for float8.
+    return real and alpha.numel() == 1 and bool(alpha.float().isfinite().all())
 
 
 def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:

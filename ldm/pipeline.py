@@ -215,24 +215,29 @@ class Pipeline:
             mean = vae.encode_mean(pixels.to(self.model.device, self.model.dtype))
         return self.model.config.scale_factor * mean.float()
 
+    def init_picture(self, request: GenerationRequest, mask: torch.Tensor | None = None) -> Image.Image:
+        """The init image at the request's size, as img2img encodes it and an inpainting model is shown it: for an
+        inpainting whose masked content is not the original, the part its pixel mask (1, 1, H, W) repaints filled
+        first, through the mask blurred as the seam is (A1111 fills for its latent noise and nothing too)."""
+        assert request.init_image is not None and request.width is not None and request.height is not None
+        picture = Image.fromarray(inpainting.resized_pixels(request.init_image, request.width, request.height))
+        if request.masked_content != "original" and mask is not None:
+            return inpainting.filled(picture, inpainting.blurred(mask, request.mask_blur))
+        return picture
+
     def init_latent(self, request: GenerationRequest, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """z₀ of img2img: the latent of the init image resized to the request's size; with "fill" as its masked
-        content, the part its pixel mask (1, 1, H, W) repaints is filled first, through the mask blurred as the
-        seam is (A1111 fills through its blurred mask)."""
-        assert request.init_image is not None
-        image = request.init_image
-        if request.masked_content == "fill" and mask is not None:
-            resized = Image.fromarray(inpainting.resized_pixels(image, request.width, request.height))
-            image = inpainting.filled(resized, inpainting.blurred(mask, request.mask_blur))
-        return self.encode_pixels(encode_image(image, request.width, request.height))
+        """z₀ of img2img: the latent of `init_picture`."""
+        return self.encode_pixels(encode_image(self.init_picture(request, mask), request.width, request.height))
 
     def image_condition(self, request: GenerationRequest, mask: torch.Tensor) -> torch.Tensor:
         """What an inpainting model reads beside the latent (1, C + 1, h, w): the pixel mask (1, 1, H, W) at latent
-        size, then the latent of the init image with its masked part blanked (all blank without one)."""
+        size, then the latent of the init image (`init_picture`) with its masked part blanked (all blank without
+        one)."""
         if request.init_image is None:
             blank = torch.zeros(1, 3, *mask.shape[-2:])
         else:
-            blank = inpainting.blank_masked(encode_image(request.init_image, request.width, request.height), mask)
+            picture = self.init_picture(request, mask)
+            blank = inpainting.blank_masked(encode_image(picture, request.width, request.height), mask)
         masked = self.encode_pixels(blank)
         return torch.cat([inpainting.latent_mask(mask, self.factor).to(masked.device), masked], dim=1)
 
@@ -574,7 +579,7 @@ class Pipeline:
         """(2) The images of request `index`, each at the start of its run (an only-masked inpainting's: its box's,
         ldm/only_masked.py)."""
         crop = only_masked.Crop.of(asked) if asked.inpaint_area == "only_masked" else None
-        request = asked if crop is None else crop.run(asked)
+        request = asked if crop is None else crop.run
         mask = self.repaint_mask(request)
         z0 = None if request.init_image is None else self.init_latent(request, mask)
         condition = None if mask is None or not self.model.config.inpainting else self.image_condition(request, mask)
@@ -589,8 +594,11 @@ class Pipeline:
         for image_index in range(request.n_images):
             generator, noise = self.noise(request, image_index)
             start_z0 = z0
-            if z0 is not None and repaint is not None:
-                start_z0 = inpainting.latent_filled(z0, repaint, request.masked_content, noise)
+            if repaint is not None:
+                # A1111's latent noise and latent nothing: the repainted cells the image's starting noise, or 0 (A1111
+                # draws its seed's plain noise, the same but with variation seeds or a seed resize).
+                fill = noise if request.masked_content == "latent_noise" else torch.zeros_like(noise)
+                start_z0 = torch.where(repaint, fill, z0)
             start = self.start_latents(
                 request.sampler, schedule, m, noise, None if request.starts_from_noise else start_z0
             )

@@ -245,20 +245,19 @@ def test_fill_paints_the_repainted_part_in_the_colours_around_it() -> None:
 def test_masked_content_is_what_the_repainted_part_starts_from(
     tiny_model: StableDiffusion, pipeline: Pipeline, content: str
 ) -> None:
-    """A1111's "Masked content": diffusers' inpainting handed the init image's latent with its repainted part
-    filled (its pixels, through the blurred mask), its cells the image's starting noise, or 0, paints our image."""
+    """A1111's "Masked content": diffusers' inpainting handed the latent of the init image with its repainted part
+    filled (its pixels, through the blurred mask), and then, for the latent contents, that part's cells the image's
+    starting noise or 0, paints our image."""
     request = resolve(dataclasses.replace(REQUEST, strength=0.6, masked_content=content))
     ours = pipeline.generate(request).pixels[0]
-    original = pipeline.init_latent(dataclasses.replace(request, masked_content="original"))
     pixels = mask_pixels(_mask(), 80, 64)
     repaint = latent_mask(pixels, 8) > 0.5
-    if content == "fill":
-        z0 = pipeline.encode_pixels(encode_image(filled(INIT.convert("RGB"), blurred(pixels, 4)), 80, 64))
-    elif content == "latent_noise":
-        noise = torch.randn(original.shape, generator=torch.Generator().manual_seed(request.seed or 0))
-        z0 = torch.where(repaint, noise, original)
-    else:
-        z0 = original * ~repaint
+    z0 = pipeline.encode_pixels(encode_image(filled(INIT.convert("RGB"), blurred(pixels, 4)), 80, 64))
+    if content == "latent_noise":
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(request.seed or 0))
+        z0 = torch.where(repaint, noise, z0)
+    elif content == "latent_nothing":
+        z0 = z0 * ~repaint
     decoded = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
     assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
     as_it_was = pipeline.generate(dataclasses.replace(request, masked_content="original")).pixels[0]

@@ -211,6 +211,18 @@ def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDi
     assert all(torch.equal(targets[key].weight, originals[key]) for key in keys)
 
 
+def test_a_lora_stored_in_float8_merges_its_values(model: StableDiffusion, tmp_path: Path) -> None:
+    """float8 weights and alpha (files stored small): read as the float32 values they hold."""
+    targets = kohya_targets(model)
+    key = next(k for k in targets if k.endswith("attn2_to_k"))
+    state = {name: value.to(torch.float8_e4m3fn) for name, value in kohya_lora({key: targets[key]}, 3, 2.0, 7).items()}
+    widened = parse(tmp_path / "w.safetensors", (0, 0), {k: v.float() for k, v in state.items()}, targets)
+    small = parse(tmp_path / "s.safetensors", (0, 0), state, targets)
+    [delta], [expected] = small.deltas, widened.deltas
+    assert delta.scale == expected.scale == 2.0 / 3
+    assert torch.equal(delta.value(0.8), expected.value(0.8))
+
+
 def _diffusers_image(peer: Any, request: GenerationRequest, adapters: dict[str, Any]) -> np.ndarray:
     """diffusers' image in [0, 255] with its LoRAs at `adapters`' weights (name → weight, or per network)."""
     from scripts.peers import call_arguments

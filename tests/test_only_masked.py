@@ -95,10 +95,19 @@ def test_fit_and_fill_keeps_the_shape_and_stretches_the_edges() -> None:
     assert np.array_equal(same_shape, np.asarray(picture.resize((30, 10), Image.Resampling.LANCZOS)))
 
 
+def test_a_box_one_pixel_wide_fits_a_wide_request() -> None:
+    """16×1800 in 2048×64 rounds to 0 pixels wide: one, whose stretched edges fill the rest."""
+    sliver = Image.new("RGB", (16, 1800), (10, 200, 30))
+    assert np.asarray(fit_and_fill(sliver, 2048, 64)).reshape(-1, 3).tolist() == [[10, 200, 30]] * 2048 * 64
+
+
 def test_cover_crops_the_centre_of_the_scaled_picture() -> None:
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 60, 3), np.uint8))
     scaled = np.asarray(picture.resize((144, 48), Image.Resampling.LANCZOS))
     assert np.array_equal(np.asarray(cover(picture, 48, 48)), scaled[:, 48:96])
+    # A box far from the picture's shape: what shows, without the 64×8192 the whole would cover.
+    tall = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 4, 3), np.uint8))
+    assert np.asarray(cover(tall, 512, 64)).shape == (64, 512, 3)
 
 
 def _request(mask: Image.Image, **change: object) -> GenerationRequest:
