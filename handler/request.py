@@ -449,9 +449,12 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         strength=strength,
         mask_image=mask_image,
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
-        masked_content=_our_name(_text(body, "masked_content", "original", 32), MASKED_CONTENTS),
-        inpaint_area=_our_name(_text(body, "inpaint_area", "whole_picture", 32), INPAINT_AREAS),
-        masked_area_padding=_integer(body, "masked_area_padding", 32, 0, MAX_PADDING, " pixels"),
+        # GenerationRequest's defaults: the original pixels, the whole picture, A1111's UI's padding.
+        masked_content=_our_name(_text(body, "masked_content", GenerationRequest.masked_content, 32), MASKED_CONTENTS),
+        inpaint_area=_our_name(_text(body, "inpaint_area", GenerationRequest.inpaint_area, 32), INPAINT_AREAS),
+        masked_area_padding=_integer(
+            body, "masked_area_padding", GenerationRequest.masked_area_padding, 0, MAX_PADDING, " pixels"
+        ),
         clip_skip=_integer(body, "clip_skip", d.clip_skip, 1, MAX_CLIP_SKIP),
         hr_scale=hr_scale,
         hr_upscaler=_our_name(_text(body, "hr_upscaler", d.hr_upscaler, 32), hires.UPSCALERS),

@@ -139,21 +139,22 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         parser.add_argument(
             "--masked_content",
             choices=tuple(MASKED_CONTENTS),
-            default="original",
+            default=GenerationRequest.masked_content,
             help="inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content' (default: "
             "%(default)s)",
         )
         parser.add_argument(
             "--inpaint_area",
             choices=tuple(INPAINT_AREAS),
-            default="whole_picture",
-            help="inpainting: only_masked paints a box around the mask at --H x --W and puts it back into the init "
-            "image, whose size the images keep, as AUTOMATIC1111's 'Only masked' (default: %(default)s)",
+            default=GenerationRequest.inpaint_area,
+            help="inpainting: only_masked paints a box around the mask at --H x --W (without them: the init image's "
+            "size; AUTOMATIC1111's is 512x512) and puts it back into the init image, whose size the images keep, as "
+            "AUTOMATIC1111's 'Only masked' (default: %(default)s)",
         )
         parser.add_argument(
             "--masked_area_padding",
             type=int,
-            default=32,
+            default=GenerationRequest.masked_area_padding,
             help="inpainting, only_masked: pixels added around the mask's box (default: %(default)s)",
         )
     else:

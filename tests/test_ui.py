@@ -295,6 +295,7 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
                            headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert results(page)[0]["src"] == "data:image/png;base64," + answer.json()[0]
+    assert results(page)[0]["parameters"].endswith("strength 0.75 · inpainted, only masked")
     (tmp_path / "only_masked.png").write_bytes(base64.b64decode(answer.json()[0]))
     page.select_option("#masked_content", "original")
     page.select_option("#inpaint_area", "whole_picture")

@@ -205,7 +205,8 @@ function text(tag, className, content) {
   return element;
 }
 
-// A base64 PNG's [width, height], read from its header: a hires fix's image is the size the server made it.
+// A base64 PNG's [width, height], read from its header: a hires fix's image is the size the server made it, an
+// only-masked inpainting's the init image's.
 function pngSize(png) {
   const header = atob(png.slice(0, 32)); // the signature, IHDR's length and name, then its width and height
   const read = (at) => [0, 1, 2, 3].reduce((value, i) => value * 256 + header.charCodeAt(at + i), 0);
@@ -214,7 +215,10 @@ function pngSize(png) {
 
 function describe(parameters, png) {
   let size = `${parameters.W}×${parameters.H}`;
-  if (parameters.hr_upscaler !== undefined) size += ` → ${pngSize(png).join("×")}`;
+  const made = pngSize(png).join("×");
+  if (parameters.hr_upscaler !== undefined || (parameters.inpaint_area === "only_masked" && made !== size)) {
+    size += ` → ${made}`;
+  }
   const parts = [size, `${parameters.ddim_steps} steps`, `guidance ${parameters.scale}`];
   const sampler = $("sampler").querySelector(`option[value="${CSS.escape(parameters.sampler ?? "ddim")}"]`);
   if (sampler && sampler.value !== "ddim") parts.push(sampler.textContent);
@@ -226,7 +230,9 @@ function describe(parameters, png) {
     parts.push(`hires fix ${how} (${name}, ${parameters.hr_steps} steps)`);
   }
   if (parameters.strength !== undefined) parts.push(`strength ${parameters.strength}`);
-  if (parameters.inpainted) parts.push("inpainted");
+  if (parameters.inpainted) {
+    parts.push(parameters.inpaint_area === "only_masked" ? "inpainted, only masked" : "inpainted");
+  }
   if (parameters.weighted_subprompts) parts.push("weighted sub-prompts");
   if (parameters.emphasis) parts.push("A1111 emphasis");
   if (parameters.seed_resize_from_w) {
