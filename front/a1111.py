@@ -20,7 +20,7 @@ which is not A1111's: the same request paints another image there.
   other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
   not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
-  checkpoint, resize modes but "just resize", an inverted mask, several init images, extensions sent turned on,
+  checkpoint, the resize mode of a latent upscale, an inverted mask, several init images, extensions sent turned on,
   override settings but clip skip and those that change nothing here: the served model, an option at its value,
   saving files).
 - Inpainting runs A1111's masked contents (`inpainting_fill`: fill by default) and inpaint areas (`inpaint_full_res`:
@@ -68,14 +68,16 @@ THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "hr_sampler": "hr_sampler_name", "masked_content": "inpainting_fill", "inpaint_area": "inpaint_full_res",
     "masked_area_padding": "inpaint_full_res_padding",
 }  # fmt: skip
-# Inpainting's masked content, ours, by A1111's number for it (`inpainting_fill`).
+# Inpainting's masked content, ours, by A1111's number for it (`inpainting_fill`); img2img's resize modes
+# (`resize_mode`, its fourth, a latent upscale, not done here).
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 # Options that change the image in ways not done here, with the values that leave it alone (None: left out).
 OFF: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "styles": (None, []), "script_name": (None, ""), "script_args": (None, []),
     "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""), "resize_mode": (None, 0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""),
     "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""), "infotext": (None, ""),
     "firstphase_width": (None, 0), "firstphase_height": (None, 0),
 }  # fmt: skip
@@ -320,6 +322,10 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
         raise _refuse("init_images", "send a list of one base64 image (several are not available here)")
     ours["init_image"] = images[0]
     ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
+    mode = body["resize_mode"] if body.get("resize_mode") is not None else 0
+    if mode not in range(len(RESIZE_MODES)):
+        raise _refuse("resize_mode", "must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill) here")
+    ours["resize_mode"] = RESIZE_MODES[mode]
     if body.get("mask") is None:
         return
     ours["mask_image"] = body["mask"]

@@ -90,6 +90,12 @@ class ImagineRequest(BaseModel):
         "a Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; at most 64; default: "
         "model-config.yaml's, 4 as shipped)",
     )
+    resize_mode: str = Field(
+        "just_resize",
+        description="img2img: how an init image of another shape than W×H is brought to it, as AUTOMATIC1111's "
+        "'Resize mode': just_resize (stretched), crop_and_resize (covering it, the overflow cut) or resize_and_fill "
+        "(inside it, its edges stretched over the rest)",
+    )
     masked_content: str = Field(
         "original",
         description="inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content': original, "

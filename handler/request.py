@@ -34,9 +34,17 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
+from ldm.init_images import RESIZE_MODES, rgb
 from ldm.inpainting import MAX_MASK_BLUR, mask_band
 from ldm.only_masked import MAX_PADDING
-from ldm.request_checks import check_emphasis, check_hires, check_mask, check_sampler, check_seed_resize
+from ldm.request_checks import (
+    check_emphasis,
+    check_hires,
+    check_mask,
+    check_resize_mode,
+    check_sampler,
+    check_seed_resize,
+)
 from ldm.request_texts import named_texts, read_texts, request_loras, text_parts
 from ldm.tokenizer import CLIPTokenizer
 
@@ -59,6 +67,7 @@ FIELDS = (
     "inpaint_area",
     "masked_area_padding",
     "strength",
+    "resize_mode",
     "stream",
     "weighted_subprompts",
     "emphasis",
@@ -261,7 +270,7 @@ def decode_image(
             # Upright as every viewer (and the page, which sizes the mask from it) shows it: a phone's portrait photo
             # is stored sideways with an EXIF orientation, which PIL would ignore.
             upright = ImageOps.exif_transpose(image)
-            return mask_band(upright) if field == "mask_image" else upright.convert("RGB")
+            return mask_band(upright) if field == "mask_image" else rgb(upright)
         except _DAMAGED:
             raise RequestError(field, f"{field} is truncated or corrupt") from None
 
@@ -447,6 +456,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         sampler=sampler,
         init_image=init_image,
         strength=strength,
+        resize_mode=_our_name(_text(body, "resize_mode", GenerationRequest.resize_mode, 32), RESIZE_MODES),
         mask_image=mask_image,
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
         # GenerationRequest's defaults: the original pixels, the whole picture, A1111's UI's padding.
@@ -493,6 +503,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         check_emphasis(generation)
         check_seed_resize(generation)
         check_mask(generation)
+        check_resize_mode(generation)
         check_hires(generation)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None

@@ -44,6 +44,8 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     }
     if r.init_image is not None or r.hires:
         parameters["strength"] = r.strength
+    if r.init_image is not None:
+        parameters["resize_mode"] = r.resize_mode
     if r.hires:
         if r.hr_resize_x or r.hr_resize_y:
             parameters.update(hr_resize_x=r.hr_resize_x, hr_resize_y=r.hr_resize_y)

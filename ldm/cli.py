@@ -59,6 +59,7 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
+from ldm.init_images import RESIZE_MODES, rgb
 from ldm.inpainting import mask_band
 from ldm.model import StableDiffusion
 from ldm.output_names import next_index, outdir_problem, prompt_folder, write_new
@@ -123,6 +124,14 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     )
     if img2img:
         parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
+        parser.add_argument(
+            "--resize_mode",
+            choices=tuple(RESIZE_MODES),
+            default=GenerationRequest.resize_mode,
+            help="how an init image of another shape than --W x --H is brought to it, as AUTOMATIC1111's 'Resize "
+            "mode': stretched, covering it (the overflow cut) or inside it (its edges stretched over the rest) "
+            "(default: %(default)s)",
+        )
         parser.add_argument(
             "--mask",
             type=str,
@@ -455,7 +464,7 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
             if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
                 raise CliError(f"--{flag} {path}: an animation; give one still image")
             upright = ImageOps.exif_transpose(image)  # as viewers show a phone's photo
-            return mask_band(upright) if flag == "mask" else upright.convert("RGB")
+            return mask_band(upright) if flag == "mask" else rgb(upright)
     except FileNotFoundError:
         raise CliError(f"--{flag} {path}: no such file") from None
     except Image.DecompressionBombError:
@@ -628,6 +637,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     if init_image is not None:
         template = replace(
             template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur,
+            resize_mode=args.resize_mode,
             masked_content=args.masked_content, inpaint_area=args.inpaint_area,
             masked_area_padding=args.masked_area_padding,
         )  # fmt: skip

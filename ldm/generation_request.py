@@ -96,6 +96,10 @@ class GenerationRequest:
     `seed_resize_from_w`/`_h` both above 0 → A1111's "Resize seed from" (ldm/seed_resize.py): the seeds' noise is
     drawn at that size and pasted, centred, into the image's own.
 
+    `resize_mode` (A1111's "Resize mode", ldm/init_images.py): how an init image of another shape than the request
+    is brought to its size: stretched ("just_resize"), covering it, the overflow cut ("crop_and_resize"), or inside
+    it, its edges stretched over the rest ("resize_and_fill"); an only-masked inpainting cuts its own box instead.
+
     `masked_content` (A1111's "Masked content", ldm/inpainting.py): what the repainted part starts from: the init
     image ("original"), its kept part blurred over it ("fill"), the image's noise ("latent_noise") or nothing
     ("latent_nothing"). `inpaint_area` "only_masked" (A1111's "Only masked", ldm/only_masked.py): a box around the
@@ -125,6 +129,7 @@ class GenerationRequest:
     sampler: str = "ddim"
     init_image: Image.Image | None = None
     strength: float = 0.75
+    resize_mode: str = "just_resize"
     weighted_subprompts: bool = False
     mask_image: Image.Image | None = None
     emphasis: bool = False

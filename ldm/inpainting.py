@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
+from ldm.init_images import rgb
+
 # A1111's "Mask blur" range (its slider's), in pixels: σ of the Gaussian that softens the pasted edge.
 MAX_MASK_BLUR = 64
 # A1111's "fill": (radius of PIL's Gaussian blur, times laid) from the widest to none, each over the ones before.
@@ -40,8 +42,9 @@ FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 
 def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) uint8: the image as RGB, LANCZOS-resized to (W, H): what img2img encodes and inpainting pastes back."""
-    return np.array(image.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS))
+    """(H, W, 3) uint8: the image as RGB (`init_images.rgb`), LANCZOS-resized to (W, H): what img2img encodes and
+    inpainting pastes back."""
+    return np.array(rgb(image).resize((width, height), resample=Image.Resampling.LANCZOS))
 
 
 def mask_band(image: Image.Image) -> Image.Image:

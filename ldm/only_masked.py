@@ -8,7 +8,8 @@ images.resize_image):
 1. The box (`crop_box`): every pixel the blurred mask touches, widened by the padding on each side within the image,
    then grown about its centre to the request's W:H shape and shifted back inside the image where it crosses an edge.
 2. The init image and the mask cut to it and fitted to W×H keeping their shape, the bands left over filled by
-   stretching the edge rows (`fit_and_fill`, A1111's "resize and fill"); that is inpainted as a whole picture.
+   stretching the edge rows (ldm/init_images.py's `fit_and_fill`, A1111's "resize and fill"); that is inpainted as
+   a whole picture.
 3. The painted W×H image scaled to cover the box and centre-cropped (`cover`, A1111's "crop and resize"), put in
    place and laid under the init image through the blurred mask (`Crop.__call__`): the answer has the init image's
    size, and outside the box it is the init image itself.
@@ -26,6 +27,7 @@ import torch
 from PIL import Image
 
 from ldm.generation_request import GenerationRequest
+from ldm.init_images import cover, fit_and_fill, rgb
 from ldm.inpainting import blurred, mask_pixels
 
 # A1111's "Only masked padding, pixels" slider's range.
@@ -60,40 +62,6 @@ def _grown(low: int, high: int, wanted: float, limit: int) -> tuple[int, int]:
     return low, min(high, limit)
 
 
-def fit_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image LANCZOS-scaled to fit inside `width`×`height` keeping its shape, centred, the bands beside it
-    filled by stretching its edge rows (or columns) across them: A1111's "resize and fill"."""
-    shape, own = width / height, image.width / image.height
-    # At least a pixel: a box one pixel wide fitted into a wide request would round to none.
-    fit_w = max(1, width if shape < own else image.width * height // image.height)
-    fit_h = max(1, height if shape >= own else image.height * width // image.width)
-    fitted = image.resize((fit_w, fit_h), resample=Image.Resampling.LANCZOS)
-    canvas = Image.new(image.mode, (width, height))
-    canvas.paste(fitted, (width // 2 - fit_w // 2, height // 2 - fit_h // 2))
-    if shape < own and (band := height // 2 - fit_h // 2) > 0:
-        canvas.paste(fitted.resize((width, band), box=(0, 0, width, 0)), (0, 0))
-        canvas.paste(fitted.resize((width, band), box=(0, fit_h, width, fit_h)), (0, band + fit_h))
-    elif shape > own and (band := width // 2 - fit_w // 2) > 0:
-        canvas.paste(fitted.resize((band, height), box=(0, 0, 0, height)), (0, 0))
-        canvas.paste(fitted.resize((band, height), box=(fit_w, 0, fit_w, height)), (band + fit_w, 0))
-    return canvas
-
-
-def cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image LANCZOS-scaled to cover `width`×`height` keeping its shape, and centre-cropped to it: A1111's
-    "crop and resize". A1111 scales the whole image and crops it, which could take gigabytes (a box the image's
-    edge kept from the request's shape: 64×2048 painted for a 3964×2048 box covers 3964×126848); this scales the
-    part that shows alone, the same picture, which PIL samples a little differently here and there (on a
-    reference image: 0.07 levels on average, 10 at most)."""
-    shape, own = width / height, image.width / image.height
-    cover_w = width if shape > own else image.width * height // image.height
-    cover_h = height if shape <= own else image.height * width // image.width
-    scale_x, scale_y = image.width / cover_w, image.height / cover_h
-    left, top = cover_w // 2 - width // 2, cover_h // 2 - height // 2
-    shown = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
-    return image.resize((width, height), resample=Image.Resampling.LANCZOS, box=shown)
-
-
 @dataclass(frozen=True)
 class Crop:
     """An only-masked request's box; the request as it is run (`run`: the box's init image and mask fitted to its
@@ -111,7 +79,7 @@ class Crop:
         """For a resolved only-masked request whose mask repaints something (`repaints`)."""
         assert request.init_image is not None and request.mask_image is not None, "an only-masked request inpaints"
         assert request.width is not None and request.height is not None, "a resolved request has a size"
-        image = request.init_image.convert("RGB")
+        image = rgb(request.init_image)
         binary = mask_pixels(request.mask_image, *image.size)
         soft = blurred(binary, request.mask_blur)[0, 0]
         # The pixels A1111's 8-bit blurred mask touches; where a lone pixel under a wide blur rounds away there, the

@@ -14,7 +14,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ldm import emphasis, hires, inpainting, lora, only_masked, prompt_editing
+from ldm import emphasis, hires, init_images, inpainting, lora, only_masked, prompt_editing
 from ldm.ddim import max_ddim_steps
 from ldm.generation_request import (
     HIRES_OWN,
@@ -30,6 +30,7 @@ from ldm.generation_request import (
     GenerationRequest,
     hires_run,
 )
+from ldm.init_images import RESIZE_MODES
 from ldm.lora import LoraError
 from ldm.request_texts import check_no_lora_tags, named_texts, pass_field, request_loras, text_parts
 
@@ -65,6 +66,15 @@ def check_seed_resize(request: GenerationRequest, factor: int = 8) -> None:
                 name,
                 f"{name} must be set too, since {other} is {other_side}: a seed resize needs both sides (both 0: none)",
             )
+
+
+def check_resize_mode(request: GenerationRequest) -> None:
+    """A resize mode is one of A1111's, for an init image."""
+    if request.resize_mode not in RESIZE_MODES:
+        names = ", ".join(RESIZE_MODES)
+        raise GenerationError("resize_mode", f"resize_mode must be one of {names}, got {request.resize_mode!r}")
+    if request.init_image is None and request.resize_mode != "just_resize":
+        raise GenerationError("resize_mode", "resize_mode needs an init_image: it tells how to bring it to H×W")
 
 
 def check_mask(request: GenerationRequest) -> None:
@@ -274,6 +284,7 @@ def resolve(
     request = replace(request, height=height, width=width)
     check_seed_resize(request, factor)
     check_mask(request)
+    check_resize_mode(request)
     if request.inpaint_area == "only_masked" and not only_masked.repaints(request):
         # A1111's fallback: with no box to inpaint, the whole picture's img2img.
         request = replace(request, mask_image=None, masked_content="original", inpaint_area="whole_picture")
@@ -291,7 +302,23 @@ def resolve(
     for name, value in (("H", request.height), ("W", request.width)):
         if value <= 0 or value % factor:
             raise GenerationError(name, f"{name} must be a positive multiple of {factor}, got {value}")
-    return request
+    return sized(request)
+
+
+def sized(request: GenerationRequest) -> GenerationRequest:
+    """A resolved request with its init image (RGB) and mask (the gray it draws) brought to its size by its resize
+    mode, so that the rest of the run finds them there (an only-masked inpainting's box is cut from the image as it
+    is)."""
+    if request.init_image is None or request.inpaint_area != "whole_picture":
+        return request
+    assert request.width is not None and request.height is not None, "a resolved request has a size"
+    mask = None if request.mask_image is None else inpainting.mask_band(request.mask_image)
+    pictures = {"init_image": init_images.rgb(request.init_image), "mask_image": mask}
+    return replace(
+        request,
+        **{name: init_images.sized(picture, request.resize_mode, request.width, request.height)
+           for name, picture in pictures.items() if picture is not None},
+    )  # fmt: skip
 
 
 def _rounded_up(strength: float) -> float:

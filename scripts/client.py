@@ -38,11 +38,10 @@ DEFAULT_OUTDIR = "outputs/client"
 DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
-                   "sampler", "strength", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur", "masked_content",
-                   "inpaint_area", "masked_area_padding", "hr_scale",
-                   "hr_upscaler", "hr_steps", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt",
-                   "hr_sampler", "subseed", "subseed_strength",
-                   "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
+                   "sampler", "strength", "resize_mode", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur",
+                   "masked_content", "inpaint_area", "masked_area_padding", "hr_scale", "hr_upscaler", "hr_steps",
+                   "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler", "subseed",
+                   "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -217,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--init-image", type=Path, help="PNG, JPEG or WebP to start from: img2img instead of txt2img")
     parser.add_argument(
+        "--resize-mode",
+        help="img2img: how an init image of another shape than --W x --H is brought to it: just_resize, "
+        "crop_and_resize or resize_and_fill (AUTOMATIC1111's 'Resize mode')",
+    )
+    parser.add_argument(
         "--mask-image",
         type=Path,
         help="inpainting: PNG, JPEG or WebP the size of --init-image, white where it is repainted, black where kept",
@@ -293,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strength is not None and args.init_image is None and not hires:
         parser.error("--strength needs --init-image, or the hires fix's --hr-scale or --hr-resize-x/-y (txt2img has "
                      "nothing to keep)")  # fmt: skip
-    if args.mask_image is not None and args.init_image is None:
-        parser.error("--mask-image needs --init-image (txt2img has nothing to keep)")
+    for name in ("mask_image", "resize_mode"):
+        if getattr(args, name) is not None and args.init_image is None:
+            parser.error(f"--{name.replace('_', '-')} needs --init-image (txt2img has nothing to keep)")
     for name in ("hr_upscaler", "hr_steps", "hr_prompt", "hr_negative_prompt", "hr_sampler"):
         if getattr(args, name) is not None and not hires:
             parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "

@@ -252,10 +252,12 @@ def test_inpainting_sends_the_mask_file_as_base64(server: FakeTorchServe, tmp_pa
     body = server.requests[0]["body"]
     assert set(body) == {"prompt", "init_image", "mask_image"}
     assert base64.b64decode(body["mask_image"], validate=True) == mask.read_bytes()
-    how = ["--masked-content", "fill", "--inpaint-area", "only_masked", "--masked-area-padding", "16"]
+    how = ["--masked-content", "fill", "--inpaint-area", "only_masked", "--masked-area-padding", "16",
+           "--resize-mode", "crop_and_resize"]  # fmt: skip
     assert run(server.url, tmp_path / "out", "a door", "--init-image", str(init), "--mask-image", str(mask), *how) == 0
     body = server.requests[1]["body"]
     assert (body["masked_content"], body["inpaint_area"], body["masked_area_padding"]) == ("fill", "only_masked", 16)
+    assert body["resize_mode"] == "crop_and_resize"
 
 
 def test_a_missing_init_image_exits_2_before_any_request(
@@ -373,6 +375,7 @@ def test_an_outdir_that_cannot_be_one_is_a_usage_error_before_the_request(
         ),  # 1 and 0: no hires fix
         (["--mask-image", "mask.png"], "--mask-image needs --init-image"),
         (["--init-image", "init.png", "--mask-blur", "8"], "--mask-blur needs --mask-image"),
+        (["--resize-mode", "crop_and_resize"], "--resize-mode needs --init-image"),
         (["--init-image", "init.png", "--inpaint-area", "only_masked"], "--inpaint-area needs --mask-image"),
         (["--hr-upscaler", "lanczos"], "--hr-upscaler needs an --hr-scale above 1 or --hr-resize-x/-y"),
         (["--hr-steps", "10"], "--hr-steps needs an --hr-scale above 1"),

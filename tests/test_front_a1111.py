@@ -260,11 +260,15 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     answer = client.post(IMG2IMG, json={"prompt": "a fox", "seed": 4, "init_images": ["aW1n"],
                                         "include_init_images": True}).json()  # fmt: skip
     assert fake.sent()[1]["strength"] == 0.75 and "mask_image" not in fake.sent()[1]
+    assert fake.sent()[0]["resize_mode"] == fake.sent()[1]["resize_mode"] == "just_resize"  # A1111's default, 0
     assert answer["parameters"]["init_images"] == ["aW1n"]
     # 1.6's blur of each axis, without mask_blur: one blur here where they agree.
     blurs = {"mask_blur_x": 6, "mask_blur_y": 6, "mask_blur": None}
     assert client.post(IMG2IMG, json={**body, **blurs}).status_code == 200 and fake.sent()[2]["mask_blur"] == 6
     assert fake.sent()[2]["masked_content"] == "original" and "inpaint_area" not in fake.sent()[2]
+    for mode, ours in enumerate(("just_resize", "crop_and_resize", "resize_and_fill")):
+        client.post(IMG2IMG, json={"prompt": "a fox", "init_images": ["aW1n"], "resize_mode": mode})
+        assert fake.sent()[-1]["resize_mode"] == ours
 
 
 @pytest.mark.parametrize(
@@ -323,7 +327,7 @@ def test_inpainting_runs_a1111s_masked_content_and_area(
         (IMG2IMG, {"init_images": []}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n", "aW1n"]}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 4}, "inpainting_fill"),
-        (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 1}, "resize_mode"),
+        (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 3}, "resize_mode"),
         (
             IMG2IMG,
             {

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from ldm.generation_request import GenerationRequest
+from ldm.init_images import cover, fit_and_fill
 from ldm.inpainting import blurred, mask_pixels
-from ldm.only_masked import cover, crop_box, fit_and_fill
+from ldm.only_masked import crop_box
 from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve

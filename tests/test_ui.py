@@ -279,7 +279,9 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
                            headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert result["src"] == "data:image/png;base64," + answer.json()[0]
-    assert (body["masked_content"], body["inpaint_area"]) == ("original", "whole_picture")
+    assert [body[k] for k in ("masked_content", "inpaint_area", "resize_mode")] == [
+        "original", "whole_picture", "just_resize"
+    ]  # fmt: skip
     assert "masked_area_padding" not in body
 
     # A1111's Only masked, filled: sent, the API's image, and read back from the PNG's settings.
@@ -628,8 +630,9 @@ def test_an_emptied_seed_box_means_a_random_seed_and_an_unreadable_one_is_explai
 
 def test_an_init_image_sets_the_size_to_its_own_within_the_limits(page: Page, tmp_path: Path) -> None:
     """The server stretches an init image to W×H: the form takes the image's shape, in multiples of 8, scaled into
-    the server's 1024·1024 pixels (or up to its 64-pixel least side). A file refused before it was read leaves no
-    error once a good one is picked."""
+    the server's 1024·1024 pixels (or up to its 64-pixel least side), and its resize mode may be picked. A file
+    refused before it was read leaves no error once a good one is picked."""
+    assert page.is_disabled("#resize_mode")
     page.set_input_files("#init_file", files=[{"name": "big.png", "mimeType": "image/png",
                                                "buffer": bytes(10 * 2**20 + 1)}])  # fmt: skip
     expect(page.locator("#error-init_image")).to_have_text(
@@ -643,6 +646,7 @@ def test_an_init_image_sets_the_size_to_its_own_within_the_limits(page: Page, tm
         expect(page.locator("#H")).to_have_value(expected[1])
         assert page.input_value("#preset") == "custom"
         expect(page.locator("#error-init_image")).to_have_text("")
+        assert not page.is_disabled("#resize_mode")
 
 
 def test_settings_from_a_png_made_here_make_its_image_again(page: Page, tmp_path: Path) -> None:

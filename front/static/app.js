@@ -76,6 +76,7 @@ function requestBody() {
   if (initImage) {
     body.init_image = initImage;
     body.strength = number($("strength").value);
+    body.resize_mode = $("resize_mode").value;
     if (masked) {
       body.mask_image = maskImage();
       body.mask_blur = integer($("mask_blur").value);
@@ -278,8 +279,9 @@ function setInitImage(dataUrl) {
   $("init_preview").src = dataUrl ?? "";
   $("init").hidden = !dataUrl;
   clearMask(1, 1);
-  // Strength only means something with an init image, and the hires fix without one.
+  // Strength and the resize mode only mean something with an init image, and the hires fix without one.
   $("strength").disabled = !dataUrl;
+  $("resize_mode").disabled = !dataUrl;
   $("hires").disabled = Boolean(dataUrl);
   setPlms();
   // Emptied either way: a file picked again after a result was sent back must fire "change" again.
