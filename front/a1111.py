@@ -20,7 +20,7 @@ which is not A1111's: the same request paints another image there.
   other samplers have none, so any value does nothing, as in A1111.
 - Refused with a 400 naming the field, when set to anything but its off value: what would change the image in a way
   not done here (face restoration, styles, scripts, the samplers' churn and noise settings, the hires fix's own
-  checkpoint, the resize mode of a latent upscale, an inverted mask, several init images, extensions sent turned on,
+  checkpoint, the resize mode of a latent upscale, several init images, extensions sent turned on,
   override settings but clip skip and those that change nothing here: the served model, an option at its value,
   saving files).
 - Inpainting runs A1111's masked contents (`inpainting_fill`: fill by default) and inpaint areas (`inpaint_full_res`:
@@ -66,6 +66,7 @@ THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "sampler": "sampler_name", "strength": "denoising_strength", "hr_steps": "hr_second_pass_steps",
     "init_image": "init_images", "mask_image": "mask", "clip_skip": f"override_settings.{CLIP_SKIP}",
     "hr_sampler": "hr_sampler_name", "masked_content": "inpainting_fill", "inpaint_area": "inpaint_full_res",
+    "invert_mask": "inpainting_mask_invert",
     "masked_area_padding": "inpaint_full_res_padding",
 }  # fmt: skip
 # Inpainting's masked content, ours, by A1111's number for it (`inpainting_fill`); img2img's resize modes
@@ -78,7 +79,7 @@ OFF: dict[str, tuple[Any, ...]] = {
     "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""),
-    "inpainting_mask_invert": (None, 0, False), "firstpass_image": (None, ""), "infotext": (None, ""),
+"firstpass_image": (None, ""), "infotext": (None, ""),
     "firstphase_width": (None, 0), "firstphase_height": (None, 0),
 }  # fmt: skip
 # The hires fix's second pass's own prompts and sampler (ours), each with the first pass's field it repeats when
@@ -334,6 +335,8 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if body.get("mask_blur") is None and blur_x != blur_y:
         raise _refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
     ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else blur_x
+    if body.get("inpainting_mask_invert"):
+        ours["invert_mask"] = True
     fill = body["inpainting_fill"] if body.get("inpainting_fill") is not None else 0
     if fill not in range(len(MASKED_CONTENT)):
         raise _refuse("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")

@@ -63,6 +63,7 @@ FIELDS = (
     "init_image",
     "mask_image",
     "mask_blur",
+    "invert_mask",
     "masked_content",
     "inpaint_area",
     "masked_area_padding",
@@ -459,6 +460,7 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
         resize_mode=_our_name(_text(body, "resize_mode", GenerationRequest.resize_mode, 32), RESIZE_MODES),
         mask_image=mask_image,
         mask_blur=_integer(body, "mask_blur", d.mask_blur, 0, MAX_MASK_BLUR, " pixels"),
+        invert_mask=_boolean(body, "invert_mask", False),
         # GenerationRequest's defaults: the original pixels, the whole picture, A1111's UI's padding.
         masked_content=_our_name(_text(body, "masked_content", GenerationRequest.masked_content, 32), MASKED_CONTENTS),
         inpaint_area=_our_name(_text(body, "inpaint_area", GenerationRequest.inpaint_area, 32), INPAINT_AREAS),

@@ -60,7 +60,12 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     if r.tiling:
         parameters["tiling"] = True
     if r.mask_image is not None:
-        parameters.update(mask_blur=r.mask_blur, masked_content=r.masked_content, inpaint_area=r.inpaint_area)
+        parameters.update(
+            mask_blur=r.mask_blur,
+            invert_mask=r.invert_mask,
+            masked_content=r.masked_content,
+            inpaint_area=r.inpaint_area,
+        )
         if r.inpaint_area == "only_masked":
             parameters["masked_area_padding"] = r.masked_area_padding
     return parameters

@@ -146,6 +146,12 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             "Gaussian of this σ in pixels, as AUTOMATIC1111's 'Mask blur' (0: a hard seam; default: %(default)s)",
         )
         parser.add_argument(
+            "--invert_mask",
+            action="store_true",
+            help="inpainting: repaint the mask's black part and keep its white, as AUTOMATIC1111's 'Inpaint not "
+            "masked'",
+        )
+        parser.add_argument(
             "--masked_content",
             choices=tuple(MASKED_CONTENTS),
             default=GenerationRequest.masked_content,
@@ -637,7 +643,7 @@ def run(args: argparse.Namespace, mode: Mode) -> list[Path]:
     if init_image is not None:
         template = replace(
             template, init_image=init_image, mask_image=mask_image, mask_blur=args.mask_blur,
-            resize_mode=args.resize_mode,
+            resize_mode=args.resize_mode, invert_mask=args.invert_mask,
             masked_content=args.masked_content, inpaint_area=args.inpaint_area,
             masked_area_padding=args.masked_area_padding,
         )  # fmt: skip

@@ -100,6 +100,7 @@ class GenerationRequest:
     is brought to its size: stretched ("just_resize"), covering it, the overflow cut ("crop_and_resize"), or inside
     it, its edges stretched over the rest ("resize_and_fill"); an only-masked inpainting cuts its own box instead.
 
+    `invert_mask` (A1111's "Mask mode: Inpaint not masked"): the mask's black part is repainted, its white kept.
     `masked_content` (A1111's "Masked content", ldm/inpainting.py): what the repainted part starts from: the init
     image ("original"), its kept part blurred over it ("fill"), the image's noise ("latent_noise") or nothing
     ("latent_nothing"). `inpaint_area` "only_masked" (A1111's "Only masked", ldm/only_masked.py): a box around the
@@ -135,6 +136,7 @@ class GenerationRequest:
     emphasis: bool = False
     clip_skip: int = 1
     mask_blur: int = 4  # A1111's default
+    invert_mask: bool = False
     masked_content: str = "original"
     inpaint_area: str = "whole_picture"
     masked_area_padding: int = 32  # A1111's UI's default

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
+from ldm.generation_request import GenerationRequest
 from ldm.init_images import rgb
 
 # A1111's "Mask blur" range (its slider's), in pixels: σ of the Gaussian that softens the pasted edge.
@@ -67,6 +68,14 @@ def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     gray = mask_band(mask).resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(gray, dtype=np.float32) / 255.0
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def repaint_pixels(request: GenerationRequest, width: int, height: int) -> torch.Tensor:
+    """The request's mask as `mask_pixels` reads it at `width`×`height`, turned over for `invert_mask` (A1111's
+    "Inpaint not masked": the black part repainted)."""
+    assert request.mask_image is not None, "a request with a mask"
+    pixels = mask_pixels(request.mask_image, width, height)
+    return 1.0 - pixels if request.invert_mask else pixels
 
 
 def latent_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:

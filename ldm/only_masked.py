@@ -28,7 +28,7 @@ from PIL import Image
 
 from ldm.generation_request import GenerationRequest
 from ldm.init_images import cover, fit_and_fill, rgb
-from ldm.inpainting import blurred, mask_pixels
+from ldm.inpainting import blurred, repaint_pixels
 
 # A1111's "Only masked padding, pixels" slider's range.
 MAX_PADDING = 256
@@ -80,7 +80,7 @@ class Crop:
         assert request.init_image is not None and request.mask_image is not None, "an only-masked request inpaints"
         assert request.width is not None and request.height is not None, "a resolved request has a size"
         image = rgb(request.init_image)
-        binary = mask_pixels(request.mask_image, *image.size)
+        binary = repaint_pixels(request, *image.size)
         soft = blurred(binary, request.mask_blur)[0, 0]
         # The pixels A1111's 8-bit blurred mask touches; where a lone pixel under a wide blur rounds away there, the
         # box is the mask's own.
@@ -90,7 +90,7 @@ class Crop:
         box = crop_box(touched, request.masked_area_padding, request.width, request.height)
         cut = (image, Image.fromarray((binary[0, 0] * 255).byte().numpy()))
         init, mask = (fit_and_fill(picture.crop(box), request.width, request.height) for picture in cut)
-        run = replace(request, init_image=init, mask_image=mask, inpaint_area="whole_picture")
+        run = replace(request, init_image=init, mask_image=mask, inpaint_area="whole_picture", invert_mask=False)
         return cls(box, run, torch.from_numpy(np.array(image)).float(), soft[:, :, None])
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -106,4 +106,4 @@ def repaints(request: GenerationRequest) -> bool:
     """Whether the request's mask repaints any pixel of its init image: an only-masked request whose mask repaints
     none is an img2img of the whole picture, as A1111 runs it."""
     assert request.init_image is not None and request.mask_image is not None, "a request with a mask"
-    return bool(mask_pixels(request.mask_image, *request.init_image.size).any())
+    return bool(repaint_pixels(request, *request.init_image.size).any())

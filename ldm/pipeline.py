@@ -356,7 +356,7 @@ class Pipeline:
         """The request's pixel mask (1, 1, H, W), 1 where repainted: all 1 without a mask on an inpainting model
         (which always reads one), None on a text-to-image model (which needs none)."""
         if request.mask_image is not None:
-            return inpainting.mask_pixels(request.mask_image, request.width, request.height)
+            return inpainting.repaint_pixels(request, request.width, request.height)
         if self.model.config.inpainting:
             return torch.ones(1, 1, request.height, request.width)
         return None

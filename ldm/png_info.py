@@ -104,6 +104,8 @@ def parameters_text(
                "Hires negative prompt": (request.hr_negative_prompt, request.negative_prompt)}  # fmt: skip
         fields.extend(f"{key}: {_quote(text)}" for key, (text, first) in own.items() if text not in ("", first))
     if request.mask_image is not None:
+        if request.invert_mask:
+            fields.append("Mask mode: Inpaint not masked")
         fields.append(f"Mask blur: {request.mask_blur}")
         if request.inpaint_area == "only_masked":
             fields.extend(("Inpaint area: Only masked", f"Masked area padding: {request.masked_area_padding}"))

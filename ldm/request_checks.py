@@ -94,7 +94,11 @@ def check_mask(request: GenerationRequest) -> None:
             "masked_area_padding", f"masked_area_padding must be in [0, {most}] pixels, got {padding!r}"
         )
     if request.mask_image is None:
-        for name, default in (("masked_content", "original"), ("inpaint_area", "whole_picture")):
+        for name, default in (
+            ("masked_content", "original"),
+            ("inpaint_area", "whole_picture"),
+            ("invert_mask", False),
+        ):
             if getattr(request, name) != default:
                 raise GenerationError(name, f"{name} needs a mask_image: it tells how to inpaint through one")
         return
@@ -287,7 +291,9 @@ def resolve(
     check_resize_mode(request)
     if request.inpaint_area == "only_masked" and not only_masked.repaints(request):
         # A1111's fallback: with no box to inpaint, the whole picture's img2img.
-        request = replace(request, mask_image=None, masked_content="original", inpaint_area="whole_picture")
+        request = replace(
+            request, mask_image=None, masked_content="original", inpaint_area="whole_picture", invert_mask=False
+        )
     check_hires(request, num_timesteps, factor)
     if request.hires:
         request = replace(request, hr_steps=request.hires_steps)

@@ -39,9 +39,9 @@ DEFAULT_TIMEOUT = 900.0
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "resize_mode", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur",
-                   "masked_content", "inpaint_area", "masked_area_padding", "hr_scale", "hr_upscaler", "hr_steps",
-                   "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler", "subseed",
-                   "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
+                   "invert_mask", "masked_content", "inpaint_area", "masked_area_padding", "hr_scale", "hr_upscaler",
+                   "hr_steps", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler",
+                   "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "tiling")  # fmt: skip
 
 
 class ClientError(Exception):
@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpainting: σ in pixels of the seam where the kept pixels are pasted back (AUTOMATIC1111's 'Mask blur')",
     )
     parser.add_argument(
+        "--invert-mask",
+        action=argparse.BooleanOptionalAction,
+        help="inpainting: repaint the mask's black part, keep its white (AUTOMATIC1111's 'Inpaint not masked')",
+    )
+    parser.add_argument(
         "--masked-content",
         help="inpainting: what the repainted part starts from: original, fill, latent_noise or latent_nothing "
         "(AUTOMATIC1111's 'Masked content')",
@@ -304,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None and not hires:
             parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "
                          "fix's)")  # fmt: skip
-    for name in ("mask_blur", "masked_content", "inpaint_area", "masked_area_padding"):
+    for name in ("mask_blur", "invert_mask", "masked_content", "inpaint_area", "masked_area_padding"):
         if getattr(args, name) is not None and args.mask_image is None:
             parser.error(f"--{name.replace('_', '-')} needs --mask-image (it says how to inpaint through it)")
     problem = check_url(args.url)

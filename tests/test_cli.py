@@ -586,6 +586,7 @@ IMG2IMG_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--mask", "mask.png"], "mask", "mask.png"),
     (["--mask_blur", "8"], "mask_blur", 8),
     (["--masked_content", "latent_nothing"], "masked_content", "latent_nothing"),
+    (["--invert_mask"], "invert_mask", True),
     (["--inpaint_area", "only_masked"], "inpaint_area", "only_masked"),
     (["--masked_area_padding", "64"], "masked_area_padding", 64),
 ]

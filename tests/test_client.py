@@ -253,11 +253,11 @@ def test_inpainting_sends_the_mask_file_as_base64(server: FakeTorchServe, tmp_pa
     assert set(body) == {"prompt", "init_image", "mask_image"}
     assert base64.b64decode(body["mask_image"], validate=True) == mask.read_bytes()
     how = ["--masked-content", "fill", "--inpaint-area", "only_masked", "--masked-area-padding", "16",
-           "--resize-mode", "crop_and_resize"]  # fmt: skip
+           "--resize-mode", "crop_and_resize", "--invert-mask"]  # fmt: skip
     assert run(server.url, tmp_path / "out", "a door", "--init-image", str(init), "--mask-image", str(mask), *how) == 0
     body = server.requests[1]["body"]
     assert (body["masked_content"], body["inpaint_area"], body["masked_area_padding"]) == ("fill", "only_masked", 16)
-    assert body["resize_mode"] == "crop_and_resize"
+    assert body["resize_mode"] == "crop_and_resize" and body["invert_mask"] is True
 
 
 def test_a_missing_init_image_exits_2_before_any_request(

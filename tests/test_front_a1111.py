@@ -266,6 +266,9 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     blurs = {"mask_blur_x": 6, "mask_blur_y": 6, "mask_blur": None}
     assert client.post(IMG2IMG, json={**body, **blurs}).status_code == 200 and fake.sent()[2]["mask_blur"] == 6
     assert fake.sent()[2]["masked_content"] == "original" and "inpaint_area" not in fake.sent()[2]
+    assert "invert_mask" not in fake.sent()[2]
+    client.post(IMG2IMG, json={**body, "inpainting_mask_invert": 1})
+    assert fake.sent()[-1]["invert_mask"] is True
     for mode, ours in enumerate(("just_resize", "crop_and_resize", "resize_and_fill")):
         client.post(IMG2IMG, json={"prompt": "a fox", "init_images": ["aW1n"], "resize_mode": mode})
         assert fake.sent()[-1]["resize_mode"] == ours

@@ -219,6 +219,14 @@ def test_text_to_image_model_inpaints_as_diffusers(
     assert np.abs(ours - plain).mean() > 1
 
 
+def test_an_inverted_mask_repaints_its_black_part(pipeline: Pipeline) -> None:
+    """A1111's "Inpaint not masked": the same as the mask's negative, and its PNG says so."""
+    inverted = pipeline.generate(dataclasses.replace(REQUEST, invert_mask=True))
+    negative = Image.fromarray(255 - np.asarray(_mask()))
+    assert np.array_equal(inverted.images, pipeline.generate(dataclasses.replace(REQUEST, mask_image=negative)).images)
+    assert "Mask mode: Inpaint not masked, Mask blur: 4" in parameters_text(inverted.request, inverted.seeds[0])
+
+
 def test_fill_paints_the_repainted_part_in_the_colours_around_it() -> None:
     """A1111's "fill": kept pixels come back exactly; a hole in one colour is that colour, whatever it held; a hole
     across two colours takes each side's near its edge."""
@@ -358,6 +366,7 @@ def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, 
          r"masked_area_padding must be in \[0, 256\] pixels, got 257"),
         ({"mask_image": None, "masked_content": "fill"}, "masked_content", "masked_content needs a mask_image"),
         ({"mask_image": None, "inpaint_area": "only_masked"}, "inpaint_area", "inpaint_area needs a mask_image"),
+        ({"mask_image": None, "invert_mask": True}, "invert_mask", "invert_mask needs a mask_image"),
     ],
 )  # fmt: skip
 def test_masked_requests_the_pipeline_cannot_run(change: dict, field: str, message: str) -> None:

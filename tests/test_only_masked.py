@@ -156,6 +156,15 @@ def test_a_scaled_box_is_painted_at_the_request_size_and_blended_back(pipeline: 
     assert np.abs(image[repainted] - init[repainted]).mean() > 5
 
 
+def test_an_inverted_mask_cuts_the_box_around_its_black_part(pipeline: Pipeline) -> None:
+    """Inverted, a mask white but for a 40×30 hole repaints that hole: the same box and image as the hole's mask."""
+    hole = _mask((60, 40, 100, 70))
+    negative = Image.fromarray(255 - np.asarray(hole))
+    inverted = pipeline.generate(_request(negative, invert_mask=True, mask_blur=0, masked_area_padding=12))
+    plain = pipeline.generate(_request(hole, mask_blur=0, masked_area_padding=12))
+    assert np.array_equal(inverted.images, plain.images)
+
+
 def test_a_mask_that_repaints_nothing_is_an_img2img_of_the_whole_picture(pipeline: Pipeline) -> None:
     """As A1111 falls back: no box to inpaint."""
     blank = _request(Image.new("L", (160, 128)))

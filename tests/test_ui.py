@@ -285,13 +285,14 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     assert "masked_area_padding" not in body
 
     # A1111's Only masked, filled: sent, the API's image, and read back from the PNG's settings.
+    page.check("#invert_mask")
     page.select_option("#masked_content", "fill")
     page.select_option("#inpaint_area", "only_masked")
     page.fill("#masked_area_padding", "8")
     expect(page.locator("#masked_area_padding_value")).to_have_text("8")
     body = generate(page, shown=2)
-    assert {k: body[k] for k in ("masked_content", "inpaint_area", "masked_area_padding")} == {
-        "masked_content": "fill", "inpaint_area": "only_masked", "masked_area_padding": 8
+    assert {k: body[k] for k in ("invert_mask", "masked_content", "inpaint_area", "masked_area_padding")} == {
+        "invert_mask": True, "masked_content": "fill", "inpaint_area": "only_masked", "masked_area_padding": 8
     }  # fmt: skip
     answer = requests.post(f"{front}/imagine", json={k: v for k, v in body.items() if k != "stream"},
                            headers={"Accept": "application/json"}, timeout=GENERATION / 1000)  # fmt: skip
@@ -301,15 +302,17 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     (tmp_path / "only_masked.png").write_bytes(base64.b64decode(answer.json()[0]))
     page.select_option("#masked_content", "original")
     page.select_option("#inpaint_area", "whole_picture")
+    page.uncheck("#invert_mask")
     page.set_input_files("#settings_file", str(tmp_path / "only_masked.png"))
     expect(page.locator("#settings_note")).to_have_text("Settings of only_masked.png set.")
     assert [page.input_value(f"#{id}") for id in ("masked_content", "inpaint_area", "masked_area_padding")] == [
         "fill", "only_masked", "8"
     ]  # fmt: skip
+    assert page.is_checked("#invert_mask")
 
     page.click("#mask_clear")
     body = generate(page, shown=3)
-    assert not {"mask_image", "mask_blur", "masked_content", "inpaint_area"} & set(body)
+    assert not {"mask_image", "mask_blur", "invert_mask", "masked_content", "inpaint_area"} & set(body)
     assert results(page)[0]["parameters"].endswith("strength 0.75")
 
 

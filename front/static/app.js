@@ -80,6 +80,7 @@ function requestBody() {
     if (masked) {
       body.mask_image = maskImage();
       body.mask_blur = integer($("mask_blur").value);
+      if ($("invert_mask").checked) body.invert_mask = true;
       body.masked_content = $("masked_content").value;
       body.inpaint_area = $("inpaint_area").value;
       if (body.inpaint_area === "only_masked") body.masked_area_padding = integer($("masked_area_padding").value);
@@ -521,7 +522,7 @@ function applySettings(settings, unread) {
   $("hr_prompt").value = settings.hr_prompt ?? "";
   $("hr_negative_prompt").value = settings.hr_negative_prompt ?? "";
   $("hr_sampler").value = "";
-  for (const id of ["tiling", "emphasis", "weighted_subprompts"]) $(id).checked = settings[id];
+  for (const id of ["tiling", "emphasis", "weighted_subprompts", "invert_mask"]) $(id).checked = settings[id];
   for (const id of ["masked_content", "inpaint_area"]) $(id).value = settings[id];
   const named = { hr_sampler: "Hires sampler", sampler: "Sampler", hr_upscaler: "Hires upscaler" };
   for (const [id, name] of Object.entries(named)) {

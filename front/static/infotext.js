@@ -106,7 +106,7 @@ export function settingsFrom(text) {
   const settings = {
     prompt, negative_prompt, hr_scale: 1, hr_resize: null,
     subseed_strength: 0, seed_resize: null, clip_skip: 1, tiling: false,
-    masked_content: "original", inpaint_area: "whole_picture",
+    masked_content: "original", inpaint_area: "whole_picture", invert_mask: false,
   };
   const unread = [];
   const take = (key) => {
@@ -188,7 +188,10 @@ export function settingsFrom(text) {
     }
   }
   if (strength !== undefined) settings[hires ? "hr_strength" : "strength"] = strength;
-  // Inpainting's, as A1111 writes them (none: the original pixels, the whole picture).
+  // Inpainting's, as A1111 writes them (none: the original pixels, the whole picture, the painted part repainted).
+  const maskMode = take("Mask mode");
+  settings.invert_mask = maskMode === "Inpaint not masked";
+  if (maskMode !== undefined && !settings.invert_mask) unread.push(`Mask mode: ${maskMode}`);
   for (const [name, key, values] of INPAINTING) {
     const value = take(key);
     if (value === undefined) continue;
