@@ -217,6 +217,19 @@ def test_torchserve_pods_get_a_gpu_probes_and_a_hardened_container() -> None:
     assert {p["name"]: p["containerPort"] for p in ts["ports"]} == {"inference": 8080, "metrics": 8082}
 
 
+def test_a_runtime_class_priority_and_more_environment_reach_the_pod() -> None:
+    """For clusters whose GPU runtime is not the default one, and for settings the chart does not name."""
+    extra = sets("torchserve.runtimeClassName=nvidia", "torchserve.priorityClassName=inference",
+                 "torchserve.extraEnv[0].name=CUDA_MODULE_LOADING", "torchserve.extraEnv[0].value=LAZY")  # fmt: skip
+    deployment = find(objects(*DOWNLOAD, *extra), "Deployment", "sd-torchserve")
+    pod = deployment["spec"]["template"]["spec"]
+    assert (pod["runtimeClassName"], pod["priorityClassName"]) == ("nvidia", "inference")
+    env = {e["name"]: e["value"] for e in container(deployment, "torchserve")["env"]}
+    assert env["CUDA_MODULE_LOADING"] == "LAZY" and "TS_CONFIG" in env
+    plain = find(objects(*DOWNLOAD), "Deployment", "sd-torchserve")["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in plain and "priorityClassName" not in plain
+
+
 def test_numbers_from_a_values_file_are_written_as_whole_numbers(tmp_path: Path) -> None:
     """A values file reads numbers as floats, which a template prints as 3.3554432e+07 from a million up; the keys a
     user raises the image limits with (extraConfig's max_request_size) and the front's timeout stay whole numbers,
@@ -371,6 +384,9 @@ def test_the_front_calls_the_inference_service_and_the_ingress_reaches_the_front
     assert front["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert front["livenessProbe"]["httpGet"]["path"] == "/livez"  # not restarted while TorchServe is down
     assert front["image"] == f"ghcr.io/example/sd-front@{DIGEST}"
+    # A rollout lets the generations it relays finish: as long as the front waits for TorchServe, and the preStop.
+    pod = find(docs, "Deployment", "sd-front")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900 + 40 and front["lifecycle"]["preStop"]["exec"]["command"]
     backend = find(docs, "Ingress", "sd-front")["spec"]["rules"][0]["http"]["paths"][0]["backend"]
     assert backend == {"service": {"name": "sd-front", "port": {"name": "http"}}}
     monitor = find(docs, "ServiceMonitor", "sd-torchserve")
@@ -485,7 +501,8 @@ def test_the_kserve_manifest_matches_kserve_api_and_the_torchserve_storage_layou
     assert server["name"] == "kserve-container" and server["image"].startswith("ghcr.io/example/sd-torchserve:")
     # KServe copies storageUri to /mnt/models: config/config.properties there, whose model store is model-store/.
     assert {e["name"]: e["value"] for e in server["env"]} == {"TS_CONFIG": "/mnt/models/config/config.properties"}
-    assert server["readinessProbe"]["exec"]["command"][-1] == "/mnt/models/config/config.properties"
+    command = server["readinessProbe"]["exec"]["command"]
+    assert command[command.index("--config") + 1] == "/mnt/models/config/config.properties"
     # Generations in flight finish before SIGTERM, as with the chart: its drain, and a grace period 30 s longer.
     drain = yaml.safe_load((CHART / "values.yaml").read_text())["torchserve"]["drainSeconds"]
     assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
