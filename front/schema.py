@@ -81,7 +81,8 @@ class ImagineRequest(BaseModel):
     init_image: str | None = Field(None, description="img2img: base64 PNG, JPEG or WebP, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,
-        description="inpainting: base64 PNG, JPEG or WebP the size of init_image; white (at least 50 %) is repainted, "
+        description="inpainting: base64 PNG, JPEG or WebP over init_image (stretched to its size); white (at least "
+        "50 %) is repainted, "
         "black kept",
     )
     mask_blur: int = Field(
@@ -95,6 +96,10 @@ class ImagineRequest(BaseModel):
         description="img2img: how an init image of another shape than W×H is brought to it, as AUTOMATIC1111's "
         "'Resize mode': just_resize (stretched), crop_and_resize (covering it, the overflow cut) or resize_and_fill "
         "(inside it, its edges stretched over the rest)",
+    )
+    invert_mask: bool = Field(
+        False,
+        description="inpainting: repaint the mask's black part, keep its white (AUTOMATIC1111's 'Inpaint not masked')",
     )
     masked_content: str = Field(
         "original",
