@@ -135,8 +135,8 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
         parser.add_argument(
             "--mask",
             type=str,
-            help="inpainting: an image the size of --init-img, white (at least 50 %%) where it is repainted, black "
-            "where it is kept",
+            help="inpainting: an image over --init-img (stretched to its size), white (at least 50 %%) where it is "
+            "repainted, black where it is kept",
         )
         parser.add_argument(
             "--mask_blur",

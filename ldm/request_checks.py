@@ -14,6 +14,8 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+from PIL import Image
+
 from ldm import emphasis, hires, init_images, inpainting, lora, only_masked, prompt_editing
 from ldm.ddim import max_ddim_steps
 from ldm.generation_request import (
@@ -78,7 +80,8 @@ def check_resize_mode(request: GenerationRequest) -> None:
 
 
 def check_mask(request: GenerationRequest) -> None:
-    """A mask says which pixels of the init image to repaint: it needs one, of its size; its blur is A1111's."""
+    """A mask says which pixels of the init image to repaint: it needs one (a mask of another size is stretched
+    over it); its blur and how it is read are A1111's."""
     if isinstance(request.mask_blur, bool) or not isinstance(request.mask_blur, int):
         raise GenerationError("mask_blur", f"mask_blur must be a whole number of pixels, got {request.mask_blur!r}")
     if not 0 <= request.mask_blur <= inpainting.MAX_MASK_BLUR:
@@ -104,11 +107,6 @@ def check_mask(request: GenerationRequest) -> None:
         return
     if request.init_image is None:
         raise GenerationError("mask_image", MASK_WITHOUT_INIT)
-    if request.mask_image.size != request.init_image.size:
-        sizes = (*request.init_image.size, *request.mask_image.size)
-        raise GenerationError(
-            "mask_image", "mask_image must be the size of init_image, {}x{}, got {}x{}".format(*sizes)
-        )
 
 
 def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: int = 8) -> None:
@@ -318,7 +316,12 @@ def sized(request: GenerationRequest) -> GenerationRequest:
     if request.init_image is None or request.inpaint_area != "whole_picture":
         return request
     assert request.width is not None and request.height is not None, "a resolved request has a size"
-    mask = None if request.mask_image is None else inpainting.mask_band(request.mask_image)
+    # A mask of another size is stretched over the init image first, as A1111 and diffusers stretch it, so that a
+    # resize mode cuts both alike.
+    mask = None
+    if request.mask_image is not None:
+        mask = inpainting.mask_band(request.mask_image)
+        mask = mask.resize(request.init_image.size, resample=Image.Resampling.LANCZOS)
     pictures = {"init_image": init_images.rgb(request.init_image), "mask_image": mask}
     return replace(
         request,

@@ -714,11 +714,6 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--emphasis", "--weighted_subprompts"], "--emphasis: emphasis and weighted_subprompts read"),
     ("txt2img", ["--emphasis", "--prompt", "(a:1..2)"], "--prompt: prompt: '1..2' in ':1..2)' is not a weight"),
     (
-        "img2img",
-        ["--mask", str(REFERENCE / "images" / "basic_0.png")],
-        "--mask: mask_image must be the size of init_image, 80x64, got 64x64",
-    ),
-    (
         "txt2img",
         ["--prompt", "style:watercolor a lake:2", "--weighted_subprompts"],
         "--prompt: prompt: 'watercolor' after 'style:' is not a weight",

@@ -42,7 +42,7 @@ from tests.servers import MODEL, TIMEOUT, TINY_EMBEDDING, TINY_LORA, write_tiny_
 pytestmark = pytest.mark.integration
 # Rounds of every bad request to warm the worker up, rounds after them, and how much the worker's resident memory
 # may grow in the median one of the latter: keeping any one of a round's bodies (the largest is 14 MB), or 20 kB of
-# each of its 142 requests, would show. The allocator grows the heap in steps of about 30 MiB now and then as it settles
+# each of its 141 requests, would show. The allocator grows the heap in steps of about 30 MiB now and then as it settles
 # around four concurrent requests' big bodies (24 rounds alone, 2026-11-29: +80, +2 and +30 MiB in the first three,
 # +29 in the eighth, under 0.4 in each other one); a leak grows it in every round.
 WARM_UP_ROUNDS, BAD_ROUNDS = 3, 8
