@@ -39,35 +39,6 @@ def _numpy_scalar_constructors() -> dict[tuple[str, str], Any]:
     return constructors
 
 
-# Everything a checkpoint may really call: tensor rebuilders, ordered dicts, dtypes, sizes, and the constructors of
-# numpy scalars and bytes that Lightning metadata contains. Each takes plain data and returns plain data.
-ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    # How torch saves float8 and its other newer types: an untyped storage, and the dtype given to the rebuilder.
-    ("torch._utils", "_rebuild_tensor_v3"): torch._utils._rebuild_tensor_v3,
-    ("torch.storage", "UntypedStorage"): torch.UntypedStorage,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): torch.Size,
-    ("_codecs", "encode"): _codecs.encode,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    # The same in a protocol 2 pickle (torch.save's default), which names them by Python 2's module.
-    ("__builtin__", "set"): set,
-    ("__builtin__", "frozenset"): frozenset,
-    # The original textual-inversion code saved an embedding's vectors in one (as A1111 reads them): made empty and
-    # then given its pickled attributes, which are parameters and plain data; its methods never run.
-    ("torch.nn.modules.container", "ParameterDict"): torch.nn.ParameterDict,
-    **_numpy_scalar_constructors(),
-}
-
-
-# The record only TorchScript archives hold (torch.serialization tells them apart by it too).
-TORCHSCRIPT_RECORD = "constants.pkl"
-
-
 class GlobalReference:
     """Stands for a global the pickle names but we refuse to import; usable as data, never callable."""
 
@@ -88,6 +59,48 @@ class GlobalReference:
             f"refusing to load: the checkpoint would call {self.module}.{self.name}, which is not a tensor or "
             "plain-data constructor (a pickle that runs code when loaded)"
         )
+
+
+class _UntypedStorageReference(GlobalReference):
+    """Stands for `torch.UntypedStorage` where a checkpoint names it (float8 and torch's other newer types are saved
+    with one): torch's reader asks a storage's type for its elements' dtype, bytes for an untyped one, and nothing
+    else. Not the class itself: a pickle could call that, and `UntypedStorage(2**40)` from a file of a few bytes
+    would claim a terabyte."""
+
+    dtype = torch.uint8
+
+
+UNTYPED_STORAGE = _UntypedStorageReference("torch.storage", "UntypedStorage")
+
+
+# Everything a checkpoint may really call: tensor rebuilders, ordered dicts, dtypes, sizes, and the constructors of
+# numpy scalars and bytes that Lightning metadata contains. Each takes plain data and returns plain data.
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    # How torch saves float8 and its other newer types: an untyped storage (`UNTYPED_STORAGE`), and the dtype given
+    # to the rebuilder.
+    ("torch._utils", "_rebuild_tensor_v3"): torch._utils._rebuild_tensor_v3,
+    ("torch.storage", "UntypedStorage"): UNTYPED_STORAGE,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,
+    ("_codecs", "encode"): _codecs.encode,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    # The same in a protocol 2 pickle (torch.save's default), which names them by Python 2's module.
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    # The original textual-inversion code saved an embedding's vectors in one (as A1111 reads them): made empty and
+    # then given its pickled attributes, which are parameters and plain data; its methods never run.
+    ("torch.nn.modules.container", "ParameterDict"): torch.nn.ParameterDict,
+    **_numpy_scalar_constructors(),
+}
+
+
+# The record only TorchScript archives hold (torch.serialization tells them apart by it too).
+TORCHSCRIPT_RECORD = "constants.pkl"
 
 
 class Unpickler(pickle.Unpickler):

@@ -21,6 +21,13 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+class ClaimsMemory:
+    """Pickles as a call of torch.UntypedStorage for a terabyte: a file of a few bytes that would allocate one."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch.UntypedStorage, (2**40,))
+
+
 class _SaysWhenLoaded(torch.nn.Module):
     """A TorchScript module whose `__setstate__`, compiled into its archive, prints `words` when it is loaded: code
     of the file's own, which `torch.jit.load` runs (TorchScript can as well write files, with `torch.from_file`)."""

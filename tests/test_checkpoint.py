@@ -18,7 +18,7 @@ from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
 from ldm.safe_pickle import UnsafeCheckpointError
-from tests.hostile_pickles import RunsCode, write_torchscript_archive
+from tests.hostile_pickles import ClaimsMemory, RunsCode, write_torchscript_archive
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -182,6 +182,14 @@ def test_float8_checkpoint_loads_as_its_values_in_fp32(state: dict, tmp_path: Pa
     model = load_checkpoint(path, TINY_CONFIG)
     weight = model.unet.input_blocks[0][0].weight
     assert weight.dtype == torch.float32 and torch.equal(weight, small[UNET_KEY].float())
+
+
+def test_a_pickle_that_calls_the_untyped_storage_it_may_name_is_refused(state: dict, tmp_path: Path) -> None:
+    """Float8 files name torch.UntypedStorage, so it resolves; to a stand-in, which a call does not allocate with."""
+    path = tmp_path / "terabyte.ckpt"
+    torch.save({"state_dict": state, "x": ClaimsMemory()}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"would call torch\.storage\.UntypedStorage"):
+        read_state_dict(path)
 
 
 def test_text_encoder_keys_of_old_transformers_are_read(state: dict) -> None:
