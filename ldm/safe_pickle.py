@@ -15,7 +15,9 @@ import pickle
 import struct
 import sys
 import tarfile
+import types
 import zipfile
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy
@@ -99,6 +101,32 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+class _Call:
+    """One load's stand-in for an allowed Python function: it calls the function, and what a pickle may set on it
+    (BUILD's slot state calls setattr) is its own, not the function's defaults, which are the process's."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self._function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+
+def _for_one_load(found: Any) -> Any:
+    """An allowed global as one load gets it. A pickle can set attributes on what it names (BUILD's slot state calls
+    setattr): on a Python function (its defaults) or the untyped storage's stand-in they would last, and one hostile
+    file would change how every later one is read. Those are handed over fresh: a function behind its own `_Call`,
+    the stand-in anew. The others refuse: builtins and types written in C take no new attributes, and the one Python
+    class allowed (ParameterDict, an nn.Module) has a `__setstate__`, which BUILD calls instead."""
+    if isinstance(found, types.FunctionType):
+        return _Call(found)
+    if isinstance(found, _UntypedStorageReference):
+        return _UntypedStorageReference(found.module, found.name)
+    return found
+
+
 # The record only TorchScript archives hold (torch.serialization tells them apart by it too).
 TORCHSCRIPT_RECORD = "constants.pkl"
 
@@ -111,7 +139,7 @@ class Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
-            return ALLOWED[(module, name)]
+            return _for_one_load(ALLOWED[(module, name)])
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         self.refused = GlobalReference(module, name)
@@ -123,7 +151,7 @@ class Unpickler(pickle.Unpickler):
         except UnsafeCheckpointError:
             raise
         except pickle.UnpicklingError as error:
-            if self.refused is not None:
+            if self.refused is not None and "class argument must be a type" in str(error):
                 # NEWOBJ on a GlobalReference: the pickle wanted to build an object of a class we did not import
                 # (training metadata such as hyper-parameters, in a file whose weights may be fine).
                 raise UnsafeCheckpointError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import types
@@ -190,6 +191,40 @@ def test_a_pickle_that_calls_the_untyped_storage_it_may_name_is_refused(state: d
     torch.save({"state_dict": state, "x": ClaimsMemory()}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"would call torch\.storage\.UntypedStorage"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        b"ctorch.storage\nUntypedStorage\n}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00xsb.",  # the stand-in's dtype
+        b"ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x07\x85s\x86b.",  # a function's
+    ],
+    ids=["stand-in", "function"],
+)
+def test_what_one_pickle_sets_on_what_it_names_does_not_reach_the_next(
+    state: dict, tmp_path: Path, poison: bytes
+) -> None:
+    """BUILD sets attributes on the object before it: on an allowed function or stand-in shared by the process, one
+    hostile file would change how every later one is read. Each load gets its own."""
+    import io
+
+    from ldm import safe_pickle
+
+    with contextlib.suppress(AttributeError):  # a stand-in without such an attribute: refused at once
+        safe_pickle.load(io.BytesIO(poison))
+    path = tmp_path / "fp8.ckpt"
+    torch.save({"state_dict": {UNET_KEY: state[UNET_KEY].to(torch.float8_e4m3fn)}}, path)
+    assert read_state_dict(path)[UNET_KEY].dtype == torch.float8_e4m3fn
+
+
+def test_a_file_garbled_after_it_named_a_class_is_damaged_not_hostile() -> None:
+    """A pickle garbled after naming Lightning's ModelCheckpoint never asked to build one: it is unreadable."""
+    import io
+
+    from ldm import safe_pickle
+
+    with pytest.raises(safe_pickle.MalformedCheckpointError, match="invalid load key"):
+        safe_pickle.load(io.BytesIO(b"\x80\x02cpytorch_lightning.callbacks\nModelCheckpoint\n\xff"))
 
 
 def test_text_encoder_keys_of_old_transformers_are_read(state: dict) -> None:
