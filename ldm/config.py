@@ -126,6 +126,14 @@ def _require(node: DictConfig, key: str, where: str) -> Any:
     return node[key]
 
 
+def _section(node: DictConfig, key: str, where: str) -> DictConfig:
+    """`_require` of a part that holds settings of its own: a mapping, or the config names it."""
+    section = _require(node, key, where)
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"'{where}.{key}' must be a mapping of settings, got {section!r}")
+    return section
+
+
 def _ints(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
@@ -157,7 +165,7 @@ def _unet(node: DictConfig) -> UNetConfig:
 
 def _vae(node: DictConfig) -> VAEConfig:
     where = "model.params.first_stage_config.params"
-    dd = _require(node, "ddconfig", where)
+    dd = _section(node, "ddconfig", where)
     dd_where = f"{where}.ddconfig"
     return VAEConfig(
         embed_dim=int(_require(node, "embed_dim", where)),
@@ -175,11 +183,18 @@ def _vae(node: DictConfig) -> VAEConfig:
 
 def _text(node: DictConfig | None) -> dict[str, Any]:
     text = dict(CLIP_VIT_L14_TEXT)
-    if node is not None:
-        params = node.get("params") or {}
-        overrides = params.get("text_config")
-        if overrides is not None:
-            text.update(OmegaConf.to_container(overrides, resolve=True))
+    where = "model.params.cond_stage_config"
+    if node is None:
+        return text
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"'{where}' must be a mapping of settings, got {node!r}")
+    if node.get("params") is None:
+        return text
+    overrides = _section(node, "params", where).get("text_config")
+    if overrides is not None:
+        if not isinstance(overrides, DictConfig):
+            raise ConfigError(f"'{where}.params.text_config' must be a mapping of CLIPTextConfig fields")
+        text.update(OmegaConf.to_container(overrides, resolve=True))
     return text
 
 
@@ -203,8 +218,8 @@ def _check_input_channels(config: ModelConfig, where: str) -> None:
 
 def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
     """Read an omegaconf tree in the original layout; raise ConfigError naming the first problem."""
-    model = _require(raw, "model", "<root>")
-    params = _require(model, "params", "model")
+    model = _section(raw, "model", "<root>")
+    params = _section(model, "params", "model")
     where = "model.params"
     parameterization = params.get("parameterization", "eps")
     if parameterization != "eps":
@@ -212,8 +227,8 @@ def parse_config(raw: DictConfig, source: str = "<memory>") -> ModelConfig:
             f"{where}.parameterization is '{parameterization}': only 'eps' (Stable Diffusion v1.x) is supported; "
             "v-prediction models (SD 2.x 768-v) are not"
         )
-    unet_node = _require(_require(params, "unet_config", where), "params", f"{where}.unet_config")
-    vae_node = _require(_require(params, "first_stage_config", where), "params", f"{where}.first_stage_config")
+    unet_node = _section(_section(params, "unet_config", where), "params", f"{where}.unet_config")
+    vae_node = _section(_section(params, "first_stage_config", where), "params", f"{where}.first_stage_config")
     config = ModelConfig(
         linear_start=float(_require(params, "linear_start", where)),
         linear_end=float(_require(params, "linear_end", where)),
@@ -249,5 +264,7 @@ def load_config(path: str | Path) -> ModelConfig:
         return parse_config(raw, source=str(path))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    except (ValueError, TypeError) as error:
+    except ValueError as error:
         raise ConfigError(f"{path}: a value is not the number it must be: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"{path}: a value is not of the kind it must be: {error}") from None

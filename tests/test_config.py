@@ -77,6 +77,8 @@ def test_context_dim_must_match_text_width() -> None:
         (b"- model\n", "not a config in the original layout"),
         (None, "a value is not the number it must be: could not convert string to float: 'abc'"),
         (b"model: {}\n", "config is missing 'model.params'"),
+        (b"model: 5\n", "'<root>.model' must be a mapping of settings, got 5"),
+        (b"model: {params: 5}\n", "'model.params' must be a mapping of settings, got 5"),
     ],
 )
 def test_a_config_that_cannot_be_read_is_one_error_naming_the_file(
