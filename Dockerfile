@@ -78,11 +78,12 @@ RUN --mount=type=bind,source=deploy/docker/bake,target=/mnt/bake \
 # writable place under a read-only root filesystem (Triton's and CUDA's kernel caches default to the home folder,
 # which is not); nothing is ever downloaded from a model hub.
 # NVIDIA_DRIVER_CAPABILITIES: `compute` for CUDA, `utility` for nvidia-smi, with which TorchServe counts the GPUs
-# it spreads workers over. /usr/local/nvidia: where GKE's device plugin mounts the driver (the NVIDIA container
-# toolkit puts it on the usual paths instead; a CUDA base image would add these, python-slim does not).
-# TORCHINDUCTOR_COMPILE_THREADS: torch.compile's worker processes, one per CPU of the node by default (32 on a large
-# GPU node), each some hundreds of MB: within the container's memory limit. NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it to the GPUs
+# it spreads workers over. NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it to the GPUs
 # the pod was given, and an image default of `all` would hand every GPU of the node to a pod that asked for none.
+# /usr/local/nvidia: where GKE's device plugin mounts the driver (the NVIDIA container toolkit puts it on the usual
+# paths instead; a CUDA base image would add these, python-slim does not).
+# TORCHINDUCTOR_COMPILE_THREADS: torch.compile's worker processes, one per CPU of the node by default (32 on a large
+# GPU node), each some hundreds of MB: within the container's memory limit.
 ENV PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/home/model-server XDG_CACHE_HOME=/tmp/cache HF_HUB_OFFLINE=1 \
     TRITON_HOME=/tmp/cache TRITON_CACHE_DIR=/tmp/cache/triton CUDA_CACHE_PATH=/tmp/cache/nv \

@@ -79,7 +79,7 @@ OFF: dict[str, tuple[Any, ...]] = {
     "s_churn": (None, 0), "s_tmin": (None, 0), "s_noise": (None, 1),
     "s_min_uncond": (None, 0), "initial_noise_multiplier": (None, 1), "disable_extra_networks": (None, False),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "refiner_checkpoint": (None, ""),
-"firstpass_image": (None, ""), "infotext": (None, ""),
+    "firstpass_image": (None, ""), "infotext": (None, ""),
     "firstphase_width": (None, 0), "firstphase_height": (None, 0),
 }  # fmt: skip
 # The hires fix's second pass's own prompts and sampler (ours), each with the first pass's field it repeats when

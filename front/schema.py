@@ -81,9 +81,8 @@ class ImagineRequest(BaseModel):
     init_image: str | None = Field(None, description="img2img: base64 PNG, JPEG or WebP, a data: URL prefix allowed")
     mask_image: str | None = Field(
         None,
-        description="inpainting: base64 PNG, JPEG or WebP over init_image (stretched to its size); white (at least "
-        "50 %) is repainted, "
-        "black kept",
+        description="inpainting: base64 PNG, JPEG or WebP over init_image (stretched to its size if it is not); "
+        "white (at least 50 %) is repainted, black kept",
     )
     mask_blur: int = Field(
         4,

@@ -44,7 +44,7 @@ def effective_parameters(generation: Generation) -> dict[str, Any]:
     }
     if r.init_image is not None or r.hires:
         parameters["strength"] = r.strength
-    if r.init_image is not None:
+    if r.init_image is not None and r.inpaint_area != "only_masked":  # an only-masked box is cut as it is
         parameters["resize_mode"] = r.resize_mode
     if r.hires:
         if r.hr_resize_x or r.hr_resize_y:

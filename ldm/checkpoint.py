@@ -56,7 +56,8 @@ INPAINTING_UNET_CHANNELS = 9
 # The number types a weight file's tensors may come in for us to compute with them (float8: checkpoints stored small,
 # converted on loading); torch also loads integers, its 4-bit and complex types, which mean nothing as weights here.
 FLOAT_DTYPES = frozenset(
-    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    | {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 )
 
 
@@ -105,7 +106,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
-    if not isinstance(loaded.get("state_dict", torch.empty(0)), torch.Tensor):
+    if "state_dict" in loaded and not isinstance(loaded["state_dict"], torch.Tensor):
         # Some merges leave an (empty) `state_dict` entry among the weights; A1111 drops it too.
         loaded = {key: value for key, value in loaded.items() if key != "state_dict"}
     not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
@@ -200,7 +201,8 @@ def mismatches(
 ) -> dict[str, list[str]]:
     """The keys of one part's weights (`got`, as its module names them) that its architecture (`shapes`) lacks,
     wants, wants in another shape, or holds as numbers that are no weights (integers); each named with `prefix`, as
-    the file being read names it (`source`)."""
+    the file being read names it (`source`; a text encoder's keys of transformers before 4.17 are named with the
+    `text_model.` level they are read with)."""
     return {
         "missing": [prefix + k for k in shapes if k not in got],
         "unexpected": [prefix + k for k in got if k not in shapes],

@@ -306,18 +306,19 @@ def resolve(
     for name, value in (("H", request.height), ("W", request.width)):
         if value <= 0 or value % factor:
             raise GenerationError(name, f"{name} must be a positive multiple of {factor}, got {value}")
-    return sized(request)
+    return brought_to_size(request)
 
 
-def sized(request: GenerationRequest) -> GenerationRequest:
+def brought_to_size(request: GenerationRequest) -> GenerationRequest:
     """A resolved request with its init image (RGB) and mask (the gray it draws) brought to its size by its resize
     mode, so that the rest of the run finds them there (an only-masked inpainting's box is cut from the image as it
     is)."""
     if request.init_image is None or request.inpaint_area != "whole_picture":
         return request
     assert request.width is not None and request.height is not None, "a resolved request has a size"
-    # A mask of another size is stretched over the init image first, as A1111 and diffusers stretch it, so that a
-    # resize mode cuts both alike.
+    # A mask of another size is stretched over the init image first (as diffusers stretches one; A1111 fits it by
+    # the resize mode at its own shape, which only agrees with the image's when the shapes do), so that a resize
+    # mode cuts both alike.
     mask = None
     if request.mask_image is not None:
         mask = inpainting.mask_band(request.mask_image)

@@ -310,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} needs an --hr-scale above 1 or --hr-resize-x/-y (it is the hires "
                          "fix's)")  # fmt: skip
     for name in ("mask_blur", "invert_mask", "masked_content", "inpaint_area", "masked_area_padding"):
-        if getattr(args, name) is not None and args.mask_image is None:
+        # --no-invert-mask asks for nothing.
+        if getattr(args, name) not in (None, False) and args.mask_image is None:
             parser.error(f"--{name.replace('_', '-')} needs --mask-image (it says how to inpaint through it)")
     problem = check_url(args.url)
     if problem:
