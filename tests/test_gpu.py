@@ -197,6 +197,23 @@ def test_inpainting_takes_the_fast_path_within_fp16_rounding(
     assert psnr(fast.pixels, exact.generate(request).pixels) >= MIN_PSNR_DB
 
 
+@pytest.mark.parametrize("content", ["fill", "latent_noise"])
+def test_only_masked_inpainting_takes_the_fast_path_within_fp16_rounding(
+    fp32_cuda: Pipeline, graphs_fp16: Pipeline, content: str
+) -> None:
+    """Its box is painted at the request's size, the configured shape: replayed, within fp16 rounding of fp32, and
+    put back into the init image's size."""
+    request = dataclasses.replace(
+        _masked("img2img"), inpaint_area="only_masked", masked_content=content, masked_area_padding=8
+    )
+    assert graphs_fp16.fast is not None and request.init_image is not None
+    before = graphs_fp16.fast.unet.fast_calls
+    fast = graphs_fp16.generate(request)
+    assert graphs_fp16.fast.unet.fast_calls - before == request.denoising_steps
+    assert fast.images.shape[1:3] == request.init_image.size[::-1]
+    assert psnr(fast.pixels, fp32_cuda.generate(request).pixels) >= MIN_PSNR_DB
+
+
 def test_a_long_prompt_in_a1111_syntax_runs_eagerly_beside_the_fast_path(
     fp32_cuda: Pipeline, fast_fp16: Pipeline
 ) -> None:
