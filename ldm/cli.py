@@ -125,14 +125,6 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     if img2img:
         parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
         parser.add_argument(
-            "--resize_mode",
-            choices=tuple(RESIZE_MODES),
-            default=GenerationRequest.resize_mode,
-            help="how an init image of another shape than --W x --H is brought to it, as AUTOMATIC1111's 'Resize "
-            "mode': stretched, covering it (the overflow cut) or inside it (its edges stretched over the rest) "
-            "(default: %(default)s)",
-        )
-        parser.add_argument(
             "--mask",
             type=str,
             help="inpainting: an image over --init-img (stretched to its size), white (at least 50 %%) where it is "
@@ -151,21 +143,21 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             help="inpainting: repaint the mask's black part and keep its white, as AUTOMATIC1111's 'Inpaint not "
             "masked'",
         )
-        parser.add_argument(
-            "--masked_content",
-            choices=tuple(MASKED_CONTENTS),
-            default=GenerationRequest.masked_content,
-            help="inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content' (default: "
-            "%(default)s)",
-        )
-        parser.add_argument(
-            "--inpaint_area",
-            choices=tuple(INPAINT_AREAS),
-            default=GenerationRequest.inpaint_area,
-            help="inpainting: only_masked paints a box around the mask at --H x --W (without them: the init image's "
-            "size; AUTOMATIC1111's is 512x512) and puts it back into the init image, whose size the images keep, as "
-            "AUTOMATIC1111's 'Only masked' (default: %(default)s)",
-        )
+        # The request's fields of named choices, each by its own name, GenerationRequest's default the flag's.
+        choices = (
+            ("resize_mode", RESIZE_MODES,
+             "how an init image of another shape than --W x --H is brought to it, as AUTOMATIC1111's 'Resize mode': "
+             "stretched, covering it (the overflow cut) or inside it (its edges stretched over the rest)"),
+            ("masked_content", MASKED_CONTENTS,
+             "inpainting: what the repainted part starts from, as AUTOMATIC1111's 'Masked content'"),
+            ("inpaint_area", INPAINT_AREAS,
+             "inpainting: only_masked paints a box around the mask at --H x --W (without them: the init image's "
+             "size; AUTOMATIC1111's is 512x512) and puts it back into the init image, whose size the images keep, "
+             "as AUTOMATIC1111's 'Only masked'"),
+        )  # fmt: skip
+        for name, names, what in choices:
+            default = getattr(GenerationRequest, name)
+            parser.add_argument(f"--{name}", choices=tuple(names), default=default, help=f"{what} (default: {default})")
         parser.add_argument(
             "--masked_area_padding",
             type=int,
