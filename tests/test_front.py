@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from scripts.server import TorchServe
-from tests.bad_requests import CASES, PNG_ONLY, Case
+from tests.bad_requests import CASES, PNG_ONLY, Case, image_base64
 from tests.servers import MODEL, TIMEOUT, TINY_LORA
 
 pytestmark = pytest.mark.integration
@@ -112,6 +113,15 @@ def test_a1111s_txt2img_and_img2img_answer_torchserves_images_and_infotexts(
     ours = {"prompt": "a lighthouse", "seed": 3, **TINY, "ddim_steps": 4, "init_image": init, "strength": 0.5,
             "sampler": "euler_a", "scale": 7.0, "emphasis": True}  # fmt: skip
     assert response.json()["images"] == direct(http, server, ours, "application/json").json()["images"]
+    # Inpainting sent with A1111's defaults alone: its fill and only-masked area, painted by TorchServe.
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (20, 24, 40, 40))
+    response = http.post(f"{front}/sdapi/v1/img2img", json={**a1111, "mask": image_base64(mask)})
+    assert response.status_code == 200, response.text
+    inpainted = {**ours, "mask_image": image_base64(mask), "mask_blur": 4, "masked_content": "fill",
+                 "inpaint_area": "only_masked", "masked_area_padding": 0}  # fmt: skip
+    assert response.json()["images"] == direct(http, server, inpainted, "application/json").json()["images"]
+    assert "Inpaint area: Only masked, Masked area padding: 0, Masked content: fill" in response.json()["info"]
 
     drawn = http.post(f"{front}/sdapi/v1/txt2img", json={"seed": -1, "steps": 2, "width": 64, "height": 64}).json()
     info = json.loads(drawn["info"])
