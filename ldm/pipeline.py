@@ -225,19 +225,18 @@ class Pipeline:
             return inpainting.filled(picture, inpainting.blurred(mask, request.mask_blur))
         return picture
 
-    def init_latent(self, request: GenerationRequest, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """z₀ of img2img: the latent of `init_picture`."""
-        return self.encode_pixels(encode_image(self.init_picture(request, mask), request.width, request.height))
+    def init_latent(self, picture: Image.Image) -> torch.Tensor:
+        """z₀ of img2img: the latent of its `init_picture`."""
+        return self.encode_pixels(encode_image(picture, *picture.size))
 
-    def image_condition(self, request: GenerationRequest, mask: torch.Tensor) -> torch.Tensor:
+    def image_condition(self, mask: torch.Tensor, picture: Image.Image | None) -> torch.Tensor:
         """What an inpainting model reads beside the latent (1, C + 1, h, w): the pixel mask (1, 1, H, W) at latent
-        size, then the latent of the init image (`init_picture`) with its masked part blanked (all blank without
+        size, then the latent of the request's `init_picture` with its masked part blanked (all blank without
         one)."""
-        if request.init_image is None:
+        if picture is None:
             blank = torch.zeros(1, 3, *mask.shape[-2:])
         else:
-            picture = self.init_picture(request, mask)
-            blank = inpainting.blank_masked(encode_image(picture, request.width, request.height), mask)
+            blank = inpainting.blank_masked(encode_image(picture, *picture.size), mask)
         masked = self.encode_pixels(blank)
         return torch.cat([inpainting.latent_mask(mask, self.factor).to(masked.device), masked], dim=1)
 
@@ -581,8 +580,10 @@ class Pipeline:
         crop = only_masked.Crop.of(asked) if asked.inpaint_area == "only_masked" else None
         request = asked if crop is None else crop.run
         mask = self.repaint_mask(request)
-        z0 = None if request.init_image is None else self.init_latent(request, mask)
-        condition = None if mask is None or not self.model.config.inpainting else self.image_condition(request, mask)
+        # Made once: img2img encodes it, an inpainting model is shown it too (its fill is not cheap).
+        picture = None if request.init_image is None else self.init_picture(request, mask)
+        z0 = None if picture is None else self.init_latent(picture)
+        condition = None if mask is None or not self.model.config.inpainting else self.image_condition(mask, picture)
         overlay: inpainting.Overlay | only_masked.Crop | None = crop
         if crop is None and request.mask_image is not None and mask is not None and request.init_image is not None:
             overlay = inpainting.Overlay.of(request.init_image, mask, request.mask_blur)
@@ -620,7 +621,7 @@ class Pipeline:
         plan, request = asked.hires_plan(self.factor), hires_pass(asked, self.factor)
         big_h, big_w = plan.upscaled
         mask = self.repaint_mask(request)  # an inpainting model's, which reads one however it is sampled
-        condition = None if mask is None else self.image_condition(request, mask)
+        condition = None if mask is None else self.image_condition(mask, None)  # txt2img's second pass
         steps = hires.run_length(request.steps, request.strength)
         schedule = DDIMSchedule(self.model.alphas_cumprod, steps)
         latents = torch.cat([first.latents for first in firsts if first.latents is not None])

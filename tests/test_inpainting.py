@@ -179,7 +179,7 @@ def test_kept_latents_end_on_the_init_image_and_the_masked_ones_do_not(pipeline:
     """On a text-to-image model the kept cells of the final latents are z₀ exactly, for DDIM and a σ-space sampler
     alike; the masked ones are painted."""
     request = resolve(REQUEST)
-    z0 = pipeline.init_latent(request)
+    z0 = pipeline.init_latent(pipeline.init_picture(request))
     keep = latent_mask(mask_pixels(REQUEST.mask_image, 80, 64), 8).expand_as(z0) < 0.5
     for sampler in ("ddim", "euler_a"):
         steps: list[Progress] = []
@@ -211,7 +211,7 @@ def test_text_to_image_model_inpaints_as_diffusers(
         dataclasses.replace(REQUEST, sampler=sampler, strength=strength, height=height, width=width, mask_blur=blur)
     )
     ours = pipeline.generate(request).pixels[0]
-    z0 = pipeline.init_latent(request)
+    z0 = pipeline.init_latent(pipeline.init_picture(request))
     decoded = _diffusers_inpaint(tiny_model, TINY_SAFETENSORS, TINY_CONFIG, request, z0, torch.zeros_like(z0))
     assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
     # Not img2img: the kept region changes the image.
@@ -300,9 +300,9 @@ def test_inpainting_model_inpaints_as_diffusers(
     keep = np.asarray(_mask()) < 128
     blanked = torch.from_numpy(pixels * keep[..., None]).permute(2, 0, 1)[None]
     masked_latent = inpainting_model.config.scale_factor * inpainting_model.vae.encode_mean(blanked)
-    condition = pipeline.image_condition(request, mask_pixels(_mask(), 80, 64))
+    condition = pipeline.image_condition(mask_pixels(_mask(), 80, 64), pipeline.init_picture(request))
     assert torch.allclose(condition[:, 1:], masked_latent, atol=1e-5)
-    z0 = pipeline.init_latent(request)
+    z0 = pipeline.init_latent(pipeline.init_picture(request))
     decoded = _diffusers_inpaint(inpainting_model, inpainting_checkpoint, INPAINTING_CONFIG, request, z0, masked_latent)
     assert np.abs(ours - a1111_overlay(decoded, request)).max() < FLOAT_TOLERANCE
 

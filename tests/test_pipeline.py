@@ -297,7 +297,7 @@ def test_k_sampler_img2img_equals_diffusers_img2img_pipeline(
     pipe.scheduler = peer_scheduler(sampler, pipe.scheduler.config)
     theirs = pipe(
         request.prompt,
-        image=pipeline.init_latent(request),
+        image=pipeline.init_latent(pipeline.init_picture(request)),
         strength=request.strength,
         num_inference_steps=request.steps,
         guidance_scale=request.scale,

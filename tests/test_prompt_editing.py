@@ -161,7 +161,7 @@ def test_img2img_counts_the_steps_it_runs_from_0_against_a_schedule_of_all(pipel
     image2image.set_progress_bar_config(disable=True)
 
     def theirs(prompt_at: Callable[[int], str]) -> np.ndarray:
-        image = pipeline.init_latent(request)
+        image = pipeline.init_latent(pipeline.init_picture(request))
         return edited_by_diffusers(image2image, request, prompt_at, lambda _: "blurry", image=image, strength=0.75)
 
     assert np.abs(ours - theirs(lambda c: RED if c <= 2 else BLUE)).max() < FLOAT_TOLERANCE

@@ -99,7 +99,7 @@ def test_basic_intermediates(pipeline: Pipeline) -> None:
 def test_img2img_intermediates(pipeline: Pipeline) -> None:
     data = case("img2img")
     request = request_of(data)
-    z0 = pipeline.init_latent(request)
+    z0 = pipeline.init_latent(pipeline.init_picture(request))
     assert torch.allclose(z0, intermediate("img2img_init_latent"), atol=1e-4, rtol=0)
 
     schedule = DDIMSchedule(pipeline.model.alphas_cumprod, request.steps)
