@@ -56,6 +56,8 @@ MASKED_CONTENTS = {
     "latent_nothing": "latent nothing",
 }
 INPAINT_AREAS = {"whole_picture": "Whole picture", "only_masked": "Only masked"}
+# The fields that say how to inpaint through a mask: at their defaults without one.
+MASK_WAYS = ("invert_mask", "masked_content", "inpaint_area")
 MAX_SEED = 2**32 - 1
 # The request's texts that CLIP encodes.
 TextField = Literal["prompt", "negative_prompt"]

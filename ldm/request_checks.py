@@ -23,6 +23,7 @@ from ldm.generation_request import (
     IMG2IMG_RUN,
     IMG2IMG_SAMPLERS,
     INPAINT_AREAS,
+    MASK_WAYS,
     MASK_WITHOUT_INIT,
     MASKED_CONTENTS,
     MAX_SEED,
@@ -97,12 +98,8 @@ def check_mask(request: GenerationRequest) -> None:
             "masked_area_padding", f"masked_area_padding must be in [0, {most}] pixels, got {padding!r}"
         )
     if request.mask_image is None:
-        for name, default in (
-            ("masked_content", "original"),
-            ("inpaint_area", "whole_picture"),
-            ("invert_mask", False),
-        ):
-            if getattr(request, name) != default:
+        for name in MASK_WAYS:
+            if getattr(request, name) != getattr(GenerationRequest, name):
                 raise GenerationError(name, f"{name} needs a mask_image: it tells how to inpaint through one")
         return
     if request.init_image is None:
@@ -289,9 +286,7 @@ def resolve(
     check_resize_mode(request)
     if request.inpaint_area == "only_masked" and not only_masked.repaints(request):
         # A1111's fallback: with no box to inpaint, the whole picture's img2img.
-        request = replace(
-            request, mask_image=None, masked_content="original", inpaint_area="whole_picture", invert_mask=False
-        )
+        request = replace(request, mask_image=None, **{name: getattr(GenerationRequest, name) for name in MASK_WAYS})
     check_hires(request, num_timesteps, factor)
     if request.hires:
         request = replace(request, hr_steps=request.hires_steps)
