@@ -285,6 +285,7 @@ def test_a_mask_painted_over_the_init_image_inpaints_it(page: Page, front: str, 
     assert "masked_area_padding" not in body
 
     # A1111's Only masked, filled: sent, the API's image, and read back from the PNG's settings.
+    assert page.is_disabled("#masked_area_padding")  # the only-masked box's
     page.check("#invert_mask")
     page.select_option("#masked_content", "fill")
     page.select_option("#inpaint_area", "only_masked")

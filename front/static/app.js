@@ -524,6 +524,7 @@ function applySettings(settings, unread) {
   $("hr_sampler").value = "";
   for (const id of ["tiling", "emphasis", "weighted_subprompts", "invert_mask"]) $(id).checked = settings[id];
   for (const id of ["masked_content", "inpaint_area"]) $(id).value = settings[id];
+  setPadding();
   const named = { hr_sampler: "Hires sampler", sampler: "Sampler", hr_upscaler: "Hires upscaler" };
   for (const [id, name] of Object.entries(named)) {
     if (id === "sampler") setPlms(); // whether PLMS may run depends on the hires fix and its sampler, just set
@@ -625,6 +626,12 @@ for (const option of $("sampler").options) {
 for (const id of ["hr_scale", "hr_resize_x", "hr_resize_y"]) $(id).addEventListener("input", setPlms);
 $("hr_sampler").addEventListener("change", setPlms);
 $("sampler").addEventListener("change", setEta);
+// The padding is the only-masked box's: offered with that inpaint area alone.
+function setPadding() {
+  $("masked_area_padding").disabled = $("inpaint_area").value !== "only_masked";
+}
+$("inpaint_area").addEventListener("change", setPadding);
+setPadding(); // a reloaded page may come back with only masked chosen
 setPlms(); // a reloaded page may come back with another sampler and hires fix chosen
 // Each slider's number beside it, kept as it moves, and shown for the value a reloaded page comes back with.
 const SLIDER_VALUES = ["strength", "hr_strength", "subseed_strength", "brush", "mask_blur", "masked_area_padding"];
