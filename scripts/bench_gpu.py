@@ -1,25 +1,29 @@
 """GPU rows of the benchmark: full-size SD v1 (random weights) at 512×512, 50 DDIM steps, scale 7.5, ours next to
 diffusers on the same weights, in one process, one run.
 
-Rows, most important first, so a run cut short by `--budget` still has the headline: batch 1 for diffusers eager,
-ours eager and ours with the fast path (fp16, channels-last, torch.compile, CUDA graphs); the fast path without
-compilation; low-memory mode; then batches 4 and 8; then bf16. Each row: seconds per image (prompt to uint8 image,
+Rows, most important first and the cheap before the costly, so a run cut short by `--budget` still has the headline
+and as many rows as fit: batch 1 for diffusers eager, ours eager and ours with the fast path (fp16, channels-last,
+torch.compile, CUDA graphs); the fast path without compilation; low-memory mode (as a worker runs it: without cuDNN's
+algorithm search, which the fast path turns on); batches 4 and 8 eager, ours and diffusers'; then the rows that
+compile again: the fast path at 4 and 8, and bf16, each skipped when it cannot fit in the time left (a compile
+lasts about as long as batch 1's did) or when batch 1's failed. Each row: seconds per image (prompt to uint8 image,
 decode included), denoising steps per second (steps 2..50 timed between the step callbacks, so text encoding and
-decoding stay out), the row's peak VRAM over what was allocated before it, warm-up/compile seconds, and PSNR of its
-first image against ours in fp32 (same seed) where that image is comparable (ours: same noise; diffusers draws its
-noise differently, so none).
+decoding stay out), the row's peak VRAM over what was allocated before it (and over what the allocator had reserved,
+nearer what nvidia-smi shows), warm-up/compile seconds, and PSNR of its first image against ours in fp32 (same seed)
+where that image is comparable (ours: same noise; diffusers draws its noise differently, so none).
 
 Weights are random (no real checkpoint offline): speed and memory do not depend on their values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +79,7 @@ class Row:
     seconds_per_image: float | None = None
     steps_per_second: float | None = None
     peak_vram_gib: float | None = None
+    peak_reserved_gib: float | None = None
     warmup_seconds: float | None = None
     psnr_vs_fp32_db: float | None = None
     note: str = ""
@@ -123,7 +128,8 @@ class Bench:
         if self.device.type == "cuda":
             # The fast path turns cuDNN's per-shape algorithm search on for the whole process (ldm/fast_path.py). On
             # from the first row, every row runs with it, diffusers' and our eager ones too: rows differ only by what
-            # they name, not by whether a fast-path row ran before them.
+            # they name, not by whether a fast-path row ran before them. Low-memory mode alone runs without it, as a
+            # worker in that mode (which has no fast path) does.
             torch.backends.cudnn.benchmark = True
         self.machine = describe(self.device)
         print(self.machine, flush=True)
@@ -133,6 +139,15 @@ class Bench:
         self.parts = split_state_dict(self.state, self.config)
         print(f"random weights in {time.perf_counter() - started:.1f} s", flush=True)
         self.reference: np.ndarray | None = None
+
+    def no_second_compile(self, headline: Row | None) -> str:
+        """Why a row that compiles again is not run ("" when it is): batch 1's fast path failed (another compile
+        would fail too, and cost its time), or the time left is shorter than batch 1's compile took."""
+        if headline is None or headline.warmup_seconds is None:
+            return "the fast path at batch 1 failed or did not run"
+        if time.monotonic() + headline.warmup_seconds > self.deadline:
+            return f"a compile takes about {headline.warmup_seconds:.0f} s, more than the time left"
+        return ""
 
     def model(self, dtype: torch.dtype, low_memory: bool = False) -> StableDiffusion:
         return assemble(self.config, self.parts, self.device, dtype, low_memory=low_memory)
@@ -201,6 +216,7 @@ class Bench:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() if cuda else 0
+        reserved_before = torch.cuda.memory_reserved() if cuda else 0
         started = time.perf_counter()
         try:
             if setup is not None:
@@ -218,6 +234,7 @@ class Bench:
         row.steps_per_second = statistics.median((t.steps - 1) / t.denoise for t in timings)
         if cuda:
             row.peak_vram_gib = (weights + torch.cuda.max_memory_allocated() - before) / GIB
+            row.peak_reserved_gib = (weights + torch.cuda.max_memory_reserved() - reserved_before) / GIB
         images = timings[0].images
         if images is not None and self.reference is not None:
             row.psnr_vs_fp32_db = psnr(images[0], self.reference)
@@ -334,31 +351,63 @@ def run_gpu(options: GpuOptions) -> list[Row]:
             first,
             lambda: diffusers_pipeline(eager.model, bench.state, options.config, bench.device),
         )
-    fast = built("ours fp16 fast path", first, lambda: FastRows(bench, torch.float16, FastPath()))
-    for batch in options.batches:
+
+    def eager_rows(batch: int) -> None:
         if pipe is not None:
             peer_bytes = weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
             timed = functools.partial(bench.time_diffusers, pipe, batch)
             keep(bench.measure(Row("diffusers fp16 eager", batch), timed, peer_bytes))
         if eager is not None:
             keep(bench.measure(Row("ours fp16 eager", batch), ours(eager, batch), model_bytes(eager.model)))
-        if fast is not None:
-            keep(fast.row("ours fp16 fast path", batch))
-        if batch == first:
-            graphs = built("ours fp16 CUDA graphs, no compile", batch,
-                           lambda: FastRows(bench, torch.float16, FastPath(compile=False)))  # fmt: skip
-            if graphs is not None:
-                keep(graphs.row("ours fp16 CUDA graphs, no compile", batch))
-                del graphs
-            low = built("ours fp16 low-memory mode", batch,
-                        lambda: Pipeline(bench.model(torch.float16, low_memory=True)))  # fmt: skip
-            if low is not None:
-                keep(bench.measure(Row("ours fp16 low-memory mode", batch), ours(low, batch), model_bytes(low.model)))
-                del low
-    bf16 = built("ours bf16 fast path", first, lambda: FastRows(bench, torch.bfloat16, FastPath()))
-    if bf16 is not None:
-        keep(bf16.row("ours bf16 fast path", first))
+
+    eager_rows(first)
+    fast = built("ours fp16 fast path", first, lambda: FastRows(bench, torch.float16, FastPath()))
+    headline = fast.row("ours fp16 fast path", first) if fast is not None else None
+    if headline is not None:
+        keep(headline)
+    graphs = built("ours fp16 CUDA graphs, no compile", first,
+                   lambda: FastRows(bench, torch.float16, FastPath(compile=False)))  # fmt: skip
+    if graphs is not None:
+        keep(graphs.row("ours fp16 CUDA graphs, no compile", first))
+        del graphs
+    low = built("ours fp16 low-memory mode", first,
+                lambda: Pipeline(bench.model(torch.float16, low_memory=True)))  # fmt: skip
+    if low is not None:
+        with cudnn_search(False):  # a low-memory worker has no fast path, which is what turns the search on
+            keep(bench.measure(Row("ours fp16 low-memory mode", first), ours(low, first), model_bytes(low.model)))
+        del low
+    for batch in options.batches[1:]:
+        eager_rows(batch)
+
+    def compiled(name: str, batch: int, rows_of: Callable[[], FastRows | None]) -> None:
+        """A row that compiles again, when batch 1's compile worked and another fits in the time left."""
+        why = bench.no_second_compile(headline)
+        if why:
+            keep(Row(name, batch, note=f"not measured: {why}"))
+            return
+        made = rows_of()
+        if made is not None:
+            keep(made.row(name, batch))
+
+    for batch in options.batches[1:]:
+        compiled("ours fp16 fast path", batch, lambda: fast)
+
+    def bf16() -> FastRows | None:
+        return built("ours bf16 fast path", first, lambda: FastRows(bench, torch.bfloat16, FastPath()))
+
+    compiled("ours bf16 fast path", first, bf16)
     return rows
+
+
+@contextlib.contextmanager
+def cudnn_search(on: bool) -> Iterator[None]:
+    """cuDNN's per-shape algorithm search set for a block, as it was after."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
 
 
 def table(rows: list[Row], bench: Bench) -> str:
@@ -370,8 +419,8 @@ def table(rows: list[Row], bench: Bench) -> str:
         f"{bench.options.scale}; median of {bench.options.repeats} runs after a warm-up",
         "",
         "| row | batch | s/image | steps/s | × diffusers eager steps/s | peak VRAM over baseline (GiB) "
-        "| warm-up s | PSNR vs fp32 (dB) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak reserved over baseline (GiB) | warm-up s | PSNR vs fp32 (dB) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     peer = {r.batch: r.steps_per_second for r in rows if r.name == "diffusers fp16 eager"}
 
@@ -383,7 +432,8 @@ def table(rows: list[Row], bench: Bench) -> str:
         ratio = None if not base or r.steps_per_second is None else r.steps_per_second / base
         lines.append(
             f"| {r.name} | {r.batch} | {cell(r.seconds_per_image, '.3f')} | {cell(r.steps_per_second, '.1f')} "
-            f"| {cell(ratio, '.2f')} | {cell(r.peak_vram_gib, '.2f')} | {cell(r.warmup_seconds, '.1f')} "
+            f"| {cell(ratio, '.2f')} | {cell(r.peak_vram_gib, '.2f')} | {cell(r.peak_reserved_gib, '.2f')} "
+            f"| {cell(r.warmup_seconds, '.1f')} "
             f"| {cell(r.psnr_vs_fp32_db, '.1f')} | {r.note} |"
         )
     return "\n".join(lines) + "\n"

@@ -41,16 +41,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 started=$SECONDS
 # -v: each test's name and outcome as it ends, so a run cut short still says how far it got and where.
 # 180 s: two cold Inductor compiles of the tiny UNet and decoder come first (135 s and 47 s with the CPU's Inductor).
-timeout 180 "$python" -m pytest -v -rfE --durations=12 -p no:cacheprovider -p no:warnings --noconftest -m gpu \
+timeout -k 10 180 "$python" -m pytest -v -rfE --durations=12 -p no:cacheprovider -p no:warnings --noconftest -m gpu \
     tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
 status=$?
 echo "tests: $((SECONDS - started)) s"
 # No row starts after BUDGET seconds; one that started before may run on (a full-size compile takes a minute or two).
-timeout 290 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-200}" 2>&1 | tee "$out/benchmark.log"
+timeout -k 10 290 "$python" -m scripts.benchmark gpu --out "$out" --budget "${BUDGET:-200}" 2>&1 | tee "$out/benchmark.log"
 step=$?
 [ "$status" -ne 0 ] || status=$step
 # The GPU host's cores encode the answers' PNGs: a few seconds.
-timeout 30 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
+timeout -k 10 30 "$python" -m scripts.benchmark png --repeats 5 2>&1 | tee "$out/png.txt"
 step=$?
 [ "$status" -ne 0 ] || status=$step
 echo "total: $((SECONDS - started)) s"

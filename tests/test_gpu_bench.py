@@ -29,14 +29,18 @@ EXPECTED_ROWS = [
     ("ours fp16 low-memory mode", 1),
     ("diffusers fp16 eager", 2),
     ("ours fp16 eager", 2),
+    ("diffusers fp16 eager", 3),
+    ("ours fp16 eager", 3),
+    # The rows that compile again last: the cheap ones first, so that a run cut short keeps them.
     ("ours fp16 fast path", 2),
+    ("ours fp16 fast path", 3),
     ("ours bf16 fast path", 1),
 ]
 
 
 def test_every_row_runs_on_the_cpu(tmp_path: Path) -> None:
     options = GpuOptions(
-        out=tmp_path, batches=(1, 2), size=64, steps=3, repeats=1, config=TINY_CONFIG, device="cpu", budget=600
+        out=tmp_path, batches=(1, 2, 3), size=64, steps=3, repeats=1, config=TINY_CONFIG, device="cpu", budget=600
     )
     rows = run_gpu(options)
     assert [(r.name, r.batch) for r in rows] == EXPECTED_ROWS
@@ -44,13 +48,13 @@ def test_every_row_runs_on_the_cpu(tmp_path: Path) -> None:
         assert row.note == "", row
         assert row.seconds_per_image and row.seconds_per_image > 0
         assert row.steps_per_second and row.steps_per_second > 0
-        assert row.peak_vram_gib is None  # no CUDA, no VRAM figure
+        assert row.peak_vram_gib is None and row.peak_reserved_gib is None  # no CUDA, no VRAM figure
         check_psnr(row)
     written = json.loads((tmp_path / "gpu.json").read_text())
     assert [Row(**r) for r in written] == rows
     table = (tmp_path / "gpu.md").read_text().splitlines()
     assert "smoke test: no GPU figures" in table[0]
-    body = table[table.index("|---|---|---|---|---|---|---|---|---|") + 1 :]
+    body = table[table.index("|---|---|---|---|---|---|---|---|---|---|") + 1 :]
     assert [tuple(line.split(" | ")[:2]) for line in body] == [(f"| {n}", str(b)) for n, b in EXPECTED_ROWS]
 
 
@@ -86,3 +90,15 @@ def test_a_configuration_that_cannot_be_built_is_a_failed_row_and_the_others_run
     assert measured == [(name, 1) for name, batch in EXPECTED_ROWS if batch == 1 and "diffusers" not in name]
     assert all(row.steps_per_second for row in rows if not row.note)
     assert "| diffusers fp16 eager | 1 | — |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_a_row_that_compiles_again_is_skipped_when_it_cannot_fit_or_batch_1s_failed(tmp_path: Path) -> None:
+    """The fast path at 4 and 8 and bf16 compile again, about as long as batch 1 took: not started when that runs
+    past the budget (a row killed mid-compile would cost the run its last rows too), nor after batch 1's failed."""
+    bench = bench_gpu.Bench(GpuOptions(out=tmp_path, config=TINY_CONFIG, device="cpu", budget=60))
+    assert bench.no_second_compile(Row("ours fp16 fast path", 1, warmup_seconds=30)) == ""
+    assert bench.no_second_compile(Row("ours fp16 fast path", 1, warmup_seconds=90)) == (
+        "a compile takes about 90 s, more than the time left"
+    )
+    failed = Row("ours fp16 fast path", 1, note="failed: RuntimeError: the fast path could not prepare 512x512x1")
+    assert bench.no_second_compile(failed) == bench.no_second_compile(None) != ""
