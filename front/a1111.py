@@ -70,7 +70,8 @@ THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "masked_area_padding": "inpaint_full_res_padding",
 }  # fmt: skip
 # Inpainting's masked content, ours, by A1111's number for it (`inpainting_fill`); img2img's resize modes
-# (`resize_mode`, its fourth, a latent upscale, not done here).
+# (`resize_mode`, its fourth, a latent upscale, not done here). Ours are ldm's names, in A1111's order (the front's
+# image has no ldm; tests/test_front_a1111.py ties them).
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 # Options that change the image in ways not done here, with the values that leave it alone (None: left out).
@@ -123,6 +124,11 @@ class A1111Error(FrontError):
 
     def body(self) -> dict[str, str]:
         return {**super().body(), "detail": self.error}
+
+
+def _sent(body: dict[str, Any], name: str, default: Any) -> Any:
+    """A field as A1111's API reads it: its default where left out or null."""
+    return default if body.get(name) is None else body[name]
 
 
 def _refuse(field: str, message: str) -> A1111Error:
@@ -293,7 +299,7 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
         return
     upscaler = body.get("hr_upscaler") or "Latent"
     resize = {name: body[name] for name in ("hr_resize_x", "hr_resize_y") if body.get(name)}
-    scale = body["hr_scale"] if body.get("hr_scale") is not None else 2.0
+    scale = _sent(body, "hr_scale", 2.0)
     if resize:  # A1111's "Hires resize", which then sizes the second pass alone (its hr_scale unread)
         ours.update(resize)
     elif scale == 1:  # A1111 1.6 runs a second pass at the same size; our hr_scale 1 is none: a resize to it is one
@@ -312,7 +318,7 @@ def _hires(body: dict[str, Any], ours: dict[str, Any]) -> None:
     for field, first in HIRES_OWN.items():
         if own.get(field) not in (None, "", ours.get(first)):
             ours[field] = own[field]
-    ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
+    ours["strength"] = _sent(body, "denoising_strength", 0.75)
 
 
 def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
@@ -322,8 +328,8 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     if not isinstance(images, list) or len(images) != 1:
         raise _refuse("init_images", "send a list of one base64 image (several are not available here)")
     ours["init_image"] = images[0]
-    ours["strength"] = body["denoising_strength"] if body.get("denoising_strength") is not None else 0.75
-    mode = body["resize_mode"] if body.get("resize_mode") is not None else 0
+    ours["strength"] = _sent(body, "denoising_strength", 0.75)
+    mode = _sent(body, "resize_mode", 0)
     if mode not in range(len(RESIZE_MODES)):
         raise _refuse("resize_mode", "must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill) here")
     ours["resize_mode"] = RESIZE_MODES[mode]
@@ -331,20 +337,19 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
         return
     ours["mask_image"] = body["mask"]
     # 1.6's mask_blur sets both of its axes' blurs; without it each is its own (4 by default), here the same.
-    blur_x, blur_y = (body.get(name) if body.get(name) is not None else 4 for name in ("mask_blur_x", "mask_blur_y"))
+    blur_x, blur_y = (_sent(body, name, 4) for name in ("mask_blur_x", "mask_blur_y"))
     if body.get("mask_blur") is None and blur_x != blur_y:
         raise _refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
-    ours["mask_blur"] = body["mask_blur"] if body.get("mask_blur") is not None else blur_x
+    ours["mask_blur"] = _sent(body, "mask_blur", blur_x)
     if body.get("inpainting_mask_invert"):
         ours["invert_mask"] = True
-    fill = body["inpainting_fill"] if body.get("inpainting_fill") is not None else 0
+    fill = _sent(body, "inpainting_fill", 0)
     if fill not in range(len(MASKED_CONTENT)):
         raise _refuse("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
     ours["masked_content"] = MASKED_CONTENT[fill]
     if body.get("inpaint_full_res") is None or body["inpaint_full_res"]:
         ours["inpaint_area"] = "only_masked"
-        padding = body.get("inpaint_full_res_padding")
-        ours["masked_area_padding"] = padding if padding is not None else 0
+        ours["masked_area_padding"] = _sent(body, "inpaint_full_res_padding", 0)
 
 
 def renamed(error: FrontError) -> A1111Error:

@@ -274,6 +274,14 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         assert fake.sent()[-1]["resize_mode"] == ours
 
 
+def test_the_numbers_a1111_gives_inpainting_and_resize_modes_are_ldms_names_in_its_order() -> None:
+    from front.a1111 import MASKED_CONTENT, RESIZE_MODES
+    from ldm.generation_request import MASKED_CONTENTS
+    from ldm.init_images import RESIZE_MODES as OURS
+
+    assert (tuple(MASKED_CONTENTS), tuple(OURS)) == (MASKED_CONTENT, RESIZE_MODES)
+
+
 @pytest.mark.parametrize(
     ("sent", "ours"),
     [
