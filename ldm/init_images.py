@@ -23,9 +23,7 @@ BACKGROUND = (255, 255, 255)
 def rgb(image: Image.Image) -> Image.Image:
     """The image as RGB, whatever shows through its transparency white, as A1111 flattens it (PIL's own conversion
     drops the alpha and shows the colours the transparent pixels hide: mostly black)."""
-    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    if "A" not in image.getbands():
+    if "A" not in image.getbands() and "transparency" not in image.info:  # a palette's or a colour's transparency
         return image.convert("RGB")
     background = Image.new("RGBA", image.size, BACKGROUND)
     background.alpha_composite(image.convert("RGBA"))
