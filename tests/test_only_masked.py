@@ -106,9 +106,10 @@ def test_cover_crops_the_centre_of_the_scaled_picture() -> None:
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 60, 3), np.uint8))
     scaled = np.asarray(picture.resize((144, 48), Image.Resampling.LANCZOS))
     assert np.array_equal(np.asarray(cover(picture, 48, 48)), scaled[:, 48:96])
-    # A box far from the picture's shape: what shows, without the 64×8192 the whole would cover.
+    # A box far from the picture's shape: the middle 64 rows of the 512×8192 it covers, scaled alone.
     tall = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 4, 3), np.uint8))
-    assert np.asarray(cover(tall, 512, 64)).shape == (64, 512, 3)
+    whole = np.asarray(tall.resize((512, 8192), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(cover(tall, 512, 64)), whole[4064:4128])
 
 
 def _request(mask: Image.Image, **change: object) -> GenerationRequest:
