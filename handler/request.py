@@ -346,11 +346,11 @@ def _seed_resize(body: dict[str, Any], settings: HandlerSettings) -> dict[str, i
     return sides
 
 
-def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) -> None:
+def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings, factor: int) -> None:
     """The hires fix's images must fit the limits that H and W do: they are what the UNet and the VAE run at, and
     so is the upscaled image that an image upscaler's VAE encodes before a "Hires resize" cuts it (a latent
     upscaler's upscaled latent, before the cut, is small)."""
-    limits, plan, field = settings.limits, generation.hires_plan(8), generation.hires_field
+    limits, plan, field = settings.limits, generation.hires_plan(factor), generation.hires_field
     asked = f"{field} {getattr(generation, field):g}"
     height, width = plan.size
     encoded_whole = plan.upscaled != plan.size and not hires.is_latent(generation.hr_upscaler)
@@ -366,16 +366,16 @@ def _check_hires_size(generation: GenerationRequest, settings: HandlerSettings) 
         raise RequestError(field, f"{asked} makes {width}x{height} images; each side at least {limits.min_side} pixels")
 
 
-def fitted_size(width: int, height: int, limits: Limits) -> dict[str, int]:
+def fitted_size(width: int, height: int, limits: Limits, factor: int) -> dict[str, int]:
     """H and W for an init image of `width`×`height` where the request leaves them out: its own size rounded down to
-    8 (the original's), or, for an image beyond the limits, scaled down to fit them (or up to the least side) keeping
-    its shape, as the page sizes one; each side clamped on its own would stretch a panorama, and a phone's photo
-    would be refused for a size its client never sent."""
+    the VAE's `factor` (the original's), or, for an image beyond the limits, scaled down to fit them (or up to the
+    least side) keeping its shape, as the page sizes one; each side clamped on its own would stretch a panorama, and
+    a phone's photo would be refused for a size its client never sent."""
     scale = min(1.0, math.sqrt(limits.max_pixels / (width * height)), limits.max_side / max(width, height))
     lift = max(1.0, limits.min_side / (min(width, height) * scale))
 
     def side(length: int) -> int:
-        return min(limits.max_side, max(limits.min_side, math.floor(length * scale * lift / 8) * 8))
+        return min(limits.max_side, max(limits.min_side, math.floor(length * scale * lift / factor) * factor))
 
     return {"H": side(height), "W": side(width)}
 
@@ -395,20 +395,23 @@ def _check_only_masked_size(generation: GenerationRequest, settings: HandlerSett
         )
 
 
-def parse_request(data: Any, settings: HandlerSettings, accept: str | None = None) -> ApiRequest:
-    """Validate one request body against the settings' defaults and limits."""
+def parse_request(
+    data: Any, settings: HandlerSettings, accept: str | None = None, factor: int = 8, num_timesteps: int = 1000
+) -> ApiRequest:
+    """Validate one request body against the settings' defaults and limits, for a model whose VAE downsamples by
+    `factor` and that was trained on `num_timesteps` (SD v1's by default)."""
     body = parse_body(data)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise RequestError(unknown[0], f"unknown field '{unknown[0]}'; known fields: {', '.join(FIELDS)}")
     d, limits = settings.defaults, settings.limits
     init_image, mask_image = decode_images(body, settings)
-    defaults = {"H": d.H, "W": d.W} if init_image is None else fitted_size(*init_image.size, limits)
+    defaults = {"H": d.H, "W": d.W} if init_image is None else fitted_size(*init_image.size, limits, factor)
     sizes = {}
     for name, default in defaults.items():
         sizes[name] = _integer(body, name, default, limits.min_side, limits.max_side, " pixels")
-        if sizes[name] % 8:
-            raise RequestError(name, f"{name} must be a multiple of 8, got {sizes[name]}")
+        if sizes[name] % factor:
+            raise RequestError(name, f"{name} must be a multiple of {factor}, got {sizes[name]}")
     if sizes["H"] * sizes["W"] > limits.max_pixels:
         field = "H" if "H" in body else "W"
         raise RequestError(field, f"H×W must be at most {limits.max_pixels} pixels, got {sizes['H'] * sizes['W']}")
@@ -503,14 +506,14 @@ def parse_request(data: Any, settings: HandlerSettings, accept: str | None = Non
             raise RequestError(name, f"{name}: at most {limit} {kind}, got {count}")
     try:
         check_emphasis(generation)
-        check_seed_resize(generation)
+        check_seed_resize(generation, factor)
         check_mask(generation)
         check_resize_mode(generation)
-        check_hires(generation)
+        check_hires(generation, num_timesteps, factor)
     except GenerationError as error:
         raise RequestError(error.field, str(error)) from None
     if generation.hires:
-        _check_hires_size(generation, settings)
+        _check_hires_size(generation, settings, factor)
     if generation.inpaint_area == "only_masked":
         _check_only_masked_size(generation, settings)
     try:

@@ -116,7 +116,13 @@ class StableDiffusionHandler(BaseHandler):
                 if asks_description(body):
                     parsed.append(DescribeRequest())
                     continue
-                request = parse_request(body, self.settings, _header(self.context, idx, "accept"))
+                request = parse_request(
+                    body,
+                    self.settings,
+                    _header(self.context, idx, "accept"),
+                    self.pipeline.factor,
+                    self.pipeline.model.config.timesteps,
+                )
                 check_chunks(request.generation, tokenizer, self.settings, vocabulary)
                 self.pipeline.check(request.generation)  # clip_skip and LoRA files: a 400 now, not in the batch
                 parsed.append(request)
