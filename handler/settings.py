@@ -85,6 +85,9 @@ class Limits:
                 raise ValueError(f"{item.name} must be at least {least}, got {value}")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        # DDIM's σ past η = 1 outgrows the noise a step has left: ldm refuses it whatever a server allows.
+        if self.max_eta > 1:
+            raise ValueError(f"max_eta must be at most 1, got {self.max_eta}")
 
 
 @dataclass(frozen=True)

@@ -817,6 +817,7 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         ({"limits": {"max_images": 0}}, "handler.limits: max_images must be at least 1, got 0"),
         ({"limits": {"max_scale": -1.0}}, "handler.limits: max_scale must be at least 0, got -1.0"),
         ({"limits": {"min_side": 512, "max_side": 256}}, "handler.limits: min_side 512 is above max_side 256"),
+        ({"limits": {"max_eta": 1.5}}, "handler.limits: max_eta must be at most 1, got 1.5"),
         (
             {"defaults": {"sampler": "k_euler"}},
             "handler.defaults.sampler: one of ['ddim', 'plms', 'euler', 'euler_a', 'heun', 'dpm2', 'dpm2_a', "
