@@ -36,7 +36,7 @@ def build_parts(config: ModelConfig, device: str | torch.device = "meta") -> dic
         }
 
 
-def weight_root(part: str, module: nn.Module) -> nn.Module:
+def weight_root(module: nn.Module) -> nn.Module:
     """The module whose state dict has a part's checkpoint keys (for the text encoder: the CLIP core)."""
     return module.core if isinstance(module, TextEncoder) else module
 
@@ -44,7 +44,7 @@ def weight_root(part: str, module: nn.Module) -> nn.Module:
 def expected_shapes(config: ModelConfig) -> dict[str, dict[str, torch.Size]]:
     """Every key and shape each part's weights must have, from the architecture itself."""
     parts = build_parts(config)
-    return {name: {k: v.shape for k, v in weight_root(name, m).state_dict().items()} for name, m in parts.items()}
+    return {name: {k: v.shape for k, v in weight_root(m).state_dict().items()} for name, m in parts.items()}
 
 
 @dataclass

@@ -72,7 +72,7 @@ def assemble(
     modules = build_parts(config)
     for name, module in modules.items():
         state = {k: _cast(v, home, dtype) for k, v in weights[name].items()}
-        weight_root(name, module).load_state_dict(state, strict=True, assign=True)
+        weight_root(module).load_state_dict(state, strict=True, assign=True)
     modules["text_encoder"].restore_position_ids()
     if tokenizer is not None:
         modules["text_encoder"].tokenizer = tokenizer
