@@ -18,9 +18,10 @@ Decisions, and why:
 - **Nothing else of a request is checked here.** A body the front cannot split (not JSON, not an object, a field
   holding an array or object, a `stream` flag that is not a boolean, a count or seed that is not an integer, a
   variation strength that is not a number) is forwarded as it is, so that TorchServe's handler names the field at
-  fault. The front only refuses what is its own: more than `max_images` images in one request, and a seed (or
+  fault. The front only refuses what is its own: more than `max_images` images in one request, a seed (or
   variation seed) its split would carry past 2³² − 1 (TorchServe, which sees one iteration at a time, would refuse
-  only a later iteration, after the first had been computed). TorchServe's answers are checked for what the split
+  only a later iteration, after the first had been computed), and the original app's fields that this server
+  cannot honour (`front/original_fields.py`). TorchServe's answers are checked for what the split
   counts on: an answer without images and a seed for each is a 502, before a later iteration is sent.
 """
 

@@ -396,10 +396,11 @@ def check_flags(args: argparse.Namespace) -> None:
             "--fixed_code is not supported: image i starts from its own noise, seeded seed + i, so that any image "
             "can be remade from its seed alone; to start prompts from the same noise, run each with the same --seed"
         )
-    sized = getattr(args, "hr_scale", None) != 1.0 or getattr(args, "hr_resize_x", 0) or getattr(args, "hr_resize_y", 0)
-    for flag in ("hr_upscaler", "hr_steps", "strength", "hr_prompt", "hr_negative_prompt", "hr_sampler"):
-        if not sized and getattr(args, flag) is not None:
-            raise CliError(f"--{flag} needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires fix's")
+    # txt2img's hires flags (img2img has none; its --strength is its own).
+    if hasattr(args, "hr_scale") and args.hr_scale == 1.0 and not (args.hr_resize_x or args.hr_resize_y):
+        for flag in ("hr_upscaler", "hr_steps", "strength", "hr_prompt", "hr_negative_prompt", "hr_sampler"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag} needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires fix's")
     # The rest of the request's rules are the pipeline's (`resolve`), checked before the model loads.
     for flag in ("n_iter", "unet_bs"):
         if getattr(args, flag) < 1:

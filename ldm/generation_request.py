@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldm import hires, k_samplers
 
-# optimizedSD's --sampler names (and DPM++ 2M, its SDE form and the Karras variants, which it lacks), each with the
+# optimizedSD's --sampler names (and the DPM++ samplers and the Karras variants, which it lacks), each with the
 # name other SD tools write in a PNG's parameters. DDIM alone takes η; all but PLMS run img2img (optimizedSD's ran DDIM
 # alone). The others are ldm/plms.py's and ldm/k_samplers.py's (k-diffusion 0.1.1's, whose DPM2 differs from
 # optimizedSD's older copy).
