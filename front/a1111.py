@@ -39,7 +39,7 @@ import re
 import time
 from typing import Any, Literal, NamedTuple
 
-from front.errors import FrontError
+from front.errors import FrontError, shown
 from front.png_info import INFOTEXT, parse_infotext, png_texts
 
 Mode = Literal["txt2img", "img2img"]
@@ -207,7 +207,7 @@ def coerced(body: dict[str, Any]) -> dict[str, Any]:
                     raise TypeError(name)
                 converted[name] = convert(value)
             except (TypeError, ValueError, OverflowError):
-                raise _refuse(name, f"must be {what}, got {json.dumps(value)[:40]}") from None
+                raise _refuse(name, f"must be {what}, got {shown(value)}") from None
     return converted
 
 
@@ -250,7 +250,7 @@ def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -
     if scheduler == "":  # A1111's default
         scheduler = "automatic"
     if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
-        raise _refuse(field, f"{json.dumps(scheduler)[:40]} is not available; send Automatic, Uniform or Karras")
+        raise _refuse(field, f"{shown(scheduler)} is not available; send Automatic, Uniform or Karras")
     base = name.removesuffix(" Karras")
     if base in OWN_TIMESTEPS:
         return base
@@ -497,14 +497,14 @@ def _check_option(name: str, value: Any, served: Served | None, field: str) -> N
     if name == "sd_model_checkpoint":
         if value in (title, served.model, served.described.get("model_hash")):
             return
-        raise _refuse(field, f"only {title} is served here, got {json.dumps(value)[:40]}")
+        raise _refuse(field, f"only {title} is served here, got {shown(value)}")
     if name == "sd_vae" and value == AUTOMATIC_VAE:
         return
     current = listing("options", served.described, served.model)
     if name not in current:
         raise _refuse(field, "is not available here")
     if value != current[name]:
-        raise _refuse(field, f"is {json.dumps(current[name])} here, got {json.dumps(value)[:40]}")
+        raise _refuse(field, f"is {json.dumps(current[name])} here, got {shown(value)}")
 
 
 def png_parameters(image: Any) -> str:

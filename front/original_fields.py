@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from front.errors import FrontError
+from front.errors import FrontError, shown
 
 RENAMED = {"ddim_eta": "eta"}
 # `from_file` only when empty (a file's name is refused).
@@ -41,8 +41,7 @@ def translate(fields: dict[str, Any]) -> dict[str, Any]:
         elif name in FIXED:
             wanted, why = FIXED[name]
             if value != wanted or isinstance(value, bool):
-                got = json.dumps(value)[:40]  # a scalar: bodies with arrays or objects never get here
-                raise FrontError(400, f"{name} must be {json.dumps(wanted)} ({why}), got {got}", name)
+                raise FrontError(400, f"{name} must be {json.dumps(wanted)} ({why}), got {shown(value)}", name)
         elif name == "from_file" and value:
             message = "from_file must be empty: this server reads no prompt files; send the prompt itself"
             raise FrontError(400, message, name)

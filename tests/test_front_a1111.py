@@ -464,6 +464,15 @@ def test_setting_options_names_the_served_model_or_is_refused(client: TestClient
         assert response.status_code == 400 and response.json()["field"] == field
 
 
+def test_a_refused_value_is_quoted_short(client: TestClient) -> None:
+    """An error quotes what was sent by its first characters, and an array or object by its kind: never megabytes
+    back to the client."""
+    checkpoint = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "x" * 1_000_000}).json()["error"]
+    vae = client.post("/sdapi/v1/options", json={"sd_vae": [[1] * 10_000]}).json()["error"]
+    assert checkpoint.endswith(f'got "{"x" * 39}…') and len(checkpoint) < 200
+    assert vae.endswith("got an array")
+
+
 def test_a_worker_that_describes_nothing_is_a_502() -> None:
     silent = httpx.MockTransport(lambda request: httpx.Response(200, json={"images": []}))
     with TestClient(create_app(FrontSettings(), silent)) as client:
