@@ -156,6 +156,12 @@ def check_hires(request: GenerationRequest, num_timesteps: int = 1000, factor: i
         check_eta(request, "hr_sampler", request.hr_sampler)
     check_strength(request)
     steps = request.hires_steps
+    if steps > most:  # hr_steps 0 takes ddim_steps' count, which no strength fits
+        raise GenerationError(
+            "hr_steps",
+            f"hr_steps 0 gives the hires fix ddim_steps' {steps} steps, more than a run of this model's {max_steps} "
+            f"holds at any strength: set hr_steps to at most {most}",
+        )
     run = hires.run_length(steps, request.strength)
     if run > max_steps:
         raise GenerationError(

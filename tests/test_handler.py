@@ -206,6 +206,27 @@ def test_a_configured_default_eta_is_ddims_alone() -> None:
     assert parse_request({"prompt": "x"}, settings).generation.eta == 0.3
 
 
+def test_sizes_are_checked_against_the_served_models_geometry() -> None:
+    """A model whose VAE downsamples by 4 takes sides that are multiples of 4, and its hires fix and its "Resize seed
+    from" are sized by that factor; one trained on 500 timesteps bounds the hires fix's steps by them."""
+    settings = parse_settings(None)
+    body = {"prompt": "x", "H": 68, "W": 64}
+    with pytest.raises(RequestError, match="H must be a multiple of 8, got 68"):
+        parse_request(body, settings)
+    assert parse_request(body, settings, factor=4).generation.height == 68
+    with pytest.raises(RequestError, match="H must be a multiple of 4, got 66"):
+        parse_request({**body, "H": 66}, settings, factor=4)
+    resize = {"prompt": "x", "seed_resize_from_h": 68, "seed_resize_from_w": 64}
+    with pytest.raises(RequestError, match=r"seed_resize_from_h must be 0 .* multiple of 8"):
+        parse_request(resize, settings)
+    assert parse_request(resize, settings, factor=4).generation.seed_resize_from_h == 68
+    hires = {"prompt": "x", "H": 64, "W": 64, "hr_scale": 2, "hr_steps": 120}
+    assert parse_request(hires, settings).generation.hr_steps == 120
+    with pytest.raises(RequestError) as refused:
+        parse_request(hires, settings, num_timesteps=100)
+    assert refused.value.field == "hr_steps"
+
+
 def test_a_configured_default_of_plms_is_txt2imgs_alone() -> None:
     """PLMS runs txt2img alone: an img2img request that names no sampler runs (DDIM) though the default is plms;
     one that names plms is refused, naming the field. Other defaults run img2img too."""

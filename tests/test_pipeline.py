@@ -119,6 +119,12 @@ def test_the_least_strength_an_error_suggests_runs() -> None:
             least = float(re.search(r"at least ([0-9.e-]+)", str(error.value)).group(1))
             resolve(dataclasses.replace(request, strength=least))
             assert least < 1.01 * (1 / steps if request is img2img else request.hr_steps / 999)
+    # hr_steps 0 at 999 steps: no strength fits the run (A1111 caps it at 0.999), so the error says what does.
+    whole = dataclasses.replace(SMALL, steps=999, hr_scale=2.0, strength=1.0)
+    with pytest.raises(GenerationError, match=r"ddim_steps' 999 steps, .* set hr_steps to at most 998") as error:
+        resolve(whole)
+    assert error.value.field == "hr_steps"
+    resolve(dataclasses.replace(whole, hr_steps=998))
 
 
 def test_steps_stop_where_ddim_timesteps_leave_the_schedule() -> None:
