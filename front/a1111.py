@@ -5,9 +5,10 @@ unchanged on TorchServe. Each request field translated here means what it means 
 `scheduler`), with A1111's API defaults rather than this server's, so a txt2img request paints the image of an
 A1111 that draws its noise on the CPU, as this server does (its "Random number generator source" setting), but for
 DDIM and PLMS, which run the original's timesteps here (tests/fixtures/GENERATION.md) where A1111 1.6 and later
-run their own. An
-img2img request runs this server's img2img (the original's schedule of ⌊strength·steps⌋ steps, and its inpainting),
-which is not A1111's: the same request paints another image there.
+run their own, and for DPM++ SDE and DPM++ 2M SDE (and their Karras forms), whose step noise A1111 draws from a
+Brownian tree (torchsde's) where they draw each image's generator here (ldm/k_samplers.py). An img2img request
+runs this server's img2img (the original's schedule of ⌊strength·steps⌋ steps, and its inpainting), which is not
+A1111's: the same request paints another image there.
 
 - Prompts are read in A1111's syntax (`emphasis`), as A1111 always reads them: weights, BREAK, prompt editing, `AND`.
 - Values are converted as A1111's API (pydantic 1) converts them (`coerced`): "42" and 42.9 are the integer 42.
