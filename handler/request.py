@@ -18,13 +18,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings, Limits
 from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
-    EXACT_RGB_MODES,
     INPAINT_AREAS,
     MASK_WITHOUT_INIT,
     MASKED_CONTENTS,
@@ -34,7 +33,7 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
-from ldm.init_images import RESIZE_MODES, rgb
+from ldm.init_images import RESIZE_MODES, ImageError, rgb, upright
 from ldm.inpainting import MAX_MASK_BLUR, mask_band
 from ldm.only_masked import MAX_PADDING
 from ldm.request_checks import (
@@ -262,16 +261,11 @@ def decode_image(
         width, height = image.size
         if width * height > limits.max_init_image_pixels:
             raise RequestError(field, f"{too_many_pixels}, got {width}x{height}")
-        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
-            raise RequestError(field, f"{field} must be a single still image, not an animation")
-        if image.mode not in EXACT_RGB_MODES:
-            raise RequestError(field, f"{field} must be RGB, RGBA, 8-bit grayscale or palette, got {image.mode}: "
-                               "convert it to 8-bit RGB first")  # fmt: skip
         try:
-            # Upright as every viewer (and the page, which sizes the mask from it) shows it: a phone's portrait photo
-            # is stored sideways with an EXIF orientation, which PIL would ignore.
-            upright = ImageOps.exif_transpose(image)
-            return mask_band(upright) if field == "mask_image" else rgb(upright)
+            shown = upright(image)
+            return mask_band(shown) if field == "mask_image" else rgb(shown)
+        except ImageError as error:
+            raise RequestError(field, f"{field} {error}") from None
         except _DAMAGED:
             raise RequestError(field, f"{field} is truncated or corrupt") from None
 

@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm import hires
@@ -50,7 +50,6 @@ from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
 from ldm.embeddings import EmbeddingLibrary
 from ldm.generation_request import (
-    EXACT_RGB_MODES,
     IMG2IMG_SAMPLERS,
     INPAINT_AREAS,
     MASKED_CONTENTS,
@@ -59,7 +58,7 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
-from ldm.init_images import RESIZE_MODES, rgb
+from ldm.init_images import RESIZE_MODES, ImageError, rgb, upright
 from ldm.inpainting import mask_band
 from ldm.model import StableDiffusion
 from ldm.output_names import next_index, outdir_problem, prompt_folder, write_new
@@ -457,13 +456,10 @@ def read_image(path: str, flag: str = "init-img") -> Image.Image:
     refused, as the server refuses it."""
     try:
         with Image.open(path) as image:
-            if image.mode not in EXACT_RGB_MODES:
-                raise CliError(f"--{flag} {path}: its pixels are {image.mode}, which does not convert to RGB as it "
-                               "looks: save it as an 8-bit RGB or grayscale PNG or JPEG")  # fmt: skip
-            if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
-                raise CliError(f"--{flag} {path}: an animation; give one still image")
-            upright = ImageOps.exif_transpose(image)  # as viewers show a phone's photo
-            return mask_band(upright) if flag == "mask" else rgb(upright)
+            shown = upright(image)
+            return mask_band(shown) if flag == "mask" else rgb(shown)
+    except ImageError as error:
+        raise CliError(f"--{flag} {path} {error}") from None
     except FileNotFoundError:
         raise CliError(f"--{flag} {path}: no such file") from None
     except Image.DecompressionBombError:

@@ -64,10 +64,6 @@ TextField = Literal["prompt", "negative_prompt"]
 TEXT_FIELDS: tuple[TextField, ...] = ("prompt", "negative_prompt")
 # A hires fix's second pass's own prompts and sampler ("": the first pass's).
 HIRES_OWN = ("hr_prompt", "hr_negative_prompt", "hr_sampler")
-# Image modes whose conversion to RGB is exact, for an init image or a mask. CMYK is not (PIL's conversion ignores
-# the colour profile, so colours come out wrong), nor is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn
-# white).
-EXACT_RGB_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
 MASK_WITHOUT_INIT = "mask_image needs an init_image: it tells which of its pixels to repaint"
 IMG2IMG_RUN = "the hires fix's second pass is an img2img: choose another"
 

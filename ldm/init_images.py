@@ -8,7 +8,7 @@ overflow, `cover`; "Resize and fill" fits inside it and stretches its edges over
 
 from __future__ import annotations
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 # The resize modes, each with A1111's name (its API's number is the order; its fourth, a latent upscale, is not one).
 RESIZE_MODES = {
@@ -18,6 +18,28 @@ RESIZE_MODES = {
 }
 # What shows through a transparent init image: A1111's default img2img background.
 BACKGROUND = (255, 255, 255)
+# Image modes whose conversion to RGB is exact, for an init image or a mask. CMYK is not (PIL's conversion ignores
+# the colour profile, so colours come out wrong), nor is 16-bit grayscale (PIL clips it to 8 bits: most pixels turn
+# white).
+EXACT_RGB_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
+
+
+class ImageError(ValueError):
+    """A file that cannot be an init image or a mask; the message reads after the image's name (field or flag)."""
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as every viewer (and the page, which sizes a mask from it) shows it: a phone's portrait photo is
+    stored sideways with an EXIF orientation, which PIL would ignore. Refuses an image whose pixels would not come
+    out as they look: an animation, and modes outside EXACT_RGB_MODES. Reads the pixels (PIL's errors for a damaged
+    file are the caller's)."""
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":  # MPO: a camera's photo with its preview
+        raise ImageError("must be a single still image, not an animation")
+    if image.mode not in EXACT_RGB_MODES:
+        raise ImageError(
+            f"must be RGB, RGBA, 8-bit grayscale or palette, got {image.mode}: convert it to 8-bit RGB first"
+        )
+    return ImageOps.exif_transpose(image)
 
 
 def rgb(image: Image.Image) -> Image.Image:

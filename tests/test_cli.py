@@ -754,11 +754,16 @@ def test_an_init_image_whose_pixels_would_not_look_as_they_do_is_refused(
     frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
     frames[0].save(animation, save_all=True, append_images=frames[1:])
     out = tmp_path / "out"
-    for path, says in ((gray16, "its pixels are I;16"), (cmyk, "its pixels are CMYK"), (animation, "an animation")):
+    modes = "must be RGB, RGBA, 8-bit grayscale or palette, got"
+    for path, says in (
+        (gray16, f"{modes} I;16: convert it to 8-bit RGB first"),
+        (cmyk, f"{modes} CMYK"),
+        (animation, "must be a single still image, not an animation"),
+    ):
         argv = [*case_argv("img2img"), *MODEL, "--outdir", str(out), "--init-img", str(path)]
         assert run_cli(argv, "img2img") == 2
         err = capsys.readouterr().err
-        assert f"--init-img {path}: {says}" in err and "Traceback" not in err
+        assert f"--init-img {path} {says}" in err and "Traceback" not in err
     assert not out.exists()
 
 
