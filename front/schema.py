@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 class ImagineRequest(BaseModel):
     """The original app's fields, and those of our inference API. The original's other options are accepted too
-    (`unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir`, `fixed_code`, `from_file` empty, `C` 4, `f` 8,
-    `format` "png"), and dropped: they shaped how it ran, not the image."""
+    (`unet_bs`, `turbo`, `precision`, `device`, `n_rows`, `outdir`, `skip_grid`, `skip_save`, `fixed_code`,
+    `from_file` empty, `C` 4, `f` 8, `format` "png"), and dropped: they shaped how it ran, not the image."""
 
     prompt: str = Field(
         description="what the images should show; `<lora:name:0.8>` merges the server's LoRA `name` at weight 0.8 "
@@ -168,7 +168,7 @@ NDJSON_DESCRIPTION = (
     '`"hires": true` on the steps of the hires fix\'s second pass, which count from 1 again; `"passes"`, 1 or 2, on '
     'every step, with `"first_pass_share"` of the UNet work when 2), then `{"images", "seeds", "parameters", '
     '"warnings"}` (`warnings`: the words of a prompt past the 75 tokens CLIP reads, which did nothing; `subseeds` '
-    'too with variation seeds), or `{"error", "field"}` on failure.'
+    'too with variation seeds), or `{"error", "field", "status"}` on failure.'
 )
 
 
