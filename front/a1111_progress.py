@@ -17,9 +17,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from front.errors import FrontError
 from front.imagine import is_integer, is_number
-from front.upstream import NDJSON, InferenceApi, line_failure
+from front.upstream import NDJSON, InferenceApi
 
 # A running job's least progress, as A1111 floors it: its ETA is then large at the start, not 0.
 LEAST = 0.01
@@ -158,15 +157,12 @@ async def followed(api: InferenceApi, body: bytes, job: Job, patient: bool = Fal
     try:
         if response.status_code != 200:
             raise await api.refusal(response)
-        async for line in api.lines(response):
-            if not isinstance(line, dict):
-                raise FrontError(502, "TorchServe sent a progress line that is not a JSON object")
-            if "step" in line:
-                job.advance(line)
-            elif "images" in line:
-                return line
+        answer: dict[str, Any] = {}
+        async for line in api.progress(response):
+            if "images" in line:
+                answer = line
             else:
-                raise line_failure(line)
-        raise FrontError(502, "TorchServe ended the progress stream without the images")
+                job.advance(line)
+        return answer
     finally:
         await response.aclose()

@@ -43,7 +43,7 @@ from front.description import Description
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
 from front.settings import FrontSettings
-from front.upstream import JSON, NDJSON, PNG, InferenceApi, line_failure
+from front.upstream import JSON, NDJSON, PNG, InferenceApi
 
 STATIC = Path(__file__).parent / "static"
 VERSION = "0.1.0"
@@ -74,22 +74,14 @@ async def _relay(api: InferenceApi, plan: Plan, first: httpx.Response) -> AsyncI
                 response = await api.open(plan.iteration(results.next(plan)), NDJSON, patient=True)
                 if response.status_code != 200:
                     raise await api.refusal(response)
-            finished = False
-            async for message in api.lines(response):
-                if not isinstance(message, dict):
-                    raise FrontError(502, "TorchServe sent a progress line that is not a JSON object")
-                if "step" in message:
-                    image_index = message.get("image_index", 0) + len(results.images)
-                    numbered = {"image_index": image_index, "iteration": iteration, "n_iter": plan.iterations}
-                    yield _line({**message, **numbered})
-                elif "images" in message:
+            async for message in api.progress(response):
+                if "images" in message:
                     results.add(message, plan)
-                    finished = True
-                else:
-                    raise line_failure(message)
+                    continue
+                image_index = message.get("image_index", 0) + len(results.images)
+                numbered = {"image_index": image_index, "iteration": iteration, "n_iter": plan.iterations}
+                yield _line({**message, **numbered})
             await response.aclose()
-            if not finished:
-                raise FrontError(502, "TorchServe ended the progress stream without the images")
         yield await run_in_threadpool(_line, results.answer(plan))  # every image in one line: in a thread
     except FrontError as error:
         yield _line({**error.body(), "status": error.status})
