@@ -18,8 +18,8 @@ class ImagineRequest(BaseModel):
 
     prompt: str = Field(
         description="what the images should show; `<lora:name:0.8>` merges the server's LoRA `name` at weight 0.8 "
-        "(`<lora:name:0.8:0.5>`: text encoder 0.8, UNet 0.5), as AUTOMATIC1111 reads it",
-        max_length=2000,
+        "(`<lora:name:0.8:0.5>`: text encoder 0.8, UNet 0.5), as AUTOMATIC1111 reads it; at most the server's "
+        "max_prompt_chars (2000 as shipped)",
     )
     negative_prompt: str = Field("", description="what the images should not show")
     H: int = Field(512, description="height in pixels, a multiple of 8 (img2img: the init image's)")
@@ -45,7 +45,9 @@ class ImagineRequest(BaseModel):
         "that size and pasted, centred, into the image's own, so a seed keeps what it painted there (0 or -1: none)",
     )
     seed_resize_from_w: int = Field(0, description="AUTOMATIC1111's 'Resize seed from width' (0 or -1: none)")
-    n_samples: int = Field(1, description="images per iteration (at most 8)")
+    n_samples: int = Field(
+        1, description="images per iteration (n_samples×n_iter at most the server's max_images, 8 as shipped)"
+    )
     n_iter: int = Field(1, description="iterations: each is one TorchServe request of n_samples images")
     sampler: str = Field(
         "ddim",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -21,10 +22,13 @@ from front.app import _body, create_app
 from front.cli import parse_settings
 from front.errors import FrontError
 from front.imagine import MAX_SEED
+from front.schema import ImagineRequest
 from front.settings import FrontSettings
 from front.upstream import NDJSON
 from handler.request import FIELDS
 from ldm.generation_request import SAMPLERS
+from ldm.hires import UPSCALERS
+from scripts import client as client_script
 from tests.servers import free_port
 
 REFUSAL = {"error": "H must be a multiple of 8, got 100", "field": "H"}
@@ -479,6 +483,21 @@ def test_the_page_labels_every_control_and_loads_nothing_from_elsewhere(client: 
     assert page.loads == ["data:,", "/static/style.css", "/static/app.js"]
     for asset in page.loads[1:]:
         assert client.get(asset).status_code == 200
+
+
+def test_the_api_docs_and_the_client_name_every_sampler_upscaler_and_field() -> None:
+    """What /docs and client.py's --help list by hand (neither imports the model code) is what ldm offers, and the
+    client sends every field TorchServe's handler reads (prompt and images aside, and the stream it never asks for)."""
+    described = ImagineRequest.model_json_schema()["properties"]
+    helps = {action.dest: action.help or "" for action in client_script.build_parser()._actions}
+    for names, texts in (
+        (SAMPLERS, (described["sampler"]["description"], helps["sampler"])),
+        (UPSCALERS, (described["hr_upscaler"]["description"], helps["hr_upscaler"])),
+    ):
+        for text in texts:
+            assert set(names) <= set(re.findall(r"\w+", text)), text
+    assert set(FIELDS) - set(client_script.OPTIONAL_FIELDS) == {"prompt", "init_image", "mask_image", "stream"}
+    assert set(client_script.OPTIONAL_FIELDS) <= set(FIELDS)
 
 
 def test_the_page_offers_every_sampler_by_the_name_its_pngs_give(client: TestClient) -> None:
