@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from handler.request import RequestError, parse_body
+from handler.errors import RequestError
+from handler.request import parse_body
 from handler.settings import HandlerSettings
 from ldm import hires, lora
 from ldm.generation_request import SAMPLERS

@@ -6,26 +6,20 @@ default), a boolean is not a number, NaN and infinities are not numbers, a float
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import math
 import re
-import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from handler.errors import RequestError
+from handler.images import decode_images
 from handler.settings import MAX_CLIP_SKIP, HandlerSettings, Limits
 from ldm import emphasis, hires
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
     INPAINT_AREAS,
-    MASK_WITHOUT_INIT,
     MASKED_CONTENTS,
     MAX_SEED,
     SAMPLERS,
@@ -33,8 +27,8 @@ from ldm.generation_request import (
     GenerationError,
     GenerationRequest,
 )
-from ldm.init_images import RESIZE_MODES, ImageError, rgb, upright
-from ldm.inpainting import MAX_MASK_BLUR, mask_band
+from ldm.init_images import RESIZE_MODES
+from ldm.inpainting import MAX_MASK_BLUR
 from ldm.only_masked import MAX_PADDING
 from ldm.request_checks import (
     check_emphasis,
@@ -87,15 +81,8 @@ FIELDS = (
     "tiling",
 )
 NDJSON = "application/x-ndjson"
-# MPO is a JPEG followed by more pictures (a second view, a depth map: phones and cameras write them as .jpg); its
-# first picture is the JPEG every viewer shows, and the one used. WebP: what browsers save most images of the web as.
-INIT_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
-# What PIL raises for damaged image data, as it reads the header or decodes the pixels (a broken PNG chunk is a
-# SyntaxError).
-_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # How much of a wrong value an error message quotes.
 SHOWN_CHARS = 40
-_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 # What a text field must not hold, and how to say so. C0 control characters other than tab, newline and carriage
 # return, and DEL, are never part of a prompt. A lone UTF-16 surrogate (a JSON escape such as \ud800 with no
 # partner) is not Unicode at all: it cannot be encoded into the image's PNG metadata.
@@ -103,19 +90,6 @@ _FORBIDDEN_TEXT = (
     (re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"), "control characters other than tab and line breaks"),
     (re.compile(r"[\ud800-\udfff]"), "unpaired UTF-16 surrogates (not valid Unicode)"),
 )
-
-
-class RequestError(ValueError):
-    """A request that breaks a rule: answered with `status` and `{"error": message, "field": field}`."""
-
-    def __init__(self, field: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.status = status
-
-    def body(self) -> dict[str, str]:
-        return {"error": self.message, "field": self.field}
 
 
 @dataclass(frozen=True)
@@ -223,76 +197,6 @@ def _text(data: dict[str, Any], name: str, default: str | None, max_chars: int) 
             code = f"U+{ord(found.group()):04X}"
             raise RequestError(name, f"{name} must not contain {what}; found {code} at position {found.start()}")
     return value
-
-
-def decode_image(
-    value: Any, settings: HandlerSettings, field: str = "init_image", max_bytes: int | None = None
-) -> Image.Image:
-    """Base64 PNG/JPEG/WebP (a `data:` URL prefix and line breaks allowed) of request field `field` → RGB image
-    (`mask_image`: the grayscale mask it draws, `mask_band`), refusing anything over the limits before decoding its
-    pixels (a PNG of a few KB can claim 30000×30000), and anything whose conversion to RGB would not be exact (an
-    animation, CMYK, 16-bit grayscale; PIL reads 16-bit colour as its high bytes, exactly). `max_bytes`: what is left of
-    `max_init_image_bytes` (all of it by default)."""
-    limits = settings.limits
-    max_bytes = limits.max_init_image_bytes if max_bytes is None else max_bytes
-    if not isinstance(value, str):
-        raise RequestError(field, f"{field} must be a base64 string (PNG, JPEG or WebP)")
-    encoded = _payload(value)
-    if _payload_bytes(encoded) > max_bytes:
-        shared = "" if field == "init_image" else f" (init_image and {field} share {limits.max_init_image_bytes})"
-        raise RequestError(field, f"{field} must be at most {max_bytes} bytes{shared}")
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(field, f"{field} is not valid base64") from None
-    too_many_pixels = f"{field} must have at most {limits.max_init_image_pixels} pixels"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # PIL's own guard, which reads only the header, answered before ours could.
-        raise RequestError(field, f"{too_many_pixels}; its header claims over {Image.MAX_IMAGE_PIXELS}") from None
-    except (UnidentifiedImageError, *_DAMAGED):
-        raise RequestError(field, f"{field} is not a PNG, JPEG or WebP image we can read") from None
-    with image:
-        if image.format not in INIT_IMAGE_FORMATS:
-            raise RequestError(field, f"{field} must be PNG, JPEG or WebP, got {image.format}")
-        width, height = image.size
-        if width * height > limits.max_init_image_pixels:
-            raise RequestError(field, f"{too_many_pixels}, got {width}x{height}")
-        try:
-            shown = upright(image)
-            return mask_band(shown) if field == "mask_image" else rgb(shown)
-        except ImageError as error:
-            raise RequestError(field, f"{field} {error}") from None
-        except _DAMAGED:
-            raise RequestError(field, f"{field} is truncated or corrupt") from None
-
-
-def decode_images(body: dict[str, Any], settings: HandlerSettings) -> tuple[Image.Image | None, Image.Image | None]:
-    """The init image and the mask over it (None where not sent). The mask shares the init image's byte limit, so
-    `max_request_size` (config.properties) holds for both."""
-    if body.get("init_image") is None:
-        if body.get("mask_image") is not None:
-            raise RequestError("mask_image", MASK_WITHOUT_INIT)  # before decoding a mask that cannot be used
-        return None, None
-    init = decode_image(body["init_image"], settings)
-    if body.get("mask_image") is None:
-        return init, None
-    budget = settings.limits.max_init_image_bytes - _payload_bytes(_payload(body["init_image"]))
-    return init, decode_image(body["mask_image"], settings, "mask_image", budget)
-
-
-def _payload(value: str) -> str:
-    """The base64 text of an image field, without its `data:` URL prefix and whitespace (`base64` wraps its lines
-    at 76 characters; A1111 reads them so)."""
-    return "".join(_DATA_URL.sub("", value.strip(), count=1).split())
-
-
-def _payload_bytes(payload: str) -> int:
-    """The bytes base64 text decodes to, counted without decoding it."""
-    return len(payload) * 3 // 4
 
 
 def _syntax(body: dict[str, Any], settings: HandlerSettings) -> dict[str, bool]:

@@ -21,7 +21,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.description import DescribeRequest, asks_description, describe
-from handler.request import NDJSON, ApiRequest, RequestError, check_chunks, parse_request, request_body
+from handler.errors import RequestError
+from handler.request import NDJSON, ApiRequest, check_chunks, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line

@@ -22,7 +22,9 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 from handler import sd_handler
-from handler.request import RequestError, check_chunks, decode_image, parse_request
+from handler.errors import RequestError
+from handler.images import decode_image
+from handler.request import check_chunks, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import Limits, SettingsError, check_against_model, parse_settings
 from ldm.embeddings import Embedding, Vocabulary

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.request import RequestError, check_chunks
+from handler.errors import RequestError
+from handler.request import check_chunks
 from handler.settings import HandlerSettings
 from ldm.checkpoint import read_state_dict
 from ldm.embeddings import Vocabulary

@@ -24,7 +24,8 @@ from PIL import Image
 
 from front.cli import parse_settings as front_settings
 from front.png_info import parse_infotext
-from handler.request import RequestError, parse_request
+from handler.errors import RequestError
+from handler.request import parse_request
 from handler.settings import parse_settings
 from ldm.parts import load_checkpoint, load_split
 from ldm.png_info import read_parameters
