@@ -17,7 +17,8 @@ from PIL import ExifTags, Image
 from safetensors.torch import save_file
 
 from ldm import cli
-from ldm.cli import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser, main, next_index, read_prompts
+from ldm.cli import main, next_index, read_prompts
+from ldm.cli_flags import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser
 from ldm.generation_request import SAMPLERS
 from ldm.lora import short_hash
 from ldm.output_names import prompt_folder
