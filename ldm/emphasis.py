@@ -14,7 +14,7 @@ CLIP sees the brackets and numbers as words and drops everything past 75 tokens.
 
 A1111 takes that mean over the batch of texts it encodes at once: a prompt's prompt-editing schedule, its texts' chunks
 at each position rescaled together, the shorter texts padded with the empty prompt's chunk (ldm/text_encoder.py's
-`weigh_batch`, `Pipeline.embed_batches`); so it is here, and never across prompts, so that an image does not depend
+`weigh_batch`, `PromptEncoder.embed_batches`); so it is here, and never across prompts, so that an image does not depend
 on what else is in its batch.
 """
 

@@ -380,7 +380,7 @@ def pairs(split_fp32: Path, ckpt: Path, options: CpuOptions) -> dict[str, Pair]:
             options.row_repeats(whole_image=False),
         ),
         "text encoding, prompt + empty": Pair(
-            lambda: pipeline.embed([PROMPT, ""]),
+            lambda: pipeline.prompts.embed([PROMPT, ""]),
             lambda: torch.cat(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True, "")),
             same,
             tolerance,

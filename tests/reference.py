@@ -83,5 +83,5 @@ def assert_matches_png(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def embed_each(pipeline: Pipeline, texts: list[str]) -> list[torch.Tensor]:
     """Texts in A1111's syntax each encoded alone (a batch of one: a prompt without prompt editing)."""
-    batches = pipeline.embed_batches([(text,) for text in texts])
+    batches = pipeline.prompts.embed_batches([(text,) for text in texts])
     return [batch[text] for batch, text in zip(batches, texts, strict=True)]

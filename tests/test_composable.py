@@ -160,7 +160,7 @@ def test_each_sub_prompt_keeps_its_own_prompt_editing(pipeline: Pipeline) -> Non
     """`[a castle:a tower:2] AND a lake`: UNet calls 0–2 read the castle, 3 on the tower, beside the lake
     throughout; the negative prompt's AND is text."""
     request = resolve(dataclasses.replace(REQUEST, prompt="[a castle:a tower:2] AND a lake", negative_prompt="x AND y"))
-    (conditioning,) = pipeline.conditions([request])
+    (conditioning,) = pipeline.prompts.conditions([request])
     contexts = BatchConditions([conditioning])
     castle, tower, lake, negative = embed_each(pipeline, ["a castle", "a tower", " a lake", "x AND y"])
     for call, first in ((0, castle), (2, castle), (3, tower), (5, tower)):

@@ -238,7 +238,7 @@ def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline)
     assert all(torch.equal(a, b) for a, b in zip(second.ids[1:4], style.vectors, strict=True))
     assert second.weights[1:4] == (1.2, 1.2, 1.2) and second.ids[4] == tokenizer.tokenize("castle")[0]
     # The pipeline conditions on exactly these two chunks, the embedding's vectors among them.
-    [conditioning] = with_embeddings.conditions(
+    [conditioning] = with_embeddings.prompts.conditions(
         [dataclasses.replace(REQUEST, prompt=f"{words}(tinystyle:1.2) castle", emphasis=True)]
     )
     (((_, condition),),) = conditioning.prompts

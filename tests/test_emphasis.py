@@ -160,7 +160,7 @@ def test_a_prompts_edited_texts_are_encoded_as_a1111_encodes_its_schedule(
     """Against the re-derivation above, over A1111's batch (its schedule unmerged), to float32's summing order
     (A1111 takes one mean over the batch, ours a mean of each text's); each text far from what it would be alone."""
     assert list(prompt_editing.batch(prompt, steps)) == batch
-    (schedule,) = pipeline.conditions([dataclasses.replace(SMALL, prompt=prompt, steps=steps)])[0].prompts
+    (schedule,) = pipeline.prompts.conditions([dataclasses.replace(SMALL, prompt=prompt, steps=steps)])[0].prompts
     with torch.inference_mode():
         expected = dict(zip(batch, a1111_batch(tiny_model, batch), strict=True))
         for (_, conditioning), (_, text) in zip(schedule, prompt_editing.schedule(prompt, steps), strict=True):
@@ -170,7 +170,7 @@ def test_a_prompts_edited_texts_are_encoded_as_a1111_encodes_its_schedule(
 
 
 def test_a_prompt_without_the_syntax_conditions_as_written(pipeline: Pipeline) -> None:
-    assert torch.equal(embed_each(pipeline, [SMALL.prompt])[0], pipeline.embed([SMALL.prompt]))
+    assert torch.equal(embed_each(pipeline, [SMALL.prompt])[0], pipeline.prompts.embed([SMALL.prompt]))
     plain = pipeline.generate(dataclasses.replace(SMALL, emphasis=False)).pixels
     assert np.abs(pipeline.generate(SMALL).pixels - plain).max() < FLOAT_TOLERANCE
     weighted = pipeline.generate(dataclasses.replace(SMALL, prompt="a (red:1.5) door, stone wall")).pixels

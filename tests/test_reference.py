@@ -73,7 +73,7 @@ def test_basic_intermediates(pipeline: Pipeline) -> None:
     data = case("basic")
     request = request_of(data)
     model = pipeline.model
-    cond, uncond = pipeline.embed([request.prompt, ""]).chunk(2)
+    cond, uncond = pipeline.prompts.embed([request.prompt, ""]).chunk(2)
     assert torch.allclose(cond, intermediate("basic_cond_embedding"), atol=INTERMEDIATE_TOLERANCE, rtol=0)
     assert torch.allclose(uncond, intermediate("basic_uncond_embedding"), atol=INTERMEDIATE_TOLERANCE, rtol=0)
 
