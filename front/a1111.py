@@ -38,8 +38,15 @@ import binascii
 import json
 import re
 import time
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
+from front.a1111_options import (
+    CLIP_SKIP,
+    A1111Error,
+    Served,
+    check_option,
+    refuse,
+)
 from front.errors import FrontError, shown
 from front.png_info import INFOTEXT, parse_infotext, png_texts
 
@@ -61,7 +68,6 @@ FLAGS = ("restore_faces", "tiling", "enable_hr", "inpaint_full_res", "send_image
          "include_init_images", "do_not_save_samples", "do_not_save_grid", "disable_extra_networks")  # fmt: skip
 TRUE, FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
 DEFAULTS = {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "batch_size": 1, "n_iter": 1}
-CLIP_SKIP = "CLIP_stop_at_last_layers"
 # The field A1111 names for each of ours that a refusal may name.
 THEIRS = {ours: theirs for theirs, ours in RENAMED.items()} | {
     "sampler": "sampler_name", "strength": "denoising_strength", "hr_steps": "hr_second_pass_steps",
@@ -101,30 +107,9 @@ SCHEDULERS = tuple(item["name"] for item in SCHEDULER_ITEMS)
 OWN_TIMESTEPS = ("DDIM", "PLMS")
 # 1.9's Automatic scheduler: Karras for these samplers, the exponential one (not available here) for DPM++ 2M SDE.
 AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a")
-# Options GET /sdapi/v1/options reads beside the model, VAE and clip skip, each at the value it has here.
-FIXED_OPTIONS = {"eta_ddim": 0.0, "eta_ancestral": 1.0, "randn_source": "CPU", "eta_noise_seed_delta": 0}
-# A1111's default VAE setting: the checkpoint's own or the file beside it, which is what is served here.
-AUTOMATIC_VAE = "Automatic"
-# Override settings about where A1111 saves files: nothing of the image.
-SAVING = re.compile(r"^(samples_|save_|grid_|outdir|export_|jpeg_|webp_|png_|use_original_name|directories_)")
 # A1111's "None" hires upscaler resizes the image with Lanczos, as ours does (at once, where ours takes A1111's
 # Lanczos upscaler's three resizes to a size that is no multiple of 8).
 UPSCALER_ALIASES = {"None": "Lanczos"}
-
-
-class Served(NamedTuple):
-    """What this front serves, as A1111's options and answers name it: the worker's description
-    (handler/description.py) and TorchServe's name for the model."""
-
-    described: dict[str, Any]
-    model: str
-
-
-class A1111Error(FrontError):
-    """An error answered as A1111's clients read one: the front's body with A1111's `detail` beside."""
-
-    def body(self) -> dict[str, str]:
-        return {**super().body(), "detail": self.error}
 
 
 def _sent(body: dict[str, Any], name: str, default: Any) -> Any:
@@ -132,19 +117,14 @@ def _sent(body: dict[str, Any], name: str, default: Any) -> Any:
     return default if body.get(name) is None else body[name]
 
 
-def _refuse(field: str, message: str) -> A1111Error:
-    """A 400 for an A1111 field, its message starting with the field's name."""
-    return A1111Error(400, f"{field}: {message}", field)
-
-
 def read(raw: bytes) -> dict[str, Any]:
     """The request body, a JSON object."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise _refuse("body", "is not JSON this front can read") from None
+        raise refuse("body", "is not JSON this front can read") from None
     if not isinstance(body, dict):
-        raise _refuse("body", "send the request as a JSON object")
+        raise refuse("body", "send the request as a JSON object")
     return body
 
 
@@ -153,14 +133,7 @@ def encoded(ours: dict[str, Any]) -> bytes:
     try:
         return json.dumps(ours).encode()
     except (ValueError, RecursionError):
-        raise _refuse("body", "is nested too deep") from None
-
-
-def needs_options(body: dict[str, Any]) -> bool:
-    """Whether `translate` must be given the served options to judge the request's `override_settings` (any but
-    clip skip and saving files: the model named, a setting at its value)."""
-    settings = body.get("override_settings")
-    return isinstance(settings, dict) and any(name != CLIP_SKIP and not SAVING.match(name) for name in settings)
+        raise refuse("body", "is nested too deep") from None
 
 
 def translate(raw: dict[str, Any], mode: Mode, served: Served | None = None) -> dict[str, Any]:
@@ -169,7 +142,7 @@ def translate(raw: dict[str, Any], mode: Mode, served: Served | None = None) -> 
     body = coerced(raw)
     for name, off in OFF.items():
         if not any(body.get(name) == value for value in off):
-            raise _refuse(name, "is not available here; leave it out")
+            raise refuse(name, "is not available here; leave it out")
     _scripts_off(body.get("alwayson_scripts"))
     given = {**DEFAULTS, **{name: value for name, value in body.items() if value is not None}}
     sampler = _sampler(body)
@@ -208,7 +181,7 @@ def coerced(body: dict[str, Any]) -> dict[str, Any]:
                     raise TypeError(name)
                 converted[name] = convert(value)
             except (TypeError, ValueError, OverflowError):
-                raise _refuse(name, f"must be {what}, got {shown(value)}") from None
+                raise refuse(name, f"must be {what}, got {shown(value)}") from None
     return converted
 
 
@@ -230,14 +203,14 @@ def _scripts_off(scripts: Any) -> None:
     if scripts in (None, {}):
         return
     if not isinstance(scripts, dict):
-        raise _refuse("alwayson_scripts", "must be an object of scripts")
+        raise refuse("alwayson_scripts", "must be an object of scripts")
     for name, script in scripts.items():
         args = script.get("args") if isinstance(script, dict) else None
         off = isinstance(args, list) and (
             not args or args[0] is False or all(isinstance(arg, dict) and arg.get("enabled") is False for arg in args)
         )
         if not off:
-            raise _refuse(f"alwayson_scripts.{name}", "is not available here; leave it out or turn it off")
+            raise refuse(f"alwayson_scripts.{name}", "is not available here; leave it out or turn it off")
 
 
 def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -> Any:
@@ -251,12 +224,12 @@ def _sampler(body: dict[str, Any], name: Any = None, field: str = "scheduler") -
     if scheduler == "":  # A1111's default
         scheduler = "automatic"
     if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
-        raise _refuse(field, f"{shown(scheduler)} is not available; send Automatic, Uniform or Karras")
+        raise refuse(field, f"{shown(scheduler)} is not available; send Automatic, Uniform or Karras")
     base = name.removesuffix(" Karras")
     if base in OWN_TIMESTEPS:
         return base
     if scheduler.lower() == "automatic" and base == "DPM++ 2M SDE":
-        raise _refuse(field, "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
+        raise refuse(field, "Automatic is the exponential schedule for DPM++ 2M SDE, not available here")
     karras = scheduler.lower() == "karras" or (scheduler.lower() == "automatic" and base in AUTOMATIC_KARRAS)
     return base + " Karras" if karras else base
 
@@ -268,12 +241,12 @@ def _eta(eta: Any, samplers: list[Any]) -> dict[str, Any]:
     for sampler in samplers:
         base = sampler.removesuffix(" Karras") if isinstance(sampler, str) else sampler
         if base in ETA_SAMPLERS and eta not in (None, 1):
-            raise _refuse("eta", f"{sampler} runs at eta 1 here (A1111's default for it); leave eta out")
+            raise refuse("eta", f"{sampler} runs at eta 1 here (A1111's default for it); leave eta out")
     if "DDIM" not in samplers:
         return {}
     if eta not in (None, 0) and set(samplers) != {"DDIM"}:
         other = next(sampler for sampler in samplers if sampler != "DDIM")
-        raise _refuse("eta", f"is DDIM's alone here, and the hires fix runs {other} beside it: send 0 or leave it out")
+        raise refuse("eta", f"is DDIM's alone here, and the hires fix runs {other} beside it: send 0 or leave it out")
     return {"eta": 0.0 if eta is None else eta}
 
 
@@ -284,10 +257,10 @@ def _overrides(settings: Any, served: Served | None) -> dict[str, Any]:
     if not settings:
         return {}
     if not isinstance(settings, dict):
-        raise _refuse("override_settings", "must be an object of settings")
+        raise refuse("override_settings", "must be an object of settings")
     for name, value in settings.items():
         if name != CLIP_SKIP:
-            _check_option(name, value, served, f"override_settings.{name}")
+            check_option(name, value, served, f"override_settings.{name}")
     if CLIP_SKIP not in settings:
         return {}
     clip_skip = settings[CLIP_SKIP]
@@ -327,12 +300,12 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     starts from and the area painted as A1111's defaults say (fill, only masked, no padding) where not sent."""
     images = body.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
-        raise _refuse("init_images", "send a list of one base64 image (several are not available here)")
+        raise refuse("init_images", "send a list of one base64 image (several are not available here)")
     ours["init_image"] = images[0]
     ours["strength"] = _sent(body, "denoising_strength", 0.75)
     mode = _sent(body, "resize_mode", 0)
     if mode not in range(len(RESIZE_MODES)):
-        raise _refuse("resize_mode", "must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill) here")
+        raise refuse("resize_mode", "must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill) here")
     ours["resize_mode"] = RESIZE_MODES[mode]
     if body.get("mask") is None:
         return
@@ -340,13 +313,13 @@ def _img2img(body: dict[str, Any], ours: dict[str, Any]) -> None:
     # 1.6's mask_blur sets both of its axes' blurs; without it each is its own (4 by default), here the same.
     blur_x, blur_y = (_sent(body, name, 4) for name in ("mask_blur_x", "mask_blur_y"))
     if body.get("mask_blur") is None and blur_x != blur_y:
-        raise _refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
+        raise refuse("mask_blur_y", f"must be mask_blur_x's {blur_x} here (one blur for both axes): send mask_blur")
     ours["mask_blur"] = _sent(body, "mask_blur", blur_x)
     if body.get("inpainting_mask_invert"):
         ours["invert_mask"] = True
     fill = _sent(body, "inpainting_fill", 0)
     if fill not in range(len(MASKED_CONTENT)):
-        raise _refuse("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
+        raise refuse("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
     ours["masked_content"] = MASKED_CONTENT[fill]
     if body.get("inpaint_full_res") is None or body["inpaint_full_res"]:
         ours["inpaint_area"] = "only_masked"
@@ -418,94 +391,6 @@ def answer(
         echoed = {**body, "init_images": None, "mask": None}
     sent = images if body.get("send_images", True) is not False else []
     return {"images": sent, "parameters": echoed, "info": json.dumps(info)}
-
-
-# A1111's listings the front answers from the handler's description (handler/description.py).
-LISTINGS = ("samplers", "upscalers", "latent-upscale-modes", "sd-models", "sd-vae", "loras", "embeddings", "options")
-# A1111's listings of what is not done here (requests naming any are refused): empty, as an A1111 without any.
-NONE_HERE = ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles", "script-info", "extensions")
-# A1111's rescans of its model folders: here, a fresh description (new LoRA or embedding files are listed at once).
-REFRESHES = ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "refresh-loras")
-DESCRIBE = b'{"describe": true}'
-
-
-def listing(name: str, described: Any, model: str) -> Any:
-    """A1111's answer to `GET /sdapi/v1/<name>` from what the worker describes: the samplers and upscalers by
-    A1111's names, the one model (named as TorchServe serves it), its VAE file if it has one, the LoRAs and
-    embeddings a prompt may name, and the options its clients read (the model, the VAE, clip skip, η, where the
-    noise is drawn)."""
-    try:
-        samplers, upscalers = described["sampler_names"].items(), described["upscalers"].items()
-        model_hash, loras, shapes = described["model_hash"], described["loras"], described["embedding_shapes"].items()
-        clip_skip, vae = described["defaults"]["clip_skip"], described.get("vae", {"name": "None"})["name"]
-    except (KeyError, TypeError, AttributeError):
-        raise A1111Error(502, "TorchServe's worker answered no description of what it serves") from None
-    if name == "options":
-        return {"sd_model_checkpoint": model_title(model, model_hash), "sd_vae": vae, CLIP_SKIP: clip_skip,
-                **FIXED_OPTIONS}  # fmt: skip
-    if name == "samplers":
-        return [{"name": title, "aliases": [ours], "options": {}} for ours, title in samplers]
-    if name == "upscalers":
-        titles = ["None", *(title for ours, title in upscalers if not ours.startswith("latent"))]
-        return [
-            {"name": title, "model_name": None, "model_path": None, "model_url": None, "scale": 1} for title in titles
-        ]
-    if name == "sd-vae":
-        return [{"model_name": vae, "filename": vae}] if "vae" in described else []
-    if name == "latent-upscale-modes":
-        return [{"name": title} for ours, title in upscalers if ours.startswith("latent")]
-    if name == "sd-models":
-        title = model_title(model, model_hash)
-        return [
-            {"title": title, "model_name": model, "hash": model_hash, "sha256": None, "filename": model, "config": None}
-        ]
-    if name == "loras":
-        return [{"name": lora, "alias": lora, "path": None, "metadata": {}} for lora in loras]
-    loaded = {
-        word: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": count}
-        for word, (count, width) in shapes
-    }
-    return {"loaded": loaded, "skipped": {}}
-
-
-def model_title(model: str, model_hash: str) -> str:
-    """The served model as A1111 titles a checkpoint: its name, then its short hash in brackets."""
-    return f"{model} [{model_hash}]"
-
-
-def check_options(body: Any, served: Served) -> None:
-    """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint (often all the options they
-    read, one changed), each option as `_check_option` takes it; clip skip is each request's here."""
-    if not isinstance(body, dict):
-        raise _refuse("body", "send the options as a JSON object")
-    clip_skip = served.described.get("defaults", {}).get("clip_skip")
-    for name, value in body.items():
-        if name == CLIP_SKIP and value != clip_skip:
-            raise _refuse(name, "is each request's here: send it in the request's override_settings")
-        _check_option(name, value, served, name)
-
-
-def _check_option(name: str, value: Any, served: Served | None, field: str) -> None:
-    """An A1111 option set (by `POST /sdapi/v1/options` or a request's `override_settings`, `field` naming it):
-    one model is served, so naming it (by title, name or hash) changes nothing, nor does an option at the value
-    GET gives (the VAE also as A1111's default, Automatic), and settings about saving files mean nothing here; any
-    other is refused, naming it."""
-    if SAVING.match(name):
-        return
-    if served is None:  # the caller fetches the options where `needs_options` says so
-        raise _refuse(field, "is not available here")
-    title = model_title(served.model, served.described.get("model_hash", ""))
-    if name == "sd_model_checkpoint":
-        if value in (title, served.model, served.described.get("model_hash")):
-            return
-        raise _refuse(field, f"only {title} is served here, got {shown(value)}")
-    if name == "sd_vae" and value == AUTOMATIC_VAE:
-        return
-    current = listing("options", served.described, served.model)
-    if name not in current:
-        raise _refuse(field, "is not available here")
-    if value != current[name]:
-        raise _refuse(field, f"is {json.dumps(current[name])} here, got {shown(value)}")
 
 
 def png_parameters(image: Any) -> str:

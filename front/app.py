@@ -39,6 +39,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
 
 from front import a1111, a1111_progress, png_info, schema
+from front import a1111_options as a1111_opts
 from front.description import Description
 from front.errors import FrontError
 from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
@@ -113,7 +114,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Made in the server's event loop: its pooled connections belong to that loop.
         app.state.api = InferenceApi(settings, transport)
-        app.state.description = Description(lambda: app.state.api.answer_json(a1111.DESCRIBE))
+        app.state.description = Description(lambda: app.state.api.answer_json(a1111_opts.DESCRIBE))
         try:
             yield
         finally:
@@ -196,8 +197,8 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         # Converted as A1111's API converts it: what the answer echoes and reads (`send_images`) too.
         body = a1111.coerced(a1111.read(await _body(request, settings.max_body_bytes)))
         served = None
-        if a1111.needs_options(body):  # override_settings naming the model or a setting: judged by what is served
-            served = a1111.Served(await request.app.state.description.get(), settings.model)
+        if a1111_opts.needs_options(body):  # override_settings naming the model or a setting: judged by what is served
+            served = a1111_opts.Served(await request.app.state.description.get(), settings.model)
         ours = a1111.translate(body, mode, served)
         plan = plan_fields(ours, a1111.encoded(ours), settings.max_images)
         ours = plan.fields or ours  # with the seeds the plan drew
@@ -210,7 +211,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                 sent = plan.iteration(results.next(plan) if iteration else None)
                 results.add(await a1111_progress.followed(request.app.state.api, sent, job, iteration > 0), plan)
         # The answer's info names the VAE and the model's kind from the front's copy of the description, if any yet.
-        served = a1111.Served(request.app.state.description.latest or {}, settings.model)
+        served = a1111_opts.Served(request.app.state.description.latest or {}, settings.model)
         answer = results.answer(plan)
         # In a thread: reading each PNG's infotext and rendering the answer take a while for 64 large images.
         return await run_in_threadpool(lambda: JSONResponse(a1111.answer(body, ours, answer, served, A1111_VERSION)))
@@ -232,9 +233,9 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
 
     async def a1111_listing(request: Request) -> JSONResponse:
         described = await request.app.state.description.get()
-        return JSONResponse(a1111.listing(request.url.path.removeprefix(a1111.PREFIX), described, settings.model))
+        return JSONResponse(a1111_opts.listing(request.url.path.removeprefix(a1111.PREFIX), described, settings.model))
 
-    for name in a1111.LISTINGS:
+    for name in a1111_opts.LISTINGS:
         app.add_api_route(
             a1111.PREFIX + name, a1111_listing, methods=["GET"], summary=f"A1111's {name} (what the worker serves)"
         )
@@ -242,14 +243,14 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_none_here() -> JSONResponse:
         return JSONResponse([])
 
-    for name in a1111.NONE_HERE:
+    for name in a1111_opts.NONE_HERE:
         app.add_api_route(a1111.PREFIX + name, a1111_none_here, methods=["GET"], summary=f"A1111's {name}: none here")
 
     async def a1111_refresh(request: Request) -> JSONResponse:
         await request.app.state.description.refresh()
         return JSONResponse(None)
 
-    for name in a1111.REFRESHES:
+    for name in a1111_opts.REFRESHES:
         app.add_api_route(
             a1111.PREFIX + name, a1111_refresh, methods=["POST"], summary=f"A1111's {name}: a fresh description"
         )
@@ -285,7 +286,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
     async def a1111_options(request: Request) -> JSONResponse:
         body = a1111.read(await _body(request, settings.max_body_bytes))
         described = await request.app.state.description.get()
-        a1111.check_options(body, a1111.Served(described, settings.model))
+        a1111_opts.check_options(body, a1111_opts.Served(described, settings.model))
         return JSONResponse(None)
 
     @app.get("/healthz", summary="Whether TorchServe answers its health check")
