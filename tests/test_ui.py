@@ -821,6 +821,16 @@ def test_settings_from_an_a1111_png_and_what_is_not_done_here(page: Page, tmp_pa
     )
     assert page.input_value("#prompt") == "a fox"  # the form as it was
 
+    # A prompt alone on one long line of words (another tool's PNG): read in no time, where trying a key at each of
+    # its positions took the page minutes.
+    long_line = PngImagePlugin.PngInfo()
+    long_line.add_text("parameters", "a lighthouse " * 30_000)
+    Image.new("RGB", (8, 8)).save(tmp_path / "long.png", pnginfo=long_line)
+    page.set_input_files("#settings_file", str(tmp_path / "long.png"))
+    expect(page.locator("#error-settings_file")).to_have_text(
+        "long.png holds no generation settings (a PNG made here, or by AUTOMATIC1111, does)"
+    )
+
     page.set_input_files("#init_file", str(plain))  # a text-to-image PNG's settings beside an init image
     expect(page.locator("#init_preview")).to_be_visible()
     page.set_input_files("#settings_file", str(path))

@@ -3,8 +3,12 @@
 // made here or by A1111, gets its settings back by picking the file, as with A1111's PNG Info tab.
 
 const SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
-// A1111's reading of the last line: `Key: value` pairs, a value in JSON quotes when it holds a comma or colon.
-const PARAMETER = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
+// A1111's reading of the last line: `Key: value` pairs, a value in JSON quotes when it holds a comma or colon. Sticky:
+// `parameters` tries it at one position at a time.
+const PARAMETER = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/y;
+// A run of the characters a key is made of, and of whitespace (`parameters`).
+const KEY_RUN = /[\w \-/]*/y;
+const SPACE_RUN = /\s*/y;
 // Fields that say what made the image but set nothing on the form (the checkpoint and VAE are the server's).
 const INFORMATIVE = ["Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Version"];
 // The hires fix's second pass's own settings, by their request field, as infotexts name them.
@@ -47,14 +51,45 @@ export async function pngParameters(buffer) {
   return null;
 }
 
+// Where a sticky pattern's match at `position` of `line` ends (-1: none there).
+function matchEnd(pattern, line, position) {
+  pattern.lastIndex = position;
+  return pattern.test(line) ? pattern.lastIndex : -1;
+}
+
+// PARAMETER's matches in `line` as [key, value] pairs, in time linear in the line. Why: a plain matchAll tries a key at
+// every position of a long run of words and spaces, reading to the run's end each time: a PNG whose last line is a
+// long prompt held the page for minutes. Where a try fails, every later start in the same run fails too (a key ends
+// at a colon, and the run's end is none), so the scan skips to the run's end, as front/png_info.py's does.
+function parameters(line) {
+  const found = [];
+  let position = 0;
+  while (position <= line.length) {
+    PARAMETER.lastIndex = position;
+    const match = PARAMETER.exec(line);
+    if (match) {
+      found.push([match[1], match[2]]);
+      position = PARAMETER.lastIndex;
+      continue;
+    }
+    const spaces = matchEnd(SPACE_RUN, line, position);
+    const run = matchEnd(KEY_RUN, line, position);
+    if (spaces > position) position = spaces; // every start in a run of whitespace reaches the same key
+    else if (run > position && line[run] !== ":") position = run;
+    else position += 1;
+  }
+  return found;
+}
+
 // The prompt, the negative prompt and the `Key: value` fields of an infotext, split as A1111 splits them: the last
 // line is the fields when it holds three or more, and "Negative prompt:" starts the negative prompt's lines.
 function splitInfotext(text) {
   const lines = text.trim().split("\n");
-  let last = lines.pop();
-  if ([...last.matchAll(PARAMETER)].length < 3) {
+  const last = lines.pop();
+  let pairs = parameters(last);
+  if (pairs.length < 3) {
     lines.push(last);
-    last = "";
+    pairs = [];
   }
   const prompts = { prompt: [], negative_prompt: [] };
   let current = prompts.prompt;
@@ -67,7 +102,7 @@ function splitInfotext(text) {
     current.push(line);
   }
   const fields = new Map();
-  for (const [, key, value] of last.matchAll(PARAMETER)) {
+  for (const [key, value] of pairs) {
     let read = value;
     if (value.length > 1 && value.startsWith('"') && value.endsWith('"')) {
       try {
