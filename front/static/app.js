@@ -67,11 +67,8 @@ function requestBody() {
     if ($("subseed").value.trim() !== "") body.subseed = integer($("subseed").value);
   }
   // Resize seed from: sent once either side is filled in, so that one side alone is named by the server's error.
-  const resize = ["seed_resize_from_w", "seed_resize_from_h"].map((id) => $(id).value.trim());
-  if (resize.some((side) => side !== "" && side !== "0")) {
-    body.seed_resize_from_w = integer(resize[0] || "0");
-    body.seed_resize_from_h = integer(resize[1] || "0");
-  }
+  const seedResize = filledSides(["seed_resize_from_w", "seed_resize_from_h"]);
+  if (seedResize) [body.seed_resize_from_w, body.seed_resize_from_h] = seedResize;
   strengthControl = "strength";
   if (initImage) {
     body.init_image = initImage;
@@ -106,11 +103,17 @@ function hiresOn() {
   return !initImage && (hiresResize() !== null || (scale !== "" && Number(scale) !== 1));
 }
 
-// The hires fix's resize sides [width, height] once either is filled in (then sent in place of the scale, which
-// A1111 does not read then either), else null.
-function hiresResize() {
-  const sides = ["hr_resize_x", "hr_resize_y"].map((id) => $(id).value.trim());
+// The sides [width, height] of the boxes `ids` once either holds something other than 0 (an empty box is 0), else
+// null: a pair of sides where 0 means "not set", as the seed resize's and the hires resize's are.
+function filledSides(ids) {
+  const sides = ids.map((id) => $(id).value.trim());
   return sides.some((side) => side !== "" && Number(side) !== 0) ? sides.map((side) => integer(side || "0")) : null;
+}
+
+// The hires fix's resize sides once either is filled in (then sent in place of the scale, which A1111 does not read
+// then either), else null.
+function hiresResize() {
+  return filledSides(["hr_resize_x", "hr_resize_y"]);
 }
 
 // The hires fix's second pass's own prompts and sampler, each sent when not empty (empty: the first pass's).
