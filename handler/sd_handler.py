@@ -27,6 +27,7 @@ from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line
 from ldm.cpu_features import has_amx_bf16
+from ldm.devices import release_cached_memory, worker_device
 from ldm.generation_request import GenerationError, first_pass_share
 from ldm.parts import load_split
 from ldm.pipeline import Generation, Pipeline
@@ -74,7 +75,7 @@ class StableDiffusionHandler(BaseHandler):
         self.model_name = context.model_name
         self.settings = parse_settings(getattr(context, "model_yaml_config", None))
         gpu_id = context.system_properties.get("gpu_id")
-        device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
+        device = worker_device(gpu_id)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dtype = self.settings.dtype(device)
@@ -185,7 +186,7 @@ class StableDiffusionHandler(BaseHandler):
         try:
             return self._generate_together(valid)
         except Exception as error:
-            failure = _failure(error)
+            failure = _failure(error, self.pipeline.model.device)
             if failure is None:
                 raise
             if len(valid) == 1:
@@ -196,7 +197,7 @@ class StableDiffusionHandler(BaseHandler):
             try:
                 outcomes.update(self._generate_together([one]))
             except Exception as error:
-                failure = _failure(error)
+                failure = _failure(error, self.pipeline.model.device)
                 if failure is None:
                     # The worker's error, met by this request alone: the others keep the images they got.
                     logger.exception("request %d of the batch failed alone", one[0])
@@ -223,7 +224,7 @@ class StableDiffusionHandler(BaseHandler):
         except Exception as error:
             # The images are made, but not their PNGs (a batch of large ones may meet the host's memory): every
             # answer that wanted them fails alike, its stream's included, as generation's failures do.
-            failure = _failure(error)
+            failure = _failure(error, self.pipeline.model.device)
             if failure is None:
                 if not self.progress.started:
                     raise
@@ -299,7 +300,7 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
 
 
-def _failure(error: Exception) -> RequestError | None:
+def _failure(error: Exception, device: torch.device) -> RequestError | None:
     """The answer to a request whose generation failed this way: a 400 naming the field, or a 507 for memory; None
     for any other error, the worker's, not the request's."""
     if isinstance(error, GenerationError):
@@ -310,8 +311,7 @@ def _failure(error: Exception) -> RequestError | None:
         return None
     # Python's own MemoryError: an allocation outside torch (numpy's, PIL's) that the host could not make.
     where = "host" if isinstance(error, MemoryError) or HOST_MEMORY in str(error) else "GPU"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_cached_memory(device)
     logger.error("out of %s memory: %s", where, error)
     return RequestError("", f"out of {where} memory; retry, or ask for fewer or smaller images", 507)
 

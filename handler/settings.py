@@ -13,6 +13,7 @@ import torch
 
 from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
+from ldm.devices import auto_dtype
 from ldm.fast_path import FastPath
 from ldm.generation_request import SAMPLERS
 from ldm.hires import UPSCALERS
@@ -96,7 +97,7 @@ class HandlerSettings:
 
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
-    # auto: fp16 on CUDA, fp32 on the CPU (fp16 convolutions there are slow and inexact).
+    # auto: fp16 on CUDA, fp32 on the CPU (fp16 convolutions there are slow and inexact) and on MPS (ldm/devices.py).
     precision: str = "auto"
     low_memory: bool = False
     # Images denoised in one UNet batch, across requests; bounds activation memory.
@@ -113,9 +114,7 @@ class HandlerSettings:
 
     def dtype(self, device: torch.device) -> torch.dtype:
         chosen = PRECISIONS[self.precision]
-        if chosen is None:
-            return torch.float16 if device.type == "cuda" else torch.float32
-        return chosen
+        return auto_dtype(device) if chosen is None else chosen
 
 
 def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:

@@ -47,6 +47,7 @@ from ldm.checkpoint import CheckpointError, default_config
 from ldm.cli_flags import DEFAULT_PROMPT, FLAGS, RANDOM_SEED_MAX, Mode, build_parser
 from ldm.config import ConfigError, ModelConfig, load_config
 from ldm.cpu_features import has_amx_bf16
+from ldm.devices import auto_dtype, mps_available
 from ldm.embeddings import EmbeddingLibrary
 from ldm.generation_request import (
     MAX_SEED,
@@ -100,16 +101,19 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    """cpu, cuda or cuda:N, checked against this machine."""
+    """cpu, cuda, cuda:N or mps (Apple silicon's GPU), checked against this machine."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CliError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise CliError(f"--device {name}: only cpu, cuda and cuda:N are supported")
+        raise CliError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {name}: only cpu, cuda, cuda:N and mps are supported")
+    if device.type == "mps" and not mps_available():
+        raise CliError(f"--device {name}: this machine has no Apple silicon GPU that torch can use; pass --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CliError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+            other = "mps" if mps_available() else "cpu"
+            raise CliError(f"--device {name}: CUDA is not available on this machine; pass --device {other}")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -120,7 +124,7 @@ def select_dtype(precision: str, device: torch.device) -> torch.dtype:
     bfloat16 (ours) is asked for by name: on a CPU it is fast only where the hardware has bf16 instructions."""
     if precision == "bf16":
         return torch.bfloat16
-    return torch.float16 if precision == "autocast" and device.type == "cuda" else torch.float32
+    return auto_dtype(device) if precision == "autocast" else torch.float32
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

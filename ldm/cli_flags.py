@@ -190,12 +190,14 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
             "side) and paste it, centred, into the image's own, so a seed keeps what it painted at that size "
             "(default: 0, none)",
         )
-    parser.add_argument("--device", type=str, default="cuda", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--device", type=str, default="cuda", help="cpu, cuda, cuda:N or mps (Apple silicon) (default: %(default)s)"
+    )
     parser.add_argument(
         "--precision",
         choices=("full", "autocast", "bf16"),
         default="autocast",
-        help="autocast: float16 weights on CUDA, float32 on the CPU (where float16 is slow and inexact); "
+        help="autocast: float16 weights on CUDA, float32 on the CPU (where float16 is slow and inexact) and on mps; "
         "full: float32 everywhere; bf16: bfloat16 everywhere, about twice float32's speed on a CPU with AMX "
         "(docs/PERFORMANCE.md), within bfloat16's rounding of the float32 image (default: %(default)s)",
     )

@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.config import ModelConfig
 from ldm.ddim import alphas_cumprod
+from ldm.devices import release_cached_memory
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
@@ -85,5 +86,4 @@ class StableDiffusion:
             yield module
         finally:
             module.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached_memory(self.device)

@@ -52,6 +52,8 @@ class Manifest:
 
 def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     target = dtype if tensor.is_floating_point() else tensor.dtype
+    if tensor.dtype == torch.float64:  # cast where it is: Apple's GPU (MPS) cannot hold float64 even for a moment
+        tensor = tensor.to(dtype=target)
     return tensor.to(device=device, dtype=target)
 
 

@@ -153,6 +153,9 @@ class TorchServe:
         env = dict(os.environ)
         # TorchServe's pid file lives in the temp folder: a folder of our own lets servers run side by side.
         env["TMPDIR"] = str(self.home)
+        # On Apple silicon (MPS), an operation torch has no GPU kernel for runs on the CPU instead of failing every
+        # request that needs it; torch reads this as it loads, in the worker. Elsewhere nothing reads it.
+        env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
         return env
 
     def command(self, *extra: str) -> list[str]:

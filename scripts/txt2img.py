@@ -5,7 +5,12 @@ python scripts/txt2img.py --prompt "a cottage garden full of tulips" --device cp
 
 from __future__ import annotations
 
+import os
 import sys
+
+# On Apple silicon (--device mps), an operation torch has no GPU kernel for runs on the CPU instead of failing; torch
+# reads this as it loads, so before anything imports it.
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 from ldm.cli import main
 

@@ -683,8 +683,8 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--scale", "nan"], "--scale: scale must be a finite number, got nan"),
     ("txt2img", ["--seed", "-1"], "--seed: seed must be in [0, 4294967295] for every image (seed + i), got -1"),
     ("txt2img", ["--seed", "4294967295", "--n_samples", "2"], "the run's last seed 4294967296 would exceed"),
-    ("txt2img", ["--device", "tpu"], "--device 'tpu' is not a device; use cpu, cuda or cuda:N"),
-    ("txt2img", ["--device", "meta"], "--device meta: only cpu, cuda and cuda:N are supported"),
+    ("txt2img", ["--device", "tpu"], "--device 'tpu' is not a device; use cpu, cuda, cuda:N or mps"),
+    ("txt2img", ["--device", "meta"], "--device meta: only cpu, cuda, cuda:N and mps are supported"),
     ("txt2img", ["--precision", "half"], "argument --precision: invalid choice: 'half'"),
     ("txt2img", ["--format", "webp"], "argument --format: invalid choice: 'webp'"),
     ("txt2img", ["--low_memory", "--turbo"], "argument --turbo: not allowed with argument --low_memory"),
@@ -804,10 +804,28 @@ def test_from_file_must_hold_prompts(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_cuda_without_cuda_says_to_use_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cuda_without_cuda_says_to_use_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optimizedSD's default device is CUDA: a machine without it is told what it has (a Mac: its GPU)."""
     argv = [*case_argv("basic"), "--ckpt", str(TINY_SAFETENSORS), "--config", str(TINY_CONFIG), "--device", "cuda"]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert main([*argv, "--outdir", str(tmp_path / "out")]) == 2
     assert "CUDA is not available on this machine; pass --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert main([*argv, "--outdir", str(tmp_path / "out")]) == 2
+    assert "CUDA is not available on this machine; pass --device mps" in capsys.readouterr().err
+
+
+def test_mps_is_a_device_where_torch_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(cli.CliError, match="--device mps: this machine has no Apple silicon GPU"):
+        cli.select_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert cli.select_device("mps") == torch.device("mps")
+    assert cli.select_dtype("autocast", torch.device("mps")) == torch.float32  # not measured here: the exact one
+    with pytest.raises(cli.CliError, match="only cpu, cuda, cuda:N and mps are supported"):
+        cli.select_device("xpu")
 
 
 def test_skip_save_writes_no_file_and_still_reports_the_seeds(
