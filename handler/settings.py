@@ -7,7 +7,7 @@ defaults of the API.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +22,9 @@ from ldm.inpainting import MAX_MASK_BLUR
 # SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them.
 MAX_CLIP_SKIP: int = CLIP_VIT_L14_TEXT["num_hidden_layers"]
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+Section = TypeVar("Section")
 
 
 class SettingsError(ValueError):
@@ -117,7 +120,10 @@ class HandlerSettings:
         return auto_dtype(device) if chosen is None else chosen
 
 
-def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+def _section(cls: type[Section], values: dict[str, Any] | None, where: str) -> Section:
+    """One section of the settings as `cls` (a dataclass whose every field has a default): its keys known, each value
+    of its default's type (an integer where a number is, a list of names where a tuple is), then `cls`'s own
+    checks; any breach a SettingsError naming the key."""
     values = dict(values or {})
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
