@@ -1,4 +1,4 @@
-"""img2img with the flags of optimizedSD's optimized_img2img.py; the flags and their meaning: ldm/cli.py, --help.
+"""img2img with the flags of optimizedSD's optimized_img2img.py; the flags and their meaning: ldm/cli_flags.py, --help.
 
 python scripts/img2img.py --init-img sketch.png --prompt "a castle on a hill" --strength 0.75 --n_samples 1
 """

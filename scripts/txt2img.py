@@ -1,4 +1,4 @@
-"""txt2img with the flags of optimizedSD's optimized_txt2img.py; the flags and their meaning: ldm/cli.py, --help.
+"""txt2img with the flags of optimizedSD's optimized_txt2img.py; the flags and their meaning: ldm/cli_flags.py, --help.
 
 python scripts/txt2img.py --prompt "a cottage garden full of tulips" --device cpu --n_samples 1
 """
