@@ -12,7 +12,8 @@ Decisions, and why:
   iterations go one after another, not all at once: the first invalid field stops the request before any further
   GPU work, progress arrives in order, and one user's 10 images do not crowd every other user out of TorchServe's
   batches.
-- **The front draws the seed** when none is given (and the variation seed, when variation seeds are asked for),
+- **The front draws the seed** when none is given, or −1 as A1111's clients send for "random" (and the variation
+  seed, when variation seeds are asked for),
   below 2³² − `max_images`, so every image's seed is known and valid before the first request is sent: the progress
   stream carries `X-Seed` from its first byte, and the seeds of later iterations follow from it.
 - **Nothing else of a request is checked here.** A body the front cannot split (not JSON, not an object, a field
@@ -126,6 +127,9 @@ def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: boo
     if not is_number(strength):
         return Plan(fields, raw, stream, 1)
     counted: Literal["seed", "subseed"] = "subseed" if strength != 0 else "seed"
+    for name in ("seed", "subseed"):
+        if fields.get(name) == -1 and is_integer(fields[name]):  # A1111's way (and its clients') to ask for a draw
+            fields[name] = None
     for name in dict.fromkeys(("seed", counted)):
         value = fields.get(name)
         if value is None:

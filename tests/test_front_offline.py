@@ -140,12 +140,19 @@ def test_iterations_continue_from_the_images_the_server_made() -> None:
     assert [body["seed"] for body in fake.sent()] == [10, 13]
 
 
-def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference) -> None:
-    response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": None})
+@pytest.mark.parametrize("seed", [None, -1])
+def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference, seed: int | None) -> None:
+    """No seed, or A1111's -1 for "random" (which clients written for it send to every API)."""
+    response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": seed, "subseed": -1})
     first = fake.sent()[0]["seed"]
     assert 0 <= first <= MAX_SEED - 16 + 1
     assert [body["seed"] for body in fake.sent()] == [first, first + 1, first + 2]
     assert response.headers["X-Seeds"] == f"{first},{first + 1},{first + 2}"
+    assert all(body["subseed"] is None for body in fake.sent())  # no variation: nothing to draw
+    response = client.post("/imagine", json={"prompt": "a", "subseed": -1, "subseed_strength": 0.5, "seed": 3})
+    assert 0 <= int(response.headers["X-Subseeds"]) <= MAX_SEED - 16 + 1
+    refused = client.post("/imagine", json={"prompt": "a", "seed": -2})
+    assert refused.status_code == 400 and refused.json()["field"] == "seed"
 
 
 @pytest.mark.parametrize(
