@@ -249,7 +249,7 @@ def test_failure_before_anything_was_streamed_is_an_ordinary_response(handler, s
     def exhausted(*_: Any) -> torch.Tensor:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(handler.pipeline, "embed", exhausted)
+    monkeypatch.setattr(handler.pipeline.prompts, "embed", exhausted)
     (response,), context = call(handler, [{**VALID, "stream": True}])
     assert sent == []
     assert context.status == {0: 507}
