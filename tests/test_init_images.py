@@ -54,6 +54,17 @@ def test_crop_and_resize_cuts_the_overflow(pipeline: Pipeline) -> None:
     assert not np.array_equal(stretched.images, cropped.images)
 
 
+def test_just_resize_stretches_the_picture_and_its_mask_with_lanczos() -> None:
+    """128×64 at 64×64, A1111's default mode: the whole picture squeezed, PIL's LANCZOS, as A1111 resizes (the mask
+    along, read at the init image's size)."""
+    mask = Image.new("L", (128, 64))
+    mask.paste(255, (40, 10, 70, 50))
+    resolved = resolve(_request(mask_image=mask))
+    assert np.array_equal(np.asarray(resolved.init_image), np.asarray(WIDE.resize((64, 64), Image.Resampling.LANCZOS)))
+    assert resolved.mask_image is not None
+    assert np.array_equal(np.asarray(resolved.mask_image), np.asarray(mask.resize((64, 64), Image.Resampling.LANCZOS)))
+
+
 def test_resize_and_fill_keeps_the_whole_picture_and_stretches_its_edges() -> None:
     """128×64 inside 64×64: scaled to 64×32 in the middle rows, the bands above and below one stretched row each."""
     fitted = np.asarray(resolve(_request(resize_mode="resize_and_fill")).init_image).astype(int)

@@ -127,25 +127,53 @@ def a1111_overlay(decoded: np.ndarray, request: GenerationRequest) -> np.ndarray
     assert width and height and request.init_image is not None and request.mask_image is not None
     gray = request.mask_image.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
     mask = (np.asarray(gray, np.float64) / 255.0 >= 0.5).astype(np.float64)
-    sigma = request.mask_blur
-    if sigma:
-        radius = int(2.5 * sigma + 0.5)
-        taps = np.arange(-radius, radius + 1)
-        kernel = np.exp(-(taps**2) / (2.0 * sigma**2))
-        kernel /= kernel.sum()
-
-        def mirrored(index: np.ndarray, size: int) -> np.ndarray:
-            period = 2 * (size - 1)
-            index = np.abs(index) % period
-            return np.where(index >= size, period - index, index)
-
-        columns = mirrored(np.arange(width)[:, None] + taps, width)  # (W, taps)
-        mask = (mask[:, columns] * kernel).sum(-1)
-        rows = mirrored(np.arange(height)[:, None] + taps, height)  # (H, taps)
-        mask = (mask[rows, :] * kernel[:, None]).sum(1)
-    alpha = np.minimum(1.0, 2.0 * mask)
+    alpha = np.minimum(1.0, 2.0 * a1111_blur(mask, request.mask_blur))
     init = np.asarray(request.init_image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), np.float64)
     return alpha[..., None] * decoded + (1.0 - alpha[..., None]) * init
+
+
+def a1111_blur(mask: np.ndarray, sigma: int) -> np.ndarray:
+    """A mask (H, W) blurred as A1111 blurs it, in float64: 2⌊2.5σ + 0.5⌋ + 1 taps of a Gaussian of σ, along rows then
+    columns, each index past an edge mirrored back without repeating the edge pixel, as often as it takes."""
+    if not sigma:
+        return mask
+    height, width = mask.shape
+    radius = int(2.5 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(taps**2) / (2.0 * sigma**2))
+    kernel /= kernel.sum()
+
+    def mirrored(index: np.ndarray, size: int) -> np.ndarray:
+        period = 2 * (size - 1)
+        index = np.abs(index) % period
+        return np.where(index >= size, period - index, index)
+
+    columns = mirrored(np.arange(width)[:, None] + taps, width)  # (W, taps)
+    mask = (mask[:, columns] * kernel).sum(-1)
+    rows = mirrored(np.arange(height)[:, None] + taps, height)  # (H, taps)
+    return (mask[rows, :] * kernel[:, None]).sum(1)
+
+
+def test_a_mask_touching_an_edge_is_blurred_mirrored_there() -> None:
+    """The blur itself, not doubled and clipped as the overlay's is (which hides most of it): a stroke along the
+    left edge, up to a blur wider than the image."""
+    mask = np.zeros((16, 20))
+    mask[3:9, 0:3] = 1.0
+    for sigma in (1, 4, MAX_MASK_BLUR):
+        ours = blurred(torch.from_numpy(mask).float()[None, None], sigma)[0, 0].numpy()
+        assert np.abs(ours - a1111_blur(mask, sigma)).max() < 1e-6
+
+
+def test_a_mask_of_another_size_is_lanczos_scaled_then_cut_at_half() -> None:
+    """A 40×32 mask with soft edges read at 80×64: PIL's LANCZOS resize, then at least half white (128 of 255)."""
+    gray = np.zeros((32, 40), np.uint8)
+    gray[8:24, 10:30] = 255
+    gray[7, 10:30] = gray[24, 10:30] = 140
+    gray[8:24, 9] = gray[8:24, 30] = 110
+    mask = Image.fromarray(gray)
+    expected = np.asarray(mask.resize((80, 64), Image.Resampling.LANCZOS)) >= 128
+    assert np.array_equal(mask_pixels(mask, 80, 64)[0, 0].numpy() == 1.0, expected)
+    assert 0 < expected.sum() < 80 * 64
 
 
 def test_mask_blur_is_a1111s_gaussian() -> None:

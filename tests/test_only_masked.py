@@ -7,12 +7,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm.generation_request import GenerationRequest
 from ldm.init_images import cover, fit_and_fill
 from ldm.inpainting import blurred, mask_pixels
-from ldm.only_masked import crop_box
+from ldm.only_masked import Crop, crop_box
 from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve
@@ -96,6 +97,23 @@ def test_fit_and_fill_keeps_the_shape_and_stretches_the_edges() -> None:
     assert np.array_equal(same_shape, np.asarray(picture.resize((30, 10), Image.Resampling.LANCZOS)))
 
 
+def test_fit_and_fill_places_the_picture_whole_and_fills_each_band_from_its_own_edge() -> None:
+    """The fitted picture at its centred place, every row of it, with an odd leftover (64×21 in 48×48: 15 rows, 17
+    above and 16 below); each band stretched from the edge beside it (left red, right blue); a band one pixel wide
+    filled too (62×64 in 64×64)."""
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (21, 64, 3), np.uint8))
+    fitted = np.asarray(picture.resize((48, 15), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(fit_and_fill(picture, 48, 48))[17:32], fitted)
+    halves = np.zeros((60, 20, 3), np.uint8)
+    halves[:, :10] = (255, 0, 0)
+    halves[:, 10:] = (0, 0, 255)
+    tall = np.asarray(fit_and_fill(Image.fromarray(halves), 48, 48)).astype(int)
+    assert (tall[:, :16, 0] > 200).all() and (tall[:, :16, 2] < 50).all()
+    assert (tall[:, 32:, 2] > 200).all() and (tall[:, 32:, 0] < 50).all()
+    flat = np.asarray(fit_and_fill(Image.new("RGB", (62, 64), (200, 100, 50)), 64, 64))
+    assert (flat == (200, 100, 50)).all()
+
+
 def test_a_box_one_pixel_wide_fits_a_wide_request() -> None:
     """16×1800 in 2048×64 rounds to 0 pixels wide: one, whose stretched edges fill the rest."""
     sliver = Image.new("RGB", (16, 1800), (10, 200, 30))
@@ -155,6 +173,28 @@ def test_a_scaled_box_is_painted_at_the_request_size_and_blended_back(pipeline: 
     assert np.array_equal(image[outside | (soft == 0)], init[outside | (soft == 0)])
     repainted = np.asarray(mask) > 0
     assert np.abs(image[repainted] - init[repainted]).mean() > 5
+
+
+def test_the_painting_goes_back_through_the_blurred_mask_undoubled() -> None:
+    """A painting put back shows by the blurred mask itself (not doubled and clipped, as a whole picture's overlay),
+    so the seam fades both ways: an all-black painting leaves init·(1 − blurred mask) in the box, the init image
+    outside it."""
+    mask = _mask((70, 60, 94, 72))
+    crop = Crop.of(_request(mask, masked_area_padding=8))
+    assert crop.box == (52, 36, 112, 96)  # the blurred mask's reach, padded (the test above)
+    soft = blurred(mask_pixels(mask, 160, 128), 4)[0, 0].numpy()[:, :, None]
+    init = np.asarray(INIT).astype(np.float32)
+    expected = init.copy()
+    expected[36:96, 52:112] = (init * (1.0 - soft))[36:96, 52:112]
+    assert np.abs(crop(torch.zeros(64, 64, 3)).numpy() - expected).max() < 1e-3
+
+
+def test_a_lone_pixel_under_a_wide_blur_cuts_the_box_of_the_pixel() -> None:
+    """Blurred by 64, one pixel spreads below half a level everywhere (A1111's 8-bit mask shows none of it): the box
+    is then the pixel's own, padded."""
+    mask = _mask((80, 60, 81, 61))
+    crop = Crop.of(_request(mask, mask_blur=64))
+    assert crop.box == a1111_box(np.asarray(mask) > 0, 32, 64, 64) == (48, 28, 113, 93)
 
 
 def test_an_inverted_mask_cuts_the_box_around_its_black_part(pipeline: Pipeline) -> None:
