@@ -336,6 +336,41 @@ def test_hires_sizes_round_down_to_the_latent_factor(pipeline: Pipeline) -> None
     assert same.images.shape == (1, 64, 64, 3) and np.array_equal(same.images, generation.images)
 
 
+def test_a_side_is_truncated_before_its_rounding() -> None:
+    """int(72·1.55) = 111 (A1111's int, not round's 112), then down to 104; the image upscalers resize to 111."""
+    plan = hires.plan(72, 72, 8, 1.55)
+    assert (plan.size, plan.upscaled, plan.target) == ((104, 104), (104, 104), (111, 111))
+
+
+def test_the_most_hires_steps_are_the_most_whose_run_fits() -> None:
+    """At strength 1 A1111 divides by 0.999: the most second-pass steps of a run of at most T is the largest N with
+    int(N / 0.999) ≤ T, found here by trying every N."""
+    for most_run in range(1, 2001):
+        fitting = max(n for n in range(1, most_run + 1) if int(n / 0.999) <= most_run)
+        assert hires.most_steps(most_run) == fitting
+
+
+def test_each_latent_upscaler_is_a1111s_interpolation() -> None:
+    """A1111's latent upscale modes (its shared.latent_upscale_modes), up and down (a Hires resize below the first
+    size), where antialiasing tells the filters apart."""
+    a1111 = {
+        "latent": ("bilinear", False),
+        "latent_antialiased": ("bilinear", True),
+        "latent_bicubic": ("bicubic", False),
+        "latent_bicubic_antialiased": ("bicubic", True),
+        "latent_nearest": ("nearest", False),
+        "latent_nearest_exact": ("nearest-exact", False),
+    }
+    latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(3))
+    assert set(a1111) == {name for name in hires.UPSCALERS if hires.is_latent(name)}
+    for name, (mode, antialias) in a1111.items():
+        for size in ((24, 20), (5, 7)):
+            expected = F.interpolate(latents, size=size, mode=mode, antialias=antialias)
+            assert torch.equal(hires.upscale_latents(latents, *size, name), expected), (name, size)
+    down = [hires.upscale_latents(latents, 5, 7, name) for name in ("latent", "latent_antialiased")]
+    assert not torch.equal(*down)
+
+
 def test_hires_and_plain_requests_generated_together_equal_each_alone(pipeline: Pipeline) -> None:
     """The second pass batches across requests as the first does: each image is its request's alone, in order, up
     to a batch's float rounding (which a Lanczos upscale can take past a rounding edge of its 8-bit first image: a
