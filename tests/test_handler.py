@@ -229,6 +229,48 @@ def test_sizes_are_checked_against_the_served_models_geometry() -> None:
     assert refused.value.field == "hr_steps"
 
 
+def test_every_limit_admits_its_own_value() -> None:
+    """A limit is the most a request may have, not the first it may not: the last seed whose images all stay 32-bit,
+    an init image of exactly max_init_image_pixels and of exactly max_init_image_bytes, an only-masked answer of
+    exactly max_images·max_pixels; one more is refused."""
+    settings = parse_settings(None)
+    last = 2**32 - 2  # image 2 of 2 has seed 2³² − 1
+    assert parse_request({"prompt": "x", "seed": last, "n_iter": 2}, settings).generation.seed == last
+    with pytest.raises(RequestError, match=f"seed must be between 0 and {last}, got {last + 1}"):
+        parse_request({"prompt": "x", "seed": last + 1, "n_iter": 2}, settings)
+    sent = png_base64(64, 64)
+    sent_bytes = len(sent) * 3 // 4
+    exact = parse_settings(
+        {"handler": {"limits": {"max_init_image_pixels": 64 * 64, "max_init_image_bytes": sent_bytes}}}
+    )
+    assert parse_request({"prompt": "x", "init_image": sent}, exact).generation.init_image is not None
+    for limit in ({"max_init_image_pixels": 64 * 64 - 1}, {"max_init_image_bytes": sent_bytes - 1}):
+        with pytest.raises(RequestError, match="init_image must"):
+            parse_request({"prompt": "x", "init_image": sent}, parse_settings({"handler": {"limits": limit}}))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (20, 20, 40, 40))
+    only_masked = {"prompt": "x", "init_image": sent, "mask_image": image_base64(mask), "inpaint_area": "only_masked"}
+    one_image = parse_settings({"handler": {"limits": {"max_images": 1, "max_pixels": 64 * 64}}})
+    assert parse_request({**only_masked, "H": 64, "W": 64}, one_image).generation.inpaint_area == "only_masked"
+    smaller = parse_settings({"handler": {"limits": {"max_images": 1, "max_pixels": 64 * 64 - 64, "min_side": 8}}})
+    with pytest.raises(RequestError, match="inpaint_area only_masked answers at its size"):
+        parse_request({**only_masked, "H": 64, "W": 56}, smaller)
+
+
+def test_how_an_answer_is_asked_for_and_how_a_value_is_quoted() -> None:
+    """JSON wins over PNG when Accept names both; a data URL's type in capitals still decodes; a wrong value is
+    quoted whole up to 40 characters, and cut with "…" past them."""
+    settings = parse_settings(None)
+    assert not parse_request({"prompt": "x"}, settings, "application/json, image/png").want_png
+    assert parse_request({"prompt": "x"}, settings, "image/png").want_png
+    shouted = "data:IMAGE/PNG;base64," + png_base64(64, 64)
+    assert parse_request({"prompt": "x", "init_image": shouted}, settings).generation.init_image is not None
+    for text, quoted in (("x" * 38, f'"{"x" * 38}"'), ("x" * 39, f'"{"x" * 39}…')):
+        with pytest.raises(RequestError) as refused:
+            parse_request({"prompt": "x", "H": text}, settings)
+        assert str(refused.value).endswith(f"got {quoted}")
+
+
 def test_a_configured_default_of_plms_is_txt2imgs_alone() -> None:
     """PLMS runs txt2img alone: an img2img request that names no sampler runs (DDIM) though the default is plms;
     one that names plms is refused, naming the field. Other defaults run img2img too."""
