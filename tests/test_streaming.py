@@ -174,6 +174,9 @@ def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_spl
         (2, 3, 0),
         (3, 3, 0),
     ]
+    # Each request's own images in the shared UNet batch of 5 (1 + 2 + 2), not the batch's.
+    assert {line["image_count"] for line in steps_of(sent, 0)} == {1}
+    assert {line["image_count"] for line in steps_of(sent, 4)} == {2}
     assert context.status == {2: 400}
     types = {idx: headers["content-type"] for idx, headers in context.response_headers.items()}
     assert types == {0: NDJSON, 1: "application/json", 2: "application/json", 3: NDJSON, 4: NDJSON}
