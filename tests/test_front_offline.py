@@ -21,7 +21,7 @@ from front import upstream
 from front.app import _body, create_app
 from front.cli import parse_settings
 from front.errors import FrontError
-from front.imagine import MAX_SEED
+from front.imagine import MAX_SEED, is_integer
 from front.schema import ImagineRequest
 from front.settings import FrontSettings
 from front.upstream import NDJSON
@@ -45,7 +45,8 @@ DESCRIBED = {
 @dataclass
 class FakeInference:
     """Answers predictions as our handler does (image i of a request is the text "png<seed + i>"), and records the
-    bodies it was sent. A prompt of "refuse" gets the 400 above, "fail" an error line after the first step."""
+    bodies it was sent. A prompt of "refuse" gets the 400 above, "fail" an error line after the first step, "long" a
+    warning of words CLIP did not read."""
 
     bodies: list[bytes] = field(default_factory=list)
     # The server's handler.defaults.n_samples, for bodies that name none.
@@ -78,6 +79,8 @@ class FakeInference:
         answer = {"images": [f"png{seed}" for seed in seeds], "seeds": seeds, "parameters": {**body}}
         if subseeds:
             answer["subseeds"] = subseeds
+        if body["prompt"] == "long":
+            answer["warnings"] = ["prompt: CLIP read 75 tokens; these words did nothing: long"]
         if request.headers["Accept"] != "application/x-ndjson":
             return httpx.Response(200, json=answer, headers={"X-Seed": str(seeds[0])})
         steps = [{"step": k, "total": 2, "image_index": 0} for k in (1, 2)]
@@ -140,6 +143,27 @@ def test_iterations_continue_from_the_images_the_server_made() -> None:
     assert [body["seed"] for body in fake.sent()] == [10, 13]
 
 
+def test_the_splits_edges(client: TestClient, fake: FakeInference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly max_images images (16 here) are split, not refused; the last seed whose images all stay 32-bit is
+    taken; a seed drawn at the top of its range still leaves room for every image; with variation seeds the seed
+    (every image's) is drawn once, for all iterations; the texts' warnings, the same in each iteration, come once."""
+    answer = client.post("/imagine", json={"prompt": "a", "n_samples": 4, "n_iter": 4, "seed": 1})
+    assert answer.status_code == 200 and len(fake.sent()) == 4
+    last = MAX_SEED - 4 + 1
+    assert client.post("/imagine", json={"prompt": "a", "n_samples": 2, "n_iter": 2, "seed": last}).status_code == 200
+    monkeypatch.setattr("secrets.randbelow", lambda n: n - 1)  # the highest seed the front may draw
+    drawn = client.post("/imagine", json={"prompt": "a", "n_samples": 4, "n_iter": 4})
+    assert max(map(int, drawn.headers["X-Seeds"].split(","))) == MAX_SEED
+    monkeypatch.undo()
+    fake.bodies.clear()
+    varied = client.post("/imagine", json={"prompt": "a", "n_iter": 2, "subseed_strength": 0.5})
+    seeds = {body["seed"] for body in fake.sent()}
+    assert len(seeds) == 1 and is_integer(seed := seeds.pop())
+    assert varied.headers["X-Seeds"] == f"{seed},{seed}"
+    final = stream_lines(client.post("/imagine/stream", json={"prompt": "long", "n_iter": 3, "seed": 1}))[-1]
+    assert final["warnings"] == ["prompt: CLIP read 75 tokens; these words did nothing: long"]
+
+
 @pytest.mark.parametrize("seed", [None, -1])
 def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInference, seed: int | None) -> None:
     """No seed, or A1111's -1 for "random" (which clients written for it send to every API)."""
@@ -186,7 +210,7 @@ def test_handler_errors_pass_through(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [({"prompt": "a", "n_samples": 4, "n_iter": 5}, "n_iter"), ({"prompt": "a", "n_samples": 17}, "n_samples"),
-     ({"prompt": "a", "n_iter": 2, "seed": MAX_SEED}, "seed"), ({"prompt": "a", "seed": -1}, "seed")],
+     ({"prompt": "a", "n_iter": 2, "seed": MAX_SEED}, "seed"), ({"prompt": "a", "seed": -2}, "seed")],
 )  # fmt: skip
 def test_the_fronts_own_rules(client: TestClient, fake: FakeInference, body: dict[str, Any], field: str) -> None:
     """Refused before anything is sent: for the seed, TorchServe would refuse only a later iteration's request."""
