@@ -60,6 +60,7 @@ def test_a_txt2img_request_of_every_translated_field(client: TestClient, fake: F
     }  # fmt: skip
     # One request per batch (n_iter), the variation seed counting on from the last batch's.
     assert fake.sent() == [first, {**first, "subseed": 32}]
+    assert type(fake.sent()[0]["clip_skip"]) is int  # 2.0 == 2 above, but the handler refuses a float clip skip
     answer = response.json()
     assert answer["images"] == ["png7", "png7", "png7", "png7"] and answer["parameters"] == body
     info = json.loads(answer["info"])
@@ -136,6 +137,10 @@ def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient
         ("Euler a", "Automatic", "Euler a"),
         ("DPM++ 2M Karras", "Uniform", "DPM++ 2M"),
         ("DPM2 a", "Karras", "DPM2 a Karras"),
+        ("DPM2 a", "Automatic", "DPM2 a Karras"),  # each of 1.9's Karras defaults
+        ("DPM2", "Automatic", "DPM2 Karras"),
+        ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"),
+        ("DPM++ 2S a", "Automatic", "DPM++ 2S a Karras"),
         ("DPM++ 2M", "", "DPM++ 2M Karras"),  # a name A1111 lacks is its Automatic
         ("DDIM", "Karras", "DDIM"),  # A1111's DDIM and PLMS run their own timesteps, whatever the scheduler
         ("PLMS", "Automatic", "PLMS"),
@@ -272,6 +277,21 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     for mode, ours in enumerate(("just_resize", "crop_and_resize", "resize_and_fill")):
         client.post(IMG2IMG, json={"prompt": "a fox", "init_images": ["aW1n"], "resize_mode": mode})
         assert fake.sent()[-1]["resize_mode"] == ours
+    client.post(IMG2IMG, json={"prompt": "a fox", "init_images": ["aW1n"], "mask": "bWFzaw=="})
+    assert fake.sent()[-1]["mask_blur"] == 4  # A1111's API default, whatever this server's is
+
+
+def test_inpainting_conditioning_is_said_for_an_inpainting_models_img2img_alone() -> None:
+    """Once the front has the worker's description (a client's listings fetch it; the answers do not wait for it)."""
+    inpainting = FakeInference(described={**FakeInference().described, "inpainting": True})
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(inpainting))) as client:
+        client.get("/sdapi/v1/sd-models")
+        for path, body, said in (
+            (TXT2IMG, {"prompt": "a fox", "seed": 1}, False),
+            (IMG2IMG, {"prompt": "a fox", "seed": 1, "init_images": ["aW1n"]}, True),
+        ):
+            info = json.loads(client.post(path, json=body).json()["info"])
+            assert info["is_using_inpainting_conditioning"] is said, path
 
 
 def test_the_numbers_a1111_gives_inpainting_and_resize_modes_are_ldms_names_in_its_order() -> None:
