@@ -351,19 +351,21 @@ def test_the_most_hires_steps_are_the_most_whose_run_fits() -> None:
 
 
 def test_each_latent_upscaler_is_a1111s_interpolation() -> None:
-    """A1111's latent upscale modes (its shared.latent_upscale_modes), up and down (a Hires resize below the first
-    size), where antialiasing tells the filters apart."""
+    """A1111's latent upscale modes by the titles it writes (its shared.latent_upscale_modes), up and down (a Hires
+    resize below the first size), where antialiasing tells the filters apart."""
     a1111 = {
-        "latent": ("bilinear", False),
-        "latent_antialiased": ("bilinear", True),
-        "latent_bicubic": ("bicubic", False),
-        "latent_bicubic_antialiased": ("bicubic", True),
-        "latent_nearest": ("nearest", False),
-        "latent_nearest_exact": ("nearest-exact", False),
+        "Latent": ("bilinear", False),
+        "Latent (antialiased)": ("bilinear", True),
+        "Latent (bicubic)": ("bicubic", False),
+        "Latent (bicubic antialiased)": ("bicubic", True),
+        "Latent (nearest)": ("nearest", False),
+        "Latent (nearest-exact)": ("nearest-exact", False),
     }
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(3))
-    assert set(a1111) == {name for name in hires.UPSCALERS if hires.is_latent(name)}
-    for name, (mode, antialias) in a1111.items():
+    ours = {name: title for name, title in hires.UPSCALERS.items() if hires.is_latent(name)}
+    assert sorted(ours.values()) == sorted(a1111)
+    for name, title in ours.items():
+        mode, antialias = a1111[title]
         for size in ((24, 20), (5, 7)):
             expected = F.interpolate(latents, size=size, mode=mode, antialias=antialias)
             assert torch.equal(hires.upscale_latents(latents, *size, name), expected), (name, size)
