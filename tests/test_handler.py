@@ -238,6 +238,8 @@ def test_every_limit_admits_its_own_value() -> None:
     assert parse_request({"prompt": "x", "seed": last, "n_iter": 2}, settings).generation.seed == last
     with pytest.raises(RequestError, match=f"seed must be between 0 and {last}, got {last + 1}"):
         parse_request({"prompt": "x", "seed": last + 1, "n_iter": 2}, settings)
+    with pytest.raises(RequestError, match="seed must be between 0 and 4294967295, got -1"):
+        parse_request({"prompt": "x", "seed": -1}, settings)  # the API's own: only /imagine draws for A1111's -1
     sent = png_base64(64, 64)
     sent_bytes = len(sent) * 3 // 4
     exact = parse_settings(
