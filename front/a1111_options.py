@@ -106,7 +106,7 @@ def model_title(model: str, model_hash: str) -> str:
 
 def check_options(body: Any, served: Served) -> None:
     """A1111's `POST /sdapi/v1/options`, which its clients send to pick a checkpoint (often all the options they
-    read, one changed), each option as `_check_option` takes it; clip skip is each request's here."""
+    read, one changed), each option as `check_option` takes it; clip skip is each request's here."""
     if not isinstance(body, dict):
         raise refuse("body", "send the options as a JSON object")
     clip_skip = served.described.get("defaults", {}).get("clip_skip")

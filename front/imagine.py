@@ -113,6 +113,9 @@ def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: boo
     Raises FrontError for more than `max_images` images and for a counted seed whose last image would pass 2³² − 1.
     """
     fields = dict(fields)
+    for name in ("seed", "subseed"):
+        if fields.get(name) == -1 and is_integer(fields[name]):  # A1111's way (and its clients') to ask for a draw
+            fields[name] = None  # also in the fields forwarded whole below, for the handler to name another field
     if not isinstance(fields.get("stream", False), bool):
         return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
@@ -127,9 +130,6 @@ def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: boo
     if not is_number(strength):
         return Plan(fields, raw, stream, 1)
     counted: Literal["seed", "subseed"] = "subseed" if strength != 0 else "seed"
-    for name in ("seed", "subseed"):
-        if fields.get(name) == -1 and is_integer(fields[name]):  # A1111's way (and its clients') to ask for a draw
-            fields[name] = None
     for name in dict.fromkeys(("seed", counted)):
         value = fields.get(name)
         if value is None:

@@ -30,7 +30,7 @@ class ImagineRequest(BaseModel):
         0.0, description="DDIM η; 0 is deterministic (and the only value other samplers take, in either pass)"
     )
     ddim_eta: float | None = Field(None, description="the original app's name for eta (give one of the two)")
-    seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
+    seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default or -1: random)")
     subseed: int | None = Field(
         None,
         description="AUTOMATIC1111's variation seed: with subseed_strength above 0 every image keeps the seed, and "

@@ -99,24 +99,25 @@ class InferenceApi:
     async def progress(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         """A progress stream's step lines as they arrive, then its last line, the one with the images. Its error line
         raises the error the answer would have been; a line that is not a JSON object, or an end without the images,
-        a 502."""
+        a 502. Read to its end, so that the connection goes back to the pool."""
+        finished = False
         try:
             async for text in response.aiter_lines():
-                if not text.strip():
+                if finished or not text.strip():
                     continue
                 line = json.loads(text)
                 if not isinstance(line, dict):
                     raise FrontError(502, "TorchServe sent a progress line that is not a JSON object")
                 if "step" not in line and "images" not in line:
                     raise line_failure(line)
+                finished = "images" in line
                 yield line
-                if "images" in line:
-                    return
         except httpx.HTTPError as error:
             raise self._failure(error) from None
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} sent a line that is not JSON") from None
-        raise FrontError(502, "TorchServe ended the progress stream without the images")
+        if not finished:
+            raise FrontError(502, "TorchServe ended the progress stream without the images")
 
     async def read_json(self, response: httpx.Response) -> dict:
         """The whole answer as JSON."""

@@ -250,8 +250,9 @@ class Delta:
         """The change to the layer's weight, in float32 on its device, in its shape (a 3×3 `down` with a 1×1 `up`
         composes into a 3×3 change)."""
         target = self.layer.weight
-        down = self.down.to(target.device, torch.float32).flatten(1)
-        up = self.up.to(target.device, torch.float32).flatten(1)
+        # Cast where they are, then moved: Apple's GPU (MPS) cannot hold a float64 file's tensors even for a moment.
+        down = self.down.to(torch.float32).to(target.device).flatten(1)
+        up = self.up.to(torch.float32).to(target.device).flatten(1)
         return (up @ down).mul_(weight * self.scale).view(target.shape)
 
 

@@ -1,11 +1,11 @@
 """txt2img, img2img and inpainting: a request in, uint8 images and their seeds out, per tests/fixtures/GENERATION.md.
 
 Each generation is a column of numbered steps: (0) merge the LoRAs its prompt names (ldm/lora.py), (1) encode the
-prompts, (2) draw each image's starting noise from its own CPU generator, (3) denoise with classifier-free guidance
-and the request's sampler (DDIM, PLMS, or one of k-diffusion's), with A1111's hires fix upscale and run (1)–(3) again
-at the larger size (ldm/hires.py), (4) decode (inpainting: and lay the init image back over the kept part), (5) round
-to uint8. What a request is, its rules and the texts it reads are ldm/generation_request.py's, ldm/request_checks.py's
-and ldm/request_texts.py's.
+prompts (ldm/prompt_encoding.py), (2) draw each image's starting noise from its own CPU generator, (3) denoise with
+classifier-free guidance and the request's sampler (DDIM, PLMS, or one of k-diffusion's), with A1111's hires fix upscale
+and run (1)–(3) again at the larger size (ldm/hires.py), (4) decode (inpainting: and lay the init image back over the
+kept part), (5) round to uint8. What a request is, its rules and the texts it reads are ldm/generation_request.py's,
+ldm/request_checks.py's and ldm/request_texts.py's.
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ from front import upstream
 from front.app import _body, create_app
 from front.cli import parse_settings
 from front.errors import FrontError
-from front.imagine import MAX_SEED, is_integer
+from front.imagine import MAX_SEED, is_integer, plan_fields
 from front.schema import ImagineRequest
 from front.settings import FrontSettings
 from front.upstream import NDJSON
-from handler.request import FIELDS
+from handler.errors import RequestError
+from handler.request import FIELDS, parse_request
+from handler.settings import parse_settings as parse_settings_of_handler
 from ldm.generation_request import SAMPLERS
 from ldm.hires import UPSCALERS
 from scripts import client as client_script
@@ -177,6 +179,13 @@ def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInfere
     assert 0 <= int(response.headers["X-Subseeds"]) <= MAX_SEED - 16 + 1
     refused = client.post("/imagine", json={"prompt": "a", "seed": -2})
     assert refused.status_code == 400 and refused.json()["field"] == "seed"
+    # A body the front forwards whole for TorchServe to judge goes with -1 drawn too: the handler names the field at
+    # fault, not the seed it reads first.
+    for other in ({"subseed_strength": "x"}, {"n_samples": 0}, {"stream": 1}):
+        body = json.loads(plan_fields({"prompt": "a", "seed": -1, **other}, b"", 8).whole())
+        with pytest.raises(RequestError) as error:
+            parse_request(body, parse_settings_of_handler(None))
+        assert error.value.field == next(iter(other))
 
 
 @pytest.mark.parametrize(

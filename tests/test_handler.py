@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from handler import sd_handler
 from handler.errors import RequestError
 from handler.images import decode_image
-from handler.request import check_chunks, parse_request
+from handler.request import ApiRequest, check_chunks, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import Limits, SettingsError, check_against_model, parse_settings
 from ldm.embeddings import Embedding, Vocabulary
@@ -210,7 +210,8 @@ def test_a_configured_default_eta_is_ddims_alone() -> None:
 
 def test_sizes_are_checked_against_the_served_models_geometry() -> None:
     """A model whose VAE downsamples by 4 takes sides that are multiples of 4, and its hires fix and its "Resize seed
-    from" are sized by that factor; one trained on 500 timesteps bounds the hires fix's steps by them."""
+    from" are sized by that factor; one trained on 100 timesteps bounds the hires fix's steps by them. The handler
+    hands its model's to every request it reads."""
     settings = parse_settings(None)
     body = {"prompt": "x", "H": 68, "W": 64}
     with pytest.raises(RequestError, match="H must be a multiple of 8, got 68"):
@@ -227,6 +228,16 @@ def test_sizes_are_checked_against_the_served_models_geometry() -> None:
     with pytest.raises(RequestError) as refused:
         parse_request(hires, settings, num_timesteps=100)
     assert refused.value.field == "hr_steps"
+
+
+def test_the_handler_reads_requests_by_its_models_geometry(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A side the model's VAE factor divides is read as such (SD v1's 8 would refuse 68)."""
+    assert handler.pipeline is not None
+    monkeypatch.setattr(handler.pipeline, "factor", 4)
+    (read,) = handler.preprocess([{"body": json.dumps({"prompt": "x", "H": 68, "W": 64}).encode()}])
+    assert isinstance(read, ApiRequest) and read.generation.height == 68
 
 
 def test_every_limit_admits_its_own_value() -> None:
