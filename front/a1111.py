@@ -152,8 +152,8 @@ def translate(raw: dict[str, Any], mode: Mode, served: Served | None = None) -> 
         if isinstance(ours[side], int) and ours[side] >= 8:
             ours[side] -= ours[side] % 8
     ours.update({name: given[name] for name in COPIED if name in given})
-    for name in ("seed", "subseed"):
-        if body.get(name) not in (None, -1):
+    for name in ("seed", "subseed"):  # -1 too: the plan (front/imagine.py) draws it
+        if body.get(name) is not None:
             ours[name] = body[name]
     if body.get("tiling"):
         ours["tiling"] = True

@@ -115,7 +115,7 @@ def plan_fields(fields: dict[str, Any], raw: bytes, max_images: int, stream: boo
     fields = dict(fields)
     for name in ("seed", "subseed"):
         if fields.get(name) == -1 and is_integer(fields[name]):  # A1111's way (and its clients') to ask for a draw
-            fields[name] = None  # also in the fields forwarded whole below, for the handler to name another field
+            del fields[name]  # also from the fields forwarded whole below, for the handler to name another field
     if not isinstance(fields.get("stream", False), bool):
         return Plan(fields, raw, stream, 1)
     stream = fields.pop("stream", False) or stream
