@@ -15,8 +15,9 @@ from typing import Any
 
 from handler.errors import RequestError
 from handler.images import decode_images
-from handler.settings import MAX_CLIP_SKIP, HandlerSettings, Limits
+from handler.settings import HandlerSettings, Limits, SettingsError
 from ldm import emphasis, hires
+from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.embeddings import Vocabulary
 from ldm.generation_request import (
     INPAINT_AREAS,
@@ -29,8 +30,10 @@ from ldm.generation_request import (
 )
 from ldm.init_images import RESIZE_MODES
 from ldm.inpainting import MAX_MASK_BLUR
+from ldm.model import StableDiffusion
 from ldm.only_masked import MAX_PADDING
 from ldm.request_checks import (
+    check_clip_skip,
     check_emphasis,
     check_hires,
     check_mask,
@@ -81,6 +84,8 @@ FIELDS = (
     "tiling",
 )
 NDJSON = "application/x-ndjson"
+# SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them (the loaded model's may have fewer).
+MAX_CLIP_SKIP: int = CLIP_VIT_L14_TEXT["num_hidden_layers"]
 # How much of a wrong value an error message quotes.
 SHOWN_CHARS = 40
 # What a text field must not hold, and how to say so. C0 control characters other than tab, newline and carriage
@@ -439,3 +444,20 @@ def parse_request(
             "ask for JSON (Accept: application/json) to get them all",
         )
     return ApiRequest(generation, want_png, stream)
+
+
+def check_defaults(settings: HandlerSettings, model: StableDiffusion) -> None:
+    """The defaults as a request that sends none of its fields gets them, through every check such a request meets.
+    Why: a default that breaks a limit (H above max_side, ddim_steps above max_steps, n_samples×n_iter above
+    max_images) or that the loaded model cannot honour (clip_skip past its CLIP's layers) would have every request
+    that leaves the field out refused, for a field its client never sent: the worker refuses to start instead, before
+    any warm-up."""
+    try:
+        factor, timesteps = model.config.vae.downsampling_factor, model.config.timesteps
+        parsed = parse_request({"prompt": ""}, settings, None, factor, timesteps)
+        check_clip_skip(parsed.generation, model.text_encoder.layers)
+    except (RequestError, GenerationError) as error:
+        raise SettingsError(
+            f"model-config.yaml handler.defaults.{error.field}: a request that leaves {error.field} out would be "
+            f"refused: {error}"
+        ) from None

@@ -22,7 +22,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.description import DescribeRequest, asks_description, describe
 from handler.errors import RequestError
-from handler.request import NDJSON, ApiRequest, check_chunks, parse_request, request_body
+from handler.request import NDJSON, ApiRequest, check_chunks, check_defaults, parse_request, request_body
 from handler.response import Answer, json_body, png_files
 from handler.settings import HandlerSettings, check_against_model, parse_settings
 from handler.streaming import ProgressStream, ndjson_line
@@ -81,7 +81,8 @@ class StableDiffusionHandler(BaseHandler):
         dtype = self.settings.dtype(device)
         model_dir = Path(context.system_properties["model_dir"])
         model = load_split(model_dir, device, dtype, self.settings.low_memory)
-        check_against_model(self.settings, model.config.timesteps, model.text_encoder.layers)
+        check_against_model(self.settings, model.config.timesteps)
+        check_defaults(self.settings, model)
         self.pipeline = Pipeline(
             model,
             self.settings.fast_path,

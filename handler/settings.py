@@ -11,16 +11,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from ldm.config import CLIP_VIT_L14_TEXT
 from ldm.ddim import max_ddim_steps
 from ldm.devices import auto_dtype
 from ldm.fast_path import FastPath
-from ldm.generation_request import SAMPLERS
-from ldm.hires import UPSCALERS
-from ldm.inpainting import MAX_MASK_BLUR
 
-# SD v1's CLIP (ViT-L/14) has 12 layers: clip skip reads one of them.
-MAX_CLIP_SKIP: int = CLIP_VIT_L14_TEXT["num_hidden_layers"]
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -143,17 +137,12 @@ def _section(cls: type[Section], values: dict[str, Any] | None, where: str) -> S
         raise SettingsError(f"model-config.yaml {where}: {error}") from error
 
 
-def check_against_model(settings: HandlerSettings, timesteps: int, clip_layers: int = MAX_CLIP_SKIP) -> None:
-    """Settings the loaded model cannot honour: DDIM takes at most T − 1 steps of a T-step model, and clip skip k
-    needs k CLIP layers."""
+def check_against_model(settings: HandlerSettings, timesteps: int) -> None:
+    """A limit the loaded model cannot honour: DDIM takes at most T − 1 steps of a T-step model. (The defaults are
+    checked against the model as a request meets them: `handler.request.check_defaults`.)"""
     most, asked = max_ddim_steps(timesteps), settings.limits.max_steps
     if asked > most:
         raise SettingsError(f"model-config.yaml handler.limits.max_steps: at most {most} for this model, got {asked}")
-    if settings.defaults.clip_skip > clip_layers:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.clip_skip: at most {clip_layers} (this model's CLIP layers), got "
-            f"{settings.defaults.clip_skip}"
-        )
 
 
 def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
@@ -169,34 +158,6 @@ def parse_settings(model_yaml_config: dict[str, Any] | None) -> HandlerSettings:
         )
     if settings.preview_every < 0:
         raise SettingsError(f"model-config.yaml handler.preview_every: 0 (never) or more, got {settings.preview_every}")
-    if defaults.sampler not in SAMPLERS:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.sampler: one of {list(SAMPLERS)}, got {defaults.sampler!r}"
-        )
-    if defaults.emphasis and defaults.weighted_subprompts:
-        raise SettingsError(
-            "model-config.yaml handler.defaults: emphasis and weighted_subprompts read a prompt's colons each their "
-            "own way: turn on one of them"
-        )
-    if not 1 <= defaults.clip_skip <= MAX_CLIP_SKIP:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.clip_skip: 1 (CLIP's last layer) to {MAX_CLIP_SKIP}, got "
-            f"{defaults.clip_skip}"
-        )
-    if not 0 <= defaults.mask_blur <= MAX_MASK_BLUR:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.mask_blur: 0 (a hard seam) to {MAX_MASK_BLUR} pixels, got "
-            f"{defaults.mask_blur}"
-        )
-    if defaults.hr_upscaler not in UPSCALERS:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.hr_upscaler: one of {list(UPSCALERS)}, got {defaults.hr_upscaler!r}"
-        )
-    if not 0 <= defaults.hr_steps <= limits.max_steps:
-        raise SettingsError(
-            f"model-config.yaml handler.defaults.hr_steps: 0 (ddim_steps) to {limits.max_steps} (limits.max_steps), "
-            f"got {defaults.hr_steps}"
-        )
     if settings.max_batch_images < 1:
         raise SettingsError(f"model-config.yaml handler.max_batch_images: 1 or more, got {settings.max_batch_images}")
     return replace(settings, defaults=defaults, limits=limits, fast_path=fast_path)

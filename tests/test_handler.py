@@ -18,18 +18,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 from handler import sd_handler
 from handler.errors import RequestError
 from handler.images import decode_image
-from handler.request import ApiRequest, check_chunks, parse_request
+from handler.request import ApiRequest, check_chunks, check_defaults, parse_request
 from handler.sd_handler import StableDiffusionHandler
 from handler.settings import Limits, SettingsError, check_against_model, parse_settings
 from ldm.embeddings import Embedding, Vocabulary
 from ldm.generation_request import SAMPLERS, GenerationRequest
 from ldm.lora import short_hash
+from ldm.model import StableDiffusion
 from ldm.parts import load_split
 from ldm.pipeline import Pipeline
 from ldm.png_info import read_parameters
@@ -37,6 +39,7 @@ from tests.bad_requests import CASES, PNG_ONLY, VALID, Case, black_png, image_ba
 from tests.loras import model_lora, write_lora
 from tests.reference import BF16_MIN_PSNR_DB, load_image, psnr
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"handler": {"defaults": {"H": 64, "W": 64, "ddim_steps": 3}, "limits": {"max_pixels": 1024 * 1024}}}
 
 
@@ -361,14 +364,13 @@ def test_emphasis_follows_the_configured_default_and_reaches_the_image(handler, 
     settings = parse_settings({"handler": {"defaults": {"emphasis": True}}})
     assert parse_request({"prompt": "a (red) door"}, settings).generation.emphasis is True
     assert parse_request({"prompt": "a (red) door", "emphasis": False}, settings).generation.emphasis is False
-    # One syntax a request turns on sets the server's default for the other aside; both defaults on is refused.
+    # One syntax a request turns on sets the server's default for the other aside (both defaults on stops the worker:
+    # test_a_default_that_no_request_may_leave_out_stops_the_worker).
     chosen = parse_request({"prompt": "a:1 b:2", "weighted_subprompts": True}, settings).generation
     assert (chosen.weighted_subprompts, chosen.emphasis) == (True, False)
     weighted = parse_settings({"handler": {"defaults": {"weighted_subprompts": True}}})
     chosen = parse_request({"prompt": "a (red) door", "emphasis": True}, weighted).generation
     assert (chosen.weighted_subprompts, chosen.emphasis) == (False, True)
-    with pytest.raises(SettingsError, match=r"handler\.defaults: emphasis and weighted_subprompts read"):
-        parse_settings({"handler": {"defaults": {"emphasis": True, "weighted_subprompts": True}}})
     (response,), _ = call(handler, [{**VALID, "prompt": "a (red:1.4) bicycle", "emphasis": True}])
     answer = json.loads(response)
     assert answer["parameters"]["emphasis"] is True
@@ -476,8 +478,7 @@ def test_the_chunk_limit_counts_an_embeddings_vectors(handler: StableDiffusionHa
 
 
 def test_clip_skip_reads_an_earlier_clip_layer(handler: StableDiffusionHandler, tiny_split: Path) -> None:
-    """The pipeline's image for clip skip 2, named in the JSON parameters and in the PNG as A1111 names it; a default
-    the model's CLIP cannot honour stops the worker from starting."""
+    """The pipeline's image for clip skip 2, named in the JSON parameters and in the PNG as A1111 names it."""
     (response,), _ = call(handler, [{**VALID, "clip_skip": 2}])
     answer = json.loads(response)
     assert answer["parameters"]["clip_skip"] == 2
@@ -485,11 +486,6 @@ def test_clip_skip_reads_an_earlier_clip_layer(handler: StableDiffusionHandler, 
     request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5, clip_skip=2)
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
     assert "Clip skip: 2" in read_parameters(png)
-    with pytest.raises(SettingsError, match=r"handler\.defaults\.clip_skip: 1 \(CLIP's last layer\) to 12, got 0"):
-        parse_settings({"handler": {"defaults": {"clip_skip": 0}}})
-    deep = parse_settings({"handler": {"defaults": {"clip_skip": 4}}})
-    with pytest.raises(SettingsError, match=r"clip_skip: at most 3 \(this model's CLIP layers\), got 4"):
-        check_against_model(deep, 1000, handler.pipeline.model.text_encoder.layers)
 
 
 def test_png_response_with_seed_header(handler: StableDiffusionHandler, tiny_split: Path) -> None:
@@ -621,8 +617,6 @@ def test_inpainting_answers_the_pipelines_image(handler: StableDiffusionHandler,
         "tiles", height=64, width=80, steps=3, seed=4, init_image=load_image(io.BytesIO(base64.b64decode(
             body["init_image"]))), mask_image=mask, mask_blur=2,
     )  # fmt: skip
-    with pytest.raises(SettingsError, match=r"handler\.defaults\.mask_blur: 0 \(a hard seam\) to 64 pixels, got 65"):
-        parse_settings({"handler": {"defaults": {"mask_blur": 65}}})
     png = base64.b64decode(answer["images"][0])
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
     img2img = expected_pixels(tiny_split, dataclasses.replace(request, mask_image=None))[0]
@@ -713,10 +707,6 @@ def test_hires_fix_answers_the_pipelines_larger_image(handler: StableDiffusionHa
     assert parse_request(cut, settings).generation.hires_plan(8).size == (1024, 1024)
     with pytest.raises(RequestError, match="upscales the images to 1024x1536 to cut them to 1024x1024, 1572864 pix"):
         parse_request({**cut, "hr_upscaler": "lanczos"}, settings)
-    with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_upscaler: one of \["):
-        parse_settings({"handler": {"defaults": {"hr_upscaler": "esrgan"}}})
-    with pytest.raises(SettingsError, match=r"handler\.defaults\.hr_steps: 0 \(ddim_steps\) to 150"):
-        parse_settings({"handler": {"defaults": {"hr_steps": 151}}})
 
 
 def test_variation_seeds_answer_each_images_seeds_and_parameters(
@@ -896,14 +886,6 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         ({"limits": {"max_scale": -1.0}}, "handler.limits: max_scale must be at least 0, got -1.0"),
         ({"limits": {"min_side": 512, "max_side": 256}}, "handler.limits: min_side 512 is above max_side 256"),
         ({"limits": {"max_eta": 1.5}}, "handler.limits: max_eta must be at most 1, got 1.5"),
-        (
-            {"defaults": {"sampler": "k_euler"}},
-            "handler.defaults.sampler: one of ['ddim', 'plms', 'euler', 'euler_a', 'heun', 'dpm2', 'dpm2_a', "
-            "'lms', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2s_a', 'dpmpp_sde', 'euler_karras', 'euler_a_karras', "
-            "'heun_karras', 'lms_karras', 'dpm2_karras', "
-            "'dpm2_a_karras', 'dpmpp_2m_karras', 'dpmpp_2m_sde_karras', 'dpmpp_2s_a_karras', 'dpmpp_sde_karras'], got "
-            "'k_euler'",
-        ),
     ):
         with pytest.raises(SettingsError, match=re.escape(message)):
             parse_settings({"handler": section})
@@ -912,6 +894,53 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
     with pytest.raises(SettingsError, match=re.escape(message)):
         check_against_model(steps, 1000)
     check_against_model(parse_settings({"handler": {"limits": {"max_steps": 999}}}), 1000)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"defaults": {"H": 4096}}, "H: a request that leaves H out would be refused: H must be between 64 and 2048 "),
+        ({"defaults": {"H": 512}, "limits": {"max_side": 256}}, "H must be between 64 and 256 pixels, got 512"),
+        ({"defaults": {"W": 100}}, "handler.defaults.W: a request that leaves W out would be refused: W must be a "),
+        (
+            {"defaults": {"H": 1024, "W": 2048}},
+            "handler.defaults.W: a request that leaves W out would be refused: H×W must",
+        ),
+        ({"defaults": {"ddim_steps": 151}}, "ddim_steps must be between 1 and 150, got 151"),
+        ({"defaults": {"n_samples": 4, "n_iter": 4}}, "n_samples×n_iter must be at most 8 images, got 16"),
+        ({"defaults": {"scale": 51.0}}, "handler.defaults.scale: a request that leaves scale out would be refused"),
+        ({"defaults": {"eta": 0.5}, "limits": {"max_eta": 0.25}}, "eta must be in [0.0, 0.25], got 0.5"),
+        ({"defaults": {"strength": 0.0}}, "handler.defaults.strength: a request that leaves strength out would be"),
+        ({"defaults": {"sampler": "k_euler"}}, "handler.defaults.sampler: a request that leaves sampler out would be"),
+        ({"defaults": {"clip_skip": 0}}, "clip_skip must be between 1 and 12, got 0"),
+        ({"defaults": {"clip_skip": 4}}, "clip_skip must be in [1, 3] (this model's CLIP layers), got 4"),
+        ({"defaults": {"mask_blur": 65}}, "handler.defaults.mask_blur: a request that leaves mask_blur out would be"),
+        ({"defaults": {"hr_upscaler": "esrgan"}}, "hr_upscaler 'esrgan' is not available; choose one of: latent,"),
+        ({"defaults": {"hr_steps": 151}}, "hr_steps must be between 0 and 150, got 151"),
+        (
+            {"defaults": {"emphasis": True, "weighted_subprompts": True}},
+            "handler.defaults.emphasis: a request that leaves emphasis out would be refused: emphasis and ",
+        ),
+    ],
+)
+def test_a_default_that_no_request_may_leave_out_stops_the_worker(
+    tiny_split: Path, section: dict[str, Any], message: str
+) -> None:
+    """A default the limits or the model refuse would have every request that leaves its field out answered with a
+    400 for a field it never sent: the worker's start fails instead, naming the setting."""
+    context = FakeContext(tiny_split)
+    context.model_yaml_config = {"handler": section}
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        StableDiffusionHandler().initialize(context)
+
+
+def test_the_shipped_and_the_tests_defaults_are_what_a_request_may_leave_out(tiny_model: StableDiffusion) -> None:
+    """The settings the server ships with and those these tests serve pass the check that stops a worker."""
+    for settings in (
+        parse_settings(yaml.safe_load((ROOT / "model-config.yaml").read_text())),
+        parse_settings(SETTINGS),
+    ):
+        check_defaults(settings, tiny_model)
 
 
 @pytest.mark.parametrize(
