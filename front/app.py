@@ -6,9 +6,11 @@ would be blank offline; `fastapi-offline` ships Swagger UI 5 and ReDoc in its wh
 (`swagger-ui-bundle` on PyPI was the other candidate: its Swagger UI 4.15 cannot read the OpenAPI 3.1 FastAPI writes.)
 
 Answers:
-- `Accept: image/png`: the request goes to TorchServe whole and its PNG is streamed back with its `X-Seed`; a request
-  for several images gets TorchServe's 400, which says to ask for JSON: a PNG holds one image, and silently
-  dropping all but the first would lose images the user waits for.
+- Every generation is asked of TorchServe as a progress stream, watched or not (`InferenceApi.generated`): its step
+  lines keep TorchServe from giving up on the worker, and the front on TorchServe, while a long generation runs.
+- `Accept: image/png`: the request goes to TorchServe whole, and its one PNG is answered with its `X-Seed`; a
+  request for several images is a 400 that says to ask for JSON: a PNG holds one image, and silently dropping all
+  but the first would lose images the user waits for.
 - `Accept: application/json` (and anything else but ndjson): the JSON array of base64 PNGs, one TorchServe request
   per iteration (front/imagine.py), with `X-Seed` and `X-Seeds`.
 - `POST /imagine/stream`, `"stream": true` or `Accept: application/x-ndjson`: TorchServe's progress stream, line by
@@ -25,6 +27,8 @@ Answers:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,7 +46,7 @@ from front import a1111, a1111_progress, png_info, schema
 from front import a1111_options as a1111_opts
 from front.description import Description
 from front.errors import FrontError
-from front.imagine import Plan, Results, plan_fields, plan_request, seed_headers
+from front.imagine import BROKEN_ANSWER, Plan, Results, plan_fields, plan_request, seed_headers
 from front.settings import FrontSettings
 from front.upstream import JSON, NDJSON, PNG, InferenceApi
 
@@ -138,12 +142,15 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         return JSONResponse(error.body(), status_code=error.status)
 
     async def png(api: InferenceApi, plan: Plan) -> Response:
-        response = await api.open(plan.whole(), PNG)
-        if response.status_code != 200:
-            raise await api.refusal(response)
-        names = ("X-Seed", "X-Seeds", "X-Subseeds")
-        headers = {name: response.headers[name] for name in names if name in response.headers}
-        return Response(await api.read_bytes(response), media_type=PNG, headers=headers)
+        plan.check_one_image()
+        results = Results()
+        results.add(await api.generated(plan.whole()), plan)
+        plan.check_one_image(len(results.images))  # the server's default n_samples, for a body that names none
+        try:
+            image = base64.b64decode(results.images[0], validate=True)
+        except (binascii.Error, TypeError):
+            raise FrontError(502, BROKEN_ANSWER) from None
+        return Response(image, media_type=PNG, headers=seed_headers(results))
 
     async def json_array(request: Request, plan: Plan) -> Response:
         results = Results()
@@ -151,7 +158,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             if iteration and await request.is_disconnected():
                 break  # nobody is waiting for the rest
             sent = plan.iteration(results.next(plan) if iteration else None)
-            results.add(await request.app.state.api.answer_json(sent, patient=iteration > 0), plan)
+            results.add(await request.app.state.api.generated(sent, patient=iteration > 0), plan)
         # Rendered in a thread: 64 large PNGs take a tenth of a second, which every other call would wait.
         return await run_in_threadpool(JSONResponse, results.images, headers=seed_headers(results))
 

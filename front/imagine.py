@@ -77,6 +77,22 @@ class Plan:
     def seed(self) -> int | None:
         return self.fields.get("seed") if self.fields is not None else None
 
+    def check_one_image(self, made: int | None = None) -> None:
+        """A PNG answer holds one image: a request for more (`made` of them, once made) is refused, naming the
+        count that asks for them, as the handler would refuse it."""
+        if self.fields is None:
+            return  # forwarded as it came: the handler names what is wrong with it first
+        n_samples, n_iter = self.fields.get("n_samples", 1), self.fields.get("n_iter", 1)
+        images = made or (n_samples * n_iter if is_integer(n_samples) and is_integer(n_iter) else 1)
+        if images > 1:
+            name = "n_iter" if is_integer(n_iter) and n_iter > 1 else "n_samples"
+            raise FrontError(
+                400,
+                f"Accept: image/png returns one image, but this request makes {images} (n_samples×n_iter); ask for "
+                "JSON (Accept: application/json) to get them all",
+                name,
+            )
+
     def whole(self) -> bytes:
         """The request as one TorchServe request (a PNG answer holds one image: TorchServe says so if not)."""
         return self.raw if self.fields is None else json.dumps(self.fields).encode()

@@ -86,16 +86,6 @@ class InferenceApi:
             await asyncio.sleep(wait)
             wait *= 2
 
-    async def read_bytes(self, response: httpx.Response) -> bytes:
-        """The whole answer, closed after: an answer TorchServe cuts short is the front's 502, not a short file under
-        a 200 (which a client saving the bytes could not tell from a whole one)."""
-        try:
-            return await response.aread()
-        except httpx.HTTPError as error:
-            raise self._failure(error) from None
-        finally:
-            await response.aclose()
-
     async def progress(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         """A progress stream's step lines as they arrive, then its last line, the one with the images. Its error line
         raises the error the answer would have been; a line that is not a JSON object, or an end without the images,
@@ -120,11 +110,15 @@ class InferenceApi:
             raise FrontError(502, "TorchServe ended the progress stream without the images")
 
     async def read_json(self, response: httpx.Response) -> dict:
-        """The whole answer as JSON."""
+        """The whole answer as JSON, the response closed after; one TorchServe cuts short is the front's 502."""
         try:
-            return json.loads(await self.read_bytes(response))
+            return json.loads(await response.aread())
+        except httpx.HTTPError as error:
+            raise self._failure(error) from None
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} answered with no JSON") from None
+        finally:
+            await response.aclose()
 
     async def answer_json(self, body: bytes, patient: bool = False) -> dict:
         """POST a request body for a JSON answer: the answer, or the refusal raised (`patient`: `open`'s)."""
@@ -133,6 +127,23 @@ class InferenceApi:
             if response.status_code != 200:
                 raise await self.refusal(response)
             return await self.read_json(response)
+        finally:
+            await response.aclose()
+
+    async def generated(self, body: bytes, patient: bool = False) -> dict[str, Any]:
+        """POST a generation and return its answer, followed through its progress stream with the step lines
+        dropped (`patient`: `open`'s). Why a stream when no one watches it: TorchServe gives up on a worker that
+        sends it nothing for `responseTimeout` (it kills the worker, and every request of its batch with it), and the
+        front gives up on TorchServe after its own timeout; each step line restarts both clocks, so a long
+        generation (many large images, a CPU) is bounded by its slowest step, not by its whole."""
+        response = await self.open(body, NDJSON, patient)
+        try:
+            if response.status_code != 200:
+                raise await self.refusal(response)
+            answer: dict[str, Any] = {}
+            async for line in self.progress(response):
+                answer = line  # the last, the one with the images
+            return answer
         finally:
             await response.aclose()
 

@@ -5,6 +5,7 @@ TorchServe can fail. The same front against a real TorchServe: tests/test_front.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -51,6 +52,8 @@ class FakeInference:
     warning of words CLIP did not read."""
 
     bodies: list[bytes] = field(default_factory=list)
+    # The Accept header of each.
+    accepts: list[str] = field(default_factory=list)
     # The server's handler.defaults.n_samples, for bodies that name none.
     default_samples: int = 1
     # What `{"describe": true}` answers.
@@ -64,6 +67,7 @@ class FakeInference:
                 404, json={"code": 404, "type": "ModelNotFoundException", "message": "Model not found"}
             )
         self.bodies.append(request.content)
+        self.accepts.append(request.headers["Accept"])
         if request.content == b'{"describe": true}':
             return httpx.Response(200, json=self.described)
         try:
@@ -272,33 +276,68 @@ def test_an_original_field_we_cannot_honour_is_a_400(
     assert fake.bodies == []
 
 
-def test_png_is_forwarded_whole(client: TestClient, fake: FakeInference) -> None:
+def test_every_generation_is_followed_as_a_stream(client: TestClient, fake: FakeInference) -> None:
+    """A PNG or a JSON array is asked of TorchServe as a progress stream, whose step lines keep TorchServe from giving
+    up on its worker (and the front on TorchServe) while a long generation runs; the answer is the stream's last
+    line, its images as they were made: the PNG the base64 in it."""
     response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
-    assert response.headers["X-Seed"] == "3"
-    assert fake.sent() == [{"prompt": "a fox", "seed": 3}]
+    assert response.content == base64.b64decode("png3")
+    assert (response.headers["X-Seed"], response.headers["X-Seeds"]) == ("3", "3")
+    response = client.post("/imagine", json={"prompt": "a fox", "n_iter": 2, "seed": 3})
+    assert response.json() == ["png3", "png4"]
+    iterations = [{"prompt": "a fox", "n_iter": 1, "seed": seed} for seed in (3, 4)]
+    assert fake.sent() == [{"prompt": "a fox", "seed": 3}, *iterations]
+    assert fake.accepts == [NDJSON] * 3
+
+
+@pytest.mark.parametrize(
+    ("body", "default_samples", "field", "images"),
+    [({"n_samples": 2}, 1, "n_samples", 2), ({"n_samples": 2, "n_iter": 3}, 1, "n_iter", 6), ({}, 3, "n_samples", 3)],
+)
+def test_a_png_of_several_images_is_refused(
+    body: dict[str, Any], default_samples: int, field: str, images: int
+) -> None:
+    """Before anything is sent when the request names its counts; once made when the server's default n_samples
+    makes several: a PNG holds one image, and the client is told to ask for JSON rather than given the first."""
+    fake = FakeInference(default_samples=default_samples)
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as client:
+        response = client.post("/imagine", json={"prompt": "a", "seed": 1, **body}, headers={"Accept": "image/png"})
+    says = f"Accept: image/png returns one image, but this request makes {images} (n_samples×n_iter); ask for JSON"
+    assert response.status_code == 400 and response.json()["field"] == field
+    assert response.json()["error"].startswith(says)
+    assert len(fake.bodies) == (1 if default_samples > 1 else 0)
 
 
 class _CutShort(httpx.AsyncByteStream):
-    """A body that breaks off after its first bytes, as TorchServe's does when its connection drops."""
+    """A stream that breaks off after its first line, as TorchServe's does when its connection drops."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield b"\x89PNG\r\n\x1a\n"
+        yield b'{"step": 1, "total": 2, "image_index": 0}\n'
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
 
-def test_a_png_torchserve_cuts_short_is_a_502_not_a_short_file(fake: FakeInference) -> None:
-    """Its first bytes are no image: the client, which may be saving the body to a file, is told."""
+@pytest.mark.parametrize("accept", ["image/png", "application/json"])
+def test_an_answer_torchserve_cuts_short_is_a_502_not_a_short_file(fake: FakeInference, accept: str) -> None:
+    """The client, which may be saving the body to a file, is told."""
 
     def cut(request: httpx.Request) -> httpx.Response:
-        if request.headers["Accept"] == "image/png":
-            return httpx.Response(200, stream=_CutShort(), headers={"Content-Type": "image/png", "X-Seed": "3"})
-        return fake(request)
+        return httpx.Response(200, stream=_CutShort(), headers={"Content-Type": NDJSON, "X-Seed": "3"})
 
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(cut))) as client:
-        response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
+        response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": accept})
     assert response.status_code == 502
     assert response.json()["error"].startswith("TorchServe at http://127.0.0.1:8080 broke off its answer")
+
+
+def test_a_png_that_is_not_base64_is_a_502(fake: FakeInference) -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        answer = {"images": ["not base64!"], "seeds": [3], "parameters": {}}
+        return httpx.Response(200, content=json.dumps(answer) + "\n", headers={"Content-Type": NDJSON})
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(broken))) as client:
+        response = client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": "image/png"})
+    assert response.status_code == 502 and response.json()["error"].startswith("TorchServe answered without images")
 
 
 def test_stream_numbers_steps_across_iterations_and_gathers_the_images(client: TestClient) -> None:
@@ -448,14 +487,14 @@ def test_an_upload_given_up_half_way_is_no_server_error() -> None:
 )
 def test_an_answer_without_images_seeds_and_parameters_is_a_502(answer: Any, variation: bool) -> None:
     """Found in the iteration that brings it, before the next one counts on its seeds (it was a 500, or an empty
-    200), in a JSON answer and in a stream's last line."""
+    200), in a JSON answer and in a stream's last line (both are a stream's last line from TorchServe)."""
     nonsense = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
     body = {"prompt": "a fox", "n_iter": 2, **({"subseed_strength": 0.5} if variation else {})}
     with TestClient(create_app(FrontSettings(), nonsense)) as test_client:
-        response = test_client.post("/imagine", json=body, headers={"Accept": "application/json"})
-        assert response.status_code == 502 and "without images, a seed for each" in response.json()["error"]
-        streamed = stream_lines(test_client.post("/imagine/stream", json=body))
         said = "not a JSON object" if isinstance(answer, list) else "without images, a seed for each"
+        response = test_client.post("/imagine", json=body, headers={"Accept": "application/json"})
+        assert response.status_code == 502 and said in response.json()["error"]
+        streamed = stream_lines(test_client.post("/imagine/stream", json=body))
         assert streamed[-1]["status"] == 502 and said in streamed[-1]["error"]
 
 
