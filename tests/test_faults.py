@@ -36,6 +36,9 @@ RESPONSE_TIMEOUT = 20
 SMALL = {"prompt": "a red bicycle", "H": 64, "W": 64, "ddim_steps": 2, "seed": 5}
 # Minutes of work on the tiny model on a CPU: the generation a fault interrupts.
 BIG = {"prompt": "a long generation", "H": 512, "W": 512, "ddim_steps": 150, "seed": 3}
+# Half a minute or more on the tiny model on CI's two cores (past RESPONSE_TIMEOUT on a machine a good deal faster),
+# each step about a second.
+LONG = {"prompt": "a long generation", "H": 256, "W": 256, "ddim_steps": 32, "seed": 3}
 # A batch of four of these takes most of a second, so that it is still running when the scale-down comes.
 IN_FLIGHT = {**SMALL, "ddim_steps": 20}
 # TorchServe's answer when the worker of a request goes away (killed, timed out, scaled down).
@@ -166,6 +169,26 @@ def test_a_generation_past_the_response_timeout_is_a_5xx_and_the_worker_is_repla
     assert_serves(fragile, small_image)
     record("response_timeout", status=response.status_code, answer_s=answered - sent,
            new_worker_s=replaced - answered, first_200_s=time.monotonic() - answered)  # fmt: skip
+
+
+def test_a_generation_past_the_response_timeout_through_the_front_is_answered_by_the_same_worker(
+    fragile: TorchServe,
+) -> None:
+    """The front asks TorchServe for a progress stream even for a PNG: each step line restarts TorchServe's clock, so
+    a generation longer than responseTimeout as a whole (but not per step) is answered, and the worker lives on."""
+    (pid,) = wait_for(lambda: workers(fragile), "READY worker").values()
+    # The client hears nothing until the PNG is made: it waits as long as a busy machine may take.
+    with running_front(fragile.inference_url) as front, httpx.Client(timeout=3 * TIMEOUT) as http:
+        sent = time.monotonic()
+        response = http.post(f"{front}/imagine", json=LONG, headers={"Accept": "image/png"})
+        answered = time.monotonic()
+    assert response.status_code == 200, response.text
+    assert answered - sent > RESPONSE_TIMEOUT, (
+        "the generation must outlast responseTimeout for this test to say anything"
+    )
+    assert response.headers["X-Seed"] == "3" and load_image(io.BytesIO(response.content)).size == (256, 256)
+    assert list(workers(fragile).values()) == [pid]
+    record("past_response_timeout_through_the_front", answer_s=answered - sent)
 
 
 def test_scaling_down_with_requests_in_flight_answers_every_request(fragile: TorchServe, pipeline: Pipeline) -> None:
