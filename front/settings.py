@@ -9,7 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# TorchServe's responseTimeout in model-config.yaml: a generation TorchServe still waits for is worth waiting for.
+# Seconds without a line from TorchServe (every generation is followed as a stream): a request's wait in TorchServe's
+# queue and its first step. TorchServe's responseTimeout in model-config.yaml, the longest it waits for a line too.
 DEFAULT_TIMEOUT = 900.0
 
 
