@@ -29,6 +29,9 @@ PING_TIMEOUT = 3.0
 # is waiting for all.
 BUSY_PATIENCE = 120.0
 BUSY_FIRST_WAIT = 1.0
+# The `type` of TorchServe's 503 when it is busy. Its other 503, "Prediction failed" (a worker's error), is an
+# InternalServerException: the same request sent again would fail again, beside other requests.
+BUSY = "ServiceUnavailableException"
 
 
 def line_failure(line: dict[str, Any]) -> FrontError:
@@ -69,7 +72,7 @@ class InferenceApi:
 
     async def open(self, body: bytes, accept: str, patient: bool = False) -> httpx.Response:
         """POST a request body; the answer with its status and headers read, its body still to be streamed.
-        The caller closes it. `patient` (a later batch of a request): a 503 of TorchServe's is offered again for up to
+        The caller closes it. `patient` (a later batch of a request): TorchServe's busy 503 is offered again for up to
         BUSY_PATIENCE s before it is the answer, so that a queue full for a moment does not throw away the batches
         already made."""
         headers = {"Content-Type": JSON, "Accept": accept}
@@ -80,7 +83,7 @@ class InferenceApi:
                 response = await self.client.send(request, stream=True)
             except httpx.HTTPError as error:
                 raise self._failure(error) from None
-            if not patient or response.status_code != 503 or time.monotonic() + wait > deadline:
+            if not patient or time.monotonic() + wait > deadline or not await self._busy(response):
                 return response
             await response.aclose()
             await asyncio.sleep(wait)
@@ -147,23 +150,34 @@ class InferenceApi:
         finally:
             await response.aclose()
 
-    async def refusal(self, response: httpx.Response) -> FrontError:
-        """The error of an answer that is not 200. The handler's `{"error", "field"}` is kept as it is; TorchServe's
-        own `{"message"}` (no worker, queue full) keeps its status, but a model TorchServe does not serve is the
-        front's misconfiguration, not the client's: 503."""
+    async def _error_body(self, response: httpx.Response) -> dict[str, Any]:
+        """The JSON object of an answer that is not 200 (read whole; `{}` when it holds none)."""
         try:
             body = json.loads(await response.aread())
         except (ValueError, httpx.HTTPError):
-            body = None
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    async def _busy(self, response: httpx.Response) -> bool:
+        """Whether an answer is TorchServe's busy 503 (its queue full, or no worker READY)."""
+        return response.status_code == 503 and (await self._error_body(response)).get("type") == BUSY
+
+    async def refusal(self, response: httpx.Response) -> FrontError:
+        """The error of an answer that is not 200. The handler's `{"error", "field"}` is kept as it is; TorchServe's
+        own `{"message"}` keeps its status, its busy 503 said in a client's words first (TorchServe's own tell an
+        operator to add workers, which a queue full for a moment does not need); a model TorchServe does not serve
+        is the front's misconfiguration, not the client's: 503."""
+        body = await self._error_body(response)
+        if isinstance(body.get("error"), str):
             return FrontError(response.status_code, body["error"], str(body.get("field", "")))
-        message = body.get("message") if isinstance(body, dict) else None
-        message = str(message or response.reason_phrase)
+        message = str(body.get("message") or response.reason_phrase)
         if response.status_code == 404:
             return FrontError(
                 503, f"TorchServe at {self.settings.inference_url} does not serve the model '{self.settings.model}' "
                 f"({message}); set SD_MODEL_NAME"
             )  # fmt: skip
+        if response.status_code == 503 and body.get("type") == BUSY:
+            message = f"busy (its queue is full, or no worker is ready): retry in a few seconds. It said: {message}"
         return FrontError(response.status_code, f"TorchServe: {message}")
 
     async def ping(self) -> tuple[bool, str]:

@@ -410,12 +410,13 @@ class BusyOnce(FakeInference):
 
     busy: int = 1
     count: int = 0
+    answer: dict[str, Any] = field(default_factory=lambda: BUSY)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/predictions/sd" and request.content != b'{"describe": true}':
             self.count += 1
             if self.count - 1 == self.busy:
-                return httpx.Response(503, json=BUSY)
+                return httpx.Response(503, json=self.answer)
         return super().__call__(request)
 
 
@@ -436,13 +437,26 @@ def test_a_later_batch_torchserve_finds_busy_is_offered_again(monkeypatch: pytes
         with TestClient(create_app(FrontSettings(), httpx.MockTransport(first))) as busy_client:
             refused = busy_client.post(path, json=body, headers={"Accept": "application/json"})
         assert refused.status_code == 503 and first.count == 1
-        assert refused.json()["error"] == f"TorchServe: {BUSY['message']}"  # not A1111's field names in it
+        said = "TorchServe: busy (its queue is full, or no worker is ready): retry in a few seconds. It said: "
+        assert refused.json()["error"] == said + BUSY["message"]  # not A1111's field names in it
     monkeypatch.setattr(upstream, "BUSY_PATIENCE", 0.0)
     always = BusyOnce(busy=1)
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(always))) as test_client:
         response = test_client.post(path, json=body, headers={"Accept": "application/json"})
     said = stream_lines(response)[-1] if path == "/imagine/stream" else response.json()
     assert "Please use scale workers API" in said["error"] and always.count == 2
+
+
+@pytest.mark.parametrize("path", ["/imagine", "/sdapi/v1/txt2img"])
+def test_a_later_batch_whose_prediction_failed_is_not_sent_again(path: str) -> None:
+    """TorchServe's other 503, a worker's error in its batch: the same request again would fail again, beside other
+    clients' requests in the next batch. Its answer is the error, at once."""
+    failed = {"code": 503, "type": "InternalServerException", "message": "Prediction failed"}
+    fake = BusyOnce(busy=1, answer=failed)
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        response = test_client.post(path, json={"prompt": "a fox", "n_iter": 3, "seed": 7})
+    assert response.status_code == 503 and fake.count == 2
+    assert response.json()["error"] == "TorchServe: Prediction failed"
 
 
 def test_the_health_check_waits_no_longer_than_a_readiness_probe() -> None:
