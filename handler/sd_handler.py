@@ -142,9 +142,9 @@ class StableDiffusionHandler(BaseHandler):
     def inference(
         self, data: list[ApiRequest | RequestError | DescribeRequest], *args: Any, **kwargs: Any
     ) -> list[Outcome]:
-        """Generate every valid request of the batch together; errors pass through in place.
-
-        Once a stream has started its status is sent, so any failure after that must become a line, not a raise.
+        """Generate every valid request of the batch together; errors pass through in place, and a failure is its
+        request's answer (`_generate`), never raised: once a stream has started its status is sent, so a failure
+        after that can only be its last line.
         """
         assert self.pipeline is not None, "initialize() loads the model first"
         valid = [(idx, item) for idx, item in enumerate(data) if isinstance(item, ApiRequest)]
@@ -159,13 +159,7 @@ class StableDiffusionHandler(BaseHandler):
         if not valid:
             return list(data)
         started = time.perf_counter()
-        try:
-            outcomes = self._generate(valid)
-        except Exception:
-            if not self.progress.started:
-                raise
-            logger.exception("generation failed after %d requests started streaming", len(self.progress.started))
-            return _fail_valid(data, RequestError("", GENERATION_FAILED, 500))
+        outcomes = self._generate(valid)
         results = [outcomes[idx] if isinstance(item, ApiRequest) else item for idx, item in enumerate(data)]
         generated = [r.generation for r in results if isinstance(r, Answer)]
         seconds = time.perf_counter() - started
@@ -177,19 +171,23 @@ class StableDiffusionHandler(BaseHandler):
         return results
 
     def _generate(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
-        """Each valid request's outcome, by batch position: all from one shared generation, or, when that runs out of
-        GPU memory or one request breaks a rule only the pipeline checks, each request again alone.
+        """Each valid request's outcome, by batch position: all from one shared generation, or, when that fails
+        (memory, a rule only the pipeline checks, a fault of the worker's), each request again alone; a request that
+        fails alone gets its own error: a 400, a 507, or a 500 whose traceback is in the log.
 
         Why alone: a batch packs several requests' images into each UNet call, so it can run out of memory where
-        none of its requests would, and one request's error must not become its neighbours'. A stream retried alone
-        starts its step lines over; its final line is the same.
+        none of its requests would, and one request's error (or one that meets a bug) must not become its
+        neighbours'. Never raised to TorchServe, whose answer to a raise is a 503 "Prediction failed" for the whole
+        batch, neighbours' 400s included, that clients read as a busy server. A stream retried alone starts its step
+        lines over; its final line is the same.
         """
         try:
             return self._generate_together(valid)
         except Exception as error:
             failure = _failure(error, self.pipeline.model.device)
             if failure is None:
-                raise
+                logger.exception("generation failed for a batch of %d requests", len(valid))
+                failure = RequestError("", GENERATION_FAILED, 500)
             if len(valid) == 1:
                 return {valid[0][0]: failure}
             logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
@@ -227,9 +225,7 @@ class StableDiffusionHandler(BaseHandler):
             # answer that wanted them fails alike, its stream's included, as generation's failures do.
             failure = _failure(error, self.pipeline.model.device)
             if failure is None:
-                if not self.progress.started:
-                    raise
-                logger.exception("the PNGs failed after %d requests started streaming", len(self.progress.started))
+                logger.exception("the PNGs of a batch of %d requests failed", len(generations))
                 failure = RequestError("", GENERATION_FAILED, 500)
             data = [failure if isinstance(outcome, Answer) else outcome for outcome in data]
             files = iter(())
@@ -315,8 +311,3 @@ def _failure(error: Exception, device: torch.device) -> RequestError | None:
     release_cached_memory(device)
     logger.error("out of %s memory: %s", where, error)
     return RequestError("", f"out of {where} memory; retry, or ask for fewer or smaller images", 507)
-
-
-def _fail_valid(data: list[ApiRequest | RequestError | DescribeRequest], error: RequestError) -> list[Outcome]:
-    """The batch with every valid request replaced by `error` (a failure of the shared generation hits them all)."""
-    return [error if isinstance(item, ApiRequest) else item for item in data]

@@ -983,15 +983,35 @@ def test_out_of_memory_is_a_507_and_the_handler_serves_on(
     assert context.status == {} and json.loads(response)["seeds"] == [5]
 
 
-def test_any_other_failure_fails_the_batch_for_torchserve_to_answer(
-    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch
+def test_a_request_that_meets_a_fault_of_the_workers_fails_alone(
+    handler: StableDiffusionHandler, monkeypatch: pytest.MonkeyPatch, tiny_split: Path
 ) -> None:
-    """Not the request's fault, nor memory: raised to TorchServe (a 500 for the batch), never retried as a 507."""
+    """Not the request's fault, nor memory (a bug met by one request): the batch is generated again request by
+    request, the one that meets it answers a 500 JSON (not a 507), and its neighbours get their images and their
+    400s, where TorchServe would have answered them all with its own 503. A fault every request meets is a 500
+    for each."""
+    real = handler.pipeline.generate_many
+
+    def broken_on_seed_6(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(request.seed == 6 for request in requests):
+            raise RuntimeError("a bug that seed 6 meets")
+        return real(requests, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handler.pipeline, "generate_many", broken_on_seed_6)
+        responses, context = call(handler, [VALID, {**VALID, "seed": 6}, {"prompt": 1}])
+    assert context.status == {1: 500, 2: 400}
+    assert json.loads(responses[1]) == {"error": "generation failed; the server log has the details", "field": ""}
+    request = GenerationRequest("a red bicycle", height=64, width=64, steps=3, seed=5)
+    png = base64.b64decode(json.loads(responses[0])["images"][0])
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     with monkeypatch.context() as patch:
         patch.setattr(handler.pipeline, "generate_many", broken)
-        with pytest.raises(RuntimeError, match="illegal memory access"):
-            call(handler, [VALID, {**VALID, "seed": 6}])
+        responses, context = call(handler, [VALID, {**VALID, "seed": 6}])
+    assert context.status == {0: 500, 1: 500}
+    (response,), context = call(handler, [VALID])
+    assert context.status == {} and json.loads(response)["seeds"] == [5]

@@ -197,10 +197,11 @@ def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_spl
 @pytest.mark.parametrize(
     ("error", "status", "message", "steps"),
     [
-        # Out of memory, the batch's requests are tried again one by one: the stream's steps start over, once.
+        # Whatever failed, the batch's requests are tried again one by one: the stream's steps start over, once.
         (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 507, "out of GPU memory",
          [1, 2, 3, 1, 2, 3]),
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), 500, "generation failed", [1, 2, 3]),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), 500, "generation failed",
+         [1, 2, 3, 1, 2, 3]),
     ],
     ids=["out of memory", "any other failure"],
 )  # fmt: skip
@@ -260,16 +261,18 @@ def test_failure_before_anything_was_streamed_is_an_ordinary_response(handler, s
     assert "out of GPU memory" in json.loads(response)["error"]
 
 
-def test_an_unexpected_failure_without_streams_is_left_to_torchserve(handler, sent, monkeypatch) -> None:
-    """Nothing sent yet: TorchServe answers the whole batch with its own 503, as before streaming existed."""
+def test_an_unexpected_failure_before_anything_was_streamed_is_an_ordinary_500(handler, sent, monkeypatch) -> None:
+    """A fault of the worker's met by a streamed request before its first line: its own 500 JSON, not TorchServe's
+    503 for the batch."""
 
-    def broken(latents: torch.Tensor) -> torch.Tensor:
+    def broken(*_: Any) -> torch.Tensor:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(handler.pipeline, "decode", broken)
-    with pytest.raises(RuntimeError, match="a bug"):
-        call(handler, [VALID])
+    monkeypatch.setattr(handler.pipeline.prompts, "embed", broken)
+    (response,), context = call(handler, [{**VALID, "stream": True}])
     assert sent == []
+    assert context.status == {0: 500} and context.response_headers[0]["content-type"] == "application/json"
+    assert json.loads(response)["error"] == "generation failed; the server log has the details"
 
 
 def test_validation_errors_of_a_stream_are_plain_400s(handler, sent) -> None:
