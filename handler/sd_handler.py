@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,19 @@ OUT_OF_MEMORY = re.compile(
 HOST_MEMORY = "can't allocate memory"
 # The answer to a request whose generation failed for the worker's reason, not its own.
 GENERATION_FAILED = "generation failed; the server log has the details"
+# The answer once the GPU has faulted (not memory: an illegal address, a device-side assert), which leaves the
+# process's CUDA context unusable for good: the worker ends itself RESTART_AFTER_S later for TorchServe to start a
+# fresh one, time enough for this batch's answers to reach TorchServe.
+DEVICE_FAILED = "the GPU failed; this worker restarts: retry in a minute"
+RESTART_AFTER_S = 2.0
 # HTTP reason phrase of each status we answer with, also the `Reason` dimension of FailedRequests.
-REASONS = {400: "Bad Request", 415: "Unsupported Media Type", 500: "Internal Server Error", 507: "Insufficient Storage"}
+REASONS = {
+    400: "Bad Request",
+    415: "Unsupported Media Type",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    507: "Insufficient Storage",
+}
 
 
 Outcome = RequestError | Answer | DescribeRequest
@@ -65,6 +78,8 @@ class StableDiffusionHandler(BaseHandler):
         self.settings = HandlerSettings()
         self.pipeline: Pipeline | None = None
         self.model_name = ""
+        # Set when the GPU faults: every request is then answered DEVICE_FAILED until the process ends.
+        self.device_failed = False
         # The streams of the batch in hand: set by inference, read by postprocess.
         self.progress = ProgressStream(None, set(), 0, {})
 
@@ -173,7 +188,8 @@ class StableDiffusionHandler(BaseHandler):
     def _generate(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
         """Each valid request's outcome, by batch position: all from one shared generation, or, when that fails
         (memory, a rule only the pipeline checks, a fault of the worker's), each request again alone; a request that
-        fails alone gets its own error: a 400, a 507, or a 500 whose traceback is in the log.
+        fails alone gets its own error: a 400, a 507, or a 500 whose traceback is in the log. Once the GPU has
+        faulted, every request is a 503 and nothing more is tried (`_worker_failure`).
 
         Why alone: a batch packs several requests' images into each UNet call, so it can run out of memory where
         none of its requests would, and one request's error (or one that meets a bug) must not become its
@@ -181,28 +197,39 @@ class StableDiffusionHandler(BaseHandler):
         batch, neighbours' 400s included, that clients read as a busy server. A stream retried alone starts its step
         lines over; its final line is the same.
         """
+        device = self.pipeline.model.device
         try:
-            return self._generate_together(valid)
+            if not self.device_failed:
+                return self._generate_together(valid)
         except Exception as error:
-            failure = _failure(error, self.pipeline.model.device)
-            if failure is None:
-                logger.exception("generation failed for a batch of %d requests", len(valid))
-                failure = RequestError("", GENERATION_FAILED, 500)
+            failure = _failure(error, device) or self._worker_failure(error, f"a batch of {len(valid)} requests")
             if len(valid) == 1:
                 return {valid[0][0]: failure}
-            logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
+            if not self.device_failed:
+                logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
         outcomes: dict[int, Outcome] = {}
-        for one in valid:
+        for idx, item in valid:
+            if self.device_failed:
+                outcomes[idx] = RequestError("", DEVICE_FAILED, 503)
+                continue
             try:
-                outcomes.update(self._generate_together([one]))
+                outcomes.update(self._generate_together([(idx, item)]))
             except Exception as error:
-                failure = _failure(error, self.pipeline.model.device)
-                if failure is None:
-                    # The worker's error, met by this request alone: the others keep the images they got.
-                    logger.exception("request %d of the batch failed alone", one[0])
-                    failure = RequestError("", GENERATION_FAILED, 500)
-                outcomes[one[0]] = failure
+                # Met by this request alone: the others keep the images they got.
+                outcomes[idx] = _failure(error, device) or self._worker_failure(error, f"request {idx} alone")
         return outcomes
+
+    def _worker_failure(self, error: Exception, what: str) -> RequestError:
+        """The answer to a generation that failed for the worker's reason, not its request's: a 500, its traceback in
+        the log; or, when the GPU faulted, DEVICE_FAILED, and the worker's end scheduled."""
+        logger.exception("generation failed for %s", what)
+        if isinstance(error, torch.AcceleratorError) and not self.device_failed:
+            self.device_failed = True
+            logger.error(
+                "the GPU faulted: this worker ends in %.0f s for TorchServe to start a fresh one", RESTART_AFTER_S
+            )
+            _exit_soon()
+        return RequestError("", DEVICE_FAILED, 503) if self.device_failed else RequestError("", GENERATION_FAILED, 500)
 
     def _generate_together(self, valid: list[tuple[int, ApiRequest]]) -> dict[int, Outcome]:
         assert self.pipeline is not None
@@ -295,6 +322,13 @@ class StableDiffusionHandler(BaseHandler):
         self._gauge("SecondsPerImage", seconds / images, "s")
         # TorchServe parses "name.unit:value": a unit must be a plain word.
         self._gauge("UNetStepsPerSecond", steps / seconds, "count")
+
+
+def _exit_soon() -> None:
+    """End this worker process RESTART_AFTER_S from now (TorchServe then starts a fresh one)."""
+    timer = threading.Timer(RESTART_AFTER_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 def _failure(error: Exception, device: torch.device) -> RequestError | None:

@@ -11,6 +11,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -941,6 +943,51 @@ def test_the_shipped_and_the_tests_defaults_are_what_a_request_may_leave_out(tin
         parse_settings(SETTINGS),
     ):
         check_defaults(settings, tiny_model)
+
+
+def test_the_worker_ends_itself_a_moment_after_a_gpu_fault() -> None:
+    """`_exit_soon` returns at once (the batch's answers still to be sent) and ends the process RESTART_AFTER_S later,
+    whatever its main thread is doing: TorchServe reads the exit as a dead worker and starts another."""
+    script = (
+        "import time\nfrom handler import sd_handler\nsd_handler._exit_soon()\nprint('returned', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "returned\n", done.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_gpu_fault_answers_503s_and_ends_the_worker_for_torchserve_to_replace(
+    tiny_split: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA fault that is not memory leaves the process's CUDA context unusable: the batch is answered 503 at once
+    (no request tried again alone), the worker's end is scheduled once, and every later request is a 503 without
+    touching the GPU. A CUDA out-of-memory error, also an AcceleratorError, stays a 507 and ends nothing."""
+    faulty = StableDiffusionHandler()
+    faulty.initialize(FakeContext(tiny_split))
+    exits: list[bool] = []
+    calls: list[int] = []
+    monkeypatch.setattr(sd_handler, "_exit_soon", lambda: exits.append(True))
+
+    def fault(requests: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(len(requests))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    def exhausted(requests: Any, *args: Any, **kwargs: Any) -> None:
+        raise torch.AcceleratorError("CUDA error: out of memory")
+
+    monkeypatch.setattr(faulty.pipeline, "generate_many", exhausted)
+    (response,), context = call(faulty, [VALID])
+    assert context.status == {0: 507} and json.loads(response)["error"].startswith("out of GPU memory") and exits == []
+    monkeypatch.setattr(faulty.pipeline, "generate_many", fault)
+    responses, context = call(faulty, [VALID, {**VALID, "seed": 6}, {"prompt": 1}])
+    assert context.status == {0: 503, 1: 503, 2: 400}
+    assert json.loads(responses[0]) == {"error": "the GPU failed; this worker restarts: retry in a minute", "field": ""}
+    assert calls == [2] and exits == [True]
+    (response,), context = call(faulty, [VALID])
+    assert context.status == {0: 503} and json.loads(response)["error"].startswith("the GPU failed")
+    assert calls == [2] and exits == [True]
 
 
 @pytest.mark.parametrize(
