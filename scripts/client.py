@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,10 @@ from ldm.output_names import next_index, outdir_problem, write_new
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "sd"
 DEFAULT_OUTDIR = "outputs/client"
-# TorchServe's default_response_timeout (config.properties), which counts from when a worker takes the request: one
-# queued behind others may need more (--timeout; the error says so).
+# Seconds without a word from the server: the answer is asked for as a progress stream, so this is a request's wait in
+# TorchServe's queue and its first step, then each next step (TorchServe's responseTimeout as shipped).
 DEFAULT_TIMEOUT = 900.0
+NDJSON = "application/x-ndjson"
 # Request fields that are options of the same name (dest); one left out is not sent, so the server's default applies.
 OPTIONAL_FIELDS = ("negative_prompt", "H", "W", "ddim_steps", "scale", "eta", "seed", "n_samples", "n_iter",
                    "sampler", "strength", "resize_mode", "weighted_subprompts", "emphasis", "clip_skip", "mask_blur",
@@ -58,19 +60,56 @@ class HttpError(ClientError):
         self.field = field
 
 
+def _error_of(status: int, body: Any, text: str = "") -> HttpError:
+    """The error an answer (or a stream's last line) says: our handler's `{"error", "field"}`, else TorchServe's own
+    `{"message"}` (unknown model, no worker, queue full, a worker that died), else the start of its text."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        field = body.get("field")
+        return HttpError(status, body["error"], field if isinstance(field, str) else "")
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return HttpError(status, body["message"])
+    return HttpError(status, " ".join(text.split())[:200] or "no reason given")
+
+
 def _http_error(response: requests.Response) -> HttpError:
-    """The error of a 4xx/5xx answer: our handler's `{"error", "field"}`, else TorchServe's own `{"message"}`
-    (unknown model, no worker, queue full), else the start of whatever text came back."""
+    """The error of a 4xx/5xx answer."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        field = body.get("field")
-        return HttpError(response.status_code, body["error"], field if isinstance(field, str) else "")
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return HttpError(response.status_code, body["message"])
-    return HttpError(response.status_code, " ".join(response.text.split())[:200] or response.reason)
+    return _error_of(response.status_code, body, response.text or response.reason)
+
+
+def _line_error(line: dict[str, Any]) -> HttpError:
+    """The error a stream ends with once its 200 is out: the handler's line carries the status the answer would have
+    had; TorchServe's own (a worker that died) its `code`."""
+    status = line.get("status", line.get("code"))
+    return _error_of(status if isinstance(status, int) else 502, line, str(line))
+
+
+def _answer_line(response: requests.Response, progress: Callable[[dict[str, Any]], None] | None) -> Any:
+    """The line of a progress stream with the images, read to the stream's end; each step line goes to `progress`.
+    A server that answers plain JSON (one line) is read the same way."""
+    answer = None
+    for raw in response.iter_lines():
+        if not raw.strip():
+            continue
+        line = json.loads(raw)
+        if isinstance(line, dict) and "step" in line:
+            if progress is not None:
+                progress(line)
+        elif isinstance(line, dict) and "images" not in line and ("error" in line or "message" in line):
+            raise _line_error(line)
+        else:
+            answer = line
+    if answer is None:
+        raise ValueError("the stream ended without the images")
+    return answer
+
+
+def show_step(line: dict[str, Any]) -> None:
+    """A step line as one self-overwriting line on a terminal's stderr."""
+    print(f"\rclient: step {line.get('step')}/{line.get('total')}", end="", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -84,11 +123,20 @@ class Answer:
     subseeds: list[int]
 
 
-def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> Answer:
+def generate(
+    url: str,
+    model: str,
+    fields: dict[str, Any],
+    timeout: float,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Answer:
     """POST `fields` (request fields, init_image already base64) to `{url}/predictions/{model}`; the PNG bytes as the
     server made them, the seed of each, and the server's warnings (none from a server that sends none).
 
-    JSON is asked for even for one image: a PNG answer holds a single image and its seeds only in headers.
+    The answer is asked for as a progress stream (its last line is the JSON answer), each step line passed to
+    `progress`: TorchServe fails a worker, with every request of its batch, that sends it nothing for its
+    responseTimeout, and a step line is something; `timeout` then bounds the wait for each next line, not for the
+    whole. JSON, not a PNG, even for one image: a PNG answer holds a single image and its seeds only in headers.
     Raises `HttpError` when the server refuses, `ClientError` when it cannot be reached or answers with something
     that is not the API's JSON.
     """
@@ -97,12 +145,25 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
         raise ClientError(f"the URL: {problem}")
     endpoint = f"{url.rstrip('/')}/predictions/{model}"
     try:
-        response = requests.post(endpoint, json=fields, headers={"Accept": "application/json"}, timeout=timeout)
-    except requests.Timeout:
-        raise ClientError(
-            f"no answer from {url} within {timeout:g} s; many or large images take longer: raise --timeout"
-        ) from None
-    except requests.ConnectionError as error:
+        with requests.post(endpoint, json=fields, headers={"Accept": NDJSON}, timeout=timeout, stream=True) as response:
+            if not response.ok:
+                raise _http_error(response)
+            try:
+                body = _answer_line(response, progress)
+                images = [base64.b64decode(image, validate=True) for image in body["images"]]
+                seeds = [int(seed) for seed in body["seeds"]]
+                subseeds = [int(subseed) for subseed in body.get("subseeds", [])]
+                warnings = [str(line) for line in body.get("warnings", [])]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ClientError(
+                    f"{endpoint} answered {response.status_code} but not with the inference API's JSON ({error!r}); "
+                    "is --url our TorchServe?"
+                ) from None
+    except (requests.Timeout, requests.ConnectionError) as error:
+        if isinstance(error, requests.Timeout) or _timed_out(error):
+            raise ClientError(
+                f"no answer from {url} within {timeout:g} s; many or large images take longer: raise --timeout"
+            ) from None
         if _never_connected(error):
             raise ClientError(
                 f"cannot reach {url}: the server may not be running (scripts/serve.sh starts it)"
@@ -114,23 +175,15 @@ def generate(url: str, model: str, fields: dict[str, Any], timeout: float) -> An
         raise ClientError(f"the answer from {url} broke off ({error}): the server's log says why") from None
     except requests.RequestException as error:
         raise ClientError(f"cannot send the request to {endpoint}: {error}") from None
-    if not response.ok:
-        raise _http_error(response)
-    try:
-        body = response.json()
-        images = [base64.b64decode(image, validate=True) for image in body["images"]]
-        seeds = [int(seed) for seed in body["seeds"]]
-        subseeds = [int(subseed) for subseed in body.get("subseeds", [])]
-        warnings = [str(line) for line in body.get("warnings", [])]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ClientError(
-            f"{endpoint} answered {response.status_code} but not with the inference API's JSON ({error!r}); "
-            "is --url our TorchServe?"
-        ) from None
     if not images or len(images) != len(seeds) or (subseeds and len(subseeds) != len(images)):
         counts = f"{len(images)} images, {len(seeds)} seeds" + (f" and {len(subseeds)} subseeds" if subseeds else "")
         raise ClientError(f"{endpoint} answered with {counts}")
     return Answer(images, seeds, warnings, subseeds)
+
+
+def _timed_out(error: requests.ConnectionError) -> bool:
+    """Whether a stream's next bytes did not come in time (requests says so as a ConnectionError)."""
+    return any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in error.args)
 
 
 def _never_connected(error: requests.ConnectionError) -> bool:
@@ -289,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         "already there, as txt2img.py does (default: %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=seconds, default=DEFAULT_TIMEOUT, help="seconds to wait for the images (default: %(default)g)"
+        "--timeout",
+        type=seconds,
+        default=DEFAULT_TIMEOUT,
+        help="seconds to wait for the server's next word: its first step, then each next (default: %(default)g)",
     )
     return parser
 
@@ -331,7 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"client: cannot read {option} {path}: {error.strerror or error}", file=sys.stderr)
             return 2
     try:
-        answer = generate(args.url, args.model, fields, args.timeout)
+        answer = generate(args.url, args.model, fields, args.timeout, show_step if sys.stderr.isatty() else None)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # past the step line
         for line in answer.warnings:
             print(f"client: warning: {line}", file=sys.stderr)
         # Numbered once the images are here, so files another run wrote while this one waited keep their numbers.

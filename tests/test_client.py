@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -25,6 +26,15 @@ MODEL = "sd"
 REFUSALS: dict[str, tuple[int, dict[str, Any]]] = {
     "refused": (400, {"error": "H must be a multiple of 8, got 100", "field": "H"}),
     "out of memory": (507, {"error": "out of GPU memory; retry, or ask for fewer or smaller images", "field": ""}),
+}
+# What a stream's last line is for a request with this prompt, after one step line and its 200.
+ERROR_LINES: dict[str, dict[str, Any]] = {
+    "fails mid-way": {
+        "error": "out of GPU memory; retry, or ask for fewer or smaller images",
+        "field": "",
+        "status": 507,
+    },
+    "worker dies": {"code": 500, "type": "InternalServerException", "message": "Worker died."},
 }
 # TorchServe's own answer for a model it does not serve: no `error`, a `message`.
 UNKNOWN_MODEL = (404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: nope"})
@@ -77,7 +87,19 @@ def server() -> Iterator[FakeTorchServe]:
             body = json.loads(raw)
             fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
             status, answer = fake.answer(self.path, body)
-            send_json(self, status, answer)
+            if status != 200 or self.headers["Accept"] != "application/x-ndjson":
+                send_json(self, status, answer)
+                return
+            # As our handler streams: a line per step, then the answer (or an error) as the last line.
+            steps = [{"step": k, "total": 2, "image_index": 0, "image_count": 2} for k in (1, 2)]
+            last = ERROR_LINES.get(body["prompt"], answer)
+            lines = [*steps[: 1 if body["prompt"] in ERROR_LINES else 2], last]
+            data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
     with http_server(Handler) as url:
         fake.url = url
@@ -99,7 +121,7 @@ def test_txt2img_sends_only_the_given_fields_and_writes_the_servers_bytes(
     (request,) = server.requests
     assert request["path"] == f"/predictions/{MODEL}"
     assert request["headers"]["Content-Type"] == "application/json"
-    assert request["headers"]["Accept"] == "application/json"
+    assert request["headers"]["Accept"] == "application/x-ndjson"
     assert request["body"] == {
         "prompt": "a lighthouse", "negative_prompt": "fog", "H": 64, "W": 128, "ddim_steps": 3, "scale": 5.0,
         "eta": 0.5, "seed": 7, "n_samples": 2, "n_iter": 1, "sampler": "ddim", "weighted_subprompts": True,
@@ -210,11 +232,67 @@ def test_a_refusal_prints_the_servers_error_and_exits_1(
 
 
 def test_generate_returns_the_png_bytes_and_seeds_or_raises_the_servers_error(server: FakeTorchServe) -> None:
-    answer = generate(server.url + "/", MODEL, {"prompt": "a lighthouse", "seed": 11}, timeout=5)
+    """The answer is followed as a stream: its step lines go to `progress`, its last line is the answer, or the error
+    it would have been (the handler's with its status, TorchServe's own with its code)."""
+    steps: list[dict[str, Any]] = []
+    answer = generate(server.url + "/", MODEL, {"prompt": "a lighthouse", "seed": 11}, timeout=5, progress=steps.append)
     assert (answer.images, answer.seeds, answer.warnings) == (server.sent, [11, 12], [])
+    assert [(line["step"], line["total"]) for line in steps] == [(1, 2), (2, 2)]
     with pytest.raises(HttpError) as refused:
         generate(server.url, MODEL, {"prompt": "refused"}, timeout=5)
     assert (refused.value.status, refused.value.field) == (400, "H")
+    for prompt, status, error in (
+        ("fails mid-way", 507, "out of GPU memory; retry"),
+        ("worker dies", 500, "Worker died."),
+    ):
+        with pytest.raises(HttpError) as failed:
+            generate(server.url, MODEL, {"prompt": prompt}, timeout=5)
+        assert failed.value.status == status and failed.value.error.startswith(error)
+
+
+def test_a_stream_that_ends_without_its_images_is_a_client_error() -> None:
+    class CutShort(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = b'{"step": 1, "total": 2, "image_index": 0}\n'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    with http_server(CutShort) as url, pytest.raises(ClientError, match="ended without the images"):
+        generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+
+
+def test_the_timeout_bounds_each_next_line_not_the_whole_answer() -> None:
+    """Steps that come every 0.15 s answer within a 0.5 s timeout though the whole takes 0.9 s; a pause of 1 s
+    between two lines is the timeout's error."""
+
+    def slow(pause_after: int) -> type[QuietHandler]:
+        class Slow(QuietHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()
+                image = base64.b64encode(png(3)).decode()
+                last = json.dumps({"images": [image], "seeds": [3], "parameters": {}}).encode() + b"\n"
+                lines = [json.dumps({"step": k, "total": 6, "image_index": 0}).encode() + b"\n" for k in range(1, 7)]
+                self.close_connection = True
+                for k, line in enumerate([*lines, last], start=1):
+                    time.sleep(1.0 if k == pause_after else 0.15)
+                    try:
+                        self.wfile.write(line)
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client has given up
+
+        return Slow
+
+    with http_server(slow(pause_after=0)) as url:
+        assert generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=0.5).seeds == [3]
+    with http_server(slow(pause_after=4)) as url, pytest.raises(ClientError, match=r"no answer from .* within 0.5 s"):
+        generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=0.5)
 
 
 @pytest.fixture
