@@ -21,8 +21,9 @@ Decisions, and why:
   variation strength that is not a number) is forwarded as it is, so that TorchServe's handler names the field at
   fault. The front only refuses what is its own: more than `max_images` images in one request, a seed (or
   variation seed) its split would carry past 2³² − 1 (TorchServe, which sees one iteration at a time, would refuse
-  only a later iteration, after the first had been computed), and the original app's fields that this server
-  cannot honour (`front/original_fields.py`). TorchServe's answers are checked for what the split
+  only a later iteration, after the first had been computed), a PNG answer of several images (TorchServe, asked
+  for a stream, would make them all), and the original app's fields that this server cannot honour
+  (`front/original_fields.py`). TorchServe's answers are checked for what the split
   counts on: an answer without images and a seed for each is a 502, before a later iteration is sent.
 """
 
@@ -94,7 +95,7 @@ class Plan:
             )
 
     def whole(self) -> bytes:
-        """The request as one TorchServe request (a PNG answer holds one image: TorchServe says so if not)."""
+        """The request as one TorchServe request (a PNG answer's: it holds one image, `check_one_image`)."""
         return self.raw if self.fields is None else json.dumps(self.fields).encode()
 
     def iteration(self, first: int | None = None) -> bytes:
