@@ -198,9 +198,10 @@ class StableDiffusionHandler(BaseHandler):
         lines over; its final line is the same.
         """
         device = self.pipeline.model.device
+        if self.device_failed:
+            return {idx: RequestError("", DEVICE_FAILED, 503) for idx, _ in valid}
         try:
-            if not self.device_failed:
-                return self._generate_together(valid)
+            return self._generate_together(valid)
         except Exception as error:
             failure = _failure(error, device) or self._worker_failure(error, f"a batch of {len(valid)} requests")
             if len(valid) == 1:
