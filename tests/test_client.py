@@ -18,7 +18,7 @@ import pytest
 
 from ldm.output_names import write_new
 from ldm.png_info import encode_with_parameters, read_parameters
-from scripts.client import ClientError, HttpError, generate, main
+from scripts.client import ClientError, HttpError, StepLine, generate, main
 from tests.servers import http_server, send_json
 
 MODEL = "sd"
@@ -260,8 +260,39 @@ def test_a_stream_that_ends_without_its_images_is_a_client_error() -> None:
             self.end_headers()
             self.wfile.write(data)
 
-    with http_server(CutShort) as url, pytest.raises(ClientError, match="ended without the images"):
+    with http_server(CutShort) as url, pytest.raises(ClientError, match="ended without the images: the server's log"):
         generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)
+
+
+def test_a_last_line_of_megabytes_is_read_in_linear_time() -> None:
+    """The line with the images holds them all (8 images of 1024x1024 are about 17 MB of base64): requests'
+    `iter_lines` took 74 s of CPU over this 10.7 MB line (2026-11-30); split as it arrives, a tenth of a second."""
+    images = [base64.b64encode(bytes(range(256)) * (4096 * 8)).decode()] * 1
+    answer = json.dumps({"images": images, "seeds": [1], "parameters": {}}).encode() + b"\n"
+    assert len(answer) > 10 << 20
+
+    class Big(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer) + 44))
+            self.end_headers()
+            self.wfile.write(b'{"step": 1, "total": 1, "image_index": 0}\n\n' + answer)
+
+    with http_server(Big) as url:
+        started = time.process_time()
+        assert generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5).images[0] == bytes(range(256)) * (4096 * 8)
+        assert time.process_time() - started < 5
+
+
+def test_the_steps_are_one_line_ended_before_anything_else(capsys: pytest.CaptureFixture[str]) -> None:
+    steps = StepLine()
+    steps.end()
+    for k in (1, 2):
+        steps.show({"step": k, "total": 2})
+    steps.end()
+    steps.end()
+    assert capsys.readouterr().err == "\rclient: step 1/2\rclient: step 2/2\n"
 
 
 def test_the_timeout_bounds_each_next_line_not_the_whole_answer() -> None:
