@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from front.imagine import is_integer, is_number
-from front.upstream import NDJSON, InferenceApi
 
 # A running job's least progress, as A1111 floors it: its ETA is then large at the start, not 0.
 LEAST = 0.01
@@ -148,21 +147,3 @@ class Jobs:
             "current_image": job.preview if with_image else None,
             "textinfo": None,
         }
-
-
-async def followed(api: InferenceApi, body: bytes, job: Job, patient: bool = False) -> dict[str, Any]:
-    """TorchServe's answer to `body`, asked for as a progress stream whose step lines advance `job`; a failure after
-    the stream began is its error line, with the status the answer would have had (`patient`: `InferenceApi.open`'s)."""
-    response = await api.open(body, NDJSON, patient)
-    try:
-        if response.status_code != 200:
-            raise await api.refusal(response)
-        answer: dict[str, Any] = {}
-        async for line in api.progress(response):
-            if "images" in line:
-                answer = line
-            else:
-                job.advance(line)
-        return answer
-    finally:
-        await response.aclose()

@@ -216,7 +216,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
                     break  # the batches done are the answer; a client gone is waiting for none
                 job.request = iteration
                 sent = plan.iteration(results.next(plan) if iteration else None)
-                results.add(await a1111_progress.followed(request.app.state.api, sent, job, iteration > 0), plan)
+                results.add(await request.app.state.api.generated(sent, iteration > 0, job.advance), plan)
         # The answer's info names the VAE and the model's kind from the front's copy of the description, if any yet.
         served = a1111_opts.Served(request.app.state.description.latest or {}, settings.model)
         answer = results.answer(plan)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -35,9 +35,10 @@ BUSY = "ServiceUnavailableException"
 
 
 def line_failure(line: dict[str, Any]) -> FrontError:
-    """A stream's error line as the error its answer would have been: the handler's (its status, message and
-    field), or TorchServe's own (`message`), a 502 when its status is none a failure has."""
-    status = line.get("status")
+    """A stream's error line as the error its answer would have been: the handler's (its `status`, message and
+    field), or TorchServe's own (`code` and `message`: a worker that died), a 502 when its status is none a failure
+    has."""
+    status = line.get("status", line.get("code"))  # the handler's line says `status`, TorchServe's own `code`
     status = status if isinstance(status, int) and 400 <= status < 600 else 502
     message = line.get("error") or line.get("message") or "TorchServe's stream ended in an error it did not name"
     field = line.get("field")
@@ -133,19 +134,24 @@ class InferenceApi:
         finally:
             await response.aclose()
 
-    async def generated(self, body: bytes, patient: bool = False) -> dict[str, Any]:
-        """POST a generation and return its answer, followed through its progress stream with the step lines
-        dropped (`patient`: `open`'s). Why a stream when no one watches it: TorchServe gives up on a worker that
-        sends it nothing for `responseTimeout` (it kills the worker, and every request of its batch with it), and the
-        front gives up on TorchServe after its own timeout; each step line restarts both clocks, so a long
-        generation (many large images, a CPU) is bounded by its slowest step, not by its whole."""
+    async def generated(
+        self, body: bytes, patient: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """POST a generation and return its answer, followed through its progress stream, each step line given to
+        `on_step` (`patient`: `open`'s); a failure after the stream began is its error line, with the status the
+        answer would have had. Why a stream when no one watches it: TorchServe gives up on a worker that sends it
+        nothing for `responseTimeout` (it kills the worker, and every request of its batch with it), and the front
+        gives up on TorchServe after its own timeout; each step line restarts both clocks."""
         response = await self.open(body, NDJSON, patient)
         try:
             if response.status_code != 200:
                 raise await self.refusal(response)
             answer: dict[str, Any] = {}
             async for line in self.progress(response):
-                answer = line  # the last, the one with the images
+                if "images" in line:
+                    answer = line
+                elif on_step is not None:
+                    on_step(line)
             return answer
         finally:
             await response.aclose()
@@ -159,8 +165,12 @@ class InferenceApi:
         return body if isinstance(body, dict) else {}
 
     async def _busy(self, response: httpx.Response) -> bool:
-        """Whether an answer is TorchServe's busy 503 (its queue full, or no worker READY)."""
-        return response.status_code == 503 and (await self._error_body(response)).get("type") == BUSY
+        """Whether an answer is a 503 worth waiting out: TorchServe's busy one (its queue full, or no worker READY), or
+        the handler's own (`{"error"}`: a worker whose GPU failed, which TorchServe is about to replace)."""
+        if response.status_code != 503:
+            return False
+        body = await self._error_body(response)
+        return body.get("type") == BUSY or isinstance(body.get("error"), str)
 
     async def refusal(self, response: httpx.Response) -> FrontError:
         """The error of an answer that is not 200. The handler's `{"error", "field"}` is kept as it is; TorchServe's

@@ -602,7 +602,7 @@ def test_a_hires_fix_at_scale_1_is_one_pass() -> None:
         ([1], 502, "not a JSON object"),
         ({"error": "out of GPU memory", "status": "507"}, 502, "out of GPU memory"),
         ({"error": "fine?", "status": 200}, 502, "fine?"),
-        ({"code": 503, "type": "ServiceUnavailableException", "message": "Model sd has no worker"}, 502, "no worker"),
+        ({"code": 503, "type": "ServiceUnavailableException", "message": "Model sd has no worker"}, 503, "no worker"),
         (None, 502, "ended the progress stream without the images"),
     ],
 )

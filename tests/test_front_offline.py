@@ -371,7 +371,11 @@ def test_torchserves_own_error_line_ends_the_stream_as_the_handlers_would(fake: 
 
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(dying))) as client:
         response = client.post("/imagine/stream", json={"prompt": "a fox", "seed": 1})
-    assert stream_lines(response)[-1] == {"error": "Worker died.", "field": "", "status": 502}
+    assert stream_lines(response)[-1] == {"error": "Worker died.", "field": "", "status": 500}
+    # The same through a JSON answer: TorchServe's status, as when it answered the plain request itself.
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(dying))) as client:
+        response = client.post("/imagine", json={"prompt": "a fox", "seed": 1}, headers={"Accept": "image/png"})
+    assert (response.status_code, response.json()) == (500, {"error": "Worker died.", "field": ""})
 
 
 def test_the_description_the_page_starts_from_is_the_workers(client: TestClient, fake: FakeInference) -> None:
@@ -445,6 +449,17 @@ def test_a_later_batch_torchserve_finds_busy_is_offered_again(monkeypatch: pytes
         response = test_client.post(path, json=body, headers={"Accept": "application/json"})
     said = stream_lines(response)[-1] if path == "/imagine/stream" else response.json()
     assert "Please use scale workers API" in said["error"] and always.count == 2
+
+
+def test_a_later_batch_a_worker_with_a_failed_gpu_refused_is_offered_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler's own 503 (its GPU failed, and TorchServe is about to start a fresh worker) is waited out as
+    TorchServe's busy one is: the batches already made are kept."""
+    monkeypatch.setattr(upstream, "BUSY_FIRST_WAIT", 0.01)
+    failed = {"error": "the GPU failed; this worker restarts: retry in a minute", "field": ""}
+    fake = BusyOnce(busy=1, answer=failed)
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        response = test_client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": 7})
+    assert response.status_code == 200 and response.json() == ["png7", "png8", "png9"] and fake.count == 4
 
 
 @pytest.mark.parametrize("path", ["/imagine", "/sdapi/v1/txt2img"])
