@@ -6,12 +6,16 @@ default), a boolean is not a number, NaN and infinities are not numbers, a float
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image
 
 from handler.errors import RequestError
 from handler.images import decode_images
@@ -447,15 +451,22 @@ def parse_request(
 
 
 def check_defaults(settings: HandlerSettings, model: StableDiffusion) -> None:
-    """The defaults as a request that sends none of its fields gets them, through every check such a request meets.
-    Why: a default that breaks a limit (H above max_side, ddim_steps above max_steps, n_samples×n_iter above
-    max_images) or that the loaded model cannot honour (clip_skip past its CLIP's layers) would have every request
-    that leaves the field out refused, for a field its client never sent: the worker refuses to start instead, before
-    any warm-up."""
+    """The defaults as requests that send none of the fields get them, through every check such a request meets: a
+    txt2img request, one that names DDIM (the only sampler the default η is used with) and an img2img request of the
+    default size (the only kind the default strength is used by). Why: a default that breaks a limit (H above
+    max_side, ddim_steps above max_steps, n_samples×n_iter above max_images, η above max_eta, a strength that leaves
+    no step) or that the loaded model cannot honour (clip_skip past its CLIP's layers) would have every request that
+    leaves the field out refused, for a field its client never sent: the worker refuses to start instead, before any
+    warm-up."""
+    d = settings.defaults
+    blank = io.BytesIO()
+    Image.new("RGB", (d.W, d.H)).save(blank, format="PNG")
+    probes = ({}, {"sampler": "ddim"}, {"init_image": base64.b64encode(blank.getvalue()).decode("ascii")})
+    factor, timesteps = model.config.vae.downsampling_factor, model.config.timesteps
     try:
-        factor, timesteps = model.config.vae.downsampling_factor, model.config.timesteps
-        parsed = parse_request({"prompt": ""}, settings, None, factor, timesteps)
-        check_clip_skip(parsed.generation, model.text_encoder.layers)
+        for probe in probes:
+            parsed = parse_request({"prompt": "", **probe}, settings, None, factor, timesteps)
+            check_clip_skip(parsed.generation, model.text_encoder.layers)
     except (RequestError, GenerationError) as error:
         raise SettingsError(
             f"model-config.yaml handler.defaults.{error.field}: a request that leaves {error.field} out would be "

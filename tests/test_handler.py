@@ -913,6 +913,8 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         ({"defaults": {"scale": 51.0}}, "handler.defaults.scale: a request that leaves scale out would be refused"),
         ({"defaults": {"eta": 0.5}, "limits": {"max_eta": 0.25}}, "eta must be in [0.0, 0.25], got 0.5"),
         ({"defaults": {"strength": 0.0}}, "handler.defaults.strength: a request that leaves strength out would be"),
+        ({"defaults": {"strength": 0.01}}, "strength 0.01 × ddim_steps 50 leaves no denoising step"),
+        ({"defaults": {"sampler": "euler", "eta": 0.5}, "limits": {"max_eta": 0.25}}, "eta must be in [0.0, 0.25]"),
         ({"defaults": {"sampler": "k_euler"}}, "handler.defaults.sampler: a request that leaves sampler out would be"),
         ({"defaults": {"clip_skip": 0}}, "clip_skip must be between 1 and 12, got 0"),
         ({"defaults": {"clip_skip": 4}}, "clip_skip must be in [1, 3] (this model's CLIP layers), got 4"),
