@@ -189,7 +189,9 @@ class StableDiffusionHandler(BaseHandler):
         """Each valid request's outcome, by batch position: all from one shared generation, or, when that fails
         (memory, a rule only the pipeline checks, a fault of the worker's), each request again alone; a request that
         fails alone gets its own error: a 400, a 507, or a 500 whose traceback is in the log. Once the GPU has
-        faulted, every request is a 503 and nothing more is tried (`_worker_failure`).
+        faulted, every request is a 503 and nothing more is tried (`_worker_failure`); when the first request tried
+        alone meets the batch's very fault (its type and message), the fault is taken for one every request meets,
+        and the rest are answered its 500 untried, rather than made to fail once each.
 
         Why alone: a batch packs several requests' images into each UNet call, so it can run out of memory where
         none of its requests would, and one request's error (or one that meets a bug) must not become its
@@ -204,20 +206,25 @@ class StableDiffusionHandler(BaseHandler):
             return self._generate_together(valid)
         except Exception as error:
             failure = _failure(error, device) or self._worker_failure(error, f"a batch of {len(valid)} requests")
+            fault = (type(error), str(error)) if failure.status == 500 else None
             if len(valid) == 1:
                 return {valid[0][0]: failure}
             if not self.device_failed:
                 logger.warning("%s on a batch of %d requests; generating each alone", failure.message, len(valid))
         outcomes: dict[int, Outcome] = {}
-        for idx, item in valid:
+        every_request_meets_it = False
+        for tried, (idx, item) in enumerate(valid):
             if self.device_failed:
                 outcomes[idx] = RequestError("", DEVICE_FAILED, 503)
-                continue
-            try:
-                outcomes.update(self._generate_together([(idx, item)]))
-            except Exception as error:
-                # Met by this request alone: the others keep the images they got.
-                outcomes[idx] = _failure(error, device) or self._worker_failure(error, f"request {idx} alone")
+            elif every_request_meets_it:
+                outcomes[idx] = RequestError("", GENERATION_FAILED, 500)
+            else:
+                try:
+                    outcomes.update(self._generate_together([(idx, item)]))
+                except Exception as error:
+                    # Met by this request alone: the others keep the images they got.
+                    outcomes[idx] = _failure(error, device) or self._worker_failure(error, f"request {idx} alone")
+                    every_request_meets_it = tried == 0 and fault == (type(error), str(error))
         return outcomes
 
     def _worker_failure(self, error: Exception, what: str) -> RequestError:

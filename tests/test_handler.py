@@ -1037,8 +1037,8 @@ def test_a_request_that_meets_a_fault_of_the_workers_fails_alone(
 ) -> None:
     """Not the request's fault, nor memory (a bug met by one request): the batch is generated again request by
     request, the one that meets it answers a 500 JSON (not a 507), and its neighbours get their images and their
-    400s, where TorchServe would have answered them all with its own 503. A fault every request meets is a 500
-    for each."""
+    400s, where TorchServe would have answered them all with its own 503. A fault the first request alone meets again
+    is taken for one every request meets: a 500 for each, without trying each."""
     real = handler.pipeline.generate_many
 
     def broken_on_seed_6(requests: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1055,12 +1055,16 @@ def test_a_request_that_meets_a_fault_of_the_workers_fails_alone(
     png = base64.b64decode(json.loads(responses[0])["images"][0])
     assert np.array_equal(np.asarray(load_image(io.BytesIO(png))), expected_pixels(tiny_split, request)[0])
 
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    calls: list[int] = []
+
+    def broken(requests: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(len(requests))
+        raise RuntimeError("a bug every request meets")
 
     with monkeypatch.context() as patch:
         patch.setattr(handler.pipeline, "generate_many", broken)
-        responses, context = call(handler, [VALID, {**VALID, "seed": 6}])
-    assert context.status == {0: 500, 1: 500}
+        responses, context = call(handler, [VALID, {**VALID, "seed": 6}, {**VALID, "seed": 7}])
+    # The first request alone meets the batch's very fault: the others are answered it untried.
+    assert context.status == {0: 500, 1: 500, 2: 500} and calls == [3, 1]
     (response,), context = call(handler, [VALID])
     assert context.status == {} and json.loads(response)["seeds"] == [5]

@@ -200,8 +200,7 @@ def test_a_batch_streams_only_to_the_requests_that_asked(handler, sent, tiny_spl
         # Whatever failed, the batch's requests are tried again one by one: the stream's steps start over, once.
         (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 507, "out of GPU memory",
          [1, 2, 3, 1, 2, 3]),
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), 500, "generation failed",
-         [1, 2, 3, 1, 2, 3]),
+        (RuntimeError("a bug"), 500, "generation failed", [1, 2, 3, 1, 2, 3]),
     ],
     ids=["out of memory", "any other failure"],
 )  # fmt: skip
