@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Seconds without a line from TorchServe (every generation is followed as a stream): a request's wait in TorchServe's
-# queue and its first step. TorchServe's responseTimeout in model-config.yaml, the longest it waits for a line too.
+# queue and in its batch before its first step, and the decode after its last. TorchServe's responseTimeout in
+# model-config.yaml, the longest it waits for a word from the worker too.
 DEFAULT_TIMEOUT = 900.0
 
 

@@ -1,7 +1,7 @@
 """TorchServe's inference API as the front uses it: one async HTTP client, answers opened as streams.
 
 Why httpx: it is async (a generation holds its connection for minutes; a thread per waiting user would not scale)
-and streams both ways, so a PNG or a progress stream is relayed as its bytes arrive, never buffered whole. Every
+and streams both ways, so a progress stream is relayed line by line as it arrives. Every
 transport failure becomes a `FrontError` with a message a user can act on: TorchServe not accepting connections is
 a 503, no answer within the timeout a 504, a broken answer a 502.
 """
