@@ -458,15 +458,19 @@ def check_defaults(settings: HandlerSettings, model: StableDiffusion) -> None:
     no step) or that the loaded model cannot honour (clip_skip past its CLIP's layers) would have every request that
     leaves the field out refused, for a field its client never sent: the worker refuses to start instead, before any
     warm-up."""
-    d = settings.defaults
-    blank = io.BytesIO()
-    Image.new("RGB", (d.W, d.H)).save(blank, format="PNG")
-    probes = ({}, {"sampler": "ddim"}, {"init_image": base64.b64encode(blank.getvalue()).decode("ascii")})
     factor, timesteps = model.config.vae.downsampling_factor, model.config.timesteps
+
+    def probe(fields: dict[str, Any]) -> None:
+        parsed = parse_request({"prompt": "", **fields}, settings, None, factor, timesteps)
+        check_clip_skip(parsed.generation, model.text_encoder.layers)
+
     try:
-        for probe in probes:
-            parsed = parse_request({"prompt": "", **probe}, settings, None, factor, timesteps)
-            check_clip_skip(parsed.generation, model.text_encoder.layers)
+        probe({})
+        probe({"sampler": "ddim"})
+        # Made once the default size has passed the limits above: an image of any size it names could be huge.
+        blank = io.BytesIO()
+        Image.new("RGB", (settings.defaults.W, settings.defaults.H)).save(blank, format="PNG")
+        probe({"init_image": base64.b64encode(blank.getvalue()).decode("ascii")})
     except (RequestError, GenerationError) as error:
         raise SettingsError(
             f"model-config.yaml handler.defaults.{error.field}: a request that leaves {error.field} out would be "
