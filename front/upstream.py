@@ -113,24 +113,18 @@ class InferenceApi:
         if not finished:
             raise FrontError(502, "TorchServe ended the progress stream without the images")
 
-    async def read_json(self, response: httpx.Response) -> dict:
-        """The whole answer as JSON, the response closed after; one TorchServe cuts short is the front's 502."""
+    async def answer_json(self, body: bytes, patient: bool = False) -> dict:
+        """POST a request body for a JSON answer: the answer, or the refusal raised (`patient`: `open`'s); an answer
+        TorchServe cuts short, or one that is not JSON, is the front's 502."""
+        response = await self.open(body, JSON, patient)
         try:
+            if response.status_code != 200:
+                raise await self.refusal(response)
             return json.loads(await response.aread())
         except httpx.HTTPError as error:
             raise self._failure(error) from None
         except ValueError:
             raise FrontError(502, f"TorchServe at {self.settings.inference_url} answered with no JSON") from None
-        finally:
-            await response.aclose()
-
-    async def answer_json(self, body: bytes, patient: bool = False) -> dict:
-        """POST a request body for a JSON answer: the answer, or the refusal raised (`patient`: `open`'s)."""
-        response = await self.open(body, JSON, patient)
-        try:
-            if response.status_code != 200:
-                raise await self.refusal(response)
-            return await self.read_json(response)
         finally:
             await response.aclose()
 

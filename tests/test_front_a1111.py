@@ -493,11 +493,15 @@ def test_a_refused_value_is_quoted_short(client: TestClient) -> None:
     assert vae.endswith("got an array")
 
 
-def test_a_worker_that_describes_nothing_is_a_502() -> None:
-    silent = httpx.MockTransport(lambda request: httpx.Response(200, json={"images": []}))
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [(httpx.Response(200, json={"images": []}), "no description"), (httpx.Response(200, text="{"), "with no JSON")],
+)
+def test_a_worker_that_describes_nothing_is_a_502(answer: httpx.Response, said: str) -> None:
+    silent = httpx.MockTransport(lambda request: answer)
     with TestClient(create_app(FrontSettings(), silent)) as client:
         response = client.get("/sdapi/v1/samplers")
-    assert response.status_code == 502 and "no description" in response.json()["detail"]
+    assert response.status_code == 502 and said in response.json()["detail"]
 
 
 def test_a_failure_after_the_stream_began_keeps_its_status(client: TestClient) -> None:
