@@ -43,6 +43,11 @@ SMALL = GenerationRequest("a red door, stone wall", height=64, width=64, steps=4
         ("[faded] (x:0.5)", [("faded", 1 / 1.1), (" ", 1.0), ("x", 0.5)]),
         ("sky BREAK sea", [("sky", 1.0), ("BREAK", -1.0), ("sea", 1.0)]),
         ("", [("", 1.0)]),
+        # A square bracket left open divides to the end; BREAK only as a word; an escaped backslash is one, and a
+        # lone backslash nothing (A1111 keeps what follows it).
+        ("a [faded", [("a ", 1.0), ("faded", 1 / 1.1)]),
+        ("BREAKfast, aBREAK", [("BREAKfast, aBREAK", 1.0)]),
+        ("a \\\\ b \\ c", [("a \\ b  c", 1.0)]),
     ],
 )  # fmt: skip
 def test_parse_reads_weights_as_a1111_documents(text: str, runs: list[tuple[str, float]]) -> None:
@@ -92,6 +97,14 @@ def test_long_prompts_are_cut_into_chunks_of_75_moving_words_after_a_near_comma(
     assert [_words(c.ids) for c in chunks(TOKENIZER, "cat BREAK cat cat")] == [[cat], [cat, cat]]
     assert [_words(c.ids) for c in chunks(TOKENIZER, "cat BREAK")] == [[cat]]
     assert [_words(c.ids) for c in chunks(TOKENIZER, "BREAK")] == [[]]
+    # 20 back is near enough, 21 back is not.
+    first, second = chunks(TOKENIZER, "cat " * 55 + ", " + "cat " * 20)
+    assert _words(first.ids) == [cat] * 55 + [comma] and _words(second.ids) == [cat] * 20
+    first, second = chunks(TOKENIZER, "cat " * 54 + ", " + "cat " * 21)
+    assert _words(first.ids) == [cat] * 54 + [comma] + [cat] * 20 and _words(second.ids) == [cat]
+    # A chunk that took words from the one before starts with no comma of its own: full, it is cut at 75.
+    cut = chunks(TOKENIZER, "cat " * 70 + ", " + "cat " * 84)
+    assert [_words(c.ids) for c in cut] == [[cat] * 70 + [comma], [cat] * 75, [cat] * 9]
     # A comma as the 76th token closes the chunk before it and opens the next.
     first, second = chunks(TOKENIZER, "cat " * 75 + ", cat")
     assert _words(first.ids) == [cat] * 75 and _words(second.ids) == [comma, cat]

@@ -40,6 +40,7 @@ REQUEST = GenerationRequest(
         ("test", [(10, "test")]),
         ("a [b:3]", [(3, "a "), (10, "a b")]),
         ("a [b: 3]", [(3, "a "), (10, "a b")]),
+        ("a [b:3 ] [c:d:5\t]", [(3, "a  c"), (5, "a b c"), (10, "a b d")]),
         ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
         ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
         ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
@@ -59,6 +60,9 @@ REQUEST = GenerationRequest(
         ("a | b [c:d:3]", [(10, "a | b [c:d:3]")]),
         ("[a:b:3] \\", [(10, "[a:b:3] \\")]),
         ("[a:b:c:3] [d:e:f] [g:1x] [h:--1]", [(10, "[a:b:c:3] [d:e:f] [g:1x] [h:--1]")]),
+        # A colon in an alternation, a backslash before a line's end: A1111's parser gives up, spaces and all.
+        (" [a|b:c] [d:e:3] ", [(10, " [a|b:c] [d:e:3] ")]),
+        ("[a:b:3] \\\nc", [(10, "[a:b:3] \\\nc")]),
         # An escaped bracket stays escaped (ldm/emphasis.py reads it as the character); emphasis inside an edit.
         ("\\[a:b:3\\] [(c:1.2):d:5]", [(5, "\\[a:b:3\\] (c:1.2)"), (10, "\\[a:b:3\\] d")]),
     ],
