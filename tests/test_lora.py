@@ -18,6 +18,7 @@ from ldm.checkpoint import read_state_dict
 from ldm.config import TEXT_TO_IMAGE_CONFIG, load_config
 from ldm.generation_request import GenerationError, GenerationRequest
 from ldm.lora import (
+    Delta,
     LoraError,
     LoraUse,
     LoraWeights,
@@ -135,6 +136,9 @@ def test_clip_layers_are_keyed_as_kohya_keys_them(model: StableDiffusion) -> Non
         ("<lora:oil:te=0.5>", (LoraUse("oil", 0.5, 0.5),), ""),
         ("<lora:oil:0.8:unet=0.2>", (LoraUse("oil", 0.8, 0.2),), ""),
         ("<lora:oil:0.8:0.4:te=0.1>", (LoraUse("oil", 0.1, 0.4),), ""),
+        # The limit itself is a weight, tags of one name adding up to it too; a name's spaces around it are not its.
+        ("<lora: oil :10> <lora:oil:-10>", (LoraUse("oil", 0.0, 0.0),), " "),
+        ("<lora:a:5> <lora:a:5:-10>", (LoraUse("a", 10.0, -5.0),), " "),
         ("a castle, 3 < 4 > 2", (), "a castle, 3 < 4 > 2"),
     ],
 )
@@ -148,6 +152,8 @@ def test_tags_name_loras_and_are_not_text(prompt: str, uses: tuple[LoraUse, ...]
         ("<lora::1>", "names no LoRA"),
         ("<lora:style:heavy>", "'heavy' is not a number"),
         ("<lora:style:11>", r"must be in \[-10, 10\], got 11"),
+        ("<lora:style:-10.5>", r"must be in \[-10, 10\], got -10.5"),
+        ("<lora:style:1:nan>", r"must be in \[-10, 10\], got nan"),
         ("<lora:style:1:1:1>", "at most two weights"),
         ("<lora:style:1:dyn=8>", "at most two weights"),
         ("a castle, <hypernet:anime:1>", "'<hypernet:anime:1>': hypernet is not available here, only <lora:…>"),
@@ -209,6 +215,29 @@ def test_a_merged_weight_is_the_original_plus_the_scaled_product(model: StableDi
         assert not torch.equal(targets[key].weight, originals[key])
     weights.apply([])
     assert all(torch.equal(targets[key].weight, originals[key]) for key in keys)
+
+
+def test_a_merge_that_fails_midway_puts_back_what_it_changed(
+    model: StableDiffusion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory at the second layer, say: the first layer is put back too, so that no later request runs on
+    half a LoRA, and the merge is tried whole again."""
+    targets = kohya_targets(model)
+    keys = [k for k in targets if k.endswith("attn2_to_k")][:2]
+    lora = parse(tmp_path / "x.safetensors", (0, 0), kohya_lora({k: targets[k] for k in keys}, 3, 1.5, 7), targets)
+    originals = {k: targets[k].weight.detach().clone() for k in keys}
+    value = Delta.value
+
+    def second_fails(delta: Delta, weight: float) -> torch.Tensor:
+        if delta is lora.deltas[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return value(delta, weight)
+
+    monkeypatch.setattr(Delta, "value", second_fails)
+    weights = LoraWeights()
+    with pytest.raises(torch.OutOfMemoryError):
+        weights.apply([(lora, LoraUse("x"))])
+    assert weights.applied == () and all(torch.equal(targets[k].weight, originals[k]) for k in keys)
 
 
 def test_a_lora_stored_in_float8_merges_its_values(model: StableDiffusion, tmp_path: Path) -> None:
@@ -314,6 +343,9 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
     # Number types torch loads that are no weights or scale: refused as the file is read, not when merged.
     integers = {**style, key: style[key].to(torch.int16)}
     complex_alpha = {**style, key.replace("lora_down.weight", "alpha"): torch.ones((), dtype=torch.complex64)}
+    infinite_alpha = {**style, key.replace("lora_down.weight", "alpha"): torch.tensor(float("inf"))}
+    # The right first two sides for a linear layer, and a 3×3 kernel after them.
+    kernel_up = {**style, up: torch.zeros(*style[up].shape, 3, 3)}
     return {
         "wide": (wide, "attn2_to_k does not fit this model's layer of shape"),
         "sdxl": (sdxl, "changes layers this model does not have .*lora_te2_"),
@@ -323,14 +355,21 @@ def _bad_files(lora_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, tup
         "peft": (peft, "not in kohya's format"),
         "integers": (integers, "attn2_to_k holds numbers of type torch.int16, which it cannot read"),
         "complex_alpha": (complex_alpha, "attn2_to_k.alpha must be one finite number"),
+        "infinite_alpha": (infinite_alpha, "attn2_to_k.alpha must be one finite number"),
+        "kernel_up": (kernel_up, "attn2_to_k does not fit"),
+        "empty": ({}, "not in kohya's format"),
         "garbage": (b"\x00not a tensor file", "cannot be read"),
         "malformed": (write_malformed_torch_file, "cannot be read"),
     }
 
 
 @pytest.mark.parametrize(
-    "name", ["wide", "sdxl", "loha", "alphas", "rank0", "peft", "integers", "complex_alpha", "garbage", "malformed"]
-)
+    "name",
+    [
+        "wide", "sdxl", "loha", "alphas", "rank0", "peft", "integers", "complex_alpha", "infinite_alpha", "kernel_up",
+        "empty", "garbage", "malformed",
+    ],
+)  # fmt: skip
 def test_files_it_cannot_use_are_the_prompts_error_naming_why(
     model: StableDiffusion, lora_states: dict[str, dict[str, torch.Tensor]], tmp_path: Path, name: str
 ) -> None:
