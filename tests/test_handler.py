@@ -878,7 +878,17 @@ def test_settings_reject_unknown_keys_and_wrong_types() -> None:
         parse_settings({"handler": {"limits": {"max_steps": "3"}}})
     with pytest.raises(SettingsError, match="preview_every: 0 \\(never\\) or more, got -1"):
         parse_settings({"handler": {"preview_every": -1}})
+    # YAML's true is no number, and 1 no switch.
+    for section, message in (
+        ({"defaults": {"scale": True}}, "handler.defaults.scale: expected float, got True"),
+        ({"limits": {"max_steps": True}}, "handler.limits.max_steps: expected int, got True"),
+        ({"low_memory": 1}, "handler.low_memory: expected bool, got 1"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            parse_settings({"handler": section})
     assert parse_settings({"handler": {"defaults": {"scale": 7}}}).defaults.scale == 7.0
+    assert parse_settings({"handler": {"preview_every": 0}}).preview_every == 0
+    assert parse_settings({"handler": {"limits": {"min_side": 512, "max_side": 512}}}).limits.min_side == 512
     assert parse_settings(None).limits.max_images == 8
     assert parse_settings(None).preview_every == 5
     # A setting that would fail every batch later fails the worker's start now, saying which and why.
@@ -936,6 +946,24 @@ def test_a_default_that_no_request_may_leave_out_stops_the_worker(
     context.model_yaml_config = {"handler": section}
     with pytest.raises(SettingsError, match=re.escape(message)):
         StableDiffusionHandler().initialize(context)
+
+
+@pytest.mark.parametrize(
+    "defaults",
+    [
+        {"H": 2048, "W": 512},
+        {"ddim_steps": 150, "hr_steps": 150},
+        {"n_samples": 2, "n_iter": 4},
+        {"clip_skip": 3},
+        {"scale": 50.0, "eta": 1.0},
+        {"mask_blur": 64},
+    ],
+)
+def test_a_default_at_its_limit_is_one_a_request_may_leave_out(
+    tiny_model: StableDiffusion, defaults: dict[str, Any]
+) -> None:
+    """The limits are inclusive for the defaults as for requests (the tiny model's CLIP has 3 layers)."""
+    check_defaults(parse_settings({"handler": {"defaults": defaults}}), tiny_model)
 
 
 def test_the_shipped_and_the_tests_defaults_are_what_a_request_may_leave_out(tiny_model: StableDiffusion) -> None:
