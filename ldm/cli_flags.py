@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
-from ldm import hires
+from ldm import hires, vae_file
 from ldm.generation_request import IMG2IMG_SAMPLERS, INPAINT_AREAS, MASKED_CONTENTS, SAMPLERS, GenerationRequest
 from ldm.init_images import RESIZE_MODES
 
@@ -304,10 +304,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
     parser.add_argument(
         "--vae",
         type=str,
-        help="a VAE file (.safetensors, .pt or .ckpt in the original layout, such as "
-        "vae-ft-mse-840000-ema-pruned.safetensors) to use instead of the checkpoint's VAE (A1111's --vae-path), or "
-        "'none' for the checkpoint's own; default: NAME.vae.ckpt (or .vae.pt, .vae.safetensors) beside a checkpoint "
-        "file NAME.ckpt or NAME.safetensors if there is one, as A1111 picks it",
+        help=vae_file.FLAG_HELP,
     )
     parser.add_argument(
         "--config",

@@ -26,6 +26,13 @@ from ldm.safe_pickle import UnsafeCheckpointError
 SUFFIXES = (".ckpt", ".pt", ".safetensors")
 # `--vae none`: the checkpoint's own VAE, even with a file beside it (A1111's SD VAE setting "None").
 NONE = "none"
+# The `--vae` flag of every script that reads a checkpoint (`choose` reads it).
+FLAG_HELP = (
+    "a VAE file (.safetensors, .pt or .ckpt in the original layout, such as vae-ft-mse-840000-ema-pruned.safetensors) "
+    "to use instead of the checkpoint's VAE (A1111's --vae-path), or 'none' for the checkpoint's own; default: "
+    "NAME.vae.ckpt (or .vae.pt, .vae.safetensors) beside a checkpoint file NAME.ckpt or NAME.safetensors if there is "
+    "one, as A1111 picks it"
+)
 # A1111's `vae_ignore_keys`, and the prefix of the keys it drops as the training loss's.
 IGNORED_KEYS = frozenset({"model_ema.decay", "model_ema.num_updates"})
 LOSS_PREFIX = "loss"

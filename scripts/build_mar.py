@@ -31,7 +31,7 @@ from ldm.checkpoint import CheckpointError, default_config, files_in
 from ldm.config import ConfigError
 from ldm.parts import DTYPES, write_split
 from ldm.safe_pickle import UnsafeCheckpointError
-from ldm.vae_file import choose
+from ldm.vae_file import FLAG_HELP, choose
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_FORMATS = ("default", "no-archive", "zip-store")
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vae",
-        help="a VAE file in the original layout (vae-ft-mse-840000-ema-pruned.safetensors, say) whose weights replace "
-        "the checkpoint's VAE, or 'none' for the checkpoint's own; default: NAME.vae.ckpt (or .vae.pt, "
-        ".vae.safetensors) beside the checkpoint NAME.ckpt if there is one, as A1111 picks it",
+        help=FLAG_HELP,
     )
     args = parser.parse_args(argv)
     args.export_path.mkdir(parents=True, exist_ok=True)
