@@ -42,12 +42,9 @@ ABSENT: dict[str, Any] = {
 
 
 def _inflated(data: bytes) -> bytes | None:
-    """zlib-compressed chunk text, or None when it is broken or inflates past `MAX_TEXT`."""
-    inflater = zlib.decompressobj()
-    try:
-        text = inflater.decompress(data, MAX_TEXT + 1)
-    except zlib.error:
-        return None
+    """zlib-compressed chunk text, or None when it inflates past `MAX_TEXT` (PIL then refuses the whole image; here
+    the chunk is dropped and the rest still read). Raises zlib.error for data that is not zlib's."""
+    text = zlib.decompressobj().decompress(data, MAX_TEXT + 1)
     return text if len(text) <= MAX_TEXT else None
 
 
@@ -56,24 +53,41 @@ class TooMuchText(ValueError):
 
 
 def _text(kind: bytes, content: bytes) -> tuple[str, str] | None:
-    """One chunk's keyword and text, or None where PIL drops it too: tEXt (Latin-1), zTXt (compressed Latin-1),
-    iTXt (UTF-8, maybe compressed: any flag but 0)."""
+    """One chunk's keyword and text as PIL (13) reads them, or None where PIL drops the chunk. tEXt and zTXt hold
+    Latin-1 under a keyword that is not empty; without a zero byte, all is keyword and the text is empty."""
     key, separator, rest = content.partition(b"\0")
-    if not separator:
+    if kind == b"iTXt":
+        text = _international(rest) if separator else None
+    elif not key:
         return None
-    value: bytes | None = rest
-    if kind == b"zTXt":
-        value = _inflated(rest[1:])
-    elif kind == b"iTXt":
-        compressed, parts = rest[:1] not in (b"", b"\0"), rest[2:].split(b"\0", 2)
-        if len(parts) < 3:  # the language tag and the translated keyword, each ended by a zero byte
-            return None
-        value = _inflated(parts[2]) if compressed else parts[2]
-    if value is None:
+    else:
+        text = _compressed(rest) if kind == b"zTXt" else rest.decode("latin-1")
+    return None if text is None else (key.decode("latin-1"), text)
+
+
+def _compressed(rest: bytes) -> str | None:
+    """A zTXt's text from what follows its keyword: its method byte (0, zlib's) and the data. Data that is no zlib
+    stream is empty text; another method PIL refuses, and the whole image with it: here the chunk is dropped."""
+    if rest[:1] not in (b"", b"\0"):
         return None
     try:
-        return key.decode("latin-1"), value.decode("utf-8" if kind == b"iTXt" else "latin-1")
-    except UnicodeDecodeError:
+        value = _inflated(rest[1:])
+    except zlib.error:
+        return ""
+    return None if value is None else value.decode("latin-1")
+
+
+def _international(rest: bytes) -> str | None:
+    """An iTXt's text from what follows its keyword: its compression flag and method, its language tag and translated
+    keyword (each ended by a zero byte), then UTF-8, compressed under any flag but 0, by method 0 only."""
+    parts = rest[2:].split(b"\0", 2)
+    if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):
+        return None
+    try:
+        value = _inflated(parts[2]) if rest[0] else parts[2]
+        # PIL drops the chunk when any of the three is not UTF-8.
+        return None if value is None else [part.decode("utf-8") for part in (parts[0], parts[1], value)][2]
+    except (zlib.error, UnicodeDecodeError):
         return None
 
 

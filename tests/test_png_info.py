@@ -9,9 +9,13 @@ import itertools
 import json
 import random
 import re
+import signal
+import tracemalloc
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import httpx
 import numpy as np
@@ -52,6 +56,23 @@ def png_with(texts: PngImagePlugin.PngInfo) -> bytes:
     return out.getvalue()
 
 
+def chunk(kind: bytes, content: bytes) -> bytes:
+    """A PNG chunk as written by hand: its length, type, content and CRC."""
+    return len(content).to_bytes(4, "big") + kind + content + zlib.crc32(kind + content).to_bytes(4, "big")
+
+
+def before_iend(png: bytes, *chunks: bytes) -> bytes:
+    """`png` with `chunks` inserted before its IEND chunk (its last 12 bytes)."""
+    return png[:-12] + b"".join(chunks) + png[-12:]
+
+
+def pil_texts(png: bytes) -> dict[str, str]:
+    """The text chunks PIL reads (after the pixels, so the chunks that follow them are read too)."""
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        return dict(image.text)  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def client() -> Iterator[TestClient]:
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(FakeInference()))) as test_client:
@@ -59,28 +80,88 @@ def client() -> Iterator[TestClient]:
 
 
 def test_every_kind_of_text_chunk_is_read_as_pil_reads_it() -> None:
+    """Latin-1 beyond ASCII in tEXt and zTXt (its bytes read as UTF-8 would be other text, or none), UTF-8 in iTXt."""
     texts = PngImagePlugin.PngInfo()
-    texts.add_text("parameters", "a fox\nSteps: 20, Sampler: Euler, Seed: 1")  # tEXt
-    texts.add_text("Comment", "made by hand, " * 40, zip=True)  # zTXt
+    texts.add_text("parameters", "un café\nSteps: 20, Sampler: Euler, Seed: 1")  # tEXt
+    texts.add_text("Comment", "fait à la main, " * 40, zip=True)  # zTXt
     texts.add_itxt("Title", "un renard ✓", lang="fr", tkey="Titre")  # iTXt
     texts.add_itxt("Description", "ça " * 300, zip=True)  # compressed iTXt
     png = png_with(texts)
-    with Image.open(io.BytesIO(png)) as image:
-        image.load()
-        expected = dict(image.text)  # type: ignore[attr-defined]
-    assert len(expected) == 4 and png_texts(png) == expected
+    expected = pil_texts(png)
+    assert len(expected) == 4 and expected["parameters"].startswith("un café") and png_texts(png) == expected
+
+
+@pytest.mark.parametrize(
+    ("chunks", "after_iend", "expected"),
+    [
+        # An iTXt compressed under a flag other than 1: any flag but 0 is compressed, for PIL.
+        ([chunk(b"iTXt", b"k\0\2\0fr\0\0" + zlib.compress("ça".encode()))], [], {"k": "ça"}),
+        # An iTXt whose translated keyword has no zero byte ending it: dropped.
+        ([chunk(b"iTXt", b"k\0\0\0fr\0" + "ça".encode())], [], {}),
+        # A text chunk after IEND: the image has ended, and PIL reads no further.
+        ([], [chunk(b"tEXt", b"late\0after the end")], {}),
+        # No zero byte: a keyword with empty text for tEXt and zTXt, nothing for iTXt.
+        (
+            [chunk(b"tEXt", b"lonely"), chunk(b"zTXt", b"alone"), chunk(b"iTXt", b"solo")],
+            [],
+            {"lonely": "", "alone": ""},
+        ),
+        # A zTXt whose data is no zlib stream is empty text; an empty keyword is dropped, but in an iTXt.
+        (
+            [chunk(b"zTXt", b"k\0\0not zlib"), chunk(b"tEXt", b"\0v"), chunk(b"iTXt", b"\0\0\0\0\0v")],
+            [],
+            {"k": "", "": "v"},
+        ),
+        # An iTXt compressed by a method other than zlib's, one whose data is no zlib stream, one whose language
+        # tag is not UTF-8: dropped.
+        (
+            [
+                chunk(b"iTXt", b"a\0\1\1\0\0" + zlib.compress(b"x")),
+                chunk(b"iTXt", b"b\0\1\0\0\0not zlib"),
+                chunk(b"iTXt", b"c\0\0\0\xff\0\0x"),
+            ],
+            [],
+            {},
+        ),
+    ],
+    ids=[
+        "itxt-flag-2", "itxt-without-translated-keyword", "text-after-iend", "without-zero-byte", "empty-keyword",
+        "itxt-unreadable",
+    ],
+)  # fmt: skip
+def test_odd_text_chunks_are_read_as_pil_reads_them(
+    chunks: list[bytes], after_iend: list[bytes], expected: dict[str, str]
+) -> None:
+    png = before_iend(png_with(PngImagePlugin.PngInfo()), *chunks) + b"".join(after_iend)
+    assert png_texts(png) == pil_texts(png) == expected
 
 
 def test_a_chunk_inflating_past_the_limit_is_dropped_and_what_is_no_png_has_none() -> None:
+    """A zTXt of MAX_TEXT + 1 bytes once inflated (a few kB as sent) is dropped; one of MAX_TEXT bytes, PIL's limit
+    itself, is read, as PIL reads it."""
     texts = PngImagePlugin.PngInfo()
     texts.add_text("parameters", "a fox\nSteps: 20, Sampler: Euler, Seed: 1")
     png = png_with(texts)
-    # A zTXt of MAX_TEXT + 1 bytes once inflated (a few kB as sent), inserted before IEND.
-    content = b"bomb\0\0" + zlib.compress(b"x" * (MAX_TEXT + 1))
-    chunk = len(content).to_bytes(4, "big") + b"zTXt" + content + zlib.crc32(b"zTXt" + content).to_bytes(4, "big")
-    bombed = png[:-12] + chunk + png[-12:]
+    bombed = before_iend(png, chunk(b"zTXt", b"bomb\0\0" + zlib.compress(b"x" * (MAX_TEXT + 1))))
     assert png_texts(bombed) == {"parameters": "a fox\nSteps: 20, Sampler: Euler, Seed: 1"}
+    full = before_iend(png, chunk(b"zTXt", b"full\0\0" + zlib.compress(b"x" * MAX_TEXT)))
+    assert png_texts(full) == pil_texts(full) and png_texts(full)["full"] == "x" * MAX_TEXT
     assert png_texts(b"GIF89a" + png[len(SIGNATURE) :]) == {} and png_texts(b"") == {}
+
+
+def test_a_chunk_is_inflated_no_further_than_the_limit() -> None:
+    """A zTXt that would inflate to 64 MiB (a 64 kB upload) is dropped having inflated little past MAX_TEXT: the
+    front's memory grows by a few MiB for it, not by what the upload would have become."""
+    compressor = zlib.compressobj(9)
+    bomb = b"".join(compressor.compress(bytes(2**20)) for _ in range(64)) + compressor.flush()
+    png = before_iend(png_with(PngImagePlugin.PngInfo()), chunk(b"zTXt", b"bomb\0\0" + bomb))
+    tracemalloc.start()
+    try:
+        texts = png_texts(png)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert texts == {} and peak < 4 * MAX_TEXT, peak
 
 
 def test_an_infotext_is_read_into_a1111s_fields() -> None:
@@ -101,6 +182,9 @@ def test_an_infotext_is_read_into_a1111s_fields() -> None:
          {"Prompt": "a fox", "Negative prompt": "more", "Steps": "2", "Seed": "3", "Sampler": "DDIM"}),
         # A quoted value that is not JSON stays as written.
         ('x\nSteps: 2, Seed: 3, Note: "a \\q b"', {"Prompt": "x", "Steps": "2", "Seed": "3", "Note": '"a \\q b"'}),
+        # A value that begins with a quote but does not end with one (a space follows it) is not unquoted, though
+        # JSON would read it.
+        ('x\nNote: "a" , Steps: 2, Seed: 3', {"Prompt": "x", "Note": '"a" ', "Steps": "2", "Seed": "3"}),
         ("", {"Prompt": ""}),
     ],
 )  # fmt: skip
@@ -138,9 +222,13 @@ def test_an_image_without_an_infotext_answers_an_empty_one(client: TestClient) -
         ({}, "image: send the image as a base64 string"),
         ({"image": 3}, "image: send the image as a base64 string"),
         ({"image": "not base64!"}, "image: is not base64"),
+        # A character outside base64's alphabet, which a lenient decoder would skip to read a PNG signature.
+        ({"image": "iVBOR*w0KGgo="}, "image: is not base64"),
         ({"image": "https://example.com/a.png"}, "image: send the image itself as base64; URLs are not fetched here"),
         ([1], "body: send the request as a JSON object"),
         ({"image": base64.b64encode(b"%PDF-1.7 not an image").decode()}, "image: is not a PNG, JPEG, WebP, GIF, BMP"),
+        # A RIFF file that is no WebP: a WAV sound.
+        ({"image": base64.b64encode(b"RIFF\x24\0\0\0WAVEfmt ").decode()}, "image: is not a PNG, JPEG, WebP, GIF"),
     ],
 )
 def test_a_bad_request_is_a_400_naming_the_field(client: TestClient, body: object, message: str) -> None:
@@ -178,6 +266,32 @@ def test_fields_are_found_as_a1111s_regular_expression_finds_them() -> None:
     for _ in range(20_000):
         line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         assert parameters(line) == PARAMETER.findall(line), line
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raises TimeoutError in the block once `seconds` have passed (SIGALRM: the block is Python, which the signal
+    interrupts between regular-expression calls), so that a test of speed fails rather than hangs."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise TimeoutError(f"not done within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_megabyte_line_of_the_runs_skipped_is_read_at_once() -> None:
+    """The runs `parameters` skips, a megabyte of each before the fields: key characters (a long prompt's words) and
+    whitespace that is no key character (tabs). Each is read in one try, where trying every start in it, as
+    `PARAMETER.findall` does, would take hours."""
+    line = "a fox " * 170_000 + "\t" * 1_000_000 + ", Steps: 20, Seed: 1, Size: 64x64"
+    with deadline(5):
+        assert parameters(line) == [("Steps", "20"), ("Seed", "1"), ("Size", "64x64")]
 
 
 def a1111_runs(sampler: str, schedule: str) -> str:
