@@ -183,11 +183,18 @@ def request_body() -> dict[str, Any]:
 def errors() -> dict[int | str, dict[str, Any]]:
     """The error answers both operations share."""
     content = {"application/json": {"schema": ERROR}}
-    return {
-        400: {"description": "a field breaks a rule; `field` names it", "content": content},
-        503: {"description": "TorchServe is not reachable, or does not serve the model", "content": content},
-        504: {"description": "TorchServe sent nothing within the timeout", "content": content},
+    answers = {
+        400: "a field breaks a rule; `field` names it",
+        413: "the body is larger than TorchServe takes",
+        415: "the body is a form, not JSON",
+        500: "the generation failed (the server log says why), or its worker died",
+        502: "TorchServe's answer was broken or cut short",
+        503: "TorchServe is not reachable, does not serve the model, is busy (its queue full: retry in a few seconds), "
+        "or the worker's GPU failed (it restarts: retry in a minute)",
+        504: "TorchServe sent nothing within the timeout",
+        507: "out of memory (the GPU's, or a CPU worker's): retry, or ask for fewer or smaller images",
     }
+    return {status: {"description": description, "content": content} for status, description in answers.items()}
 
 
 IMAGINE_ANSWERS: dict[int | str, dict[str, Any]] = {

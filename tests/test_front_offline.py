@@ -11,10 +11,12 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
@@ -27,7 +29,8 @@ from front.schema import ImagineRequest
 from front.settings import FrontSettings
 from front.upstream import NDJSON
 from handler.errors import RequestError
-from handler.request import FIELDS, parse_request
+from handler.request import FIELDS, ApiRequest, parse_request
+from handler.settings import HandlerSettings
 from handler.settings import parse_settings as parse_settings_of_handler
 from ldm.generation_request import SAMPLERS
 from ldm.hires import UPSCALERS
@@ -543,6 +546,86 @@ def test_docs_are_served_from_here(client: TestClient) -> None:
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert set(FIELDS) <= set(schema["properties"])  # every field TorchServe's handler reads is documented
     assert set(operation["responses"]["200"]["content"]) == {"image/png", "application/json", "application/x-ndjson"}
+
+
+def shipped_settings() -> HandlerSettings:
+    """The handler's settings as this repository ships them (model-config.yaml)."""
+    return parse_settings_of_handler(yaml.safe_load((Path(__file__).parents[1] / "model-config.yaml").read_text()))
+
+
+@dataclass
+class ParsingInference(FakeInference):
+    """FakeInference behind the handler's own request parser with the shipped settings: what it refuses gets the
+    handler's error answer, what it accepts is kept as parsed. A prompt of "silent" gets no answer in time."""
+
+    parsed: list[ApiRequest] = field(default_factory=list)
+    settings: HandlerSettings = field(default_factory=shipped_settings)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/predictions/sd":
+            if b'"silent"' in request.content:
+                raise httpx.ReadTimeout("no answer", request=request)
+            try:
+                self.parsed.append(parse_request(request.content, self.settings, request.headers["Accept"]))
+            except RequestError as error:
+                return httpx.Response(error.status, json=error.body())
+        return super().__call__(request)
+
+
+def imagine_operation(test_client: TestClient) -> dict[str, Any]:
+    return test_client.get("/openapi.json").json()["paths"]["/imagine"]["post"]
+
+
+# The fields /docs shows without a default: the prompt (required), the seeds (drawn, as their descriptions say), the
+# images (none: txt2img), and ddim_eta (the original app's second name for eta, whose default applies).
+UNDEFAULTED = {"prompt", "seed", "subseed", "init_image", "mask_image", "ddim_eta"}
+# The handler's names for the fields the original app names otherwise.
+GENERATION_NAMES = {"H": "height", "W": "width", "ddim_steps": "steps"}
+
+
+def test_every_default_the_docs_show_is_the_one_the_server_applies() -> None:
+    """The defaults /docs shows for /imagine are written by hand (front/schema.py), apart from those the server
+    applies (model-config.yaml's handler.defaults, and GenerationRequest's); clients read them to know what they
+    need not send. A request of a prompt alone, forwarded by the front and read by the handler's parser as shipped,
+    gets every one of them."""
+    inference = ParsingInference()
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(inference))) as test_client:
+        schema = imagine_operation(test_client)["requestBody"]["content"]["application/json"]["schema"]
+        answer = test_client.post("/imagine", json={"prompt": "a fox"})
+    assert answer.status_code == 200, answer.text
+    [parsed] = inference.parsed
+    documented = {name: value["default"] for name, value in schema["properties"].items() if "default" in value}
+    assert set(schema["properties"]) - set(documented) == UNDEFAULTED
+    # The front's own (it asks TorchServe for a stream either way): an answer that is no progress stream.
+    assert documented.pop("stream") == answer.headers["Content-Type"].startswith(NDJSON)
+    assert documented == {name: getattr(parsed.generation, GENERATION_NAMES.get(name, name)) for name in documented}
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "status", "field_at_fault"),
+    [
+        ("sd", b"", 400, "body"),  # the request body /docs marks as required
+        ("sd", b'{"prompt": "a fox", "H": 100}', 400, "H"),
+        ("sd", b"prompt=a+fox", 415, "body"),  # a form, as `curl -d` sends it
+        ("nope", b'{"prompt": "a fox"}', 503, ""),  # a model TorchServe does not serve
+        ("sd", b'{"prompt": "silent"}', 504, ""),
+    ],
+)
+def test_the_errors_the_docs_show_are_the_answers_given(
+    model: str, body: bytes, status: int, field_at_fault: str
+) -> None:
+    """Each error /docs lists for /imagine, as the front answers it: under that status, with the keys its documented
+    schema has (`field` naming the field at fault, which clients show beside it); a request without a body is one,
+    as /docs says in marking the body required."""
+    with TestClient(create_app(FrontSettings(model=model), httpx.MockTransport(ParsingInference()))) as test_client:
+        operation = imagine_operation(test_client)
+        form = status == 415
+        content_type = "application/x-www-form-urlencoded" if form else "application/json"
+        response = test_client.post("/imagine", content=body, headers={"Content-Type": content_type})
+    assert operation["requestBody"]["required"] is True
+    assert response.status_code == status and str(status) in operation["responses"], response.text
+    documented = operation["responses"][str(status)]["content"]["application/json"]["schema"]["properties"]
+    assert set(response.json()) == set(documented) and response.json()["field"] == field_at_fault
 
 
 class PageParts(HTMLParser):
