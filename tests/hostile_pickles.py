@@ -1,9 +1,10 @@
-"""Objects whose unpickling would run code: what a malicious `.ckpt` carries, for the tests that refuse one; and a
-torch file that is malformed past torch's own checks, for the tests that must read it as unreadable."""
+"""Objects and pickles whose unpickling would run code: what a malicious `.ckpt` carries, for the tests that refuse
+one; and torch files malformed past torch's own checks, for the tests that must read them as unreadable."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,45 @@ def write_torchscript_archive(path: Path, words: str) -> Path:
     return path
 
 
-def write_malformed_torch_file(path: Path) -> Path:
-    """A torch zip archive whose pickle names a storage by a 2-tuple: torch's reader fails with a ValueError (not an
-    error of its own), as for a download cut or damaged in a way its zip checks miss."""
+class _SavesWithTorch:
+    """Pickles as a call of torch.save that writes `marker` (see `torch_save_call`)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch.save, ("pwned", str(self.marker)))
+
+
+def torch_save_call(marker: Path) -> bytes:
+    """A pickle that calls torch.save to write `marker`, naming the function as torch exports it, `torch.save` (where
+    torch's pickler writes `torch.serialization.save`; a hostile file may name any global it likes): a file of the
+    pickle's choosing written, if it runs."""
+    pickled = pickle.dumps(_SavesWithTorch(marker), protocol=2)
+    assert pickled.count(b"ctorch.serialization\nsave\n") == 1
+    return pickled.replace(b"ctorch.serialization\nsave\n", b"ctorch\nsave\n")
+
+
+# A pickle that calls an allowed constructor with an argument it refuses, OrderedDict(1): a TypeError, as a damaged
+# or crafted file makes a reader raise.
+REFUSED_ARGUMENT = b"\x80\x02ccollections\nOrderedDict\nK\x01\x85R."
+# A pickle that names a storage by a 2-tuple: torch's reader fails with a ValueError (not an error of its own).
+SHORT_STORAGE = b"\x80\x02(X\x07\x00\x00\x00storageK\x01K\x02tQ."
+
+
+def write_torch_file_with_pickle(path: Path, pickled: bytes) -> Path:
+    """A torch zip archive (as torch.save writes one, its zip checks passed) whose pickle is `pickled`."""
     torch.save({"x": torch.zeros(1)}, path)
     with zipfile.ZipFile(path) as archive:
         members = {item.filename: archive.read(item) for item in archive.infolist()}
-    pickled = next(name for name in members if name.endswith("/data.pkl"))
-    members[pickled] = b"\x80\x02(X\x07\x00\x00\x00storageK\x01K\x02tQ."
+    members[next(name for name in members if name.endswith("/data.pkl"))] = pickled
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     return path
+
+
+def write_malformed_torch_file(path: Path) -> Path:
+    """A torch zip archive whose pickle names a storage by a 2-tuple: torch's reader fails with a ValueError (not an
+    error of its own), as for a download cut or damaged in a way its zip checks miss."""
+    return write_torch_file_with_pickle(path, SHORT_STORAGE)

@@ -19,7 +19,15 @@ from ldm.generation_request import GenerationRequest
 from ldm.parts import load_checkpoint
 from ldm.pipeline import Pipeline
 from ldm.safe_pickle import UnsafeCheckpointError
-from tests.hostile_pickles import ClaimsMemory, RunsCode, write_torchscript_archive
+from tests.hostile_pickles import (
+    REFUSED_ARGUMENT,
+    SHORT_STORAGE,
+    ClaimsMemory,
+    RunsCode,
+    torch_save_call,
+    write_torch_file_with_pickle,
+    write_torchscript_archive,
+)
 from tests.reference import TINY_CONFIG, TINY_SAFETENSORS
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -190,6 +198,28 @@ def test_a_pickle_that_calls_the_untyped_storage_it_may_name_is_refused(state: d
     path = tmp_path / "terabyte.ckpt"
     torch.save({"state_dict": state, "x": ClaimsMemory()}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"would call torch\.storage\.UntypedStorage"):
+        read_state_dict(path)
+
+
+def test_a_pickle_naming_a_torch_function_as_torch_exports_it_is_refused(tmp_path: Path) -> None:
+    """By the name torch exports them under (`torch.float16`), only dtypes resolve, as torch saves a tensor's type;
+    any other global there (`torch.save`, which writes a file where the pickle says) stays an inert reference, whose
+    call is refused before it writes anything."""
+    marker = tmp_path / "pwned"
+    path = write_torch_file_with_pickle(tmp_path / "evil.ckpt", torch_save_call(marker))
+    with pytest.raises(UnsafeCheckpointError, match=r"would call torch\.save,"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("pickled", "error"), [(SHORT_STORAGE, "ValueError"), (REFUSED_ARGUMENT, "TypeError")], ids=["storage", "argument"]
+)
+def test_a_damaged_torch_file_is_an_unreadable_checkpoint(tmp_path: Path, pickled: bytes, error: str) -> None:
+    """What torch's reader trips on in a damaged file, whatever error it raises, is the file's: a CheckpointError
+    naming it, which a server reports as a bad checkpoint, not a crash of its own."""
+    path = write_torch_file_with_pickle(tmp_path / "damaged.ckpt", pickled)
+    with pytest.raises(CheckpointError, match=rf"damaged\.ckpt: not a readable torch checkpoint \({error}: "):
         read_state_dict(path)
 
 
