@@ -22,15 +22,28 @@ REQUEST = GenerationRequest("a lighthouse", seed=40, height=64, width=64, steps=
                             subseed_strength=0.3)  # fmt: skip
 
 
-def a1111_slerp(value: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """A1111 1.6's `slerp` on one image's (C, h, w) noise, in float64: unit vectors along axis 1, the angle between
-    them, then sin((1 − v)ω)/sin ω of the one plus sin(vω)/sin ω of the other."""
+def cosine(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The cosine between each (channel, column) vector along axis 1 of one (C, h, w) noise and the same of another."""
     low_unit = low / np.linalg.norm(low, axis=1, keepdims=True)
     high_unit = high / np.linalg.norm(high, axis=1, keepdims=True)
-    omega = np.arccos((low_unit * high_unit).sum(1))
+    return (low_unit * high_unit).sum(1)
+
+
+def spherical(value: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The spherical interpolation of (C, h, w) noise along axis 1, in float64: the angle between the vectors, then
+    sin((1 − v)ω)/sin ω of the one plus sin(vω)/sin ω of the other."""
+    omega = np.arccos(cosine(low, high))
     start = np.sin((1 - value) * omega) / np.sin(omega)
     end = np.sin(value * omega) / np.sin(omega)
     return start[:, None] * low + end[:, None] * high
+
+
+def a1111_slerp(value: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """A1111 1.6's `slerp` on one image's (C, h, w) noise, in float64: `spherical`, but where the mean cosine of the
+    vectors is above 0.9995 a straight mix, which A1111 writes as v of the one plus 1 − v of the other."""
+    if cosine(low, high).mean() > 0.9995:
+        return low * value + high * (1 - value)
+    return spherical(value, low, high)
 
 
 def noise_of(seed: int) -> torch.Tensor:
@@ -48,6 +61,52 @@ def test_slerp_is_a1111s_along_axis_1(strength: float) -> None:
     assert np.abs(flat.reshape(low.shape) - expected).max() > 1e-3
     # Equal noises need no angle: the interpolation is the noise itself.
     torch.testing.assert_close(slerp(strength, low, low), low)
+
+
+def nearly(noise: np.ndarray, cosines: np.ndarray) -> np.ndarray:
+    """`noise` with each (channel, column) vector along axis 1 turned, at its norm, toward a random direction until
+    its cosine with the vector it was is the one `cosines` (C, w) gives it."""
+    other = np.random.default_rng(5).standard_normal(noise.shape)
+    unit = noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    across = other - (other * unit).sum(1, keepdims=True) * unit
+    across /= np.linalg.norm(across, axis=1, keepdims=True)
+    turned = cosines[:, None] * unit + np.sqrt(1 - cosines[:, None] ** 2) * across
+    return turned * np.linalg.norm(noise, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "cosines",
+    [np.full((4, 64), 0.99), np.where(np.arange(4 * 64).reshape(4, 64) == 0, 0.9, 1.0)],
+    ids=["each at 0.99", "one at 0.9, the rest equal"],
+)
+def test_which_noises_a1111_mixes_straight(cosines: np.ndarray) -> None:
+    """A1111 mixes straight where the mean cosine of the vectors is above 0.9995, and only there: near noises at 0.99
+    are interpolated on the sphere; noises equal but for one vector at 0.9 (a mean of 0.9996) are mixed straight,
+    that vector too. At strength 0.5 A1111's straight mix, which weighs the two the other way round, is ours."""
+    low = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(3)).double().numpy()
+    high = nearly(low, cosines)
+    ours = slerp(0.5, torch.from_numpy(low).float(), torch.from_numpy(high).float())
+    np.testing.assert_allclose(ours.numpy(), a1111_slerp(0.5, low, high), rtol=1e-4, atol=1e-5)
+    # On the vectors turned apart, the two ways differ by far more than the rounding checked to.
+    apart = [noise.transpose(0, 2, 1)[cosines < 1][..., None] for noise in (low, high)]
+    assert np.abs(spherical(0.5, *apart) - (apart[0] + apart[1]) / 2).max() > 1e-3
+
+
+def test_strength_0_and_1_are_the_two_noises_however_near() -> None:
+    """Noises too near for the angle's sine (mean cosine above 0.9995) are mixed straight, which is the
+    interpolation but for a part in ω²/6 (ω the small angle): the seed's noise at strength 0, the variation seed's
+    at 1, and the spherical formula in between. (A1111's straight mix weighs them the other way round, the
+    variation seed's noise at 0; it runs it in practice only for a variation seed whose noise is the seed's, where
+    the two ways agree.)"""
+    low = noise_of(3)[0].double().numpy()
+    high = nearly(low, np.full((4, 8), 0.9999))
+    mixed = {
+        strength: slerp(strength, torch.from_numpy(low).float(), torch.from_numpy(high).float()).numpy()
+        for strength in (0.0, 0.2, 1.0)
+    }
+    np.testing.assert_allclose(mixed[0.0], low, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed[1.0], high, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed[0.2], spherical(0.2, low, high), rtol=1e-4, atol=1e-4)
 
 
 def test_every_image_keeps_the_seed_and_takes_the_next_variation_seed(pipeline: Pipeline) -> None:
