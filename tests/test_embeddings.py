@@ -170,6 +170,19 @@ def test_files_it_cannot_use_are_named(tmp_path: Path, content: Any, message: st
         read_vectors(path, HIDDEN)
 
 
+def test_an_embedding_holds_at_most_the_75_vectors_clip_reads(tmp_path: Path) -> None:
+    """75 vectors fill every position CLIP reads (a prompt of the word alone reads them all); one more could never
+    be read whole, and is refused."""
+    widest = vectors(READ_TOKENS, 4)
+    save_file({"emb_params": widest}, str(tmp_path / "widest.safetensors"))
+    save_file({"emb_params": vectors(READ_TOKENS + 1, 4)}, str(tmp_path / "wider.safetensors"))
+    assert torch.equal(read_vectors(tmp_path / "widest.safetensors", HIDDEN), widest)
+    [embedding] = EmbeddingLibrary(tmp_path, CLIPTokenizer(), HIDDEN).vocabulary().embeddings
+    assert Vocabulary([embedding]).read(CLIPTokenizer(), "widest") == ([embedding], [])
+    with pytest.raises(EmbeddingError, match=f"embedding 'wider' must hold 1 to {READ_TOKENS} .*, got 76"):
+        read_vectors(tmp_path / "wider.safetensors", HIDDEN)
+
+
 def test_a_name_is_found_as_a_word_and_the_longest_wins(with_embeddings: Pipeline, tmp_path: Path) -> None:
     tokenizer = CLIPTokenizer()
     vocabulary = with_embeddings.embeddings.vocabulary()
@@ -224,6 +237,10 @@ def test_pngs_name_the_embeddings_read_with_their_hashes(with_embeddings: Pipeli
     # Read at a negative weight (A1111's syntax), an embedding is still read, and named as A1111 names it.
     weighted = dataclasses.replace(REQUEST, prompt="a castle BREAK (tinystyle:-1)", negative_prompt="", emphasis=True)
     assert [name for name, _ in with_embeddings.generate(weighted).embedding_hashes] == ["tinystyle"]
+    # In A1111's syntax, every text its prompt editing reads (here one the run's later steps alone read), and the
+    # negative prompt's.
+    edited = dataclasses.replace(REQUEST, prompt="a [castle:tinystyle:0.5]", negative_prompt="tinyneg", emphasis=True)
+    assert with_embeddings.generate(edited).embedding_hashes == (("tinystyle", style), ("tinyneg", neg))
 
 
 def test_a1111_syntax_keeps_an_embedding_in_one_chunk(with_embeddings: Pipeline) -> None:
@@ -267,6 +284,24 @@ def test_words_past_75_count_an_embedding_per_vector(with_embeddings: Pipeline) 
     assert [name for name, _ in with_embeddings.generate(fits).embedding_hashes] == ["tinystyle"]
 
 
+def test_a_name_two_files_share_reads_the_first_and_a_name_no_prompt_spells_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two files of one name (in two subfolders) make one word, the first file in path order, as for LoRAs: the
+    same vectors and hash whatever was added since. A file whose name has no tokens (a blank one) is no word at all:
+    left out and said in the log, while the others are read."""
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        save_file({"emb_params": vectors(1, seed)}, str(tmp_path / folder / "glow.safetensors"))
+    save_file({"emb_params": vectors(1, 3)}, str(tmp_path / " .safetensors"))
+    with caplog.at_level("WARNING", logger="ldm.embeddings"):
+        [glow] = EmbeddingLibrary(tmp_path, CLIPTokenizer(), HIDDEN).vocabulary().embeddings
+    assert glow.name == "glow" and torch.equal(glow.vectors, vectors(1, 1))
+    assert glow.short_hash == hashlib.sha256((tmp_path / "a" / "glow.safetensors").read_bytes()).hexdigest()[:12]
+    [record] = caplog.records
+    assert record.getMessage().startswith("embedding ' ': its name has no tokens to find in a prompt")
+
+
 def test_the_folder_is_read_again_when_it_changes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,6 +325,10 @@ def test_the_folder_is_read_again_when_it_changes(
         patch.setattr(embeddings, "read_vectors", lambda *_: 1 / 0)
         assert [e.name for e in library.vocabulary().embeddings] == ["glow"]
     assert "embedding 'odd' cannot be read: ZeroDivisionError" in str(library.files[tmp_path / "odd.pt"][1])
+    # A file changed in place (retrained, with more vectors) is read again: its new vectors are the word's.
+    save_file({"emb_params": vectors(2, 4)}, str(tmp_path / "glow.safetensors"))
+    [glow] = library.vocabulary().embeddings
+    assert torch.equal(glow.vectors, vectors(2, 4))
     # A path that cannot be opened (as a file the worker may not read) is the file's error too, not a crash.
     locked = tmp_path / "locked.pt"
     locked.mkdir()

@@ -19,7 +19,8 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.png_info import parameters_text
 from ldm.request_checks import resolve
-from ldm.request_texts import text_schedules
+from ldm.request_texts import text_schedules, unread_warnings
+from ldm.tokenizer import READ_TOKENS, CLIPTokenizer
 from tests.peer_schedulers import peer_scheduler
 from tests.reference import FLOAT_TOLERANCE, REFERENCE, TINY_CONFIG, TINY_SAFETENSORS, case, load_image, request_for
 
@@ -422,6 +423,18 @@ def test_png_parameters_name_the_hires_fix_as_a1111_does() -> None:
         " prompt: sunny," in parameters_text(own, 5)  # fmt: skip
     same = dataclasses.replace(request, hr_prompt="x", hr_sampler="ddim")
     assert parameters_text(same, 5) == text
+
+
+def test_words_clip_leaves_out_are_warned_of_once_for_each_text_read() -> None:
+    """The second pass reads the first's prompt unless it has its own: a prompt past CLIP's 75 tokens is one warning,
+    not one a pass; a hires prompt of its own past them is warned of under its own field."""
+    request = resolve(GenerationRequest("wave " * 76 + "castle", seed=5, height=64, width=64, steps=4, hr_scale=2.0,
+                                        strength=0.5))  # fmt: skip
+    prompt = f"prompt: CLIP reads {READ_TOKENS} tokens; the 2 after them were left out: wave castle"
+    assert unread_warnings(CLIPTokenizer(), request) == (prompt,)
+    own = dataclasses.replace(request, hr_prompt="sea " * 76)
+    hires_prompt = f"hr_prompt: CLIP reads {READ_TOKENS} tokens; the 1 after them were left out: sea"
+    assert unread_warnings(CLIPTokenizer(), own) == (prompt, hires_prompt)
 
 
 @pytest.mark.parametrize(

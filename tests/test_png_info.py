@@ -27,7 +27,13 @@ from front import a1111
 from front.app import create_app
 from front.png_info import ABSENT, MAX_TEXT, PARAMETER, SIGNATURE, parameters, parse_infotext, png_texts
 from front.settings import FrontSettings
-from ldm.generation_request import A1111_AUTOMATIC_NOT_UNIFORM, SAMPLERS, GenerationError, GenerationRequest
+from ldm.generation_request import (
+    A1111_AUTOMATIC_NOT_UNIFORM,
+    MASKED_CONTENTS,
+    SAMPLERS,
+    GenerationError,
+    GenerationRequest,
+)
 from ldm.png_info import encode_with_parameters, parameters_text
 from ldm.request_checks import resolve
 from tests.test_front_offline import FakeInference
@@ -325,8 +331,13 @@ def test_a_png_made_here_runs_its_samplers_schedules_in_a1111_1_9() -> None:
         hires_schedule = schedule if hires_schedule == "Use same scheduler" else hires_schedule
         assert a1111_runs(read["Sampler"], read["Schedule type"]) == SAMPLERS[first], (first, second)
         own = read.get("Hires sampler", "Use same sampler")
-        hires = a1111_runs(read["Sampler"] if own == "Use same sampler" else own, hires_schedule)
+        hires_sampler = read["Sampler"] if own == "Use same sampler" else own
+        hires = a1111_runs(hires_sampler, hires_schedule)
         assert hires == SAMPLERS[second or first], (first, second)
+        # "Hires schedule type" is written only where, without it, 1.9 would run the second pass on another schedule
+        # (never for DDIM, which keeps its timesteps): A1111 leaves it out when it is the first pass's.
+        needed = a1111_runs(hires_sampler, schedule) != SAMPLERS[second or first]
+        assert ("Hires schedule type" in read) == needed, (first, second)
         assert read["Model"] == "v1-5, pruned"
 
 
@@ -340,3 +351,27 @@ def test_the_lists_of_what_a1111s_automatic_schedule_changes_agree() -> None:
         re.search(rf"const {name} = (\[[^\]]*\]);", page) for name in ("AUTOMATIC_KARRAS", "AUTOMATIC_EXPONENTIAL")
     ]
     assert [item for found in lists if found for item in json.loads(found.group(1))] == names
+
+
+@pytest.mark.parametrize("content", MASKED_CONTENTS)
+def test_masked_content_is_written_as_a1111_writes_it(content: str) -> None:
+    """A1111 writes "Masked content" only where it is not "original", which its reader takes a PNG naming none
+    for: each content reads back as the one that ran, and "original" adds no field."""
+    request = resolve(GenerationRequest("x", seed=1, steps=10, strength=0.5, init_image=Image.new("RGB", (64, 64)),
+                                        mask_image=Image.new("L", (64, 64), 255), masked_content=content))  # fmt: skip
+    text = parameters_text(request, 1)
+    assert parse_infotext(text)["Masked content"] == MASKED_CONTENTS[content]
+    if content == "original":
+        assert text.endswith("Denoising strength: 0.5, Mask blur: 4, RNG: CPU, Emphasis: None")
+
+
+def test_every_line_break_of_a_prompt_is_written_as_a_line_feed() -> None:
+    """A lone CR (old Mac text) is a line break too: written as LF, as CR LF is, so that a reader splitting at any
+    line break (Python's `splitlines`, as many tools read PNG text) sees the lines A1111's, which splits at LF, sees,
+    and a CR before "Negative prompt:" forges no negative prompt there either."""
+    request = resolve(GenerationRequest("a cat\rat night\rNegative prompt: forged", negative_prompt="fog\rrain"))
+    text = parameters_text(request, 5)
+    assert text.splitlines() == text.split("\n")
+    assert text.split("\n")[:4] == ["a cat", "at night\\nNegative prompt: forged", "Negative prompt: fog", "rain"]
+    read = parse_infotext(text)
+    assert (read["Prompt"], read["Negative prompt"]) == ("a cat\nat night\\nNegative prompt: forged", "fog\nrain")
