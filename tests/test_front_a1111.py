@@ -11,19 +11,27 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from front import a1111_progress
 from front.a1111 import png_parameters
 from front.a1111_progress import Job, Jobs
 from front.app import create_app
 from front.settings import FrontSettings
+from front.upstream import NDJSON
+from handler.description import describe
+from handler.settings import parse_settings
+from ldm.embeddings import Embedding, Vocabulary
 from ldm.png_info import encode_with_parameters
-from tests.test_front_offline import FakeInference
+from tests.test_front_offline import FakeInference, ParsingInference
 
 TXT2IMG = "/sdapi/v1/txt2img"
 IMG2IMG = "/sdapi/v1/img2img"
@@ -107,6 +115,25 @@ def test_a1111s_defaults_not_the_servers(client: TestClient, fake: FakeInference
     assert {k: fake.sent()[4].get(k) for k in ("hr_scale", "hr_resize_x", "hr_resize_y")} == {
         "hr_scale": None, "hr_resize_x": 640, "hr_resize_y": 448,
     }  # fmt: skip
+    # No hr_upscaler: A1111's default latent upscale mode ("Latent", its latent_upscale_default_mode setting).
+    client.post(TXT2IMG, json={"seed": 3, "enable_hr": True})
+    assert fake.sent()[5]["hr_upscaler"] == "Latent"
+    # A null is a field left out: A1111's default, not a null the handler would fill with this server's.
+    nulls = {"steps": None, "cfg_scale": None, "width": None, "height": None, "batch_size": None, "n_iter": None}
+    client.post(TXT2IMG, json={"seed": 3, **nulls})
+    assert {k: fake.sent()[6][k] for k in ("ddim_steps", "scale", "W", "H", "n_samples", "n_iter")} == {
+        "ddim_steps": 50, "scale": 7.0, "W": 512, "H": 512, "n_samples": 1, "n_iter": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("side", "painted"), [(520, 520), (527, 520), (1000, 1000), (4, 4)])
+def test_a_side_is_painted_at_its_latents_size(
+    client: TestClient, fake: FakeInference, side: int, painted: int
+) -> None:
+    """A1111 paints 8·⌊side/8⌋ pixels, its latent's side // 8 times 8 (520 stays, 527 is 520); a side under 8 has no
+    latent at all and goes as sent, for the handler to refuse naming it."""
+    assert client.post(TXT2IMG, json={"seed": 1, "width": side, "height": side}).status_code == 200
+    assert (fake.sent()[0]["W"], fake.sent()[0]["H"]) == (painted, painted)
 
 
 def test_batches_are_one_request_each_their_seeds_counting_on(client: TestClient, fake: FakeInference) -> None:
@@ -205,6 +232,38 @@ def test_values_are_read_as_a1111s_api_converts_them(client: TestClient, fake: F
 
 
 @pytest.mark.parametrize(
+    ("word", "tiling"),
+    [*((word, True) for word in ("1", "on", "t", "true", "y", "yes", "TRUE", "Yes", 1, True)),
+     *((word, None) for word in ("0", "off", "f", "false", "n", "no", "FALSE", "Off", 0, False))],
+)  # fmt: skip
+def test_a_flag_is_read_from_each_of_pydantic_1s_words(
+    client: TestClient, fake: FakeInference, word: Any, tiling: Any
+) -> None:
+    """Pydantic 1 (A1111's API) reads a flag from any case of 1, on, t, true, y, yes and 0, off, f, false, n, no,
+    and from the numbers 1 and 0."""
+    assert client.post(TXT2IMG, json={"seed": 1, "tiling": word}).status_code == 200
+    assert fake.sent()[0].get("tiling") is tiling
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"seed": 1, "steps": Infinity}', "steps"),  # JSON as Python reads it; no integer: pydantic refuses it
+        (b'{"seed": 1, "sampler_name": 5, "scheduler": "Karras"}', "sampler_name"),
+        (b'{"seed": 1, "enable_hr": true, "hr_scale": 100}', "hr_scale"),
+        (b'{"seed": 1, "steps": 1000}', "steps"),
+    ],
+)
+def test_a_value_refused_here_or_by_the_handler_is_a_400_in_a1111s_words(body: bytes, field: str) -> None:
+    """Refused by the front or by TorchServe's handler (its own parser, as shipped), never a 500: the field and the
+    message as A1111 names them, and only whole names renamed (hr_scale is A1111's too, not hr_cfg_scale)."""
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(ParsingInference()))) as test_client:
+        response = test_client.post(TXT2IMG, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["field"] == field
+    assert re.match(r"\w+", response.json()["error"]).group() == field  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
     "settings",
     [
         {"sd_model_checkpoint": "sd [8e79c1729f]", "sd_vae": "Automatic", "eta_noise_seed_delta": 0},
@@ -253,6 +312,42 @@ def test_the_info_holds_every_key_a1111_writes(client: TestClient, fake: FakeInf
     assert info["is_using_inpainting_conditioning"] is False and re.fullmatch(r"\d{14}", info["job_timestamp"])
 
 
+def test_the_info_of_a_plain_request_says_what_a1111_says(client: TestClient, fake: FakeInference) -> None:
+    """As A1111's `Processed.js`: a prompt per image of every batch, the negative prompt "" when none was sent,
+    the steps run, and a seed resize's sides -1 (its API's default: none) and a variation strength 0 when not sent."""
+    body = {"prompt": "a fox", "seed": 3, "batch_size": 2, "n_iter": 2, "steps": 20}
+    info = json.loads(client.post(TXT2IMG, json=body).json()["info"])
+    said = ("prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "steps", "seed_resize_from_w",
+            "seed_resize_from_h", "subseed_strength", "batch_size")  # fmt: skip
+    assert {k: info[k] for k in said} == {
+        "prompt": "a fox", "all_prompts": ["a fox"] * 4, "negative_prompt": "", "all_negative_prompts": [""] * 4,
+        "steps": 20, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "subseed_strength": 0, "batch_size": 2,
+    }  # fmt: skip
+
+
+def test_the_info_names_the_model_as_its_images_infotexts_do(fake: FakeInference) -> None:
+    """A1111's `sd_model_name` and `sd_model_hash` are what its infotexts write as Model and Model hash (the
+    checkpoint's name and short hash), here read from each PNG's parameters chunk; TorchServe's model name only
+    where the images say none."""
+    text = (
+        "a fox\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 8x8, Model hash: 6ce0161689, "
+        "Model: v1-5-pruned-emaonly"
+    )
+    [png] = encode_with_parameters([np.zeros((8, 8, 3), np.uint8)], [text])
+    painted = base64.b64encode(png).decode("ascii")
+
+    def with_pngs(request: httpx.Request) -> httpx.Response:
+        lines = [json.loads(line) for line in fake(request).text.splitlines()]
+        lines[-1]["images"] = [painted] * len(lines[-1].get("images", []))
+        return httpx.Response(200, content="\n".join(map(json.dumps, lines)) + "\n", headers={"Content-Type": NDJSON})
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(with_pngs))) as test_client:
+        info = json.loads(test_client.post(TXT2IMG, json={"prompt": "a fox", "seed": 3}).json()["info"])
+    assert (info["sd_model_name"], info["sd_model_hash"], info["infotexts"]) == (
+        "v1-5-pruned-emaonly", "6ce0161689", [text]
+    )  # fmt: skip
+
+
 def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
     body = {"prompt": "a fox", "seed": 4, "init_images": ["aW1n"], "denoising_strength": 0.4, "mask": "bWFzaw==",
             "mask_blur": 8, "inpainting_fill": 1, "inpaint_full_res": False, "enable_hr": True}  # fmt: skip
@@ -279,6 +374,9 @@ def test_an_img2img_request(client: TestClient, fake: FakeInference) -> None:
         assert fake.sent()[-1]["resize_mode"] == ours
     client.post(IMG2IMG, json={"prompt": "a fox", "init_images": ["aW1n"], "mask": "bWFzaw=="})
     assert fake.sent()[-1]["mask_blur"] == 4  # A1111's API default, whatever this server's is
+    # mask_blur, when sent, sets both axes' blurs (1.6's setter of it), whatever they said.
+    blurs = {"mask_blur": 8, "mask_blur_x": 16, "mask_blur_y": 2}
+    assert client.post(IMG2IMG, json={**body, **blurs}).status_code == 200 and fake.sent()[-1]["mask_blur"] == 8
 
 
 def test_inpainting_conditioning_is_said_for_an_inpainting_models_img2img_alone() -> None:
@@ -328,6 +426,22 @@ def test_inpainting_runs_a1111s_masked_content_and_area(
         (TXT2IMG, {"styles": ["watercolor"]}, "styles"),
         (TXT2IMG, {"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts.controlnet"),
         (TXT2IMG, {"s_churn": 0.5}, "s_churn"),
+        (TXT2IMG, {"s_tmin": 0.5}, "s_tmin"),
+        (TXT2IMG, {"s_noise": 0.9}, "s_noise"),
+        (TXT2IMG, {"s_min_uncond": 0.2}, "s_min_uncond"),
+        (TXT2IMG, {"initial_noise_multiplier": 0.9}, "initial_noise_multiplier"),
+        (TXT2IMG, {"disable_extra_networks": True}, "disable_extra_networks"),
+        (TXT2IMG, {"script_name": "x/y/z plot"}, "script_name"),
+        (TXT2IMG, {"script_args": [1]}, "script_args"),
+        (TXT2IMG, {"refiner_checkpoint": "sd_xl_refiner_1.0.safetensors"}, "refiner_checkpoint"),
+        (TXT2IMG, {"enable_hr": True, "firstpass_image": "aW1n"}, "firstpass_image"),
+        (TXT2IMG, {"enable_hr": True, "firstphase_height": 256}, "firstphase_height"),
+        (TXT2IMG, {"alwayson_scripts": ["ControlNet"]}, "alwayson_scripts"),
+        (
+            TXT2IMG,
+            {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": False}, {"enabled": True}]}}},
+            "alwayson_scripts.ControlNet",
+        ),  # one unit of several on
         (TXT2IMG, {"enable_hr": True, "hr_scheduler": "Exponential"}, "hr_scheduler"),
         (TXT2IMG, {"enable_hr": True, "hr_checkpoint_name": "other.ckpt"}, "hr_checkpoint_name"),
         (TXT2IMG, {"enable_hr": "maybe"}, "enable_hr"),
@@ -358,6 +472,8 @@ def test_inpainting_runs_a1111s_masked_content_and_area(
         (IMG2IMG, {"init_images": []}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n", "aW1n"]}, "init_images"),
         (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": 4}, "inpainting_fill"),
+        # A1111 fills for any number but 1, 2 and 3 (never latent nothing, the last of the four).
+        (IMG2IMG, {"init_images": ["aW1n"], "mask": "bWFzaw==", "inpainting_fill": -1}, "inpainting_fill"),
         (IMG2IMG, {"init_images": ["aW1n"], "resize_mode": 3}, "resize_mode"),
         (
             IMG2IMG,
@@ -461,6 +577,38 @@ def test_a_refresh_lists_new_files_at_once_and_what_is_not_done_here_is_listed_e
         assert client.get(f"/sdapi/v1/{name}").json() == []
 
 
+def test_with_a_vae_file_served_the_checkpoints_own_is_another(fake: FakeInference) -> None:
+    """A1111's sd_vae "None" is the checkpoint's own VAE, not the file served beside it: refused; the file's name,
+    or A1111's default Automatic (the file beside the checkpoint), changes nothing."""
+    fake.described = {**fake.described, "vae": {"name": "mse.safetensors", "hash": "0a1b"}}
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        said = {
+            vae: test_client.post("/sdapi/v1/options", json={"sd_vae": vae}).json()
+            for vae in ("mse.safetensors", "Automatic", "None")
+        }
+    assert (said["mse.safetensors"], said["Automatic"], said["None"]["field"]) == (None, None, "sd_vae")
+
+
+def test_the_embeddings_listing_reads_the_description_the_handler_writes(tmp_path: Path) -> None:
+    """A1111 lists an embedding's `vectors` (the tokens it takes) and `shape` (each vector's width, 768 in SD v1's
+    CLIP): read from handler/description.py's description of an embedding of 3 vectors, as it goes over JSON."""
+    embedding = Embedding("tinyneg", (1, 2), torch.zeros(3, 768), "0123456789ab")
+    model = SimpleNamespace(
+        vae_file=None, model_hash="8e79c1729f", config=SimpleNamespace(inpainting=False), device=torch.device("cpu"),
+        dtype=torch.float32, low_memory=False,
+    )  # fmt: skip
+    pipeline = SimpleNamespace(
+        model=model, fast_shapes=(), embeddings=SimpleNamespace(vocabulary=lambda: Vocabulary([embedding])),
+        loras=SimpleNamespace(folder=tmp_path),
+    )  # fmt: skip
+    described = json.loads(json.dumps(describe(pipeline, parse_settings(None))))  # type: ignore[arg-type]
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(FakeInference(described=described)))) as client:
+        listed = client.get("/sdapi/v1/embeddings").json()
+    assert listed["loaded"]["tinyneg"] == {
+        "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 3
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
@@ -471,6 +619,22 @@ def test_a_refresh_lists_new_files_at_once_and_what_is_not_done_here_is_listed_e
         ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers"),
         ({"sd_vae": "vae-ft-mse-840000-ema-pruned.safetensors"}, "sd_vae"),
         ({"CLIP_stop_at_last_layers": 1, "sd_vae": "None", "eta_ddim": 0.0, "randn_source": "CPU"}, None),  # as read
+        # Where A1111 saves files: nothing of the image.
+        (
+            {
+                "outdir_samples": "/data/out",
+                "outdir_txt2img_samples": "/data/t2i",
+                "grid_save": False,
+                "save_to_dirs": True,
+                "export_for_4chan": False,
+                "jpeg_quality": 80,
+                "webp_lossless": True,
+                "use_original_name_batch": True,
+                "directories_filename_pattern": "[date]",
+                "samples_format": "jpg",
+            },
+            None,
+        ),
         (["sd"], "body"),
     ],
 )
@@ -528,7 +692,8 @@ def test_progress_follows_the_step_lines_of_the_oldest_request() -> None:
     job.advance({"step": 2, "total": 4, "image_index": 1, "image_count": 1, "preview": "anBn"})
     assert (job.fraction, job.step, job.steps, job.preview) == (0.75, 2, 4, "anBn")
     job.advance({"step": 1, "total": 4, "image_index": 0, "image_count": 1})  # a batch behind: no going back
-    assert job.fraction == 0.75
+    # The handler sends a preview every few steps (handler.preview_every): the last one stays until the next.
+    assert (job.fraction, job.preview) == (0.75, "anBn")
     # Three batches sent as three requests: the second's step lines count from a third of the way.
     split = Job({"n_samples": 2, "n_iter": 3, "ddim_steps": 4}, requests=3, request=1)
     split.advance({"step": 2, "total": 4, "image_index": 0, "image_count": 2})
@@ -598,6 +763,52 @@ def test_a_hires_fix_at_scale_1_is_one_pass() -> None:
     job = Job({"n_samples": 1, "ddim_steps": 2, "hr_scale": 1.0})
     job.advance({"step": 2, "total": 2, "image_index": 0, "image_count": 1})
     assert job.fraction == 1.0
+
+
+@pytest.mark.parametrize(("hr_steps", "share"), [(2, 4 / (4 + 2 * 4)), (0, 4 / (4 + 4 * 4))])
+def test_an_older_workers_second_pass_weighs_its_own_steps(hr_steps: int, share: float) -> None:
+    """From a worker older than `first_pass_share`: the first pass's 4 steps against the second's at 4 times the
+    pixels (a scale of 2), its own steps, or A1111's as many as the first pass's for 0."""
+    job = Job({"n_samples": 1, "ddim_steps": 4, "hr_steps": hr_steps, "hr_scale": 2.0})
+    job.advance({"step": 4, "total": 4, "image_index": 0, "image_count": 1})
+    assert job.fraction == pytest.approx(share)
+
+
+def test_progress_never_passes_the_whole() -> None:
+    """A request naming no n_samples gets the server's default, which may be more than the one image the front
+    counts: A1111's progress stops at 1 (and its ETA at 0)."""
+    job = Job({"ddim_steps": 2})
+    job.advance({"step": 2, "total": 2, "image_index": 2, "image_count": 1})
+    assert job.fraction == 1.0
+
+
+def test_the_eta_is_the_time_left_at_the_pace_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111's `eta_relative`: the elapsed time over the progress, less the elapsed time (30 s for a quarter: 90 s
+    to go)."""
+
+    monkeypatch.setattr(a1111_progress, "time", SimpleNamespace(monotonic=lambda: 130.0, strftime=time.strftime))
+
+    async def scenario() -> dict[str, Any]:
+        jobs = Jobs()
+        async with jobs.running({"n_samples": 1, "ddim_steps": 4}, "txt2img") as job:
+            job.started = 100.0
+            job.advance({"step": 1, "total": 4, "image_index": 0, "image_count": 1})
+            return jobs.progress(with_image=False)
+
+    answer = asyncio.run(scenario())
+    assert (answer["progress"], answer["eta_relative"]) == (0.25, pytest.approx(90.0))
+
+
+def test_an_interrupt_marks_the_oldest_job_alone() -> None:
+    """A1111 runs one job, which its interrupt stops: here the oldest, which its progress reports."""
+
+    async def scenario() -> tuple[bool, bool]:
+        jobs = Jobs()
+        async with jobs.running({}, "txt2img") as oldest, jobs.running({}, "img2img") as newest:
+            jobs.interrupt()
+            return oldest.interrupted, newest.interrupted
+
+    assert asyncio.run(scenario()) == (True, False)
 
 
 @pytest.mark.parametrize(
