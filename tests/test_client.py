@@ -18,7 +18,7 @@ import pytest
 
 from ldm.output_names import write_new
 from ldm.png_info import encode_with_parameters, read_parameters
-from scripts.client import ClientError, HttpError, StepLine, generate, main
+from scripts.client import ClientError, HttpError, StepLine, check_url, generate, main
 from tests.servers import http_server, send_json
 
 MODEL = "sd"
@@ -370,13 +370,23 @@ def test_inpainting_sends_the_mask_file_as_base64(server: FakeTorchServe, tmp_pa
     assert body["resize_mode"] == "crop_and_resize" and body["invert_mask"] is True
 
 
-def test_a_missing_init_image_exits_2_before_any_request(
-    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("option", ["--init-image", "--mask-image"])
+def test_a_missing_image_file_exits_2_naming_its_option_before_any_request(
+    server: FakeTorchServe, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
 ) -> None:
-    missing = tmp_path / "missing.png"
-    assert run(server.url, tmp_path, "a lighthouse", "--init-image", str(missing)) == 2
-    assert capsys.readouterr().err == f"client: cannot read --init-image {missing}: No such file or directory\n"
+    init, missing = tmp_path / "init.png", tmp_path / "missing.png"
+    init.write_bytes(png(3))
+    images = {"--init-image": init, "--mask-image": init, option: missing}
+    argv = [word for flag, path in images.items() for word in (flag, str(path))]
+    assert run(server.url, tmp_path, "a lighthouse", *argv) == 2
+    assert capsys.readouterr().err == f"client: cannot read {option} {missing}: No such file or directory\n"
     assert server.requests == []
+
+
+def test_no_invert_mask_asks_for_nothing_and_needs_no_mask(server: FakeTorchServe, tmp_path: Path) -> None:
+    """`--no-invert-mask` is the server's default said aloud: sent as it is, with or without a mask."""
+    assert run(server.url, tmp_path, "a lighthouse", "--no-invert-mask") == 0
+    assert server.requests[0]["body"] == {"prompt": "a lighthouse", "invert_mask": False}
 
 
 def test_a_bad_url_is_a_clear_error_not_a_traceback() -> None:
@@ -385,11 +395,17 @@ def test_a_bad_url_is_a_clear_error_not_a_traceback() -> None:
     assert str(error.value) == "the URL: expected http://HOST[:PORT] or https://..., got '127.0.0.1:8080'"
 
 
+@pytest.mark.parametrize("url", ["https://sd.example.com", "HTTP://127.0.0.1:8080/", "http://[::1]:8080"])
+def test_an_http_or_https_url_with_a_host_is_taken(url: str) -> None:
+    assert check_url(url) is None
+
+
 @pytest.mark.parametrize(
     ("option", "says"),
     [(["--url", "localhost:8080"], "--url: expected http://HOST[:PORT]"),
      (["--url", "http://127.0.0.1:abc"], "--url: 'http://127.0.0.1:abc' is not a URL"),
      (["--url", "http://[::1"], "--url: 'http://[::1' is not a URL"),
+     (["--url", "http://:8080"], "--url: expected http://HOST[:PORT]"),
      (["--timeout", "0"], "--timeout: expected seconds above 0, got '0'"),
      (["--timeout", "nan"], "--timeout: expected seconds above 0, got 'nan'"),
      (["--timeout", "inf"], "--timeout: expected seconds above 0, got 'inf'")],
@@ -415,14 +431,20 @@ def test_a_file_another_run_wrote_meanwhile_is_never_replaced(tmp_path: Path) ->
     assert taken.read_bytes() == b"another run's image"
 
 
-def test_an_answer_that_is_not_the_apis_json_is_a_client_error() -> None:
+@pytest.mark.parametrize(
+    "body", [b"hello", json.dumps({"images": ["aGVs!bG8="], "seeds": [1], "parameters": {}}).encode()]
+)
+def test_an_answer_that_is_not_the_apis_json_is_a_client_error(body: bytes) -> None:
+    """Not JSON, or an image that is not strict base64 (a lenient decoder would skip its "!" and write "hello" as
+    the PNG): nothing is written."""
+
     class NotTorchServe(QuietHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(200)
-            self.send_header("Content-Length", "5")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b"hello")
+            self.wfile.write(body)
 
     with http_server(NotTorchServe) as url, pytest.raises(ClientError, match="is --url our TorchServe"):
         generate(url, MODEL, {"prompt": "a lighthouse"}, timeout=5)

@@ -151,3 +151,23 @@ def test_closing_cancels_the_request_in_flight_and_waits_for_it() -> None:
         return worker.cancelled
 
     assert asyncio.run(scenario()) == 1
+
+
+@pytest.mark.parametrize("call", ["get", "refresh"])
+def test_a_caller_gone_away_leaves_the_request_to_the_others(call: str) -> None:
+    """A client that disconnects cancels its own wait, not the one request other callers (and the copy) wait for."""
+
+    async def scenario() -> tuple[int, int]:
+        worker = Worker()
+        description = Description(worker.fetch, max_age=10, clock=Clock())
+        worker.release.clear()
+        gone = asyncio.create_task(getattr(description, call)())
+        staying = asyncio.create_task(description.get())
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        worker.release.set()
+        assert await staying == {"version": 1} and description.latest == {"version": 1}
+        return worker.asked, worker.cancelled
+
+    assert asyncio.run(scenario()) == (1, 0)

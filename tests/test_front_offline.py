@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from front.errors import FrontError
 from front.imagine import MAX_SEED, is_integer, plan_fields
 from front.schema import ImagineRequest
 from front.settings import FrontSettings
-from front.upstream import NDJSON
+from front.upstream import JSON, NDJSON
 from handler.errors import RequestError
 from handler.request import FIELDS, ApiRequest, parse_request
 from handler.settings import HandlerSettings
@@ -187,8 +188,8 @@ def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInfere
     refused = client.post("/imagine", json={"prompt": "a", "seed": -2})
     assert refused.status_code == 400 and refused.json()["field"] == "seed"
     # A body the front forwards whole for TorchServe to judge goes with -1 drawn too: the handler names the field at
-    # fault, not the seed it reads first.
-    for other in ({"subseed_strength": "x"}, {"n_samples": 0}, {"stream": 1}):
+    # fault, not the seed it reads first. A seed of -1.0 is no integer, so no A1111 "random": the handler names it.
+    for other in ({"subseed_strength": "x"}, {"n_samples": 0}, {"stream": 1}, {"seed": -1.0}):
         body = json.loads(plan_fields({"prompt": "a", "seed": -1, **other}, b"", 8).whole())
         with pytest.raises(RequestError) as error:
             parse_request(body, parse_settings_of_handler(None))
@@ -203,6 +204,7 @@ def test_a_seed_is_drawn_when_none_is_given(client: TestClient, fake: FakeInfere
         b'{"prompt": "a", "prompt": "b", "seed": 1}',
         b'{"prompt": "a fox", "n_iter": "2", "seed": 1}',
         b'{"prompt": "a fox", "n_iter": 2, "seed": 1.5}',
+        b'{"prompt": "a fox", "n_iter": 0, "seed": 1}',
         b'{"prompt": "a fox", "stream": "yes"}',
         b'{"prompt": ["a fox"], "n_iter": 2, "seed": 1}',
     ],
@@ -418,12 +420,13 @@ class BusyOnce(FakeInference):
     busy: int = 1
     count: int = 0
     answer: dict[str, Any] = field(default_factory=lambda: BUSY)
+    status: int = 503
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/predictions/sd" and request.content != b'{"describe": true}':
             self.count += 1
             if self.count - 1 == self.busy:
-                return httpx.Response(503, json=self.answer)
+                return httpx.Response(self.status, json=self.answer)
         return super().__call__(request)
 
 
@@ -475,6 +478,79 @@ def test_a_later_batch_whose_prediction_failed_is_not_sent_again(path: str) -> N
         response = test_client.post(path, json={"prompt": "a fox", "n_iter": 3, "seed": 7})
     assert response.status_code == 503 and fake.count == 2
     assert response.json()["error"] == "TorchServe: Prediction failed"
+
+
+@pytest.mark.parametrize(
+    ("status", "refusal"),
+    [(507, {"error": "out of GPU memory; retry, or ask for fewer or smaller images", "field": ""}),
+     (400, {"error": "no LoRA named ink in the loras folder (removed since the first batch)", "field": "prompt"})],
+)  # fmt: skip
+def test_a_later_batch_refused_but_by_a_503_is_the_answer_at_once(
+    monkeypatch: pytest.MonkeyPatch, status: int, refusal: dict[str, Any]
+) -> None:
+    """Only a 503 (TorchServe busy, or a worker about to be replaced) is worth waiting out: the handler's other
+    refusals would be the same again."""
+    monkeypatch.setattr(upstream, "BUSY_FIRST_WAIT", 0.01)
+    fake = BusyOnce(busy=1, answer=refusal, status=status)
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as test_client:
+        response = test_client.post("/imagine", json={"prompt": "a fox", "n_iter": 3, "seed": 7})
+    assert (response.status_code, response.json(), fake.count) == (status, refusal, 2)
+
+
+def test_a_busy_torchserve_is_offered_the_batch_again_at_doubling_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BUSY_FIRST_WAIT (1 s), then each wait twice the last, so that a queue full for long is not asked every
+    second."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(upstream, "asyncio", SimpleNamespace(sleep=sleep))
+    answers = iter([*(httpx.Response(503, json=BUSY) for _ in range(3)), httpx.Response(200, json={})])
+    api = upstream.InferenceApi(FrontSettings(), httpx.MockTransport(lambda request: next(answers)))
+
+    async def offered() -> int:
+        try:
+            return (await api.open(b"{}", JSON, patient=True)).status_code
+        finally:
+            await api.aclose()
+
+    assert asyncio.run(offered()) == 200 and waits == [1.0, 2.0, 4.0]
+
+
+def test_a_stream_with_a_blank_line_is_read_as_without_it(fake: FakeInference) -> None:
+    """NDJSON lets a reader skip empty lines: one between a stream's lines is no line, not a 502."""
+
+    def spaced(request: httpx.Request) -> httpx.Response:
+        response = fake(request)
+        return httpx.Response(200, content=response.text.replace("\n", "\n\n", 1), headers={"Content-Type": NDJSON})
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(spaced))) as test_client:
+        response = test_client.post("/imagine", json={"prompt": "a fox", "seed": 3}, headers={"Accept": JSON})
+    assert (response.status_code, response.json()) == (200, ["png3"])
+
+
+def test_a_connection_that_times_out_is_torchserve_not_reachable() -> None:
+    """No connection made in time (a host down, or dropping packets) is TorchServe unreachable, a 503, not a slow
+    answer's 504 that would say to raise SD_FRONT_TIMEOUT."""
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(unreachable))) as test_client:
+        response = test_client.post("/imagine", json={"prompt": "a fox"})
+    assert response.status_code == 503 and response.json()["error"].startswith("TorchServe is not reachable at")
+
+
+def test_torchserve_unhealthy_is_unavailable() -> None:
+    """TorchServe's health check answers 500 `{"status": "Unhealthy"}` while a model lacks its workers: not ready."""
+    unhealthy = httpx.MockTransport(lambda request: httpx.Response(500, json={"status": "Unhealthy"}))
+    with TestClient(create_app(FrontSettings(), unhealthy)) as test_client:
+        health = test_client.get("/healthz")
+    assert (health.status_code, health.json()) == (
+        503,
+        {"status": "unavailable", "torchserve": "Unhealthy", "model": "sd"},
+    )
 
 
 def test_the_health_check_waits_no_longer_than_a_readiness_probe() -> None:
