@@ -9,8 +9,9 @@ defaults and limits (model-config.yaml) stay the single source of truth, and eve
 names the field at fault. The PNGs are written byte for byte as the server sent them: they already carry the
 `parameters` chunk, which re-encoding could drop.
 
-Exit codes: 0 images written; 1 the server refused the request, could not be reached or gave no usable answer;
-2 a bad command line or an init image that cannot be read. Errors are one `client: ...` line on stderr.
+Exit codes: 0 images written; 1 the server refused the request, could not be reached or gave no usable answer, or
+its images could not be written (a full disk: the request was made, and running it again makes it again); 2 a bad
+command line or an init or mask image that cannot be read. Errors are one `client: ...` line on stderr.
 """
 
 from __future__ import annotations
