@@ -81,14 +81,21 @@ def _international(rest: bytes) -> str | None:
     """An iTXt's text from what follows its keyword: its compression flag and method, its language tag and translated
     keyword (each ended by a zero byte), then UTF-8, compressed under any flag but 0, by method 0 only."""
     parts = rest[2:].split(b"\0", 2)
-    if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):
+    if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]) or not all(map(_is_utf8, parts[:2])):
         return None
     try:
         value = _inflated(parts[2]) if rest[0] else parts[2]
-        # PIL drops the chunk when any of the three is not UTF-8.
-        return None if value is None else [part.decode("utf-8") for part in (parts[0], parts[1], value)][2]
+        return None if value is None else value.decode("utf-8")
     except (zlib.error, UnicodeDecodeError):
         return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def png_texts(data: bytes) -> dict[str, str]:
