@@ -3,7 +3,9 @@ the parameters each file carries, and every optimizedSD flag — accepted, or re
 
 from __future__ import annotations
 
+import argparse
 import io
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +18,7 @@ import torch
 from PIL import ExifTags, Image
 from safetensors.torch import save_file
 
-from ldm import cli
+from ldm import arguments, cli
 from ldm.cli import main, next_index, read_prompts
 from ldm.cli_flags import DEFAULT_CKPT, DEFAULT_PROMPT, Mode, build_parser
 from ldm.generation_request import SAMPLERS
@@ -99,6 +101,19 @@ def model_must_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "load_model", fail)
 
 
+STOPPED = "stopped where the model would load"
+
+
+@pytest.fixture
+def model_stops_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command ends, with STOPPED as its error, where the model would load: every input was taken."""
+
+    def stop(*args: object) -> None:
+        raise cli.CliError(STOPPED)
+
+    monkeypatch.setattr(cli, "load_model", stop)
+
+
 def read_png(path: Path) -> tuple[np.ndarray, str | None]:
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
@@ -176,6 +191,36 @@ def test_img2img_with_a_mask_inpaints(pipeline: Pipeline, tmp_path: Path) -> Non
     assert np.array_equal(pixels, pipeline.generate(request).images[0])
     assert not np.array_equal(pixels, pipeline.generate(replace(request, mask_blur=4)).images[0])
     assert not np.array_equal(pixels, pipeline.generate(request_for(case("img2img"))).images[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "change"),
+    [
+        (["--H", "64", "--W", "64", "--resize_mode", "crop_and_resize"],
+         {"height": 64, "width": 64, "resize_mode": "crop_and_resize"}),
+        (["--mask", "MASK", "--invert_mask"], {"invert_mask": True}),
+        (["--mask", "MASK", "--masked_content", "fill"], {"masked_content": "fill"}),
+        (["--mask", "MASK", "--inpaint_area", "only_masked", "--masked_area_padding", "8"],
+         {"inpaint_area": "only_masked", "masked_area_padding": 8}),
+    ],
+    ids=["resize_mode", "invert_mask", "masked_content", "masked_area_padding"],
+)  # fmt: skip
+def test_img2img_flags_reach_the_pipeline(
+    pipeline: Pipeline, tmp_path: Path, flags: list[str], change: dict[str, Any]
+) -> None:
+    """A1111's img2img settings by flag (MASK: a 30×24 box to repaint): the pipeline's image of the request they
+    set, which is not the one without them (the flag must matter here)."""
+    box = np.zeros((64, 80), np.uint8)
+    box[20:44, 25:55] = 255
+    mask = tmp_path / "mask.png"
+    Image.fromarray(box).save(mask)
+    argv = [*case_argv("img2img"), *MODEL, *[str(mask) if flag == "MASK" else flag for flag in flags]]
+    assert main([*argv, "--outdir", str(tmp_path / "out")], mode="img2img") == 0
+    (written,) = (tmp_path / "out").rglob("*.png")
+    request = replace(request_for(case("img2img")), mask_image=Image.fromarray(box) if "--mask" in flags else None)
+    expected = pipeline.generate(replace(request, **change)).images[0]
+    assert np.array_equal(read_png(written)[0], expected)
+    assert not np.array_equal(expected, pipeline.generate(request).images[0])
 
 
 def test_txt2img_hires_fix_flags(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -397,7 +442,9 @@ def test_other_checkpoint_forms(kind: str, tiny_ckpt: Path, tmp_path: Path) -> N
 def test_numbering_continues_after_the_highest_existing_number_in_the_prompts_folder(tmp_path: Path) -> None:
     folder = tmp_path / BASIC
     folder.mkdir()
-    for name in ("seed_1_00000.png", "seed_9_00004.jpg", "grid-0011.png", "notes.txt", "seed_x_00099.png"):
+    # A sidecar named after an image (seed_2_00050.png.json) is no image of ours: its number is not taken.
+    for name in ("seed_1_00000.png", "seed_9_00004.jpg", "grid-0011.png", "notes.txt", "seed_x_00099.png",
+                 "seed_2_00050.png.json"):  # fmt: skip
         (folder / name).write_bytes(b"")
     (tmp_path / "seed_1_00041.png").write_bytes(b"")  # beside the prompt's folder: another prompt's count
     assert next_index(folder) == 5
@@ -408,18 +455,19 @@ def test_numbering_continues_after_the_highest_existing_number_in_the_prompts_fo
 
 
 @pytest.mark.parametrize(
-    ("prompt", "folder"),
+    ("outdir", "prompt", "folder"),
     [
-        ("a castle: night", "a_castle__night"),  # optimizedSD's: split at spaces and colons, joined by "_"
-        ("a/b ../../etc", "a_b_.._.._etc"),  # never another folder than the prompt's own under --outdir
-        ("..", "_"),
-        ("", ""),  # --outdir itself, as optimizedSD's
-        ("x" * 200, "x" * (150 - len("/out/"))),  # the path cut at 150 characters
-        ("龘" * 200, "龘" * 85),  # and a name at 255 bytes
+        ("/out", "a castle: night", "a_castle__night"),  # optimizedSD's: split at spaces and colons, joined by "_"
+        ("/out", "a/b ../../etc", "a_b_.._.._etc"),  # never another folder than the prompt's own under --outdir
+        ("/out", "..", "_"),
+        ("/out", "", ""),  # --outdir itself, as optimizedSD's
+        ("/out", "x" * 200, "x" * (150 - len("/out/"))),  # the path cut at 150 characters
+        ("/out", "龘" * 200, "龘" * 85),  # and a name at 255 bytes
+        ("/" + "d" * 139, "x" * 40, "x" * 16),  # 140 characters of --outdir leave 9 for the name: it keeps 16
     ],
 )
-def test_each_prompt_has_optimizedsds_folder(prompt: str, folder: str) -> None:
-    assert prompt_folder(Path("/out"), prompt) == Path("/out") / folder
+def test_each_prompt_has_optimizedsds_folder(outdir: str, prompt: str, folder: str) -> None:
+    assert prompt_folder(Path(outdir), prompt) == Path(outdir) / folder
 
 
 def test_next_index_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
@@ -450,6 +498,26 @@ def test_from_file_runs_each_prompt_with_continuing_seeds(tmp_path: Path) -> Non
     assert np.abs(first.astype(int) - second.astype(int)).mean() > 10
 
 
+def test_seeds_count_on_image_by_image_over_batches_prompts_and_iterations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optimizedSD's loop raised the seed by one after every image it saved: across a batch's --n_samples, then the
+    next prompt's batch, then the next iteration; the closing line counts every image."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na hen\n", encoding="utf-8")
+    out = tmp_path / "out"
+    settings = ["--seed", "1000", "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "2"]
+    assert main(["--from-file", str(prompts), *settings, *MODEL, "--outdir", str(out)]) == 0
+    # (prompt's folder, seed, number in the folder) in the order they are made.
+    made = [("a_fox", 1000, 0), ("a_fox", 1001, 1), ("a_hen", 1002, 0), ("a_hen", 1003, 1),
+            ("a_fox", 1004, 2), ("a_fox", 1005, 3), ("a_hen", 1006, 2), ("a_hen", 1007, 3)]  # fmt: skip
+    expected = {f"{folder}/seed_{seed}_{n:05}.png": seed for folder, seed, n in made}
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*.png")) == sorted(expected)
+    for name, seed in expected.items():
+        assert f"Seed: {seed}," in (read_png(out / name)[1] or "")
+    assert "8 image(s) in " in (err := capsys.readouterr().err) and f", seeds 1000..1007, in {out}\n" in err
+
+
 def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeline, tmp_path: Path) -> None:
     """tests/test_subprompts.py holds the pipeline's conditioning against CLIP's embeddings of each sub-prompt."""
     argv = [*case_argv("basic"), "--prompt", "a castle:0.7 a forest:0.3", "--weighted_subprompts"]
@@ -462,14 +530,9 @@ def test_weighted_subprompts_write_the_pipelines_weighted_image(pipeline: Pipeli
 
 
 def test_words_clip_never_reads_are_a_warning_before_the_model_loads(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_stops_loading: None
 ) -> None:
     """Once per text, however many prompts share it (the negative prompt) and however many iterations run."""
-
-    def stop(*args: object) -> None:
-        raise cli.CliError("stopped where the model would load")
-
-    monkeypatch.setattr(cli, "load_model", stop)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n" + "cat " * 73 + "in the style of a watercolor\n", encoding="utf-8")
     argv = ["--from-file", str(prompts), "--negative_prompt", "fog " * 76, "--n_iter", "2", "--skip_save"]
@@ -678,6 +741,7 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("txt2img", ["--ddim_steps", "1000"], "--ddim_steps: ddim_steps must be in [1, 999], got 1000"),
     ("txt2img", ["--n_samples", "0"], "--n_samples: n_samples must be at least 1"),
     ("txt2img", ["--unet_bs", "0"], "--unet_bs must be at least 1"),
+    ("txt2img", ["--n_iter", "0"], "--n_iter must be at least 1, got 0"),
     ("txt2img", ["--ddim_eta", "-0.1"], "--ddim_eta: eta must be in [0, 1], got -0.1"),
     ("txt2img", ["--ddim_eta", "1.1"], "--ddim_eta: eta must be in [0, 1], got 1.1"),  # black images past 1
     ("txt2img", ["--scale", "nan"], "--scale: scale must be a finite number, got nan"),
@@ -699,6 +763,7 @@ REFUSED: list[tuple[Mode, list[str], str]] = [
     ("img2img", ["--hr_scale", "2"], "unrecognized arguments: --hr_scale 2"),
     ("txt2img", ["--hr_steps", "10"], "--hr_steps needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires"),
     ("txt2img", ["--hr_prompt", "x"], "--hr_prompt needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the hires"),
+    ("txt2img", ["--hr_sampler", "euler"], "--hr_sampler needs --hr_scale or --hr_resize_x/--hr_resize_y: it is the"),
     ("txt2img", ["--hr_scale", "2", "--hr_sampler", "plms"], "argument --hr_sampler: invalid choice: 'plms'"),
     ("img2img", ["--hr_prompt", "x"], "unrecognized arguments: --hr_prompt x"),
     ("txt2img", ["--hr_resize_x", "96", "--hr_scale", "2"], "--hr_resize_x: hr_resize_x sets the hires fix's size"),
@@ -740,6 +805,40 @@ def test_values_we_cannot_honour_fail_clearly(
     assert message in err
     assert "Traceback" not in err
     assert not out.exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--seed", "4294967295", "--n_samples", "1"],  # the run's one seed is the last there is
+        ["--seed", "4294967294", "--n_samples", "2"],
+        ["--subseed", "4294967295", "--subseed_strength", "0.5", "--n_samples", "1"],
+    ],
+    ids=str,
+)
+def test_a_run_may_end_on_the_last_seed_there_is(
+    flags: list[str], capsys: pytest.CaptureFixture[str], model_stops_loading: None
+) -> None:
+    """Seeds are in [0, 2³² − 1] (numpy's and the server's range): a run whose last image takes 4294967295 is taken."""
+    assert run_cli([*case_argv("basic"), *MODEL, *flags, "--skip_save"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"txt2img.py: error: {STOPPED}"
+
+
+@pytest.mark.parametrize(("size", "flags"), [((8, 64), []), ((5, 64), ["--H", "64", "--W", "64"])], ids=str)
+def test_an_init_image_the_run_can_size_is_taken(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model_stops_loading: None,
+    size: tuple[int, int],
+    flags: list[str],
+) -> None:
+    """8 px, one latent pixel, is the shortest side left to the init image; a shorter one is taken when --H and --W
+    resize it, as the refusal of one says (test_init_image_smaller_than_8_px_without_size_flags)."""
+    small = tmp_path / "small.png"
+    Image.new("RGB", size).save(small)
+    argv = [*case_argv("img2img", size=False), *MODEL, "--init-img", str(small), *flags, "--skip_save"]
+    assert run_cli(argv, "img2img") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"img2img.py: error: {STOPPED}"
 
 
 def test_an_init_image_whose_pixels_would_not_look_as_they_do_is_refused(
@@ -826,6 +925,30 @@ def test_mps_is_a_device_where_torch_has_it(monkeypatch: pytest.MonkeyPatch) -> 
     assert cli.select_dtype("autocast", torch.device("mps")) == torch.float32  # not measured here: the exact one
     with pytest.raises(cli.CliError, match="only cpu, cuda, cuda:N and mps are supported"):
         cli.select_device("xpu")
+
+
+def test_a_cuda_device_must_be_one_of_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda:N counts from 0: on a machine of two, cuda:1 is the last."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.select_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(cli.CliError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)$"):
+        cli.select_device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "dtype"),
+    [
+        ("autocast", "cuda", torch.float16),  # optimizedSD's default: autocast halves the networks on the GPU
+        ("full", "cuda", torch.float32),  # and --precision full keeps them float32 there
+        ("autocast", "cpu", torch.float32),  # on the CPU float16 is slow: float32
+        ("bf16", "cpu", torch.bfloat16),  # ours, asked for by name
+        ("bf16", "cuda", torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_precision_picks_optimizedsds_dtype(precision: str, device: str, dtype: torch.dtype) -> None:
+    assert cli.select_dtype(precision, torch.device(device)) == dtype
 
 
 def test_skip_save_writes_no_file_and_still_reports_the_seeds(
@@ -915,3 +1038,24 @@ def test_init_image_smaller_than_8_px_without_size_flags(
         f"img2img.py: error: --init-img {tiny} is 5×64 px: too small, its sides must be at least 8 px "
         "(or pass --H and --W to resize it)"
     ]
+
+
+@pytest.mark.parametrize(("kind", "text", "value"), [("seconds", "0.5", 0.5), ("at_least_one", "1", 1)], ids=str)
+def test_the_shared_flag_types_take_what_they_name(kind: str, text: str, value: float) -> None:
+    """ldm/arguments.py's argparse types, shared by scripts/client.py and scripts/load_test.py."""
+    assert getattr(arguments, kind)(text) == value
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "says"),
+    [
+        ("seconds", "soon", "expected seconds above 0, got 'soon'"),  # tests/test_client.py holds 0, nan and inf
+        ("at_least_one", "1.5", "expected a whole number of at least 1, got '1.5'"),
+        ("at_least_one", "many", "expected a whole number of at least 1, got 'many'"),
+    ],
+    ids=str,
+)
+def test_the_shared_flag_types_refuse_the_rest_as_usage_errors(kind: str, text: str, says: str) -> None:
+    """A value that cannot be used is argparse's error (exit 2, naming it), never a traceback later."""
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(says)}$"):
+        getattr(arguments, kind)(text)
