@@ -29,6 +29,8 @@ LONG = "a castle on a hill by the sea at dawn with towers and flags, " * 8  # 12
         ("a castle AND a forest:0.6", [("a castle", 1.0), (" a forest", 0.6)]),
         ("a castle :2", [("a castle", 2.0)]),  # a weight without AND counts too, as in A1111
         ("a castle: -0.5 AND b:.5 AND c:5.", [("a castle", -0.5), (" b", 0.5), (" c", 5.0)]),
+        ("a castle:+2 AND b:+.5", [("a castle", 2.0), (" b", 0.5)]),  # A1111's number takes a sign either way
+        ("a castle:100 AND b:-100", [("a castle", 100.0), (" b", -100.0)]),  # within ±100: the ends too
         ("(red:1.3) castle", [("(red:1.3) castle", 1.0)]),  # emphasis is not a sub-prompt weight
         ("a castle:1e3", [("a castle:1e3", 1.0)]),  # no exponent: the number is text
         ("an ANDROID and a BRAND", [("an ANDROID and a BRAND", 1.0)]),  # AND alone, in capitals

@@ -397,11 +397,16 @@ def test_a_masked_image_batched_with_others_equals_it_alone(pipeline: Pipeline, 
         ({"sampler": "plms"}, "sampler", "plms is for txt2img only"),
         ({"mask_blur": 65}, "mask_blur", r"mask_blur must be in \[0, 64\] pixels, got 65"),
         ({"mask_blur": 2.5}, "mask_blur", "mask_blur must be a whole number of pixels, got 2.5"),
+        ({"mask_blur": True}, "mask_blur", "mask_blur must be a whole number of pixels, got True"),  # JSON's true
         ({"masked_content": "blur"}, "masked_content",
          "masked_content must be one of fill, original, latent_noise, latent_nothing, got 'blur'"),
         ({"inpaint_area": "masked"}, "inpaint_area", "inpaint_area must be one of whole_picture, only_masked"),
         ({"masked_area_padding": 257}, "masked_area_padding",
          r"masked_area_padding must be in \[0, 256\] pixels, got 257"),
+        ({"masked_area_padding": -1}, "masked_area_padding",
+         r"masked_area_padding must be in \[0, 256\] pixels, got -1"),
+        ({"masked_area_padding": True}, "masked_area_padding",
+         r"masked_area_padding must be in \[0, 256\] pixels, got True"),
         ({"mask_image": None, "masked_content": "fill"}, "masked_content", "masked_content needs a mask_image"),
         ({"mask_image": None, "inpaint_area": "only_masked"}, "inpaint_area", "inpaint_area needs a mask_image"),
         ({"mask_image": None, "invert_mask": True}, "invert_mask", "invert_mask needs a mask_image"),
@@ -411,6 +416,18 @@ def test_masked_requests_the_pipeline_cannot_run(change: dict, field: str, messa
     with pytest.raises(GenerationError, match=message) as error:
         resolve(dataclasses.replace(REQUEST, **change))
     assert error.value.field == field
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"mask_blur": 0}, {"mask_blur": MAX_MASK_BLUR}, {"masked_area_padding": 0}, {"masked_area_padding": 256}],
+    ids=str,
+)
+def test_the_ends_of_a1111s_sliders_are_taken(change: dict) -> None:
+    """A1111's "Mask blur" slider runs from 0 to 64 px, its "Only masked padding" from 0 to 256: both ends are
+    settings a client sends."""
+    resolved = resolve(dataclasses.replace(REQUEST, **change))
+    assert all(getattr(resolved, name) == value for name, value in change.items())
 
 
 def test_configs_say_which_unet_input_they_feed() -> None:

@@ -100,7 +100,7 @@ def test_fit_and_fill_keeps_the_shape_and_stretches_the_edges() -> None:
 def test_fit_and_fill_places_the_picture_whole_and_fills_each_band_from_its_own_edge() -> None:
     """The fitted picture at its centred place, every row of it, with an odd leftover (64×21 in 48×48: 15 rows, 17
     above and 16 below); each band stretched from the edge beside it (left red, right blue); a band one pixel wide
-    filled too (62×64 in 64×64)."""
+    filled too, beside the picture or above and below it (62×64 and 64×62 in 64×64)."""
     picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (21, 64, 3), np.uint8))
     fitted = np.asarray(picture.resize((48, 15), Image.Resampling.LANCZOS))
     assert np.array_equal(np.asarray(fit_and_fill(picture, 48, 48))[17:32], fitted)
@@ -110,8 +110,9 @@ def test_fit_and_fill_places_the_picture_whole_and_fills_each_band_from_its_own_
     tall = np.asarray(fit_and_fill(Image.fromarray(halves), 48, 48)).astype(int)
     assert (tall[:, :16, 0] > 200).all() and (tall[:, :16, 2] < 50).all()
     assert (tall[:, 32:, 2] > 200).all() and (tall[:, 32:, 0] < 50).all()
-    flat = np.asarray(fit_and_fill(Image.new("RGB", (62, 64), (200, 100, 50)), 64, 64))
-    assert (flat == (200, 100, 50)).all()
+    for size in ((62, 64), (64, 62)):
+        flat = np.asarray(fit_and_fill(Image.new("RGB", size, (200, 100, 50)), 64, 64))
+        assert (flat == (200, 100, 50)).all()
 
 
 def test_a_box_one_pixel_wide_fits_a_wide_request() -> None:
@@ -124,6 +125,8 @@ def test_cover_crops_the_centre_of_the_scaled_picture() -> None:
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 60, 3), np.uint8))
     scaled = np.asarray(picture.resize((144, 48), Image.Resampling.LANCZOS))
     assert np.array_equal(np.asarray(cover(picture, 48, 48)), scaled[:, 48:96])
+    # An odd width: A1111 pastes the scaled picture at width // 2 − 144 // 2 = −48, so 49 columns from the 48th.
+    assert np.array_equal(np.asarray(cover(picture, 49, 48)), scaled[:, 48:97])
     # A box far from the picture's shape: the middle 64 rows of the 512×8192 it covers, scaled alone.
     tall = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 4, 3), np.uint8))
     whole = np.asarray(tall.resize((512, 8192), Image.Resampling.LANCZOS))
@@ -173,6 +176,29 @@ def test_a_scaled_box_is_painted_at_the_request_size_and_blended_back(pipeline: 
     assert np.array_equal(image[outside | (soft == 0)], init[outside | (soft == 0)])
     repainted = np.asarray(mask) > 0
     assert np.abs(image[repainted] - init[repainted]).mean() > 5
+
+
+def test_a_request_of_another_shape_cuts_a_box_of_its_shape() -> None:
+    """A 64×32 request: the 40×30 mask padded by 12 (64×54) is grown to 2:1 about its centre, 108×54."""
+    mask = _mask((60, 40, 100, 70))
+    crop = Crop.of(dataclasses.replace(_request(mask, mask_blur=0, masked_area_padding=12), width=64, height=32))
+    assert crop.box == a1111_box(np.asarray(mask) > 0, 12, 64, 32) == (26, 28, 134, 82)
+    assert crop.run.init_image is not None and crop.run.init_image.size == (64, 32)
+
+
+def test_a_painting_goes_back_over_a_box_of_another_shape_as_a1111_crops_and_resizes_it() -> None:
+    """A mask across the whole width, for a 32×64 request: the box grown to 320 rows is cut to the image's 128,
+    160×128 where the painting is 32×64. A1111 puts a painting back by its "crop and resize": scaled to cover the box
+    (160×320) and its middle 128 rows kept; with a hard seam, the mask's rows are those, the rest the init image."""
+    mask = _mask((0, 60, 160, 70))
+    crop = Crop.of(dataclasses.replace(_request(mask, mask_blur=0, masked_area_padding=0), width=32, height=64))
+    assert crop.box == (0, 0, 160, 128)
+    painted = np.random.default_rng(5).integers(0, 256, (64, 32, 3), np.uint8)
+    back = crop(torch.from_numpy(painted).float()).numpy()
+    covering = np.asarray(Image.fromarray(painted).resize((160, 320), Image.Resampling.LANCZOS))
+    assert np.array_equal(back[60:70], covering[96 + 60 : 96 + 70])
+    init = np.asarray(INIT)
+    assert np.array_equal(back[:60], init[:60]) and np.array_equal(back[70:], init[70:])
 
 
 def test_the_painting_goes_back_through_the_blurred_mask_undoubled() -> None:

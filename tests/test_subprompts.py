@@ -24,6 +24,7 @@ SPLITS = [
     ("a castle:3 a forest", (("a castle", 0.75), ("a forest", 0.25))),  # the rest weighs 1
     ("portrait: a woman", (("portrait", 0.5), ("a woman", 0.5))),  # a colon and a space: weight 1
     ("a:2 b:-1", (("a", 2.0), ("b", -1.0))),  # negative weights subtract
+    ("a:100 b:-99", (("a", 100.0), ("b", -99.0))),  # 100 times the sum is the most a weight may be
     ("a:1  b", (("a", 0.5), (" b", 0.5))),  # one space ends the weight; the next is the sub-prompt's
     (":1 b:3", (("", 0.25), ("b", 0.75))),  # an empty sub-prompt is the empty prompt's embedding
     ("x:1e-1 y:0.1", (("x", 0.5), ("y", 0.5))),  # Python's float() reads the weight
