@@ -3,8 +3,10 @@
 Why: an SD v1 UNet call is about a thousand kernel launches, most of them a few microseconds of GPU work (group
 norms, SiLUs, residual adds). Launched one by one from Python, a fast GPU waits on the CPU. Compiling fuses that
 elementwise work into fewer kernels, and a CUDA graph replays every launch of a call as one. Both need fixed shapes,
-so they apply to the shapes named in `FastPath.shapes`, which `warm_up` compiles and captures once at load; any other
-shape runs eagerly: correct, slower, and never a request stalled for a minute of compilation.
+so they apply to the shapes named in `FastPath.shapes`, which `warm_up` compiles and captures once at load. A larger
+batch of the same image size runs as several prepared calls when prepared batch sizes add up to it (on an H200 four
+batch-1 replays took 25 ms where one eager batch-4 call took 32: docs/PERFORMANCE.md); any other shape runs eagerly:
+correct, slower, and never a request stalled for a minute of compilation.
 
 What may change the image: nothing beyond the rounding of the chosen precision (tests/test_gpu.py holds fp16 fast
 against fp32 eager at ≥ 35 dB PSNR). Weights stay where they are (the graphs read them in place), so the fast path
@@ -91,21 +93,39 @@ class _Route:
         return self.output.clone()
 
 
-def _signature(args: Sequence[torch.Tensor]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def _signature(args: Sequence[torch.Tensor]) -> Signature:
     return tuple((tuple(a.shape), a.dtype) for a in args)
+
+
+def _rows(key: Signature) -> int:
+    """The batch size of a call's inputs when they all have the same one (a UNet call's x, t and context), else 0."""
+    sizes = {shape[0] if shape else 0 for shape, _ in key}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
+def _per_row(key: Signature) -> Signature:
+    """`key` without the batch dimension: two calls alike in it differ only in how many rows they run."""
+    return tuple((shape[1:], dtype) for shape, dtype in key)
 
 
 class ShapeDispatch:
     """A network call that takes the fast route for prepared input shapes and the eager one for any other.
 
-    `fast_calls` counts calls that took a fast route, so tests and logs can tell that it was taken at all.
+    A call of more rows than any prepared route of its kind (the same inputs but for the batch dimension) runs as
+    prepared calls, the largest that fit first, when they add up to its rows exactly; otherwise eagerly. A server's
+    batches of a few requests thus replay the graph prepared for one. `fast_calls` counts calls that took a fast
+    route, split or not, so tests and logs can tell that it was taken at all.
     """
 
     def __init__(self, eager: Callable[..., torch.Tensor], fast: Callable[..., torch.Tensor], graphs: bool) -> None:
         self.eager = eager
         self.fast = fast
         self.graphs = graphs
-        self.routes: dict[tuple, _Route] = {}
+        self.routes: dict[Signature, _Route] = {}
+        self.splits: dict[Signature, list[_Route] | None] = {}
         self.fast_calls = 0
 
     def prepare(self, *example: torch.Tensor) -> bool:
@@ -117,6 +137,7 @@ class ShapeDispatch:
         key = _signature(example)
         if key in self.routes:
             return True
+        self.splits.clear()  # a new route may serve calls that had none
         try:
             self.routes[key] = _Route(self.fast, example, self.graphs)
         except Exception:
@@ -124,12 +145,41 @@ class ShapeDispatch:
             return False
         return True
 
+    def split(self, key: Signature) -> list[_Route] | None:
+        """The prepared routes whose calls, one after the other, cover a call of signature `key` (None: none do)."""
+        if key not in self.splits:
+            self.splits[key] = self._cover(key)
+        return self.splits[key]
+
+    def _cover(self, key: Signature) -> list[_Route] | None:
+        kind = _per_row(key)
+        sizes = {_rows(k): route for k, route in self.routes.items() if _per_row(k) == kind and _rows(k)}
+        pieces = []
+        left = _rows(key)
+        while left:
+            fitting = [size for size in sizes if size <= left]
+            if not fitting:
+                return None
+            pieces.append(sizes[max(fitting)])
+            left -= max(fitting)
+        return pieces or None
+
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        route = self.routes.get(_signature(args))
-        if route is None:
+        key = _signature(args)
+        route = self.routes.get(key)
+        if route is not None:
+            self.fast_calls += 1
+            return route(*args)
+        pieces = self.split(key)
+        if pieces is None:
             return self.eager(*args)
         self.fast_calls += 1
-        return route(*args)
+        outputs, start = [], 0
+        for piece in pieces:
+            rows = piece.inputs[0].shape[0]
+            outputs.append(piece(*(arg[start : start + rows] for arg in args)))
+            start += rows
+        return torch.cat(outputs)
 
 
 def compile_network(network: Callable[..., torch.Tensor], backend: str = "inductor") -> Callable[..., torch.Tensor]:

@@ -15,7 +15,7 @@ from ldm.fast_path import FastCalls, FastPath, ShapeDispatch, accelerate, compil
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.tokenizer import CONTEXT_LENGTH
-from tests.reference import case
+from tests.reference import FLOAT_TOLERANCE, REFERENCE, assert_matches_png, case, reference_png
 from tests.reference import request_for as request_of
 
 
@@ -90,6 +90,79 @@ def test_a_shape_that_fails_to_prepare_runs_eagerly(caplog: pytest.LogCaptureFix
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(dispatch(x), x * 2)
     assert (eager.calls, dispatch.fast_calls) == (1, 0)
+
+
+class Rows:
+    """A stand-in UNet of two inputs: each row's x doubled plus its own t, so a row put back in the wrong place shows;
+    records the batch size of every call."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        return x * 2 + t[:, None, None, None]
+
+
+def rows(n: int, side: int = 8, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A call's inputs of `n` rows, every row's t its own."""
+    return torch.randn(n, 4, side, side, dtype=dtype), torch.arange(n, dtype=dtype) * 10
+
+
+def test_a_batch_that_prepared_batches_add_up_to_replays_them_largest_first() -> None:
+    eager, fast = Rows(), Rows()
+    dispatch = ShapeDispatch(eager, fast, graphs=False)
+    assert dispatch.prepare(*rows(2)) and dispatch.prepare(*rows(8))
+    fast.batches.clear()
+    x, t = rows(12)
+    assert torch.equal(dispatch(x, t), x * 2 + t[:, None, None, None])
+    assert (fast.batches, eager.batches, dispatch.fast_calls) == ([8, 2, 2], [], 1)
+    fast.batches.clear()
+    x, t = rows(6)
+    assert torch.equal(dispatch(x, t), x * 2 + t[:, None, None, None])
+    assert (fast.batches, eager.batches, dispatch.fast_calls) == ([2, 2, 2], [], 2)
+
+
+def test_a_batch_that_prepared_batches_do_not_add_up_to_runs_eagerly() -> None:
+    eager, fast = Rows(), Rows()
+    dispatch = ShapeDispatch(eager, fast, graphs=False)
+    dispatch(*rows(8))  # nothing prepared yet
+    assert dispatch.prepare(*rows(4))
+    fast.batches.clear()
+    for n in (6, 3, 2):  # 4 + 2 left over, fewer rows than any route, and fewer again
+        dispatch(*rows(n))
+    dispatch(*rows(8, side=16))  # another latent size
+    dispatch(*rows(8, dtype=torch.float64))  # another dtype
+    x, t = rows(8)
+    dispatch(x, t[:1])  # inputs of different batch sizes (a t for all): not a batch of rows
+    assert (eager.batches, fast.batches, dispatch.fast_calls) == ([8, 6, 3, 2, 8, 8, 8], [], 0)
+    dispatch(*rows(8))  # the call refused before the route was prepared now takes it, twice
+    assert (fast.batches, dispatch.fast_calls) == ([4, 4], 1)
+
+
+def test_a_batch_split_into_prepared_calls_gives_the_reference_images(tiny_model: StableDiffusion) -> None:
+    """Three guided images, prepared for one: each UNet call of the batch runs as three, and the images are still
+    the CompVis reference's (the UNet computes every row alone: splitting the batch changes no image)."""
+    batches: list[int] = []
+
+    def prepared_unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batches.append(len(x))
+        return tiny_model.unet(x, t, context)
+
+    split = Pipeline(tiny_model)
+    decode = tiny_model.vae.decode
+    split.fast = FastCalls(ShapeDispatch(tiny_model.unet, prepared_unet, False), ShapeDispatch(decode, decode, False))
+    with torch.inference_mode():
+        assert warm_up(tiny_model, split.fast, FastPath(shapes=("64x64x1",))) == ("64x64x1",)
+    batches.clear()
+    case_data = case("batch3")
+    request = request_of(case_data)
+    generation = split.generate(request)
+    assert split.fast.unet.fast_calls == request.steps and split.fast.decode.fast_calls == 3
+    assert batches == [2] * 3 * request.steps
+    for image, pixels, rounded in zip(case_data["images"], generation.pixels, generation.images, strict=True):
+        assert np.abs(pixels - np.load(REFERENCE / image["npy"])).max() < FLOAT_TOLERANCE
+        assert_matches_png(rounded, reference_png(image))
 
 
 def test_warm_up_says_which_shapes_took_the_fast_route(tiny_model: StableDiffusion) -> None:

@@ -111,7 +111,10 @@ def test_fp32_on_cuda_reproduces_reference(fp32_cuda: Pipeline, case_data: dict,
 
 @pytest.mark.parametrize(
     ("case_id", "pipeline"),
-    [(c, "fast_fp16") for c in COMPILED_CASES] + [(c, "graphs_fp16") for c in GRAPH_CASES],
+    [(c, "fast_fp16") for c in COMPILED_CASES]
+    + [(c, "graphs_fp16") for c in GRAPH_CASES]
+    # Three images on the pipeline prepared for one: each UNet call of the batch runs as three compiled replays.
+    + [("batch3", "fast_fp16")],
 )
 def test_fast_path_within_fp16_rounding(
     fp32_cuda: Pipeline, case_id: str, pipeline: str, request: pytest.FixtureRequest
