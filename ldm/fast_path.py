@@ -4,9 +4,9 @@ Why: an SD v1 UNet call is about a thousand kernel launches, most of them a few 
 norms, SiLUs, residual adds). Launched one by one from Python, a fast GPU waits on the CPU. Compiling fuses that
 elementwise work into fewer kernels, and a CUDA graph replays every launch of a call as one. Both need fixed shapes,
 so they apply to the shapes named in `FastPath.shapes`, which `warm_up` compiles and captures once at load. A larger
-batch of the same image size runs as several prepared calls when prepared batch sizes add up to it (on an H200 four
-batch-1 replays took 25 ms where one eager batch-4 call took 32: docs/PERFORMANCE.md); any other shape runs eagerly:
-correct, slower, and never a request stalled for a minute of compilation.
+batch of the same image size runs as several prepared calls when prepared batch sizes add up to it (on an H200 a
+batch-1 replay took 6.3 ms and an eager batch-4 call 32: docs/PERFORMANCE.md); any other shape runs eagerly: correct,
+slower, and never a request stalled for a minute of compilation.
 
 What may change the image: nothing beyond the rounding of the chosen precision (tests/test_gpu.py holds fp16 fast
 against fp32 eager at ≥ 35 dB PSNR). Weights stay where they are (the graphs read them in place), so the fast path
@@ -157,11 +157,11 @@ class ShapeDispatch:
         pieces = []
         left = _rows(key)
         while left:
-            fitting = [size for size in sizes if size <= left]
-            if not fitting:
+            size = max((size for size in sizes if size <= left), default=0)
+            if not size:
                 return None
-            pieces.append(sizes[max(fitting)])
-            left -= max(fitting)
+            pieces.append(sizes[size])
+            left -= size
         return pieces or None
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from PIL import Image
 from ldm.generation_request import GenerationRequest
 
 if TYPE_CHECKING:
-    from ldm.pipeline import Pipeline
+    from ldm.pipeline import Generation, Pipeline
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TINY_CONFIG = REFERENCE / "tiny-dev.yaml"
@@ -79,6 +79,14 @@ def assert_matches_png(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.shape == expected.shape
     assert diff.max() <= 1, f"max difference {diff.max()} levels"
     assert (diff > 0).mean() <= OFF_BY_ONE_FRACTION, f"{(diff > 0).mean():.4%} of values differ"
+
+
+def assert_reproduces(case_data: dict[str, Any], generation: Generation) -> None:
+    """`generation` gives the case's reference images: the float ones within FLOAT_TOLERANCE, the rounded ones as
+    `assert_matches_png` allows."""
+    for image, pixels, rounded in zip(case_data["images"], generation.pixels, generation.images, strict=True):
+        assert np.abs(pixels - np.load(REFERENCE / image["npy"])).max() < FLOAT_TOLERANCE
+        assert_matches_png(rounded, reference_png(image))
 
 
 def embed_each(pipeline: Pipeline, texts: list[str]) -> list[torch.Tensor]:

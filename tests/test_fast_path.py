@@ -15,7 +15,7 @@ from ldm.fast_path import FastCalls, FastPath, ShapeDispatch, accelerate, compil
 from ldm.model import StableDiffusion
 from ldm.pipeline import Pipeline
 from ldm.tokenizer import CONTEXT_LENGTH
-from tests.reference import FLOAT_TOLERANCE, REFERENCE, assert_matches_png, case, reference_png
+from tests.reference import assert_reproduces, case
 from tests.reference import request_for as request_of
 
 
@@ -160,9 +160,7 @@ def test_a_batch_split_into_prepared_calls_gives_the_reference_images(tiny_model
     generation = split.generate(request)
     assert split.fast.unet.fast_calls == request.steps and split.fast.decode.fast_calls == 3
     assert batches == [2] * 3 * request.steps
-    for image, pixels, rounded in zip(case_data["images"], generation.pixels, generation.images, strict=True):
-        assert np.abs(pixels - np.load(REFERENCE / image["npy"])).max() < FLOAT_TOLERANCE
-        assert_matches_png(rounded, reference_png(image))
+    assert_reproduces(case_data, generation)
 
 
 def test_warm_up_says_which_shapes_took_the_fast_route(tiny_model: StableDiffusion) -> None:

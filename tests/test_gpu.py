@@ -25,14 +25,11 @@ from ldm.random_weights import random_state_dict, save_checkpoint
 from tests.loras import model_lora, write_lora
 from tests.reference import (
     CASES,
-    FLOAT_TOLERANCE,
-    REFERENCE,
     TINY_CONFIG,
     TINY_SAFETENSORS,
-    assert_matches_png,
+    assert_reproduces,
     case,
     psnr,
-    reference_png,
 )
 from tests.reference import request_for as request_of
 
@@ -104,9 +101,7 @@ def exact_convolutions() -> Iterator[None]:
 @pytest.mark.parametrize("case_data", CASES, ids=lambda c: c["id"])
 def test_fp32_on_cuda_reproduces_reference(fp32_cuda: Pipeline, case_data: dict, exact_convolutions: None) -> None:
     generation = fp32_cuda.generate(request_of(case_data))
-    for image, pixels, rounded in zip(case_data["images"], generation.pixels, generation.images, strict=True):
-        assert np.abs(pixels - np.load(REFERENCE / image["npy"])).max() < FLOAT_TOLERANCE
-        assert_matches_png(rounded, reference_png(image))
+    assert_reproduces(case_data, generation)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from tests.reference import (
     REFERENCE,
     TINY_CONFIG,
     TINY_SAFETENSORS,
-    assert_matches_png,
+    assert_reproduces,
     case,
     psnr,
     reference_png,
@@ -36,10 +36,7 @@ def intermediate(name: str) -> torch.Tensor:
 def test_case_from_safetensors(pipeline: Pipeline, case_data: dict) -> None:
     generation = pipeline.generate(request_of(case_data))
     assert generation.seeds == [image["seed"] for image in case_data["images"]]
-    for image, pixels, rounded in zip(case_data["images"], generation.pixels, generation.images, strict=True):
-        expected = np.load(REFERENCE / image["npy"])
-        assert np.abs(pixels - expected).max() < FLOAT_TOLERANCE
-        assert_matches_png(rounded, reference_png(image))
+    assert_reproduces(case_data, generation)
 
 
 @pytest.fixture(scope="module")
