@@ -141,11 +141,12 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
             error = a1111.renamed(error)
         return JSONResponse(error.body(), status_code=error.status)
 
-    async def png(api: InferenceApi, plan: Plan) -> Response:
-        plan.check_one_image()
+    async def png(request: Request, plan: Plan) -> Response:
+        # The server's defaults as last described, without a request of their own: unknown until one is made.
+        plan.check_one_image(defaults=(request.app.state.description.latest or {}).get("defaults"))
         results = Results()
-        results.add(await api.generated(plan.whole()), plan)
-        plan.check_one_image(len(results.images))  # the server's default n_samples, for a body that names none
+        results.add(await request.app.state.api.generated(plan.whole()), plan)
+        plan.check_one_image(len(results.images))  # defaults not yet described, or changed since
         try:
             image = base64.b64decode(results.images[0], validate=True)
         except (binascii.Error, TypeError):
@@ -184,7 +185,7 @@ def create_app(settings: FrontSettings, transport: httpx.AsyncBaseTransport | No
         if plan.stream or NDJSON in accept:
             return await stream(api, plan)
         if PNG in accept and JSON not in accept:
-            return await png(api, plan)
+            return await png(request, plan)
         return await json_array(request, plan)
 
     @app.post(

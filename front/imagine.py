@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -78,12 +79,15 @@ class Plan:
     def seed(self) -> int | None:
         return self.fields.get("seed") if self.fields is not None else None
 
-    def check_one_image(self, made: int | None = None) -> None:
+    def check_one_image(self, made: int | None = None, defaults: Mapping[str, Any] | None = None) -> None:
         """A PNG answer holds one image: a request for more (`made` of them, once made) is refused, naming the
-        count that asks for them, as the handler would refuse it."""
+        count that asks for them, as the handler would refuse it. `defaults`, the server's as last described, stand
+        for counts the body leaves out, so that a default of several images is refused before it is generated."""
         if self.fields is None:
             return  # forwarded as it came: the handler names what is wrong with it first
-        n_samples, n_iter = self.fields.get("n_samples", 1), self.fields.get("n_iter", 1)
+        defaults = defaults or {}
+        n_samples = self.fields.get("n_samples", defaults.get("n_samples", 1))
+        n_iter = self.fields.get("n_iter", defaults.get("n_iter", 1))
         images = made or (n_samples * n_iter if is_integer(n_samples) and is_integer(n_iter) else 1)
         if images > 1:
             name = "n_iter" if is_integer(n_iter) and n_iter > 1 else "n_samples"

@@ -304,7 +304,8 @@ def test_a_png_of_several_images_is_refused(
     body: dict[str, Any], default_samples: int, field: str, images: int
 ) -> None:
     """Before anything is sent when the request names its counts; once made when the server's default n_samples
-    makes several: a PNG holds one image, and the client is told to ask for JSON rather than given the first."""
+    makes several and the front has no description of the worker yet (the next test has one): a PNG holds one image,
+    and the client is told to ask for JSON rather than given the first."""
     fake = FakeInference(default_samples=default_samples)
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as client:
         response = client.post("/imagine", json={"prompt": "a", "seed": 1, **body}, headers={"Accept": "image/png"})
@@ -312,6 +313,34 @@ def test_a_png_of_several_images_is_refused(
     assert response.status_code == 400 and response.json()["field"] == field
     assert response.json()["error"].startswith(says)
     assert len(fake.bodies) == (1 if default_samples > 1 else 0)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "body", "field", "images"),
+    [
+        ({"n_samples": 3}, {}, "n_samples", 3),
+        ({"n_iter": 2}, {}, "n_iter", 2),
+        ({"n_samples": 3}, {"n_samples": 1}, "", 1),
+    ],
+)
+def test_once_described_a_png_of_the_servers_default_several_images_is_refused_before_it_is_made(
+    defaults: dict[str, int], body: dict[str, Any], field: str, images: int
+) -> None:
+    """The page fetches the worker's description first: from then on a body that names no counts is checked against
+    the server's defaults before anything is generated, and a count the body names still wins over them."""
+    fake = FakeInference(default_samples=defaults.get("n_samples", 1))
+    fake.described["defaults"] = {"clip_skip": 1, **defaults}
+    with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as client:
+        assert client.get("/imagine/description").json()["defaults"] == fake.described["defaults"]
+        response = client.post("/imagine", json={"prompt": "a", "seed": 1, **body}, headers={"Accept": "image/png"})
+    if images == 1:
+        assert response.status_code == 200 and response.content == base64.b64decode("png1")
+        assert len(fake.bodies) == 2
+        return
+    says = f"Accept: image/png returns one image, but this request makes {images} (n_samples×n_iter); ask for JSON"
+    assert response.status_code == 400 and response.json()["field"] == field
+    assert response.json()["error"].startswith(says)
+    assert fake.bodies == [b'{"describe": true}']
 
 
 class _CutShort(httpx.AsyncByteStream):
