@@ -9,6 +9,7 @@ import base64
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -315,32 +316,40 @@ def test_a_png_of_several_images_is_refused(
     assert len(fake.bodies) == (1 if default_samples > 1 else 0)
 
 
-@pytest.mark.parametrize(
-    ("defaults", "body", "field", "images"),
-    [
-        ({"n_samples": 3}, {}, "n_samples", 3),
-        ({"n_iter": 2}, {}, "n_iter", 2),
-        ({"n_samples": 3}, {"n_samples": 1}, "", 1),
-    ],
-)
-def test_once_described_a_png_of_the_servers_default_several_images_is_refused_before_it_is_made(
-    defaults: dict[str, int], body: dict[str, Any], field: str, images: int
-) -> None:
-    """The page fetches the worker's description first: from then on a body that names no counts is checked against
-    the server's defaults before anything is generated, and a count the body names still wins over them."""
-    fake = FakeInference(default_samples=defaults.get("n_samples", 1))
+@contextmanager
+def described_client(fake: FakeInference, defaults: dict[str, int]) -> Iterator[TestClient]:
+    """A front whose worker has the handler defaults `defaults`, described once, as the page asks first."""
     fake.described["defaults"] = {"clip_skip": 1, **defaults}
     with TestClient(create_app(FrontSettings(), httpx.MockTransport(fake))) as client:
         assert client.get("/imagine/description").json()["defaults"] == fake.described["defaults"]
-        response = client.post("/imagine", json={"prompt": "a", "seed": 1, **body}, headers={"Accept": "image/png"})
-    if images == 1:
-        assert response.status_code == 200 and response.content == base64.b64decode("png1")
-        assert len(fake.bodies) == 2
-        return
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("defaults", "field", "images"), [({"n_samples": 3}, "n_samples", 3), ({"n_iter": 2}, "n_iter", 2)]
+)
+def test_once_described_a_png_of_the_servers_default_several_images_is_refused_before_it_is_made(
+    defaults: dict[str, int], field: str, images: int
+) -> None:
+    """From the worker's description on, a body that names no counts is checked against the server's defaults
+    before anything is generated."""
+    fake = FakeInference(default_samples=defaults.get("n_samples", 1))
+    with described_client(fake, defaults) as client:
+        response = client.post("/imagine", json={"prompt": "a", "seed": 1}, headers={"Accept": "image/png"})
     says = f"Accept: image/png returns one image, but this request makes {images} (n_samples×n_iter); ask for JSON"
     assert response.status_code == 400 and response.json()["field"] == field
     assert response.json()["error"].startswith(says)
     assert fake.bodies == [b'{"describe": true}']
+
+
+def test_once_described_a_png_request_naming_one_image_is_made_whatever_the_default() -> None:
+    fake = FakeInference(default_samples=3)
+    with described_client(fake, {"n_samples": 3}) as client:
+        response = client.post(
+            "/imagine", json={"prompt": "a", "seed": 1, "n_samples": 1}, headers={"Accept": "image/png"}
+        )
+    assert response.status_code == 200 and response.content == base64.b64decode("png1")
+    assert fake.sent()[1]["n_samples"] == 1
 
 
 class _CutShort(httpx.AsyncByteStream):
